@@ -1,0 +1,119 @@
+"""The Llama-family forward (Llama, Mistral, Qwen2) over one flattened token batch.
+
+Every decoder linear is a base module from quant.make_linear (NF4 or dense) plus, per target module,
+a LoRA slice from the device slot cache, applied for all adapters of the batch by kernels.lora_apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_apply
+from hotlora.server.model.attention import AttentionMeta, paged_attention, write_kv
+from hotlora.server.model.config import ModelConfig
+from hotlora.server.model.quant import make_linear
+from hotlora.server.model.rope import Rotary
+
+# The projections LoRA may target, grouped as they are applied: one lora_apply launch per group.
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+_WEIGHTS = {f"self_attn.{n}.weight" for n in (*QKV, "o_proj")} | {
+    f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")
+} | {"input_layernorm.weight", "post_attention_layernorm.weight"}
+_LAYER_KEYS = {False: _WEIGHTS, True: _WEIGHTS | {f"self_attn.{n}.bias" for n in QKV}}
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    attn: AttentionMeta
+    lora: LoraMeta | None  # None when no token of the batch has an adapter
+    sample_idx: torch.Tensor  # int64 [S]: tokens whose logits are needed
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], quant: str) -> None:
+        self.cfg = cfg
+        self.input_norm = w["input_layernorm.weight"]
+        self.post_norm = w["post_attention_layernorm.weight"]
+        self.proj = {}
+        for name in (*QKV, "o_proj"):
+            self.proj[name] = make_linear(w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"), quant)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            self.proj[name] = make_linear(w[f"mlp.{name}.weight"], None, quant)
+        self.lora: dict[str, LoraSlice] = {}  # filled by the adapter slot cache
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraMeta | None) -> list[torch.Tensor]:
+        ys = [self.proj[n](x) for n in names]
+        if lora is not None and self.lora:
+            lora_apply(ys, x, [self.lora[n] for n in names], lora)
+        return ys
+
+    def forward(self, h: torch.Tensor, batch: ForwardBatch, rotary: Rotary) -> torch.Tensor:
+        cfg = self.cfg
+        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
+        q, k, v = self._project(QKV, x, batch.lora)
+        q = rotary(q.view(-1, cfg.num_heads, cfg.head_dim), batch.positions)
+        k = rotary(k.view(-1, cfg.num_kv_heads, cfg.head_dim), batch.positions)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        write_kv(self.k_cache, self.v_cache, k, v, batch.attn.slot_mapping)
+        o = paged_attention(q, self.k_cache, self.v_cache, batch.attn, cfg.head_dim**-0.5)
+        (o,) = self._project(("o_proj",), o.reshape(o.shape[0], -1), batch.lora)
+        h = h + o
+        x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
+        gate, up = self._project(GATE_UP, x, batch.lora)
+        (down,) = self._project(("down_proj",), F.silu(gate) * up, batch.lora)
+        return h + down
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], quant: str,
+                 max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.cfg = cfg
+        self.device, self.dtype = device, dtype
+        top: dict[str, torch.Tensor] = {}
+        pending: dict[int, dict[str, torch.Tensor]] = {}
+        built: dict[int, DecoderLayer] = {}
+        for name, t in tensors:
+            if not name.startswith("model.layers."):
+                top[name] = t
+                continue
+            index, key = name[len("model.layers."):].split(".", 1)
+            layer = pending.setdefault(int(index), {})
+            layer[key] = t
+            if _LAYER_KEYS[cfg.attention_bias] <= layer.keys():  # complete: build (and quantize) it now
+                built[int(index)] = DecoderLayer(cfg, pending.pop(int(index)), quant)
+        if sorted(built) != list(range(cfg.num_layers)):
+            raise ValueError(f"checkpoint has layers {sorted(built)}, config says {cfg.num_layers}")
+        self.layers = [built[i] for i in range(cfg.num_layers)]
+        self.embed = top["model.embed_tokens.weight"]
+        self.norm = top["model.norm.weight"]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else top["lm_head.weight"]
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [S, vocab] (float32) at batch.sample_idx."""
+        h = F.embedding(batch.input_ids, self.embed)
+        for layer in self.layers:
+            h = layer.forward(h, batch, self.rotary)
+        h = rms_norm(h[batch.sample_idx], self.norm, self.cfg.rms_norm_eps)
+        return (h @ self.lm_head.T).float()
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        for layer in self.layers:
+            layer.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            layer.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
