@@ -1,0 +1,187 @@
+"""LoRA slot tables and the per-step batch metadata shared by the reference and the Triton kernels.
+
+Adapter weight layout ("row pool", no padding to a maximum rank)
+-----------------------------------------------------------------
+For one target module (say ``q_proj``) of one layer, every resident adapter's ``lora_A`` and ``lora_B``
+live in two pools that share one row numbering:
+
+    a: [pool_rows, in_features]   row row_start[s] + j  =  PEFT lora_A.weight[j, :]      (j < rank[s])
+    b: [pool_rows, out_features]  row row_start[s] + j  =  PEFT lora_B.weight[:, j]      (B transposed)
+
+Device slot ``s`` owns exactly ``rank[s]`` consecutive rows starting at ``row_start[s]``; ranks may differ per
+slot and be any positive integer (8, 12, 16, 64, ...); ``rank[s] == 0`` means slot ``s`` does not target
+this module. ``row_start`` and ``scale`` are per slot and shared by every module and layer (they live in
+``LoraMeta``); ``rank`` is per module kind (the same tensor object for ``q_proj`` of all layers).
+Both pools must be row-major with unit column stride. The adapter cache (hotlora.adapters.cache) fills and
+evicts rows; the kernels only read them.
+
+Per-step metadata
+-----------------
+``build_lora_meta`` runs once per engine step, on the device, without host synchronisation. It sorts the
+token indices by slot (tokens without adapter last, where no tile ever reaches them), cuts every slot's run
+of tokens into tiles of ``block_m`` tokens (a tile never mixes slots, so each adapter's rows are read once
+per tile), and allocates the fp32 shrink workspace, so that ``lora_apply`` allocates nothing and launches
+a grid whose size depends only on ``T`` and the slot count (CUDA-graph safe; idle programs exit at once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class LoraSlice:
+    """One target module (e.g. q_proj) of one layer: the A/B row pools and the per-slot rank.
+
+    a:    [pool_rows, in_features]   rows of PEFT lora_A.weight; slot s uses rows row_start[s] : row_start[s] + rank[s]
+    b:    [pool_rows, out_features]  rows of PEFT lora_B.weight transposed (B.T), same rows as ``a``
+    rank: int32 [num_slots]          rank of slot s for this module; 0 = slot s does not target it
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: torch.Tensor
+
+
+@dataclass(slots=True)
+class LoraMeta:
+    """Per-step LoRA batch metadata, built once by ``build_lora_meta`` and shared by every layer and module.
+
+    token_slots:  int32 [T]            slot of each token, -1 = no adapter
+    row_start:    int32 [S]            first pool row of slot s (see the module docstring)
+    scale:        float32 [S]          lora_alpha / r (or lora_alpha / sqrt(r) for rslora)
+    max_rank:     int                  largest rank any slot may have (sizes the workspace)
+    block_m:      int                  tokens per tile
+    split_k:      int                  shrink splits over in_features (partials summed by the expand)
+    max_slices:   int                  most slices one lora_apply call may fuse (q, k, v = 3)
+    sorted_tokens: int32 [T]           token indices sorted by slot, no-adapter tokens last
+    slot_bounds:  int32 [S + 1]        slot s owns sorted positions slot_bounds[s] : slot_bounds[s + 1]
+    tile_slot:    int32 [max_tiles]    slot of each tile, -1 = idle tile (its programs exit at once)
+    tile_start:   int32 [max_tiles]    first sorted position of each tile (a tile ends at its slot's end)
+    workspace:    float32 [split_k, max_slices, T, max_rank]  shrink output, row = sorted position
+    """
+
+    token_slots: torch.Tensor
+    row_start: torch.Tensor
+    scale: torch.Tensor
+    max_rank: int
+    block_m: int
+    split_k: int
+    max_slices: int
+    sorted_tokens: torch.Tensor
+    slot_bounds: torch.Tensor
+    tile_slot: torch.Tensor
+    tile_start: torch.Tensor
+    workspace: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_slots.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.row_start.shape[0]
+
+    @property
+    def max_tiles(self) -> int:
+        return self.tile_slot.shape[0]
+
+
+def _default_block_m(num_tokens: int) -> int:
+    return 16 if num_tokens < 512 else 64
+
+
+def _default_split_k(device: torch.device, max_tiles: int) -> int:
+    """Enough shrink programs to cover the GPU when there are few tokens (few tiles); 1 on CPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while split < 16 and max_tiles * split < 2 * sms:
+        split *= 2
+    return split
+
+
+def build_lora_meta(
+    token_slots: torch.Tensor,
+    row_start: torch.Tensor,
+    scale: torch.Tensor,
+    max_rank: int,
+    *,
+    block_m: int | None = None,
+    split_k: int | None = None,
+    max_slices: int = 3,
+) -> LoraMeta:
+    """Group the tokens of one step by adapter slot, on the device, without host synchronisation.
+
+    token_slots: int32 [T] (-1 = no adapter); row_start: int32 [S]; scale: float32 [S]; all on one device.
+    The returned meta keeps references to these three tensors: after writing new contents into them
+    (same shapes), ``refresh_lora_meta(meta)`` recomputes the grouping in place, so a captured CUDA graph
+    that reads the meta replays correctly. Allocates the fp32 workspace [split_k, max_slices, T, max_rank].
+    """
+    if token_slots.dtype != torch.int32 or row_start.dtype != torch.int32:
+        raise TypeError("token_slots and row_start must be int32")
+    if scale.dtype != torch.float32:
+        raise TypeError("scale must be float32")
+    if token_slots.dim() != 1 or row_start.dim() != 1 or scale.shape != row_start.shape:
+        raise ValueError("token_slots [T], row_start [S] and scale [S] expected")
+    if not (token_slots.device == row_start.device == scale.device):
+        raise ValueError("token_slots, row_start and scale must be on one device")
+    if max_rank < 1:
+        raise ValueError("max_rank must be >= 1")
+    device, num_tokens, num_slots = token_slots.device, token_slots.shape[0], row_start.shape[0]
+    block_m = block_m or _default_block_m(num_tokens)
+    # each slot's last tile may be partial: at most ceil(T / block_m) full tiles + one partial per busy slot
+    max_tiles = max(1, -(-num_tokens // block_m) + min(num_slots, num_tokens))
+    split_k = split_k or _default_split_k(device, max_tiles)
+    i32 = dict(dtype=torch.int32, device=device)
+    meta = LoraMeta(
+        token_slots=token_slots,
+        row_start=row_start,
+        scale=scale,
+        max_rank=max_rank,
+        block_m=block_m,
+        split_k=split_k,
+        max_slices=max_slices,
+        sorted_tokens=torch.empty(num_tokens, **i32),
+        slot_bounds=torch.empty(num_slots + 1, **i32),
+        tile_slot=torch.empty(max_tiles, **i32),
+        tile_start=torch.empty(max_tiles, **i32),
+        workspace=torch.empty(split_k, max_slices, num_tokens, max_rank, dtype=torch.float32, device=device),
+    )
+    refresh_lora_meta(meta)
+    return meta
+
+
+def refresh_lora_meta(meta: LoraMeta) -> None:
+    """Recompute the grouping of ``meta`` in place from the current contents of meta.token_slots.
+
+    Torch pseudocode of what is written (S = num_slots, slot -1 sorts last as S):
+        key = where(token_slots < 0, S, token_slots); sorted_tokens = argsort(key, stable=True)
+        slot_bounds[s] = number of tokens with key < s
+        tiles: every slot's run of tokens cut into ceil(count / block_m) tiles, in slot order;
+        tile_slot[j], tile_start[j] for j < total tiles, tile_slot[j] = -1 beyond.
+    """
+    device, num_slots, bm = meta.token_slots.device, meta.num_slots, meta.block_m
+    key = torch.where(meta.token_slots < 0, num_slots, meta.token_slots)
+    sorted_key, order = torch.sort(key, stable=True)
+    meta.sorted_tokens.copy_(order)
+    slot_ids = torch.arange(num_slots + 1, dtype=key.dtype, device=device)
+    bounds = torch.searchsorted(sorted_key, slot_ids)  # int64 [S + 1]
+    meta.slot_bounds.copy_(bounds)
+    if num_slots == 0:
+        meta.tile_slot.fill_(-1)
+        meta.tile_start.zero_()
+        return
+    counts = bounds[1:] - bounds[:-1]
+    tiles = (counts + bm - 1) // bm
+    tile_end = torch.cumsum(tiles, 0)  # inclusive prefix: slot s owns tiles tile_end[s] - tiles[s] : tile_end[s]
+    j = torch.arange(meta.max_tiles, dtype=torch.int64, device=device)
+    slot = torch.searchsorted(tile_end, j, right=True)  # == S for idle tiles
+    valid = slot < num_slots
+    slot_c = slot.clamp(max=num_slots - 1)
+    start = bounds[slot_c] + (j - (tile_end - tiles)[slot_c]) * bm
+    meta.tile_slot.copy_(torch.where(valid, slot, -1))
+    meta.tile_start.copy_(torch.where(valid, start, 0))

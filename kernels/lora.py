@@ -1,0 +1,197 @@
+"""Batched multi-adapter LoRA (punica-style gather-matmul): every adapter of a batch in two launches.
+
+Weight layout (the "row pool", no padding to a maximum rank) and the per-step metadata are defined and
+documented in hotlora.kernels._meta and re-exported here:
+
+    LoraSlice(a [pool_rows, in], b [pool_rows, out] (= lora_B.weight.T rows), rank int32 [S])
+    LoraMeta  = build_lora_meta(token_slots int32 [T], row_start int32 [S], scale float32 [S], max_rank)
+
+Semantics of ``lora_apply(ys, x, slices, meta)`` (in place, fp32 accumulation, one rounding per element):
+
+    for t in range(T):
+        s = token_slots[t]
+        if s < 0: continue                          # no adapter: ys untouched, no work
+        for i in range(len(slices)):
+            r = slices[i].rank[s]
+            if r == 0: continue                     # slot s does not target this module
+            rows = slice(row_start[s], row_start[s] + r)
+            ys[i][t] = (ys[i][t].float()
+                        + scale[s] * (x[t].float() @ slices[i].a[rows].float().T) @ slices[i].b[rows].float()
+                        ).to(ys[i].dtype)
+
+Dispatch: CUDA tensors go to the Triton kernels (one shrink launch and one expand launch for up to three
+slices, e.g. q/k/v or gate/up); CPU tensors go to the torch reference, unless HOTLORA_TRITON_CPU=1 (used
+with TRITON_INTERPRET=1 to run the Triton kernels on the CPU). ``lora_apply_triton``, ``lora_shrink`` and
+``lora_expand`` always take the Triton path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ._meta import LoraMeta, LoraSlice, build_lora_meta, refresh_lora_meta
+from .reference import lora_apply_ref
+
+__all__ = [
+    "LoraMeta",
+    "LoraSlice",
+    "build_lora_meta",
+    "lora_apply",
+    "lora_apply_triton",
+    "lora_expand",
+    "lora_shrink",
+    "refresh_lora_meta",
+]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# shrink: in_features per K step; expand: output columns per program; both tuned on the H100 (bench/lora_kernels.py)
+SHRINK_BLOCK_K = 128
+EXPAND_BLOCK_N = 256
+EXPAND_BLOCK_R = 16
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
+
+
+def _check_rows(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(f"{name} must be 2-D with unit column stride, got shape {tuple(t.shape)} strides {t.stride()}")
+
+
+def _check(ys: Sequence[torch.Tensor] | None, x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
+    if not 1 <= len(slices) <= min(3, meta.max_slices):
+        raise ValueError(f"1 to {min(3, meta.max_slices)} slices per launch, got {len(slices)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    _check_rows(x, "x")
+    num_tokens, in_features = x.shape
+    if num_tokens != meta.num_tokens:
+        raise ValueError(f"x has {num_tokens} tokens, meta was built for {meta.num_tokens}")
+    for i, sl in enumerate(slices):
+        _check_rows(sl.a, f"slices[{i}].a")
+        _check_rows(sl.b, f"slices[{i}].b")
+        if sl.a.dtype != x.dtype or sl.b.dtype != x.dtype:
+            raise TypeError(f"slices[{i}] a/b must have x's dtype {x.dtype}, got {sl.a.dtype}/{sl.b.dtype}")
+        if sl.a.shape[1] != in_features or sl.a.shape[0] != sl.b.shape[0]:
+            shapes = f"a {tuple(sl.a.shape)}, b {tuple(sl.b.shape)}, x {tuple(x.shape)}"
+            raise ValueError(f"slices[{i}]: pools do not fit x: {shapes}")
+        if sl.rank.dtype != torch.int32 or sl.rank.shape != (meta.num_slots,):
+            raise ValueError(f"slices[{i}].rank must be int32 [{meta.num_slots}]")
+        if not (sl.a.device == sl.b.device == sl.rank.device == x.device):
+            raise ValueError(f"slices[{i}] must be on x's device {x.device}")
+    if x.device != meta.token_slots.device:
+        raise ValueError("meta and x must be on one device")
+    if ys is None:
+        return
+    if len(ys) != len(slices):
+        raise ValueError(f"{len(ys)} outputs for {len(slices)} slices")
+    for i, (y, sl) in enumerate(zip(ys, slices, strict=True)):
+        _check_rows(y, f"ys[{i}]")
+        if y.dtype not in _FLOATS or y.dtype != ys[0].dtype:
+            raise TypeError(f"ys must share one float dtype, ys[{i}] is {y.dtype}")
+        if y.shape != (num_tokens, sl.b.shape[1]) or y.device != x.device:
+            raise ValueError(f"ys[{i}] must be [{num_tokens}, {sl.b.shape[1]}] on {x.device}, got {tuple(y.shape)}")
+
+
+def _pad3(items: Sequence, fill=None) -> list:
+    items = list(items)
+    return items + [items[0] if fill is None else fill] * (3 - len(items))
+
+
+def _grid_meta(meta: LoraMeta) -> tuple:
+    return meta.sorted_tokens, meta.slot_bounds, meta.tile_slot, meta.tile_start, meta.row_start
+
+
+def lora_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, *, block_k: int | None = None) -> None:
+    """Shrink of all slices in one Triton launch; writes meta.workspace in place (fp32).
+
+    x: [T, in] fp16/bf16/fp32, unit column stride; slices[i].a: [pool_rows, in], x's dtype.
+    For each slot s with tokens and each i with r = slices[i].rank[s] > 0, at the sorted positions
+    p in slot_bounds[s] : slot_bounds[s + 1] (token t = sorted_tokens[p]):
+        meta.workspace[:, i, p, :r].sum(0) == x[t].float() @ slices[i].a[row_start[s] : row_start[s] + r].float().T
+    (split over in_features into meta.split_k partial sums; other workspace entries are left as they were).
+    """
+    from ._lora_triton import lora_shrink_kernel
+
+    _check(None, x, slices, meta)
+    from triton import cdiv, next_power_of_2
+
+    block_k = block_k or SHRINK_BLOCK_K
+    in_features = x.shape[1]
+    k_per_split = cdiv(cdiv(in_features, meta.split_k), block_k) * block_k
+    block_r = min(max(16, next_power_of_2(meta.max_rank)), 64)
+    ws = meta.workspace
+    a = _pad3([sl.a for sl in slices])
+    ranks = _pad3([sl.rank for sl in slices])
+    grid = (meta.max_tiles, meta.split_k, len(slices))
+    lora_shrink_kernel[grid](
+        x, x.stride(0),
+        *a, *(t.stride(0) for t in a),
+        *ranks,
+        ws, ws.stride(0), ws.stride(1), ws.stride(2),
+        *_grid_meta(meta),
+        in_features, k_per_split,
+        BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+    )  # fmt: skip
+
+
+def lora_expand(
+    ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, *, block_n: int | None = None
+) -> None:
+    """Expand of all slices in one Triton launch, reading meta.workspace as written by ``lora_shrink``.
+
+    ys[i]: [T, out_i] fp16/bf16/fp32 (one dtype for all), unit column stride (may be column slices of one
+    fused output); slices[i].b: [pool_rows, out_i]. For every token t of slot s and i with r > 0 (p its
+    sorted position):
+        h = meta.workspace[:, i, p, :r].sum(0)
+        ys[i][t] = (ys[i][t].float() + scale[s] * h @ slices[i].b[rows].float()).to(ys[i].dtype)   # in place
+    bf16/fp16 weights: h is rounded to the weight dtype for the tensor-core product (fp32 accumulate).
+    """
+    from triton import cdiv
+
+    from ._lora_triton import lora_expand_kernel
+
+    if len(ys) != len(slices):
+        raise ValueError(f"{len(ys)} outputs for {len(slices)} slices")
+    block_n = block_n or EXPAND_BLOCK_N
+    widths = [sl.b.shape[1] for sl in slices]
+    nb_end = [sum(cdiv(n, block_n) for n in widths[: i + 1]) for i in range(len(widths))]
+    ws = meta.workspace
+    b = _pad3([sl.b for sl in slices])
+    yp = _pad3(ys)
+    ranks = _pad3([sl.rank for sl in slices])
+    grid = (meta.max_tiles, nb_end[-1])
+    lora_expand_kernel[grid](
+        ws, ws.stride(0), ws.stride(1), ws.stride(2),
+        *b, *(t.stride(0) for t in b),
+        *yp, *(t.stride(0) for t in yp),
+        *ranks,
+        *_pad3(widths, 0), *_pad3(nb_end, nb_end[-1])[:2],
+        *_grid_meta(meta), meta.scale,
+        SPLIT_K=meta.split_k, BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=EXPAND_BLOCK_R,
+        IEEE=slices[0].b.dtype == torch.float32,
+    )  # fmt: skip
+
+
+def lora_apply_triton(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
+    """``lora_apply`` through the Triton kernels (two launches, no allocation, no host sync)."""
+    _check(ys, x, slices, meta)
+    lora_shrink(x, slices, meta)
+    lora_expand(ys, slices, meta)
+
+
+def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
+    """Add every token's adapter delta into ys in place; semantics in the module docstring.
+
+    x: [T, in]; ys[i]: [T, out_i]; slices: 1 to 3 target modules sharing x (q/k/v, gate/up, o, down).
+    CUDA (or HOTLORA_TRITON_CPU=1): Triton; otherwise the grouped torch reference.
+    """
+    if _use_triton(x):
+        lora_apply_triton(ys, x, slices, meta)
+    else:
+        _check(ys, x, slices, meta)
+        lora_apply_ref(ys, x, slices, meta)

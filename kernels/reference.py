@@ -1,0 +1,98 @@
+"""Torch references of the LoRA kernels (float32 math). They are also the CPU serving path.
+
+Row-pool layout and metadata: see hotlora.kernels._meta (re-exported by hotlora.kernels.lora).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ._meta import LoraMeta, LoraSlice
+
+
+def _slot_groups(meta: LoraMeta) -> Iterator[tuple[int, torch.Tensor]]:
+    """(slot, token indices) of every slot with at least one token, from the meta's grouping (host sync)."""
+    bounds = meta.slot_bounds.tolist()
+    tokens = meta.sorted_tokens.long()
+    for slot in range(meta.num_slots):
+        lo, hi = bounds[slot], bounds[slot + 1]
+        if hi > lo:
+            yield slot, tokens[lo:hi]
+
+
+def lora_shrink_ref(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> torch.Tensor:
+    """h[i, t, :r] = x[t].float() @ slices[i].a[rows].float().T for every token t of a slot s with rank r > 0.
+
+    x: [T, in]. Returns float32 [len(slices), T, meta.max_rank], zero where nothing was computed.
+    rows = row_start[s] : row_start[s] + r.
+    """
+    h = torch.zeros(len(slices), x.shape[0], meta.max_rank, dtype=torch.float32, device=x.device)
+    row_start = meta.row_start.tolist()
+    for slot, idx in _slot_groups(meta):
+        xs = x.index_select(0, idx).float()
+        for i, sl in enumerate(slices):
+            r = int(sl.rank[slot])
+            if r > 0:
+                a = sl.a[row_start[slot] : row_start[slot] + r].float()
+                h[i, idx, :r] = xs @ a.T
+    return h
+
+
+def lora_expand_ref(ys: Sequence[torch.Tensor], h: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
+    """ys[i][t] += scale[s] * h[i, t, :r] @ slices[i].b[rows].float(), in fp32, rounded once; in place.
+
+    h: float32 [len(slices), T, >= max rank] (as returned by lora_shrink_ref). Tokens without an adapter,
+    and slices with rank 0 for the token's slot, keep ys exactly.
+    """
+    row_start = meta.row_start.tolist()
+    scale = meta.scale.tolist()
+    for slot, idx in _slot_groups(meta):
+        for i, sl in enumerate(slices):
+            r = int(sl.rank[slot])
+            if r > 0:
+                b = sl.b[row_start[slot] : row_start[slot] + r].float()
+                delta = scale[slot] * (h[i, idx, :r] @ b)
+                ys[i].index_copy_(0, idx, (ys[i].index_select(0, idx).float() + delta).to(ys[i].dtype))
+
+
+def lora_apply_ref(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
+    """Grouped reference of ``lora_apply``: per active slot, gather its tokens, two fp32 matmuls, scatter back.
+
+    For every token t with s = token_slots[t] >= 0 and every i with r = slices[i].rank[s] > 0:
+        rows = row_start[s] : row_start[s] + r
+        ys[i][t] = (ys[i][t].float() + scale[s] * (x[t].float() @ a[rows].float().T) @ b[rows].float()).to(dtype)
+    """
+    row_start = meta.row_start.tolist()
+    scale = meta.scale.tolist()
+    for slot, idx in _slot_groups(meta):
+        xs = x.index_select(0, idx).float()
+        for y, sl in zip(ys, slices, strict=True):
+            r = int(sl.rank[slot])
+            if r == 0:
+                continue
+            rows = slice(row_start[slot], row_start[slot] + r)
+            delta = scale[slot] * ((xs @ sl.a[rows].float().T) @ sl.b[rows].float())
+            y.index_copy_(0, idx, (y.index_select(0, idx).float() + delta).to(y.dtype))
+
+
+def lora_apply_naive(
+    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    slices: Sequence[LoraSlice],
+    token_slots: torch.Tensor,
+    row_start: torch.Tensor,
+    scale: torch.Tensor,
+) -> None:
+    """One token at a time, straight from the definition (float64 math); the oracle for the tests."""
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot < 0:
+            continue
+        for y, sl in zip(ys, slices, strict=True):
+            r = int(sl.rank[slot])
+            if r == 0:
+                continue
+            rows = slice(int(row_start[slot]), int(row_start[slot]) + r)
+            delta = float(scale[slot]) * ((x[t].double() @ sl.a[rows].double().T) @ sl.b[rows].double())
+            y[t] = (y[t].double() + delta).to(y.dtype)
