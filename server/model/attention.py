@@ -27,7 +27,9 @@ class AttentionMeta:
     prefill_block_tables: list[torch.Tensor]  # int64 [blocks] per prefill chunk
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
     """k_cache.view(-1, KVH, D)[slots] = k (and v): k, v [T, KVH, D]."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)

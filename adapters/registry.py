@@ -1,0 +1,239 @@
+"""Adapter registry: names -> versions, lazy disk -> host -> device loading, hot swap, pinning.
+
+Only the engine thread calls into the registry. Disk reads run on a small thread pool so that a
+request naming a cold adapter waits for its own load while the rest of the batch keeps decoding.
+A re-registered name gets a new version; sequences already holding the old version finish on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from hotlora.adapters.cache import LoraSlotCache
+from hotlora.adapters.peft_format import (
+    WEIGHTS_NAME,
+    AdapterConfig,
+    AdapterError,
+    LoraAdapter,
+    check_compatible,
+    load_peft_adapter,
+    read_adapter_config,
+)
+
+
+class UnknownAdapterError(KeyError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"adapter {self.name!r} does not exist"
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    """One upload of one name: what a sequence holds on to."""
+
+    name: str
+    path: Path
+    version: int
+    config: AdapterConfig
+    sha256: str
+    file_bytes: int
+    host: LoraAdapter | None = None
+    loading: Future | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class AdapterInfo:
+    name: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    nbytes: int
+    sha256: str
+    residency: str  # "disk" | "host" | "device"
+    pinned: bool
+    last_used: float | None
+    loads: int
+    hits: int
+    evictions: int
+
+
+@dataclass(slots=True)
+class _Stats:
+    loads: int = 0
+    hits: int = 0
+    last_used: float | None = None
+    pinned: bool = False
+
+
+class AdapterRegistry:
+    def __init__(self, cache: LoraSlotCache, linear_shapes: dict[str, tuple[int, int]], num_layers: int,
+                 max_rank: int, host_budget_bytes: int) -> None:
+        self.cache = cache
+        self.linear_shapes, self.num_layers, self.max_rank = linear_shapes, num_layers, max_rank
+        self.host_budget = host_budget_bytes
+        self.current: dict[str, AdapterVersion] = {}
+        self.stats: dict[str, _Stats] = {}
+        self._versions = 0
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.current
+
+    def names(self) -> list[str]:
+        return sorted(self.current)
+
+    def register(self, name: str, path: Path) -> AdapterVersion:
+        """Add `name`, or hot-swap it: the previous version stays alive for sequences that hold it."""
+        path = Path(path)
+        config = read_adapter_config(path)
+        if config.rank > self.max_rank:
+            raise AdapterError(f"rank r={config.rank} is above the server's maximum LoRA rank {self.max_rank}")
+        blob = (path / WEIGHTS_NAME).read_bytes()
+        self._versions += 1
+        old = self.current.get(name)
+        self.current[name] = AdapterVersion(name, path, self._versions, config, hashlib.sha256(blob).hexdigest(),
+                                            len(blob))
+        self.stats.setdefault(name, _Stats())
+        if old is not None:
+            self._retire(old)
+        return self.current[name]
+
+    def remove(self, name: str) -> None:
+        old = self.current.pop(name, None)
+        if old is None:
+            raise UnknownAdapterError(name)
+        self.stats.pop(name, None)
+        self._retire(old)
+
+    def resolve(self, name: str) -> AdapterVersion:
+        try:
+            return self.current[name]
+        except KeyError:
+            raise UnknownAdapterError(name) from None
+
+    def _retire(self, version: AdapterVersion) -> None:
+        """Free the device slot of a replaced version now if idle (else when its last user releases it)."""
+        slot = self.cache.lookup(version)
+        if slot is not None:
+            self.cache.set_pinned(slot, False)
+        self.cache.evict(version)
+        version.host = None if slot is None else version.host
+
+    # --- residency -------------------------------------------------------------------------------
+
+    def acquire(self, v: AdapterVersion) -> int | None:
+        """The device slot of `v`, held for one sequence; None while it is still loading or no slot is free.
+
+        Raises AdapterError when the adapter's files failed to load.
+        """
+        slot = self.cache.lookup(v)
+        stats = self.stats.get(v.name) if self.current.get(v.name) is v else None
+        if slot is None:
+            host = self._host(v)
+            if host is None:
+                return None
+            slot = self.cache.load(v, host)
+            if slot is None:
+                return None
+            if stats:
+                stats.loads += 1
+        elif stats:
+            stats.hits += 1
+        self.cache.acquire(slot)
+        if stats:
+            stats.last_used = time.time()
+        return slot
+
+    def release(self, v: AdapterVersion, slot: int) -> None:
+        self.cache.release(slot)
+        if self.current.get(v.name) is not v:  # a replaced or deleted version leaves with its last user
+            self.cache.evict(v)
+
+    def loading(self) -> list[Future]:
+        return [v.loading for v in self.current.values() if v.loading is not None and not v.loading.done()]
+
+    def _host(self, v: AdapterVersion) -> LoraAdapter | None:
+        if v.host is not None:
+            return v.host
+        if v.error is not None:
+            raise AdapterError(v.error)
+        if v.loading is None:
+            v.loading = self._pool.submit(self._read, v)
+        if not v.loading.done():
+            return None
+        try:
+            v.host = v.loading.result()
+        except (AdapterError, OSError) as exc:
+            v.error = f"adapter {v.name!r} failed to load: {exc}"
+            raise AdapterError(v.error) from None
+        finally:
+            v.loading = None
+        self._trim_host()
+        return v.host
+
+    def _read(self, v: AdapterVersion) -> LoraAdapter:
+        adapter = load_peft_adapter(v.path, v.name)
+        check_compatible(adapter, self.linear_shapes, self.num_layers, self.max_rank)
+        return adapter
+
+    def _trim_host(self) -> None:
+        """Drop host copies of adapters not on the device, least recently used first, down to the budget."""
+        hosted = [v for v in self.current.values() if v.host is not None]
+        total = sum(v.host.nbytes for v in hosted)
+        idle = [v for v in hosted if self.cache.lookup(v) is None]
+        idle.sort(key=lambda v: self.stats[v.name].last_used or 0.0)
+        for v in idle:
+            if total <= self.host_budget:
+                break
+            total -= v.host.nbytes
+            v.host = None
+
+    # --- admin -------------------------------------------------------------------------------------
+
+    def pin(self, name: str) -> None:
+        """Load `name` onto the device now (blocking) and keep it there until unpinned."""
+        v = self.resolve(name)
+        slot = self.cache.lookup(v)
+        if slot is None:
+            if v.host is None and v.loading is None:
+                v.loading = self._pool.submit(self._read, v)
+            if v.loading is not None:
+                v.loading.exception()  # wait; _host reports a failure
+            slot = self.cache.load(v, self._host(v))
+            if slot is None:
+                raise AdapterError("no free device slot: every slot is in use or pinned (raise --max-loras)")
+            self.stats[name].loads += 1
+        self.cache.set_pinned(slot, True)
+        self.stats[name].pinned = True
+
+    def unpin(self, name: str) -> None:
+        v = self.resolve(name)
+        slot = self.cache.lookup(v)
+        if slot is not None:
+            self.cache.set_pinned(slot, False)
+        self.stats[name].pinned = False
+
+    def info(self) -> list[AdapterInfo]:
+        out = []
+        for name in self.names():
+            v, st = self.current[name], self.stats[name]
+            on_device = self.cache.lookup(v) is not None
+            out.append(AdapterInfo(
+                name=name, rank=v.config.rank, alpha=v.config.alpha,
+                target_modules=sorted(v.config.target_modules), nbytes=v.file_bytes, sha256=v.sha256,
+                residency="device" if on_device else "host" if v.host is not None else "disk",
+                pinned=st.pinned, last_used=st.last_used, loads=st.loads, hits=st.hits,
+                evictions=self.cache.evictions.get(v, 0),
+            ))
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,48 @@
+"""Engine configuration: every knob of `hotlora serve` that reaches the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+QUANT_CHOICES = ("nf4", "none")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = "default"  # "default", a local HF folder, a .gguf file, or "random:<preset>"
+    quant: str = "nf4"
+    device: str = "auto"  # "auto" picks cuda when present
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    cache_dir: Path | None = None  # converted GGUF models; None = HOTLORA_CACHE or ~/.cache/hotlora
+    adapter_dir: Path | None = None  # adapter store: every PEFT folder in it is registered at start
+    max_loras: int = 8  # adapters resident on the device at once (slots)
+    max_lora_rank: int = 64
+    lora_pool_rows: int | None = None  # rows of the per-module LoRA pools; None = max_loras * max_lora_rank
+    max_cpu_lora_bytes: int = 2 << 30  # host-memory budget for loaded adapter copies
+    max_num_seqs: int = 64  # running sequences at once
+    max_num_batched_tokens: int = 2048  # tokens (prefill + decode) in one step
+    max_model_len: int | None = None  # None = the model's max_position_embeddings, capped at 8192
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None = sized from kv_cache_memory
+    kv_cache_memory: float = 0.5  # fraction of free device memory for the KV cache (cuda), or GiB (cpu)
+    max_waiting: int = 1024  # requests queued before add_request refuses (overload)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANT_CHOICES:
+            raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {self.quant!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
+        if self.adapter_dir is not None:
+            self.adapter_dir = Path(self.adapter_dir)

@@ -1,0 +1,63 @@
+"""Incremental detokenization with stop strings.
+
+Text is only released once it is final: never half a multi-byte character (the tokenizer shows
+those as U+FFFD until the rest of the bytes arrive), never the beginning of a stop string that
+may still complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hotlora.server.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class DetokState:
+    emitted: int = 0  # characters of the decoded text already released
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def update(self, seq: Sequence, final: bool, drop_last: bool) -> tuple[str, bool]:
+        """New text of `seq` since the last call, and whether a stop string ended it.
+
+        drop_last leaves the newest token (a stop token id or EOS) out of the text.
+        """
+        state: DetokState = seq.detok
+        ids = seq.generated_ids[:-1] if drop_last else seq.generated_ids
+        text = self.decode(ids)
+        stops = seq.params.stop
+        stopped = False
+        if stops:
+            window = max(0, state.emitted - max(len(s) for s in stops))
+            hits = [i for i in (text.find(s, window) for s in stops) if i >= 0]
+            if hits:
+                text, stopped = text[: min(hits)], True
+        end = len(text)
+        if not (final or stopped):
+            end = len(text.rstrip("\ufffd"))
+            end -= _held_back(text[:end], stops)
+        end = max(end, state.emitted)
+        new = text[state.emitted : end]
+        state.emitted = end
+        return new, stopped

@@ -1,0 +1,205 @@
+"""LLMEngine: requests in, tokens out, one step at a time. Single-threaded; see async_engine for the server."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass
+
+from hotlora.adapters.peft_format import AdapterError
+from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
+from hotlora.server.engine.block_manager import BlockManager
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.detokenizer import Detokenizer, DetokState
+from hotlora.server.engine.scheduler import Scheduler
+from hotlora.server.engine.sequence import Sequence
+from hotlora.server.engine.types import FinishReason, Request, RequestOutput, TokenLogprob
+from hotlora.server.model.runner import ModelRunner
+from hotlora.server.model.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EngineOverloadedError", "EngineStats", "InvalidRequestError", "LLMEngine", "PromptTooLongError",
+           "UnknownAdapterError"]
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses as given (the API answers 400)."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    pass
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are queued (the API answers 429/503)."""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    running_adapters: list[str]
+    waiting_adapters: list[str]
+    max_loras: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.model_config = cfg = self.runner.model_config
+        self.model_name = cfg.name
+        self.max_model_len = self.runner.max_model_len
+        self.tokenizer = load_tokenizer(self.runner.checkpoint.tokenizer_dir)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.registry = AdapterRegistry(self.runner.lora_cache, cfg.linear_shapes(), cfg.num_layers,
+                                        config.max_lora_rank, config.max_cpu_lora_bytes)
+        self.blocks = BlockManager(self.runner.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   admit=self._admit, release=self._release)
+        self.eos_ids = set(cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.seqs: dict[str, Sequence] = {}
+        self._arrivals = 0
+        self._failed: list[tuple[Sequence, str]] = []
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        """Queue a request. Raises InvalidRequestError, UnknownAdapterError or EngineOverloadedError."""
+        if req.request_id in self.seqs:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
+                                     "tokens, and at least one must be left to generate")
+        if any(not 0 <= t < self.model_config.vocab_size for t in req.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting")
+        adapter = self.registry.resolve(req.adapter) if req.adapter is not None else None
+        self._arrivals += 1
+        seq = Sequence(req.request_id, list(req.prompt_token_ids), req.params, adapter, self._arrivals)
+        seq.detok = DetokState()
+        self.seqs[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq)
+            seq.finish_reason = FinishReason.ABORT
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step ----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and return what each touched request produced."""
+        batch = self.scheduler.schedule()
+        outputs = [self._fail(seq, msg) for seq, msg in self._failed]
+        self._failed.clear()
+        if not batch:
+            pending = self.registry.loading()
+            if pending:  # only cold adapters hold the queue up: wait for one of them, briefly
+                concurrent.futures.wait(pending, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+            return outputs
+        results = self.runner.execute(batch)
+        for seq, n, res in zip(batch.seqs, batch.num_tokens, results, strict=True):
+            seq.num_computed += n
+            if res is not None and not seq.finished:
+                outputs.append(self._append(seq, *res))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        p = seq.params
+        reason = None
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        if stop_token:
+            reason = FinishReason.STOP
+        elif seq.num_generated >= p.max_tokens or len(seq) >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        text, stopped = self.detokenizer.update(seq, final=reason is not None, drop_last=stop_token)
+        if stopped:
+            reason = FinishReason.STOP
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+            del self.seqs[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id, new_text=text, new_token_ids=[token], finished=reason is not None,
+            finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated,
+            logprobs=[logprob] if logprob is not None else None,
+        )
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.request_id, None)
+        seq.finish_reason = FinishReason.ABORT
+        return RequestOutput(request_id=seq.request_id, new_text="", new_token_ids=[], finished=True,
+                             finish_reason=FinishReason.ABORT, prompt_tokens=seq.num_prompt,
+                             completion_tokens=seq.num_generated, error=message)
+
+    # --- adapters: the scheduler's hooks ---------------------------------------------------------------
+
+    def _admit(self, seq: Sequence) -> bool:
+        if seq.adapter is None:
+            return True
+        try:
+            slot = self.registry.acquire(seq.adapter)
+        except AdapterError as exc:
+            self._failed.append((seq, str(exc)))
+            return False
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0:
+            self.registry.release(seq.adapter, seq.lora_slot)
+            seq.lora_slot = -1
+
+    # --- introspection and the offline API ----------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        def names(seqs) -> list[str]:
+            return sorted({s.adapter.name for s in seqs if s.adapter is not None})
+
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used,
+            running_adapters=names(self.scheduler.running), waiting_adapters=names(self.scheduler.waiting),
+            max_loras=self.config.max_loras, num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def generate(self, requests: list[Request]) -> list[RequestOutput]:
+        """Run `requests` to completion; one accumulated output per request, in order."""
+        for req in requests:
+            self.add_request(req)
+        done: dict[str, RequestOutput] = {}
+        acc = {r.request_id: RequestOutput(r.request_id, "", [], prompt_tokens=len(r.prompt_token_ids))
+               for r in requests}
+        while len(done) < len(requests):
+            for out in self.step():
+                a = acc[out.request_id]
+                a.new_text += out.new_text
+                a.new_token_ids += out.new_token_ids
+                a.completion_tokens = out.completion_tokens
+                if out.logprobs:
+                    a.logprobs = (a.logprobs or []) + out.logprobs
+                if out.finished:
+                    a.finished, a.finish_reason, a.error = True, out.finish_reason, out.error
+                    done[out.request_id] = a
+        return [acc[r.request_id] for r in requests]

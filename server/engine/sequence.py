@@ -1,0 +1,61 @@
+"""One request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotlora.server.engine.types import FinishReason, SamplingParams, TokenLogprob
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Token ids = prompt + generated. `num_computed` of them are in the KV cache.
+
+    After a preemption the KV cache is dropped (num_computed = 0) and every token, generated ones
+    included, is prefilled again: recompute, not swap.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    adapter: Any = None  # the registry's version handle (None = base model); opaque to the engine
+    arrival: int = 0  # admission order: earlier first, and the latest is preempted first
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_prompt: int = field(init=False)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    lora_slot: int = -1  # device slot while running with an adapter
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    detok: Any = None  # the incremental detokenizer's state
+    rng: Any = None  # the sampler's random stream (seeded requests: from their seed)
+
+    def __post_init__(self) -> None:
+        self.num_prompt = len(self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

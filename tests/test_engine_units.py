@@ -1,0 +1,145 @@
+"""Pure-Python engine parts: block manager, scheduler, detokenizer (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hotlora.server.engine.block_manager import BlockManager
+from hotlora.server.engine.detokenizer import Detokenizer, DetokState
+from hotlora.server.engine.scheduler import Scheduler
+from hotlora.server.engine.sequence import Sequence, SequenceStatus
+from hotlora.server.engine.types import SamplingParams
+
+
+def _seq(i: int, n: int, max_tokens: int = 8) -> Sequence:
+    return Sequence(f"r{i}", list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens), arrival=i)
+
+
+def _scheduler(blocks: int, block_size: int = 4, max_seqs: int = 8, budget: int = 64, admit=None):
+    released: list[str] = []
+    bm = BlockManager(blocks, block_size)
+    s = Scheduler(bm, max_seqs, budget, admit=admit or (lambda seq: True),
+                  release=lambda seq: released.append(seq.request_id))
+    return s, bm, released
+
+
+def test_block_manager_refcounts_and_free():
+    bm = BlockManager(4, 2)
+    a, b = _seq(0, 3), _seq(1, 1)
+    bm.allocate(a, 3)
+    assert len(a.block_table) == 2 and bm.num_free == 2
+    bm.fork(a, b)
+    bm.release(a)
+    assert bm.num_free == 2  # still referenced by b
+    bm.release(b)
+    assert bm.num_free == 4 and all(c == 0 for c in bm.ref_counts)
+    with pytest.raises(RuntimeError):
+        bm.allocate(a, 9)
+
+
+def _run_step(s: Scheduler):
+    """Pretend the model ran: computed tokens advance, finished prefills get a token."""
+    batch = s.schedule()
+    for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+        seq.num_computed += n
+        if seq.num_computed == len(seq):
+            seq.token_ids.append(7)
+            if seq.num_generated >= seq.params.max_tokens:
+                s.finish(seq)
+    return batch
+
+
+def test_token_budget_chunks_prefill_and_mixes_decodes():
+    s, bm, _ = _scheduler(blocks=64, budget=10)
+    long, short = _seq(0, 25), _seq(1, 3)
+    s.add(long)
+    s.add(short)
+    first = _run_step(s)
+    assert first.num_tokens == [10]  # the long prompt's first chunk takes the whole budget
+    second = _run_step(s)
+    assert second.seqs == [long] and second.num_tokens == [10]  # no budget left to admit the short one
+    third = _run_step(s)
+    assert third.seqs == [long, short] and third.num_tokens == [5, 3]  # last chunk + a whole prompt
+    fourth = _run_step(s)
+    assert fourth.num_tokens == [1, 1]  # two decodes
+    while s.has_unfinished():
+        b = _run_step(s)
+        assert b.total_tokens <= 10
+    assert bm.num_free == 64
+
+
+def test_preemption_by_recompute_frees_and_restores():
+    s, bm, released = _scheduler(blocks=6, block_size=4, budget=64)
+    seqs = [_seq(i, 8, max_tokens=8) for i in range(3)]
+    for q in seqs:
+        s.add(q)
+    steps = 0
+    while s.has_unfinished():
+        _run_step(s)
+        steps += 1
+        assert bm.num_used <= 6
+        assert steps < 200
+    assert s.num_preemptions > 0
+    assert all(q.status is SequenceStatus.FINISHED and q.num_generated == 8 for q in seqs)
+    assert bm.num_free == 6 and all(c == 0 for c in bm.ref_counts)
+    assert sorted(set(released)) == ["r0", "r1", "r2"]
+
+
+def test_admit_hook_skips_without_blocking_others():
+    ready = {"r1"}
+    s, _, _ = _scheduler(blocks=16, admit=lambda seq: seq.request_id in ready)
+    a, b = _seq(0, 4), _seq(1, 4)
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    assert batch.seqs == [b]
+    assert list(s.waiting) == [a]  # a keeps its place at the head
+    ready.add("r0")
+    assert s.schedule().seqs[-1] is a
+
+
+def test_abort_of_running_frees_blocks():
+    s, bm, released = _scheduler(blocks=8)
+    a = _seq(0, 6)
+    s.add(a)
+    _run_step(s)
+    assert bm.num_used == 2
+    s.finish(a)
+    assert bm.num_used == 0 and released == ["r0"] and not s.has_unfinished()
+
+
+class _ByteTokenizer:
+    """Each token is one UTF-8 byte; undecodable tails show as U+FFFD, as HF tokenizers do."""
+
+    def decode(self, ids, **_):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _detok_stream(text: str, stops: list[str]) -> tuple[list[str], bool]:
+    d = Detokenizer(_ByteTokenizer())
+    seq = Sequence("r", [0], SamplingParams(stop=stops))
+    seq.detok = DetokState()
+    pieces, stopped = [], False
+    data = text.encode()
+    for i, byte in enumerate(data):
+        seq.token_ids.append(byte)
+        piece, stopped = d.update(seq, final=i == len(data) - 1, drop_last=False)
+        pieces.append(piece)
+        if stopped:
+            break
+    return pieces, stopped
+
+
+def test_detokenizer_never_splits_multibyte_characters():
+    pieces, _ = _detok_stream("héllo €uro 😀!", [])
+    assert "".join(pieces) == "héllo €uro 😀!"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_detokenizer_holds_back_partial_stop_strings():
+    pieces, stopped = _detok_stream("abc END def", ["END"])
+    assert stopped and "".join(pieces) == "abc "
+    pieces, stopped = _detok_stream("abc EN", ["END"])
+    assert not stopped and "".join(pieces) == "abc EN"  # released at the end, when it cannot complete
+    pieces, _ = _detok_stream("xx ENxEND", ["END"])
+    assert "".join(pieces) == "xx ENx"
