@@ -16,17 +16,6 @@ _interp_compat.install()
 
 
 @triton.jit
-def _pick(i, v0, v1, v2):
-    if i == 0:
-        v = v0
-    elif i == 1:
-        v = v1
-    else:
-        v = v2
-    return v
-
-
-@triton.jit
 def _tile_tokens(tile, tile_slot_ptr, tile_start_ptr, slot_bounds_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
     """(slot, sorted positions, their mask, token indices) of one tile; slot < 0 for an idle tile."""
     slot = tl.load(tile_slot_ptr + tile)
@@ -55,11 +44,16 @@ def lora_shrink_kernel(
     slot, pos, m_mask, tok = _tile_tokens(tile, tile_slot_ptr, tile_start_ptr, slot_bounds_ptr, sorted_ptr, BLOCK_M)
     if slot < 0:
         return
-    rank = tl.load(_pick(sl, rank0_ptr, rank1_ptr, rank2_ptr) + slot)
+    # pick the slice's tensors (an if-chain: Triton has no pointer arrays)
+    if sl == 0:
+        rank_ptr, a_ptr, stride_a = rank0_ptr, a0_ptr, stride_a0
+    elif sl == 1:
+        rank_ptr, a_ptr, stride_a = rank1_ptr, a1_ptr, stride_a1
+    else:
+        rank_ptr, a_ptr, stride_a = rank2_ptr, a2_ptr, stride_a2
+    rank = tl.load(rank_ptr + slot)
     if rank == 0:
         return
-    a_ptr = _pick(sl, a0_ptr, a1_ptr, a2_ptr)
-    stride_a = _pick(sl, stride_a0, stride_a1, stride_a2)
     row0 = tl.load(row_start_ptr + slot).to(tl.int64)
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -105,13 +99,15 @@ def lora_expand_kernel(
     if slot < 0:
         return
     sl = (nb >= nb_end0).to(tl.int32) + (nb >= nb_end1).to(tl.int32)
-    rank = tl.load(_pick(sl, rank0_ptr, rank1_ptr, rank2_ptr) + slot)
+    if sl == 0:
+        rank_ptr, b_ptr, y_ptr, stride_b, stride_y = rank0_ptr, b0_ptr, y0_ptr, stride_b0, stride_y0
+    elif sl == 1:
+        rank_ptr, b_ptr, y_ptr, stride_b, stride_y = rank1_ptr, b1_ptr, y1_ptr, stride_b1, stride_y1
+    else:
+        rank_ptr, b_ptr, y_ptr, stride_b, stride_y = rank2_ptr, b2_ptr, y2_ptr, stride_b2, stride_y2
+    rank = tl.load(rank_ptr + slot)
     if rank == 0:
         return
-    b_ptr = _pick(sl, b0_ptr, b1_ptr, b2_ptr)
-    y_ptr = _pick(sl, y0_ptr, y1_ptr, y2_ptr)
-    stride_b = _pick(sl, stride_b0, stride_b1, stride_b2)
-    stride_y = _pick(sl, stride_y0, stride_y1, stride_y2)
     n_out = tl.where(sl == 0, n0, tl.where(sl == 1, n1, n2))
     first_nb = tl.where(sl == 0, 0, tl.where(sl == 1, nb_end0, nb_end1))
     offs_n = (nb - first_nb) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._checks import check_all, check_slices, check_x, check_ys
 from ._meta import LoraMeta, LoraSlice, build_lora_meta, refresh_lora_meta
 from .reference import lora_apply_ref
 
@@ -46,7 +47,6 @@ __all__ = [
     "refresh_lora_meta",
 ]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # shrink: in_features per K step; expand: output columns per program; both tuned on the H100 (bench/lora_kernels.py)
 SHRINK_BLOCK_K = 128
 EXPAND_BLOCK_N = 256
@@ -55,46 +55,6 @@ EXPAND_BLOCK_R = 16
 
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
-
-
-def _check_rows(t: torch.Tensor, name: str) -> None:
-    if t.dim() != 2 or t.stride(1) != 1:
-        raise ValueError(f"{name} must be 2-D with unit column stride, got shape {tuple(t.shape)} strides {t.stride()}")
-
-
-def _check(ys: Sequence[torch.Tensor] | None, x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
-    if not 1 <= len(slices) <= min(3, meta.max_slices):
-        raise ValueError(f"1 to {min(3, meta.max_slices)} slices per launch, got {len(slices)}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
-    _check_rows(x, "x")
-    num_tokens, in_features = x.shape
-    if num_tokens != meta.num_tokens:
-        raise ValueError(f"x has {num_tokens} tokens, meta was built for {meta.num_tokens}")
-    for i, sl in enumerate(slices):
-        _check_rows(sl.a, f"slices[{i}].a")
-        _check_rows(sl.b, f"slices[{i}].b")
-        if sl.a.dtype != x.dtype or sl.b.dtype != x.dtype:
-            raise TypeError(f"slices[{i}] a/b must have x's dtype {x.dtype}, got {sl.a.dtype}/{sl.b.dtype}")
-        if sl.a.shape[1] != in_features or sl.a.shape[0] != sl.b.shape[0]:
-            shapes = f"a {tuple(sl.a.shape)}, b {tuple(sl.b.shape)}, x {tuple(x.shape)}"
-            raise ValueError(f"slices[{i}]: pools do not fit x: {shapes}")
-        if sl.rank.dtype != torch.int32 or sl.rank.shape != (meta.num_slots,):
-            raise ValueError(f"slices[{i}].rank must be int32 [{meta.num_slots}]")
-        if not (sl.a.device == sl.b.device == sl.rank.device == x.device):
-            raise ValueError(f"slices[{i}] must be on x's device {x.device}")
-    if x.device != meta.token_slots.device:
-        raise ValueError("meta and x must be on one device")
-    if ys is None:
-        return
-    if len(ys) != len(slices):
-        raise ValueError(f"{len(ys)} outputs for {len(slices)} slices")
-    for i, (y, sl) in enumerate(zip(ys, slices, strict=True)):
-        _check_rows(y, f"ys[{i}]")
-        if y.dtype not in _FLOATS or y.dtype != ys[0].dtype:
-            raise TypeError(f"ys must share one float dtype, ys[{i}] is {y.dtype}")
-        if y.shape != (num_tokens, sl.b.shape[1]) or y.device != x.device:
-            raise ValueError(f"ys[{i}] must be [{num_tokens}, {sl.b.shape[1]}] on {x.device}, got {tuple(y.shape)}")
 
 
 def _pad3(items: Sequence, fill=None) -> list:
@@ -115,10 +75,15 @@ def lora_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, *,
         meta.workspace[:, i, p, :r].sum(0) == x[t].float() @ slices[i].a[row_start[s] : row_start[s] + r].float().T
     (split over in_features into meta.split_k partial sums; other workspace entries are left as they were).
     """
-    from ._lora_triton import lora_shrink_kernel
+    check_slices(slices, meta)
+    check_x(x, slices, meta)
+    _launch_shrink(x, slices, meta, block_k)
 
-    _check(None, x, slices, meta)
+
+def _launch_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, block_k: int | None) -> None:
     from triton import cdiv, next_power_of_2
+
+    from ._lora_triton import lora_shrink_kernel
 
     block_k = block_k or SHRINK_BLOCK_K
     in_features = x.shape[1]
@@ -151,12 +116,18 @@ def lora_expand(
         ys[i][t] = (ys[i][t].float() + scale[s] * h @ slices[i].b[rows].float()).to(ys[i].dtype)   # in place
     bf16/fp16 weights: h is rounded to the weight dtype for the tensor-core product (fp32 accumulate).
     """
+    check_slices(slices, meta)
+    check_ys(ys, slices, meta)
+    _launch_expand(ys, slices, meta, block_n)
+
+
+def _launch_expand(
+    ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, block_n: int | None
+) -> None:
     from triton import cdiv
 
     from ._lora_triton import lora_expand_kernel
 
-    if len(ys) != len(slices):
-        raise ValueError(f"{len(ys)} outputs for {len(slices)} slices")
     block_n = block_n or EXPAND_BLOCK_N
     widths = [sl.b.shape[1] for sl in slices]
     nb_end = [sum(cdiv(n, block_n) for n in widths[: i + 1]) for i in range(len(widths))]
@@ -177,11 +148,22 @@ def lora_expand(
     )  # fmt: skip
 
 
-def lora_apply_triton(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
-    """``lora_apply`` through the Triton kernels (two launches, no allocation, no host sync)."""
-    _check(ys, x, slices, meta)
-    lora_shrink(x, slices, meta)
-    lora_expand(ys, slices, meta)
+def lora_apply_triton(
+    ys: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    slices: Sequence[LoraSlice],
+    meta: LoraMeta,
+    *,
+    block_k: int | None = None,
+    block_n: int | None = None,
+) -> None:
+    """``lora_apply`` through the Triton kernels: two launches, no allocation, no host sync.
+
+    block_k / block_n override the shrink's K step and the expand's column block (tests, tuning).
+    """
+    check_all(ys, x, slices, meta)
+    _launch_shrink(x, slices, meta, block_k)
+    _launch_expand(ys, slices, meta, block_n)
 
 
 def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
@@ -193,5 +175,5 @@ def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[Lor
     if _use_triton(x):
         lora_apply_triton(ys, x, slices, meta)
     else:
-        _check(ys, x, slices, meta)
+        check_all(ys, x, slices, meta)
         lora_apply_ref(ys, x, slices, meta)

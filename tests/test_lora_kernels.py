@@ -1,0 +1,178 @@
+"""LoRA kernels on the CPU: the torch reference against a per-token oracle, the Triton kernels under
+TRITON_INTERPRET=1 (CI sets it) against the same oracle, the metadata step, and the wrapper checks.
+
+bf16 runs only on the GPU (tests/test_lora_kernels_gpu.py): the interpreter's bf16 tl.dot is wrong
+(triton-lang/triton#11584).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hotlora.kernels import lora as lora_mod
+from hotlora.kernels.lora import LoraSlice, build_lora_meta, lora_apply, lora_apply_triton, refresh_lora_meta
+from hotlora.kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
+
+interpret = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1 (set by make test)"
+)
+
+# (in_features, outputs): q/k/v with GQA-shaped k/v, gate/up, a single o/down; none a multiple of the blocks
+SIZES = {"qkv": (72, (72, 24, 24)), "gate_up": (40, (100, 100)), "down": (100, (40,))}
+# small blocks so the sizes above span several K steps and column blocks, partial ones included
+SMALL_BLOCKS = {"block_k": 32, "block_n": 32}
+DTYPES = (torch.float16, torch.float32)
+RANKS = (8, 16, 64, "mixed")
+TOKENS = (1, 7, 32, 300)
+
+
+def _matrix() -> list:
+    """Every (rank, tokens, popularity) once, its dtype and size rotating so that each pair of axis values
+    meets both dtypes and every size; plus the full dtype x rank x tokens product at uniform popularity.
+    (The full five-way product takes too long under the interpreter for CI's two cores.)"""
+    cases = []
+    for ri, ranks in enumerate(RANKS):
+        for ti, tokens in enumerate(TOKENS):
+            for pi, pop in enumerate(POPULARITY):
+                dtype = DTYPES[(ri + ti + pi) % 2]
+                cases.append((dtype, ranks, tokens, pop, list(SIZES)[(ri + 2 * ti + pi) % 3]))
+            for dtype in DTYPES:
+                if (dtype, ranks, tokens, "uniform") not in [c[:4] for c in cases]:
+                    cases.append((dtype, ranks, tokens, "uniform", list(SIZES)[(ri + ti) % 3]))
+    return [pytest.param(*c, id=f"{str(c[0])[6:]}-r{c[1]}-t{c[2]}-{c[3]}-{c[4]}") for c in cases]
+
+
+def run_triton(case, fused, blocks=None, **meta_kw):
+    meta = case.meta(**meta_kw)
+    lora_apply_triton(case.ys(fused), case.x, case.slices, meta, **(blocks or {"block_k": 64, "block_n": 64}))
+    return fused
+
+
+@interpret
+@pytest.mark.parametrize(("dtype", "ranks", "num_tokens", "popularity", "size"), _matrix())
+def test_triton_matches_oracle(dtype, ranks, num_tokens, popularity, size):
+    in_features, outs = SIZES[size]
+    case = make_case(dtype, in_features, outs, ranks, num_tokens, popularity, seed=num_tokens)
+    got = run_triton(case, case.fused.clone())
+    assert_matches(case, got, case.expected(), TOLERANCE[dtype])
+
+
+@interpret
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize(("block_m", "split_k"), [(16, 1), (16, 3), (64, 2)])
+def test_triton_blocks_and_splits(size, block_m, split_k):
+    in_features, outs = SIZES[size]
+    case = make_case(torch.float32, in_features, outs, "mixed", 90, "zipf", seed=block_m + split_k)
+    got = run_triton(case, case.fused.clone(), SMALL_BLOCKS, block_m=block_m, split_k=split_k)
+    assert_matches(case, got, case.expected(), TOLERANCE[torch.float32])
+
+
+@interpret
+def test_triton_rank_above_block():
+    """Ranks over 64 loop over several rank chunks in both kernels."""
+    case = make_case(torch.float32, 40, (48, 24), 100, 20, "uniform", num_slots=3)
+    got = run_triton(case, case.fused.clone(), SMALL_BLOCKS)
+    assert_matches(case, got, case.expected(), TOLERANCE[torch.float32])
+
+
+@interpret
+def test_shrink_workspace_matches_reference():
+    in_features, outs = SIZES["qkv"]
+    case = make_case(torch.float32, in_features, outs, "mixed", 33, "some_none")
+    meta = case.meta(split_k=2)
+    lora_mod.lora_shrink(case.x, case.slices, meta, block_k=32)
+    h_ref = lora_shrink_ref(case.x, case.slices, meta)
+    ws = meta.workspace.sum(0)  # [slices, sorted position, rank]
+    pos = torch.empty_like(meta.sorted_tokens)
+    pos[meta.sorted_tokens.long()] = torch.arange(meta.num_tokens, dtype=torch.int32)
+    for i, sl in enumerate(case.slices):
+        for t, s in enumerate(case.token_slots.tolist()):
+            r = int(sl.rank[s]) if s >= 0 else 0
+            torch.testing.assert_close(ws[i, pos[t], :r], h_ref[i, t, :r], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("ranks", [8, "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_reference_matches_oracle(dtype, ranks, popularity):
+    in_features, outs = SIZES["qkv"]
+    case = make_case(dtype, in_features, outs, ranks, 45, popularity)
+    fused = case.fused.clone()
+    lora_apply_ref(case.ys(fused), case.x, case.slices, case.meta())
+    # same fp32 math as the oracle (which uses fp64) up to one rounding of y
+    assert_matches(case, fused, case.expected(), {torch.float32: 1e-5}.get(dtype, 1e-2))
+
+
+def test_reference_shrink_expand_compose():
+    in_features, outs = SIZES["gate_up"]
+    case = make_case(torch.float32, in_features, outs, "mixed", 20, "zipf")
+    meta = case.meta()
+    fused = case.fused.clone()
+    lora_expand_ref(case.ys(fused), lora_shrink_ref(case.x, case.slices, meta), case.slices, meta)
+    assert_matches(case, fused, case.expected(), 1e-5)
+
+
+def test_lora_apply_dispatch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lora_mod, "lora_apply_ref", lambda *a: calls.append("ref"))
+    monkeypatch.setattr(lora_mod, "lora_apply_triton", lambda *a: calls.append("triton"))
+    case = make_case(torch.float32, 40, (24,), 8, 5, "uniform")
+    monkeypatch.delenv("HOTLORA_TRITON_CPU", raising=False)
+    lora_apply(case.ys(case.fused), case.x, case.slices, case.meta())
+    monkeypatch.setenv("HOTLORA_TRITON_CPU", "1")
+    lora_apply(case.ys(case.fused), case.x, case.slices, case.meta())
+    assert calls == ["ref", "triton"]
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 300])
+def test_meta_grouping(num_tokens, popularity):
+    """Every adapted token sits in exactly one tile; a tile holds <= block_m tokens of a single slot."""
+    case = make_case(torch.float32, 8, (8,), 8, num_tokens, popularity, num_slots=5)
+    meta = case.meta(block_m=16)
+    slots = case.token_slots.long()
+    key = torch.where(slots < 0, meta.num_slots, slots)
+    order = meta.sorted_tokens.long()
+    assert torch.equal(key[order], key.sort(stable=True).values)
+    seen = torch.zeros(num_tokens, dtype=torch.int64)
+    for slot, start in zip(meta.tile_slot.tolist(), meta.tile_start.tolist(), strict=True):
+        if slot < 0:
+            continue
+        end = min(start + meta.block_m, int(meta.slot_bounds[slot + 1]))
+        assert int(meta.slot_bounds[slot]) <= start < end
+        assert (slots[order[start:end]] == slot).all()
+        seen[order[start:end]] += 1
+    assert torch.equal(seen, (slots >= 0).long())
+
+
+def test_refresh_meta_in_place():
+    case = make_case(torch.float32, 8, (8,), 8, 50, "uniform", num_slots=6)
+    meta = case.meta()
+    ptrs = [t.data_ptr() for t in (meta.sorted_tokens, meta.tile_slot, meta.tile_start, meta.workspace)]
+    case.token_slots.copy_(torch.randint(-1, 6, (50,), dtype=torch.int32))
+    refresh_lora_meta(meta)
+    fresh = case.meta()
+    assert ptrs == [t.data_ptr() for t in (meta.sorted_tokens, meta.tile_slot, meta.tile_start, meta.workspace)]
+    for name in ("sorted_tokens", "slot_bounds", "tile_slot", "tile_start"):
+        assert torch.equal(getattr(meta, name), getattr(fresh, name)), name
+
+
+def test_wrapper_rejects_bad_inputs():
+    case = make_case(torch.float16, 40, (24, 8), 8, 6, "uniform")
+    meta, ys = case.meta(), case.ys(case.fused)
+    with pytest.raises(TypeError):
+        lora_apply(ys, case.x.float(), case.slices, meta)
+    with pytest.raises(ValueError):
+        lora_apply(ys, case.x.T.contiguous().T, case.slices, meta)  # column stride != 1
+    with pytest.raises(ValueError):
+        lora_apply(ys[:1], case.x, case.slices, meta)
+    bad = LoraSlice(case.slices[0].a, case.slices[0].b, case.slices[0].rank.long())
+    with pytest.raises(ValueError):
+        lora_apply(ys[:1], case.x, [bad], meta)
+    with pytest.raises(ValueError):
+        lora_apply(ys, case.x[:3], case.slices, meta)
+    with pytest.raises(TypeError):
+        build_lora_meta(case.token_slots.long(), case.row_start, case.scale, 8)
