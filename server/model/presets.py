@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_config(preset: str) -> ModelConfig:
+def preset_hf_config(preset: str) -> dict[str, Any]:
+    """The preset as a config.json dict (what transformers would build the same model from)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown random preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     cfg = {"vocab_size": DEFAULT_TOKENIZER_VOCAB, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
-           **_DEFAULT_TOKENIZER_IDS, **PRESETS[preset]}
+           "hidden_act": "silu", **_DEFAULT_TOKENIZER_IDS, **PRESETS[preset]}
     cfg["vocab_size"] = max(cfg["vocab_size"], DEFAULT_TOKENIZER_VOCAB)
-    return ModelConfig.from_hf_config(cfg, f"random:{preset}")
+    cfg["model_type"] = SUPPORTED_ARCHITECTURES[cfg["architectures"][0]]
+    return cfg
+
+
+def preset_config(preset: str) -> ModelConfig:
+    return ModelConfig.from_hf_config(preset_hf_config(preset), f"random:{preset}")
 
 
 def random_checkpoint(spec: str, cache_dir: Path, progress: bool = True):  # -> weights.Checkpoint

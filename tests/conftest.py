@@ -1,0 +1,37 @@
+"""Shared fixtures. One model cache per test run: $HOTLORA_CACHE, else <repo>/.cache/hotlora.
+
+The cache location is exported as HOTLORA_CACHE before any test runs, so code that resolves a model
+without an explicit cache_dir (the runner, the CLI) shares the one GGUF conversion too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HOTLORA_CACHE", str(REPO_ROOT / ".cache" / "hotlora"))
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub
+
+
+@pytest.fixture(scope="session")
+def hotlora_cache() -> Path:
+    path = Path(os.environ["HOTLORA_CACHE"])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint(hotlora_cache: Path):  # -> hotlora.server.model.weights.Checkpoint
+    """The embedded SmolLM2-135M-Instruct, converted from its GGUF once per cache (~30 s the first time)."""
+    from hotlora.server.model.weights import DEFAULT_MODEL, resolve_checkpoint
+
+    return resolve_checkpoint(DEFAULT_MODEL, hotlora_cache, progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_checkpoint) -> Path:
+    """The converted default model as an HF folder (config.json, model.safetensors, tokenizer)."""
+    return default_checkpoint.path
