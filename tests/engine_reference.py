@@ -1,0 +1,76 @@
+"""The reference the engine is held to: transformers + peft, one request at a time, greedy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+# Four adapters that differ in rank, alpha, rslora and target modules: one batch must honour each.
+ADAPTER_SPECS: dict[str, dict] = {
+    "qv8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "all16": dict(r=16, lora_alpha=8, target_modules="all-linear"),
+    "mlp4rs": dict(r=4, lora_alpha=4, use_rslora=True, target_modules=["o_proj", "gate_proj", "down_proj"]),
+    "ku12": dict(r=12, lora_alpha=24, target_modules=["k_proj", "up_proj"]),
+}
+
+
+def load_base(folder: Path, quant: str) -> torch.nn.Module:
+    kw: dict = {"dtype": torch.float32}
+    if quant == "nf4":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kw).eval()
+
+
+def save_adapters(folder: Path, out: Path, b_std: float = 0.02) -> dict[str, Path]:
+    """Save each ADAPTER_SPECS adapter with peft: random A (peft's init) and random non-zero B."""
+    base = load_base(folder, "none")
+    paths = {}
+    for i, (name, spec) in enumerate(ADAPTER_SPECS.items()):
+        torch.manual_seed(100 + i)
+        model = get_peft_model(base, LoraConfig(init_lora_weights=False, **spec))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0.0, b_std)
+        model.save_pretrained(str(out / name))
+        base = model.unload()
+        paths[name] = out / name
+    return paths
+
+
+class Reference:
+    """A base model with every adapter loaded into one PeftModel; generates one request at a time."""
+
+    def __init__(self, folder: Path, adapters: dict[str, Path], quant: str) -> None:
+        base = load_base(folder, quant)
+        names = list(adapters)
+        self.model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(str(adapters[name]), adapter_name=name)
+        self.model.eval()
+
+    @torch.inference_mode()
+    def greedy(self, prompt: list[int], adapter: str | None, n: int) -> list[int]:
+        if adapter is None:
+            with self.model.disable_adapter():
+                return self._loop(prompt, n)
+        self.model.set_adapter(adapter)
+        return self._loop(prompt, n)
+
+    def _loop(self, prompt: list[int], n: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        out = self.model(input_ids=ids, use_cache=True)
+        tokens: list[int] = []
+        for _ in range(n):
+            tok = int(out.logits[0, -1].argmax())
+            tokens.append(tok)
+            out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+        return tokens
