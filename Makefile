@@ -30,7 +30,7 @@ lint: install
 	$(BIN)/hadolint Dockerfile
 
 test: install lint
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -x -q --durations=15
+	TRITON_INTERPRET=1 $(BIN)/pytest -q --durations=20
 
 clean:
 	rm -rf $(VENV)
