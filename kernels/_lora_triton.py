@@ -114,6 +114,9 @@ def lora_expand_kernel(
     n_mask = offs_n < n_out
     row0 = tl.load(row_start_ptr + slot).to(tl.int64)
     ws_rows = ws_ptr + sl * stride_ws_slice + pos[:, None] * stride_ws_pos
+    y_ptrs = y_ptr + tok[:, None] * stride_y + offs_n[None, :]
+    ym = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=ym, other=0.0)  # issued before the rank loop so its latency overlaps B's
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -132,7 +135,4 @@ def lora_expand_kernel(
         else:
             acc += tl.dot(h.to(bt.dtype), bt)
     acc *= tl.load(scale_ptr + slot)
-    y_ptrs = y_ptr + tok[:, None] * stride_y + offs_n[None, :]
-    ym = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=ym, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=ym)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,9 +38,11 @@ from ._meta import LoraMeta, LoraSlice, build_lora_meta, refresh_lora_meta
 from .reference import lora_apply_ref
 
 __all__ = [
+    "KernelConfig",
     "LoraMeta",
     "LoraSlice",
     "build_lora_meta",
+    "kernel_config",
     "lora_apply",
     "lora_apply_triton",
     "lora_expand",
@@ -47,10 +50,40 @@ __all__ = [
     "refresh_lora_meta",
 ]
 
-# shrink: in_features per K step; expand: output columns per program; both tuned on the H100 (bench/lora_kernels.py)
-SHRINK_BLOCK_K = 128
-EXPAND_BLOCK_N = 256
-EXPAND_BLOCK_R = 16
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Launch parameters of the two kernels; ``None`` fields take the defaults of ``kernel_config``.
+
+    shrink_block_k: in_features per K step; expand_block_n: output columns per program;
+    expand_block_r: rank rows per step of the expand's loop over a slot's own rank.
+    """
+
+    shrink_block_k: int | None = None
+    shrink_warps: int | None = None
+    shrink_stages: int | None = None
+    expand_block_n: int | None = None
+    expand_block_r: int = 16
+    expand_warps: int | None = None
+    expand_stages: int | None = None
+
+
+def kernel_config(meta: LoraMeta, override: KernelConfig | None = None) -> KernelConfig:
+    """Defaults by tile height (tuned on the H100 with bench/lora_kernels.py), then the override's fields."""
+    small = meta.block_m <= 16
+    base = KernelConfig(
+        shrink_block_k=128,
+        shrink_warps=4,
+        shrink_stages=3,
+        expand_block_n=256 if small else 128,
+        expand_warps=4,
+        expand_stages=2,
+    )
+    if override is None:
+        return base
+    return replace(
+        base, **{f: getattr(override, f) for f in KernelConfig.__slots__ if getattr(override, f) is not None}
+    )
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -66,7 +99,9 @@ def _grid_meta(meta: LoraMeta) -> tuple:
     return meta.sorted_tokens, meta.slot_bounds, meta.tile_slot, meta.tile_start, meta.row_start
 
 
-def lora_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, *, block_k: int | None = None) -> None:
+def lora_shrink(
+    x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, config: KernelConfig | None = None
+) -> None:
     """Shrink of all slices in one Triton launch; writes meta.workspace in place (fp32).
 
     x: [T, in] fp16/bf16/fp32, unit column stride; slices[i].a: [pool_rows, in], x's dtype.
@@ -77,17 +112,17 @@ def lora_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, *,
     """
     check_slices(slices, meta)
     check_x(x, slices, meta)
-    _launch_shrink(x, slices, meta, block_k)
+    _launch_shrink(x, slices, meta, kernel_config(meta, config))
 
 
-def _launch_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, block_k: int | None) -> None:
+def _launch_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig) -> None:
     from triton import cdiv, next_power_of_2
 
     from ._lora_triton import lora_shrink_kernel
 
-    block_k = block_k or SHRINK_BLOCK_K
     in_features = x.shape[1]
-    k_per_split = cdiv(cdiv(in_features, meta.split_k), block_k) * block_k
+    k_per_split = cdiv(cdiv(in_features, meta.split_k), cfg.shrink_block_k) * cfg.shrink_block_k
+    # one rank chunk covers ranks up to 64 (x read once); larger ranks loop over chunks of 64
     block_r = min(max(16, next_power_of_2(meta.max_rank)), 64)
     ws = meta.workspace
     a = _pad3([sl.a for sl in slices])
@@ -100,12 +135,13 @@ def _launch_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta,
         ws, ws.stride(0), ws.stride(1), ws.stride(2),
         *_grid_meta(meta),
         in_features, k_per_split,
-        BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+        BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=cfg.shrink_block_k, IEEE=x.dtype == torch.float32,
+        num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages,
     )  # fmt: skip
 
 
 def lora_expand(
-    ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, *, block_n: int | None = None
+    ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, config: KernelConfig | None = None
 ) -> None:
     """Expand of all slices in one Triton launch, reading meta.workspace as written by ``lora_shrink``.
 
@@ -118,17 +154,15 @@ def lora_expand(
     """
     check_slices(slices, meta)
     check_ys(ys, slices, meta)
-    _launch_expand(ys, slices, meta, block_n)
+    _launch_expand(ys, slices, meta, kernel_config(meta, config))
 
 
-def _launch_expand(
-    ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, block_n: int | None
-) -> None:
+def _launch_expand(ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig) -> None:
     from triton import cdiv
 
     from ._lora_triton import lora_expand_kernel
 
-    block_n = block_n or EXPAND_BLOCK_N
+    block_n = cfg.expand_block_n
     widths = [sl.b.shape[1] for sl in slices]
     nb_end = [sum(cdiv(n, block_n) for n in widths[: i + 1]) for i in range(len(widths))]
     ws = meta.workspace
@@ -143,8 +177,9 @@ def _launch_expand(
         *ranks,
         *_pad3(widths, 0), *_pad3(nb_end, nb_end[-1])[:2],
         *_grid_meta(meta), meta.scale,
-        SPLIT_K=meta.split_k, BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=EXPAND_BLOCK_R,
+        SPLIT_K=meta.split_k, BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=cfg.expand_block_r,
         IEEE=slices[0].b.dtype == torch.float32,
+        num_warps=cfg.expand_warps, num_stages=cfg.expand_stages,
     )  # fmt: skip
 
 
@@ -153,17 +188,13 @@ def lora_apply_triton(
     x: torch.Tensor,
     slices: Sequence[LoraSlice],
     meta: LoraMeta,
-    *,
-    block_k: int | None = None,
-    block_n: int | None = None,
+    config: KernelConfig | None = None,
 ) -> None:
-    """``lora_apply`` through the Triton kernels: two launches, no allocation, no host sync.
-
-    block_k / block_n override the shrink's K step and the expand's column block (tests, tuning).
-    """
+    """``lora_apply`` through the Triton kernels: two launches, no allocation, no host sync."""
     check_all(ys, x, slices, meta)
-    _launch_shrink(x, slices, meta, block_k)
-    _launch_expand(ys, slices, meta, block_n)
+    cfg = kernel_config(meta, config)
+    _launch_shrink(x, slices, meta, cfg)
+    _launch_expand(ys, slices, meta, cfg)
 
 
 def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:

@@ -12,7 +12,14 @@ import os
 import pytest
 import torch
 from hotlora.kernels import lora as lora_mod
-from hotlora.kernels.lora import LoraSlice, build_lora_meta, lora_apply, lora_apply_triton, refresh_lora_meta
+from hotlora.kernels.lora import (
+    KernelConfig,
+    LoraSlice,
+    build_lora_meta,
+    lora_apply,
+    lora_apply_triton,
+    refresh_lora_meta,
+)
 from hotlora.kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
 from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
 
@@ -23,7 +30,8 @@ interpret = pytest.mark.skipif(
 # (in_features, outputs): q/k/v with GQA-shaped k/v, gate/up, a single o/down; none a multiple of the blocks
 SIZES = {"qkv": (72, (72, 24, 24)), "gate_up": (40, (100, 100)), "down": (100, (40,))}
 # small blocks so the sizes above span several K steps and column blocks, partial ones included
-SMALL_BLOCKS = {"block_k": 32, "block_n": 32}
+SMALL_BLOCKS = KernelConfig(shrink_block_k=32, expand_block_n=32)
+MEDIUM_BLOCKS = KernelConfig(shrink_block_k=64, expand_block_n=64)
 DTYPES = (torch.float16, torch.float32)
 RANKS = (8, 16, 64, "mixed")
 TOKENS = (1, 7, 32, 300)
@@ -47,7 +55,9 @@ def _matrix() -> list:
 
 def run_triton(case, fused, blocks=None, **meta_kw):
     meta = case.meta(**meta_kw)
-    lora_apply_triton(case.ys(fused), case.x, case.slices, meta, **(blocks or {"block_k": 64, "block_n": 64}))
+    lora_apply_triton(
+        case.ys(fused), case.x, case.slices, meta, blocks or KernelConfig(shrink_block_k=64, expand_block_n=64)
+    )
     return fused
 
 
@@ -83,7 +93,7 @@ def test_shrink_workspace_matches_reference():
     in_features, outs = SIZES["qkv"]
     case = make_case(torch.float32, in_features, outs, "mixed", 33, "some_none")
     meta = case.meta(split_k=2)
-    lora_mod.lora_shrink(case.x, case.slices, meta, block_k=32)
+    lora_mod.lora_shrink(case.x, case.slices, meta, SMALL_BLOCKS)
     h_ref = lora_shrink_ref(case.x, case.slices, meta)
     ws = meta.workspace.sum(0)  # [slices, sorted position, rank]
     pos = torch.empty_like(meta.sorted_tokens)

@@ -1,0 +1,92 @@
+"""LoRA kernels on a CUDA device at real sizes (bf16 included), and under CUDA-graph capture and replay.
+
+Skipped without CUDA. The oracle here is the grouped fp32 torch reference, itself checked against the
+per-token float64 oracle in tests/test_lora_kernels.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hotlora.kernels.lora import lora_apply, refresh_lora_meta
+from hotlora.kernels.reference import lora_apply_ref
+from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# Llama-3-8B: q/k/v (GQA 8 kv heads), gate/up, down; plus a size off every block multiple
+SIZES = {
+    "qkv": (4096, (4096, 1024, 1024)),
+    "gate_up": (4096, (14336, 14336)),
+    "down": (14336, (4096,)),
+    "odd": (1000, (1100, 300, 300)),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def reference(case, meta) -> torch.Tensor:
+    fused = case.fused.clone()
+    lora_apply_ref(case.ys(fused), case.x, case.slices, meta)
+    return fused
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("num_tokens", [1, 7, 32, 300, 2048])
+@pytest.mark.parametrize("ranks", [16, "mixed"])
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_gpu_matches_reference(dtype, size, ranks, num_tokens, popularity):
+    in_features, outs = SIZES[size]
+    case = make_case(DTYPES[dtype], in_features, outs, ranks, num_tokens, popularity, device="cuda", seed=num_tokens)
+    meta = case.meta()
+    got = case.fused.clone()
+    lora_apply(case.ys(got), case.x, case.slices, meta)
+    assert_matches(case, got, reference(case, meta), TOLERANCE[DTYPES[dtype]])
+
+
+@pytest.mark.parametrize("ranks", [8, 64, 128])
+def test_gpu_ranks(ranks):
+    in_features, outs = SIZES["qkv"]
+    case = make_case(torch.bfloat16, in_features, outs, ranks, 50, "uniform", device="cuda")
+    meta = case.meta()
+    got = case.fused.clone()
+    lora_apply(case.ys(got), case.x, case.slices, meta)
+    assert_matches(case, got, reference(case, meta), TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("meta_in_graph", [True, False], ids=["meta-captured", "meta-eager"])
+def test_cuda_graph_capture_and_replay(meta_in_graph):
+    """Capture lora_apply (and the metadata step), then write new slots and inputs, replay, compare."""
+    in_features, outs = SIZES["qkv"]
+    case = make_case(torch.bfloat16, in_features, outs, "mixed", 64, "uniform", num_slots=32, device="cuda")
+    meta = case.meta()
+    fused = case.fused.clone()
+    ys = case.ys(fused)
+
+    def step() -> None:
+        if meta_in_graph:
+            refresh_lora_meta(meta)
+        lora_apply(ys, case.x, case.slices, meta)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for popularity in ("zipf", "some_none", "all_none", "distinct"):
+        other = make_case(torch.bfloat16, 8, (8,), "mixed", 64, popularity, num_slots=32, seed=3)
+        case.token_slots.copy_(other.token_slots)
+        case.x.copy_(torch.randn(case.x.shape, generator=gen, device="cuda").to(case.x.dtype))
+        fused.copy_(case.fused)
+        if not meta_in_graph:
+            refresh_lora_meta(meta)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(case, fused, reference(case, meta), TOLERANCE[torch.bfloat16])
