@@ -218,10 +218,10 @@ def specs(quick: bool) -> list[Spec]:
 def sweep(copy_gbps: float) -> list[dict]:
     """Launch parameters of the headline shapes, each kernel timed alone (graph replays); prints the best."""
     cases = [Spec(4096, (4096,), 32, 32), Spec(4096, (14336,), 32, 32), Spec(4096, (4096,), 1, 1)]
-    cases += [Spec(4096, (14336,), 2048, 1), Spec(4096, (4096,), 2048, 32), Spec(4096, (4096,), 128, 32)]
-    shrink_cfgs = [dict(shrink_block_k=k, shrink_warps=w, shrink_stages=st) for k in (64, 128, 256)
+    cases += [Spec(4096, (14336,), 2048, 1)]
+    shrink_cfgs = [dict(shrink_block_k=k, shrink_warps=w, shrink_stages=st) for k in (128, 256)
                    for w in (2, 4, 8) for st in (2, 3, 4)]  # fmt: skip
-    expand_cfgs = [dict(expand_block_n=n, expand_warps=w) for n in (64, 128, 256, 512) for w in (2, 4, 8)]
+    expand_cfgs = [dict(expand_block_n=n, expand_warps=w) for n in (128, 256, 512) for w in (4, 8)]
     rows = []
     for spec in cases:
         best = []
