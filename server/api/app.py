@@ -1,0 +1,109 @@
+"""The FastAPI app: OpenAI routes, admin routes, /health, /ready, /metrics.
+
+The HTTP server comes up at once; the model loads in the engine thread meanwhile (/health answers
+200, /ready 503 until the model is loaded and the adapter store registered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hotlora.server.api import admin, errors, openai_routes
+from hotlora.server.api.state import AppState, ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class HTTPMetrics:
+    """Pure ASGI middleware (keeps streaming and disconnect detection intact): counts requests by route."""
+
+    def __init__(self, app: ASGIApp, state: AppState, routes: Callable[[], list[Any]]) -> None:
+        self.app, self.state, self.routes = app, state, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.state.metrics.http.labels(scope["method"], self._route(scope), str(status[0])).inc()
+
+    def _route(self, scope: Scope) -> str:
+        for route in self.routes():
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return getattr(route, "path", "other")
+        return "other"
+
+
+def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | None = None) -> FastAPI:
+    """engine_factory builds the engine in its thread (default: LLMEngine(settings.engine))."""
+    state = AppState(settings, engine_factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        watcher = asyncio.create_task(state.watch_startup())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            await state.engine.shutdown()
+
+    app = FastAPI(title="hotlora", summary="OpenAI-compatible multi-LoRA server", lifespan=lifespan)
+    app.state.hotlora = state
+    errors.install(app)
+    app.include_router(openai_routes.router)
+    app.include_router(admin.router)
+    _probes(app, state)
+    app.add_middleware(HTTPMetrics, state=state, routes=lambda: app.routes)
+    return app
+
+
+def _probes(app: FastAPI, state: AppState) -> None:
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Alive (the model may still be loading)."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """200 once the model is loaded and serving, else 503 with the reason."""
+        if state.ready:
+            return JSONResponse({"status": "ready", "model": state.model_name})
+        reason = (
+            f"failed: {state.engine.error}"
+            if state.engine.error is not None
+            else "stopped"
+            if state.engine.stopped.is_set()
+            else "loading"
+        )
+        return JSONResponse({"status": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics(_: Request) -> Response:
+        stats, infos = None, []
+        if state.ready:
+            engine = state.engine.engine
+            with contextlib.suppress(Exception):
+                stats = await state.engine.call(engine.stats)
+                infos = await state.engine.call(engine.registry.info)
+        return Response(state.metrics.render(stats, infos, state.ready), media_type=CONTENT_TYPE_LATEST)

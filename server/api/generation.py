@@ -1,0 +1,187 @@
+"""From an OpenAI body to engine requests and back: tokenize, check lengths, fan out n x prompts,
+merge the output streams, map engine exceptions to OpenAI errors, abort on client disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+
+from hotlora.server.api.errors import APIError, bad_request, model_not_found
+from hotlora.server.api.metrics import RequestTimer
+from hotlora.server.api.state import AppState
+from hotlora.server.engine.async_engine import RequestStream
+from hotlora.server.engine.types import Request, RequestOutput, SamplingParams
+
+
+@dataclass(slots=True)
+class Choice:
+    """One engine request: choice `index` of the response."""
+
+    index: int
+    request: Request
+    stream: RequestStream | None = None
+    timer: RequestTimer | None = None
+
+
+def engine_error(exc: BaseException, model: str) -> APIError | None:
+    """The API error for an exception the engine raised on a request, or None for a bug."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "UnknownAdapterError" in names:
+        return model_not_found(model)
+    if "EngineOverloadedError" in names:
+        return APIError(
+            429, f"the server is overloaded ({exc}); retry later", code="overloaded", headers={"Retry-After": "1"}
+        )
+    if "EngineDeadError" in names:
+        return APIError(503, str(exc), code="unavailable")
+    if "PromptTooLongError" in names:
+        return bad_request(str(exc), param="prompt", code="context_length_exceeded")
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    return None
+
+
+def encode(state: AppState, text: str, add_special_tokens: bool = True) -> list[int]:
+    if state.tokenizer is None:
+        raise bad_request("this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
+    return list(state.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def chat_prompt(
+    state: AppState, messages: list[dict[str, str]], add_generation_prompt: bool, continue_final_message: bool
+) -> list[int]:
+    tok = state.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise bad_request("this model has no chat template: use /v1/completions", param="messages")
+    try:
+        text = tok.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+    except Exception as exc:  # jinja raises TemplateError (or ValueError) for conversations it refuses
+        raise bad_request(f"the chat template refused these messages: {exc}", param="messages") from None
+    return encode(state, text, add_special_tokens=False)
+
+
+def check_length(state: AppState, n_prompt: int, max_tokens: int | None) -> int:
+    """max_tokens to use; 400 when prompt + completion cannot fit the context (as vLLM answers)."""
+    ctx = state.max_model_len
+    if n_prompt >= ctx:
+        raise bad_request(
+            f"This model's maximum context length is {ctx} tokens. However, your prompt has "
+            f"{n_prompt} tokens. Please reduce the length of the prompt.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        return ctx - n_prompt
+    if n_prompt + max_tokens > ctx:
+        raise bad_request(
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the length of the prompt or the completion.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def sampling(body: Any, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+    seed = None if body.seed is None else body.seed + seed_offset
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(body.top_k or 0, 0),
+            seed=seed,
+            stop=list(body.stop),
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def make_choices(
+    prompts: list[tuple[list[int], int]], body: Any, logprobs: int | None, adapter: str | None, request_id: str
+) -> list[Choice]:
+    """n choices per (prompt token ids, max_tokens); a seeded request's j-th sample uses seed + j."""
+    choices = []
+    for p, (ids, max_tokens) in enumerate(prompts):
+        for j in range(body.n):
+            index = p * body.n + j
+            params = sampling(body, max_tokens, logprobs, j)
+            choices.append(Choice(index, Request(f"{request_id}-{index}", ids, params, adapter)))
+    return choices
+
+
+async def submit(state: AppState, choices: list[Choice], model: str) -> None:
+    """Queue every choice, or none: on the first refusal the ones already queued are aborted."""
+    try:
+        for c in choices:
+            c.stream = await state.engine.add(c.request)
+            c.timer = state.metrics.timer(c.request.adapter)
+    except Exception as exc:
+        for c in choices:
+            if c.stream is not None:
+                c.stream.close()
+        err = engine_error(exc, model)
+        if err is None:
+            raise
+        raise err from None
+
+
+async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+    """Outputs of all choices as they come; closing this generator aborts the unfinished ones."""
+    pending: dict[asyncio.Future, Choice] = {}
+
+    def arm(c: Choice) -> None:
+        pending[asyncio.ensure_future(c.stream.__anext__())] = c
+
+    for c in choices:
+        arm(c)
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                c = pending.pop(fut)
+                out = fut.result()
+                c.timer.output(out)
+                yield c, out
+                if not out.finished:
+                    arm(c)
+    finally:
+        for fut in pending:
+            fut.cancel()
+        for c in choices:
+            c.stream.close()
+
+
+async def until_disconnect(request: HTTPRequest, work: Awaitable[Any], poll_s: float = 0.25) -> Any:
+    """Await `work`, but cancel it (aborting its sequences) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise APIError(499, "client disconnected", code="client_disconnected")
+    finally:
+        task.cancel()
+
+
+def output_error(out: RequestOutput) -> APIError:
+    return APIError(500, f"the request failed in the engine: {out.error}", code="engine_error")

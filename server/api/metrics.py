@@ -1,0 +1,140 @@
+"""Prometheus metrics (prometheus-client), one registry per app so several servers can share a process.
+
+Request-level series are recorded by the API as outputs arrive; engine and adapter state is read from
+the engine at scrape time. Besides hotlora_* names, the few series that LoRA-aware routers read from
+vLLM are exported under vLLM's names too (vllm:lora_requests_info, vllm:num_requests_running,
+vllm:num_requests_waiting, vllm:kv_cache_usage_perc).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_E2E = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+
+
+class _EngineCollector(Collector):
+    """Yields the snapshot that Metrics.render() took from the engine just before the scrape."""
+
+    def __init__(self) -> None:
+        self.stats: Any = None
+        self.adapters: list[Any] = []
+        self.ready = False
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("hotlora_ready", "1 once the model is loaded and serving", value=float(self.ready))
+        s = self.stats
+        if s is None:
+            return
+        usage = s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0
+        for prefix, sep in (("hotlora", "_"), ("vllm", ":")):
+            yield GaugeMetricFamily(
+                f"{prefix}{sep}num_requests_running", "sequences in the running batch", value=s.num_running
+            )
+            yield GaugeMetricFamily(
+                f"{prefix}{sep}num_requests_waiting", "sequences waiting to be scheduled", value=s.num_waiting
+            )
+            yield GaugeMetricFamily(
+                f"{prefix}{sep}kv_cache_usage_perc", "fraction of KV-cache blocks in use", value=usage
+            )
+        yield GaugeMetricFamily("hotlora_kv_cache_blocks_total", "KV-cache blocks", value=s.kv_blocks_total)
+        yield GaugeMetricFamily("hotlora_kv_cache_blocks_used", "KV-cache blocks in use", value=s.kv_blocks_used)
+        yield GaugeMetricFamily(
+            "hotlora_num_preemptions", "sequences preempted so far", value=getattr(s, "num_preemptions", 0)
+        )
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "running/waiting LoRA adapters (value: timestamp)",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        info.add_metric([",".join(s.running_adapters), ",".join(s.waiting_adapters), str(s.max_loras)], time.time())
+        yield info
+        yield from self._adapter_metrics()
+
+    def _adapter_metrics(self) -> Iterable[Metric]:
+        loads = CounterMetricFamily("hotlora_adapter_loads", "adapter loads onto the device", labels=["adapter"])
+        hits = CounterMetricFamily(
+            "hotlora_adapter_hits", "requests that found their adapter resident", labels=["adapter"]
+        )
+        evictions = CounterMetricFamily(
+            "hotlora_adapter_evictions", "adapter evictions from the device", labels=["adapter"]
+        )
+        resident = GaugeMetricFamily(
+            "hotlora_adapter_resident", "1 where the adapter is resident, by place", labels=["adapter", "residency"]
+        )
+        pinned = GaugeMetricFamily("hotlora_adapter_pinned", "1 when the adapter is pinned", labels=["adapter"])
+        for a in self.adapters:
+            loads.add_metric([a.name], a.loads)
+            hits.add_metric([a.name], a.hits)
+            evictions.add_metric([a.name], a.evictions)
+            for place in ("device", "host", "disk"):
+                resident.add_metric([a.name, place], float(a.residency == place))
+            pinned.add_metric([a.name], float(a.pinned))
+        yield from (loads, hits, evictions, resident, pinned)
+        yield GaugeMetricFamily("hotlora_adapters_registered", "adapters registered", value=len(self.adapters))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http = Counter(
+            "hotlora_http_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
+        )
+        self.requests = Counter(
+            "hotlora_request_success", "finished generation requests by finish reason", ["finished_reason"], registry=r
+        )
+        self.adapter_requests = Counter(
+            "hotlora_adapter_requests", "generation requests by adapter ('' = base)", ["adapter"], registry=r
+        )
+        self.prompt_tokens = Counter("hotlora_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("hotlora_generation_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram(
+            "hotlora_time_to_first_token_seconds", "time to first token", buckets=_LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            "hotlora_inter_token_latency_seconds", "time between two output chunks", buckets=_LATENCY, registry=r
+        )
+        self.e2e = Histogram(
+            "hotlora_e2e_request_latency_seconds", "request latency, arrival to last token", buckets=_E2E, registry=r
+        )
+        self.uploads = Counter("hotlora_adapter_uploads", "admin adapter uploads by result", ["result"], registry=r)
+        self.engine = _EngineCollector()
+        r.register(self.engine)
+
+    def timer(self, adapter: str | None) -> RequestTimer:
+        self.adapter_requests.labels(adapter or "").inc()
+        return RequestTimer(self)
+
+    def render(self, stats: Any, adapters: list[Any], ready: bool) -> bytes:
+        self.engine.stats, self.engine.adapters, self.engine.ready = stats, adapters, ready
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Latency bookkeeping of one engine request."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+        self.start = self.last = time.monotonic()
+        self.first = True
+
+    def output(self, out: Any) -> None:
+        now = time.monotonic()
+        if out.new_token_ids:
+            (self.m.ttft if self.first else self.m.itl).observe(now - (self.start if self.first else self.last))
+            self.first = False
+            self.last = now
+        if out.finished:
+            self.m.e2e.observe(now - self.start)
+            self.m.prompt_tokens.inc(out.prompt_tokens)
+            self.m.generation_tokens.inc(out.completion_tokens)
+            reason = "error" if out.error else (out.finish_reason.value if out.finish_reason else "unknown")
+            self.m.requests.labels(reason).inc()

@@ -1,0 +1,293 @@
+"""POST /v1/completions, POST /v1/chat/completions, GET /v1/models (OpenAI shapes)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from hotlora.server.api import generation as gen
+from hotlora.server.api.errors import model_not_found
+from hotlora.server.api.schemas import ChatCompletionRequest, CompletionRequest
+from hotlora.server.api.state import AppState
+from hotlora.server.engine.types import RequestOutput, TokenLogprob
+
+router = APIRouter()
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.hotlora
+    state.require_ready()
+    return state
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Tally:
+    """Usage over all choices: each prompt counts once, however many samples (n) it has."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.prompt, self.completion = n, {}, {}
+
+    def add(self, c: gen.Choice, out: RequestOutput) -> None:
+        self.prompt[c.index // self.n] = out.prompt_tokens or len(c.request.prompt_token_ids)
+        self.completion[c.index] = out.completion_tokens
+
+    def usage(self) -> dict[str, int]:
+        return _usage(sum(self.prompt.values()), sum(self.completion.values()))
+
+
+# --- logprobs --------------------------------------------------------------------------------------
+
+
+def _piece(state: AppState, token_id: int) -> str:
+    return state.tokenizer.decode([token_id]) if state.tokenizer is not None else f"<{token_id}>"
+
+
+def _completion_logprobs(state: AppState, lps: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    if lps is None:
+        return None
+    tokens = [_piece(state, lp.token_id) for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in lps],
+        "top_logprobs": [{_piece(state, i): v for i, v in lp.top} for lp in lps],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(state: AppState, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if lps is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        piece = _piece(state, token_id)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    return {
+        "content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in lps]
+    }
+
+
+# --- shared driver -----------------------------------------------------------------------------------
+
+
+async def _collect(choices: list[gen.Choice]) -> dict[int, list[RequestOutput]]:
+    outs: dict[int, list[RequestOutput]] = {c.index: [] for c in choices}
+    async for c, out in gen.merged(choices):
+        if out.error:
+            raise gen.output_error(out)
+        outs[c.index].append(out)
+    return outs
+
+
+def _joined_logprobs(outs: list[RequestOutput]) -> list[TokenLogprob] | None:
+    if all(o.logprobs is None for o in outs):
+        return None
+    return [lp for o in outs for lp in (o.logprobs or [])]
+
+
+async def _stream(
+    choices: list[gen.Choice], first: list[bytes], chunk, tally: _Tally, include_usage: bool, usage_chunk
+) -> AsyncIterator[bytes]:
+    for b in first:
+        yield b
+    async for c, out in gen.merged(choices):
+        if out.error:
+            yield _sse(gen.output_error(out).body())
+            break
+        tally.add(c, out)
+        if out.new_text or out.finished or out.logprobs:
+            yield _sse(chunk(c, out))
+    else:
+        if include_usage:
+            yield _sse(usage_chunk(tally.usage()))
+    yield b"data: [DONE]\n\n"
+
+
+def _finish(out: RequestOutput) -> str | None:
+    return out.finish_reason.value if out.finished and out.finish_reason is not None else None
+
+
+def _resolve_model(state: AppState, model: str) -> str | None:
+    adapter = state.adapter_for(model)
+    if adapter is not None and "/" in adapter:
+        raise model_not_found(model)
+    return adapter
+
+
+# --- /v1/completions -----------------------------------------------------------------------------------
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = _state(request)
+    body.refuse_unsupported()
+    adapter = _resolve_model(state, body.model)
+    prompts = []
+    for p in body.prompts():
+        ids = gen.encode(state, p) if isinstance(p, str) else list(p)
+        prompts.append((ids, gen.check_length(state, len(ids), body.max_tokens)))
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    choices = gen.make_choices(prompts, body, body.logprobs, adapter, rid)
+    await gen.submit(state, choices, body.model)
+    head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+    tally = _Tally(body.n)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        offsets: dict[int, int] = {}
+
+        def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any]:
+            lp = _completion_logprobs(state, out.logprobs, offsets.get(c.index, 0))
+            offsets[c.index] = offsets.get(c.index, 0) + len(out.new_text)
+            body_ = head | {
+                "choices": [{"index": c.index, "text": out.new_text, "logprobs": lp, "finish_reason": _finish(out)}]
+            }
+            return body_ | ({"usage": None} if include_usage else {})
+
+        return StreamingResponse(
+            _stream(choices, [], chunk, tally, include_usage, lambda u: head | {"choices": [], "usage": u}),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    outs = await gen.until_disconnect(request, _collect(choices))
+    result = []
+    for c in choices:
+        o = outs[c.index]
+        tally.add(c, o[-1])
+        result.append(
+            {
+                "index": c.index,
+                "text": "".join(x.new_text for x in o),
+                "logprobs": _completion_logprobs(state, _joined_logprobs(o), 0),
+                "finish_reason": _finish(o[-1]),
+            }
+        )
+    return JSONResponse(head | {"choices": result, "usage": tally.usage(), "system_fingerprint": None})
+
+
+# --- /v1/chat/completions ------------------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = _state(request)
+    body.refuse_unsupported()
+    adapter = _resolve_model(state, body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    ids = gen.chat_prompt(state, messages, body.add_generation_prompt, body.continue_final_message)
+    max_tokens = gen.check_length(state, len(ids), body.max_new_tokens)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    choices = gen.make_choices([(ids, max_tokens)], body, top, adapter, rid)
+    await gen.submit(state, choices, body.model)
+    head = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
+    tally = _Tally(body.n)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+        obj = {"object": "chat.completion.chunk"}
+
+        def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any]:
+            delta = {"content": out.new_text} if out.new_text else {}
+            return (
+                head
+                | obj
+                | {
+                    "choices": [
+                        {
+                            "index": c.index,
+                            "delta": delta,
+                            "logprobs": _chat_logprobs(state, out.logprobs),
+                            "finish_reason": _finish(out),
+                        }
+                    ]
+                }
+                | extra
+            )
+
+        first = [
+            _sse(
+                head
+                | obj
+                | {
+                    "choices": [
+                        {
+                            "index": c.index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                }
+                | extra
+            )
+            for c in choices
+        ]
+        return StreamingResponse(
+            _stream(choices, first, chunk, tally, include_usage, lambda u: head | obj | {"choices": [], "usage": u}),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
+    outs = await gen.until_disconnect(request, _collect(choices))
+    result = []
+    for c in choices:
+        o = outs[c.index]
+        tally.add(c, o[-1])
+        result.append(
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": "".join(x.new_text for x in o)},
+                "logprobs": _chat_logprobs(state, _joined_logprobs(o)),
+                "finish_reason": _finish(o[-1]),
+            }
+        )
+    return JSONResponse(head | {"object": "chat.completion", "choices": result, "usage": tally.usage()})
+
+
+# --- /v1/models ----------------------------------------------------------------------------------------
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = _state(request)
+    engine = state.engine.engine
+    infos = await state.engine.call(engine.registry.info)
+    created = int(time.time())
+    base = {
+        "id": state.model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "hotlora",
+        "root": state.model_name,
+        "parent": None,
+        "max_model_len": state.max_model_len,
+    }
+    adapters = [
+        {
+            "id": a.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "hotlora",
+            "root": a.name,
+            "parent": state.model_name,
+        }
+        for a in infos
+    ]
+    return {"object": "list", "data": [base, *adapters]}

@@ -1,0 +1,273 @@
+"""`hotlora serve` (the server) and `hotlora adapters ...` (a client of the admin API).
+
+Every `serve` flag --some-flag can also be set with the environment variable HOTLORA_SOME_FLAG; a flag
+given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hotlora.server.engine.config import DTYPE_CHOICES, QUANT_CHOICES, EngineConfig
+
+ENV_PREFIX = "HOTLORA_"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '4096', '512M', '2GiB', '1.5g' (powers of 1024)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512M, 2GiB)")
+    return int(float(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " "))
+
+
+def optional_int(text: str) -> int | None:
+    return None if str(text).lower() in ("", "none", "auto") else int(text)
+
+
+@dataclass(frozen=True)
+class Opt:
+    flag: str
+    type: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    engine: bool = True  # an EngineConfig field (named like the flag)
+
+    @property
+    def dest(self) -> str:
+        return self.flag.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+SERVE_OPTIONS = (
+    Opt(
+        "model",
+        str,
+        "base model: 'default' (the embedded SmolLM2-135M-Instruct), a local Hugging Face folder, "
+        "a .gguf file, or random:<preset> (random weights, for benchmarks)",
+    ),
+    Opt("quant", str, "nf4: 4-bit bitsandbytes NF4 base weights; none: keep 16/32-bit weights", QUANT_CHOICES),
+    Opt("device", str, "cpu, cuda, cuda:N, or auto (cuda when present)"),
+    Opt("dtype", str, "activation/weight dtype; auto is bfloat16 on cuda, float32 on cpu", DTYPE_CHOICES),
+    Opt("cache-dir", Path, "where converted GGUF models are cached (default $HOTLORA_CACHE or ~/.cache/hotlora)"),
+    Opt(
+        "adapter-dir",
+        Path,
+        "the adapter store: one PEFT folder per adapter name, all registered at start, "
+        "uploads land here (default <cache-dir>/adapters)",
+    ),
+    Opt("max-loras", int, "adapters resident on the device at once (device slots)"),
+    Opt("max-lora-rank", int, "largest LoRA rank accepted"),
+    Opt("lora-pool-rows", optional_int, "rows of the per-module device LoRA pools (default max-loras x max-lora-rank)"),
+    Opt("max-cpu-lora-bytes", parse_size, "host-memory budget for loaded adapter copies (e.g. 2GiB)"),
+    Opt("max-num-seqs", int, "sequences decoded together at most"),
+    Opt("max-num-batched-tokens", int, "tokens (prefill + decode) per engine step at most"),
+    Opt(
+        "max-model-len",
+        optional_int,
+        "context length: prompt + completion tokens (default: the model's, capped at 8192)",
+    ),
+    Opt("block-size", int, "tokens per KV-cache block"),
+    Opt("num-kv-blocks", optional_int, "KV-cache blocks (default: sized from --kv-cache-memory)"),
+    Opt("kv-cache-memory", float, "KV-cache size: a fraction of free GPU memory on cuda, GiB on cpu"),
+    Opt("max-waiting", int, "requests allowed to wait for a slot; more are answered 429"),
+    Opt("seed", int, "seed for requests that do not give one"),
+    Opt("host", str, "address to listen on", engine=False),
+    Opt("port", int, "port to listen on", engine=False),
+    Opt(
+        "admin-token-file",
+        Path,
+        "file holding the admin API bearer token (else $HOTLORA_ADMIN_TOKEN; with neither, the admin API answers 403)",
+        engine=False,
+    ),
+    Opt("served-model-name", str, "the base model's name in the API (default: the model's own name)", engine=False),
+    Opt("max-upload-bytes", parse_size, "largest adapter upload, after decompression (e.g. 4GiB)", engine=False),
+    Opt("log-level", str, "log level", LOG_LEVELS, engine=False),
+)
+_TYPES = {"int": int, "float": float, "str": str, "Path": Path, "int | None": optional_int, "bool": None}
+
+
+def _engine_extras() -> tuple[Opt, ...]:
+    """EngineConfig fields without a hand-written Opt above still get a flag (and an env var)."""
+    known = {o.dest for o in SERVE_OPTIONS}
+    extras = []
+    for name, f in EngineConfig.__dataclass_fields__.items():
+        kind = str(f.type).replace("None | ", "").strip()
+        kind = "int | None" if kind == "int | None" else kind.split(" | ")[0]
+        if name not in known and _TYPES.get(kind):
+            extras.append(Opt(name.replace("_", "-"), _TYPES[kind], f"engine setting {name}"))
+    return tuple(extras)
+
+
+_SERVE_DEFAULTS = {
+    "host": "127.0.0.1",
+    "port": 8000,
+    "admin_token_file": None,
+    "served_model_name": None,
+    "max_upload_bytes": 4 << 30,
+    "log_level": "info",
+}
+
+
+def _default(opt: Opt) -> Any:
+    env = os.environ.get(opt.env)
+    if env is not None and env != "":
+        return env  # argparse converts string defaults with opt.type (and reports bad values)
+    if opt.engine:
+        default = EngineConfig.__dataclass_fields__[opt.dest].default
+        return None if default is dataclasses.MISSING else default
+    return _SERVE_DEFAULTS[opt.dest]
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible server",
+        description="Serve a base model and its LoRA adapters over an OpenAI-compatible HTTP API. "
+        "Each flag --x-y may also be set with the environment variable HOTLORA_X_Y.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for opt in SERVE_OPTIONS + _engine_extras():
+        p.add_argument(
+            f"--{opt.flag}",
+            type=opt.type,
+            choices=opt.choices,
+            default=_default(opt),
+            metavar=None if opt.choices else opt.dest.upper(),
+            help=f"{opt.help} [env {opt.env}]",
+        )
+    p.set_defaults(func=serve)
+
+
+def _add_adapters(sub: Any) -> None:
+    p = sub.add_parser(
+        "adapters",
+        help="manage the adapters of a running server (admin API)",
+        description="Talk to a running server's admin API. The token comes from --token, "
+        "--token-file, or $HOTLORA_ADMIN_TOKEN.",
+    )
+    p.add_argument(
+        "--url",
+        default=os.environ.get("HOTLORA_URL", "http://127.0.0.1:8000"),
+        help="server URL [env HOTLORA_URL] (default: %(default)s)",
+    )
+    p.add_argument("--token", default=None, help="admin bearer token [env HOTLORA_ADMIN_TOKEN]")
+    p.add_argument("--token-file", type=Path, default=None, help="file holding the admin token")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server")
+    ops = p.add_subparsers(dest="op", required=True, metavar="{upload,list,delete,load,unload}")
+    up = ops.add_parser("upload", help="upload (or replace) an adapter: a PEFT folder or a .tar.gz/.zip of one")
+    up.add_argument("name")
+    up.add_argument("path", type=Path)
+    ls = ops.add_parser("list", help="list the registered adapters")
+    ls.add_argument("--json", action="store_true", help="print the raw JSON")
+    for op, what in (
+        ("delete", "delete an adapter"),
+        ("load", "pin an adapter on the device"),
+        ("unload", "unpin an adapter"),
+    ):
+        ops.add_parser(op, help=what).add_argument("name")
+    p.set_defaults(func=adapters_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hotlora",
+        description="hotlora: many LoRA adapters on one 4-bit base model, behind an OpenAI-compatible API.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_adapters(sub)
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{o.dest: getattr(args, o.dest) for o in SERVE_OPTIONS + _engine_extras() if o.engine})
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from hotlora.server.api.app import create_app
+    from hotlora.server.api.auth import load_admin_token
+    from hotlora.server.api.state import ServerSettings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token = load_admin_token(args.admin_token_file)
+        settings = ServerSettings(
+            engine=engine_config(args),
+            admin_token=token,
+            served_model_name=args.served_model_name,
+            max_upload_bytes=args.max_upload_bytes,
+        )
+    except ValueError as exc:
+        print(f"hotlora serve: {exc}", file=sys.stderr)
+        return 2
+    if token is None:
+        logging.getLogger("hotlora").warning(
+            "no admin token: the admin API answers 403 (set HOTLORA_ADMIN_TOKEN "
+            "or --admin-token-file to enable uploads)"
+        )
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    )
+    failure: list[BaseException] = []
+
+    def fatal(exc: BaseException) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    app.state.hotlora.on_fatal = fatal
+    server.run()
+    if failure:
+        print(f"hotlora serve: the model failed to load: {failure[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def adapters_command(args: argparse.Namespace) -> int:
+    from hotlora.server.admin_client import AdminClient, AdminError
+
+    token = args.token or os.environ.get("HOTLORA_ADMIN_TOKEN")
+    if args.token_file:
+        token = args.token_file.read_text().strip()
+    client = AdminClient(args.url, token, timeout=args.timeout)
+    try:
+        if args.op == "upload":
+            print(json.dumps(client.upload(args.name, args.path), indent=2))
+        elif args.op == "list":
+            data = client.list()
+            print(json.dumps(data, indent=2) if args.json else client.format_table(data))
+        elif args.op == "delete":
+            client.delete(args.name)
+            print(f"deleted {args.name}")
+        else:
+            print(json.dumps(client.pin(args.name, args.op == "load"), indent=2))
+    except AdminError as exc:
+        print(f"hotlora adapters {args.op}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""AsyncEngine: the single-threaded LLMEngine in its own thread, driven from asyncio.
+
+The engine thread builds the engine (model loading is slow), then loops: drain the command queue
+(add, abort, any callable such as registry operations), step while work exists, block on the queue
+when idle. Results and outputs cross back with loop.call_soon_threadsafe. Pure Python: no torch here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from hotlora.server.engine.types import FinishReason, Request, RequestOutput
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class EngineDeadError(RuntimeError):
+    """The engine is not running (still loading, failed to load, or shut down)."""
+
+
+class RequestStream:
+    """The outputs of one request, in order; the last one has finished=True. Abort on early exit."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self.queue.get()
+        except BaseException:  # cancelled (client gone): free the sequence
+            self.close()
+            raise
+        if out.finished:
+            self.finished = True
+            self.engine._streams.pop(self.request_id, None)
+        return out
+
+    def close(self) -> None:
+        """Abort the request unless it already finished. Safe to call more than once."""
+        if not self.finished:
+            self.finished = True
+            self.engine._streams.pop(self.request_id, None)
+            self.engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, factory: Callable[[], Any], on_ready: Callable[[Any], None] | None = None) -> None:
+        """factory builds the LLMEngine inside the engine thread; on_ready(engine) runs there next."""
+        self._factory = factory
+        self._on_ready = on_ready
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.engine: Any = None
+        self.ready = threading.Event()
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None  # why the engine failed to start
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="hotlora-engine", daemon=True)
+        self._thread.start()
+
+    async def wait_ready(self) -> None:
+        """Returns once the engine is built; raises its load error if it could not be."""
+        await asyncio.get_running_loop().run_in_executor(None, self._wait_started)
+        if self.error is not None:
+            raise self.error
+
+    def _wait_started(self) -> None:
+        while not (self.ready.wait(0.1) or self.stopped.is_set()):
+            pass
+
+    async def shutdown(self) -> None:
+        """Abort every request, stop the loop and wait for the thread."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        self._commands.put(_STOP)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
+
+    # --- API for coroutines ------------------------------------------------------------------------
+
+    async def add(self, request: Request) -> RequestStream:
+        """Queue a request; raises what engine.add_request raises (bad request, unknown adapter, overload)."""
+        stream = RequestStream(self, request.request_id)
+        self._streams[request.request_id] = stream
+        try:
+            await self.call(self.engine_or_raise().add_request, request)
+        except BaseException:
+            self._streams.pop(request.request_id, None)
+            stream.finished = True
+            raise
+        return stream
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        stream = await self.add(request)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    def abort(self, request_id: str) -> None:
+        """Fire and forget: the sequence is freed at the next step boundary."""
+        self._commands.put(("abort", request_id))
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) in the engine thread between two steps; its result or exception comes back here."""
+        if self.stopped.is_set():
+            raise EngineDeadError("the engine has stopped")
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", fn, args, future))
+        if self.stopped.is_set():  # the thread ended between the check and the put
+            self._fail_pending_calls()
+        return await future
+
+    def engine_or_raise(self) -> Any:
+        if self.engine is None or not self.ready.is_set():
+            raise EngineDeadError("the model is still loading" if self.error is None else "the engine failed")
+        return self.engine
+
+    # --- the engine thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+            if self._on_ready is not None:
+                self._on_ready(self.engine)
+        except BaseException as exc:  # reported through wait_ready()
+            log.exception("the engine failed to start")
+            self.error = exc
+            self.stopped.set()
+            self._fail_pending_calls()
+            return
+        self.ready.set()
+        try:
+            self._loop_forever()
+        finally:
+            self.stopped.set()
+            self._fail_pending_calls()
+            close = getattr(getattr(self.engine, "registry", None), "close", None)
+            if close is not None:
+                close()
+
+    def _loop_forever(self) -> None:
+        engine = self.engine
+        while True:
+            block = not engine.has_unfinished()
+            if not self._drain(block):
+                return
+            if engine.has_unfinished():
+                self._step()
+
+    def _drain(self, block: bool) -> bool:
+        """Execute queued commands; False once asked to stop."""
+        try:
+            cmd = self._commands.get() if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if cmd is _STOP:
+                return False
+            self._execute(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _execute(self, cmd: tuple) -> None:
+        if cmd[0] == "abort":
+            self.engine.abort(cmd[1])
+            return
+        _, fn, args, future = cmd
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            self._resolve(future, None, exc)
+        else:
+            self._resolve(future, result, None)
+
+    def _resolve(self, future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+        def settle() -> None:
+            if future.done():  # the awaiting coroutine was cancelled
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        self._call_soon(settle)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            log.exception("engine step failed; failing every running request")
+            outputs = self._fail_all("internal engine error")
+        if outputs:
+            self._call_soon(self._deliver, outputs)
+        else:  # nothing to report (a prefill chunk, or waiting on an adapter/slot): do not spin hot
+            time.sleep(0.001)
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        outputs = []
+        while True:
+            try:
+                request_ids = list(self._streams)  # the event loop may change it meanwhile
+                break
+            except RuntimeError:
+                continue
+        for request_id in request_ids:
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                log.exception("abort of %s failed", request_id)
+            outputs.append(
+                RequestOutput(request_id, "", [], finished=True, finish_reason=FinishReason.ABORT, error=message)
+            )
+        return outputs
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """On the event loop: hand each output to its stream (gone streams were aborted already)."""
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(out)
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _fail_pending_calls(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is not _STOP and cmd[0] == "call":
+                self._resolve(cmd[3], None, EngineDeadError("the engine has stopped"))
