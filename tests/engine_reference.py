@@ -65,6 +65,18 @@ class Reference:
         self.model.set_adapter(adapter)
         return self._loop(prompt, n)
 
+    @torch.inference_mode()
+    def score(self, prompt: list[int], tokens: list[int], adapter: str | None) -> torch.Tensor:
+        """Teacher-forced log-probabilities [len(tokens), vocab] of the continuation `tokens`."""
+        ids = torch.tensor([prompt + tokens])
+        if adapter is None:
+            with self.model.disable_adapter():
+                logits = self.model(input_ids=ids).logits
+        else:
+            self.model.set_adapter(adapter)
+            logits = self.model(input_ids=ids).logits
+        return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+
     def _loop(self, prompt: list[int], n: int) -> list[int]:
         ids = torch.tensor([prompt])
         out = self.model(input_ids=ids, use_cache=True)
