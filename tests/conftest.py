@@ -35,3 +35,20 @@ def default_checkpoint(hotlora_cache: Path):  # -> hotlora.server.model.weights.
 def default_model_dir(default_checkpoint) -> Path:
     """The converted default model as an HF folder (config.json, model.safetensors, tokenizer)."""
     return default_checkpoint.path
+
+
+@pytest.fixture(scope="session")
+def adapters(default_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """Four PEFT adapters saved by peft on the default model (engine_reference.ADAPTER_SPECS)."""
+    from engine_reference import save_adapters
+
+    return save_adapters(default_model_dir, tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="session")
+def work(default_model_dir: Path) -> list[tuple[list[int], str | None]]:
+    """The mixed batch the engine is compared on: (prompt ids, adapter) pairs."""
+    from engine_reference import mixed_requests
+    from transformers import AutoTokenizer
+
+    return mixed_requests(AutoTokenizer.from_pretrained(str(default_model_dir), local_files_only=True))

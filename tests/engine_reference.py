@@ -17,14 +17,14 @@ ADAPTER_SPECS: dict[str, dict] = {
 }
 
 
-def load_base(folder: Path, quant: str) -> torch.nn.Module:
-    kw: dict = {"dtype": torch.float32}
+def load_base(folder: Path, quant: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    kw: dict = {"dtype": dtype, "device_map": device}
     if quant == "nf4":
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=dtype,
         )
     return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kw).eval()
 
@@ -49,8 +49,10 @@ def save_adapters(folder: Path, out: Path, b_std: float = 0.02) -> dict[str, Pat
 class Reference:
     """A base model with every adapter loaded into one PeftModel; generates one request at a time."""
 
-    def __init__(self, folder: Path, adapters: dict[str, Path], quant: str) -> None:
-        base = load_base(folder, quant)
+    def __init__(self, folder: Path, adapters: dict[str, Path], quant: str, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.device = device
+        base = load_base(folder, quant, device, dtype)
         names = list(adapters)
         self.model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
         for name in names[1:]:
@@ -68,21 +70,67 @@ class Reference:
     @torch.inference_mode()
     def score(self, prompt: list[int], tokens: list[int], adapter: str | None) -> torch.Tensor:
         """Teacher-forced log-probabilities [len(tokens), vocab] of the continuation `tokens`."""
-        ids = torch.tensor([prompt + tokens])
+        ids = torch.tensor([prompt + tokens], device=self.device)
         if adapter is None:
             with self.model.disable_adapter():
                 logits = self.model(input_ids=ids).logits
         else:
             self.model.set_adapter(adapter)
             logits = self.model(input_ids=ids).logits
-        return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1).cpu()
 
     def _loop(self, prompt: list[int], n: int) -> list[int]:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=self.device)
         out = self.model(input_ids=ids, use_cache=True)
         tokens: list[int] = []
         for _ in range(n):
             tok = int(out.logits[0, -1].argmax())
             tokens.append(tok)
-            out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+            step = torch.tensor([[tok]], device=self.device)
+            out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
         return tokens
+
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "List three colours:",
+    "The quick brown fox",
+    "Water boils at",
+]
+
+
+def mixed_requests(tokenizer) -> list[tuple[list[int], str | None]]:
+    """Four adapters, the base, and one adapter twice: (prompt ids, adapter name or None)."""
+    names: list[str | None] = [*ADAPTER_SPECS, None, "qv8"]
+    return [(tokenizer.encode(p), a) for p, a in zip(PROMPTS, names, strict=True)]
+
+
+def teacher_forced_gaps(ref: Reference, work, outs, n_tokens: int) -> list[tuple[float, float]]:
+    """Per request: how far below the reference's best each engine token is (max over positions, nats),
+    and the largest |engine logprob - reference logprob| of the chosen tokens."""
+    res = []
+    for (ids, adapter), out in zip(work, outs, strict=True):
+        lp = ref.score(ids, out.new_token_ids, adapter)
+        chosen = lp[torch.arange(n_tokens), torch.tensor(out.new_token_ids)]
+        gap = (lp.max(dim=-1).values - chosen).max().item()
+        engine_lp = torch.tensor([t.logprob for t in out.logprobs])
+        res.append((gap, (engine_lp - chosen).abs().max().item()))
+    return res
+
+
+def run_engine_mixed(adapters: dict[str, Path], work, n_tokens: int, **config):
+    """The mixed batch through LLMEngine, greedy with logprobs; checks nothing is left allocated."""
+    from hotlora.server.engine.config import EngineConfig
+    from hotlora.server.engine.engine import LLMEngine
+    from hotlora.server.engine.types import Request, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model="default", max_loras=4, max_lora_rank=16, kv_cache_memory=0.25, **config))
+    for name, path in adapters.items():
+        engine.registry.register(name, path)
+    params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+    outs = engine.generate([Request(f"r{i}", ids, params, a) for i, (ids, a) in enumerate(work)])
+    assert all(o.finish_reason.value == "length" for o in outs)
+    assert engine.blocks.num_used == 0 and engine.stats().num_running == 0
+    return outs
