@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import FinishReason, Request, SamplingParams
