@@ -133,6 +133,21 @@ def _default(opt: Opt) -> Any:
     return _SERVE_DEFAULTS[opt.dest]
 
 
+def _checked(opt: Opt) -> Any:
+    """opt.type, plus the choices check that argparse skips for defaults (values from the environment)."""
+    if not opt.choices:
+        return opt.type
+
+    def convert(text: str) -> Any:
+        value = opt.type(text)
+        if value not in opt.choices:
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(opt.choices)} (from {opt.env}?)")
+        return value
+
+    convert.__name__ = opt.dest
+    return convert
+
+
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
@@ -144,7 +159,7 @@ def _add_serve(sub: Any) -> None:
     for opt in SERVE_OPTIONS + _engine_extras():
         p.add_argument(
             f"--{opt.flag}",
-            type=opt.type,
+            type=_checked(opt),
             choices=opt.choices,
             default=_default(opt),
             metavar=None if opt.choices else opt.dest.upper(),

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_factory import TINY_SHAPES, save_adapter, tiny_llama
+from peft import IA3Config, get_peft_model
+from safetensors.torch import load_file, save_file
+
 from hotlora.adapters.peft_format import (
     TARGET_MODULES,
     AdapterError,
@@ -16,9 +20,6 @@ from hotlora.adapters.peft_format import (
     load_peft_adapter,
     read_adapter_config,
 )
-from lora_factory import TINY_SHAPES, save_adapter, tiny_llama
-from peft import IA3Config, get_peft_model
-from safetensors.torch import load_file, save_file
 
 LAYERS = 2
 
@@ -172,9 +173,7 @@ def test_bad_config_fields_are_refused(plain, changes, match):
 
 
 def test_other_peft_type_saved_by_peft_is_refused(base, tmp_path):
-    model = get_peft_model(
-        base, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
-    )
+    model = get_peft_model(base, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
     model.save_pretrained(str(tmp_path / "ia3"))
     model.unload()
     refused(tmp_path / "ia3", "peft_type must be 'LORA'")
@@ -212,34 +211,24 @@ def test_missing_files_and_garbage_are_refused(plain, tmp_path):
             "unexpected tensor",
         ),
         (
-            lambda t: t.update(
-                {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.zeros(32)}
-            ),
+            lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": torch.zeros(32)}),
             "unexpected tensor",
         ),
         (
-            lambda t: t.update(
-                {"base_model.model.model.layers.0.mlp.q_proj.lora_A.weight": torch.zeros(4, 32)}
-            ),
+            lambda t: t.update({"base_model.model.model.layers.0.mlp.q_proj.lora_A.weight": torch.zeros(4, 32)}),
             "unexpected tensor",
         ),
         (lambda t: t.pop("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"), "no lora_B"),
         (
-            lambda t: t["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].__setitem__(
-                (0, 0), math.nan
-            ),
+            lambda t: t["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].__setitem__((0, 0), math.nan),
             "NaN or infinite",
         ),
         (
-            lambda t: t["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].__setitem__(
-                (1, 1), math.inf
-            ),
+            lambda t: t["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].__setitem__((1, 1), math.inf),
             "NaN or infinite",
         ),
         (
-            lambda t: t.update(
-                {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 32)}
-            ),
+            lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 32)}),
             "rank 3 does not match r=4",
         ),
         (
@@ -282,6 +271,4 @@ def test_shapes_of_another_base_are_refused(tmp_path):
     other = tiny_llama()
     other.model.layers[0].self_attn.v_proj = torch.nn.Linear(32, 24, bias=False)
     other.model.layers[1].self_attn.v_proj = torch.nn.Linear(32, 24, bias=False)
-    refused(
-        save_adapter(other, tmp_path / "other"), r"v_proj: lora_A \(4, 32\) / lora_B \(24, 4\) do not fit"
-    )
+    refused(save_adapter(other, tmp_path / "other"), r"v_proj: lora_A \(4, 32\) / lora_B \(24, 4\) do not fit")

@@ -47,11 +47,14 @@ class HTTPMetrics:
             self.state.metrics.http.labels(scope["method"], self._route(scope), str(status[0])).inc()
 
     def _route(self, scope: Scope) -> str:
-        for route in self.routes():
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return getattr(route, "path", "other")
-        return "other"
+        """The matched route's path template (Starlette leaves the route in the scope), never the raw path."""
+        route = scope.get("route")
+        if route is None:
+            for candidate in self.routes():
+                if candidate.matches(scope)[0] == Match.FULL:
+                    route = candidate
+                    break
+        return getattr(route, "path", None) or "other"
 
 
 def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | None = None) -> FastAPI:
