@@ -126,7 +126,8 @@ def run_engine_mixed(adapters: dict[str, Path], work, n_tokens: int, **config):
     from hotlora.server.engine.engine import LLMEngine
     from hotlora.server.engine.types import Request, SamplingParams
 
-    engine = LLMEngine(EngineConfig(model="default", max_loras=4, max_lora_rank=16, kv_cache_memory=0.25, **config))
+    config.setdefault("model", "default")
+    engine = LLMEngine(EngineConfig(max_loras=4, max_lora_rank=16, kv_cache_memory=0.25, **config))
     for name, path in adapters.items():
         engine.registry.register(name, path)
     params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
@@ -134,3 +135,19 @@ def run_engine_mixed(adapters: dict[str, Path], work, n_tokens: int, **config):
     assert all(o.finish_reason.value == "length" for o in outs)
     assert engine.blocks.num_used == 0 and engine.stats().num_running == 0
     return outs
+
+
+def save_random_model(preset: str, folder: Path) -> Path:
+    """A `random:<preset>` checkpoint written as an HF folder (config.json + safetensors), no tokenizer."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from hotlora.server.model.presets import preset_hf_config
+    from hotlora.server.model.weights import resolve_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt = resolve_checkpoint(f"random:{preset}", folder / "cache", progress=False)
+    (folder / "config.json").write_text(json.dumps(preset_hf_config(preset)))
+    save_file(dict(ckpt.tensors("cpu", torch.float32)), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
