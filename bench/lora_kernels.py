@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -28,8 +29,6 @@ from hotlora.kernels.lora import (
     LoraSlice,
     build_lora_meta,
     lora_apply_triton,
-    lora_expand,
-    lora_shrink,
     refresh_lora_meta,
 )
 
@@ -45,6 +44,7 @@ class Spec:
     distinct: int
     ranks: list[int] = field(default_factory=list)  # per adapter; default r=16
     label: str = ""
+    no_pdl: bool = False  # compare: expand launched after the shrink completes
 
     def __post_init__(self) -> None:
         self.ranks = self.ranks or [16] * self.distinct
@@ -147,6 +147,7 @@ def setup(spec: Spec, split_k: int | None = None):
 
 
 def bench_case(spec: Spec, config: KernelConfig | None = None, split_k: int | None = None) -> dict:
+    os.environ["HOTLORA_NO_PDL"] = "1" if spec.no_pdl else "0"
     meta, sets, count = setup(spec, split_k)
     token_slots = meta.token_slots
     row_start, scale = meta.row_start.tolist(), meta.scale.tolist()
@@ -207,6 +208,8 @@ def specs(quick: bool) -> list[Spec]:
         Spec(4096, (4096,), 32, 32, mixed, label=f"4096->4096 T=32 A=32 mixed r=8..64 (sum {sum(mixed)})"),
         Spec(4096, (4096,), 32, 32, [64] * 32, label="4096->4096 T=32 A=32 r=64"),
         Spec(4096, (4096,), 32, 32, [int(sum(mixed) / 32)] * 32, label=f"4096->4096 T=32 A=32 r={sum(mixed) // 32}"),
+        Spec(4096, (4096,), 32, 32, label="4096->4096 T=32 A=32 r=16, no PDL", no_pdl=True),
+        Spec(4096, (14336,), 32, 32, label="4096->14336 T=32 A=32 r=16, no PDL", no_pdl=True),
         Spec(4096, (4096, 1024, 1024), 32, 32, label="qkv 4096->4096+1024+1024 T=32 A=32 r=16"),
         Spec(4096, (14336, 14336), 32, 32, label="gate+up 4096->2x14336 T=32 A=32 r=16"),
         Spec(14336, (4096,), 32, 32, label="down 14336->4096 T=32 A=32 r=16"),
@@ -216,38 +219,31 @@ def specs(quick: bool) -> list[Spec]:
 
 
 def sweep(copy_gbps: float) -> list[dict]:
-    """Launch parameters of the headline shapes, each kernel timed alone (graph replays); prints the best."""
-    cases = [Spec(4096, (4096,), 32, 32), Spec(4096, (14336,), 32, 32), Spec(4096, (4096,), 1, 1)]
-    cases += [Spec(4096, (14336,), 2048, 1)]
-    shrink_cfgs = [dict(shrink_block_k=k, shrink_warps=w, shrink_stages=st) for k in (128, 256)
-                   for w in (2, 4, 8) for st in (2, 3, 4)]  # fmt: skip
-    expand_cfgs = [dict(expand_block_n=n, expand_warps=w) for n in (128, 256, 512) for w in (4, 8)]
+    """Launch parameters of the decode headline shapes, shrink + expand together (PDL overlaps them)."""
+    cases = [Spec(4096, (4096,), 32, 32), Spec(4096, (14336,), 32, 32), Spec(4096, (14336,), 2048, 1)]
     rows = []
     for spec in cases:
-        best = []
+        results = []
         for split in (1, 2, 4) if spec.tokens >= 512 else (4, 8, 16):
             meta, sets, count = setup(spec, split)
-            for kind, cfgs, fn in (("shrink", shrink_cfgs, lora_shrink), ("expand", expand_cfgs, None)):
-                for kw in cfgs:
-                    cfg = KernelConfig(**kw)
-                    if fn is lora_shrink:
-                        call = lambda i, c=cfg, s=sets, m=meta: lora_shrink(s[i].x, s[i].slices, m, c)  # noqa: E731
-                    else:
-                        call = lambda i, c=cfg, s=sets, m=meta: lora_expand(s[i].ys, s[i].slices, m, c)  # noqa: E731
-                    try:
-                        us = graph_time_us(call, count, rep=60)
-                    except Exception as exc:  # a config may not fit (shared memory, registers)
-                        print(f"  skip {kind} {kw}: {type(exc).__name__}", flush=True)
-                        continue
-                    best.append({"case": spec.name, "split_k": split, "kernel": kind, "us": us, "config": kw})
+            for sw in (2, 4):
+                for bn in (128, 256, 512):
+                    for ew in (4, 8):
+                        kw = dict(shrink_warps=sw, expand_block_n=bn, expand_warps=ew)
+                        cfg = KernelConfig(**kw)
+                        call = lambda i, c=cfg, s=sets, m=meta: lora_apply_triton(s[i].ys, s[i].x, s[i].slices, m, c)  # noqa: E731
+                        try:
+                            us = graph_time_us(call, count, rep=60)
+                        except Exception as exc:  # a config may not fit (shared memory, registers)
+                            print(f"  skip {kw}: {type(exc).__name__}", flush=True)
+                            continue
+                        results.append({"case": spec.name, "split_k": split, "us": us, "config": kw})
             sets.clear()
+        results.sort(key=lambda r: r["us"])
         print(f"## sweep {spec.name} (copy {copy_gbps:.0f} GB/s, minimal bytes {minimal_bytes(spec) / 1e6:.1f} MB)")
-        for split in sorted({r["split_k"] for r in best}):
-            for kind in ("shrink", "expand"):
-                top = sorted((r for r in best if r["split_k"] == split and r["kernel"] == kind), key=lambda r: r["us"])
-                for r in top[:3]:
-                    print(f"  split={split} {kind} {r['us']:.2f} us {r['config']}", flush=True)
-        rows += best
+        for r in results[:8]:
+            print(f"  {r['us']:.2f} us split={r['split_k']} {r['config']}", flush=True)
+        rows += results
     return rows
 
 

@@ -3,6 +3,14 @@
 Grid of both kernels: axis 0 walks the tiles of ``LoraMeta`` (a tile = up to BLOCK_M tokens of one slot,
 idle tiles exit at once), so every program reads the rows of exactly one adapter. Up to three slices
 (q, k, v or gate, up) share a launch: the slice's pointers are picked per program.
+
+Split-K: the shrink programs of one (tile, slice) write fp32 partials; the last to finish (a per-tile
+counter, reset to 0 by that program, so the next launch or graph replay finds zeros) sums them into
+split 0, so the expand reads one partial.
+
+Programmatic dependent launch (Hopper, ``PDL``): the shrink lets the expand start early; the expand loads
+its tile metadata, output rows and B rows (none of which the shrink writes) and only then waits for the
+shrink's results (``gdc_wait``), so its loads overlap the shrink.
 """
 
 from __future__ import annotations
@@ -16,15 +24,17 @@ _interp_compat.install()
 
 
 @triton.jit
-def _tile_tokens(tile, tile_slot_ptr, tile_start_ptr, slot_bounds_ptr, sorted_ptr, BLOCK_M: tl.constexpr):
-    """(slot, sorted positions, their mask, token indices) of one tile; slot < 0 for an idle tile."""
-    slot = tl.load(tile_slot_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(slot_bounds_ptr + tl.maximum(slot, 0) + 1)
+def _tile(tile_info_ptr, tile, sorted_ptr, BLOCK_M: tl.constexpr):
+    """(slot, first pool row, sorted positions, their mask, token indices) of a tile; slot < 0 when idle."""
+    info = tile_info_ptr + tile * 4  # [slot, start, end, row_start] per tile, one 16-byte record
+    slot = tl.load(info)
+    start = tl.load(info + 1)
+    end = tl.load(info + 2)
+    row0 = tl.load(info + 3).to(tl.int64)
     pos = start + tl.arange(0, BLOCK_M)
     m_mask = pos < end
     tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0).to(tl.int64)
-    return slot, pos, m_mask, tok
+    return slot, row0, pos, m_mask, tok
 
 
 @triton.jit
@@ -33,15 +43,18 @@ def lora_shrink_kernel(
     a0_ptr, a1_ptr, a2_ptr, stride_a0, stride_a1, stride_a2,
     rank0_ptr, rank1_ptr, rank2_ptr,
     ws_ptr, stride_ws_split, stride_ws_slice, stride_ws_pos,
-    sorted_ptr, slot_bounds_ptr, tile_slot_ptr, tile_start_ptr, row_start_ptr,
+    count_ptr, sorted_ptr, tile_info_ptr,
     K, k_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """ws[split, i, pos, :r] = x[tok] @ a_i[rows, k_range(split)].T, fp32; program = (tile, split, slice)."""
+    """ws[0, i, pos, :r] = x[tok] @ a_i[rows].T in fp32; program = (tile, split of K, slice)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     tile = tl.program_id(0)
     split = tl.program_id(1)
     sl = tl.program_id(2)
-    slot, pos, m_mask, tok = _tile_tokens(tile, tile_slot_ptr, tile_start_ptr, slot_bounds_ptr, sorted_ptr, BLOCK_M)
+    slot, row0, pos, m_mask, tok = _tile(tile_info_ptr, tile, sorted_ptr, BLOCK_M)
     if slot < 0:
         return
     # pick the slice's tensors (an if-chain: Triton has no pointer arrays)
@@ -54,11 +67,10 @@ def lora_shrink_kernel(
     rank = tl.load(rank_ptr + slot)
     if rank == 0:
         return
-    row0 = tl.load(row_start_ptr + slot).to(tl.int64)
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     x_rows = x_ptr + tok[:, None] * stride_xt
-    ws_base = ws_ptr + split * stride_ws_split + sl * stride_ws_slice
+    ws_rows = ws_ptr + sl * stride_ws_slice + pos[:, None] * stride_ws_pos
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
@@ -73,29 +85,42 @@ def lora_shrink_kernel(
                 acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
             else:
                 acc += tl.dot(xt, tl.trans(at))
-        ws = ws_base + pos[:, None] * stride_ws_pos + offs_r[None, :]
-        tl.store(ws, acc, mask=m_mask[:, None] & r_mask[None, :])
+        tl.store(ws_rows + split * stride_ws_split + offs_r[None, :], acc, mask=m_mask[:, None] & r_mask[None, :])
+    if SPLIT_K > 1:
+        # all threads' partial stores happen before the counter's release; the last arrival sums the splits
+        tl.debug_barrier()
+        counter = count_ptr + tile * 3 + sl
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+            tl.debug_barrier()
+            for r0 in range(0, rank, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                hm = m_mask[:, None] & (offs_r < rank)[None, :]
+                h = tl.load(ws_rows + offs_r[None, :], mask=hm, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT_K):
+                    part = ws_rows + s * stride_ws_split + offs_r[None, :]
+                    h += tl.load(part, mask=hm, other=0.0, cache_modifier=".cg")
+                tl.store(ws_rows + offs_r[None, :], h, mask=hm)
+            tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 @triton.jit
 def lora_expand_kernel(
-    ws_ptr, stride_ws_split, stride_ws_slice, stride_ws_pos,
+    ws_ptr, stride_ws_slice, stride_ws_pos,
     b0_ptr, b1_ptr, b2_ptr, stride_b0, stride_b1, stride_b2,
     y0_ptr, y1_ptr, y2_ptr, stride_y0, stride_y1, stride_y2,
     rank0_ptr, rank1_ptr, rank2_ptr,
     n0, n1, n2, nb_end0, nb_end1,
-    sorted_ptr, slot_bounds_ptr, tile_slot_ptr, tile_start_ptr, row_start_ptr, scale_ptr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    IEEE: tl.constexpr,
+    sorted_ptr, tile_info_ptr, scale_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """y_i[tok, n] += scale * sum_split(ws[split, i, pos, :r]) @ b_i[rows, n]; program = (tile, column block).
+    """y_i[tok, n] += scale * ws[0, i, pos, :r] @ b_i[rows, n]; program = (tile, column block).
 
     Column blocks of all slices are numbered one after another: slice 0 owns blocks [0, nb_end0), slice 1
     [nb_end0, nb_end1), slice 2 the rest.
     """
     tile = tl.program_id(0)
     nb = tl.program_id(1)
-    slot, pos, m_mask, tok = _tile_tokens(tile, tile_slot_ptr, tile_start_ptr, slot_bounds_ptr, sorted_ptr, BLOCK_M)
+    slot, row0, pos, m_mask, tok = _tile(tile_info_ptr, tile, sorted_ptr, BLOCK_M)
     if slot < 0:
         return
     sl = (nb >= nb_end0).to(tl.int32) + (nb >= nb_end1).to(tl.int32)
@@ -112,27 +137,25 @@ def lora_expand_kernel(
     first_nb = tl.where(sl == 0, 0, tl.where(sl == 1, nb_end0, nb_end1))
     offs_n = (nb - first_nb) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_out
-    row0 = tl.load(row_start_ptr + slot).to(tl.int64)
-    ws_rows = ws_ptr + sl * stride_ws_slice + pos[:, None] * stride_ws_pos
     y_ptrs = y_ptr + tok[:, None] * stride_y + offs_n[None, :]
     ym = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=ym, other=0.0)  # issued before the rank loop so its latency overlaps B's
+    y = tl.load(y_ptrs, mask=ym, other=0.0)
+    scale = tl.load(scale_ptr + slot)
+    b_rows = b_ptr + row0 * stride_b + offs_n[None, :]
+    offs_r = tl.arange(0, BLOCK_R)
+    bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the shrink's workspace is complete and visible from here on
+    ws_rows = ws_ptr + sl * stride_ws_slice + pos[:, None] * stride_ws_pos
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        hm = m_mask[:, None] & r_mask[None, :]
-        h = tl.load(ws_rows + offs_r[None, :], mask=hm, other=0.0)
-        for s in tl.static_range(1, SPLIT_K):
-            h += tl.load(ws_rows + s * stride_ws_split + offs_r[None, :], mask=hm, other=0.0)
-        bt = tl.load(
-            b_ptr + (row0 + offs_r)[:, None] * stride_b + offs_n[None, :],
-            mask=r_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        )
+        if r0 > 0:
+            bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        h = tl.load(ws_rows + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(h, bt.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(h.to(bt.dtype), bt)
-    acc *= tl.load(scale_ptr + slot)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=ym)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y.dtype), mask=ym)

@@ -54,13 +54,14 @@ class LoraMeta:
     scale:        float32 [S]          lora_alpha / r (or lora_alpha / sqrt(r) for rslora)
     max_rank:     int                  largest rank any slot may have (sizes the workspace)
     block_m:      int                  tokens per tile
-    split_k:      int                  shrink splits over in_features (partials summed by the expand)
+    split_k:      int                  shrink splits over in_features (the last split to finish sums them)
     max_slices:   int                  most slices one lora_apply call may fuse (q, k, v = 3)
     sorted_tokens: int32 [T]           token indices sorted by slot, no-adapter tokens last
     slot_bounds:  int32 [S + 1]        slot s owns sorted positions slot_bounds[s] : slot_bounds[s + 1]
-    tile_slot:    int32 [max_tiles]    slot of each tile, -1 = idle tile (its programs exit at once)
-    tile_start:   int32 [max_tiles]    first sorted position of each tile (a tile ends at its slot's end)
+    tile_info:    int32 [max_tiles, 4] per tile: slot (-1 = idle tile, its programs exit at once), first and
+                                       end sorted position (end <= start + block_m), row_start[slot]
     workspace:    float32 [split_k, max_slices, T, max_rank]  shrink output, row = sorted position
+    split_count:  int32 [max_tiles * 3]  shrink split-K arrival counters, zero between launches
     """
 
     token_slots: torch.Tensor
@@ -72,9 +73,9 @@ class LoraMeta:
     max_slices: int
     sorted_tokens: torch.Tensor
     slot_bounds: torch.Tensor
-    tile_slot: torch.Tensor
-    tile_start: torch.Tensor
+    tile_info: torch.Tensor
     workspace: torch.Tensor
+    split_count: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -86,20 +87,37 @@ class LoraMeta:
 
     @property
     def max_tiles(self) -> int:
-        return self.tile_slot.shape[0]
+        return self.tile_info.shape[0]
+
+    @property
+    def tile_slot(self) -> torch.Tensor:
+        return self.tile_info[:, 0]
+
+    @property
+    def tile_start(self) -> torch.Tensor:
+        return self.tile_info[:, 1]
+
+    @property
+    def tile_end(self) -> torch.Tensor:
+        return self.tile_info[:, 2]
 
 
 def _default_block_m(num_tokens: int) -> int:
     return 16 if num_tokens < 512 else 64
 
 
-def _default_split_k(device: torch.device, max_tiles: int) -> int:
-    """Enough shrink programs to cover the GPU when there are few tokens (few tiles); 1 on CPU."""
+def _default_split_k(device: torch.device, max_tiles: int, block_m: int) -> int:
+    """Shrink splits over in_features: enough programs to cover the GPU when there are few tiles; 1 on CPU.
+
+    Tuned on the H100 (bench/lora_kernels.py --sweep): decode-sized tiles want ~4 programs per SM,
+    prefill-sized tiles (block_m 64) already carry enough work per program.
+    """
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    target, cap = (4 * sms, 16) if block_m <= 16 else (sms, 4)
     split = 1
-    while split < 16 and max_tiles * split < 2 * sms:
+    while split < cap and max_tiles * split < target:
         split *= 2
     return split
 
@@ -135,7 +153,7 @@ def build_lora_meta(
     block_m = block_m or _default_block_m(num_tokens)
     # each slot's last tile may be partial: at most ceil(T / block_m) full tiles + one partial per busy slot
     max_tiles = max(1, -(-num_tokens // block_m) + min(num_slots, num_tokens))
-    split_k = split_k or _default_split_k(device, max_tiles)
+    split_k = split_k or _default_split_k(device, max_tiles, block_m)
     i32 = dict(dtype=torch.int32, device=device)
     meta = LoraMeta(
         token_slots=token_slots,
@@ -147,9 +165,9 @@ def build_lora_meta(
         max_slices=max_slices,
         sorted_tokens=torch.empty(num_tokens, **i32),
         slot_bounds=torch.empty(num_slots + 1, **i32),
-        tile_slot=torch.empty(max_tiles, **i32),
-        tile_start=torch.empty(max_tiles, **i32),
+        tile_info=torch.empty(max_tiles, 4, **i32),
         workspace=torch.empty(split_k, max_slices, num_tokens, max_rank, dtype=torch.float32, device=device),
+        split_count=torch.zeros(max_tiles * 3, **i32),
     )
     refresh_lora_meta(meta)
     return meta
@@ -162,7 +180,8 @@ def refresh_lora_meta(meta: LoraMeta) -> None:
         key = where(token_slots < 0, S, token_slots); sorted_tokens = argsort(key, stable=True)
         slot_bounds[s] = number of tokens with key < s
         tiles: every slot's run of tokens cut into ceil(count / block_m) tiles, in slot order;
-        tile_slot[j], tile_start[j] for j < total tiles, tile_slot[j] = -1 beyond.
+        tile_info[j] = (slot, start, min(start + block_m, slot_bounds[slot + 1]), row_start[slot]) for
+        j < total tiles, (-1, 0, 0, 0) beyond.
     """
     device, num_slots, bm = meta.token_slots.device, meta.num_slots, meta.block_m
     key = torch.where(meta.token_slots < 0, num_slots, meta.token_slots)
@@ -172,8 +191,8 @@ def refresh_lora_meta(meta: LoraMeta) -> None:
     bounds = torch.searchsorted(sorted_key, slot_ids)  # int64 [S + 1]
     meta.slot_bounds.copy_(bounds)
     if num_slots == 0:
+        meta.tile_info.zero_()
         meta.tile_slot.fill_(-1)
-        meta.tile_start.zero_()
         return
     counts = bounds[1:] - bounds[:-1]
     tiles = (counts + bm - 1) // bm
@@ -183,5 +202,6 @@ def refresh_lora_meta(meta: LoraMeta) -> None:
     valid = slot < num_slots
     slot_c = slot.clamp(max=num_slots - 1)
     start = bounds[slot_c] + (j - (tile_end - tiles)[slot_c]) * bm
-    meta.tile_slot.copy_(torch.where(valid, slot, -1))
-    meta.tile_start.copy_(torch.where(valid, start, 0))
+    end = torch.minimum(start + bm, bounds[slot_c + 1])
+    fields = (torch.where(valid, slot, -1), start, end, meta.row_start[slot_c].long())
+    meta.tile_info.copy_(torch.stack([fields[0]] + [torch.where(valid, f, 0) for f in fields[1:]], dim=1))

@@ -73,9 +73,9 @@ def kernel_config(meta: LoraMeta, override: KernelConfig | None = None) -> Kerne
     small = meta.block_m <= 16
     base = KernelConfig(
         shrink_block_k=128,
-        shrink_warps=4,
-        shrink_stages=3,
-        expand_block_n=256 if small else 128,
+        shrink_warps=2 if small else 8,
+        shrink_stages=3 if small else 4,
+        expand_block_n=None if small else 128,  # None: 512 for outputs >= 8192 wide, else 256
         expand_warps=4,
         expand_stages=2,
     )
@@ -95,8 +95,11 @@ def _pad3(items: Sequence, fill=None) -> list:
     return items + [items[0] if fill is None else fill] * (3 - len(items))
 
 
-def _grid_meta(meta: LoraMeta) -> tuple:
-    return meta.sorted_tokens, meta.slot_bounds, meta.tile_slot, meta.tile_start, meta.row_start
+def _pdl(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch: compiled CUDA on Hopper or newer, unless HOTLORA_NO_PDL=1."""
+    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HOTLORA_NO_PDL") == "1":
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
 def lora_shrink(
@@ -107,15 +110,18 @@ def lora_shrink(
     x: [T, in] fp16/bf16/fp32, unit column stride; slices[i].a: [pool_rows, in], x's dtype.
     For each slot s with tokens and each i with r = slices[i].rank[s] > 0, at the sorted positions
     p in slot_bounds[s] : slot_bounds[s + 1] (token t = sorted_tokens[p]):
-        meta.workspace[:, i, p, :r].sum(0) == x[t].float() @ slices[i].a[row_start[s] : row_start[s] + r].float().T
-    (split over in_features into meta.split_k partial sums; other workspace entries are left as they were).
+        meta.workspace[0, i, p, :r] == x[t].float() @ slices[i].a[row_start[s] : row_start[s] + r].float().T
+    (computed as meta.split_k partial sums over in_features in workspace[:, i, p, :r], added up into
+    workspace[0] by the last split to finish; other workspace entries are left as they were).
     """
     check_slices(slices, meta)
     check_x(x, slices, meta)
     _launch_shrink(x, slices, meta, kernel_config(meta, config))
 
 
-def _launch_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig) -> None:
+def _launch_shrink(
+    x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False
+) -> None:
     from triton import cdiv, next_power_of_2
 
     from ._lora_triton import lora_shrink_kernel
@@ -133,9 +139,10 @@ def _launch_shrink(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta,
         *a, *(t.stride(0) for t in a),
         *ranks,
         ws, ws.stride(0), ws.stride(1), ws.stride(2),
-        *_grid_meta(meta),
+        meta.split_count, meta.sorted_tokens, meta.tile_info,
         in_features, k_per_split,
-        BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=cfg.shrink_block_k, IEEE=x.dtype == torch.float32,
+        SPLIT_K=meta.split_k, BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=cfg.shrink_block_k,
+        IEEE=x.dtype == torch.float32, PDL=pdl,
         num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages,
     )  # fmt: skip
 
@@ -148,7 +155,7 @@ def lora_expand(
     ys[i]: [T, out_i] fp16/bf16/fp32 (one dtype for all), unit column stride (may be column slices of one
     fused output); slices[i].b: [pool_rows, out_i]. For every token t of slot s and i with r > 0 (p its
     sorted position):
-        h = meta.workspace[:, i, p, :r].sum(0)
+        h = meta.workspace[0, i, p, :r]
         ys[i][t] = (ys[i][t].float() + scale[s] * h @ slices[i].b[rows].float()).to(ys[i].dtype)   # in place
     bf16/fp16 weights: h is rounded to the weight dtype for the tensor-core product (fp32 accumulate).
     """
@@ -157,12 +164,15 @@ def lora_expand(
     _launch_expand(ys, slices, meta, kernel_config(meta, config))
 
 
-def _launch_expand(ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig) -> None:
+def _launch_expand(
+    ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False
+) -> None:
     from triton import cdiv
 
     from ._lora_triton import lora_expand_kernel
 
-    block_n = cfg.expand_block_n
+    widths = [sl.b.shape[1] for sl in slices]
+    block_n = cfg.expand_block_n or (512 if meta.block_m <= 16 and max(widths) >= 8192 else 256)
     widths = [sl.b.shape[1] for sl in slices]
     nb_end = [sum(cdiv(n, block_n) for n in widths[: i + 1]) for i in range(len(widths))]
     ws = meta.workspace
@@ -170,16 +180,17 @@ def _launch_expand(ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta
     yp = _pad3(ys)
     ranks = _pad3([sl.rank for sl in slices])
     grid = (meta.max_tiles, nb_end[-1])
+    extra = {"launch_pdl": True} if pdl else {}
     lora_expand_kernel[grid](
-        ws, ws.stride(0), ws.stride(1), ws.stride(2),
+        ws, ws.stride(1), ws.stride(2),
         *b, *(t.stride(0) for t in b),
         *yp, *(t.stride(0) for t in yp),
         *ranks,
         *_pad3(widths, 0), *_pad3(nb_end, nb_end[-1])[:2],
-        *_grid_meta(meta), meta.scale,
-        SPLIT_K=meta.split_k, BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=cfg.expand_block_r,
-        IEEE=slices[0].b.dtype == torch.float32,
-        num_warps=cfg.expand_warps, num_stages=cfg.expand_stages,
+        meta.sorted_tokens, meta.tile_info, meta.scale,
+        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=cfg.expand_block_r,
+        IEEE=slices[0].b.dtype == torch.float32, PDL=pdl,
+        num_warps=cfg.expand_warps, num_stages=cfg.expand_stages, **extra,
     )  # fmt: skip
 
 
@@ -193,8 +204,9 @@ def lora_apply_triton(
     """``lora_apply`` through the Triton kernels: two launches, no allocation, no host sync."""
     check_all(ys, x, slices, meta)
     cfg = kernel_config(meta, config)
-    _launch_shrink(x, slices, meta, cfg)
-    _launch_expand(ys, slices, meta, cfg)
+    pdl = _pdl(x)  # the expand starts during the shrink, which immediately precedes it
+    _launch_shrink(x, slices, meta, cfg, pdl)
+    _launch_expand(ys, slices, meta, cfg, pdl)
 
 
 def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:

@@ -11,6 +11,8 @@ import os
 
 import pytest
 import torch
+from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
+
 from hotlora.kernels import lora as lora_mod
 from hotlora.kernels.lora import (
     KernelConfig,
@@ -21,7 +23,6 @@ from hotlora.kernels.lora import (
     refresh_lora_meta,
 )
 from hotlora.kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
-from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
 
 interpret = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1 (set by make test)"
@@ -95,13 +96,14 @@ def test_shrink_workspace_matches_reference():
     meta = case.meta(split_k=2)
     lora_mod.lora_shrink(case.x, case.slices, meta, SMALL_BLOCKS)
     h_ref = lora_shrink_ref(case.x, case.slices, meta)
-    ws = meta.workspace.sum(0)  # [slices, sorted position, rank]
+    ws = meta.workspace[0]  # [slices, sorted position, rank]: the splits' sum
     pos = torch.empty_like(meta.sorted_tokens)
     pos[meta.sorted_tokens.long()] = torch.arange(meta.num_tokens, dtype=torch.int32)
     for i, sl in enumerate(case.slices):
         for t, s in enumerate(case.token_slots.tolist()):
             r = int(sl.rank[s]) if s >= 0 else 0
             torch.testing.assert_close(ws[i, pos[t], :r], h_ref[i, t, :r], rtol=1e-5, atol=1e-5)
+    assert not meta.split_count.any(), "split counters must return to zero (CUDA-graph replays)"
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)
@@ -148,11 +150,12 @@ def test_meta_grouping(num_tokens, popularity):
     order = meta.sorted_tokens.long()
     assert torch.equal(key[order], key.sort(stable=True).values)
     seen = torch.zeros(num_tokens, dtype=torch.int64)
-    for slot, start in zip(meta.tile_slot.tolist(), meta.tile_start.tolist(), strict=True):
+    for slot, start, end, row0 in meta.tile_info.tolist():
         if slot < 0:
             continue
-        end = min(start + meta.block_m, int(meta.slot_bounds[slot + 1]))
+        assert end == min(start + meta.block_m, int(meta.slot_bounds[slot + 1]))
         assert int(meta.slot_bounds[slot]) <= start < end
+        assert row0 == int(case.row_start[slot])
         assert (slots[order[start:end]] == slot).all()
         seen[order[start:end]] += 1
     assert torch.equal(seen, (slots >= 0).long())
@@ -161,12 +164,12 @@ def test_meta_grouping(num_tokens, popularity):
 def test_refresh_meta_in_place():
     case = make_case(torch.float32, 8, (8,), 8, 50, "uniform", num_slots=6)
     meta = case.meta()
-    ptrs = [t.data_ptr() for t in (meta.sorted_tokens, meta.tile_slot, meta.tile_start, meta.workspace)]
+    ptrs = [t.data_ptr() for t in (meta.sorted_tokens, meta.tile_info, meta.workspace)]
     case.token_slots.copy_(torch.randint(-1, 6, (50,), dtype=torch.int32))
     refresh_lora_meta(meta)
     fresh = case.meta()
-    assert ptrs == [t.data_ptr() for t in (meta.sorted_tokens, meta.tile_slot, meta.tile_start, meta.workspace)]
-    for name in ("sorted_tokens", "slot_bounds", "tile_slot", "tile_start"):
+    assert ptrs == [t.data_ptr() for t in (meta.sorted_tokens, meta.tile_info, meta.workspace)]
+    for name in ("sorted_tokens", "slot_bounds", "tile_info"):
         assert torch.equal(getattr(meta, name), getattr(fresh, name)), name
 
 

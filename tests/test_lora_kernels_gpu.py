@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
+
 from hotlora.kernels.lora import lora_apply, refresh_lora_meta
 from hotlora.kernels.reference import lora_apply_ref
-from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
 
 pytestmark = [
     pytest.mark.gpu,
