@@ -91,3 +91,18 @@ def test_cuda_graph_capture_and_replay(meta_in_graph):
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(case, fused, reference(case, meta), TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("split_k", [1, 3, 16])
+def test_gpu_splits_and_counters(split_k, block_m):
+    """Every split count sums right, twice in a row: the split-K counters go back to zero after a launch."""
+    in_features, outs = SIZES["qkv"]
+    case = make_case(torch.bfloat16, in_features, outs, "mixed", 100, "zipf", device="cuda")
+    meta = case.meta(split_k=split_k, block_m=block_m)
+    expected = reference(case, meta)
+    for _ in range(2):
+        got = case.fused.clone()
+        lora_apply(case.ys(got), case.x, case.slices, meta)
+        assert_matches(case, got, expected, TOLERANCE[torch.bfloat16])
+        assert not meta.split_count.any()
