@@ -1,0 +1,176 @@
+"""Engine decode throughput on the GPU: Llama-3-8B shape (random weights), NF4 base, many LoRA adapters.
+
+Baseline in the same run: transformers + peft + bitsandbytes (NF4, double quant, bf16 compute) on the
+same architecture, generating the same batch with PEFT's mixed-batch `adapter_names`.
+
+    python bench/engine_gpu.py --batch 32 --adapters 32 --prompt 128 --new 64 --hf-new 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.engine import LLMEngine
+from hotlora.server.engine.types import Request, SamplingParams
+from hotlora.server.model.presets import preset_hf_config
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only to smoke-test the script with --preset tiny
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def hf_nf4_model(preset: str):
+    """transformers' Llama with random init, every decoder linear swapped for a bitsandbytes NF4 Linear4bit."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{k: v for k, v in preset_hf_config(preset).items() if k not in ("architectures",)})
+    torch.set_default_dtype(torch.bfloat16)  # never materialise the 8B model in fp32
+    try:
+        with torch.device(DEV):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4", device=DEV)
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64).to(DEV)
+                setattr(parent, name, q)
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+def add_adapters(model, n: int, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=MODULES, init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg, adapter_name="a0")
+    for i in range(1, n):
+        peft_model.add_adapter(f"a{i}", cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.01)
+    return peft_model.eval()
+
+
+@torch.inference_mode()
+def hf_decode_rate(model, prompts: torch.Tensor, new: int, adapter_names: list[str] | None) -> float:
+    """Decode tokens/s: (generate `new` tokens) - (generate 1 token), over (new - 1) tokens per row."""
+    kw = dict(do_sample=False, pad_token_id=0)
+    if adapter_names is not None:
+        kw["adapter_names"] = adapter_names
+
+    def timed(n: int) -> float:
+        _sync()
+        t = time.perf_counter()
+        model.generate(input_ids=prompts, max_new_tokens=n, min_new_tokens=n, **kw)
+        _sync()
+        return time.perf_counter() - t
+
+    timed(2)
+    return prompts.shape[0] * (new - 1) / (timed(new) - timed(1))
+
+
+def run_hf(args, prompts: torch.Tensor, adapter_dir: Path) -> dict[str, float]:
+    model = hf_nf4_model(args.preset)
+    rows = {"base": hf_decode_rate(model, prompts, args.hf_new, None)}
+    peft_model = add_adapters(model, args.adapters, args.rank)
+    peft_model.set_adapter("a0")
+    rows["1 adapter"] = hf_decode_rate(peft_model, prompts, args.hf_new, None)
+    names = [f"a{i % args.adapters}" for i in range(args.batch)]
+    rows[f"{args.adapters} distinct"] = hf_decode_rate(peft_model, prompts, args.hf_new, names)
+    peft_model.save_pretrained(str(adapter_dir))  # a0..aN-1 as PEFT folders, for the engine
+    del model, peft_model
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def engine_decode_rate(engine: LLMEngine, prompts: list[list[int]], new: int, adapters: list[str | None]) -> float:
+    """Decode tokens/s once every request has its first token, until all finish."""
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    for i, (ids, a) in enumerate(zip(prompts, adapters, strict=True)):
+        engine.add_request(Request(f"b{time.monotonic_ns()}-{i}", ids, params, a))
+    started: set[str] = set()
+    t_first = None
+    decoded = 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        for o in outs:
+            if o.request_id in started:
+                decoded += len(o.new_token_ids)
+            started.add(o.request_id)
+        if t_first is None and len(started) == len(prompts):
+            _sync()
+            t_first = time.perf_counter()
+    _sync()
+    return decoded / (time.perf_counter() - t_first)
+
+
+def run_engine(args, prompts: list[list[int]], adapter_dir: Path) -> dict[str, float]:
+    engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=args.adapters,
+                                    max_lora_rank=max(args.rank, 64), max_num_seqs=max(args.batch, 64),
+                                    max_num_batched_tokens=4096, kv_cache_memory=0.3))
+    for i in range(args.adapters):
+        engine.registry.register(f"a{i}", adapter_dir / f"a{i}")
+    cases = {
+        "base": [None] * args.batch,
+        "1 adapter": ["a0"] * args.batch,
+        f"{args.adapters} distinct": [f"a{i % args.adapters}" for i in range(args.batch)],
+    }
+    rows = {}
+    for name, adapters in cases.items():
+        engine_decode_rate(engine, prompts, 4, adapters)  # warm-up: Triton compiles, adapters load
+        rows[name] = engine_decode_rate(engine, prompts, args.new, adapters)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64, help="tokens per request for hotlora")
+    ap.add_argument("--hf-new", type=int, default=16, help="tokens per request for the (slow) baseline")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 49152, (args.batch, args.prompt), generator=g)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = run_hf(args, prompts.to(DEV), Path(tmp))
+        ours = run_engine(args, prompts.tolist(), Path(tmp))
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else "CPU"
+    print(f"\n{gpu}, torch {torch.__version__}, random:{args.preset} NF4, batch {args.batch}, prompt {args.prompt}, "
+          f"r={args.rank} on all 7 projections; decode tokens/s\n")
+    print("| adapters in the batch | hotlora | transformers+peft+bnb | speed-up |")
+    print("|---|---|---|---|")
+    for case in ours:
+        print(f"| {case} | {ours[case]:.0f} | {hf[case]:.1f} | {ours[case] / hf[case]:.1f}x |")
+    Path(args.out, "engine_gpu.json").write_text(json.dumps({"gpu": gpu, "hotlora": ours, "hf": hf, **vars(args)}))
+
+
+if __name__ == "__main__":
+    main()
