@@ -56,6 +56,8 @@ class ModelRunner:
         self.checkpoint = ckpt
         self.max_model_len = min(config.max_model_len or min(cfg.max_position_embeddings, 8192),
                                  cfg.max_position_embeddings)
+        if cfg.sliding_window:  # attention here is full-context: stay where that equals the sliding window
+            self.max_model_len = min(self.max_model_len, cfg.sliding_window)
         self.model = LlamaModel(cfg, ckpt.tensors(self.device, self.dtype), config.quant, self.max_model_len,
                                 self.device, self.dtype)
         self.block_size = config.block_size
