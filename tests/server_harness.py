@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -38,6 +39,11 @@ class ServerThread:
     def engine(self) -> Any:
         """The LLMEngine itself: only read it while no request is in flight, or through state.engine.call."""
         return self.state.engine.engine
+
+    def call(self, fn: Any, *args: Any, timeout: float = 60.0) -> Any:
+        """Run fn(*args) in the engine thread (between steps) from a test thread."""
+        loop = self.state.engine._loop
+        return asyncio.run_coroutine_threadsafe(self.state.engine.call(fn, *args), loop).result(timeout)
 
     def start(self, ready_timeout: float = 600.0) -> ServerThread:
         self.thread.start()

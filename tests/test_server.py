@@ -1,0 +1,304 @@
+"""The server end to end: a real uvicorn on loopback, the default model (SmolLM2-135M, --quant none),
+adapters saved by peft on that very architecture, driven with the openai client and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from lora_factory import save_adapter, tiny_llama
+from server_harness import ServerThread
+
+from hotlora.server.api.state import ServerSettings
+from hotlora.server.engine.config import EngineConfig
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPT = "The three primary colors are"
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+MAX_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def peft_dirs(default_model_dir, tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
+    root = tmp_path_factory.mktemp("peft")
+    specs = {
+        "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "b": dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
+        "c": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
+        "x": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "y": dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+        "big": dict(r=32, lora_alpha=32, target_modules=["q_proj"]),
+    }
+    dirs = {name: save_adapter(base, root / name, seed=i + 1, **spec) for i, (name, spec) in enumerate(specs.items())}
+    dirs["tiny"] = save_adapter(tiny_llama(), root / "tiny", seed=9)  # another architecture's shapes
+    return dirs
+
+
+def settings(adapter_dir: Path, cache: Path) -> ServerSettings:
+    engine = EngineConfig(
+        quant="none",
+        cache_dir=cache,
+        adapter_dir=adapter_dir,
+        max_loras=3,
+        max_lora_rank=16,
+        max_model_len=MAX_LEN,
+        kv_cache_memory=0.25,
+    )
+    return ServerSettings(engine, admin_token=TOKEN, max_upload_bytes=64 << 20)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, peft_dirs) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    for name in ("a", "b"):  # dropped in by hand before the start: registered at start-up
+        shutil.copytree(peft_dirs[name], root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(adapter_dir, hotlora_cache):
+    srv = ServerThread(settings(adapter_dir, hotlora_cache)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def upload(http: httpx.Client, name: str, folder: Path) -> httpx.Response:
+    files = [("files", (n, (folder / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
+    return http.post(f"/admin/adapters/{name}", files=files, headers=AUTH)
+
+
+def complete(client: openai.OpenAI, model: str, max_tokens: int = 6) -> str:
+    return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, **GREEDY).choices[0].text
+
+
+def assert_openai_error(r: httpx.Response, status: int, match: str = "") -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and match.lower() in err["message"].lower(), err
+
+
+def wait_idle(server: ServerThread, timeout: float = 30.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = server.call(server.engine.stats)
+        if stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_blocks_used == 0:
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"the engine did not go idle: {stats}")
+
+
+def test_models_lists_base_and_adapters_registered_at_start(http, server):
+    data = http.get("/v1/models").json()["data"]
+    base = server.state.model_name
+    assert data[0]["id"] == base and data[0]["parent"] is None
+    assert {(m["id"], m["parent"]) for m in data[1:]} == {("a", base), ("b", base)}
+
+
+def test_chat_completion_through_the_template(client, server):
+    r = client.chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, **GREEDY
+    )
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens > 4
+
+
+def test_concurrent_streams_with_different_adapters_match_their_solo_outputs(client, server):
+    models = [server.state.model_name, "a", "b"]
+    solo = {m: complete(client, m) for m in models}
+    assert solo["a"] != solo[models[0]] and solo["b"] != solo[models[0]]
+
+    async def stream(aclient: openai.AsyncOpenAI, model: str) -> str:
+        chunks = await aclient.completions.create(model=model, prompt=PROMPT, max_tokens=6, stream=True, **GREEDY)
+        return "".join([c.choices[0].text async for c in chunks])
+
+    async def main() -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
+        return await asyncio.gather(*(stream(aclient, m) for m in [*models, "a", "b"]))
+
+    assert asyncio.run(main()) == [solo[m] for m in [*models, "a", "b"]]
+
+
+def test_uploaded_adapter_serves_the_very_next_request(http, client, server):
+    r = upload(http, "c", server_peft(server)["c"])
+    assert r.status_code == 201 and r.json()["rank"] == 2, r.text
+    assert complete(client, "c") != complete(client, server.state.model_name)
+
+
+def test_reupload_hot_swaps_while_a_sequence_is_in_flight(http, client, server):
+    dirs = server_peft(server)
+    assert upload(http, "swap", dirs["x"]).status_code == 201
+    assert upload(http, "y-ref", dirs["y"]).status_code == 201
+    n = 24
+    old, new = complete(client, "swap", n), complete(client, "y-ref", n)
+    assert old != new
+    body = {"model": "swap", "prompt": PROMPT, "max_tokens": n, "stream": True, "temperature": 0, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        swapped = upload(http, "swap", dirs["y"])
+        assert swapped.status_code == 200 and swapped.json()["replaced"], swapped.text
+        assert server.call(server.engine.stats).num_running == 1, "the first request finished before the swap"
+        rest = [line for line in lines if line.startswith("data: {")]
+    texts = [httpx.Response(200, content=line[6:]).json()["choices"][0]["text"] for line in [first, *rest]]
+    assert "".join(texts) == old  # the running sequence finished on the old weights
+    assert complete(client, "swap", n) == new  # new requests get the new ones
+
+
+def test_delete_then_404(http, client, server):
+    assert upload(http, "doomed", server_peft(server)["a"]).status_code == 201
+    assert http.delete("/admin/adapters/doomed", headers=AUTH).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "doomed")
+    assert "doomed" not in {m["id"] for m in http.get("/v1/models").json()["data"]}
+    assert "doomed" not in server.state.store.list()
+
+
+def test_bad_inputs_get_4xx_and_change_nothing(http, client, server):
+    dirs = server_peft(server)
+    base = server.state.model_name
+    store_before = server.state.store.list()
+    admin_before = http.get("/admin/adapters", headers=AUTH).json()["data"]
+    dora = dirs["a"].parent / "dora"
+    shutil.copytree(dirs["a"], dora, dirs_exist_ok=True)
+    (dora / "adapter_config.json").write_text(
+        (dirs["a"] / "adapter_config.json").read_text().replace('"use_dora": false', '"use_dora": true')
+    )
+    cases = [
+        (http.post("/v1/completions", json={"model": "no-such-adapter", "prompt": "hi"}), 404, "does not exist"),
+        (
+            http.post("/v1/completions", json={"model": base, "prompt": list(range(1, MAX_LEN + 10))}),
+            400,
+            "maximum context length",
+        ),
+        (
+            http.post("/v1/completions", json={"model": base, "prompt": "hi", "max_tokens": MAX_LEN}),
+            400,
+            "maximum context length",
+        ),
+        (http.post("/v1/completions", json={"model": base, "prompt": [10**9]}), 400, "token ids"),
+        (http.post("/v1/completions", json={"model": base, "prompt": "hi", "temperature": -1}), 400, "temperature"),
+        (http.post("/v1/completions", json={"model": base, "prompt": "hi", "top_p": 0}), 400, "top_p"),
+        (http.post("/v1/completions", json={"model": base, "prompt": "hi", "n": 0}), 400, "n"),
+        (http.post("/v1/completions", json={"model": base, "prompt": "hi", "stop": [""]}), 400, "stop"),
+        (http.post("/v1/completions", json={"model": base, "prompt": "hi", "logprobs": 99}), 400, "logprobs"),
+        (http.post("/v1/completions", json={"model": base, "prompt": []}), 400, "empty"),
+        (
+            http.post("/v1/completions", json={"model": base, "prompt": "hi", "frequency_penalty": 1}),
+            400,
+            "not supported",
+        ),
+        (http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON"),
+        (http.post("/v1/chat/completions", json={"model": base, "messages": []}), 400, "messages"),
+        (
+            http.post("/v1/chat/completions", json={"model": base, "messages": [{"role": "wizard", "content": "x"}]}),
+            400,
+            "role",
+        ),
+        (
+            http.post(
+                "/v1/chat/completions",
+                json={"model": "a", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            ),
+            400,
+            "tool",
+        ),
+        (upload(http, "rank-too-big", dirs["big"]), 400, "maximum LoRA rank 16"),
+        (upload(http, "other-base", dirs["tiny"]), 400, "do not fit the base projection"),
+        (upload(http, "dora", dora), 400, "DoRA"),
+        (upload(http, "a", dirs["tiny"]), 400, "do not fit"),  # a failed re-upload keeps the old adapter
+        (upload(http, "bad name!", dirs["a"]), 400, "invalid adapter name"),
+        (upload(http, "..", dirs["a"]), 404, "not found"),  # the client normalises the path: no such route
+        (
+            http.post("/admin/adapters/pickled", files={"f": ("adapter_model.bin", b"\x80\x04.")}, headers=AUTH),
+            400,
+            "pickled",
+        ),
+        (
+            http.post(
+                "/admin/adapters/huge", content=b"\0" * (65 << 20), headers=AUTH | {"content-type": "application/zip"}
+            ),
+            413,
+            "larger than",
+        ),
+    ]
+    for r, status, match in cases:
+        assert_openai_error(r, status, match)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=base, prompt="hi", max_tokens=-3)
+    assert server.state.store.list() == store_before
+    assert http.get("/admin/adapters", headers=AUTH).json()["data"] == admin_before
+    assert complete(client, "a", 2) and complete(client, base, 2)  # still serving
+
+
+def test_client_disconnect_frees_kv_blocks(http, server):
+    wait_idle(server)
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 400, "stream": True, "temperature": 0, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: {"))
+        stats = server.call(server.engine.stats)
+        assert stats.num_running == 1 and stats.kv_blocks_used > 0
+    wait_idle(server)
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+        http.post("/v1/completions", json=body | {"stream": False}, timeout=1.0)
+    wait_idle(server)
+
+
+def test_metrics(http):
+    text = http.get("/metrics").text
+    assert 'vllm:lora_requests_info{max_lora="3",running_lora_adapters="",waiting_lora_adapters=""}' in text
+    assert 'hotlora_adapter_loads_total{adapter="a"}' in text
+    for name in (
+        "hotlora_time_to_first_token_seconds_count",
+        "hotlora_inter_token_latency_seconds_count",
+        "hotlora_e2e_request_latency_seconds_count",
+        "hotlora_prompt_tokens_total",
+        "hotlora_generation_tokens_total",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_requests_waiting",
+    ):
+        assert name in text
+
+
+def test_adapters_survive_a_restart(server, adapter_dir, hotlora_cache):
+    """Last in this module: stops the shared server and starts a new one on the same adapter dir."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
+    before = {m: complete(client, m) for m in ("swap", "c")}
+    server.stop()
+    again = ServerThread(settings(adapter_dir, hotlora_cache)).start()
+    try:
+        client = openai.OpenAI(base_url=again.url + "/v1", api_key="unused", timeout=300, max_retries=0)
+        names = {m.id for m in client.models.list().data}
+        assert {"a", "b", "c", "swap", "y-ref"} <= names and "doomed" not in names
+        assert {m: complete(client, m) for m in before} == before
+    finally:
+        again.stop()
+
+
+def server_peft(server: ServerThread) -> dict[str, Path]:
+    return server.peft_dirs
+
+
+@pytest.fixture(autouse=True)
+def _attach_peft(server, peft_dirs):
+    server.peft_dirs = peft_dirs
