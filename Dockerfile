@@ -67,5 +67,5 @@ USER 10001:10001
 WORKDIR /home/hotlora
 EXPOSE 8000
 VOLUME ["/models", "/adapters", "/cache"]
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 CMD ["hotlora-healthcheck"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 CMD ["hotlora-healthcheck"]
 ENTRYPOINT ["hotlora", "serve"]
