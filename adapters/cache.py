@@ -11,6 +11,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
+
 from hotlora.adapters.peft_format import TARGET_MODULES, LoraAdapter
 from hotlora.kernels.lora import LoraSlice
 

@@ -19,11 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from engine_reference import load_base
+from peft import LoraConfig, PeftModel, get_peft_model
+
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams
 from hotlora.server.model.weights import DEFAULT_MODEL, resolve_checkpoint
-from peft import LoraConfig, PeftModel, get_peft_model
 
 TOPICS = ["the ocean", "a robot", "mountains", "coffee", "a library", "rain", "the moon", "trains"]
 

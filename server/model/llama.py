@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_apply
 from hotlora.server.model.attention import AttentionMeta, paged_attention, write_kv
 from hotlora.server.model.config import ModelConfig

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
 from hotlora.adapters.cache import LoraSlotCache
 from hotlora.kernels.lora import build_lora_meta
 from hotlora.server.engine.config import EngineConfig
