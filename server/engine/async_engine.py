@@ -148,7 +148,10 @@ class AsyncEngine:
             if self._on_ready is not None:
                 self._on_ready(self.engine)
         except BaseException as exc:  # reported through wait_ready()
-            log.exception("the engine failed to start")
+            if isinstance(exc, (ValueError, OSError)):  # a user error (bad model path, bad setting): no traceback
+                log.error("the engine failed to start: %s", exc)
+            else:
+                log.exception("the engine failed to start")
             self.error = exc
             self.stopped.set()
             self._fail_pending_calls()
