@@ -109,13 +109,13 @@ def _default_block_m(num_tokens: int) -> int:
 def _default_split_k(device: torch.device, max_tiles: int, block_m: int) -> int:
     """Shrink splits over in_features: enough programs to cover the GPU when there are few tiles; 1 on CPU.
 
-    Tuned on the H100 (bench/lora_kernels.py --sweep): decode-sized tiles want ~4 programs per SM,
+    Tuned on the H100 (bench/lora_kernels.py --sweep): decode-sized tiles want ~2 programs per SM,
     prefill-sized tiles (block_m 64) already carry enough work per program.
     """
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    target, cap = (4 * sms, 16) if block_m <= 16 else (sms, 4)
+    target, cap = (2 * sms, 16) if block_m <= 16 else (sms, 4)
     split = 1
     while split < cap and max_tiles * split < target:
         split *= 2
@@ -176,15 +176,39 @@ def build_lora_meta(
 def refresh_lora_meta(meta: LoraMeta) -> None:
     """Recompute the grouping of ``meta`` in place from the current contents of meta.token_slots.
 
-    Torch pseudocode of what is written (S = num_slots, slot -1 sorts last as S):
-        key = where(token_slots < 0, S, token_slots); sorted_tokens = argsort(key, stable=True)
+    CUDA: one Triton launch (``refresh_lora_meta_triton``); CPU: torch (``refresh_lora_meta_torch``).
+    """
+    if meta.token_slots.is_cuda:
+        refresh_lora_meta_triton(meta)
+    else:
+        refresh_lora_meta_torch(meta)
+
+
+def refresh_lora_meta_triton(meta: LoraMeta) -> None:
+    """``refresh_lora_meta_torch`` as one single-program Triton kernel (no host sync, graph-capturable)."""
+    from ._meta_triton import lora_meta_kernel
+
+    s_pad = max(16, 1 << meta.num_slots.bit_length())  # > num_slots: room for the no-adapter bucket
+    block_t = min(max(16, 8192 // s_pad), 256)
+    lora_meta_kernel[(1,)](
+        meta.token_slots, meta.row_start, meta.sorted_tokens, meta.slot_bounds, meta.tile_info,
+        meta.num_tokens, meta.num_slots, meta.max_tiles,
+        S_PAD=s_pad, BLOCK_T=block_t, BLOCK_M=meta.block_m, num_warps=8 if s_pad * block_t > 4096 else 4,
+    )  # fmt: skip
+
+
+def refresh_lora_meta_torch(meta: LoraMeta) -> None:
+    """The metadata step in torch ops (the reference of the Triton kernel, and the CPU path).
+
+    Torch pseudocode of what is written (S = num_slots; slot -1, or >= S, sorts last as S):
+        key = where(token_slots < 0 | token_slots >= S, S, token_slots); sorted_tokens = argsort(key, stable=True)
         slot_bounds[s] = number of tokens with key < s
         tiles: every slot's run of tokens cut into ceil(count / block_m) tiles, in slot order;
         tile_info[j] = (slot, start, min(start + block_m, slot_bounds[slot + 1]), row_start[slot]) for
         j < total tiles, (-1, 0, 0, 0) beyond.
     """
     device, num_slots, bm = meta.token_slots.device, meta.num_slots, meta.block_m
-    key = torch.where(meta.token_slots < 0, num_slots, meta.token_slots)
+    key = torch.where((meta.token_slots < 0) | (meta.token_slots >= num_slots), num_slots, meta.token_slots)
     sorted_key, order = torch.sort(key, stable=True)
     meta.sorted_tokens.copy_(order)
     slot_ids = torch.arange(num_slots + 1, dtype=key.dtype, device=device)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ._checks import check_all, check_slices, check_x, check_ys
-from ._meta import LoraMeta, LoraSlice, build_lora_meta, refresh_lora_meta
+from ._meta import LoraMeta, LoraSlice, build_lora_meta, refresh_lora_meta, refresh_lora_meta_triton
 from .reference import lora_apply_ref
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "lora_expand",
     "lora_shrink",
     "refresh_lora_meta",
+    "refresh_lora_meta_triton",
 ]
 
 
@@ -56,26 +57,35 @@ class KernelConfig:
     """Launch parameters of the two kernels; ``None`` fields take the defaults of ``kernel_config``.
 
     shrink_block_k: in_features per K step; expand_block_n: output columns per program;
-    expand_block_r: rank rows per step of the expand's loop over a slot's own rank.
+    *_block_r: rank rows per step of each kernel's loop over a slot's own rank (ranks up to it take one step).
     """
 
     shrink_block_k: int | None = None
     shrink_warps: int | None = None
     shrink_stages: int | None = None
     expand_block_n: int | None = None
-    expand_block_r: int = 16
+    expand_block_r: int | None = None
     expand_warps: int | None = None
     expand_stages: int | None = None
 
 
-def kernel_config(meta: LoraMeta, override: KernelConfig | None = None) -> KernelConfig:
-    """Defaults by tile height (tuned on the H100 with bench/lora_kernels.py), then the override's fields."""
+def _block_r(meta: LoraMeta) -> int:
+    """One rank step covers ranks up to 64 (x and B rows loaded once); larger ranks loop in steps of 64."""
+    return min(max(16, 1 << (meta.max_rank - 1).bit_length()), 64)
+
+
+def kernel_config(meta: LoraMeta, widths: Sequence[int] = (), override: KernelConfig | None = None) -> KernelConfig:
+    """Defaults by tile height, rank and output width (tuned on the H100 with bench/lora_kernels.py --sweep),
+    then the override's fields."""
     small = meta.block_m <= 16
+    block_r = _block_r(meta)
+    wide = max(widths, default=0) >= 8192 or block_r > 16 or not small
     base = KernelConfig(
         shrink_block_k=128,
         shrink_warps=2 if small else 8,
         shrink_stages=3 if small else 4,
-        expand_block_n=None if small else 128,  # None: 512 for outputs >= 8192 wide, else 256
+        expand_block_n=128 if wide else 256,
+        expand_block_r=block_r,
         expand_warps=4,
         expand_stages=2,
     )
@@ -116,20 +126,19 @@ def lora_shrink(
     """
     check_slices(slices, meta)
     check_x(x, slices, meta)
-    _launch_shrink(x, slices, meta, kernel_config(meta, config))
+    _launch_shrink(x, slices, meta, kernel_config(meta, override=config))
 
 
 def _launch_shrink(
     x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False
 ) -> None:
-    from triton import cdiv, next_power_of_2
+    from triton import cdiv
 
     from ._lora_triton import lora_shrink_kernel
 
     in_features = x.shape[1]
     k_per_split = cdiv(cdiv(in_features, meta.split_k), cfg.shrink_block_k) * cfg.shrink_block_k
-    # one rank chunk covers ranks up to 64 (x read once); larger ranks loop over chunks of 64
-    block_r = min(max(16, next_power_of_2(meta.max_rank)), 64)
+    block_r = _block_r(meta)
     ws = meta.workspace
     a = _pad3([sl.a for sl in slices])
     ranks = _pad3([sl.rank for sl in slices])
@@ -161,7 +170,7 @@ def lora_expand(
     """
     check_slices(slices, meta)
     check_ys(ys, slices, meta)
-    _launch_expand(ys, slices, meta, kernel_config(meta, config))
+    _launch_expand(ys, slices, meta, kernel_config(meta, [sl.b.shape[1] for sl in slices], config))
 
 
 def _launch_expand(
@@ -172,8 +181,7 @@ def _launch_expand(
     from ._lora_triton import lora_expand_kernel
 
     widths = [sl.b.shape[1] for sl in slices]
-    block_n = cfg.expand_block_n or (512 if meta.block_m <= 16 and max(widths) >= 8192 else 256)
-    widths = [sl.b.shape[1] for sl in slices]
+    block_n = cfg.expand_block_n
     nb_end = [sum(cdiv(n, block_n) for n in widths[: i + 1]) for i in range(len(widths))]
     ws = meta.workspace
     b = _pad3([sl.b for sl in slices])
@@ -203,7 +211,7 @@ def lora_apply_triton(
 ) -> None:
     """``lora_apply`` through the Triton kernels: two launches, no allocation, no host sync."""
     check_all(ys, x, slices, meta)
-    cfg = kernel_config(meta, config)
+    cfg = kernel_config(meta, [sl.b.shape[1] for sl in slices], config)
     pdl = _pdl(x)  # the expand starts during the shrink, which immediately precedes it
     _launch_shrink(x, slices, meta, cfg, pdl)
     _launch_expand(ys, slices, meta, cfg, pdl)

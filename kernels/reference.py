@@ -10,6 +10,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ._meta import LoraMeta, LoraSlice
+from ._meta import refresh_lora_meta_torch as refresh_lora_meta_ref  # the metadata step's reference
+
+__all__ = ["lora_apply_naive", "lora_apply_ref", "lora_expand_ref", "lora_shrink_ref", "refresh_lora_meta_ref"]
 
 
 def _slot_groups(meta: LoraMeta) -> Iterator[tuple[int, torch.Tensor]]:

@@ -21,8 +21,9 @@ from hotlora.kernels.lora import (
     lora_apply,
     lora_apply_triton,
     refresh_lora_meta,
+    refresh_lora_meta_triton,
 )
-from hotlora.kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from hotlora.kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref, refresh_lora_meta_ref
 
 interpret = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1 (set by make test)"
@@ -159,6 +160,26 @@ def test_meta_grouping(num_tokens, popularity):
         assert (slots[order[start:end]] == slot).all()
         seen[order[start:end]] += 1
     assert torch.equal(seen, (slots >= 0).long())
+
+
+@interpret
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize(("num_tokens", "num_slots", "block_m"), [(0, 3, 16), (1, 1, 16), (45, 5, 16), (300, 40, 16),
+                                                                  (300, 7, 64), (600, 200, 64)])  # fmt: skip
+def test_meta_triton_matches_torch(num_tokens, num_slots, block_m, popularity):
+    case = make_case(torch.float32, 8, (8,), 8, num_tokens, popularity, num_slots=num_slots)
+    if num_tokens > 10:
+        case.token_slots[3] = 10_000  # an out-of-range slot counts as no adapter in both
+    meta = case.meta(block_m=block_m)
+    expected = {k: getattr(meta, k).clone() for k in ("sorted_tokens", "slot_bounds", "tile_info")}
+    for k in expected:
+        getattr(meta, k).fill_(-7)  # poison: every element must be rewritten
+    refresh_lora_meta_triton(meta)
+    for k, v in expected.items():
+        assert torch.equal(getattr(meta, k), v), k
+    refresh_lora_meta_ref(meta)
+    for k, v in expected.items():
+        assert torch.equal(getattr(meta, k), v), k
 
 
 def test_refresh_meta_in_place():

@@ -106,3 +106,20 @@ def test_gpu_splits_and_counters(split_k, block_m):
         lora_apply(case.ys(got), case.x, case.slices, meta)
         assert_matches(case, got, expected, TOLERANCE[torch.bfloat16])
         assert not meta.split_count.any()
+
+
+@pytest.mark.parametrize("popularity", ["uniform", "zipf", "some_none", "all_none"])
+@pytest.mark.parametrize(("num_tokens", "num_slots"), [(1, 8), (32, 32), (2048, 64), (8192, 300)])
+def test_gpu_meta_triton_matches_torch(num_tokens, num_slots, popularity):
+    from hotlora.kernels.lora import refresh_lora_meta_triton
+    from hotlora.kernels.reference import refresh_lora_meta_ref
+
+    case = make_case(torch.bfloat16, 8, (8,), 8, num_tokens, popularity, num_slots=num_slots, device="cuda")
+    meta = case.meta()
+    refresh_lora_meta_ref(meta)
+    expected = {k: getattr(meta, k).clone() for k in ("sorted_tokens", "slot_bounds", "tile_info")}
+    for k in expected:
+        getattr(meta, k).fill_(-7)
+    refresh_lora_meta_triton(meta)
+    for k, v in expected.items():
+        assert torch.equal(getattr(meta, k), v), k
