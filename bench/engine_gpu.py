@@ -27,6 +27,14 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only to smoke-test t
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress with elapsed seconds, so that a run cut off by its time limit still shows where it was."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
 def _sync() -> None:
     if DEV == "cuda":
         torch.cuda.synchronize()
@@ -93,13 +101,19 @@ def hf_decode_rate(model, prompts: torch.Tensor, new: int, adapter_names: list[s
 
 def run_hf(args, prompts: torch.Tensor, adapter_dir: Path) -> dict[str, float]:
     model = hf_nf4_model(args.preset)
+    log("baseline: NF4 model built")
     rows = {"base": hf_decode_rate(model, prompts, args.hf_new, None)}
+    log(f"baseline: base {rows['base']:.1f} tok/s")
     peft_model = add_adapters(model, args.adapters, args.rank)
+    log("baseline: adapters added")
     peft_model.set_adapter("a0")
     rows["1 adapter"] = hf_decode_rate(peft_model, prompts, args.hf_new, None)
+    log(f"baseline: 1 adapter {rows['1 adapter']:.1f} tok/s")
     names = [f"a{i % args.adapters}" for i in range(args.batch)]
     rows[f"{args.adapters} distinct"] = hf_decode_rate(peft_model, prompts, args.hf_new, names)
+    log(f"baseline: {args.adapters} distinct {rows[f'{args.adapters} distinct']:.1f} tok/s")
     peft_model.save_pretrained(str(adapter_dir))  # a0..aN-1 as PEFT folders, for the engine
+    log("baseline: adapters saved")
     del model, peft_model
     gc.collect()
     if DEV == "cuda":
@@ -132,6 +146,7 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path) -> dict[str, f
     engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=args.adapters,
                                     max_lora_rank=max(args.rank, 64), max_num_seqs=max(args.batch, 64),
                                     max_num_batched_tokens=4096, kv_cache_memory=0.3))
+    log("engine: loaded")
     for i in range(args.adapters):
         engine.registry.register(f"a{i}", adapter_dir / f"a{i}")
     cases = {
@@ -143,6 +158,7 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path) -> dict[str, f
     for name, adapters in cases.items():
         engine_decode_rate(engine, prompts, 4, adapters)  # warm-up: Triton compiles, adapters load
         rows[name] = engine_decode_rate(engine, prompts, args.new, adapters)
+        log(f"engine: {name} {rows[name]:.0f} tok/s")
     return rows
 
 
