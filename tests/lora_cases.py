@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from hotlora.kernels.lora import LoraMeta, LoraSlice, build_lora_meta
 from hotlora.kernels.reference import lora_apply_naive
 
