@@ -94,6 +94,7 @@ class AdapterStore:
         self._locks = self.root / _META / "locks"
         for d in (self._versions, self._tmp, self._locks):
             d.mkdir(parents=True, exist_ok=True)
+        self.adopted: set[str] = set()  # hand-placed folders taken in at start: not validated by a put
         self._clean_tmp()
         self._adopt_plain_folders()
         self._collect_orphans()
@@ -253,6 +254,7 @@ class AdapterStore:
                     version = self._versions / self._version_id(name)
                     link.rename(version)
                     self._publish(name, version)
+                    self.adopted.add(name)
 
     def _collect_orphans(self) -> None:
         """Versions no name points at: crashed puts, and replaced ones whose grace time is over."""

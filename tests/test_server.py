@@ -62,6 +62,7 @@ def adapter_dir(tmp_path_factory, peft_dirs) -> Path:
     root = tmp_path_factory.mktemp("store")
     for name in ("a", "b"):  # dropped in by hand before the start: registered at start-up
         shutil.copytree(peft_dirs[name], root / name)
+    shutil.copytree(peft_dirs["tiny"], root / "broken")  # another base's shapes: refused at start-up, not served
     return root
 
 
@@ -113,6 +114,8 @@ def test_models_lists_base_and_adapters_registered_at_start(http, server):
     base = server.state.model_name
     assert data[0]["id"] == base and data[0]["parent"] is None
     assert {(m["id"], m["parent"]) for m in data[1:]} == {("a", base), ("b", base)}
+    r = http.post("/v1/completions", json={"model": "broken", "prompt": "hi", "max_tokens": 1})
+    assert_openai_error(r, 404, "does not exist")
 
 
 def test_chat_completion_through_the_template(client, server):
@@ -255,9 +258,13 @@ def test_client_disconnect_frees_kv_blocks(http, server):
     wait_idle(server)
     body = {"model": "a", "prompt": PROMPT, "max_tokens": 400, "stream": True, "temperature": 0, "ignore_eos": True}
     with http.stream("POST", "/v1/completions", json=body) as r:
-        next(line for line in r.iter_lines() if line.startswith("data: {"))
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
         stats = server.call(server.engine.stats)
-        assert stats.num_running == 1 and stats.kv_blocks_used > 0
+        if stats.num_running != 1:  # say why: the rest of the stream
+            rest = [line for line in lines if line]
+            raise AssertionError(f"not running after the first chunk: {stats}; {first} ... {rest[-3:]}")
+        assert stats.kv_blocks_used > 0
     wait_idle(server)
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
         http.post("/v1/completions", json=body | {"stream": False}, timeout=1.0)

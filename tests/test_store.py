@@ -11,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from lora_factory import TINY_SHAPES, save_adapter, tiny_llama
+
 from hotlora.adapters.peft_format import AdapterError, check_compatible, load_peft_adapter
 from hotlora.adapters.store import (
     AdapterNotFound,
@@ -18,7 +20,6 @@ from hotlora.adapters.store import (
     InvalidAdapterName,
     UploadTooLarge,
 )
-from lora_factory import TINY_SHAPES, save_adapter, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +160,7 @@ def test_crashed_puts_are_cleaned_at_start_and_hand_placed_folders_adopted(tmp_p
         (tmp_path / "by-hand" / n).write_bytes(data)
     store = make_store(tmp_path)
     assert store.list() == ["by-hand", "kept"] and (tmp_path / "by-hand").is_symlink()
+    assert store.adopted == {"by-hand"}
     assert digest(store.path("by-hand")) == digest(folders["r4"])
     assert sorted(p.name.split("@")[0] for p in (meta / "versions").iterdir()) == ["by-hand", "kept", "kept"]
     make_store(tmp_path, grace_s=0)

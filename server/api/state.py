@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hotlora.adapters.peft_format import AdapterError, check_compatible
+from hotlora.adapters.peft_format import AdapterError, check_compatible, load_peft_adapter
 from hotlora.adapters.store import DEFAULT_MAX_BYTES, AdapterStore
 from hotlora.server.api.errors import APIError
 from hotlora.server.api.metrics import Metrics
@@ -70,7 +70,10 @@ class AppState:
         )
         for name in self.store.list():
             try:
-                engine.registry.register(name, self.store.path(name))
+                path = self.store.path(name)
+                if name in self.store.adopted:  # copied in by hand: validate it as an upload would be
+                    self.store.check(load_peft_adapter(path, name))
+                engine.registry.register(name, path)
             except (AdapterError, OSError, KeyError) as exc:
                 log.warning("adapter %r in %s is not served: %s", name, self.adapter_dir, exc)
         self.model_name = self.settings.served_model_name or engine.model_name
