@@ -152,7 +152,7 @@ def test_reupload_hot_swaps_while_a_sequence_is_in_flight(http, client, server):
     dirs = server_peft(server)
     assert upload(http, "swap", dirs["x"]).status_code == 201
     assert upload(http, "y-ref", dirs["y"]).status_code == 201
-    n = 24
+    n = 32  # long enough that the swap lands while it runs, even on a busy machine
     old, new = complete(client, "swap", n), complete(client, "y-ref", n)
     assert old != new
     body = {"model": "swap", "prompt": PROMPT, "max_tokens": n, "stream": True, "temperature": 0, "ignore_eos": True}
