@@ -147,3 +147,16 @@ def test_shutdown_aborts_in_flight_requests():
         assert "a" in engine.aborted and ae.stopped.is_set()
 
     asyncio.run(main())
+
+
+def test_streams_end_when_the_engine_loop_dies():
+    async def main():
+        engine = FakeEngine(step_delay=0.01)
+        ae = await started(engine)
+        stream = await ae.add(req("orphan", 10_000))
+        await ae.call(lambda: setattr(engine, "has_unfinished", lambda: 1 / 0))  # the loop's next check raises
+        outs = [o async for o in stream]
+        assert outs[-1].finished and outs[-1].error == "the engine stopped"
+        assert ae.stopped.is_set()
+
+    asyncio.run(main())

@@ -159,9 +159,14 @@ class AsyncEngine:
         self.ready.set()
         try:
             self._loop_forever()
+        except Exception:  # logged here; the streams and callers are told below
+            log.exception("the engine loop died")
         finally:
             self.stopped.set()
             self._fail_pending_calls()
+            leftovers = self._fail_all("the engine stopped", abort=False)  # no stream waits forever
+            if leftovers:
+                self._call_soon(self._deliver, leftovers)
             close = getattr(getattr(self.engine, "registry", None), "close", None)
             if close is not None:
                 close()
@@ -192,7 +197,10 @@ class AsyncEngine:
 
     def _execute(self, cmd: tuple) -> None:
         if cmd[0] == "abort":
-            self.engine.abort(cmd[1])
+            try:
+                self.engine.abort(cmd[1])
+            except Exception:
+                log.exception("abort of %s failed", cmd[1])
             return
         _, fn, args, future = cmd
         try:
@@ -224,7 +232,8 @@ class AsyncEngine:
         else:  # nothing to report (a prefill chunk, or waiting on an adapter/slot): do not spin hot
             time.sleep(0.001)
 
-    def _fail_all(self, message: str) -> list[RequestOutput]:
+    def _fail_all(self, message: str, abort: bool = True) -> list[RequestOutput]:
+        """A final error output for every open stream (aborting its sequence first, if asked)."""
         outputs = []
         while True:
             try:
@@ -233,10 +242,11 @@ class AsyncEngine:
             except RuntimeError:
                 continue
         for request_id in request_ids:
-            try:
-                self.engine.abort(request_id)
-            except Exception:
-                log.exception("abort of %s failed", request_id)
+            if abort:
+                try:
+                    self.engine.abort(request_id)
+                except Exception:
+                    log.exception("abort of %s failed", request_id)
             outputs.append(
                 RequestOutput(request_id, "", [], finished=True, finish_reason=FinishReason.ABORT, error=message)
             )
