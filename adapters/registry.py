@@ -42,7 +42,7 @@ class AdapterVersion:
     path: Path
     version: int
     config: AdapterConfig
-    sha256: str
+    sha256: str | None  # known once the weights are read
     file_bytes: int
     host: LoraAdapter | None = None
     loading: Future | None = None
@@ -56,7 +56,7 @@ class AdapterInfo:
     alpha: float
     target_modules: list[str]
     nbytes: int
-    sha256: str
+    sha256: str | None  # None until the adapter is first loaded
     residency: str  # "disk" | "host" | "device"
     pinned: bool
     last_used: float | None
@@ -71,6 +71,14 @@ class _Stats:
     hits: int = 0
     last_used: float | None = None
     pinned: bool = False
+
+
+def _hash_weights(v: AdapterVersion) -> None:
+    digest = hashlib.sha256()
+    with open(v.path / WEIGHTS_NAME, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    v.sha256 = v.sha256 or digest.hexdigest()
 
 
 class AdapterRegistry:
@@ -90,21 +98,29 @@ class AdapterRegistry:
     def names(self) -> list[str]:
         return sorted(self.current)
 
-    def register(self, name: str, path: Path) -> AdapterVersion:
-        """Add `name`, or hot-swap it: the previous version stays alive for sequences that hold it."""
+    def register(self, name: str, path: Path, loaded: LoraAdapter | None = None) -> AdapterVersion:
+        """Add `name`, or hot-swap it: the previous version stays alive for sequences that hold it.
+
+        `loaded`: the adapter already read and validated (an upload), so that nothing here touches the
+        disk; otherwise the config is read now and the weights and their sha256 on first use.
+        """
         path = Path(path)
-        config = read_adapter_config(path)
+        config = loaded.config if loaded is not None else read_adapter_config(path)
         if config.rank > self.max_rank:
             raise AdapterError(f"rank r={config.rank} is above the server's maximum LoRA rank {self.max_rank}")
-        blob = (path / WEIGHTS_NAME).read_bytes()
         self._versions += 1
+        version = AdapterVersion(name, path, self._versions, config, loaded.sha256 if loaded else None,
+                                 (path / WEIGHTS_NAME).stat().st_size, host=loaded)
         old = self.current.get(name)
-        self.current[name] = AdapterVersion(name, path, self._versions, config, hashlib.sha256(blob).hexdigest(),
-                                            len(blob))
+        self.current[name] = version
         self.stats.setdefault(name, _Stats())
         if old is not None:
             self._retire(old)
-        return self.current[name]
+        if loaded is not None:
+            self._trim_host()
+        else:  # hashing a large file is disk-bound: keep it off the engine thread
+            self._pool.submit(_hash_weights, version)
+        return version
 
     def remove(self, name: str) -> None:
         old = self.current.pop(name, None)
@@ -171,6 +187,7 @@ class AdapterRegistry:
             return None
         try:
             v.host = v.loading.result()
+            v.sha256 = v.host.sha256
         except (AdapterError, OSError) as exc:
             v.error = f"adapter {v.name!r} failed to load: {exc}"
             raise AdapterError(v.error) from None
@@ -198,15 +215,27 @@ class AdapterRegistry:
 
     # --- admin -------------------------------------------------------------------------------------
 
+    def prefetch(self, name: str) -> Future | None:
+        """Start reading `name` from disk in the background; the future to wait on, or None if in memory."""
+        v = self.resolve(name)
+        if v.host is not None or v.error is not None:
+            return None
+        if v.loading is None:
+            v.loading = self._pool.submit(self._read, v)
+        return v.loading
+
     def pin(self, name: str) -> None:
-        """Load `name` onto the device now (blocking) and keep it there until unpinned."""
+        """Load `name` onto the device and keep it there until unpinned.
+
+        Blocks on the disk read if it has not finished: callers that must not stall the engine
+        thread wait on prefetch(name) first.
+        """
         v = self.resolve(name)
         slot = self.cache.lookup(v)
         if slot is None:
-            if v.host is None and v.loading is None:
-                v.loading = self._pool.submit(self._read, v)
-            if v.loading is not None:
-                v.loading.exception()  # wait; _host reports a failure
+            pending = self.prefetch(name)
+            if pending is not None:
+                pending.exception()  # wait; _host reports a failure
             slot = self.cache.load(v, self._host(v))
             if slot is None:
                 raise AdapterError("no free device slot: every slot is in use or pinned (raise --max-loras)")

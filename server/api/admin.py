@@ -8,6 +8,7 @@ is rolled back to what it held before.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -167,7 +168,7 @@ async def upload_adapter(name: str, request: Request):
 async def _register(state: AppState, stored: StoredAdapter) -> None:
     registry = state.engine.engine.registry
     try:
-        await state.engine.call(registry.register, stored.name, stored.path)
+        await state.engine.call(registry.register, stored.name, stored.path, stored.adapter)
     except BaseException:
         log.exception("registering %r failed; rolling the store back", stored.name)
         await run_in_threadpool(state.store.restore, stored.name, stored.previous)
@@ -215,6 +216,10 @@ async def _pin(request: Request, name: str, pinned: bool) -> dict[str, Any]:
     _name(state, name)
     registry = state.engine.engine.registry
     try:
+        if pinned:  # the disk read happens off the engine thread; pin then only copies to the device
+            pending = await state.engine.call(registry.prefetch, name)
+            if pending is not None:
+                await asyncio.wait([asyncio.wrap_future(pending)])
         await state.engine.call(registry.pin if pinned else registry.unpin, name)
     except KeyError:
         raise _not_found(name) from None
