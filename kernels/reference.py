@@ -5,6 +5,7 @@ Row-pool layout and metadata: see hotlora.kernels._meta (re-exported by hotlora.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -61,23 +62,33 @@ def lora_expand_ref(ys: Sequence[torch.Tensor], h: torch.Tensor, slices: Sequenc
 
 
 def lora_apply_ref(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
-    """Grouped reference of ``lora_apply``: per active slot, gather its tokens, two fp32 matmuls, scatter back.
+    """Grouped reference of ``lora_apply`` (the CPU serving path): tokens gathered once in slot order, two fp32
+    matmuls per (slot, slice) on contiguous runs, one scatter per slice.
 
     For every token t with s = token_slots[t] >= 0 and every i with r = slices[i].rank[s] > 0:
         rows = row_start[s] : row_start[s] + r
         ys[i][t] = (ys[i][t].float() + scale[s] * (x[t].float() @ a[rows].float().T) @ b[rows].float()).to(dtype)
     """
-    row_start = meta.row_start.tolist()
-    scale = meta.scale.tolist()
-    for slot, idx in _slot_groups(meta):
-        xs = x.index_select(0, idx).float()
-        for y, sl in zip(ys, slices, strict=True):
-            r = int(sl.rank[slot])
+    bounds = meta.slot_bounds.tolist()
+    runs = [(slot, lo, hi) for slot, (lo, hi) in enumerate(itertools.pairwise(bounds)) if hi > lo]
+    if not runs:
+        return
+    order = meta.sorted_tokens[: bounds[-1]].long()  # tokens with an adapter, grouped by slot
+    xs = x.index_select(0, order).float()
+    row_start, scale = meta.row_start.tolist(), meta.scale.tolist()
+    for y, sl in zip(ys, slices, strict=True):
+        ranks = sl.rank.tolist()
+        deltas, tokens = [], []
+        for slot, lo, hi in runs:
+            r, start = ranks[slot], row_start[slot]
             if r == 0:
                 continue
-            rows = slice(row_start[slot], row_start[slot] + r)
-            delta = scale[slot] * ((xs @ sl.a[rows].float().T) @ sl.b[rows].float())
-            y.index_copy_(0, idx, (y.index_select(0, idx).float() + delta).to(y.dtype))
+            h = xs[lo:hi] @ sl.a[start : start + r].float().T
+            deltas.append((h @ sl.b[start : start + r].float()).mul_(scale[slot]))
+            tokens.append(order[lo:hi])
+        if deltas:
+            idx = torch.cat(tokens)
+            y.index_copy_(0, idx, (y.index_select(0, idx).float() + torch.cat(deltas)).to(y.dtype))
 
 
 def lora_apply_naive(
