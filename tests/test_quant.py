@@ -10,6 +10,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+
 from hotlora.server.model.quant import QUANT_CHOICES, DenseLinear, NF4Linear, make_linear
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from hotlora.server.model import convert
 from hotlora.server.model.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from hotlora.server.model.presets import PRESETS, preset_hf_config
@@ -18,7 +20,6 @@ from hotlora.server.model.weights import (
     load_hf_folder,
     resolve_checkpoint,
 )
-from safetensors.torch import save_file
 
 TINY_PRESETS = [p for p in PRESETS if p.startswith("tiny")]
 LARGE_PRESETS = [p for p in PRESETS if not p.startswith("tiny")]
