@@ -47,6 +47,14 @@ def adapters(default_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def peft_dirs(default_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """The server tests' adapters, saved by peft on the default model (lora_factory.server_adapters)."""
+    from lora_factory import server_adapters
+
+    return server_adapters(default_model_dir, tmp_path_factory.mktemp("peft"))
+
+
+@pytest.fixture(scope="session")
 def work(default_model_dir: Path) -> list[tuple[list[int], str | None]]:
     """The mixed batch the engine is compared on: (prompt ids, adapter) pairs."""
     from engine_reference import mixed_requests

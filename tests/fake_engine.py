@@ -1,4 +1,6 @@
-"""A pure-Python stand-in for LLMEngine, with its public surface, for fast API and AsyncEngine tests."""
+"""A pure-Python stand-in for LLMEngine, for the AsyncEngine tests (threading, aborts, a step that raises).
+
+The HTTP API tests run on the real engine; do not grow this into a second engine."""
 
 from __future__ import annotations
 

@@ -49,3 +49,28 @@ def save_adapter(base: torch.nn.Module, out: Path, seed: int = 0, **lora: Any) -
     model.save_pretrained(str(out))
     model.unload()  # restore `base` so that the next adapter is built on a clean model
     return Path(out)
+
+
+# Adapters of the server tests, saved on the default model (SmolLM2-135M): name -> LoraConfig fields.
+SERVER_ADAPTER_SPECS: dict[str, dict[str, Any]] = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
+    "c": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
+    "x": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "y": dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "big": dict(r=32, lora_alpha=32, target_modules=["q_proj"]),  # above the servers' max_lora_rank 16
+}
+
+
+def server_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
+    """SERVER_ADAPTER_SPECS saved by peft on the model in `model_dir`, plus "tiny": an adapter of the
+    tiny Llama, whose shapes no real base model accepts."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    dirs = {
+        name: save_adapter(base, root / name, seed=i + 1, **spec)
+        for i, (name, spec) in enumerate(SERVER_ADAPTER_SPECS.items())
+    }
+    dirs["tiny"] = save_adapter(tiny_llama(), root / "tiny", seed=9)
+    return dirs

@@ -1,4 +1,5 @@
-"""Run a real uvicorn server on loopback in a background thread, for the server tests."""
+"""Run a real uvicorn server on loopback in a background thread, for the server tests; and the helpers
+that those tests share (settings on the default model, admin uploads, OpenAI error checks, waits)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +16,11 @@ import uvicorn
 
 from hotlora.server.api.app import create_app
 from hotlora.server.api.state import ServerSettings
+from hotlora.server.engine.config import EngineConfig
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def free_port() -> int:
@@ -62,3 +70,60 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+
+
+def server_settings(
+    adapter_dir: Path, cache: Path, admin_token: str | None = TOKEN, max_upload_bytes: int = 64 << 20, **engine: Any
+) -> ServerSettings:
+    """The default model unquantized (fast on CPU), small LoRA limits and context; `engine` overrides."""
+    fields = dict(
+        quant="none",
+        cache_dir=cache,
+        adapter_dir=adapter_dir,
+        max_loras=3,
+        max_lora_rank=16,
+        max_model_len=512,
+        kv_cache_memory=0.25,
+    )
+    return ServerSettings(EngineConfig(**(fields | engine)), admin_token=admin_token, max_upload_bytes=max_upload_bytes)
+
+
+def upload(http: httpx.Client, name: str, folder: Path, token: str = TOKEN) -> httpx.Response:
+    """POST the two files of a PEFT folder as multipart parts."""
+    files = [("files", (n, (folder / n).read_bytes())) for n in ADAPTER_FILES]
+    return http.post(f"/admin/adapters/{name}", files=files, headers={"Authorization": f"Bearer {token}"})
+
+
+def assert_openai_error(r: httpx.Response, status: int, match: str = "") -> dict:
+    """The response is an OpenAI-shaped error with this status whose message contains `match`."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str), err
+    assert match.lower() in err["message"].lower(), err["message"]
+    return err
+
+
+def until(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll cond() until it is truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not reached in {timeout} s")
+
+
+def wait_idle(server: ServerThread, timeout: float = 30.0) -> Any:
+    """The engine's stats once nothing runs, waits or holds a KV block."""
+    last: list[Any] = []
+
+    def idle() -> Any:
+        last[:] = [server.call(server.engine.stats)]
+        s = last[0]
+        return s if s.num_running == 0 and s.num_waiting == 0 and s.kv_blocks_used == 0 else None
+
+    try:
+        return until(idle, timeout, "an idle engine")
+    except AssertionError:
+        raise AssertionError(f"the engine did not go idle: {last[0]}") from None

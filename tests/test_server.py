@@ -5,56 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
-from lora_factory import save_adapter, tiny_llama
-from server_harness import ServerThread
+from server_harness import AUTH, ServerThread, assert_openai_error, server_settings, upload
 
-from hotlora.server.api.state import ServerSettings
-from hotlora.server.engine.config import EngineConfig
-
-TOKEN = "test-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMPT = "The three primary colors are"
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
-MAX_LEN = 512
-
-
-@pytest.fixture(scope="module")
-def peft_dirs(default_model_dir, tmp_path_factory) -> dict[str, Path]:
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
-    root = tmp_path_factory.mktemp("peft")
-    specs = {
-        "a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "b": dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
-        "c": dict(r=2, lora_alpha=4, target_modules=["o_proj", "down_proj"]),
-        "x": dict(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        "y": dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
-        "big": dict(r=32, lora_alpha=32, target_modules=["q_proj"]),
-    }
-    dirs = {name: save_adapter(base, root / name, seed=i + 1, **spec) for i, (name, spec) in enumerate(specs.items())}
-    dirs["tiny"] = save_adapter(tiny_llama(), root / "tiny", seed=9)  # another architecture's shapes
-    return dirs
-
-
-def settings(adapter_dir: Path, cache: Path) -> ServerSettings:
-    engine = EngineConfig(
-        quant="none",
-        cache_dir=cache,
-        adapter_dir=adapter_dir,
-        max_loras=3,
-        max_lora_rank=16,
-        max_model_len=MAX_LEN,
-        kv_cache_memory=0.25,
-    )
-    return ServerSettings(engine, admin_token=TOKEN, max_upload_bytes=64 << 20)
+MAX_LEN = 512  # server_settings() default max_model_len
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +28,7 @@ def adapter_dir(tmp_path_factory, peft_dirs) -> Path:
 
 @pytest.fixture(scope="module")
 def server(adapter_dir, hotlora_cache):
-    srv = ServerThread(settings(adapter_dir, hotlora_cache)).start()
+    srv = ServerThread(server_settings(adapter_dir, hotlora_cache)).start()
     yield srv
     srv.stop()
 
@@ -84,29 +44,8 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
 
 
-def upload(http: httpx.Client, name: str, folder: Path) -> httpx.Response:
-    files = [("files", (n, (folder / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
-    return http.post(f"/admin/adapters/{name}", files=files, headers=AUTH)
-
-
 def complete(client: openai.OpenAI, model: str, max_tokens: int = 6) -> str:
     return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, **GREEDY).choices[0].text
-
-
-def assert_openai_error(r: httpx.Response, status: int, match: str = "") -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and match.lower() in err["message"].lower(), err
-
-
-def wait_idle(server: ServerThread, timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = server.call(server.engine.stats)
-        if stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_blocks_used == 0:
-            return stats
-        time.sleep(0.05)
-    raise AssertionError(f"the engine did not go idle: {stats}")
 
 
 def test_models_lists_base_and_adapters_registered_at_start(http, server):
@@ -254,23 +193,6 @@ def test_bad_inputs_get_4xx_and_change_nothing(http, client, server):
     assert complete(client, "a", 2) and complete(client, base, 2)  # still serving
 
 
-def test_client_disconnect_frees_kv_blocks(http, server):
-    wait_idle(server)
-    body = {"model": "a", "prompt": PROMPT, "max_tokens": 400, "stream": True, "temperature": 0, "ignore_eos": True}
-    with http.stream("POST", "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        first = next(line for line in lines if line.startswith("data: {"))
-        stats = server.call(server.engine.stats)
-        if stats.num_running != 1:  # say why: the rest of the stream
-            rest = [line for line in lines if line]
-            raise AssertionError(f"not running after the first chunk: {stats}; {first} ... {rest[-3:]}")
-        assert stats.kv_blocks_used > 0
-    wait_idle(server)
-    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
-        http.post("/v1/completions", json=body | {"stream": False}, timeout=1.0)
-    wait_idle(server)
-
-
 def test_metrics(http):
     text = http.get("/metrics").text
     assert 'vllm:lora_requests_info{max_lora="3",running_lora_adapters="",waiting_lora_adapters=""}' in text
@@ -292,7 +214,7 @@ def test_adapters_survive_a_restart(server, adapter_dir, hotlora_cache):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
     before = {m: complete(client, m) for m in ("swap", "c")}
     server.stop()
-    again = ServerThread(settings(adapter_dir, hotlora_cache)).start()
+    again = ServerThread(server_settings(adapter_dir, hotlora_cache)).start()
     try:
         client = openai.OpenAI(base_url=again.url + "/v1", api_key="unused", timeout=300, max_retries=0)
         names = {m.id for m in client.models.list().data}

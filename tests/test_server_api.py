@@ -1,130 +1,164 @@
-"""The HTTP API on a real uvicorn server over a fake engine (fast): shapes, errors, auth, admin, CLI."""
+"""The HTTP API on a real uvicorn server over the real engine (the default model, --quant none): start-up,
+OpenAI shapes and errors, SSE, overload, disconnects, metrics, admin auth and uploads, the CLI."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import io
 import json
 import tarfile
 import threading
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from fake_engine import FakeEngine
-from lora_factory import save_adapter, tiny_llama
-from server_harness import ServerThread
+from prometheus_client.parser import text_string_to_metric_families
+from server_harness import (
+    AUTH,
+    TOKEN,
+    ServerThread,
+    assert_openai_error,
+    server_settings,
+    until,
+    upload,
+    wait_idle,
+)
 
-from hotlora.server.api.state import ServerSettings
 from hotlora.server.cli import main as cli_main
-from hotlora.server.engine.config import EngineConfig
 
-TOKEN = "s3cret-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def peft_dirs(tmp_path_factory) -> dict[str, Path]:
-    base, root = tiny_llama(), tmp_path_factory.mktemp("peft")
-    return {
-        "a": save_adapter(base, root / "a", seed=1),
-        "b": save_adapter(base, root / "b", seed=2, r=8),
-        "big": save_adapter(base, root / "big", seed=3, r=32),
-    }
+PROMPT = "The three primary colors are"
+GREEDY = {"temperature": 0, "ignore_eos": True}
+LONG = 400  # tokens: a sequence this long only ends within a test if it is aborted (no "length" finish)
+MAX_RUNNING, MAX_WAITING = 2, 4  # n=2 x 2 prompts may all queue before a step admits them
 
 
 @pytest.fixture(scope="module")
-def fake() -> FakeEngine:
-    return FakeEngine(step_delay=0.02, max_waiting=6)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, fake):
-    settings = ServerSettings(
-        EngineConfig(adapter_dir=tmp_path_factory.mktemp("store"), max_lora_rank=16),
-        admin_token=TOKEN,
-        max_upload_bytes=1 << 20,
+def server(tmp_path_factory, hotlora_cache):
+    settings = server_settings(
+        tmp_path_factory.mktemp("store"),
+        hotlora_cache,
+        max_upload_bytes=16 << 20,
+        max_loras=2,
+        max_num_seqs=MAX_RUNNING,
+        max_waiting=MAX_WAITING,
+        num_kv_blocks=64,
     )
-    srv = ServerThread(settings, engine_factory=lambda: fake).start()
+    srv = ServerThread(settings).start()
     yield srv
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def base(server) -> str:
+    return server.state.model_name
+
+
 @pytest.fixture
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
         yield client
 
 
-def assert_openai_error(r: httpx.Response, status: int, match: str = "") -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
-    assert match.lower() in err["message"].lower(), err["message"]
-    return err
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
 
 
-def upload(http, name: str, folder: Path, token: str = TOKEN) -> httpx.Response:
-    files = [("files", (n, (folder / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
-    return http.post(f"/admin/adapters/{name}", files=files, headers={"Authorization": f"Bearer {token}"})
+def complete(http: httpx.Client, model: str, prompt: str | list[int] = PROMPT, max_tokens: int = 3) -> dict:
+    r = http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens, **GREEDY})
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
-def until(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
+def stats(server: ServerThread):
+    return server.call(server.engine.stats)
 
 
-def test_loading_then_ready(tmp_path):
+def scrape(http: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    text = http.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def finished_by_length(http: httpx.Client) -> float:
+    return scrape(http).get(("hotlora_request_success_total", (("finished_reason", "length"),)), 0.0)
+
+
+def long_body(model: str, stream: bool) -> dict:
+    return {"model": model, "prompt": PROMPT, "max_tokens": LONG, "stream": stream, **GREEDY}
+
+
+# --- start-up --------------------------------------------------------------------------------------
+
+
+def test_loading_then_ready_without_tokenizer_or_admin(tmp_path, hotlora_cache, default_model_dir):
+    """A second server: the default weights without tokenizer files, no admin token. The real engine
+    is built only once `gate` opens, so the loading phase can be observed for as long as needed."""
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for f in default_model_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "chat_template")):
+            (model / f.name).symlink_to(f)
+    settings = server_settings(tmp_path / "store", hotlora_cache, admin_token=None, model=str(model), max_loras=1)
     gate = threading.Event()
 
-    def slow_factory():
-        gate.wait(30)
-        return FakeEngine()
+    def gated_engine():
+        from hotlora.server.engine.engine import LLMEngine
 
-    srv = ServerThread(ServerSettings(EngineConfig(adapter_dir=tmp_path)), engine_factory=slow_factory)
+        gate.wait(60)
+        return LLMEngine(settings.engine)
+
+    srv = ServerThread(settings, engine_factory=gated_engine)
     srv.thread.start()
     try:
-        until(lambda: srv.server.started)
-        assert httpx.get(srv.url + "/health").status_code == 200
-        assert httpx.get(srv.url + "/ready").json() == {"status": "loading"}
-        r = httpx.post(srv.url + "/v1/completions", json={"model": "fake-base", "prompt": [1]})
+        until(lambda: srv.server.started, what="uvicorn started")
+        assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+        r = httpx.get(srv.url + "/ready")
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "any", "prompt": [1]})
         assert_openai_error(r, 503, "still loading")
+        assert r.headers["retry-after"] == "5"
         gate.set()
-        until(lambda: httpx.get(srv.url + "/ready").status_code == 200)
+        ready = until(lambda: (r := httpx.get(srv.url + "/ready")).status_code == 200 and r, what="ready")
+        name = ready.json()["model"]
+        assert name == srv.state.model_name and name
+        assert_openai_error(httpx.get(srv.url + "/admin/adapters", headers=AUTH), 403, "HOTLORA_ADMIN_TOKEN")
+        r = httpx.post(srv.url + "/v1/completions", json={"model": name, "prompt": "text", "max_tokens": 1})
+        assert_openai_error(r, 400, "no tokenizer")
+        r = httpx.post(
+            srv.url + "/v1/completions", json={"model": name, "prompt": [1, 2, 3], "max_tokens": 2}, timeout=60
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     finally:
         gate.set()
         srv.stop()
 
 
-def test_engine_that_fails_to_load_is_reported(tmp_path):
-    def broken():
-        raise RuntimeError("weights are missing")
-
-    srv = ServerThread(ServerSettings(EngineConfig(adapter_dir=tmp_path)), engine_factory=broken)
-    fatal = []
+def test_engine_that_fails_to_load_is_reported(tmp_path, hotlora_cache):
+    missing = tmp_path / "no-such-model"
+    srv = ServerThread(server_settings(tmp_path / "store", hotlora_cache, model=str(missing)))
+    fatal: list[BaseException] = []
     srv.state.on_fatal = fatal.append
     srv.thread.start()
     try:
-        until(lambda: fatal)
-        assert "weights are missing" in str(fatal[0])
+        until(lambda: fatal, what="the load error")
+        assert isinstance(fatal[0], FileNotFoundError) and str(missing) in str(fatal[0])
         r = httpx.get(srv.url + "/ready")
-        assert r.status_code == 503 and "weights are missing" in r.json()["status"]
+        assert r.status_code == 503 and r.json()["status"].startswith("failed:") and "no such file" in r.text
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "x", "prompt": [1]})
+        assert_openai_error(r, 503, "failed to load")
+        assert_openai_error(httpx.get(srv.url + "/admin/adapters", headers=AUTH), 503, "no such file")
     finally:
         srv.stop()
 
 
-def test_admin_disabled_without_token(tmp_path):
-    srv = ServerThread(ServerSettings(EngineConfig(adapter_dir=tmp_path)), engine_factory=FakeEngine).start()
-    try:
-        r = httpx.get(srv.url + "/admin/adapters", headers=AUTH)
-        assert_openai_error(r, 403, "HOTLORA_ADMIN_TOKEN")
-    finally:
-        srv.stop()
+# --- OpenAI routes ---------------------------------------------------------------------------------
 
 
 def test_admin_auth(http):
@@ -135,119 +169,159 @@ def test_admin_auth(http):
     assert http.get("/admin/adapters", headers=AUTH).status_code == 200
 
 
-def test_completions_n_and_prompt_batches_with_the_openai_client(server):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-    r = client.completions.create(model="fake-base", prompt=[[1, 2], [3, 4, 5]], max_tokens=2, n=2)
-    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
-    assert all(c.text == "t1 t2 " and c.finish_reason == "length" for c in r.choices)
-    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 8 and r.usage.total_tokens == 13
+def test_completions_n_and_prompt_batches_with_the_openai_client(client, server, base):
+    tok = server.state.tokenizer
+    p1, p2 = tok.encode(PROMPT), tok.encode("Two plus two equals")
+    r = client.completions.create(model=base, prompt=[p1, p2], max_tokens=3, n=2, extra_body=GREEDY)
+    by = {c.index: c for c in r.choices}
+    assert sorted(by) == [0, 1, 2, 3] and all(c.finish_reason == "length" for c in r.choices)
+    assert by[0].text == by[1].text and by[2].text == by[3].text, "greedy samples of one prompt agree"
+    assert by[0].text != by[2].text and by[0].text.strip()
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(p1) + len(p2), 12)
+    assert r.usage.total_tokens == len(p1) + len(p2) + 12
+    assert client.completions.create(model=base, prompt=PROMPT, max_tokens=3, extra_body=GREEDY).choices[0].text == (
+        by[0].text
+    ), "a text prompt is tokenized as the tokenizer does"
     chunks = list(
         client.completions.create(
-            model="fake-base", prompt=[1], max_tokens=3, stream=True, stream_options={"include_usage": True}
+            model=base, prompt=p1, max_tokens=3, stream=True, stream_options={"include_usage": True}, extra_body=GREEDY
         )
     )
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == "t1 t2 t3 "
-    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 3
-    with pytest.raises(openai.NotFoundError):
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == by[0].text
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].choices == []
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (len(p1), 3)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="nope", prompt=[1], max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="no tokenizer"):
-        client.completions.create(model="fake-base", prompt="text needs a tokenizer", max_tokens=1)
 
 
-def test_sse_wire_format(http):
-    with http.stream(
-        "POST", "/v1/completions", json={"model": "fake-base", "prompt": [1], "max_tokens": 2, "stream": True}
-    ) as r:
+def test_sse_wire_format(http, base):
+    expected = complete(http, base, max_tokens=2)["choices"][0]["text"]
+    body = {"model": base, "prompt": PROMPT, "max_tokens": 2, "stream": True, **GREEDY}
+    with http.stream("POST", "/v1/completions", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        lines = [line for line in r.iter_lines() if line]
-    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
-    body = json.loads(lines[0][6:])
-    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "t1 "
+        assert r.headers["cache-control"] == "no-cache"
+        raw = r.read().decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = raw[: -len("\n\n")].split("\n\n")
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") and "\n" not in e for e in events)
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
-def test_overload_is_429(http, fake):
-    streams = []
-    try:
-        for _ in range(fake.max_waiting):
-            cm = http.stream(
-                "POST",
-                "/v1/completions",
-                json={"model": "fake-base", "prompt": [1], "max_tokens": 10_000, "stream": True},
-            )
-            streams.append((cm, cm.__enter__()))
-        assert [r.status_code for _, r in streams] == [200] * fake.max_waiting
-        r = http.post("/v1/completions", json={"model": "fake-base", "prompt": [1], "max_tokens": 1})
+def test_overload_is_429(http, server, base):
+    """max_num_seqs sequences run, max_waiting wait: the next request is refused with 429."""
+    wait_idle(server)
+    with contextlib.ExitStack() as streams:
+        for _ in range(MAX_RUNNING + MAX_WAITING):
+            assert streams.enter_context(http.stream("POST", "/v1/completions", json=long_body(base, True))).is_success
+        full = until(lambda: (s := stats(server)).num_running == MAX_RUNNING and s.num_waiting == MAX_WAITING and s)
+        assert full.kv_blocks_used > 0
+        r = http.post("/v1/completions", json={"model": base, "prompt": PROMPT, "max_tokens": 1})
         assert_openai_error(r, 429, "overloaded")
-    finally:
-        for cm, _ in streams:
-            cm.__exit__(None, None, None)
-    until(lambda: not fake.seqs)
+        assert r.headers["retry-after"] == "1"
+    wait_idle(server)  # every stream closed: each of them aborted, its KV blocks freed
+    assert complete(http, base, max_tokens=1)["usage"]["completion_tokens"] == 1  # serving again
 
 
-def test_stream_disconnect_aborts(http, fake):
-    with http.stream(
-        "POST", "/v1/completions", json={"model": "fake-base", "prompt": [1], "max_tokens": 10_000, "stream": True}
-    ) as r:
-        next(r.iter_lines())
-        (rid,) = list(fake.seqs)
-    until(lambda: rid in fake.aborted and not fake.seqs)
+def test_stream_disconnect_aborts_and_frees_kv_blocks(http, server, base):
+    wait_idle(server)
+    before = finished_by_length(http)
+    with http.stream("POST", "/v1/completions", json=long_body(base, True)) as r:
+        lines = r.iter_lines()  # held: dropping the iterator closes the connection
+        first = next(line for line in lines if line.startswith("data: {"))
+        assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+        running = stats(server)
+        assert running.num_running == 1 and running.kv_blocks_used > 0, running
+    wait_idle(server, timeout=10)
+    assert finished_by_length(http) == before, "the sequence ran to its end instead of being aborted"
 
 
-def test_non_stream_disconnect_aborts(server, fake):
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            server.url + "/v1/completions",
-            json={"model": "fake-base", "prompt": [1], "max_tokens": 10_000},
-            timeout=0.5,
-        )
-    until(lambda: not fake.seqs)
-    assert fake.aborted
+def test_non_stream_disconnect_aborts_and_frees_kv_blocks(server, http, base):
+    wait_idle(server)
+    before = finished_by_length(http)
+    url = server.url + "/v1/completions"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        gave_up = pool.submit(httpx.post, url, json=long_body(base, False), timeout=1.5)
+        running = until(lambda: (s := stats(server)).num_running == 1 and s, timeout=1.5)
+        assert running.kv_blocks_used > 0
+        with pytest.raises(httpx.ReadTimeout):
+            gave_up.result()
+    wait_idle(server, timeout=10)
+    assert finished_by_length(http) == before, "the sequence ran to its end instead of being aborted"
 
 
-def test_metrics_exposition(http):
+def test_metrics_exposition(http, server, base):
+    wait_idle(server)
+    ok = ("hotlora_http_requests_total", (("method", "POST"), ("route", "/v1/completions"), ("status", "200")))
+    denied = (
+        "hotlora_http_requests_total",
+        (("method", "GET"), ("route", "/admin/adapters/{name}"), ("status", "401")),
+    )
+    ttft = ("hotlora_time_to_first_token_seconds_count", ())
+    before = scrape(http)
+    complete(http, base, max_tokens=2)
+    assert http.get("/admin/adapters/some-name").status_code == 401
+    after = scrape(http)
+    assert after[ok] == before.get(ok, 0) + 1 and after[denied] == before.get(denied, 0) + 1
+    assert after[ttft] == before[ttft] + 1
+    assert after[("hotlora_generation_tokens_total", ())] == before[("hotlora_generation_tokens_total", ())] + 2
+    assert after[("hotlora_ready", ())] == 1.0 and after[("hotlora_kv_cache_blocks_total", ())] == 64
+    assert after[("hotlora_kv_cache_blocks_used", ())] == 0 and after[("vllm:num_requests_running", ())] == 0
     text = http.get("/metrics").text
     assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in text
-    assert "hotlora_time_to_first_token_seconds_count" in text and "hotlora_ready 1.0" in text
-    assert 'hotlora_http_requests_total{method="POST",route="/v1/completions",status="200"}' in text
-    assert 'hotlora_http_requests_total{method="GET",route="/admin/adapters",status="401"}' in text
 
 
-def test_admin_upload_list_delete(http, server, peft_dirs):
+# --- admin -----------------------------------------------------------------------------------------
+
+
+def test_admin_upload_list_delete(http, server, base, peft_dirs):
     assert upload(http, "task-a", peft_dirs["a"]).status_code == 201
     r = upload(http, "task-a", peft_dirs["b"])
-    assert r.status_code == 200 and r.json()["replaced"] and r.json()["rank"] == 8
+    assert r.status_code == 200 and r.json()["replaced"] and r.json()["rank"] == 8, r.text
     assert [a["name"] for a in http.get("/admin/adapters", headers=AUTH).json()["data"]] == ["task-a"]
-    assert http.get("/admin/adapters/task-a", headers=AUTH).json()["name"] == "task-a"
+    info = http.get("/admin/adapters/task-a", headers=AUTH).json()
+    assert (info["name"], info["rank"], info["pinned"]) == ("task-a", 8, False)
     models = http.get("/v1/models").json()["data"]
-    assert {"id": "task-a", "parent": "fake-base"}.items() <= models[1].items()
-    assert http.post("/v1/completions", json={"model": "task-a", "prompt": [1], "max_tokens": 1}).status_code == 200
-    assert http.post("/admin/adapters/task-a/load", headers=AUTH).status_code == 200
+    assert models[0]["id"] == base and [(m["id"], m["parent"]) for m in models[1:]] == [("task-a", base)]
+    assert complete(http, "task-a")["choices"][0]["text"] != complete(http, base)["choices"][0]["text"]
+    pinned = http.post("/admin/adapters/task-a/load", headers=AUTH)
+    assert pinned.status_code == 200 and pinned.json()["pinned"] and pinned.json()["residency"] == "device"
     assert http.delete("/admin/adapters/task-a", headers=AUTH).json()["deleted"]
     assert_openai_error(http.delete("/admin/adapters/task-a", headers=AUTH), 404)
     assert_openai_error(http.get("/admin/adapters/task-a", headers=AUTH), 404)
     assert_openai_error(http.post("/admin/adapters/task-a/load", headers=AUTH), 404)
     r = http.post("/v1/completions", json={"model": "task-a", "prompt": [1], "max_tokens": 1})
     assert_openai_error(r, 404, "does not exist")
-    assert server.state.store.list() == []
+    assert server.state.store.list() == [] and http.get("/admin/adapters", headers=AUTH).json()["data"] == []
 
 
-def test_admin_archive_upload(http, peft_dirs):
+def test_admin_archive_upload(http, server, base, peft_dirs):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        tar.add(peft_dirs["a"], arcname="my-adapter")
-    r = http.post("/admin/adapters/from-tar", files={"archive": ("a.tar.gz", buf.getvalue())}, headers=AUTH)
-    assert r.status_code == 201, r.text
+        tar.add(peft_dirs["x"], arcname="my-adapter")
+    r = http.post("/admin/adapters/from-tar", files={"archive": ("x.tar.gz", buf.getvalue())}, headers=AUTH)
+    assert r.status_code == 201 and r.json()["rank"] == 4, r.text
     r = http.post(
         "/admin/adapters/raw-tar", content=buf.getvalue(), headers=AUTH | {"Content-Type": "application/gzip"}
     )
-    assert r.status_code == 201, r.text
+    assert r.status_code == 201 and r.json()["rank"] == 4, r.text
+    texts = {m: complete(http, m)["choices"][0]["text"] for m in ("from-tar", "raw-tar", base)}
+    assert texts["from-tar"] == texts["raw-tar"] != texts[base]
+    assert sorted(server.state.store.list()) == ["from-tar", "raw-tar"]
     for name in ("from-tar", "raw-tar"):
-        http.delete(f"/admin/adapters/{name}", headers=AUTH)
+        assert http.delete(f"/admin/adapters/{name}", headers=AUTH).status_code == 200
+    assert server.state.store.list() == []
 
 
-def test_admin_refusals_leave_the_store_unchanged(http, server, peft_dirs):
+def test_admin_refusals_leave_the_store_unchanged(http, server, base, peft_dirs):
     assert upload(http, "keep", peft_dirs["a"]).status_code == 201
+    kept = complete(http, "keep")["choices"][0]["text"]
     before = server.state.store.list()
+    listed = http.get("/admin/adapters", headers=AUTH).json()["data"]
     cfg, st = (peft_dirs["a"] / "adapter_config.json").read_bytes(), (peft_dirs["a"] / "adapter_model.safetensors")
     evil = io.BytesIO()
     with tarfile.open(fileobj=evil, mode="w:gz") as tar:
@@ -256,8 +330,9 @@ def test_admin_refusals_leave_the_store_unchanged(http, server, peft_dirs):
         tar.addfile(info, io.BytesIO(cfg))
     cases = [
         (upload(http, "big", peft_dirs["big"]), 400, "maximum LoRA rank 16"),
+        (upload(http, "keep", peft_dirs["tiny"]), 400, "do not fit"),  # a failed re-upload keeps the old one
         (upload(http, "bad name!", peft_dirs["a"]), 400, "invalid adapter name"),
-        (upload(http, "fake-base", peft_dirs["a"]), 409, "base model"),
+        (upload(http, base, peft_dirs["a"]), 409, "base model"),
         (upload(http, "keep", peft_dirs["b"], token="nope"), 401, "invalid admin token"),
         (
             http.post("/admin/adapters/x", files={"f": ("adapter_model.bin", b"\x80\x04pickle")}, headers=AUTH),
@@ -281,7 +356,7 @@ def test_admin_refusals_leave_the_store_unchanged(http, server, peft_dirs):
         ),
         (
             http.post(
-                "/admin/adapters/x", content=b"\0" * (2 << 20), headers=AUTH | {"Content-Type": "application/zip"}
+                "/admin/adapters/x", content=b"\0" * (17 << 20), headers=AUTH | {"Content-Type": "application/zip"}
             ),
             413,
             "larger than",
@@ -304,23 +379,31 @@ def test_admin_refusals_leave_the_store_unchanged(http, server, peft_dirs):
     ]
     for r, status, match in cases:
         assert_openai_error(r, status, match)
-    assert server.state.store.list() == before
-    assert [a["name"] for a in http.get("/admin/adapters", headers=AUTH).json()["data"]] == before
-    assert http.post("/v1/completions", json={"model": "keep", "prompt": [1], "max_tokens": 1}).status_code == 200
-    http.delete("/admin/adapters/keep", headers=AUTH)
+    assert server.state.store.list() == before == ["keep"]
+    assert http.get("/admin/adapters", headers=AUTH).json()["data"] == listed
+    assert complete(http, "keep")["choices"][0]["text"] == kept  # still the first upload's weights
+    assert http.delete("/admin/adapters/keep", headers=AUTH).status_code == 200
+
+
+# --- CLI -------------------------------------------------------------------------------------------
 
 
 def test_cli_adapters_client(server, peft_dirs, capsys, monkeypatch):
     monkeypatch.setenv("HOTLORA_ADMIN_TOKEN", TOKEN)
-    base = ["adapters", "--url", server.url]
-    assert cli_main([*base, "upload", "cli-a", str(peft_dirs["a"])]) == 0
-    assert json.loads(capsys.readouterr().out)["name"] == "cli-a"
-    assert cli_main([*base, "list"]) == 0
+    cli = ["adapters", "--url", server.url]
+    assert cli_main([*cli, "upload", "cli-a", str(peft_dirs["a"])]) == 0
+    uploaded = json.loads(capsys.readouterr().out)
+    assert (uploaded["name"], uploaded["rank"]) == ("cli-a", 4)
+    assert "cli-a" in server.state.store.list()
+    assert cli_main([*cli, "list"]) == 0
     assert "cli-a" in capsys.readouterr().out
-    assert cli_main([*base, "delete", "cli-a"]) == 0
-    assert cli_main([*base, "delete", "cli-a"]) == 1
+    assert cli_main([*cli, "delete", "cli-a"]) == 0
+    assert "cli-a" not in server.state.store.list()
+    capsys.readouterr()
+    assert cli_main([*cli, "delete", "cli-a"]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert cli_main([*base, "--token", "wrong", "list"]) == 1
+    assert cli_main([*cli, "--token", "wrong", "list"]) == 1
+    assert "invalid admin token" in capsys.readouterr().err
 
 
 def test_cli_serve_flags_and_env(monkeypatch):
