@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see hotlora.server.cli.main
 import sys
 import tempfile
 import time

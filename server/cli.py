@@ -280,10 +280,6 @@ def adapters_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while waiting for a partner descheduled by another process stall every
-    # small CPU op by a scheduler slice (measured: a CPU lora_apply 22 ms instead of 0.85 ms with one busy
-    # neighbour on 2 cores). Passive waiting costs little when idle; must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -14,7 +14,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HOTLORA_CACHE", str(REPO_ROOT / ".cache" / "hotlora"))
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see hotlora.server.cli.main
 
 
 @pytest.fixture(scope="session")
