@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from dataclasses import dataclass
 
 from hotlora.adapters.peft_format import AdapterError
@@ -111,6 +112,8 @@ class LLMEngine:
             pending = self.registry.loading()
             if pending:  # only cold adapters hold the queue up: wait for one of them, briefly
                 concurrent.futures.wait(pending, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+            elif self.scheduler.waiting and not outputs:
+                time.sleep(0.005)  # every device slot is pinned or busy: do not spin the caller's loop
             return outputs
         results = self.runner.execute(batch)
         for seq, n, res in zip(batch.seqs, batch.num_tokens, results, strict=True):
