@@ -1,162 +1,294 @@
-"""AsyncEngine: the engine thread, its command queue, streams, aborts and shutdown (on a fake engine)."""
+"""AsyncEngine: the engine thread, its command queue, streams, aborts and shutdown, on the real LLMEngine.
+
+One LLMEngine (the default model, unquantized, small KV cache) is built per module; each test wraps it in a
+fresh AsyncEngine (`lambda: engine`) and leaves it idle. Failures are injected into that real engine for one
+call (runner.execute, has_unfinished), never through a stand-in. Each shutdown closes the registry's loader
+pool, so these tests use no adapters.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
+from pathlib import Path
 
 import pytest
-from fake_engine import FakeEngine, UnknownAdapterError
 
+from hotlora.adapters.registry import UnknownAdapterError
 from hotlora.server.engine.async_engine import AsyncEngine, EngineDeadError
-from hotlora.server.engine.types import Request, SamplingParams
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.engine import EngineStats, InvalidRequestError, LLMEngine
+from hotlora.server.engine.types import FinishReason, Request, RequestOutput, SamplingParams
+
+PROMPTS = {"a": "Hello, my name is", "b": "1, 2, 3, 4,"}
+LONG = 200  # max_tokens of a request that must be cut short: far more steps than any test waits for
 
 
-def req(rid: str, max_tokens: int = 3, adapter: str | None = None) -> Request:
-    return Request(rid, [1, 2, 3], SamplingParams(max_tokens=max_tokens), adapter)
+def config(cache: Path, **kw) -> EngineConfig:
+    fields = dict(model="default", quant="none", cache_dir=cache, max_loras=1, max_lora_rank=8, max_model_len=256,
+                  num_kv_blocks=64, block_size=16)
+    return EngineConfig(**(fields | kw))
 
 
-async def started(engine: FakeEngine) -> AsyncEngine:
+@pytest.fixture(scope="module")
+def engine(hotlora_cache) -> LLMEngine:
+    return LLMEngine(config(hotlora_cache))
+
+
+@pytest.fixture(scope="module")
+def ids(engine) -> dict[str, list[int]]:
+    return {k: engine.tokenizer.encode(p) for k, p in PROMPTS.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(engine, ids) -> dict[tuple[str, int], RequestOutput]:
+    """Offline greedy generations (the engine stepped directly, before any AsyncEngine), by (prompt, max_tokens)."""
+    sizes = {"a": (2, 16), "b": (2,)}
+    reqs = [req(f"ref-{k}-{n}", ids[k], n) for k, ns in sizes.items() for n in ns]
+    outs = engine.generate(reqs)
+    assert idle(engine)
+    return {(k, n): o for (k, ns) in sizes.items() for n in ns for o in outs if o.request_id == f"ref-{k}-{n}"}
+
+
+def req(rid: str, prompt: list[int], max_tokens: int = 3, adapter: str | None = None) -> Request:
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), adapter)
+
+
+def idle(engine: LLMEngine) -> bool:
+    """No sequence, nothing scheduled, no KV block held. Read it in the engine thread, or with no thread running."""
+    s = engine.stats()
+    return engine.seqs == {} and (s.num_running, s.num_waiting, s.kv_blocks_used, engine.blocks.num_used) == (0,) * 4
+
+
+async def started(engine: LLMEngine) -> AsyncEngine:
+    assert idle(engine), "the previous test left work in the shared engine"
     ae = AsyncEngine(lambda: engine)
     ae.start()
     await ae.wait_ready()
+    assert ae.ready.is_set() and ae.engine is engine
     return ae
 
 
-async def until(cond, timeout: float = 5.0) -> None:
+async def until(cond, timeout: float = 30.0) -> None:
+    """Poll cond() (a value or an awaitable) until it is truthy."""
     for _ in range(int(timeout / 0.01)):
-        if cond():
+        value = cond()
+        if await value if inspect.isawaitable(value) else value:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached")
 
 
-def test_generate_streams_in_order_and_concurrently():
+async def stopped(ae: AsyncEngine) -> None:
+    await ae.shutdown()
+    assert ae.stopped.is_set() and not ae._thread.is_alive()
+    assert idle(ae.engine)
+
+
+def check_stream(outs: list[RequestOutput], ref: RequestOutput) -> None:
+    """One token per output, in order, the last one (only) finished by length; the text is the offline text."""
+    n = len(ref.new_token_ids)
+    assert [o.new_token_ids for o in outs] == [[t] for t in ref.new_token_ids]
+    assert [o.completion_tokens for o in outs] == list(range(1, n + 1))
+    assert [o.finished for o in outs] == [False] * (n - 1) + [True]
+    assert outs[-1].finish_reason == FinishReason.LENGTH and outs[-1].error is None
+    assert "".join(o.new_text for o in outs) == ref.new_text
+
+
+def test_generate_streams_in_order_and_concurrently(engine, ids, reference):
     async def main():
-        ae = await started(FakeEngine(step_delay=0.01))
+        ae = await started(engine)
+        a: list[RequestOutput] = []
+        b: list[RequestOutput] = []
+        a_running_after_b = None
 
-        async def run(rid: str, n: int) -> list[str]:
-            return [o.new_text async for o in ae.generate(req(rid, n))]
+        async def run_a():
+            nonlocal a_running_after_b
+            async for out in ae.generate(req("a", ids["a"], 16)):
+                a.append(out)
+                if len(a) == 1:  # b arrives while a runs, and (2 tokens) finishes long before a's 16
+                    b[:] = [o async for o in ae.generate(req("b", ids["b"], 2))]
+                    a_running_after_b = await ae.call(lambda: "a" in engine.seqs)
 
-        a, b = await asyncio.gather(run("a", 3), run("b", 5))
-        assert a == ["t1 ", "t2 ", "t3 "] and b == [f"t{i} " for i in range(1, 6)]
+        await run_a()
+        check_stream(a, reference["a", 16])
+        check_stream(b, reference["b", 2])
+        assert a_running_after_b is True  # the two were in flight together
         assert ae._streams == {}
-        await ae.shutdown()
+        await stopped(ae)
 
     asyncio.run(main())
 
 
-def test_add_errors_reach_the_caller_and_leave_nothing_behind():
+def test_add_errors_reach_the_caller_and_leave_nothing_behind(engine, ids):
     async def main():
-        engine = FakeEngine()
         ae = await started(engine)
         with pytest.raises(UnknownAdapterError):
-            await ae.add(req("x", adapter="nope"))
-        assert ae._streams == {} and engine.seqs == {}
-        await ae.shutdown()
+            await ae.add(req("x", ids["a"], adapter="nope"))
+        with pytest.raises(InvalidRequestError, match="empty"):
+            await ae.add(req("y", []))
+        assert ae._streams == {} and await ae.call(idle, engine)
+        await stopped(ae)
 
     asyncio.run(main())
 
 
-def test_call_runs_in_the_engine_thread_and_returns_results_and_exceptions():
+def test_call_runs_in_the_engine_thread_and_returns_results_and_exceptions(engine):
     async def main():
-        engine = FakeEngine()
         ae = await started(engine)
         thread = await ae.call(threading.current_thread)
-        assert thread.name == "hotlora-engine"
+        assert thread.name == "hotlora-engine" and thread is ae._thread and thread is not threading.current_thread()
         assert await ae.call(lambda a, b: a + b, 2, 3) == 5
+        stats = await ae.call(engine.stats)
+        assert isinstance(stats, EngineStats) and stats.kv_blocks_total == 64
         with pytest.raises(ZeroDivisionError):
             await ae.call(lambda: 1 / 0)
-        await ae.shutdown()
+        assert await ae.call(lambda: "still alive") == "still alive"
+        await stopped(ae)
         with pytest.raises(EngineDeadError):
             await ae.call(lambda: 1)
 
     asyncio.run(main())
 
 
-def test_cancelled_consumer_aborts_its_sequence():
+async def running_seq(ae: AsyncEngine, rid: str):
+    """The engine's Sequence for rid, once it holds KV blocks."""
+    engine = ae.engine
+    seq = await ae.call(lambda: engine.seqs[rid])
+    assert await ae.call(lambda: engine.blocks.num_used) > 0
+    return seq
+
+
+async def check_aborted(ae: AsyncEngine, seq) -> None:
+    """The sequence was aborted (not finished by length) and its KV blocks went back."""
+    await until(lambda: ae.call(idle, ae.engine))
+    assert seq.finish_reason == FinishReason.ABORT and seq.num_generated < LONG
+
+
+def test_cancelled_consumer_aborts_its_sequence(engine, ids):
     async def main():
-        engine = FakeEngine(step_delay=0.01)
         ae = await started(engine)
         seen = []
 
         async def consume():
-            async for out in ae.generate(req("long", 10_000)):
+            async for out in ae.generate(req("long", ids["a"], LONG)):
                 seen.append(out)
 
         task = asyncio.create_task(consume())
         await until(lambda: len(seen) >= 2)
+        seq = await running_seq(ae, "long")
         task.cancel()
-        await until(lambda: "long" in engine.aborted)
-        await until(lambda: not engine.has_unfinished())
-        assert ae._streams == {}
-        await ae.shutdown()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await check_aborted(ae, seq)
+        assert ae._streams == {} and not any(o.finished for o in seen)
+        await stopped(ae)
 
     asyncio.run(main())
 
 
-def test_breaking_out_of_a_stream_aborts_it():
+def test_breaking_out_of_a_stream_aborts_it(engine, ids):
     async def main():
-        engine = FakeEngine(step_delay=0.01)
         ae = await started(engine)
-        stream = await ae.add(req("s", 10_000))
-        async for _ in stream:
+        stream = await ae.add(req("s", ids["a"], LONG))
+        async for out in stream:
+            assert out.new_token_ids and not out.finished
             break
+        seq = await running_seq(ae, "s")
         stream.close()
-        await until(lambda: "s" in engine.aborted)
-        await ae.shutdown()
+        stream.close()  # twice is harmless
+        await check_aborted(ae, seq)
+        assert ae._streams == {}
+        assert [o async for o in stream] == []  # a closed stream yields nothing more
+        await stopped(ae)
 
     asyncio.run(main())
 
 
-def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on():
+def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(engine, ids, reference, monkeypatch):
     async def main():
-        engine = FakeEngine(step_delay=0.01)
         ae = await started(engine)
-        stream = await ae.add(req("doomed", 100))
-        engine.fail_next_step = True
+        real = engine.runner.execute
+        failed = []
+
+        def fails_once(batch):
+            if not failed:
+                failed.append([s.request_id for s in batch.seqs])
+                raise RuntimeError("injected")
+            return real(batch)
+
+        monkeypatch.setattr(engine.runner, "execute", fails_once)
+        stream = await ae.add(req("doomed", ids["a"], LONG))
         outs = [o async for o in stream]
-        assert outs[-1].finished and outs[-1].error
-        assert [o.new_text async for o in ae.generate(req("after", 2))] == ["t1 ", "t2 "]
-        await ae.shutdown()
+        assert failed == [["doomed"]]
+        assert len(outs) == 1 and outs[0].finished and outs[0].finish_reason == FinishReason.ABORT
+        assert outs[0].error == "internal engine error"
+        assert await ae.call(idle, engine)
+        after = [o async for o in ae.generate(req("after", ids["a"], 2))]
+        check_stream(after, reference["a", 2])
+        await stopped(ae)
 
     asyncio.run(main())
 
 
-def test_factory_failure_is_reported_by_wait_ready():
+def test_factory_failure_is_reported_by_wait_ready(hotlora_cache, tmp_path):
     async def main():
-        def boom():
-            raise RuntimeError("no model here")
-
-        ae = AsyncEngine(boom)
+        missing = tmp_path / "no-such-model"
+        ae = AsyncEngine(lambda: LLMEngine(config(hotlora_cache, model=str(missing))))
         ae.start()
-        with pytest.raises(RuntimeError, match="no model here"):
+        with pytest.raises(FileNotFoundError, match="no-such-model"):
             await ae.wait_ready()
+        assert ae.stopped.is_set() and not ae.ready.is_set() and isinstance(ae.error, FileNotFoundError)
         with pytest.raises(EngineDeadError):
-            await ae.add(req("x"))
+            await ae.add(req("x", [1, 2, 3]))
+        with pytest.raises(EngineDeadError):
+            await ae.call(lambda: 1)
+        await ae.shutdown()  # after a failed start: returns at once
 
     asyncio.run(main())
 
 
-def test_shutdown_aborts_in_flight_requests():
+def test_shutdown_aborts_in_flight_requests(engine, ids):
     async def main():
-        engine = FakeEngine(step_delay=0.01)
         ae = await started(engine)
-        await ae.add(req("a", 10_000))
-        await ae.shutdown()
-        assert "a" in engine.aborted and ae.stopped.is_set()
+        stream = await ae.add(req("a", ids["a"], LONG))
+        first = await anext(stream)
+        assert not first.finished
+        seq = await running_seq(ae, "a")
+        await stopped(ae)  # the thread has ended: the engine may be read from here
+        assert seq.finish_reason == FinishReason.ABORT and seq.num_generated < LONG
+        rest = [o async for o in stream]  # the open stream is ended, not left waiting
+        assert rest and rest[-1].finished and rest[-1].error == "the engine stopped"
+        assert ae._streams == {}
+        with pytest.raises(EngineDeadError):
+            await ae.add(req("late", ids["a"]))
 
     asyncio.run(main())
 
 
-def test_streams_end_when_the_engine_loop_dies():
+def test_streams_end_when_the_engine_loop_dies(engine, ids, monkeypatch):
     async def main():
-        engine = FakeEngine(step_delay=0.01)
         ae = await started(engine)
-        stream = await ae.add(req("orphan", 10_000))
-        await ae.call(lambda: setattr(engine, "has_unfinished", lambda: 1 / 0))  # the loop's next check raises
+        stream = await ae.add(req("orphan", ids["a"], LONG))
+        await anext(stream)
+
+        def dead() -> bool:
+            raise RuntimeError("injected")
+
+        await ae.call(monkeypatch.setattr, engine, "has_unfinished", dead)  # the loop's next check raises
         outs = [o async for o in stream]
-        assert outs[-1].finished and outs[-1].error == "the engine stopped"
-        assert ae.stopped.is_set()
+        assert outs[-1].finished and outs[-1].finish_reason == FinishReason.ABORT
+        assert outs[-1].error == "the engine stopped"
+        assert ae.stopped.is_set() and ae._streams == {}
+        ae._thread.join(5)
+        assert not ae._thread.is_alive()
+        with pytest.raises(EngineDeadError):
+            await ae.call(lambda: 1)
+        # The dead loop left the sequence in the engine; free it so the shared engine is idle again.
+        monkeypatch.undo()
+        assert "orphan" in engine.seqs
+        engine.abort("orphan")
+        assert idle(engine)
 
     asyncio.run(main())
