@@ -1,0 +1,117 @@
+"""Adapter residency in the engine: LRU eviction, never evicting a running adapter, pinning, hot swap, load failure."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.engine import LLMEngine
+from hotlora.server.engine.types import FinishReason, Request, SamplingParams
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(hotlora_cache, adapters) -> LLMEngine:
+    # two device slots for four adapters; rows for two rank-16 adapters
+    eng = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=hotlora_cache, max_loras=2,
+                                 max_lora_rank=16, kv_cache_memory=0.05))
+    for name, path in adapters.items():
+        eng.registry.register(name, path)
+    return eng
+
+
+@pytest.fixture(scope="module")
+def prompt(engine) -> list[int]:
+    return engine.tokenizer.encode("The three primary colours are")
+
+
+def _solo(engine: LLMEngine, prompt: list[int], adapter: str | None, rid: str) -> list[int]:
+    (out,) = engine.generate([Request(rid, prompt, PARAMS, adapter)])
+    assert out.error is None
+    return out.new_token_ids
+
+
+def _residency(engine: LLMEngine) -> dict[str, str]:
+    return {a.name: a.residency for a in engine.registry.info()}
+
+
+def test_lru_eviction_keeps_outputs(engine, prompt):
+    first = {name: _solo(engine, prompt, name, f"lru-{name}") for name in ("qv8", "all16", "mlp4rs")}
+    res = _residency(engine)
+    assert res["qv8"] != "device" and res["all16"] == "device" and res["mlp4rs"] == "device"  # qv8 was LRU
+    info = {a.name: a for a in engine.registry.info()}
+    assert info["qv8"].evictions >= 1 and info["qv8"].loads >= 1
+    again = _solo(engine, prompt, "qv8", "lru-qv8-again")  # reloaded into a slot: same weights, same tokens
+    assert again == first["qv8"]
+    assert {name: _solo(engine, prompt, name, f"hit-{name}") for name in ("mlp4rs",)}["mlp4rs"] == first["mlp4rs"]
+    assert info["qv8"].sha256 and len(info["qv8"].sha256) == 64
+
+
+def test_running_adapters_are_never_evicted(engine, prompt):
+    alone = {name: _solo(engine, prompt, name, f"alone-{name}") for name in ("qv8", "all16", "ku12")}
+    # three adapters, two slots: the third waits for a slot instead of evicting a running one
+    long = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    reqs = [Request(f"busy-{n}", prompt, long, n) for n in ("qv8", "all16", "ku12")]
+    for r in reqs:
+        engine.add_request(r)
+    tokens: dict[str, list[int]] = {}
+    for out in engine.step():
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    stats = engine.stats()
+    assert stats.num_running == 2 and len(stats.waiting_adapters) == 1
+    assert {*stats.running_adapters, *stats.waiting_adapters} == set(alone)
+    while engine.has_unfinished():
+        running = engine.stats().running_adapters
+        assert all(_residency(engine)[n] == "device" for n in running)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert {n: tokens[f"busy-{n}"] for n in alone} == alone
+    assert engine.blocks.num_used == 0
+
+
+def test_pinned_adapter_stays_resident(engine, prompt):
+    engine.registry.pin("mlp4rs")
+    try:
+        for name in ("qv8", "all16", "ku12", "qv8"):
+            _solo(engine, prompt, name, f"pin-{name}-{len(engine.registry.info())}")
+            assert _residency(engine)["mlp4rs"] == "device"
+        assert engine.registry.info()[[a.name for a in engine.registry.info()].index("mlp4rs")].pinned
+    finally:
+        engine.registry.unpin("mlp4rs")
+
+
+def test_hot_swap_running_sequence_finishes_on_old_weights(engine, prompt, peft_dirs):
+    # peft_dirs (B ~ N(0, 0.5)) change the output far more than `adapters`: two clearly different versions
+    engine.registry.register("swap", peft_dirs["a"])
+    old_tokens = _solo(engine, prompt, "swap", "swap-old")
+    engine.registry.register("swap", peft_dirs["x"])
+    new_tokens = _solo(engine, prompt, "swap", "swap-new-ref")
+    assert old_tokens != new_tokens
+    engine.registry.register("swap", peft_dirs["a"])
+    engine.add_request(Request("inflight", prompt, PARAMS, "swap"))
+    tokens: dict[str, list[int]] = {}
+    for out in engine.step():  # admitted on version "a"
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    engine.registry.register("swap", peft_dirs["x"])  # hot swap under the same name
+    engine.add_request(Request("after", prompt, PARAMS, "swap"))
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert tokens["inflight"] == old_tokens and tokens["after"] == new_tokens
+    engine.registry.remove("swap")
+
+
+def test_adapter_that_fails_to_load_fails_only_its_request(engine, prompt, adapters, tmp_path: Path):
+    broken = shutil.copytree(adapters["mlp4rs"], tmp_path / "broken")
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    engine.registry.register("broken", broken)
+    outs = engine.generate([Request("bad", prompt, PARAMS, "broken"), Request("good", prompt, PARAMS, None)])
+    assert outs[0].finished and outs[0].error and "broken" in outs[0].error
+    assert outs[0].finish_reason is FinishReason.ABORT
+    assert outs[1].error is None and len(outs[1].new_token_ids) == PARAMS.max_tokens
+    engine.registry.remove("broken")
+    assert engine.blocks.num_used == 0 and not engine.has_unfinished()
