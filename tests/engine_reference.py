@@ -29,7 +29,7 @@ def load_base(folder: Path, quant: str, device: str = "cpu", dtype: torch.dtype 
     return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kw).eval()
 
 
-def save_adapters(folder: Path, out: Path, b_std: float = 0.02) -> dict[str, Path]:
+def save_adapters(folder: Path, out: Path, b_std: float = 0.1) -> dict[str, Path]:
     """Save each ADAPTER_SPECS adapter with peft: random A (peft's init) and random non-zero B."""
     base = load_base(folder, "none")
     paths = {}
