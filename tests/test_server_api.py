@@ -1,5 +1,6 @@
-"""The HTTP API on a real uvicorn server over the real engine (the default model, --quant none): start-up,
-OpenAI shapes and errors, SSE, overload, disconnects, metrics, admin auth and uploads, the CLI."""
+"""The HTTP API on a real uvicorn server over the real engine (the default model, --quant none): OpenAI
+shapes and errors, SSE, overload, disconnects, metrics, admin auth and uploads, the CLI client.
+Start-up and the serve flags are in test_server_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import contextlib
 import io
 import json
 import tarfile
-import threading
 
 import httpx
 import openai
@@ -94,68 +94,6 @@ def long_body(model: str, stream: bool) -> dict:
 
 
 # --- start-up --------------------------------------------------------------------------------------
-
-
-def test_loading_then_ready_without_tokenizer_or_admin(tmp_path, hotlora_cache, default_model_dir):
-    """A second server: the default weights without tokenizer files, no admin token. The real engine
-    is built only once `gate` opens, so the loading phase can be observed for as long as needed."""
-    model = tmp_path / "no-tokenizer"
-    model.mkdir()
-    for f in default_model_dir.iterdir():
-        if not f.name.startswith(("tokenizer", "chat_template")):
-            (model / f.name).symlink_to(f)
-    settings = server_settings(tmp_path / "store", hotlora_cache, admin_token=None, model=str(model), max_loras=1)
-    gate = threading.Event()
-
-    def gated_engine():
-        from hotlora.server.engine.engine import LLMEngine
-
-        gate.wait(60)
-        return LLMEngine(settings.engine)
-
-    srv = ServerThread(settings, engine_factory=gated_engine)
-    srv.thread.start()
-    try:
-        until(lambda: srv.server.started, what="uvicorn started")
-        assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
-        r = httpx.get(srv.url + "/ready")
-        assert r.status_code == 503 and r.json() == {"status": "loading"}
-        r = httpx.post(srv.url + "/v1/completions", json={"model": "any", "prompt": [1]})
-        assert_openai_error(r, 503, "still loading")
-        assert r.headers["retry-after"] == "5"
-        gate.set()
-        ready = until(lambda: (r := httpx.get(srv.url + "/ready")).status_code == 200 and r, what="ready")
-        name = ready.json()["model"]
-        assert name == srv.state.model_name and name
-        assert_openai_error(httpx.get(srv.url + "/admin/adapters", headers=AUTH), 403, "HOTLORA_ADMIN_TOKEN")
-        r = httpx.post(srv.url + "/v1/completions", json={"model": name, "prompt": "text", "max_tokens": 1})
-        assert_openai_error(r, 400, "no tokenizer")
-        r = httpx.post(
-            srv.url + "/v1/completions", json={"model": name, "prompt": [1, 2, 3], "max_tokens": 2}, timeout=60
-        )
-        assert r.status_code == 200, r.text
-        assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    finally:
-        gate.set()
-        srv.stop()
-
-
-def test_engine_that_fails_to_load_is_reported(tmp_path, hotlora_cache):
-    missing = tmp_path / "no-such-model"
-    srv = ServerThread(server_settings(tmp_path / "store", hotlora_cache, model=str(missing)))
-    fatal: list[BaseException] = []
-    srv.state.on_fatal = fatal.append
-    srv.thread.start()
-    try:
-        until(lambda: fatal, what="the load error")
-        assert isinstance(fatal[0], FileNotFoundError) and str(missing) in str(fatal[0])
-        r = httpx.get(srv.url + "/ready")
-        assert r.status_code == 503 and r.json()["status"].startswith("failed:") and "no such file" in r.text
-        r = httpx.post(srv.url + "/v1/completions", json={"model": "x", "prompt": [1]})
-        assert_openai_error(r, 503, "failed to load")
-        assert_openai_error(httpx.get(srv.url + "/admin/adapters", headers=AUTH), 503, "no such file")
-    finally:
-        srv.stop()
 
 
 # --- OpenAI routes ---------------------------------------------------------------------------------
@@ -404,18 +342,3 @@ def test_cli_adapters_client(server, peft_dirs, capsys, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
     assert cli_main([*cli, "--token", "wrong", "list"]) == 1
     assert "invalid admin token" in capsys.readouterr().err
-
-
-def test_cli_serve_flags_and_env(monkeypatch):
-    from hotlora.server.cli import build_parser, engine_config, parse_size
-
-    monkeypatch.setenv("HOTLORA_MAX_LORAS", "3")
-    monkeypatch.setenv("HOTLORA_ADAPTER_DIR", "/tmp/adapters-env")
-    args = build_parser().parse_args(["serve", "--quant", "none", "--max-lora-rank", "32", "--port", "9000"])
-    cfg = engine_config(args)
-    assert (cfg.max_loras, cfg.max_lora_rank, cfg.quant, str(cfg.adapter_dir)) == (3, 32, "none", "/tmp/adapters-env")
-    assert args.port == 9000 and args.host == "127.0.0.1"
-    assert parse_size("2GiB") == 2 << 30 and parse_size("512M") == 512 << 20 and parse_size("100") == 100
-    monkeypatch.setenv("HOTLORA_QUANT", "int3")
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve"])
