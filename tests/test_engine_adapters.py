@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,32 @@ def test_adapter_that_fails_to_load_fails_only_its_request(engine, prompt, adapt
     assert outs[1].error is None and len(outs[1].new_token_ids) == PARAMS.max_tokens
     engine.registry.remove("broken")
     assert engine.blocks.num_used == 0 and not engine.has_unfinished()
+
+
+def test_cold_adapter_load_does_not_stall_other_requests(engine, prompt, adapters, monkeypatch, tmp_path: Path):
+    expected = _solo(engine, prompt, "ku12", "cold-ref")
+    cold = shutil.copytree(adapters["ku12"], tmp_path / "cold")
+    engine.registry.register("cold", cold)  # registered, never loaded
+    gate = threading.Event()
+    real_read = engine.registry._read
+
+    def slow_read(v):  # the real disk read, held back until the test has seen the others decode
+        gate.wait(30)
+        return real_read(v)
+
+    monkeypatch.setattr(engine.registry, "_read", slow_read)
+    long = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine.add_request(Request("warm", prompt, long, None))
+    engine.add_request(Request("coldreq", prompt, PARAMS, "cold"))
+    tokens: dict[str, list[int]] = {}
+    for _ in range(6):  # the base request decodes while the adapter is still on its way from disk
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert len(tokens["warm"]) == 6 and "coldreq" not in tokens
+    assert engine.stats().waiting_adapters == ["cold"]
+    gate.set()
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert tokens["coldreq"] == expected and len(tokens["warm"]) == 12
+    engine.registry.remove("cold")
