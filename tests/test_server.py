@@ -62,7 +62,14 @@ def test_chat_completion_through_the_template(client, server):
         model="a", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, **GREEDY
     )
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
-    assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens > 4
+    messages = [{"role": "user", "content": "Say hi"}]
+    text = server.state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    templated = server.state.tokenizer.encode(text, add_special_tokens=False)
+    assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens == len(templated)
+    chunks = list(client.chat.completions.create(model="a", messages=messages, max_tokens=4, stream=True, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_concurrent_streams_with_different_adapters_match_their_solo_outputs(client, server):

@@ -204,42 +204,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         extra = {"usage": None} if include_usage else {}
         obj = {"object": "chat.completion.chunk"}
 
+        def body_of(index: int, delta: dict[str, str], logprobs: Any, finish: str | None) -> dict[str, Any]:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return head | obj | {"choices": [choice]} | extra
+
         def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any]:
             delta = {"content": out.new_text} if out.new_text else {}
-            return (
-                head
-                | obj
-                | {
-                    "choices": [
-                        {
-                            "index": c.index,
-                            "delta": delta,
-                            "logprobs": _chat_logprobs(state, out.logprobs),
-                            "finish_reason": _finish(out),
-                        }
-                    ]
-                }
-                | extra
-            )
+            return body_of(c.index, delta, _chat_logprobs(state, out.logprobs), _finish(out))
 
-        first = [
-            _sse(
-                head
-                | obj
-                | {
-                    "choices": [
-                        {
-                            "index": c.index,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                }
-                | extra
-            )
-            for c in choices
-        ]
+        first = [_sse(body_of(c.index, {"role": "assistant", "content": ""}, None, None)) for c in choices]
         return StreamingResponse(
             _stream(choices, first, chunk, tally, include_usage, lambda u: head | obj | {"choices": [], "usage": u}),
             media_type="text/event-stream",
