@@ -1,0 +1,58 @@
+"""The engine's forward against transformers on each supported family: Llama (with Llama 3 rope scaling),
+Qwen2 (q/k/v bias), Mistral (GQA 4:1); random weights saved as HF folders, fp32, greedy."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from engine_reference import save_random_model
+from transformers import AutoModelForCausalLM
+
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.engine import LLMEngine
+from hotlora.server.engine.types import Request, SamplingParams
+
+N_TOKENS = 12
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def _model(preset: str, root: Path) -> Path:
+    if preset != "tiny-llama3":
+        return save_random_model(preset, root / preset)
+    folder = save_random_model("tiny", root / "tiny-llama3")  # same tensors, long-context rope scaling on
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | {"rope_scaling": LLAMA3_ROPE}))
+    return folder
+
+
+@torch.inference_mode()
+def _hf_greedy(model, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = []
+    for _ in range(N_TOKENS):
+        tok = int(model(input_ids=ids).logits[0, -1].argmax())
+        out.append(tok)
+        ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama3", "tiny-qwen2", "tiny-mistral"])
+def test_forward_matches_transformers(preset, tmp_path, hotlora_cache):
+    folder = _model(preset, tmp_path)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (3, 40, 90)]  # 90 > 64: scaled rope region
+    engine = LLMEngine(EngineConfig(model=str(folder), quant="none", cache_dir=hotlora_cache, max_loras=1,
+                                    max_lora_rank=8, num_kv_blocks=64, block_size=8))
+    params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = engine.generate([Request(f"p{i}", p, params) for i, p in enumerate(prompts)])
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.new_token_ids == _hf_greedy(hf, prompt)
+    assert engine.blocks.num_used == 0
+    shutil.rmtree(folder)
