@@ -1,9 +1,12 @@
 """Engine throughput on CPU: N concurrent mixed-adapter requests on the default model.
 
 Baseline, same requests, same process: transformers + peft generating the whole batch at once with
-PEFT's mixed-batch `adapter_names` (left-padded prompts, greedy, exactly --max-tokens new tokens).
+PEFT's mixed-batch `adapter_names` (left-padded prompts, greedy). With --varied each request asks for its
+own number of tokens (16..--max-tokens, as real traffic does): the engine retires each request when it is
+done, the static batch runs every row to the longest; only each request's own tokens are counted.
 
     .venv/bin/python bench/engine_cpu.py --requests 16 --adapters 4 --max-tokens 64 --quant none nf4
+    .venv/bin/python bench/engine_cpu.py --requests 32 --adapters 8 --max-tokens 128 --varied
 """
 
 from __future__ import annotations
@@ -46,21 +49,24 @@ def make_adapters(folder: Path, out: Path, n: int) -> dict[str, Path]:
     return paths
 
 
-def workload(tokenizer, n: int, adapters: list[str]) -> list[tuple[list[int], str | None]]:
+def workload(tokenizer, n: int, adapters: list[str], max_tokens: int,
+             varied: bool) -> list[tuple[list[int], str | None, int]]:
+    """(prompt ids, adapter or None, tokens to generate) per request; varied: lengths spread over 16..max_tokens."""
     names: list[str | None] = [*adapters, None]
+    span = max(1, max_tokens - 15)
     return [(tokenizer.encode(f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}, number {i}."),
-             names[i % len(names)]) for i in range(n)]
+             names[i % len(names)], 16 + (i * 37) % span if varied else max_tokens) for i in range(n)]
 
 
-def run_engine(quant: str, work, paths, max_tokens: int, repeat: int) -> tuple[float, int]:
+def run_engine(quant: str, work, paths, repeat: int) -> tuple[float, int]:
     engine = LLMEngine(EngineConfig(model=DEFAULT_MODEL, quant=quant, max_loras=len(paths), max_lora_rank=16))
     for name, path in paths.items():
         engine.registry.register(name, path)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine.generate([Request("warm", work[0][0], SamplingParams(max_tokens=2, temperature=0.0), work[0][1])])
     best = None
     for rep in range(repeat):  # the best of `repeat` runs, as for the baseline
-        reqs = [Request(f"r{rep}-{i}", ids, params, a) for i, (ids, a) in enumerate(work)]
+        reqs = [Request(f"r{rep}-{i}", ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), a)
+                for i, (ids, a, n) in enumerate(work)]
         t0 = time.perf_counter()
         outs = engine.generate(reqs)
         dt = time.perf_counter() - t0
@@ -69,17 +75,19 @@ def run_engine(quant: str, work, paths, max_tokens: int, repeat: int) -> tuple[f
 
 
 @torch.inference_mode()
-def run_peft(quant: str, folder: Path, work, paths, max_tokens: int, pad_id: int, repeat: int) -> tuple[float, int]:
+def run_peft(quant: str, folder: Path, work, paths, pad_id: int, repeat: int) -> tuple[float, int]:
+    """One static batch: every row runs to the longest request's length; only each request's own tokens count."""
     names = list(paths)
     model = PeftModel.from_pretrained(load_base(folder, quant), str(paths[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(str(paths[name]), adapter_name=name)
     model.eval()
-    width = max(len(ids) for ids, _ in work)
-    ids = torch.tensor([[pad_id] * (width - len(i)) + i for i, _ in work])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in work])
-    adapter_names = [a if a is not None else "__base__" for _, a in work]
-    kw = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad_id)
+    width = max(len(ids) for ids, _, _ in work)
+    longest = max(n for _, _, n in work)
+    ids = torch.tensor([[pad_id] * (width - len(i)) + i for i, _, _ in work])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _, _ in work])
+    adapter_names = [a if a is not None else "__base__" for _, a, _ in work]
+    kw = dict(max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=pad_id)
     model.generate(input_ids=ids[:1], attention_mask=mask[:1], adapter_names=adapter_names[:1], max_new_tokens=2,
                    do_sample=False, pad_token_id=pad_id)
     best = None
@@ -88,7 +96,8 @@ def run_peft(quant: str, folder: Path, work, paths, max_tokens: int, pad_id: int
         out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapter_names, **kw)
         dt = time.perf_counter() - t0
         best = min(best or dt, dt)
-    return best, (out.shape[1] - width) * len(work)
+    assert out.shape[1] - width == longest
+    return best, sum(n for _, _, n in work)
 
 
 def main() -> None:
@@ -98,6 +107,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--quant", nargs="+", default=["none", "nf4"])
     ap.add_argument("--repeat", type=int, default=2, help="best of N timed runs, for both sides")
+    ap.add_argument("--varied", action="store_true", help="each request its own length, 16..--max-tokens")
     args = ap.parse_args()
     ckpt = resolve_checkpoint(DEFAULT_MODEL)
     from transformers import AutoTokenizer
@@ -105,15 +115,15 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir), local_files_only=True)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(ckpt.path, Path(tmp), args.adapters)
-        work = workload(tokenizer, args.requests, list(paths))
+        work = workload(tokenizer, args.requests, list(paths), args.max_tokens, args.varied)
         rows = []
         for quant in args.quant:
-            e_dt, e_tok = run_engine(quant, work, paths, args.max_tokens, args.repeat)
-            p_dt, p_tok = run_peft(quant, ckpt.path, work, paths, args.max_tokens, tokenizer.pad_token_id or 0,
-                                   args.repeat)
+            e_dt, e_tok = run_engine(quant, work, paths, args.repeat)
+            p_dt, p_tok = run_peft(quant, ckpt.path, work, paths, tokenizer.pad_token_id or 0, args.repeat)
             rows.append((quant, e_tok / e_dt, p_tok / p_dt, e_dt, p_dt))
     print(f"\nCPU: {os.cpu_count()} cores, torch {torch.__version__}, {args.requests} requests, "
-          f"{args.adapters} adapters + base, {args.max_tokens} new tokens each, greedy, best of {args.repeat}\n")
+          f"{args.adapters} adapters + base, "
+          f"{'16..' if args.varied else ''}{args.max_tokens} new tokens each, greedy, best of {args.repeat}\n")
     print("| base | hotlora tok/s | transformers+peft (adapter_names) tok/s | speed-up | hotlora s | peft s |")
     print("|---|---|---|---|---|---|")
     for quant, e, p, e_dt, p_dt in rows:
