@@ -71,6 +71,7 @@ class _Stats:
     hits: int = 0
     last_used: float | None = None
     pinned: bool = False
+    evictions: int = 0  # of the name's earlier versions (the cache counts the current one's)
 
 
 def _hash_weights(v: AdapterVersion) -> None:
@@ -136,12 +137,20 @@ class AdapterRegistry:
             raise UnknownAdapterError(name) from None
 
     def _retire(self, version: AdapterVersion) -> None:
-        """Free the device slot of a replaced version now if idle (else when its last user releases it)."""
+        """Free the device slot of a replaced version now if idle (else when its last user releases it).
+
+        Its eviction count moves to the name's stats: the cache must not keep the version (and through
+        it the host copy of its weights) alive as a dictionary key.
+        """
         slot = self.cache.lookup(version)
         if slot is not None:
             self.cache.set_pinned(slot, False)
+        else:
+            version.host = None
         self.cache.evict(version)
-        version.host = None if slot is None else version.host
+        evicted = self.cache.evictions.pop(version, 0)
+        if version.name in self.stats:
+            self.stats[version.name].evictions += evicted
 
     # --- residency -------------------------------------------------------------------------------
 
@@ -260,7 +269,7 @@ class AdapterRegistry:
                 target_modules=sorted(v.config.target_modules), nbytes=v.file_bytes, sha256=v.sha256,
                 residency="device" if on_device else "host" if v.host is not None else "disk",
                 pinned=st.pinned, last_used=st.last_used, loads=st.loads, hits=st.hits,
-                evictions=self.cache.evictions.get(v, 0),
+                evictions=st.evictions + self.cache.evictions.get(v, 0),
             ))
         return out
 

@@ -103,6 +103,9 @@ def test_hot_swap_running_sequence_finishes_on_old_weights(engine, prompt, peft_
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert tokens["inflight"] == old_tokens and tokens["after"] == new_tokens
+    # replaced versions are gone from the device cache, its slots and its counters (no host copy kept alive)
+    current = set(engine.registry.current.values())
+    assert set(engine.registry.cache.evictions) <= current and set(engine.registry.cache.index) <= current
     engine.registry.remove("swap")
 
 
