@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -131,6 +131,23 @@ def _resolve_model(state: AppState, model: str) -> str | None:
         raise model_not_found(model)
     return adapter
 
+async def _final_choices(
+    request: Request, choices: list[gen.Choice], tally: _Tally, body: Callable[[list[RequestOutput]], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Non-streamed answer: wait for every choice (aborting on disconnect), count usage, one dict per choice
+    made of its index, `body(outputs)` and its finish reason."""
+    outs = await gen.until_disconnect(request, _collect(choices))
+    result = []
+    for c in choices:
+        o = outs[c.index]
+        tally.add(c, o[-1])
+        result.append({"index": c.index, **body(o), "finish_reason": _finish(o[-1])})
+    return result
+
+
+def _text(outs: list[RequestOutput]) -> str:
+    return "".join(x.new_text for x in outs)
+
 
 # --- /v1/completions -----------------------------------------------------------------------------------
 
@@ -166,19 +183,10 @@ async def completions(body: CompletionRequest, request: Request):
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    outs = await gen.until_disconnect(request, _collect(choices))
-    result = []
-    for c in choices:
-        o = outs[c.index]
-        tally.add(c, o[-1])
-        result.append(
-            {
-                "index": c.index,
-                "text": "".join(x.new_text for x in o),
-                "logprobs": _completion_logprobs(state, _joined_logprobs(o), 0),
-                "finish_reason": _finish(o[-1]),
-            }
-        )
+    result = await _final_choices(
+        request, choices, tally,
+        lambda o: {"text": _text(o), "logprobs": _completion_logprobs(state, _joined_logprobs(o), 0)},
+    )
     return JSONResponse(head | {"choices": result, "usage": tally.usage(), "system_fingerprint": None})
 
 
@@ -218,19 +226,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    outs = await gen.until_disconnect(request, _collect(choices))
-    result = []
-    for c in choices:
-        o = outs[c.index]
-        tally.add(c, o[-1])
-        result.append(
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": "".join(x.new_text for x in o)},
-                "logprobs": _chat_logprobs(state, _joined_logprobs(o)),
-                "finish_reason": _finish(o[-1]),
-            }
-        )
+    result = await _final_choices(
+        request, choices, tally,
+        lambda o: {"message": {"role": "assistant", "content": _text(o)},
+                   "logprobs": _chat_logprobs(state, _joined_logprobs(o))},
+    )
     return JSONResponse(head | {"object": "chat.completion", "choices": result, "usage": tally.usage()})
 
 
