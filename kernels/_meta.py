@@ -54,16 +54,14 @@ class LoraMeta:
     scale:        float32 [S]          lora_alpha / r (or lora_alpha / sqrt(r) for rslora)
     max_rank:     int                  largest rank any slot may have (sizes the workspace)
     block_m:      int                  tokens per tile
-    split_k:      int                  shrink splits over in_features (partials summed by the expand)
+    split_k:      int                  shrink splits over in_features (the last split to finish sums them)
     max_slices:   int                  most slices one lora_apply call may fuse (q, k, v = 3)
     sorted_tokens: int32 [T]           token indices sorted by slot, no-adapter tokens last
     slot_bounds:  int32 [S + 1]        slot s owns sorted positions slot_bounds[s] : slot_bounds[s + 1]
     tile_info:    int32 [max_tiles, 4] per tile: slot (-1 = idle tile, its programs exit at once), first and
                                        end sorted position (end <= start + block_m), row_start[slot]
-    workspace:    float32 [split_k, max_slices, T, max_rank]  shrink partials (one per split of in_features),
-                                       row = sorted position; the expand sums the splits
-    flags:        int32 [2, max_tiles, 3]  per (tile, slice) arrival and departure counters of the fused
-                                       single-launch kernel, zero between launches
+    workspace:    float32 [split_k, max_slices, T, max_rank]  shrink output, row = sorted position
+    split_count:  int32 [max_tiles * 3]  shrink split-K arrival counters, zero between launches
     """
 
     token_slots: torch.Tensor
@@ -77,7 +75,7 @@ class LoraMeta:
     slot_bounds: torch.Tensor
     tile_info: torch.Tensor
     workspace: torch.Tensor
-    flags: torch.Tensor
+    split_count: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -169,7 +167,7 @@ def build_lora_meta(
         slot_bounds=torch.empty(num_slots + 1, **i32),
         tile_info=torch.empty(max_tiles, 4, **i32),
         workspace=torch.empty(split_k, max_slices, num_tokens, max_rank, dtype=torch.float32, device=device),
-        flags=torch.zeros(2, max_tiles, 3, **i32),
+        split_count=torch.zeros(max_tiles * 3, **i32),
     )
     refresh_lora_meta(meta)
     return meta

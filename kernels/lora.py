@@ -1,4 +1,4 @@
-"""Batched multi-adapter LoRA (punica-style gather-matmul): every adapter of a batch in one or two launches.
+"""Batched multi-adapter LoRA (punica-style gather-matmul): every adapter of a batch in two launches.
 
 Weight layout (the "row pool", no padding to a maximum rank) and the per-step metadata are defined and
 documented in hotlora.kernels._meta and re-exported here:
@@ -19,22 +19,21 @@ Semantics of ``lora_apply(ys, x, slices, meta)`` (in place, fp32 accumulation, o
                         + scale[s] * (x[t].float() @ slices[i].a[rows].float().T) @ slices[i].b[rows].float()
                         ).to(ys[i].dtype)
 
-Dispatch: CUDA tensors go to the Triton kernels, up to three slices (e.g. q/k/v or gate/up) per launch:
-decode-sized batches (tiles of <= 16 tokens) take one persistent launch that does the shrink then the
-expand, larger batches a shrink launch and an expand launch (``KernelConfig.fused`` overrides). CPU tensors
-go to the torch reference, unless HOTLORA_TRITON_CPU=1 (used with TRITON_INTERPRET=1 to run the Triton
-kernels on the CPU). ``lora_apply_triton``, ``lora_shrink`` and ``lora_expand`` always take the Triton path.
+Dispatch: CUDA tensors go to the Triton kernels (one shrink launch and one expand launch for up to three
+slices, e.g. q/k/v or gate/up); CPU tensors go to the torch reference, unless HOTLORA_TRITON_CPU=1 (used
+with TRITON_INTERPRET=1 to run the Triton kernels on the CPU). ``lora_apply_triton``, ``lora_shrink`` and
+``lora_expand`` always take the Triton path.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
 from ._checks import check_all, check_slices, check_x, check_ys
-from ._launch import KernelConfig, kernel_config, launch_expand, launch_fused, launch_shrink, pdl
 from ._meta import LoraMeta, LoraSlice, build_lora_meta, refresh_lora_meta, refresh_lora_meta_triton
 from .reference import lora_apply_ref
 
@@ -53,6 +52,66 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Launch parameters of the two kernels; ``None`` fields take the defaults of ``kernel_config``.
+
+    shrink_block_k: in_features per K step; expand_block_n: output columns per program;
+    *_block_r: rank rows per step of each kernel's loop over a slot's own rank (ranks up to it take one step).
+    """
+
+    shrink_block_k: int | None = None
+    shrink_warps: int | None = None
+    shrink_stages: int | None = None
+    expand_block_n: int | None = None
+    expand_block_r: int | None = None
+    expand_warps: int | None = None
+    expand_stages: int | None = None
+
+
+def _block_r(meta: LoraMeta) -> int:
+    """One rank step covers ranks up to 64 (x and B rows loaded once); larger ranks loop in steps of 64."""
+    return min(max(16, 1 << (meta.max_rank - 1).bit_length()), 64)
+
+
+def kernel_config(meta: LoraMeta, widths: Sequence[int] = (), override: KernelConfig | None = None) -> KernelConfig:
+    """Defaults by tile height, rank and output width (tuned on the H100 with bench/lora_kernels.py --sweep),
+    then the override's fields."""
+    small = meta.block_m <= 16
+    block_r = _block_r(meta)
+    wide = max(widths, default=0) >= 8192 or block_r > 16 or not small
+    base = KernelConfig(
+        shrink_block_k=128,
+        shrink_warps=2 if small else 8,
+        shrink_stages=3 if small else 4,
+        expand_block_n=128 if wide else 256,
+        expand_block_r=block_r,
+        expand_warps=4,
+        expand_stages=2,
+    )
+    if override is None:
+        return base
+    return replace(
+        base, **{f: getattr(override, f) for f in KernelConfig.__slots__ if getattr(override, f) is not None}
+    )
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
+
+
+def _pad3(items: Sequence, fill=None) -> list:
+    items = list(items)
+    return items + [items[0] if fill is None else fill] * (3 - len(items))
+
+
+def _pdl(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch: compiled CUDA on Hopper or newer, unless HOTLORA_NO_PDL=1."""
+    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HOTLORA_NO_PDL") == "1":
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
 def lora_shrink(
     x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, config: KernelConfig | None = None
 ) -> None:
@@ -61,13 +120,40 @@ def lora_shrink(
     x: [T, in] fp16/bf16/fp32, unit column stride; slices[i].a: [pool_rows, in], x's dtype.
     For each slot s with tokens and each i with r = slices[i].rank[s] > 0, at the sorted positions
     p in slot_bounds[s] : slot_bounds[s + 1] (token t = sorted_tokens[p]):
-        meta.workspace[:, i, p, :r].sum(0) == x[t].float() @ slices[i].a[row_start[s] : row_start[s] + r].float().T
-    where workspace[j] holds the partial product over the j-th of meta.split_k ranges of in_features
-    (other workspace entries are left as they were).
+        meta.workspace[0, i, p, :r] == x[t].float() @ slices[i].a[row_start[s] : row_start[s] + r].float().T
+    (computed as meta.split_k partial sums over in_features in workspace[:, i, p, :r], added up into
+    workspace[0] by the last split to finish; other workspace entries are left as they were).
     """
     check_slices(slices, meta)
     check_x(x, slices, meta)
-    launch_shrink(x, slices, meta, kernel_config(meta, override=config), False)
+    _launch_shrink(x, slices, meta, kernel_config(meta, override=config))
+
+
+def _launch_shrink(
+    x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False
+) -> None:
+    from triton import cdiv
+
+    from ._lora_triton import lora_shrink_kernel
+
+    in_features = x.shape[1]
+    k_per_split = cdiv(cdiv(in_features, meta.split_k), cfg.shrink_block_k) * cfg.shrink_block_k
+    block_r = _block_r(meta)
+    ws = meta.workspace
+    a = _pad3([sl.a for sl in slices])
+    ranks = _pad3([sl.rank for sl in slices])
+    grid = (meta.max_tiles, meta.split_k, len(slices))
+    lora_shrink_kernel[grid](
+        x, x.stride(0),
+        *a, *(t.stride(0) for t in a),
+        *ranks,
+        ws, ws.stride(0), ws.stride(1), ws.stride(2),
+        meta.split_count, meta.sorted_tokens, meta.tile_info,
+        in_features, k_per_split,
+        SPLIT_K=meta.split_k, BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=cfg.shrink_block_k,
+        IEEE=x.dtype == torch.float32, PDL=pdl,
+        num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages,
+    )  # fmt: skip
 
 
 def lora_expand(
@@ -78,13 +164,42 @@ def lora_expand(
     ys[i]: [T, out_i] fp16/bf16/fp32 (one dtype for all), unit column stride (may be column slices of one
     fused output); slices[i].b: [pool_rows, out_i]. For every token t of slot s and i with r > 0 (p its
     sorted position):
-        h = meta.workspace[:, i, p, :r].sum(0)                 # the splits summed in order, in fp32
+        h = meta.workspace[0, i, p, :r]
         ys[i][t] = (ys[i][t].float() + scale[s] * h @ slices[i].b[rows].float()).to(ys[i].dtype)   # in place
     bf16/fp16 weights: h is rounded to the weight dtype for the tensor-core product (fp32 accumulate).
     """
     check_slices(slices, meta)
     check_ys(ys, slices, meta)
-    launch_expand(ys, slices, meta, kernel_config(meta, [sl.b.shape[1] for sl in slices], config), False)
+    _launch_expand(ys, slices, meta, kernel_config(meta, [sl.b.shape[1] for sl in slices], config))
+
+
+def _launch_expand(
+    ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False
+) -> None:
+    from triton import cdiv
+
+    from ._lora_triton import lora_expand_kernel
+
+    widths = [sl.b.shape[1] for sl in slices]
+    block_n = cfg.expand_block_n
+    nb_end = [sum(cdiv(n, block_n) for n in widths[: i + 1]) for i in range(len(widths))]
+    ws = meta.workspace
+    b = _pad3([sl.b for sl in slices])
+    yp = _pad3(ys)
+    ranks = _pad3([sl.rank for sl in slices])
+    grid = (meta.max_tiles, nb_end[-1])
+    extra = {"launch_pdl": True} if pdl else {}
+    lora_expand_kernel[grid](
+        ws, ws.stride(1), ws.stride(2),
+        *b, *(t.stride(0) for t in b),
+        *yp, *(t.stride(0) for t in yp),
+        *ranks,
+        *_pad3(widths, 0), *_pad3(nb_end, nb_end[-1])[:2],
+        meta.sorted_tokens, meta.tile_info, meta.scale,
+        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=cfg.expand_block_r,
+        IEEE=slices[0].b.dtype == torch.float32, PDL=pdl,
+        num_warps=cfg.expand_warps, num_stages=cfg.expand_stages, **extra,
+    )  # fmt: skip
 
 
 def lora_apply_triton(
@@ -94,23 +209,12 @@ def lora_apply_triton(
     meta: LoraMeta,
     config: KernelConfig | None = None,
 ) -> None:
-    """``lora_apply`` through the Triton kernels: one fused or two launches, no allocation, no host sync.
-
-    On Hopper the launches are programmatic dependent launches: the expand launch starts during the shrink
-    launch, the fused launch during the preceding kernel (and waits for it before reading anything).
-    """
+    """``lora_apply`` through the Triton kernels: two launches, no allocation, no host sync."""
     check_all(ys, x, slices, meta)
     cfg = kernel_config(meta, [sl.b.shape[1] for sl in slices], config)
-    use_pdl = pdl(x)
-    if cfg.fused:
-        launch_fused(ys, x, slices, meta, cfg, use_pdl)
-    else:
-        launch_shrink(x, slices, meta, cfg, use_pdl)
-        launch_expand(ys, slices, meta, cfg, use_pdl)
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
+    pdl = _pdl(x)  # the expand starts during the shrink, which immediately precedes it
+    _launch_shrink(x, slices, meta, cfg, pdl)
+    _launch_expand(ys, slices, meta, cfg, pdl)
 
 
 def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
