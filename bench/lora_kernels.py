@@ -7,8 +7,9 @@ bf16, r=16 unless said, tokens x distinct adapters. Times are medians of triton.
 replays of one CUDA graph that applies the op to P rotating input sets (different x, pools and outputs,
 P * bytes >= 4x L2, so the bytes come from HBM, not L2), divided by P. GB/s counts the minimal bytes:
 x once, each distinct adapter's A and B rows once, y read and written once for tokens with an adapter.
-Baselines in the same run: a per-adapter torch loop (index_select, two matmuls, index_add; eager and
-in a CUDA graph) and a padded-to-max-rank torch bmm (graph).
+"same-bytes copy" is a plain device copy moving the op's minimal bytes, timed the same way: the cost of
+the bytes alone at this size. Baselines in the same run: a per-adapter torch loop (index_select, two
+matmuls, index_add; eager and in a CUDA graph) and a padded-to-max-rank torch bmm (graph).
 """
 
 from __future__ import annotations
@@ -101,6 +102,17 @@ def graph_time_us(fn_per_set, count: int, rep: int = 200) -> float:
     return ms * 1e3 / count
 
 
+def same_bytes_copy_us(set_bytes: int, count: int) -> float:
+    """graph_time_us of a plain device copy that reads and writes set_bytes in all (rotating buffers): what
+    moving the op's minimal bytes costs at this size, launch and DRAM latency included."""
+    n = set_bytes // 4  # bf16 elements: n * 2 bytes read + n * 2 bytes written
+    bufs = [
+        (torch.empty(n, device="cuda", dtype=DT).normal_(), torch.empty(n, device="cuda", dtype=DT))
+        for _ in range(count)
+    ]
+    return graph_time_us(lambda i: bufs[i][1].copy_(bufs[i][0]), count)
+
+
 def eager_time_us(fn_per_set, count: int) -> float:
     state = {"i": 0}
 
@@ -156,6 +168,7 @@ def bench_case(spec: Spec, config: KernelConfig | None = None, split_k: int | No
         lambda i: lora_apply_triton(sets[i].ys, sets[i].x, sets[i].slices, meta, config), count
     )
     res["gbps"] = set_bytes / res["triton_us"] / 1e3
+    res["copy_same_us"] = same_bytes_copy_us(set_bytes, count)
     res["triton_eager_us"] = eager_time_us(
         lambda i: lora_apply_triton(sets[i].ys, sets[i].x, sets[i].slices, meta, config), count
     )
@@ -264,9 +277,9 @@ def markdown(rows: list[dict], copy_gbps: float, device: str) -> str:
     head = (
         f"Device: {device}; measured copy bandwidth {copy_gbps:.0f} GB/s (read + write of a 1 GiB buffer). "
         "bf16, CUDA-graph replay medians over rotating input sets (HBM, not L2).\n\n"
-        "| case | Triton us | GB/s | % copy | eager us | torch loop eager us | torch loop graph us "
-        "| padded bmm graph us | x loop eager | x loop graph |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| case | Triton us | GB/s | % copy | same-bytes copy us | eager us | torch loop eager us "
+        "| torch loop graph us | padded bmm graph us | x loop eager | x loop graph |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
 
     def f(r: dict, k: str, fmt: str = "{:.1f}") -> str:
@@ -277,7 +290,7 @@ def markdown(rows: list[dict], copy_gbps: float, device: str) -> str:
         t = r["triton_us"]
         lines.append(
             f"| {r['case']} | {t:.1f} | {r['gbps']:.0f} | {100 * r['gbps'] / copy_gbps:.0f}% "
-            f"| {f(r, 'triton_eager_us')} | {f(r, 'loop_eager_us')} | {f(r, 'loop_graph_us')} "
+            f"| {f(r, 'copy_same_us')} | {f(r, 'triton_eager_us')} | {f(r, 'loop_eager_us')} | {f(r, 'loop_graph_us')} "
             f"| {f(r, 'bmm_graph_us')} | {r.get('loop_eager_us', 0) / t:.1f}x | {r.get('loop_graph_us', 0) / t:.1f}x |"
         )
     return head + "\n".join(lines) + "\n"
@@ -290,6 +303,7 @@ def main() -> None:
     ap.add_argument("--markdown", help="write the table here")
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--skip-main", action="store_true", help="only the sweep")
+    ap.add_argument("--only", nargs="*", default=[], help="only the cases whose name contains one of these")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
@@ -304,6 +318,8 @@ def main() -> None:
         return
     rows = []
     for spec in specs(args.quick):
+        if args.only and not any(o in spec.name for o in args.only):
+            continue
         try:
             rows.append(bench_case(spec))
         except Exception as exc:
