@@ -118,7 +118,7 @@ class AdapterRegistry:
         if old is not None:
             self._retire(old)
         if loaded is not None:
-            self._trim_host()
+            self._trim_host(keep=version)
         else:  # hashing a large file is disk-bound: keep it off the engine thread
             self._pool.submit(_hash_weights, version)
         return version
@@ -202,7 +202,7 @@ class AdapterRegistry:
             raise AdapterError(v.error) from None
         finally:
             v.loading = None
-        self._trim_host()
+        self._trim_host(keep=v)
         return v.host
 
     def _read(self, v: AdapterVersion) -> LoraAdapter:
@@ -210,13 +210,15 @@ class AdapterRegistry:
         check_compatible(adapter, self.linear_shapes, self.num_layers, self.max_rank)
         return adapter
 
-    def _trim_host(self) -> None:
-        """Drop host copies of adapters not on the device, least recently used first, down to the budget."""
-        hosted = [v for v in self.current.values() if v.host is not None]
-        total = sum(v.host.nbytes for v in hosted)
-        idle = [v for v in hosted if self.cache.lookup(v) is None]
-        idle.sort(key=lambda v: self.stats[v.name].last_used or 0.0)
-        for v in idle:
+    def _trim_host(self, keep: AdapterVersion) -> None:
+        """Drop host copies, least recently used first, down to the budget; never `keep`'s, which is about to
+        be copied to the device (dropping it would make that load start over, forever, once the copies of
+        the adapters on the device alone exceed the budget). A dropped copy is read from disk again if
+        its adapter is evicted from the device and used later."""
+        hosted = [v for v in self.current.values() if v.host is not None and v is not keep]
+        total = sum(v.host.nbytes for v in hosted) + (keep.host.nbytes if keep.host is not None else 0)
+        hosted.sort(key=lambda v: self.stats[v.name].last_used or 0.0)
+        for v in hosted:
             if total <= self.host_budget:
                 break
             total -= v.host.nbytes

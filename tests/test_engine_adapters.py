@@ -148,3 +148,27 @@ def test_cold_adapter_load_does_not_stall_other_requests(engine, prompt, adapter
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert tokens["coldreq"] == expected and len(tokens["warm"]) == 12
     engine.registry.remove("cold")
+
+
+def test_host_budget_below_one_adapter_still_serves(engine, prompt):
+    """With a host budget smaller than any adapter, every load still reaches the device (the copy being
+    loaded is never the one trimmed), and at most that one copy stays in host memory."""
+    alone = {name: _solo(engine, prompt, name, f"budget-ref-{name}") for name in ("qv8", "all16", "ku12", "mlp4rs")}
+    budget = engine.registry.host_budget
+    engine.registry.host_budget = 1
+    try:
+        for v in engine.registry.current.values():
+            engine.registry.cache.evict(v)  # cold start: every adapter comes from disk again
+            v.host = None
+        for r in (Request(f"budget-{n}", prompt, PARAMS, n) for n in alone):
+            engine.add_request(r)
+        tokens: dict[str, list[int]] = {}
+        for _ in range(500):  # a load that keeps starting over never finishes
+            if not engine.has_unfinished():
+                break
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            assert sum(v.host is not None for v in engine.registry.current.values()) <= 1
+        assert {n: tokens.get(f"budget-{n}") for n in alone} == alone
+    finally:
+        engine.registry.host_budget = budget
