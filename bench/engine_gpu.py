@@ -140,6 +140,18 @@ def engine_decode_rate(engine: LLMEngine, prompts: list[list[int]], new: int, ad
     return decoded / (time.perf_counter() - t_first)
 
 
+def profile_decode(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None]) -> None:
+    """Where a decode step's time goes: torch.profiler's top operators by device and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine_decode_rate(engine, prompts, 4, adapters)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=activities) as prof:
+        engine_decode_rate(engine, prompts, 8, adapters)
+    for key in ("self_cuda_time_total", "self_cpu_time_total") if DEV == "cuda" else ("self_cpu_time_total",):
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+
+
 def write_adapter(folder: Path, preset: str, rank: int) -> Path:
     """One PEFT-format LoRA folder (r=`rank` on all 7 projections, random A and B) for the preset's shapes.
 
@@ -184,6 +196,8 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path) -> dict[str, f
         engine_decode_rate(engine, prompts, 4, adapters)  # warm-up: Triton compiles, adapters load
         rows[name] = engine_decode_rate(engine, prompts, args.new, adapters)
         log(f"engine: {name} {rows[name]:.0f} tok/s")
+    if args.profile:
+        profile_decode(engine, prompts, cases[f"{args.adapters} distinct"])
     engine.registry.close()
     del engine
     gc.collect()
@@ -202,6 +216,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="tokens per request for hotlora")
     ap.add_argument("--hf-new", type=int, default=16, help="tokens per request for the (slow) baseline")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--profile", action="store_true", help="also profile 8 decode steps of the distinct case")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 49152, (args.batch, args.prompt), generator=g)
