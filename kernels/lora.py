@@ -27,6 +27,7 @@ with TRITON_INTERPRET=1 to run the Triton kernels on the CPU). ``lora_apply_trit
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -105,11 +106,16 @@ def _pad3(items: Sequence, fill=None) -> list:
     return items + [items[0] if fill is None else fill] * (3 - len(items))
 
 
+@functools.cache
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def _pdl(t: torch.Tensor) -> bool:
     """Programmatic dependent launch: compiled CUDA on Hopper or newer, unless HOTLORA_NO_PDL=1."""
     if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HOTLORA_NO_PDL") == "1":
         return False
-    return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def lora_shrink(
