@@ -32,6 +32,13 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " "))
 
 
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (true or false)")
+    return value in ("1", "true", "yes", "on")
+
+
 def optional_int(text: str) -> int | None:
     return None if str(text).lower() in ("", "none", "auto") else int(text)
 
@@ -86,6 +93,7 @@ SERVE_OPTIONS = (
     Opt("kv-cache-memory", float, "KV-cache size: a fraction of free GPU memory on cuda, GiB on cpu"),
     Opt("max-waiting", int, "requests allowed to wait for a slot; more are answered 429"),
     Opt("seed", int, "seed for requests that do not give one"),
+    Opt("cuda-graphs", parse_bool, "replay decode steps from CUDA graphs on cuda: true or false"),
     Opt("host", str, "address to listen on", engine=False),
     Opt("port", int, "port to listen on", engine=False),
     Opt(

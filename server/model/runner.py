@@ -14,6 +14,7 @@ from hotlora.server.engine.scheduler import ScheduledBatch
 from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.types import TokenLogprob
 from hotlora.server.model.attention import AttentionMeta
+from hotlora.server.model.graphs import DecodeGraphs
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
 from hotlora.server.model.sampler import SampleRequest, sample
 from hotlora.server.model.weights import resolve_checkpoint
@@ -68,9 +69,18 @@ class ModelRunner:
         for layer, slices in zip(self.model.layers, self.lora_cache.layers, strict=True):
             layer.lora = slices
         self.num_kv_blocks = self._size_kv_cache()
-        self.model.allocate_kv_cache(self.num_kv_blocks, self.block_size)
+        # one block more than the block manager hands out: where the padding rows of a decode graph write
+        self.model.allocate_kv_cache(self.num_kv_blocks + 1, self.block_size)
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
         self._rng = torch.Generator().manual_seed(config.seed)
+        self.graphs: DecodeGraphs | None = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.graphs = self.decode_graphs(capture=True)
+
+    def decode_graphs(self, capture: bool) -> DecodeGraphs:
+        """Padded static decode steps, replayed from CUDA graphs (capture=False: run eagerly, for tests)."""
+        return DecodeGraphs(self.model, self.lora_cache, self.num_kv_blocks, self.block_size, self.config.max_num_seqs,
+                            -(-self.max_model_len // self.block_size), self.config.max_lora_rank, capture)
 
     def _size_kv_cache(self) -> int:
         cfg = self.model_config
@@ -93,8 +103,11 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
         flat = self._flatten(seqs, counts)
-        fwd = self._tensors(seqs, counts, flat)
-        logits = self.model.forward(fwd)
+        logits = None
+        if self.graphs is not None and all(n == 1 for n in counts):
+            logits = self.graphs.forward(seqs, flat.lora_slots, flat.input_ids, flat.positions, flat.slots)
+        if logits is None:
+            logits = self.model.forward(self._tensors(seqs, counts, flat))
         requests = [self._sample_request(seqs[i]) for i in flat.sampled_seqs]
         tokens, logprobs = sample(logits, requests)
         results: list[Sampled | None] = [None] * len(batch.seqs)
