@@ -120,6 +120,10 @@ class DecodeGraphs:
         return self.model.forward(b.batch)
 
     def _capture(self, b: _Bucket) -> None:
+        with torch.cuda.device(self.model.device):  # the graph and its streams on the model's device (cuda:N)
+            self._capture_on_device(b)
+
+    def _capture_on_device(self, b: _Bucket) -> None:
         current = torch.cuda.current_stream(self.model.device)
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(current)
