@@ -120,6 +120,22 @@ def teacher_forced_gaps(ref: Reference, work, outs, n_tokens: int) -> list[tuple
     return res
 
 
+def drain(engine, arrivals: dict[int, list]) -> dict[str, list[int]]:
+    """Add each step's arrivals (step index -> Requests), step until everything finishes; tokens per request.
+    No output may carry an error."""
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while arrivals or engine.has_unfinished():
+        for req in arrivals.pop(step, []):
+            engine.add_request(req)
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+        assert step < 2000
+    return tokens
+
+
 def run_engine_mixed(adapters: dict[str, Path], work, n_tokens: int, **config):
     """The mixed batch through LLMEngine, greedy with logprobs; checks nothing is left allocated."""
     from hotlora.server.engine.config import EngineConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from engine_reference import drain
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -38,24 +39,10 @@ def alone(engine) -> list[list[int]]:
     return out
 
 
-def _drain(engine: LLMEngine, arrivals: dict[int, list[Request]]) -> dict[str, list[int]]:
-    """Add each step's arrivals, step until everything finishes; tokens per request."""
-    tokens: dict[str, list[int]] = {}
-    step = 0
-    while arrivals or engine.has_unfinished():
-        for req in arrivals.pop(step, []):
-            engine.add_request(req)
-        for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        step += 1
-        assert step < 2000
-    return tokens
-
-
 def test_staggered_arrivals_match_running_alone(engine, alone):
     tok = engine.tokenizer
     arrivals = {3 * i: [Request(f"s{i}", tok.encode(p), GREEDY)] for i, p in enumerate(PROMPTS)}
-    got = _drain(engine, arrivals)
+    got = drain(engine, arrivals)
     assert [got[f"s{i}"] for i in range(len(PROMPTS))] == alone
     assert engine.blocks.num_used == 0
 
@@ -65,7 +52,7 @@ def test_preemption_and_chunked_prefill_keep_outputs(hotlora_cache, alone):
     # 8 tokens per step -> every prompt is prefilled in chunks.
     small = _engine(hotlora_cache, num_kv_blocks=12, block_size=4, max_num_batched_tokens=8)
     tok = small.tokenizer
-    got = _drain(small, {0: [Request(f"p{i}", tok.encode(p), GREEDY) for i, p in enumerate(PROMPTS)]})
+    got = drain(small, {0: [Request(f"p{i}", tok.encode(p), GREEDY) for i, p in enumerate(PROMPTS)]})
     assert small.scheduler.num_preemptions > 0
     assert [got[f"p{i}"] for i in range(len(PROMPTS))] == alone
     assert small.blocks.num_used == 0 and all(c == 0 for c in small.blocks.ref_counts)
@@ -78,7 +65,7 @@ def test_abort_frees_blocks_and_others_finish(engine, alone):
     for _ in range(3):
         engine.step()
     engine.abort("drop")
-    got = _drain(engine, {})
+    got = drain(engine, {})
     assert "drop" not in engine.seqs and got["keep"][-9:] == alone[0][-9:]
     assert engine.blocks.num_used == 0
 

@@ -5,6 +5,7 @@ against the unpadded eager path. tests/test_engine_gpu.py covers the captured gr
 from __future__ import annotations
 
 import pytest
+from engine_reference import drain
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -27,21 +28,10 @@ def engine(hotlora_cache, adapters) -> LLMEngine:
 
 
 def _staggered(engine: LLMEngine, names: list[str | None]) -> dict[str, list[int]]:
-    """Requests join two at a time while others decode, so the batch size (and its row bucket) changes."""
+    """Requests join two every third step while others decode, so the batch size (and its row bucket) changes."""
     pairs = enumerate(zip(PROMPTS, names, strict=True))
-    pending = [Request(f"g{i}", engine.tokenizer.encode(p), GREEDY, n) for i, (p, n) in pairs]
-    tokens: dict[str, list[int]] = {}
-    step = 0
-    while pending or engine.has_unfinished():
-        if step % 3 == 0:
-            for r in pending[:2]:
-                engine.add_request(r)
-            pending = pending[2:]
-        for out in engine.step():
-            assert out.error is None
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        step += 1
-    return tokens
+    reqs = [Request(f"g{i}", engine.tokenizer.encode(p), GREEDY, n) for i, (p, n) in pairs]
+    return drain(engine, {3 * (i // 2): reqs[i : i + 2] for i in range(0, len(reqs), 2)})
 
 
 def test_row_buckets():
