@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton.language as tl
@@ -170,18 +170,23 @@ class Nf4Config:
     lookup: int = LOOKUP_TABLE  # LOOKUP_PRMT: in-register lookup (scale_after, 16-bit x, CUDA only)
 
 
-# (max M, config) by M bucket; swept on the H200 with bench/nf4_gemm.py --sweep (bf16, Llama-3-8B shapes).
+# (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep (bf16, Llama-3-8B shapes;
+# BENCHMARKS.md): non-swapped small tiles up to 32 rows, weights-first (swap_ab) up to 256, then dequantize +
+# cuBLAS. Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K slices.
 _CONFIGS: tuple[tuple[int, Nf4Config], ...] = (
     (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT)),
-    (32, Nf4Config(32, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT)),
+    (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT)),
     (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT)),
-    (256, Nf4Config(64, 128, 2, 8, swap_ab=True, lookup=LOOKUP_PRMT)),
+    (256, Nf4Config(128, 64, 2, swap_ab=True, lookup=LOOKUP_PRMT)),
     (1 << 62, Nf4Config(128, 128, dense=True)),
 )
 
 
 def pick_config(m: int, n: int, k: int) -> Nf4Config:
-    return next(c for hi, c in _CONFIGS if m <= hi)
+    cfg = next(c for hi, c in _CONFIGS if m <= hi)
+    if n >= 16384 and cfg.split_k > 1 and not cfg.dense:
+        cfg = replace(cfg, split_k=cfg.split_k // 2)
+    return cfg
 
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
