@@ -58,18 +58,10 @@ def _group_bytes(w_ptr, offs_n, mask_n, g, stride_wn):
 
 
 @triton.jit
-def _group_codes(w_ptr, offs_n, mask_n, g, stride_wn):
-    """Codes of group g: (high nibbles = columns 128g .. +64, low nibbles = 128g + 64 .. +64)."""
-    codes = _group_bytes(w_ptr, offs_n, mask_n, g, stride_wn)
-    return codes >> 4, codes & 15
-
-
-@triton.jit
-def _group_values(w_ptr, lut_ptr, offs_n, mask_n, g, stride_wn, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
-    """NF4 code values of group g (high half, low half): table loads, or (LOOKUP_PRMT, 16-bit V_DTYPE on
-    NVIDIA) byte permutes against the table held in registers (_prmt_asm)."""
+def _group_values(raw, lut_ptr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
+    """NF4 code values of a group's bytes (high half, low half): table loads, or (LOOKUP_PRMT, 16-bit
+    V_DTYPE on NVIDIA) byte permutes against the table held in registers (_prmt_asm)."""
     if LOOKUP == 1:
-        raw = _group_bytes(w_ptr, offs_n, mask_n, g, stride_wn)
         if tl.bfloat16 == V_DTYPE:
             v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_BF16, "=r,=r,=r,=r,r", [raw],
                                                    dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
@@ -77,12 +69,10 @@ def _group_values(w_ptr, lut_ptr, offs_n, mask_n, g, stride_wn, LOOKUP: tl.const
             v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_FP16, "=r,=r,=r,=r,r", [raw],
                                                    dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     elif LOOKUP == 2:
-        c_hi, c_lo = _group_codes(w_ptr, offs_n, mask_n, g, stride_wn)
-        v_hi, v_lo = c_hi.to(V_DTYPE), c_lo.to(V_DTYPE)
+        v_hi, v_lo = (raw >> 4).to(V_DTYPE), (raw & 15).to(V_DTYPE)
     else:
-        c_hi, c_lo = _group_codes(w_ptr, offs_n, mask_n, g, stride_wn)
-        v_hi = tl.load(lut_ptr + c_hi)
-        v_lo = tl.load(lut_ptr + c_lo)
+        v_hi = tl.load(lut_ptr + (raw >> 4))
+        v_lo = tl.load(lut_ptr + (raw & 15))
     return v_hi, v_lo
 
 
@@ -100,10 +90,10 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     mask_n = offs_n < N
-    c_hi, c_lo = _group_codes(w_ptr, offs_n, mask_n, g, stride_wn)
+    v_hi, v_lo = _group_values(_group_bytes(w_ptr, offs_n, mask_n, g, stride_wn), lut_ptr, 0, tl.float32)
     a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_n, g, stride_an)
-    w_hi = tl.load(lut_ptr + c_hi) * a_hi[:, None]  # fp32 product, as bitsandbytes computes it
-    w_lo = tl.load(lut_ptr + c_lo) * a_lo[:, None]
+    w_hi = v_hi * a_hi[:, None]  # fp32 product, as bitsandbytes computes it
+    w_lo = v_lo * a_lo[:, None]
     offs_k = g * 128 + tl.arange(0, 64)
     ptrs = out_ptr + offs_n[:, None] * stride_on + offs_k[None, :]
     tl.store(ptrs, w_hi.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_k[None, :] < K))
@@ -111,18 +101,56 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
 
 
 @triton.jit
+def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, valid, K, NUM_G,
+                stride_xm, stride_wn, stride_an):
+    """Everything one 128-column group g needs: x's two [BLOCK_M, 64] halves, the weight bytes, the scales.
+    Nothing is read where `valid` is False or g is past the last group (split-K slices may run past it)."""
+    offs_k = g * 128 + tl.arange(0, 64)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    mask_x = mask_m[:, None] & valid
+    x_hi = tl.load(x_ptrs, mask=mask_x & (offs_k[None, :] < K), other=0.0)
+    x_lo = tl.load(x_ptrs + 64, mask=mask_x & (offs_k[None, :] + 64 < K), other=0.0)
+    mask_g = mask_n & (g < NUM_G) & valid
+    raw = _group_bytes(w_ptr, offs_n, mask_g, g, stride_wn)
+    a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_g, g, stride_an)
+    return x_hi, x_lo, raw, a_hi, a_lo
+
+
+@triton.jit
+def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
+    """acc (+)= one group's contribution (acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else [BLOCK_M, BLOCK_N])."""
+    v_hi, v_lo = _group_values(raw, lut_ptr, LOOKUP, V_DTYPE)
+    if SWAP_AB:
+        p_hi = tl.dot(v_hi, tl.trans(x_hi), input_precision=PRECISION)
+        p_lo = tl.dot(v_lo, tl.trans(x_lo), input_precision=PRECISION)
+        acc += p_hi * a_hi[:, None] + p_lo * a_lo[:, None]
+    elif SCALE_AFTER:
+        p_hi = tl.dot(x_hi, tl.trans(v_hi), input_precision=PRECISION)
+        p_lo = tl.dot(x_lo, tl.trans(v_lo), input_precision=PRECISION)
+        acc += p_hi * a_hi[None, :] + p_lo * a_lo[None, :]
+    else:
+        w_hi = (v_hi * a_hi[:, None]).to(W_DTYPE).to(x_hi.dtype)
+        w_lo = (v_lo * a_lo[:, None]).to(W_DTYPE).to(x_hi.dtype)
+        acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
+        acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
                       M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
                       HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                       SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
-                      V_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr):
+                      V_DTYPE: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE_AFTER (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
     [BLOCK_M, BLOCK_N] partial by its absmax; else (large M) scale the weights first, as dequantize_4bit
-    does (lut in fp32, product rounded to W_DTYPE). With SPLIT_K > 1 each program writes its K-slice's
-    fp32 sum to part[pid_k] and nf4_reduce_kernel finishes.
+    does (lut in fp32, product rounded to W_DTYPE). PREFETCH issues group i+1's loads before group i's
+    math (register double-buffering). With SPLIT_K > 1 each program writes its K-slice's fp32 sum to
+    part[pid_k] and nf4_reduce_kernel finishes.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -141,28 +169,23 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(ITERS):  # constexpr: the interpreter cannot loop over a run-time scalar argument
-        g = pid_k * ITERS + i
-        offs_k = g * 128 + tl.arange(0, 64)
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-        x_hi = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        x_lo = tl.load(x_ptrs + 64, mask=mask_m[:, None] & (offs_k[None, :] + 64 < K), other=0.0)
-        mask_g = mask_n & (g < NUM_G)  # split-K slices may run past the last group
-        v_hi, v_lo = _group_values(w_ptr, lut_ptr, offs_n, mask_g, g, stride_wn, LOOKUP, V_DTYPE)
-        a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_g, g, stride_an)
-        if SWAP_AB:
-            p_hi = tl.dot(v_hi, tl.trans(x_hi), input_precision=PRECISION)
-            p_lo = tl.dot(v_lo, tl.trans(x_lo), input_precision=PRECISION)
-            acc += p_hi * a_hi[:, None] + p_lo * a_lo[:, None]
-        elif SCALE_AFTER:
-            p_hi = tl.dot(x_hi, tl.trans(v_hi), input_precision=PRECISION)
-            p_lo = tl.dot(x_lo, tl.trans(v_lo), input_precision=PRECISION)
-            acc += p_hi * a_hi[None, :] + p_lo * a_lo[None, :]
-        else:
-            w_hi = (v_hi * a_hi[:, None]).to(W_DTYPE).to(x_hi.dtype)
-            w_lo = (v_lo * a_lo[:, None]).to(W_DTYPE).to(x_hi.dtype)
-            acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
-            acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
+    g0 = pid_k * ITERS
+    if PREFETCH:
+        xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0, True,
+                                          K, NUM_G, stride_xm, stride_wn, stride_an)
+        for i in range(ITERS):  # constexpr: the interpreter cannot loop over a run-time scalar argument
+            nxh, nxl, nraw, nah, nal = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n,
+                                                   g0 + i + 1, i + 1 < ITERS, K, NUM_G, stride_xm, stride_wn,
+                                                   stride_an)
+            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
+                              LOOKUP, V_DTYPE)
+            xh, xl, raw, ah, al = nxh, nxl, nraw, nah, nal
+    else:
+        for i in range(ITERS):
+            xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i,
+                                              True, K, NUM_G, stride_xm, stride_wn, stride_an)
+            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
+                              LOOKUP, V_DTYPE)
     if SWAP_AB:
         acc = tl.trans(acc)
     mask = mask_m[:, None] & mask_n[None, :]

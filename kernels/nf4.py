@@ -168,6 +168,7 @@ class Nf4Config:
     dense: bool = False
     swap_ab: bool = False  # scale_after: weights as the dot's first operand (y.T = W @ x.T)
     lookup: int = LOOKUP_TABLE  # LOOKUP_PRMT: in-register lookup (scale_after, 16-bit x, CUDA only)
+    prefetch: bool = False  # load group i+1 before group i's math
 
 
 # (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep (bf16, Llama-3-8B shapes;
@@ -225,7 +226,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and cfg.scale_after, LOOKUP=lookup,
-        V_DTYPE=_TL[x.dtype], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
+        V_DTYPE=_TL[x.dtype], PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
         ITERS=triton_cdiv(groups, split), GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if split > 1:

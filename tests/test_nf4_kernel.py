@@ -115,6 +115,8 @@ CONFIGS = {
     "m32-scale-first": Nf4Config(32, 16, scale_after=False, group_m=2),
     "dense": Nf4Config(16, 16, dense=True),
     "swap-ab": Nf4Config(64, 32, split_k=2, swap_ab=True),
+    "prefetch-split3": Nf4Config(16, 16, split_k=3, prefetch=True),
+    "prefetch-swap-ab": Nf4Config(64, 32, swap_ab=True, prefetch=True),
 }
 
 
