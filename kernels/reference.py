@@ -14,8 +14,17 @@ from ._meta import LoraMeta, LoraSlice
 from ._meta import refresh_lora_meta_torch as refresh_lora_meta_ref  # the metadata step's reference
 
 __all__ = [
-    "NF4_CODE", "lora_apply_naive", "lora_apply_ref", "lora_expand_ref", "lora_shrink_ref", "nf4_dequantize_ref",
-    "nf4_matmul_ref", "refresh_lora_meta_ref",
+    "NF4_CODE",
+    "add_rms_norm_ref",
+    "lora_apply_naive",
+    "lora_apply_ref",
+    "lora_expand_ref",
+    "lora_shrink_ref",
+    "nf4_dequantize_ref",
+    "nf4_matmul_ref",
+    "refresh_lora_meta_ref",
+    "rope_ref",
+    "silu_mul_ref",
 ]
 
 
@@ -140,3 +149,26 @@ def nf4_matmul_ref(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torc
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype)
+
+
+def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += delta (in place, if given); RMSNorm(h) * weight, normalised in fp32 and rounded to h's dtype."""
+    if delta is not None:
+        h.add_(delta)
+    hf = h.float()
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hf.to(h.dtype)
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate q [T, H, Dh] and k [T, KVH, Dh] in place (rotate-half convention, tables [max_len, Dh])."""
+    c = cos[positions].unsqueeze(1)
+    s = sin[positions].unsqueeze(1)
+    for x in (q, k):
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        x.copy_(x * c + rotated * s)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hotlora.kernels.elementwise import add_rms_norm, rope_, silu_mul
 from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_apply
 from hotlora.server.model.attention import AttentionMeta, paged_attention, write_kv
 from hotlora.server.model.config import ModelConfig
@@ -34,12 +35,6 @@ class ForwardBatch:
     attn: AttentionMeta
     lora: LoraMeta | None  # None when no token of the batch has an adapter
     sample_idx: torch.Tensor  # int64 [S]: tokens whose logits are needed
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class DecoderLayer:
@@ -65,21 +60,25 @@ class DecoderLayer:
             lora_apply(ys, x, [self.lora[n] for n in names], lora)
         return ys
 
-    def forward(self, h: torch.Tensor, batch: ForwardBatch, rotary: Rotary) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None, batch: ForwardBatch,
+                rotary: Rotary) -> torch.Tensor:
+        """Adds the previous layer's output `delta` into the residual stream h (in place) and returns this
+        layer's MLP output, which the next layer (or the final norm) adds in turn: each residual add is
+        fused into the norm that follows it."""
         cfg = self.cfg
-        x = rms_norm(h, self.input_norm, cfg.rms_norm_eps)
+        x = add_rms_norm(h, delta, self.input_norm, cfg.rms_norm_eps)
         q, k, v = self._project(QKV, x, batch.lora)
-        q = rotary(q.view(-1, cfg.num_heads, cfg.head_dim), batch.positions)
-        k = rotary(k.view(-1, cfg.num_kv_heads, cfg.head_dim), batch.positions)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        rope_(q, k, batch.positions, rotary.cos, rotary.sin)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, batch.attn.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, batch.attn, cfg.head_dim**-0.5)
         (o,) = self._project(("o_proj",), o.reshape(o.shape[0], -1), batch.lora)
-        h = h + o
-        x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
+        x = add_rms_norm(h, o, self.post_norm, cfg.rms_norm_eps)
         gate, up = self._project(GATE_UP, x, batch.lora)
-        (down,) = self._project(("down_proj",), F.silu(gate) * up, batch.lora)
-        return h + down
+        (down,) = self._project(("down_proj",), silu_mul(gate, up), batch.lora)
+        return down
 
 
 class LlamaModel:
@@ -111,9 +110,11 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [S, vocab] (float32) at batch.sample_idx."""
         h = F.embedding(batch.input_ids, self.embed)
+        delta = None
         for layer in self.layers:
-            h = layer.forward(h, batch, self.rotary)
-        h = rms_norm(h[batch.sample_idx], self.norm, self.cfg.rms_norm_eps)
+            delta = layer.forward(h, delta, batch, self.rotary)
+        idx = batch.sample_idx
+        h = add_rms_norm(h[idx], delta[idx], self.norm, self.cfg.rms_norm_eps)
         return (h @ self.lm_head.T).float()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:

@@ -1,0 +1,145 @@
+"""Fused elementwise ops of a decoder layer: each replaces a chain of small torch kernels with one launch.
+
+    add_rms_norm(h, delta, weight, eps) -> x           in place on h when delta is given:
+        if delta is not None: h += delta                 (rounded to h's dtype, as torch's add)
+        x = weight * (h.float() * rsqrt(mean(h.float() ** 2, -1) + eps)).to(h.dtype)
+        h, delta, x: [T, D] (unit column stride), weight [D], one float dtype
+
+    silu_mul(gate, up) -> y = silu(gate.float()).to(dtype) * up     gate, up [T, I] (views allowed), y [T, I]
+
+    rope_(q, k, positions, cos, sin)                   in place on q [T, H, Dh] and k [T, KVH, Dh]:
+        c, s = cos[positions], sin[positions]          # tables [max_len, Dh] (the halves repeated)
+        x = x * c + cat(-x[..., Dh/2:], x[..., :Dh/2]) * s    (fp32 math, one rounding)
+
+CUDA tensors go to Triton; CPU tensors to the torch references in hotlora.kernels.reference (bit-identical to
+the unfused model code), unless HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import add_rms_norm_ref, rope_ref, silu_mul_ref
+
+__all__ = ["add_rms_norm", "rope_", "silu_mul"]
+
+
+def _triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
+
+
+def _rows(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(f"{name} must be 2-D with unit column stride, got {tuple(t.shape)} {t.stride()}")
+
+
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, x_ptr, D, stride_h, stride_d, stride_x, eps,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
+    if HAS_DELTA:
+        h = (h.to(tl.float32) + tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32))
+        h = h.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * stride_h + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / D + eps)
+    normed = (hf * inv).to(h_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + row * stride_x + offs, (w * normed).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += delta (in place, if given); returns RMSNorm(h) * weight (module docstring)."""
+    _rows(h, "h")
+    if delta is not None and (delta.shape != h.shape or delta.dtype != h.dtype):
+        raise ValueError(f"delta must match h {tuple(h.shape)} {h.dtype}, got {tuple(delta.shape)} {delta.dtype}")
+    if weight.shape != (h.shape[1],):
+        raise ValueError(f"weight must be [{h.shape[1]}], got {tuple(weight.shape)}")
+    if not _triton(h):
+        return add_rms_norm_ref(h, delta, weight, eps)
+    if delta is not None:
+        _rows(delta, "delta")
+    x = torch.empty_like(h, memory_format=torch.contiguous_format)
+    if h.shape[0]:
+        _add_rms_norm_kernel[(h.shape[0],)](
+            h, delta if delta is not None else h, weight, x, h.shape[1], h.stride(0),
+            delta.stride(0) if delta is not None else 0, x.stride(0), eps,
+            HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(h.shape[1]), num_warps=8,
+        )
+    return x
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, width, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < width
+    g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, [T, I] (module docstring)."""
+    _rows(gate, "gate")
+    _rows(up, "up")
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
+    if not _triton(gate):
+        return silu_mul_ref(gate, up)
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if gate.shape[0]:
+        block = 1024
+        _silu_mul_kernel[(gate.shape[0], triton.cdiv(gate.shape[1], block))](
+            gate, up, y, gate.shape[1], gate.stride(0), up.stride(0), y.stride(0), BLOCK=block)
+    return y
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, H, stride_qt, stride_qh, stride_kt, stride_kh,
+                 stride_c, HALF: tl.constexpr):
+    """One program per (token, head); heads >= H are k's heads."""
+    t = tl.program_id(0)
+    head = tl.program_id(1)
+    pos = tl.load(pos_ptr + t)
+    offs = tl.arange(0, HALF)
+    if head < H:  # noqa: SIM108 (a run-time branch choosing the tensor)
+        base = q_ptr + t * stride_qt + head * stride_qh
+    else:
+        base = k_ptr + t * stride_kt + (head - H) * stride_kh
+    x1 = tl.load(base + offs).to(tl.float32)
+    x2 = tl.load(base + HALF + offs).to(tl.float32)
+    c1 = tl.load(cos_ptr + pos * stride_c + offs).to(tl.float32)
+    c2 = tl.load(cos_ptr + pos * stride_c + HALF + offs).to(tl.float32)
+    s1 = tl.load(sin_ptr + pos * stride_c + offs).to(tl.float32)
+    s2 = tl.load(sin_ptr + pos * stride_c + HALF + offs).to(tl.float32)
+    tl.store(base + offs, (x1 * c1 - x2 * s1).to(q_ptr.dtype.element_ty))
+    tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(q_ptr.dtype.element_ty))
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate q [T, H, Dh] and k [T, KVH, Dh] in place by each token's position (module docstring)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[2] != k.shape[2] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"q [T, H, Dh] and k [T, KVH, Dh] must agree, got {tuple(q.shape)} {tuple(k.shape)}")
+    if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1 or cos.shape != sin.shape:
+        raise ValueError("q, k and the cos/sin tables need unit stride in the head dimension")
+    if not _triton(q):
+        rope_ref(q, k, positions, cos, sin)
+        return
+    dh = q.shape[2]
+    if dh & (dh - 1) or q.shape[0] == 0:
+        if q.shape[0]:
+            rope_ref(q, k, positions, cos, sin)  # Triton ranges need a power-of-two half
+        return
+    _rope_kernel[(q.shape[0], q.shape[1] + k.shape[1])](
+        q, k, positions, cos, sin, q.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+        HALF=dh // 2,
+    )

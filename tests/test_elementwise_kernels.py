@@ -1,0 +1,89 @@
+"""Fused elementwise kernels (hotlora.kernels.elementwise) against their torch references.
+
+Under TRITON_INTERPRET=1 (CI) in fp32/fp16 at small sizes; bf16 and real sizes on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hotlora.kernels.elementwise import add_rms_norm, rope_, silu_mul
+from hotlora.kernels.reference import add_rms_norm_ref, rope_ref, silu_mul_ref
+from hotlora.server.model.rope import Rotary
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DEVICES = ["cpu-triton"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    if request.param == "cpu-triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by make test)")
+        monkeypatch.setenv("HOTLORA_TRITON_CPU", "1")
+        return "cpu"
+    return "cuda"
+
+
+def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item() < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("rows", "width"), [(1, 576), (7, 96), (33, 4096)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm(device, dtype, rows, width, with_delta):
+    h = torch.randn(rows, width, dtype=dtype, device=device)
+    delta = torch.randn(rows, width, dtype=dtype, device=device) if with_delta else None
+    w = torch.randn(width, dtype=dtype, device=device)
+    h_ref = h.clone()
+    want = add_rms_norm_ref(h_ref, None if delta is None else delta.clone(), w, 1e-5)
+    got = add_rms_norm(h, delta, w, 1e-5)
+    assert close(got, want, dtype)
+    assert torch.equal(h, h_ref)  # the residual add rounds exactly as torch's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_mul_on_views(device, dtype):
+    both = torch.randn(9, 2 * 1536, dtype=dtype, device=device)  # gate/up as column views of one tensor
+    gate, up = both.split(1536, dim=1)
+    assert close(silu_mul(gate, up), silu_mul_ref(gate, up), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 1, 128)])
+def test_rope_in_place_on_fused_qkv_views(device, dtype, heads, kv_heads, dim):
+    rot = Rotary(dim, 10000.0, None, 64, device, dtype)
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * dim, dtype=dtype, device=device)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+    q, k = q.view(5, heads, dim), k.view(5, kv_heads, dim)
+    positions = torch.tensor([0, 3, 17, 63, 5], device=device)
+    q_ref, k_ref = q.clone(), k.clone()
+    rope_ref(q_ref, k_ref, positions, rot.cos, rot.sin)
+    v_before = qkv[:, (heads + kv_heads) * dim:].clone()
+    rope_(q, k, positions, rot.cos, rot.sin)
+    assert close(q, q_ref, dtype) and close(k, k_ref, dtype)
+    assert torch.equal(qkv[:, (heads + kv_heads) * dim:], v_before)  # v untouched
+
+
+def test_rope_reference_matches_rotary():
+    """The in-place reference is the model's Rotary, bit for bit (the CPU path stays what it was)."""
+    rot = Rotary(64, 10000.0, None, 32, "cpu", torch.float32)
+    q, k = torch.randn(4, 3, 64), torch.randn(4, 1, 64)
+    pos = torch.tensor([1, 2, 30, 0])
+    want_q, want_k = rot(q, pos), rot(k, pos)
+    rope_ref(q, k, pos, rot.cos, rot.sin)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+
+
+def test_checks():
+    with pytest.raises(ValueError, match="delta"):
+        add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.randn(8), 1e-5)
+    with pytest.raises(ValueError, match="must match"):
+        silu_mul(torch.randn(2, 8), torch.randn(2, 9))
+    with pytest.raises(ValueError, match="must agree"):
+        rope_(torch.randn(2, 3, 8), torch.randn(3, 1, 8), torch.zeros(2, dtype=torch.long),
+              torch.randn(4, 8), torch.randn(4, 8))
