@@ -36,6 +36,7 @@ __all__ = [
     "load_peft_adapter",
     "module_path",
     "read_adapter_config",
+    "read_weights_file",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,7 +62,7 @@ def _fail(msg: str) -> AdapterError:
     return AdapterError(msg)
 
 
-def _read_weights_file(folder: Path) -> bytes:
+def read_weights_file(folder: Path) -> bytes:
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -120,11 +121,14 @@ def _collect_weights(
     return weights
 
 
-def load_peft_adapter(folder: Path, name: str) -> LoraAdapter:
-    """Read a PEFT LoRA folder into CPU tensors; validates everything that does not need the base model."""
+def load_peft_adapter(folder: Path, name: str, blob: bytes | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA folder into CPU tensors; validates everything that does not need the base model.
+
+    `blob`: the weights file's bytes when the caller read them already (to time the read apart)."""
     folder = Path(folder)
     config = read_adapter_config(folder)
-    blob = _read_weights_file(folder)
+    if blob is None:
+        blob = read_weights_file(folder)
     try:
         tensors = load_safetensors_bytes(blob)
     except Exception as exc:  # safetensors raises its own error types for corrupt headers/data
