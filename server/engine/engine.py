@@ -5,7 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from hotlora.adapters.peft_format import AdapterError
 from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
@@ -47,6 +48,7 @@ class EngineStats:
     max_loras: int
     num_preemptions: int
     num_adapter_blocked_steps: int = 0  # steps with room in the batch where every waiting request awaited its adapter
+    adapter_load_seconds: dict[str, Any] = field(default_factory=dict)  # transition -> loadstats.Histogram
 
 
 class LLMEngine:
@@ -194,6 +196,7 @@ class LLMEngine:
             running_adapters=names(self.scheduler.running), waiting_adapters=names(self.scheduler.waiting),
             max_loras=self.config.max_loras, num_preemptions=self.scheduler.num_preemptions,
             num_adapter_blocked_steps=self.scheduler.num_adapter_blocked_steps,
+            adapter_load_seconds=self.registry.cache.stats.transitions,
         )
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:
