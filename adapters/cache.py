@@ -8,8 +8,9 @@ Loading a slot never blocks the engine thread on the copy: `reserve` takes the r
 to a worker thread, which on CUDA issues it on a side stream (after an event recorded on the engine's
 stream, so rows freed by an eviction are not overwritten under a step still in flight) and returns an
 event; `poll` checks that event and only then writes the slot-table entries (rank, row start, scale)
-that make the slot visible to the kernels. Host copies are staged (`stage`) on the reading thread in
-the pools' dtype and layout, in pinned memory on CUDA, so the device copy is plain DMA.
+that make the slot visible to the kernels. A host copy read from disk is the raw file in one buffer
+(adapters/staging.py; pinned on CUDA): the copy thread moves it to the device in one transfer, then
+casts and transposes into the pool rows and checks finiteness there, all queued on the side stream.
 """
 
 from __future__ import annotations
@@ -22,19 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from hotlora.adapters.loadstats import LoadStats
-from hotlora.adapters.peft_format import TARGET_MODULES, AdapterConfig, LoraAdapter
+from hotlora.adapters.peft_format import TARGET_MODULES, AdapterError
+from hotlora.adapters.staging import StagedAdapter
 from hotlora.kernels.lora import LoraSlice
-
-
-@dataclass(slots=True)
-class StagedAdapter:
-    """An adapter's host copy as the pools want it: A [r, in] and B transposed [r, out], contiguous, in
-    the pools' dtype (pinned on CUDA). Modules not targeted in a layer are absent (a zero delta)."""
-
-    config: AdapterConfig
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    nbytes: int
-    sha256: str
 
 
 @dataclass(slots=True)
@@ -50,8 +41,18 @@ class Slot:
     fresh: bool = False  # loaded for a waiting request, not used yet (its first use is no cache hit)
     drop_when_idle: bool = False  # unloaded while in use: freed when the last user releases it
     targets: frozenset[str] = frozenset()  # modules with weights (the others get rank 0 in this slot)
-    transfer: Future | None = None  # the copy; its result: CUDA (begin, done) events to poll, None on CPU
+    transfer: Future | None = None  # the copy; its result: _Copied
     started: float = 0.0  # perf_counter() at reserve
+
+
+@dataclass(slots=True)
+class _Copied:
+    """What the copy thread hands back: CUDA events to poll (None on CPU), and a host flag that says
+    whether every weight was finite (None when not checked), valid once `done` has completed."""
+
+    begin: torch.cuda.Event | None
+    done: torch.cuda.Event | None
+    finite: torch.Tensor | None
 
 
 class RowAllocator:
@@ -84,7 +85,7 @@ class RowAllocator:
 class LoraSlotCache:
     """`num_slots` device slots over pools of `pool_rows` rows per (layer, module).
 
-    Only the engine thread calls it, except `stage` (reading threads) and the copies it starts itself.
+    Only the engine thread calls it; the copies it starts run on its copy thread.
     `copy_hook(key)`, when set, runs on the copy thread before each copy: fault injection for tests.
     """
 
@@ -142,28 +143,6 @@ class LoraSlotCache:
     def num_ready(self) -> int:
         return sum(s is not None and s.ready for s in self.slots)
 
-    # --- host staging (reading threads) ------------------------------------------------------------
-
-    def stage(self, adapter: LoraAdapter) -> StagedAdapter:
-        """The host copy in the pools' dtype and layout; pinned on CUDA so that the device copy is DMA."""
-        t0 = time.perf_counter()
-        pin = self._cuda
-        shapes = {k: (a.shape, b.shape[::-1]) for k, (a, b) in adapter.weights.items()}
-        numel = sum(a.numel() + b.numel() for a, b in shapes.values())
-        flat = torch.empty(numel, dtype=self.dtype, pin_memory=pin)
-        weights, offset = {}, 0
-        for key, (a, b) in adapter.weights.items():
-            views = []
-            for src, shape in ((a, a.shape), (b.T, b.shape[::-1])):
-                n = src.numel()
-                dst = flat[offset : offset + n].view(shape)
-                dst.copy_(src)
-                views.append(dst)
-                offset += n
-            weights[key] = (views[0], views[1])
-        self.stats.record("stage", time.perf_counter() - t0)
-        return StagedAdapter(adapter.config, weights, numel * flat.element_size(), adapter.sha256)
-
     # --- loading -----------------------------------------------------------------------------------
 
     def reserve(self, key: Hashable, adapter: StagedAdapter) -> int | None:
@@ -201,14 +180,17 @@ class LoraSlotCache:
         if not s.transfer.done():
             return False
         try:
-            events = s.transfer.result()
+            copied = s.transfer.result()
         except BaseException:
             self._free(slot)
             raise
-        if events is not None:
-            if not events[1].query():
+        if copied.done is not None:
+            if not copied.done.query():
                 return False
-            self.stats.record("h2d_copy", events[0].elapsed_time(events[1]) / 1000)
+            self.stats.record("h2d_copy", copied.begin.elapsed_time(copied.done) / 1000)
+        if copied.finite is not None and not bool(copied.finite):
+            self._free(slot)
+            raise AdapterError("the adapter's weights contain NaN or infinite values")
         self._publish(slot)
         return True
 
@@ -217,9 +199,9 @@ class LoraSlotCache:
         slot = self.reserve(key, adapter)
         if slot is None:
             return None
-        events = self.slots[slot].transfer.result()
-        if events is not None:
-            events[1].synchronize()
+        copied = self.slots[slot].transfer.result()
+        if copied.done is not None:
+            copied.done.synchronize()
         self.poll(slot)
         self.slots[slot].fresh = False
         return slot
@@ -227,37 +209,45 @@ class LoraSlotCache:
     def pending(self) -> list[Future]:
         return [s.transfer for s in self.slots if s is not None and not s.ready]
 
-    def _copy(self, key: Hashable, start: int, adapter: StagedAdapter,
-              after: torch.cuda.Event | None) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
-        """On the copy thread: CPU pools are written here; on CUDA the copies are queued on the side
-        stream and their (begin, done) events returned for poll()."""
+    def _copy(self, key: Hashable, start: int, adapter: StagedAdapter, after: torch.cuda.Event | None) -> _Copied:
+        """On the copy thread: CPU pools are written here; on CUDA everything is queued on the side stream
+        behind `after`, and poll() waits for the returned events."""
         if self.copy_hook is not None:
             self.copy_hook(key)
         t0 = time.perf_counter()
         if not self._cuda:
-            self._write(start, adapter)
+            finite = self._write(start, adapter, adapter.raw)
             self.stats.record("h2d_copy", time.perf_counter() - t0)
-            return None
+            return _Copied(None, None, finite)
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             self._stream.wait_event(after)
             begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record(self._stream)
-            self._write(start, adapter)
+            raw = adapter.raw.to(self.device, non_blocking=True) if adapter.raw is not None else None
+            finite = self._write(start, adapter, raw)
+            if finite is not None:  # read by poll() once `done` completed: no sync on the engine thread
+                finite = finite.to("cpu", non_blocking=True)
             done.record(self._stream)
         self.stats.record("h2d_issue", time.perf_counter() - t0)
-        return begin, done
+        return _Copied(begin, done, finite)
 
-    def _write(self, start: int, adapter: StagedAdapter) -> None:
+    def _write(self, start: int, adapter: StagedAdapter, raw: torch.Tensor | None) -> torch.Tensor | None:
+        """Copy (casting, B transposed) into the pool rows; the finiteness flag if it is still to check.
+        `raw`: the file's bytes where the copies read from (a device copy on CUDA)."""
+        weights = adapter.weights if raw is None or raw is adapter.raw else adapter.views(raw)
         rows = slice(start, start + adapter.config.rank)
         for m in adapter.config.target_modules:
             for layer, slices in enumerate(self.layers):
-                ab = adapter.weights.get((layer, m))
+                ab = weights.get((layer, m))
                 if ab is None:  # not targeted in this layer (layers_to_transform): a zero delta
                     slices[m].a[rows].zero_()
                     slices[m].b[rows].zero_()
                 else:
                     slices[m].a[rows].copy_(ab[0], non_blocking=True)
-                    slices[m].b[rows].copy_(ab[1], non_blocking=True)
+                    slices[m].b[rows].copy_(ab[1].T, non_blocking=True)
+        if not adapter.check_finite:
+            return None
+        return _all_finite(adapter, raw, weights)
 
     def _publish(self, slot: int) -> None:
         """The slot-table writes that make a copied slot visible to the kernels."""
@@ -317,3 +307,14 @@ class LoraSlotCache:
 
     def close(self) -> None:
         self._copier.shutdown(wait=False, cancel_futures=True)
+
+
+def _all_finite(adapter: StagedAdapter, raw: torch.Tensor, weights: dict) -> torch.Tensor:
+    """One kernel over the file's data when it is all one dtype (as peft saves it), else one per tensor."""
+    dtypes = {t.dtype for ab in weights.values() for t in ab}
+    data = raw[adapter.data_start :]
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        if adapter.data_start % dtype.itemsize == 0 and data.numel() % dtype.itemsize == 0:
+            return torch.isfinite(data.view(dtype)).all()
+    return torch.stack([torch.isfinite(t).all() for ab in weights.values() for t in ab]).all()

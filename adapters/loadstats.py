@@ -1,11 +1,12 @@
 """Where adapter loads spend their time: per-phase samples and the two transition histograms.
 
-Phases (seconds each, last few thousand kept): disk_read (the safetensors file into memory), parse
-(safetensors decode + validation), stage (cast into the pools' dtype and layout, pinned on CUDA),
-h2d_issue (host time to queue the device copies, CUDA), h2d_copy (the copy itself: CUDA events, or the
-memcpy on CPU), slot_tables (the slot-table writes on the engine thread).
-Transitions (Prometheus histograms, vLLM's names): disk_to_cpu (read + parse + stage, on a worker
-thread), cpu_to_gpu (from taking a slot to the slot being usable, as the engine sees it).
+Phases (seconds each, the last few thousand kept): disk_read (adapter_model.safetensors into one buffer,
+pinned on CUDA), parse (its header; names, dtypes and shapes checked against the config and the base),
+h2d_issue (host time on the copy thread to queue the device work, CUDA), h2d_copy (the device work: one
+transfer of the file, the cast/transposed copies into the pool rows and the finiteness check, timed
+with CUDA events; on CPU the same work itself), slot_tables (the slot-table writes on the engine thread).
+Transitions (Prometheus histograms, vLLM's names): disk_to_cpu (disk_read + parse, on a worker thread),
+cpu_to_gpu (from taking a slot to the slot being usable, as the engine thread sees it).
 Recorded from several threads: deque.append is atomic, the histograms take a lock.
 """
 
@@ -16,7 +17,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-PHASES = ("disk_read", "parse", "stage", "h2d_issue", "h2d_copy", "slot_tables")
+PHASES = ("disk_read", "parse", "h2d_issue", "h2d_copy", "slot_tables")
 TRANSITIONS = ("disk_to_cpu", "cpu_to_gpu")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

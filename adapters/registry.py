@@ -18,17 +18,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from hotlora.adapters.cache import LoraSlotCache, StagedAdapter
+from hotlora.adapters.cache import LoraSlotCache
 from hotlora.adapters.peft_format import (
     WEIGHTS_NAME,
     AdapterConfig,
     AdapterError,
     LoraAdapter,
     check_compatible,
-    load_peft_adapter,
     read_adapter_config,
-    read_weights_file,
 )
+from hotlora.adapters.staging import StagedAdapter, from_adapter, parse_staged, read_raw
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +120,15 @@ class AdapterRegistry:
             raise AdapterError(f"rank r={config.rank} is above the server's maximum LoRA rank {self.max_rank}")
         self._versions += 1
         version = AdapterVersion(name, path, self._versions, config, loaded.sha256 if loaded else None,
-                                 (path / WEIGHTS_NAME).stat().st_size)
+                                 (path / WEIGHTS_NAME).stat().st_size,
+                                 host=from_adapter(loaded) if loaded is not None else None)
         old = self.current.get(name)
         self.current[name] = version
         self.stats.setdefault(name, _Stats())
         if old is not None:
             self._retire(old)
-        if loaded is not None:  # an upload, read already: only its staging is left, off this thread
-            version.loading = self._pool.submit(self.cache.stage, loaded)
+        if loaded is not None:
+            self._trim_host(keep=version)
         else:  # hashing a large file is disk-bound: keep it off the engine thread
             self._pool.submit(_hash_weights, version)
         return version
@@ -184,7 +184,7 @@ class AdapterRegistry:
             if not self.cache.poll(slot):
                 return None
         except Exception as exc:
-            raise AdapterError(f"adapter {v.name!r} could not be copied to the device: {exc}") from None
+            raise AdapterError(self._copy_failed(v, exc)) from None
         hit = self.cache.acquire(slot)
         if stats:
             stats.hits += hit
@@ -208,11 +208,17 @@ class AdapterRegistry:
                 continue
             try:
                 ready = self.cache.poll(slot)
-            except Exception:  # the copy failed and its slot is free again: a waiting request retries it
-                log.exception("copying adapter %r to the device failed", s.key.name)
+            except Exception as exc:  # its slot is free again; the waiting requests fail on v.error
+                self._copy_failed(s.key, exc)
                 continue
             if ready and self.current.get(s.key.name) is not s.key:
                 self.cache.evict(s.key)
+
+    def _copy_failed(self, v: AdapterVersion, exc: Exception) -> str:
+        if not isinstance(exc, AdapterError):
+            log.error("copying adapter %r to the device failed: %s", v.name, exc)
+        v.error, v.host = f"adapter {v.name!r} failed to load: {exc}", None
+        return v.error
 
     def loading(self) -> list[Future]:
         reads = [v.loading for v in self.current.values() if v.loading is not None and not v.loading.done()]
@@ -229,7 +235,7 @@ class AdapterRegistry:
             return None
         try:
             v.host = v.loading.result()
-            v.sha256 = v.host.sha256
+            v.sha256 = v.host.sha256 or v.sha256
         except (AdapterError, OSError) as exc:
             v.error = f"adapter {v.name!r} failed to load: {exc}"
             raise AdapterError(v.error) from None
@@ -239,20 +245,20 @@ class AdapterRegistry:
         return v.host
 
     def _read(self, v: AdapterVersion) -> StagedAdapter:
-        """On a reading thread: disk -> bytes -> validated tensors -> staged host copy, each phase timed."""
+        """On a reading thread: the file into one buffer (pinned on CUDA), then its header and shapes
+        validated; each phase timed. Finiteness is checked by the device copy."""
         if self.read_hook is not None:
             self.read_hook(v.name)
         rec = self.cache.stats
         t0 = time.perf_counter()
-        blob = read_weights_file(v.path)
+        raw = read_raw(v.path, pin=self.cache.device.type == "cuda")
         t1 = time.perf_counter()
-        adapter = load_peft_adapter(v.path, v.name, blob)
-        check_compatible(adapter, self.linear_shapes, self.num_layers, self.max_rank)
+        staged = parse_staged(raw, v.path, v.name)
+        check_compatible(staged, self.linear_shapes, self.num_layers, self.max_rank)
         t2 = time.perf_counter()
-        staged = self.cache.stage(adapter)
         rec.record("disk_read", t1 - t0)
         rec.record("parse", t2 - t1)
-        rec.observe("disk_to_cpu", time.perf_counter() - t0)
+        rec.observe("disk_to_cpu", t2 - t0)
         return staged
 
     def _hosted_bytes(self) -> int:

@@ -164,3 +164,23 @@ def test_unload_frees_the_slot_when_idle_or_after_its_last_user(engine, prompt):
     while engine.has_unfinished():
         engine.step()
     assert {a.name: a.residency for a in engine.registry.info()}["mlp4rs"] == "host"  # ...until it ends
+
+
+def test_non_finite_weights_fail_on_the_device_check_only_their_request(engine, prompt, adapters, tmp_path: Path):
+    """A cold load checks finiteness after the copy (not on the host): a NaN fails that adapter's
+    requests with a message saying so, and the slot is free again."""
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(adapters["qv8"], tmp_path / "nan")
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = sorted(tensors)[3]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors", metadata={"format": "pt"})
+    engine.registry.register("nan", bad)
+    outs = engine.generate([Request("nan1", prompt, SHORT, "nan"), Request("ok1", prompt, SHORT, None)])
+    assert outs[0].error and "NaN or infinite" in outs[0].error
+    assert outs[1].error is None and len(outs[1].new_token_ids) == SHORT.max_tokens
+    (again,) = engine.generate([Request("nan2", prompt, SHORT, "nan")])  # fails fast, no second load
+    assert again.error and "NaN" in again.error
+    assert engine.registry.cache.lookup(engine.registry.resolve("nan")) is None
+    engine.registry.remove("nan")
