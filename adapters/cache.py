@@ -15,6 +15,7 @@ casts and transposes into the pool rows and checks finiteness there, all queued 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -117,6 +118,7 @@ class LoraSlotCache:
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-h2d")
+        self.copy_lock = threading.Lock()  # held while copies are issued; CUDA graph capture takes it too
 
     def lookup(self, key: Hashable) -> int | None:
         return self.index.get(key)
@@ -219,7 +221,7 @@ class LoraSlotCache:
             finite = self._write(start, adapter, adapter.raw)
             self.stats.record("h2d_copy", time.perf_counter() - t0)
             return _Copied(None, None, finite)
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+        with self.copy_lock, torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             self._stream.wait_event(after)
             begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record(self._stream)

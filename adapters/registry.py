@@ -251,7 +251,7 @@ class AdapterRegistry:
             self.read_hook(v.name)
         rec = self.cache.stats
         t0 = time.perf_counter()
-        raw = read_raw(v.path, pin=self.cache.device.type == "cuda")
+        raw = read_raw(v.path, pin=self.cache.device.type == "cuda", lock=self.cache.copy_lock)
         t1 = time.perf_counter()
         staged = parse_staged(raw, v.path, v.name)
         check_compatible(staged, self.linear_shapes, self.num_layers, self.max_rank)

@@ -9,9 +9,11 @@ transposes and checks finiteness on the device (the copy stage in cache.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,14 +88,16 @@ def _tensors(raw: torch.Tensor, header: dict, start: int, size: int) -> tuple[di
     return tensors, spans
 
 
-def read_raw(folder: Path, pin: bool) -> torch.Tensor:
-    """adapter_model.safetensors in one uint8 buffer (pinned if `pin`): the disk read, nothing else."""
+def read_raw(folder: Path, pin: bool, lock: AbstractContextManager | None = None) -> torch.Tensor:
+    """adapter_model.safetensors in one uint8 buffer (pinned if `pin`): the disk read, nothing else.
+    `lock` is held while the buffer is allocated (a pinned allocation must not overlap a graph capture)."""
     path = Path(folder) / WEIGHTS_NAME
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         raise AdapterError(f"{WEIGHTS_NAME} is missing in the adapter folder") from None
-    raw = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    with lock or contextlib.nullcontext():
+        raw = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
     with open(path, "rb") as f:
         if f.readinto(memoryview(raw.numpy())) != size:
             raise AdapterError(f"{WEIGHTS_NAME} changed while it was read")
