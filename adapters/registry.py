@@ -202,17 +202,15 @@ class AdapterRegistry:
             self.cache.evict(v)
 
     def poll(self) -> None:
-        """Once per step: publish finished device copies; drop retired versions whose copy just finished."""
+        """Once per step: publish finished device copies. (A retired version's copy is kept: a request
+        queued before the swap may be waiting for it; it leaves with its last user, or by LRU.)"""
         for slot, s in enumerate(self.cache.slots):
             if s is None or s.ready:
                 continue
             try:
-                ready = self.cache.poll(slot)
+                self.cache.poll(slot)
             except Exception as exc:  # its slot is free again; the waiting requests fail on v.error
                 self._copy_failed(s.key, exc)
-                continue
-            if ready and self.current.get(s.key.name) is not s.key:
-                self.cache.evict(s.key)
 
     def _copy_failed(self, v: AdapterVersion, exc: Exception) -> str:
         if not isinstance(exc, AdapterError):
