@@ -3,16 +3,29 @@
 The pools follow the row-pool layout of hotlora.kernels (see kernels/_meta.py): an adapter of rank r
 takes exactly r consecutive rows of every target module's pool, in every layer, so slots of small
 rank leave room for more adapters and no kernel ever computes padding.
+
+Loading a slot never blocks the engine thread on the copy: `reserve` takes the rows and hands the copy
+to a worker thread, which on CUDA issues it on a side stream (after an event recorded on the engine's
+stream, so rows freed by an eviction are not overwritten under a step still in flight) and returns an
+event; `poll` checks that event and only then writes the slot-table entries (rank, row start, scale)
+that make the slot visible to the kernels. A host copy read from disk is the raw file in one buffer
+(adapters/staging.py; pinned on CUDA): the copy thread moves it to the device in one transfer, then
+casts and transposes into the pool rows and checks finiteness there, all queued on the side stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from hotlora.adapters.peft_format import TARGET_MODULES, LoraAdapter
+from hotlora.adapters.loadstats import LoadStats
+from hotlora.adapters.peft_format import TARGET_MODULES, AdapterError
+from hotlora.adapters.staging import StagedAdapter
 from hotlora.kernels.lora import LoraSlice
 
 
@@ -21,9 +34,26 @@ class Slot:
     key: Hashable  # whose weights the slot holds (the registry's version handle)
     row_start: int
     rank: int
+    scale: float = 0.0
     refs: int = 0  # running sequences using it: never evicted while > 0
     pinned: bool = False
     last_used: int = 0
+    ready: bool = True  # False while its weights are being copied in: not evictable, not usable
+    fresh: bool = False  # loaded for a waiting request, not used yet (its first use is no cache hit)
+    drop_when_idle: bool = False  # unloaded while in use: freed when the last user releases it
+    targets: frozenset[str] = frozenset()  # modules with weights (the others get rank 0 in this slot)
+    transfer: Future | None = None  # the copy; its result: _Copied
+    started: float = 0.0  # perf_counter() at reserve
+
+
+@dataclass(slots=True)
+class _Copied:
+    """What the copy thread hands back: CUDA events to poll (None on CPU), and a host flag that says
+    whether every weight was finite (None when not checked), valid once `done` has completed."""
+
+    begin: torch.cuda.Event | None
+    done: torch.cuda.Event | None
+    finite: torch.Tensor | None
 
 
 class RowAllocator:
@@ -54,11 +84,16 @@ class RowAllocator:
 
 
 class LoraSlotCache:
-    """`num_slots` device slots over pools of `pool_rows` rows per (layer, module)."""
+    """`num_slots` device slots over pools of `pool_rows` rows per (layer, module).
+
+    Only the engine thread calls it; the copies it starts run on its copy thread.
+    `copy_hook(key)`, when set, runs on the copy thread before each copy: fault injection for tests.
+    """
 
     def __init__(self, linear_shapes: dict[str, tuple[int, int]], num_layers: int, num_slots: int,
                  pool_rows: int, device: torch.device, dtype: torch.dtype) -> None:
         self.num_slots, self.pool_rows = num_slots, pool_rows
+        self.device, self.dtype = torch.device(device), dtype
         self.row_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.ranks = {m: torch.zeros(num_slots, dtype=torch.int32, device=device) for m in TARGET_MODULES}
@@ -78,27 +113,44 @@ class LoraSlotCache:
         self.rows = RowAllocator(pool_rows)
         self.clock = 0
         self.evictions: dict[Hashable, int] = {}
+        self.stats = LoadStats()
+        self.copy_hook: Callable[[Hashable], None] | None = None
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-h2d")
+        self.copy_lock = threading.Lock()  # held while copies are issued; CUDA graph capture takes it too
 
     def lookup(self, key: Hashable) -> int | None:
         return self.index.get(key)
 
-    def acquire(self, slot: int) -> None:
+    def acquire(self, slot: int) -> bool:
+        """Hold a ready slot for one sequence; True when that counts as a cache hit (not the slot's first
+        use after being loaded for a waiting request)."""
         s = self.slots[slot]
         s.refs += 1
         self.clock += 1
         s.last_used = self.clock
+        hit, s.fresh = not s.fresh, False
+        return hit
 
     def release(self, slot: int) -> None:
-        self.slots[slot].refs -= 1
+        s = self.slots[slot]
+        s.refs -= 1
+        if s.refs == 0 and s.drop_when_idle and not s.pinned:
+            self._free(slot)
 
     def set_pinned(self, slot: int, pinned: bool) -> None:
         self.slots[slot].pinned = pinned
 
-    def load(self, key: Hashable, adapter: LoraAdapter) -> int | None:
-        """Copy `adapter` into a slot, evicting idle ones (least recently used first) to make room.
+    def num_ready(self) -> int:
+        return sum(s is not None and s.ready for s in self.slots)
 
-        Returns the slot, or None when every slot or row is held by running or pinned adapters.
-        """
+    # --- loading -----------------------------------------------------------------------------------
+
+    def reserve(self, key: Hashable, adapter: StagedAdapter) -> int | None:
+        """Take a slot and rows for `adapter` (evicting idle ones, least recently used first) and start
+        copying it in; `poll(slot)` says when it is usable. None when every slot or row is held by
+        running, pinned or still-loading adapters."""
         rank = adapter.config.rank
         if rank > self.pool_rows:
             raise ValueError(f"rank {rank} does not fit a pool of {self.pool_rows} rows")
@@ -109,23 +161,136 @@ class LoraSlotCache:
                 break
             if not self._evict_one():
                 return None
-        self._write(slot, start, adapter)
-        self.slots[slot] = Slot(key=key, row_start=start, rank=rank)
+        s = Slot(key=key, row_start=start, rank=rank, scale=adapter.config.scale, ready=False, fresh=True,
+                 targets=frozenset(adapter.config.target_modules), started=time.perf_counter())
+        after = None
+        if self._cuda:  # the copy waits for the steps already queued, which may still read freed rows
+            after = torch.cuda.Event()
+            after.record(torch.cuda.current_stream(self.device))
+        s.transfer = self._copier.submit(self._copy, key, start, adapter, after)
+        self.slots[slot] = s
         self.index[key] = slot
         return slot
 
+    def poll(self, slot: int) -> bool:
+        """True once the slot's weights are on the device and its table entries are written.
+
+        Raises what the copy raised (the slot is freed first)."""
+        s = self.slots[slot]
+        if s.ready:
+            return True
+        if not s.transfer.done():
+            return False
+        try:
+            copied = s.transfer.result()
+        except BaseException:
+            self._free(slot)
+            raise
+        if copied.done is not None:
+            if not copied.done.query():
+                return False
+            self.stats.record("h2d_copy", copied.begin.elapsed_time(copied.done) / 1000)
+        if copied.finite is not None and not bool(copied.finite):
+            self._free(slot)
+            raise AdapterError("the adapter's weights contain NaN or infinite values")
+        self._publish(slot)
+        return True
+
+    def load(self, key: Hashable, adapter: StagedAdapter) -> int | None:
+        """reserve + wait for the copy (admin pin: its caller waits anyway). None as for reserve."""
+        slot = self.reserve(key, adapter)
+        if slot is None:
+            return None
+        copied = self.slots[slot].transfer.result()
+        if copied.done is not None:
+            copied.done.synchronize()
+        self.poll(slot)
+        self.slots[slot].fresh = False
+        return slot
+
+    def pending(self) -> list[Future]:
+        return [s.transfer for s in self.slots if s is not None and not s.ready]
+
+    def _copy(self, key: Hashable, start: int, adapter: StagedAdapter, after: torch.cuda.Event | None) -> _Copied:
+        """On the copy thread: CPU pools are written here; on CUDA everything is queued on the side stream
+        behind `after`, and poll() waits for the returned events."""
+        if self.copy_hook is not None:
+            self.copy_hook(key)
+        t0 = time.perf_counter()
+        if not self._cuda:
+            finite = self._write(start, adapter, adapter.raw)
+            self.stats.record("h2d_copy", time.perf_counter() - t0)
+            return _Copied(None, None, finite)
+        with self.copy_lock, torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            self._stream.wait_event(after)
+            begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(self._stream)
+            raw = adapter.raw.to(self.device, non_blocking=True) if adapter.raw is not None else None
+            finite = self._write(start, adapter, raw)
+            if finite is not None:  # read by poll() once `done` completed: no sync on the engine thread
+                finite = finite.to("cpu", non_blocking=True)
+            done.record(self._stream)
+        self.stats.record("h2d_issue", time.perf_counter() - t0)
+        return _Copied(begin, done, finite)
+
+    def _write(self, start: int, adapter: StagedAdapter, raw: torch.Tensor | None) -> torch.Tensor | None:
+        """Copy (casting, B transposed) into the pool rows; the finiteness flag if it is still to check.
+        `raw`: the file's bytes where the copies read from (a device copy on CUDA)."""
+        weights = adapter.weights if raw is None or raw is adapter.raw else adapter.views(raw)
+        rows = slice(start, start + adapter.config.rank)
+        for m in adapter.config.target_modules:
+            for layer, slices in enumerate(self.layers):
+                ab = weights.get((layer, m))
+                if ab is None:  # not targeted in this layer (layers_to_transform): a zero delta
+                    slices[m].a[rows].zero_()
+                    slices[m].b[rows].zero_()
+                else:
+                    slices[m].a[rows].copy_(ab[0], non_blocking=True)
+                    slices[m].b[rows].copy_(ab[1].T, non_blocking=True)
+        if not adapter.check_finite:
+            return None
+        return _all_finite(adapter, raw, weights)
+
+    def _publish(self, slot: int) -> None:
+        """The slot-table writes that make a copied slot visible to the kernels."""
+        t0 = time.perf_counter()
+        s = self.slots[slot]
+        for m in TARGET_MODULES:
+            self.ranks[m][slot] = s.rank if m in s.targets else 0
+        self.row_start[slot] = s.row_start
+        self.scale[slot] = s.scale
+        s.ready, s.transfer = True, None
+        now = time.perf_counter()
+        self.stats.record("slot_tables", now - t0)
+        self.stats.observe("cpu_to_gpu", now - s.started)
+
+    # --- eviction ----------------------------------------------------------------------------------
+
     def evict(self, key: Hashable) -> bool:
-        """Drop `key` if it is resident and idle; True when it is gone."""
+        """Drop `key` if it is resident, idle and not being copied in; True when it is gone."""
         slot = self.index.get(key)
         if slot is None:
             return True
-        if self.slots[slot].refs or self.slots[slot].pinned:
+        s = self.slots[slot]
+        if s.refs or s.pinned or not s.ready:
             return False
         self._free(slot)
         return True
 
+    def unload(self, key: Hashable) -> bool:
+        """Unpin `key` and free its slot now if idle, else when its last user releases it. True if freed."""
+        slot = self.index.get(key)
+        if slot is None:
+            return True
+        s = self.slots[slot]
+        s.pinned = False
+        if self.evict(key):
+            return True
+        s.drop_when_idle = True
+        return False
+
     def _evict_one(self) -> bool:
-        idle = [i for i, s in enumerate(self.slots) if s is not None and not s.refs and not s.pinned]
+        idle = [i for i, s in enumerate(self.slots) if s is not None and not s.refs and not s.pinned and s.ready]
         if not idle:
             return False
         victim = min(idle, key=lambda i: self.slots[i].last_used)
@@ -142,21 +307,16 @@ class LoraSlotCache:
         del self.index[s.key]
         self.slots[slot] = None
 
-    def _write(self, slot: int, start: int, adapter: LoraAdapter) -> None:
-        rank = adapter.config.rank
-        rows = slice(start, start + rank)
-        for m in TARGET_MODULES:
-            targeted = m in adapter.config.target_modules
-            self.ranks[m][slot] = rank if targeted else 0
-            if not targeted:
-                continue
-            for layer, slices in enumerate(self.layers):
-                ab = adapter.weights.get((layer, m))
-                if ab is None:  # not targeted in this layer (layers_to_transform): a zero delta
-                    slices[m].a[rows].zero_()
-                    slices[m].b[rows].zero_()
-                else:
-                    slices[m].a[rows].copy_(ab[0])
-                    slices[m].b[rows].copy_(ab[1].T)
-        self.row_start[slot] = start
-        self.scale[slot] = adapter.config.scale
+    def close(self) -> None:
+        self._copier.shutdown(wait=False, cancel_futures=True)
+
+
+def _all_finite(adapter: StagedAdapter, raw: torch.Tensor, weights: dict) -> torch.Tensor:
+    """One kernel over the file's data when it is all one dtype (as peft saves it), else one per tensor."""
+    dtypes = {t.dtype for ab in weights.values() for t in ab}
+    data = raw[adapter.data_start :]
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        if adapter.data_start % dtype.itemsize == 0 and data.numel() % dtype.itemsize == 0:
+            return torch.isfinite(data.view(dtype)).all()
+    return torch.stack([torch.isfinite(t).all() for ab in weights.values() for t in ab]).all()

@@ -32,10 +32,12 @@ __all__ = [
     "AdapterConfig",
     "AdapterError",
     "LoraAdapter",
+    "adapter_from_tensors",
     "check_compatible",
     "load_peft_adapter",
     "module_path",
     "read_adapter_config",
+    "read_weights_file",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,7 +63,7 @@ def _fail(msg: str) -> AdapterError:
     return AdapterError(msg)
 
 
-def _read_weights_file(folder: Path) -> bytes:
+def read_weights_file(folder: Path) -> bytes:
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -84,7 +86,7 @@ def _parse_key(key: str) -> tuple[int, str, str]:
     return int(match["layer"]), match["module"], match["ab"]
 
 
-def _check_tensor(key: str, t: torch.Tensor, ab: str, rank: int) -> None:
+def _check_tensor(key: str, t: torch.Tensor, ab: str, rank: int, check_finite: bool = True) -> None:
     if not t.is_floating_point():
         raise _fail(f"tensor {key!r} has dtype {t.dtype}; LoRA weights must be floating point")
     if t.dim() != 2:
@@ -94,17 +96,17 @@ def _check_tensor(key: str, t: torch.Tensor, ab: str, rank: int) -> None:
         raise _fail(
             f"tensor {key!r} has shape {tuple(t.shape)}: rank {r} does not match r={rank} in adapter_config.json"
         )
-    if not bool(torch.isfinite(t).all()):
+    if check_finite and not bool(torch.isfinite(t).all()):
         raise _fail(f"tensor {key!r} contains NaN or infinite values")
 
 
 def _collect_weights(
-    tensors: dict[str, torch.Tensor], rank: int
+    tensors: dict[str, torch.Tensor], rank: int, check_finite: bool = True
 ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         layer, module, ab = _parse_key(key)
-        _check_tensor(key, tensor, ab, rank)
+        _check_tensor(key, tensor, ab, rank, check_finite)
         slot = halves.setdefault((layer, module), {})
         if ab in slot:
             raise _fail(f"tensor {key!r} duplicates lora_{ab} of layer {layer} {module}")
@@ -120,16 +122,27 @@ def _collect_weights(
     return weights
 
 
-def load_peft_adapter(folder: Path, name: str) -> LoraAdapter:
-    """Read a PEFT LoRA folder into CPU tensors; validates everything that does not need the base model."""
+def load_peft_adapter(folder: Path, name: str, blob: bytes | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA folder into CPU tensors; validates everything that does not need the base model.
+
+    `blob`: the weights file's bytes when the caller read them already (to time the read apart)."""
     folder = Path(folder)
-    config = read_adapter_config(folder)
-    blob = _read_weights_file(folder)
+    if blob is None:
+        read_adapter_config(folder)  # a bad config is reported before a missing weights file
+        blob = read_weights_file(folder)
     try:
         tensors = load_safetensors_bytes(blob)
     except Exception as exc:  # safetensors raises its own error types for corrupt headers/data
         raise _fail(f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from None
-    weights = _collect_weights(tensors, config.rank)
+    return adapter_from_tensors(folder, name, tensors, sha256=hashlib.sha256(blob).hexdigest())
+
+
+def adapter_from_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor], check_finite: bool = True,
+                         sha256: str = "") -> LoraAdapter:
+    """Validate the tensors of `folder`'s weights file against its adapter_config.json (finiteness
+    only if `check_finite`: a caller that skips it checks on the device)."""
+    config = read_adapter_config(folder)
+    weights = _collect_weights(tensors, config.rank, check_finite)
     for layer, module in weights:
         if not config.matches(layer, module):
             raise _fail(
@@ -138,14 +151,7 @@ def load_peft_adapter(folder: Path, name: str) -> LoraAdapter:
             )
     config.target_modules = frozenset(m for _, m in weights)
     nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values())
-    return LoraAdapter(
-        name=name,
-        config=config,
-        weights=weights,
-        nbytes=nbytes,
-        sha256=hashlib.sha256(blob).hexdigest(),
-        path=folder,
-    )
+    return LoraAdapter(name=name, config=config, weights=weights, nbytes=nbytes, sha256=sha256, path=folder)
 
 
 def check_compatible(

@@ -1,14 +1,19 @@
 """Adapter registry: names -> versions, lazy disk -> host -> device loading, hot swap, pinning.
 
-Only the engine thread calls into the registry. Disk reads run on a small thread pool so that a
-request naming a cold adapter waits for its own load while the rest of the batch keeps decoding.
-A re-registered name gets a new version; sequences already holding the old version finish on it.
+Only the engine thread calls into the registry. Nothing on the cold path runs there: disk reads,
+parsing and staging (into pinned memory on CUDA) run on a small thread pool, and the device copy on
+the cache's copy thread and side stream; a request naming a cold adapter waits for its own load while
+the rest of the batch keeps decoding. A read starts when the request is queued (prefetch_version),
+within the host budget. A re-registered name gets a new version; sequences already holding the old
+version finish on it. `read_hook(name)`, when set, runs on the reading thread first: fault injection.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +25,11 @@ from hotlora.adapters.peft_format import (
     AdapterError,
     LoraAdapter,
     check_compatible,
-    load_peft_adapter,
     read_adapter_config,
 )
+from hotlora.adapters.staging import StagedAdapter, from_adapter, parse_staged, read_raw
+
+log = logging.getLogger(__name__)
 
 
 class UnknownAdapterError(KeyError):
@@ -44,8 +51,8 @@ class AdapterVersion:
     config: AdapterConfig
     sha256: str | None  # known once the weights are read
     file_bytes: int
-    host: LoraAdapter | None = None
-    loading: Future | None = None
+    host: StagedAdapter | None = None
+    loading: Future | None = None  # the read (or the staging of an upload); its result is the host copy
     error: str | None = None
 
 
@@ -58,6 +65,7 @@ class AdapterInfo:
     nbytes: int
     sha256: str | None  # None until the adapter is first loaded
     residency: str  # "disk" | "host" | "device"
+    on_host: bool  # a host copy is kept (also while on the device, until the host budget drops it)
     pinned: bool
     last_used: float | None
     loads: int
@@ -92,6 +100,7 @@ class AdapterRegistry:
         self.stats: dict[str, _Stats] = {}
         self._versions = 0
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self.read_hook: Callable[[str], None] | None = None
 
     def __contains__(self, name: str) -> bool:
         return name in self.current
@@ -111,7 +120,8 @@ class AdapterRegistry:
             raise AdapterError(f"rank r={config.rank} is above the server's maximum LoRA rank {self.max_rank}")
         self._versions += 1
         version = AdapterVersion(name, path, self._versions, config, loaded.sha256 if loaded else None,
-                                 (path / WEIGHTS_NAME).stat().st_size, host=loaded)
+                                 (path / WEIGHTS_NAME).stat().st_size,
+                                 host=from_adapter(loaded) if loaded is not None else None)
         old = self.current.get(name)
         self.current[name] = version
         self.stats.setdefault(name, _Stats())
@@ -165,27 +175,54 @@ class AdapterRegistry:
             host = self._host(v)
             if host is None:
                 return None
-            slot = self.cache.load(v, host)
+            slot = self.cache.reserve(v, host)
             if slot is None:
                 return None
             if stats:
                 stats.loads += 1
-        elif stats:
-            stats.hits += 1
-        self.cache.acquire(slot)
+        try:
+            if not self.cache.poll(slot):
+                return None
+        except Exception as exc:
+            raise AdapterError(self._copy_failed(v, exc)) from None
+        hit = self.cache.acquire(slot)
         if stats:
+            stats.hits += hit
             stats.last_used = time.time()
         return slot
+
+    def is_ready(self, v: AdapterVersion) -> bool:
+        """On the device and usable now (the scheduler prefers requests whose adapter is)."""
+        slot = self.cache.lookup(v)
+        return slot is not None and self.cache.slots[slot].ready
 
     def release(self, v: AdapterVersion, slot: int) -> None:
         self.cache.release(slot)
         if self.current.get(v.name) is not v:  # a replaced or deleted version leaves with its last user
             self.cache.evict(v)
 
-    def loading(self) -> list[Future]:
-        return [v.loading for v in self.current.values() if v.loading is not None and not v.loading.done()]
+    def poll(self) -> None:
+        """Once per step: publish finished device copies. (A retired version's copy is kept: a request
+        queued before the swap may be waiting for it; it leaves with its last user, or by LRU.)"""
+        for slot, s in enumerate(self.cache.slots):
+            if s is None or s.ready:
+                continue
+            try:
+                self.cache.poll(slot)
+            except Exception as exc:  # its slot is free again; the waiting requests fail on v.error
+                self._copy_failed(s.key, exc)
 
-    def _host(self, v: AdapterVersion) -> LoraAdapter | None:
+    def _copy_failed(self, v: AdapterVersion, exc: Exception) -> str:
+        if not isinstance(exc, AdapterError):
+            log.error("copying adapter %r to the device failed: %s", v.name, exc)
+        v.error, v.host = f"adapter {v.name!r} failed to load: {exc}", None
+        return v.error
+
+    def loading(self) -> list[Future]:
+        reads = [v.loading for v in self.current.values() if v.loading is not None and not v.loading.done()]
+        return reads + self.cache.pending()
+
+    def _host(self, v: AdapterVersion) -> StagedAdapter | None:
         if v.host is not None:
             return v.host
         if v.error is not None:
@@ -196,7 +233,7 @@ class AdapterRegistry:
             return None
         try:
             v.host = v.loading.result()
-            v.sha256 = v.host.sha256
+            v.sha256 = v.host.sha256 or v.sha256
         except (AdapterError, OSError) as exc:
             v.error = f"adapter {v.name!r} failed to load: {exc}"
             raise AdapterError(v.error) from None
@@ -205,16 +242,33 @@ class AdapterRegistry:
         self._trim_host(keep=v)
         return v.host
 
-    def _read(self, v: AdapterVersion) -> LoraAdapter:
-        adapter = load_peft_adapter(v.path, v.name)
-        check_compatible(adapter, self.linear_shapes, self.num_layers, self.max_rank)
-        return adapter
+    def _read(self, v: AdapterVersion) -> StagedAdapter:
+        """On a reading thread: the file into one buffer (pinned on CUDA), then its header and shapes
+        validated; each phase timed. Finiteness is checked by the device copy."""
+        if self.read_hook is not None:
+            self.read_hook(v.name)
+        rec = self.cache.stats
+        t0 = time.perf_counter()
+        raw = read_raw(v.path, pin=self.cache.device.type == "cuda", lock=self.cache.copy_lock)
+        t1 = time.perf_counter()
+        staged = parse_staged(raw, v.path, v.name)
+        check_compatible(staged, self.linear_shapes, self.num_layers, self.max_rank)
+        t2 = time.perf_counter()
+        rec.record("disk_read", t1 - t0)
+        rec.record("parse", t2 - t1)
+        rec.observe("disk_to_cpu", t2 - t0)
+        return staged
+
+    def _hosted_bytes(self) -> int:
+        hosted = sum(v.host.nbytes for v in self.current.values() if v.host is not None)
+        return hosted + sum(v.file_bytes for v in self.current.values() if v.loading is not None)
 
     def _trim_host(self, keep: AdapterVersion) -> None:
         """Drop host copies, least recently used first, down to the budget; never `keep`'s, which is about to
         be copied to the device (dropping it would make that load start over, forever, once the copies of
         the adapters on the device alone exceed the budget). A dropped copy is read from disk again if
-        its adapter is evicted from the device and used later."""
+        its adapter is evicted from the device and used later; a copy to the device in flight keeps its
+        own reference until it is done."""
         hosted = [v for v in self.current.values() if v.host is not None and v is not keep]
         total = sum(v.host.nbytes for v in hosted) + (keep.host.nbytes if keep.host is not None else 0)
         hosted.sort(key=lambda v: self.stats[v.name].last_used or 0.0)
@@ -235,11 +289,18 @@ class AdapterRegistry:
             v.loading = self._pool.submit(self._read, v)
         return v.loading
 
+    def prefetch_version(self, v: AdapterVersion) -> None:
+        """A request for `v` was queued: start its disk read now if it is cold and the host budget has room
+        (otherwise it is read when the request is admitted, and the budget is trimmed then)."""
+        if (v.host is None and v.loading is None and v.error is None and self.cache.lookup(v) is None
+                and self._hosted_bytes() + v.file_bytes <= self.host_budget):
+            v.loading = self._pool.submit(self._read, v)
+
     def pin(self, name: str) -> None:
         """Load `name` onto the device and keep it there until unpinned.
 
-        Blocks on the disk read if it has not finished: callers that must not stall the engine
-        thread wait on prefetch(name) first.
+        Blocks on the disk read and the device copy if they have not finished: callers that must not
+        stall the engine thread wait on prefetch(name) first (the copy then takes milliseconds).
         """
         v = self.resolve(name)
         slot = self.cache.lookup(v)
@@ -261,19 +322,26 @@ class AdapterRegistry:
             self.cache.set_pinned(slot, False)
         self.stats[name].pinned = False
 
+    def unload(self, name: str) -> bool:
+        """Unpin `name` and free its device slot now if no sequence uses it (else when the last one
+        finishes). The host copy stays, within the host budget. True when the slot is free now."""
+        v = self.resolve(name)
+        self.stats[name].pinned = False
+        return self.cache.unload(v)
+
     def info(self) -> list[AdapterInfo]:
         out = []
         for name in self.names():
             v, st = self.current[name], self.stats[name]
-            on_device = self.cache.lookup(v) is not None
             out.append(AdapterInfo(
                 name=name, rank=v.config.rank, alpha=v.config.alpha,
                 target_modules=sorted(v.config.target_modules), nbytes=v.file_bytes, sha256=v.sha256,
-                residency="device" if on_device else "host" if v.host is not None else "disk",
-                pinned=st.pinned, last_used=st.last_used, loads=st.loads, hits=st.hits,
-                evictions=st.evictions + self.cache.evictions.get(v, 0),
+                residency="device" if self.is_ready(v) else "host" if v.host is not None else "disk",
+                on_host=v.host is not None, pinned=st.pinned, last_used=st.last_used, loads=st.loads,
+                hits=st.hits, evictions=st.evictions + self.cache.evictions.get(v, 0),
             ))
         return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.cache.close()

@@ -81,6 +81,8 @@ SERVE_OPTIONS = (
     Opt("max-lora-rank", int, "largest LoRA rank accepted"),
     Opt("lora-pool-rows", optional_int, "rows of the per-module device LoRA pools (default max-loras x max-lora-rank)"),
     Opt("max-cpu-lora-bytes", parse_size, "host-memory budget for loaded adapter copies (e.g. 2GiB)"),
+    Opt("max-adapter-wait-steps", int,
+        "engine steps a request may be passed over for requests whose adapters are on the device"),
     Opt("max-num-seqs", int, "sequences decoded together at most"),
     Opt("max-num-batched-tokens", int, "tokens (prefill + decode) per engine step at most"),
     Opt(

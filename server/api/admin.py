@@ -1,4 +1,4 @@
-"""Admin routes (bearer token): upload (hot-swap), list, inspect, delete, pin and unpin adapters.
+"""Admin routes (bearer token): upload (hot-swap), list, inspect, delete, load (pin) and unload adapters.
 
 An upload is written through the AdapterStore (validated in a staging folder, then published
 atomically) and registered with the engine in its thread, under one lock per name, so the very next
@@ -236,4 +236,13 @@ async def load_adapter(name: str, request: Request):
 
 @router.post("/adapters/{name}/unload")
 async def unload_adapter(name: str, request: Request):
-    return await _pin(request, name, False)
+    """Unpin, and free the device slot now if no running sequence uses it (else when the last one ends)."""
+    state = _state(request)
+    _name(state, name)
+    registry = state.engine.engine.registry
+    try:
+        freed = await state.engine.call(registry.unload, name)
+    except KeyError:
+        raise _not_found(name) from None
+    infos = await state.engine.call(registry.info)
+    return next(_info(a) for a in infos if a.name == name) | {"slot_freed": freed}

@@ -3,7 +3,9 @@
 Request-level series are recorded by the API as outputs arrive; engine and adapter state is read from
 the engine at scrape time. Besides hotlora_* names, the few series that LoRA-aware routers read from
 vLLM are exported under vLLM's names too (vllm:lora_requests_info, vllm:num_requests_running,
-vllm:num_requests_waiting, vllm:kv_cache_usage_perc).
+vllm:num_requests_waiting, vllm:kv_cache_usage_perc), with adapter residency in the shape vLLM proposes
+for routers (vllm:lora_adapter_loaded, vllm:num_gpu_loaded_lora_adapters, vllm:max_gpu_lora_adapters,
+vllm:lora_adapter_load_seconds).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -56,7 +58,38 @@ class _EngineCollector(Collector):
         )
         info.add_metric([",".join(s.running_adapters), ",".join(s.waiting_adapters), str(s.max_loras)], time.time())
         yield info
+        yield CounterMetricFamily(
+            "hotlora_steps_blocked_on_adapters",
+            "engine steps with room in the batch where every waiting request awaited its adapter",
+            value=getattr(s, "num_adapter_blocked_steps", 0),
+        )
         yield from self._adapter_metrics()
+        yield from self._residency_metrics(s)
+
+    def _residency_metrics(self, s: Any) -> Iterable[Metric]:
+        """The shape vLLM proposes for residency-aware routing (vllm-project/vllm#54830)."""
+        loaded = GaugeMetricFamily(
+            "vllm:lora_adapter_loaded",
+            "1 while the adapter is resident at this level (gpu: a device slot; cpu: a host copy)",
+            labels=["adapter_name", "level", "pinned", "rank"],
+        )
+        for a in self.adapters:
+            levels = [level for level, here in (("gpu", a.residency == "device"), ("cpu", a.on_host)) if here]
+            for level in levels:
+                loaded.add_metric([a.name, level, str(a.pinned).lower(), str(a.rank)], 1.0)
+        yield loaded
+        yield GaugeMetricFamily(
+            "vllm:num_gpu_loaded_lora_adapters", "adapters in a device slot",
+            value=sum(a.residency == "device" for a in self.adapters),
+        )
+        yield GaugeMetricFamily("vllm:max_gpu_lora_adapters", "device slots for adapters", value=s.max_loras)
+        hist = HistogramMetricFamily(
+            "vllm:lora_adapter_load_seconds", "adapter load time by transition", labels=["transition"]
+        )
+        for transition, h in sorted(getattr(s, "adapter_load_seconds", {}).items()):
+            buckets, total = h.cumulative()
+            hist.add_metric([transition], buckets, total)
+        yield hist
 
     def _adapter_metrics(self) -> Iterable[Metric]:
         loads = CounterMetricFamily("hotlora_adapter_loads", "adapter loads onto the device", labels=["adapter"])

@@ -21,6 +21,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     lora_pool_rows: int | None = None  # rows of the per-module LoRA pools; None = max_loras * max_lora_rank
     max_cpu_lora_bytes: int = 2 << 30  # host-memory budget for loaded adapter copies
+    max_adapter_wait_steps: int = 64  # steps a request may be passed over for resident adapters' requests
     max_num_seqs: int = 64  # running sequences at once
     max_num_batched_tokens: int = 2048  # tokens (prefill + decode) in one step
     max_model_len: int | None = None  # None = the model's max_position_embeddings, capped at 8192
@@ -36,7 +37,8 @@ class EngineConfig:
             raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {self.quant!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
-        for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_loras", "max_lora_rank", "max_adapter_wait_steps", "max_num_seqs", "max_num_batched_tokens",
+                     "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

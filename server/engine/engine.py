@@ -5,7 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from hotlora.adapters.peft_format import AdapterError
 from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
@@ -46,6 +47,8 @@ class EngineStats:
     waiting_adapters: list[str]
     max_loras: int
     num_preemptions: int
+    num_adapter_blocked_steps: int = 0  # steps with room in the batch where every waiting request awaited its adapter
+    adapter_load_seconds: dict[str, Any] = field(default_factory=dict)  # transition -> loadstats.Histogram
 
 
 class LLMEngine:
@@ -61,7 +64,8 @@ class LLMEngine:
                                         config.max_lora_rank, config.max_cpu_lora_bytes)
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   admit=self._admit, release=self._release)
+                                   admit=self._admit, release=self._release, ready=self._adapter_ready,
+                                   max_adapter_wait_steps=config.max_adapter_wait_steps)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -86,6 +90,8 @@ class LLMEngine:
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting")
         adapter = self.registry.resolve(req.adapter) if req.adapter is not None else None
+        if adapter is not None:
+            self.registry.prefetch_version(adapter)  # the disk read starts now, not at the queue's head
         self._arrivals += 1
         seq = Sequence(req.request_id, list(req.prompt_token_ids), req.params, adapter, self._arrivals)
         seq.detok = DetokState()
@@ -105,6 +111,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return what each touched request produced."""
+        self.registry.poll()
         batch = self.scheduler.schedule()
         outputs = [self._fail(seq, msg) for seq, msg in self._failed]
         self._failed.clear()
@@ -169,6 +176,9 @@ class LLMEngine:
         seq.lora_slot = slot
         return True
 
+    def _adapter_ready(self, seq: Sequence) -> bool:
+        return seq.adapter is None or self.registry.is_ready(seq.adapter)
+
     def _release(self, seq: Sequence) -> None:
         if seq.lora_slot >= 0:
             self.registry.release(seq.adapter, seq.lora_slot)
@@ -185,6 +195,8 @@ class LLMEngine:
             kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used,
             running_adapters=names(self.scheduler.running), waiting_adapters=names(self.scheduler.waiting),
             max_loras=self.config.max_loras, num_preemptions=self.scheduler.num_preemptions,
+            num_adapter_blocked_steps=self.scheduler.num_adapter_blocked_steps,
+            adapter_load_seconds=self.registry.cache.stats.transitions,
         )
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from hotlora.server.engine.block_manager import BlockManager
 from hotlora.server.engine.sequence import Sequence, SequenceStatus
+
+_NONE = object()  # no barrier (None is the base model's "adapter")
 
 
 @dataclass(slots=True)
@@ -30,11 +33,18 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """FIFO admission under a token budget and the KV-block supply, with preemption by recompute.
+    """Admission under a token budget and the KV-block supply, with preemption by recompute.
 
     `admit(seq)` is asked before a waiting sequence starts: it returns False while the sequence's
     adapter is not on the device yet (that sequence waits; the ones behind it are still admitted).
     `release(seq)` is called when a sequence stops running (finish, abort, preemption).
+
+    Adapter residency: waiting sequences are tried in arrival order, except that those for which
+    `ready(seq)` holds (base model, or adapter usable on the device) go before those whose adapter
+    would have to be loaded, so a load never evicts an adapter that a queued request could use now.
+    A sequence waiting `max_adapter_wait_steps` steps or more is overdue: overdue ones go first, and
+    while one of them cannot get its adapter, no other adapter request is admitted (base requests
+    are), so running sequences drain until a slot frees. That bounds every wait: no starvation.
     """
 
     def __init__(
@@ -44,6 +54,8 @@ class Scheduler:
         max_num_batched_tokens: int,
         admit: Callable[[Sequence], bool],
         release: Callable[[Sequence], None],
+        ready: Callable[[Sequence], bool] | None = None,
+        max_adapter_wait_steps: int = 64,
     ) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
@@ -53,15 +65,22 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.ready = ready
+        self.max_adapter_wait_steps = max_adapter_wait_steps
+        self.num_steps = 0
+        self.num_adapter_blocked_steps = 0  # steps with room in the batch but every waiting request held back
+        self._queued_at: dict[Sequence, int] = {}  # step at which each waiting sequence was (re)queued
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self._queued_at[seq] = self.num_steps
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        self.num_steps += 1
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not batch.preempted:
@@ -87,23 +106,45 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        admitted, held = 0, False
+        barrier: Any = _NONE  # the adapter an overdue sequence waits for: other adapters wait too
+        for seq in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if barrier is not _NONE and seq.adapter is not None and seq.adapter is not barrier:
+                held = True
+                continue
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
                 break  # blocks are handed out first come, first served
-            self.waiting.popleft()
             if not self.admit(seq):
-                skipped.append(seq)
+                held = True
+                if barrier is _NONE and self._overdue(seq):
+                    barrier = seq.adapter
                 continue
+            self.waiting.remove(seq)
+            del self._queued_at[seq]
             self.blocks.allocate(seq, seq.num_computed + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
+            admitted += 1
+        if held and not admitted and budget > 0 and len(self.running) < self.max_num_seqs:
+            self.num_adapter_blocked_steps += 1
+
+    def _overdue(self, seq: Sequence) -> bool:
+        return self.num_steps - self._queued_at[seq] >= self.max_adapter_wait_steps
+
+    def _admission_order(self) -> list[Sequence]:
+        """Overdue sequences first, then those ready to run, then the rest; arrival order within each."""
+        overdue = [s for s in self.waiting if self._overdue(s)]
+        if self.ready is None:
+            return overdue + [s for s in self.waiting if not self._overdue(s)]
+        rest = [s for s in self.waiting if not self._overdue(s)]
+        rest.sort(key=lambda s: not self.ready(s))  # stable: FIFO within each class
+        return overdue + rest
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -112,6 +153,7 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+        self._queued_at[seq] = self.num_steps - self.max_adapter_wait_steps  # preempted: first in line again
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
@@ -122,4 +164,5 @@ class Scheduler:
             self.release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            self._queued_at.pop(seq, None)
         seq.status = SequenceStatus.FINISHED

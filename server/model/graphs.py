@@ -120,7 +120,9 @@ class DecodeGraphs:
         return self.model.forward(b.batch)
 
     def _capture(self, b: _Bucket) -> None:
-        with torch.cuda.device(self.model.device):  # the graph and its streams on the model's device (cuda:N)
+        # the graph and its streams on the model's device (cuda:N); no adapter copy is issued from the copy
+        # thread meanwhile (its allocations would break a global-mode capture)
+        with self.lora_cache.copy_lock, torch.cuda.device(self.model.device):
             self._capture_on_device(b)
 
     def _capture_on_device(self, b: _Bucket) -> None:

@@ -1,0 +1,115 @@
+"""Host copies of adapters as the device copy wants them: the raw safetensors file in one buffer.
+
+A cold load reads adapter_model.safetensors straight into one buffer (pinned memory on CUDA), parses
+only the header, and validates names, shapes and dtypes on views into that buffer: no per-tensor host
+copy, no host-side cast, no host-side finiteness scan (the slowest part on a CPU: about a second for an
+84 MB adapter on a loaded CPU). The device copy then moves the whole file in one transfer and casts,
+transposes and checks finiteness on the device (the copy stage in cache.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import struct
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hotlora.adapters.peft_format import WEIGHTS_NAME, AdapterConfig, AdapterError, LoraAdapter, adapter_from_tensors
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class StagedAdapter:
+    """weights: (layer, module) -> (A [r, in], B [out, r]) as stored (any float dtype), views into `raw`
+    when `raw` is set (then `spans` gives each view's (byte offset, dtype, shape) to rebuild it on a
+    device copy of `raw`). check_finite: finiteness is still to be checked (on the device)."""
+
+    config: AdapterConfig
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    nbytes: int
+    sha256: str  # "" when not computed here (the registry hashes files when they are registered)
+    raw: torch.Tensor | None = None  # uint8, the whole file
+    spans: dict[tuple[int, str], tuple[tuple, tuple]] | None = None
+    data_start: int = 0  # where the tensor data begins in `raw`
+    check_finite: bool = False
+
+    def views(self, raw: torch.Tensor) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """The weights as views into `raw` (this adapter's buffer or a device copy of it)."""
+        return {key: (_view(raw, *sa), _view(raw, *sb)) for key, (sa, sb) in self.spans.items()}
+
+
+def _view(raw: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape) * dtype.itemsize
+    return raw[offset : offset + n].view(dtype).view(shape)
+
+
+def from_adapter(adapter: LoraAdapter) -> StagedAdapter:
+    """An adapter that is in memory already (an upload, validated by the store)."""
+    return StagedAdapter(adapter.config, adapter.weights, adapter.nbytes, adapter.sha256)
+
+
+def read_header(raw: torch.Tensor, size: int) -> tuple[dict, int]:
+    if size < 8:
+        raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: too short")
+    (n,) = struct.unpack("<Q", raw[:8].numpy().tobytes())
+    if n > size - 8:
+        raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: header past the end")
+    try:
+        header = json.loads(raw[8 : 8 + n].numpy().tobytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _tensors(raw: torch.Tensor, header: dict, start: int, size: int) -> tuple[dict, dict]:
+    tensors, spans = {}, {}
+    for key, info in header.items():
+        try:
+            dtype = _DTYPES.get(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: bad entry {key!r}") from None
+        if dtype is None:
+            raise AdapterError(f"tensor {key!r} has dtype {info['dtype']}; LoRA weights must be floating point")
+        if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= size - start:
+            raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: bad offsets for {key!r}")
+        if (start + begin) % dtype.itemsize:
+            raise AdapterError(f"tensor {key!r} is not aligned in {WEIGHTS_NAME}")
+        tensors[key] = _view(raw, start + begin, dtype, shape)
+        spans[key] = (start + begin, dtype, shape)
+    return tensors, spans
+
+
+def read_raw(folder: Path, pin: bool, lock: AbstractContextManager | None = None) -> torch.Tensor:
+    """adapter_model.safetensors in one uint8 buffer (pinned if `pin`): the disk read, nothing else.
+    `lock` is held while the buffer is allocated (a pinned allocation must not overlap a graph capture)."""
+    path = Path(folder) / WEIGHTS_NAME
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise AdapterError(f"{WEIGHTS_NAME} is missing in the adapter folder") from None
+    with lock or contextlib.nullcontext():
+        raw = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    with open(path, "rb") as f:
+        if f.readinto(memoryview(raw.numpy())) != size:
+            raise AdapterError(f"{WEIGHTS_NAME} changed while it was read")
+    return raw
+
+
+def parse_staged(raw: torch.Tensor, folder: Path, name: str) -> StagedAdapter:
+    """Validate a file read by read_raw against its adapter_config.json; finiteness is left to the device."""
+    size = raw.numel()
+    header, start = read_header(raw, size)
+    tensors, spans = _tensors(raw, header, start, size)
+    adapter = adapter_from_tensors(Path(folder), name, tensors, check_finite=False)
+    ids = {id(t): k for k, t in tensors.items()}
+    pairs = {key: (spans[ids[id(a)]], spans[ids[id(b)]]) for key, (a, b) in adapter.weights.items()}
+    return StagedAdapter(adapter.config, adapter.weights, adapter.nbytes, "", raw, pairs, start, True)

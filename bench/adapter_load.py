@@ -1,0 +1,143 @@
+"""Where a cold adapter load spends its time, and what of it the engine thread waits for.
+
+Cache mode (default): only the adapter slot pools for the model's shape are built (no base weights), N
+distinct peft-format adapters are written (bench/make_adapters.py) and read once into the page cache,
+then each is loaded cold through the registry as the engine does it: `acquire` is polled between
+"steps" until the slot is usable. Reported per load: wall time from the request to a usable slot, and
+the engine thread's own time inside `acquire`/`poll` (what a step would wait for); per phase: disk
+read, parse + validation, staging (dtype cast into pinned memory), copy issue, device copy, slot-table
+writes.
+
+Engine mode (--engine): the real engine on the model decodes --batch base requests; between steps a
+cold adapter is loaded as above, one after another, and the step times during loads are compared with
+those of the same batch without loads (a stall shows as a longer step).
+
+    python bench/adapter_load.py --model random:llama-3-8b --rank 16 --targets all --loads 20
+    python bench/adapter_load.py --model random:llama-3-8b --rank 16 --targets all --loads 10 --engine --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_adapters import model_shapes, parse_targets, write_adapters
+
+from hotlora.adapters.cache import LoraSlotCache
+from hotlora.adapters.registry import AdapterRegistry
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    s = sorted(values)
+    return {"p50_ms": round(statistics.median(s) * 1000, 3), "max_ms": round(s[-1] * 1000, 3), "n": len(s)}
+
+
+def load_one(registry: AdapterRegistry, name: str, between: callable) -> tuple[float, float]:
+    """Load `name` cold as admission does; (wall seconds to a usable slot, engine-thread seconds)."""
+    v = registry.resolve(name)
+    start = time.perf_counter()
+    engine_time = 0.0
+    while True:
+        t = time.perf_counter()
+        registry.poll()
+        slot = registry.acquire(v)
+        engine_time += time.perf_counter() - t
+        if slot is not None:
+            break
+        between()
+    wall = time.perf_counter() - start
+    registry.release(v, slot)
+    registry.unload(name)
+    v.host = None  # the next load of anything starts from the page cache again
+    return wall, engine_time
+
+
+def cache_mode(a: argparse.Namespace, folder: Path, names: list[str], device: torch.device,
+               dtype: torch.dtype) -> dict:
+    shapes, layers = model_shapes(a.model)
+    cache = LoraSlotCache(shapes, layers, a.slots, a.slots * a.rank, device, dtype)
+    registry = AdapterRegistry(cache, shapes, layers, a.rank, 64 << 30)
+    for n in names:
+        registry.register(n, folder / n)
+    time.sleep(0.5)  # the registration-time sha256 reads finish (they also warm the page cache)
+    walls, engine = [], []
+    for n in names:
+        wall, eng = load_one(registry, n, lambda: time.sleep(0.0002))
+        walls.append(wall)
+        engine.append(eng)
+    registry.close()
+    return {"cold_load": _ms(walls), "engine_thread": _ms(engine), "phases": cache.stats.summary()}
+
+
+def engine_mode(a: argparse.Namespace, folder: Path, names: list[str]) -> dict:
+    from hotlora.server.engine.config import EngineConfig
+    from hotlora.server.engine.engine import LLMEngine
+    from hotlora.server.engine.types import Request, SamplingParams
+
+    eng = LLMEngine(EngineConfig(model=a.model, max_loras=a.slots, max_lora_rank=a.rank,
+                                 max_num_seqs=max(a.batch, 1), max_model_len=4096))
+    for n in names:
+        eng.registry.register(n, folder / n)
+    params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    for i in range(a.batch):
+        eng.add_request(Request(f"d{i}", list(range(100, 100 + a.prompt)), params, None))
+    steps: list[float] = []
+
+    def step() -> None:
+        t = time.perf_counter()
+        eng.step()
+        steps.append(time.perf_counter() - t)
+
+    for _ in range(a.batch + 20):  # prefills, graph captures, warm-up
+        step()
+    steps.clear()
+    for _ in range(100):
+        step()
+    base = list(steps)
+    steps.clear()
+    walls, engine = [], []
+    for n in names:
+        wall, thread = load_one(eng.registry, n, step)
+        walls.append(wall)
+        engine.append(thread)
+    return {"batch": a.batch, "step_no_load": _ms(base), "step_during_load": _ms(steps) if steps else None,
+            "cold_load": _ms(walls), "engine_thread": _ms(engine), "phases": eng.registry.cache.stats.summary()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="all")
+    p.add_argument("--loads", type=int, default=10, help="distinct adapters, each loaded once, cold")
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dir", type=Path, default=None, help="where to write the adapters (default: a temp dir)")
+    p.add_argument("--engine", action="store_true", help="load while the real engine decodes --batch requests")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=128)
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = a.dir or Path(tmp)
+        names = write_adapters(folder, a.loads, a.rank, parse_targets(a.targets), a.model, prefix="cold-")
+        size = (folder / names[0] / "adapter_model.safetensors").stat().st_size
+        out = {"model": a.model, "device": str(device), "rank": a.rank, "targets": a.targets,
+               "adapter_bytes": size}
+        out |= engine_mode(a, folder, names) if a.engine else cache_mode(a, folder, names, device, dtype)
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

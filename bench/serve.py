@@ -1,0 +1,291 @@
+"""Open-loop serving benchmark against hotlora's HTTP server (in the style of vLLM's benchmark_serving).
+
+Requests arrive on a Poisson clock (--rate, requests/s; 0 sends them all at once), each with a random
+prompt of token ids (--prompt-len LO:HI, uniform), a completion of exactly --output-len LO:HI tokens
+(ignore_eos, which the server honours as vLLM does) and an adapter drawn from --adapters (uniform, or
+Zipf(--zipf S) over the order given; the base model when none are given). Every request is streamed
+from /v1/completions; one JSON object is printed (and written to --out):
+
+    requests, completed, errors, duration_s, req_per_s, output_tok_per_s,
+    ttft_ms {p50, p99}, tpot_ms {p50, p99}, itl_ms {p99}, and the server counters read from /metrics
+
+TPOT is per request: (latency - TTFT) / (output tokens - 1); ITL is the gap between streamed chunks.
+
+Why a thin client and not aiperf or guidellm: neither draws a per-request adapter (model) from a
+Zipf popularity (aiperf picks uniformly or round-robin among --model names, guidellm benchmarks one
+model per run), both build synthetic prompts with a tokenizer fetched from the Hugging Face hub, which
+the GPU machine cannot reach, and neither reads hotlora's own counters from /metrics.
+
+    # against a running server
+    python bench/serve.py --url http://127.0.0.1:8000 --requests 200 --rate 6 \
+        --prompt-len 64:1024 --output-len 32:256 --adapters $(python bench/serve.py --list-adapters DIR) --zipf 1.1
+    # start the server too (arguments of `hotlora serve`); it is stopped at the end
+    python bench/serve.py --launch "--model random:llama-3-8b --adapter-dir /tmp/adapters --max-loras 64" ...
+    # write adapters first (see bench/make_adapters.py)
+    python bench/serve.py --make-adapters 1000 --rank 8 --targets q,v,o --model random:llama-3-8b --adapter-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+# hotlora counters worth reporting with the latencies: output key -> Prometheus sample name
+SERVER_COUNTERS = {
+    "steps_blocked_on_adapters": "hotlora_steps_blocked_on_adapters_total",
+    "adapter_loads": "hotlora_adapter_loads_total",
+    "adapter_evictions": "hotlora_adapter_evictions_total",
+    "eager_steps": "hotlora_eager_steps_total",
+    "preemptions": "hotlora_num_preemptions",
+}
+TOKEN_RANGE = (100, 5000)  # prompt token ids: past the special tokens, inside every supported vocabulary
+
+
+def span(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i:
+        raise argparse.ArgumentTypeError(f"expected LO:HI with 1 <= LO <= HI, got {text!r}")
+    return lo_i, hi_i
+
+
+@dataclass(slots=True)
+class Planned:
+    arrival: float  # seconds after the start
+    prompt: list[int]
+    max_tokens: int
+    model: str
+
+
+@dataclass(slots=True)
+class Result:
+    ok: bool = False
+    error: str = ""
+    ttft: float = 0.0
+    latency: float = 0.0
+    output_tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
+
+
+def plan(n: int, rate: float, prompt_len: tuple[int, int], output_len: tuple[int, int], models: list[str],
+         zipf: float | None, seed: int) -> list[Planned]:
+    rng = random.Random(seed)
+    weights = [1.0 / (k + 1) ** zipf for k in range(len(models))] if zipf else None
+    t, out = 0.0, []
+    for _ in range(n):
+        if rate > 0:
+            t += rng.expovariate(rate)
+        prompt = [rng.randrange(*TOKEN_RANGE) for _ in range(rng.randint(*prompt_len))]
+        model = rng.choices(models, weights=weights)[0]
+        out.append(Planned(t, prompt, rng.randint(*output_len), model))
+    return out
+
+
+async def one(client: httpx.AsyncClient, p: Planned) -> Result:
+    body = {"model": p.model, "prompt": p.prompt, "max_tokens": p.max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    res, start = Result(), time.perf_counter()
+    last = start
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = str(chunk["error"].get("message"))
+                    return res
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    res.output_tokens = chunk["usage"]["completion_tokens"]
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    if res.ttft == 0.0:
+                        res.ttft = now - start
+                    else:
+                        res.gaps.append(now - last)
+                    last = now
+    except (httpx.HTTPError, ValueError) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+        return res
+    res.latency = time.perf_counter() - start
+    res.ok = res.ttft > 0
+    res.error = "" if res.ok else "no tokens streamed"
+    return res
+
+
+async def run(url: str, planned: list[Planned]) -> tuple[list[Result], float]:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None, connect=30), limits=limits) as client:
+        start = time.perf_counter()
+
+        async def at(p: Planned) -> Result:
+            await asyncio.sleep(max(0.0, start + p.arrival - time.perf_counter()))
+            return await one(client, p)
+
+        results = await asyncio.gather(*(at(p) for p in planned))
+        return list(results), time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def ms(values: list[float], *qs: int) -> dict[str, float | None]:
+    out = {}
+    for q in qs:
+        v = percentile(values, q)
+        out[f"p{q}"] = None if v is None else round(v * 1000, 3)
+    return out
+
+
+def summarize(results: list[Result], duration: float) -> dict:
+    done = [r for r in results if r.ok]
+    tokens = sum(r.output_tokens for r in done)
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    errors = [r.error for r in results if not r.ok]
+    return {
+        "requests": len(results), "completed": len(done), "errors": len(errors),
+        "duration_s": round(duration, 3), "req_per_s": round(len(done) / duration, 3) if duration else 0.0,
+        "output_tok_per_s": round(tokens / duration, 2) if duration else 0.0,
+        "ttft_ms": ms([r.ttft for r in done], 50, 99), "tpot_ms": ms(tpot, 50, 99),
+        "itl_ms": ms([g for r in done for g in r.gaps], 99),
+        "first_errors": sorted(set(errors))[:3],
+    }  # fmt: skip
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+def read_counters(url: str) -> dict[str, float]:
+    """Sums of the SERVER_COUNTERS samples (over their labels) in /metrics; {} if it cannot be read."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    wanted = {v: k for k, v in SERVER_COUNTERS.items()}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and m[1] in wanted:
+            out[wanted[m[1]]] = out.get(wanted[m[1]], 0.0) + float(m[3])
+    return out
+
+
+def base_model(url: str) -> str:
+    models = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+    return next((m["id"] for m in models if m.get("parent") is None), models[0]["id"])
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} was not ready after {timeout:.0f} s")
+
+
+def launch(args_text: str, url: str) -> subprocess.Popen:
+    """`hotlora serve <args>` on the --url's host and port, in this Python."""
+    parsed = httpx.URL(url)
+    cmd = [sys.executable, "-m", "hotlora.server.cli", "serve", *shlex.split(args_text),
+           "--host", parsed.host, "--port", str(parsed.port or 80)]
+    print("launching:", shlex.join(cmd), file=sys.stderr)
+    return subprocess.Popen(cmd)
+
+
+def list_adapters(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
+
+
+def benchmark(a: argparse.Namespace) -> dict:
+    url = a.url.rstrip("/")
+    proc = launch(a.launch, url) if a.launch is not None else None
+    try:
+        wait_ready(url, proc, a.ready_timeout)
+        models = [m for m in a.adapters.split(",") if m] if a.adapters else [base_model(url)]
+        planned = plan(a.requests, a.rate, a.prompt_len, a.output_len, models, a.zipf, a.seed)
+        before = read_counters(url)
+        results, duration = asyncio.run(run(url, planned))
+        after = read_counters(url)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    summary = summarize(results, duration)
+    summary["server"] = {k: after[k] - before.get(k, 0.0) for k in after}
+    summary["config"] = {"rate": a.rate, "prompt_len": a.prompt_len, "output_len": a.output_len,
+                         "models": len(models), "zipf": a.zipf, "seed": a.seed}
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--requests", type=int, default=100)
+    p.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second; 0 = all at once")
+    p.add_argument("--prompt-len", type=span, default=(64, 1024), metavar="LO:HI")
+    p.add_argument("--output-len", type=span, default=(32, 256), metavar="LO:HI")
+    p.add_argument("--adapters", default="", help="a,b,...: adapter names (default: the base model)")
+    p.add_argument("--zipf", type=float, default=None, help="Zipf exponent over --adapters (default uniform)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--launch", default=None, metavar="SERVE_ARGS", help="start `hotlora serve SERVE_ARGS` first")
+    p.add_argument("--ready-timeout", type=float, default=1800.0)
+    p.add_argument("--list-adapters", type=Path, default=None, metavar="DIR",
+                   help="print the adapter names in DIR, comma-separated, and exit")
+    g = p.add_argument_group("writing adapters (bench/make_adapters.py), then exit")
+    g.add_argument("--make-adapters", type=int, default=None, metavar="N")
+    g.add_argument("--adapter-dir", type=Path, default=Path("bench-adapters"))
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--targets", default="q,v,o")
+    g.add_argument("--model", default="default")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if a.list_adapters is not None:
+        print(",".join(list_adapters(a.list_adapters)))
+        return
+    if a.make_adapters is not None:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from make_adapters import main as make
+
+        make(["--out", str(a.adapter_dir), "--count", str(a.make_adapters), "--rank", str(a.rank),
+              "--targets", a.targets, "--model", a.model, "--seed", str(a.seed)])
+        return
+    summary = benchmark(a)
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if a.out is not None:
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""bench/serve.py against a real uvicorn server on the default model, and bench/make_adapters.py's folders
+(read by hotlora's own loader and by peft itself)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from server_harness import ServerThread, server_settings
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH))  # serve.py imports make_adapters as a sibling
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_made_adapters_load_in_hotlora_and_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hotlora.adapters.peft_format import check_compatible, load_peft_adapter
+    from hotlora.server.model.presets import preset_config, preset_hf_config
+
+    make = _bench_module("make_adapters")
+    names = make.write_adapters(tmp_path, 3, rank=4, targets=make.parse_targets("q,v,o"), model="random:tiny")
+    assert names == ["lora-0000", "lora-0001", "lora-0002"]
+    cfg = preset_config("tiny")
+    loaded = [load_peft_adapter(tmp_path / n, n) for n in names]
+    for a in loaded:
+        check_compatible(a, cfg.linear_shapes(), cfg.num_layers, 16)
+        assert a.config.rank == 4 and a.config.target_modules == {"q_proj", "v_proj", "o_proj"}
+    assert len({a.sha256 for a in loaded}) == 3  # distinct weights
+    hf = {k: v for k, v in preset_hf_config("tiny").items() if k != "architectures"}
+    base = LlamaForCausalLM(LlamaConfig(**hf))
+    model = PeftModel.from_pretrained(base, str(tmp_path / names[1]))
+    a, b = loaded[1].weights[(0, "v_proj")]
+    got = model.base_model.model.model.layers[0].self_attn.v_proj
+    assert torch.equal(got.lora_A["default"].weight.to(a.dtype), a)
+    assert torch.equal(got.lora_B["default"].weight.to(b.dtype), b)
+
+
+@pytest.mark.timeout(300)
+def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
+    make = _bench_module("make_adapters")
+    store = tmp_path / "store"
+    names = make.write_adapters(store, 3, rank=4, targets=make.parse_targets("q,v"), model=str(default_model_dir))
+    serve = _bench_module("serve")
+    srv = ServerThread(server_settings(store, hotlora_cache, max_loras=2)).start()
+    try:
+        out = tmp_path / "bench.json"
+        serve.main(["--url", srv.url, "--requests", "6", "--rate", "20", "--prompt-len", "4:12",
+                    "--output-len", "3:5", "--adapters", ",".join(names), "--zipf", "1.1", "--out", str(out)])
+        base = json.loads(capsys.readouterr().out)
+        serve.main(["--url", srv.url, "--requests", "3", "--rate", "0", "--prompt-len", "4:4", "--output-len", "2:2"])
+        base_only = json.loads(capsys.readouterr().out)
+    finally:
+        srv.stop()
+    assert json.loads(out.read_text()) == base
+    for r in (base, base_only):
+        assert r["errors"] == 0 and r["completed"] == r["requests"], r
+        assert r["duration_s"] > 0 and r["req_per_s"] > 0 and r["output_tok_per_s"] > 0
+        assert r["ttft_ms"]["p50"] > 0 and r["ttft_ms"]["p99"] >= r["ttft_ms"]["p50"]
+        assert r["tpot_ms"]["p50"] > 0 and r["tpot_ms"]["p99"] >= r["tpot_ms"]["p50"]
+        assert r["itl_ms"]["p99"] > 0
+    assert base["requests"] == 6 and base_only["requests"] == 3
+    assert base["config"]["models"] == 3 and base_only["config"]["models"] == 1
+    # 6 requests of 3..5 tokens each; the counters come from the server's /metrics
+    assert 18 / base["duration_s"] <= base["output_tok_per_s"] <= 30 / base["duration_s"]
+    assert base["server"]["adapter_loads"] >= 1
