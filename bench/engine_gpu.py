@@ -225,6 +225,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile 8 decode steps of the distinct case")
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=DEV == "cuda",
                     help="also run hotlora eagerly (no CUDA graphs)")
+    ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the transformers + peft + bitsandbytes baseline")
     ap.add_argument("--compare-bnb", action="store_true", help="also run hotlora on bnb.matmul_4bit (before)")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
@@ -240,7 +242,7 @@ def main() -> None:
             bnb = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda")
             quant._FUSED_ON_CUDA = True
     log("engine done")
-    hf = run_hf(args, prompts.to(DEV))
+    hf = run_hf(args, prompts.to(DEV)) if args.hf else {case: float("nan") for case in ours}
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "CPU"
     print(f"\n{gpu}, torch {torch.__version__}, random:{args.preset} NF4, batch {args.batch}, prompt {args.prompt}, "
           f"r={args.rank} on all 7 projections; decode tokens/s\n")
