@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import sys
+from dataclasses import replace
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -31,6 +32,7 @@ from hotlora.kernels.nf4 import (
     nf4_matmul,
     pack_nf4,
     pack_nf4_group,
+    pick_config,
 )
 
 DT = torch.bfloat16
@@ -161,6 +163,15 @@ def bench_dequant(case: Case) -> None:
         print(f"## dequant block_n={bn} warps={warps}: {us:.1f}us", flush=True)
 
 
+def ab_prefetch(cases: dict[str, Case]) -> None:
+    """The recorded config against the same config with register double-buffering, M = 16 and 32."""
+    for (name, case), m in itertools.product(cases.items(), (16, 32)):
+        cfg = pick_config(m, case.n, case.k)
+        base = bench_m(case, m, cfg, baselines=False)["nf4_us"]
+        pre = bench_m(case, m, replace(cfg, prefetch=True), baselines=False)["nf4_us"]
+        print(f"## prefetch {name} M={m}: {base:.1f}us -> {pre:.1f}us", flush=True)
+
+
 def markdown(rows: list[dict], device: str) -> str:
     lines = [f"Device: {device}. bf16 x; CUDA-graph replay medians over rotating weights (HBM).", "",
              "| projection | M | NF4 fused us | bnb.matmul_4bit us | bf16 cuBLAS us | floor (copy) us "
@@ -179,6 +190,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs first")
     ap.add_argument("--sweep-m", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
+    ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
     ap.add_argument("--no-table", action="store_true", help="skip the final table")
     ap.add_argument("--markdown")
@@ -186,6 +198,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.cuda.get_device_name()
     cases = {name: Case(*SHAPES[name]) for name in args.shapes}
+    if args.ab_prefetch:
+        ab_prefetch(cases)
     if args.dequant:
         for case in cases.values():
             bench_dequant(case)
