@@ -1,6 +1,7 @@
-"""Torch references of the LoRA kernels (float32 math). They are also the CPU serving path.
+"""Torch references of the kernels (float32 math). They are also the CPU serving path.
 
-Row-pool layout and metadata: see hotlora.kernels._meta (re-exported by hotlora.kernels.lora).
+LoRA row-pool layout and metadata: see hotlora.kernels._meta (re-exported by hotlora.kernels.lora).
+Paged attention layout and semantics: see hotlora.kernels.attention.
 """
 
 from __future__ import annotations
@@ -9,11 +10,19 @@ import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ._meta import LoraMeta, LoraSlice
 from ._meta import refresh_lora_meta_torch as refresh_lora_meta_ref  # the metadata step's reference
 
-__all__ = ["lora_apply_naive", "lora_apply_ref", "lora_expand_ref", "lora_shrink_ref", "refresh_lora_meta_ref"]
+__all__ = [
+    "lora_apply_naive",
+    "lora_apply_ref",
+    "lora_expand_ref",
+    "lora_shrink_ref",
+    "paged_attention_ref",
+    "refresh_lora_meta_ref",
+]
 
 
 def _slot_groups(meta: LoraMeta) -> Iterator[tuple[int, torch.Tensor]]:
@@ -110,3 +119,56 @@ def lora_apply_naive(
             rows = slice(int(row_start[slot]), int(row_start[slot]) + r)
             delta = float(scale[slot]) * ((x[t].double() @ sl.a[rows].double().T) @ sl.b[rows].double())
             y[t] = (y[t].double() + delta).to(y.dtype)
+
+
+def _visible(pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """bool [..., length]: key j is visible from a query at position pos (causal, optional sliding window)."""
+    j = torch.arange(length, device=pos.device)
+    mask = j <= pos[..., None]
+    if window:
+        mask &= j > pos[..., None] - window
+    return mask
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Reference of ``hotlora.kernels.attention.paged_attention`` (same arguments and semantics; fp32 math).
+
+    Gathers each sequence's context from the paged cache (host sync on the metadata). Sequences with one query
+    (decodes) share one padded batched product; prefill chunks run one at a time. Uncovered rows are zero.
+    """
+    out = torch.zeros_like(q)
+    cu, ctx = cu_seqlens_q.tolist(), ctx_lens.tolist()
+    bs, dev = k_cache.shape[1], q.device
+    decode = [s for s in range(len(ctx)) if cu[s + 1] - cu[s] == 1]
+    if decode:
+        rows = torch.tensor([cu[s] for s in decode], device=dev)
+        lens = torch.tensor([ctx[s] for s in decode], device=dev)
+        length = max(ctx[s] for s in decode)
+        tables = block_tables[torch.tensor(decode, device=dev), : -(-length // bs)].long()
+        k = k_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).float()  # [B, KVH, L, D]
+        v = v_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).float()
+        mask = _visible(lens - 1, length, sliding_window) & (torch.arange(length, device=dev) < lens[:, None])
+        o = F.scaled_dot_product_attention(q[rows].float().unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                           scale=scale, enable_gqa=True)  # fmt: skip
+        out[rows] = o.squeeze(2).to(q.dtype)
+    for s in range(len(ctx)):
+        n, c = cu[s + 1] - cu[s], ctx[s]
+        if n <= 1:  # decodes ran above; sequences without queries are padding
+            continue
+        table = block_tables[s, : -(-c // bs)].long()
+        k = k_cache[table].flatten(0, 1)[:c].transpose(0, 1).float()  # [KVH, c, D]
+        v = v_cache[table].flatten(0, 1)[:c].transpose(0, 1).float()
+        qs = q[cu[s] : cu[s] + n].transpose(0, 1).float()  # [H, n, D]
+        mask = _visible(torch.arange(c - n, c, device=dev), c, sliding_window)
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[cu[s] : cu[s] + n] = o.transpose(0, 1).to(q.dtype)
+    return out
