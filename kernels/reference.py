@@ -153,7 +153,10 @@ def paged_attention_ref(
         rows = torch.tensor([cu[s] for s in decode], device=dev)
         lens = torch.tensor([ctx[s] for s in decode], device=dev)
         length = max(ctx[s] for s in decode)
-        tables = block_tables[torch.tensor(decode, device=dev), : -(-length // bs)].long()
+        width = -(-length // bs)
+        tables = block_tables[torch.tensor(decode, device=dev), :width].long()
+        owned = torch.arange(width, device=dev) < (lens[:, None] + bs - 1) // bs
+        tables = torch.where(owned, tables, 0)  # columns past a context may hold anything: read block 0 there
         k = k_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).float()  # [B, KVH, L, D]
         v = v_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).float()
         mask = _visible(lens - 1, length, sliding_window) & (torch.arange(length, device=dev) < lens[:, None])
