@@ -126,9 +126,10 @@ def paged_attention_reduce_kernel(
     d = tl.arange(0, D_PAD)
     s_ok = s < num_splits
     lse = tl.load(part_lse + t * stride_lt + h * stride_lh + s, mask=s_ok, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))
-    w = tl.where(s_ok & (lse > float("-inf")), w, 0.0)
+    top = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0))  # empty splits (lse = -inf) weigh 0
     ok = s_ok[:, None] & (d < HEAD_DIM)[None, :]
     o = tl.load(part_o + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=ok, other=0.0)
-    res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)  # no visible key at all: zeros
     tl.store(out + t * stride_ot + h * stride_oh + d, res.to(out.dtype.element_ty), mask=d < HEAD_DIM)

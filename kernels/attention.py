@@ -18,8 +18,9 @@ Semantics of ``paged_attention(q, k_cache, v_cache, cu_seqlens_q, ctx_lens, bloc
                 w = softmax(scale * qs[i, h].float() @ keys[visible, h // G].float().T)
                 out[cu_seqlens_q[s] + i, h] = (w @ values[visible, h // G].float()).to(out.dtype)
 
-Rows of q that no sequence covers (t >= cu_seqlens_q[-1]) get unspecified values. A sequence may have no
-queries (cu_seqlens_q[s + 1] == cu_seqlens_q[s]): padding rows of a static batch cost one early exit.
+Padding of a static batch: a sequence may have no queries (cu_seqlens_q[s + 1] == cu_seqlens_q[s]), and
+queries at negative positions (ctx_lens[s] < q_len, e.g. padding tokens as one sequence with ctx 0) see no
+key and get zeros; both cost an early exit. Rows no sequence covers (t >= cu_seqlens_q[-1]) are unspecified.
 
 Split-KV (flash-decoding): with ``num_splits > 1`` every (query block, KV head) program covers 1/num_splits of
 the key tiles its queries see, writes a normalized partial output and its log-sum-exp to an fp32 workspace,
@@ -119,7 +120,7 @@ def paged_attention(
     q: [T, H, D] fp16/bf16/fp32 (unit last stride; row and head strides free, e.g. a view of a fused qkv).
     k_cache, v_cache: [num_blocks, block_size, KVH, D], q's dtype, unit last stride; H % KVH == 0.
     cu_seqlens_q: int32 [S + 1], non-decreasing, cu_seqlens_q[0] == 0, cu_seqlens_q[S] <= T.
-    ctx_lens: int32 [S], ctx_lens[s] >= q_len of s (the new tokens' K/V are already in the cache).
+    ctx_lens: int32 [S]: context length of s including its queries, whose K/V are already in the cache.
     block_tables: int32 [S, width], unit column stride; entries beyond a sequence's blocks are never read.
     max_q_len: an upper bound (bucketed) of the per-sequence query counts; picks the tile shape only.
     max_ctx_len: an upper bound (bucketed) of ctx_lens; picks the default split count only.

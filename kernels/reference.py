@@ -143,12 +143,13 @@ def paged_attention_ref(
     """Reference of ``hotlora.kernels.attention.paged_attention`` (same arguments and semantics; fp32 math).
 
     Gathers each sequence's context from the paged cache (host sync on the metadata). Sequences with one query
-    (decodes) share one padded batched product; prefill chunks run one at a time. Uncovered rows are zero.
+    (decodes) share one padded batched product; prefill chunks run one at a time. Queries at negative positions
+    (ctx_lens[s] < q_len) and rows no sequence covers are zero.
     """
     out = torch.zeros_like(q)
     cu, ctx = cu_seqlens_q.tolist(), ctx_lens.tolist()
     bs, dev = k_cache.shape[1], q.device
-    decode = [s for s in range(len(ctx)) if cu[s + 1] - cu[s] == 1]
+    decode = [s for s in range(len(ctx)) if cu[s + 1] - cu[s] == 1 and ctx[s] > 0]
     if decode:
         rows = torch.tensor([cu[s] for s in decode], device=dev)
         lens = torch.tensor([ctx[s] for s in decode], device=dev)
@@ -165,13 +166,16 @@ def paged_attention_ref(
         out[rows] = o.squeeze(2).to(q.dtype)
     for s in range(len(ctx)):
         n, c = cu[s + 1] - cu[s], ctx[s]
-        if n <= 1:  # decodes ran above; sequences without queries are padding
+        if n == 1 and c > 0:  # decodes ran above
+            continue
+        n, start = min(n, c), cu[s] + max(n - c, 0)  # queries at negative positions see nothing: zeros
+        if n == 0:
             continue
         table = block_tables[s, : -(-c // bs)].long()
         k = k_cache[table].flatten(0, 1)[:c].transpose(0, 1).float()  # [KVH, c, D]
         v = v_cache[table].flatten(0, 1)[:c].transpose(0, 1).float()
-        qs = q[cu[s] : cu[s] + n].transpose(0, 1).float()  # [H, n, D]
+        qs = q[start : start + n].transpose(0, 1).float()  # [H, n, D]
         mask = _visible(torch.arange(c - n, c, device=dev), c, sliding_window)
         o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[cu[s] : cu[s] + n] = o.transpose(0, 1).to(q.dtype)
+        out[start : start + n] = o.transpose(0, 1).to(q.dtype)
     return out

@@ -71,15 +71,19 @@ def test_split_kv(num_splits):
 
 
 @interp
-def test_padding_sequences_and_rows():
-    # a static batch: empty sequences (q_len 0, ctx 0), then rows no sequence covers; covered rows exact
-    case = make_case([(1, 9), (0, 0), (4, 4), (0, 0)], 4, 2, 32, 4, torch.float32)
-    q = torch.cat([case.q, torch.randn(3, 4, 32)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_padding_sequences_and_rows(num_splits):
+    # a static batch: empty sequences (no queries, no context), padding tokens as queries without context
+    # (zeros), then rows no sequence covers (left as they were without splits)
+    case = make_case([(1, 9), (0, 0), (4, 4), (0, 0), (3, 0)], 4, 2, 32, 4, torch.float32)
+    q = torch.cat([case.q, torch.randn(2, 4, 32)])
     out = torch.full_like(q, 7.0)
-    paged_attention(q, *case.args()[1:], SCALE, max_q_len=8, max_ctx_len=16, out=out)
+    paged_attention(q, *case.args()[1:], SCALE, max_q_len=8, max_ctx_len=16, out=out, num_splits=num_splits)
     ref = paged_attention_ref(*case.args(), SCALE)
-    torch.testing.assert_close(out[:5], ref, atol=1e-4, rtol=1e-4)
-    assert torch.equal(out[5:], torch.full_like(out[5:], 7.0))  # uncovered rows untouched (no split)
+    assert torch.equal(ref[5:8], torch.zeros_like(ref[5:8]))
+    torch.testing.assert_close(out[:8], ref, atol=1e-4, rtol=1e-4)
+    if num_splits == 1:
+        assert torch.equal(out[8:], torch.full_like(out[8:], 7.0))
 
 
 @interp

@@ -46,6 +46,8 @@ class EngineStats:
     waiting_adapters: list[str]
     max_loras: int
     num_preemptions: int
+    num_eager_steps: int = 0  # steps that ran eagerly (on cuda: no CUDA graph fitted or a capture failed)
+    num_graph_steps: int = 0  # steps replayed from CUDA graphs
 
 
 class LLMEngine:
@@ -176,6 +178,11 @@ class LLMEngine:
 
     # --- introspection and the offline API ----------------------------------------------------------
 
+    @property
+    def eager_steps(self) -> int:
+        """Steps that ran eagerly, not from a CUDA graph (every step on the CPU)."""
+        return self.runner.eager_steps
+
     def stats(self) -> EngineStats:
         def names(seqs) -> list[str]:
             return sorted({s.adapter.name for s in seqs if s.adapter is not None})
@@ -185,6 +192,7 @@ class LLMEngine:
             kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used,
             running_adapters=names(self.scheduler.running), waiting_adapters=names(self.scheduler.waiting),
             max_loras=self.config.max_loras, num_preemptions=self.scheduler.num_preemptions,
+            num_eager_steps=self.eager_steps, num_graph_steps=self.runner.graph_steps,
         )
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:

@@ -70,7 +70,7 @@ class DecoderLayer:
         k = rotary(k.view(-1, cfg.num_kv_heads, cfg.head_dim), batch.positions)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, batch.attn.slot_mapping)
-        o = paged_attention(q, self.k_cache, self.v_cache, batch.attn, cfg.head_dim**-0.5)
+        o = paged_attention(q, self.k_cache, self.v_cache, batch.attn, cfg.head_dim**-0.5, cfg.sliding_window)
         (o,) = self._project(("o_proj",), o.reshape(o.shape[0], -1), batch.lora)
         h = h + o
         x = rms_norm(h, self.post_norm, cfg.rms_norm_eps)
