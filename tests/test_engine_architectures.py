@@ -5,6 +5,7 @@ HF folders, fp32, greedy."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -51,11 +52,23 @@ def _hf_greedy(model, prompt: list[int]) -> list[int]:
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama3", "tiny-qwen2", "tiny-mistral", "tiny-mistral-window"])
 def test_forward_matches_transformers(preset, tmp_path, hotlora_cache):
+    _check_against_transformers(preset, tmp_path, hotlora_cache)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU: TRITON_INTERPRET=1")
+def test_triton_attention_in_the_engine(tmp_path, hotlora_cache, monkeypatch):
+    # the paged attention kernel (not the torch reference) serving the forward: GQA 4:1, chunked prompts
+    # longer than the sliding window
+    monkeypatch.setenv("HOTLORA_TRITON_CPU", "1")
+    _check_against_transformers("tiny-mistral-window", tmp_path, hotlora_cache)
+
+
+def _check_against_transformers(preset: str, tmp_path: Path, hotlora_cache: Path) -> None:
     folder = _model(preset, tmp_path)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (3, 40, 90)]  # 90 > 64: scaled rope region
     engine = LLMEngine(EngineConfig(model=str(folder), quant="none", cache_dir=hotlora_cache, max_loras=1,
-                                    max_lora_rank=8, num_kv_blocks=64, block_size=8))
+                                    max_lora_rank=8, num_kv_blocks=64, block_size=8, max_num_batched_tokens=32))
     if preset == "tiny-mistral-window":
         assert engine.model_config.sliding_window == 16 and engine.max_model_len > 16  # no cap at the window
     params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
