@@ -4,8 +4,9 @@ Program (q_block, kv_head, split) of ``paged_attention_kernel``:
 - finds its sequence by binary search over the q-block starts ``cu_seqlens_q[s] // BLOCK_Q + s`` (monotone in s,
   and far enough apart to hold every sequence's ceil(q_len / BLOCK_Q) blocks, so a grid of
   ``T // BLOCK_Q + num_seqs`` programs covers any batch of T tokens; spare programs exit at once);
-- holds BLOCK_Q query tokens x G_PAD query heads of one KV head as the BLOCK_M = BLOCK_Q * G_PAD rows of its
-  tile (row r: token r // G_PAD, head kv_head * G + r % G_PAD), so one K/V tile load serves the whole group;
+- holds BLOCK_Q query tokens x G_PAD query heads of one KV head as the first BLOCK_Q * G_PAD of the BLOCK_M
+  rows of its tile (row r: token r // G_PAD, head kv_head * G + r % G_PAD), so one K/V tile load serves the
+  whole group;
 - walks its share of the key tiles that the block's queries can see (causal and sliding window), reading each
   key's page from the block table, with an online softmax in fp32 (exp2, log2(e) folded into the scale).
 With SPLIT, every program writes its normalized partial output and log2-sum-exp into the workspace and
@@ -40,7 +41,7 @@ def paged_attention_kernel(
     stride_tab, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     num_seqs, num_splits, qk_scale, window,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -53,11 +54,10 @@ def paged_attention_kernel(
     if first >= q_len:
         return
     ctx = tl.load(ctx_lens + seq)
-    BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
-    rows = tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)  # >= BLOCK_Q * G_PAD: tl.dot needs 16 rows, a decode tile may hold fewer
     tok = first + rows // G_PAD
     g = rows % G_PAD
-    row_ok = (tok < q_len) & (g < G)
+    row_ok = (rows < BLOCK_Q * G_PAD) & (tok < q_len) & (g < G)
     head = kvh * G + g
     pos = ctx - q_len + tok  # each query's position in its sequence
     d = tl.arange(0, D_PAD)

@@ -75,6 +75,12 @@ def default_num_splits(device: torch.device, programs: int, max_ctx_len: int) ->
     return splits
 
 
+@functools.cache
+def _placeholders(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=device),
+            torch.zeros(1, 1, 1, dtype=torch.float32, device=device))  # fmt: skip
+
+
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
            ctx_lens: torch.Tensor, block_tables: torch.Tensor, out: torch.Tensor) -> None:  # fmt: skip
     if q.dtype not in _FLOATS or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or out.dtype != q.dtype:
@@ -145,8 +151,7 @@ def paged_attention(
         part_o = torch.empty(tokens, heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)
     else:  # unused by the kernel: any fp32 tensors with the right rank
-        part_o = torch.empty(0, 0, 0, 0, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(0, 0, 0, dtype=torch.float32, device=q.device)
+        part_o, part_lse = _placeholders(q.device)
     d_pad = max(16, _pow2(head_dim))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32: exact products; fp16/bf16 ignore it
     paged_attention_kernel[(grid_q, kv_heads, splits)](
@@ -157,7 +162,7 @@ def paged_attention(
         block_tables.stride(0), *part_o.stride()[:3], *part_lse.stride()[:2],
         num_seqs, splits, scale * 1.4426950408889634, sliding_window or 0,
         G=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q,
-        BLOCK_N=BLOCK_N, SPLIT=splits > 1, WINDOW=bool(sliding_window), PREC=prec,
+        BLOCK_M=max(16, block_q * g_pad), BLOCK_N=BLOCK_N, SPLIT=splits > 1, WINDOW=bool(sliding_window), PREC=prec,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if splits > 1:
