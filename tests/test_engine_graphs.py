@@ -44,6 +44,8 @@ def test_row_buckets():
     assert token_buckets(6, 8) == [1, 2, 4, 6, 8]
     assert token_buckets(64, 2048)[10:] == [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
     assert token_buckets(64, 40) == [1, 2, 4, 8, 16, 24, 32, 40]
+    assert token_buckets(8, 64) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    assert token_buckets(1, 1) == [1]
 
 
 def _static_path(engine: LLMEngine, names: list[str | None]):

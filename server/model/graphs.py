@@ -47,11 +47,12 @@ def row_buckets(max_rows: int) -> list[int]:
 
 
 def token_buckets(max_seqs: int, max_tokens: int) -> list[int]:
-    """Decode-sized buckets up to max_num_seqs, then 1.5x/2x steps (96, 128, 192, 256, ...) to max_tokens."""
+    """Decode-sized buckets up to max_num_seqs, then 1.5x/2x powers of two (96, 128, 192, ...) to max_tokens."""
     small = [r for r in row_buckets(max_seqs) if r < max_tokens]
-    large, p = [], 64
+    top = small[-1] if small else 1
+    large, p = [], 1 << (top.bit_length() - 1)
     while p < max_tokens:
-        large += [t for t in (p + p // 2, 2 * p) if small[-1] < t < max_tokens] if small else []
+        large += [t for t in (p + p // 2, 2 * p) if top < t < max_tokens]
         p *= 2
     return small + large + [max_tokens]
 
