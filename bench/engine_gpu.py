@@ -185,7 +185,7 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
                                     max_lora_rank=max(args.rank, 64), max_num_seqs=max(args.batch, 64),
                                     max_num_batched_tokens=4096, kv_cache_memory=0.3, cuda_graphs=cuda_graphs))
     mode = "graphs" if cuda_graphs else "eager"
-    log(f"engine ({mode}): loaded")
+    log(f"engine ({mode}): loaded (every CUDA graph captured at startup)")
     for i in range(args.adapters):
         engine.registry.register(f"a{i}", adapter_dir)
     cases = {
@@ -200,7 +200,9 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
         log(f"engine ({mode}): {name} {rows[name]:.0f} tok/s")
     graphs = engine.runner.graphs
     if graphs is not None:
-        log(f"engine ({mode}): decode graphs {sorted(graphs.buckets)}, capture failure: {graphs.failed}")
+        used = sorted(key for key, n in graphs.replays.items() if n)
+        log(f"engine ({mode}): graphs replayed (tokens, decode only, LoRA) {used}, capture failure: {graphs.failed}")
+    log(f"engine ({mode}): {engine.stats().num_graph_steps} steps from graphs, {engine.eager_steps} eager")
     if args.profile:
         profile_decode(engine, prompts, cases[f"{args.adapters} distinct"])
     engine.registry.close()
