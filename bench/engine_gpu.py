@@ -1,6 +1,6 @@
 """Engine decode throughput on the GPU: Llama-3-8B shape (random weights), NF4 base, many LoRA adapters.
 
-hotlora runs twice: decode steps replayed from CUDA graphs (the default) and eager (--cuda-graphs false).
+hotlora runs twice: every step replayed from CUDA graphs (the default) and eager (--cuda-graphs false).
 Baseline in the same run: transformers + peft + bitsandbytes (NF4, double quant, bf16 compute) on the
 same architecture, generating the same batch with PEFT's mixed-batch `adapter_names`.
 

@@ -58,7 +58,7 @@ class ModelRunner:
         for layer, slices in zip(self.model.layers, self.lora_cache.layers, strict=True):
             layer.lora = slices
         self.num_kv_blocks = self._size_kv_cache()
-        # one block more than the block manager hands out: where the padding rows of a decode graph write
+        # one block more than the block manager hands out: where the padding tokens of a graph step write
         self.model.allocate_kv_cache(self.num_kv_blocks + 1, self.block_size)
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
         self._rng = torch.Generator().manual_seed(config.seed)
