@@ -33,6 +33,44 @@ def _find_seq(cu_q, pid, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _attend_tiles(
+    qt, pos, k_cache, v_cache, table, kvh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    kv_lo, kv_hi, t_lo, t_hi, qk_scale, window,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Online softmax of the tile's queries qt [BLOCK_M, D_PAD] (at positions pos) over key tiles t_lo..t_hi-1
+    of [kv_lo, kv_hi), keys looked up page by page in the sequence's block table: (max, sum, unnormalized out)."""
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles give p = 0, not NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for t in range(t_lo, t_hi):
+        kpos = kv_lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = kpos < kv_hi
+        page = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        off = kpos % BLOCK_SIZE
+        k_ptrs = k_cache + page[None, :] * stride_kb + off[None, :] * stride_kt + kvh * stride_kh + d[:, None]
+        kt = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+        s = tl.dot(qt, kt, input_precision=PREC) * qk_scale
+        visible = k_ok[None, :] & (kpos[None, :] <= pos[:, None])
+        if WINDOW:
+            visible = visible & (kpos[None, :] > pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = v_cache + page[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh + d[None, :]
+        vt = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def paged_attention_kernel(
     q, k_cache, v_cache, out, part_o, part_lse,
     cu_q, ctx_lens, tables,
@@ -75,30 +113,12 @@ def paged_attention_kernel(
     t_lo = split * per_split
     t_hi = tl.minimum(t_lo + per_split, n_tiles)
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles give p = 0, not NaN
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    table = tables + seq * stride_tab
-    for t in range(t_lo, t_hi):
-        kpos = kv_lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ok = kpos < kv_hi
-        page = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        off = kpos % BLOCK_SIZE
-        k_ptrs = k_cache + page[None, :] * stride_kb + off[None, :] * stride_kt + kvh * stride_kh + d[:, None]
-        kt = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
-        s = tl.dot(qt, kt, input_precision=PREC) * qk_scale
-        visible = k_ok[None, :] & (kpos[None, :] <= pos[:, None])
-        if WINDOW:
-            visible = visible & (kpos[None, :] > pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = v_cache + page[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh + d[None, :]
-        vt = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
+    m_i, l_i, acc = _attend_tiles(
+        qt, pos, k_cache, v_cache, tables + seq * stride_tab, kvh,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        kv_lo, kv_hi, t_lo, t_hi, qk_scale, window,
+        HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_M, BLOCK_N, WINDOW, PREC,
+    )  # fmt: skip
 
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
