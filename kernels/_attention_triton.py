@@ -23,7 +23,7 @@ import triton.language as tl
 def _find_seq(cu_q, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """Largest s with cu_q[s] // BLOCK_Q + s <= pid."""
     lo = pid * 0
-    hi = num_seqs - 1
+    hi = lo + num_seqs - 1  # a tensor even when Triton specializes num_seqs == 1 to a constant (loop-carried)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         start = tl.load(cu_q + mid) // BLOCK_Q + mid
