@@ -185,7 +185,10 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
                                     max_lora_rank=max(args.rank, 64), max_num_seqs=max(args.batch, 64),
                                     max_num_batched_tokens=4096, kv_cache_memory=0.3, cuda_graphs=cuda_graphs))
     mode = "graphs" if cuda_graphs else "eager"
-    log(f"engine ({mode}): loaded (every CUDA graph captured at startup)")
+    if engine.runner.graphs is not None:
+        graphs = engine.runner.graphs
+        log(f"engine ({mode}): {len(graphs.buckets)} CUDA graphs captured at startup in {graphs.capture_seconds:.1f} s")
+    log(f"engine ({mode}): loaded")
     for i in range(args.adapters):
         engine.registry.register(f"a{i}", adapter_dir)
     cases = {

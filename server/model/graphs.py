@@ -94,6 +94,7 @@ class StepGraphs:
         self.buckets: dict[tuple[int, bool, bool], _Bucket] = {}  # (tokens, decode only, LoRA)
         self.replays: dict[tuple[int, bool, bool], int] = {}
         self.failed: str | None = None  # a capture failed: every step runs eagerly from then on
+        self.capture_seconds = 0.0  # startup cost of capture_all
         # one logits buffer for all graphs (each graph's own output would pin [rows, vocab] fp32 per bucket)
         self.logits = torch.empty(0)
         if capture:
@@ -113,7 +114,8 @@ class StepGraphs:
                 return
             log.info("CUDA graphs: %d/%d captured (%d tokens, %s, LoRA %s), %.1f s", i, len(keys), key[0],
                      "decode" if key[1] else "mixed", key[2], time.perf_counter() - start)  # fmt: skip
-        log.info("CUDA graphs: all %d captured in %.1f s", len(keys), time.perf_counter() - start)
+        self.capture_seconds = time.perf_counter() - start
+        log.info("CUDA graphs: all %d captured in %.1f s", len(keys), self.capture_seconds)
 
     def forward(self, step: StepInput) -> torch.Tensor | None:
         """Logits [len(step.sample_idx), vocab] of the step, or None when it must run eagerly."""
