@@ -1,6 +1,6 @@
 """Engine decode throughput on the GPU: Llama-3-8B shape (random weights), NF4 base, many LoRA adapters.
 
-hotlora runs twice: decode steps replayed from CUDA graphs (the default) and eager (--cuda-graphs false).
+hotlora runs twice: every step replayed from CUDA graphs (the default) and eager (--cuda-graphs false).
 Baseline in the same run: transformers + peft + bitsandbytes (NF4, double quant, bf16 compute) on the
 same architecture, generating the same batch with PEFT's mixed-batch `adapter_names`.
 
@@ -186,6 +186,9 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
                                     max_lora_rank=max(args.rank, 64), max_num_seqs=max(args.batch, 64),
                                     max_num_batched_tokens=4096, kv_cache_memory=0.3, cuda_graphs=cuda_graphs))
     mode = "graphs" if cuda_graphs else "eager"
+    if engine.runner.graphs is not None:
+        graphs = engine.runner.graphs
+        log(f"engine ({mode}): {len(graphs.buckets)} CUDA graphs captured at startup in {graphs.capture_seconds:.1f} s")
     log(f"engine ({mode}): loaded")
     for i in range(args.adapters):
         engine.registry.register(f"a{i}", adapter_dir)
@@ -201,7 +204,9 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
         log(f"engine ({mode}): {name} {rows[name]:.0f} tok/s")
     graphs = engine.runner.graphs
     if graphs is not None:
-        log(f"engine ({mode}): decode graphs {sorted(graphs.buckets)}, capture failure: {graphs.failed}")
+        used = sorted(key for key, n in graphs.replays.items() if n)
+        log(f"engine ({mode}): graphs replayed (tokens, decode only, LoRA) {used}, capture failure: {graphs.failed}")
+    log(f"engine ({mode}): {engine.stats().num_graph_steps} steps from graphs, {engine.eager_steps} eager")
     if args.profile:
         profile_decode(engine, prompts, cases[f"{args.adapters} distinct"])
     engine.registry.close()

@@ -1,6 +1,7 @@
-"""Torch references of the LoRA kernels (float32 math). They are also the CPU serving path.
+"""Torch references of the kernels (float32 math). They are also the CPU serving path.
 
-Row-pool layout and metadata: see hotlora.kernels._meta (re-exported by hotlora.kernels.lora).
+LoRA row-pool layout and metadata: see hotlora.kernels._meta (re-exported by hotlora.kernels.lora).
+Paged attention layout and semantics: see hotlora.kernels.attention.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ._meta import LoraMeta, LoraSlice
 from ._meta import refresh_lora_meta_torch as refresh_lora_meta_ref  # the metadata step's reference
@@ -22,6 +24,7 @@ __all__ = [
     "lora_shrink_ref",
     "nf4_dequantize_ref",
     "nf4_matmul_ref",
+    "paged_attention_ref",
     "refresh_lora_meta_ref",
     "rope_ref",
     "silu_mul_ref",
@@ -172,3 +175,61 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: tor
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         x.copy_(x * c + rotated * s)
+def _visible(pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """bool [..., length]: key j is visible from a query at position pos (causal, optional sliding window)."""
+    j = torch.arange(length, device=pos.device)
+    mask = j <= pos[..., None]
+    if window:
+        mask &= j > pos[..., None] - window
+    return mask
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Reference of ``hotlora.kernels.attention.paged_attention`` (same arguments and semantics; fp32 math).
+
+    Gathers each sequence's context from the paged cache (host sync on the metadata). Sequences with one query
+    (decodes) share one padded batched product; prefill chunks run one at a time. Queries at negative positions
+    (ctx_lens[s] < q_len) and rows no sequence covers are zero.
+    """
+    out = torch.zeros_like(q)
+    cu, ctx = cu_seqlens_q.tolist(), ctx_lens.tolist()
+    bs, dev = k_cache.shape[1], q.device
+    decode = [s for s in range(len(ctx)) if cu[s + 1] - cu[s] == 1 and ctx[s] > 0]
+    if decode:
+        rows = torch.tensor([cu[s] for s in decode], device=dev)
+        lens = torch.tensor([ctx[s] for s in decode], device=dev)
+        length = max(ctx[s] for s in decode)
+        width = -(-length // bs)
+        tables = block_tables[torch.tensor(decode, device=dev), :width].long()
+        owned = torch.arange(width, device=dev) < (lens[:, None] + bs - 1) // bs
+        tables = torch.where(owned, tables, 0)  # columns past a context may hold anything: read block 0 there
+        k = k_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).float()  # [B, KVH, L, D]
+        v = v_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).float()
+        mask = _visible(lens - 1, length, sliding_window) & (torch.arange(length, device=dev) < lens[:, None])
+        o = F.scaled_dot_product_attention(q[rows].float().unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                           scale=scale, enable_gqa=True)  # fmt: skip
+        out[rows] = o.squeeze(2).to(q.dtype)
+    for s in range(len(ctx)):
+        n, c = cu[s + 1] - cu[s], ctx[s]
+        if n == 1 and c > 0:  # decodes ran above
+            continue
+        n, start = min(n, c), cu[s] + max(n - c, 0)  # queries at negative positions see nothing: zeros
+        if n == 0:
+            continue
+        table = block_tables[s, : -(-c // bs)].long()
+        k = k_cache[table].flatten(0, 1)[:c].transpose(0, 1).float()  # [KVH, c, D]
+        v = v_cache[table].flatten(0, 1)[:c].transpose(0, 1).float()
+        qs = q[start : start + n].transpose(0, 1).float()  # [H, n, D]
+        mask = _visible(torch.arange(c - n, c, device=dev), c, sliding_window)
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + n] = o.transpose(0, 1).to(q.dtype)
+    return out

@@ -95,7 +95,7 @@ SERVE_OPTIONS = (
     Opt("kv-cache-memory", float, "KV-cache size: a fraction of free GPU memory on cuda, GiB on cpu"),
     Opt("max-waiting", int, "requests allowed to wait for a slot; more are answered 429"),
     Opt("seed", int, "seed for requests that do not give one"),
-    Opt("cuda-graphs", parse_bool, "replay decode steps from CUDA graphs on cuda: true or false"),
+    Opt("cuda-graphs", parse_bool, "replay every step from CUDA graphs on cuda: true or false"),
     Opt("host", str, "address to listen on", engine=False),
     Opt("port", int, "port to listen on", engine=False),
     Opt(

@@ -150,7 +150,7 @@ def run_engine_mixed(adapters: dict[str, Path], work, n_tokens: int, **config):
     outs = engine.generate([Request(f"r{i}", ids, params, a) for i, (ids, a) in enumerate(work)])
     assert all(o.finish_reason.value == "length" for o in outs)
     assert engine.blocks.num_used == 0 and engine.stats().num_running == 0
-    graphs = engine.runner.graphs  # on CUDA: the decode steps were replayed from captured graphs
+    graphs = engine.runner.graphs  # on CUDA: the steps were replayed from captured graphs
     if graphs is not None:
         assert graphs.failed is None, graphs.failed
         assert any(b.graph is not None for b in graphs.buckets.values())

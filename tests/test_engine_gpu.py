@@ -14,11 +14,16 @@ import torch
 from engine_reference import (
     ADAPTER_SPECS,
     Reference,
+    drain,
     run_engine_mixed,
     save_adapters,
     save_random_model,
     teacher_forced_gaps,
 )
+
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.engine import LLMEngine
+from hotlora.server.engine.types import Request, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -61,3 +66,37 @@ def test_gpu_mixed_batch_tracks_peft(quant, gpu_adapters, gpu_work, model_dir, h
     # the adapters change the output: the same prompt without its adapter scores the engine's tokens worse
     ids, adapter = gpu_work[0]
     assert not torch.equal(ref.score(ids, outs[0].new_token_ids, None), ref.score(ids, outs[0].new_token_ids, adapter))
+
+
+def test_gpu_mixed_steps_replay_from_graphs(gpu_adapters, model_dir, hotlora_cache):
+    # every bucket captured at startup; prompts arrive while others decode, chunked (64 tokens per step), so
+    # steps mix prefill chunks with decodes: all of them replay from graphs, none runs eagerly
+    engine = LLMEngine(EngineConfig(model=str(model_dir), quant="nf4", cache_dir=hotlora_cache, device="cuda",
+                                    dtype="bfloat16", max_loras=4, max_lora_rank=16, max_num_seqs=8,
+                                    max_num_batched_tokens=64, kv_cache_memory=0.1))  # fmt: skip
+    for name, path in gpu_adapters.items():
+        engine.registry.register(name, path)
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs.failed is None
+    assert set(graphs.buckets) == set(graphs.keys()) and all(b.graph for b in graphs.buckets.values())
+    steps: list[tuple[list[int], bool]] = []
+    forward = graphs.forward
+
+    def recording(step):
+        logits = forward(step)
+        steps.append((list(step.q_lens), logits is not None))
+        return logits
+
+    graphs.forward = recording
+    rng = random.Random(3)
+    names = [*ADAPTER_SPECS, None, "qv8", None, "all16"]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    reqs = [Request(f"m{i}", [rng.randrange(3, 49152) for _ in range(10 + 23 * i)], params, a)
+            for i, a in enumerate(names)]  # fmt: skip
+    tokens = drain(engine, {2 * i: [r] for i, r in enumerate(reqs)})
+    assert all(len(t) == params.max_tokens for t in tokens.values())
+    mixed = [q for q, replayed in steps if replayed and 1 in q and max(q) > 1]
+    assert mixed, steps  # a step mixing prefill chunks and decodes replayed from a graph
+    assert engine.eager_steps == 0 and engine.stats().num_graph_steps == len(steps)
+    assert all(replayed for _, replayed in steps)
+    assert engine.blocks.num_used == 0

@@ -30,7 +30,7 @@ class EngineConfig:
     kv_cache_memory: float = 0.5  # fraction of free device memory for the KV cache (cuda), or GiB (cpu)
     max_waiting: int = 1024  # requests queued before add_request refuses (overload)
     seed: int = 0
-    cuda_graphs: bool = True  # replay pure-decode steps from CUDA graphs (cuda only)
+    cuda_graphs: bool = True  # replay every step from CUDA graphs captured at startup (cuda only)
 
     def __post_init__(self) -> None:
         if self.quant not in QUANT_CHOICES:

@@ -49,6 +49,8 @@ class EngineStats:
     num_preemptions: int
     num_adapter_blocked_steps: int = 0  # steps with room in the batch where every waiting request awaited its adapter
     adapter_load_seconds: dict[str, Any] = field(default_factory=dict)  # transition -> loadstats.Histogram
+    num_eager_steps: int = 0  # steps that ran eagerly (on cuda: no CUDA graph fitted or a capture failed)
+    num_graph_steps: int = 0  # steps replayed from CUDA graphs
 
 
 class LLMEngine:
@@ -186,6 +188,11 @@ class LLMEngine:
 
     # --- introspection and the offline API ----------------------------------------------------------
 
+    @property
+    def eager_steps(self) -> int:
+        """Steps that ran eagerly, not from a CUDA graph (every step on the CPU)."""
+        return self.runner.eager_steps
+
     def stats(self) -> EngineStats:
         def names(seqs) -> list[str]:
             return sorted({s.adapter.name for s in seqs if s.adapter is not None})
@@ -197,6 +204,7 @@ class LLMEngine:
             max_loras=self.config.max_loras, num_preemptions=self.scheduler.num_preemptions,
             num_adapter_blocked_steps=self.scheduler.num_adapter_blocked_steps,
             adapter_load_seconds=self.registry.cache.stats.transitions,
+            num_eager_steps=self.eager_steps, num_graph_steps=self.runner.graph_steps,
         )
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:

@@ -1,30 +1,35 @@
-"""Paged attention over one flattened token batch (torch; the CPU path and the GPU fallback).
+"""Paged attention over one flattened token batch: the metadata, the KV write, and the kernel dispatch.
 
 KV cache layout, per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
-Token slot s lives at block s // block_size, offset s % block_size.
+Token slot s lives at block s // block_size, offset s % block_size. Semantics of the attention:
+hotlora.kernels.attention (the Triton kernel) and hotlora.kernels.reference.paged_attention_ref (torch).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from hotlora.kernels.attention import paged_attention as paged_attention_triton
+from hotlora.kernels.reference import paged_attention_ref
 
 
 @dataclass(slots=True)
 class AttentionMeta:
-    """Where each sequence's queries sit in the flattened batch, and its KV blocks.
+    """Where each sequence's queries sit in the flattened batch, and its KV blocks; all on the device.
 
-    Sequences [0, num_decode) are decodes (one query, the last position); the rest are prefill chunks.
+    Sequence s has queries cu_seqlens_q[s] : cu_seqlens_q[s + 1] (the last of its ctx_lens[s] tokens);
+    a static (graph) batch pads with sequences of no queries and one sequence holding the padding tokens.
     """
 
     slot_mapping: torch.Tensor  # int64 [T]: cache slot of each new token
-    num_decode: int
-    decode_block_tables: torch.Tensor  # int64 [num_decode, max_blocks] (padded with 0)
-    decode_ctx_lens: torch.Tensor  # int64 [num_decode]
-    prefill_spans: list[tuple[int, int, int]]  # (first query token in batch, query count, context length)
-    prefill_block_tables: list[torch.Tensor]  # int64 [blocks] per prefill chunk
+    cu_seqlens_q: torch.Tensor  # int32 [S + 1]
+    ctx_lens: torch.Tensor  # int32 [S]: context length including this step's tokens
+    block_tables: torch.Tensor  # int32 [S, width]: columns past a context are never read
+    max_q_len: int  # bucketed upper bounds: they pick the kernel's tiles and KV splits, never a sync
+    max_ctx_len: int
 
 
 def write_kv(
@@ -35,42 +40,16 @@ def write_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached tokens of one sequence: [length, KVH, D]."""
-    return cache[block_table].flatten(0, 1)[:length]
+def use_triton(t: torch.Tensor) -> bool:
+    """The Triton kernel on CUDA, or on the CPU under HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1)."""
+    return t.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
 
 
-def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, scale: float
-) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:  # fmt: skip
     """Causal attention of q [T, H, D] against the cached context of each sequence; returns [T, H, D]."""
-    out = torch.empty_like(q)
-    if meta.num_decode:
-        out[: meta.num_decode] = _decode_attention(q[: meta.num_decode], k_cache, v_cache, meta, scale)
-    for (start, n, ctx), table in zip(meta.prefill_spans, meta.prefill_block_tables, strict=True):
-        k = _gather(k_cache, table, ctx).transpose(0, 1)  # [KVH, ctx, D]
-        v = _gather(v_cache, table, ctx).transpose(0, 1)
-        qs = q[start : start + n].transpose(0, 1)  # [H, n, D]
-        if n == ctx:
-            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            # query i sits at position ctx - n + i and sees keys 0 .. ctx - n + i
-            pos = torch.arange(ctx - n, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= pos[:, None]
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start : start + n] = o.transpose(0, 1)
-    return out
-
-
-def _decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta, scale: float
-) -> torch.Tensor:
-    """One query per sequence, padded to the longest context: q [B, H, D] -> [B, H, D]."""
-    tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
-    k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
-    v = v_cache[tables].flatten(1, 2).transpose(1, 2)
-    mask = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]  # [B, L]
-    o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-    )
-    return o.squeeze(2)
+    args = (q, k_cache, v_cache, meta.cu_seqlens_q, meta.ctx_lens, meta.block_tables, scale)
+    if use_triton(q):
+        return paged_attention_triton(*args, max_q_len=meta.max_q_len, max_ctx_len=meta.max_ctx_len,
+                                      sliding_window=sliding_window)  # fmt: skip
+    return paged_attention_ref(*args, sliding_window=sliding_window)

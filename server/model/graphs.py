@@ -1,20 +1,25 @@
-"""Decode steps replayed from CUDA graphs.
+"""Every engine step (decodes, prefill chunks, and both mixed) replayed from CUDA graphs.
 
-An eager decode step is bound by host work, not by the device: Python, argument checks and thousands of kernel
+An eager step is bound by host work, not by the device: Python, argument checks and thousands of kernel
 launches per step (an eager ``lora_apply`` alone costs ~220 us of host time against ~30-45 us on the GPU;
-BENCHMARKS.md). A step whose sequences all decode (one token each) therefore runs on static buffers, padded to
-a bucket, and is replayed from a graph captured the first time a step needs that bucket:
+BENCHMARKS.md). A step therefore runs on static buffers, padded to a bucket, replayed from a graph:
 
-- rows: the batch, padded to the next of 1, 2, 4, 8, 16, 24, 32, ... (the last bucket holds max_num_seqs);
-- width: block-table columns, padded to the next power of two (at least 8, at most the longest context's);
+- tokens: the step's token count, padded to the next of 1, 2, 4, 8, 16, 24, 32, ... max_num_seqs (decode-sized
+  steps), then 1.5x and 2x powers of two up to max_num_batched_tokens;
+- decode-only or not: a step whose sequences all decode uses decode-sized attention tiles;
 - with or without LoRA: a batch without any adapter skips the LoRA launches.
 
-Padding rows decode token 0 at position 0 into a KV block that no sequence owns (the runner allocates one
-block more than the block manager hands out) with no adapter, and their logits are dropped; padding columns of
-the block tables point at that block too, behind the context-length mask. The LoRA metadata step runs inside
-the graph and reads the slot ids written into a static buffer, so every replay groups its own step's adapters;
-the adapter slot tables (row pools, ranks, row_start, scale) are written in place by the slot cache, so a
-replay sees adapters loaded after its capture. All graphs share one memory pool.
+The attention metadata has a fixed shape per bucket: S = min(tokens, max_num_seqs) + 1 sequence rows. The
+step's n sequences take rows 0..n-1, rows n..S-2 are empty (no queries, no context), and row S-1 holds the
+padding tokens as queries without context (the kernel gives them zeros at the cost of an early exit). Padding
+tokens embed token 0 at position 0, write their K/V into a block that no sequence owns (the runner allocates one
+block more than the block manager hands out) and have no adapter; block tables are [S, max blocks per sequence]
+and only the step's [n, width] corner is copied in (columns past a context are never read). The LoRA metadata
+step runs inside the graph and reads the slot ids written into a static buffer, so every replay groups its own
+step's adapters; the adapter slot tables (row pools, ranks, row_start, scale) are written in place by the slot
+cache, so a replay sees adapters loaded after its capture. All graphs share one memory pool and one logits
+buffer; ``capture_all`` captures every bucket at startup. A step that fits no bucket, or any step after a
+failed capture, runs eagerly.
 
 With capture=False the same padded static path runs eagerly (the CPU tests check it token for token against
 the unpadded eager path).
@@ -23,13 +28,13 @@ the unpadded eager path).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
 from hotlora.adapters.cache import LoraSlotCache
 from hotlora.kernels.lora import build_lora_meta, refresh_lora_meta
-from hotlora.server.engine.sequence import Sequence
 from hotlora.server.model.attention import AttentionMeta
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
 
@@ -41,91 +46,149 @@ def row_buckets(max_rows: int) -> list[int]:
     return small + list(range(16, max_rows, 8)) + [max_rows]
 
 
+def token_buckets(max_seqs: int, max_tokens: int) -> list[int]:
+    """Decode-sized buckets up to max_num_seqs, then 1.5x/2x powers of two (96, 128, 192, ...) to max_tokens."""
+    small = [r for r in row_buckets(max_seqs) if r < max_tokens]
+    top = small[-1] if small else 1
+    large, p = [], 1 << (top.bit_length() - 1)
+    while p < max_tokens:
+        large += [t for t in (p + p // 2, 2 * p) if top < t < max_tokens]
+        p *= 2
+    return small + large + [max_tokens]
+
+
+@dataclass(slots=True)
+class StepInput:
+    """One step's flattened batch, as host lists (built by the runner)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]  # KV cache slot of each token
+    lora_slots: list[int]
+    sample_idx: list[int]  # tokens whose logits are needed
+    q_lens: list[int]  # per sequence
+    ctx_lens: list[int]  # per sequence, including this step's tokens
+    tables: list[list[int]]  # per sequence: its block table
+
+
 @dataclass(slots=True)
 class _Bucket:
-    rows: int
-    width: int
-    ints: torch.Tensor  # int64 [rows * (5 + width)]: ids, positions, KV slots, context lengths, tables, LoRA slots
+    tokens: int
+    seqs: int  # sequence rows S (the last one holds the padding tokens)
+    i64: torch.Tensor  # [3 * tokens + seqs - 1]: ids, positions, KV slots, sample_idx
+    i32: torch.Tensor  # [2 * seqs + 1 + tokens]: cu_seqlens_q, ctx_lens, LoRA slots
     batch: ForwardBatch
-    lora_slots: torch.Tensor | None  # int32 [rows]: the LoRA meta's token_slots
-    logits: torch.Tensor | None = None  # the graph's output
     graph: torch.cuda.CUDAGraph | None = None
 
 
-class DecodeGraphs:
+class StepGraphs:
     def __init__(self, model: LlamaModel, lora_cache: LoraSlotCache, pad_block: int, block_size: int,
-                 max_rows: int, max_width: int, max_rank: int, capture: bool) -> None:  # fmt: skip
+                 max_seqs: int, max_tokens: int, max_width: int, max_ctx: int, max_rank: int,
+                 capture: bool) -> None:  # fmt: skip
         self.model, self.lora_cache = model, lora_cache
         self.pad_block, self.block_size, self.max_rank = pad_block, block_size, max_rank
-        self.rows = row_buckets(max_rows)
-        self.max_width = max_width
+        self.max_seqs, self.max_width, self.max_ctx = max_seqs, max_width, max_ctx
+        self.tokens = token_buckets(max_seqs, max_tokens)
         self.capture = capture
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.buckets: dict[tuple[int, int, bool], _Bucket] = {}
+        self.buckets: dict[tuple[int, bool, bool], _Bucket] = {}  # (tokens, decode only, LoRA)
+        self.replays: dict[tuple[int, bool, bool], int] = {}
         self.failed: str | None = None  # a capture failed: every step runs eagerly from then on
+        self.capture_seconds = 0.0  # startup cost of capture_all
+        # one logits buffer for all graphs (each graph's own output would pin [rows, vocab] fp32 per bucket)
+        self.logits = torch.empty(0)
+        if capture:
+            self.logits = torch.empty(max_seqs, model.lm_head.shape[0], dtype=torch.float32, device=model.device)
 
-    def forward(self, seqs: list[Sequence], lora_slots: list[int], input_ids: list[int], positions: list[int],
-                slots: list[int]) -> torch.Tensor | None:  # fmt: skip
-        """Logits [len(seqs), vocab] of a pure-decode step, or None when it must run eagerly."""
-        n = len(seqs)
-        width = max(len(s.block_table) for s in seqs)
-        if self.failed or n > self.rows[-1] or width > self.max_width:
+    def keys(self) -> list[tuple[int, bool, bool]]:
+        """Every bucket a step can use."""
+        return [(t, decode, lora) for t in self.tokens for decode in (True, False) for lora in (False, True)
+                if not decode or t <= self.max_seqs]  # fmt: skip
+
+    def capture_all(self) -> None:
+        """Capture every bucket now (startup), with a progress line per bucket and the total time."""
+        start, keys = time.perf_counter(), self.keys()
+        for i, key in enumerate(keys, 1):
+            bucket = self.buckets.get(key) or self._build(*key)
+            if bucket.graph is None and not self._try_capture(bucket):
+                return
+            log.info("CUDA graphs: %d/%d captured (%d tokens, %s, LoRA %s), %.1f s", i, len(keys), key[0],
+                     "decode" if key[1] else "mixed", key[2], time.perf_counter() - start)  # fmt: skip
+        self.capture_seconds = time.perf_counter() - start
+        log.info("CUDA graphs: all %d captured in %.1f s", len(keys), self.capture_seconds)
+
+    def forward(self, step: StepInput) -> torch.Tensor | None:
+        """Logits [len(step.sample_idx), vocab] of the step, or None when it must run eagerly."""
+        n, num_tokens = len(step.q_lens), len(step.input_ids)
+        width = max(len(t) for t in step.tables)
+        if self.failed or num_tokens > self.tokens[-1] or n > self.max_seqs or width > self.max_width:
             return None
-        rows = next(r for r in self.rows if r >= n)
-        width = min(max(8, 1 << (width - 1).bit_length()), self.max_width)
-        key = (rows, width, any(s >= 0 for s in lora_slots))
+        tokens = next(t for t in self.tokens if t >= num_tokens)
+        key = (tokens, all(q == 1 for q in step.q_lens), any(s >= 0 for s in step.lora_slots))
         b = self.buckets.get(key) or self._build(*key)
-        pad, pad_slot = rows - n, self.pad_block * self.block_size
-        tables = []
-        for s in seqs:
-            tables += s.block_table + [self.pad_block] * (width - len(s.block_table))
-        values = (input_ids + [0] * pad) + (positions + [0] * pad) + (slots + [pad_slot] * pad)
-        values += [s.num_computed + 1 for s in seqs] + [1] * pad
-        values += tables + [self.pad_block] * (width * pad) + lora_slots + [-1] * pad
-        b.ints.copy_(torch.tensor(values, dtype=torch.int64))
+        self._fill(b, step, width)
+        if self.capture and b.graph is None and not self._try_capture(b):
+            return None
+        self.replays[key] = self.replays.get(key, 0) + 1
         if not self.capture:
-            return self._run(b)[:n]
-        if b.graph is None:
-            try:
-                self._capture(b)
-            except Exception as exc:  # e.g. an operator that cannot be captured: stay correct, run eagerly
-                self.failed = f"{type(exc).__name__}: {exc}"
-                log.warning("CUDA graph capture failed, decoding eagerly from now on: %s", self.failed)
-                return None
+            return self._run(b)[: len(step.sample_idx)]
         b.graph.replay()
-        return b.logits[:n]
+        return self.logits[: len(step.sample_idx)]
 
-    def _build(self, rows: int, width: int, use_lora: bool) -> _Bucket:
-        dev = self.model.device
-        ints = torch.zeros(rows * (5 + width), dtype=torch.int64, device=dev)
-        ids, positions, slots, ctx = (ints[i * rows : (i + 1) * rows] for i in range(4))
-        tables = ints[4 * rows : 4 * rows + rows * width].view(rows, width)
-        lora_slots = lora = None
+    def _fill(self, b: _Bucket, step: StepInput, width: int) -> None:
+        n, pad = len(step.q_lens), b.tokens - len(step.input_ids)
+        empty = b.seqs - 1 - n
+        cu = [0]
+        for q in step.q_lens:
+            cu.append(cu[-1] + q)
+        pad_slot = self.pad_block * self.block_size
+        i64 = (step.input_ids + [0] * pad) + (step.positions + [0] * pad) + (step.slots + [pad_slot] * pad)
+        i64 += step.sample_idx + [0] * (b.seqs - 1 - len(step.sample_idx))
+        i32 = cu + [cu[-1]] * empty + [b.tokens]
+        i32 += step.ctx_lens + [0] * (empty + 1) + step.lora_slots + [-1] * pad
+        b.i64.copy_(torch.tensor(i64, dtype=torch.int64))
+        b.i32.copy_(torch.tensor(i32, dtype=torch.int32))
+        tables = [t + [self.pad_block] * (width - len(t)) for t in step.tables]
+        b.batch.attn.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32))
+
+    def _build(self, tokens: int, decode: bool, use_lora: bool) -> _Bucket:
+        dev, seqs = self.model.device, min(tokens, self.max_seqs) + 1
+        i64 = torch.zeros(3 * tokens + seqs - 1, dtype=torch.int64, device=dev)
+        i32 = torch.zeros(2 * seqs + 1 + tokens, dtype=torch.int32, device=dev)
+        i32[seqs] = tokens  # until the first fill: every token a padding query
+        i64[2 * tokens : 3 * tokens] = self.pad_block * self.block_size
+        tables = torch.full((seqs, self.max_width), self.pad_block, dtype=torch.int32, device=dev)
+        attn = AttentionMeta(slot_mapping=i64[2 * tokens : 3 * tokens], cu_seqlens_q=i32[: seqs + 1],
+                             ctx_lens=i32[seqs + 1 : 2 * seqs + 1], block_tables=tables,
+                             max_q_len=1 if decode else tokens, max_ctx_len=self.max_ctx)  # fmt: skip
+        lora = None
         if use_lora:
-            lora_slots = torch.full((rows,), -1, dtype=torch.int32, device=dev)
             cache = self.lora_cache
-            lora = build_lora_meta(lora_slots, cache.row_start, cache.scale, self.max_rank)
-        attn = AttentionMeta(slot_mapping=slots, num_decode=rows, decode_block_tables=tables, decode_ctx_lens=ctx,
-                             prefill_spans=[], prefill_block_tables=[])  # fmt: skip
-        batch = ForwardBatch(input_ids=ids, positions=positions, attn=attn, lora=lora,
-                             sample_idx=torch.arange(rows, device=dev))  # fmt: skip
-        bucket = _Bucket(rows, width, ints, batch, lora_slots)
-        self.buckets[(rows, width, use_lora)] = bucket
+            lora = build_lora_meta(i32[2 * seqs + 1 :], cache.row_start, cache.scale, self.max_rank)
+        batch = ForwardBatch(input_ids=i64[:tokens], positions=i64[tokens : 2 * tokens], attn=attn, lora=lora,
+                             sample_idx=i64[3 * tokens :])  # fmt: skip
+        bucket = _Bucket(tokens, seqs, i64, i32, batch)
+        self.buckets[(tokens, decode, use_lora)] = bucket
         return bucket
 
     def _run(self, b: _Bucket) -> torch.Tensor:
-        if b.lora_slots is not None:
-            b.lora_slots.copy_(b.ints[-b.rows :])
+        if b.batch.lora is not None:
             refresh_lora_meta(b.batch.lora)
         return self.model.forward(b.batch)
 
-    def _capture(self, b: _Bucket) -> None:
-        # the graph and its streams on the model's device (cuda:N); no adapter copy is issued from the copy
-        # thread meanwhile (its allocations would break a global-mode capture)
-        with self.lora_cache.copy_lock, torch.cuda.device(self.model.device):
-            self._capture_on_device(b)
+    def _try_capture(self, b: _Bucket) -> bool:
+        try:
+            # the graph and its streams on the model's device (cuda:N); no adapter copy is issued from the copy
+            # thread meanwhile (its allocations would break a global-mode capture)
+            with self.lora_cache.copy_lock, torch.cuda.device(self.model.device):
+                self._capture(b)
+        except Exception as exc:  # e.g. an operator that cannot be captured: stay correct, run eagerly
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.warning("CUDA graph capture failed, running eagerly from now on: %s", self.failed)
+            return False
+        return True
 
-    def _capture_on_device(self, b: _Bucket) -> None:
+    def _capture(self, b: _Bucket) -> None:
         current = torch.cuda.current_stream(self.model.device)
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(current)
@@ -134,6 +197,6 @@ class DecodeGraphs:
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            b.logits = self._run(b)
+            logits = self._run(b)
+            self.logits[: logits.shape[0]].copy_(logits)
         b.graph = graph
-        log.info("decode graph captured: %d rows, %d block columns, LoRA %s", b.rows, b.width, b.lora_slots is not None)

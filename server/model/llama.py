@@ -73,7 +73,7 @@ class DecoderLayer:
         rope_(q, k, batch.positions, rotary.cos, rotary.sin)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         write_kv(self.k_cache, self.v_cache, k, v, batch.attn.slot_mapping)
-        o = paged_attention(q, self.k_cache, self.v_cache, batch.attn, cfg.head_dim**-0.5)
+        o = paged_attention(q, self.k_cache, self.v_cache, batch.attn, cfg.head_dim**-0.5, cfg.sliding_window)
         (o,) = self._project(("o_proj",), o.reshape(o.shape[0], -1), batch.lora)
         x = add_rms_norm(h, o, self.post_norm, cfg.rms_norm_eps)
         gate, up = self._project(GATE_UP, x, batch.lora)

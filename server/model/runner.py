@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -14,7 +13,7 @@ from hotlora.server.engine.scheduler import ScheduledBatch
 from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.types import TokenLogprob
 from hotlora.server.model.attention import AttentionMeta
-from hotlora.server.model.graphs import DecodeGraphs
+from hotlora.server.model.graphs import StepGraphs, StepInput
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
 from hotlora.server.model.sampler import SampleRequest, sample
 from hotlora.server.model.weights import resolve_checkpoint
@@ -36,16 +35,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-@dataclass(slots=True)
-class _Flat:
-    """Host-side lists of one step's flattened batch, before they become tensors."""
-
-    input_ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    lora_slots: list[int]
-    sample_idx: list[int]
-    sampled_seqs: list[int]  # index into batch.seqs of each sampled row
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 class ModelRunner:
@@ -58,8 +49,6 @@ class ModelRunner:
         self.checkpoint = ckpt
         self.max_model_len = min(config.max_model_len or min(cfg.max_position_embeddings, 8192),
                                  cfg.max_position_embeddings)
-        if cfg.sliding_window:  # attention here is full-context: stay where that equals the sliding window
-            self.max_model_len = min(self.max_model_len, cfg.sliding_window)
         self.model = LlamaModel(cfg, ckpt.tensors(self.device, self.dtype), config.quant, self.max_model_len,
                                 self.device, self.dtype)
         self.block_size = config.block_size
@@ -69,18 +58,23 @@ class ModelRunner:
         for layer, slices in zip(self.model.layers, self.lora_cache.layers, strict=True):
             layer.lora = slices
         self.num_kv_blocks = self._size_kv_cache()
-        # one block more than the block manager hands out: where the padding rows of a decode graph write
+        # one block more than the block manager hands out: where the padding tokens of a graph step write
         self.model.allocate_kv_cache(self.num_kv_blocks + 1, self.block_size)
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
         self._rng = torch.Generator().manual_seed(config.seed)
-        self.graphs: DecodeGraphs | None = None
+        self.eager_steps = 0  # steps run eagerly (no CUDA graph fitted, graphs off, or a capture failed)
+        self.graph_steps = 0  # steps run on the padded static path (replayed from CUDA graphs on cuda)
+        self.graphs: StepGraphs | None = None
         if config.cuda_graphs and self.device.type == "cuda":
-            self.graphs = self.decode_graphs(capture=True)
+            self.graphs = self.step_graphs(capture=True)
+            self.graphs.capture_all()
 
-    def decode_graphs(self, capture: bool) -> DecodeGraphs:
-        """Padded static decode steps, replayed from CUDA graphs (capture=False: run eagerly, for tests)."""
-        return DecodeGraphs(self.model, self.lora_cache, self.num_kv_blocks, self.block_size, self.config.max_num_seqs,
-                            -(-self.max_model_len // self.block_size), self.config.max_lora_rank, capture)
+    def step_graphs(self, capture: bool) -> StepGraphs:
+        """Padded static steps, replayed from CUDA graphs (capture=False: run eagerly, for tests)."""
+        cfg = self.config
+        return StepGraphs(self.model, self.lora_cache, self.num_kv_blocks, self.block_size, cfg.max_num_seqs,
+                          cfg.max_num_batched_tokens, -(-self.max_model_len // self.block_size),
+                          _pow2(self.max_model_len), cfg.max_lora_rank, capture)  # fmt: skip
 
     def _size_kv_cache(self) -> int:
         cfg = self.model_config
@@ -99,66 +93,66 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch) -> list[Sampled | None]:
         """Run one step; the sampled token of each sequence whose scheduled tokens reach its end."""
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] != 1)  # decodes first
-        seqs = [batch.seqs[i] for i in order]
-        counts = [batch.num_tokens[i] for i in order]
-        flat = self._flatten(seqs, counts)
-        logits = None
-        if self.graphs is not None and all(n == 1 for n in counts):
-            logits = self.graphs.forward(seqs, flat.lora_slots, flat.input_ids, flat.positions, flat.slots)
+        step, sampled = self._flatten(batch.seqs, batch.num_tokens)
+        logits = self.graphs.forward(step) if self.graphs is not None else None
         if logits is None:
-            logits = self.model.forward(self._tensors(seqs, counts, flat))
-        requests = [self._sample_request(seqs[i]) for i in flat.sampled_seqs]
+            self.eager_steps += 1
+            logits = self.model.forward(self._tensors(step))
+        else:
+            self.graph_steps += 1
+        requests = [self._sample_request(batch.seqs[i]) for i in sampled]
         tokens, logprobs = sample(logits, requests)
         results: list[Sampled | None] = [None] * len(batch.seqs)
-        for row, i in enumerate(flat.sampled_seqs):
-            results[order[i]] = (tokens[row], logprobs[row])
+        for row, i in enumerate(sampled):
+            results[i] = (tokens[row], logprobs[row])
         return results
 
-    def _flatten(self, seqs: list[Sequence], counts: list[int]) -> _Flat:
-        flat = _Flat([], [], [], [], [], [])
+    def _flatten(self, seqs: list[Sequence], counts: list[int]) -> tuple[StepInput, list[int]]:
+        """The step as host lists, and the index in seqs of each sampled row."""
+        step = StepInput([], [], [], [], [], list(counts), [], [])
+        sampled: list[int] = []
         bs = self.block_size
         for i, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
             start = seq.num_computed
-            flat.input_ids += seq.token_ids[start : start + n]
-            flat.positions += range(start, start + n)
-            flat.slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            flat.lora_slots += [seq.lora_slot] * n
+            step.input_ids += seq.token_ids[start : start + n]
+            step.positions += range(start, start + n)
+            step.slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            step.lora_slots += [seq.lora_slot] * n
+            step.ctx_lens.append(start + n)
+            step.tables.append(seq.block_table)
             if start + n == len(seq):
-                flat.sample_idx.append(len(flat.input_ids) - 1)
-                flat.sampled_seqs.append(i)
-        return flat
+                step.sample_idx.append(len(step.input_ids) - 1)
+                sampled.append(i)
+        return step, sampled
 
-    def _tensors(self, seqs: list[Sequence], counts: list[int], flat: _Flat) -> ForwardBatch:
+    def _tensors(self, step: StepInput) -> ForwardBatch:
+        """The unpadded eager batch."""
         dev = self.device
-        num_decode = sum(1 for n in counts if n == 1)
-        ctx = [seq.num_computed + n for seq, n in zip(seqs, counts, strict=True)]
-        width = max((len(s.block_table) for s in seqs[:num_decode]), default=0)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs[:num_decode]]
-        spans, start = [], num_decode
-        for n, c in zip(counts[num_decode:], ctx[num_decode:], strict=True):
-            spans.append((start, n, c))
-            start += n
+        cu = [0]
+        for n in step.q_lens:
+            cu.append(cu[-1] + n)
+        width = max(len(t) for t in step.tables)
+        tables = [t + [0] * (width - len(t)) for t in step.tables]
+        max_q = max(step.q_lens)
         attn = AttentionMeta(
-            slot_mapping=torch.tensor(flat.slots, dtype=torch.int64, device=dev),
-            num_decode=num_decode,
-            decode_block_tables=torch.tensor(tables, dtype=torch.int64, device=dev).view(num_decode, width),
-            decode_ctx_lens=torch.tensor(ctx[:num_decode], dtype=torch.int64, device=dev),
-            prefill_spans=spans,
-            prefill_block_tables=[torch.tensor(s.block_table, dtype=torch.int64, device=dev)
-                                  for s in seqs[num_decode:]],
+            slot_mapping=torch.tensor(step.slots, dtype=torch.int64, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            ctx_lens=torch.tensor(step.ctx_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_q_len=1 if max_q == 1 else _pow2(max_q),
+            max_ctx_len=_pow2(max(step.ctx_lens)),
         )
         lora = None
-        if any(s >= 0 for s in flat.lora_slots):
+        if any(s >= 0 for s in step.lora_slots):
             cache = self.lora_cache
-            lora = build_lora_meta(torch.tensor(flat.lora_slots, dtype=torch.int32, device=dev),
+            lora = build_lora_meta(torch.tensor(step.lora_slots, dtype=torch.int32, device=dev),
                                    cache.row_start, cache.scale, self.config.max_lora_rank)
         return ForwardBatch(
-            input_ids=torch.tensor(flat.input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(flat.positions, dtype=torch.int64, device=dev),
+            input_ids=torch.tensor(step.input_ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(step.positions, dtype=torch.int64, device=dev),
             attn=attn,
             lora=lora,
-            sample_idx=torch.tensor(flat.sample_idx, dtype=torch.int64, device=dev),
+            sample_idx=torch.tensor(step.sample_idx, dtype=torch.int64, device=dev),
         )
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:

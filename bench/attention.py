@@ -1,0 +1,180 @@
+"""Benchmark of the paged varlen attention kernel against the torch path it replaced, on one CUDA device.
+
+    python bench/attention.py [--quick] [--json out.json]
+
+Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128), bf16, 16-token blocks, one layer's call.
+Batches: decode rows (one query each), prefill chunks (a chunk of n queries ending a context of c tokens), and
+both mixed. Times are medians of triton.testing.do_bench over replays of one CUDA graph that runs the call on
+P rotating sets of block tables into disjoint parts of one KV cache (P * KV bytes >= 4x L2, so K/V come from
+HBM), divided by P. Columns:
+- triton: hotlora.kernels.attention.paged_attention with its default split-KV choice (splits shown);
+- triton 1 split: the same kernel without split-KV (what split-KV buys at small batch);
+- torch before: the path the kernel replaced (server/model/attention.py before issue 11): decodes gathered into
+  a tensor padded to the longest context and one masked SDPA, then one SDPA per prefill chunk, in a graph too;
+- KV GB/s: K and V bytes of every context read once, over the triton time; % floor: against the 4.27 TB/s of a
+  device copy (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from hotlora.kernels.attention import BLOCK_N, attention_tiles, default_num_splits, paged_attention
+
+H, KVH, D, BS = 32, 8, 128, 16
+DT = torch.bfloat16
+COPY_GBPS = 4270.0
+L2_BYTES = 4 * 60 * 2**20
+SCALE = D**-0.5
+
+
+def cases(quick: bool) -> dict[str, list[tuple[int, int]]]:
+    """name -> (query count, context length) per sequence."""
+    rng = random.Random(0)
+    out = {
+        "decode B=1 ctx=128": [(1, 128)],
+        "decode B=1 ctx=2048": [(1, 2048)],
+        "decode B=1 ctx=8192": [(1, 8192)],
+        "decode B=32 ctx=128": [(1, 128)] * 32,
+        "decode B=32 ctx=2048": [(1, 2048)] * 32,
+        "decode B=64 ctx=U[64,2048]": [(1, rng.randint(64, 2048)) for _ in range(64)],
+        "mixed 31 decodes U[64,1024] + chunk 256@768": [(1, rng.randint(64, 1024)) for _ in range(31)]
+        + [(256, 768)],
+        "mixed 16 decodes + chunks 512@512, 512@2048": [(1, rng.randint(64, 1024)) for _ in range(16)]
+        + [(512, 512), (512, 2048)],
+        "prefill 1 x 2048": [(2048, 2048)],
+        "prefill 4 x 512": [(512, 512)] * 4,
+    }
+    if quick:
+        keep = ("decode B=1 ctx=8192", "decode B=32 ctx=2048", "mixed 31 decodes U[64,1024] + chunk 256@768")
+        out = {k: v for k, v in out.items() if k in keep}
+    return out
+
+
+class Batch:
+    """One case's tensors: P rotating block-table sets over one cache, and the old path's metadata."""
+
+    def __init__(self, spans: list[tuple[int, int]]) -> None:
+        self.spans = spans
+        need = [-(-c // BS) for _, c in spans]
+        self.kv_bytes = sum(c for _, c in spans) * KVH * D * 2 * 2
+        self.sets = max(1, min(32, -(-L2_BYTES // self.kv_bytes)))
+        blocks = sum(need) * self.sets
+        self.k = torch.randn(blocks, BS, KVH, D, device="cuda", dtype=DT)
+        self.v = torch.randn_like(self.k)
+        self.q = torch.randn(sum(n for n, _ in spans), H, D, device="cuda", dtype=DT)
+        cu = [0]
+        for n, _ in spans:
+            cu.append(cu[-1] + n)
+        self.cu = torch.tensor(cu, dtype=torch.int32, device="cuda")
+        self.ctx = torch.tensor([c for _, c in spans], dtype=torch.int32, device="cuda")
+        width = max(need)
+        perm = torch.randperm(blocks, device="cuda").int()
+        self.tables = []
+        for p in range(self.sets):
+            rows, used = [], p * sum(need)
+            for n in need:
+                rows.append(torch.cat([perm[used : used + n], perm[:1].expand(width - n)]))
+                used += n
+            self.tables.append(torch.stack(rows))
+        dec = [s for s, (n, _) in enumerate(spans) if n == 1]  # the old path's metadata, on the device
+        self.dec = torch.tensor(dec, dtype=torch.int64, device="cuda")
+        self.dec_rows, self.dec_lens = self.cu[self.dec].long(), self.ctx[self.dec].long()
+        self.dec_width = max((need[s] for s in dec), default=0)
+        self.max_q = max(n for n, _ in spans)
+        self.max_ctx = 1 << (max(c for _, c in spans) - 1).bit_length()
+
+    def triton(self, i: int, num_splits: int | None = None) -> torch.Tensor:
+        return paged_attention(self.q, self.k, self.v, self.cu, self.ctx, self.tables[i], SCALE,
+                               max_q_len=self.max_q, max_ctx_len=self.max_ctx, num_splits=num_splits)  # fmt: skip
+
+    def torch_before(self, i: int) -> torch.Tensor:
+        """The replaced path: padded decode gather + masked SDPA, then a loop of per-chunk SDPAs."""
+        out = torch.empty_like(self.q)
+        tables = self.tables[i].long()
+        if self.dec_width:
+            dec_tables = tables[self.dec, : self.dec_width]
+            k = self.k[dec_tables].flatten(1, 2).transpose(1, 2)  # [B, KVH, L, D]
+            v = self.v[dec_tables].flatten(1, 2).transpose(1, 2)
+            mask = torch.arange(k.shape[2], device="cuda")[None, :] < self.dec_lens[:, None]
+            rows = self.dec_rows
+            o = F.scaled_dot_product_attention(self.q[rows].unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                               scale=SCALE, enable_gqa=True)  # fmt: skip
+            out[rows] = o.squeeze(2)
+        start = 0
+        for s, (n, c) in enumerate(self.spans):
+            if n > 1:
+                k = self.k[tables[s]].flatten(0, 1)[:c].transpose(0, 1)
+                v = self.v[tables[s]].flatten(0, 1)[:c].transpose(0, 1)
+                qs = self.q[start : start + n].transpose(0, 1)
+                if n == c:
+                    o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
+                else:
+                    pos = torch.arange(c - n, c, device="cuda")
+                    mask = torch.arange(c, device="cuda")[None, :] <= pos[:, None]
+                    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=SCALE, enable_gqa=True)
+                out[start : start + n] = o.transpose(0, 1)
+            start += n
+        return out
+
+
+def graph_us(fn, count: int) -> float:
+    """Median microseconds of one call, from replays of a graph holding one call per rotating set."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(count):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(count):
+            fn(i)
+    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3 / count
+
+
+def bench(name: str, spans: list[tuple[int, int]]) -> dict:
+    b = Batch(spans)
+    ref = b.torch_before(0)
+    torch.testing.assert_close(b.triton(0).float(), ref.float(), atol=2.5e-2, rtol=2.5e-2)
+    block_q, _ = attention_tiles(b.max_q, H // KVH)
+    splits = default_num_splits(b.q.device, (b.q.shape[0] // block_q + len(spans)) * KVH, b.max_ctx)
+    res = {"case": name, "tokens": b.q.shape[0], "seqs": len(spans), "splits": splits, "kv_mb": b.kv_bytes / 1e6}
+    res["triton_us"] = graph_us(b.triton, b.sets)
+    res["triton_1split_us"] = graph_us(lambda i: b.triton(i, 1), b.sets)
+    res["torch_before_us"] = graph_us(b.torch_before, b.sets)
+    res["kv_gbps"] = b.kv_bytes / res["triton_us"] / 1e3
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="three cases")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"# paged attention, {torch.cuda.get_device_name()}, Llama-3-8B heads {H}/{KVH}, head_dim {D}, bf16, "
+          f"block {BS}, key tile {BLOCK_N}")  # fmt: skip
+    print("| case | tokens | splits | triton us | triton 1 split us | torch before us | speed-up | KV GB/s | % floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = []
+    for name, spans in cases(args.quick).items():
+        r = bench(name, spans)
+        results.append(r)
+        print(f"| {name} | {r['tokens']} | {r['splits']} | {r['triton_us']:.1f} | {r['triton_1split_us']:.1f} | "
+              f"{r['torch_before_us']:.1f} | {r['torch_before_us'] / r['triton_us']:.1f}x | {r['kv_gbps']:.0f} | "
+              f"{100 * r['kv_gbps'] / COPY_GBPS:.0f}% |", flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
