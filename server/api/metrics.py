@@ -3,7 +3,7 @@
 Request-level series are recorded by the API as outputs arrive; engine and adapter state is read from
 the engine at scrape time. Besides hotlora_* names, the few series that LoRA-aware routers read from
 vLLM are exported under vLLM's names too (vllm:lora_requests_info, vllm:num_requests_running,
-vllm:num_requests_waiting, vllm:kv_cache_usage_perc).
+vllm:num_requests_waiting, vllm:kv_cache_usage_perc, vllm:prefix_cache_queries, vllm:prefix_cache_hits).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             "hotlora_num_preemptions", "sequences preempted so far", value=getattr(s, "num_preemptions", 0)
         )
+        yield from self._prefix_cache_metrics(s)
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "running/waiting LoRA adapters (value: timestamp)",
@@ -57,6 +58,19 @@ class _EngineCollector(Collector):
         info.add_metric([",".join(s.running_adapters), ",".join(s.waiting_adapters), str(s.max_loras)], time.time())
         yield info
         yield from self._adapter_metrics()
+
+    @staticmethod
+    def _prefix_cache_metrics(s: Any) -> Iterable[Metric]:
+        """Counters in tokens, as vLLM names them: hit rate = hits / queries."""
+        for prefix, sep in (("hotlora", "_"), ("vllm", ":")):
+            yield CounterMetricFamily(
+                f"{prefix}{sep}prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                value=getattr(s, "prefix_cache_queries", 0),
+            )
+            yield CounterMetricFamily(
+                f"{prefix}{sep}prefix_cache_hits", "prompt tokens found in the prefix cache",
+                value=getattr(s, "prefix_cache_hits", 0),
+            )
 
     def _adapter_metrics(self) -> Iterable[Metric]:
         loads = CounterMetricFamily("hotlora_adapter_loads", "adapter loads onto the device", labels=["adapter"])

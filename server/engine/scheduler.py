@@ -63,6 +63,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        for seq in self.running:  # KV the last step computed becomes shareable before anyone is admitted
+            self.blocks.commit(seq)
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not batch.preempted:
             self._schedule_waiting(batch, budget)
@@ -90,14 +92,16 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+            prefix = self.blocks.match(seq)  # cached KV of the longest known prefix: not computed again
+            cached = len(prefix) * self.blocks.block_size
+            n = min(seq.num_uncomputed - cached, budget)
+            if not self.blocks.can_allocate(seq, cached + n, prefix):
                 break  # blocks are handed out first come, first served
             self.waiting.popleft()
             if not self.admit(seq):
                 skipped.append(seq)
                 continue
-            self.blocks.allocate(seq, seq.num_computed + n)
+            self.blocks.start(seq, prefix, cached + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
