@@ -22,6 +22,7 @@ import torch
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams
+from hotlora.server.model import quant
 from hotlora.server.model.presets import preset_hf_config
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only to smoke-test the script with --preset tiny
@@ -222,24 +223,35 @@ def main() -> None:
     ap.add_argument("--hf-new", type=int, default=16, help="tokens per request for the (slow) baseline")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--profile", action="store_true", help="also profile 8 decode steps of the distinct case")
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=DEV == "cuda",
+                    help="also run hotlora eagerly (no CUDA graphs)")
+    ap.add_argument("--compare-bnb", action="store_true", help="also run hotlora on bnb.matmul_4bit (before)")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 49152, (args.batch, args.prompt), generator=g)
     with tempfile.TemporaryDirectory() as tmp:  # hotlora first: its numbers survive a baseline that runs long
         adapter = write_adapter(Path(tmp) / "lora", args.preset, args.rank)
         ours = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda")
-        eager = run_engine(args, prompts.tolist(), adapter, cuda_graphs=False) if DEV == "cuda" else ours
+        eager = run_engine(args, prompts.tolist(), adapter, cuda_graphs=False) if args.eager else {}
+        bnb = {}
+        if args.compare_bnb:  # the base through bnb.matmul_4bit, as before the fused NF4 kernel
+            os.environ["HOTLORA_NF4_TRITON"] = "0"
+            quant._FUSED_ON_CUDA = False
+            bnb = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda")
+            quant._FUSED_ON_CUDA = True
     log("engine done")
     hf = run_hf(args, prompts.to(DEV))
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "CPU"
     print(f"\n{gpu}, torch {torch.__version__}, random:{args.preset} NF4, batch {args.batch}, prompt {args.prompt}, "
           f"r={args.rank} on all 7 projections; decode tokens/s\n")
-    print("| adapters in the batch | hotlora (CUDA graphs) | hotlora (eager) | transformers+peft+bnb | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| adapters in the batch | hotlora (CUDA graphs) | hotlora eager | hotlora, bnb.matmul_4bit base (graphs) "
+          "| transformers+peft+bnb | speed-up |")
+    print("|---|---|---|---|---|---|")
     for case in ours:
-        print(f"| {case} | {ours[case]:.0f} | {eager[case]:.0f} | {hf[case]:.1f} | {ours[case] / hf[case]:.1f}x |")
+        print(f"| {case} | {ours[case]:.0f} | {eager.get(case, 0):.0f} | {bnb.get(case, 0):.0f} | {hf[case]:.1f} "
+              f"| {ours[case] / hf[case]:.1f}x |")
     print("\n(random weights: speed only; both sides use the same architecture, batch and adapter count)")
-    record = {"gpu": gpu, "hotlora": ours, "eager": eager, "hf": hf, **vars(args)}
+    record = {"gpu": gpu, "hotlora": ours, "eager": eager, "bnb_base": bnb, "hf": hf, **vars(args)}
     Path(args.out, "engine_gpu.json").write_text(json.dumps(record))
 
 

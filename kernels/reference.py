@@ -13,7 +13,10 @@ import torch
 from ._meta import LoraMeta, LoraSlice
 from ._meta import refresh_lora_meta_torch as refresh_lora_meta_ref  # the metadata step's reference
 
-__all__ = ["lora_apply_naive", "lora_apply_ref", "lora_expand_ref", "lora_shrink_ref", "refresh_lora_meta_ref"]
+__all__ = [
+    "NF4_CODE", "lora_apply_naive", "lora_apply_ref", "lora_expand_ref", "lora_shrink_ref", "nf4_dequantize_ref",
+    "nf4_matmul_ref", "refresh_lora_meta_ref",
+]
 
 
 def _slot_groups(meta: LoraMeta) -> Iterator[tuple[int, torch.Tensor]]:
@@ -110,3 +113,30 @@ def lora_apply_naive(
             rows = slice(int(row_start[slot]), int(row_start[slot]) + r)
             delta = float(scale[slot]) * ((x[t].double() @ sl.a[rows].double().T) @ sl.b[rows].double())
             y[t] = (y[t].double() + delta).to(y.dtype)
+
+
+# bitsandbytes' NF4 code book (bnb.functional.get_4bit_type("nf4")), as fp32 values.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+
+
+def nf4_dequantize_ref(w) -> torch.Tensor:
+    """NF4Weight (hotlora.kernels.nf4) -> dense [N, K] in w.dtype, computed as dequantize_4bit does."""
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.codes.device)
+    n = w.codes.shape[0]
+    groups = w.codes.view(n, -1, 64)  # 128-column groups: high nibbles = first 64 columns, low = next 64
+    nibbles = torch.stack([groups >> 4, groups & 15], dim=2).reshape(n, -1).long()  # [N, Kp]
+    vals = code[nibbles].view(n, -1, 64) * w.absmax[:, :, None]
+    return vals.reshape(n, -1)[:, : w.in_features].to(w.dtype)
+
+
+def nf4_matmul_ref(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(w).T (+ bias) with fp32 math, returned in x's dtype."""
+    y = x.float() @ nf4_dequantize_ref(w).to(x.dtype).float().T
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)

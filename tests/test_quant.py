@@ -136,3 +136,27 @@ def test_bitsandbytes_import_survives_repo_root_on_sys_path():
     done = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "kernels-community" not in done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_group_matches_bitsandbytes():
+    """On CUDA, NF4 layers run the fused Triton kernel on bnb-identical weights, and q/k/v fused into one
+    NF4Group give each member's own output, within bf16 noise of bnb.matmul_4bit."""
+    from hotlora.server.model.quant import fuse_nf4
+
+    torch.manual_seed(0)
+    weights = [torch.randn(n, 512, dtype=torch.bfloat16, device="cuda") * 0.05 for n in (512, 128, 128)]
+    biases = [torch.randn(w.shape[0], dtype=torch.bfloat16, device="cuda") for w in weights]
+    layers = [NF4Linear(w, b) for w, b in zip(weights, biases, strict=True)]
+    assert all(layer.fused is not None and layer.packed_weight is None for layer in layers)
+    x = torch.randn(24, 512, dtype=torch.bfloat16, device="cuda")
+    singles = [layer(x) for layer in layers]
+    group = fuse_nf4(layers)
+    assert group is not None
+    for y, single, layer, w, b in zip(group(x), singles, layers, weights, biases, strict=True):
+        packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(layer.dequantized(), bnbF.dequantize_4bit(packed, state))
+        want = bnb.matmul_4bit(x, packed, bias=b, quant_state=state).float()
+        assert ((y.float() - want).norm() / want.norm()).item() < 1e-2
+        assert torch.equal(y, single)

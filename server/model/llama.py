@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_apply
 from hotlora.server.model.attention import AttentionMeta, paged_attention, write_kv
 from hotlora.server.model.config import ModelConfig
-from hotlora.server.model.quant import make_linear
+from hotlora.server.model.quant import fuse_nf4, make_linear
 from hotlora.server.model.rope import Rotary
 
 # The projections LoRA may target, grouped as they are applied: one lora_apply launch per group.
@@ -52,12 +52,15 @@ class DecoderLayer:
             self.proj[name] = make_linear(w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"), quant)
         for name in ("gate_proj", "up_proj", "down_proj"):
             self.proj[name] = make_linear(w[f"mlp.{name}.weight"], None, quant)
+        # q/k/v and gate/up as one weight each where the fused NF4 kernel serves them (CUDA)
+        self.groups = {names: g for names in (QKV, GATE_UP) if (g := fuse_nf4([self.proj[n] for n in names]))}
         self.lora: dict[str, LoraSlice] = {}  # filled by the adapter slot cache
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
     def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraMeta | None) -> list[torch.Tensor]:
-        ys = [self.proj[n](x) for n in names]
+        group = self.groups.get(names)
+        ys = group(x) if group is not None else [self.proj[n](x) for n in names]
         if lora is not None and self.lora:
             lora_apply(ys, x, [self.lora[n] for n in names], lora)
         return ys

@@ -1,0 +1,209 @@
+"""The fused NF4 dequant-GEMM against bitsandbytes' matmul_4bit and bf16 cuBLAS, on one CUDA device.
+
+    python bench/nf4_gemm.py [--quick] [--sweep] [--markdown out.md] [--json out.json]
+
+Llama-3-8B projections as the engine runs them: q/k/v fused 4096->6144, o 4096->4096, gate/up fused
+4096->28672, down 14336->4096; bf16 x, M tokens. Times are medians of triton.testing.do_bench over replays
+of one CUDA graph holding one call per rotating weight copy (copies * bytes >= 4x L2, so weights come from
+HBM), divided by the number of copies. bitsandbytes runs a fused group as its separate projections (as the
+engine did), and its time is their sum. "floor" is a plain device copy of the op's minimal bytes (packed
+nibbles + 8-bit absmax + x + y), timed the same way in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from triton.testing import do_bench
+
+from hotlora.kernels.nf4 import (
+    LOOKUP_CAST,
+    LOOKUP_PRMT,
+    LOOKUP_TABLE,
+    Nf4Config,
+    nf4_dequantize,
+    nf4_matmul,
+    pack_nf4,
+    pack_nf4_group,
+)
+
+DT = torch.bfloat16
+L2_BYTES = 60 * 2**20
+SHAPES = {  # name: (K, member output widths)
+    "qkv 4096->6144": (4096, (4096, 1024, 1024)),
+    "o 4096->4096": (4096, (4096,)),
+    "gate/up 4096->28672": (4096, (14336, 14336)),
+    "down 14336->4096": (14336, (4096,)),
+}
+MS = (1, 8, 16, 32, 64, 128, 512, 2048, 8192)
+
+
+def graph_us(fn_per_copy, count: int, rep: int = 100) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(count):
+            fn_per_copy(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(count):
+            fn_per_copy(i)
+    return do_bench(graph.replay, warmup=10, rep=rep, return_mode="median") * 1e3 / count
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(64, -(-4 * L2_BYTES // nbytes)))
+
+
+class Case:
+    """Rotating copies of one shape's weights: bnb members, the packed group, bf16 dense."""
+
+    def __init__(self, k: int, widths: tuple[int, ...]) -> None:
+        self.k, self.widths, self.n = k, widths, sum(widths)
+        self.count = copies_for(self.n * k // 2)
+        self.bnb, self.packed = [], []
+        for _ in range(self.count):
+            members = []
+            for n in widths:
+                w = torch.randn(n, k, device="cuda", dtype=DT) * 0.02
+                members.append(bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+            self.bnb.append(members)
+            self.packed.append(pack_nf4_group([pack_nf4(p, s) for p, s in members]))
+        self.dense_count = copies_for(self.n * k * 2)
+        self.dense = [torch.randn(self.n, k, device="cuda", dtype=DT) * 0.02 for _ in range(self.dense_count)]
+
+    def floor_bytes(self, m: int) -> int:
+        return self.n * self.k // 2 + self.n * self.k // 64 + 2 * m * (self.k + self.n)
+
+
+def same_bytes_copy_us(nbytes: int) -> float:
+    n = max(1, nbytes // 4)  # bf16: read n*2 + write n*2 bytes
+    count = copies_for(nbytes)
+    bufs = [(torch.randn(n, device="cuda", dtype=DT), torch.empty(n, device="cuda", dtype=DT)) for _ in range(count)]
+    return graph_us(lambda i: bufs[i][1].copy_(bufs[i][0]), count)
+
+
+def check(case: Case, m: int) -> float:
+    x = torch.randn(m, case.k, device="cuda", dtype=DT)
+    ref = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in case.bnb[0]]).float()
+    y = nf4_matmul(x, case.packed[0]).float()
+    r = x.float() @ ref.T
+    return ((y - r).norm() / r.norm()).item()
+
+
+def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool = True) -> dict:
+    xs = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.count)]
+    row = {"M": m, "nf4_us": graph_us(lambda i: nf4_matmul(xs[i], case.packed[i], config=config), case.count)}
+    if baselines:
+        def bnb_call(i: int) -> None:
+            for p, s in case.bnb[i]:
+                bnb.matmul_4bit(xs[i], p, quant_state=s)
+
+        row["bnb_us"] = graph_us(bnb_call, case.count)
+        xd = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.dense_count)]
+        row["cublas_us"] = graph_us(lambda i: torch.matmul(xd[i], case.dense[i].T), case.dense_count)
+        row["floor_us"] = same_bytes_copy_us(case.floor_bytes(m))
+        row["rel_err"] = check(case, m)
+    return row
+
+
+def sweep_configs(m: int) -> list[Nf4Config]:
+    prmt = LOOKUP_PRMT
+    if m > 64:
+        grid = itertools.product((64, 128), (64, 128, 256), (4, 8), (1, 2), (False, True))
+        return [Nf4Config(bm, bn, split, w, 3, swap_ab=swap, lookup=prmt) for bm, bn, w, split, swap in grid
+                if not (swap and bn < 64)] + [Nf4Config(128, 128, dense=True)]
+    bm = max(16, 1 << (m - 1).bit_length())
+    grid = itertools.product((64, 128, 256), (4, 8), (2, 4, 8), (False, True))
+    return [Nf4Config(bm, bn, split, w, 3, swap_ab=swap, lookup=prmt) for bn, w, split, swap in grid]
+
+
+def sweep(cases: dict[str, Case], ms: tuple[int, ...]) -> list[dict]:
+    out = []
+    for (name, case), m in itertools.product(cases.items(), ms):
+        best = []
+        for cfg in sweep_configs(m):
+            try:
+                us = bench_m(case, m, cfg, baselines=False)["nf4_us"]
+            except Exception as exc:  # a config the compiler rejects (shared memory): skip it
+                print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+                continue
+            best.append((us, cfg))
+        best.sort(key=lambda t: t[0])
+        print(f"## sweep {name} M={m}: " + "; ".join(f"{us:.1f}us {c}" for us, c in best[:3]), flush=True)
+        for swap, lookup in itertools.product((False, True), (LOOKUP_TABLE, LOOKUP_PRMT, LOOKUP_CAST)):
+            kind = [us for us, c in best if c.swap_ab == swap and c.lookup == lookup and not c.dense]
+            if kind:
+                print(f"   best swap_ab={swap} lookup={lookup}: {min(kind):.1f}us", flush=True)
+        dense = [us for us, c in best if c.dense]
+        if dense:
+            print(f"   dense: {dense[0]:.1f}us", flush=True)
+        out.append({"shape": name, "M": m, "best": [(us, str(c)) for us, c in best[:5]]})
+    return out
+
+
+def bench_dequant(case: Case) -> None:
+    """Dequantizing the whole weight (the large-M path): our kernel's configs against bitsandbytes'."""
+    def bnb_call(i: int) -> None:
+        for p, s in case.bnb[i]:
+            bnbF.dequantize_4bit(p, s)
+
+    print(f"## dequant bnb: {graph_us(bnb_call, case.count):.1f}us", flush=True)
+    for bn, warps in itertools.product((16, 32, 64), (2, 4, 8)):
+        us = graph_us(lambda i, bn=bn, w=warps: nf4_dequantize(case.packed[i], bn, w), case.count)
+        print(f"## dequant block_n={bn} warps={warps}: {us:.1f}us", flush=True)
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    lines = [f"Device: {device}. bf16 x; CUDA-graph replay medians over rotating weights (HBM).", "",
+             "| projection | M | NF4 fused us | bnb.matmul_4bit us | bf16 cuBLAS us | floor (copy) us "
+             "| x bnb | x floor | x cuBLAS | rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["nf4_us"]
+        lines.append(f"| {r['shape']} | {r['M']} | {t:.1f} | {r['bnb_us']:.1f} | {r['cublas_us']:.1f} "
+                     f"| {r['floor_us']:.1f} | {r['bnb_us'] / t:.2f} | {t / r['floor_us']:.2f} "
+                     f"| {t / r['cublas_us']:.2f} | {r['rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="M in {1, 32, 2048} only")
+    ap.add_argument("--sweep", action="store_true", help="sweep launch configs first")
+    ap.add_argument("--sweep-m", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
+    ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
+    ap.add_argument("--no-table", action="store_true", help="skip the final table")
+    ap.add_argument("--markdown")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    device = torch.cuda.get_device_name()
+    cases = {name: Case(*SHAPES[name]) for name in args.shapes}
+    if args.dequant:
+        for case in cases.values():
+            bench_dequant(case)
+    swept = sweep(cases, tuple(args.sweep_m)) if args.sweep else []
+    rows = []
+    for name, case in cases.items():
+        for m in () if args.no_table else (1, 32, 2048) if args.quick else MS:
+            rows.append({"shape": name, **bench_m(case, m)})
+            print(json.dumps(rows[-1]), flush=True)
+    table = markdown(rows, device)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(table + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": device, "rows": rows, "sweep": swept}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

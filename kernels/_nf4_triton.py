@@ -1,0 +1,190 @@
+"""Triton kernels of the fused NF4 dequant-GEMM (layout and semantics: hotlora.kernels.nf4).
+
+A step covers one 128-column group g of the weight: byte j of a row's group holds column 128g + j in its
+high nibble and column 128g + 64 + j in its low nibble, so the two nibbles of a byte tile are two dense
+[BLOCK_N, 64] halves, each inside one 64-block with one absmax per row: no interleaving shuffles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import NF4_CODE
+
+LOOKUP_TABLE, LOOKUP_PRMT, LOOKUP_CAST = 0, 1, 2  # CAST: code as value, wrong on purpose (bench only)
+
+
+def _prmt_asm(dtype: torch.dtype) -> str:
+    """PTX for 4 packed bytes -> NF4 values of their high and low nibbles (2 x 4 16-bit values, `dtype`).
+
+    The 16 values' low bytes and high bytes are tables of four registers each; prmt picks 4 bytes at once
+    from 8 by 3-bit selectors, so entries 0-7 and 8-15 are looked up separately and merged by lop3 under a
+    mask made of each nibble's bit 3 (prmt's sign-replicate mode turns selector 9 on byte 0x80 into 0xFF).
+    Nibbles of byte k: low = element k of output 2, high = element k of output 1.
+    """
+    bits = torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype).view(torch.int16).int() & 0xFFFF
+    lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
+
+    def words(b: list[int]) -> list[str]:
+        return [hex(b[i] | b[i + 1] << 8 | b[i + 2] << 16 | b[i + 3] << 24) for i in range(0, 16, 4)]
+
+    lines = ["{", ".reg .b32 %s, %i3, %t, %m, %a, %b, %lw, %hw, %L<4>, %H<4>, %K;"]
+    lines += [f"mov.b32 %L{i}, {w};" for i, w in enumerate(words(lo))]
+    lines += [f"mov.b32 %H{i}, {w};" for i, w in enumerate(words(hi))]
+    lines.append("mov.b32 %K, 0x8000;")
+    for half, (out_hi, out_lo) in enumerate((("$0", "$2"), ("$1", "$3"))):
+        lines += [
+            "mov.b32 %s, $4;" if half == 0 else "shr.b32 %s, $4, 16;",
+            "and.b32 %i3, %s, 0x7777;", "and.b32 %t, %s, 0x8888;", "shr.b32 %m, %t, 3;", "or.b32 %m, %m, %t;",
+            "prmt.b32 %m, %K, %K, %m;",
+            "prmt.b32 %a, %L0, %L1, %i3;", "prmt.b32 %b, %L2, %L3, %i3;", "lop3.b32 %lw, %b, %a, %m, 0xE4;",
+            "prmt.b32 %a, %H0, %H1, %i3;", "prmt.b32 %b, %H2, %H3, %i3;", "lop3.b32 %hw, %b, %a, %m, 0xE4;",
+            f"prmt.b32 {out_lo}, %lw, %hw, 0x6240;", f"prmt.b32 {out_hi}, %lw, %hw, 0x7351;",
+        ]
+    return "\n".join([*lines, "}"])
+
+
+_PRMT_BF16 = tl.constexpr(_prmt_asm(torch.bfloat16))
+_PRMT_FP16 = tl.constexpr(_prmt_asm(torch.float16))
+
+
+@triton.jit
+def _group_bytes(w_ptr, offs_n, mask_n, g, stride_wn):
+    """uint8 [BLOCK_N, 64] bytes of group g; mask_n: rows to read (False past N or past the last group)."""
+    offs_b = g * 64 + tl.arange(0, 64)
+    return tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :], mask=mask_n[:, None], other=0)
+
+
+@triton.jit
+def _group_codes(w_ptr, offs_n, mask_n, g, stride_wn):
+    """Codes of group g: (high nibbles = columns 128g .. +64, low nibbles = 128g + 64 .. +64)."""
+    codes = _group_bytes(w_ptr, offs_n, mask_n, g, stride_wn)
+    return codes >> 4, codes & 15
+
+
+@triton.jit
+def _group_values(w_ptr, lut_ptr, offs_n, mask_n, g, stride_wn, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
+    """NF4 code values of group g (high half, low half): table loads, or (LOOKUP_PRMT, 16-bit V_DTYPE on
+    NVIDIA) byte permutes against the table held in registers (_prmt_asm)."""
+    if LOOKUP == 1:
+        raw = _group_bytes(w_ptr, offs_n, mask_n, g, stride_wn)
+        if tl.bfloat16 == V_DTYPE:
+            v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_BF16, "=r,=r,=r,=r,r", [raw],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_FP16, "=r,=r,=r,=r,r", [raw],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    elif LOOKUP == 2:
+        c_hi, c_lo = _group_codes(w_ptr, offs_n, mask_n, g, stride_wn)
+        v_hi, v_lo = c_hi.to(V_DTYPE), c_lo.to(V_DTYPE)
+    else:
+        c_hi, c_lo = _group_codes(w_ptr, offs_n, mask_n, g, stride_wn)
+        v_hi = tl.load(lut_ptr + c_hi)
+        v_lo = tl.load(lut_ptr + c_lo)
+    return v_hi, v_lo
+
+
+@triton.jit
+def _group_scales(absmax_ptr, offs_n, mask_n, g, stride_an):
+    hi = tl.load(absmax_ptr + offs_n * stride_an + 2 * g, mask=mask_n, other=0.0)
+    lo = tl.load(absmax_ptr + offs_n * stride_an + 2 * g + 1, mask=mask_n, other=0.0)
+    return hi, lo
+
+
+@triton.jit
+def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, stride_an, stride_on,
+                       BLOCK_N: tl.constexpr):
+    """out[N, K] = dequant(w) rounded to out's dtype, one 128-column group per program column."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1)
+    mask_n = offs_n < N
+    c_hi, c_lo = _group_codes(w_ptr, offs_n, mask_n, g, stride_wn)
+    a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_n, g, stride_an)
+    w_hi = tl.load(lut_ptr + c_hi) * a_hi[:, None]  # fp32 product, as bitsandbytes computes it
+    w_lo = tl.load(lut_ptr + c_lo) * a_lo[:, None]
+    offs_k = g * 128 + tl.arange(0, 64)
+    ptrs = out_ptr + offs_n[:, None] * stride_on + offs_k[None, :]
+    tl.store(ptrs, w_hi.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_k[None, :] < K))
+    tl.store(ptrs + 64, w_lo.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_k[None, :] + 64 < K))
+
+
+@triton.jit
+def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
+                      M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
+                      HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                      SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
+                      V_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr):
+    """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
+
+    SCALE_AFTER (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
+    [BLOCK_M, BLOCK_N] partial by its absmax; else (large M) scale the weights first, as dequantize_4bit
+    does (lut in fp32, product rounded to W_DTYPE). With SPLIT_K > 1 each program writes its K-slice's
+    fp32 sum to part[pid_k] and nf4_reduce_kernel finishes.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n  # GROUP_M row tiles walk the same weight columns while they sit in L2
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if SWAP_AB:  # noqa: SIM108 (static branches keep each compiled variant's accumulator shape plain)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(ITERS):  # constexpr: the interpreter cannot loop over a run-time scalar argument
+        g = pid_k * ITERS + i
+        offs_k = g * 128 + tl.arange(0, 64)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        x_hi = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        x_lo = tl.load(x_ptrs + 64, mask=mask_m[:, None] & (offs_k[None, :] + 64 < K), other=0.0)
+        mask_g = mask_n & (g < NUM_G)  # split-K slices may run past the last group
+        v_hi, v_lo = _group_values(w_ptr, lut_ptr, offs_n, mask_g, g, stride_wn, LOOKUP, V_DTYPE)
+        a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_g, g, stride_an)
+        if SWAP_AB:
+            p_hi = tl.dot(v_hi, tl.trans(x_hi), input_precision=PRECISION)
+            p_lo = tl.dot(v_lo, tl.trans(x_lo), input_precision=PRECISION)
+            acc += p_hi * a_hi[:, None] + p_lo * a_lo[:, None]
+        elif SCALE_AFTER:
+            p_hi = tl.dot(x_hi, tl.trans(v_hi), input_precision=PRECISION)
+            p_lo = tl.dot(x_lo, tl.trans(v_lo), input_precision=PRECISION)
+            acc += p_hi * a_hi[None, :] + p_lo * a_lo[None, :]
+        else:
+            w_hi = (v_hi * a_hi[:, None]).to(W_DTYPE).to(x_hi.dtype)
+            w_lo = (v_lo * a_lo[:, None]).to(W_DTYPE).to(x_hi.dtype)
+            acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
+            acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def nf4_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
+                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n] = sum_k part[k, m, n] (+ bias[n]), in a fixed order (deterministic)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+

@@ -1,0 +1,232 @@
+"""Fused NF4 dequant-GEMM: bitsandbytes' 4-bit weights multiplied without materialising them.
+
+Layout (``NF4Weight``, built once at load by ``pack_nf4`` / ``pack_nf4_group`` from bitsandbytes' storage):
+
+    codes  uint8   [N, Kp // 2]  Kp = K rounded up to 128. Per row, 128-column groups of 64 bytes; byte j of
+                                  group g holds the code of column 128g + j in its high nibble and of column
+                                  128g + 64 + j in its low nibble (bitsandbytes packs columns 2j, 2j + 1:
+                                  regrouping lets a kernel unpack two dense halves with no shuffle).
+                                  Columns past K hold code 0 with absmax 0.
+    absmax float32 [N, Kp // 64]  each 64-column block's scale, de-nested once by bitsandbytes itself
+                                  (dequantize_blockwise(absmax, state2) + offset, as dequantize_4bit does)
+    dtype                         what bitsandbytes rounds dequantized values to (quant_state.dtype)
+    splits                        output widths of a fused group (q/k/v, gate/up); (N,) for one projection
+
+Needs K % 64 == 0 (no 64-block straddles two rows; true of every Llama-family projection), so a group is
+the row-concatenation of its members. The fp32 absmax costs 0.5 bit per weight over bitsandbytes' nested
+8-bit one (4.5 instead of 4.125 bits) and buys exact scales with no in-kernel double-quantization decode.
+Values are bit-identical to ``dequantize_4bit`` (``nf4_dequantize`` reproduces it; a test checks).
+
+Semantics of ``nf4_matmul(x, w, bias=None, out=None)``, fp32 accumulation:
+
+    W = (NF4[code] * absmax[:, col // 64]).to(w.dtype)       # [N, K], == bnb dequantize_4bit
+    y = (x.float() @ W.to(x.dtype).float().T + bias).to(x.dtype)     # x [M, K] fp16/bf16/fp32, y [M, N]
+
+For small M the kernel multiplies the raw code values (NF4 in x's dtype) and scales each 64-block's partial
+sums by absmax afterwards (fewer operations per weight; rounding differs from W's by one rounding of the
+code value); for large M it scales first, exactly as above. CUDA tensors go to Triton with a launch config
+from ``_CONFIGS`` (swept on the H200 with bench/nf4_gemm.py; no autotuning at serve time); CPU tensors go
+to the torch reference unless HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1). Capture-safe: no host sync;
+it allocates only the output and, for split-K configs, an fp32 partial-sum buffer (from the graph's pool
+under capture).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+from ._nf4_triton import (
+    LOOKUP_CAST,
+    LOOKUP_PRMT,
+    LOOKUP_TABLE,
+    nf4_dequant_kernel,
+    nf4_matmul_kernel,
+    nf4_reduce_kernel,
+)
+from .reference import NF4_CODE, nf4_dequantize_ref, nf4_matmul_ref
+
+__all__ = [
+    "LOOKUP_CAST", "LOOKUP_PRMT", "LOOKUP_TABLE", "NF4Weight", "nf4_dequantize", "nf4_matmul", "pack_nf4",
+    "pack_nf4_group",
+]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class NF4Weight:
+    codes: torch.Tensor  # uint8 [N, Kp // 2], 128-column groups
+    absmax: torch.Tensor  # float32 [N, Kp // 64]
+    in_features: int  # K
+    dtype: torch.dtype  # what dequantized values round to
+    splits: tuple[int, ...]  # output widths of the group's members
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.in_features
+
+
+@functools.cache
+def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 16 NF4 code values in `dtype` (fp32: exact), on `device`."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def _regroup(codes: torch.Tensor) -> torch.Tensor:
+    """[N, Kp] codes (0..15) -> [N, Kp // 2] bytes in the 128-column group layout of the module docstring."""
+    n, kp = codes.shape
+    g = codes.view(n, kp // 128, 2, 64)
+    return ((g[:, :, 0] << 4) | g[:, :, 1]).reshape(n, kp // 2)
+
+
+def pack_nf4(packed: torch.Tensor, state) -> NF4Weight:
+    """One projection from ``bnb.functional.quantize_4bit(W, blocksize=64, quant_type="nf4", ...)``'s
+    (packed uint8 [(N*K+1)//2, 1], QuantState); compress_statistics may be on or off."""
+    import bitsandbytes.functional as bnbF  # only at load: the kernels themselves need no bitsandbytes
+
+    n, k = state.shape
+    if state.quant_type != "nf4" or state.blocksize != 64:
+        raise ValueError(f"need NF4 with blocksize 64, got {state.quant_type} / {state.blocksize}")
+    if k % 64:
+        raise ValueError(f"in_features must be a multiple of 64, got {k}")
+    if packed.dtype != torch.uint8 or packed.numel() != n * k // 2:
+        raise ValueError(f"packed weight must be uint8 with {n * k // 2} bytes, got {packed.dtype} {packed.numel()}")
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+    kp = -(-k // 128) * 128
+    raw = packed.reshape(n, k // 2)
+    codes = torch.zeros(n, kp, dtype=torch.uint8, device=packed.device)
+    codes[:, 0:k:2], codes[:, 1:k:2] = raw >> 4, raw & 15
+    scales = torch.zeros(n, kp // 64, dtype=torch.float32, device=packed.device)
+    scales[:, : k // 64] = absmax.float().reshape(n, k // 64)
+    return NF4Weight(_regroup(codes), scales, k, state.dtype, (n,))
+
+
+def pack_nf4_group(members: Sequence[NF4Weight]) -> NF4Weight:
+    """Projections sharing their input (q/k/v, gate/up) as one weight with concatenated outputs."""
+    first = members[0]
+    for m in members:
+        if m.shape[1] != first.shape[1] or m.dtype != first.dtype or m.codes.device != first.codes.device:
+            raise ValueError("group members must share in_features, dtype and device")
+    return NF4Weight(torch.cat([m.codes for m in members]), torch.cat([m.absmax for m in members]),
+                     first.in_features, first.dtype, tuple(s for m in members for s in m.splits))
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
+
+
+def _check(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> None:
+    n, k = w.shape
+    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"x must be [M, {k}] with unit column stride, got {tuple(x.shape)} {x.stride()}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    if x.device != w.codes.device:
+        raise ValueError(f"x on {x.device}, weight on {w.codes.device}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous [{n}], got {tuple(bias.shape)}")
+
+
+def nf4_dequantize(w: NF4Weight, block_n: int = 32, warps: int = 4) -> torch.Tensor:
+    """The weight as a dense [N, K] tensor in w.dtype (bit-identical to bnb's dequantize_4bit)."""
+    if not _use_triton(w.codes):
+        return nf4_dequantize_ref(w)
+    n, k = w.shape
+    out = torch.empty(n, k, dtype=w.dtype, device=w.codes.device)
+    grid = (triton_cdiv(n, block_n), triton_cdiv(k, 128))
+    nf4_dequant_kernel[grid](w.codes, w.absmax, _lut(out.device, torch.float32), out, n, k, w.codes.stride(0),
+                             w.absmax.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=warps)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, slots=True)
+class Nf4Config:
+    """One launch: output tile BLOCK_M x BLOCK_N, K split into `split_k` slices (fp32 partials + a reduce),
+    `scale_after` (small M: scale partial sums by absmax) or before (large M); `dense`: dequantize the
+    whole weight then cuBLAS (large M, where that measures faster)."""
+
+    block_m: int
+    block_n: int
+    split_k: int = 1
+    warps: int = 4
+    stages: int = 3
+    scale_after: bool = True
+    group_m: int = 8
+    dense: bool = False
+    swap_ab: bool = False  # scale_after: weights as the dot's first operand (y.T = W @ x.T)
+    lookup: int = LOOKUP_TABLE  # LOOKUP_PRMT: in-register lookup (scale_after, 16-bit x, CUDA only)
+
+
+# (max M, config) by M bucket; swept on the H200 with bench/nf4_gemm.py --sweep (bf16, Llama-3-8B shapes).
+_CONFIGS: tuple[tuple[int, Nf4Config], ...] = (
+    (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT)),
+    (32, Nf4Config(32, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT)),
+    (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT)),
+    (256, Nf4Config(64, 128, 2, 8, swap_ab=True, lookup=LOOKUP_PRMT)),
+    (1 << 62, Nf4Config(128, 128, dense=True)),
+)
+
+
+def pick_config(m: int, n: int, k: int) -> Nf4Config:
+    return next(c for hi, c in _CONFIGS if m <= hi)
+
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, config: Nf4Config | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant(w).T (+ bias [N]) in x's dtype (module docstring: exact semantics)."""
+    _check(x, w, bias)
+    if not _use_triton(x):
+        y = nf4_matmul_ref(x, w, bias)
+        return y if out is None else out.copy_(y)
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    if m == 0:
+        return y
+    cfg = config or pick_config(m, n, k)
+    if cfg.dense:
+        dense = nf4_dequantize(w).to(x.dtype)
+        return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
+    return _launch(x, w, bias, y, cfg)
+
+
+def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor:
+    m, k = x.shape
+    n = w.shape[0]
+    split = cfg.split_k
+    groups = w.codes.shape[1] // 64
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n), split)
+    lut = _lut(x.device, x.dtype if cfg.scale_after else torch.float32)
+    lookup = cfg.lookup if cfg.scale_after and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
+    nf4_matmul_kernel[grid](
+        x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
+        m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and cfg.scale_after, LOOKUP=lookup,
+        V_DTYPE=_TL[x.dtype], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
+        ITERS=triton_cdiv(groups, split), GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    if split > 1:
+        block = 1024
+        nf4_reduce_kernel[(triton_cdiv(m * n, block),)](
+            part, bias if bias is not None else y, y, m, n, y.stride(0),
+            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
+        )
+    return y

@@ -1,0 +1,224 @@
+"""The fused NF4 dequant-GEMM (hotlora.kernels.nf4) against bitsandbytes and an fp32 reference.
+
+On the CPU the Triton kernel runs under TRITON_INTERPRET=1 (CI sets it) at small sizes in fp16/fp32: the
+interpreter rounds bf16 wrongly (triton-lang/triton#11584), so bf16 and real sizes run on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+
+from hotlora.kernels import nf4 as nf4_mod
+from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, nf4_dequantize, nf4_matmul, pack_nf4, pack_nf4_group
+from hotlora.kernels.reference import NF4_CODE, nf4_dequantize_ref
+
+interpret = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1 (set by make test)"
+)
+gpu = pytest.mark.gpu
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# relative Frobenius error of y against the fp32 reference, by x dtype
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def quantize(widths: tuple[int, ...], k: int, dtype: torch.dtype, device: str = "cpu"):
+    """bnb NF4 storage of random weights, one per member width: [(packed, state), ...]."""
+    members = []
+    for n in widths:
+        w = torch.randn(n, k, dtype=dtype, device=device) * 0.05
+        members.append(bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+    return members
+
+
+def packed_group(members):
+    return pack_nf4_group([pack_nf4(p, s) for p, s in members])
+
+
+def reference(x: torch.Tensor, members, bias: torch.Tensor | None) -> torch.Tensor:
+    """x.float() @ dequantize_4bit(W).float().T (+ bias): bitsandbytes' own dequantization."""
+    w = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in members]).to(x.dtype).float()
+    y = x.float() @ w.T
+    return y if bias is None else y + bias.float()
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all()
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture
+def triton_cpu(monkeypatch):
+    monkeypatch.setenv("HOTLORA_TRITON_CPU", "1")
+
+
+def test_code_book_is_bitsandbytes():
+    assert torch.equal(torch.tensor(NF4_CODE), bnbF.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("nested", [True, False])
+def test_reference_dequantizes_bit_identically(dtype, nested):
+    w = torch.randn(48, 320, dtype=dtype)
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    got = nf4_dequantize_ref(pack_nf4(packed, state))
+    assert got.dtype == dtype
+    assert torch.equal(got.view(torch.uint8), bnbF.dequantize_4bit(packed, state).view(torch.uint8))
+
+
+@interpret
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_dequantizes_bit_identically(triton_cpu, dtype):
+    members = quantize((40, 24), 576, dtype)
+    got = nf4_dequantize(packed_group(members))
+    want = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in members])
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+# (K, member widths): SmolLM2's 576->192 (k/v) and 576->1536 (gate), GQA q/k/v, a fused gate/up
+SHAPES = {"kv": (576, (192,)), "gate": (576, (1536,)), "qkv": (128, (64, 16, 16)), "gate_up": (192, (80, 80))}
+MS = (1, 3, 16, 33, 64, 257)
+
+
+def _cases():
+    out = []
+    for i, m in enumerate(MS):
+        for j, shape in enumerate(SHAPES):
+            if m > 64 and shape == "gate":
+                continue  # the interpreter is slow: one large-M case per other shape is enough
+            dtype = (torch.float16, torch.float32)[(i + j) % 2]
+            out.append(pytest.param(m, shape, dtype, (i + j) % 3 == 0, id=f"M{m}-{shape}-{str(dtype)[6:]}"))
+    return out
+
+
+@interpret
+@pytest.mark.parametrize(("m", "shape", "dtype", "with_bias"), _cases())
+def test_triton_matmul_matches_reference(triton_cpu, m, shape, dtype, with_bias):
+    k, widths = SHAPES[shape]
+    members = quantize(widths, k, dtype)
+    w = packed_group(members)
+    x = torch.randn(m, k, dtype=dtype)
+    bias = torch.randn(sum(widths), dtype=dtype) if with_bias else None
+    y = nf4_matmul(x, w, bias)
+    assert y.shape == (m, sum(widths)) and y.dtype == dtype
+    assert rel_err(y, reference(x, members, bias)) < TOLERANCE[dtype]
+
+
+CONFIGS = {
+    "split2": Nf4Config(16, 16, split_k=2),
+    "split3-scale-first": Nf4Config(16, 32, split_k=3, scale_after=False),
+    "m32-scale-first": Nf4Config(32, 16, scale_after=False, group_m=2),
+    "dense": Nf4Config(16, 16, dense=True),
+    "swap-ab": Nf4Config(64, 32, split_k=2, swap_ab=True),
+}
+
+
+@interpret
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_triton_configs_match_reference(triton_cpu, name):
+    members = quantize((48,), 640, torch.float32)
+    x = torch.randn(37, 640)
+    bias = torch.randn(48)
+    y = nf4_matmul(x, packed_group(members), bias, config=CONFIGS[name])
+    assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float32]
+
+
+def test_cpu_path_is_the_reference():
+    members = quantize((24,), 128, torch.float32)
+    x = torch.randn(4, 128)
+    y = nf4_matmul(x, packed_group(members))
+    assert rel_err(y, reference(x, members, None)) < TOLERANCE[torch.float32]
+
+
+def test_wrapper_checks():
+    w = packed_group(quantize((16,), 128, torch.float32))
+    with pytest.raises(ValueError, match="x must be"):
+        nf4_matmul(torch.randn(2, 64), w)
+    with pytest.raises(ValueError, match="x must be"):
+        nf4_matmul(torch.randn(128, 2).T, w)
+    with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
+        nf4_matmul(torch.zeros(2, 128, dtype=torch.int32), w)
+    with pytest.raises(ValueError, match="bias"):
+        nf4_matmul(torch.randn(2, 128), w, torch.randn(15))
+    packed, state = bnbF.quantize_4bit(torch.randn(8, 96), blocksize=64, quant_type="nf4")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pack_nf4(packed, state)
+    packed, state = bnbF.quantize_4bit(torch.randn(8, 128), blocksize=128, quant_type="nf4")
+    with pytest.raises(ValueError, match="blocksize 64"):
+        pack_nf4(packed, state)
+
+
+def test_configs_cover_every_m():
+    for m in (1, 16, 17, 64, 65, 2048, 10**6):
+        assert nf4_mod.pick_config(m, 4096, 4096).block_m >= 16
+
+
+# --- GPU: bf16, real sizes, graph capture ---------------------------------------------------------------
+
+LLAMA = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
+         "down": (14336, (4096,))}
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("shape", list(LLAMA))
+def test_gpu_bit_identical_and_matches(shape):
+    k, widths = LLAMA[shape]
+    members = quantize(widths, k, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    want = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in members])
+    assert torch.equal(nf4_dequantize(w).view(torch.int16), want.view(torch.int16))
+    for m in (1, 3, 16, 33, 64, 257, 2048):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        ref = reference(x, members, None)
+        assert rel_err(nf4_matmul(x, w), ref) < TOLERANCE[torch.bfloat16], m
+
+
+@gpu
+@cuda
+def test_gpu_matches_bnb_matmul_and_bias():
+    members = quantize((4096,), 4096, torch.bfloat16, "cuda")
+    (p, s), w = members[0], packed_group(members)
+    bias = torch.randn(4096, dtype=torch.bfloat16, device="cuda")
+    for m in (1, 32, 512):
+        x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
+        want = bnb.matmul_4bit(x, p, bias=bias, quant_state=s).float()
+        assert rel_err(nf4_matmul(x, w, bias), want) < TOLERANCE[torch.bfloat16], m
+
+
+@gpu
+@cuda
+def test_gpu_cuda_graph_capture_and_replay():
+    members = quantize((1024, 256, 256), 2048, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    for m in (1, 48, 600):
+        x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(m, 1536, dtype=torch.bfloat16, device="cuda")
+        nf4_matmul(x, w, out=out)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            nf4_matmul(x, w, out=out)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, reference(x, members, None)) < TOLERANCE[torch.bfloat16], m
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_register_lookup_equals_table_lookup(dtype):
+    """The prmt lookup (inline PTX) yields the same code values as the table loads: equal outputs."""
+    w = packed_group(quantize((256, 64), 1024, dtype, "cuda"))
+    for m in (1, 16, 40):
+        x = torch.randn(m, 1024, dtype=dtype, device="cuda")
+        for swap in (False, True):
+            bm, bn = (16 if m <= 16 else 64), (64 if swap else 32)
+            table = nf4_matmul(x, w, config=Nf4Config(bm, bn, swap_ab=swap))
+            prmt = nf4_matmul(x, w, config=Nf4Config(bm, bn, swap_ab=swap, lookup=LOOKUP_PRMT))
+            assert torch.equal(prmt, table), (m, swap)
