@@ -28,7 +28,13 @@ def _engine(cache, caching: bool, **kw) -> LLMEngine:
                                   enable_prefix_caching=caching, **kw))
 
 
-_ENGINES: list[LLMEngine] = []
+_ENGINES: list[LLMEngine] = []  # this module's engines, checked for leaks after every test
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_engines():
+    yield
+    _ENGINES.clear()  # let the module's engines go when it is done
 
 
 @pytest.fixture(scope="module")
