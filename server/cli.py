@@ -50,6 +50,7 @@ class Opt:
     help: str
     choices: tuple[str, ...] | None = None
     engine: bool = True  # an EngineConfig field (named like the flag)
+    switch: bool = False  # a boolean given as --flag / --no-flag
 
     @property
     def dest(self) -> str:
@@ -96,6 +97,12 @@ SERVE_OPTIONS = (
     Opt("max-waiting", int, "requests allowed to wait for a slot; more are answered 429"),
     Opt("seed", int, "seed for requests that do not give one"),
     Opt("cuda-graphs", parse_bool, "replay every step from CUDA graphs on cuda: true or false"),
+    Opt(
+        "enable-prefix-caching",
+        parse_bool,
+        "reuse the KV cache of prompt prefixes seen before (kept apart per adapter version)",
+        switch=True,
+    ),
     Opt("host", str, "address to listen on", engine=False),
     Opt("port", int, "port to listen on", engine=False),
     Opt(
@@ -158,6 +165,14 @@ def _checked(opt: Opt) -> Any:
     return convert
 
 
+class _Switch(argparse.BooleanOptionalAction):
+    """--x / --no-x whose string default (from the environment) argparse reads with parse_bool."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.type = parse_bool
+
+
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
@@ -167,6 +182,9 @@ def _add_serve(sub: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for opt in SERVE_OPTIONS + _engine_extras():
+        if opt.switch:
+            p.add_argument(f"--{opt.flag}", action=_Switch, default=_default(opt), help=f"{opt.help} [env {opt.env}]")
+            continue
         p.add_argument(
             f"--{opt.flag}",
             type=_checked(opt),

@@ -47,7 +47,8 @@ def test_loading_then_ready_without_tokenizer_or_admin(tmp_path, hotlora_cache, 
             srv.url + "/v1/completions", json={"model": name, "prompt": [1, 2, 3], "max_tokens": 2}, timeout=60
         )
         assert r.status_code == 200, r.text
-        assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                                   "prompt_tokens_details": {"cached_tokens": 0}}
     finally:
         gate.set()
         srv.stop()

@@ -3,9 +3,9 @@
 Request-level series are recorded by the API as outputs arrive; engine and adapter state is read from
 the engine at scrape time. Besides hotlora_* names, the few series that LoRA-aware routers read from
 vLLM are exported under vLLM's names too (vllm:lora_requests_info, vllm:num_requests_running,
-vllm:num_requests_waiting, vllm:kv_cache_usage_perc), with adapter residency in the shape vLLM proposes
-for routers (vllm:lora_adapter_loaded, vllm:num_gpu_loaded_lora_adapters, vllm:max_gpu_lora_adapters,
-vllm:lora_adapter_load_seconds).
+vllm:num_requests_waiting, vllm:kv_cache_usage_perc, vllm:prefix_cache_queries, vllm:prefix_cache_hits),
+with adapter residency in the shape vLLM proposes for routers (vllm:lora_adapter_loaded,
+vllm:num_gpu_loaded_lora_adapters, vllm:max_gpu_lora_adapters, vllm:lora_adapter_load_seconds).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             "hotlora_num_preemptions", "sequences preempted so far", value=getattr(s, "num_preemptions", 0)
         )
+        yield from self._prefix_cache_metrics(s)
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "running/waiting LoRA adapters (value: timestamp)",
@@ -90,6 +91,19 @@ class _EngineCollector(Collector):
             buckets, total = h.cumulative()
             hist.add_metric([transition], buckets, total)
         yield hist
+
+    @staticmethod
+    def _prefix_cache_metrics(s: Any) -> Iterable[Metric]:
+        """Counters in tokens, as vLLM names them: hit rate = hits / queries."""
+        for prefix, sep in (("hotlora", "_"), ("vllm", ":")):
+            yield CounterMetricFamily(
+                f"{prefix}{sep}prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                value=getattr(s, "prefix_cache_queries", 0),
+            )
+            yield CounterMetricFamily(
+                f"{prefix}{sep}prefix_cache_hits", "prompt tokens found in the prefix cache",
+                value=getattr(s, "prefix_cache_hits", 0),
+            )
 
     def _adapter_metrics(self) -> Iterable[Metric]:
         loads = CounterMetricFamily("hotlora_adapter_loads", "adapter loads onto the device", labels=["adapter"])

@@ -31,22 +31,25 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class _Tally:
     """Usage over all choices: each prompt counts once, however many samples (n) it has."""
 
     def __init__(self, n: int) -> None:
-        self.n, self.prompt, self.completion = n, {}, {}
+        self.n, self.prompt, self.completion, self.cached = n, {}, {}, {}
 
     def add(self, c: gen.Choice, out: RequestOutput) -> None:
-        self.prompt[c.index // self.n] = out.prompt_tokens or len(c.request.prompt_token_ids)
+        p = c.index // self.n
+        self.prompt[p] = out.prompt_tokens or len(c.request.prompt_token_ids)
         self.completion[c.index] = out.completion_tokens
+        self.cached[p] = max(self.cached.get(p, 0), out.cached_tokens)  # any of the prompt's n samples
 
-    def usage(self) -> dict[str, int]:
-        return _usage(sum(self.prompt.values()), sum(self.completion.values()))
+    def usage(self) -> dict[str, Any]:
+        return _usage(sum(self.prompt.values()), sum(self.completion.values()), sum(self.cached.values()))
 
 
 # --- logprobs --------------------------------------------------------------------------------------

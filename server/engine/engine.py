@@ -51,6 +51,8 @@ class EngineStats:
     adapter_load_seconds: dict[str, Any] = field(default_factory=dict)  # transition -> loadstats.Histogram
     num_eager_steps: int = 0  # steps that ran eagerly (on cuda: no CUDA graph fitted or a capture failed)
     num_graph_steps: int = 0  # steps replayed from CUDA graphs
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found there
 
 
 class LLMEngine:
@@ -64,7 +66,7 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self.registry = AdapterRegistry(self.runner.lora_cache, cfg.linear_shapes(), cfg.num_layers,
                                         config.max_lora_rank, config.max_cpu_lora_bytes)
-        self.blocks = BlockManager(self.runner.num_kv_blocks, config.block_size)
+        self.blocks = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    admit=self._admit, release=self._release, ready=self._adapter_ready,
                                    max_adapter_wait_steps=config.max_adapter_wait_steps)
@@ -96,6 +98,9 @@ class LLMEngine:
             self.registry.prefetch_version(adapter)  # the disk read starts now, not at the queue's head
         self._arrivals += 1
         seq = Sequence(req.request_id, list(req.prompt_token_ids), req.params, adapter, self._arrivals)
+        # the prefix-cache namespace is the version the registry assigned, never the user's name for it:
+        # a hot-swapped or re-created adapter gets a new id, so it never maps the old weights' KV
+        seq.cache_ns = adapter.version if adapter is not None else None
         seq.detok = DetokState()
         self.seqs[req.request_id] = seq
         self.scheduler.add(seq)
@@ -152,7 +157,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id, new_text=text, new_token_ids=[token], finished=reason is not None,
             finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated,
-            logprobs=[logprob] if logprob is not None else None,
+            logprobs=[logprob] if logprob is not None else None, cached_tokens=seq.num_cached_tokens,
         )
 
     def _fail(self, seq: Sequence, message: str) -> RequestOutput:
@@ -205,6 +210,7 @@ class LLMEngine:
             num_adapter_blocked_steps=self.scheduler.num_adapter_blocked_steps,
             adapter_load_seconds=self.registry.cache.stats.transitions,
             num_eager_steps=self.eager_steps, num_graph_steps=self.runner.graph_steps,
+            prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits,
         )
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:
@@ -219,7 +225,7 @@ class LLMEngine:
                 a = acc[out.request_id]
                 a.new_text += out.new_text
                 a.new_token_ids += out.new_token_ids
-                a.completion_tokens = out.completion_tokens
+                a.completion_tokens, a.cached_tokens = out.completion_tokens, out.cached_tokens
                 if out.logprobs:
                     a.logprobs = (a.logprobs or []) + out.logprobs
                 if out.finished:

@@ -82,6 +82,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         self.num_steps += 1
         batch = ScheduledBatch()
+        for seq in self.running:  # KV the last step computed becomes shareable before anyone is admitted
+            self.blocks.commit(seq)
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         if not batch.preempted:
             self._schedule_waiting(batch, budget)
@@ -114,8 +116,10 @@ class Scheduler:
             if barrier is not _NONE and seq.adapter is not None and seq.adapter is not barrier:
                 held = True
                 continue
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_allocate(seq, seq.num_computed + n):
+            prefix = self.blocks.match(seq)  # cached KV of the longest known prefix: not computed again
+            cached = len(prefix) * self.blocks.block_size
+            n = min(seq.num_uncomputed - cached, budget)
+            if not self.blocks.can_allocate(seq, cached + n, prefix):
                 break  # blocks are handed out first come, first served
             if not self.admit(seq):
                 held = True
@@ -124,7 +128,7 @@ class Scheduler:
                 continue
             self.waiting.remove(seq)
             del self._queued_at[seq]
-            self.blocks.allocate(seq, seq.num_computed + n)
+            self.blocks.start(seq, prefix, cached + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)

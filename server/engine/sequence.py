@@ -37,6 +37,13 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     detok: Any = None  # the incremental detokenizer's state
     rng: Any = None  # the sampler's random stream (seeded requests: from their seed)
+    # prefix caching (block_manager): chain keys of the full token blocks, how many leading blocks of
+    # block_table are registered or were mapped from the cache, and what the first admission found
+    cache_ns: int | None = None  # the namespace: the adapter version's registry id (None = base model)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_committed_blocks: int = 0
+    prefix_queried: bool = False
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.cached_tokens)
 
     def __post_init__(self) -> None:
         self.num_prompt = len(self.token_ids)
