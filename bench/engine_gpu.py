@@ -197,10 +197,18 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
         "1 adapter": ["a0"] * args.batch,
         f"{args.adapters} distinct": [f"a{i % args.adapters}" for i in range(args.batch)],
     }
+    batches = {name: prompts for name in cases}
+    if args.batch1:
+        cases["batch 1, 1 adapter"], batches["batch 1, 1 adapter"] = ["a0"], prompts[:1]
+    if args.long_prompt:
+        name = f"{args.adapters} distinct, prompt {args.long_prompt}"
+        g = torch.Generator().manual_seed(1)
+        cases[name] = cases[f"{args.adapters} distinct"]
+        batches[name] = torch.randint(3, 49152, (args.batch, args.long_prompt), generator=g).tolist()
     rows = {}
     for name, adapters in cases.items():
-        engine_decode_rate(engine, prompts, 4, adapters)  # warm-up: Triton compiles, adapters load
-        rows[name] = engine_decode_rate(engine, prompts, args.new, adapters)
+        engine_decode_rate(engine, batches[name], 4, adapters)  # warm-up: Triton compiles, adapters load
+        rows[name] = engine_decode_rate(engine, batches[name], args.new, adapters)
         log(f"engine ({mode}): {name} {rows[name]:.0f} tok/s")
     graphs = engine.runner.graphs
     if graphs is not None:
@@ -230,6 +238,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile 8 decode steps of the distinct case")
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=DEV == "cuda",
                     help="also run hotlora eagerly (no CUDA graphs)")
+    ap.add_argument("--batch1", action="store_true", help="also decode one request on one adapter")
+    ap.add_argument("--long-prompt", type=int, default=0, help="also the distinct case with prompts this long")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                     help="run the transformers + peft + bitsandbytes baseline")
     ap.add_argument("--compare-bnb", action="store_true", help="also run hotlora on bnb.matmul_4bit (before)")
@@ -247,7 +257,7 @@ def main() -> None:
             bnb = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda")
             quant._FUSED_ON_CUDA = True
     log("engine done")
-    hf = run_hf(args, prompts.to(DEV)) if args.hf else {case: float("nan") for case in ours}
+    hf = run_hf(args, prompts.to(DEV)) if args.hf else {}
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "CPU"
     print(f"\n{gpu}, torch {torch.__version__}, random:{args.preset} NF4, batch {args.batch}, prompt {args.prompt}, "
           f"r={args.rank} on all 7 projections; decode tokens/s\n")
@@ -255,8 +265,9 @@ def main() -> None:
           "| transformers+peft+bnb | speed-up |")
     print("|---|---|---|---|---|---|")
     for case in ours:
-        print(f"| {case} | {ours[case]:.0f} | {eager.get(case, 0):.0f} | {bnb.get(case, 0):.0f} | {hf[case]:.1f} "
-              f"| {ours[case] / hf[case]:.1f}x |")
+        base = hf.get(case, float("nan"))
+        print(f"| {case} | {ours[case]:.0f} | {eager.get(case, 0):.0f} | {bnb.get(case, 0):.0f} | {base:.1f} "
+              f"| {ours[case] / base:.1f}x |")
     print("\n(random weights: speed only; both sides use the same architecture, batch and adapter count)")
     record = {"gpu": gpu, "hotlora": ours, "eager": eager, "bnb_base": bnb, "hf": hf, **vars(args)}
     Path(args.out, "engine_gpu.json").write_text(json.dumps(record))
