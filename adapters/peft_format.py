@@ -34,6 +34,7 @@ __all__ = [
     "LoraAdapter",
     "check_compatible",
     "load_peft_adapter",
+    "max_adapter_bytes",
     "module_path",
     "read_adapter_config",
 ]
@@ -146,6 +147,13 @@ def load_peft_adapter(folder: Path, name: str) -> LoraAdapter:
         sha256=hashlib.sha256(blob).hexdigest(),
         path=folder,
     )
+
+
+def max_adapter_bytes(linear_shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int) -> int:
+    """The largest adapter_model.safetensors an acceptable adapter can be for this base: rank max_rank on
+    every projection of every layer, in float64 (the widest float safetensors holds), plus headers."""
+    params = num_layers * max_rank * sum(out_f + in_f for out_f, in_f in linear_shapes.values())
+    return params * 8 + (1 << 20)
 
 
 def check_compatible(

@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hotlora.server.api import admin, errors, openai_routes
+from hotlora.server.api import admin, errors, openai_routes, openapi
+from hotlora.server.api.limits import BodyLimit
 from hotlora.server.api.state import AppState, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,16 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | Non
         finally:
             watcher.cancel()
             await state.engine.shutdown()
+            state.tokenizers.close()
 
     app = FastAPI(title="hotlora", summary="OpenAI-compatible multi-LoRA server", lifespan=lifespan)
     app.state.hotlora = state
     errors.install(app)
+    openapi.install(app)
     app.include_router(openai_routes.router)
     app.include_router(admin.router)
     _probes(app, state)
+    app.add_middleware(BodyLimit, limit=lambda: settings.max_body_bytes)
     app.add_middleware(HTTPMetrics, state=state, routes=lambda: app.routes)
     return app
 
@@ -93,7 +97,9 @@ def _probes(app: FastAPI, state: AppState) -> None:
         if state.ready:
             return JSONResponse({"status": "ready", "model": state.model_name})
         reason = (
-            f"failed: {state.engine.error}"
+            "draining"
+            if state.draining
+            else f"failed: {state.engine.error}"
             if state.engine.error is not None
             else "stopped"
             if state.engine.stopped.is_set()
