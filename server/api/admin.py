@@ -167,6 +167,7 @@ async def upload_adapter(name: str, request: Request):
             else:
                 stored = await run_in_threadpool(state.store.put_files, name, files)
             await _register(state, stored)
+            state.refused.pop(name, None)
     except (AdapterError, UploadTooLarge) as exc:
         state.metrics.uploads.labels("refused").inc()
         raise _store_error(exc) from None
@@ -239,6 +240,7 @@ async def delete_adapter(name: str, request: Request):
         except AdapterNotFound:
             if not known:
                 raise _not_found(name) from None
+    state.refused.pop(name, None)
     log.info("adapter %r deleted", name)
     return {"object": "adapter.deleted", "name": name, "deleted": True}
 

@@ -50,12 +50,21 @@ class HTTPMetrics:
     def _route(self, scope: Scope) -> str:
         """The matched route's path template (Starlette leaves the route in the scope), never the raw path."""
         route = scope.get("route")
-        if route is None:
-            for candidate in self.routes():
+        if route is None:  # answered before routing (a 413 from BodyLimit, a 404)
+            for candidate in _flat(self.routes()):
                 if candidate.matches(scope)[0] == Match.FULL:
                     route = candidate
                     break
         return getattr(route, "path", None) or "other"
+
+
+def _flat(routes: list[Any]) -> list[Any]:
+    """Routes with a path, descending into the routers that newer FastAPI versions keep as one entry."""
+    flat = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        flat += _flat(inner.routes) if inner is not None else [route] if hasattr(route, "path") else []
+    return flat
 
 
 def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | None = None) -> FastAPI:

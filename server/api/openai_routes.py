@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hotlora.server.api import generation as gen
-from hotlora.server.api.errors import model_not_found
+from hotlora.server.api.errors import APIError, model_not_found
 from hotlora.server.api.schemas import ChatCompletionRequest, CompletionRequest
 from hotlora.server.api.state import AppState
 from hotlora.server.engine.types import RequestOutput, TokenLogprob
@@ -129,6 +129,13 @@ def _resolve_model(state: AppState, model: str) -> str | None:
     adapter = state.adapter_for(model)
     if adapter is not None and "/" in adapter:
         raise model_not_found(model)
+    if adapter is not None and adapter in state.refused:
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist: the adapter in the store was refused: {state.refused[adapter]}",
+            param="model",
+            code="model_not_found",
+        )
     return adapter
 
 async def _final_choices(
