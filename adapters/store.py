@@ -85,7 +85,7 @@ class AdapterStore:
         check: Callable[[LoraAdapter], None] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         grace_s: float = 300.0,
-        max_retired: int = 2,
+        max_retired: int = 4,
     ) -> None:
         """check: extra validation of a loaded adapter (e.g. peft_format.check_compatible against the base).
         max_bytes: upload limit (decompressed). grace_s: how long a replaced version stays readable, for
