@@ -32,8 +32,20 @@ _REF = {"content": {"application/json": {"schema": {"$ref": "#/components/schema
 _METHODS = ("get", "post", "put", "delete", "patch")
 
 
+_OTHER_BODIES = {  # 200 bodies that are not JSON
+    "/v1/completions": {"text/event-stream": {"schema": {"type": "string"}}},  # stream: true
+    "/v1/chat/completions": {"text/event-stream": {"schema": {"type": "string"}}},
+    "/metrics": {"text/plain": {"schema": {"type": "string"}}},
+}
+
+
 def _operation(path: str, op: dict[str, Any]) -> None:
     responses = op.setdefault("responses", {})
+    if path in _OTHER_BODIES and "200" in responses:
+        content = responses["200"].setdefault("content", {})
+        if path == "/metrics":
+            content.clear()
+        content.update(_OTHER_BODIES[path])
     responses.pop("422", None)
     responses["400"] = {"description": "Invalid request"} | _REF
     responses["default"] = {"description": "Error"} | _REF
