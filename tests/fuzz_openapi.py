@@ -23,7 +23,7 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-examples", type=int, default=25, help="examples per operation")
-    parser.add_argument("--max-time", type=int, default=300, help="seconds for the whole run")
+    parser.add_argument("--max-time", type=int, default=240, help="seconds for the whole run")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as store:
