@@ -79,7 +79,7 @@ class AppState:
             check=lambda a: check_compatible(a, shapes, layers, max_rank),
             max_bytes=min(self.settings.max_upload_bytes, bound),
         )
-        self.upload_limit = self.store.max_bytes + (1 << 20)  # archive and multipart framing
+        self.upload_limit = min(self.settings.max_upload_bytes, bound + (1 << 20))  # + archive/multipart framing
         self.refused = dict(self.store.refused)
         for name in self.store.list():
             try:
