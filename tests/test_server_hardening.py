@@ -182,13 +182,14 @@ def test_body_above_the_limit_is_413_before_it_is_read(server, expected):
 def test_large_prompts_are_tokenized_off_the_event_loop(server, expected, http):
     chars = server.state.tokenizers.max_chars
     assert chars > 0
-    prompts = ["lorem ipsum dolor sit amet " * (chars // 27)] * 40  # ~1.9 MB, each under the character bound
+    prompt = "lorem ipsum dolor sit amet " * (chars // 27)  # just under the character bound
+    prompts = [prompt] * max(1, (MAX_BODY - (256 << 10)) // len(prompt))  # as much as the body limit lets in
     with bystander(server, expected):
         r = http.post("/v1/completions", json=body(server, prompt=prompts))
         assert_openai_error(r, 400, "maximum context length")
         r = http.post("/v1/completions", json=body(server, prompt="x" * (chars + 1)))
         assert_openai_error(r, 400, "characters")
-        big = {"role": "user", "content": "hello " * (chars // 6)}
+        big = {"role": "user", "content": "hello " * min(chars // 6, MAX_BODY // 8)}
         r = http.post("/v1/chat/completions", json={"model": server.state.model_name, "messages": [big]})
         assert_openai_error(r, 400, "maximum context length")
 

@@ -103,6 +103,14 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_count(cls, v: Any) -> Any:
+        """Say what is wrong before the union's per-branch errors would (one per prompt)."""
+        if isinstance(v, list) and len(v) > MAX_PROMPTS and not isinstance(v[0], int):
+            raise ValueError(f"{len(v)} prompts: at most {MAX_PROMPTS} prompts are accepted in one request")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
