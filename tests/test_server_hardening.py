@@ -138,6 +138,10 @@ def test_lone_surrogates_are_400(server, expected, http):
             # json.dumps escapes the surrogate as \ud800 in the JSON text, which JSON allows
             r = http.post(path, content=json.dumps(base | fields), headers={"content-type": "application/json"})
             assert_openai_error(r, 400, "invalid unicode")
+        for depth in (900, 200_000):  # nesting deep enough for a recursive walk, or for the JSON parser
+            deep = b'{"model": "m", "prompt": "x", "user": ' + b"[" * depth + b"]" * depth + b"}"
+            r = http.post("/v1/completions", content=deep, headers={"content-type": "application/json"})
+            assert_openai_error(r, 400)
 
 
 # --- 3. large bodies ----------------------------------------------------------------------------------

@@ -20,20 +20,24 @@ MAX_CHOICES = 256  # prompts x n in one request
 TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 
 
-def _check_unicode(value: Any, where: str) -> None:
-    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates such as "\\ud800", which JSON allows)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{where} holds invalid Unicode (a lone surrogate); send valid UTF-8 text") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_unicode(k, where)
-            _check_unicode(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_unicode(v, f"{where}[{i}]")
+def _check_unicode(data: Any) -> None:
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates such as "\\ud800", which JSON allows).
+    Iterative: a deeply nested body must not turn into a RecursionError (a 500)."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"{where or 'a string'} holds invalid Unicode (a lone surrogate); send valid UTF-8 text"
+                ) from None
+        elif isinstance(value, dict):
+            stack += [(k, where) for k in value]
+            stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
 
 
 class _Strict(BaseModel):
@@ -44,7 +48,7 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _unicode(cls, data: Any) -> Any:
-        _check_unicode(data, "")  # on the raw JSON, so that the message says what is wrong
+        _check_unicode(data)  # on the raw JSON, so that the message says what is wrong
         return data
 
 
