@@ -2,7 +2,9 @@
 
 Only adapter_config.json, adapter_model.safetensors and README.md are written; pickles anywhere in
 the upload are refused; absolute paths, "..", links and special files are refused; every byte written
-is counted against a limit (archive headers are not trusted for sizes).
+is counted against a limit (archive headers are not trusted for sizes, but a header that declares too
+much is refused before anything is unpacked). Past RATIO_FLOOR bytes written, an archive that has
+unpacked to more than MAX_RATIO times the compressed bytes read is refused as a bomb, while streaming.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import stat
 import tarfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -19,6 +21,9 @@ from hotlora.adapters.peft_format import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_N
 
 ALLOWED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 MAX_MEMBERS = 4096
+MAX_SMALL_FILE_BYTES = 1 << 20  # adapter_config.json and README.md
+MAX_RATIO = 50  # float weights compress ~1.1x, and an untrained adapter (B = 0) about 2x
+RATIO_FLOOR = 16 << 20
 _CHUNK = 1 << 20
 
 
@@ -27,14 +32,31 @@ class UploadTooLarge(AdapterError):
 
 
 class _Budget:
-    def __init__(self, limit: int) -> None:
+    """Bytes written against a limit; `compressed()` (when given) says how many archive bytes were read."""
+
+    def __init__(self, limit: int, compressed: Callable[[], int] | None = None) -> None:
         self.left = limit
         self.limit = limit
+        self.compressed = compressed
 
     def take(self, n: int) -> None:
         self.left -= n
         if self.left < 0:
-            raise UploadTooLarge(f"the adapter is larger than the upload limit of {self.limit} bytes")
+            raise UploadTooLarge(
+                f"the adapter unpacks to more than {self.limit} bytes, the most an adapter of the largest "
+                "allowed rank can be for this base (or the upload limit)"
+            )
+        written = self.limit - self.left
+        if self.compressed is not None and written > RATIO_FLOOR and written > MAX_RATIO * max(self.compressed(), 1):
+            raise UploadTooLarge(
+                f"the archive unpacks to more than {MAX_RATIO} times its compressed size; refused as a bomb"
+            )
+
+    def declare(self, name: str, size: int) -> None:
+        """A member's declared size, checked before it is unpacked."""
+        limit = self.limit if PurePosixPath(name).name == WEIGHTS_NAME else MAX_SMALL_FILE_BYTES
+        if size > limit:
+            raise UploadTooLarge(f"archive member {name!r} declares {size} bytes; at most {limit} are accepted")
 
 
 def _refuse_pickle(name: str) -> None:
@@ -59,7 +81,7 @@ def write_files(files: Mapping[str, BinaryIO], dest: Path, max_bytes: int) -> No
         _refuse_pickle(name)
         if name not in ALLOWED_FILES:
             raise AdapterError(f"unexpected file {name!r}: upload {CONFIG_NAME} and {WEIGHTS_NAME}")
-        write_stream(src, dest / name, budget)
+        write_stream(src, dest / name, budget if name == WEIGHTS_NAME else _Budget(MAX_SMALL_FILE_BYTES))
 
 
 def _member_path(name: str) -> PurePosixPath:
@@ -82,7 +104,17 @@ def _wanted(path: PurePosixPath, folder: PurePosixPath) -> bool:
     return path.parent == folder and path.name in ALLOWED_FILES
 
 
+def _check_ratio(unpacked: int, packed: int) -> None:
+    if unpacked > RATIO_FLOOR and unpacked > MAX_RATIO * max(packed, 1):
+        raise UploadTooLarge(
+            f"the archive declares {unpacked} bytes in {packed} compressed bytes, more than {MAX_RATIO} times "
+            "its size; refused as a bomb"
+        )
+
+
 def _extract_tar(src: BinaryIO, dest: Path, budget: _Budget) -> None:
+    packed = src.seek(0, os.SEEK_END)
+    src.seek(0)
     try:
         with tarfile.open(fileobj=src, mode="r:*") as tar:
             members, declared = [], _Budget(budget.limit)
@@ -94,6 +126,9 @@ def _extract_tar(src: BinaryIO, dest: Path, budget: _Budget) -> None:
                 if not (m.isreg() or m.isdir()):
                     raise AdapterError(f"archive member {m.name!r} is a link or special file; only plain files")
                 declared.take(m.size)
+                budget.declare(m.name, m.size)
+            # a tar member holds exactly its declared bytes, so the ratio is known before anything is written
+            _check_ratio(declared.limit - declared.left, packed)
             files = {_member_path(m.name): m for m in members if m.isreg()}
             folder = _pick(list(files))
             for path, m in files.items():
@@ -119,9 +154,15 @@ def _extract_zip(src: BinaryIO, dest: Path, budget: _Budget) -> None:
             files = {_member_path(i.filename): i for i in infos if not i.is_dir()}
             folder = _pick(list(files))
             for path, info in files.items():
-                if _wanted(path, folder):
+                if _wanted(path, folder):  # declared sizes first (refused before any byte is written) ...
+                    budget.declare(info.filename, info.file_size)
+                    _check_ratio(info.file_size, info.compress_size)
+            for path, info in files.items():
+                if _wanted(path, folder):  # ... then what really comes out, against both bounds
+                    member = _Budget(budget.left, compressed=lambda info=info: info.compress_size)
                     with zf.open(info) as fobj:
-                        write_stream(fobj, dest / path.name, budget)
+                        write_stream(fobj, dest / path.name, member)
+                    budget.take(budget.left - member.left)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as exc:
         raise AdapterError(f"the archive could not be read as .zip: {exc}") from None
 

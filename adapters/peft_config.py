@@ -3,16 +3,22 @@
 Target matching follows PEFT's check_target_module_exists (a list matches a module name or a dotted
 suffix of it; a string is a regex over the full module name; layers_to_transform/layers_pattern and
 exclude_modules are honoured), restricted to the seven decoder projections.
+
+A regex from a config runs on RE2 (google-re2), a linear-time engine: no pattern can make matching hang
+(Python's `re` backtracks, and "(.*)*X" would hold the GIL for ever). Patterns RE2 cannot run
+(backreferences, lookaround) and patterns above MAX_PATTERN_CHARS are refused with an AdapterError.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import re2
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME = "adapter_config.json"
@@ -45,6 +51,10 @@ _UNSUPPORTED_FIELDS = {
 _BASE_MUTATING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 _FORBIDDEN_NAMES = ("model.embed_tokens", "lm_head", "model.norm")
 _PROBE_LAYERS = 256  # how many layer indices a regex target is probed over before the base is known
+MAX_PATTERN_CHARS = 1024
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the user's error: no absl log lines on stderr
+_RE2_OPTIONS.max_mem = 8 << 20  # bounds the compiled program of a huge pattern (such as "a{1000}{1000}")
 
 
 class AdapterError(ValueError):
@@ -79,7 +89,7 @@ class AdapterConfig:
         if _spec_matches(self.exclude_spec, key):
             return False
         if isinstance(self.target_spec, str):
-            return re.fullmatch(self.target_spec, key) is not None
+            return _regex(self.target_spec).fullmatch(key) is not None
         if not _spec_matches(self.target_spec, key):
             return False
         if self.layers_to_transform is None:
@@ -90,19 +100,39 @@ class AdapterConfig:
         return {(i, m) for i in range(num_layers) for m in TARGET_MODULES if self.matches(i, m)}
 
 
+@functools.lru_cache(maxsize=256)
+def _regex(pattern: str) -> Any:
+    """The RE2 program of a pattern already accepted by safe_regex()."""
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def safe_regex(pattern: str, key: str) -> Any:
+    """Compile a user's regex on RE2, or refuse it with an AdapterError naming the field."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise _fail(f"{key} regex is {len(pattern)} characters long; at most {MAX_PATTERN_CHARS} are accepted")
+    try:
+        return _regex(pattern)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise _fail(
+            f"{key} regex {pattern!r} does not compile on RE2: {reason} (a linear-time engine, "
+            "without backreferences or lookaround, keeps matching bounded)"
+        ) from None
+
+
 def _spec_matches(spec: str | tuple[str, ...], key: str) -> bool:
     if isinstance(spec, str):
-        return bool(spec) and re.fullmatch(spec, key) is not None
+        return bool(spec) and _regex(spec).fullmatch(key) is not None
     return any(key == s or key.endswith("." + s) for s in spec)
 
 
 def _layer_index(key: str, patterns: tuple[str, ...]) -> int | None:
     if not patterns:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        match = _regex(r".*?\.[^.]*\.(?P<idx>\d+)\.").match(key)
     else:
         match = None
         for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            match = _regex(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.").match(key)
             if match:
                 break
     return int(match["idx"]) if match else None
@@ -168,12 +198,9 @@ def _target_spec(raw: dict[str, Any]) -> str | tuple[str, ...]:
     if isinstance(spec, str):
         if spec == "all-linear":
             return TARGET_MODULES
-        try:
-            re.compile(spec)
-        except re.error as exc:
-            raise _fail(f"target_modules regex {spec!r} does not compile: {exc}") from None
+        regex = safe_regex(spec, "target_modules")
         for name in _FORBIDDEN_NAMES:
-            if re.fullmatch(spec, name):
+            if regex.fullmatch(name):
                 raise _fail(
                     f"target_modules {spec!r} matches {name}: only {', '.join(TARGET_MODULES)} can carry LoRA weights"
                 )
@@ -193,10 +220,7 @@ def _exclude_spec(raw: dict[str, Any]) -> str | tuple[str, ...]:
     if not spec:
         return ()
     if isinstance(spec, str):
-        try:
-            re.compile(spec)
-        except re.error as exc:
-            raise _fail(f"exclude_modules regex {spec!r} does not compile: {exc}") from None
+        safe_regex(spec, "exclude_modules")
         return spec
     return _str_tuple(spec, "exclude_modules")
 
@@ -216,6 +240,8 @@ def _layers(raw: dict[str, Any]) -> tuple[tuple[int, ...] | None, tuple[str, ...
     patterns = (pattern,) if isinstance(pattern, str) else _str_tuple(pattern, "layers_pattern")
     if layers is None and patterns:
         raise _fail("layers_pattern is only meaningful together with layers_to_transform")
+    for pattern in patterns:
+        safe_regex(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", "layers_pattern")
     return (tuple(layers) if layers is not None else None), patterns
 
 

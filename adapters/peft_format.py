@@ -35,6 +35,7 @@ __all__ = [
     "adapter_from_tensors",
     "check_compatible",
     "load_peft_adapter",
+    "max_adapter_bytes",
     "module_path",
     "read_adapter_config",
     "read_weights_file",
@@ -152,6 +153,13 @@ def adapter_from_tensors(folder: Path, name: str, tensors: dict[str, torch.Tenso
     config.target_modules = frozenset(m for _, m in weights)
     nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values())
     return LoraAdapter(name=name, config=config, weights=weights, nbytes=nbytes, sha256=sha256, path=folder)
+
+
+def max_adapter_bytes(linear_shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int) -> int:
+    """The largest adapter_model.safetensors an acceptable adapter can be for this base: rank max_rank on
+    every projection of every layer, in float64 (the widest float safetensors holds), plus headers."""
+    params = num_layers * max_rank * sum(out_f + in_f for out_f, in_f in linear_shapes.values())
+    return params * 8 + (1 << 20)
 
 
 def check_compatible(

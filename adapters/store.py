@@ -10,7 +10,10 @@ Layout under root:
 A reader calls path(name), which resolves the link once: it gets an immutable folder, never a mix of
 two uploads. A put is staged in tmp, fsync'd, validated, renamed into versions, then published by
 renaming a fresh symlink over <name>. A failed put removes its staging folder; a crashed one is
-removed at the next start. Folders dropped into root by hand are adopted at start.
+removed at the next start. Folders dropped into root by hand are validated at start, like an upload,
+and only then adopted as a version; a refused one stays where it is, unpublished, with its reason in
+`refused` (at every start, so the refusal holds across restarts). Replaced versions are kept for a
+grace time, at most max_retired per name; a name that holds nothing leaves no lock file behind.
 """
 
 from __future__ import annotations
@@ -82,26 +85,31 @@ class AdapterStore:
         check: Callable[[LoraAdapter], None] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         grace_s: float = 300.0,
+        max_retired: int = 4,
     ) -> None:
         """check: extra validation of a loaded adapter (e.g. peft_format.check_compatible against the base).
-        max_bytes: upload limit (decompressed). grace_s: how long a replaced version stays readable."""
+        max_bytes: upload limit (decompressed). grace_s: how long a replaced version stays readable, for
+        at most max_retired replaced versions per name."""
         self.root = Path(root).resolve()
         self.check = check
         self.max_bytes = max_bytes
         self.grace_s = grace_s
+        self.max_retired = max_retired
         self._versions = self.root / _META / "versions"
         self._tmp = self.root / _META / "tmp"
         self._locks = self.root / _META / "locks"
         for d in (self._versions, self._tmp, self._locks):
             d.mkdir(parents=True, exist_ok=True)
-        self.adopted: set[str] = set()  # hand-placed folders taken in at start: not validated by a put
+        self.adopted: set[str] = set()  # hand-placed folders validated and taken in at this start
+        self.refused: dict[str, str] = {}  # hand-placed folders that failed validation: name -> why
         self._clean_tmp()
         self._adopt_plain_folders()
         self._collect_orphans()
 
     # -- reading -----------------------------------------------------------------------------------
     def list(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.root) if n != _META and self._published(n))
+        """The names served: published, and not refused at start."""
+        return sorted(n for n in os.listdir(self.root) if n != _META and n not in self.refused and self._published(n))
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and NAME_RE.fullmatch(name) is not None and self._published(name)
@@ -151,6 +159,7 @@ class AdapterStore:
             _fsync_dir(self.root)
             for version in self._versions_of(name):
                 shutil.rmtree(version, ignore_errors=True)
+            self.refused.pop(name, None)
 
     def restore(self, name: str, version: Path | None) -> None:
         """Publish an earlier version again (or remove the name if None): rollback after a failed register."""
@@ -183,6 +192,7 @@ class AdapterStore:
                 raise
             previous = self._current_version(name)
             self._publish(name, version)
+            self.refused.pop(name, None)
             self._drop_versions(name, keep={version, previous})
         adapter.path = version
         return StoredAdapter(name=name, path=version, previous=previous, adapter=adapter)
@@ -211,15 +221,21 @@ class AdapterStore:
         return [p for p in self._versions.iterdir() if p.name.rsplit("@", 1)[0] == name]
 
     def _drop_versions(self, name: str, keep: set[Path | None]) -> None:
-        """Remove versions retired more than grace_s ago (a reader may still be loading a recent one).
+        """Remove versions retired more than grace_s ago (a reader may still be loading a recent one), and
+        all but the max_retired most recent ones whatever their age (fast re-uploads must not pile up).
         Called under the name's lock, so a newest version that is not kept was never published: a put
         that crashed between rename and publish, or one just rolled back."""
         versions = sorted(self._versions_of(name), key=_created_ns)
-        now = time.time_ns()
-        for i, version in enumerate(versions):
+        now, kept = time.time_ns(), 0
+        for i in reversed(range(len(versions))):
+            version = versions[i]
+            if version in keep:
+                continue
             retired = _created_ns(versions[i + 1]) if i + 1 < len(versions) else 0
-            if version not in keep and now - retired >= self.grace_s * 1e9:
+            if now - retired >= self.grace_s * 1e9 or kept >= self.max_retired:
                 shutil.rmtree(version, ignore_errors=True)
+            else:
+                kept += 1
 
     @staticmethod
     def _version_id(name: str) -> str:
@@ -227,12 +243,34 @@ class AdapterStore:
 
     @contextlib.contextmanager
     def _lock(self, name: str, blocking: bool = True) -> Iterator[None]:
-        with open(self._locks / f"{name}.lock", "a+b") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        """flock on locks/<name>.lock. A holder that leaves the name with nothing in the store unlinks the
+        file, so every locker checks, once it holds the lock, that its file is still the one at the path."""
+        path = self._locks / f"{name}.lock"
+        while True:
+            fh = open(path, "a+b")  # noqa: SIM115 (closed below)
             try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                with contextlib.suppress(FileNotFoundError):
+                    if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+                        break
+            except BaseException:
+                fh.close()
+                raise
+            fh.close()  # unlinked meanwhile by a holder: lock the file now at the path
+        try:
+            yield
+        finally:
+            if not self._holds(name):
+                path.unlink(missing_ok=True)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    def _holds(self, name: str) -> bool:
+        """Whether the store has anything of `name`: its entry in root, a version, or a staging folder."""
+        link = self.root / name
+        if link.exists() or link.is_symlink() or self._versions_of(name):
+            return True
+        return any(p.name.rsplit("@", 1)[0] == name for p in self._tmp.iterdir())
 
     def _clean_tmp(self) -> None:
         """Remove staging folders of puts that died; a live put (holding its name's lock) is left alone."""
@@ -247,14 +285,23 @@ class AdapterStore:
                     shutil.rmtree(entry, ignore_errors=True)
 
     def _adopt_plain_folders(self) -> None:
+        """Validate each folder placed by hand as an upload would be; only a valid one becomes a version."""
         for name in self.list():
             link = self.root / name
             with self._lock(name):
-                if link.is_dir() and not link.is_symlink():
-                    version = self._versions / self._version_id(name)
-                    link.rename(version)
-                    self._publish(name, version)
-                    self.adopted.add(name)
+                if not link.is_dir() or link.is_symlink():
+                    continue
+                try:
+                    adapter = load_peft_adapter(link, name)
+                    if self.check is not None:
+                        self.check(adapter)
+                except (AdapterError, OSError) as exc:
+                    self.refused[name] = str(exc)
+                    continue
+                version = self._versions / self._version_id(name)
+                link.rename(version)
+                self._publish(name, version)
+                self.adopted.add(name)
 
     def _collect_orphans(self) -> None:
         """Versions no name points at: crashed puts, and replaced ones whose grace time is over."""

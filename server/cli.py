@@ -71,7 +71,7 @@ SERVE_OPTIONS = (
     Opt("quant", str, "nf4: 4-bit bitsandbytes NF4 base weights; none: keep 16/32-bit weights", QUANT_CHOICES),
     Opt("device", str, "cpu, cuda, cuda:N, or auto (cuda when present)"),
     Opt("dtype", str, "activation/weight dtype; auto is bfloat16 on cuda, float32 on cpu", DTYPE_CHOICES),
-    Opt("cache-dir", Path, "where converted GGUF models are cached (default $HOTLORA_CACHE or ~/.cache/hotlora)"),
+    Opt("cache-dir", Path, "where converted GGUF models are cached (default ~/.cache/hotlora; also $HOTLORA_CACHE)"),
     Opt(
         "adapter-dir",
         Path,
@@ -112,7 +112,20 @@ SERVE_OPTIONS = (
         engine=False,
     ),
     Opt("served-model-name", str, "the base model's name in the API (default: the model's own name)", engine=False),
-    Opt("max-upload-bytes", parse_size, "largest adapter upload, after decompression (e.g. 4GiB)", engine=False),
+    Opt(
+        "max-upload-bytes",
+        parse_size,
+        "largest adapter upload, after decompression (e.g. 4GiB); never more than an adapter of "
+        "--max-lora-rank can be for the base",
+        engine=False,
+    ),
+    Opt("max-body-bytes", parse_size, "largest request body on the /v1 routes (e.g. 8MiB); more is 413", engine=False),
+    Opt(
+        "shutdown-grace-s",
+        float,
+        "on SIGTERM: seconds running requests may take to finish before they end with an error",
+        engine=False,
+    ),
     Opt("log-level", str, "log level", LOG_LEVELS, engine=False),
 )
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path, "int | None": optional_int, "bool": None}
@@ -136,12 +149,16 @@ _SERVE_DEFAULTS = {
     "admin_token_file": None,
     "served_model_name": None,
     "max_upload_bytes": 4 << 30,
+    "max_body_bytes": 8 << 20,
+    "shutdown_grace_s": 30.0,
     "log_level": "info",
 }
 
 
 def _default(opt: Opt) -> Any:
     env = os.environ.get(opt.env)
+    if opt.dest == "cache_dir" and not env:
+        env = os.environ.get("HOTLORA_CACHE")  # the older name, still read
     if env is not None and env != "":
         return env  # argparse converts string defaults with opt.type (and reports bad values)
     if opt.engine:
@@ -203,14 +220,7 @@ def _add_adapters(sub: Any) -> None:
         description="Talk to a running server's admin API. The token comes from --token, "
         "--token-file, or $HOTLORA_ADMIN_TOKEN.",
     )
-    p.add_argument(
-        "--url",
-        default=os.environ.get("HOTLORA_URL", "http://127.0.0.1:8000"),
-        help="server URL [env HOTLORA_URL] (default: %(default)s)",
-    )
-    p.add_argument("--token", default=None, help="admin bearer token [env HOTLORA_ADMIN_TOKEN]")
-    p.add_argument("--token-file", type=Path, default=None, help="file holding the admin token")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server")
+    _client_flags(p, argparse.SUPPRESS)
     ops = p.add_subparsers(dest="op", required=True, metavar="{upload,list,delete,load,unload}")
     up = ops.add_parser("upload", help="upload (or replace) an adapter: a PEFT folder or a .tar.gz/.zip of one")
     up.add_argument("name")
@@ -223,7 +233,22 @@ def _add_adapters(sub: Any) -> None:
         ("unload", "unpin an adapter"),
     ):
         ops.add_parser(op, help=what).add_argument("name")
+    for op_parser in ops.choices.values():  # --url/--token/... also after the subcommand
+        _client_flags(op_parser, argparse.SUPPRESS)
+    p.set_defaults(
+        url=os.environ.get("HOTLORA_URL", "http://127.0.0.1:8000"), token=None, token_file=None, timeout=300.0
+    )
     p.set_defaults(func=adapters_command)
+
+
+def _client_flags(p: argparse.ArgumentParser, default: Any) -> None:
+    """The admin client's flags; SUPPRESS defaults, so that a flag given before or after the subcommand
+    wins over the parser-level defaults."""
+    p.add_argument("--url", default=default, help="server URL [env HOTLORA_URL] (default: http://127.0.0.1:8000)")
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument("--token", default=default, help="admin bearer token [env HOTLORA_ADMIN_TOKEN]")
+    tokens.add_argument("--token-file", type=Path, default=default, help="file holding the admin token")
+    p.add_argument("--timeout", type=float, default=default, help="seconds to wait for the server (default: 300)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +271,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from hotlora.server.api.app import create_app
     from hotlora.server.api.auth import load_admin_token
+    from hotlora.server.api.shutdown import DrainingServer
     from hotlora.server.api.state import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -256,6 +282,8 @@ def serve(args: argparse.Namespace) -> int:
             admin_token=token,
             served_model_name=args.served_model_name,
             max_upload_bytes=args.max_upload_bytes,
+            max_body_bytes=args.max_body_bytes,
+            shutdown_grace_s=args.shutdown_grace_s,
         )
     except ValueError as exc:
         print(f"hotlora serve: {exc}", file=sys.stderr)
@@ -266,8 +294,10 @@ def serve(args: argparse.Namespace) -> int:
             "or --admin-token-file to enable uploads)"
         )
     app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    server = DrainingServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10),
+        app.state.hotlora,
+        args.shutdown_grace_s,
     )
     failure: list[BaseException] = []
 
@@ -286,6 +316,9 @@ def serve(args: argparse.Namespace) -> int:
 def adapters_command(args: argparse.Namespace) -> int:
     from hotlora.server.admin_client import AdminClient, AdminError
 
+    if args.token and args.token_file:  # one before the subcommand, the other after it
+        print("hotlora adapters: give --token or --token-file, not both", file=sys.stderr)
+        return 2
     token = args.token or os.environ.get("HOTLORA_ADMIN_TOKEN")
     if args.token_file:
         token = args.token_file.read_text().strip()

@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from hotlora.adapters.archive import UploadTooLarge
-from hotlora.adapters.peft_format import AdapterError
+from hotlora.adapters.peft_format import WEIGHTS_NAME, AdapterError
 from hotlora.adapters.store import AdapterNotFound, InvalidAdapterName, StoredAdapter, check_name
 from hotlora.server.api.auth import require_admin
 from hotlora.server.api.errors import APIError, bad_request
@@ -120,7 +121,36 @@ def _store_error(exc: Exception) -> APIError:
     return bad_request(f"invalid adapter: {exc}", code="invalid_adapter")
 
 
-@router.post("/adapters/{name}")
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The PEFT folder's files as multipart parts, or one .tar.gz/.tgz/.tar/.zip of it "
+        "(a multipart part, or the raw body).",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "archive": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+            **{t: _BINARY for t in ("application/gzip", "application/zip", "application/x-tar")},
+        },
+    }
+}
+
+
+def _client_closed(state: AppState, name: str) -> APIError:
+    """The client went away mid-upload: its doing, not the server's (logged at info, counted as 499)."""
+    log.info("upload of adapter %r: the client closed the connection before the body was complete", name)
+    state.metrics.uploads.labels("client_closed").inc()
+    return APIError(499, "the client closed the connection during the upload", code="client_closed")
+
+
+@router.post("/adapters/{name}", openapi_extra=UPLOAD_BODY)
 async def upload_adapter(name: str, request: Request):
     state = _state(request)
     _name(state, name)
@@ -130,16 +160,19 @@ async def upload_adapter(name: str, request: Request):
         )
     opened: list[Any] = []
     try:
-        files, archive = await _read_upload(request, state.settings.max_upload_bytes, opened)
+        files, archive = await _read_upload(request, state.upload_limit, opened)
         async with state.lock(name):
             if archive is not None:
                 stored = await run_in_threadpool(state.store.put_archive, name, archive)
             else:
                 stored = await run_in_threadpool(state.store.put_files, name, files)
             await _register(state, stored)
+            state.refused.pop(name, None)
     except (AdapterError, UploadTooLarge) as exc:
         state.metrics.uploads.labels("refused").inc()
         raise _store_error(exc) from None
+    except ClientDisconnect:
+        raise _client_closed(state, name) from None
     finally:
         for f in opened:
             f.close()
@@ -158,7 +191,7 @@ async def upload_adapter(name: str, request: Request):
         "rank": a.config.rank,
         "alpha": a.config.alpha,
         "target_modules": sorted(a.config.target_modules),
-        "nbytes": a.nbytes,
+        "nbytes": (stored.path / WEIGHTS_NAME).stat().st_size,  # file bytes, as GET /admin/adapters says
         "sha256": a.sha256,
         "replaced": stored.previous is not None,
     }
@@ -207,6 +240,7 @@ async def delete_adapter(name: str, request: Request):
         except AdapterNotFound:
             if not known:
                 raise _not_found(name) from None
+    state.refused.pop(name, None)
     log.info("adapter %r deleted", name)
     return {"object": "adapter.deleted", "name": name, "deleted": True}
 

@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hotlora.server.api import admin, errors, openai_routes
+from hotlora.server.api import admin, errors, openai_routes, openapi
+from hotlora.server.api.limits import BodyLimit
 from hotlora.server.api.state import AppState, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,21 @@ class HTTPMetrics:
     def _route(self, scope: Scope) -> str:
         """The matched route's path template (Starlette leaves the route in the scope), never the raw path."""
         route = scope.get("route")
-        if route is None:
-            for candidate in self.routes():
+        if route is None:  # answered before routing (a 413 from BodyLimit, a 404)
+            for candidate in _flat(self.routes()):
                 if candidate.matches(scope)[0] == Match.FULL:
                     route = candidate
                     break
         return getattr(route, "path", None) or "other"
+
+
+def _flat(routes: list[Any]) -> list[Any]:
+    """Routes with a path, descending into the routers that newer FastAPI versions keep as one entry."""
+    flat = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        flat += _flat(inner.routes) if inner is not None else [route] if hasattr(route, "path") else []
+    return flat
 
 
 def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | None = None) -> FastAPI:
@@ -70,13 +80,16 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | Non
         finally:
             watcher.cancel()
             await state.engine.shutdown()
+            state.tokenizers.close()
 
     app = FastAPI(title="hotlora", summary="OpenAI-compatible multi-LoRA server", lifespan=lifespan)
     app.state.hotlora = state
     errors.install(app)
+    openapi.install(app)
     app.include_router(openai_routes.router)
     app.include_router(admin.router)
     _probes(app, state)
+    app.add_middleware(BodyLimit, limit=lambda: settings.max_body_bytes)
     app.add_middleware(HTTPMetrics, state=state, routes=lambda: app.routes)
     return app
 
@@ -93,7 +106,9 @@ def _probes(app: FastAPI, state: AppState) -> None:
         if state.ready:
             return JSONResponse({"status": "ready", "model": state.model_name})
         reason = (
-            f"failed: {state.engine.error}"
+            "draining"
+            if state.draining
+            else f"failed: {state.engine.error}"
             if state.engine.error is not None
             else "stopped"
             if state.engine.stopped.is_set()

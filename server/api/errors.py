@@ -42,6 +42,7 @@ class APIError(Exception):
         type: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # no lone surrogate reaches JSON
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error")

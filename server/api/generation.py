@@ -15,7 +15,7 @@ from hotlora.server.api.errors import APIError, bad_request, model_not_found
 from hotlora.server.api.metrics import RequestTimer
 from hotlora.server.api.state import AppState
 from hotlora.server.engine.async_engine import RequestStream
-from hotlora.server.engine.types import Request, RequestOutput, SamplingParams
+from hotlora.server.engine.types import ErrorKind, Request, RequestOutput, SamplingParams
 
 
 @dataclass(slots=True)
@@ -44,6 +44,27 @@ def engine_error(exc: BaseException, model: str) -> APIError | None:
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
     return None
+
+
+async def encode_prompts(state: AppState, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Token ids of each prompt; text is tokenized in the worker pool, as one job for the request."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    if not texts:
+        return [list(p) for p in prompts]  # type: ignore[arg-type]
+    state.tokenizers.check(texts, state.max_model_len, "prompt")
+    return await state.tokenizers.run(
+        lambda: [encode(state, p) if isinstance(p, str) else list(p) for p in prompts]
+    )
+
+
+async def chat_prompt_ids(
+    state: AppState, messages: list[dict[str, str]], add_generation_prompt: bool, continue_final_message: bool
+) -> list[int]:
+    """The templated conversation's token ids, rendered and tokenized in the worker pool."""
+    state.tokenizers.check(["".join(m["content"] for m in messages)], state.max_model_len, "messages")
+    return await state.tokenizers.run(
+        lambda: chat_prompt(state, messages, add_generation_prompt, continue_final_message)
+    )
 
 
 def encode(state: AppState, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -93,8 +114,13 @@ def check_length(state: AppState, n_prompt: int, max_tokens: int | None) -> int:
     return max_tokens
 
 
+def choice_seed(seed: int | None, offset: int) -> int | None:
+    """Choice j's seed: seed + j, wrapped into int64 so that every valid seed works for every n."""
+    return None if seed is None else (seed + offset + 2**63) % 2**64 - 2**63
+
+
 def sampling(body: Any, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
-    seed = None if body.seed is None else body.seed + seed_offset
+    seed = choice_seed(body.seed, seed_offset)
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -184,4 +210,9 @@ async def until_disconnect(request: HTTPRequest, work: Awaitable[Any], poll_s: f
 
 
 def output_error(out: RequestOutput) -> APIError:
+    """The error of a request the engine ended with out.error, by its kind."""
+    if out.error_kind is ErrorKind.ADAPTER:
+        return bad_request(f"the adapter cannot be used: {out.error}", param="model", code="invalid_adapter")
+    if out.error_kind is ErrorKind.SHUTDOWN:
+        return APIError(503, out.error or "the server is shutting down", code="shutting_down")
     return APIError(500, f"the request failed in the engine: {out.error}", code="engine_error")

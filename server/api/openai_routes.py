@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hotlora.server.api import generation as gen
-from hotlora.server.api.errors import model_not_found
+from hotlora.server.api.errors import APIError, model_not_found
 from hotlora.server.api.schemas import ChatCompletionRequest, CompletionRequest
 from hotlora.server.api.state import AppState
 from hotlora.server.engine.types import RequestOutput, TokenLogprob
@@ -132,6 +132,13 @@ def _resolve_model(state: AppState, model: str) -> str | None:
     adapter = state.adapter_for(model)
     if adapter is not None and "/" in adapter:
         raise model_not_found(model)
+    if adapter is not None and adapter in state.refused:
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist: the adapter in the store was refused: {state.refused[adapter]}",
+            param="model",
+            code="model_not_found",
+        )
     return adapter
 
 async def _final_choices(
@@ -160,10 +167,8 @@ async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     body.refuse_unsupported()
     adapter = _resolve_model(state, body.model)
-    prompts = []
-    for p in body.prompts():
-        ids = gen.encode(state, p) if isinstance(p, str) else list(p)
-        prompts.append((ids, gen.check_length(state, len(ids), body.max_tokens)))
+    prompts = [(ids, gen.check_length(state, len(ids), body.max_tokens))
+               for ids in await gen.encode_prompts(state, body.prompts())]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     choices = gen.make_choices(prompts, body, body.logprobs, adapter, rid)
     await gen.submit(state, choices, body.model)
@@ -202,7 +207,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     body.refuse_unsupported()
     adapter = _resolve_model(state, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    ids = gen.chat_prompt(state, messages, body.add_generation_prompt, body.continue_final_message)
+    ids = await gen.chat_prompt_ids(state, messages, body.add_generation_prompt, body.continue_final_message)
     max_tokens = gen.check_length(state, len(ids), body.max_new_tokens)
     top = (body.top_logprobs or 0) if body.logprobs else None
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -8,22 +8,56 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from hotlora.server.api.errors import bad_request
 
-NonNegInt = Annotated[int, Field(ge=0)]
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_PROMPTS = 128  # prompts in one /v1/completions request
+MAX_CHOICES = 256  # prompts x n in one request
+# A token id: strict, so that `true` is not token 1; bounded, so that it fits every tensor index type.
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _check_unicode(data: Any) -> None:
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates such as "\\ud800", which JSON allows).
+    Iterative: a deeply nested body must not turn into a RecursionError (a 500)."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"{where or 'a string'} holds invalid Unicode (a lone surrogate); send valid UTF-8 text"
+                ) from None
+        elif isinstance(value, dict):
+            stack += [(k, where) for k in value]
+            stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+class _Strict(BaseModel):
+    """Unknown fields refused; NaN and infinities refused; every string valid Unicode."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        _check_unicode(data)  # on the raw JSON, so that the message says what is wrong
+        return data
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _Sampling(_Strict):
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -31,15 +65,16 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(default=None, validate_default=True)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    # int64, as OpenAI documents it; choice j of n samples with seed + j, wrapped into int64
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extensions, honoured by the engine
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     ignore_eos: bool = False
-    stop_token_ids: list[NonNegInt] | None = None
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64)
 
     @field_validator("stop")
     @classmethod
@@ -60,12 +95,25 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: (
+        str
+        | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
+        | list[TokenId]
+        | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)]
+    )
+    max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_count(cls, v: Any) -> Any:
+        """Say what is wrong before the union's per-branch errors would (one per prompt)."""
+        if isinstance(v, list) and len(v) > MAX_PROMPTS and not isinstance(v[0], int):
+            raise ValueError(f"{len(v)} prompts: at most {MAX_PROMPTS} prompts are accepted in one request")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -73,6 +121,13 @@ class CompletionRequest(_Sampling):
         if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
             raise ValueError("the prompt must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _choices(self) -> CompletionRequest:
+        prompts = 1 if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else len(self.prompt)
+        if prompts * self.n > MAX_CHOICES:
+            raise ValueError(f"{prompts} prompts x n={self.n} is more than {MAX_CHOICES} choices in one request")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -92,14 +147,12 @@ class CompletionRequest(_Sampling):
             raise bad_request("suffix is not supported by this server", param="suffix")
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -110,15 +163,15 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ResponseFormat(_Strict):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     type: str
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hotlora.adapters.peft_format import AdapterError, check_compatible, load_peft_adapter
+from hotlora.adapters.archive import MAX_SMALL_FILE_BYTES
+from hotlora.adapters.peft_format import AdapterError, check_compatible, max_adapter_bytes
 from hotlora.adapters.store import DEFAULT_MAX_BYTES, AdapterStore
 from hotlora.server.api.errors import APIError
+from hotlora.server.api.limits import DEFAULT_MAX_BODY_BYTES, TokenizerPool
 from hotlora.server.api.metrics import Metrics
 from hotlora.server.engine.async_engine import AsyncEngine
 from hotlora.server.engine.config import EngineConfig
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def default_adapter_dir(config: EngineConfig) -> Path:
-    cache = config.cache_dir or Path(os.environ.get("HOTLORA_CACHE") or "~/.cache/hotlora").expanduser()
+    env = os.environ.get("HOTLORA_CACHE_DIR") or os.environ.get("HOTLORA_CACHE")
+    cache = config.cache_dir or Path(env or "~/.cache/hotlora").expanduser()
     return Path(cache) / "adapters"
 
 
@@ -31,6 +34,8 @@ class ServerSettings:
     admin_token: str | None = None  # None: the admin API answers 403
     served_model_name: str | None = None  # the base model's name in the API; None = the engine's name
     max_upload_bytes: int = DEFAULT_MAX_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # /v1 request bodies; larger ones are answered 413
+    shutdown_grace_s: float = 30.0  # on SIGTERM: how long running requests may take to finish
 
 
 def _default_factory(config: EngineConfig) -> Callable[[], Any]:
@@ -50,12 +55,16 @@ class AppState:
         self.adapter_dir = Path(settings.engine.adapter_dir or default_adapter_dir(settings.engine))
         self.engine = AsyncEngine(engine_factory or _default_factory(settings.engine), on_ready=self._on_ready)
         self.store: AdapterStore | None = None
+        self.refused: dict[str, str] = {}  # adapters in the store that are not served: name -> why
+        self.upload_limit = settings.max_upload_bytes  # bytes of one upload body, once the base is known
         self.model_name = settings.served_model_name or ""
         self.aliases: set[str] = set()
         self.tokenizer: Any = None
         self.max_model_len = 0
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self.tokenizers = TokenizerPool()
+        self.draining = False  # set on SIGTERM: no new work, running requests finish
 
     # --- start-up (engine thread) ------------------------------------------------------------------
 
@@ -63,23 +72,27 @@ class AppState:
         """Runs in the engine thread once the model is loaded: open the store, register what it holds."""
         cfg = engine.model_config
         shapes, layers, max_rank = cfg.linear_shapes(), cfg.num_layers, self.settings.engine.max_lora_rank
+        # what an adapter of the largest allowed rank can be for this base bounds what an upload may unpack to
+        bound = max_adapter_bytes(shapes, layers, max_rank) + 2 * MAX_SMALL_FILE_BYTES
         self.store = AdapterStore(
             self.adapter_dir,
             check=lambda a: check_compatible(a, shapes, layers, max_rank),
-            max_bytes=self.settings.max_upload_bytes,
+            max_bytes=min(self.settings.max_upload_bytes, bound),
         )
+        self.upload_limit = min(self.settings.max_upload_bytes, bound + (1 << 20))  # + archive/multipart framing
+        self.refused = dict(self.store.refused)
         for name in self.store.list():
             try:
-                path = self.store.path(name)
-                if name in self.store.adopted:  # copied in by hand: validate it as an upload would be
-                    self.store.check(load_peft_adapter(path, name))
-                engine.registry.register(name, path)
+                engine.registry.register(name, self.store.path(name))
             except (AdapterError, OSError, KeyError) as exc:
-                log.warning("adapter %r in %s is not served: %s", name, self.adapter_dir, exc)
+                self.refused[name] = str(exc)
+        for name, why in self.refused.items():
+            log.warning("adapter %r in %s is not served: %s", name, self.adapter_dir, why)
         self.model_name = self.settings.served_model_name or engine.model_name
         self.aliases = {self.model_name, engine.model_name}
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.tokenizers.configure(self.tokenizer, self.max_model_len)
         log.info(
             "model %s ready (context %d tokens, %d adapter(s) from %s)",
             self.model_name,
@@ -99,11 +112,13 @@ class AppState:
 
     @property
     def ready(self) -> bool:
-        return self.engine.ready.is_set() and not self.engine.stopped.is_set()
+        return self.engine.ready.is_set() and not self.engine.stopped.is_set() and not self.draining
 
     def require_ready(self) -> None:
         if self.ready:
             return
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.engine.error is not None:
             raise APIError(503, f"the model failed to load: {self.engine.error}", code="engine_failed")
         if self.engine.stopped.is_set():

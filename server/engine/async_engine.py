@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from hotlora.server.engine.types import FinishReason, Request, RequestOutput
+from hotlora.server.engine.types import ErrorKind, FinishReason, Request, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,22 @@ class AsyncEngine:
                 yield out
         finally:
             stream.close()
+
+    @property
+    def num_open(self) -> int:
+        """Requests whose stream is still open (queued, running, or not yet read to the end)."""
+        return len(self._streams)
+
+    def end_all(self, message: str) -> int:
+        """On the event loop: end every open stream now with a final error output (a shutdown whose grace
+        period is over) and abort its sequence. Returns how many were ended."""
+        outputs = []
+        for request_id in list(self._streams):
+            self.abort(request_id)
+            outputs.append(RequestOutput(request_id, "", [], finished=True, finish_reason=FinishReason.ABORT,
+                                         error=message, error_kind=ErrorKind.SHUTDOWN))
+        self._deliver(outputs)
+        return len(outputs)
 
     def abort(self, request_id: str) -> None:
         """Fire and forget: the sequence is freed at the next step boundary."""

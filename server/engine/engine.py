@@ -13,9 +13,9 @@ from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
 from hotlora.server.engine.block_manager import BlockManager
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.detokenizer import Detokenizer, DetokState
-from hotlora.server.engine.scheduler import Scheduler
+from hotlora.server.engine.scheduler import ScheduledBatch, Scheduler
 from hotlora.server.engine.sequence import Sequence
-from hotlora.server.engine.types import FinishReason, Request, RequestOutput, TokenLogprob
+from hotlora.server.engine.types import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
 from hotlora.server.model.runner import ModelRunner
 from hotlora.server.model.tokenizer import load_tokenizer
 
@@ -120,8 +120,10 @@ class LLMEngine:
         """Schedule, run the model once, and return what each touched request produced."""
         self.registry.poll()
         batch = self.scheduler.schedule()
-        outputs = [self._fail(seq, msg) for seq, msg in self._failed]
+        outputs = [self._fail(seq, msg, ErrorKind.ADAPTER) for seq, msg in self._failed]
         self._failed.clear()
+        if batch:
+            batch = self._prepare(batch, outputs)
         if not batch:
             pending = self.registry.loading()
             if pending:  # only cold adapters hold the queue up: wait for one of them, briefly
@@ -135,6 +137,22 @@ class LLMEngine:
             if res is not None and not seq.finished:
                 outputs.append(self._append(seq, *res))
         return outputs
+
+    def _prepare(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> ScheduledBatch:
+        """Per-request set-up of the step (the sampler's seeded stream): a request that fails it fails
+        alone, and the step goes on with the others."""
+        failed = set()
+        for seq in batch.seqs:
+            try:
+                self.runner.prepare(seq)
+            except Exception as exc:
+                log.warning("request %s failed while preparing a step: %s", seq.request_id, exc)
+                outputs.append(self._fail(seq, f"the request could not be prepared: {exc}", ErrorKind.INTERNAL))
+                failed.add(seq.request_id)
+        if not failed:
+            return batch
+        keep = [i for i, seq in enumerate(batch.seqs) if seq.request_id not in failed]
+        return ScheduledBatch([batch.seqs[i] for i in keep], [batch.num_tokens[i] for i in keep], batch.preempted)
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.token_ids.append(token)
@@ -160,13 +178,13 @@ class LLMEngine:
             logprobs=[logprob] if logprob is not None else None, cached_tokens=seq.num_cached_tokens,
         )
 
-    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+    def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> RequestOutput:
         self.scheduler.finish(seq)
         self.seqs.pop(seq.request_id, None)
         seq.finish_reason = FinishReason.ABORT
         return RequestOutput(request_id=seq.request_id, new_text="", new_token_ids=[], finished=True,
                              finish_reason=FinishReason.ABORT, prompt_tokens=seq.num_prompt,
-                             completion_tokens=seq.num_generated, error=message)
+                             completion_tokens=seq.num_generated, error=message, error_kind=kind)
 
     # --- adapters: the scheduler's hooks ---------------------------------------------------------------
 

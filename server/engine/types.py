@@ -5,6 +5,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a request failed inside the engine: the API answers each with its own status."""
+
+    INTERNAL = "internal"  # a bug: the request could not be run
+    ADAPTER = "adapter"  # its adapter could not be loaded or failed validation
+    SHUTDOWN = "shutdown"  # the server is shutting down and the grace period is over
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
@@ -35,6 +45,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
@@ -76,3 +88,4 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: str | None = None  # set when the request failed inside the engine (e.g. its adapter failed to load)
+    error_kind: ErrorKind | None = None  # with error: what kind of failure

@@ -155,10 +155,14 @@ class ModelRunner:
             sample_idx=torch.tensor(step.sample_idx, dtype=torch.int64, device=dev),
         )
 
-    def _sample_request(self, seq: Sequence) -> SampleRequest:
+    def prepare(self, seq: Sequence) -> None:
+        """Per-request state the step needs (its random stream); raises for that request alone."""
         if seq.rng is None:
             seed = seq.params.seed
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
             seq.rng = torch.Generator().manual_seed(seed)
+
+    def _sample_request(self, seq: Sequence) -> SampleRequest:
+        self.prepare(seq)
         return SampleRequest(seq.params, seq.rng)

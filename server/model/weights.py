@@ -32,8 +32,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def default_cache_dir() -> Path:
-    """$HOTLORA_CACHE, else ~/.cache/hotlora."""
-    env = os.environ.get("HOTLORA_CACHE")
+    """$HOTLORA_CACHE_DIR (or its older name $HOTLORA_CACHE), else ~/.cache/hotlora."""
+    env = os.environ.get("HOTLORA_CACHE_DIR") or os.environ.get("HOTLORA_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hotlora"
 
 

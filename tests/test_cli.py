@@ -1,0 +1,46 @@
+"""Newcomer notes (issue 9, class 10): the admin client's flags on either side of the subcommand, one
+token source at a time, one cache variable, and the package metadata setuptools will keep accepting."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from hotlora.server.cli import adapters_command, build_parser
+
+
+def test_admin_client_flags_before_or_after_the_subcommand():
+    after = build_parser().parse_args(["adapters", "list", "--url", "http://h:1", "--token", "t", "--timeout", "5"])
+    before = build_parser().parse_args(["adapters", "--url", "http://h:1", "--token", "t", "--timeout", "5", "list"])
+    for args in (after, before):
+        assert (args.url, args.token, args.timeout, args.token_file) == ("http://h:1", "t", 5.0, None)
+    plain = build_parser().parse_args(["adapters", "delete", "x"])
+    assert plain.url.startswith("http://") and plain.token is None and plain.timeout == 300.0
+
+
+def test_token_and_token_file_together_are_refused(tmp_path, capsys):
+    token_file = tmp_path / "token"
+    token_file.write_text("secret\n")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["adapters", "list", "--token", "a", "--token-file", str(token_file)])
+    args = build_parser().parse_args(["adapters", "--token", "a", "list", "--token-file", str(token_file)])
+    assert adapters_command(args) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_one_cache_variable_and_the_new_serve_flags(monkeypatch):
+    monkeypatch.delenv("HOTLORA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOTLORA_CACHE", "/tmp/old-name")
+    assert build_parser().parse_args(["serve"]).cache_dir == Path("/tmp/old-name")
+    monkeypatch.setenv("HOTLORA_CACHE_DIR", "/tmp/new-name")
+    args = build_parser().parse_args(["serve", "--max-body-bytes", "1MiB", "--shutdown-grace-s", "2.5"])
+    assert args.cache_dir == Path("/tmp/new-name")
+    assert (args.max_body_bytes, args.shutdown_grace_s) == (1 << 20, 2.5)
+
+
+def test_license_is_an_spdx_string():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()  # no tomllib on Python 3.10
+    assert re.search(r'^license = "Apache-2\.0"$', text, re.MULTILINE)
+    assert '"setuptools>=77"' in text  # the first setuptools that reads SPDX license strings
