@@ -15,7 +15,8 @@ from hotlora.kernels.reference import add_rms_norm_ref, rope_ref, silu_mul_ref
 from hotlora.server.model.rope import Rotary
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DEVICES = ["cpu-triton"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu-triton", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
 @pytest.fixture(params=DEVICES)
