@@ -23,7 +23,7 @@ import random
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from graph_timing import graph_time_us
 
 from hotlora.kernels.attention import BLOCK_N, attention_tiles, default_num_splits, paged_attention
 
@@ -124,21 +124,6 @@ class Batch:
         return out
 
 
-def graph_us(fn, count: int) -> float:
-    """Median microseconds of one call, from replays of a graph holding one call per rotating set."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(count):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(count):
-            fn(i)
-    return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3 / count
-
-
 def bench(name: str, spans: list[tuple[int, int]]) -> dict:
     b = Batch(spans)
     ref = b.torch_before(0)
@@ -146,9 +131,9 @@ def bench(name: str, spans: list[tuple[int, int]]) -> dict:
     block_q, _ = attention_tiles(b.max_q, H // KVH)
     splits = default_num_splits(b.q.device, (b.q.shape[0] // block_q + len(spans)) * KVH, b.max_ctx)
     res = {"case": name, "tokens": b.q.shape[0], "seqs": len(spans), "splits": splits, "kv_mb": b.kv_bytes / 1e6}
-    res["triton_us"] = graph_us(b.triton, b.sets)
-    res["triton_1split_us"] = graph_us(lambda i: b.triton(i, 1), b.sets)
-    res["torch_before_us"] = graph_us(b.torch_before, b.sets)
+    res["triton_us"] = graph_time_us(b.triton, b.sets)
+    res["triton_1split_us"] = graph_time_us(lambda i: b.triton(i, 1), b.sets)
+    res["torch_before_us"] = graph_time_us(b.torch_before, b.sets)
     res["kv_gbps"] = b.kv_bytes / res["triton_us"] / 1e3
     return res
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+from graph_timing import graph_time_us
 from triton.testing import do_bench
 
 from hotlora.kernels.lora import (
@@ -84,22 +85,6 @@ def make_sets(spec: Spec, meta_rows: torch.Tensor, count: int) -> list[Set]:
         fused = torch.randn(spec.tokens, sum(spec.outs), device="cuda", dtype=DT)
         sets.append(Set(x, slices, fused, list(fused.split(list(spec.outs), dim=1))))
     return sets
-
-
-def graph_time_us(fn_per_set, count: int, rep: int = 200) -> float:
-    """Median microseconds of one call, from replays of a graph holding one call per rotating set."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(count):
-            fn_per_set(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(count):
-            fn_per_set(i)
-    ms = do_bench(graph.replay, warmup=25, rep=rep, return_mode="median")
-    return ms * 1e3 / count
 
 
 def same_bytes_copy_us(set_bytes: int, count: int) -> float:

@@ -21,7 +21,7 @@ from dataclasses import replace
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
-from triton.testing import do_bench
+from graph_timing import graph_time_us
 
 from hotlora.kernels.nf4 import (
     LOOKUP_CAST,
@@ -44,20 +44,6 @@ SHAPES = {  # name: (K, member output widths)
     "down 14336->4096": (14336, (4096,)),
 }
 MS = (1, 8, 16, 32, 64, 128, 512, 2048, 8192)
-
-
-def graph_us(fn_per_copy, count: int, rep: int = 100) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(count):
-            fn_per_copy(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(count):
-            fn_per_copy(i)
-    return do_bench(graph.replay, warmup=10, rep=rep, return_mode="median") * 1e3 / count
 
 
 def copies_for(nbytes: int) -> int:
@@ -89,7 +75,7 @@ def same_bytes_copy_us(nbytes: int) -> float:
     n = max(1, nbytes // 4)  # bf16: read n*2 + write n*2 bytes
     count = copies_for(nbytes)
     bufs = [(torch.randn(n, device="cuda", dtype=DT), torch.empty(n, device="cuda", dtype=DT)) for _ in range(count)]
-    return graph_us(lambda i: bufs[i][1].copy_(bufs[i][0]), count)
+    return graph_time_us(lambda i: bufs[i][1].copy_(bufs[i][0]), count)
 
 
 def check(case: Case, m: int) -> float:
@@ -102,15 +88,15 @@ def check(case: Case, m: int) -> float:
 
 def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool = True) -> dict:
     xs = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.count)]
-    row = {"M": m, "nf4_us": graph_us(lambda i: nf4_matmul(xs[i], case.packed[i], config=config), case.count)}
+    row = {"M": m, "nf4_us": graph_time_us(lambda i: nf4_matmul(xs[i], case.packed[i], config=config), case.count)}
     if baselines:
         def bnb_call(i: int) -> None:
             for p, s in case.bnb[i]:
                 bnb.matmul_4bit(xs[i], p, quant_state=s)
 
-        row["bnb_us"] = graph_us(bnb_call, case.count)
+        row["bnb_us"] = graph_time_us(bnb_call, case.count)
         xd = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.dense_count)]
-        row["cublas_us"] = graph_us(lambda i: torch.matmul(xd[i], case.dense[i].T), case.dense_count)
+        row["cublas_us"] = graph_time_us(lambda i: torch.matmul(xd[i], case.dense[i].T), case.dense_count)
         row["floor_us"] = same_bytes_copy_us(case.floor_bytes(m))
         row["rel_err"] = check(case, m)
     return row
@@ -157,9 +143,9 @@ def bench_dequant(case: Case) -> None:
         for p, s in case.bnb[i]:
             bnbF.dequantize_4bit(p, s)
 
-    print(f"## dequant bnb: {graph_us(bnb_call, case.count):.1f}us", flush=True)
+    print(f"## dequant bnb: {graph_time_us(bnb_call, case.count):.1f}us", flush=True)
     for bn, warps in itertools.product((16, 32, 64), (2, 4, 8)):
-        us = graph_us(lambda i, bn=bn, w=warps: nf4_dequantize(case.packed[i], bn, w), case.count)
+        us = graph_time_us(lambda i, bn=bn, w=warps: nf4_dequantize(case.packed[i], bn, w), case.count)
         print(f"## dequant block_n={bn} warps={warps}: {us:.1f}us", flush=True)
 
 
