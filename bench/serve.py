@@ -47,6 +47,9 @@ SERVER_COUNTERS = {
     "adapter_loads": "hotlora_adapter_loads_total",
     "adapter_evictions": "hotlora_adapter_evictions_total",
     "eager_steps": "hotlora_eager_steps_total",
+    "graph_steps": "hotlora_graph_steps_total",
+    "prefix_cache_queries": "hotlora_prefix_cache_queries_total",
+    "prefix_cache_hits": "hotlora_prefix_cache_hits_total",
     "preemptions": "hotlora_num_preemptions",
 }
 TOKEN_RANGE = (100, 5000)  # prompt token ids: past the special tokens, inside every supported vocabulary
@@ -238,7 +241,9 @@ def benchmark(a: argparse.Namespace) -> dict:
             proc.terminate()
             proc.wait(timeout=60)
     summary = summarize(results, duration)
-    summary["server"] = {k: after[k] - before.get(k, 0.0) for k in after}
+    summary["server"] = server = {k: after[k] - before.get(k, 0.0) for k in after}
+    if server.get("prefix_cache_queries"):
+        server["prefix_cache_hit_rate"] = server.get("prefix_cache_hits", 0.0) / server["prefix_cache_queries"]
     summary["config"] = {"rate": a.rate, "prompt_len": a.prompt_len, "output_len": a.output_len,
                          "models": len(models), "zipf": a.zipf, "seed": a.seed}
     return summary

@@ -77,3 +77,7 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
     # 6 requests of 3..5 tokens each; the counters come from the server's /metrics
     assert 18 / base["duration_s"] <= base["output_tok_per_s"] <= 30 / base["duration_s"]
     assert base["server"]["adapter_loads"] >= 1
+    # every step counted once, eager (CPU) or replayed; prompts looked up in the prefix cache, with a hit rate
+    assert base["server"]["eager_steps"] + base["server"]["graph_steps"] >= 5
+    assert base["server"]["prefix_cache_queries"] > 0
+    assert 0.0 <= base["server"].get("prefix_cache_hit_rate", 0.0) <= 1.0

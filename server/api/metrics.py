@@ -64,6 +64,10 @@ class _EngineCollector(Collector):
             "engine steps with room in the batch where every waiting request awaited its adapter",
             value=getattr(s, "num_adapter_blocked_steps", 0),
         )
+        yield CounterMetricFamily("hotlora_eager_steps", "engine steps run eagerly (no CUDA graph fitted)",
+                                  value=getattr(s, "num_eager_steps", 0))
+        yield CounterMetricFamily("hotlora_graph_steps", "engine steps replayed from CUDA graphs",
+                                  value=getattr(s, "num_graph_steps", 0))
         yield from self._adapter_metrics()
         yield from self._residency_metrics(s)
 
