@@ -1,7 +1,7 @@
 """OpenAI request bodies (pydantic). Unknown fields are refused, never silently ignored.
 
-Fields OpenAI defines but the engine cannot honour (penalties, logit_bias, best_of, echo, tools...) are
-accepted only at their neutral value; anything else is a 400 naming the field.
+Fields OpenAI defines but the engine cannot honour (best_of, suffix, tools...) are accepted only at
+their neutral value; anything else is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -67,12 +67,16 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     # int64, as OpenAI documents it; choice j of n samples with seed + j, wrapped into int64
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    # token id (a string key, as JSON objects have) -> bias added to its logit
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(default=None, max_length=300)
     user: str | None = None
     # vLLM extensions, honoured by the engine
     top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64)
 
@@ -86,12 +90,19 @@ class _Sampling(_Strict):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isascii() or not key.isdigit() or int(key) > INT32_MAX:
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}")
+        return v
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
     def refuse_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise bad_request(f"{name} is not supported by this server; leave it at 0", param=name)
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
+        """Fields of OpenAI's that the server does not implement: a 400 naming the field."""
 
 
 class CompletionRequest(_Sampling):

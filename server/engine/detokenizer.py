@@ -46,7 +46,8 @@ class Detokenizer:
         state: DetokState = seq.detok
         ids = seq.generated_ids[:-1] if drop_last else seq.generated_ids
         text = self.decode(ids)
-        stops = seq.params.stop
+        # as vLLM: stop strings count only once min_tokens tokens exist
+        stops = seq.params.stop if seq.num_generated >= seq.params.min_tokens else []
         stopped = False
         if stops:
             window = max(0, state.emitted - max(len(s) for s in stops))

@@ -73,6 +73,7 @@ class LLMEngine:
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.runner.eos_ids = self.eos_ids
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = 0
         self._failed: list[tuple[Sequence, str]] = []
@@ -89,8 +90,11 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise PromptTooLongError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
                                      "tokens, and at least one must be left to generate")
-        if any(not 0 <= t < self.model_config.vocab_size for t in req.prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in req.params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting")
         adapter = self.registry.resolve(req.adapter) if req.adapter is not None else None
