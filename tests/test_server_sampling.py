@@ -112,3 +112,20 @@ def test_out_of_range_is_400(client, base, extra):
 def test_unsupported_fields_are_refused(client, base, extra):
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.completions.create(model=base, prompt="hi", max_tokens=1, **extra)
+
+
+def test_echo_returns_the_prompt_first(client, base, server):
+    plain = client.completions.create(model=base, prompt="The sea is", max_tokens=3, temperature=0)
+    echoed = client.completions.create(model=base, prompt=["The sea is", "Hi"], max_tokens=3, temperature=0,
+                                       echo=True)
+    assert echoed.choices[0].text == "The sea is" + plain.choices[0].text
+    assert echoed.choices[1].text.startswith("Hi")
+    ids = server.state.tokenizer.encode("The sea is", add_special_tokens=False)
+    by_ids = client.completions.create(model=base, prompt=ids, max_tokens=3, temperature=0, echo=True)
+    assert by_ids.choices[0].text == echoed.choices[0].text
+    stream = client.completions.create(model=base, prompt="The sea is", max_tokens=3, temperature=0, echo=True,
+                                       stream=True)
+    texts = [c.choices[0].text for c in stream if c.choices]
+    assert texts[0] == "The sea is" and "".join(texts) == echoed.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model=base, prompt="hi", max_tokens=1, echo=True, logprobs=1)

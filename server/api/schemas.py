@@ -150,8 +150,9 @@ class CompletionRequest(_Sampling):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.echo:
-            raise bad_request("echo is not supported by this server", param="echo")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo with logprobs (prompt logprobs) is not supported by this server; "
+                              "send echo or logprobs, not both", param="echo")
         if self.best_of not in (None, 1) and self.best_of != self.n:
             raise bad_request("best_of other than n is not supported by this server", param="best_of")
         if self.suffix:
