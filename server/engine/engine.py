@@ -16,6 +16,7 @@ from hotlora.server.engine.detokenizer import Detokenizer, DetokState
 from hotlora.server.engine.scheduler import ScheduledBatch, Scheduler
 from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.types import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
+from hotlora.server.model.grammar import GrammarCache
 from hotlora.server.model.runner import ModelRunner
 from hotlora.server.model.tokenizer import load_tokenizer
 
@@ -74,6 +75,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.runner.eos_ids = self.eos_ids
+        self.grammars = None if self.tokenizer is None else GrammarCache(self.tokenizer, cfg.vocab_size, self.eos_ids)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = 0
         self._failed: list[tuple[Sequence, str]] = []
@@ -95,6 +97,8 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in req.params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model")
+        if req.params.structured is not None and self.grammars is None:
+            raise InvalidRequestError("structured outputs need the model's tokenizer, and this model has none")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting")
         adapter = self.registry.resolve(req.adapter) if req.adapter is not None else None
@@ -149,6 +153,8 @@ class LLMEngine:
         for seq in batch.seqs:
             try:
                 self.runner.prepare(seq)
+                if seq.params.structured is not None and seq.grammar is None:
+                    seq.grammar = self.grammars.matcher(seq.params.structured)  # compiled already by the API
             except Exception as exc:
                 log.warning("request %s failed while preparing a step: %s", seq.request_id, exc)
                 outputs.append(self._fail(seq, f"the request could not be prepared: {exc}", ErrorKind.INTERNAL))
@@ -165,6 +171,9 @@ class LLMEngine:
         p = seq.params
         reason = None
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        if seq.grammar is not None:
+            seq.grammar.accept_token(token)
+            stop_token = stop_token or seq.grammar.is_terminated()
         if stop_token:
             reason = FinishReason.STOP
         elif seq.num_generated >= p.max_tokens or len(seq) >= self.max_model_len:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -24,6 +25,27 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # aborted by the caller (client disconnect, shutdown)
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredSpec:
+    """A structured-output constraint: kind and its text (a JSON schema or choice list as canonical JSON, a
+    regex, an EBNF grammar; "" for json_object)."""
+
+    kind: str
+    value: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {STRUCTURED_KINDS}, got {self.kind!r}")
+
+    @property
+    def key(self) -> str:
+        """What compiled grammars are cached by."""
+        return hashlib.sha256(f"{self.kind}\0{self.value}".encode()).hexdigest()
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request sampling. temperature == 0 means greedy; top_k <= 0 and top_p == 1 disable those filters."""
@@ -43,6 +65,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_p: float = 0.0  # drop tokens below min_p x the top token's probability
     min_tokens: int = 0  # EOS, stop token ids and stop strings are ignored until this many tokens exist
+    structured: StructuredSpec | None = None  # the output must match this grammar
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -168,6 +168,6 @@ class ModelRunner:
         self.prepare(seq)
         p = seq.params
         if p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.min_tokens):
-            return SampleRequest(p, seq.rng)  # the processors need no token history: skip the copies
+            return SampleRequest(p, seq.rng, grammar=seq.grammar)  # no processor needs the token history
         ids = seq.token_ids
-        return SampleRequest(p, seq.rng, ids[: seq.num_prompt], ids[seq.num_prompt :])
+        return SampleRequest(p, seq.rng, ids[: seq.num_prompt], ids[seq.num_prompt :], seq.grammar)

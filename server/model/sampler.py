@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from hotlora.server.engine.types import SamplingParams, TokenLogprob
+from hotlora.server.model.grammar import apply_grammars
 from hotlora.server.model.logits import RowTokens, build_processors, temperature_min_p
 
 
@@ -18,6 +20,7 @@ class SampleRequest:
     generator: torch.Generator  # a seeded request's own stream: the same draws whatever the batch holds
     prompt_ids: Seq[int] = ()  # for the repetition penalty
     output_ids: Seq[int] = ()  # for the penalties and min_tokens
+    grammar: Any = None  # the sequence's xgrammar matcher (structured outputs), None = unconstrained
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -58,6 +61,7 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: set[int
     Logprobs are those of the model's own distribution (before processors and temperature), as vLLM's
     default."""
     raw = logits
+    logits = apply_grammars(logits, [r.grammar for r in requests])
     logits = process(logits, requests, eos_ids or set())
     greedy = torch.argmax(logits, dim=-1).tolist()
     tokens = list(greedy)
