@@ -5,13 +5,20 @@ what shares the batch."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
 import torch
-from transformers import MinNewTokensLengthLogitsProcessor, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+from transformers import (
+    AutoTokenizer,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+)
 
-from hotlora.server.engine.types import SamplingParams
+from hotlora.server.engine.types import SamplingParams, StructuredSpec
+from hotlora.server.model.grammar import GrammarCache, apply_grammars
 from hotlora.server.model.logits import temperature_min_p
 from hotlora.server.model.sampler import SampleRequest, process, sample
 
@@ -137,3 +144,29 @@ def test_params_are_validated():
                 dict(logit_bias={i: 1.0 for i in range(301)})):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_grammar_bitmask_forbids_exactly_what_the_matcher_forbids(default_model_dir):
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    cache = GrammarCache(tok, tok.vocab_size, {tok.eos_token_id})
+    spec = StructuredSpec("choice", json.dumps(["yes", "no"]))
+    matchers = [None, cache.matcher(spec), None]
+    logits = torch.randn(3, tok.vocab_size)
+    out = apply_grammars(logits, matchers)
+    torch.testing.assert_close(out[0], logits[0])
+    torch.testing.assert_close(out[2], logits[2])
+    allowed = set(torch.nonzero(out[1] > float("-inf")).flatten().tolist())
+    assert allowed and all("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t])) for t in allowed)
+    assert cache.compile(spec) is cache.compile(StructuredSpec("choice", json.dumps(["yes", "no"])))  # cached
+    with pytest.raises(ValueError, match="invalid regex"):
+        cache.compile(StructuredSpec("regex", "(unclosed"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_processors_on_cuda_match_the_cpu():
+    logits, params, prompts, outputs = _mixed()
+    cpu = process(logits, _requests(params, prompts, outputs), EOS)
+    gpu = process(logits.cuda(), _requests(params, prompts, outputs), EOS)
+    torch.testing.assert_close(gpu.cpu(), cpu)
+    torch.testing.assert_close(temperature_min_p(logits.cuda(), params).cpu(), temperature_min_p(logits, params))
