@@ -153,10 +153,11 @@ def test_bad_inputs_get_4xx_and_change_nothing(http, client, server):
         (http.post("/v1/completions", json={"model": base, "prompt": "hi", "logprobs": 99}), 400, "logprobs"),
         (http.post("/v1/completions", json={"model": base, "prompt": []}), 400, "empty"),
         (
-            http.post("/v1/completions", json={"model": base, "prompt": "hi", "frequency_penalty": 1}),
+            http.post("/v1/completions", json={"model": base, "prompt": "hi", "frequency_penalty": 3}),
             400,
-            "not supported",
+            "frequency_penalty",
         ),
+        (http.post("/v1/completions", json={"model": base, "prompt": "hi", "suffix": "x"}), 400, "not supported"),
         (http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON"),
         (http.post("/v1/chat/completions", json={"model": base, "messages": []}), 400, "messages"),
         (

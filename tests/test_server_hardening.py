@@ -67,6 +67,12 @@ NUMBERS = [
     ({"prompt": [[False]]}, "prompt"),
     ({"prompt": [True, 1]}, "prompt"),
     ({"prompt": [-1]}, "prompt"),
+    ({"logit_bias": {str(2**40): 1}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"1": 1e10}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"min_tokens": 2**40}, "min_tokens"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty"),
 ]
 
 

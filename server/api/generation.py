@@ -15,7 +15,7 @@ from hotlora.server.api.errors import APIError, bad_request, model_not_found
 from hotlora.server.api.metrics import RequestTimer
 from hotlora.server.api.state import AppState
 from hotlora.server.engine.async_engine import RequestStream
-from hotlora.server.engine.types import ErrorKind, Request, RequestOutput, SamplingParams
+from hotlora.server.engine.types import ErrorKind, Request, RequestOutput, SamplingParams, StructuredSpec
 
 
 @dataclass(slots=True)
@@ -132,6 +132,13 @@ def sampling(body: Any, max_tokens: int, logprobs: int | None, seed_offset: int)
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=body.token_bias(),
+            min_p=body.min_p or 0.0,
+            min_tokens=body.min_tokens,
+            structured=body.structured_spec(),
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
@@ -152,6 +159,9 @@ def make_choices(
 
 async def submit(state: AppState, choices: list[Choice], model: str) -> None:
     """Queue every choice, or none: on the first refusal the ones already queued are aborted."""
+    spec = choices[0].request.params.structured if choices else None
+    if spec is not None:
+        await compile_grammar(state, spec)
     try:
         for c in choices:
             c.stream = await state.engine.add(c.request)
@@ -164,6 +174,19 @@ async def submit(state: AppState, choices: list[Choice], model: str) -> None:
         if err is None:
             raise
         raise err from None
+
+
+async def compile_grammar(state: AppState, spec: StructuredSpec) -> None:
+    """Compile (or find cached) the request's grammar in a worker thread: neither the event loop nor the
+    engine thread waits for it; an invalid spec is a 400 saying what is wrong."""
+    grammars = state.engine.engine.grammars
+    if grammars is None:
+        raise bad_request("structured outputs need the model's tokenizer, and this model has none")
+    try:
+        await asyncio.to_thread(grammars.compile, spec)
+    except ValueError as exc:
+        param = "response_format" if spec.kind in ("json", "json_object") else "structured_outputs"
+        raise bad_request(str(exc), param=param) from None
 
 
 async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOutput]]:

@@ -142,16 +142,17 @@ def _resolve_model(state: AppState, model: str) -> str | None:
     return adapter
 
 async def _final_choices(
-    request: Request, choices: list[gen.Choice], tally: _Tally, body: Callable[[list[RequestOutput]], dict[str, Any]]
+    request: Request, choices: list[gen.Choice], tally: _Tally,
+    body: Callable[[gen.Choice, list[RequestOutput]], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Non-streamed answer: wait for every choice (aborting on disconnect), count usage, one dict per choice
-    made of its index, `body(outputs)` and its finish reason."""
+    made of its index, `body(choice, outputs)` and its finish reason."""
     outs = await gen.until_disconnect(request, _collect(choices))
     result = []
     for c in choices:
         o = outs[c.index]
         tally.add(c, o[-1])
-        result.append({"index": c.index, **body(o), "finish_reason": _finish(o[-1])})
+        result.append({"index": c.index, **body(c, o), "finish_reason": _finish(o[-1])})
     return result
 
 
@@ -162,6 +163,14 @@ def _text(outs: list[RequestOutput]) -> str:
 # --- /v1/completions -----------------------------------------------------------------------------------
 
 
+def _echoed(state: AppState, body: CompletionRequest) -> list[str]:
+    """Each choice's echoed prompt text ("" without echo), in choice order."""
+    if not body.echo:
+        return [""] * (len(body.prompts()) * body.n)
+    texts = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in body.prompts()]
+    return [t for t in texts for _ in range(body.n)]
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
@@ -169,6 +178,7 @@ async def completions(body: CompletionRequest, request: Request):
     adapter = _resolve_model(state, body.model)
     prompts = [(ids, gen.check_length(state, len(ids), body.max_tokens))
                for ids in await gen.encode_prompts(state, body.prompts())]
+    echo = _echoed(state, body)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     choices = gen.make_choices(prompts, body, body.logprobs, adapter, rid)
     await gen.submit(state, choices, body.model)
@@ -176,25 +186,29 @@ async def completions(body: CompletionRequest, request: Request):
     tally = _Tally(body.n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        offsets: dict[int, int] = {}
+        extra = {"usage": None} if include_usage else {}
+        offsets: dict[int, int] = {c.index: len(echo[c.index]) for c in choices}
 
         def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any]:
-            lp = _completion_logprobs(state, out.logprobs, offsets.get(c.index, 0))
-            offsets[c.index] = offsets.get(c.index, 0) + len(out.new_text)
-            body_ = head | {
+            lp = _completion_logprobs(state, out.logprobs, offsets[c.index])
+            offsets[c.index] += len(out.new_text)
+            return head | {
                 "choices": [{"index": c.index, "text": out.new_text, "logprobs": lp, "finish_reason": _finish(out)}]
-            }
-            return body_ | ({"usage": None} if include_usage else {})
+            } | extra
 
+        first = [_sse(head | {"choices": [{"index": c.index, "text": echo[c.index], "logprobs": None,
+                                           "finish_reason": None}]} | extra) for c in choices if echo[c.index]]
         return StreamingResponse(
-            _stream(choices, [], chunk, tally, include_usage, lambda u: head | {"choices": [], "usage": u}),
+            _stream(choices, first, chunk, tally, include_usage, lambda u: head | {"choices": [], "usage": u}),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    result = await _final_choices(
-        request, choices, tally,
-        lambda o: {"text": _text(o), "logprobs": _completion_logprobs(state, _joined_logprobs(o), 0)},
-    )
+
+    def choice_body(c: gen.Choice, o: list[RequestOutput]) -> dict[str, Any]:
+        lp = _completion_logprobs(state, _joined_logprobs(o), len(echo[c.index]))
+        return {"text": echo[c.index] + _text(o), "logprobs": lp}
+
+    result = await _final_choices(request, choices, tally, choice_body)
     return JSONResponse(head | {"choices": result, "usage": tally.usage(), "system_fingerprint": None})
 
 
@@ -236,7 +250,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
     result = await _final_choices(
         request, choices, tally,
-        lambda o: {"message": {"role": "assistant", "content": _text(o)},
+        lambda _c, o: {"message": {"role": "assistant", "content": _text(o)},
                    "logprobs": _chat_logprobs(state, _joined_logprobs(o))},
     )
     return JSONResponse(head | {"object": "chat.completion", "choices": result, "usage": tally.usage()})

@@ -1,16 +1,18 @@
 """OpenAI request bodies (pydantic). Unknown fields are refused, never silently ignored.
 
-Fields OpenAI defines but the engine cannot honour (penalties, logit_bias, best_of, echo, tools...) are
-accepted only at their neutral value; anything else is a 400 naming the field.
+Fields OpenAI defines but the engine cannot honour (best_of, suffix, tools...) are accepted only at
+their neutral value; anything else is a 400 naming the field.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from hotlora.server.api.errors import bad_request
+from hotlora.server.engine.types import StructuredSpec
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -52,6 +54,66 @@ class _Strict(BaseModel):
         return data
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def spec(self) -> StructuredSpec | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredSpec("json_object", "")
+        if self.json_schema is None:
+            raise bad_request("response_format type json_schema needs a json_schema", param="response_format")
+        return StructuredSpec("json", _canonical(self.json_schema.schema_))
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's structured_outputs: exactly one of json (a schema), regex, choice, grammar (EBNF), json_object."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1, max_length=1024)
+    grammar: str | None = None
+    json_object: bool | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    def spec(self) -> StructuredSpec:
+        given = {k: v for k, v in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
+                                   ("grammar", self.grammar), ("json_object", self.json_object or None))
+                 if v is not None}
+        if len(given) != 1:
+            raise bad_request("structured_outputs takes exactly one of json, regex, choice, grammar, json_object; "
+                              f"got {sorted(given) or 'none'}", param="structured_outputs")
+        kind, value = next(iter(given.items()))
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as exc:
+                    raise bad_request(f"structured_outputs.json is not valid JSON: {exc}",
+                                      param="structured_outputs") from None
+            return StructuredSpec("json", _canonical(value))
+        if kind == "choice":
+            return StructuredSpec("choice", json.dumps(value))
+        return StructuredSpec(kind, "" if kind == "json_object" else value)
+
+
+def _canonical(schema: Any) -> str:
+    """One text per schema, whatever the key order: the grammar cache's key."""
+    if not isinstance(schema, dict):
+        raise bad_request("a JSON schema must be an object", param="response_format")
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -67,12 +129,18 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     # int64, as OpenAI documents it; choice j of n samples with seed + j, wrapped into int64
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    # token id (a string key, as JSON objects have) -> bias added to its logit
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(default=None, max_length=300)
     user: str | None = None
     # vLLM extensions, honoured by the engine
     top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64)
 
@@ -86,12 +154,27 @@ class _Sampling(_Strict):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isascii() or not key.isdigit() or int(key) > INT32_MAX:
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}")
+        return v
+
+    def structured_spec(self) -> StructuredSpec | None:
+        rf = self.response_format.spec() if self.response_format is not None else None
+        if self.structured_outputs is not None:
+            if rf is not None:
+                raise bad_request("send response_format or structured_outputs, not both", param="structured_outputs")
+            return self.structured_outputs.spec()
+        return rf
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
     def refuse_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise bad_request(f"{name} is not supported by this server; leave it at 0", param=name)
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
+        """Fields of OpenAI's that the server does not implement: a 400 naming the field."""
 
 
 class CompletionRequest(_Sampling):
@@ -139,8 +222,9 @@ class CompletionRequest(_Sampling):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.echo:
-            raise bad_request("echo is not supported by this server", param="echo")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo with logprobs (prompt logprobs) is not supported by this server; "
+                              "send echo or logprobs, not both", param="echo")
         if self.best_of not in (None, 1) and self.best_of != self.n:
             raise bad_request("best_of other than n is not supported by this server", param="best_of")
         if self.suffix:
@@ -163,11 +247,6 @@ class ChatMessage(_Strict):
         return self.content or ""
 
 
-class ResponseFormat(_Strict):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    type: str
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
@@ -177,7 +256,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -201,8 +279,6 @@ class ChatCompletionRequest(_Sampling):
             raise bad_request("tool calling is not supported by this server", param="tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise bad_request("tool calling is not supported by this server", param="tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request("only response_format type 'text' is supported", param="response_format")
         if self.continue_final_message and self.add_generation_prompt:
             raise bad_request(
                 "continue_final_message needs add_generation_prompt=false", param="continue_final_message"

@@ -16,6 +16,7 @@ from hotlora.server.engine.sequence import Sequence
 @dataclass(slots=True)
 class DetokState:
     emitted: int = 0  # characters of the decoded text already released
+    stop_start: int = 0  # a stop string must end after this character (the text before min_tokens was reached)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -46,11 +47,15 @@ class Detokenizer:
         state: DetokState = seq.detok
         ids = seq.generated_ids[:-1] if drop_last else seq.generated_ids
         text = self.decode(ids)
-        stops = seq.params.stop
+        # as vLLM: stop strings count only once min_tokens tokens exist, and only where they end after that
+        stops = seq.params.stop if seq.num_generated >= seq.params.min_tokens else []
+        if not stops:
+            state.stop_start = len(text)
         stopped = False
         if stops:
             window = max(0, state.emitted - max(len(s) for s in stops))
-            hits = [i for i in (text.find(s, window) for s in stops) if i >= 0]
+            starts = [max(window, state.stop_start - len(s) + 1) for s in stops]
+            hits = [i for i in (text.find(s, w) for s, w in zip(stops, starts, strict=True)) if i >= 0]
             if hits:
                 text, stopped = text[: min(hits)], True
         end = len(text)

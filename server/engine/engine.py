@@ -16,6 +16,7 @@ from hotlora.server.engine.detokenizer import Detokenizer, DetokState
 from hotlora.server.engine.scheduler import ScheduledBatch, Scheduler
 from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.types import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
+from hotlora.server.model.grammar import GrammarCache
 from hotlora.server.model.runner import ModelRunner
 from hotlora.server.model.tokenizer import load_tokenizer
 
@@ -73,6 +74,8 @@ class LLMEngine:
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.runner.eos_ids = self.eos_ids
+        self.grammars = None if self.tokenizer is None else GrammarCache(self.tokenizer, cfg.vocab_size, self.eos_ids)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = 0
         self._failed: list[tuple[Sequence, str]] = []
@@ -89,8 +92,13 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise PromptTooLongError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} "
                                      "tokens, and at least one must be left to generate")
-        if any(not 0 <= t < self.model_config.vocab_size for t in req.prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in req.params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model")
+        if req.params.structured is not None and self.grammars is None:
+            raise InvalidRequestError("structured outputs need the model's tokenizer, and this model has none")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting")
         adapter = self.registry.resolve(req.adapter) if req.adapter is not None else None
@@ -145,6 +153,8 @@ class LLMEngine:
         for seq in batch.seqs:
             try:
                 self.runner.prepare(seq)
+                if seq.params.structured is not None and seq.grammar is None:
+                    seq.grammar = self.grammars.matcher(seq.params.structured)  # compiled already by the API
             except Exception as exc:
                 log.warning("request %s failed while preparing a step: %s", seq.request_id, exc)
                 outputs.append(self._fail(seq, f"the request could not be prepared: {exc}", ErrorKind.INTERNAL))
@@ -161,6 +171,9 @@ class LLMEngine:
         p = seq.params
         reason = None
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        if seq.grammar is not None:
+            seq.grammar.accept_token(token)
+            stop_token = stop_token or seq.grammar.is_terminated()
         if stop_token:
             reason = FinishReason.STOP
         elif seq.num_generated >= p.max_tokens or len(seq) >= self.max_model_len:

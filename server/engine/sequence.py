@@ -37,6 +37,9 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     detok: Any = None  # the incremental detokenizer's state
     rng: Any = None  # the sampler's random stream (seeded requests: from their seed)
+    # structured outputs: the grammar matcher, advanced with every appended token; a preemption keeps it
+    # (recompute prefills the generated tokens again but never re-samples them)
+    grammar: Any = None
     # prefix caching (block_manager): chain keys of the full token blocks, how many leading blocks of
     # block_table are registered or were mapped from the cache, and what the first admission found
     cache_ns: int | None = None  # the namespace: the adapter version's registry id (None = base model)

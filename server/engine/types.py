@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_REPETITION_PENALTY = 100.0  # beyond this every seen token is simply banned; a bound keeps logits finite
 
 
 class ErrorKind(str, enum.Enum):
@@ -22,6 +25,27 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"  # aborted by the caller (client disconnect, shutdown)
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredSpec:
+    """A structured-output constraint: kind and its text (a JSON schema or choice list as canonical JSON, a
+    regex, an EBNF grammar; "" for json_object)."""
+
+    kind: str
+    value: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {STRUCTURED_KINDS}, got {self.kind!r}")
+
+    @property
+    def key(self) -> str:
+        """What compiled grammars are cached by."""
+        return hashlib.sha256(f"{self.kind}\0{self.value}".encode()).hexdigest()
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request sampling. temperature == 0 means greedy; top_k <= 0 and top_p == 1 disable those filters."""
@@ -35,6 +59,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token (0 = only the chosen one)
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence among the generated tokens
+    repetition_penalty: float = 1.0  # vLLM: divides (or multiplies, if negative) logits of prompt+generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability
+    min_tokens: int = 0  # EOS, stop token ids and stop strings are ignored until this many tokens exist
+    structured: StructuredSpec | None = None  # the output must match this grammar
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -51,6 +82,26 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        self._check_processors()
+
+    def _check_processors(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], "
+                             f"got {self.repetition_penalty}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are accepted")
+        for token, bias in self.logit_bias.items():
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:

@@ -62,6 +62,7 @@ class ModelRunner:
         self.model.allocate_kv_cache(self.num_kv_blocks + 1, self.block_size)
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
         self._rng = torch.Generator().manual_seed(config.seed)
+        self.eos_ids: set[int] = set(cfg.eos_token_ids)  # masked until min_tokens (the engine adds the tokenizer's)
         self.eager_steps = 0  # steps run eagerly (no CUDA graph fitted, graphs off, or a capture failed)
         self.graph_steps = 0  # steps run on the padded static path (replayed from CUDA graphs on cuda)
         self.graphs: StepGraphs | None = None
@@ -101,7 +102,7 @@ class ModelRunner:
         else:
             self.graph_steps += 1
         requests = [self._sample_request(batch.seqs[i]) for i in sampled]
-        tokens, logprobs = sample(logits, requests)
+        tokens, logprobs = sample(logits, requests, self.eos_ids)
         results: list[Sampled | None] = [None] * len(batch.seqs)
         for row, i in enumerate(sampled):
             results[i] = (tokens[row], logprobs[row])
@@ -165,4 +166,8 @@ class ModelRunner:
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         self.prepare(seq)
-        return SampleRequest(seq.params, seq.rng)
+        p = seq.params
+        if p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.min_tokens):
+            return SampleRequest(p, seq.rng, grammar=seq.grammar)  # no processor needs the token history
+        ids = seq.token_ids
+        return SampleRequest(p, seq.rng, ids[: seq.num_prompt], ids[seq.num_prompt :], seq.grammar)

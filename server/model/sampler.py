@@ -1,18 +1,26 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, seeds that do not depend on the batch."""
+"""Per-request sampling: logits processors, greedy, temperature, min-p, top-k, top-p, and seeds that do not
+depend on the batch."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from hotlora.server.engine.types import SamplingParams, TokenLogprob
+from hotlora.server.model.grammar import apply_grammars
+from hotlora.server.model.logits import RowTokens, build_processors, temperature_min_p
 
 
 @dataclass(slots=True)
 class SampleRequest:
     params: SamplingParams
     generator: torch.Generator  # a seeded request's own stream: the same draws whatever the batch holds
+    prompt_ids: Seq[int] = ()  # for the repetition penalty
+    output_ids: Seq[int] = ()  # for the penalties and min_tokens
+    grammar: Any = None  # the sequence's xgrammar matcher (structured outputs), None = unconstrained
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -30,37 +38,50 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def _sample_row(logits: torch.Tensor, req: SampleRequest) -> int:
+def _sample_row(scaled: torch.Tensor, req: SampleRequest) -> int:
+    """scaled [V]: the row's processed logits, already divided by its temperature and min-p filtered."""
     p = req.params
-    if p.greedy:
-        return int(torch.argmax(logits))
-    probs = _filter(logits / p.temperature, p.top_k, p.top_p).softmax(-1)
+    probs = _filter(scaled, p.top_k, p.top_p).softmax(-1)
     # exponential race: argmax(p_i / E_i), E_i ~ Exp(1), draws token i with probability p_i
     noise = torch.empty_like(probs).exponential_(generator=req.generator)
     return int(torch.argmax(probs / noise))
 
 
-def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [S, V] float32, one row per request -> chosen token ids, and logprobs where asked."""
-    tokens: list[int] = []
-    logprobs: list[TokenLogprob | None] = []
+def process(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: set[int]) -> torch.Tensor:
+    """The logits after every request's processors (penalties, bias, min_tokens mask), one batched pass."""
+    rows = [RowTokens(r.params, r.prompt_ids, r.output_ids) for r in requests]
+    procs = build_processors(rows, logits.shape[-1], eos_ids, logits.device)
+    return logits if procs is None else procs.apply(logits)
+
+
+def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: set[int] | None = None
+           ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [S, V] float32, one row per request -> chosen token ids, and logprobs where asked.
+
+    Logprobs are those of the model's own distribution (before processors and temperature), as vLLM's
+    default."""
+    raw = logits
+    logits = apply_grammars(logits, [r.grammar for r in requests])
+    logits = process(logits, requests, eos_ids or set())
     greedy = torch.argmax(logits, dim=-1).tolist()
-    for i, req in enumerate(requests):
-        if req.params.greedy and req.params.logprobs is None:
-            tokens.append(greedy[i])
-            logprobs.append(None)
-            continue
-        row = logits[i].cpu()  # generators live on the CPU
-        tok = greedy[i] if req.params.greedy else _sample_row(row, req)
-        tokens.append(tok)
-        logprobs.append(_logprob(row, tok, req.params.logprobs))
+    tokens = list(greedy)
+    drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
+    if drawn:
+        scaled = temperature_min_p(logits[drawn], [requests[i].params for i in drawn]).cpu()  # generators: CPU
+        for row, i in enumerate(drawn):
+            tokens[i] = _sample_row(scaled[row], requests[i])
+    asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    logprobs: list[TokenLogprob | None] = [None] * len(requests)
+    if asked:
+        lp = torch.log_softmax(raw[asked].float(), dim=-1).cpu()
+        for row, i in enumerate(asked):
+            logprobs[i] = _logprob(lp[row], tokens[i], requests[i].params.logprobs)
     return tokens, logprobs
 
 
-def _logprob(logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
+def _logprob(lp: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
     if top is None:
         return None
-    lp = torch.log_softmax(logits, dim=-1)
     alts: list[tuple[int, float]] = []
     if top > 0:
         values, ids = torch.topk(lp, top)

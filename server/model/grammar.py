@@ -1,0 +1,76 @@
+"""Structured outputs with xgrammar (the library vLLM and SGLang use): specs compiled once, off the engine
+thread, and cached by a hash of the spec; one matcher per sequence, advanced with each accepted token; the
+next-token bitmask applied to the logits on the device."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from hotlora.server.engine.types import StructuredSpec
+
+
+class InvalidGrammarError(ValueError):
+    """The schema, regex, choice list or grammar cannot be compiled (the API answers 400)."""
+
+
+class GrammarCache:
+    """Compiled grammars by spec hash. compile() is thread-safe: the API calls it from worker threads."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: set[int], max_entries: int = 256) -> None:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_ids))
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._cache: dict[str, Any] = {}  # insertion-ordered: the oldest entry goes first when full
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+
+    def compile(self, spec: StructuredSpec) -> Any:
+        """The xgr.CompiledGrammar for spec; raises InvalidGrammarError saying what is wrong."""
+        with self._lock:
+            hit = self._cache.get(spec.key)
+        if hit is not None:
+            return hit
+        try:
+            compiled = self._compile(spec)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidGrammarError(f"invalid {spec.kind}: {str(exc).strip().splitlines()[0][:500]}") from None
+        with self._lock:
+            self._cache[spec.key] = compiled
+            while len(self._cache) > self.max_entries:
+                self._cache.pop(next(iter(self._cache)))
+        return compiled
+
+    def _compile(self, spec: StructuredSpec) -> Any:
+        c = self._compiler
+        if spec.kind == "json_object":  # OpenAI's json_object is an object, not any JSON value
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
+        if spec.kind == "json":
+            return c.compile_json_schema(spec.value, any_whitespace=False)
+        if spec.kind == "regex":
+            return c.compile_regex(spec.value)
+        if spec.kind == "choice":
+            # a grammar of string literals: JSON string escapes are valid EBNF literal escapes
+            alternatives = " | ".join(json.dumps(s) for s in json.loads(spec.value))
+            return c.compile_grammar(f"root ::= {alternatives}")
+        return c.compile_grammar(spec.value)
+
+    def matcher(self, spec: StructuredSpec) -> Any:
+        return xgr.GrammarMatcher(self.compile(spec))
+
+
+def apply_grammars(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Tensor:
+    """logits [R, V] with every token the row's grammar forbids at -inf (rows without one untouched).
+    Returns a new tensor when any row has a grammar (the input may be a CUDA graph's static output)."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    for i in rows:  # the matchers live on the host: filling each row's mask is CPU work, as in vLLM
+        matchers[i].fill_next_token_bitmask(bitmask, i)
+    logits = logits.float().contiguous().clone()
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+    return logits

@@ -1,0 +1,120 @@
+"""Logits processors, batched on the device: penalties, logit_bias, the min_tokens stop mask, min-p.
+
+One step's processors are built once from the sampled rows' parameters (host lists -> a few tensors),
+then applied to the whole [rows, vocab] logits with tensor ops: no per-request loop and no host
+synchronisation on the device side. Rows that use no processor pass through unchanged (their
+parameters are the neutral values: penalty 1 or 0, no bias, no mask, min_p 0).
+
+Order, as vLLM's: the min_tokens stop mask and logit_bias, then the repetition, frequency and presence
+penalties; temperature and min-p come after (see `min_p_filter`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from hotlora.server.engine.types import SamplingParams
+
+
+@dataclass(slots=True)
+class RowTokens:
+    """What a sampled row has seen: its prompt and its generated token ids."""
+
+    params: SamplingParams
+    prompt_ids: Seq[int]
+    output_ids: Seq[int]
+
+
+@dataclass(slots=True)
+class LogitsProcessors:
+    """One step's processors. Any field may be None: that processor is off for every row."""
+
+    repetition: torch.Tensor | None = None  # [R, 1] float32 penalty (1 = off)
+    frequency: torch.Tensor | None = None  # [R, 1] float32
+    presence: torch.Tensor | None = None  # [R, 1] float32
+    seen: torch.Tensor | None = None  # [R, V] bool: the token is in the row's prompt or output
+    output_counts: torch.Tensor | None = None  # [R, V] float32: occurrences in the row's output
+    bias_index: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids), int64 [N]
+    bias_values: torch.Tensor | None = None  # [N] float32
+    stop_mask_index: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) to set to -inf
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [R, V] float32 -> processed logits (a new tensor; the input is left as it is)."""
+        logits = logits.clone()
+        if self.stop_mask_index is not None:
+            logits.index_put_(self.stop_mask_index, torch.tensor(float("-inf"), device=logits.device))
+        if self.bias_index is not None:
+            logits.index_put_(self.bias_index, self.bias_values, accumulate=True)
+        if self.repetition is not None:
+            # vLLM / CTRL: a seen token's positive logit is divided by the penalty, a negative one multiplied
+            scaled = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
+            logits = torch.where(self.seen, scaled, logits)
+        if self.frequency is not None:
+            # OpenAI: mu[j] -= c[j] * alpha_frequency + (c[j] > 0) * alpha_presence, over generated tokens
+            counts = self.output_counts
+            logits = logits - counts * self.frequency - (counts > 0).float() * self.presence
+        return logits
+
+
+def _ids_matrix(rows: list[Seq[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[R, V] float32 occurrence counts: the rows' ids padded with V into one tensor, one scatter_add."""
+    width = max((len(r) for r in rows), default=0)
+    padded = torch.full((len(rows), width + 1), vocab, dtype=torch.int64)
+    for i, r in enumerate(rows):  # batch metadata, on the host; the counting itself is one device op
+        if r:
+            padded[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
+    padded = padded.to(device, non_blocking=True)
+    counts = torch.zeros(len(rows), vocab + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab]
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True).unsqueeze(1)
+
+
+def _pairs(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2).to(device, non_blocking=True)
+    return t[:, 0], t[:, 1]
+
+
+def build_processors(rows: list[RowTokens], vocab: int, eos_ids: set[int], device: torch.device
+                     ) -> LogitsProcessors | None:
+    """The step's processors, or None when no row uses any (the common case costs nothing)."""
+    procs = LogitsProcessors()
+    params = [r.params for r in rows]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        procs.repetition = _column([p.repetition_penalty for p in params], device)
+        procs.seen = _ids_matrix([[*r.prompt_ids, *r.output_ids] for r in rows], vocab, device) > 0
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        procs.frequency = _column([p.frequency_penalty for p in params], device)
+        procs.presence = _column([p.presence_penalty for p in params], device)
+        procs.output_counts = _ids_matrix([r.output_ids for r in rows], vocab, device)
+    bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
+    if bias:
+        procs.bias_index = _pairs([(i, t) for i, t, _ in bias], device)
+        procs.bias_values = torch.tensor([b for _, _, b in bias], dtype=torch.float32).to(device)
+    masked = [(i, t) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens
+              for t in sorted(eos_ids | set(r.params.stop_token_ids)) if 0 <= t < vocab]
+    if masked:
+        procs.stop_mask_index = _pairs(masked, device)
+    if all(f is None for f in (procs.repetition, procs.frequency, procs.bias_index, procs.stop_mask_index)):
+        return None
+    return procs
+
+
+def temperature_min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Divide each row by its temperature (greedy rows by 1), then drop, in rows with min_p > 0, every
+    token whose probability is below min_p times the row's top probability (as HF's MinPLogitsWarper)."""
+    device = logits.device
+    temps = _column([p.temperature if p.temperature > 0 else 1.0 for p in params], device)
+    logits = logits / temps
+    if not any(p.min_p > 0 for p in params):
+        return logits
+    min_p = _column([p.min_p for p in params], device)
+    probs = logits.softmax(-1)
+    threshold = probs.amax(-1, keepdim=True) * min_p
+    return logits.masked_fill(probs < threshold, float("-inf"))

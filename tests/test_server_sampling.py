@@ -1,0 +1,134 @@
+"""vLLM/OpenAI sampling fields through HTTP with the official openai client, on a real uvicorn server over
+the default model: logit_bias, min_tokens, the penalties, min_p, and their 400s."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import openai
+import pytest
+from server_harness import ServerThread, server_settings
+
+REPETITIVE = "a, a, a, a, a, a, a, a,"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, hotlora_cache):
+    srv = ServerThread(server_settings(tmp_path_factory.mktemp("store"), hotlora_cache, num_kv_blocks=64)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def base(server) -> str:
+    return server.state.model_name
+
+
+def _tokens(client: openai.OpenAI, base: str, prompt: str, max_tokens: int, **extra) -> list[str]:
+    """The greedy completion's tokens (as the logprobs report them)."""
+    r = client.completions.create(model=base, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0,
+                                  **extra)
+    return r.choices[0].logprobs.tokens
+
+
+def test_logit_bias_forces_a_token(client, base, server):
+    (forced,) = server.state.tokenizer.encode(" banana", add_special_tokens=False)[:1]
+    r = client.completions.create(model=base, prompt="My favourite colour is", max_tokens=4, temperature=1.0,
+                                  seed=3, logit_bias={str(forced): 100})
+    assert r.choices[0].text == server.state.tokenizer.decode([forced] * 4)
+    banned = _tokens(client, base, REPETITIVE, 4)
+    ids = [server.state.tokenizer.encode(t, add_special_tokens=False)[0] for t in set(banned)]
+    again = _tokens(client, base, REPETITIVE, 4, logit_bias={str(i): -100 for i in ids})
+    assert not set(again) & set(banned)
+
+
+def test_logit_bias_refusals(client, base, server):
+    vocab = server.engine.model_config.vocab_size
+    for bias, match in (({str(vocab): 1}, "logit_bias"), ({"abc": 1}, "logit_bias"), ({"5": 101}, "logit_bias"),
+                        ({str(i): 1 for i in range(301)}, "logit_bias")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.completions.create(model=base, prompt="hi", max_tokens=1, logit_bias=bias)
+
+
+def test_min_tokens_outlasts_eos(client, base):
+    messages = [{"role": "user", "content": "Answer with one word: is the sky blue?"}]
+    short = client.chat.completions.create(model=base, messages=messages, max_tokens=20, temperature=0)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 10
+    need = short.usage.completion_tokens + 6
+    longer = client.chat.completions.create(model=base, messages=messages, max_tokens=20, temperature=0,
+                                            extra_body={"min_tokens": need})
+    assert longer.usage.completion_tokens >= need
+    assert longer.choices[0].message.content.startswith(short.choices[0].message.content)
+
+
+def test_stop_strings_wait_for_min_tokens(client, base):
+    plain = client.completions.create(model=base, prompt="1, 2, 3,", max_tokens=8, temperature=0, stop=[","])
+    assert plain.choices[0].finish_reason == "stop"
+    need = plain.usage.completion_tokens + 1  # the first "," now comes too early to stop the request
+    held = client.completions.create(model=base, prompt="1, 2, 3,", max_tokens=8, temperature=0, stop=[","],
+                                     extra_body={"min_tokens": need})
+    assert held.usage.completion_tokens >= need and held.choices[0].finish_reason == "stop"
+    # the stop string ended it at its first occurrence after min_tokens, not at the early one
+    full = client.completions.create(model=base, prompt="1, 2, 3,", max_tokens=held.usage.completion_tokens,
+                                     temperature=0)
+    assert full.choices[0].text == held.choices[0].text + ","
+
+
+def _most_repeated(tokens: list[str]) -> int:
+    return Counter(tokens).most_common(1)[0][1]
+
+
+def test_penalties_move_repetition_in_the_documented_direction(client, base):
+    n = 8
+    plain = _tokens(client, base, REPETITIVE, n)
+    assert _most_repeated(plain) >= n // 2  # the premise: the prompt makes the model repeat itself
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 2.0}}):
+        penalised = _tokens(client, base, REPETITIVE, n, **extra)
+        assert _most_repeated(penalised) < _most_repeated(plain), extra
+        assert len(set(penalised)) > len(set(plain)), extra
+    rewarded = _tokens(client, base, REPETITIVE, n, frequency_penalty=-2.0)
+    assert _most_repeated(rewarded) >= _most_repeated(plain)
+
+
+def test_min_p_one_is_greedy(client, base):
+    greedy = client.completions.create(model=base, prompt="The capital of France is", max_tokens=5, temperature=0)
+    for seed in (1, 2):
+        r = client.completions.create(model=base, prompt="The capital of France is", max_tokens=5, temperature=1.5,
+                                      seed=seed, extra_body={"min_p": 1.0})
+        assert r.choices[0].text == greedy.choices[0].text
+
+
+@pytest.mark.parametrize("extra", [{"frequency_penalty": 2.5}, {"presence_penalty": -3},
+                                   {"extra_body": {"repetition_penalty": 0}}, {"extra_body": {"min_p": 1.5}},
+                                   {"extra_body": {"min_tokens": 9}}])
+def test_out_of_range_is_400(client, base, extra):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=base, prompt="hi", max_tokens=4, **extra)
+
+
+@pytest.mark.parametrize("extra", [{"extra_body": {"suffix": "x"}}, {"extra_body": {"best_of": 3}}])
+def test_unsupported_fields_are_refused(client, base, extra):
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        client.completions.create(model=base, prompt="hi", max_tokens=1, **extra)
+
+
+def test_echo_returns_the_prompt_first(client, base, server):
+    plain = client.completions.create(model=base, prompt="The sea is", max_tokens=3, temperature=0)
+    echoed = client.completions.create(model=base, prompt=["The sea is", "Hi"], max_tokens=3, temperature=0,
+                                       echo=True)
+    assert echoed.choices[0].text == "The sea is" + plain.choices[0].text
+    assert echoed.choices[1].text.startswith("Hi")
+    ids = server.state.tokenizer.encode("The sea is", add_special_tokens=False)
+    by_ids = client.completions.create(model=base, prompt=ids, max_tokens=3, temperature=0, echo=True)
+    assert by_ids.choices[0].text == echoed.choices[0].text
+    stream = client.completions.create(model=base, prompt="The sea is", max_tokens=3, temperature=0, echo=True,
+                                       stream=True)
+    texts = [c.choices[0].text for c in stream if c.choices]
+    assert texts[0] == "The sea is" and "".join(texts) == echoed.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model=base, prompt="hi", max_tokens=1, echo=True, logprobs=1)
