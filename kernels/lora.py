@@ -234,5 +234,6 @@ def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[Lor
     if _use_triton(x):
         lora_apply_triton(ys, x, slices, meta)
     else:
-        check_all(ys, x, slices, meta)
-        lora_apply_cpu(ys, x, slices, meta)
+        check_x(x, slices, meta)
+        check_ys(ys, slices, meta)
+        lora_apply_cpu(ys, x, slices, meta)  # checks the slices whenever it (re)reads a layer's pools

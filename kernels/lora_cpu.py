@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._checks import check_slices
 from ._meta import LoraMeta, LoraSlice
 from .reference import lora_apply_ref
 
@@ -46,13 +47,17 @@ class _StepPlan:
 
 @dataclass(slots=True)
 class _LayerRows:
-    """One layer's group, kept across steps: A span transposed and side by side, and views of the B spans."""
+    """One layer's group, kept across steps: the span's A rows transposed side by side, and its B rows.
 
-    a_refs: tuple[weakref.ref, ...]
-    versions: tuple[int, ...]
-    span: tuple[int, int]
-    a_cols: torch.Tensor  # [in, n * (hi - lo)] contiguous
-    b_rows: tuple[torch.Tensor, ...]  # views b_i[lo:hi]
+    Copies (not views), so that no pool of a dropped engine is kept alive; valid while the same pool and rank
+    tensors (weak references) keep their versions and the span does not move.
+    """
+
+    refs: tuple[weakref.ref, ...]  # a, b and rank of every slice
+    versions: tuple[int, ...]  # the meta's slot count, then every a and b pool's tensor version
+    span: tuple[int, int] = (0, 0)
+    a_cols: torch.Tensor | None = None  # [in, n * (hi - lo)] contiguous
+    b_rows: tuple[torch.Tensor, ...] = ()  # b_i[lo:hi], contiguous
 
 
 _plan: _StepPlan | None = None
@@ -115,43 +120,51 @@ def _group(plan: _StepPlan, ranks: Sequence[torch.Tensor]) -> tuple[tuple[int, i
     return plan.groups[key]
 
 
-def _layer_rows(slices: Sequence[LoraSlice], span: tuple[int, int]) -> _LayerRows:
-    """This layer's kept rows, rebuilt when the span moves or an A pool was written (tensor versions)."""
-    versions = tuple(sl.a._version for sl in slices)
+def _tensors(slices: Sequence[LoraSlice]) -> list[torch.Tensor]:
+    return [t for sl in slices for t in (sl.a, sl.b, sl.rank)]
+
+
+def _layer_rows(slices: Sequence[LoraSlice], meta: LoraMeta) -> _LayerRows:
+    """This layer's entry; new (and the slices checked) when a pool or rank table is new or was written."""
+    versions = (meta.num_slots, *(t._version for sl in slices for t in (sl.a, sl.b)))
     entry = _layers.get(id(slices[0].a))
-    # equal versions tuples imply equal lengths, so the strict zip cannot raise
+    tensors = _tensors(slices)
     if (
-        entry is not None
-        and entry.span == span
-        and entry.versions == versions
-        and all(ref() is sl.a for ref, sl in zip(entry.a_refs, slices, strict=True))
+        entry is None
+        or entry.versions != versions
+        or len(entry.refs) != len(tensors)
+        or any(ref() is not t for ref, t in zip(entry.refs, tensors, strict=True))
     ):
-        return entry
-    if len(_layers) > 1024:  # entries of dropped pools (other engines): start over
-        _layers.clear()
-    lo, hi = span
-    entry = _LayerRows(
-        a_refs=tuple(weakref.ref(sl.a) for sl in slices),
-        versions=versions,
-        span=span,
-        a_cols=torch.cat([sl.a[lo:hi] for sl in slices]).T.contiguous(),  # a plain NN product: the fastest GEMM
-        b_rows=tuple(sl.b[lo:hi] for sl in slices),
-    )
-    _layers[id(slices[0].a)] = entry
+        check_slices(slices, meta)  # the slices change only here, so the other calls skip the checks
+        if len(_layers) > 1024:  # entries of dropped pools (other engines): start over
+            _layers.clear()
+        entry = _layers[id(slices[0].a)] = _LayerRows(tuple(weakref.ref(t) for t in tensors), versions)
+    return entry
+
+
+def _span_rows(entry: _LayerRows, slices: Sequence[LoraSlice], span: tuple[int, int]) -> _LayerRows:
+    if entry.span != span or entry.a_cols is None:
+        lo, hi = span
+        entry.a_cols = torch.cat([sl.a[lo:hi] for sl in slices]).T.contiguous()  # NN: the fastest small GEMM
+        entry.b_rows = tuple(sl.b[lo:hi].clone() for sl in slices)
+        entry.span = span
     return entry
 
 
 def lora_apply_cpu(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
     """``lora_apply`` for CPU tensors (semantics in hotlora.kernels.lora); fp32 runs the masked-span path,
-    other dtypes the grouped reference. Inputs are assumed checked (``check_all``)."""
+    other dtypes the grouped reference. x and ys are assumed checked (``check_x``, ``check_ys``); the slices
+    are checked here, once per layer and change of its pools or rank tables, not on every call."""
     if x.dtype != torch.float32 or ys[0].dtype != torch.float32 or slices[0].a.dtype != torch.float32:
+        check_slices(slices, meta)
         lora_apply_ref(ys, x, slices, meta)
         return
+    entry = _layer_rows(slices, meta)
     plan = _step_plan(meta)
     span, mask = _group(plan, [sl.rank for sl in slices])
     if mask is None:
         return
-    rows = _layer_rows(slices, span)
+    rows = _span_rows(entry, slices, span)
     h = torch.mm(x, rows.a_cols).mul_(mask)
     if len(ys) == 1:
         ys[0].addmm_(h, rows.b_rows[0])

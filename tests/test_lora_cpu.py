@@ -7,6 +7,7 @@ import pytest
 import torch
 from lora_cases import POPULARITY, assert_matches, make_case
 
+from hotlora.kernels.lora import LoraSlice, lora_apply
 from hotlora.kernels.lora_cpu import lora_apply_cpu
 from hotlora.kernels.reference import lora_apply_ref
 
@@ -51,6 +52,17 @@ def test_cpu_caches_follow_changes():
     assert_matches(case, _run(lora_apply_cpu, case, meta), case.expected(), 1e-5)
     for sl in case.slices:  # an adapter reloaded into the same rows
         sl.a.mul_(-0.5)
+        sl.b.mul_(2.0)
     assert_matches(case, _run(lora_apply_cpu, case, meta), case.expected(), 1e-5)
     case.scale.mul_(2.0)
     assert_matches(case, _run(lora_apply_cpu, case, meta), case.expected(), 1e-5)
+
+
+def test_cpu_checks_new_slices():
+    """The slices are checked when a layer's pools are first seen, even after a good call with the same a."""
+    case = make_case(torch.float32, 40, (24,), 8, 6, "uniform")
+    meta = case.meta()
+    lora_apply_cpu(case.ys(case.fused.clone()), case.x, case.slices, meta)
+    bad = LoraSlice(case.slices[0].a, case.slices[0].b, case.slices[0].rank.long())  # int64 rank table
+    with pytest.raises(ValueError):
+        lora_apply(case.ys(case.fused.clone()), case.x, [bad], meta)
