@@ -72,7 +72,7 @@ def _suite_one(quant: str, tokenizer, folder: Path, paths: dict[str, Path], max_
     mixed8, base8 = workload(tokenizer, 8, names[:3], max_tokens, False), workload(tokenizer, 8, [], max_tokens, False)
     mixed32 = workload(tokenizer, 32, names, max_tokens, False)
     engine.generate(_requests("warm", mixed32[:9]))  # every adapter resident, every code path once
-    q = "NF4" if quant == "nf4" else quant
+    q = {"nf4": "NF4", "none": "fp32"}.get(quant, quant)
     b1, b1_ttft, b1_tpot = single_latency(engine, one_base, repeat, "b1")
     _row(q, "1 request, base", f"{b1:.1f}", "", "", f"TTFT {b1_ttft:.0f} ms, TPOT {b1_tpot:.1f} ms")
     a1, a1_ttft, a1_tpot = single_latency(engine, one_lora, repeat, "a1")
