@@ -10,10 +10,13 @@ adapters, and a per-token mask (holding the adapter's scale) zeroes the rows tha
     h     *= mask                                           # mask[t, i, j] = scale[s_t] if row lo + j is s_t's
     ys[i] += h[:, i] @ b_i[lo:hi]                           # one addmm per slice, in place
 
-Tokens without an adapter get an all-zero mask row, so their outputs gain exactly +0. The per-step masks
-are built once per step and rank table (shared by every layer), and the concatenated, transposed A spans
-of a group are kept across steps while the span and the pool contents (tensor versions) are unchanged. fp32 only: other
-dtypes take the reference.
+Tokens without an adapter get an all-zero mask row, so their outputs gain exactly +0 (finite pools and x
+assumed: the adapter cache checks finiteness at load). Rows inside the span that belong to adapters not in
+the batch are read but masked, so the span costs at most the rows between the busy adapters. The masks are
+built once per step and rank table (shared by every layer); the span's A rows (concatenated, transposed)
+and B rows of a group are copied once and kept across steps while the span and the pools' contents
+(tensor versions) are unchanged. fp32 only: other dtypes take the reference. Not thread-safe: one engine
+thread per process calls it, as the engine loop does.
 """
 
 from __future__ import annotations
