@@ -7,6 +7,13 @@ done, the static batch runs every row to the longest; only each request's own to
 
     .venv/bin/python bench/engine_cpu.py --requests 16 --adapters 4 --max-tokens 64 --quant none nf4
     .venv/bin/python bench/engine_cpu.py --requests 32 --adapters 8 --max-tokens 128 --varied
+
+--suite runs issue 16's cases instead, each on one engine per base format (adapters r=12 on all seven
+projections): one request without and with an adapter (tok/s, TTFT, TPOT), 8 base requests, 8 requests mixing
+3 adapters and the base, 32 requests over 8 adapters and the base; the mixed batches also through
+transformers + peft (`adapter_names`), same prompts, same run:
+
+    .venv/bin/python bench/engine_cpu.py --suite --max-tokens 48 --repeat 3 --quant none nf4
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ from hotlora.server.model.weights import DEFAULT_MODEL, resolve_checkpoint
 TOPICS = ["the ocean", "a robot", "mountains", "coffee", "a library", "rain", "the moon", "trains"]
 
 
-def make_adapters(folder: Path, out: Path, n: int) -> dict[str, Path]:
+def make_adapters(folder: Path, out: Path, n: int, rank: int | None = None) -> dict[str, Path]:
+    """n PEFT adapters on all linear layers; rank None alternates r=8 and r=16."""
     base = load_base(folder, "none")
     paths = {}
     for i in range(n):
         torch.manual_seed(i)
-        cfg = LoraConfig(r=(8, 16)[i % 2], lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+        cfg = LoraConfig(r=rank or (8, 16)[i % 2], lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
         model = get_peft_model(base, cfg)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -108,7 +116,13 @@ def main() -> None:
     ap.add_argument("--quant", nargs="+", default=["none", "nf4"])
     ap.add_argument("--repeat", type=int, default=2, help="best of N timed runs, for both sides")
     ap.add_argument("--varied", action="store_true", help="each request its own length, 16..--max-tokens")
+    ap.add_argument("--suite", action="store_true", help="issue 16's cases (bench/engine_cpu_suite.py)")
     args = ap.parse_args()
+    if args.suite:
+        from engine_cpu_suite import run_suite
+
+        run_suite(args.quant, args.max_tokens, args.repeat)
+        return
     ckpt = resolve_checkpoint(DEFAULT_MODEL)
     from transformers import AutoTokenizer
 

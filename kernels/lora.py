@@ -20,8 +20,9 @@ Semantics of ``lora_apply(ys, x, slices, meta)`` (in place, fp32 accumulation, o
                         ).to(ys[i].dtype)
 
 Dispatch: CUDA tensors go to the Triton kernels (one shrink launch and one expand launch for up to three
-slices, e.g. q/k/v or gate/up); CPU tensors go to the torch reference, unless HOTLORA_TRITON_CPU=1 (used
-with TRITON_INTERPRET=1 to run the Triton kernels on the CPU). ``lora_apply_triton``, ``lora_shrink`` and
+slices, e.g. q/k/v or gate/up); CPU tensors go to ``lora_apply_cpu`` (kernels/lora_cpu.py, tested against
+the torch reference), unless HOTLORA_TRITON_CPU=1 (used with TRITON_INTERPRET=1 to run the Triton kernels
+on the CPU). ``lora_apply_triton``, ``lora_shrink`` and
 ``lora_expand`` always take the Triton path.
 """
 
@@ -36,7 +37,7 @@ import torch
 
 from ._checks import check_all, check_slices, check_x, check_ys
 from ._meta import LoraMeta, LoraSlice, build_lora_meta, refresh_lora_meta, refresh_lora_meta_triton
-from .reference import lora_apply_ref
+from .lora_cpu import lora_apply_cpu
 
 __all__ = [
     "KernelConfig",
@@ -227,10 +228,12 @@ def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[Lor
     """Add every token's adapter delta into ys in place; semantics in the module docstring.
 
     x: [T, in]; ys[i]: [T, out_i]; slices: 1 to 3 target modules sharing x (q/k/v, gate/up, o, down).
-    CUDA (or HOTLORA_TRITON_CPU=1): Triton; otherwise the grouped torch reference.
+    CUDA (or HOTLORA_TRITON_CPU=1): Triton; otherwise ``lora_apply_cpu`` (masked-span fp32 matmuls; its
+    reference is ``hotlora.kernels.reference.lora_apply_ref``).
     """
     if _use_triton(x):
         lora_apply_triton(ys, x, slices, meta)
     else:
-        check_all(ys, x, slices, meta)
-        lora_apply_ref(ys, x, slices, meta)
+        check_x(x, slices, meta)
+        check_ys(ys, slices, meta)
+        lora_apply_cpu(ys, x, slices, meta)  # checks the slices whenever it (re)reads a layer's pools

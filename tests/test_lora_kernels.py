@@ -130,14 +130,14 @@ def test_reference_shrink_expand_compose():
 
 def test_lora_apply_dispatch(monkeypatch):
     calls = []
-    monkeypatch.setattr(lora_mod, "lora_apply_ref", lambda *a: calls.append("ref"))
+    monkeypatch.setattr(lora_mod, "lora_apply_cpu", lambda *a: calls.append("cpu"))
     monkeypatch.setattr(lora_mod, "lora_apply_triton", lambda *a: calls.append("triton"))
     case = make_case(torch.float32, 40, (24,), 8, 5, "uniform")
     monkeypatch.delenv("HOTLORA_TRITON_CPU", raising=False)
     lora_apply(case.ys(case.fused), case.x, case.slices, case.meta())
     monkeypatch.setenv("HOTLORA_TRITON_CPU", "1")
     lora_apply(case.ys(case.fused), case.x, case.slices, case.meta())
-    assert calls == ["ref", "triton"]
+    assert calls == ["cpu", "triton"]
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)
