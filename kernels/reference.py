@@ -175,6 +175,8 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: tor
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         x.copy_(x * c + rotated * s)
+
+
 def _visible(pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
     """bool [..., length]: key j is visible from a query at position pos (causal, optional sliding window)."""
     j = torch.arange(length, device=pos.device)
