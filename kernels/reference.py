@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +187,36 @@ def _visible(pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor
     return mask
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionPlanRef:
+    """What paged_attention_ref derives from the metadata alone: the same for every layer of a step."""
+
+    cu: list[int]
+    ctx: list[int]
+    decode_rows: torch.Tensor | None  # int64 [B]: the query row of each decode
+    decode_tables: torch.Tensor | None  # int64 [B, width]: their blocks (block 0 past a context)
+    decode_mask: torch.Tensor | None  # bool [B, length]: keys each decode sees
+    decode_len: int  # the longest decode context
+
+
+def plan_paged_attention_ref(cu_seqlens_q: torch.Tensor, ctx_lens: torch.Tensor, block_tables: torch.Tensor,
+                             block_size: int, sliding_window: int | None = None) -> AttentionPlanRef:
+    """The metadata part of paged_attention_ref (host sync on the metadata), reusable across layers."""
+    cu, ctx, dev = cu_seqlens_q.tolist(), ctx_lens.tolist(), block_tables.device
+    decode = [s for s in range(len(ctx)) if cu[s + 1] - cu[s] == 1 and ctx[s] > 0]
+    if not decode:
+        return AttentionPlanRef(cu, ctx, None, None, None, 0)
+    rows = torch.tensor([cu[s] for s in decode], device=dev)
+    lens = torch.tensor([ctx[s] for s in decode], device=dev)
+    length = max(ctx[s] for s in decode)
+    width = -(-length // block_size)
+    tables = block_tables[torch.tensor(decode, device=dev), :width].long()
+    owned = torch.arange(width, device=dev) < (lens[:, None] + block_size - 1) // block_size
+    tables = torch.where(owned, tables, 0)  # columns past a context may hold anything: read block 0 there
+    mask = _visible(lens - 1, length, sliding_window) & (torch.arange(length, device=dev) < lens[:, None])
+    return AttentionPlanRef(cu, ctx, rows, tables, mask, length)
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -195,30 +226,26 @@ def paged_attention_ref(
     block_tables: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    plan: AttentionPlanRef | None = None,
 ) -> torch.Tensor:
     """Reference of ``hotlora.kernels.attention.paged_attention`` (same arguments and semantics; fp32 math).
 
-    Gathers each sequence's context from the paged cache (host sync on the metadata). Sequences with one query
-    (decodes) share one padded batched product; prefill chunks run one at a time. Queries at negative positions
-    (ctx_lens[s] < q_len) and rows no sequence covers are zero.
+    Gathers each sequence's context from the paged cache. Sequences with one query (decodes) share one padded
+    batched product; prefill chunks run one at a time. Queries at negative positions (ctx_lens[s] < q_len) and
+    rows no sequence covers are zero. `plan`: plan_paged_attention_ref of the same metadata, if the caller has it.
     """
     out = torch.zeros_like(q)
-    cu, ctx = cu_seqlens_q.tolist(), ctx_lens.tolist()
     bs, dev = k_cache.shape[1], q.device
-    decode = [s for s in range(len(ctx)) if cu[s + 1] - cu[s] == 1 and ctx[s] > 0]
-    if decode:
-        rows = torch.tensor([cu[s] for s in decode], device=dev)
-        lens = torch.tensor([ctx[s] for s in decode], device=dev)
-        length = max(ctx[s] for s in decode)
-        width = -(-length // bs)
-        tables = block_tables[torch.tensor(decode, device=dev), :width].long()
-        owned = torch.arange(width, device=dev) < (lens[:, None] + bs - 1) // bs
-        tables = torch.where(owned, tables, 0)  # columns past a context may hold anything: read block 0 there
-        k = k_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).float()  # [B, KVH, L, D]
-        v = v_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).float()
-        mask = _visible(lens - 1, length, sliding_window) & (torch.arange(length, device=dev) < lens[:, None])
-        o = F.scaled_dot_product_attention(q[rows].float().unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
-                                           scale=scale, enable_gqa=True)  # fmt: skip
+    if plan is None:
+        plan = plan_paged_attention_ref(cu_seqlens_q, ctx_lens, block_tables, bs, sliding_window)
+    cu, ctx = plan.cu, plan.ctx
+    if plan.decode_rows is not None:
+        length, rows = plan.decode_len, plan.decode_rows
+        k = k_cache[plan.decode_tables].flatten(1, 2)[:, :length].transpose(1, 2).float()  # [B, KVH, L, D]
+        v = v_cache[plan.decode_tables].flatten(1, 2)[:, :length].transpose(1, 2).float()
+        o = F.scaled_dot_product_attention(q[rows].float().unsqueeze(2), k, v,
+                                           attn_mask=plan.decode_mask[:, None, None, :], scale=scale,
+                                           enable_gqa=True)  # fmt: skip
         out[rows] = o.squeeze(2).to(q.dtype)
     for s in range(len(ctx)):
         n, c = cu[s + 1] - cu[s], ctx[s]

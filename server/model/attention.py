@@ -8,12 +8,12 @@ hotlora.kernels.attention (the Triton kernel) and hotlora.kernels.reference.page
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from hotlora.kernels.attention import paged_attention as paged_attention_triton
-from hotlora.kernels.reference import paged_attention_ref
+from hotlora.kernels.reference import AttentionPlanRef, paged_attention_ref, plan_paged_attention_ref
 
 
 @dataclass(slots=True)
@@ -30,6 +30,9 @@ class AttentionMeta:
     block_tables: torch.Tensor  # int32 [S, width]: columns past a context are never read
     max_q_len: int  # bucketed upper bounds: they pick the kernel's tiles and KV splits, never a sync
     max_ctx_len: int
+    # the torch reference's per-step plan, shared by all layers; keyed by the metadata tensors' versions, so
+    # static (graph) buffers rewritten in place for the next step never reuse a stale one
+    ref_plan: tuple[tuple[int, ...], AttentionPlanRef] | None = field(default=None, repr=False)
 
 
 def write_kv(
@@ -52,4 +55,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if use_triton(q):
         return paged_attention_triton(*args, max_q_len=meta.max_q_len, max_ctx_len=meta.max_ctx_len,
                                       sliding_window=sliding_window)  # fmt: skip
-    return paged_attention_ref(*args, sliding_window=sliding_window)
+    key = (meta.cu_seqlens_q._version, meta.ctx_lens._version, meta.block_tables._version, sliding_window or 0)
+    if meta.ref_plan is None or meta.ref_plan[0] != key:
+        plan = plan_paged_attention_ref(meta.cu_seqlens_q, meta.ctx_lens, meta.block_tables, k_cache.shape[1],
+                                        sliding_window)  # fmt: skip
+        meta.ref_plan = (key, plan)
+    return paged_attention_ref(*args, sliding_window=sliding_window, plan=meta.ref_plan[1])
