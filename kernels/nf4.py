@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+import triton
 import triton.language as tl
 
 from ._nf4_triton import (
@@ -142,14 +143,10 @@ def nf4_dequantize(w: NF4Weight, block_n: int = 32, warps: int = 4) -> torch.Ten
         return nf4_dequantize_ref(w)
     n, k = w.shape
     out = torch.empty(n, k, dtype=w.dtype, device=w.codes.device)
-    grid = (triton_cdiv(n, block_n), triton_cdiv(k, 128))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, 128))
     nf4_dequant_kernel[grid](w.codes, w.absmax, _lut(out.device, torch.float32), out, n, k, w.codes.stride(0),
                              w.absmax.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=warps)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +215,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     split = cfg.split_k
     groups = w.codes.shape[1] // 64
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n), split)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     lut = _lut(x.device, x.dtype if cfg.scale_after else torch.float32)
     lookup = cfg.lookup if cfg.scale_after and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     nf4_matmul_kernel[grid](
@@ -227,11 +224,11 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and cfg.scale_after, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
-        ITERS=triton_cdiv(groups, split), GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
+        ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if split > 1:
         block = 1024
-        nf4_reduce_kernel[(triton_cdiv(m * n, block),)](
+        nf4_reduce_kernel[(triton.cdiv(m * n, block),)](
             part, bias if bias is not None else y, y, m, n, y.stride(0),
             HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
         )
