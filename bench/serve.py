@@ -2,7 +2,8 @@
 
 Requests arrive on a Poisson clock (--rate, requests/s; 0 sends them all at once), each with a random
 prompt of token ids (--prompt-len LO:HI, uniform), a completion of exactly --output-len LO:HI tokens
-(ignore_eos, which the server honours as vLLM does) and an adapter drawn from --adapters (uniform, or
+(ignore_eos, which the server honours as vLLM does), optionally after one of --shared-prefixes K
+system prompts of --prefix-len tokens (for prefix caching), and an adapter drawn from --adapters (uniform, or
 Zipf(--zipf S) over the order given; the base model when none are given). Every request is streamed
 from /v1/completions; one JSON object is printed (and written to --out):
 
@@ -82,14 +83,18 @@ class Result:
 
 
 def plan(n: int, rate: float, prompt_len: tuple[int, int], output_len: tuple[int, int], models: list[str],
-         zipf: float | None, seed: int) -> list[Planned]:
+         zipf: float | None, seed: int, shared: tuple[int, int] = (0, 0)) -> list[Planned]:
+    """The requests, in arrival order. shared = (K, L): every prompt starts with one of K fixed L-token
+    prefixes (a system prompt, chosen uniformly) and --prompt-len is the length of the part after it."""
     rng = random.Random(seed)
     weights = [1.0 / (k + 1) ** zipf for k in range(len(models))] if zipf else None
+    prefixes = [[rng.randrange(*TOKEN_RANGE) for _ in range(shared[1])] for _ in range(shared[0])]
     t, out = 0.0, []
     for _ in range(n):
         if rate > 0:
             t += rng.expovariate(rate)
-        prompt = [rng.randrange(*TOKEN_RANGE) for _ in range(rng.randint(*prompt_len))]
+        head = rng.choice(prefixes) if prefixes else []
+        prompt = head + [rng.randrange(*TOKEN_RANGE) for _ in range(rng.randint(*prompt_len))]
         model = rng.choices(models, weights=weights)[0]
         out.append(Planned(t, prompt, rng.randint(*output_len), model))
     return out
@@ -232,7 +237,8 @@ def benchmark(a: argparse.Namespace) -> dict:
     try:
         wait_ready(url, proc, a.ready_timeout)
         models = [m for m in a.adapters.split(",") if m] if a.adapters else [base_model(url)]
-        planned = plan(a.requests, a.rate, a.prompt_len, a.output_len, models, a.zipf, a.seed)
+        planned = plan(a.requests, a.rate, a.prompt_len, a.output_len, models, a.zipf, a.seed,
+                       (a.shared_prefixes, a.prefix_len))
         before = read_counters(url)
         results, duration = asyncio.run(run(url, planned))
         after = read_counters(url)
@@ -245,7 +251,8 @@ def benchmark(a: argparse.Namespace) -> dict:
     if server.get("prefix_cache_queries"):
         server["prefix_cache_hit_rate"] = server.get("prefix_cache_hits", 0.0) / server["prefix_cache_queries"]
     summary["config"] = {"rate": a.rate, "prompt_len": a.prompt_len, "output_len": a.output_len,
-                         "models": len(models), "zipf": a.zipf, "seed": a.seed}
+                         "models": len(models), "zipf": a.zipf, "seed": a.seed,
+                         "shared_prefixes": a.shared_prefixes, "prefix_len": a.prefix_len}
     return summary
 
 
@@ -258,6 +265,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-len", type=span, default=(32, 256), metavar="LO:HI")
     p.add_argument("--adapters", default="", help="a,b,...: adapter names (default: the base model)")
     p.add_argument("--zipf", type=float, default=None, help="Zipf exponent over --adapters (default uniform)")
+    p.add_argument("--shared-prefixes", type=int, default=0, metavar="K",
+                   help="prompts start with one of K shared --prefix-len-token prefixes (system prompts)")
+    p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--launch", default=None, metavar="SERVE_ARGS", help="start `hotlora serve SERVE_ARGS` first")

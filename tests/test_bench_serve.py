@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -81,3 +82,14 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
     assert base["server"]["eager_steps"] + base["server"]["graph_steps"] >= 5
     assert base["server"]["prefix_cache_queries"] > 0
     assert 0.0 <= base["server"].get("prefix_cache_hit_rate", 0.0) <= 1.0
+
+
+def test_serve_plan_shared_prefixes():
+    serve = _bench_module("serve")
+    planned = serve.plan(40, 5.0, (3, 6), (2, 4), ["a", "b"], 1.1, seed=1, shared=(2, 16))
+    heads = {tuple(p.prompt[:16]) for p in planned}
+    assert len(heads) == 2  # every prompt starts with one of the two system prompts, and both occur
+    assert all(19 <= len(p.prompt) <= 22 for p in planned)
+    assert all(b.arrival > a.arrival for a, b in itertools.pairwise(planned))
+    plain = serve.plan(40, 5.0, (3, 6), (2, 4), ["a", "b"], 1.1, seed=1)
+    assert all(3 <= len(p.prompt) <= 6 for p in plain)
