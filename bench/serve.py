@@ -227,6 +227,22 @@ def launch(args_text: str, url: str) -> subprocess.Popen:
     return subprocess.Popen(cmd)
 
 
+def make_tokenizer(folder: Path, vocab: int) -> None:
+    """A word-level tokenizer whose every id decodes to its own word (" w123"), for random-weight models.
+
+    A random model samples over its whole vocabulary; with a smaller real tokenizer most ids decode to
+    nothing and stream no text, which would hide tokens from the client's clock. Give it to the server
+    with `hotlora serve --tokenizer DIR`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+
+
 def list_adapters(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
 
@@ -274,6 +290,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=1800.0)
     p.add_argument("--list-adapters", type=Path, default=None, metavar="DIR",
                    help="print the adapter names in DIR, comma-separated, and exit")
+    p.add_argument("--make-tokenizer", type=Path, default=None, metavar="DIR",
+                   help="write a word-level tokenizer of --vocab ids into DIR (for random:<preset>) and exit")
+    p.add_argument("--vocab", type=int, default=128256)
     g = p.add_argument_group("writing adapters (bench/make_adapters.py), then exit")
     g.add_argument("--make-adapters", type=int, default=None, metavar="N")
     g.add_argument("--adapter-dir", type=Path, default=Path("bench-adapters"))
@@ -287,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     if a.list_adapters is not None:
         print(",".join(list_adapters(a.list_adapters)))
+        return
+    if a.make_tokenizer is not None:
+        make_tokenizer(a.make_tokenizer, a.vocab)
         return
     if a.make_adapters is not None:
         sys.path.insert(0, str(Path(__file__).parent))

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The serving runs behind BENCHMARKS.md's H200 tables (issues 11, 12, 13), one suite per argument:
-#   bench/serve_h200.sh traffic    # issue 11: Poisson 6 req/s and all-at-once, base and Zipf(1.1) over 128 r=16 adapters
-#   bench/serve_h200.sh many       # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
-#   bench/serve_h200.sh prefix     # issue 13: 8 shared 1,024-token system prompts, Zipf over 32 adapters, caching on/off
-# Llama-3-8B shape (random weights), NF4, on the local GPU. Each server is started by bench/serve.py --launch,
-# so the startup (weights, CUDA-graph capture) is not in the numbers. JSON lands in $OUT (default .).
+#   bench/serve_h200.sh traffic     # issue 11: Poisson 6 req/s and all-at-once, base and Zipf(1.1) over 128 r=16
+#                                   # adapters; then issue 13's shared-prefix run (caching on, the default)
+#   bench/serve_h200.sh prefix-off  # issue 13: the shared-prefix run with --no-enable-prefix-caching
+#   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
+# Issue 13's run: 8 shared 1,024-token system prompts + 64-256 tokens, Zipf(1.1) over 32 adapters, Poisson.
+# Llama-3-8B shape (random weights), NF4, on the local GPU. Each server is started here and polled until ready,
+# so the startup (weights, CUDA-graph capture) is not in the numbers; a word-level tokenizer of the model's
+# vocabulary (bench/serve.py --make-tokenizer) makes every sampled id stream text. JSON lands in $OUT (default .).
 set -euo pipefail
 OUT=${OUT:-.}
 ADAPTERS=${ADAPTERS:-/tmp/hotlora-bench}
@@ -33,8 +36,9 @@ print(sys.argv[2], r["completed"], "/", r["requests"], "req/s", r["req_per_s"], 
     "$OUT/serve-$name.json" "$name"
 }
 
-serve_and_run() {  # "serve args" then a function that issues the bench calls
-  local args=$1 body=$2
+serve_and_run() {  # "serve args" then the functions that issue the bench calls
+  local args="$1 --tokenizer $ADAPTERS/tokenizer" body=$2; shift
+  [[ -f $ADAPTERS/tokenizer/tokenizer.json ]] || "$py" "$here/serve.py" --make-tokenizer "$ADAPTERS/tokenizer"
   "$py" -m hotlora.server.cli serve $args --host 127.0.0.1 --port "$PORT" --log-level warning \
     >"$OUT/server-$body.log" 2>&1 &
   local pid=$!
@@ -45,7 +49,7 @@ serve_and_run() {  # "serve args" then a function that issues the bench calls
     sleep 1
   done
   echo "server ready in $((SECONDS - t0)) s: $args" >&2
-  "$body" || true
+  for f in "$@"; do "$f" || true; done
   kill -TERM $pid; wait $pid || true
 }
 
@@ -73,16 +77,15 @@ prefix_off() { bench prefix-off "${prefix_args[@]}" --adapters "$(names "$ADAPTE
 case ${1:-} in
   traffic)
     make_adapters "$ADAPTERS/r16all" 128 16 all
-    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" traffic_runs ;;
+    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" traffic_runs prefix_on ;;
   many)
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r8qvo --max-loras 64" many_runs ;;
-  prefix)
+  prefix-off)
     make_adapters "$ADAPTERS/r16all" 128 16 all
-    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" prefix_on
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64 --no-enable-prefix-caching" prefix_off ;;
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|many|prefix|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|prefix-off|many|adapters" >&2; exit 2 ;;
 esac

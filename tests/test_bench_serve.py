@@ -93,3 +93,19 @@ def test_serve_plan_shared_prefixes():
     assert all(b.arrival > a.arrival for a, b in itertools.pairwise(planned))
     plain = serve.plan(40, 5.0, (3, 6), (2, 4), ["a", "b"], 1.1, seed=1)
     assert all(3 <= len(p.prompt) <= 6 for p in plain)
+
+
+def test_made_tokenizer_streams_a_word_per_id(tmp_path, hotlora_cache):
+    """Every id of a random model's vocabulary decodes to text, through the engine's own detokenizer."""
+    from hotlora.server.engine.config import EngineConfig
+    from hotlora.server.engine.engine import LLMEngine
+    from hotlora.server.model.presets import preset_config
+
+    serve = _bench_module("serve")
+    vocab = preset_config("tiny").vocab_size
+    serve.main(["--make-tokenizer", str(tmp_path), "--vocab", str(vocab)])
+    eng = LLMEngine(EngineConfig(model="random:tiny", quant="none", cache_dir=hotlora_cache, kv_cache_memory=0.01,
+                                 tokenizer=tmp_path))
+    assert len(eng.tokenizer) == vocab
+    assert eng.detokenizer.decode([5, vocab - 1, 3]) == f"w5 w{vocab - 1} w3"
+    assert eng.tokenizer.encode("w7 w9", add_special_tokens=False) == [7, 9]
