@@ -52,6 +52,10 @@ SERVER_COUNTERS = {
     "prefix_cache_queries": "hotlora_prefix_cache_queries_total",
     "prefix_cache_hits": "hotlora_prefix_cache_hits_total",
     "preemptions": "hotlora_num_preemptions",
+    "load_disk_to_cpu_s": 'vllm:lora_adapter_load_seconds_sum{transition="disk_to_cpu"}',
+    "load_disk_to_cpu_n": 'vllm:lora_adapter_load_seconds_count{transition="disk_to_cpu"}',
+    "load_cpu_to_gpu_s": 'vllm:lora_adapter_load_seconds_sum{transition="cpu_to_gpu"}',
+    "load_cpu_to_gpu_n": 'vllm:lora_adapter_load_seconds_count{transition="cpu_to_gpu"}',
 }
 TOKEN_RANGE = (100, 5000)  # prompt token ids: past the special tokens, inside every supported vocabulary
 
@@ -185,7 +189,8 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
 def read_counters(url: str) -> dict[str, float]:
-    """Sums of the SERVER_COUNTERS samples (over their labels) in /metrics; {} if it cannot be read."""
+    """The SERVER_COUNTERS samples in /metrics (summed over their labels, unless the name gives them);
+    {} if it cannot be read."""
     try:
         text = httpx.get(url + "/metrics", timeout=10).text
     except httpx.HTTPError:
@@ -194,8 +199,9 @@ def read_counters(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line)
-        if m and m[1] in wanted:
-            out[wanted[m[1]]] = out.get(wanted[m[1]], 0.0) + float(m[3])
+        key = m and (wanted.get(m[1]) or wanted.get(m[1] + (m[2] or "")))
+        if key:
+            out[key] = out.get(key, 0.0) + float(m[3])
     return out
 
 
@@ -264,6 +270,9 @@ def benchmark(a: argparse.Namespace) -> dict:
             proc.wait(timeout=60)
     summary = summarize(results, duration)
     summary["server"] = server = {k: after[k] - before.get(k, 0.0) for k in after}
+    for t in ("disk_to_cpu", "cpu_to_gpu"):  # mean seconds per adapter load, by tier boundary
+        if server.get(f"load_{t}_n"):
+            server[f"load_{t}_mean_ms"] = 1000 * server[f"load_{t}_s"] / server[f"load_{t}_n"]
     if server.get("prefix_cache_queries"):
         server["prefix_cache_hit_rate"] = server.get("prefix_cache_hits", 0.0) / server["prefix_cache_queries"]
     summary["config"] = {"rate": a.rate, "prompt_len": a.prompt_len, "output_len": a.output_len,

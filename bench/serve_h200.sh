@@ -2,6 +2,7 @@
 # The serving runs behind BENCHMARKS.md's H200 tables (issues 11, 12, 13), one suite per argument:
 #   bench/serve_h200.sh traffic     # issue 11: Poisson 6 req/s and all-at-once, base and Zipf(1.1) over 128 r=16
 #                                   # adapters; then issue 13's shared-prefix run (caching on, the default)
+#   bench/serve_h200.sh zipf-prefix # the Poisson Zipf(1.1)-over-128 run and the shared-prefix run (caching on)
 #   bench/serve_h200.sh prefix-off  # issue 13: the shared-prefix run with --no-enable-prefix-caching
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
 # Issue 13's run: 8 shared 1,024-token system prompts + 64-256 tokens, Zipf(1.1) over 32 adapters, Poisson.
@@ -56,9 +57,13 @@ serve_and_run() {  # "serve args" then the functions that issue the bench calls
 names() { "$py" "$here/serve.py" --list-adapters "$1" | cut -d, -f"1-$2"; }
 COMMON=(--requests "$REQUESTS" --prompt-len 64:1024 --output-len 32:256)
 
+zipf128_run() {
+  bench poisson-zipf128 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1
+}
+
 traffic_runs() {
   bench poisson-base "${COMMON[@]}" --rate "$RATE"
-  bench poisson-zipf128 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1
+  zipf128_run
   bench burst-base --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0
   bench burst-zipf128 --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 \
     --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1
@@ -81,11 +86,14 @@ case ${1:-} in
   many)
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r8qvo --max-loras 64" many_runs ;;
+  zipf-prefix)
+    make_adapters "$ADAPTERS/r16all" 128 16 all
+    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" zipf128_run prefix_on ;;
   prefix-off)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64 --no-enable-prefix-caching" prefix_off ;;
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|prefix-off|many|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|many|adapters" >&2; exit 2 ;;
 esac

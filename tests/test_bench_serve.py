@@ -78,6 +78,8 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
     # 6 requests of 3..5 tokens each; the counters come from the server's /metrics
     assert 18 / base["duration_s"] <= base["output_tok_per_s"] <= 30 / base["duration_s"]
     assert base["server"]["adapter_loads"] >= 1
+    assert base["server"]["load_disk_to_cpu_n"] >= 1 and base["server"]["load_disk_to_cpu_mean_ms"] > 0
+    assert base["server"]["load_cpu_to_gpu_n"] >= 1 and base["server"]["load_cpu_to_gpu_mean_ms"] > 0
     # every step counted once, eager (CPU) or replayed; prompts looked up in the prefix cache, with a hit rate
     assert base["server"]["eager_steps"] + base["server"]["graph_steps"] >= 5
     assert base["server"]["prefix_cache_queries"] > 0
