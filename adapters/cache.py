@@ -97,16 +97,16 @@ class LoraSlotCache:
         self.row_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.ranks = {m: torch.zeros(num_slots, dtype=torch.int32, device=device) for m in TARGET_MODULES}
+        # one [layers, rows, features] tensor per module and side, so that a load writes a module of every
+        # layer in one copy; each layer's kernels see its contiguous [rows, features] slice
+        self.pools = {
+            m: (torch.zeros(num_layers, pool_rows, linear_shapes[m][1], device=device, dtype=dtype),
+                torch.zeros(num_layers, pool_rows, linear_shapes[m][0], device=device, dtype=dtype))
+            for m in TARGET_MODULES
+        }
         self.layers: list[dict[str, LoraSlice]] = [
-            {
-                m: LoraSlice(
-                    a=torch.zeros(pool_rows, linear_shapes[m][1], device=device, dtype=dtype),
-                    b=torch.zeros(pool_rows, linear_shapes[m][0], device=device, dtype=dtype),
-                    rank=self.ranks[m],
-                )
-                for m in TARGET_MODULES
-            }
-            for _ in range(num_layers)
+            {m: LoraSlice(a=a[layer], b=b[layer], rank=self.ranks[m]) for m, (a, b) in self.pools.items()}
+            for layer in range(num_layers)
         ]
         self.slots: list[Slot | None] = [None] * num_slots
         self.index: dict[Hashable, int] = {}
@@ -239,14 +239,21 @@ class LoraSlotCache:
         weights = adapter.weights if raw is None or raw is adapter.raw else adapter.views(raw)
         rows = slice(start, start + adapter.config.rank)
         for m in adapter.config.target_modules:
-            for layer, slices in enumerate(self.layers):
-                ab = weights.get((layer, m))
+            pairs = [weights.get((layer, m)) for layer in range(len(self.layers))]
+            pool_a, pool_b = self.pools[m]
+            if all(ab is not None for ab in pairs):
+                # a few large ops, not two per layer: each op waits for the GIL, which the engine and
+                # HTTP threads hold most of the time under load (448 small copies took ~0.6 s there)
+                pool_a[:, rows].copy_(torch.stack([a for a, _ in pairs]), non_blocking=True)
+                pool_b[:, rows].copy_(torch.stack([b for _, b in pairs]).transpose(1, 2), non_blocking=True)
+                continue
+            for layer, ab in enumerate(pairs):
                 if ab is None:  # not targeted in this layer (layers_to_transform): a zero delta
-                    slices[m].a[rows].zero_()
-                    slices[m].b[rows].zero_()
+                    pool_a[layer, rows].zero_()
+                    pool_b[layer, rows].zero_()
                 else:
-                    slices[m].a[rows].copy_(ab[0], non_blocking=True)
-                    slices[m].b[rows].copy_(ab[1].T, non_blocking=True)
+                    pool_a[layer, rows].copy_(ab[0], non_blocking=True)
+                    pool_b[layer, rows].copy_(ab[1].T, non_blocking=True)
         if not adapter.check_finite:
             return None
         return _all_finite(adapter, raw, weights)

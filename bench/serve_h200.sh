@@ -5,6 +5,8 @@
 #   bench/serve_h200.sh zipf-prefix # the Poisson Zipf(1.1)-over-128 run and the shared-prefix run (caching on)
 #   bench/serve_h200.sh prefix-off  # issue 13: the shared-prefix run with --no-enable-prefix-caching
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
+# Every run first sends short untimed requests (--warmup) over the most popular adapters: the first
+# compilations and those adapters' loads stay out of the numbers, and runs on fresh servers compare fairly.
 # Issue 13's run: 8 shared 1,024-token system prompts + 64-256 tokens, Zipf(1.1) over 32 adapters, Poisson.
 # Llama-3-8B shape (random weights), NF4, on the local GPU. Each server is started here and polled until ready,
 # so the startup (weights, CUDA-graph capture) is not in the numbers; a word-level tokenizer of the model's
@@ -58,24 +60,25 @@ names() { "$py" "$here/serve.py" --list-adapters "$1" | cut -d, -f"1-$2"; }
 COMMON=(--requests "$REQUESTS" --prompt-len 64:1024 --output-len 32:256)
 
 zipf128_run() {
-  bench poisson-zipf128 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1
+  bench poisson-zipf128 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1 \
+    --warmup 64
 }
 
 traffic_runs() {
-  bench poisson-base "${COMMON[@]}" --rate "$RATE"
+  bench poisson-base "${COMMON[@]}" --rate "$RATE" --warmup 8
   zipf128_run
-  bench burst-base --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0
+  bench burst-base --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 --warmup 8
   bench burst-zipf128 --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 \
-    --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1
+    --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1 --warmup 64
 }
 
 many_runs() {
-  bench zipf8 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r8qvo" 8)" --zipf 1.1
-  bench zipf1000 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r8qvo" 1000)" --zipf 1.1
+  bench zipf8 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r8qvo" 8)" --zipf 1.1 --warmup 8
+  bench zipf1000 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r8qvo" 1000)" --zipf 1.1 --warmup 64
 }
 
 prefix_args=(--requests "$REQUESTS" --rate "$RATE" --shared-prefixes 8 --prefix-len 1024 --prompt-len 64:256
-             --output-len 32:256 --zipf 1.1)
+             --output-len 32:256 --zipf 1.1 --warmup 32)
 prefix_on() { bench prefix-on "${prefix_args[@]}" --adapters "$(names "$ADAPTERS/r16all" 32)"; }
 prefix_off() { bench prefix-off "${prefix_args[@]}" --adapters "$(names "$ADAPTERS/r16all" 32)"; }
 

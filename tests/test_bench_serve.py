@@ -60,7 +60,8 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
     try:
         out = tmp_path / "bench.json"
         serve.main(["--url", srv.url, "--requests", "6", "--rate", "20", "--prompt-len", "4:12",
-                    "--output-len", "3:5", "--adapters", ",".join(names), "--zipf", "1.1", "--out", str(out)])
+                    "--output-len", "3:5", "--adapters", ",".join(names), "--zipf", "1.1", "--out", str(out),
+                    "--warmup", "1"])
         base = json.loads(capsys.readouterr().out)
         serve.main(["--url", srv.url, "--requests", "3", "--rate", "0", "--prompt-len", "4:4", "--output-len", "2:2"])
         base_only = json.loads(capsys.readouterr().out)
@@ -77,7 +78,7 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
     assert base["config"]["models"] == 3 and base_only["config"]["models"] == 1
     # 6 requests of 3..5 tokens each; the counters come from the server's /metrics
     assert 18 / base["duration_s"] <= base["output_tok_per_s"] <= 30 / base["duration_s"]
-    assert base["server"]["adapter_loads"] >= 1
+    assert base["server"]["adapter_loads"] >= 1 and base["config"]["warmup"] == 1
     assert base["server"]["load_disk_to_cpu_n"] >= 1 and base["server"]["load_disk_to_cpu_mean_ms"] > 0
     assert base["server"]["load_cpu_to_gpu_n"] >= 1 and base["server"]["load_cpu_to_gpu_mean_ms"] > 0
     # every step counted once, eager (CPU) or replayed; prompts looked up in the prefix cache, with a hit rate
