@@ -58,14 +58,26 @@ class Reference:
         for name in names[1:]:
             self.model.load_adapter(str(adapters[name]), adapter_name=name)
         self.model.eval()
+        self.mixes: dict[str, str] = {}  # mix text -> its PEFT adapter name
 
     @torch.inference_mode()
     def greedy(self, prompt: list[int], adapter: str | None, n: int) -> list[int]:
         if adapter is None:
             with self.model.disable_adapter():
                 return self._loop(prompt, n)
-        self.model.set_adapter(adapter)
+        self.model.set_adapter(self.mixes.get(adapter, adapter))
         return self._loop(prompt, n)
+
+    def add_mix(self, text: str) -> str:
+        """Add the adapter mix `text` ("a*0.7+b*0.3") as PEFT's add_weighted_adapter(combination_type="cat")
+        under a name of its own; greedy() and score() then take `text` like any adapter name."""
+        from hotlora.adapters.mixspec import parse_mix
+
+        spec = parse_mix(text)
+        name = f"mix{len(self.mixes)}"  # PEFT's adapter names are module keys: no '.', so not the text itself
+        self.model.add_weighted_adapter(spec.names, [c.weight for c in spec.components], name, combination_type="cat")
+        self.mixes[text] = name
+        return text
 
     @torch.inference_mode()
     def score(self, prompt: list[int], tokens: list[int], adapter: str | None) -> torch.Tensor:
@@ -75,7 +87,7 @@ class Reference:
             with self.model.disable_adapter():
                 logits = self.model(input_ids=ids).logits
         else:
-            self.model.set_adapter(adapter)
+            self.model.set_adapter(self.mixes.get(adapter, adapter))
             logits = self.model(input_ids=ids).logits
         return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1).cpu()
 
@@ -142,8 +154,8 @@ def run_engine_mixed(adapters: dict[str, Path], work, n_tokens: int, **config):
     from hotlora.server.engine.engine import LLMEngine
     from hotlora.server.engine.types import Request, SamplingParams
 
-    config.setdefault("model", "default")
-    engine = LLMEngine(EngineConfig(max_loras=4, max_lora_rank=16, kv_cache_memory=0.25, **config))
+    config = {"model": "default", "max_loras": 4, "max_lora_rank": 16, "kv_cache_memory": 0.25} | config
+    engine = LLMEngine(EngineConfig(**config))
     for name, path in adapters.items():
         engine.registry.register(name, path)
     params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True, logprobs=0)

@@ -32,7 +32,7 @@ def engine_error(exc: BaseException, model: str) -> APIError | None:
     """The API error for an exception the engine raised on a request, or None for a bug."""
     names = {c.__name__ for c in type(exc).__mro__}
     if "UnknownAdapterError" in names:
-        return model_not_found(model)
+        return model_not_found(model, getattr(exc, "name", None))
     if "EngineOverloadedError" in names:
         return APIError(
             429, f"the server is overloaded ({exc}); retry later", code="overloaded", headers={"Retry-After": "1"}
