@@ -68,6 +68,22 @@ class Reference:
         self.model.set_adapter(self.mixes.get(adapter, adapter))
         return self._loop(prompt, n)
 
+    @torch.inference_mode()
+    def greedy_batch(self, prompt: list[int], adapters: list[str | None], n: int) -> list[list[int]]:
+        """greedy() of one prompt under several adapters (None: the base) in one batch, through PEFT's
+        mixed-adapter batches (adapter_names): one pass per token for all of them."""
+        names = ["__base__" if a is None else self.mixes.get(a, a) for a in adapters]
+        ids = torch.tensor([prompt] * len(names), device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, adapter_names=names)
+        tokens: list[list[int]] = [[] for _ in names]
+        for _ in range(n):
+            step = out.logits[:, -1].argmax(dim=-1)
+            for row, tok in zip(tokens, step.tolist(), strict=True):
+                row.append(tok)
+            out = self.model(input_ids=step[:, None], past_key_values=out.past_key_values, use_cache=True,
+                             adapter_names=names)
+        return tokens
+
     def add_mix(self, text: str) -> str:
         """Add the adapter mix `text` ("a*0.7+b*0.3") as PEFT's add_weighted_adapter(combination_type="cat")
         under a name of its own; greedy() and score() then take `text` like any adapter name."""
@@ -92,15 +108,21 @@ class Reference:
         return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1).cpu()
 
     def _loop(self, prompt: list[int], n: int) -> list[int]:
-        ids = torch.tensor([prompt], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True)
-        tokens: list[int] = []
-        for _ in range(n):
-            tok = int(out.logits[0, -1].argmax())
-            tokens.append(tok)
-            step = torch.tensor([[tok]], device=self.device)
-            out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-        return tokens
+        return greedy_loop(self.model, prompt, n, self.device)
+
+
+@torch.inference_mode()
+def greedy_loop(model: torch.nn.Module, prompt: list[int], n: int, device: str = "cpu") -> list[int]:
+    """n greedy tokens of a transformers (or peft) causal LM, EOS ignored."""
+    ids = torch.tensor([prompt], device=device)
+    out = model(input_ids=ids, use_cache=True)
+    tokens: list[int] = []
+    for _ in range(n):
+        tok = int(out.logits[0, -1].argmax())
+        tokens.append(tok)
+        step = torch.tensor([[tok]], device=device)
+        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+    return tokens
 
 
 PROMPTS = [

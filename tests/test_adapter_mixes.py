@@ -28,16 +28,13 @@ def reference(default_model_dir, adapters) -> Reference:
 
 
 def test_mixes_share_a_batch_with_their_components_and_match_peft(adapters, work, reference, hotlora_cache):
-    prompts = [ids for ids, _ in work]
-    models = [MIX2, MIX3, "qv8", MIX2_NEG, None, "ku12", "mlp4rs"]
-    batch = [(prompts[i % len(prompts)], m) for i, m in enumerate(models)]
-    outs = run_engine_mixed(adapters, batch, N_TOKENS, quant="none", cache_dir=hotlora_cache, max_loras=7,
-                            max_lora_rank=32)
-    got = {m: out.new_token_ids for (_, m), out in zip(batch, outs, strict=True)}
-    for (ids, model), out in zip(batch, outs, strict=True):
-        want = reference.greedy(ids, model, N_TOKENS)
-        assert out.new_token_ids == want, f"{model}: engine {out.new_token_ids} != peft {want}"
-    # the mixes really differ from the base and from each of their components on the same prompt
-    assert got[MIX2] != reference.greedy(prompts[0], None, N_TOKENS)
-    assert got[MIX2] != reference.greedy(prompts[0], "qv8", N_TOKENS)
-    assert got[MIX2] != reference.greedy(prompts[0], "ku12", N_TOKENS)
+    prompt = work[0][0]
+    models = [MIX2, "qv8", MIX3, None, MIX2_NEG, "ku12"]
+    outs = run_engine_mixed(adapters, [(prompt, m) for m in models], N_TOKENS, quant="none",
+                            cache_dir=hotlora_cache, max_loras=6, max_lora_rank=32)
+    got = {m: out.new_token_ids for m, out in zip(models, outs, strict=True)}
+    want = dict(zip(models, reference.greedy_batch(prompt, models, N_TOKENS), strict=True))
+    for m in models:
+        assert got[m] == want[m], f"{m}: engine {got[m]} != peft {want[m]}"
+    # the mixes really differ from the base and from their components (else the equality proves little)
+    assert len({tuple(t) for t in got.values()}) == len(models), got
