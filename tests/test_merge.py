@@ -86,7 +86,9 @@ def test_merge_a_mix_equals_peft_cat_and_serves_the_same_tokens(adapters, defaul
         r = httpx.post(server.url + "/v1/completions", json=body, timeout=300)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == N_TOKENS
-        assert r.json()["choices"][0]["text"] == AutoTokenizer.from_pretrained(str(out)).decode(want)
+        # the same 32 tokens: the server leaves special tokens out of the text, as the decode here does
+        text = AutoTokenizer.from_pretrained(str(out)).decode(want, skip_special_tokens=True)
+        assert r.json()["choices"][0]["text"] == text
     finally:
         server.stop()
 
