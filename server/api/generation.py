@@ -39,6 +39,8 @@ def engine_error(exc: BaseException, model: str) -> APIError | None:
         )
     if "EngineDeadError" in names:
         return APIError(503, str(exc), code="unavailable")
+    if "AdapterError" in names or "MixError" in names:  # a mix the engine refuses (summed rank too large)
+        return bad_request(str(exc), param="model", code="invalid_mix")
     if "PromptTooLongError" in names:
         return bad_request(str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, ValueError):
