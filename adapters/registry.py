@@ -309,17 +309,35 @@ class AdapterRegistry:
         return v.loading
 
     def prefetch_version(self, v: AdapterVersion | MixVersion) -> None:
-        """A request for `v` was queued: start its disk read now if it is cold and the host budget has room
-        (otherwise it is read when the request is admitted, and the budget is trimmed then). A mix's
-        components are read unless the mix is on the device already."""
+        """A request for `v` was queued: start its disk read now if it is cold. Room in the host budget is
+        made by dropping the host copies of adapters already usable on the device, least recently used
+        first (they are read from disk again only if evicted and used later); if there is still no room,
+        it is read when the request is admitted, and the budget is trimmed then. A mix's components are
+        read unless the mix is on the device already.
+
+        Without that, host copies of device-resident adapters fill the budget in steady state, prefetch
+        stops, and under adapter churn every cold load starts only at the head of the queue."""
         if isinstance(v, MixVersion):
             if self.cache.lookup(v) is None:
                 for c in v.components:
                     self.prefetch_version(c)
             return
-        if (v.host is None and v.loading is None and v.error is None and self.cache.lookup(v) is None
-                and self._hosted_bytes() + v.file_bytes <= self.host_budget):
+        if v.host is not None or v.loading is not None or v.error is not None or self.cache.lookup(v) is not None:
+            return
+        if self._hosted_bytes() + v.file_bytes > self.host_budget:
+            self._drop_resident_host_copies(v.file_bytes)
+        if self._hosted_bytes() + v.file_bytes <= self.host_budget:
             v.loading = self._pool.submit(self._read, v)
+
+    def _drop_resident_host_copies(self, need: int) -> None:
+        resident = [u for u in self.current.values() if u.host is not None and self.is_ready(u)]
+        resident.sort(key=lambda u: self.stats[u.name].last_used or 0.0)
+        free = self.host_budget - self._hosted_bytes()
+        for u in resident:
+            if free >= need:
+                break
+            free += u.host.nbytes
+            u.host = None
 
     def pin(self, name: str) -> None:
         """Load `name` onto the device and keep it there until unpinned.

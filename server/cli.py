@@ -72,6 +72,8 @@ SERVE_OPTIONS = (
     Opt("device", str, "cpu, cuda, cuda:N, or auto (cuda when present)"),
     Opt("dtype", str, "activation/weight dtype; auto is bfloat16 on cuda, float32 on cpu", DTYPE_CHOICES),
     Opt("cache-dir", Path, "where converted GGUF models are cached (default ~/.cache/hotlora; also $HOTLORA_CACHE)"),
+    Opt("tokenizer", Path, "a folder holding the tokenizer to use instead of the model's (random:<preset> has none "
+        "unless the default model is installed)"),
     Opt(
         "adapter-dir",
         Path,

@@ -143,3 +143,21 @@ def test_detokenizer_holds_back_partial_stop_strings():
     assert not stopped and "".join(pieces) == "abc EN"  # released at the end, when it cannot complete
     pieces, _ = _detok_stream("xx ENxEND", ["END"])
     assert "".join(pieces) == "xx ENx"
+
+
+def test_tokenizer_option_replaces_the_models_tokenizer(hotlora_cache, default_model_dir, tmp_path):
+    """--tokenizer DIR: a random-weight model gets DIR's tokenizer (here the default one with an extra token)."""
+    from transformers import AutoTokenizer
+
+    from hotlora.server.engine.config import EngineConfig
+    from hotlora.server.engine.engine import LLMEngine
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir), local_files_only=True)
+    tok.add_tokens(["<|hotlora-marker|>"])
+    tok.save_pretrained(str(tmp_path))
+    eng = LLMEngine(EngineConfig(model="random:tiny", quant="none", cache_dir=hotlora_cache, kv_cache_memory=0.01,
+                                 tokenizer=str(tmp_path)))
+    assert eng.tokenizer.convert_tokens_to_ids("<|hotlora-marker|>") == len(tok) - 1
+    with pytest.raises(OSError):
+        LLMEngine(EngineConfig(model="random:tiny", quant="none", cache_dir=hotlora_cache, kv_cache_memory=0.01,
+                               tokenizer=str(tmp_path / "missing")))
