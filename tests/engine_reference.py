@@ -16,6 +16,14 @@ ADAPTER_SPECS: dict[str, dict] = {
     "ku12": dict(r=12, lora_alpha=24, target_modules=["k_proj", "up_proj"]),
 }
 
+# Mixes of those adapters (adapters/mixspec.py): two and three components of different ranks and target
+# sets, a negative weight, overlapping targets (all16 and qv8 both target q/v). PEFT copies the first
+# adapter's config into the mix (an rslora first component would give the mix an rslora scale), so no
+# mix starts with the rslora adapter mlp4rs.
+MIX2 = "qv8*0.7+ku12*0.5"
+MIX2_NEG = "all16*0.6+qv8*-0.8"
+MIX3 = "ku12*0.5+mlp4rs*1.2+qv8*-0.4"
+
 
 def load_base(folder: Path, quant: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     kw: dict = {"dtype": dtype, "device_map": device}

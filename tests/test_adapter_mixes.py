@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from engine_reference import Reference, run_engine_mixed
+from engine_reference import MIX2, MIX2_NEG, MIX3, Reference, run_engine_mixed
 from lora_factory import TINY_SHAPES
 
 from hotlora.adapters.mixspec import MixError, parse_mix
@@ -23,12 +23,6 @@ from hotlora.kernels.lora import build_lora_meta, lora_apply
 TINY_OUT = {m: out for m, (out, _) in TINY_SHAPES.items()}
 
 N_TOKENS = 32
-# two and three components, different ranks and target sets, a negative weight, overlapping targets
-# (all16 and qv8 both target q/v). PEFT copies the first adapter's config into the mix (so an rslora
-# first component would give the mix an rslora scale): no mix starts with the rslora adapter mlp4rs.
-MIX2 = "qv8*0.7+ku12*0.5"
-MIX2_NEG = "all16*0.6+qv8*-0.8"
-MIX3 = "ku12*0.5+mlp4rs*1.2+qv8*-0.4"
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_reference import Reference, run_engine_mixed, save_adapters, save_random_model, teacher_forced_gaps
-from test_adapter_mixes import MIX2, MIX2_NEG, MIX3
+from engine_reference import (
+    MIX2,
+    MIX2_NEG,
+    MIX3,
+    Reference,
+    run_engine_mixed,
+    save_adapters,
+    save_random_model,
+    teacher_forced_gaps,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
