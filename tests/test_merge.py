@@ -17,6 +17,7 @@ from server_harness import ServerThread, server_settings
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hotlora.server.cli import main
+from hotlora.server.model import merge as merge_module
 
 N_TOKENS = 32
 MIX = "ku12*0.5+qv8*-0.7"
@@ -49,12 +50,14 @@ def assert_same_weights(folder: Path, ref: torch.nn.Module) -> torch.nn.Module:
     return got
 
 
-def test_merge_one_adapter_equals_peft_merge_and_unload(adapters, default_model_dir, prompt, tmp_path):
+def test_merge_one_adapter_equals_peft_merge_and_unload(adapters, default_model_dir, prompt, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.setattr(merge_module, "MAX_SHARD_BYTES", 200 << 20)  # ~540 MB of float32: three shards
     out = tmp_path / "merged"
     assert merge("--adapter", str(adapters["all16"]), "--out", str(out)) == 0
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
-        p.name for p in out.iterdir()
-    }
+    files = {p.name for p in out.iterdir()}
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "generation_config.json", *shards} <= files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary folder was left behind"
     ref = PeftModel.from_pretrained(load_base(default_model_dir, "none"), str(adapters["all16"])).merge_and_unload()
     got = assert_same_weights(out, ref)
