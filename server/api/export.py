@@ -2,9 +2,10 @@
 
 `name` is an adapter name or a mix ("sql*0.7+chat*0.3", validated as for serving: 404 naming an
 unknown component, 400 for a malformed mix or a summed rank above --max-lora-rank). The merge
-(server/model/merge.py, as `hotlora merge`) runs in a worker thread into a temporary folder under the
-cache dir, one export at a time; the folder is then streamed as an uncompressed tar (one folder entry,
-then each file, with a Content-Length) and removed when the stream ends or is dropped.
+(server/model/merge.py, as `hotlora merge`) runs in a worker thread into a temporary folder in
+`exports/` beside the adapter store (by default in the cache dir), one export at a time; the folder
+is then streamed as an uncompressed tar (one folder entry, then each file, with a Content-Length)
+and removed when the stream ends or is dropped.
 """
 
 from __future__ import annotations
