@@ -183,6 +183,9 @@ def test_prefetch_makes_room_by_dropping_host_copies_of_resident_adapters(engine
         _solo(engine, prompt, name, f"room-{name}")
     qv8, mlp4rs, ku12 = (reg.current[n] for n in ("qv8", "mlp4rs", "ku12"))
     assert reg.is_ready(qv8) and reg.is_ready(mlp4rs) and qv8.host is not None and mlp4rs.host is not None
+    for v in reg.current.values():  # only the two resident copies are in host memory
+        if v is not qv8 and v is not mlp4rs:
+            v.host = None
     budget = reg.host_budget
     try:
         reg.host_budget = mlp4rs.host.nbytes + ku12.file_bytes  # ku12 fits once one resident copy is dropped
