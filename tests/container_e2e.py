@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -106,21 +107,26 @@ def complete(url: str, model: str) -> str:
 
 def build_image(engine: Engine, args: argparse.Namespace, tag: str, work: Path, stack: ExitStack) -> None:
     flags = [*engine.build_flags(), "--build-arg", "VARIANT=cpu", *ulimit_flags()]
+    if engine.name == "podman" and not args.keep:
+        flags.append("--layers=false")  # no intermediate images left behind (and none reused)
     if args.base == "local":
         base = f"localhost/hotlora-test-base:{args.suite}-{os.getpid()}"
         stack.callback(cleanup_image, engine, base, args.keep)
         build_local_base(engine, base, args.suite, args.mirror, work)
         version = torch_version(args.torch)
         wheel = find_torch_wheel(args.torch_wheel, version, python_tag(engine, base))
-        links = stack.enter_context(wheel_server(wheel, work))
         log(f"torch from {wheel}")
-        flags += ["--network", "host", "--build-arg", f"PYTHON_IMAGE={base}",
-                  "--build-arg", f"TORCH_SPEC=--find-links {links} torch=={version}+cpu",
-                  "--build-arg", "TORCH_INDEX="]  # fmt: skip
+        flags += ["--build-arg", f"PYTHON_IMAGE={base}", "--build-arg", "TORCH_INDEX="]
+        if engine.name == "podman":  # as the README says: the wheel's folder mounted into the build
+            flags += ["--volume", f"{wheel.parent}:/wheels:ro", "--build-arg", f"TORCH_SPEC=/wheels/{wheel.name}"]
+        else:  # `docker build` mounts no host folders: the wheel is served on loopback instead
+            links = stack.enter_context(wheel_server(wheel, work))
+            flags += ["--network", "host", "--build-arg", f"TORCH_SPEC=--find-links {links} torch=={version}+cpu"]
     stack.callback(cleanup_image, engine, tag, args.keep)
-    log(f"building {tag} with {engine.name} (the CPU variant; several minutes)")
+    cmd = [engine.name, "build", *flags, "-t", tag, str(ROOT)]
+    log(f"building the CPU image (several minutes): {shlex.join(cmd)}")
     started = time.monotonic()
-    stream([engine.name, "build", *flags, "-t", tag, str(ROOT)], timeout=2400, attempts=2)
+    stream(cmd, timeout=2400, attempts=2)
     log(f"built in {time.monotonic() - started:.0f} s")
 
 

@@ -96,7 +96,8 @@ class Engine:
     def healthcheck_test(self, image: str) -> list[str]:
         """The image's HEALTHCHECK command as its config stores it (["CMD", ...] or ["CMD-SHELL", "..."])."""
         config = json.loads(self("image", "inspect", image).stdout)[0]
-        health = (config.get("Config") or {}).get("Healthcheck") or config.get("HealthCheck") or {}
+        # docker keeps it under Config, podman at the top level of its inspect output
+        health = (config.get("Config") or {}).get("Healthcheck") or config.get("Healthcheck") or {}
         return list(health.get("Test") or [])
 
     def remove(self, kind: str, name: str) -> None:
