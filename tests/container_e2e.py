@@ -126,7 +126,7 @@ def build_image(engine: Engine, args: argparse.Namespace, tag: str, work: Path, 
     cmd = [engine.name, "build", *flags, "-t", tag, str(ROOT)]
     log(f"building the CPU image (several minutes): {shlex.join(cmd)}")
     started = time.monotonic()
-    stream(cmd, timeout=2400, attempts=2)
+    stream(cmd, timeout=1200, attempts=2)  # ~5 min on 2 cores; a retry for a registry or mirror hiccup
     log(f"built in {time.monotonic() - started:.0f} s")
 
 

@@ -148,7 +148,7 @@ def build_local_base(engine: Engine, tag: str, suite: str, mirror: str, workdir:
         f"--customize-hook={CA_HOOK}", suite, str(tarball), mirror,
     ]  # fmt: skip
     log(f"building the base image {tag}: Debian {suite} from {mirror} (mmdebstrap)")
-    stream(cmd, timeout=900, attempts=3)
+    stream(cmd, timeout=600, attempts=3)
     engine("import", str(tarball), tag, timeout=600)
     tarball.unlink()
 
