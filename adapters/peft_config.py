@@ -50,7 +50,7 @@ _UNSUPPORTED_FIELDS = {
 # Initialisations that rewrite the base weights: the adapter only works on that modified base.
 _BASE_MUTATING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 _FORBIDDEN_NAMES = ("model.embed_tokens", "lm_head", "model.norm")
-_PROBE_LAYERS = 256  # how many layer indices a regex target is probed over before the base is known
+PROBE_LAYERS = 256  # how many layer indices a regex target is probed over before the base is known
 MAX_PATTERN_CHARS = 1024
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a refused pattern is the user's error: no absl log lines on stderr
@@ -96,8 +96,20 @@ class AdapterConfig:
             return True
         return _layer_index(key, self.layers_pattern) in self.layers_to_transform
 
-    def targets(self, num_layers: int) -> set[tuple[int, str]]:
-        return {(i, m) for i in range(num_layers) for m in TARGET_MODULES if self.matches(i, m)}
+    def targets(self, num_layers: int) -> frozenset[tuple[int, str]]:
+        """The (layer, module) pairs PEFT would wrap; cached by the matching inputs, since a cold load asks
+        for every adapter and thousands of adapters share a handful of configs (uncached: ~25 ms of regex
+        matching per load, on the loading thread, holding the GIL)."""
+        return _targets(self.target_spec, self.exclude_spec, self.layers_to_transform, self.layers_pattern,
+                        num_layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _targets(target_spec: str | tuple[str, ...], exclude_spec: str | tuple[str, ...],
+             layers: tuple[int, ...] | None, patterns: tuple[str, ...], num_layers: int
+             ) -> frozenset[tuple[int, str]]:
+    probe = AdapterConfig(0, 0.0, False, frozenset(), None, target_spec, exclude_spec, layers, patterns)
+    return frozenset((i, m) for i in range(num_layers) for m in TARGET_MODULES if probe.matches(i, m))
 
 
 @functools.lru_cache(maxsize=256)
@@ -269,7 +281,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         layers_to_transform=layers,
         layers_pattern=patterns,
     )
-    cfg.target_modules = frozenset(m for _, m in cfg.targets(_PROBE_LAYERS))
+    cfg.target_modules = frozenset(m for _, m in cfg.targets(PROBE_LAYERS))
     if not cfg.target_modules:
         raise _fail(f"target_modules selects none of the supported projections ({', '.join(TARGET_MODULES)})")
     return cfg

@@ -17,6 +17,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from hotlora.adapters.peft_config import (
     CONFIG_NAME,
     PARENT,
+    PROBE_LAYERS,
     TARGET_MODULES,
     AdapterConfig,
     AdapterError,
@@ -144,8 +145,9 @@ def adapter_from_tensors(folder: Path, name: str, tensors: dict[str, torch.Tenso
     only if `check_finite`: a caller that skips it checks on the device)."""
     config = read_adapter_config(folder)
     weights = _collect_weights(tensors, config.rank, check_finite)
+    probed = config.targets(PROBE_LAYERS)  # cached per config: a set lookup per weight, not a regex match
     for layer, module in weights:
-        if not config.matches(layer, module):
+        if (layer, module) not in probed and not config.matches(layer, module):
             raise _fail(
                 f"{WEIGHTS_NAME} has weights for layer {layer} {module}, which adapter_config.json's "
                 "target_modules/layers_to_transform do not select"

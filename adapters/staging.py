@@ -41,12 +41,30 @@ class StagedAdapter:
 
     def views(self, raw: torch.Tensor) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """The weights as views into `raw` (this adapter's buffer or a device copy of it)."""
-        return {key: (_view(raw, *sa), _view(raw, *sb)) for key, (sa, sb) in self.spans.items()}
+        flat = _typed_views(raw, {(key, side): span for key, pair in self.spans.items()
+                                  for side, span in enumerate(pair)})
+        return {key: (flat[key, 0], flat[key, 1]) for key in self.spans}
 
 
 def _view(raw: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     n = math.prod(shape) * dtype.itemsize
     return raw[offset : offset + n].view(dtype).view(shape)
+
+
+def _typed_views(raw: torch.Tensor, spans: dict) -> dict:
+    """key -> view of (offset, dtype, shape) in `raw`: one as_strided per tensor on `raw` reinterpreted once
+    per dtype (each torch call re-takes the GIL, which a loaded server's other threads hold)."""
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    out = {}
+    for key, (offset, dtype, shape) in spans.items():
+        if offset % dtype.itemsize:  # unaligned (refused by parse_staged; kept general here)
+            out[key] = _view(raw, offset, dtype, shape)
+            continue
+        if dtype not in typed:
+            typed[dtype] = raw[: raw.numel() - raw.numel() % dtype.itemsize].view(dtype)
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        out[key] = typed[dtype].as_strided(shape, stride, offset // dtype.itemsize)
+    return out
 
 
 def from_adapter(adapter: LoraAdapter) -> StagedAdapter:
@@ -69,7 +87,7 @@ def read_header(raw: torch.Tensor, size: int) -> tuple[dict, int]:
 
 
 def _tensors(raw: torch.Tensor, header: dict, start: int, size: int) -> tuple[dict, dict]:
-    tensors, spans = {}, {}
+    spans = {}
     for key, info in header.items():
         try:
             dtype = _DTYPES.get(info["dtype"])
@@ -83,9 +101,8 @@ def _tensors(raw: torch.Tensor, header: dict, start: int, size: int) -> tuple[di
             raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: bad offsets for {key!r}")
         if (start + begin) % dtype.itemsize:
             raise AdapterError(f"tensor {key!r} is not aligned in {WEIGHTS_NAME}")
-        tensors[key] = _view(raw, start + begin, dtype, shape)
         spans[key] = (start + begin, dtype, shape)
-    return tensors, spans
+    return _typed_views(raw, spans), spans
 
 
 def read_raw(folder: Path, pin: bool, lock: AbstractContextManager | None = None) -> torch.Tensor:
