@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 PROMPT = "The three primary colors are"
+STREAM_TOKENS = 16  # the bystander's stream length in the hardening tests
 
 
 def stream_body(model: str, max_tokens: int) -> dict[str, Any]:

@@ -60,3 +60,29 @@ def work(default_model_dir: Path) -> list[tuple[list[int], str | None]]:
     from transformers import AutoTokenizer
 
     return mixed_requests(AutoTokenizer.from_pretrained(str(default_model_dir), local_files_only=True))
+
+
+# --- for modules that define a `server` fixture (a server_harness.ServerThread) ----------------------
+
+
+@pytest.fixture
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def expected(server) -> str:
+    """The bystander's text on adapter "a" when it runs alone (tests/bystander.py)."""
+    from bystander import STREAM_TOKENS, solo_text
+
+    return solo_text(server.url, "a", STREAM_TOKENS)

@@ -33,17 +33,6 @@ def server(adapter_dir, hotlora_cache):
     srv.stop()
 
 
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=300) as client:
-        yield client
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
-
-
 def complete(client: openai.OpenAI, model: str, max_tokens: int = 6) -> str:
     return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, **GREEDY).choices[0].text
 

@@ -12,13 +12,12 @@ import time
 
 import httpx
 import pytest
-from bystander import Bystander, solo_text
+from bystander import STREAM_TOKENS, Bystander
 from server_harness import ServerThread, assert_openai_error, server_settings
 
 from hotlora.server.engine.types import ErrorKind, Request, SamplingParams
 
 MAX_BODY = 2 << 20
-STREAM_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +29,6 @@ def server(tmp_path_factory, peft_dirs, hotlora_cache):
     srv = ServerThread(settings).start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def expected(server) -> str:
-    return solo_text(server.url, "a", STREAM_TOKENS)
-
-
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        yield client
 
 
 def bystander(server, expected) -> Bystander:

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from bystander import Bystander, solo_text
+from bystander import STREAM_TOKENS, Bystander
 from server_harness import AUTH, ServerThread, assert_openai_error, server_settings, until, upload
 
-STREAM_TOKENS = 16
 META = ".hotlora~"
 
 
@@ -48,17 +47,6 @@ def server(store, hotlora_cache):
     srv = ServerThread(server_settings(store, hotlora_cache)).start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def expected(server) -> str:
-    return solo_text(server.url, "a", STREAM_TOKENS)
-
-
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        yield client
 
 
 def bystander(server, expected) -> Bystander:

@@ -10,7 +10,6 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
@@ -35,17 +34,6 @@ def server(tmp_path_factory, peft_dirs, hotlora_cache):
     srv.peft_dirs = peft_dirs
     yield srv
     srv.stop()
-
-
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=300) as client:
-        yield client
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
 
 
 def complete(client: openai.OpenAI, model: str, max_tokens: int = 6) -> str:
