@@ -78,6 +78,16 @@ SERVE_OPTIONS = (
         "the adapter store: one PEFT folder per adapter name, all registered at start, "
         "uploads land here (default <cache-dir>/adapters)",
     ),
+    Opt(
+        "adapter-store",
+        str,
+        "s3://bucket/prefix: a shared adapter store in S3-compatible object storage (credentials from the usual "
+        "AWS environment variables), cached under --adapter-dir; default: the local --adapter-dir itself",
+        engine=False,
+    ),
+    Opt("s3-endpoint-url", str, "endpoint of an S3-compatible server (MinIO, ...) for --adapter-store", engine=False),
+    Opt("adapter-store-ttl-s", float,
+        "seconds a replica trusts the adapter versions it last read from the shared store", engine=False),
     Opt("max-loras", int, "adapters resident on the device at once (device slots)"),
     Opt("max-lora-rank", int, "largest LoRA rank accepted"),
     Opt("lora-pool-rows", optional_int, "rows of the per-module device LoRA pools (default max-loras x max-lora-rank)"),
@@ -152,6 +162,9 @@ _SERVE_DEFAULTS = {
     "max_body_bytes": 8 << 20,
     "shutdown_grace_s": 30.0,
     "log_level": "info",
+    "adapter_store": None,
+    "s3_endpoint_url": None,
+    "adapter_store_ttl_s": 5.0,
 }
 
 
@@ -284,6 +297,9 @@ def serve(args: argparse.Namespace) -> int:
             max_upload_bytes=args.max_upload_bytes,
             max_body_bytes=args.max_body_bytes,
             shutdown_grace_s=args.shutdown_grace_s,
+            adapter_store=args.adapter_store or None,
+            s3_endpoint_url=args.s3_endpoint_url or None,
+            adapter_store_ttl_s=args.adapter_store_ttl_s,
         )
     except ValueError as exc:
         print(f"hotlora serve: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -11,6 +12,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from hotlora.adapters.s3store import S3AdapterStore
+from hotlora.adapters.store import NAME_RE
 from hotlora.server.api import generation as gen
 from hotlora.server.api.errors import APIError, model_not_found
 from hotlora.server.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -128,10 +131,12 @@ def _finish(out: RequestOutput) -> str | None:
     return out.finish_reason.value if out.finished and out.finish_reason is not None else None
 
 
-def _resolve_model(state: AppState, model: str) -> str | None:
+async def _resolve_model(state: AppState, model: str) -> str | None:
     adapter = state.adapter_for(model)
     if adapter is not None and "/" in adapter:
         raise model_not_found(model)
+    if adapter is not None and NAME_RE.fullmatch(adapter):
+        await state.sync_adapter(adapter)  # the shared store's current version (a no-op for the local store)
     if adapter is not None and adapter in state.refused:
         raise APIError(
             404,
@@ -175,7 +180,7 @@ def _echoed(state: AppState, body: CompletionRequest) -> list[str]:
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     body.refuse_unsupported()
-    adapter = _resolve_model(state, body.model)
+    adapter = await _resolve_model(state, body.model)
     prompts = [(ids, gen.check_length(state, len(ids), body.max_tokens))
                for ids in await gen.encode_prompts(state, body.prompts())]
     echo = _echoed(state, body)
@@ -219,7 +224,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     body.refuse_unsupported()
-    adapter = _resolve_model(state, body.model)
+    adapter = await _resolve_model(state, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     ids = await gen.chat_prompt_ids(state, messages, body.add_generation_prompt, body.continue_final_message)
     max_tokens = gen.check_length(state, len(ids), body.max_new_tokens)
@@ -264,6 +269,9 @@ async def models(request: Request):
     state = _state(request)
     engine = state.engine.engine
     infos = await state.engine.call(engine.registry.info)
+    names = [a.name for a in infos]
+    if isinstance(state.store, S3AdapterStore):  # the shared store's names, also those not loaded here yet
+        names = sorted(set(names) | set(await asyncio.to_thread(state.store.list)))
     created = int(time.time())
     base = {
         "id": state.model_name,
@@ -276,13 +284,13 @@ async def models(request: Request):
     }
     adapters = [
         {
-            "id": a.name,
+            "id": name,
             "object": "model",
             "created": created,
             "owned_by": "hotlora",
-            "root": a.name,
+            "root": name,
             "parent": state.model_name,
         }
-        for a in infos
+        for name in names
     ]
     return {"object": "list", "data": [base, *adapters]}
