@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hotlora.server.cli_ray import add_serve_ray
 from hotlora.server.engine.config import DTYPE_CHOICES, QUANT_CHOICES, EngineConfig
 
 ENV_PREFIX = "HOTLORA_"
@@ -211,6 +212,11 @@ def _add_serve(sub: Any) -> None:
         "Each flag --x-y may also be set with the environment variable HOTLORA_X_Y.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _serve_flags(p)
+    p.set_defaults(func=serve)
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
     for opt in SERVE_OPTIONS + _engine_extras():
         if opt.switch:
             p.add_argument(f"--{opt.flag}", action=_Switch, default=_default(opt), help=f"{opt.help} [env {opt.env}]")
@@ -223,7 +229,6 @@ def _add_serve(sub: Any) -> None:
             metavar=None if opt.choices else opt.dest.upper(),
             help=f"{opt.help} [env {opt.env}]",
         )
-    p.set_defaults(func=serve)
 
 
 def _add_adapters(sub: Any) -> None:
@@ -271,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    add_serve_ray(sub, _serve_flags)
     _add_adapters(sub)
     return parser
 
@@ -279,31 +285,37 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{o.dest: getattr(args, o.dest) for o in SERVE_OPTIONS + _engine_extras() if o.engine})
 
 
+def server_settings(args: argparse.Namespace) -> Any:
+    """ServerSettings from `serve` flags; ValueError for a bad combination."""
+    from hotlora.server.api.auth import load_admin_token
+    from hotlora.server.api.state import ServerSettings
+
+    return ServerSettings(
+        engine=engine_config(args),
+        admin_token=load_admin_token(args.admin_token_file),
+        served_model_name=args.served_model_name,
+        max_upload_bytes=args.max_upload_bytes,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_grace_s=args.shutdown_grace_s,
+        adapter_store=args.adapter_store or None,
+        s3_endpoint_url=args.s3_endpoint_url or None,
+        adapter_store_ttl_s=args.adapter_store_ttl_s,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hotlora.server.api.app import create_app
-    from hotlora.server.api.auth import load_admin_token
     from hotlora.server.api.shutdown import DrainingServer
-    from hotlora.server.api.state import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        token = load_admin_token(args.admin_token_file)
-        settings = ServerSettings(
-            engine=engine_config(args),
-            admin_token=token,
-            served_model_name=args.served_model_name,
-            max_upload_bytes=args.max_upload_bytes,
-            max_body_bytes=args.max_body_bytes,
-            shutdown_grace_s=args.shutdown_grace_s,
-            adapter_store=args.adapter_store or None,
-            s3_endpoint_url=args.s3_endpoint_url or None,
-            adapter_store_ttl_s=args.adapter_store_ttl_s,
-        )
+        settings = server_settings(args)
     except ValueError as exc:
         print(f"hotlora serve: {exc}", file=sys.stderr)
         return 2
+    token = settings.admin_token
     if token is None:
         logging.getLogger("hotlora").warning(
             "no admin token: the admin API answers 403 (set HOTLORA_ADMIN_TOKEN "
