@@ -16,8 +16,8 @@ Optional (`pip install hotlora[ray]`); the single-process server never imports t
   is written there, and every replica learns of it through the store (adapters/s3store.py).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: Ray Serve's ingress hands FastAPI the methods' annotations,
+# which must be real classes (a string "Request" would be read as a query parameter)
 import asyncio
 import json
 import logging
@@ -212,12 +212,12 @@ class HotloraIngress:
                 if attempt + 1 == attempts:
                     return JSONResponse({"error": {"message": "the replica serving this request died", "type":
                                                    "server_error", "param": None, "code": "replica_died"}}, 503)
-        return StreamingResponse(_rest(stream), status_code=head["status"], headers=head["headers"])
 
+        async def rest() -> AsyncIterator[bytes]:
+            async for chunk in stream:
+                yield chunk
 
-async def _rest(stream: Any) -> AsyncIterator[bytes]:
-    async for chunk in stream:
-        yield chunk
+        return StreamingResponse(rest(), status_code=head["status"], headers=head["headers"])
 
 
 def build_app(settings: ServerSettings, replicas: int = 1, cpus_per_replica: float = 1.0,

@@ -1,0 +1,162 @@
+"""hotlora behind Ray Serve on a local Ray cluster: 2 replicas of the default model, adapters in a shared
+S3-compatible store (moto's server mode). One cluster for the module: starting it and loading the model
+twice is most of the time these tests take."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from s3_harness import S3Server
+from server_harness import AUTH, free_port, server_settings, until, upload
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+PROMPT = "The three primary colors are"
+TTL = 1.0
+
+
+@pytest.fixture(scope="module")
+def s3() -> S3Server:
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, tmp_path_factory, hotlora_cache):
+    from hotlora.server.ray_serve import build_app
+
+    settings = server_settings(tmp_path_factory.mktemp("replica-cache"), hotlora_cache)
+    settings.adapter_store, settings.s3_endpoint_url, settings.adapter_store_ttl_s = s3.url("ray"), s3.endpoint, TTL
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="hotlora-test",
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                                   "AWS_DEFAULT_REGION")}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(settings, replicas=2, cpus_per_replica=1.0, host="127.0.0.1", port=0),
+              name="hotlora", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    until(lambda: len(replicas(url)) == 2, timeout=600, what="2 replicas up")
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+def replicas(url: str) -> list[dict]:
+    try:
+        r = httpx.get(url + "/-/replicas", timeout=10)
+    except httpx.HTTPError:
+        return []
+    return [t["labels"] for t in r.json()] if r.status_code == 200 else []
+
+
+def complete(url: str, model: str, n: int = 6) -> httpx.Response:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    return httpx.post(url + "/v1/completions", json=body, timeout=300)
+
+
+def text(url: str, model: str, n: int = 6) -> str:
+    r = complete(url, model, n)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def stream_text(url: str, model: str, n: int, started: threading.Event, out: list[str]) -> None:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": n, "stream": True, "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                out.append(httpx.Response(200, content=line[6:]).json()["choices"][0]["text"])
+                started.set()
+
+
+def test_upload_swap_and_delete_reach_both_replicas(cluster, peft_dirs):
+    with httpx.Client(base_url=cluster, timeout=300) as http:
+        for name, spec in (("swap", "x"), ("y-ref", "y")):
+            r = upload(http, name, peft_dirs[spec])
+            assert r.status_code == 201, r.text
+    urls = [r["url"] for r in replicas(cluster)]
+    n = 24
+    old, new = text(urls[0], "y-ref", n) and text(urls[0], "swap", n), text(urls[0], "y-ref", n)
+    assert old != new and [text(u, "swap", n) for u in urls] == [old, old]  # served by both replicas
+    outs: list[list[str]] = [[], []]
+    events = [threading.Event(), threading.Event()]
+    streams = [threading.Thread(target=stream_text, args=(u, "swap", n, e, o))
+               for u, e, o in zip(urls, events, outs, strict=True)]
+    for t in streams:
+        t.start()
+    assert all(e.wait(120) for e in events)
+    with httpx.Client(base_url=cluster, timeout=300) as http:  # the hot swap, through the ingress
+        assert upload(http, "swap", peft_dirs["y"]).json()["replaced"] is True
+    swapped = time.monotonic()
+    for u in urls:
+        until(lambda u=u: text(u, "swap", n) == new, timeout=60, what=f"the new version on {u}")
+    took = time.monotonic() - swapped
+    for t in streams:
+        t.join(120)
+    assert ["".join(o) for o in outs] == [old, old]  # in-flight requests finished on the old version
+    assert took < TTL + 60
+    with httpx.Client(base_url=cluster, timeout=300) as http:
+        assert http.delete("/admin/adapters/swap", headers=AUTH).status_code == 200
+    for u in [*urls, cluster]:
+        until(lambda u=u: complete(u, "swap").status_code == 404, timeout=TTL + 30, what=f"404 on {u}")
+
+
+def metric(url: str, name: str) -> dict[str, float]:
+    """adapter label -> value of one labelled counter in a replica's /metrics."""
+    body = httpx.get(url + "/metrics", timeout=30).text
+    return {m[1]: float(m[2]) for m in re.finditer(rf'^{name}_total{{adapter="([^"]*)"}} (\S+)$', body, re.M)}
+
+
+def test_requests_stick_to_replicas_with_their_adapter(cluster, peft_dirs):
+    names = [f"aff{i}" for i in range(4)]
+    with httpx.Client(base_url=cluster, timeout=300) as http:
+        for name, spec in zip(names, ("a", "b", "c", "x"), strict=True):
+            assert upload(http, name, peft_dirs[spec]).status_code == 201
+    for name in names:  # warm-up: each adapter's first request loads it somewhere
+        text(cluster, name, 1)
+    urls = [r["url"] for r in replicas(cluster)]
+    before = [metric(u, "hotlora_adapter_hits") for u in urls]
+    rounds = 10
+    for _ in range(rounds):
+        for name in names:
+            text(cluster, name, 1)
+    after = [metric(u, "hotlora_adapter_hits") for u in urls]
+    hits = sum(a.get(n, 0) - b.get(n, 0) for a, b in zip(after, before, strict=True) for n in names)
+    assert hits >= 0.9 * rounds * len(names), (before, after)
+
+
+def test_killing_a_replica_fails_only_its_in_flight_requests(cluster):
+    base = httpx.get(cluster + "/v1/models", timeout=30).json()["data"][0]["id"]
+    victim = replicas(cluster)[0]
+    results: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                results.append(complete(cluster, base, 4).status_code)
+            except httpx.HTTPError:
+                results.append(-1)
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for t in clients:
+        t.start()
+    until(lambda: len(results) >= 4, timeout=120, what="requests before the kill")
+    os.kill(int(victim["pid"]), signal.SIGKILL)
+    killed_at = len(results)
+    until(lambda: len(replicas(cluster)) == 2 and victim["pid"] not in {r["pid"] for r in replicas(cluster)},
+          timeout=600, what="Ray to bring the replica back")
+    until(lambda: len(results) >= killed_at + 4, timeout=120, what="requests after the restart")
+    stop.set()
+    for t in clients:
+        t.join(120)
+    failures = [s for s in results if s != 200]
+    assert len(failures) <= len(clients), results  # at most what was in flight on the killed replica
