@@ -33,7 +33,8 @@ def s3() -> S3Server:
 def cluster(s3, tmp_path_factory, hotlora_cache):
     from hotlora.server.ray_serve import build_app
 
-    settings = server_settings(tmp_path_factory.mktemp("replica-cache"), hotlora_cache)
+    # 2 device slots per replica: 4 adapters fit on 2 replicas only if routing keeps each on one replica
+    settings = server_settings(tmp_path_factory.mktemp("replica-cache"), hotlora_cache, max_loras=2)
     settings.adapter_store, settings.s3_endpoint_url, settings.adapter_store_ttl_s = s3.url("ray"), s3.endpoint, TTL
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="hotlora-test",
              runtime_env={"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
@@ -130,7 +131,7 @@ def test_requests_stick_to_replicas_with_their_adapter(cluster, peft_dirs):
             text(cluster, name, 1)
     after = [metric(u, "hotlora_adapter_hits") for u in urls]
     hits = sum(a.get(n, 0) - b.get(n, 0) for a, b in zip(after, before, strict=True) for n in names)
-    assert hits >= 0.9 * rounds * len(names), (before, after)
+    assert hits >= 0.9 * rounds * len(names), f"{hits} of {rounds * len(names)} hits: {before} -> {after}"
 
 
 def test_killing_a_replica_fails_only_its_in_flight_requests(cluster):
