@@ -240,7 +240,8 @@ def build_app(settings: ServerSettings, replicas: int = 1, cpus_per_replica: flo
 def app_builder(args: dict[str, str]) -> Any:
     """For `serve run hotlora.server.ray_serve:app_builder key=value ...` and Serve config files: the keys
     are `hotlora serve-ray`'s flags with underscores (model, adapter_store, replicas, ...)."""
-    from hotlora.server.cli import build_parser, ray_app_kwargs
+    from hotlora.server.cli import build_parser
+    from hotlora.server.cli_ray import ray_app_kwargs
 
     argv = ["serve-ray"]
     for key, value in args.items():
