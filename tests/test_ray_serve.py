@@ -161,3 +161,18 @@ def test_killing_a_replica_fails_only_its_in_flight_requests(cluster):
         t.join(120)
     failures = [s for s in results if s != 200]
     assert len(failures) <= len(clients), results  # at most what was in flight on the killed replica
+
+
+def test_routing_keys_and_the_shared_store_requirement():
+    from hotlora.server.api.state import ServerSettings
+    from hotlora.server.ray_serve import build_app, routing_key
+
+    assert routing_key("POST", "v1/completions", b'{"model": "lora-7", "prompt": "x"}') == "lora-7"
+    assert routing_key("POST", "/v1/chat/completions", b'{"model": "base"}') == "base"
+    assert routing_key("POST", "v1/completions", b"not json") == ""
+    assert routing_key("DELETE", "admin/adapters/lora-7", b"") == "lora-7"
+    assert routing_key("POST", "admin/adapters/lora-7/load", b"") == "lora-7"
+    assert routing_key("GET", "v1/models", b"") == ""
+    with pytest.raises(ValueError, match="shared adapter store"):
+        build_app(ServerSettings(), replicas=2)
+    assert build_app(ServerSettings(adapter_store="s3://bucket/prefix"), replicas=2) is not None

@@ -57,6 +57,14 @@ def _default_factory(config: EngineConfig) -> Callable[[], Any]:
     return build
 
 
+def _resident_hint(registry: Any, version: Any) -> bool:
+    """Whether `version` sits in a ready device slot, read racily from outside the engine thread: the slot
+    may change under us, so every step tolerates a vanished entry."""
+    slot = registry.cache.index.get(version) if version is not None else None
+    entry = registry.cache.slots[slot] if slot is not None else None
+    return entry is not None and entry.key is version and bool(entry.ready)
+
+
 class AppState:
     def __init__(self, settings: ServerSettings, engine_factory: Callable[[], Any] | None = None) -> None:
         self.settings = settings
@@ -130,8 +138,7 @@ class AppState:
             return
         registry = self.engine.engine.registry
         current = registry.current.get(name)
-        cold = current is None or not registry.is_ready(current)
-        ttl = 0.0 if cold else self.settings.adapter_store_ttl_s
+        ttl = self.settings.adapter_store_ttl_s if _resident_hint(registry, current) else 0.0
         if current is not None and store.is_fresh(name, ttl):
             return
         async with self.lock(name):
