@@ -38,13 +38,7 @@ from typing import Any, BinaryIO
 
 from hotlora.adapters.archive import extract_archive, write_files
 from hotlora.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, LoraAdapter
-from hotlora.adapters.store import (
-    DEFAULT_MAX_BYTES,
-    AdapterNotFound,
-    StoredAdapter,
-    check_name,
-    stage_upload,
-)
+from hotlora.adapters.store import DEFAULT_MAX_BYTES, AdapterNotFound, StoredAdapter, check_name, stage_upload
 
 log = logging.getLogger(__name__)
 FILES = (CONFIG_NAME, WEIGHTS_NAME)
@@ -108,17 +102,11 @@ def default_client(endpoint_url: str | None) -> Any:
 
 
 class S3AdapterStore:
-    def __init__(
-        self,
-        url: str,
-        cache_dir: Path | str,
-        check: Callable[[LoraAdapter], None] | None = None,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        endpoint_url: str | None = None,
-        client: Any = None,
-        grace_s: float = 300.0,
-        max_retired: int = 4,
-    ) -> None:
+    def __init__(self, url: str, cache_dir: Path | str, check: Callable[[LoraAdapter], None] | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES, endpoint_url: str | None = None, client: Any = None,
+                 grace_s: float = 300.0, max_retired: int = 4) -> None:
+        """url: s3://bucket/prefix. cache_dir: this replica's cache (may be shared by replicas of one host).
+        check, max_bytes: as for AdapterStore. client: a boto3 S3 client (default: from the environment)."""
         self.url = url
         self.bucket, self.prefix = parse_s3_url(url)
         self.s3 = client if client is not None else default_client(endpoint_url)
