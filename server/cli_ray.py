@@ -28,6 +28,9 @@ def add_serve_ray(sub: Any, serve_flags: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--replica-host", default="0.0.0.0", help="address each replica's own server listens on")
     p.add_argument("--replica-port", type=int, default=8100,
                    help="first port for the replicas' own servers (/metrics); 0: any free port")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="requests Ray Serve hands one replica at once before routing elsewhere or queueing "
+                   "(default: --max-num-seqs, a full batch)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local one)")
     p.set_defaults(func=serve_ray)
 
@@ -41,7 +44,8 @@ def ray_app_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from hotlora.server import cli
 
     return dict(settings=cli.server_settings(args), replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
-                gpus_per_replica=gpus, host=args.replica_host, port=args.replica_port)
+                gpus_per_replica=gpus, host=args.replica_host, port=args.replica_port,
+                max_ongoing_requests=args.max_ongoing_requests)
 
 
 def _has_cuda() -> bool:

@@ -230,8 +230,9 @@ def build_app(settings: ServerSettings, replicas: int = 1, cpus_per_replica: flo
     replica = HotloraReplica.options(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
-        # a replica batches: let it hold as many requests as it decodes together, plus its waiting queue
-        max_ongoing_requests=max_ongoing_requests or engine.max_num_seqs + engine.max_waiting,
+        # a replica is "overloaded" once its batch is full: then Ray routes past the replica that has the
+        # adapter (or queues at the router when every replica is full) instead of piling up behind it
+        max_ongoing_requests=max_ongoing_requests or engine.max_num_seqs,
         health_check_period_s=5,
     )
     return HotloraIngress.bind(replica.bind(settings, host, port))

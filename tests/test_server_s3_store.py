@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 from s3_harness import S3Server
-from server_harness import AUTH, ServerThread, assert_openai_error, server_settings, until, upload
+from server_harness import AUTH, ServerThread, assert_openai_error, server_settings, upload
 
 from hotlora.adapters.s3store import S3AdapterStore
 
@@ -70,14 +70,14 @@ def test_other_replicas_writes_are_served_swapped_and_deleted(http, server, othe
         first = next(line for line in lines if line.startswith("data: {"))
         other.put_folder("swap", peft_dirs["y"])
         assert server.call(server.engine.stats).num_running == 1, "the first request finished before the swap"
-        swapped_at = time.monotonic()
-        until(lambda: text(http, "swap", n) == new, timeout=TTL + 30, what="the new version served")
+        time.sleep(TTL)  # past the TTL, new requests get the new version
+        assert text(http, "swap", n) == new
         rest = [line for line in lines if line.startswith("data: {")]
-    assert time.monotonic() - swapped_at < TTL + 30
     texts = [httpx.Response(200, content=line[6:]).json()["choices"][0]["text"] for line in [first, *rest]]
     assert "".join(texts) == old  # the running sequence finished on the old version
     other.delete("swap")
-    until(lambda: complete(http, "swap").status_code == 404, timeout=TTL + 10, what="404 after the delete")
+    time.sleep(TTL)
+    assert complete(http, "swap").status_code == 404
 
 
 def test_uploads_go_to_the_store(http, other, peft_dirs):
