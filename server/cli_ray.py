@@ -31,6 +31,8 @@ def add_serve_ray(sub: Any, serve_flags: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--max-ongoing-requests", type=int, default=None,
                    help="requests Ray Serve hands one replica at once before routing elsewhere or queueing "
                    "(default: --max-num-seqs, a full batch)")
+    p.add_argument("--ray-dashboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="start Ray's dashboard with a local cluster")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local one)")
     p.set_defaults(func=serve_ray)
 
@@ -74,7 +76,8 @@ def serve_ray(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hotlora serve-ray: {exc}", file=sys.stderr)
         return 2
-    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS"))
+    ray.init(address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
+             include_dashboard=None if args.ray_dashboard else False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="hotlora", route_prefix="/", blocking=False)
     print(f"hotlora serve-ray: {args.replicas} replica(s) behind http://{args.host}:{args.port}", file=sys.stderr)

@@ -7,16 +7,17 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import pytest
 from s3_harness import S3Server
-from server_harness import AUTH, free_port, server_settings, until, upload
+from server_harness import AUTH, TOKEN, free_port, until, upload
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+pytest.importorskip("ray.serve")
 
 PROMPT = "The three primary colors are"
 TTL = 1.0
@@ -31,23 +32,31 @@ def s3() -> S3Server:
 
 @pytest.fixture(scope="module")
 def cluster(s3, tmp_path_factory, hotlora_cache):
-    from hotlora.server.ray_serve import build_app
-
+    """`hotlora serve-ray` itself, in a subprocess that starts its local Ray cluster (stopped with it)."""
+    port, log = free_port(), tmp_path_factory.mktemp("serve-ray") / "serve-ray.log"
     # 2 device slots per replica: 4 adapters fit on 2 replicas only if routing keeps each on one replica
-    settings = server_settings(tmp_path_factory.mktemp("replica-cache"), hotlora_cache, max_loras=2)
-    settings.adapter_store, settings.s3_endpoint_url, settings.adapter_store_ttl_s = s3.url("ray"), s3.endpoint, TTL
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="hotlora-test",
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                                   "AWS_DEFAULT_REGION")}})
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(settings, replicas=2, cpus_per_replica=1.0, host="127.0.0.1", port=0),
-              name="hotlora", route_prefix="/", blocking=False)
+    flags = dict(model="default", quant="none", cache_dir=hotlora_cache, adapter_dir=tmp_path_factory.mktemp("cache"),
+                 max_loras=2, max_lora_rank=16, max_model_len=512, kv_cache_memory=0.25, max_upload_bytes="64M",
+                 adapter_store=s3.url("ray"), s3_endpoint_url=s3.endpoint, adapter_store_ttl_s=TTL, replicas=2,
+                 cpus_per_replica=0.5, replica_host="127.0.0.1", replica_port=0, host="127.0.0.1", port=port)
+    argv = [sys.executable, "-m", "hotlora.server.cli", "serve-ray", "--no-ray-dashboard"]
+    argv += [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    env = os.environ | {"HOTLORA_ADMIN_TOKEN": TOKEN, "RAY_ADDRESS": ""}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    until(lambda: len(replicas(url)) == 2, timeout=600, what="2 replicas up")
-    yield url
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        until(lambda: proc.poll() is not None or len(replicas(url)) == 2, timeout=600,
+              what="2 replicas up")
+        assert proc.poll() is None, log.read_text()[-4000:]
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
 
 
 def replicas(url: str) -> list[dict]:
