@@ -185,3 +185,10 @@ def test_routing_keys_and_the_shared_store_requirement():
     with pytest.raises(ValueError, match="shared adapter store"):
         build_app(ServerSettings(), replicas=2)
     assert build_app(ServerSettings(adapter_store="s3://bucket/prefix"), replicas=2) is not None
+
+
+def test_the_single_process_server_never_imports_ray():
+    code = ("import sys, hotlora.server.cli, hotlora.server.api.app; "
+            "from hotlora.server.cli import build_parser; build_parser().parse_args(['serve-ray', '--replicas', '3']); "
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
