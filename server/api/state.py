@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,11 @@ class AppState:
         ttl = self.settings.adapter_store_ttl_s if _resident_hint(registry, current) else 0.0
         if current is not None and store.is_fresh(name, ttl):
             return
+        arrived = time.monotonic()
         async with self.lock(name):
+            # requests that queued here for one cold load share the check made after the first of them arrived
+            if name in registry and store.is_fresh(name, time.monotonic() - arrived):
+                return
             try:
                 path = await asyncio.to_thread(store.sync, name, ttl)
             except AdapterNotFound:
