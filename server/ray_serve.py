@@ -51,6 +51,9 @@ class ReplicaDirectory:
         self.replicas: dict[str, dict[str, Any]] = {}
 
     def register(self, replica_id: str, info: dict[str, Any]) -> None:
+        # a replica now listening where another one was registered has replaced it (that one is dead: its
+        # port was free); without this, the dead entry would look alive through the new server
+        self.replicas = {rid: i for rid, i in self.replicas.items() if i["url"] != info["url"]}
         self.replicas[replica_id] = info
 
     def unregister(self, replica_id: str) -> None:
@@ -66,15 +69,18 @@ def directory() -> Any:
     ).remote()
 
 
-def _bind(host: str, base: int) -> int:
-    """The first free port from `base` (0: any free port)."""
+def _bind(host: str, base: int) -> socket.socket:
+    """A socket bound to the first free port from `base` (0: any free port), handed to uvicorn as it is, so
+    that two replicas starting on one host cannot both pick the same port."""
     for port in range(base, base + 1000) if base else [0]:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            continue
+        return sock
     raise RuntimeError(f"no free port from {base} on {host}")
 
 
@@ -85,14 +91,16 @@ class HotloraReplica:
 
         from hotlora.server.api.app import create_app
 
-        self.port = _bind(host, port)
+        sock = _bind(host, port)
+        self.port = sock.getsockname()[1]
         self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="hotlora-uvicorn", daemon=True)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="hotlora-uvicorn",
+                                       daemon=True)
         self.thread.start()
-        self.local = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.AsyncClient(base_url=self.local, timeout=httpx.Timeout(None, connect=10))
-        self._wait_ready(settings)
+        local = "127.0.0.1" if host in ("0.0.0.0", "127.0.0.1") else host
+        self.client = httpx.AsyncClient(base_url=f"http://{local}:{self.port}", timeout=httpx.Timeout(None, connect=10))
+        self._wait_ready()
         self._resident = self._multiplexer(settings.engine.max_loras)
         ctx = serve.get_replica_context()
         self.replica_id = getattr(ctx.replica_id, "unique_id", None) or str(ctx.replica_id)
@@ -101,14 +109,17 @@ class HotloraReplica:
         info = {"url": f"http://{advertised}:{self.port}", "pid": os.getpid(), "node": node}
         ray.get(directory().register.remote(self.replica_id, info))
 
-    def _wait_ready(self, settings: ServerSettings, timeout: float = 1800.0) -> None:
-        """Block the constructor until the model is loaded: Ray Serve routes to a replica once it is built."""
+    def _wait_ready(self, timeout: float = 1800.0) -> None:
+        """Block the constructor until the model is loaded and the server listens: Ray Serve routes to a
+        replica once it is built."""
         state = self.app.state.hotlora
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if state.engine.error is not None:
                 raise RuntimeError(f"the model failed to load: {state.engine.error}")
-            if state.ready:
+            if not self.thread.is_alive():
+                raise RuntimeError("the replica's HTTP server stopped")
+            if state.ready and self.server.started:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"the model did not load in {timeout} s")

@@ -38,7 +38,7 @@ def cluster(s3, tmp_path_factory, hotlora_cache):
     flags = dict(model="default", quant="none", cache_dir=hotlora_cache, adapter_dir=tmp_path_factory.mktemp("cache"),
                  max_loras=2, max_lora_rank=16, max_model_len=512, kv_cache_memory=0.25, max_upload_bytes="64M",
                  adapter_store=s3.url("ray"), s3_endpoint_url=s3.endpoint, adapter_store_ttl_s=TTL, replicas=2,
-                 cpus_per_replica=0.5, replica_host="127.0.0.1", replica_port=0, host="127.0.0.1", port=port)
+                 cpus_per_replica=0.5, replica_host="127.0.0.1", replica_port=free_port(), host="127.0.0.1", port=port)
     argv = [sys.executable, "-m", "hotlora.server.cli", "serve-ray", "--no-ray-dashboard"]
     argv += [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     env = os.environ | {"HOTLORA_ADMIN_TOKEN": TOKEN, "RAY_ADDRESS": ""}
