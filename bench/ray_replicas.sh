@@ -54,7 +54,8 @@ import json, sys
 from pathlib import Path
 for f in sorted(Path(sys.argv[1]).glob("replicas*-rate*.json"), key=lambda p: (p.name.split("-")[0], float(p.stem.split("rate")[1]))):
     r = json.loads(f.read_text())
+    t, f50 = r["tpot_ms"], lambda d, k: d.get(k) or float("nan")
     print(f"{f.stem:22s} req/s {r['req_per_s']:7.2f}  out tok/s {r['output_tok_per_s']:8.0f}  "
-          f"TPOT p50 {r['tpot_ms']['p50']:7.1f} p99 {r['tpot_ms']['p99']:7.1f}  "
-          f"TTFT p50 {r['ttft_ms']['p50']:7.0f} p99 {r['ttft_ms']['p99']:7.0f}  errors {r['errors']}")
+          f"TPOT p50 {f50(t, 'p50'):7.1f} p99 {f50(t, 'p99'):7.1f}  "
+          f"TTFT p50 {f50(r['ttft_ms'], 'p50'):7.0f} p99 {f50(r['ttft_ms'], 'p99'):7.0f}  errors {r['errors']}")
 PY
