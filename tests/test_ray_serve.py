@@ -4,6 +4,7 @@ twice is most of the time these tests take."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -43,7 +44,7 @@ def cluster(s3, tmp_path_factory, hotlora_cache):
     argv += [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     env = os.environ | {"HOTLORA_ADMIN_TOKEN": TOKEN, "RAY_ADDRESS": ""}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
     try:
         until(lambda: proc.poll() is not None or len(replicas(url)) == 2, timeout=600,
@@ -57,6 +58,11 @@ def cluster(s3, tmp_path_factory, hotlora_cache):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM to the child when pytest dies (a timeout, a kill): no Ray cluster outlives the test run."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
 
 
 def replicas(url: str) -> list[dict]:
