@@ -78,6 +78,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def stage_upload(staging: Path, name: str, fill: Callable[[Path], None],
+                 check: Callable[[LoraAdapter], None] | None) -> LoraAdapter:
+    """Write an upload into the empty folder `staging` and validate it as every store does: both files,
+    a PEFT adapter that loads, `check` (compatibility with the base); fsync'd before it is published."""
+    fill(staging)
+    if not (staging / CONFIG_NAME).is_file() or not (staging / WEIGHTS_NAME).is_file():
+        raise AdapterError(f"an adapter needs both {CONFIG_NAME} and {WEIGHTS_NAME}")
+    adapter = load_peft_adapter(staging, name)
+    if check is not None:
+        check(adapter)
+    _fsync_dir(staging)
+    return adapter
+
+
 class AdapterStore:
     def __init__(
         self,
@@ -177,13 +191,7 @@ class AdapterStore:
         with self._lock(name):
             staging.mkdir()
             try:
-                fill(staging)
-                if not (staging / CONFIG_NAME).is_file() or not (staging / WEIGHTS_NAME).is_file():
-                    raise AdapterError(f"an adapter needs both {CONFIG_NAME} and {WEIGHTS_NAME}")
-                adapter = load_peft_adapter(staging, name)
-                if self.check is not None:
-                    self.check(adapter)
-                _fsync_dir(staging)
+                adapter = stage_upload(staging, name, fill, self.check)
                 version = self._versions / self._version_id(name)  # stamped under the lock: publish order
                 staging.rename(version)
                 _fsync_dir(self._versions)

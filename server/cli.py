@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hotlora.server.cli_ray import add_serve_ray
 from hotlora.server.engine.config import DTYPE_CHOICES, QUANT_CHOICES, EngineConfig
 
 ENV_PREFIX = "HOTLORA_"
@@ -80,6 +81,16 @@ SERVE_OPTIONS = (
         "the adapter store: one PEFT folder per adapter name, all registered at start, "
         "uploads land here (default <cache-dir>/adapters)",
     ),
+    Opt(
+        "adapter-store",
+        str,
+        "s3://bucket/prefix: a shared adapter store in S3-compatible object storage (credentials from the usual "
+        "AWS environment variables), cached under --adapter-dir; default: the local --adapter-dir itself",
+        engine=False,
+    ),
+    Opt("s3-endpoint-url", str, "endpoint of an S3-compatible server (MinIO, ...) for --adapter-store", engine=False),
+    Opt("adapter-store-ttl-s", float,
+        "seconds a replica trusts the adapter versions it last read from the shared store", engine=False),
     Opt("max-loras", int, "adapters resident on the device at once (device slots)"),
     Opt("max-lora-rank", int, "largest LoRA rank accepted"),
     Opt("lora-pool-rows", optional_int, "rows of the per-module device LoRA pools (default max-loras x max-lora-rank)"),
@@ -154,6 +165,9 @@ _SERVE_DEFAULTS = {
     "max_body_bytes": 8 << 20,
     "shutdown_grace_s": 30.0,
     "log_level": "info",
+    "adapter_store": None,
+    "s3_endpoint_url": None,
+    "adapter_store_ttl_s": 5.0,
 }
 
 
@@ -200,6 +214,11 @@ def _add_serve(sub: Any) -> None:
         "Each flag --x-y may also be set with the environment variable HOTLORA_X_Y.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _serve_flags(p)
+    p.set_defaults(func=serve)
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
     for opt in SERVE_OPTIONS + _engine_extras():
         if opt.switch:
             p.add_argument(f"--{opt.flag}", action=_Switch, default=_default(opt), help=f"{opt.help} [env {opt.env}]")
@@ -212,7 +231,6 @@ def _add_serve(sub: Any) -> None:
             metavar=None if opt.choices else opt.dest.upper(),
             help=f"{opt.help} [env {opt.env}]",
         )
-    p.set_defaults(func=serve)
 
 
 def _add_adapters(sub: Any) -> None:
@@ -284,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    add_serve_ray(sub, _serve_flags)
     _add_adapters(sub)
     _add_merge(sub)
     return parser
@@ -293,28 +312,37 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{o.dest: getattr(args, o.dest) for o in SERVE_OPTIONS + _engine_extras() if o.engine})
 
 
+def server_settings(args: argparse.Namespace) -> Any:
+    """ServerSettings from `serve` flags; ValueError for a bad combination."""
+    from hotlora.server.api.auth import load_admin_token
+    from hotlora.server.api.state import ServerSettings
+
+    return ServerSettings(
+        engine=engine_config(args),
+        admin_token=load_admin_token(args.admin_token_file),
+        served_model_name=args.served_model_name,
+        max_upload_bytes=args.max_upload_bytes,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_grace_s=args.shutdown_grace_s,
+        adapter_store=args.adapter_store or None,
+        s3_endpoint_url=args.s3_endpoint_url or None,
+        adapter_store_ttl_s=args.adapter_store_ttl_s,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hotlora.server.api.app import create_app
-    from hotlora.server.api.auth import load_admin_token
     from hotlora.server.api.shutdown import DrainingServer
-    from hotlora.server.api.state import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        token = load_admin_token(args.admin_token_file)
-        settings = ServerSettings(
-            engine=engine_config(args),
-            admin_token=token,
-            served_model_name=args.served_model_name,
-            max_upload_bytes=args.max_upload_bytes,
-            max_body_bytes=args.max_body_bytes,
-            shutdown_grace_s=args.shutdown_grace_s,
-        )
+        settings = server_settings(args)
     except ValueError as exc:
         print(f"hotlora serve: {exc}", file=sys.stderr)
         return 2
+    token = settings.admin_token
     if token is None:
         logging.getLogger("hotlora").warning(
             "no admin token: the admin API answers 403 (set HOTLORA_ADMIN_TOKEN "

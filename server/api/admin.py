@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from hotlora.adapters.archive import UploadTooLarge
 from hotlora.adapters.peft_format import WEIGHTS_NAME, AdapterError
+from hotlora.adapters.s3store import ConcurrentUpdate, StoreUnavailable
 from hotlora.adapters.store import AdapterNotFound, InvalidAdapterName, StoredAdapter, check_name
 from hotlora.server.api.auth import require_admin
 from hotlora.server.api.errors import APIError, bad_request
@@ -113,7 +114,13 @@ async def _read_upload(request: Request, limit: int, opened: list[Any]) -> tuple
     )
 
 
+def _unavailable(exc: StoreUnavailable) -> APIError:
+    return APIError(503, str(exc), code="store_unavailable", headers={"Retry-After": "5"})
+
+
 def _store_error(exc: Exception) -> APIError:
+    if isinstance(exc, ConcurrentUpdate):
+        return APIError(409, str(exc), param="name", code="concurrent_update")
     if isinstance(exc, UploadTooLarge):
         return APIError(413, str(exc), code="upload_too_large")
     if isinstance(exc, InvalidAdapterName):
@@ -171,6 +178,9 @@ async def upload_adapter(name: str, request: Request):
     except (AdapterError, UploadTooLarge) as exc:
         state.metrics.uploads.labels("refused").inc()
         raise _store_error(exc) from None
+    except StoreUnavailable as exc:
+        state.metrics.uploads.labels("store_unavailable").inc()
+        raise _unavailable(exc) from None
     except ClientDisconnect:
         raise _client_closed(state, name) from None
     finally:
@@ -219,6 +229,7 @@ async def list_adapters(request: Request):
 async def get_adapter(name: str, request: Request):
     state = _state(request)
     _name(state, name)
+    await state.sync_adapter(name)
     infos = await state.engine.call(state.engine.engine.registry.info)
     for a in infos:
         if a.name == name:
@@ -240,6 +251,8 @@ async def delete_adapter(name: str, request: Request):
         except AdapterNotFound:
             if not known:
                 raise _not_found(name) from None
+        except StoreUnavailable as exc:
+            raise _unavailable(exc) from None
     state.refused.pop(name, None)
     log.info("adapter %r deleted", name)
     return {"object": "adapter.deleted", "name": name, "deleted": True}
@@ -249,6 +262,7 @@ async def _pin(request: Request, name: str, pinned: bool) -> dict[str, Any]:
     state = _state(request)
     _name(state, name)
     registry = state.engine.engine.registry
+    await state.sync_adapter(name)
     try:
         if pinned:  # the disk read happens off the engine thread; pin then only copies to the device
             pending = await state.engine.call(registry.prefetch, name)

@@ -3,7 +3,8 @@
 Request-level series are recorded by the API as outputs arrive; engine and adapter state is read from
 the engine at scrape time. Besides hotlora_* names, the few series that LoRA-aware routers read from
 vLLM are exported under vLLM's names too (vllm:lora_requests_info, vllm:num_requests_running,
-vllm:num_requests_waiting, vllm:kv_cache_usage_perc, vllm:prefix_cache_queries, vllm:prefix_cache_hits),
+vllm:num_requests_waiting, vllm:kv_cache_usage_perc, vllm:cache_config_info, vllm:prefix_cache_queries,
+vllm:prefix_cache_hits),
 with adapter residency in the shape vLLM proposes for routers (vllm:lora_adapter_loaded,
 vllm:num_gpu_loaded_lora_adapters, vllm:max_gpu_lora_adapters, vllm:lora_adapter_load_seconds).
 """
@@ -46,6 +47,11 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily(
                 f"{prefix}{sep}kv_cache_usage_perc", "fraction of KV-cache blocks in use", value=usage
             )
+        cache_info = GaugeMetricFamily(  # the EPP's prefix-cache scorer sizes its index from this
+            "vllm:cache_config_info", "KV-cache configuration (value: 1)", labels=["block_size", "num_gpu_blocks"]
+        )
+        cache_info.add_metric([str(getattr(s, "block_size", 0)), str(s.kv_blocks_total)], 1.0)
+        yield cache_info
         yield GaugeMetricFamily("hotlora_kv_cache_blocks_total", "KV-cache blocks", value=s.kv_blocks_total)
         yield GaugeMetricFamily("hotlora_kv_cache_blocks_used", "KV-cache blocks in use", value=s.kv_blocks_used)
         yield GaugeMetricFamily(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -12,6 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hotlora.adapters.mixspec import MixError, is_mix, parse_mix
+from hotlora.adapters.s3store import S3AdapterStore
+from hotlora.adapters.store import NAME_RE
 from hotlora.server.api import generation as gen
 from hotlora.server.api.errors import APIError, bad_request, model_not_found
 from hotlora.server.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -129,9 +132,10 @@ def _finish(out: RequestOutput) -> str | None:
     return out.finish_reason.value if out.finished and out.finish_reason is not None else None
 
 
-def _resolve_model(state: AppState, model: str) -> str | None:
+async def _resolve_model(state: AppState, model: str) -> str | None:
     """The adapter (or adapter mix) a `model` names, None for the base. The engine says whether the
-    adapters exist; malformed mixes and adapters refused at start are answered here."""
+    adapters exist; malformed mixes and adapters refused at start are answered here. With the shared
+    store, each named adapter is first synced to the store's current version."""
     adapter = state.adapter_for(model)
     if adapter is None:
         return None
@@ -144,6 +148,8 @@ def _resolve_model(state: AppState, model: str) -> str | None:
     elif "/" in adapter:
         raise model_not_found(model)
     for name in names:
+        if NAME_RE.fullmatch(name):
+            await state.sync_adapter(name)  # a no-op for the local store
         if name in state.refused:
             raise APIError(
                 404,
@@ -188,7 +194,7 @@ def _echoed(state: AppState, body: CompletionRequest) -> list[str]:
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     body.refuse_unsupported()
-    adapter = _resolve_model(state, body.model)
+    adapter = await _resolve_model(state, body.model)
     prompts = [(ids, gen.check_length(state, len(ids), body.max_tokens))
                for ids in await gen.encode_prompts(state, body.prompts())]
     echo = _echoed(state, body)
@@ -232,7 +238,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     body.refuse_unsupported()
-    adapter = _resolve_model(state, body.model)
+    adapter = await _resolve_model(state, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     ids = await gen.chat_prompt_ids(state, messages, body.add_generation_prompt, body.continue_final_message)
     max_tokens = gen.check_length(state, len(ids), body.max_new_tokens)
@@ -277,6 +283,9 @@ async def models(request: Request):
     state = _state(request)
     engine = state.engine.engine
     infos = await state.engine.call(engine.registry.info)
+    names = [a.name for a in infos]
+    if isinstance(state.store, S3AdapterStore):  # the shared store's names, also those not loaded here yet
+        names = sorted(set(names) | set(await asyncio.to_thread(state.store.list)))
     created = int(time.time())
     base = {
         "id": state.model_name,
@@ -289,13 +298,13 @@ async def models(request: Request):
     }
     adapters = [
         {
-            "id": a.name,
+            "id": name,
             "object": "model",
             "created": created,
             "owned_by": "hotlora",
-            "root": a.name,
+            "root": name,
             "parent": state.model_name,
         }
-        for a in infos
+        for name in names
     ]
     return {"object": "list", "data": [base, *adapters]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 
 from hotlora.adapters.archive import MAX_SMALL_FILE_BYTES
 from hotlora.adapters.peft_format import AdapterError, check_compatible, max_adapter_bytes
-from hotlora.adapters.store import DEFAULT_MAX_BYTES, AdapterStore
+from hotlora.adapters.s3store import S3AdapterStore, StoreUnavailable, parse_s3_url
+from hotlora.adapters.store import DEFAULT_MAX_BYTES, AdapterNotFound, AdapterStore
 from hotlora.server.api.errors import APIError
 from hotlora.server.api.limits import DEFAULT_MAX_BODY_BYTES, TokenizerPool
 from hotlora.server.api.metrics import Metrics
@@ -36,6 +38,15 @@ class ServerSettings:
     max_upload_bytes: int = DEFAULT_MAX_BYTES
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # /v1 request bodies; larger ones are answered 413
     shutdown_grace_s: float = 30.0  # on SIGTERM: how long running requests may take to finish
+    adapter_store: str | None = None  # s3://bucket/prefix: the shared store (None: the local adapter_dir)
+    s3_endpoint_url: str | None = None  # MinIO and other S3-compatible servers
+    adapter_store_ttl_s: float = 5.0  # how long a replica trusts the pointer it last read from the shared store
+
+    def __post_init__(self) -> None:
+        if self.adapter_store is not None:
+            parse_s3_url(self.adapter_store)
+        if self.adapter_store_ttl_s < 0:
+            raise ValueError("adapter_store_ttl_s must be >= 0")
 
 
 def _default_factory(config: EngineConfig) -> Callable[[], Any]:
@@ -47,6 +58,14 @@ def _default_factory(config: EngineConfig) -> Callable[[], Any]:
     return build
 
 
+def _resident_hint(registry: Any, version: Any) -> bool:
+    """Whether `version` sits in a ready device slot, read racily from outside the engine thread: the slot
+    may change under us, so every step tolerates a vanished entry."""
+    slot = registry.cache.index.get(version) if version is not None else None
+    entry = registry.cache.slots[slot] if slot is not None else None
+    return entry is not None and entry.key is version and bool(entry.ready)
+
+
 class AppState:
     def __init__(self, settings: ServerSettings, engine_factory: Callable[[], Any] | None = None) -> None:
         self.settings = settings
@@ -54,7 +73,7 @@ class AppState:
         self.metrics = Metrics()
         self.adapter_dir = Path(settings.engine.adapter_dir or default_adapter_dir(settings.engine))
         self.engine = AsyncEngine(engine_factory or _default_factory(settings.engine), on_ready=self._on_ready)
-        self.store: AdapterStore | None = None
+        self.store: AdapterStore | S3AdapterStore | None = None
         self.refused: dict[str, str] = {}  # adapters in the store that are not served: name -> why
         self.upload_limit = settings.max_upload_bytes  # bytes of one upload body, once the base is known
         self.model_name = settings.served_model_name or ""
@@ -75,14 +94,13 @@ class AppState:
         shapes, layers, max_rank = cfg.linear_shapes(), cfg.num_layers, self.settings.engine.max_lora_rank
         # what an adapter of the largest allowed rank can be for this base bounds what an upload may unpack to
         bound = max_adapter_bytes(shapes, layers, max_rank) + 2 * MAX_SMALL_FILE_BYTES
-        self.store = AdapterStore(
-            self.adapter_dir,
-            check=lambda a: check_compatible(a, shapes, layers, max_rank),
-            max_bytes=min(self.settings.max_upload_bytes, bound),
-        )
+        self.store = self._open_store(lambda a: check_compatible(a, shapes, layers, max_rank),
+                                      min(self.settings.max_upload_bytes, bound))
         self.upload_limit = min(self.settings.max_upload_bytes, bound + (1 << 20))  # + archive/multipart framing
         self.refused = dict(self.store.refused)
-        for name in self.store.list():
+        # the shared store is read lazily: only the versions cached here before a restart are registered now
+        names = self.store.list() if isinstance(self.store, AdapterStore) else sorted(self.store.known)
+        for name in names:
             try:
                 engine.registry.register(name, self.store.path(name))
             except (AdapterError, OSError, KeyError) as exc:
@@ -101,6 +119,57 @@ class AppState:
             len(engine.registry.names()),
             self.adapter_dir,
         )
+
+    def _open_store(self, check: Callable[[Any], None], max_bytes: int) -> AdapterStore | S3AdapterStore:
+        """The local directory store, or with adapter_store=s3://... the shared one, cached under adapter_dir
+        (whose versions cached before a restart are registered, and served while the store is unreachable)."""
+        url = self.settings.adapter_store
+        if url is None:
+            return AdapterStore(self.adapter_dir, check=check, max_bytes=max_bytes)
+        bucket, prefix = parse_s3_url(url)
+        cache = self.adapter_dir / "s3" / bucket / (prefix.replace("/", "~") or "~")
+        return S3AdapterStore(url, cache, check=check, max_bytes=max_bytes, endpoint_url=self.settings.s3_endpoint_url)
+
+    async def sync_adapter(self, name: str) -> None:
+        """With the shared store: make the engine serve `name` as the store has it now, within the TTL, and
+        at once if the adapter is not resident on this replica (a cold load). Whether it is resident is read
+        from the event loop without a round trip to the engine thread: a hint only, and at worst one more
+        conditional GET. A replaced version stays with the sequences that hold it (registry.register)."""
+        store = self.store
+        if not isinstance(store, S3AdapterStore):
+            return
+        registry = self.engine.engine.registry
+        current = registry.current.get(name)
+        ttl = self.settings.adapter_store_ttl_s if _resident_hint(registry, current) else 0.0
+        if current is not None and store.is_fresh(name, ttl):
+            return
+        arrived = time.monotonic()
+        async with self.lock(name):
+            # requests that queued here for one cold load share the check made after the first of them arrived
+            if name in registry and store.is_fresh(name, time.monotonic() - arrived):
+                return
+            try:
+                path = await asyncio.to_thread(store.sync, name, ttl)
+            except AdapterNotFound:
+                if name in registry:
+                    await self.engine.call(registry.remove, name)
+                return  # the engine answers 404 for a name it does not know
+            except StoreUnavailable as exc:
+                if name in registry:
+                    return
+                raise APIError(503, f"adapter {name!r} is not cached here and {exc}", code="store_unavailable",
+                               headers={"Retry-After": "5"}) from None
+            except AdapterError as exc:
+                self.refused[name] = str(exc)
+                return
+            current = registry.current.get(name)
+            if current is None or current.path != path:
+                try:
+                    await self.engine.call(registry.register, name, path)
+                except (AdapterError, OSError) as exc:
+                    self.refused[name] = str(exc)
+                    return
+            self.refused.pop(name, None)
 
     async def watch_startup(self) -> None:
         try:

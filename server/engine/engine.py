@@ -54,6 +54,7 @@ class EngineStats:
     num_graph_steps: int = 0  # steps replayed from CUDA graphs
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found there
+    block_size: int = 0  # tokens per KV-cache block
 
 
 class LLMEngine:
@@ -242,6 +243,7 @@ class LLMEngine:
             adapter_load_seconds=self.registry.cache.stats.transitions,
             num_eager_steps=self.eager_steps, num_graph_steps=self.runner.graph_steps,
             prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits,
+            block_size=self.config.block_size,
         )
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:
