@@ -199,8 +199,14 @@ def run_engine_mixed(adapters: dict[str, Path], work, n_tokens: int, **config):
     return outs
 
 
-def save_random_model(preset: str, folder: Path) -> Path:
-    """A `random:<preset>` checkpoint written as an HF folder (config.json + safetensors), no tokenizer."""
+BF16_EMBED_SCALE = 0.05  # the GPU tests' random models: logits of magnitude ~6, where a bf16 step is ~0.03
+
+
+def save_random_model(preset: str, folder: Path, embed_scale: float = 1.0) -> Path:
+    """A `random:<preset>` checkpoint written as an HF folder (config.json + safetensors), no tokenizer.
+
+    embed_scale multiplies the embedding (and lm_head) weights. Random embeddings have std 1, so a tied lm_head
+    gives logits of magnitude ~150, where one bf16 step is 1.0 nat: bf16 comparisons want them smaller."""
     import json
 
     from safetensors.torch import save_file
@@ -211,5 +217,9 @@ def save_random_model(preset: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_checkpoint(f"random:{preset}", folder / "cache", progress=False)
     (folder / "config.json").write_text(json.dumps(preset_hf_config(preset)))
-    save_file(dict(ckpt.tensors("cpu", torch.float32)), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tensors = dict(ckpt.tensors("cpu", torch.float32))
+    for name, t in tensors.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            t.mul_(embed_scale)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_reference import (
+    BF16_EMBED_SCALE,
     MIX2,
     MIX2_NEG,
     MIX3,
@@ -30,7 +31,8 @@ BF16_LOGPROB = 1.0
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return save_random_model("smollm2-135m", tmp_path_factory.mktemp("random-smollm2-mix"))
+    folder = tmp_path_factory.mktemp("random-smollm2-mix")
+    return save_random_model("smollm2-135m", folder, embed_scale=BF16_EMBED_SCALE)
 
 
 @pytest.fixture(scope="module")

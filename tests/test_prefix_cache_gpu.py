@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_reference import drain, save_adapters, save_random_model
+from engine_reference import BF16_EMBED_SCALE, drain, save_adapters, save_random_model
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -25,7 +25,8 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return save_random_model("smollm2-135m", tmp_path_factory.mktemp("random-smollm2-prefix"))
+    folder = tmp_path_factory.mktemp("random-smollm2-prefix")
+    return save_random_model("smollm2-135m", folder, embed_scale=BF16_EMBED_SCALE)
 
 
 @pytest.fixture(scope="module")
