@@ -198,7 +198,8 @@ def mixed_batch(batch: int, adapters: int) -> list[str]:
 def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: bool) -> dict[str, float]:
     slots = args.adapters + (args.batch // 2 if args.mixes else 0)  # each mix takes a slot of its own
     engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=slots,
-                                    max_lora_rank=max(2 * args.rank, 64), max_num_seqs=max(args.batch, 64),
+                                    max_lora_rank=args.max_lora_rank or max(2 * args.rank, 64),
+                                    max_num_seqs=max(args.batch, 64),
                                     max_num_batched_tokens=4096, kv_cache_memory=0.3, cuda_graphs=cuda_graphs))
     mode = "graphs" if cuda_graphs else "eager"
     if engine.runner.graphs is not None:
@@ -250,6 +251,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64, help="tokens per request for hotlora")
+    ap.add_argument("--max-lora-rank", type=int, default=None,
+                    help="the engine's max_lora_rank (default max(2 x rank, 64)); the LoRA tiles are sized by it, so "
+                         "--max-lora-rank RANK bounds what rank-class tiles would gain")
     ap.add_argument("--hf-new", type=int, default=16, help="tokens per request for the (slow) baseline")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--profile", action="store_true", help="also profile 8 decode steps of the distinct case")
