@@ -5,6 +5,7 @@ next-token bitmask applied to the logits on the device."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
@@ -16,6 +17,16 @@ from hotlora.server.engine.types import StructuredSpec
 
 class InvalidGrammarError(ValueError):
     """The schema, regex, choice list or grammar cannot be compiled (the API answers 400)."""
+
+
+# xgrammar's C++ errors start with "[hh:mm:ss] /project/cpp/file.cc:123: ": where it failed, not what is wrong
+_CPP_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of an xgrammar error, without its C++ source location, at most 500 characters."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return _CPP_PREFIX.sub("", lines[0])[:500]
 
 
 class GrammarCache:
@@ -37,7 +48,7 @@ class GrammarCache:
         try:
             compiled = self._compile(spec)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise InvalidGrammarError(f"invalid {spec.kind}: {str(exc).strip().splitlines()[0][:500]}") from None
+            raise InvalidGrammarError(f"invalid {spec.kind}: {_reason(exc)}") from None
         with self._lock:
             self._cache[spec.key] = compiled
             while len(self._cache) > self.max_entries:
