@@ -176,6 +176,10 @@ class _Sampling(_Strict):
     def refuse_unsupported(self) -> None:
         """Fields of OpenAI's that the server does not implement: a 400 naming the field."""
 
+    def prompt_logprobs(self) -> int | None:
+        """How many alternatives to return per prompt token, or None for no prompt logprobs."""
+        return None
+
 
 class CompletionRequest(_Sampling):
     prompt: (
@@ -220,11 +224,12 @@ class CompletionRequest(_Sampling):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
+    def prompt_logprobs(self) -> int | None:
+        """echo with logprobs returns the prompt's logprobs too (as OpenAI's legacy completions and vLLM)."""
+        return self.logprobs if self.echo else None
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.echo and self.logprobs is not None:
-            raise bad_request("echo with logprobs (prompt logprobs) is not supported by this server; "
-                              "send echo or logprobs, not both", param="echo")
         if self.best_of not in (None, 1) and self.best_of != self.n:
             raise bad_request("best_of other than n is not supported by this server", param="best_of")
         if self.suffix:
