@@ -108,10 +108,11 @@ class StructuredOutputs(_Strict):
 
 
 def _canonical(schema: Any) -> str:
-    """One text per schema, whatever the key order: the grammar cache's key."""
+    """The schema as compact JSON, the grammar cache's key. Key order is kept: an object's properties are
+    generated in the order the schema lists them (as OpenAI and vLLM do), so it is part of the spec."""
     if not isinstance(schema, dict):
         raise bad_request("a JSON schema must be an object", param="response_format")
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    return json.dumps(schema, separators=(",", ":"))
 
 
 class StreamOptions(_Strict):
