@@ -172,7 +172,8 @@ class LLMEngine:
         reason = None
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
         if seq.grammar is not None:
-            seq.grammar.accept_token(token)
+            if not seq.grammar.accept_token(token):  # the bitmask forbids it: never drawn unless there is a bug
+                return self._fail(seq, f"token {token} does not fit the request's grammar", ErrorKind.INTERNAL)
             stop_token = stop_token or seq.grammar.is_terminated()
         if stop_token:
             reason = FinishReason.STOP
