@@ -170,6 +170,13 @@ def test_grammar_bitmask_forbids_exactly_what_the_matcher_forbids(default_model_
     allowed = set(torch.nonzero(out[1] > float("-inf")).flatten().tolist())
     assert allowed and all("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t])) for t in allowed)
     assert cache.compile(spec) is cache.compile(StructuredSpec("choice", json.dumps(["yes", "no"])))  # cached
+    cache.max_entries = 2  # least recently used goes first
+    others = [StructuredSpec("regex", r) for r in ("a+", "b+")]
+    first = cache.compile(spec)
+    cache.compile(others[0])
+    cache.compile(spec)  # used again: now the newest
+    cache.compile(others[1])  # evicts others[0], not spec
+    assert cache.compile(spec) is first
     with pytest.raises(ValueError, match="invalid regex"):
         cache.compile(StructuredSpec("regex", "(unclosed"))
 

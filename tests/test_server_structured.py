@@ -80,7 +80,7 @@ def server(tmp_path_factory, hotlora_cache, peft_dirs):
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=900, max_retries=0)  # a busy CI host
 
 
 @pytest.fixture(scope="module")

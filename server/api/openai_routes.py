@@ -208,7 +208,7 @@ async def completions(body: CompletionRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
         # echo with logprobs: the prompt goes out with the first token, once its logprobs exist
-        late_echo = body.logprobs is not None
+        late_echo = body.echo and body.logprobs is not None
         offsets: dict[int, int] = {c.index: 0 if late_echo else len(echo[c.index]) for c in choices}
 
         def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any]:

@@ -35,14 +35,18 @@ class GrammarCache:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: set[int], max_entries: int = 256) -> None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_ids))
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-        self._cache: dict[str, Any] = {}  # insertion-ordered: the oldest entry goes first when full
+        # least recently used first: a hit moves to the end, the first entry goes when full (so a grammar the
+        # API just compiled is still here when the engine thread makes the request's matcher)
+        self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.max_entries = max_entries
 
     def compile(self, spec: StructuredSpec) -> Any:
         """The xgr.CompiledGrammar for spec; raises InvalidGrammarError saying what is wrong."""
         with self._lock:
-            hit = self._cache.get(spec.key)
+            hit = self._cache.pop(spec.key, None)
+            if hit is not None:
+                self._cache[spec.key] = hit
         if hit is not None:
             return hit
         try:
