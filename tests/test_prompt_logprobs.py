@@ -5,9 +5,11 @@ the prompt (its KV is reused by others, but a scoring prompt is computed in full
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
-from engine_reference import Reference
+from engine_reference import Reference, save_random_model
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -82,3 +84,26 @@ def test_chunking_preemption_and_the_prefix_cache_change_nothing(engine, hotlora
         assert [s[2] for s in cramped[key]] == [s[2] for s in scores]
         torch.testing.assert_close(torch.tensor([s[1] for s in cramped[key]]), torch.tensor([s[1] for s in scores]),
                                    atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scoring_steps_run_eagerly_and_agree_with_forced_tokens(tmp_path, hotlora_cache):
+    """On CUDA with graphs: a scoring step runs eagerly, the rest still replay; the last prompt token's logprob
+    equals that of the same token forced (logit_bias) as the first generated token after the rest."""
+    model = save_random_model("smollm2-135m", tmp_path / "m")
+    engine = LLMEngine(EngineConfig(model=str(model), quant="nf4", cache_dir=hotlora_cache, device="cuda",
+                                    dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=64, kv_cache_memory=0.1))
+    ids = [random.Random(5).randrange(3, 49152) for _ in range(150)]  # three 64-token prefill chunks
+    scored = Request("s", ids, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2))
+    forced = Request("f", ids[:-1], SamplingParams(max_tokens=1, temperature=0.0, logprobs=0,
+                                                   logit_bias={ids[-1]: 100.0}))
+    before = engine.eager_steps
+    out, ref = engine.generate([scored]), engine.generate([forced])
+    lps = out[0].prompt_logprobs
+    assert len(lps) == len(ids) and lps[0] is None and [lp.token_id for lp in lps[1:]] == ids[1:]
+    assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in lps[1:])
+    assert engine.eager_steps - before == 3  # the prefill chunks; the decodes and the forced request replay
+    assert ref[0].new_token_ids == [ids[-1]]
+    # bf16 on a random-weight model, two step shapes: test_engine_gpu's bound for such noise (BF16_TIE)
+    assert lps[-1].logprob == pytest.approx(ref[0].logprobs[0].logprob, abs=0.5)
