@@ -11,6 +11,8 @@ event; `poll` checks that event and only then writes the slot-table entries (ran
 that make the slot visible to the kernels. A host copy read from disk is the raw file in one buffer
 (adapters/staging.py; pinned on CUDA): the copy thread moves it to the device in one transfer, then
 casts and transposes into the pool rows and checks finiteness there, all queued on the side stream.
+A weighted mix (adapters/compose.py) takes one slot of its summed rank; its copy writes each
+component's rows in turn, with the component's weight and scale folded into A.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hotlora.adapters.compose import StagedMix, fold
 from hotlora.adapters.loadstats import LoadStats
 from hotlora.adapters.peft_format import TARGET_MODULES, AdapterError
 from hotlora.adapters.staging import StagedAdapter
@@ -41,7 +44,7 @@ class Slot:
     ready: bool = True  # False while its weights are being copied in: not evictable, not usable
     fresh: bool = False  # loaded for a waiting request, not used yet (its first use is no cache hit)
     drop_when_idle: bool = False  # unloaded while in use: freed when the last user releases it
-    targets: frozenset[str] = frozenset()  # modules with weights (the others get rank 0 in this slot)
+    ranks: dict[str, int] | None = None  # rows per module (0: the slot does not target it); set by reserve
     transfer: Future | None = None  # the copy; its result: _Copied
     started: float = 0.0  # perf_counter() at reserve
 
@@ -97,16 +100,16 @@ class LoraSlotCache:
         self.row_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.ranks = {m: torch.zeros(num_slots, dtype=torch.int32, device=device) for m in TARGET_MODULES}
+        # one [layers, rows, features] tensor per module and side, so that a load writes a module of every
+        # layer in one copy; each layer's kernels see its contiguous [rows, features] slice
+        self.pools = {
+            m: (torch.zeros(num_layers, pool_rows, linear_shapes[m][1], device=device, dtype=dtype),
+                torch.zeros(num_layers, pool_rows, linear_shapes[m][0], device=device, dtype=dtype))
+            for m in TARGET_MODULES
+        }
         self.layers: list[dict[str, LoraSlice]] = [
-            {
-                m: LoraSlice(
-                    a=torch.zeros(pool_rows, linear_shapes[m][1], device=device, dtype=dtype),
-                    b=torch.zeros(pool_rows, linear_shapes[m][0], device=device, dtype=dtype),
-                    rank=self.ranks[m],
-                )
-                for m in TARGET_MODULES
-            }
-            for _ in range(num_layers)
+            {m: LoraSlice(a=a[layer], b=b[layer], rank=self.ranks[m]) for m, (a, b) in self.pools.items()}
+            for layer in range(num_layers)
         ]
         self.slots: list[Slot | None] = [None] * num_slots
         self.index: dict[Hashable, int] = {}
@@ -147,11 +150,11 @@ class LoraSlotCache:
 
     # --- loading -----------------------------------------------------------------------------------
 
-    def reserve(self, key: Hashable, adapter: StagedAdapter) -> int | None:
+    def reserve(self, key: Hashable, adapter: StagedAdapter | StagedMix) -> int | None:
         """Take a slot and rows for `adapter` (evicting idle ones, least recently used first) and start
         copying it in; `poll(slot)` says when it is usable. None when every slot or row is held by
         running, pinned or still-loading adapters."""
-        rank = adapter.config.rank
+        rank, scale, ranks = _layout(adapter)
         if rank > self.pool_rows:
             raise ValueError(f"rank {rank} does not fit a pool of {self.pool_rows} rows")
         while True:
@@ -161,8 +164,8 @@ class LoraSlotCache:
                 break
             if not self._evict_one():
                 return None
-        s = Slot(key=key, row_start=start, rank=rank, scale=adapter.config.scale, ready=False, fresh=True,
-                 targets=frozenset(adapter.config.target_modules), started=time.perf_counter())
+        s = Slot(key=key, row_start=start, rank=rank, scale=scale, ready=False, fresh=True, ranks=ranks,
+                 started=time.perf_counter())
         after = None
         if self._cuda:  # the copy waits for the steps already queued, which may still read freed rows
             after = torch.cuda.Event()
@@ -196,7 +199,7 @@ class LoraSlotCache:
         self._publish(slot)
         return True
 
-    def load(self, key: Hashable, adapter: StagedAdapter) -> int | None:
+    def load(self, key: Hashable, adapter: StagedAdapter | StagedMix) -> int | None:
         """reserve + wait for the copy (admin pin: its caller waits anyway). None as for reserve."""
         slot = self.reserve(key, adapter)
         if slot is None:
@@ -211,42 +214,74 @@ class LoraSlotCache:
     def pending(self) -> list[Future]:
         return [s.transfer for s in self.slots if s is not None and not s.ready]
 
-    def _copy(self, key: Hashable, start: int, adapter: StagedAdapter, after: torch.cuda.Event | None) -> _Copied:
+    def _copy(self, key: Hashable, start: int, adapter: StagedAdapter | StagedMix,
+              after: torch.cuda.Event | None) -> _Copied:
         """On the copy thread: CPU pools are written here; on CUDA everything is queued on the side stream
         behind `after`, and poll() waits for the returned events."""
         if self.copy_hook is not None:
             self.copy_hook(key)
         t0 = time.perf_counter()
         if not self._cuda:
-            finite = self._write(start, adapter, adapter.raw)
+            finite = self._write_staged(start, adapter, to_device=False)
             self.stats.record("h2d_copy", time.perf_counter() - t0)
             return _Copied(None, None, finite)
         with self.copy_lock, torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             self._stream.wait_event(after)
             begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record(self._stream)
-            raw = adapter.raw.to(self.device, non_blocking=True) if adapter.raw is not None else None
-            finite = self._write(start, adapter, raw)
+            finite = self._write_staged(start, adapter, to_device=True)
             if finite is not None:  # read by poll() once `done` completed: no sync on the engine thread
                 finite = finite.to("cpu", non_blocking=True)
             done.record(self._stream)
         self.stats.record("h2d_issue", time.perf_counter() - t0)
         return _Copied(begin, done, finite)
 
-    def _write(self, start: int, adapter: StagedAdapter, raw: torch.Tensor | None) -> torch.Tensor | None:
-        """Copy (casting, B transposed) into the pool rows; the finiteness flag if it is still to check.
-        `raw`: the file's bytes where the copies read from (a device copy on CUDA)."""
+    def _write_staged(self, start: int, adapter: StagedAdapter | StagedMix, to_device: bool) -> torch.Tensor | None:
+        """Copy an adapter, or each component of a mix at its row offset per module, into the pool rows;
+        the finiteness flag if it is still to check. `to_device`: move each file to the device first."""
+        if not isinstance(adapter, StagedMix):
+            return self._write(start, adapter, self._raw(adapter, to_device))
+        offsets = dict.fromkeys(TARGET_MODULES, 0)
+        flags = []
+        for part, weight in adapter.parts:
+            flag = self._write(start, part, self._raw(part, to_device), offsets, weight)
+            if flag is not None:
+                flags.append(flag)
+            for m in part.config.target_modules:
+                offsets[m] += part.config.rank
+        return torch.stack(flags).all() if flags else None
+
+    def _raw(self, adapter: StagedAdapter, to_device: bool) -> torch.Tensor | None:
+        """The file's bytes where the copies read from: a device copy of them on CUDA."""
+        if not to_device or adapter.raw is None:
+            return adapter.raw
+        return adapter.raw.to(self.device, non_blocking=True)
+
+    def _write(self, start: int, adapter: StagedAdapter, raw: torch.Tensor | None,
+               offsets: dict[str, int] | None = None, weight: float | None = None) -> torch.Tensor | None:
+        """Copy (casting, B transposed) into the pool rows from `start` (+ offsets[module] for a mix
+        component, whose A is folded with `weight` and its scale); the finiteness flag if still to check."""
         weights = adapter.weights if raw is None or raw is adapter.raw else adapter.views(raw)
-        rows = slice(start, start + adapter.config.rank)
         for m in adapter.config.target_modules:
-            for layer, slices in enumerate(self.layers):
-                ab = weights.get((layer, m))
+            first = start + (offsets[m] if offsets is not None else 0)
+            rows = slice(first, first + adapter.config.rank)
+            pairs = [weights.get((layer, m)) for layer in range(len(self.layers))]
+            if weight is not None:
+                pairs = [None if ab is None else (fold(ab[0], weight, adapter.config.scale), ab[1]) for ab in pairs]
+            pool_a, pool_b = self.pools[m]
+            if all(ab is not None for ab in pairs):
+                # a few large ops, not two per layer: each op waits for the GIL, which the engine and
+                # HTTP threads hold most of the time under load (448 small copies took ~0.6 s there)
+                pool_a[:, rows].copy_(torch.stack([a for a, _ in pairs]), non_blocking=True)
+                pool_b[:, rows].copy_(torch.stack([b for _, b in pairs]).transpose(1, 2), non_blocking=True)
+                continue
+            for layer, ab in enumerate(pairs):
                 if ab is None:  # not targeted in this layer (layers_to_transform): a zero delta
-                    slices[m].a[rows].zero_()
-                    slices[m].b[rows].zero_()
+                    pool_a[layer, rows].zero_()
+                    pool_b[layer, rows].zero_()
                 else:
-                    slices[m].a[rows].copy_(ab[0], non_blocking=True)
-                    slices[m].b[rows].copy_(ab[1].T, non_blocking=True)
+                    pool_a[layer, rows].copy_(ab[0], non_blocking=True)
+                    pool_b[layer, rows].copy_(ab[1].T, non_blocking=True)
         if not adapter.check_finite:
             return None
         return _all_finite(adapter, raw, weights)
@@ -256,7 +291,7 @@ class LoraSlotCache:
         t0 = time.perf_counter()
         s = self.slots[slot]
         for m in TARGET_MODULES:
-            self.ranks[m][slot] = s.rank if m in s.targets else 0
+            self.ranks[m][slot] = s.ranks.get(m, 0)
         self.row_start[slot] = s.row_start
         self.scale[slot] = s.scale
         s.ready, s.transfer = True, None
@@ -309,6 +344,14 @@ class LoraSlotCache:
 
     def close(self) -> None:
         self._copier.shutdown(wait=False, cancel_futures=True)
+
+
+def _layout(adapter: StagedAdapter | StagedMix) -> tuple[int, float, dict[str, int]]:
+    """(rows the slot takes, its scale, rows per module) of an adapter or a mix."""
+    if isinstance(adapter, StagedMix):
+        return adapter.rank, adapter.scale, adapter.ranks
+    cfg = adapter.config
+    return cfg.rank, cfg.scale, {m: cfg.rank if m in cfg.target_modules else 0 for m in TARGET_MODULES}
 
 
 def _all_finite(adapter: StagedAdapter, raw: torch.Tensor, weights: dict) -> torch.Tensor:

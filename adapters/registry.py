@@ -6,6 +6,7 @@ the cache's copy thread and side stream; a request naming a cold adapter waits f
 the rest of the batch keeps decoding. A read starts when the request is queued (prefetch_version),
 within the host budget. A re-registered name gets a new version; sequences already holding the old
 version finish on it. `read_hook(name)`, when set, runs on the reading thread first: fault injection.
+A name such as "sql*0.7+chat*0.3" resolves to a weighted mix of registered adapters (mixes.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotlora.adapters.cache import LoraSlotCache
+from hotlora.adapters.mixes import MixTable, MixVersion
+from hotlora.adapters.mixspec import is_mix, parse_mix
 from hotlora.adapters.peft_format import (
     WEIGHTS_NAME,
     AdapterConfig,
@@ -101,6 +104,7 @@ class AdapterRegistry:
         self._versions = 0
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
         self.read_hook: Callable[[str], None] | None = None
+        self.mixes = MixTable(cache, max_rank)
 
     def __contains__(self, name: str) -> bool:
         return name in self.current
@@ -118,8 +122,7 @@ class AdapterRegistry:
         config = loaded.config if loaded is not None else read_adapter_config(path)
         if config.rank > self.max_rank:
             raise AdapterError(f"rank r={config.rank} is above the server's maximum LoRA rank {self.max_rank}")
-        self._versions += 1
-        version = AdapterVersion(name, path, self._versions, config, loaded.sha256 if loaded else None,
+        version = AdapterVersion(name, path, self._next_version(), config, loaded.sha256 if loaded else None,
                                  (path / WEIGHTS_NAME).stat().st_size,
                                  host=from_adapter(loaded) if loaded is not None else None)
         old = self.current.get(name)
@@ -127,6 +130,7 @@ class AdapterRegistry:
         self.stats.setdefault(name, _Stats())
         if old is not None:
             self._retire(old)
+            self.mixes.retire_component(old)
         if loaded is not None:
             self._trim_host(keep=version)
         else:  # hashing a large file is disk-bound: keep it off the engine thread
@@ -139,12 +143,27 @@ class AdapterRegistry:
             raise UnknownAdapterError(name)
         self.stats.pop(name, None)
         self._retire(old)
+        self.mixes.retire_component(old)
 
-    def resolve(self, name: str) -> AdapterVersion:
+    def resolve(self, name: str) -> AdapterVersion | MixVersion:
+        """The current version of `name`, or the mix it spells. UnknownAdapterError names the unknown
+        adapter (a mix's component); AdapterError (a ValueError) for a malformed or too large mix."""
+        if is_mix(name):
+            spec = parse_mix(name)
+            return self.mixes.get(spec, [self.resolve(n) for n in spec.names], self._next_version)
         try:
             return self.current[name]
         except KeyError:
             raise UnknownAdapterError(name) from None
+
+    def _next_version(self) -> int:
+        self._versions += 1
+        return self._versions
+
+    def _is_current(self, v: AdapterVersion | MixVersion) -> bool:
+        if isinstance(v, MixVersion):
+            return self.mixes.is_current(v)
+        return self.current.get(v.name) is v
 
     def _retire(self, version: AdapterVersion) -> None:
         """Free the device slot of a replaced version now if idle (else when its last user releases it).
@@ -164,7 +183,7 @@ class AdapterRegistry:
 
     # --- residency -------------------------------------------------------------------------------
 
-    def acquire(self, v: AdapterVersion) -> int | None:
+    def acquire(self, v: AdapterVersion | MixVersion) -> int | None:
         """The device slot of `v`, held for one sequence; None while it is still loading or no slot is free.
 
         Raises AdapterError when the adapter's files failed to load.
@@ -172,7 +191,7 @@ class AdapterRegistry:
         slot = self.cache.lookup(v)
         stats = self.stats.get(v.name) if self.current.get(v.name) is v else None
         if slot is None:
-            host = self._host(v)
+            host = self.mixes.staged(v, self._host) if isinstance(v, MixVersion) else self._host(v)
             if host is None:
                 return None
             slot = self.cache.reserve(v, host)
@@ -191,14 +210,14 @@ class AdapterRegistry:
             stats.last_used = time.time()
         return slot
 
-    def is_ready(self, v: AdapterVersion) -> bool:
+    def is_ready(self, v: AdapterVersion | MixVersion) -> bool:
         """On the device and usable now (the scheduler prefers requests whose adapter is)."""
         slot = self.cache.lookup(v)
         return slot is not None and self.cache.slots[slot].ready
 
-    def release(self, v: AdapterVersion, slot: int) -> None:
+    def release(self, v: AdapterVersion | MixVersion, slot: int) -> None:
         self.cache.release(slot)
-        if self.current.get(v.name) is not v:  # a replaced or deleted version leaves with its last user
+        if not self._is_current(v):  # a replaced or deleted version (or a retired mix) leaves with its last user
             self.cache.evict(v)
 
     def poll(self) -> None:
@@ -212,7 +231,7 @@ class AdapterRegistry:
             except Exception as exc:  # its slot is free again; the waiting requests fail on v.error
                 self._copy_failed(s.key, exc)
 
-    def _copy_failed(self, v: AdapterVersion, exc: Exception) -> str:
+    def _copy_failed(self, v: AdapterVersion | MixVersion, exc: Exception) -> str:
         if not isinstance(exc, AdapterError):
             log.error("copying adapter %r to the device failed: %s", v.name, exc)
         v.error, v.host = f"adapter {v.name!r} failed to load: {exc}", None
@@ -289,12 +308,36 @@ class AdapterRegistry:
             v.loading = self._pool.submit(self._read, v)
         return v.loading
 
-    def prefetch_version(self, v: AdapterVersion) -> None:
-        """A request for `v` was queued: start its disk read now if it is cold and the host budget has room
-        (otherwise it is read when the request is admitted, and the budget is trimmed then)."""
-        if (v.host is None and v.loading is None and v.error is None and self.cache.lookup(v) is None
-                and self._hosted_bytes() + v.file_bytes <= self.host_budget):
+    def prefetch_version(self, v: AdapterVersion | MixVersion) -> None:
+        """A request for `v` was queued: start its disk read now if it is cold. Room in the host budget is
+        made by dropping the host copies of adapters already usable on the device, least recently used
+        first (they are read from disk again only if evicted and used later); if there is still no room,
+        it is read when the request is admitted, and the budget is trimmed then. A mix's components are
+        read unless the mix is on the device already.
+
+        Without that, host copies of device-resident adapters fill the budget in steady state, prefetch
+        stops, and under adapter churn every cold load starts only at the head of the queue."""
+        if isinstance(v, MixVersion):
+            if self.cache.lookup(v) is None:
+                for c in v.components:
+                    self.prefetch_version(c)
+            return
+        if v.host is not None or v.loading is not None or v.error is not None or self.cache.lookup(v) is not None:
+            return
+        if self._hosted_bytes() + v.file_bytes > self.host_budget:
+            self._drop_resident_host_copies(v.file_bytes)
+        if self._hosted_bytes() + v.file_bytes <= self.host_budget:
             v.loading = self._pool.submit(self._read, v)
+
+    def _drop_resident_host_copies(self, need: int) -> None:
+        resident = [u for u in self.current.values() if u.host is not None and self.is_ready(u)]
+        resident.sort(key=lambda u: self.stats[u.name].last_used or 0.0)
+        free = self.host_budget - self._hosted_bytes()
+        for u in resident:
+            if free >= need:
+                break
+            free += u.host.nbytes
+            u.host = None
 
     def pin(self, name: str) -> None:
         """Load `name` onto the device and keep it there until unpinned.

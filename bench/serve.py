@@ -2,7 +2,8 @@
 
 Requests arrive on a Poisson clock (--rate, requests/s; 0 sends them all at once), each with a random
 prompt of token ids (--prompt-len LO:HI, uniform), a completion of exactly --output-len LO:HI tokens
-(ignore_eos, which the server honours as vLLM does) and an adapter drawn from --adapters (uniform, or
+(ignore_eos, which the server honours as vLLM does), optionally after one of --shared-prefixes K
+system prompts of --prefix-len tokens (for prefix caching), and an adapter drawn from --adapters (uniform, or
 Zipf(--zipf S) over the order given; the base model when none are given). Every request is streamed
 from /v1/completions; one JSON object is printed (and written to --out):
 
@@ -51,6 +52,10 @@ SERVER_COUNTERS = {
     "prefix_cache_queries": "hotlora_prefix_cache_queries_total",
     "prefix_cache_hits": "hotlora_prefix_cache_hits_total",
     "preemptions": "hotlora_num_preemptions",
+    "load_disk_to_cpu_s": 'vllm:lora_adapter_load_seconds_sum{transition="disk_to_cpu"}',
+    "load_disk_to_cpu_n": 'vllm:lora_adapter_load_seconds_count{transition="disk_to_cpu"}',
+    "load_cpu_to_gpu_s": 'vllm:lora_adapter_load_seconds_sum{transition="cpu_to_gpu"}',
+    "load_cpu_to_gpu_n": 'vllm:lora_adapter_load_seconds_count{transition="cpu_to_gpu"}',
 }
 TOKEN_RANGE = (100, 5000)  # prompt token ids: past the special tokens, inside every supported vocabulary
 
@@ -82,14 +87,18 @@ class Result:
 
 
 def plan(n: int, rate: float, prompt_len: tuple[int, int], output_len: tuple[int, int], models: list[str],
-         zipf: float | None, seed: int) -> list[Planned]:
+         zipf: float | None, seed: int, shared: tuple[int, int] = (0, 0)) -> list[Planned]:
+    """The requests, in arrival order. shared = (K, L): every prompt starts with one of K fixed L-token
+    prefixes (a system prompt, chosen uniformly) and --prompt-len is the length of the part after it."""
     rng = random.Random(seed)
     weights = [1.0 / (k + 1) ** zipf for k in range(len(models))] if zipf else None
+    prefixes = [[rng.randrange(*TOKEN_RANGE) for _ in range(shared[1])] for _ in range(shared[0])]
     t, out = 0.0, []
     for _ in range(n):
         if rate > 0:
             t += rng.expovariate(rate)
-        prompt = [rng.randrange(*TOKEN_RANGE) for _ in range(rng.randint(*prompt_len))]
+        head = rng.choice(prefixes) if prefixes else []
+        prompt = head + [rng.randrange(*TOKEN_RANGE) for _ in range(rng.randint(*prompt_len))]
         model = rng.choices(models, weights=weights)[0]
         out.append(Planned(t, prompt, rng.randint(*output_len), model))
     return out
@@ -180,7 +189,8 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 
 
 def read_counters(url: str) -> dict[str, float]:
-    """Sums of the SERVER_COUNTERS samples (over their labels) in /metrics; {} if it cannot be read."""
+    """The SERVER_COUNTERS samples in /metrics (summed over their labels, unless the name gives them);
+    {} if it cannot be read."""
     try:
         text = httpx.get(url + "/metrics", timeout=10).text
     except httpx.HTTPError:
@@ -189,8 +199,9 @@ def read_counters(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line)
-        if m and m[1] in wanted:
-            out[wanted[m[1]]] = out.get(wanted[m[1]], 0.0) + float(m[3])
+        key = m and (wanted.get(m[1]) or wanted.get(m[1] + (m[2] or "")))
+        if key:
+            out[key] = out.get(key, 0.0) + float(m[3])
     return out
 
 
@@ -222,6 +233,22 @@ def launch(args_text: str, url: str) -> subprocess.Popen:
     return subprocess.Popen(cmd)
 
 
+def make_tokenizer(folder: Path, vocab: int) -> None:
+    """A word-level tokenizer whose every id decodes to its own word (" w123"), for random-weight models.
+
+    A random model samples over its whole vocabulary; with a smaller real tokenizer most ids decode to
+    nothing and stream no text, which would hide tokens from the client's clock. Give it to the server
+    with `hotlora serve --tokenizer DIR`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+
+
 def list_adapters(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
 
@@ -232,7 +259,13 @@ def benchmark(a: argparse.Namespace) -> dict:
     try:
         wait_ready(url, proc, a.ready_timeout)
         models = [m for m in a.adapters.split(",") if m] if a.adapters else [base_model(url)]
-        planned = plan(a.requests, a.rate, a.prompt_len, a.output_len, models, a.zipf, a.seed)
+        planned = plan(a.requests, a.rate, a.prompt_len, a.output_len, models, a.zipf, a.seed,
+                       (a.shared_prefixes, a.prefix_len))
+        if a.warmup:  # first compilations and the most popular adapters' loads stay out of the numbers
+            warm = [Planned(0.0, [TOKEN_RANGE[0] + i] * 8, 2, models[i % len(models)]) for i in range(a.warmup)]
+            failed = [r.error for r in asyncio.run(run(url, warm))[0] if not r.ok]
+            if failed:
+                raise SystemExit(f"warm-up requests failed: {failed[:3]}")
         before = read_counters(url)
         results, duration = asyncio.run(run(url, planned))
         after = read_counters(url)
@@ -242,10 +275,14 @@ def benchmark(a: argparse.Namespace) -> dict:
             proc.wait(timeout=60)
     summary = summarize(results, duration)
     summary["server"] = server = {k: after[k] - before.get(k, 0.0) for k in after}
+    for t in ("disk_to_cpu", "cpu_to_gpu"):  # mean seconds per adapter load, by tier boundary
+        if server.get(f"load_{t}_n"):
+            server[f"load_{t}_mean_ms"] = 1000 * server[f"load_{t}_s"] / server[f"load_{t}_n"]
     if server.get("prefix_cache_queries"):
         server["prefix_cache_hit_rate"] = server.get("prefix_cache_hits", 0.0) / server["prefix_cache_queries"]
     summary["config"] = {"rate": a.rate, "prompt_len": a.prompt_len, "output_len": a.output_len,
-                         "models": len(models), "zipf": a.zipf, "seed": a.seed}
+                         "models": len(models), "zipf": a.zipf, "seed": a.seed, "warmup": a.warmup,
+                         "shared_prefixes": a.shared_prefixes, "prefix_len": a.prefix_len}
     return summary
 
 
@@ -258,12 +295,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-len", type=span, default=(32, 256), metavar="LO:HI")
     p.add_argument("--adapters", default="", help="a,b,...: adapter names (default: the base model)")
     p.add_argument("--zipf", type=float, default=None, help="Zipf exponent over --adapters (default uniform)")
+    p.add_argument("--shared-prefixes", type=int, default=0, metavar="K",
+                   help="prompts start with one of K shared --prefix-len-token prefixes (system prompts)")
+    p.add_argument("--prefix-len", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="first send N short requests (untimed), on the adapters in --adapters order")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--launch", default=None, metavar="SERVE_ARGS", help="start `hotlora serve SERVE_ARGS` first")
     p.add_argument("--ready-timeout", type=float, default=1800.0)
     p.add_argument("--list-adapters", type=Path, default=None, metavar="DIR",
                    help="print the adapter names in DIR, comma-separated, and exit")
+    p.add_argument("--make-tokenizer", type=Path, default=None, metavar="DIR",
+                   help="write a word-level tokenizer of --vocab ids into DIR (for random:<preset>) and exit")
+    p.add_argument("--vocab", type=int, default=128256)
     g = p.add_argument_group("writing adapters (bench/make_adapters.py), then exit")
     g.add_argument("--make-adapters", type=int, default=None, metavar="N")
     g.add_argument("--adapter-dir", type=Path, default=Path("bench-adapters"))
@@ -277,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     if a.list_adapters is not None:
         print(",".join(list_adapters(a.list_adapters)))
+        return
+    if a.make_tokenizer is not None:
+        make_tokenizer(a.make_tokenizer, a.vocab)
         return
     if a.make_adapters is not None:
         sys.path.insert(0, str(Path(__file__).parent))

@@ -72,6 +72,8 @@ SERVE_OPTIONS = (
     Opt("device", str, "cpu, cuda, cuda:N, or auto (cuda when present)"),
     Opt("dtype", str, "activation/weight dtype; auto is bfloat16 on cuda, float32 on cpu", DTYPE_CHOICES),
     Opt("cache-dir", Path, "where converted GGUF models are cached (default ~/.cache/hotlora; also $HOTLORA_CACHE)"),
+    Opt("tokenizer", Path, "a folder holding the tokenizer to use instead of the model's (random:<preset> has none "
+        "unless the default model is installed)"),
     Opt(
         "adapter-dir",
         Path,
@@ -251,6 +253,30 @@ def _client_flags(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("--timeout", type=float, default=default, help="seconds to wait for the server (default: 300)")
 
 
+def _add_merge(sub: Any) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge an adapter (or a weighted mix) into the base model and write a Hugging Face folder",
+        description="Write W + scale * B @ A (a mix: the sum over its adapters, as PEFT's add_weighted_adapter "
+        "with combination_type='cat') into the base's unquantized weights, as a folder that transformers "
+        "loads and `hotlora serve --model DIR` serves. Written to a temporary folder, then renamed.",
+    )
+    p.add_argument("--model", default=os.environ.get("HOTLORA_MODEL", "default"),
+                   help="base model: 'default', a local Hugging Face folder or a .gguf file [env HOTLORA_MODEL]")
+    p.add_argument("--adapter", required=True, metavar="NAME_OR_FOLDER_OR_MIX",
+                   help="a PEFT adapter folder, an adapter name in --adapter-dir, or a mix of names such as "
+                   "'sql*0.7+chat*0.3'")
+    p.add_argument("--out", required=True, type=Path, help="the folder to write")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="weight dtype of the output (default: the base's)")
+    p.add_argument("--force", action="store_true", help="replace --out if it is not empty")
+    p.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache (as for serve)")
+    p.add_argument("--adapter-dir", type=Path, default=None,
+                   help="the adapter store adapter names are looked up in (default <cache-dir>/adapters)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=merge_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hotlora",
@@ -259,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_adapters(sub)
+    _add_merge(sub)
     return parser
 
 
@@ -337,6 +364,20 @@ def adapters_command(args: argparse.Namespace) -> int:
     except AdminError as exc:
         print(f"hotlora adapters {args.op}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    from hotlora.adapters.peft_format import AdapterError
+    from hotlora.server.model.merge import MergeError, merge
+
+    try:
+        out = merge(args.model, args.adapter, args.out, args.dtype, args.force, args.cache_dir, args.adapter_dir,
+                    progress=not args.no_progress)
+    except (AdapterError, MergeError, FileNotFoundError, ValueError) as exc:
+        print(f"hotlora merge: {exc}", file=sys.stderr)
+        return 2
+    print(out)
     return 0
 
 

@@ -16,6 +16,14 @@ ADAPTER_SPECS: dict[str, dict] = {
     "ku12": dict(r=12, lora_alpha=24, target_modules=["k_proj", "up_proj"]),
 }
 
+# Mixes of those adapters (adapters/mixspec.py): two and three components of different ranks and target
+# sets, a negative weight, overlapping targets (all16 and qv8 both target q/v). PEFT copies the first
+# adapter's config into the mix (an rslora first component would give the mix an rslora scale), so no
+# mix starts with the rslora adapter mlp4rs.
+MIX2 = "qv8*0.7+ku12*0.5"
+MIX2_NEG = "all16*0.6+qv8*-0.8"
+MIX3 = "ku12*0.5+mlp4rs*1.2+qv8*-0.4"
+
 
 def load_base(folder: Path, quant: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     kw: dict = {"dtype": dtype, "device_map": device}
@@ -58,14 +66,42 @@ class Reference:
         for name in names[1:]:
             self.model.load_adapter(str(adapters[name]), adapter_name=name)
         self.model.eval()
+        self.mixes: dict[str, str] = {}  # mix text -> its PEFT adapter name
 
     @torch.inference_mode()
     def greedy(self, prompt: list[int], adapter: str | None, n: int) -> list[int]:
         if adapter is None:
             with self.model.disable_adapter():
                 return self._loop(prompt, n)
-        self.model.set_adapter(adapter)
+        self.model.set_adapter(self.mixes.get(adapter, adapter))
         return self._loop(prompt, n)
+
+    @torch.inference_mode()
+    def greedy_batch(self, prompt: list[int], adapters: list[str | None], n: int) -> list[list[int]]:
+        """greedy() of one prompt under several adapters (None: the base) in one batch, through PEFT's
+        mixed-adapter batches (adapter_names): one pass per token for all of them."""
+        names = ["__base__" if a is None else self.mixes.get(a, a) for a in adapters]
+        ids = torch.tensor([prompt] * len(names), device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, adapter_names=names)
+        tokens: list[list[int]] = [[] for _ in names]
+        for _ in range(n):
+            step = out.logits[:, -1].argmax(dim=-1)
+            for row, tok in zip(tokens, step.tolist(), strict=True):
+                row.append(tok)
+            out = self.model(input_ids=step[:, None], past_key_values=out.past_key_values, use_cache=True,
+                             adapter_names=names)
+        return tokens
+
+    def add_mix(self, text: str) -> str:
+        """Add the adapter mix `text` ("a*0.7+b*0.3") as PEFT's add_weighted_adapter(combination_type="cat")
+        under a name of its own; greedy() and score() then take `text` like any adapter name."""
+        from hotlora.adapters.mixspec import parse_mix
+
+        spec = parse_mix(text)
+        name = f"mix{len(self.mixes)}"  # PEFT's adapter names are module keys: no '.', so not the text itself
+        self.model.add_weighted_adapter(spec.names, [c.weight for c in spec.components], name, combination_type="cat")
+        self.mixes[text] = name
+        return text
 
     @torch.inference_mode()
     def score(self, prompt: list[int], tokens: list[int], adapter: str | None) -> torch.Tensor:
@@ -75,20 +111,26 @@ class Reference:
             with self.model.disable_adapter():
                 logits = self.model(input_ids=ids).logits
         else:
-            self.model.set_adapter(adapter)
+            self.model.set_adapter(self.mixes.get(adapter, adapter))
             logits = self.model(input_ids=ids).logits
         return torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1).cpu()
 
     def _loop(self, prompt: list[int], n: int) -> list[int]:
-        ids = torch.tensor([prompt], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True)
-        tokens: list[int] = []
-        for _ in range(n):
-            tok = int(out.logits[0, -1].argmax())
-            tokens.append(tok)
-            step = torch.tensor([[tok]], device=self.device)
-            out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
-        return tokens
+        return greedy_loop(self.model, prompt, n, self.device)
+
+
+@torch.inference_mode()
+def greedy_loop(model: torch.nn.Module, prompt: list[int], n: int, device: str = "cpu") -> list[int]:
+    """n greedy tokens of a transformers (or peft) causal LM, EOS ignored."""
+    ids = torch.tensor([prompt], device=device)
+    out = model(input_ids=ids, use_cache=True)
+    tokens: list[int] = []
+    for _ in range(n):
+        tok = int(out.logits[0, -1].argmax())
+        tokens.append(tok)
+        step = torch.tensor([[tok]], device=device)
+        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+    return tokens
 
 
 PROMPTS = [
@@ -142,8 +184,8 @@ def run_engine_mixed(adapters: dict[str, Path], work, n_tokens: int, **config):
     from hotlora.server.engine.engine import LLMEngine
     from hotlora.server.engine.types import Request, SamplingParams
 
-    config.setdefault("model", "default")
-    engine = LLMEngine(EngineConfig(max_loras=4, max_lora_rank=16, kv_cache_memory=0.25, **config))
+    config = {"model": "default", "max_loras": 4, "max_lora_rank": 16, "kv_cache_memory": 0.25} | config
+    engine = LLMEngine(EngineConfig(**config))
     for name, path in adapters.items():
         engine.registry.register(name, path)
     params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True, logprobs=0)

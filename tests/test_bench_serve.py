@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -59,7 +60,8 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
     try:
         out = tmp_path / "bench.json"
         serve.main(["--url", srv.url, "--requests", "6", "--rate", "20", "--prompt-len", "4:12",
-                    "--output-len", "3:5", "--adapters", ",".join(names), "--zipf", "1.1", "--out", str(out)])
+                    "--output-len", "3:5", "--adapters", ",".join(names), "--zipf", "1.1", "--out", str(out),
+                    "--warmup", "1"])
         base = json.loads(capsys.readouterr().out)
         serve.main(["--url", srv.url, "--requests", "3", "--rate", "0", "--prompt-len", "4:4", "--output-len", "2:2"])
         base_only = json.loads(capsys.readouterr().out)
@@ -76,8 +78,37 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
     assert base["config"]["models"] == 3 and base_only["config"]["models"] == 1
     # 6 requests of 3..5 tokens each; the counters come from the server's /metrics
     assert 18 / base["duration_s"] <= base["output_tok_per_s"] <= 30 / base["duration_s"]
-    assert base["server"]["adapter_loads"] >= 1
+    assert base["server"]["adapter_loads"] >= 1 and base["config"]["warmup"] == 1
+    assert base["server"]["load_disk_to_cpu_n"] >= 1 and base["server"]["load_disk_to_cpu_mean_ms"] > 0
+    assert base["server"]["load_cpu_to_gpu_n"] >= 1 and base["server"]["load_cpu_to_gpu_mean_ms"] > 0
     # every step counted once, eager (CPU) or replayed; prompts looked up in the prefix cache, with a hit rate
     assert base["server"]["eager_steps"] + base["server"]["graph_steps"] >= 5
     assert base["server"]["prefix_cache_queries"] > 0
     assert 0.0 <= base["server"].get("prefix_cache_hit_rate", 0.0) <= 1.0
+
+
+def test_serve_plan_shared_prefixes():
+    serve = _bench_module("serve")
+    planned = serve.plan(40, 5.0, (3, 6), (2, 4), ["a", "b"], 1.1, seed=1, shared=(2, 16))
+    heads = {tuple(p.prompt[:16]) for p in planned}
+    assert len(heads) == 2  # every prompt starts with one of the two system prompts, and both occur
+    assert all(19 <= len(p.prompt) <= 22 for p in planned)
+    assert all(b.arrival > a.arrival for a, b in itertools.pairwise(planned))
+    plain = serve.plan(40, 5.0, (3, 6), (2, 4), ["a", "b"], 1.1, seed=1)
+    assert all(3 <= len(p.prompt) <= 6 for p in plain)
+
+
+def test_made_tokenizer_streams_a_word_per_id(tmp_path, hotlora_cache):
+    """Every id of a random model's vocabulary decodes to text, through the engine's own detokenizer."""
+    from hotlora.server.engine.config import EngineConfig
+    from hotlora.server.engine.engine import LLMEngine
+    from hotlora.server.model.presets import preset_config
+
+    serve = _bench_module("serve")
+    vocab = preset_config("tiny").vocab_size
+    serve.main(["--make-tokenizer", str(tmp_path), "--vocab", str(vocab)])
+    eng = LLMEngine(EngineConfig(model="random:tiny", quant="none", cache_dir=hotlora_cache, kv_cache_memory=0.01,
+                                 tokenizer=tmp_path))
+    assert len(eng.tokenizer) == vocab
+    assert eng.detokenizer.decode([5, vocab - 1, 3]) == f"w5 w{vocab - 1} w3"
+    assert eng.tokenizer.encode("w7 w9", add_special_tokens=False) == [7, 9]

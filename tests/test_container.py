@@ -15,10 +15,17 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -42,15 +49,24 @@ class Stage:
     def args(self, keyword: str) -> list[str]:
         return [args for kw, args in self.instructions if kw == keyword]
 
+    def arg_defaults(self) -> dict[str, str]:
+        """The stage's `ARG NAME=default` values (what a build without --build-arg uses)."""
+        pairs = (token.split("=", 1) for args in self.args("ARG") for token in shlex.split(args))
+        return {pair[0]: pair[1] if len(pair) == 2 else "" for pair in pairs}
+
     def env(self) -> dict[str, str]:
+        """ENV values, with ${NAME} of the stage's ARG defaults filled in."""
         out: dict[str, str] = {}
+        defaults = self.arg_defaults()
         for args in self.args("ENV"):
-            out.update(token.split("=", 1) for token in shlex.split(args))
+            for token in shlex.split(args):
+                key, value = token.split("=", 1)
+                out[key] = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)), value)
         return out
 
 
-def parse_dockerfile(text: str) -> dict[str, Stage]:
-    """Stages by name, each with its (KEYWORD, arguments) list; continuation lines joined, comments dropped."""
+def logical_lines(text: str) -> list[str]:
+    """Instructions with continuation lines joined, comments and blank lines dropped."""
     logical, current = [], ""
     for raw in text.splitlines():
         line = raw.strip()
@@ -60,16 +76,23 @@ def parse_dockerfile(text: str) -> dict[str, Stage]:
         if not line.endswith("\\"):
             logical.append(current)
             current = ""
-    stages: dict[str, Stage] = {}
-    stage = None
-    for line in logical:
+    return logical
+
+
+def parse_dockerfile(text: str) -> dict[str, Stage]:
+    """Stages by name, each with its (KEYWORD, arguments) list. The ARGs before the first FROM are kept as a
+    stage named "global" (its base is empty), with FROM's image arguments resolved from their defaults."""
+    stages: dict[str, Stage] = {"global": Stage(base="", name="global")}
+    stage = stages["global"]
+    for line in logical_lines(text):
         keyword, _, args = line.partition(" ")
         keyword, args = keyword.upper(), args.strip()
         if keyword == "FROM":
             words = args.split()
             name = words[2] if len(words) > 2 and words[1].upper() == "AS" else f"stage{len(stages)}"
-            stage = stages[name] = Stage(base=words[0], name=name)
-        elif stage is not None:
+            base = re.sub(r"^\$\{(\w+)\}$", lambda m: stages["global"].arg_defaults()[m.group(1)], words[0])
+            stage = stages[name] = Stage(base=base, name=name)
+        else:
             stage.instructions.append((keyword, args))
     return stages
 
@@ -91,11 +114,11 @@ def makefile_var(name: str) -> str:
 
 
 def variant_chain(stages: dict[str, Stage], name: str, variant: str) -> list[Stage]:
-    """The stage and the stages it builds on, with ${VARIANT} resolved."""
+    """The stage and the stages it builds on, with ${VARIANT} (or ${VARIANT:-default}) resolved."""
     chain = []
-    while name in stages:
+    while name in stages and name != "global":
         chain.append(stages[name])
-        name = stages[name].base.replace("${VARIANT}", variant)
+        name = re.sub(r"\$\{VARIANT(:-\w+)?\}", variant, stages[name].base)
     return chain
 
 
@@ -123,14 +146,58 @@ def test_torch_override_pins_the_makefiles_torch_release(stages, variant):
     assert re.search(rf"\btorch=={re.escape(version)}(\+cpu)?(\s|$)", env["TORCH_SPEC"]), env
     if variant == "cpu":
         assert "+cpu" in env["TORCH_SPEC"] and "TRITON_SPEC" not in env
+        assert env["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
     else:
         assert "+" not in env["TORCH_SPEC"], "the CUDA variant takes torch's default PyPI (CUDA) build"
+        assert env["TORCH_INDEX"] == ""
+
+
+def test_bases_and_torch_are_build_arguments(stages):
+    """A mirror, a stand-in base or a local wheel needs --build-arg, never an edit of the Dockerfile."""
+    assert {"VARIANT", "CUDA_IMAGE", "PYTHON_IMAGE"} <= set(stages["global"].arg_defaults())
+    for variant in ("cuda", "cpu"):
+        stage = stages[f"base-{variant}"]
+        assert {"TORCH_SPEC", "TORCH_INDEX"} <= set(stage.arg_defaults()), variant
+        assert stage.env()["TORCH_SPEC"] == stage.arg_defaults()["TORCH_SPEC"]
+    text = DOCKERFILE.read_text()
+    assert "FROM ${CUDA_IMAGE} AS base-cuda" in text and "FROM ${PYTHON_IMAGE} AS base-cpu" in text
+    recipe = (ROOT / "Makefile").read_text().split("$(BIN)/.installed:", 1)[1].split("\n\n", 1)[0]
+    assert "--extra-index-url $(TORCH_INDEX)" in recipe, "the Makefile must pass TORCH_INDEX to pip"
+
+
+def test_dockerfile_builds_without_a_registry_for_its_frontend():
+    """A `# syntax=` line makes BuildKit pull that frontend image; what the file uses is all built in."""
+    first = DOCKERFILE.read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.I), first
+
+
+def test_images_are_fully_qualified_and_stage_refs_carry_the_default(stages):
+    """podman resolves no short names (docker.io/...) without registries.conf aliases, and podman 4.3
+    picks the stages to build before it applies ARG defaults: `base-${VARIANT}` alone makes `podman build .`
+    skip base-cuda and then try to pull an image called base-cuda."""
+    default = stages["global"].arg_defaults()["VARIANT"]
+    for stage in stages.values():
+        if stage.name == "global":
+            continue
+        if stage.base.startswith("base-"):
+            assert stage.base == f"base-${{VARIANT:-{default}}}", (stage.name, stage.base)
+        else:
+            assert re.match(r"^[a-z0-9.-]+\.[a-z]+/", stage.base), f"not fully qualified: {stage.base}"
+    compose_images = [svc["image"] for svc in yaml.safe_load(COMPOSE.read_text())["services"].values()]
+    assert all(re.match(r"^([a-z0-9.-]+\.[a-z]+/|hotlora:)", image) for image in compose_images), compose_images
+
+
+def test_setuptools_is_bounded_and_license_is_spdx():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (setuptools,) = [r for r in pyproject["build-system"]["requires"] if r.startswith("setuptools")]
+    assert re.search(r">=\s*77", setuptools) and "<" in setuptools, setuptools
+    assert isinstance(pyproject["project"]["license"], str), "a table is refused by setuptools after 2027-02-18"
 
 
 def test_cuda_base_matches_torchs_cuda_build(stages):
     version = makefile_var("TORCH_SPEC").removeprefix("torch==")
     base = stages["base-cuda"].base
-    assert base.startswith(f"nvidia/cuda:{TORCH_CUDA[version]}."), base
+    assert base.startswith(f"docker.io/nvidia/cuda:{TORCH_CUDA[version]}."), base
     assert "-runtime-" in base, "the final image builds on a CUDA runtime image, not devel"
 
 
@@ -192,6 +259,41 @@ def test_every_flag_the_container_passes_exists_in_serve_help(stages, compose):
     known = serve_help_flags()
     missing = {flag: where for flag, where in flags.items() if flag not in known}
     assert not missing, f"not flags of `hotlora serve`: {missing}"
+
+
+@pytest.fixture(scope="module")
+def compose_schema() -> dict:
+    """The Compose Specification's JSON schema as check-jsonschema vendors it (kept current upstream; read
+    from the installed package, so nothing is fetched at test time)."""
+    return json.loads((files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
+
+
+def schema_errors(schema: dict, document: dict) -> list[str]:
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"/{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def test_compose_file_follows_the_compose_specification(compose, compose_schema):
+    # A current schema: it knows the top-level `name` and `models` (2025) and env_file's object form.
+    assert {"name", "services", "models"} <= set(compose_schema["properties"])
+    assert schema_errors(compose_schema, compose) == []
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value"),
+    [
+        ("service", "enviroment", {"A": "1"}),  # a misspelt key
+        ("service", "env_file", [{"required": False}]),  # the object form without its path
+        ("service", "healthcheck", {"test": ["CMD", "hotlora-healthcheck"], "retry": 3}),
+        ("service", "volumes", [{"source": "adapters", "target": "/adapters"}]),  # long form without its type
+        ("service", "deploy", {"resources": {"reservations": {"devices": [{"capabilities": "gpu"}]}}}),
+        ("top", "volume", {"x": {}}),
+    ],
+)
+def test_the_compose_schema_check_catches_mistakes(compose, compose_schema, where, key, value):
+    broken = json.loads(json.dumps(compose))
+    (broken["services"]["hotlora"] if where == "service" else broken)[key] = value
+    assert schema_errors(compose_schema, broken)
 
 
 def test_compose_file(compose, stages):

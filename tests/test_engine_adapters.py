@@ -172,3 +172,33 @@ def test_host_budget_below_one_adapter_still_serves(engine, prompt):
         assert {n: tokens.get(f"budget-{n}") for n in alone} == alone
     finally:
         engine.registry.host_budget = budget
+
+
+def test_prefetch_makes_room_by_dropping_host_copies_of_resident_adapters(engine, prompt):
+    """A full host budget held by copies of adapters already on the device does not stop a queued request's
+    disk read: the least recently used resident copy is dropped for it (the device copy stays usable)."""
+    reg = engine.registry
+    ref = _solo(engine, prompt, "ku12", "room-ref-ku12")
+    for name in ("qv8", "mlp4rs"):
+        _solo(engine, prompt, name, f"room-{name}")
+    qv8, mlp4rs, ku12 = (reg.current[n] for n in ("qv8", "mlp4rs", "ku12"))
+    assert reg.is_ready(qv8) and reg.is_ready(mlp4rs) and qv8.host is not None and mlp4rs.host is not None
+    for v in reg.current.values():  # only the two resident copies are in host memory
+        if v is not qv8 and v is not mlp4rs:
+            v.host = None
+    budget = reg.host_budget
+    try:
+        reg.host_budget = mlp4rs.host.nbytes + ku12.file_bytes  # ku12 fits once one resident copy is dropped
+        reg.cache.evict(ku12)
+        ku12.host = None
+        engine.add_request(Request("room-ku12", prompt, PARAMS, "ku12"))
+        assert ku12.loading is not None or ku12.host is not None  # the read started at queueing time
+        assert qv8.host is None and mlp4rs.host is not None  # qv8 was used least recently
+        assert reg.is_ready(qv8)  # its device copy is untouched
+        tokens: list[int] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.extend(out.new_token_ids)
+        assert tokens == ref
+    finally:
+        reg.host_budget = budget

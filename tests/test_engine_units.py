@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from hotlora.server.engine.block_manager import BlockManager
@@ -143,3 +145,50 @@ def test_detokenizer_holds_back_partial_stop_strings():
     assert not stopped and "".join(pieces) == "abc EN"  # released at the end, when it cannot complete
     pieces, _ = _detok_stream("xx ENxEND", ["END"])
     assert "".join(pieces) == "xx ENx"
+
+
+def test_detokenizer_is_incremental_and_matches_a_full_decode(default_model_dir):
+    """With the default model's byte-level BPE tokenizer: the streamed pieces join to the full decode of
+    the ids (emoji and accented words split over several tokens included), and no step decodes more
+    than a few ids however long the sequence gets."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir), local_files_only=True)
+    rng = random.Random(0)
+    ids = tok.encode("Grüße 😀 naïve café — 東京 " * 3) + [rng.randrange(100, 49152) for _ in range(200)]
+    rng.shuffle(ids)
+    lengths: list[int] = []
+    d = Detokenizer(tok)
+    full_decode = d.decode
+
+    def decode(window: list[int]) -> str:
+        lengths.append(len(window))
+        return full_decode(window)
+
+    d.decode = decode
+    seq = Sequence("r", [0], SamplingParams())
+    seq.detok = DetokState()
+    pieces = []
+    for i, t in enumerate(ids):
+        seq.token_ids.append(t)
+        pieces.append(d.update(seq, final=i == len(ids) - 1, drop_last=False)[0])
+    assert "".join(pieces) == full_decode(ids)
+    assert max(lengths) <= 8, max(lengths)
+
+
+def test_tokenizer_option_replaces_the_models_tokenizer(hotlora_cache, default_model_dir, tmp_path):
+    """--tokenizer DIR: a random-weight model gets DIR's tokenizer (here the default one with an extra token)."""
+    from transformers import AutoTokenizer
+
+    from hotlora.server.engine.config import EngineConfig
+    from hotlora.server.engine.engine import LLMEngine
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir), local_files_only=True)
+    tok.add_tokens(["<|hotlora-marker|>"])
+    tok.save_pretrained(str(tmp_path))
+    eng = LLMEngine(EngineConfig(model="random:tiny", quant="none", cache_dir=hotlora_cache, kv_cache_memory=0.01,
+                                 tokenizer=str(tmp_path)))
+    assert eng.tokenizer.convert_tokens_to_ids("<|hotlora-marker|>") == len(tok) - 1
+    with pytest.raises(OSError):
+        LLMEngine(EngineConfig(model="random:tiny", quant="none", cache_dir=hotlora_cache, kv_cache_memory=0.01,
+                               tokenizer=str(tmp_path / "missing")))

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hotlora.server.api import admin, errors, openai_routes, openapi
+from hotlora.server.api import admin, errors, export, openai_routes, openapi
 from hotlora.server.api.limits import BodyLimit
 from hotlora.server.api.state import AppState, ServerSettings
 
@@ -88,6 +88,7 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | Non
     openapi.install(app)
     app.include_router(openai_routes.router)
     app.include_router(admin.router)
+    app.include_router(export.router)
     _probes(app, state)
     app.add_middleware(BodyLimit, limit=lambda: settings.max_body_bytes)
     app.add_middleware(HTTPMetrics, state=state, routes=lambda: app.routes)

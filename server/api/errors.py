@@ -59,10 +59,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def model_not_found(model: str) -> APIError:
+def model_not_found(model: str, component: str | None = None) -> APIError:
+    """404 for an unknown model; `component`: the unknown adapter a mix names."""
+    why = "" if component is None or component == model else f": the mix names `{component}`, which is not an adapter"
     return APIError(
         404,
-        f"The model `{model}` does not exist. GET /v1/models lists the base model and adapters.",
+        f"The model `{model}` does not exist{why}. GET /v1/models lists the base model and adapters.",
         param="model",
         code="model_not_found",
     )

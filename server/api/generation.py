@@ -32,13 +32,15 @@ def engine_error(exc: BaseException, model: str) -> APIError | None:
     """The API error for an exception the engine raised on a request, or None for a bug."""
     names = {c.__name__ for c in type(exc).__mro__}
     if "UnknownAdapterError" in names:
-        return model_not_found(model)
+        return model_not_found(model, getattr(exc, "name", None))
     if "EngineOverloadedError" in names:
         return APIError(
             429, f"the server is overloaded ({exc}); retry later", code="overloaded", headers={"Retry-After": "1"}
         )
     if "EngineDeadError" in names:
         return APIError(503, str(exc), code="unavailable")
+    if "AdapterError" in names or "MixError" in names:  # a mix the engine refuses (summed rank too large)
+        return bad_request(str(exc), param="model", code="invalid_mix")
     if "PromptTooLongError" in names:
         return bad_request(str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, ValueError):

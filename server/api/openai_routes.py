@@ -11,8 +11,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from hotlora.adapters.mixspec import MixError, is_mix, parse_mix
 from hotlora.server.api import generation as gen
-from hotlora.server.api.errors import APIError, model_not_found
+from hotlora.server.api.errors import APIError, bad_request, model_not_found
 from hotlora.server.api.schemas import ChatCompletionRequest, CompletionRequest
 from hotlora.server.api.state import AppState
 from hotlora.server.engine.types import RequestOutput, TokenLogprob
@@ -149,16 +150,28 @@ def _finish(out: RequestOutput) -> str | None:
 
 
 def _resolve_model(state: AppState, model: str) -> str | None:
+    """The adapter (or adapter mix) a `model` names, None for the base. The engine says whether the
+    adapters exist; malformed mixes and adapters refused at start are answered here."""
     adapter = state.adapter_for(model)
-    if adapter is not None and "/" in adapter:
+    if adapter is None:
+        return None
+    names = [adapter]
+    if is_mix(adapter):
+        try:
+            names = parse_mix(adapter).names
+        except MixError as exc:
+            raise bad_request(str(exc), param="model", code="invalid_mix") from None
+    elif "/" in adapter:
         raise model_not_found(model)
-    if adapter is not None and adapter in state.refused:
-        raise APIError(
-            404,
-            f"The model `{model}` does not exist: the adapter in the store was refused: {state.refused[adapter]}",
-            param="model",
-            code="model_not_found",
-        )
+    for name in names:
+        if name in state.refused:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist: the adapter `{name}` in the store was refused: "
+                f"{state.refused[name]}",
+                param="model",
+                code="model_not_found",
+            )
     return adapter
 
 async def _final_choices(

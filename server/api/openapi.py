@@ -36,14 +36,16 @@ _OTHER_BODIES = {  # 200 bodies that are not JSON
     "/v1/completions": {"text/event-stream": {"schema": {"type": "string"}}},  # stream: true
     "/v1/chat/completions": {"text/event-stream": {"schema": {"type": "string"}}},
     "/metrics": {"text/plain": {"schema": {"type": "string"}}},
+    "/admin/adapters/{name}/export": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
 }
+_NOT_JSON = ("/metrics", "/admin/adapters/{name}/export")  # their 200 has no JSON body at all
 
 
 def _operation(path: str, op: dict[str, Any]) -> None:
     responses = op.setdefault("responses", {})
     if path in _OTHER_BODIES and "200" in responses:
         content = responses["200"].setdefault("content", {})
-        if path == "/metrics":
+        if path in _NOT_JSON:
             content.clear()
         content.update(_OTHER_BODIES[path])
     responses.pop("422", None)

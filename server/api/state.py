@@ -65,6 +65,7 @@ class AppState:
         self._locks: dict[str, asyncio.Lock] = {}
         self.tokenizers = TokenizerPool()
         self.draining = False  # set on SIGTERM: no new work, running requests finish
+        self.export_lock = asyncio.Lock()  # one merge export at a time (CPU and disk heavy)
 
     # --- start-up (engine thread) ------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" picks cuda when present
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     cache_dir: Path | None = None  # converted GGUF models; None = HOTLORA_CACHE or ~/.cache/hotlora
+    tokenizer: Path | None = None  # a tokenizer folder used instead of the model's (random weights have none)
     adapter_dir: Path | None = None  # adapter store: every PEFT folder in it is registered at start
     max_loras: int = 8  # adapters resident on the device at once (slots)
     max_lora_rank: int = 64
@@ -50,3 +51,5 @@ class EngineConfig:
             self.cache_dir = Path(self.cache_dir)
         if self.adapter_dir is not None:
             self.adapter_dir = Path(self.adapter_dir)
+        if self.tokenizer is not None:
+            self.tokenizer = Path(self.tokenizer)

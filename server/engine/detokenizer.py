@@ -7,6 +7,7 @@ may still complete.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,21 @@ from hotlora.server.engine.sequence import Sequence
 class DetokState:
     emitted: int = 0  # characters of the decoded text already released
     stop_start: int = 0  # a stop string must end after this character (the text before min_tokens was reached)
+    text: str = ""  # the decoded text of ids[:read]
+    prefix: int = 0  # ids[prefix:read] are decoded again beside the new ids: the context for their spacing
+    read: int = 0
+
+    def advance(self, decode: Callable[[list[int]], str], ids: list[int], final: bool) -> str:
+        """The text of all of `ids`, decoding only the ids since the last call and the chunk before them
+        (vLLM's offsets): a step costs the same at token 10 and at token 4,000. The text of an incomplete
+        multi-byte character (U+FFFD at the end) waits for the ids that complete it, unless final."""
+        if len(ids) > self.read:
+            before = decode(ids[self.prefix : self.read])
+            after = decode(ids[self.prefix :])
+            if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+                self.text += after[len(before) :]
+                self.prefix, self.read = self.read, len(ids)
+        return self.text
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -46,7 +62,7 @@ class Detokenizer:
         """
         state: DetokState = seq.detok
         ids = seq.generated_ids[:-1] if drop_last else seq.generated_ids
-        text = self.decode(ids)
+        text = state.advance(self.decode, ids, final)
         # as vLLM: stop strings count only once min_tokens tokens exist, and only where they end after that
         stops = seq.params.stop if seq.num_generated >= seq.params.min_tokens else []
         if not stops:

@@ -63,7 +63,7 @@ class LLMEngine:
         self.model_config = cfg = self.runner.model_config
         self.model_name = cfg.name
         self.max_model_len = self.runner.max_model_len
-        self.tokenizer = load_tokenizer(self.runner.checkpoint.tokenizer_dir)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.runner.checkpoint.tokenizer_dir)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.registry = AdapterRegistry(self.runner.lora_cache, cfg.linear_shapes(), cfg.num_layers,
                                         config.max_lora_rank, config.max_cpu_lora_bytes)

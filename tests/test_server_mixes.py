@@ -1,0 +1,165 @@
+"""Adapter mixes through the HTTP API: served by name from the openai client, cached, invalidated by a
+hot swap or delete of a component, refused with the right status, absent from /v1/models; and
+POST /admin/adapters/{name}/export streaming the merged model as a .tar."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
+from server_harness import AUTH, ServerThread, assert_openai_error, server_settings, upload
+
+from hotlora.adapters.peft_format import load_peft_adapter
+
+PROMPT = "The three primary colors are"
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+MIX = "a*0.5+c"  # r4 on q/v plus r2 on o/down: each module gets only its own component's rows
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, peft_dirs, hotlora_cache):
+    root = tmp_path_factory.mktemp("mix-store")
+    for name in ("a", "c", "x", "y"):
+        shutil.copytree(peft_dirs[name], root / name)
+    shutil.copytree(peft_dirs["tiny"], root / "broken")  # refused at start-up
+    srv = ServerThread(server_settings(root, hotlora_cache)).start()
+    srv.peft_dirs = peft_dirs
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def complete(client: openai.OpenAI, model: str, max_tokens: int = 6) -> str:
+    return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, **GREEDY).choices[0].text
+
+
+def test_a_mix_is_served_by_name_cached_and_not_listed(http, client, server):
+    registry = server.engine.registry
+    base = server.state.model_name
+    outs = {m: complete(client, m) for m in (MIX, "a", "c", base)}
+    assert len(set(outs.values())) == 4, outs  # the mix is neither its components nor the base
+    mix = server.call(registry.resolve, MIX)
+    slot = server.call(registry.cache.lookup, mix)
+    assert slot is not None, "the mix's slot was dropped after its request finished"
+    # another spelling of the same mix is the same mix: the same cached slot, the same tokens
+    assert complete(client, " a * 0.5 + c*1.0 ") == outs[MIX]
+    assert server.call(registry.resolve, "a*0.5+c*1") is mix and server.call(registry.cache.lookup, mix) == slot
+    chat = client.chat.completions.create(model=MIX, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          **GREEDY)
+    assert chat.model == MIX and chat.usage.completion_tokens == 2
+    ids = {m["id"] for m in http.get("/v1/models").json()["data"]}
+    assert {"a", "c"} <= ids and not any("*" in i or "+" in i for i in ids)
+
+
+@pytest.mark.parametrize(("model", "status", "match"), [
+    ("a*0.5+nope", 404, "`nope`"),
+    ("broken+a", 404, "`broken`"),
+    ("y+x+a+c", 400, "summed rank 18"),  # 8 + 4 + 4 + 2 > --max-lora-rank 16
+    ("a*", 400, "malformed"),
+    ("a*x+c", 400, "malformed"),
+    ("a++c", 400, "malformed"),
+    ("a**2", 400, "malformed"),
+    ("a*0.5c", 400, "malformed"),
+    ("+a", 400, "malformed"),
+    ("a*1e999", 400, "not a finite number"),
+    ("a+c+a", 400, "more than once"),
+    ("+".join(f"n{i}" for i in range(9)), 400, "at most 8"),
+])
+def test_bad_mixes_are_refused(model, status, match, http, server):
+    for route, body in (("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = http.post(route, json={"model": model, "max_tokens": 1, **body})
+        err = assert_openai_error(r, status, match)
+        assert err["param"] == "model"
+    assert server.call(server.engine.stats).num_waiting == 0
+
+
+def test_hot_swap_and_delete_of_a_component_while_a_mix_runs(http, client, server):
+    dirs = server.peft_dirs
+    assert upload(http, "swap", dirs["x"]).status_code == 201
+    assert upload(http, "yref", dirs["y"]).status_code == 201
+    n = 32  # long enough that the swap lands while the request runs
+    mix, mix_new = "swap*0.8+a*-1", "yref*0.8+a*-1"
+    old, new = complete(client, mix, n), complete(client, mix_new, n)
+    assert old != new
+    registry = server.engine.registry
+    before = server.call(registry.resolve, mix)
+    body = {"model": mix, "prompt": PROMPT, "max_tokens": n, "stream": True, "temperature": 0, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        swapped = upload(http, "swap", dirs["y"])
+        assert swapped.status_code == 200 and swapped.json()["replaced"], swapped.text
+        assert server.call(server.engine.stats).num_running == 1, "the mix request finished before the swap"
+        rest = [line for line in lines if line.startswith("data: {")]
+    texts = [json.loads(line[6:])["choices"][0]["text"] for line in [first, *rest]]
+    assert "".join(texts) == old  # the running sequence finished on the old component
+    assert complete(client, mix, n) == new  # the next request mixes the new one
+    assert server.call(registry.resolve, mix) is not before
+    assert server.call(registry.cache.lookup, before) is None, "the retired mix kept its device slot"
+    assert http.delete("/admin/adapters/swap", headers=AUTH).status_code == 200
+    with pytest.raises(openai.NotFoundError, match="swap"):
+        complete(client, mix)
+
+
+def _expected(base: dict[str, torch.Tensor], folder: Path, weight: float, layer: int, module: str) -> torch.Tensor:
+    """W + B @ (A * w * scale) of one component, computed here by hand (float32)."""
+    adapter = load_peft_adapter(folder, folder.name)
+    a, b = adapter.weights[(layer, module)]
+    parent = "mlp" if module.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
+    w = base[f"model.layers.{layer}.{parent}.{module}.weight"]
+    return w + b.float() @ (a.float() * weight * adapter.config.scale)
+
+
+def test_export_streams_the_merged_model_as_a_tar(http, server, default_model_dir):
+    r = http.post(f"/admin/adapters/{MIX}/export", params={"dtype": "bfloat16"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/x-tar" and int(r.headers["content-length"]) == len(r.content)
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        files = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files.keys()
+    assert json.loads(files["config.json"])["dtype"] == "bfloat16"
+    got = load_safetensors(files["model.safetensors"])
+    base = load_file(str(default_model_dir / "model.safetensors"))
+    dirs = server.peft_dirs
+    for layer, module, folder, w in ((0, "q_proj", dirs["a"], 0.5), (3, "o_proj", dirs["c"], 1.0)):
+        want = _expected(base, folder, w, layer, module).to(torch.bfloat16)
+        name = f"model.layers.{layer}.{'self_attn'}.{module}.weight"
+        torch.testing.assert_close(got[name], want, rtol=0, atol=0)
+    assert torch.equal(got["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"]
+                       .to(torch.bfloat16))  # untargeted: the base's own weights
+    assert not list((server.state.adapter_dir.parent / "exports").iterdir()), "the export left files behind"
+
+
+@pytest.mark.parametrize(("name", "params", "status", "match"), [
+    ("a*0.5+nope", {}, 404, "'nope'"),
+    ("nope", {}, 404, "'nope'"),
+    ("y+x+a+c", {}, 400, "summed rank"),
+    ("a*", {}, 400, "malformed"),
+    ("a", {"dtype": "int8"}, 400, "dtype"),
+])
+def test_export_refusals(name, params, status, match, http):
+    assert_openai_error(http.post(f"/admin/adapters/{name}/export", params=params, headers=AUTH), status, match)
+
+
+def test_export_needs_the_admin_token(http):
+    assert_openai_error(http.post(f"/admin/adapters/{MIX}/export"), 401, "bearer")
