@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 import xgrammar as xgr
@@ -30,10 +31,10 @@ SCHEMA = {"type": "array", "items": {"type": "object", "additionalProperties": F
 VALID = '[{"id": 17, "tag": "green", "name": "a short name"}, {"id": 3, "tag": "red", "name": "x y"}]'
 
 
-def _matchers(batch: int, vocab: int) -> list:
+def _matchers(batch: int, vocab: int, tokenizer: Path | None) -> list:
     """batch matchers of SCHEMA, row i advanced through i tokens of a valid output (so rows sit in strings,
-    numbers, enums, between keys)."""
-    tok = load_tokenizer(resolve_checkpoint(DEFAULT_MODEL).tokenizer_dir)
+    numbers, enums, between keys). tokenizer: a tokenizer folder, else the default model's (converted here)."""
+    tok = load_tokenizer(tokenizer or resolve_checkpoint(DEFAULT_MODEL).tokenizer_dir)
     cache = GrammarCache(tok, vocab, {tok.eos_token_id})
     spec = StructuredSpec("json", json.dumps(SCHEMA))
     ids = tok.encode(VALID, add_special_tokens=False)
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--history", type=int, default=640, help="prompt + generated tokens per row")
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="tokenizer folder for the grammar (default: the default model's; the GPU machine has no "
+                         "copy of it: bring its tokenizer.json + tokenizer_config.json in a folder)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     logits = torch.randn(args.batch, args.vocab, device=dev)
@@ -84,7 +88,7 @@ def main() -> None:
         out = logits.clone()
         xgr.apply_token_bitmask_inplace(out, bitmask.to(dev, non_blocking=True), indices=rows)
 
-    matchers = _matchers(args.batch, args.vocab)
+    matchers = _matchers(args.batch, args.vocab, args.tokenizer)
 
     def fill() -> None:
         for i, m in enumerate(matchers):
