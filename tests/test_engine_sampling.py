@@ -70,3 +70,16 @@ def test_grammar_state_survives_preemption(engine, hotlora_cache, adapters):
             jsonschema.validate(json.loads(small.tokenizer.decode(toks[:-1])), SCHEMA)
         else:
             assert len(toks) == MAX
+
+
+def test_a_grammar_ends_the_request_before_min_tokens(engine):
+    """min_tokens masks EOS, but a finished grammar allows nothing else: the grammar wins, the output stays
+    valid (no token outside the grammar is drawn), and the request ends with "stop"."""
+    ids = engine.tokenizer.encode("Yes or no?")
+    choice = StructuredSpec("choice", json.dumps(["yes", "no"]))
+    reqs = [Request(f"m{i}", ids, SamplingParams(max_tokens=8, temperature=1.0, seed=i, structured=choice,
+                                                 min_tokens=6), "qv8" if i % 2 else None) for i in range(4)]
+    for out in engine.generate(reqs):
+        assert out.error is None and out.finish_reason.value == "stop"
+        assert out.new_text in ("yes", "no") and out.new_token_ids[-1] in engine.eos_ids
+        assert engine.tokenizer.decode(out.new_token_ids[:-1]) == out.new_text

@@ -89,6 +89,18 @@ def test_min_tokens_masks_eos_and_stop_ids_like_transformers():
         torch.testing.assert_close(got[i], proc(ids, logits[i : i + 1].clone())[0])
 
 
+def test_min_tokens_never_empties_a_row():
+    """A grammar that can only end leaves EOS as the row's one token: min_tokens must not mask it too."""
+    logits, prompts, outputs = _rows(2, seed=6)
+    only_eos = torch.full((V,), float("-inf"))
+    only_eos[2] = 1.5
+    logits[0] = only_eos
+    params = [SamplingParams(max_tokens=50, min_tokens=40)] * 2
+    got = process(logits, _requests(params, prompts, outputs), EOS)
+    torch.testing.assert_close(got[0], only_eos)
+    assert got[1, 2] == float("-inf") and torch.isfinite(got[1, 3:]).all()
+
+
 def test_min_p_matches_transformers_after_temperature():
     logits, _, _ = _rows(5, seed=4)
     settings = [(0.0, 1.0), (0.1, 1.0), (0.05, 0.7), (0.5, 1.5), (1.0, 1.0)]
@@ -158,6 +170,13 @@ def test_grammar_bitmask_forbids_exactly_what_the_matcher_forbids(default_model_
     allowed = set(torch.nonzero(out[1] > float("-inf")).flatten().tolist())
     assert allowed and all("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t])) for t in allowed)
     assert cache.compile(spec) is cache.compile(StructuredSpec("choice", json.dumps(["yes", "no"])))  # cached
+    cache.max_entries = 2  # least recently used goes first
+    others = [StructuredSpec("regex", r) for r in ("a+", "b+")]
+    first = cache.compile(spec)
+    cache.compile(others[0])
+    cache.compile(spec)  # used again: now the newest
+    cache.compile(others[1])  # evicts others[0], not spec
+    assert cache.compile(spec) is first
     with pytest.raises(ValueError, match="invalid regex"):
         cache.compile(StructuredSpec("regex", "(unclosed"))
 

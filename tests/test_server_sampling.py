@@ -130,5 +130,32 @@ def test_echo_returns_the_prompt_first(client, base, server):
                                        stream=True)
     texts = [c.choices[0].text for c in stream if c.choices]
     assert texts[0] == "The sea is" and "".join(texts) == echoed.choices[0].text
-    with pytest.raises(openai.BadRequestError, match="echo"):
-        client.completions.create(model=base, prompt="hi", max_tokens=1, echo=True, logprobs=1)
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, base, server):
+    prompt, tok = "The sea is deep and", server.state.tokenizer
+    ids = tok.encode(prompt, add_special_tokens=False)
+    n = len(ids)
+    kw = dict(model=base, prompt=prompt, max_tokens=3, temperature=0, logprobs=2)
+    plain = client.completions.create(**kw).choices[0]
+    echoed = client.completions.create(echo=True, **kw).choices[0]
+    lp = echoed.logprobs
+    assert echoed.text == prompt + plain.text
+    assert lp.tokens == [tok.decode([i]) for i in ids] + plain.logprobs.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(0 < len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert lp.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # independently: the last prompt token's logprob is what the server reports when it is forced to generate
+    # that token after the rest of the prompt (logprobs are the model's own, before logit_bias)
+    forced = client.completions.create(model=base, prompt=ids[:-1], max_tokens=1, temperature=0, logprobs=0,
+                                       logit_bias={str(ids[-1]): 100}).choices[0]
+    assert forced.logprobs.tokens == [lp.tokens[n - 1]]
+    assert lp.token_logprobs[n - 1] == pytest.approx(forced.logprobs.token_logprobs[0], abs=1e-4)
+    # streamed: the prompt and its logprobs come with the first token, then the rest as usual
+    chunks = [c.choices[0] for c in client.completions.create(echo=True, stream=True, **kw) if c.choices]
+    assert chunks[0].text.startswith(prompt) and chunks[0].logprobs.tokens[: n + 1] == lp.tokens[: n + 1]
+    assert "".join(c.text for c in chunks) == echoed.text
+    streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset

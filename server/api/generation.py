@@ -134,6 +134,7 @@ def sampling(body: Any, max_tokens: int, logprobs: int | None, seed_offset: int)
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=body.prompt_logprobs(),
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,

@@ -63,18 +63,32 @@ def _piece(state: AppState, token_id: int) -> str:
     return state.tokenizer.decode([token_id]) if state.tokenizer is not None else f"<{token_id}>"
 
 
-def _completion_logprobs(state: AppState, lps: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
-    if lps is None:
+# one token of a completions logprobs object: id, its logprob and alternatives (None for the first prompt token)
+_Entry = tuple[int, float | None, list[tuple[int, float]] | None]
+
+
+def _entries(lps: list[TokenLogprob] | None) -> list[_Entry]:
+    return [(lp.token_id, lp.logprob, lp.top) for lp in lps or []]
+
+
+def _prompt_entries(ids: list[int], lps: list[TokenLogprob | None]) -> list[_Entry]:
+    return [(i, None, None) if lp is None else (lp.token_id, lp.logprob, lp.top)
+            for i, lp in zip(ids, lps, strict=True)]
+
+
+def _completion_logprobs(state: AppState, entries: list[_Entry] | None, offset: int) -> dict[str, Any] | None:
+    """OpenAI's legacy logprobs object; text offsets count on from `offset`."""
+    if entries is None:
         return None
-    tokens = [_piece(state, lp.token_id) for lp in lps]
+    tokens = [_piece(state, token) for token, _, _ in entries]
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
     return {
         "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{_piece(state, i): v for i, v in lp.top} for lp in lps],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [None if top is None else {_piece(state, i): v for i, v in top} for _, _, top in entries],
         "text_offset": offsets,
     }
 
@@ -108,6 +122,12 @@ def _joined_logprobs(outs: list[RequestOutput]) -> list[TokenLogprob] | None:
     if all(o.logprobs is None for o in outs):
         return None
     return [lp for o in outs for lp in (o.logprobs or [])]
+
+
+def _prompt_logprobs(c: gen.Choice, outs: list[RequestOutput]) -> list[_Entry]:
+    """The prompt's entries (echo with logprobs), from whichever output carried them ([] if none did)."""
+    lps = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+    return [] if lps is None else _prompt_entries(c.request.prompt_token_ids, lps)
 
 
 async def _stream(
@@ -206,17 +226,24 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         extra = {"usage": None} if include_usage else {}
-        offsets: dict[int, int] = {c.index: len(echo[c.index]) for c in choices}
+        # echo with logprobs: the prompt goes out with the first token, once its logprobs exist
+        late_echo = body.echo and body.logprobs is not None
+        offsets: dict[int, int] = {c.index: 0 if late_echo else len(echo[c.index]) for c in choices}
 
         def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any]:
-            lp = _completion_logprobs(state, out.logprobs, offsets[c.index])
-            offsets[c.index] += len(out.new_text)
+            text, entries = out.new_text, None if out.logprobs is None else _entries(out.logprobs)
+            if late_echo and out.prompt_logprobs is not None:
+                text = echo[c.index] + text
+                entries = _prompt_entries(c.request.prompt_token_ids, out.prompt_logprobs) + (entries or [])
+            lp = _completion_logprobs(state, entries, offsets[c.index])
+            offsets[c.index] += len(text)
             return head | {
-                "choices": [{"index": c.index, "text": out.new_text, "logprobs": lp, "finish_reason": _finish(out)}]
+                "choices": [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": _finish(out)}]
             } | extra
 
         first = [_sse(head | {"choices": [{"index": c.index, "text": echo[c.index], "logprobs": None,
-                                           "finish_reason": None}]} | extra) for c in choices if echo[c.index]]
+                                           "finish_reason": None}]} | extra)
+                 for c in choices if echo[c.index] and not late_echo]
         return StreamingResponse(
             _stream(choices, first, chunk, tally, include_usage, lambda u: head | {"choices": [], "usage": u}),
             media_type="text/event-stream",
@@ -224,7 +251,11 @@ async def completions(body: CompletionRequest, request: Request):
         )
 
     def choice_body(c: gen.Choice, o: list[RequestOutput]) -> dict[str, Any]:
-        lp = _completion_logprobs(state, _joined_logprobs(o), len(echo[c.index]))
+        joined = _joined_logprobs(o)
+        if body.echo and joined is not None:  # offsets count from the start of the echoed prompt
+            lp = _completion_logprobs(state, _prompt_logprobs(c, o) + _entries(joined), 0)
+        else:
+            lp = _completion_logprobs(state, None if joined is None else _entries(joined), len(echo[c.index]))
         return {"text": echo[c.index] + _text(o), "logprobs": lp}
 
     result = await _final_choices(request, choices, tally, choice_body)

@@ -108,10 +108,11 @@ class StructuredOutputs(_Strict):
 
 
 def _canonical(schema: Any) -> str:
-    """One text per schema, whatever the key order: the grammar cache's key."""
+    """The schema as compact JSON, the grammar cache's key. Key order is kept: an object's properties are
+    generated in the order the schema lists them (as OpenAI and vLLM do), so it is part of the spec."""
     if not isinstance(schema, dict):
         raise bad_request("a JSON schema must be an object", param="response_format")
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    return json.dumps(schema, separators=(",", ":"))
 
 
 class StreamOptions(_Strict):
@@ -176,6 +177,10 @@ class _Sampling(_Strict):
     def refuse_unsupported(self) -> None:
         """Fields of OpenAI's that the server does not implement: a 400 naming the field."""
 
+    def prompt_logprobs(self) -> int | None:
+        """How many alternatives to return per prompt token, or None for no prompt logprobs."""
+        return None
+
 
 class CompletionRequest(_Sampling):
     prompt: (
@@ -220,11 +225,12 @@ class CompletionRequest(_Sampling):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
+    def prompt_logprobs(self) -> int | None:
+        """echo with logprobs returns the prompt's logprobs too (as OpenAI's legacy completions and vLLM)."""
+        return self.logprobs if self.echo else None
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.echo and self.logprobs is not None:
-            raise bad_request("echo with logprobs (prompt logprobs) is not supported by this server; "
-                              "send echo or logprobs, not both", param="echo")
         if self.best_of not in (None, 1) and self.best_of != self.n:
             raise bad_request("best_of other than n is not supported by this server", param="best_of")
         if self.suffix:

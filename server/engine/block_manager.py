@@ -94,8 +94,8 @@ class BlockManager:
 
     def match(self, seq: Sequence) -> list[int]:
         """The cached blocks of `seq`'s longest registered prefix (no references taken)."""
-        if not self.enable_caching or seq.block_table:
-            return []
+        if not self.enable_caching or seq.block_table or seq.scoring_prompt:
+            return []  # (a prompt whose logprobs are asked for is computed in full: cached KV has no logits)
         limit = (len(seq) - 1) // self.block_size
         hashes = self._hashes(seq, limit)
         found = []

@@ -173,7 +173,8 @@ class LLMEngine:
         reason = None
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
         if seq.grammar is not None:
-            seq.grammar.accept_token(token)
+            if not seq.grammar.accept_token(token):  # the bitmask forbids it: never drawn unless there is a bug
+                return self._fail(seq, f"token {token} does not fit the request's grammar", ErrorKind.INTERNAL)
             stop_token = stop_token or seq.grammar.is_terminated()
         if stop_token:
             reason = FinishReason.STOP
@@ -190,7 +191,16 @@ class LLMEngine:
             request_id=seq.request_id, new_text=text, new_token_ids=[token], finished=reason is not None,
             finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated,
             logprobs=[logprob] if logprob is not None else None, cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=self._prompt_logprobs(seq),
         )
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence) -> list[TokenLogprob | None] | None:
+        """The prompt's logprobs, on the first generated token's output only (None first: nothing predicts
+        the first prompt token)."""
+        if seq.params.prompt_logprobs is None or seq.num_generated != 1:
+            return None
+        return [None, *seq.prompt_logprobs]
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> RequestOutput:
         self.scheduler.finish(seq)
@@ -261,6 +271,8 @@ class LLMEngine:
                 a.completion_tokens, a.cached_tokens = out.completion_tokens, out.cached_tokens
                 if out.logprobs:
                     a.logprobs = (a.logprobs or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    a.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     a.finished, a.finish_reason, a.error = True, out.finish_reason, out.error
                     done[out.request_id] = a

@@ -35,6 +35,9 @@ class Sequence:
     lora_slot: int = -1  # device slot while running with an adapter
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # with params.prompt_logprobs: the logprobs of prompt tokens 1, 2, ... (the runner fills them during the
+    # prefill; a recompute after preemption does not score them again)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     detok: Any = None  # the incremental detokenizer's state
     rng: Any = None  # the sampler's random stream (seeded requests: from their seed)
     # structured outputs: the grammar matcher, advanced with every appended token; a preemption keeps it
@@ -65,6 +68,11 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Prompt logprobs are asked for and some prompt tokens are still unscored."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt - 1
 
     @property
     def finished(self) -> bool:

@@ -5,6 +5,7 @@ next-token bitmask applied to the logits on the device."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
@@ -18,26 +19,40 @@ class InvalidGrammarError(ValueError):
     """The schema, regex, choice list or grammar cannot be compiled (the API answers 400)."""
 
 
+# xgrammar's C++ errors start with "[hh:mm:ss] /project/cpp/file.cc:123: ": where it failed, not what is wrong
+_CPP_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
+
+
+def _reason(exc: Exception) -> str:
+    """The first line of an xgrammar error, without its C++ source location, at most 500 characters."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return _CPP_PREFIX.sub("", lines[0])[:500]
+
+
 class GrammarCache:
     """Compiled grammars by spec hash. compile() is thread-safe: the API calls it from worker threads."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: set[int], max_entries: int = 256) -> None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_ids))
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-        self._cache: dict[str, Any] = {}  # insertion-ordered: the oldest entry goes first when full
+        # least recently used first: a hit moves to the end, the first entry goes when full (so a grammar the
+        # API just compiled is still here when the engine thread makes the request's matcher)
+        self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.max_entries = max_entries
 
     def compile(self, spec: StructuredSpec) -> Any:
         """The xgr.CompiledGrammar for spec; raises InvalidGrammarError saying what is wrong."""
         with self._lock:
-            hit = self._cache.get(spec.key)
+            hit = self._cache.pop(spec.key, None)
+            if hit is not None:
+                self._cache[spec.key] = hit
         if hit is not None:
             return hit
         try:
             compiled = self._compile(spec)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise InvalidGrammarError(f"invalid {spec.kind}: {str(exc).strip().splitlines()[0][:500]}") from None
+            raise InvalidGrammarError(f"invalid {spec.kind}: {_reason(exc)}") from None
         with self._lock:
             self._cache[spec.key] = compiled
             while len(self._cache) > self.max_entries:

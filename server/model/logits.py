@@ -43,9 +43,13 @@ class LogitsProcessors:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [R, V] float32 -> processed logits (a new tensor; the input is left as it is)."""
-        logits = logits.clone()
         if self.stop_mask_index is not None:
-            logits.index_put_(self.stop_mask_index, torch.tensor(float("-inf"), device=logits.device))
+            masked = logits.index_put(self.stop_mask_index, torch.tensor(float("-inf"), device=logits.device))
+            # a row that the mask would leave with no token (its grammar can only end now) keeps its stop
+            # tokens: the grammar wins over min_tokens, as it must for the output to stay valid
+            logits = torch.where(torch.isfinite(masked).any(-1, keepdim=True), masked, logits)
+        else:
+            logits = logits.clone()
         if self.bias_index is not None:
             logits.index_put_(self.bias_index, self.bias_values, accumulate=True)
         if self.repetition is not None:

@@ -95,10 +95,17 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> list[Sampled | None]:
         """Run one step; the sampled token of each sequence whose scheduled tokens reach its end."""
         step, sampled = self._flatten(batch.seqs, batch.num_tokens)
-        logits = self.graphs.forward(step) if self.graphs is not None else None
+        scored = self._prompt_rows(batch.seqs, batch.num_tokens)
+        # a step that scores prompt tokens needs logits at more rows than the graphs hold: it runs eagerly
+        logits = self.graphs.forward(step) if self.graphs is not None and not scored else None
         if logits is None:
             self.eager_steps += 1
+            rows = len(step.sample_idx)
+            step.sample_idx += [flat for _, flat, _ in scored]
             logits = self.model.forward(self._tensors(step))
+            if scored:
+                self._score_prompts(batch.seqs, scored, logits[rows:])
+                logits = logits[:rows]
         else:
             self.graph_steps += 1
         requests = [self._sample_request(batch.seqs[i]) for i in sampled]
@@ -125,6 +132,40 @@ class ModelRunner:
                 step.sample_idx.append(len(step.input_ids) - 1)
                 sampled.append(i)
         return step, sampled
+
+    def _prompt_rows(self, seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int, int]]:
+        """(index in seqs, flat token index, next prompt token) of each scheduled prompt position whose logits
+        score the prompt token after it and are not kept yet (a recompute after preemption scores nothing
+        twice). A sequence's rows come in prompt order."""
+        rows, offset = [], 0
+        for i, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
+            if seq.scoring_prompt:
+                start = seq.num_computed
+                first, end = max(start, len(seq.prompt_logprobs)), min(start + n, seq.num_prompt - 1)
+                rows += [(i, offset + p - start, seq.token_ids[p + 1]) for p in range(first, end)]
+            offset += n
+        return rows
+
+    def _score_prompts(self, seqs: list[Sequence], rows: list[tuple[int, int, int]], logits: torch.Tensor,
+                       chunk: int = 256) -> None:
+        """Append to each scoring sequence the logprobs of its next prompt tokens (the model's own
+        distribution, as for sampled tokens). logits [len(rows), V] float32, row j from rows[j]'s position."""
+        top = max(seqs[i].params.prompt_logprobs for i, _, _ in rows)
+        targets = torch.tensor([t for _, _, t in rows], dtype=torch.int64, device=logits.device)
+        chosen, alt_values, alt_ids = [], [], []
+        for c in range(0, len(rows), chunk):  # slices bound the [rows, V] log-softmax temporaries
+            lp = torch.log_softmax(logits[c : c + chunk], dim=-1)
+            chosen.append(lp.gather(1, targets[c : c + chunk, None]).squeeze(1))
+            if top:
+                values, ids = torch.topk(lp, top, dim=-1)
+                alt_values.append(values)
+                alt_ids.append(ids)
+        scores = torch.cat(chosen).tolist()  # one device -> host copy for the step (two with alternatives)
+        alts = (torch.cat(alt_ids).tolist(), torch.cat(alt_values).tolist()) if top else None
+        for j, (i, _, token) in enumerate(rows):
+            k = seqs[i].params.prompt_logprobs
+            pairs = list(zip(alts[0][j][:k], alts[1][j][:k], strict=True)) if alts and k else []
+            seqs[i].prompt_logprobs.append(TokenLogprob(token_id=token, logprob=scores[j], top=pairs))
 
     def _tensors(self, step: StepInput) -> ForwardBatch:
         """The unpadded eager batch."""
