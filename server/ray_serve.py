@@ -70,13 +70,16 @@ def directory() -> Any:
 
 
 def _bind(host: str, base: int) -> socket.socket:
-    """A socket bound to the first free port from `base` (0: any free port), handed to uvicorn as it is, so
-    that two replicas starting on one host cannot both pick the same port."""
+    """A socket listening on the first free port from `base` (0: any free port), handed to uvicorn as it is,
+    so that two replicas starting on one host cannot both pick the same port. It listens at once: with
+    SO_REUSEADDR two sockets can both bind one port until one of them listens, and a replica that lost that
+    race registered the winner's address (seen in a test run: one of two replicas never served)."""
     for port in range(base, base + 1000) if base else [0]:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
+            sock.listen(2048)
         except OSError:
             sock.close()
             continue

@@ -198,3 +198,18 @@ def test_the_single_process_server_never_imports_ray():
             "from hotlora.server.cli import build_parser; build_parser().parse_args(['serve-ray', '--replicas', '3']); "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_two_replicas_binding_at_once_get_different_ports():
+    """Replicas on one host bind from the same base port; the second must not share the first's port (with
+    SO_REUSEADDR both binds succeed until one socket listens, and the loser registered the winner's URL)."""
+    from hotlora.server.ray_serve import _bind
+
+    first = _bind("127.0.0.1", 0)
+    base = first.getsockname()[1]
+    second = _bind("127.0.0.1", base)
+    try:
+        assert second.getsockname()[1] != base
+    finally:
+        first.close()
+        second.close()
