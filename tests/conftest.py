@@ -86,3 +86,12 @@ def expected(server) -> str:
     from bystander import STREAM_TOKENS, solo_text
 
     return solo_text(server.url, "a", STREAM_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-compatible server (moto's server mode) on loopback, one per test module (tests/s3_harness.py)."""
+    from s3_harness import s3_server
+
+    with s3_server() as server:
+        yield server

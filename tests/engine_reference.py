@@ -223,3 +223,15 @@ def save_random_model(preset: str, folder: Path, embed_scale: float = 1.0) -> Pa
             t.mul_(embed_scale)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+def default_engine(cache: Path, adapters: dict[str, Path], **kw):
+    """An fp32 engine on the default model with `adapters` registered (4 slots, rank <= 16)."""
+    from hotlora.server.engine.config import EngineConfig
+    from hotlora.server.engine.engine import LLMEngine
+
+    kw.setdefault("kv_cache_memory", 0.05)
+    eng = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=cache, max_loras=4, max_lora_rank=16, **kw))
+    for name, path in adapters.items():
+        eng.registry.register(name, path)
+    return eng

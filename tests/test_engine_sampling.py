@@ -8,9 +8,8 @@ import json
 
 import jsonschema
 import pytest
-from engine_reference import drain
+from engine_reference import default_engine, drain
 
-from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams, StructuredSpec
 
@@ -21,17 +20,9 @@ JSON = StructuredSpec("json", json.dumps(SCHEMA))
 MAX = 40
 
 
-def _engine(cache, adapters, **kw) -> LLMEngine:
-    kw.setdefault("kv_cache_memory", 0.05)
-    eng = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=cache, max_loras=4, max_lora_rank=16, **kw))
-    for name, path in adapters.items():
-        eng.registry.register(name, path)
-    return eng
-
-
 @pytest.fixture(scope="module")
 def engine(hotlora_cache, adapters) -> LLMEngine:
-    return _engine(hotlora_cache, adapters)
+    return default_engine(hotlora_cache, adapters)
 
 
 def _requests(tok, tag: str) -> list[Request]:
@@ -61,7 +52,7 @@ def test_grammar_state_survives_preemption(engine, hotlora_cache, adapters):
     reqs = [Request(f"g{i}", ids, SamplingParams(max_tokens=MAX, temperature=1.0, seed=i, structured=JSON),
                     "qv8" if i % 2 else None) for i in range(4)]
     roomy = drain(engine, {0: reqs})
-    small = _engine(hotlora_cache, adapters, num_kv_blocks=14, block_size=4, max_num_batched_tokens=8)
+    small = default_engine(hotlora_cache, adapters, num_kv_blocks=14, block_size=4, max_num_batched_tokens=8)
     cramped = drain(small, {0: [Request(r.request_id, r.prompt_token_ids, r.params, r.adapter) for r in reqs]})
     assert small.scheduler.num_preemptions > 0
     assert cramped == roomy

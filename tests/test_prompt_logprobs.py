@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from engine_reference import Reference, save_random_model
+from engine_reference import Reference, default_engine, save_random_model
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -20,17 +20,9 @@ TEXTS = ("The quick brown fox jumps over the lazy dog, and then it runs back hom
          "Paris is the capital of", "Hi")
 
 
-def _engine(cache, adapters, **kw) -> LLMEngine:
-    kw.setdefault("kv_cache_memory", 0.05)
-    eng = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=cache, max_loras=4, max_lora_rank=16, **kw))
-    for name, path in adapters.items():
-        eng.registry.register(name, path)
-    return eng
-
-
 @pytest.fixture(scope="module")
 def engine(hotlora_cache, adapters) -> LLMEngine:
-    return _engine(hotlora_cache, adapters)
+    return default_engine(hotlora_cache, adapters)
 
 
 def _requests(tok, tag: str, max_tokens: int = 3) -> list[Request]:
@@ -72,7 +64,7 @@ def test_prompt_logprobs_match_transformers(engine, default_model_dir, adapters)
 
 def test_chunking_preemption_and_the_prefix_cache_change_nothing(engine, hotlora_cache, adapters):
     roomy = {o.request_id[1:]: _scores(o) for o in engine.generate(_requests(engine.tokenizer, "a", 12))}
-    small = _engine(hotlora_cache, adapters, num_kv_blocks=10, block_size=4, max_num_batched_tokens=8)
+    small = default_engine(hotlora_cache, adapters, num_kv_blocks=10, block_size=4, max_num_batched_tokens=8)
     # the long prompt is in the prefix cache first: the scoring requests must still compute it in full
     warm = Request("warm", small.tokenizer.encode(TEXTS[0]), SamplingParams(max_tokens=1, temperature=0.0))
     small.generate([warm])

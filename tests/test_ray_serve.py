@@ -15,20 +15,12 @@ import time
 
 import httpx
 import pytest
-from s3_harness import S3Server
 from server_harness import AUTH, TOKEN, free_port, until, upload
 
 pytest.importorskip("ray.serve")
 
 PROMPT = "The three primary colors are"
 TTL = 1.0
-
-
-@pytest.fixture(scope="module")
-def s3() -> S3Server:
-    server = S3Server()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

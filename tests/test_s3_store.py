@@ -29,12 +29,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def s3() -> S3Server:
-    with s3_server() as server:
-        yield server
-
-
 def make(s3: S3Server, cache: Path, prefix: str, endpoint: str | None = None) -> S3AdapterStore:
     return S3AdapterStore(s3.url(prefix), cache, check=lambda a: check_compatible(a, TINY_SHAPES, 2, 4),
                           endpoint_url=endpoint or s3.endpoint)

@@ -8,20 +8,12 @@ import time
 
 import httpx
 import pytest
-from s3_harness import S3Server
 from server_harness import AUTH, ServerThread, assert_openai_error, server_settings, upload
 
 from hotlora.adapters.s3store import S3AdapterStore
 
 PROMPT = "The three primary colors are"
 TTL = 1.0
-
-
-@pytest.fixture(scope="module")
-def s3() -> S3Server:
-    server = S3Server()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
