@@ -30,7 +30,7 @@ from hotlora.adapters.peft_format import (
     check_compatible,
     read_adapter_config,
 )
-from hotlora.adapters.staging import StagedAdapter, from_adapter, parse_staged, read_raw
+from hotlora.adapters.staging import StagedAdapter, from_adapter, parse_staged, read_raw, warm_pinned
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +384,14 @@ class AdapterRegistry:
                 hits=st.hits, evictions=st.evictions + self.cache.evictions.get(v, 0),
             ))
         return out
+
+    def warm_staging(self) -> int:
+        """On CUDA, pin (then cache) the staging blocks of the registered adapters' first loads, within the
+        host budget, so that no load allocates pinned memory while the engine decodes; the bytes pinned."""
+        if self.cache.device.type != "cuda":
+            return 0
+        sizes = [v.file_bytes for v in self.current.values()]
+        return warm_pinned(sizes, self.host_budget, self.cache.copy_lock)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -118,6 +118,8 @@ def engine_mode(a: argparse.Namespace, folder: Path, names: list[str]) -> dict:
                                  max_num_seqs=max(a.batch, 1), max_model_len=4096))
     for n in names:
         eng.registry.register(n, folder / n)
+    if a.warm:  # as `hotlora serve` does at startup
+        eng.registry.warm_staging()
     params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
     for i in range(a.batch):
         eng.add_request(Request(f"d{i}", list(range(100, 100 + a.prompt)), params, None))
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine", action="store_true", help="load while the real engine decodes --batch requests")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                   help="--engine: pin the staging blocks before the loads, as the server does at startup")
     p.add_argument("--variants", type=lambda v: v.split(","), default=["default"],
                    help="--engine: comma-separated runs on one engine, each on --loads / N fresh adapters: "
                         "default | switch=S (sys.setswitchinterval) | nopin (pageable staging) | nopin+switch=S")

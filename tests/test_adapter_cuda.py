@@ -68,3 +68,18 @@ def test_non_finite_weights_are_caught_on_the_device(tmp_path: Path):
         _acquire(registry, "nan")
     assert registry.cache.lookup(registry.resolve("nan")) is None
     registry.close()
+
+
+def test_warmed_staging_blocks_serve_the_first_loads(tmp_path: Path):
+    """After warm_staging, cold loads take their pinned buffers from torch's cache: no new pinned allocation
+    (cudaHostAlloc stalls the engine thread's launches while it pins pages)."""
+    model = tiny_llama()
+    registry = _registry(slots=3)
+    for i, r in enumerate((4, 8, 16)):
+        registry.register(f"a{i}", save_adapter(model, tmp_path / f"a{i}", r=r, lora_alpha=16, seed=i,
+                                                target_modules="all-linear"))
+    assert registry.warm_staging() >= sum(v.file_bytes for v in registry.current.values())
+    before = torch.cuda.host_memory_stats()["num_host_alloc"]
+    for i in range(3):
+        _acquire(registry, f"a{i}")
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] == before

@@ -272,3 +272,13 @@ def test_shapes_of_another_base_are_refused(tmp_path):
     other.model.layers[0].self_attn.v_proj = torch.nn.Linear(32, 24, bias=False)
     other.model.layers[1].self_attn.v_proj = torch.nn.Linear(32, 24, bias=False)
     refused(save_adapter(other, tmp_path / "other"), r"v_proj: lora_A \(4, 32\) / lora_B \(24, 4\) do not fit")
+
+
+def test_pinned_blocks_are_the_allocator_power_of_two_sizes_within_the_budget():
+    from hotlora.adapters.staging import pinned_blocks
+
+    mib = 1 << 20
+    sizes = [84 * mib, 11 * mib, 11 * mib, 16 * mib, 0]
+    assert pinned_blocks(sizes, 1 << 30) == [16 * mib, 16 * mib, 16 * mib, 128 * mib]
+    assert pinned_blocks(sizes, 60 * mib) == [16 * mib, 16 * mib, 16 * mib]  # the 128 MiB block does not fit
+    assert pinned_blocks([1, 4096, 4097], 1 << 20) == [1, 4096, 8192]

@@ -107,6 +107,9 @@ class AppState:
                 self.refused[name] = str(exc)
         for name, why in self.refused.items():
             log.warning("adapter %r in %s is not served: %s", name, self.adapter_dir, why)
+        pinned = engine.registry.warm_staging()
+        if pinned:
+            log.info("pinned %.2f GiB of staging memory for the registered adapters' loads", pinned / 2**30)
         self.model_name = self.settings.served_model_name or engine.model_name
         self.aliases = {self.model_name, engine.model_name}
         self.tokenizer = engine.tokenizer
