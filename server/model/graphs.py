@@ -117,14 +117,9 @@ class StepGraphs:
         self.capture_seconds = time.perf_counter() - start
         log.info("CUDA graphs: all %d captured in %.1f s", len(keys), self.capture_seconds)
 
-    def forward(self, step: StepInput) -> torch.Tensor | None:
-        """Logits [len(step.sample_idx), vocab] of the step, or None when it must run eagerly."""
-        bucket = self.stage(step)
-        return None if bucket is None else self.replay(bucket, len(step.sample_idx))
-
     def stage(self, step: StepInput) -> _Bucket | None:
         """The step's bucket with its static buffers filled (captured first if it is not yet), or None when
-        the step must run eagerly. The host half of forward(): replay() then only launches."""
+        the step must run eagerly. The host half of a step; replay() then only launches it."""
         n, num_tokens = len(step.q_lens), len(step.input_ids)
         width = max(len(t) for t in step.tables)
         if self.failed or num_tokens > self.tokens[-1] or n > self.max_seqs or width > self.max_width:
