@@ -103,4 +103,7 @@ def test_gpu_mixed_steps_replay_from_graphs(gpu_adapters, model_dir, hotlora_cac
     assert mixed, steps  # a step mixing prefill chunks and decodes replayed from a graph
     assert engine.eager_steps == 0 and engine.stats().num_graph_steps == len(steps)
     assert all(replayed for _, replayed in steps)
+    # the step timer saw every step; on CUDA the sync on the sampled ids is where the GPU time shows
+    assert all(h.count == len(steps) for h in engine.timer.phases.values())
+    assert engine.timer.phases["device_wait"].total > 0 and engine.timer.phases["launch"].total > 0
     assert engine.blocks.num_used == 0
