@@ -40,6 +40,18 @@ def _ms(values: list[float]) -> dict[str, float]:
     return {"p50_ms": round(statistics.median(s) * 1000, 3), "max_ms": round(s[-1] * 1000, 3), "n": len(s)}
 
 
+def _gaps(steps: list[tuple[int, float]], base_p50: float) -> dict:
+    """Step times during loads (each step gives every running sequence one token, so a step time is their
+    inter-token gap): percentiles, how many exceed 1.2x the no-load median, and the slowest with the index of
+    the load that ran then."""
+    s = sorted(t for _, t in steps)
+    pct = {f"p{q}_ms": round(s[min(len(s) - 1, int(len(s) * q / 100))] * 1000, 3) for q in (50, 90, 99)}
+    worst = sorted(steps, key=lambda x: -x[1])[:5]
+    return pct | {"max_ms": round(s[-1] * 1000, 3), "n": len(s),
+                  "over_1.2x": sum(t > 1.2 * base_p50 for t in s),
+                  "slowest": [(i, round(t * 1000, 2)) for i, t in worst]}
+
+
 def load_one(registry: AdapterRegistry, name: str, between: callable) -> tuple[float, float]:
     """Load `name` cold as admission does; (wall seconds to a usable slot, engine-thread seconds)."""
     v = registry.resolve(name)
@@ -77,6 +89,26 @@ def cache_mode(a: argparse.Namespace, folder: Path, names: list[str], device: to
     return {"cold_load": _ms(walls), "engine_thread": _ms(engine), "phases": cache.stats.summary()}
 
 
+def _variant(spec: str) -> tuple[float, bool]:
+    """'default' | 'switch=S' | 'nopin' | 'nopin+switch=S' -> (GIL switch interval, pinned staging)."""
+    interval, pin = 0.005, True
+    for part in spec.split("+"):
+        if part.startswith("switch="):
+            interval = float(part.split("=", 1)[1])
+        elif part == "nopin":
+            pin = False
+        elif part != "default":
+            raise SystemExit(f"unknown variant part {part!r}")
+    return interval, pin
+
+
+def _set_pinning(pin: bool) -> None:
+    """Staging buffers pinned (as served) or pageable: the registry's disk read, rebound for this bench."""
+    from hotlora.adapters import registry, staging
+
+    registry.read_raw = lambda folder, pin=True, lock=None, keep=pin: staging.read_raw(folder, keep and pin, lock)
+
+
 def engine_mode(a: argparse.Namespace, folder: Path, names: list[str]) -> dict:
     from hotlora.server.engine.config import EngineConfig
     from hotlora.server.engine.engine import LLMEngine
@@ -98,18 +130,31 @@ def engine_mode(a: argparse.Namespace, folder: Path, names: list[str]) -> dict:
 
     for _ in range(a.batch + 20):  # prefills, graph captures, warm-up
         step()
-    steps.clear()
-    for _ in range(100):
-        step()
-    base = list(steps)
-    steps.clear()
-    walls, engine = [], []
-    for n in names:
-        wall, thread = load_one(eng.registry, n, step)
-        walls.append(wall)
-        engine.append(thread)
-    return {"batch": a.batch, "step_no_load": _ms(base), "step_during_load": _ms(steps) if steps else None,
-            "cold_load": _ms(walls), "engine_thread": _ms(engine), "phases": eng.registry.cache.stats.summary()}
+    out = {"batch": a.batch}
+    per = len(names) // len(a.variants)
+    for k, spec in enumerate(a.variants):  # one engine, the variants one after another on fresh adapters
+        interval, pin = _variant(spec)
+        sys.setswitchinterval(interval)
+        _set_pinning(pin)
+        for kept in eng.registry.cache.stats.phases.values():
+            kept.clear()
+        steps.clear()
+        for _ in range(100):
+            step()
+        base = list(steps)
+        during: list[tuple[int, float]] = []
+        walls, engine = [], []
+        for i, n in enumerate(names[k * per : (k + 1) * per]):
+            steps.clear()
+            wall, thread = load_one(eng.registry, n, step)
+            during += [(i, t) for t in steps]
+            walls.append(wall)
+            engine.append(thread)
+        out[spec] = {"step_no_load": _ms(base),
+                     "step_during_load": _gaps(during, statistics.median(base)) if during else None,
+                     "cold_load": _ms(walls), "engine_thread": _ms(engine),
+                     "phases": eng.registry.cache.stats.summary()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engine", action="store_true", help="load while the real engine decodes --batch requests")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--variants", type=lambda v: v.split(","), default=["default"],
+                   help="--engine: comma-separated runs on one engine, each on --loads / N fresh adapters: "
+                        "default | switch=S (sys.setswitchinterval) | nopin (pageable staging) | nopin+switch=S")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -286,8 +286,16 @@ def benchmark(a: argparse.Namespace) -> dict:
     try:
         wait_ready(url, proc, a.ready_timeout)
         models = [m for m in a.adapters.split(",") if m] if a.adapters else [base_model(url)]
-        planned = plan(a.requests, a.rate, a.prompt_len, a.output_len, models, a.zipf, a.seed,
-                       (a.shared_prefixes, a.prefix_len))
+        planned = plan(a.warmup_workload + a.requests, a.rate, a.prompt_len, a.output_len, models, a.zipf,
+                       a.seed, (a.shared_prefixes, a.prefix_len))
+        warm, planned = planned[: a.warmup_workload], planned[a.warmup_workload :]
+        if warm:  # steady state: the workload's own first requests, at once and cut to 2 tokens, untimed
+            t0 = planned[0].arrival
+            planned = [Planned(p.arrival - t0, p.prompt, p.max_tokens, p.model) for p in planned]
+            failed = [r.error for r in asyncio.run(run(url, [Planned(0.0, p.prompt, 2, p.model) for p in warm]))[0]
+                      if not r.ok]
+            if failed:
+                raise SystemExit(f"warm-up requests failed: {failed[:3]}")
         if a.warmup:  # first compilations and the most popular adapters' loads stay out of the numbers
             warm = [Planned(0.0, [TOKEN_RANGE[0] + i] * 8, 2, models[i % len(models)]) for i in range(a.warmup)]
             failed = [r.error for r in asyncio.run(run(url, warm))[0] if not r.ok]
@@ -311,6 +319,7 @@ def benchmark(a: argparse.Namespace) -> dict:
         server["prefix_cache_hit_rate"] = server.get("prefix_cache_hits", 0.0) / server["prefix_cache_queries"]
     summary["config"] = {"rate": a.rate, "prompt_len": a.prompt_len, "output_len": a.output_len,
                          "models": len(models), "zipf": a.zipf, "seed": a.seed, "warmup": a.warmup,
+                         "warmup_workload": a.warmup_workload,
                          "shared_prefixes": a.shared_prefixes, "prefix_len": a.prefix_len}
     return summary
 
@@ -329,6 +338,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefix-len", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=0, metavar="N",
                    help="first send N short requests (untimed), on the adapters in --adapters order")
+    p.add_argument("--warmup-workload", type=int, default=0, metavar="N",
+                   help="first send the workload's own first N requests (all at once, 2 output tokens each, "
+                        "untimed): a server in steady state, e.g. with its shared prefixes cached")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--launch", default=None, metavar="SERVE_ARGS", help="start `hotlora serve SERVE_ARGS` first")

@@ -4,13 +4,15 @@
 #                                   # adapters; then issue 13's shared-prefix run (caching on, the default)
 #   bench/serve_h200.sh zipf-prefix # the Poisson Zipf(1.1)-over-128 run and the shared-prefix run (caching on)
 #   bench/serve_h200.sh prefix-off  # issue 13: the shared-prefix run with --no-enable-prefix-caching
+#   bench/serve_h200.sh prefix-pair # issue 13: the shared-prefix run with caching on, then off (two servers)
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
 #   bench/serve_h200.sh profile     # issue 11: where a step's time goes (step_phases_ms, host_share): steady
 #                                   # decode at batch 32 (prompt 128, 256 tokens each), base and over 32 adapters,
 #                                   # then the Poisson Zipf(1.1)-over-128 run
 # Every run first sends short untimed requests (--warmup) over the most popular adapters: the first
 # compilations and those adapters' loads stay out of the numbers, and runs on fresh servers compare fairly.
-# Issue 13's run: 8 shared 1,024-token system prompts + 64-256 tokens, Zipf(1.1) over 32 adapters, Poisson.
+# Issue 13's run: 8 shared 1,024-token system prompts + 64-256 tokens, Zipf(1.1) over 32 adapters, Poisson,
+# after the workload's own first 256 requests (untimed): the cache of a server in steady state.
 # Llama-3-8B shape (random weights), NF4, on the local GPU. Each server is started here and polled until ready,
 # so the startup (weights, CUDA-graph capture) is not in the numbers; a word-level tokenizer of the model's
 # vocabulary (bench/serve.py --make-tokenizer) makes every sampled id stream text. JSON lands in $OUT (default .).
@@ -89,10 +91,12 @@ profile_runs() {  # 32 requests at once, equal lengths: after their prefill ever
   zipf128_run
 }
 
+# steady state: the workload's own first 256 requests go first, untimed (the same for caching on and off)
 prefix_args=(--requests "$REQUESTS" --rate "$RATE" --shared-prefixes 8 --prefix-len 1024 --prompt-len 64:256
-             --output-len 32:256 --zipf 1.1 --warmup 32)
-prefix_on() { bench prefix-on "${prefix_args[@]}" --adapters "$(names "$ADAPTERS/r16all" 32)"; }
-prefix_off() { bench prefix-off "${prefix_args[@]}" --adapters "$(names "$ADAPTERS/r16all" 32)"; }
+             --output-len 32:256 --zipf 1.1 --warmup-workload 256)
+prefix_on() { bench prefix-on "${prefix_args[@]}" --adapters "$(names "$PREFIX_ADAPTERS" 32)"; }
+prefix_off() { bench prefix-off "${prefix_args[@]}" --adapters "$(names "$PREFIX_ADAPTERS" 32)"; }
+PREFIX_ADAPTERS=$ADAPTERS/r16all
 
 case ${1:-} in
   traffic)
@@ -107,11 +111,16 @@ case ${1:-} in
   prefix-off)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64 --no-enable-prefix-caching" prefix_off ;;
+  prefix-pair)  # issue 13's matched pair, on 32 adapters of their own (quicker to write than 128)
+    PREFIX_ADAPTERS=$ADAPTERS/r16x32
+    make_adapters "$PREFIX_ADAPTERS" 32 16 all
+    serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64" prefix_on
+    serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64 --no-enable-prefix-caching" prefix_off ;;
   profile)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" profile_runs ;;
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|many|profile|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|profile|adapters" >&2; exit 2 ;;
 esac
