@@ -27,9 +27,13 @@ class Histogram:
     """Cumulative-bucket histogram in Prometheus' shape (upper bounds, counts per bucket, sum)."""
 
     bounds: tuple[float, ...] = BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    counts: list[int] = field(default_factory=list)  # one per bound, then +Inf (sized from bounds when empty)
     total: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float) -> None:
         with self.lock:

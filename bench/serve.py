@@ -8,7 +8,9 @@ Zipf(--zipf S) over the order given; the base model when none are given). Every 
 from /v1/completions; one JSON object is printed (and written to --out):
 
     requests, completed, errors, duration_s, req_per_s, output_tok_per_s,
-    ttft_ms {p50, p99}, tpot_ms {p50, p99}, itl_ms {p99}, and the server counters read from /metrics
+    ttft_ms {p50, p99}, tpot_ms {p50, p99}, itl_ms {p99}, and the server counters read from /metrics;
+    steps, step_ms, step_tokens_mean, step_phases_ms {phase: mean ms per step}, step_phase_share {phase:
+    share of the step wall time}, host_share (all but device_wait): the engine's step timer over the timed run
 
 TPOT is per request: (latency - TTFT) / (output tokens - 1); ITL is the gap between streamed chunks.
 
@@ -186,23 +188,48 @@ def summarize(results: list[Result], duration: float) -> dict:
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+_PHASE = re.compile(r'^hotlora_step_phase_seconds_(sum|count)\{phase="([a-z_]+)"\}\s+(\S+)$')
 
 
 def read_counters(url: str) -> dict[str, float]:
-    """The SERVER_COUNTERS samples in /metrics (summed over their labels, unless the name gives them);
+    """The SERVER_COUNTERS samples in /metrics (summed over their labels, unless the name gives them), and
+    the step timer's histograms as step_s:<phase> (sum of seconds), step_n:<phase> (count) and step_tokens;
     {} if it cannot be read."""
     try:
         text = httpx.get(url + "/metrics", timeout=10).text
     except httpx.HTTPError:
         return {}
     wanted = {v: k for k, v in SERVER_COUNTERS.items()}
+    wanted["hotlora_step_tokens_sum"] = "step_tokens"
     out: dict[str, float] = {}
     for line in text.splitlines():
+        phase = _PHASE.match(line)
+        if phase:
+            out[f"step_{'s' if phase[1] == 'sum' else 'n'}:{phase[2]}"] = float(phase[3])
+            continue
         m = _SAMPLE.match(line)
         key = m and (wanted.get(m[1]) or wanted.get(m[1] + (m[2] or "")))
         if key:
             out[key] = out.get(key, 0.0) + float(m[3])
     return out
+
+
+def step_profile(delta: dict[str, float]) -> dict:
+    """Where the timed run's model steps spent their wall time, from the step timer's histogram deltas
+    (server/engine/steptimer.py): mean ms per step by phase, each phase's share of the step wall time, and
+    host_share, the share of everything but device_wait (the host sync on the step's results)."""
+    seconds = {k.partition(":")[2]: v for k, v in delta.items() if k.startswith("step_s:")}
+    steps = max((v for k, v in delta.items() if k.startswith("step_n:")), default=0.0)
+    total = sum(seconds.values())
+    if not steps or total <= 0:
+        return {}
+    return {
+        "steps": int(steps), "step_ms": round(1000 * total / steps, 3),
+        "step_tokens_mean": round(delta.get("step_tokens", 0.0) / steps, 2),
+        "step_phases_ms": {p: round(1000 * v / steps, 3) for p, v in seconds.items()},
+        "step_phase_share": {p: round(v / total, 4) for p, v in seconds.items()},
+        "host_share": round(1 - seconds.get("device_wait", 0.0) / total, 4),
+    }  # fmt: skip
 
 
 def base_model(url: str) -> str:
@@ -282,7 +309,9 @@ def benchmark(a: argparse.Namespace) -> dict:
             proc.terminate()
             proc.wait(timeout=60)
     summary = summarize(results, duration)
-    summary["server"] = server = {k: after[k] - before.get(k, 0.0) for k in after}
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    summary.update(step_profile(delta))
+    summary["server"] = server = {k: v for k, v in delta.items() if not k.startswith("step_")}
     for t in ("disk_to_cpu", "cpu_to_gpu"):  # mean seconds per adapter load, by tier boundary
         if server.get(f"load_{t}_n"):
             server[f"load_{t}_mean_ms"] = 1000 * server[f"load_{t}_s"] / server[f"load_{t}_n"]

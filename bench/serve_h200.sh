@@ -6,6 +6,9 @@
 #   bench/serve_h200.sh prefix-off  # issue 13: the shared-prefix run with --no-enable-prefix-caching
 #   bench/serve_h200.sh prefix-pair # issue 13: the shared-prefix run with caching on, then off (two servers)
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
+#   bench/serve_h200.sh profile     # issue 11: where a step's time goes (step_phases_ms, host_share): steady
+#                                   # decode at batch 32 (prompt 128, 256 tokens each), base and over 32 adapters,
+#                                   # then the Poisson Zipf(1.1)-over-128 run
 # Every run first sends short untimed requests (--warmup) over the most popular adapters: the first
 # compilations and those adapters' loads stay out of the numbers, and runs on fresh servers compare fairly.
 # Issue 13's run: 8 shared 1,024-token system prompts + 64-256 tokens, Zipf(1.1) over 32 adapters, Poisson,
@@ -37,7 +40,9 @@ bench() {  # name, then bench/serve.py arguments
 print(sys.argv[2], r["completed"], "/", r["requests"], "req/s", r["req_per_s"], "tok/s", r["output_tok_per_s"],
       "ttft", r["ttft_ms"], "tpot", r["tpot_ms"], "itl", r["itl_ms"], "eager", s.get("eager_steps"),
       "graph", s.get("graph_steps"), "hit", round(s.get("prefix_cache_hit_rate", 0), 3),
-      "loads", s.get("adapter_loads"), "blocked", s.get("steps_blocked_on_adapters"), flush=True)' \
+      "loads", s.get("adapter_loads"), "blocked", s.get("steps_blocked_on_adapters"), flush=True)
+print("  step", r.get("step_ms"), "ms,", r.get("step_tokens_mean"), "tok; ms/step", r.get("step_phases_ms"),
+      "host_share", r.get("host_share"), flush=True)' \
     "$OUT/serve-$name.json" "$name"
 }
 
@@ -79,6 +84,13 @@ many_runs() {
   bench zipf1000 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r8qvo" 1000)" --zipf 1.1 --warmup 64
 }
 
+profile_runs() {  # 32 requests at once, equal lengths: after their prefill every step decodes all 32
+  local steady=(--requests 32 --rate 0 --prompt-len 128:128 --output-len 256:256)
+  bench steady-base "${steady[@]}" --warmup 8
+  bench steady-32ad "${steady[@]}" --adapters "$(names "$ADAPTERS/r16all" 32)" --warmup 32
+  zipf128_run
+}
+
 # steady state: the workload's own first 256 requests go first, untimed (the same for caching on and off)
 prefix_args=(--requests "$REQUESTS" --rate "$RATE" --shared-prefixes 8 --prefix-len 1024 --prompt-len 64:256
              --output-len 32:256 --zipf 1.1 --warmup-workload 256)
@@ -104,8 +116,11 @@ case ${1:-} in
     make_adapters "$PREFIX_ADAPTERS" 32 16 all
     serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64" prefix_on
     serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64 --no-enable-prefix-caching" prefix_off ;;
+  profile)
+    make_adapters "$ADAPTERS/r16all" 128 16 all
+    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" profile_runs ;;
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|profile|adapters" >&2; exit 2 ;;
 esac

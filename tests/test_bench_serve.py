@@ -85,6 +85,18 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
     assert base["server"]["eager_steps"] + base["server"]["graph_steps"] >= 5
     assert base["server"]["prefix_cache_queries"] > 0
     assert 0.0 <= base["server"].get("prefix_cache_hit_rate", 0.0) <= 1.0
+    # the step timer over the timed run only (the warm-up's steps excluded): phases in ms per step, shares of
+    # the step wall time summing to 1, and the host's share (on the CPU the forward itself is host time)
+    for r in (base, base_only):
+        assert r["steps"] == r["server"]["eager_steps"] + r["server"]["graph_steps"]
+        phases = r["step_phases_ms"]
+        assert set(phases) == {"loop", "schedule", "prepare", "launch", "device_wait", "sample", "postprocess"}
+        assert all(v >= 0 for v in phases.values()) and phases["launch"] > 0 and phases["postprocess"] > 0
+        assert sum(phases.values()) == pytest.approx(r["step_ms"], rel=1e-3, abs=0.01)
+        assert sum(r["step_phase_share"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert r["host_share"] == pytest.approx(1 - r["step_phase_share"]["device_wait"], abs=1e-3)
+        assert 0.5 < r["host_share"] <= 1.0 and r["step_tokens_mean"] >= 1
+    assert not any(k.startswith("step_") for k in base["server"])
 
 
 def test_serve_plan_shared_prefixes():

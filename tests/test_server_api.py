@@ -213,6 +213,34 @@ def test_metrics_exposition(http, server, base):
     assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in text
 
 
+def test_step_phase_metrics(http, server, base):
+    """Every model step lands once in each phase's histogram (server/engine/steptimer.py), its tokens in
+    hotlora_step_tokens."""
+    from hotlora.server.engine.steptimer import PHASES
+
+    def steps(s) -> int:
+        return s.num_eager_steps + s.num_graph_steps
+
+    def phase(m: dict, sample: str, name: str) -> float:
+        return m.get((f"hotlora_step_phase_seconds_{sample}", (("phase", name),)), 0.0)
+
+    stats_before, before = wait_idle(server), scrape(http)
+    usages = [complete(http, base, prompt, max_tokens=4)["usage"] for prompt in (PROMPT, [1000 + i for i in range(9)])]
+    stats_after, after = wait_idle(server), scrape(http)
+    n = steps(stats_after) - steps(stats_before)
+    assert n >= 2 * 4  # at least one step per generated token
+    for name in PHASES:
+        assert phase(after, "count", name) - phase(before, "count", name) == n, name
+        assert phase(after, "sum", name) > phase(before, "sum", name), name  # each phase takes time
+        assert after[("hotlora_step_phase_seconds_bucket", (("le", "+Inf"), ("phase", name)))] == phase(
+            after, "count", name)
+    tokens = after[("hotlora_step_tokens_sum", ())] - before.get(("hotlora_step_tokens_sum", ()), 0.0)
+    # the prompt tokens not found in the prefix cache, then every generated token but the last is fed back
+    assert tokens == sum(u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"]
+                         + u["completion_tokens"] - 1 for u in usages)  # fmt: skip
+    assert after[("hotlora_step_tokens_count", ())] - before.get(("hotlora_step_tokens_count", ()), 0.0) == n
+
+
 # --- admin -----------------------------------------------------------------------------------------
 
 

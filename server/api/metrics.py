@@ -76,6 +76,24 @@ class _EngineCollector(Collector):
                                   value=getattr(s, "num_graph_steps", 0))
         yield from self._adapter_metrics()
         yield from self._residency_metrics(s)
+        yield from self._step_metrics(s)
+
+    @staticmethod
+    def _step_metrics(s: Any) -> Iterable[Metric]:
+        """Where each model step's wall time goes on the host (server/engine/steptimer.py), and its size."""
+        phases = HistogramMetricFamily(
+            "hotlora_step_phase_seconds", "engine step wall time by phase (host clock; device_wait is the sync "
+            "on the step's results)", labels=["phase"],
+        )
+        for phase, h in getattr(s, "step_phase_seconds", {}).items():
+            buckets, total = h.cumulative()
+            phases.add_metric([phase], buckets, total)
+        yield phases
+        tokens = getattr(s, "step_tokens", None)
+        if tokens is not None:
+            buckets, total = tokens.cumulative()
+            yield HistogramMetricFamily("hotlora_step_tokens", "tokens scheduled per model step", buckets=buckets,
+                                        sum_value=total)
 
     def _residency_metrics(self, s: Any) -> Iterable[Metric]:
         """The shape vLLM proposes for residency-aware routing (vllm-project/vllm#54830)."""

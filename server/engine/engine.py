@@ -15,6 +15,7 @@ from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.detokenizer import Detokenizer, DetokState
 from hotlora.server.engine.scheduler import ScheduledBatch, Scheduler
 from hotlora.server.engine.sequence import Sequence
+from hotlora.server.engine.steptimer import StepTimer
 from hotlora.server.engine.types import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
 from hotlora.server.model.grammar import GrammarCache
 from hotlora.server.model.runner import ModelRunner
@@ -55,6 +56,8 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found there
     block_size: int = 0  # tokens per KV-cache block
+    step_phase_seconds: dict[str, Any] = field(default_factory=dict)  # phase -> loadstats.Histogram (steptimer)
+    step_tokens: Any = None  # loadstats.Histogram of the tokens scheduled per model step
 
 
 class LLMEngine:
@@ -80,6 +83,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = 0
         self._failed: list[tuple[Sequence, str]] = []
+        self.timer = StepTimer()  # where each step's host time goes (hotlora_step_phase_seconds)
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -127,24 +131,30 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return what each touched request produced."""
+        timer = self.timer
+        timer.begin()
         self.registry.poll()
         batch = self.scheduler.schedule()
         outputs = [self._fail(seq, msg, ErrorKind.ADAPTER) for seq, msg in self._failed]
         self._failed.clear()
+        timer.mark("schedule")
         if batch:
             batch = self._prepare(batch, outputs)
         if not batch:
+            timer.skip()
             pending = self.registry.loading()
             if pending:  # only cold adapters hold the queue up: wait for one of them, briefly
                 concurrent.futures.wait(pending, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
             elif self.scheduler.waiting and not outputs:
                 time.sleep(0.005)  # every device slot is pinned or busy: do not spin the caller's loop
             return outputs
-        results = self.runner.execute(batch)
+        results = self.runner.execute(batch, timer)
         for seq, n, res in zip(batch.seqs, batch.num_tokens, results, strict=True):
             seq.num_computed += n
             if res is not None and not seq.finished:
                 outputs.append(self._append(seq, *res))
+        timer.mark("postprocess")
+        timer.finish(sum(batch.num_tokens), busy=self.scheduler.has_unfinished())
         return outputs
 
     def _prepare(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> ScheduledBatch:
@@ -253,7 +263,7 @@ class LLMEngine:
             adapter_load_seconds=self.registry.cache.stats.transitions,
             num_eager_steps=self.eager_steps, num_graph_steps=self.runner.graph_steps,
             prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits,
-            block_size=self.config.block_size,
+            block_size=self.config.block_size, step_phase_seconds=self.timer.phases, step_tokens=self.timer.tokens,
         )
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:

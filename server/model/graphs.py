@@ -117,8 +117,9 @@ class StepGraphs:
         self.capture_seconds = time.perf_counter() - start
         log.info("CUDA graphs: all %d captured in %.1f s", len(keys), self.capture_seconds)
 
-    def forward(self, step: StepInput) -> torch.Tensor | None:
-        """Logits [len(step.sample_idx), vocab] of the step, or None when it must run eagerly."""
+    def stage(self, step: StepInput) -> _Bucket | None:
+        """The step's bucket with its static buffers filled (captured first if it is not yet), or None when
+        the step must run eagerly. The host half of a step; replay() then only launches it."""
         n, num_tokens = len(step.q_lens), len(step.input_ids)
         width = max(len(t) for t in step.tables)
         if self.failed or num_tokens > self.tokens[-1] or n > self.max_seqs or width > self.max_width:
@@ -130,10 +131,14 @@ class StepGraphs:
         if self.capture and b.graph is None and not self._try_capture(b):
             return None
         self.replays[key] = self.replays.get(key, 0) + 1
+        return b
+
+    def replay(self, b: _Bucket, rows: int) -> torch.Tensor:
+        """Logits [rows, vocab] of the staged bucket (asynchronous on CUDA)."""
         if not self.capture:
-            return self._run(b)[: len(step.sample_idx)]
+            return self._run(b)[:rows]
         b.graph.replay()
-        return self.logits[: len(step.sample_idx)]
+        return self.logits[:rows]
 
     def _fill(self, b: _Bucket, step: StepInput, width: int) -> None:
         n, pad = len(step.q_lens), b.tokens - len(step.input_ids)

@@ -11,11 +11,12 @@ from hotlora.kernels.lora import build_lora_meta
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.scheduler import ScheduledBatch
 from hotlora.server.engine.sequence import Sequence
+from hotlora.server.engine.steptimer import StepTimer
 from hotlora.server.engine.types import TokenLogprob
 from hotlora.server.model.attention import AttentionMeta
 from hotlora.server.model.graphs import StepGraphs, StepInput
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
-from hotlora.server.model.sampler import SampleRequest, sample
+from hotlora.server.model.sampler import SampleRequest, launch_sample
 from hotlora.server.model.weights import resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,9 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, self.block_size, blocks * per_block / 2**30)
         return max(blocks, 1)
 
-    def execute(self, batch: ScheduledBatch) -> list[Sampled | None]:
-        """Run one step; the sampled token of each sequence whose scheduled tokens reach its end."""
+    def execute(self, batch: ScheduledBatch, timer: StepTimer) -> list[Sampled | None]:
+        """Run one step; the sampled token of each sequence whose scheduled tokens reach its end. timer
+        gets the prepare, launch, device_wait and sample phases."""
         threads = torch.get_num_threads()
         small = self.device.type == "cpu" and sum(batch.num_tokens) <= self._cpu_single_thread_tokens
         if small and threads > 1:
@@ -104,32 +106,46 @@ class ModelRunner:
             # 2-core host, batch-1 decode ran 1.9x faster on one thread (bench/engine_cpu.py --suite)
             torch.set_num_threads(1)
         try:
-            return self._execute(batch)
+            return self._execute(batch, timer)
         finally:
             if small and threads > 1:
                 torch.set_num_threads(threads)
 
-    def _execute(self, batch: ScheduledBatch) -> list[Sampled | None]:
+    def _execute(self, batch: ScheduledBatch, timer: StepTimer) -> list[Sampled | None]:
         step, sampled = self._flatten(batch.seqs, batch.num_tokens)
-        scored = self._prompt_rows(batch.seqs, batch.num_tokens)
-        # a step that scores prompt tokens needs logits at more rows than the graphs hold: it runs eagerly
-        logits = self.graphs.forward(step) if self.graphs is not None and not scored else None
-        if logits is None:
-            self.eager_steps += 1
-            rows = len(step.sample_idx)
-            step.sample_idx += [flat for _, flat, _ in scored]
-            logits = self.model.forward(self._tensors(step))
-            if scored:
-                self._score_prompts(batch.seqs, scored, logits[rows:])
-                logits = logits[:rows]
-        else:
-            self.graph_steps += 1
+        logits = self._forward(batch.seqs, step, timer)
         requests = [self._sample_request(batch.seqs[i]) for i in sampled]
-        tokens, logprobs = sample(logits, requests, self.eos_ids)
+        pending = launch_sample(logits, requests, self.eos_ids)
+        timer.mark("launch")
+        pending.wait()
+        timer.mark("device_wait")
+        tokens, logprobs = pending.finish()
         results: list[Sampled | None] = [None] * len(batch.seqs)
         for row, i in enumerate(sampled):
             results[i] = (tokens[row], logprobs[row])
+        timer.mark("sample")
         return results
+
+    def _forward(self, seqs: list[Sequence], step: StepInput, timer: StepTimer) -> torch.Tensor:
+        """Logits [len(step.sample_idx), V] of the step: replayed from a graph, else eagerly. Marks prepare
+        once the device metadata is written (the launch phase starts with the forward call)."""
+        scored = self._prompt_rows(seqs, step.q_lens)
+        # a step that scores prompt tokens needs logits at more rows than the graphs hold: it runs eagerly
+        bucket = self.graphs.stage(step) if self.graphs is not None and not scored else None
+        if bucket is not None:
+            self.graph_steps += 1
+            timer.mark("prepare")
+            return self.graphs.replay(bucket, len(step.sample_idx))
+        self.eager_steps += 1
+        rows = len(step.sample_idx)
+        step.sample_idx += [flat for _, flat, _ in scored]
+        tensors = self._tensors(step)
+        timer.mark("prepare")
+        logits = self.model.forward(tensors)
+        if scored:  # its host sync lands in launch (only steps that score prompt tokens)
+            self._score_prompts(seqs, scored, logits[rows:])
+            logits = logits[:rows]
+        return logits
 
     def _flatten(self, seqs: list[Sequence], counts: list[int]) -> tuple[StepInput, list[int]]:
         """The step as host lists, and the index in seqs of each sampled row."""

@@ -54,29 +54,54 @@ def process(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: set[in
     return logits if procs is None else procs.apply(logits)
 
 
+@dataclass(slots=True)
+class PendingSample:
+    """A step's sampling issued on the device: wait() is the step's one host sync, finish() the host rest."""
+
+    raw: torch.Tensor  # [S, V] the model's logits (for logprobs)
+    logits: torch.Tensor  # [S, V] after grammars and processors
+    requests: list[SampleRequest]
+    argmax: torch.Tensor  # [S] int64, on the logits' device
+    greedy: list[int] | None = None
+
+    def wait(self) -> None:
+        """Bring the greedy ids to the host: on CUDA this waits for the step's forward and processors."""
+        self.greedy = self.argmax.tolist()
+
+    def finish(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The chosen token ids (seeded draws for the sampled rows), and logprobs where asked."""
+        if self.greedy is None:
+            self.wait()
+        requests, tokens = self.requests, list(self.greedy)
+        drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if drawn:  # the generators live on the CPU
+            scaled = temperature_min_p(self.logits[drawn], [requests[i].params for i in drawn]).cpu()
+            for row, i in enumerate(drawn):
+                tokens[i] = _sample_row(scaled[row], requests[i])
+        asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        logprobs: list[TokenLogprob | None] = [None] * len(requests)
+        if asked:
+            lp = torch.log_softmax(self.raw[asked].float(), dim=-1).cpu()
+            for row, i in enumerate(asked):
+                logprobs[i] = _logprob(lp[row], tokens[i], requests[i].params.logprobs)
+        return tokens, logprobs
+
+
+def launch_sample(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: set[int] | None = None
+                  ) -> PendingSample:
+    """logits [S, V] float32, one row per request: grammars and processors applied and the argmax issued,
+    with no host sync (on CUDA everything queues behind the step's forward)."""
+    processed = process(apply_grammars(logits, [r.grammar for r in requests]), requests, eos_ids or set())
+    return PendingSample(logits, processed, requests, torch.argmax(processed, dim=-1))
+
+
 def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: set[int] | None = None
            ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [S, V] float32, one row per request -> chosen token ids, and logprobs where asked.
 
     Logprobs are those of the model's own distribution (before processors and temperature), as vLLM's
     default."""
-    raw = logits
-    logits = apply_grammars(logits, [r.grammar for r in requests])
-    logits = process(logits, requests, eos_ids or set())
-    greedy = torch.argmax(logits, dim=-1).tolist()
-    tokens = list(greedy)
-    drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
-    if drawn:
-        scaled = temperature_min_p(logits[drawn], [requests[i].params for i in drawn]).cpu()  # generators: CPU
-        for row, i in enumerate(drawn):
-            tokens[i] = _sample_row(scaled[row], requests[i])
-    asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-    logprobs: list[TokenLogprob | None] = [None] * len(requests)
-    if asked:
-        lp = torch.log_softmax(raw[asked].float(), dim=-1).cpu()
-        for row, i in enumerate(asked):
-            logprobs[i] = _logprob(lp[row], tokens[i], requests[i].params.logprobs)
-    return tokens, logprobs
+    return launch_sample(logits, requests, eos_ids).finish()
 
 
 def _logprob(lp: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
