@@ -8,7 +8,7 @@
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
 #   bench/serve_h200.sh profile     # issue 11: where a step's time goes (step_phases_ms, host_share): steady
 #                                   # decode at batch 32 (prompt 128, 256 tokens each), base and over 32 adapters,
-#                                   # then the Poisson Zipf(1.1)-over-128 run
+#                                   # then the Poisson Zipf(1.1)-over-128 run and the all-at-once (saturation) runs
 # Every run first sends short untimed requests (--warmup) over the most popular adapters: the first
 # compilations and those adapters' loads stay out of the numbers, and runs on fresh servers compare fairly.
 # Issue 13's run: 8 shared 1,024-token system prompts + 64-256 tokens, Zipf(1.1) over 32 adapters, Poisson,
@@ -89,6 +89,9 @@ profile_runs() {  # 32 requests at once, equal lengths: after their prefill ever
   bench steady-base "${steady[@]}" --warmup 8
   bench steady-32ad "${steady[@]}" --adapters "$(names "$ADAPTERS/r16all" 32)" --warmup 32
   zipf128_run
+  bench burst-base --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 --warmup 8
+  bench burst-zipf128 --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 \
+    --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1 --warmup 64
 }
 
 # steady state: the workload's own first 256 requests go first, untimed (the same for caching on and off)
@@ -104,7 +107,8 @@ case ${1:-} in
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" traffic_runs prefix_on ;;
   many)
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o
-    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r8qvo --max-loras 64" many_runs ;;
+    # no prefix caching: both runs draw the same prompts (one seed), and the second would hit the first's
+    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r8qvo --max-loras 64 --no-enable-prefix-caching" many_runs ;;
   zipf-prefix)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" zipf128_run prefix_on ;;
