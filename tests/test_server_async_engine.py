@@ -212,11 +212,11 @@ def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(engine, 
         real = engine.runner.execute
         failed = []
 
-        def fails_once(batch):
+        def fails_once(batch, *args):
             if not failed:
                 failed.append([s.request_id for s in batch.seqs])
                 raise RuntimeError("injected")
-            return real(batch)
+            return real(batch, *args)
 
         monkeypatch.setattr(engine.runner, "execute", fails_once)
         stream = await ae.add(req("doomed", ids["a"], LONG))
@@ -227,6 +227,41 @@ def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(engine, 
         assert await ae.call(idle, engine)
         after = [o async for o in ae.generate(req("after", ids["a"], 2))]
         check_stream(after, reference["a", 2])
+        await stopped(ae)
+
+    asyncio.run(main())
+
+
+def test_deferred_outputs_are_handed_over_once_the_next_step_is_launched(engine, ids, reference, monkeypatch):
+    """On an asynchronous device a step's outputs reach the event loop from the next step's launch, while the
+    device computes it; the last ones (nothing left to run) at once. Same tokens, same order."""
+
+    async def main():
+        monkeypatch.setattr(engine, "defers_outputs", True)
+        ae = await started(engine)
+        in_launch, handovers = [False], []
+        real_step, real_call_soon = engine.step, ae._call_soon
+
+        def step(on_launch=None):
+            def launched():
+                in_launch[0] = True
+                try:
+                    on_launch()
+                finally:
+                    in_launch[0] = False
+
+            return real_step(on_launch=launched if on_launch else None)
+
+        def call_soon(fn, *args):
+            if fn == ae._deliver:
+                handovers.append(in_launch[0])
+            real_call_soon(fn, *args)
+
+        monkeypatch.setattr(engine, "step", step)
+        monkeypatch.setattr(ae, "_call_soon", call_soon)
+        outs = [o async for o in ae.generate(req("a", ids["a"], 16))]
+        check_stream(outs, reference["a", 16])
+        assert len(handovers) >= 15 and all(handovers[:-1]) and handovers[-1] is False
         await stopped(ae)
 
     asyncio.run(main())

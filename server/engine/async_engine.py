@@ -67,6 +67,7 @@ class AsyncEngine:
         self._on_ready = on_ready
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
+        self._held: list[RequestOutput] = []  # a step's outputs, until the next step is launched (see _step)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.engine: Any = None
@@ -238,12 +239,28 @@ class AsyncEngine:
         self._call_soon(settle)
 
     def _step(self) -> None:
+        """One engine step. On an asynchronous device (CUDA) the previous step's outputs are handed to the
+        event loop only once this step is launched: the event loop's work on them (SSE chunks for every
+        stream) then runs while the GPU computes and this thread waits without the GIL, instead of
+        contending for the GIL with this step's host preparation while the GPU idles (measured through HTTP
+        on an H200 at batch 32: the preparation took 2.5 ms of a 9.3 ms step)."""
+        held, self._held = self._held, []
+
+        def hand_over() -> None:
+            nonlocal held
+            if held:
+                self._call_soon(self._deliver, held)
+                held = []
+
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step(on_launch=hand_over)
         except Exception:
             log.exception("engine step failed; failing every running request")
             outputs = self._fail_all("internal engine error")
-        if outputs:
+        hand_over()  # no step was launched (nothing scheduled, or it failed)
+        if outputs and getattr(self.engine, "defers_outputs", False) and self.engine.has_unfinished():
+            self._held = outputs
+        elif outputs:
             self._call_soon(self._deliver, outputs)
         else:  # nothing to report (a prefill chunk, or waiting on an adapter/slot): do not spin hot
             time.sleep(0.001)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,9 @@ class LLMEngine:
         self._arrivals = 0
         self._failed: list[tuple[Sequence, str]] = []
         self.timer = StepTimer()  # where each step's host time goes (hotlora_step_phase_seconds)
+        # a step's launch returns before the device has computed it (CUDA): a caller may work on the previous
+        # step's outputs from step()'s on_launch while the device runs (AsyncEngine does)
+        self.defers_outputs = self.runner.device.type == "cuda"
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -129,8 +133,9 @@ class LLMEngine:
 
     # --- the step ----------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, and return what each touched request produced."""
+    def step(self, on_launch: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Schedule, run the model once, and return what each touched request produced. on_launch runs on
+        this thread once the step's device work is queued (not when nothing is scheduled)."""
         timer = self.timer
         timer.begin()
         self.registry.poll()
@@ -148,7 +153,7 @@ class LLMEngine:
             elif self.scheduler.waiting and not outputs:
                 time.sleep(0.005)  # every device slot is pinned or busy: do not spin the caller's loop
             return outputs
-        results = self.runner.execute(batch, timer)
+        results = self.runner.execute(batch, timer, on_launch)
         for seq, n, res in zip(batch.seqs, batch.num_tokens, results, strict=True):
             seq.num_computed += n
             if res is not None and not seq.finished:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -96,7 +97,8 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, self.block_size, blocks * per_block / 2**30)
         return max(blocks, 1)
 
-    def execute(self, batch: ScheduledBatch, timer: StepTimer) -> list[Sampled | None]:
+    def execute(self, batch: ScheduledBatch, timer: StepTimer,
+                on_launch: Callable[[], None] | None = None) -> list[Sampled | None]:
         """Run one step; the sampled token of each sequence whose scheduled tokens reach its end. timer
         gets the prepare, launch, device_wait and sample phases."""
         threads = torch.get_num_threads()
@@ -106,17 +108,20 @@ class ModelRunner:
             # 2-core host, batch-1 decode ran 1.9x faster on one thread (bench/engine_cpu.py --suite)
             torch.set_num_threads(1)
         try:
-            return self._execute(batch, timer)
+            return self._execute(batch, timer, on_launch)
         finally:
             if small and threads > 1:
                 torch.set_num_threads(threads)
 
-    def _execute(self, batch: ScheduledBatch, timer: StepTimer) -> list[Sampled | None]:
+    def _execute(self, batch: ScheduledBatch, timer: StepTimer,
+                 on_launch: Callable[[], None] | None) -> list[Sampled | None]:
         step, sampled = self._flatten(batch.seqs, batch.num_tokens)
         logits = self._forward(batch.seqs, step, timer)
         requests = [self._sample_request(batch.seqs[i]) for i in sampled]
         pending = launch_sample(logits, requests, self.eos_ids)
         timer.mark("launch")
+        if on_launch is not None:
+            on_launch()
         pending.wait()
         timer.mark("device_wait")
         tokens, logprobs = pending.finish()
