@@ -176,13 +176,13 @@ def test_static_path_keys_buckets_by_rank_class(hotlora_cache, tiny_adapters, mo
     graphs = runner.graphs = runner.step_graphs(capture=False)
     assert len(graphs.keys()) == len(set(graphs.keys())) == graph_count(4, 8, 3)
     static_steps: list[tuple[bool, int, int]] = []
-    forward = graphs.forward
+    stage = graphs.stage
 
-    def recording_forward(step):
+    def recording_stage(step):
         static_steps.append((all(q == 1 for q in step.q_lens), step.lora_class, cache.batch_rank(set(step.lora_slots))))
-        return forward(step)
+        return stage(step)
 
-    graphs.forward = recording_forward
+    graphs.stage = recording_stage
     static = _workload(engine)
     runner.graphs = None
     assert static == eager and all(len(t) == N_NEW for t in static.values())
