@@ -82,7 +82,8 @@ def step_rank_class(rank: int, decode: bool, classes: Sequence[int]) -> int:
 
 
 def graph_count(max_seqs: int, max_tokens: int, num_classes: int) -> int:
-    """Graphs ``capture_all`` captures: D * (1 + C) decode-only buckets, 2 per other bucket (no LoRA, top class)."""
+    """Graphs ``capture_all`` captures: D * (1 + C) decode-only buckets (no LoRA, then each class) and 2 * M
+    mixed ones (no LoRA, the largest class), for D decode-sized token buckets of M and C rank classes."""
     tokens = token_buckets(max_seqs, max_tokens)
     decode = sum(t <= max_seqs for t in tokens)
     return decode * (1 + num_classes) + 2 * len(tokens)
