@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -100,6 +100,9 @@ class LoraSlotCache:
         self.row_start = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.scale = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.ranks = {m: torch.zeros(num_slots, dtype=torch.int32, device=device) for m in TARGET_MODULES}
+        # host copy of each slot's largest per-module rank (0: free or loading): a step's rank class is read
+        # from it without touching the device tables
+        self.slot_rank = [0] * num_slots
         # one [layers, rows, features] tensor per module and side, so that a load writes a module of every
         # layer in one copy; each layer's kernels see its contiguous [rows, features] slice
         self.pools = {
@@ -144,6 +147,10 @@ class LoraSlotCache:
 
     def set_pinned(self, slot: int, pinned: bool) -> None:
         self.slots[slot].pinned = pinned
+
+    def batch_rank(self, slots: Iterable[int]) -> int:
+        """The largest per-module rank among these ready slots (negative ids: no adapter); 0 for none."""
+        return max((self.slot_rank[s] for s in slots if s >= 0), default=0)
 
     def num_ready(self) -> int:
         return sum(s is not None and s.ready for s in self.slots)
@@ -294,6 +301,7 @@ class LoraSlotCache:
             self.ranks[m][slot] = s.ranks.get(m, 0)
         self.row_start[slot] = s.row_start
         self.scale[slot] = s.scale
+        self.slot_rank[slot] = max(s.ranks.values(), default=0)
         s.ready, s.transfer = True, None
         now = time.perf_counter()
         self.stats.record("slot_tables", now - t0)
@@ -338,6 +346,7 @@ class LoraSlotCache:
         s = self.slots[slot]
         for m in TARGET_MODULES:
             self.ranks[m][slot] = 0
+        self.slot_rank[slot] = 0
         self.rows.release(s.row_start, s.rank)
         del self.index[s.key]
         self.slots[slot] = None

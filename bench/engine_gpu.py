@@ -6,6 +6,10 @@ same architecture, generating the same batch with PEFT's mixed-batch `adapter_na
 
     python bench/engine_gpu.py --batch 32 --adapters 32 --prompt 128 --new 64 --hf-new 16
 
+--compare-rank-classes also runs hotlora (CUDA graphs) with --no-lora-rank-classes, in the same process: LoRA
+tiles sized by max_lora_rank (64) for every step, as before issue 11 item 4, against tiles sized by each decode
+step's largest adapter rank (16 for r=16); both columns are printed.
+
 --mixes adds the issue-15 row: the same batch where half of the requests use 2-adapter mixes
 ("a{2i}*0.5+a{2i+1}*0.5", one slot of rank 2r each) and the other half single adapters, against the
 batch of distinct single adapters; it prints the ratio (target: at least 85%).
@@ -195,13 +199,14 @@ def mixed_batch(batch: int, adapters: int) -> list[str]:
     return mixes + [f"a{(half + i) % adapters}" for i in range(batch - half)]
 
 
-def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: bool) -> dict[str, float]:
+def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: bool,
+               rank_classes: bool = True) -> dict[str, float]:
     slots = args.adapters + (args.batch // 2 if args.mixes else 0)  # each mix takes a slot of its own
     engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=slots,
                                     max_lora_rank=args.max_lora_rank or max(2 * args.rank, 64),
-                                    max_num_seqs=max(args.batch, 64),
-                                    max_num_batched_tokens=4096, kv_cache_memory=0.3, cuda_graphs=cuda_graphs))
-    mode = "graphs" if cuda_graphs else "eager"
+                                    max_num_seqs=max(args.batch, 64), max_num_batched_tokens=4096,
+                                    kv_cache_memory=0.3, cuda_graphs=cuda_graphs, lora_rank_classes=rank_classes))
+    mode = ("graphs" if cuda_graphs else "eager") + ("" if rank_classes else ", no rank classes")
     if engine.runner.graphs is not None:
         graphs = engine.runner.graphs
         log(f"engine ({mode}): {len(graphs.buckets)} CUDA graphs captured at startup in {graphs.capture_seconds:.1f} s")
@@ -231,7 +236,8 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
     graphs = engine.runner.graphs
     if graphs is not None:
         used = sorted(key for key, n in graphs.replays.items() if n)
-        log(f"engine ({mode}): graphs replayed (tokens, decode only, LoRA) {used}, capture failure: {graphs.failed}")
+        log(f"engine ({mode}): graphs replayed (tokens, decode only, LoRA rank class) {used}, "
+            f"capture failure: {graphs.failed}")
     log(f"engine ({mode}): {engine.stats().num_graph_steps} steps from graphs, {engine.eager_steps} eager")
     if args.profile:
         profile_decode(engine, prompts, cases[f"{args.adapters} distinct"])
@@ -252,8 +258,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64, help="tokens per request for hotlora")
     ap.add_argument("--max-lora-rank", type=int, default=None,
-                    help="the engine's max_lora_rank (default max(2 x rank, 64)); the LoRA tiles are sized by it, so "
-                         "--max-lora-rank RANK bounds what rank-class tiles would gain")
+                    help="the engine's max_lora_rank (default max(2 x rank, 64)); the LoRA tiles of the "
+                         "--compare-rank-classes run are sized by it")
     ap.add_argument("--hf-new", type=int, default=16, help="tokens per request for the (slow) baseline")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--profile", action="store_true", help="also profile 8 decode steps of the distinct case")
@@ -265,6 +271,8 @@ def main() -> None:
                     help="run the transformers + peft + bitsandbytes baseline")
     ap.add_argument("--compare-bnb", action="store_true", help="also run hotlora on bnb.matmul_4bit (before)")
     ap.add_argument("--mixes", action="store_true", help="also the batch with half of it on 2-adapter mixes")
+    ap.add_argument("--compare-rank-classes", action="store_true",
+                    help="also run hotlora (graphs) with LoRA tiles sized by max_lora_rank (--no-lora-rank-classes)")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 49152, (args.batch, args.prompt), generator=g)
@@ -272,6 +280,9 @@ def main() -> None:
         adapter = write_adapter(Path(tmp) / "lora", args.preset, args.rank)
         ours = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda")
         eager = run_engine(args, prompts.tolist(), adapter, cuda_graphs=False) if args.eager else {}
+        flat = {}
+        if args.compare_rank_classes:  # every LoRA tile max_lora_rank rows tall, as before rank classes
+            flat = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda", rank_classes=False)
         bnb = {}
         if args.compare_bnb:  # the base through bnb.matmul_4bit, as before the fused NF4 kernel
             os.environ["HOTLORA_NF4_TRITON"] = "0"
@@ -283,19 +294,20 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "CPU"
     print(f"\n{gpu}, torch {torch.__version__}, random:{args.preset} NF4, batch {args.batch}, prompt {args.prompt}, "
           f"r={args.rank} on all 7 projections; decode tokens/s\n")
-    print("| adapters in the batch | hotlora (CUDA graphs) | hotlora eager | hotlora, bnb.matmul_4bit base (graphs) "
-          "| transformers+peft+bnb | speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| adapters in the batch | hotlora (CUDA graphs) | hotlora, LoRA tiles by max_lora_rank (graphs) "
+          "| hotlora eager | hotlora, bnb.matmul_4bit base (graphs) | transformers+peft+bnb | speed-up |")
+    print("|---|---|---|---|---|---|---|")
     for case in ours:
         base = hf.get(case, float("nan"))
-        print(f"| {case} | {ours[case]:.0f} | {eager.get(case, 0):.0f} | {bnb.get(case, 0):.0f} | {base:.1f} "
-              f"| {ours[case] / base:.1f}x |")
+        print(f"| {case} | {ours[case]:.0f} | {flat.get(case, 0):.0f} | {eager.get(case, 0):.0f} "
+              f"| {bnb.get(case, 0):.0f} | {base:.1f} | {ours[case] / base:.1f}x |")
     if MIX_CASE in ours:
         distinct = ours[f"{args.adapters} distinct"]
         print(f"\n{MIX_CASE} / {args.adapters} distinct single adapters: {ours[MIX_CASE] / distinct:.1%} "
               "(issue 15 asks for at least 85%)")
     print("\n(random weights: speed only; both sides use the same architecture, batch and adapter count)")
-    record = {"gpu": gpu, "hotlora": ours, "eager": eager, "bnb_base": bnb, "hf": hf, **vars(args)}
+    record = {"gpu": gpu, "hotlora": ours, "no_rank_classes": flat, "eager": eager, "bnb_base": bnb, "hf": hf,
+              **vars(args)}
     Path(args.out, "engine_gpu.json").write_text(json.dumps(record))
 
 

@@ -15,6 +15,16 @@ this module. ``row_start`` and ``scale`` are per slot and shared by every module
 Both pools must be row-major with unit column stride. The adapter cache (hotlora.adapters.cache) fills and
 evicts rows; the kernels only read them.
 
+Rank classes
+------------
+The kernels walk a slot's rank in steps of ``BLOCK_R`` rank rows: one step for ranks up to it, more for larger
+ranks. ``BLOCK_R`` is the step's *rank class* (``LoraMeta.rank_class``): the largest rank among the step's
+adapters rounded up to a power of two, 16 at least (the smallest ``tl.dot`` width) and 64 at most (larger ranks
+loop). Sizing the tiles by the pool's maximum rank instead would make every r=16 tile 64 rows tall: 4x the MMA
+work and masked loads. Any class is correct for any rank (the loop covers it); a class below the batch's largest
+rank only costs more steps, one above it only wasted tile rows. The workspace stays sized by ``max_rank``, so one
+buffer serves every class.
+
 Per-step metadata
 -----------------
 ``build_lora_meta`` runs once per engine step, on the device, without host synchronisation. It sorts the
@@ -53,6 +63,7 @@ class LoraMeta:
     row_start:    int32 [S]            first pool row of slot s (see the module docstring)
     scale:        float32 [S]          lora_alpha / r (or lora_alpha / sqrt(r) for rslora)
     max_rank:     int                  largest rank any slot may have (sizes the workspace)
+    rank_class:   int                  BLOCK_R of the kernels, 16, 32 or 64 (see "Rank classes" above)
     block_m:      int                  tokens per tile
     split_k:      int                  shrink splits over in_features (the last split to finish sums them)
     max_slices:   int                  most slices one lora_apply call may fuse (q, k, v = 3)
@@ -68,6 +79,7 @@ class LoraMeta:
     row_start: torch.Tensor
     scale: torch.Tensor
     max_rank: int
+    rank_class: int
     block_m: int
     split_k: int
     max_slices: int
@@ -102,6 +114,19 @@ class LoraMeta:
         return self.tile_info[:, 2]
 
 
+RANK_CLASSES = (16, 32, 64)
+
+
+def rank_class_of(rank: int) -> int:
+    """The rank class of a batch whose largest rank is ``rank``: the next power of two, clamped to 16..64."""
+    return min(max(RANK_CLASSES[0], 1 << max(rank - 1, 0).bit_length()), RANK_CLASSES[-1])
+
+
+def rank_classes(max_rank: int) -> tuple[int, ...]:
+    """Every class a pool of adapters up to ``max_rank`` can need, ascending: (16,) for 16, (16, 32, 64) for 64+."""
+    return tuple(c for c in RANK_CLASSES if c <= rank_class_of(max_rank))
+
+
 def _default_block_m(num_tokens: int) -> int:
     return 16 if num_tokens < 512 else 64
 
@@ -131,6 +156,7 @@ def build_lora_meta(
     block_m: int | None = None,
     split_k: int | None = None,
     max_slices: int = 3,
+    rank_class: int | None = None,
 ) -> LoraMeta:
     """Group the tokens of one step by adapter slot, on the device, without host synchronisation.
 
@@ -138,6 +164,8 @@ def build_lora_meta(
     The returned meta keeps references to these three tensors: after writing new contents into them
     (same shapes), ``refresh_lora_meta(meta)`` recomputes the grouping in place, so a captured CUDA graph
     that reads the meta replays correctly. Allocates the fp32 workspace [split_k, max_slices, T, max_rank].
+    rank_class: the kernels' BLOCK_R, one of RANK_CLASSES (the step's largest rank through ``rank_class_of``);
+    None = the class of max_rank (right for any batch; tiles as tall as the largest rank the pool allows).
     """
     if token_slots.dtype != torch.int32 or row_start.dtype != torch.int32:
         raise TypeError("token_slots and row_start must be int32")
@@ -149,6 +177,8 @@ def build_lora_meta(
         raise ValueError("token_slots, row_start and scale must be on one device")
     if max_rank < 1:
         raise ValueError("max_rank must be >= 1")
+    if rank_class is not None and rank_class not in RANK_CLASSES:
+        raise ValueError(f"rank_class must be one of {RANK_CLASSES}, got {rank_class}")
     device, num_tokens, num_slots = token_slots.device, token_slots.shape[0], row_start.shape[0]
     block_m = block_m or _default_block_m(num_tokens)
     # each slot's last tile may be partial: at most ceil(T / block_m) full tiles + one partial per busy slot
@@ -160,6 +190,7 @@ def build_lora_meta(
         row_start=row_start,
         scale=scale,
         max_rank=max_rank,
+        rank_class=rank_class or rank_class_of(max_rank),
         block_m=block_m,
         split_k=split_k,
         max_slices=max_slices,

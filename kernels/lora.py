@@ -4,7 +4,8 @@ Weight layout (the "row pool", no padding to a maximum rank) and the per-step me
 documented in hotlora.kernels._meta and re-exported here:
 
     LoraSlice(a [pool_rows, in], b [pool_rows, out] (= lora_B.weight.T rows), rank int32 [S])
-    LoraMeta  = build_lora_meta(token_slots int32 [T], row_start int32 [S], scale float32 [S], max_rank)
+    LoraMeta  = build_lora_meta(token_slots int32 [T], row_start int32 [S], scale float32 [S], max_rank,
+                                rank_class=rank_class_of(largest rank of the step's adapters))
 
 Semantics of ``lora_apply(ys, x, slices, meta)`` (in place, fp32 accumulation, one rounding per element):
 
@@ -36,10 +37,20 @@ from dataclasses import dataclass, replace
 import torch
 
 from ._checks import check_all, check_slices, check_x, check_ys
-from ._meta import LoraMeta, LoraSlice, build_lora_meta, refresh_lora_meta, refresh_lora_meta_triton
+from ._meta import (
+    RANK_CLASSES,
+    LoraMeta,
+    LoraSlice,
+    build_lora_meta,
+    rank_class_of,
+    rank_classes,
+    refresh_lora_meta,
+    refresh_lora_meta_triton,
+)
 from .lora_cpu import lora_apply_cpu
 
 __all__ = [
+    "RANK_CLASSES",
     "KernelConfig",
     "LoraMeta",
     "LoraSlice",
@@ -49,6 +60,8 @@ __all__ = [
     "lora_apply_triton",
     "lora_expand",
     "lora_shrink",
+    "rank_class_of",
+    "rank_classes",
     "refresh_lora_meta",
     "refresh_lora_meta_triton",
 ]
@@ -72,8 +85,9 @@ class KernelConfig:
 
 
 def _block_r(meta: LoraMeta) -> int:
-    """One rank step covers ranks up to 64 (x and B rows loaded once); larger ranks loop in steps of 64."""
-    return min(max(16, 1 << (meta.max_rank - 1).bit_length()), 64)
+    """The step's rank class (16, 32 or 64): one rank step covers the batch's ranks (x and B rows loaded once);
+    larger ranks loop in steps of it. Sized by the batch, not the pool: r=16 tiles are 16 rows, not 64."""
+    return meta.rank_class
 
 
 def kernel_config(meta: LoraMeta, widths: Sequence[int] = (), override: KernelConfig | None = None) -> KernelConfig:

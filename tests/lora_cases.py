@@ -38,8 +38,8 @@ class Case:
 
 
 def slot_ranks(ranks: str | int, num_slots: int, gen: torch.Generator) -> list[int]:
-    if ranks == "mixed":
-        choices = torch.tensor([8, 12, 16, 24, 33, 64])
+    if ranks in ("mixed", "small"):  # small: every rank within the smallest rank class (16)
+        choices = torch.tensor([8, 12, 16, 24, 33, 64] if ranks == "mixed" else [4, 8, 12, 16])
         return choices[torch.randint(0, len(choices), (num_slots,), generator=gen)].tolist()
     return [int(ranks)] * num_slots
 

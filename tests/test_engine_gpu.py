@@ -25,6 +25,7 @@ from engine_reference import (
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams
+from hotlora.server.model.graphs import graph_count
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -107,3 +108,27 @@ def test_gpu_mixed_steps_replay_from_graphs(gpu_adapters, model_dir, hotlora_cac
     assert all(h.count == len(steps) for h in engine.timer.phases.values())
     assert engine.timer.phases["device_wait"].total > 0 and engine.timer.phases["launch"].total > 0
     assert engine.blocks.num_used == 0
+
+
+def test_gpu_r16_decode_replays_rank_class_16(gpu_adapters, model_dir, hotlora_cache):
+    # max_lora_rank 64 but every adapter r <= 16: decode steps replay graphs whose LoRA tiles are 16 rank rows
+    # (rank class 16), not 64; steps with prefill chunks take the largest class (graphs.step_rank_class)
+    engine = LLMEngine(EngineConfig(model=str(model_dir), quant="nf4", cache_dir=hotlora_cache, device="cuda",
+                                    dtype="bfloat16", max_loras=4, max_lora_rank=64, max_num_seqs=4,
+                                    max_num_batched_tokens=16, kv_cache_memory=0.1))  # fmt: skip
+    for name, path in gpu_adapters.items():
+        engine.registry.register(name, path)
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs.failed is None and engine.runner.rank_classes == (16, 32, 64)
+    assert len(graphs.buckets) == graph_count(4, 16, 3) and all(b.graph for b in graphs.buckets.values())
+    rng = random.Random(5)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    reqs = [Request(f"k{i}", [rng.randrange(3, 49152) for _ in range(6 + 3 * i)], params, a)
+            for i, a in enumerate(["all16", "qv8", "ku12", "mlp4rs"])]  # fmt: skip
+    tokens = drain(engine, {0: reqs})
+    assert all(len(t) == params.max_tokens for t in tokens.values())
+    used = {key for key, n in graphs.replays.items() if n}
+    decode_classes = {c for _, decode, c in used if decode}
+    assert decode_classes == {16}, used  # r <= 16 adapters only: never a 64-row tile in a decode step
+    assert all(graphs.buckets[k].batch.lora.rank_class == 16 for k in used if k[1])  # what the kernels read
+    assert engine.eager_steps == 0 and engine.blocks.num_used == 0

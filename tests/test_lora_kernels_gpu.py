@@ -10,7 +10,7 @@ import pytest
 import torch
 from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
 
-from hotlora.kernels.lora import lora_apply, refresh_lora_meta
+from hotlora.kernels.lora import build_lora_meta, lora_apply, refresh_lora_meta
 from hotlora.kernels.reference import lora_apply_ref
 
 pytestmark = [
@@ -53,6 +53,21 @@ def test_gpu_ranks(ranks):
     in_features, outs = SIZES["qkv"]
     case = make_case(torch.bfloat16, in_features, outs, ranks, 50, "uniform", device="cuda")
     meta = case.meta()
+    got = case.fused.clone()
+    lora_apply(case.ys(got), case.x, case.slices, meta)
+    assert_matches(case, got, reference(case, meta), TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("rank_class", [16, 32, 64])
+@pytest.mark.parametrize("ranks", ["small", "mixed"])
+@pytest.mark.parametrize("num_tokens", [32, 2048])
+@pytest.mark.parametrize("size", ["qkv", "gate_up", "down"])
+def test_gpu_rank_classes(size, num_tokens, ranks, rank_class):
+    """bf16 at real sizes with each rank tile in a workspace sized for max_rank 64, as the engine runs it: r <= 16
+    adapters in tiles of 16, 32 or 64 rank rows, and mixed ranks up to 64 (classes below them loop)."""
+    in_features, outs = SIZES[size]
+    case = make_case(torch.bfloat16, in_features, outs, ranks, num_tokens, "distinct", device="cuda", seed=rank_class)
+    meta = build_lora_meta(case.token_slots, case.row_start, case.scale, 64, rank_class=rank_class)
     got = case.fused.clone()
     lora_apply(case.ys(got), case.x, case.slices, meta)
     assert_matches(case, got, reference(case, meta), TOLERANCE[torch.bfloat16])

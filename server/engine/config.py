@@ -21,6 +21,7 @@ class EngineConfig:
     max_loras: int = 8  # adapters resident on the device at once (slots)
     max_lora_rank: int = 64
     lora_pool_rows: int | None = None  # rows of the per-module LoRA pools; None = max_loras * max_lora_rank
+    lora_rank_classes: bool = True  # LoRA tiles sized by each step's largest adapter rank; False: by max_lora_rank
     max_cpu_lora_bytes: int = 2 << 30  # host-memory budget for loaded adapter copies
     max_adapter_wait_steps: int = 64  # steps a request may be passed over for resident adapters' requests
     max_num_seqs: int = 64  # running sequences at once

@@ -2,12 +2,22 @@
 
 An eager step is bound by host work, not by the device: Python, argument checks and thousands of kernel
 launches per step (an eager ``lora_apply`` alone costs ~220 us of host time against ~30-45 us on the GPU;
-BENCHMARKS.md). A step therefore runs on static buffers, padded to a bucket, replayed from a graph:
+BENCHMARKS.md). A step therefore runs on static buffers, padded to a bucket, replayed from a graph. A bucket's
+key is (tokens, decode only, LoRA rank class):
 
 - tokens: the step's token count, padded to the next of 1, 2, 4, 8, 16, 24, 32, ... max_num_seqs (decode-sized
   steps), then 1.5x and 2x powers of two up to max_num_batched_tokens;
 - decode-only or not: a step whose sequences all decode uses decode-sized attention tiles;
-- with or without LoRA: a batch without any adapter skips the LoRA launches.
+- LoRA rank class: 0 for a batch without any adapter (it skips the LoRA launches), else the rank tile of the
+  LoRA kernels (16, 32 or 64; kernels/_meta.py "Rank classes"), picked by ``step_rank_class``: a decode-only
+  step takes its adapters' largest rank rounded up to a class, any other step the largest class. Decode steps
+  are where the LoRA kernels weigh (43% of a batch-32 decode step on the H200 with r=16 adapters in 64-row
+  tiles); prefill-sized steps are dominated by the base GEMMs, and one class there keeps the count down.
+
+With D decode-sized token buckets (those <= max_num_seqs), M token buckets in all and C rank classes (the pool's
+max rank rounded up, from 16: C = 3 for max_lora_rank 64; C = 1 with lora_rank_classes off), there are
+D * (1 + C) + 2 * M graphs (``graph_count``): 90 for max_num_seqs 64, 4096 tokens and rank 64, against 68 with
+one class.
 
 The attention metadata has a fixed shape per bucket: S = min(tokens, max_num_seqs) + 1 sequence rows. The
 step's n sequences take rows 0..n-1, rows n..S-2 are empty (no queries, no context), and row S-1 holds the
@@ -19,7 +29,7 @@ step runs inside the graph and reads the slot ids written into a static buffer, 
 step's adapters; the adapter slot tables (row pools, ranks, row_start, scale) are written in place by the slot
 cache, so a replay sees adapters loaded after its capture. All graphs share one memory pool and one logits
 buffer; ``capture_all`` captures every bucket at startup. A step that fits no bucket, or any step after a
-failed capture, runs eagerly.
+failed capture, runs eagerly, with the same rank class (the runner picks it once per step, in ``StepInput``).
 
 With capture=False the same padded static path runs eagerly (the CPU tests check it token for token against
 the unpadded eager path).
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +68,27 @@ def token_buckets(max_seqs: int, max_tokens: int) -> list[int]:
     return small + large + [max_tokens]
 
 
+def step_rank_class(rank: int, decode: bool, classes: Sequence[int]) -> int:
+    """The LoRA rank class of a step whose adapters' largest rank is ``rank`` (0: no adapter, class 0).
+
+    classes: ascending (``kernels.lora.rank_classes(max_lora_rank)``, or only its largest one). A decode-only
+    step takes the smallest class that holds the rank, any other step the largest (see the module docstring).
+    """
+    if rank <= 0:
+        return 0
+    if not decode:
+        return classes[-1]
+    return next((c for c in classes if c >= rank), classes[-1])
+
+
+def graph_count(max_seqs: int, max_tokens: int, num_classes: int) -> int:
+    """Graphs ``capture_all`` captures: D * (1 + C) decode-only buckets (no LoRA, then each class) and 2 * M
+    mixed ones (no LoRA, the largest class), for D decode-sized token buckets of M and C rank classes."""
+    tokens = token_buckets(max_seqs, max_tokens)
+    decode = sum(t <= max_seqs for t in tokens)
+    return decode * (1 + num_classes) + 2 * len(tokens)
+
+
 @dataclass(slots=True)
 class StepInput:
     """One step's flattened batch, as host lists (built by the runner)."""
@@ -69,6 +101,7 @@ class StepInput:
     q_lens: list[int]  # per sequence
     ctx_lens: list[int]  # per sequence, including this step's tokens
     tables: list[list[int]]  # per sequence: its block table
+    lora_class: int  # LoRA rank class (``step_rank_class``); 0: no token has an adapter
 
 
 @dataclass(slots=True)
@@ -82,17 +115,20 @@ class _Bucket:
 
 
 class StepGraphs:
+    """max_rank sizes the LoRA workspace; rank_classes (ascending) are the classes a decode-only step can take."""
+
     def __init__(self, model: LlamaModel, lora_cache: LoraSlotCache, pad_block: int, block_size: int,
                  max_seqs: int, max_tokens: int, max_width: int, max_ctx: int, max_rank: int,
-                 capture: bool) -> None:  # fmt: skip
+                 rank_classes: Sequence[int], capture: bool) -> None:  # fmt: skip
         self.model, self.lora_cache = model, lora_cache
         self.pad_block, self.block_size, self.max_rank = pad_block, block_size, max_rank
+        self.rank_classes = tuple(rank_classes)
         self.max_seqs, self.max_width, self.max_ctx = max_seqs, max_width, max_ctx
         self.tokens = token_buckets(max_seqs, max_tokens)
         self.capture = capture
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.buckets: dict[tuple[int, bool, bool], _Bucket] = {}  # (tokens, decode only, LoRA)
-        self.replays: dict[tuple[int, bool, bool], int] = {}
+        self.buckets: dict[tuple[int, bool, int], _Bucket] = {}  # (tokens, decode only, LoRA rank class)
+        self.replays: dict[tuple[int, bool, int], int] = {}
         self.failed: str | None = None  # a capture failed: every step runs eagerly from then on
         self.capture_seconds = 0.0  # startup cost of capture_all
         # one logits buffer for all graphs (each graph's own output would pin [rows, vocab] fp32 per bucket)
@@ -100,10 +136,14 @@ class StepGraphs:
         if capture:
             self.logits = torch.empty(max_seqs, model.lm_head.shape[0], dtype=torch.float32, device=model.device)
 
-    def keys(self) -> list[tuple[int, bool, bool]]:
-        """Every bucket a step can use."""
-        return [(t, decode, lora) for t in self.tokens for decode in (True, False) for lora in (False, True)
-                if not decode or t <= self.max_seqs]  # fmt: skip
+    def keys(self) -> list[tuple[int, bool, int]]:
+        """Every bucket a step can use (``graph_count`` of them)."""
+        keys = []
+        for t in self.tokens:
+            if t <= self.max_seqs:
+                keys += [(t, True, c) for c in (0, *self.rank_classes)]
+            keys += [(t, False, c) for c in (0, self.rank_classes[-1])]
+        return keys
 
     def capture_all(self) -> None:
         """Capture every bucket now (startup), with a progress line per bucket and the total time."""
@@ -112,8 +152,8 @@ class StepGraphs:
             bucket = self.buckets.get(key) or self._build(*key)
             if bucket.graph is None and not self._try_capture(bucket):
                 return
-            log.info("CUDA graphs: %d/%d captured (%d tokens, %s, LoRA %s), %.1f s", i, len(keys), key[0],
-                     "decode" if key[1] else "mixed", key[2], time.perf_counter() - start)  # fmt: skip
+            log.info("CUDA graphs: %d/%d captured (%d tokens, %s, LoRA rank class %d), %.1f s", i, len(keys),
+                     key[0], "decode" if key[1] else "mixed", key[2], time.perf_counter() - start)  # fmt: skip
         self.capture_seconds = time.perf_counter() - start
         log.info("CUDA graphs: all %d captured in %.1f s", len(keys), self.capture_seconds)
 
@@ -125,7 +165,7 @@ class StepGraphs:
         if self.failed or num_tokens > self.tokens[-1] or n > self.max_seqs or width > self.max_width:
             return None
         tokens = next(t for t in self.tokens if t >= num_tokens)
-        key = (tokens, all(q == 1 for q in step.q_lens), any(s >= 0 for s in step.lora_slots))
+        key = (tokens, all(q == 1 for q in step.q_lens), step.lora_class)
         b = self.buckets.get(key) or self._build(*key)
         self._fill(b, step, width)
         if self.capture and b.graph is None and not self._try_capture(b):
@@ -156,7 +196,7 @@ class StepGraphs:
         tables = [t + [self.pad_block] * (width - len(t)) for t in step.tables]
         b.batch.attn.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32))
 
-    def _build(self, tokens: int, decode: bool, use_lora: bool) -> _Bucket:
+    def _build(self, tokens: int, decode: bool, lora_class: int) -> _Bucket:
         dev, seqs = self.model.device, min(tokens, self.max_seqs) + 1
         i64 = torch.zeros(3 * tokens + seqs - 1, dtype=torch.int64, device=dev)
         i32 = torch.zeros(2 * seqs + 1 + tokens, dtype=torch.int32, device=dev)
@@ -167,13 +207,14 @@ class StepGraphs:
                              ctx_lens=i32[seqs + 1 : 2 * seqs + 1], block_tables=tables,
                              max_q_len=1 if decode else tokens, max_ctx_len=self.max_ctx)  # fmt: skip
         lora = None
-        if use_lora:
+        if lora_class:
             cache = self.lora_cache
-            lora = build_lora_meta(i32[2 * seqs + 1 :], cache.row_start, cache.scale, self.max_rank)
+            lora = build_lora_meta(i32[2 * seqs + 1 :], cache.row_start, cache.scale, self.max_rank,
+                                   rank_class=lora_class)
         batch = ForwardBatch(input_ids=i64[:tokens], positions=i64[tokens : 2 * tokens], attn=attn, lora=lora,
                              sample_idx=i64[3 * tokens :])  # fmt: skip
         bucket = _Bucket(tokens, seqs, i64, i32, batch)
-        self.buckets[(tokens, decode, use_lora)] = bucket
+        self.buckets[(tokens, decode, lora_class)] = bucket
         return bucket
 
     def _run(self, b: _Bucket) -> torch.Tensor:

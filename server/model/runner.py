@@ -8,14 +8,14 @@ from collections.abc import Callable
 import torch
 
 from hotlora.adapters.cache import LoraSlotCache
-from hotlora.kernels.lora import build_lora_meta
+from hotlora.kernels.lora import build_lora_meta, rank_classes
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.scheduler import ScheduledBatch
 from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.steptimer import StepTimer
 from hotlora.server.engine.types import TokenLogprob
 from hotlora.server.model.attention import AttentionMeta
-from hotlora.server.model.graphs import StepGraphs, StepInput
+from hotlora.server.model.graphs import StepGraphs, StepInput, step_rank_class
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
 from hotlora.server.model.sampler import SampleRequest, launch_sample
 from hotlora.server.model.weights import resolve_checkpoint
@@ -59,6 +59,9 @@ class ModelRunner:
                                         self.device, self.dtype)
         for layer, slices in zip(self.model.layers, self.lora_cache.layers, strict=True):
             layer.lora = slices
+        # LoRA tiles sized by each step's largest adapter rank (graphs.step_rank_class); off: by max_lora_rank
+        classes = rank_classes(config.max_lora_rank)
+        self.rank_classes = classes if config.lora_rank_classes else classes[-1:]
         self.num_kv_blocks = self._size_kv_cache()
         # one block more than the block manager hands out: where the padding tokens of a graph step write
         self.model.allocate_kv_cache(self.num_kv_blocks + 1, self.block_size)
@@ -80,7 +83,7 @@ class ModelRunner:
         cfg = self.config
         return StepGraphs(self.model, self.lora_cache, self.num_kv_blocks, self.block_size, cfg.max_num_seqs,
                           cfg.max_num_batched_tokens, -(-self.max_model_len // self.block_size),
-                          _pow2(self.max_model_len), cfg.max_lora_rank, capture)  # fmt: skip
+                          _pow2(self.max_model_len), cfg.max_lora_rank, self.rank_classes, capture)  # fmt: skip
 
     def _size_kv_cache(self) -> int:
         cfg = self.model_config
@@ -154,7 +157,7 @@ class ModelRunner:
 
     def _flatten(self, seqs: list[Sequence], counts: list[int]) -> tuple[StepInput, list[int]]:
         """The step as host lists, and the index in seqs of each sampled row."""
-        step = StepInput([], [], [], [], [], list(counts), [], [])
+        step = StepInput([], [], [], [], [], list(counts), [], [], self._lora_class(seqs, counts))
         sampled: list[int] = []
         bs = self.block_size
         for i, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
@@ -169,6 +172,14 @@ class ModelRunner:
                 step.sample_idx.append(len(step.input_ids) - 1)
                 sampled.append(i)
         return step, sampled
+
+    def _lora_class(self, seqs: list[Sequence], counts: list[int]) -> int:
+        """The step's LoRA rank class, from the host ranks of its distinct adapter slots (no device read)."""
+        slots = {seq.lora_slot for seq in seqs if seq.lora_slot >= 0}
+        if not slots:
+            return 0
+        rank = max(self.lora_cache.batch_rank(slots), 1)
+        return step_rank_class(rank, all(n == 1 for n in counts), self.rank_classes)
 
     def _prompt_rows(self, seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int, int]]:
         """(index in seqs, flat token index, next prompt token) of each scheduled prompt position whose logits
@@ -222,10 +233,11 @@ class ModelRunner:
             max_ctx_len=_pow2(max(step.ctx_lens)),
         )
         lora = None
-        if any(s >= 0 for s in step.lora_slots):
+        if step.lora_class:  # the class a graph of this step would have: the same tiles eager or replayed
             cache = self.lora_cache
             lora = build_lora_meta(torch.tensor(step.lora_slots, dtype=torch.int32, device=dev),
-                                   cache.row_start, cache.scale, self.config.max_lora_rank)
+                                   cache.row_start, cache.scale, self.config.max_lora_rank,
+                                   rank_class=step.lora_class)
         return ForwardBatch(
             input_ids=torch.tensor(step.input_ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(step.positions, dtype=torch.int64, device=dev),
