@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import torch
 
@@ -11,7 +12,7 @@ from hotlora.kernels.lora import build_lora_meta
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.scheduler import ScheduledBatch
 from hotlora.server.engine.sequence import Sequence
-from hotlora.server.engine.types import TokenLogprob
+from hotlora.server.engine.types import SEED_MAX, SEED_MIN, TokenLogprob
 from hotlora.server.model.attention import AttentionMeta
 from hotlora.server.model.graphs import StepGraphs, StepInput
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
@@ -61,7 +62,7 @@ class ModelRunner:
         # one block more than the block manager hands out: where the padding tokens of a graph step write
         self.model.allocate_kv_cache(self.num_kv_blocks + 1, self.block_size)
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
-        self._rng = torch.Generator().manual_seed(config.seed)
+        self._seeds = random.Random(config.seed)  # unseeded requests' seeds: reproducible for one engine seed
         self.eos_ids: set[int] = set(cfg.eos_token_ids)  # masked until min_tokens (the engine adds the tokenizer's)
         self.eager_steps = 0  # steps run eagerly (no CUDA graph fitted, graphs off, or a capture failed)
         self.graph_steps = 0  # steps run on the padded static path (replayed from CUDA graphs on cuda)
@@ -214,17 +215,19 @@ class ModelRunner:
         )
 
     def prepare(self, seq: Sequence) -> None:
-        """Per-request state the step needs (its random stream); raises for that request alone."""
-        if seq.rng is None:
+        """Per-request state the step needs (its sampling seed); raises for that request alone."""
+        if seq.sampling_seed is None:
             seed = seq.params.seed
             if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
-            seq.rng = torch.Generator().manual_seed(seed)
+                seed = self._seeds.getrandbits(64)
+            elif not SEED_MIN <= seed <= SEED_MAX:
+                raise ValueError(f"seed {seed} is outside [{SEED_MIN}, {SEED_MAX}]")
+            seq.sampling_seed = seed
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         self.prepare(seq)
-        p = seq.params
+        p, seed, index = seq.params, seq.sampling_seed, seq.num_generated
         if p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.min_tokens):
-            return SampleRequest(p, seq.rng, grammar=seq.grammar)  # no processor needs the token history
+            return SampleRequest(p, seed, index, grammar=seq.grammar)  # no processor needs the token history
         ids = seq.token_ids
-        return SampleRequest(p, seq.rng, ids[: seq.num_prompt], ids[seq.num_prompt :], seq.grammar)
+        return SampleRequest(p, seed, index, ids[: seq.num_prompt], ids[seq.num_prompt :], seq.grammar)
