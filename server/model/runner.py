@@ -168,21 +168,20 @@ class ModelRunner:
         """Append to each scoring sequence the logprobs of its next prompt tokens (the model's own
         distribution, as for sampled tokens). logits [len(rows), V] float32, row j from rows[j]'s position."""
         top = max(seqs[i].params.prompt_logprobs for i, _, _ in rows)
-        targets = torch.tensor([t for _, _, t in rows], dtype=torch.int64, device=logits.device)
-        chosen, alt_values, alt_ids = [], [], []
+        targets = torch.tensor([t for _, _, t in rows], dtype=torch.int64).to(logits.device, non_blocking=True)
+        blocks = []  # per row: the target's logprob, then `top` alternative ids, then their logprobs
         for c in range(0, len(rows), chunk):  # slices bound the [rows, V] log-softmax temporaries
             lp = torch.log_softmax(logits[c : c + chunk], dim=-1)
-            chosen.append(lp.gather(1, targets[c : c + chunk, None]).squeeze(1))
+            parts = [lp.gather(1, targets[c : c + chunk, None])]
             if top:
                 values, ids = torch.topk(lp, top, dim=-1)
-                alt_values.append(values)
-                alt_ids.append(ids)
-        scores = torch.cat(chosen).tolist()  # one device -> host copy for the step (two with alternatives)
-        alts = (torch.cat(alt_ids).tolist(), torch.cat(alt_values).tolist()) if top else None
-        for j, (i, _, token) in enumerate(rows):
+                parts += [ids, values]
+            blocks.append(torch.cat([t.double() for t in parts], dim=1))
+        flat = torch.cat(blocks).tolist()  # the step's one device -> host copy of them (ids exact in float64)
+        for (i, _, token), row in zip(rows, flat, strict=True):
             k = seqs[i].params.prompt_logprobs
-            pairs = list(zip(alts[0][j][:k], alts[1][j][:k], strict=True)) if alts and k else []
-            seqs[i].prompt_logprobs.append(TokenLogprob(token_id=token, logprob=scores[j], top=pairs))
+            pairs = [(int(t), v) for t, v in zip(row[1 : 1 + k], row[1 + top : 1 + top + k], strict=True)]
+            seqs[i].prompt_logprobs.append(TokenLogprob(token_id=token, logprob=row[0], top=pairs))
 
     def _tensors(self, step: StepInput) -> ForwardBatch:
         """The unpadded eager batch."""
