@@ -14,7 +14,7 @@ from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWa
 
 from hotlora.server.engine.types import SamplingParams
 from hotlora.server.model import sampler
-from hotlora.server.model.sampler import SampleRequest, draw_uniform, sample
+from hotlora.server.model.sampler import SampleRequest, _invert_cdf, draw_uniform, sample
 
 # no top-p boundary falls near a cumulative mass, so float rounding cannot move a token in or out
 LOGITS = torch.tensor([2.0, 1.6, 1.1, 0.9, 0.2, -0.4, -1.0, -2.5])
@@ -75,6 +75,33 @@ def test_a_mixed_batch_draws_each_row_from_its_own_distribution():
     for c, params in enumerate(cases[:-1]):
         _assert_follows(tokens[c :: len(cases)], _reference(LOGITS, params))
     assert set(tokens[len(cases) - 1 :: len(cases)]) == {int(LOGITS.argmax())}
+
+
+@pytest.mark.parametrize("vocab", [8, 256, 300, 1000, 4096 + 17])
+def test_the_two_level_inverse_cdf_equals_one_float64_cumsum(vocab):
+    """Whole zero blocks, scattered zeros, weights spanning 1e-12..1, and u at both ends: the token is the one
+    a single float64 cumsum over the row gives, and never a zero-weight one."""
+    g = torch.Generator().manual_seed(vocab)
+    rows = 64
+    probs = torch.exp(torch.rand(rows, vocab, generator=g) * -28)
+    probs[torch.rand(rows, vocab, generator=g) < 0.3] = 0.0
+    probs[:, 256:768] = 0.0
+    u = torch.rand(rows, generator=g, dtype=torch.float64)
+    u[0], u[1] = 0.0, 1.0 - 2.0**-53
+    got = _invert_cdf(probs, u)
+    cdf = probs.double().cumsum(-1)
+    ref = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
+    ref[1] = int(torch.nonzero(probs[1]).max())  # u * total rounds to the total: the last token with weight
+    assert got.tolist() == ref.tolist()
+    assert bool((probs.gather(1, got[:, None]) > 0).all())
+
+
+def test_draws_over_a_large_vocab_follow_the_softmax():
+    """Several 256-token blocks and a partial one, every token likely enough to be counted."""
+    logits = torch.rand(1000, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    n = 30000
+    tokens, _ = sample(logits.expand(n, -1), [SampleRequest(SamplingParams(), seed) for seed in range(n)])
+    _assert_follows(tokens, logits.softmax(-1).double())
 
 
 def test_uniforms_are_a_hash_of_seed_and_index():

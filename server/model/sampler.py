@@ -26,6 +26,7 @@ from hotlora.server.model.logits import RowTokens, build_processors, temperature
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2**64 / golden ratio)
+_BLOCK = 256  # tokens per block of the two-level inverse CDF
 
 
 @dataclass(slots=True)
@@ -64,6 +65,13 @@ def _device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+def _select(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t's rows listed (no copy when they are all of them, in order)."""
+    if rows == list(range(t.shape[0])):
+        return t
+    return t.index_select(0, _device(rows, torch.int64, t.device))
+
+
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """logits [R, V] with every token below its row's k-th largest logit at -inf (ties with the k-th stay, as
     in HF's TopKLogitsWarper); rows with k = 0 unchanged. One batched topk of the largest k."""
@@ -76,13 +84,37 @@ def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """probs [R, V] (any non-negative weights), u [R] float64 in [0, 1) -> [R] int64: the index i with
-    cdf[i-1] <= u * total < cdf[i]. A zero weight has an empty interval, so it is never chosen."""
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # float32 sums over 128K entries drift by ~1e-4
+def _search(weights: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weights [R, N] >= 0, x [R, 1] float64 in [0, 1) -> [R, 1] each: the index i whose interval
+    [cdf[i-1], cdf[i]) of the normalized float64 cdf holds x, and where x lies in it (x - cdf[i-1] and
+    cdf[i] - cdf[i-1]). A zero weight has an empty interval: it is never chosen."""
+    cdf = weights.cumsum(-1, dtype=torch.float64)
     total = cdf[:, -1:]
-    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # u * total < total
-    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    x = torch.minimum(x * total, torch.nextafter(total, torch.zeros_like(total)))  # rounding could reach total
+    i = torch.searchsorted(cdf, x, right=True).clamp(max=weights.shape[-1] - 1)
+    before = torch.where(i > 0, cdf.gather(1, (i - 1).clamp(min=0)), 0.0)
+    return i, x - before, cdf.gather(1, i) - before
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] float32 (any non-negative weights), u [R] float64 in [0, 1) -> [R] int64: the token whose
+    interval of the cumulative distribution holds u. In two levels, so that float64 sums run only over
+    [R, V / _BLOCK] block sums and one block per row (a float64 cumsum of whole rows was most of the CPU
+    cost); a float32 cdf of whole rows would not do: near 1 it rounds the weights of a 128K vocab's tail
+    (~1e-8) to 0 or to one ulp (6e-8)."""
+    rows, vocab = probs.shape
+    probs = probs.contiguous()
+    full = vocab // _BLOCK
+    sums = probs.as_strided((rows, full, _BLOCK), (vocab, _BLOCK, 1)).sum(-1)  # pairwise float32: ~1e-7 relative
+    if vocab % _BLOCK:
+        sums = torch.cat([sums, probs[:, full * _BLOCK :].sum(-1, keepdim=True)], dim=1)
+    block, into, width = _search(sums, u[:, None])
+    cols = block * _BLOCK + torch.arange(_BLOCK, device=probs.device)  # [R, _BLOCK]; a last partial block
+    inside = probs.gather(1, cols.clamp(max=vocab - 1)).masked_fill(cols >= vocab, 0.0)  # ... weighs 0 beyond V
+    # where u falls inside its block, as a fraction: each token gets its exact share of the block's mass (the
+    # block's float32 sum may differ from its tokens' float64 sum by more than a tail token weighs)
+    offset, _, _ = _search(inside, into / width)
+    return (block * _BLOCK + offset).squeeze(1)
 
 
 def _top_p_draw(logits: torch.Tensor, top_p: list[float], u: torch.Tensor) -> torch.Tensor:
@@ -110,17 +142,15 @@ def _draw(logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
         return _top_p_draw(scaled, [p.top_p for p in params], u)
     # the sort is the costly part: only the rows with top_p pay it
     tokens = _invert_cdf(scaled.softmax(-1), u)
-    rows = _device(nucleus, torch.int64, dev)
-    drawn = _top_p_draw(scaled.index_select(0, rows), [params[i].top_p for i in nucleus], u.index_select(0, rows))
-    return tokens.index_copy(0, rows, drawn)
+    drawn = _top_p_draw(_select(scaled, nucleus), [params[i].top_p for i in nucleus], _select(u, nucleus))
+    return tokens.index_copy(0, _device(nucleus, torch.int64, dev), drawn)
 
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: int) -> torch.Tensor:
     """[A, 1 + 2 * top] float64 for the asked rows: the chosen token's logprob, then the top alternatives'
     ids and logprobs (the model's own distribution: raw logits, before processors and temperature)."""
-    index = _device(rows, torch.int64, raw.device)
-    lp = torch.log_softmax(raw.index_select(0, index).float(), dim=-1)
-    parts = [lp.gather(1, tokens.index_select(0, index)[:, None])]
+    lp = torch.log_softmax(_select(raw, rows).float(), dim=-1)
+    parts = [lp.gather(1, _select(tokens, rows)[:, None])]
     if top > 0:
         values, ids = torch.topk(lp, top, dim=-1)
         parts += [ids.double(), values]
@@ -141,12 +171,14 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: set[int
     raw = logits
     logits = apply_grammars(logits, [r.grammar for r in requests])
     logits = process(logits, requests, eos_ids or set())
-    tokens = torch.argmax(logits, dim=-1)  # greedy rows keep this
     drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
-    if drawn:
-        rows = _device(drawn, torch.int64, logits.device)
-        picked = _draw(logits.index_select(0, rows).float(), [requests[i] for i in drawn])
-        tokens = tokens.index_copy(0, rows, picked)
+    if len(drawn) == len(requests):
+        tokens = _draw(logits.float(), requests)
+    else:
+        tokens = torch.argmax(logits, dim=-1)  # greedy rows keep this
+        if drawn:
+            picked = _draw(_select(logits, drawn).float(), [requests[i] for i in drawn])
+            tokens = tokens.index_copy(0, _device(drawn, torch.int64, logits.device), picked)
     asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if not asked:
         return _to_host(tokens), [None] * len(requests)
