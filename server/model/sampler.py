@@ -8,7 +8,7 @@ vocab-sized rows, no per-request synchronisation.
 Randomness is counter-based: a drawn row uses one uniform u in [0, 1), a hash of (the request's seed, the
 index of the token being generated) computed on the host, and takes the token whose interval of the
 cumulative distribution holds u (inverse-CDF sampling). So a seeded request draws the same whatever shares
-the batch, however the steps fall (chunked prefill, preemption and recompute), and on any device; there is
+the batch and however the steps fall (chunked prefill, preemption and recompute); there is
 no random-generator state to keep. An unseeded request gets a random seed once, when it starts.
 """
 
