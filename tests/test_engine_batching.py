@@ -83,6 +83,13 @@ def test_seeded_sampling_is_independent_of_the_batch(engine):
     assert other_seed.new_token_ids != solo.new_token_ids
 
 
+
+def test_unseeded_requests_draw_their_own_tokens(engine):
+    """Each unseeded request gets its own random seed: identical requests in one batch diverge."""
+    params = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    outs = engine.generate([Request(f"u{i}", engine.tokenizer.encode(PROMPTS[0]), params) for i in range(3)])
+    assert len({tuple(o.new_token_ids) for o in outs}) == 3
+
 def test_stop_strings_eos_and_length(engine):
     tok = engine.tokenizer
     (full,) = engine.generate([Request("full", tok.encode(PROMPTS[2]), GREEDY)])

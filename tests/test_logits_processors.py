@@ -38,7 +38,7 @@ def _rows(n: int, seed: int = 0) -> tuple[torch.Tensor, list[list[int]], list[li
 
 def _requests(params: list[SamplingParams], prompts, outputs, seeds=None) -> list[SampleRequest]:
     seeds = seeds or [0] * len(params)
-    return [SampleRequest(p, torch.Generator().manual_seed(s), pr, out)
+    return [SampleRequest(p, s, len(out), pr, out)
             for p, pr, out, s in zip(params, prompts, outputs, seeds, strict=True)]
 
 
@@ -145,9 +145,12 @@ def test_seeded_draws_do_not_depend_on_processors_elsewhere():
     draws = []
     for k in (0, 3, 7):  # alone, then with more and more rows using other processors
         reqs = _requests([seeded, *params[1 : 1 + k]], prompts[: 1 + k], outputs[: 1 + k], [42] + [9] * k)
-        # two steps: the seeded stream goes on identically too
-        draws.append((sample(logits[: 1 + k], reqs, EOS)[0][0], sample(logits[: 1 + k], reqs, EOS)[0][0]))
-    assert len(set(draws)) == 1
+        steps = []
+        for index in range(4):  # the next tokens of the seeded stream go on identically too
+            reqs[0].index = index
+            steps.append(sample(logits[: 1 + k], reqs, EOS)[0][0])
+        draws.append(tuple(steps))
+    assert len(set(draws)) == 1 and len(set(draws[0])) > 1  # and the stream moves on from token to token
 
 
 def test_params_are_validated():

@@ -163,7 +163,7 @@ class LLMEngine:
         return outputs
 
     def _prepare(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> ScheduledBatch:
-        """Per-request set-up of the step (the sampler's seeded stream): a request that fails it fails
+        """Per-request set-up of the step (the sampler's seed, the grammar matcher): a request that fails it fails
         alone, and the step goes on with the others."""
         failed = set()
         for seq in batch.seqs:

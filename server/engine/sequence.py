@@ -39,7 +39,9 @@ class Sequence:
     # prefill; a recompute after preemption does not score them again)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     detok: Any = None  # the incremental detokenizer's state
-    rng: Any = None  # the sampler's random stream (seeded requests: from their seed)
+    # the sampler's seed: params.seed, or one drawn for an unseeded request when it starts; with the index of
+    # the token being generated it fixes that token's draw (the same after a preemption and recompute)
+    sampling_seed: int | None = None
     # structured outputs: the grammar matcher, advanced with every appended token; a preemption keeps it
     # (recompute prefills the generated tokens again but never re-samples them)
     grammar: Any = None

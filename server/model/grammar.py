@@ -87,5 +87,8 @@ def apply_grammars(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Te
     for i in rows:  # the matchers live on the host: filling each row's mask is CPU work, as in vLLM
         matchers[i].fill_next_token_bitmask(bitmask, i)
     logits = logits.float().contiguous().clone()
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+    # the rows as a device tensor: given a list, xgrammar's CUDA path copies it with a blocking copy, which
+    # waits for the step's forward
+    index = torch.tensor(rows, dtype=torch.int32).to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=index)
     return logits

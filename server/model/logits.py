@@ -44,7 +44,7 @@ class LogitsProcessors:
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [R, V] float32 -> processed logits (a new tensor; the input is left as it is)."""
         if self.stop_mask_index is not None:
-            masked = logits.index_put(self.stop_mask_index, torch.tensor(float("-inf"), device=logits.device))
+            masked = logits.index_put(self.stop_mask_index, torch.full((), float("-inf"), device=logits.device))
             # a row that the mask would leave with no token (its grammar can only end now) keeps its stop
             # tokens: the grammar wins over min_tokens, as it must for the output to stay valid
             logits = torch.where(torch.isfinite(masked).any(-1, keepdim=True), masked, logits)
@@ -100,7 +100,7 @@ def build_processors(rows: list[RowTokens], vocab: int, eos_ids: set[int], devic
     bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
     if bias:
         procs.bias_index = _pairs([(i, t) for i, t, _ in bias], device)
-        procs.bias_values = torch.tensor([b for _, _, b in bias], dtype=torch.float32).to(device)
+        procs.bias_values = torch.tensor([b for _, _, b in bias], dtype=torch.float32).to(device, non_blocking=True)
     masked = [(i, t) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens
               for t in sorted(eos_ids | set(r.params.stop_token_ids)) if 0 <= t < vocab]
     if masked:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 
 import torch
@@ -13,7 +14,7 @@ from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.scheduler import ScheduledBatch
 from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.steptimer import StepTimer
-from hotlora.server.engine.types import TokenLogprob
+from hotlora.server.engine.types import SEED_MAX, SEED_MIN, TokenLogprob
 from hotlora.server.model.attention import AttentionMeta
 from hotlora.server.model.graphs import StepGraphs, StepInput, step_rank_class
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
@@ -66,7 +67,7 @@ class ModelRunner:
         # one block more than the block manager hands out: where the padding tokens of a graph step write
         self.model.allocate_kv_cache(self.num_kv_blocks + 1, self.block_size)
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
-        self._rng = torch.Generator().manual_seed(config.seed)
+        self._seeds = random.Random(config.seed)  # unseeded requests' seeds: reproducible for one engine seed
         self.eos_ids: set[int] = set(cfg.eos_token_ids)  # masked until min_tokens (the engine adds the tokenizer's)
         self.eager_steps = 0  # steps run eagerly (no CUDA graph fitted, graphs off, or a capture failed)
         self.graph_steps = 0  # steps run on the padded static path (replayed from CUDA graphs on cuda)
@@ -199,21 +200,20 @@ class ModelRunner:
         """Append to each scoring sequence the logprobs of its next prompt tokens (the model's own
         distribution, as for sampled tokens). logits [len(rows), V] float32, row j from rows[j]'s position."""
         top = max(seqs[i].params.prompt_logprobs for i, _, _ in rows)
-        targets = torch.tensor([t for _, _, t in rows], dtype=torch.int64, device=logits.device)
-        chosen, alt_values, alt_ids = [], [], []
+        targets = torch.tensor([t for _, _, t in rows], dtype=torch.int64).to(logits.device, non_blocking=True)
+        blocks = []  # per row: the target's logprob, then `top` alternative ids, then their logprobs
         for c in range(0, len(rows), chunk):  # slices bound the [rows, V] log-softmax temporaries
             lp = torch.log_softmax(logits[c : c + chunk], dim=-1)
-            chosen.append(lp.gather(1, targets[c : c + chunk, None]).squeeze(1))
+            parts = [lp.gather(1, targets[c : c + chunk, None])]
             if top:
                 values, ids = torch.topk(lp, top, dim=-1)
-                alt_values.append(values)
-                alt_ids.append(ids)
-        scores = torch.cat(chosen).tolist()  # one device -> host copy for the step (two with alternatives)
-        alts = (torch.cat(alt_ids).tolist(), torch.cat(alt_values).tolist()) if top else None
-        for j, (i, _, token) in enumerate(rows):
+                parts += [ids, values]
+            blocks.append(torch.cat([t.double() for t in parts], dim=1))
+        flat = torch.cat(blocks).tolist()  # the step's one device -> host copy of them (ids exact in float64)
+        for (i, _, token), row in zip(rows, flat, strict=True):
             k = seqs[i].params.prompt_logprobs
-            pairs = list(zip(alts[0][j][:k], alts[1][j][:k], strict=True)) if alts and k else []
-            seqs[i].prompt_logprobs.append(TokenLogprob(token_id=token, logprob=scores[j], top=pairs))
+            pairs = [(int(t), v) for t, v in zip(row[1 : 1 + k], row[1 + top : 1 + top + k], strict=True)]
+            seqs[i].prompt_logprobs.append(TokenLogprob(token_id=token, logprob=row[0], top=pairs))
 
     def _tensors(self, step: StepInput) -> ForwardBatch:
         """The unpadded eager batch."""
@@ -247,17 +247,19 @@ class ModelRunner:
         )
 
     def prepare(self, seq: Sequence) -> None:
-        """Per-request state the step needs (its random stream); raises for that request alone."""
-        if seq.rng is None:
+        """Per-request state the step needs (its sampling seed); raises for that request alone."""
+        if seq.sampling_seed is None:
             seed = seq.params.seed
             if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
-            seq.rng = torch.Generator().manual_seed(seed)
+                seed = self._seeds.getrandbits(64)
+            elif not SEED_MIN <= seed <= SEED_MAX:
+                raise ValueError(f"seed {seed} is outside [{SEED_MIN}, {SEED_MAX}]")
+            seq.sampling_seed = seed
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         self.prepare(seq)
-        p = seq.params
+        p, seed, index = seq.params, seq.sampling_seed, seq.num_generated
         if p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.min_tokens):
-            return SampleRequest(p, seq.rng, grammar=seq.grammar)  # no processor needs the token history
+            return SampleRequest(p, seed, index, grammar=seq.grammar)  # no processor needs the token history
         ids = seq.token_ids
-        return SampleRequest(p, seq.rng, ids[: seq.num_prompt], ids[seq.num_prompt :], seq.grammar)
+        return SampleRequest(p, seed, index, ids[: seq.num_prompt], ids[seq.num_prompt :], seq.grammar)
