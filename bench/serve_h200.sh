@@ -6,6 +6,7 @@
 #   bench/serve_h200.sh prefix-off  # issue 13: the shared-prefix run with --no-enable-prefix-caching
 #   bench/serve_h200.sh prefix-pair # issue 13: the shared-prefix run with caching on, then off (two servers)
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
+#   bench/serve_h200.sh steady      # only the profile suite's two steady batch-32 decode runs
 #   bench/serve_h200.sh profile     # issue 11: where a step's time goes (step_phases_ms, host_share): steady
 #                                   # decode at batch 32 (prompt 128, 256 tokens each), base and over 32 adapters,
 #                                   # then the Poisson Zipf(1.1)-over-128 run and the all-at-once (saturation) runs
@@ -84,10 +85,14 @@ many_runs() {
   bench zipf1000 "${COMMON[@]}" --rate "$RATE" --adapters "$(names "$ADAPTERS/r8qvo" 1000)" --zipf 1.1 --warmup 64
 }
 
-profile_runs() {  # 32 requests at once, equal lengths: after their prefill every step decodes all 32
+steady_runs() {  # 32 requests at once, equal lengths: after their prefill every step decodes all 32
   local steady=(--requests 32 --rate 0 --prompt-len 128:128 --output-len 256:256)
   bench steady-base "${steady[@]}" --warmup 8
-  bench steady-32ad "${steady[@]}" --adapters "$(names "$ADAPTERS/r16all" 32)" --warmup 32
+  bench steady-32ad "${steady[@]}" --adapters "$(names "${ADAPTERS_STEADY:-$ADAPTERS/r16all}" 32)" --warmup 32
+}
+
+profile_runs() {
+  steady_runs
   zipf128_run
   bench burst-base --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 --warmup 8
   bench burst-zipf128 --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 \
@@ -120,11 +125,15 @@ case ${1:-} in
     make_adapters "$PREFIX_ADAPTERS" 32 16 all
     serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64" prefix_on
     serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64 --no-enable-prefix-caching" prefix_off ;;
+  steady)  # only the two steady batch-32 decode runs of the profile suite, on 32 adapters of their own
+    make_adapters "$ADAPTERS/r16x32" 32 16 all
+    ADAPTERS_STEADY=$ADAPTERS/r16x32 serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16x32 --max-loras 64" \
+      steady_runs ;;
   profile)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" profile_runs ;;
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|profile|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|steady|profile|adapters" >&2; exit 2 ;;
 esac
