@@ -215,9 +215,10 @@ def test_cuda_step_syncs_only_for_its_one_copy(monkeypatch):
         return to_host(t)
 
     monkeypatch.setattr(sampler, "_to_host", unguarded)
+    on_device = logits.cuda()  # a copy from pageable memory: it synchronizes, outside the guarded step
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gpu, gpu_lp = sample(logits.cuda(), reqs, EOS)
+        gpu, gpu_lp = sample(on_device, reqs, EOS)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     cpu, cpu_lp = sample(logits, reqs, EOS)
