@@ -1,12 +1,11 @@
 """An adapter store in S3-compatible object storage, shared by every replica, with a local disk cache.
 
-Layout under s3://bucket/prefix:
-    pointers/<name>                     JSON {"version": id, "files": {file: {"size", "sha256"}}}: what <name> is
-    versions/<name>/<id>/<file>         immutable objects of one upload (adapter_config.json, adapter_model.safetensors)
+The bucket side (pointers/<name> naming immutable versions/<name>/<id>/ objects, the pointer written last
+by a conditional PUT, re-read by a conditional GET on its ETag) is adapters/s3protocol.py; this module is
+the replica's side: uploads, the local cache of fetched versions, and what is served when the store is down.
 
 An upload is staged and validated on local disk exactly as by the directory store (store.stage_upload),
-its files are written as new objects under a fresh version id, and only then is the pointer written, by a
-conditional PUT (If-Match the pointer's ETag seen before the upload, or If-None-Match '*' for a new name):
+its files are written as new objects under a fresh version id, and only then is the pointer written:
 a reader that follows a pointer always finds a complete version, an upload that dies at any point leaves
 the pointer as it was, and of two concurrent uploads of one name exactly one is published (the other gets
 ConcurrentUpdate and removes its objects). Versions that no pointer names are removed after grace_s by later
@@ -24,7 +23,6 @@ replaced ones, each for grace_s.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,73 +30,28 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from hotlora.adapters.archive import extract_archive, write_files
-from hotlora.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, LoraAdapter
+from hotlora.adapters.peft_format import CONFIG_NAME, AdapterError, LoraAdapter
+from hotlora.adapters.s3protocol import (
+    FILES,
+    ConcurrentUpdate,
+    S3Objects,
+    StoreUnavailable,
+    Synced,
+    default_client,
+    new_version_id,
+    parse_s3_url,
+    sha256_file,
+    version_ns,
+)
 from hotlora.adapters.store import DEFAULT_MAX_BYTES, AdapterNotFound, StoredAdapter, check_name, stage_upload
 
 log = logging.getLogger(__name__)
-FILES = (CONFIG_NAME, WEIGHTS_NAME)
-__all__ = ["ConcurrentUpdate", "S3AdapterStore", "StoreUnavailable", "Synced", "parse_s3_url"]
-
-
-class StoreUnavailable(RuntimeError):
-    """The object store could not be reached (or answered 5xx), and nothing usable is cached."""
-
-
-class ConcurrentUpdate(AdapterError):
-    """Another upload or delete of the same name was published first."""
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """'s3://bucket/some/prefix' -> ('bucket', 'some/prefix')."""
-    if not url.startswith("s3://") or not url[5:].split("/", 1)[0]:
-        raise ValueError(f"not an S3 URL: {url!r} (expected s3://bucket/prefix)")
-    bucket, _, prefix = url[5:].partition("/")
-    return bucket, prefix.strip("/")
-
-
-@dataclass(slots=True)
-class Synced:
-    """What a name points at as this replica last saw it."""
-
-    version: str
-    etag: str
-    files: dict[str, dict[str, Any]]
-    checked: float = 0.0  # time.monotonic() of the last answer from the store
-
-    def body(self) -> bytes:
-        return json.dumps({"version": self.version, "files": self.files}, sort_keys=True).encode()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _new_version_id() -> str:
-    return f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
-
-
-def _version_ns(version: str) -> int:
-    stamp = version.split("-", 1)[0]
-    return int(stamp) if stamp.isdigit() else 0
-
-
-def default_client(endpoint_url: str | None) -> Any:
-    """A boto3 S3 client from the usual AWS environment (keys, region, profile); short connect timeouts and
-    few retries, so that a replica that cannot reach the store answers from its cache quickly."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(connect_timeout=2, read_timeout=60, retries={"max_attempts": 2, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=endpoint_url, config=config)
+# the protocol's names stay importable from here, where callers have always found them
+__all__ = ["ConcurrentUpdate", "S3AdapterStore", "StoreUnavailable", "Synced", "default_client", "parse_s3_url"]
 
 
 class S3AdapterStore:
@@ -108,8 +61,7 @@ class S3AdapterStore:
         """url: s3://bucket/prefix. cache_dir: this replica's cache (may be shared by replicas of one host).
         check, max_bytes: as for AdapterStore. client: a boto3 S3 client (default: from the environment)."""
         self.url = url
-        self.bucket, self.prefix = parse_s3_url(url)
-        self.s3 = client if client is not None else default_client(endpoint_url)
+        self.remote = S3Objects(url, client, endpoint_url)
         self.check, self.max_bytes = check, max_bytes
         self.grace_s, self.max_retired = grace_s, max_retired
         self.root = Path(cache_dir).resolve()
@@ -122,9 +74,17 @@ class S3AdapterStore:
         self.known: dict[str, Synced] = self._load_pointers()
         self._previous: dict[str, Synced | None] = {}  # per name, what its last put here replaced
 
-    # -- keys --------------------------------------------------------------------------------------
-    def _key(self, *parts: str) -> str:
-        return "/".join(p for p in (self.prefix, *parts) if p)
+    @property
+    def s3(self) -> Any:
+        return self.remote.s3
+
+    @property
+    def bucket(self) -> str:
+        return self.remote.bucket
+
+    @property
+    def prefix(self) -> str:
+        return self.remote.prefix
 
     def _local(self, name: str, version: str) -> Path:
         return self._versions / f"{name}@{version}"
@@ -132,19 +92,11 @@ class S3AdapterStore:
     # -- reading -----------------------------------------------------------------------------------
     def list(self) -> list[str]:
         """Names with a pointer in the store; the names known here when the store cannot be reached."""
-        names: list[str] = []
-        paginator = self.s3.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key("pointers", "")):
-                names += [o["Key"].rsplit("/", 1)[-1] for o in page.get("Contents", [])]
-        except Exception as exc:
-            try:
-                self._raise_if_unreachable(exc, "list")
-            except StoreUnavailable:
-                log.warning("adapter store %s unreachable: listing the names known here", self.url)
-                return sorted(self.known)
-            raise
-        return sorted(names)
+            return self.remote.list_names()
+        except StoreUnavailable:
+            log.warning("adapter store %s unreachable: listing the names known here", self.url)
+            return sorted(self.known)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self.known
@@ -170,7 +122,7 @@ class S3AdapterStore:
         if synced is not None and time.monotonic() - synced.checked < max_age:
             return self.path(name)
         try:
-            fresh = self._get_pointer(name, synced.etag if synced is not None else None)
+            fresh = self.remote.get_pointer(name, synced.etag if synced is not None else None)
             if fresh is None:  # 304: unchanged (its version is fetched if a restore left it uncached)
                 self._download(name, synced)
                 synced.checked = time.monotonic()
@@ -188,27 +140,6 @@ class S3AdapterStore:
             synced.checked = time.monotonic()  # ask again after max_age, not on every request
         return self.path(name)
 
-    def _get_pointer(self, name: str, etag: str | None) -> Synced | None:
-        """The pointer as stored; None when it still has `etag` (a 304)."""
-        kwargs = {"IfNoneMatch": etag} if etag else {}
-        try:
-            obj = self.s3.get_object(Bucket=self.bucket, Key=self._key("pointers", name), **kwargs)
-            raw = obj["Body"].read()
-        except Exception as exc:
-            code = self._code(exc)
-            if code in ("304", "NotModified"):
-                return None
-            if code in ("NoSuchKey", "404"):
-                raise AdapterNotFound(name) from None
-            self._raise_if_unreachable(exc, f"read the pointer of {name!r}")
-            raise
-        try:
-            doc = json.loads(raw)
-            files = {f: {"size": int(doc["files"][f]["size"]), "sha256": str(doc["files"][f]["sha256"])} for f in FILES}
-            return Synced(str(doc["version"]), obj["ETag"], files, time.monotonic())
-        except (ValueError, KeyError, TypeError) as exc:
-            raise AdapterError(f"the store's pointer for {name!r} is malformed: {exc!r}") from None
-
     def _download(self, name: str, synced: Synced) -> None:
         """Fetch a version not cached yet into tmp, check it against the pointer, rename it into place."""
         dest = self._local(name, synced.version)
@@ -220,15 +151,7 @@ class S3AdapterStore:
         staging = self._tmp / f"{name}@{synced.version}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
-            for fname, meta in synced.files.items():
-                key = self._key("versions", name, synced.version, fname)
-                try:
-                    self.s3.download_file(self.bucket, key, str(staging / fname))
-                except Exception as exc:
-                    self._raise_if_unreachable(exc, f"download {key}")
-                    raise AdapterError(f"adapter {name!r}: {key} could not be read from the store: {exc}") from None
-                if (staging / fname).stat().st_size != meta["size"] or _sha256(staging / fname) != meta["sha256"]:
-                    raise AdapterError(f"adapter {name!r}: {key} does not match its pointer (size or sha256)")
+            self.remote.download_version(name, synced, staging)
             with contextlib.suppress(FileExistsError, OSError):
                 staging.rename(dest)  # another process on this host may have put the same version first
         finally:
@@ -249,21 +172,21 @@ class S3AdapterStore:
 
     def _put(self, name: str, fill: Callable[[Path], None]) -> StoredAdapter:
         check_name(name)
-        version = _new_version_id()
+        version = new_version_id()
         staging = self._tmp / f"{name}@{version}"
         staging.mkdir()
         try:
             adapter = stage_upload(staging, name, fill, self.check)
-            previous = self._current_or_none(name)  # the ETag the pointer swap is conditional on
-            files = {f: {"size": (staging / f).stat().st_size, "sha256": _sha256(staging / f)} for f in FILES}
+            previous = self.remote.current_or_none(name)  # the ETag the pointer swap is conditional on
+            files = {f: {"size": (staging / f).stat().st_size, "sha256": sha256_file(staging / f)} for f in FILES}
             synced = Synced(version, "", files)
             try:
-                self._upload_version(name, staging, version)
+                self.remote.upload_version(name, staging, version, self._step)
                 self._step("pointer")
             except BaseException:
-                self._delete_version(name, version)
+                self.remote.delete_version(name, version)
                 raise
-            synced.etag = self._swap_pointer(name, synced.body(), previous.etag if previous else None, version)
+            synced.etag = self.remote.swap_pointer(name, synced.body(), previous.etag if previous else None, version)
             synced.checked = time.monotonic()
             staging.rename(self._local(name, version))
         finally:
@@ -271,61 +194,21 @@ class S3AdapterStore:
         self._previous[name] = previous
         self._remember(name, synced)
         self._drop_local(name)
-        self._drop_remote(name, keep={version, previous.version if previous else ""})
+        self.remote.drop_versions(name, keep={version, previous.version if previous else ""}, grace_s=self.grace_s)
         path = self._local(name, version)
         adapter.path = path
         prev_path = self._local(name, previous.version) if previous is not None else None
         return StoredAdapter(name=name, path=path, previous=prev_path, adapter=adapter)
 
-    def _current_or_none(self, name: str) -> Synced | None:
-        try:
-            return self._get_pointer(name, None)
-        except AdapterNotFound:
-            return None
-
-    def _upload_version(self, name: str, staging: Path, version: str) -> None:
-        for fname in FILES:
-            self._step(f"object:{fname}")
-            key = self._key("versions", name, version, fname)
-            try:
-                with open(staging / fname, "rb") as body:
-                    self.s3.put_object(Bucket=self.bucket, Key=key, Body=body)
-            except Exception as exc:
-                self._raise_if_unreachable(exc, f"upload {key}")
-                raise
-
-    def _swap_pointer(self, name: str, body: bytes, expect_etag: str | None, version: str) -> str:
-        cond = {"IfMatch": expect_etag} if expect_etag else {"IfNoneMatch": "*"}
-        try:
-            out = self.s3.put_object(
-                Bucket=self.bucket, Key=self._key("pointers", name), Body=body,
-                ContentType="application/json", **cond,
-            )
-        except Exception as exc:
-            # only a refused swap surely left the pointer alone; after a lost answer the version may be
-            # published, so its objects stay (and go with the grace-time cleanup if they were not)
-            if self._code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                self._delete_version(name, version)
-                raise ConcurrentUpdate(
-                    f"adapter {name!r} was changed by another upload or delete meanwhile; this upload was not published"
-                ) from None
-            self._raise_if_unreachable(exc, f"publish {name!r}")
-            raise
-        return out["ETag"]
-
     def delete(self, name: str) -> None:
         check_name(name)
-        current = self._current_or_none(name)
+        current = self.remote.current_or_none(name)
         if current is None:
             self._forget(name)
             raise AdapterNotFound(name)
-        try:
-            self.s3.delete_object(Bucket=self.bucket, Key=self._key("pointers", name))
-        except Exception as exc:
-            self._raise_if_unreachable(exc, f"delete {name!r}")
-            raise
+        self.remote.delete_pointer(name)
         self._forget(name)
-        self._drop_remote(name, keep=set())
+        self.remote.drop_versions(name, keep=set(), grace_s=self.grace_s)
 
     def restore(self, name: str, version: Path | None) -> None:
         """Point `name` back at what it pointed at before this store's last put of it (None: delete it):
@@ -335,8 +218,8 @@ class S3AdapterStore:
             with contextlib.suppress(AdapterNotFound):
                 self.delete(name)
             return
-        current = self._current_or_none(name)
-        previous.etag = self._swap_pointer(name, previous.body(), current.etag if current else None, "")
+        current = self.remote.current_or_none(name)
+        previous.etag = self.remote.swap_pointer(name, previous.body(), current.etag if current else None, "")
         previous.checked = 0.0  # downloaded on next use if not cached
         self._remember(name, previous)
 
@@ -371,54 +254,15 @@ class S3AdapterStore:
         current = self.known.get(name)
         versions = sorted(
             (p for p in self._versions.iterdir() if p.name.rsplit("@", 1)[0] == name),
-            key=lambda p: _version_ns(p.name.rsplit("@", 1)[1]),
+            key=lambda p: version_ns(p.name.rsplit("@", 1)[1]),
         )
         now, kept = time.time_ns(), 0
         for i in reversed(range(len(versions) - 1)):
             path = versions[i]
             if current is not None and path.name == f"{name}@{current.version}":
                 continue
-            retired = _version_ns(versions[i + 1].name.rsplit("@", 1)[1])
+            retired = version_ns(versions[i + 1].name.rsplit("@", 1)[1])
             if now - retired >= self.grace_s * 1e9 or kept >= self.max_retired:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 kept += 1
-
-    def _drop_remote(self, name: str, keep: set[str]) -> None:
-        """Remove version objects of `name` not in `keep` and older than grace_s (an upload in flight
-        elsewhere, not yet published, is younger than that). Best effort: a failure leaves garbage only."""
-        cutoff = time.time_ns() - int(self.grace_s * 1e9)
-        try:
-            pages = self.s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key("versions", name, "")
-            )
-            stale = [
-                {"Key": o["Key"]} for page in pages for o in page.get("Contents", [])
-                if (v := o["Key"].rsplit("/", 2)[-2]) not in keep and _version_ns(v) < cutoff
-            ]
-            for i in range(0, len(stale), 1000):
-                self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": stale[i : i + 1000], "Quiet": True})
-        except Exception as exc:
-            log.warning("could not remove old versions of %r from %s: %s", name, self.url, exc)
-
-    def _delete_version(self, name: str, version: str) -> None:
-        if not version:
-            return
-        keys = [{"Key": self._key("versions", name, version, f)} for f in FILES]
-        with contextlib.suppress(Exception):
-            self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
-
-    @staticmethod
-    def _code(exc: Exception) -> str:
-        response = getattr(exc, "response", None) or {}
-        return str(response.get("Error", {}).get("Code", ""))
-
-    def _raise_if_unreachable(self, exc: Exception, what: str) -> None:
-        """Connection failures, timeouts and 5xx answers become StoreUnavailable; anything else is left."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        status = 0
-        if isinstance(exc, ClientError):
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if (isinstance(exc, BotoCoreError) and not isinstance(exc, ClientError)) or status >= 500:
-            raise StoreUnavailable(f"the adapter store {self.url} could not be reached to {what}: {exc}") from exc

@@ -29,7 +29,7 @@ class S3Server:
         self.running = True
 
     def client(self) -> Any:
-        from hotlora.adapters.s3store import default_client
+        from hotlora.adapters.s3protocol import default_client
 
         return default_client(self.endpoint)
 
