@@ -105,6 +105,9 @@ class LlamaModel:
         self.norm = top["model.norm.weight"]
         self.lm_head = self.embed if cfg.tie_word_embeddings else top["lm_head.weight"]
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_len, device, dtype)
+        # CPU: intra-op threads for the lm_head when a step runs its layers on fewer (the runner's small steps
+        # run on one); the [tokens, vocab] product is the one op of such a step large enough to share
+        self.head_threads = 0
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -115,7 +118,14 @@ class LlamaModel:
             delta = layer.forward(h, delta, batch, self.rotary)
         idx = batch.sample_idx
         h = add_rms_norm(h[idx], delta[idx], self.norm, self.cfg.rms_norm_eps)
-        return (h @ self.lm_head.T).float()
+        threads = torch.get_num_threads()
+        if self.head_threads > threads:  # see head_threads
+            torch.set_num_threads(self.head_threads)
+        try:
+            return (h @ self.lm_head.T).float()
+        finally:
+            if self.head_threads > threads:
+                torch.set_num_threads(threads)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)

@@ -109,13 +109,16 @@ class ModelRunner:
         small = self.device.type == "cpu" and sum(batch.num_tokens) <= self._cpu_single_thread_tokens
         if small and threads > 1:
             # a small CPU step's ops are too short to amortize waking and joining intra-op threads: on a
-            # 2-core host, batch-1 decode ran 1.9x faster on one thread (bench/engine_cpu.py --suite)
+            # 2-core host, batch-1 decode ran 1.9x faster on one thread (bench/engine_cpu.py --suite); the
+            # lm_head keeps them all (an fp32 [8, 576] x [576, 49152] product took 28 ms on one thread)
             torch.set_num_threads(1)
+            self.model.head_threads = threads
         try:
             return self._execute(batch, timer, on_launch)
         finally:
             if small and threads > 1:
                 torch.set_num_threads(threads)
+                self.model.head_threads = 0
 
     def _execute(self, batch: ScheduledBatch, timer: StepTimer,
                  on_launch: Callable[[], None] | None) -> list[Sampled | None]:
