@@ -65,8 +65,14 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
         base = json.loads(capsys.readouterr().out)
         serve.main(["--url", srv.url, "--requests", "3", "--rate", "0", "--prompt-len", "4:4", "--output-len", "2:2"])
         base_only = json.loads(capsys.readouterr().out)
+        # steady state: the workload's own first 2 requests (untimed) cache the shared 32-token prefix
+        serve.main(["--url", srv.url, "--requests", "3", "--rate", "0", "--shared-prefixes", "1", "--prefix-len", "32",
+                    "--prompt-len", "4:4", "--output-len", "2:2", "--warmup-workload", "2", "--seed", "7"])
+        steady = json.loads(capsys.readouterr().out)
     finally:
         srv.stop()
+    assert steady["completed"] == 3 and steady["config"]["warmup_workload"] == 2
+    assert steady["server"]["prefix_cache_hits"] >= 3 * 16 and steady["server"]["prefix_cache_hit_rate"] > 0.4
     assert json.loads(out.read_text()) == base
     for r in (base, base_only):
         assert r["errors"] == 0 and r["completed"] == r["requests"], r
