@@ -19,7 +19,7 @@ from transformers import (
 
 from hotlora.server.engine.types import SamplingParams, StructuredSpec
 from hotlora.server.model.grammar import GrammarCache, apply_grammars
-from hotlora.server.model.logits import temperature_min_p
+from hotlora.server.model.logits import RowTokens, build_processors, temperature_min_p
 from hotlora.server.model.sampler import SampleRequest, process, sample
 
 V = 64
@@ -192,3 +192,26 @@ def test_processors_on_cuda_match_the_cpu():
     gpu = process(logits.cuda(), _requests(params, prompts, outputs), EOS)
     torch.testing.assert_close(gpu.cpu(), cpu)
     torch.testing.assert_close(temperature_min_p(logits.cuda(), params).cpu(), temperature_min_p(logits, params))
+
+
+def test_token_history_tracks_each_sequence_and_is_dropped_with_it():
+    import gc
+
+    from hotlora.server.engine.sequence import Sequence
+    from hotlora.server.model.history import TokenHistory
+
+    history = TokenHistory()
+    seq = Sequence("s", list(range(5, 70)), SamplingParams(), None, 0)
+    assert history.ids(seq).tolist() == seq.token_ids
+    for t in range(200):  # past the first buffer's capacity, one token a step as the engine appends them
+        seq.token_ids.append(t)
+        assert history.ids(seq).tolist() == seq.token_ids
+    rows = [RowTokens(SamplingParams(repetition_penalty=2.0), history.ids(seq)[:65], history.ids(seq)[65:])]
+    as_lists = [RowTokens(SamplingParams(repetition_penalty=2.0), seq.token_ids[:65], seq.token_ids[65:])]
+    logits = torch.randn(1, 300)
+    penalized = build_processors(rows, 300, set(), logits.device).apply(logits)
+    torch.testing.assert_close(penalized, build_processors(as_lists, 300, set(), logits.device).apply(logits),
+                               rtol=0, atol=0)
+    del seq, rows
+    gc.collect()
+    assert len(history._bufs) == 0

@@ -64,16 +64,25 @@ class LogitsProcessors:
 
 
 def _ids_matrix(rows: list[Seq[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[R, V] float32 occurrence counts: the rows' ids padded with V into one tensor, one scatter_add."""
+    """[R, V] float32 occurrence counts: the rows' ids padded with V into one tensor, one scatter_add.
+    A row is a list or an int64 tensor (the runner passes views of each sequence's id tensor: a copy per row,
+    no Python object per token)."""
     width = max((len(r) for r in rows), default=0)
     padded = torch.full((len(rows), width + 1), vocab, dtype=torch.int64)
     for i, r in enumerate(rows):  # batch metadata, on the host; the counting itself is one device op
-        if r:
+        if len(r):
             padded[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
     padded = padded.to(device, non_blocking=True)
     counts = torch.zeros(len(rows), vocab + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab]
+
+
+def _joined(row: RowTokens) -> Seq[int]:
+    """The row's prompt and output ids, one after the other."""
+    if isinstance(row.prompt_ids, torch.Tensor) and isinstance(row.output_ids, torch.Tensor):
+        return torch.cat([row.prompt_ids, row.output_ids])
+    return [*row.prompt_ids, *row.output_ids]
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
@@ -92,7 +101,7 @@ def build_processors(rows: list[RowTokens], vocab: int, eos_ids: set[int], devic
     params = [r.params for r in rows]
     if any(p.repetition_penalty != 1.0 for p in params):
         procs.repetition = _column([p.repetition_penalty for p in params], device)
-        procs.seen = _ids_matrix([[*r.prompt_ids, *r.output_ids] for r in rows], vocab, device) > 0
+        procs.seen = _ids_matrix([_joined(r) for r in rows], vocab, device) > 0
     if any(p.frequency_penalty or p.presence_penalty for p in params):
         procs.frequency = _column([p.frequency_penalty for p in params], device)
         procs.presence = _column([p.presence_penalty for p in params], device)

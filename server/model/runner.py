@@ -17,6 +17,7 @@ from hotlora.server.engine.steptimer import StepTimer
 from hotlora.server.engine.types import SEED_MAX, SEED_MIN, TokenLogprob
 from hotlora.server.model.attention import AttentionMeta
 from hotlora.server.model.graphs import StepGraphs, StepInput, step_rank_class
+from hotlora.server.model.history import TokenHistory
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
 from hotlora.server.model.sampler import SampleRequest, launch_sample
 from hotlora.server.model.weights import resolve_checkpoint
@@ -75,6 +76,7 @@ class ModelRunner:
         # batch 8 gained, fp32 batch 8 lost, as its matmuls are big enough to share)
         self._cpu_single_thread_tokens = 8 if config.quant == "nf4" else 1
         self.graphs: StepGraphs | None = None
+        self._history = TokenHistory()  # the token ids that the penalties and min_tokens read
         if config.cuda_graphs and self.device.type == "cuda":
             self.graphs = self.step_graphs(capture=True)
             self.graphs.capture_all()
@@ -264,5 +266,5 @@ class ModelRunner:
         p, seed, index = seq.params, seq.sampling_seed, seq.num_generated
         if p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.min_tokens):
             return SampleRequest(p, seed, index, grammar=seq.grammar)  # no processor needs the token history
-        ids = seq.token_ids
+        ids = self._history.ids(seq)  # views: no per-step copy of the history into Python lists
         return SampleRequest(p, seed, index, ids[: seq.num_prompt], ids[seq.num_prompt :], seq.grammar)
