@@ -14,6 +14,10 @@ from /v1/completions; one JSON object is printed (and written to --out):
 
 TPOT is per request: (latency - TTFT) / (output tokens - 1); ITL is the gap between streamed chunks.
 
+Untimed first: --warmup N short requests over the adapters in order (compilations and the hottest loads), and
+--warmup-workload N, the workload's own first N requests at once with 2 output tokens each (a server in steady
+state, e.g. with the shared prefixes cached, before the timed requests that follow them in the same draw).
+
 Why a thin client and not aiperf or guidellm: neither draws a per-request adapter (model) from a
 Zipf popularity (aiperf picks uniformly or round-robin among --model names, guidellm benchmarks one
 model per run), both build synthetic prompts with a tokenizer fetched from the Hugging Face hub, which
