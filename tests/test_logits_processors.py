@@ -74,6 +74,10 @@ def test_logit_bias_adds_to_the_listed_tokens_only():
         for t, v in b.items():
             ref[t] += v
         torch.testing.assert_close(got[i], ref)
+    # the same dicts again (their tensors now cached), in the other order: each row still gets its own bias
+    back = process(logits.flip(0), _requests([SamplingParams(logit_bias=b) for b in biases[::-1]], prompts[::-1],
+                                             outputs[::-1]), EOS)
+    torch.testing.assert_close(back, got.flip(0))
 
 
 def test_min_tokens_masks_eos_and_stop_ids_like_transformers():

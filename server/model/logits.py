@@ -11,6 +11,7 @@ penalties; temperature and min-p come after (see `min_p_filter`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -85,6 +86,25 @@ def _joined(row: RowTokens) -> Seq[int]:
     return [*row.prompt_ids, *row.output_ids]
 
 
+_BIAS_ROWS: OrderedDict[int, tuple[dict[int, float], torch.Tensor, torch.Tensor]] = OrderedDict()
+_BIAS_ROWS_KEPT = 4096
+
+
+def _bias_row(bias: dict[int, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's logit_bias as (token ids int64, values float32) host tensors, built once per request and
+    not every step (300 entries x 32 rows took 4.3 ms a step). Keyed by the dict's id; the entry holds the
+    dict itself, so that id cannot be reused while it is cached (least recently used dropped first)."""
+    hit = _BIAS_ROWS.get(id(bias))
+    if hit is not None and hit[0] is bias:
+        _BIAS_ROWS.move_to_end(id(bias))
+        return hit[1], hit[2]
+    row = (bias, torch.tensor(list(bias), dtype=torch.int64), torch.tensor(list(bias.values()), dtype=torch.float32))
+    _BIAS_ROWS[id(bias)] = row
+    if len(_BIAS_ROWS) > _BIAS_ROWS_KEPT:
+        _BIAS_ROWS.popitem(last=False)
+    return row[1], row[2]
+
+
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True).unsqueeze(1)
 
@@ -106,10 +126,13 @@ def build_processors(rows: list[RowTokens], vocab: int, eos_ids: set[int], devic
         procs.frequency = _column([p.frequency_penalty for p in params], device)
         procs.presence = _column([p.presence_penalty for p in params], device)
         procs.output_counts = _ids_matrix([r.output_ids for r in rows], vocab, device)
-    bias = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items()]
-    if bias:
-        procs.bias_index = _pairs([(i, t) for i, t, _ in bias], device)
-        procs.bias_values = torch.tensor([b for _, _, b in bias], dtype=torch.float32).to(device, non_blocking=True)
+    biased = [(i, _bias_row(p.logit_bias)) for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        counts = torch.tensor([len(ids) for _, (ids, _) in biased])
+        rows_of = torch.repeat_interleave(torch.tensor([i for i, _ in biased]), counts)
+        ids = torch.cat([ids for _, (ids, _) in biased])
+        procs.bias_index = (rows_of.to(device, non_blocking=True), ids.to(device, non_blocking=True))
+        procs.bias_values = torch.cat([v for _, (_, v) in biased]).to(device, non_blocking=True)
     masked = [(i, t) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens
               for t in sorted(eos_ids | set(r.params.stop_token_ids)) if 0 <= t < vocab]
     if masked:
