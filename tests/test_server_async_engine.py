@@ -267,6 +267,35 @@ def test_deferred_outputs_are_handed_over_once_the_next_step_is_launched(engine,
     asyncio.run(main())
 
 
+def test_held_outputs_arrive_when_the_rest_is_aborted_before_the_next_step(engine, ids, monkeypatch):
+    """A step's outputs held for the next launch are handed over when no next step comes: here the only other
+    request is aborted right after the step that finished "a" (its final output would otherwise wait forever)."""
+
+    async def main():
+        monkeypatch.setattr(engine, "defers_outputs", True)
+        ae = await started(engine)
+        real_step = engine.step
+
+        def step(on_launch=None):
+            outs = real_step(on_launch=on_launch)
+            if any(o.request_id == "a" and o.finished for o in outs):
+                ae.abort("long")  # queued: drained after this step's outputs are held, before any next step
+            return outs
+
+        monkeypatch.setattr(engine, "step", step)
+        await ae.add(req("long", ids["b"], LONG))
+        outs = await asyncio.wait_for(_collect(ae.generate(req("a", ids["a"], 3))), timeout=30)
+        assert outs[-1].finished and sum(len(o.new_token_ids) for o in outs) == 3
+        assert await ae.call(idle, engine)
+        await stopped(ae)
+
+    asyncio.run(main())
+
+
+async def _collect(stream) -> list[RequestOutput]:
+    return [o async for o in stream]
+
+
 def test_factory_failure_is_reported_by_wait_ready(hotlora_cache, tmp_path):
     async def main():
         missing = tmp_path / "no-such-model"

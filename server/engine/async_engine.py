@@ -181,6 +181,7 @@ class AsyncEngine:
         finally:
             self.stopped.set()
             self._fail_pending_calls()
+            self._flush_held()
             leftovers = self._fail_all("the engine stopped", abort=False)  # no stream waits forever
             if leftovers:
                 self._call_soon(self._deliver, leftovers)
@@ -192,6 +193,8 @@ class AsyncEngine:
         engine = self.engine
         while True:
             block = not engine.has_unfinished()
+            if block:  # e.g. the last running request was aborted after a step's outputs were held
+                self._flush_held()
             if not self._drain(block):
                 return
             if engine.has_unfinished():
@@ -264,6 +267,12 @@ class AsyncEngine:
             self._call_soon(self._deliver, outputs)
         else:  # nothing to report (a prefill chunk, or waiting on an adapter/slot): do not spin hot
             time.sleep(0.001)
+
+    def _flush_held(self) -> None:
+        """Hand over outputs held for the next step's launch (see _step) when no next step will come."""
+        held, self._held = self._held, []
+        if held:
+            self._call_soon(self._deliver, held)
 
     def _fail_all(self, message: str, abort: bool = True) -> list[RequestOutput]:
         """A final error output for every open stream (aborting its sequence first, if asked)."""
