@@ -46,6 +46,22 @@ def adapters(default_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def gpu_model_dir(tmp_path_factory) -> Path:
+    """The GPU tests' random-weight SmolLM2-135M, embeddings scaled down (engine_reference.BF16_EMBED_SCALE)."""
+    from engine_reference import BF16_EMBED_SCALE, save_random_model
+
+    return save_random_model("smollm2-135m", tmp_path_factory.mktemp("random-smollm2"), embed_scale=BF16_EMBED_SCALE)
+
+
+@pytest.fixture(scope="session")
+def gpu_adapters(gpu_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """The GPU tests' adapters (engine_reference.ADAPTER_SPECS) on gpu_model_dir."""
+    from engine_reference import save_adapters
+
+    return save_adapters(gpu_model_dir, tmp_path_factory.mktemp("gpu-adapters"), b_std=0.05)
+
+
+@pytest.fixture(scope="session")
 def peft_dirs(default_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
     """The server tests' adapters, saved by peft on the default model (lora_factory.server_adapters)."""
     from lora_factory import server_adapters

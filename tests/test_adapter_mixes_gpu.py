@@ -11,33 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 from engine_reference import (
-    BF16_EMBED_SCALE,
+    BF16_LOGPROB,
+    BF16_TIE,
     MIX2,
     MIX2_NEG,
     MIX3,
     Reference,
     run_engine_mixed,
-    save_adapters,
-    save_random_model,
     teacher_forced_gaps,
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 N_TOKENS = 32
-BF16_TIE = 0.5  # as test_engine_gpu: bf16 near-ties on the random-weight model's flat distributions
-BF16_LOGPROB = 1.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("random-smollm2-mix")
-    return save_random_model("smollm2-135m", folder, embed_scale=BF16_EMBED_SCALE)
-
-
-@pytest.fixture(scope="module")
-def gpu_adapters(model_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    return save_adapters(model_dir, tmp_path_factory.mktemp("gpu-mix-adapters"), b_std=0.05)
 
 
 def check_mixes_track_peft(model_dir: Path, adapters: dict[str, Path], quant: str, device: str,
@@ -62,6 +48,6 @@ def check_mixes_track_peft(model_dir: Path, adapters: dict[str, Path], quant: st
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_gpu_mixes_track_peft(quant, gpu_adapters, model_dir, hotlora_cache):
-    check_mixes_track_peft(model_dir, gpu_adapters, quant, "cuda", torch.bfloat16, BF16_TIE, BF16_LOGPROB,
+def test_gpu_mixes_track_peft(quant, gpu_adapters, gpu_model_dir, hotlora_cache):
+    check_mixes_track_peft(gpu_model_dir, gpu_adapters, quant, "cuda", torch.bfloat16, BF16_TIE, BF16_LOGPROB,
                            cache_dir=hotlora_cache)

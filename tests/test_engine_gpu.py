@@ -13,16 +13,15 @@ import pytest
 import torch
 from engine_reference import (
     ADAPTER_SPECS,
-    BF16_EMBED_SCALE,
+    BF16_LOGPROB,
+    BF16_TIE,
     Reference,
+    default_engine,
     drain,
     run_engine_mixed,
-    save_adapters,
-    save_random_model,
     teacher_forced_gaps,
 )
 
-from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams
 from hotlora.server.model.graphs import graph_count
@@ -30,25 +29,6 @@ from hotlora.server.model.graphs import graph_count
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 N_TOKENS = 32
-# bf16 end to end on both sides (and NF4 dequantized to bf16): logits carry ~1e-2 relative noise, so a
-# chosen token may trail the reference's best by a near-tie; 0.5 nats is far below a real disagreement.
-# The random-weight model's distributions are flat and its activations large, so bf16 moves individual
-# log-probabilities by up to ~0.5 nats (seen on CPU in bf16 too): BF16_LOGPROB bounds that. Its embeddings
-# are scaled down (BF16_EMBED_SCALE): with std-1 embeddings and a tied lm_head the logits reach ~150, where
-# one bf16 step is 1 nat, and a qv8 request failed on the H200 by a 2-nat "gap" (two bf16 steps) that the
-# same batch through the Triton kernels in fp32 (interpreter) did not show (max logprob difference 5e-5).
-BF16_TIE = 0.5
-BF16_LOGPROB = 1.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return save_random_model("smollm2-135m", tmp_path_factory.mktemp("random-smollm2"), embed_scale=BF16_EMBED_SCALE)
-
-
-@pytest.fixture(scope="module")
-def gpu_adapters(model_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    return save_adapters(model_dir, tmp_path_factory.mktemp("gpu-adapters"), b_std=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +39,10 @@ def gpu_work() -> list[tuple[list[int], str | None]]:
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_gpu_mixed_batch_tracks_peft(quant, gpu_adapters, gpu_work, model_dir, hotlora_cache):
-    outs = run_engine_mixed(gpu_adapters, gpu_work, N_TOKENS, model=str(model_dir), quant=quant,
+def test_gpu_mixed_batch_tracks_peft(quant, gpu_adapters, gpu_work, gpu_model_dir, hotlora_cache):
+    outs = run_engine_mixed(gpu_adapters, gpu_work, N_TOKENS, model=str(gpu_model_dir), quant=quant,
                             cache_dir=hotlora_cache, device="cuda", dtype="bfloat16")
-    ref = Reference(model_dir, gpu_adapters, quant, device="cuda", dtype=torch.bfloat16)
+    ref = Reference(gpu_model_dir, gpu_adapters, quant, device="cuda", dtype=torch.bfloat16)
     gaps = teacher_forced_gaps(ref, gpu_work, outs, N_TOKENS)
     print(f"quant={quant} (gap, logprob diff) per request: {gaps}")
     for (_, adapter), (gap, diff) in zip(gpu_work, gaps, strict=True):
@@ -73,14 +53,16 @@ def test_gpu_mixed_batch_tracks_peft(quant, gpu_adapters, gpu_work, model_dir, h
     assert not torch.equal(ref.score(ids, outs[0].new_token_ids, None), ref.score(ids, outs[0].new_token_ids, adapter))
 
 
-def test_gpu_mixed_steps_replay_from_graphs(gpu_adapters, model_dir, hotlora_cache):
+def _nf4_engine(model_dir: Path, cache: Path, adapters: dict[str, Path], **kw) -> LLMEngine:
+    """A bf16 engine on CUDA over the NF4 random model, with every GPU adapter registered (CUDA graphs on)."""
+    return default_engine(cache, adapters, model=str(model_dir), quant="nf4", device="cuda", dtype="bfloat16",
+                          kv_cache_memory=0.1, **kw)
+
+
+def test_gpu_mixed_steps_replay_from_graphs(gpu_adapters, gpu_model_dir, hotlora_cache):
     # every bucket captured at startup; prompts arrive while others decode, chunked (64 tokens per step), so
     # steps mix prefill chunks with decodes: all of them replay from graphs, none runs eagerly
-    engine = LLMEngine(EngineConfig(model=str(model_dir), quant="nf4", cache_dir=hotlora_cache, device="cuda",
-                                    dtype="bfloat16", max_loras=4, max_lora_rank=16, max_num_seqs=8,
-                                    max_num_batched_tokens=64, kv_cache_memory=0.1))  # fmt: skip
-    for name, path in gpu_adapters.items():
-        engine.registry.register(name, path)
+    engine = _nf4_engine(gpu_model_dir, hotlora_cache, gpu_adapters, max_num_seqs=8, max_num_batched_tokens=64)
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.failed is None
     assert set(graphs.buckets) == set(graphs.keys()) and all(b.graph for b in graphs.buckets.values())
@@ -110,14 +92,11 @@ def test_gpu_mixed_steps_replay_from_graphs(gpu_adapters, model_dir, hotlora_cac
     assert engine.blocks.num_used == 0
 
 
-def test_gpu_r16_decode_replays_rank_class_16(gpu_adapters, model_dir, hotlora_cache):
+def test_gpu_r16_decode_replays_rank_class_16(gpu_adapters, gpu_model_dir, hotlora_cache):
     # max_lora_rank 64 but every adapter r <= 16: decode steps replay graphs whose LoRA tiles are 16 rank rows
     # (rank class 16), not 64; steps with prefill chunks take the largest class (graphs.step_rank_class)
-    engine = LLMEngine(EngineConfig(model=str(model_dir), quant="nf4", cache_dir=hotlora_cache, device="cuda",
-                                    dtype="bfloat16", max_loras=4, max_lora_rank=64, max_num_seqs=4,
-                                    max_num_batched_tokens=16, kv_cache_memory=0.1))  # fmt: skip
-    for name, path in gpu_adapters.items():
-        engine.registry.register(name, path)
+    engine = _nf4_engine(gpu_model_dir, hotlora_cache, gpu_adapters, max_lora_rank=64, max_num_seqs=4,
+                         max_num_batched_tokens=16)
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.failed is None and engine.runner.rank_classes == (16, 32, 64)
     assert len(graphs.buckets) == graph_count(4, 16, 3) and all(b.graph for b in graphs.buckets.values())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_reference import BF16_EMBED_SCALE, drain, save_adapters, save_random_model
+from engine_reference import drain
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -21,17 +21,6 @@ from hotlora.server.engine.types import Request, SamplingParams
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("random-smollm2-prefix")
-    return save_random_model("smollm2-135m", folder, embed_scale=BF16_EMBED_SCALE)
-
-
-@pytest.fixture(scope="module")
-def gpu_adapters(model_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    return save_adapters(model_dir, tmp_path_factory.mktemp("prefix-adapters"), b_std=0.05)
 
 
 def _engines(model_dir: Path, cache: Path, adapters: dict[str, Path], quant: str, **kw) -> dict[bool, LLMEngine]:
@@ -61,9 +50,9 @@ def _workload(rng: random.Random) -> dict[int, list[Request]]:
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 @pytest.mark.parametrize("small", [False, True], ids=["roomy", "preempting"])
-def test_gpu_prefix_cache_equals_no_cache(quant, small, model_dir, gpu_adapters, hotlora_cache):
+def test_gpu_prefix_cache_equals_no_cache(quant, small, gpu_model_dir, gpu_adapters, hotlora_cache):
     kw = dict(num_kv_blocks=40, max_num_batched_tokens=128) if small else {}
-    engines = _engines(model_dir, hotlora_cache, gpu_adapters, quant, **kw)
+    engines = _engines(gpu_model_dir, hotlora_cache, gpu_adapters, quant, **kw)
     got = {caching: drain(e, _workload(random.Random(7))) for caching, e in engines.items()}
     for rid, tokens in got[False].items():
         assert got[True][rid] == tokens, f"{rid}: caching changed the output"

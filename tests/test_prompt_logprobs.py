@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from engine_reference import BF16_EMBED_SCALE, Reference, default_engine, save_random_model
+from engine_reference import Reference, default_engine
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -80,12 +80,12 @@ def test_chunking_preemption_and_the_prefix_cache_change_nothing(engine, hotlora
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_scoring_steps_run_eagerly_and_agree_with_forced_tokens(tmp_path, hotlora_cache):
+def test_cuda_scoring_steps_run_eagerly_and_agree_with_forced_tokens(gpu_model_dir, hotlora_cache):
     """On CUDA with graphs: a scoring step runs eagerly, the rest still replay; the last prompt token's logprob
     equals that of the same token forced (logit_bias) as the first generated token after the rest."""
-    # scaled embeddings (BF16_EMBED_SCALE): std-1 random embeddings give logits of ~150, where bf16 steps are 1 nat
-    model = save_random_model("smollm2-135m", tmp_path / "m", embed_scale=BF16_EMBED_SCALE)
-    engine = LLMEngine(EngineConfig(model=str(model), quant="nf4", cache_dir=hotlora_cache, device="cuda",
+    # the GPU tests' random model (conftest.gpu_model_dir): its embeddings are scaled down, as std-1 ones give
+    # logits of ~150, where a bf16 step is 1 nat
+    engine = LLMEngine(EngineConfig(model=str(gpu_model_dir), quant="nf4", cache_dir=hotlora_cache, device="cuda",
                                     dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=64, kv_cache_memory=0.1))
     ids = [random.Random(5).randrange(3, 49152) for _ in range(150)]  # three 64-token prefill chunks
     scored = Request("s", ids, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2))
