@@ -62,6 +62,19 @@ def gpu_adapters(gpu_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def store_folders(tmp_path_factory) -> dict[str, Path]:
+    """Three PEFT folders on lora_factory's tiny Llama, of ranks 2, 4 and 8 (the adapter-store tests)."""
+    from lora_factory import save_adapter, tiny_llama
+
+    base, root = tiny_llama(), tmp_path_factory.mktemp("store-peft")
+    return {
+        "r2": save_adapter(base, root / "r2", seed=1, r=2),
+        "r4": save_adapter(base, root / "r4", seed=2, r=4, target_modules=["o_proj", "down_proj"]),
+        "r8": save_adapter(base, root / "r8", seed=3, r=8),
+    }
+
+
+@pytest.fixture(scope="session")
 def peft_dirs(default_model_dir: Path, tmp_path_factory) -> dict[str, Path]:
     """The server tests' adapters, saved by peft on the default model (lora_factory.server_adapters)."""
     from lora_factory import server_adapters

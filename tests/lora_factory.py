@@ -35,6 +35,18 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**TINY))
 
 
+def preset_llama(preset: str = "tiny") -> LlamaForCausalLM:
+    """transformers' Llama with random weights, shaped as hotlora's `random:<preset>`."""
+    from hotlora.server.model.presets import preset_hf_config
+
+    return LlamaForCausalLM(LlamaConfig(**{k: v for k, v in preset_hf_config(preset).items() if k != "architectures"}))
+
+
+def save_adapters_by_spec(base: torch.nn.Module, root: Path, specs: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    """One adapter per name under root, saved by peft on base with its LoraConfig fields (seed = its index)."""
+    return {name: save_adapter(base, root / name, seed=i, **spec) for i, (name, spec) in enumerate(specs.items())}
+
+
 def save_adapter(base: torch.nn.Module, out: Path, seed: int = 0, **lora: Any) -> Path:
     """get_peft_model with random non-zero A and B (init_lora_weights=False), save_pretrained to `out`."""
     torch.manual_seed(seed)

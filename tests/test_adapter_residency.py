@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lora_factory import save_adapter
+from lora_factory import preset_llama, save_adapters_by_spec
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -22,19 +22,13 @@ STALL_S = 1.5  # each injected stage (disk read, device copy) sleeps this long
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> dict[str, Path]:
     """Adapters saved by peft on the random:tiny architecture (steps take milliseconds on a CPU)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hotlora.server.model.presets import preset_hf_config
-
-    base = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in preset_hf_config("tiny").items() if k != "architectures"}))
-    root = tmp_path_factory.mktemp("tiny-adapters")
     specs = {
         "qv8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
         "all16": dict(r=16, lora_alpha=16, target_modules="all-linear"),
         "ku12": dict(r=12, lora_alpha=24, target_modules=["k_proj", "up_proj"]),
         "mlp4rs": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["gate_proj", "up_proj", "down_proj"]),
     }
-    return {name: save_adapter(base, root / name, seed=i, **spec) for i, (name, spec) in enumerate(specs.items())}
+    return save_adapters_by_spec(preset_llama("tiny"), tmp_path_factory.mktemp("tiny-adapters"), specs)
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,11 @@ def _bench_module(name: str):
 
 
 def test_made_adapters_load_in_hotlora_and_peft(tmp_path):
+    from lora_factory import preset_llama
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from hotlora.adapters.peft_format import check_compatible, load_peft_adapter
-    from hotlora.server.model.presets import preset_config, preset_hf_config
+    from hotlora.server.model.presets import preset_config
 
     make = _bench_module("make_adapters")
     names = make.write_adapters(tmp_path, 3, rank=4, targets=make.parse_targets("q,v,o"), model="random:tiny")
@@ -41,9 +41,7 @@ def test_made_adapters_load_in_hotlora_and_peft(tmp_path):
         check_compatible(a, cfg.linear_shapes(), cfg.num_layers, 16)
         assert a.config.rank == 4 and a.config.target_modules == {"q_proj", "v_proj", "o_proj"}
     assert len({a.sha256 for a in loaded}) == 3  # distinct weights
-    hf = {k: v for k, v in preset_hf_config("tiny").items() if k != "architectures"}
-    base = LlamaForCausalLM(LlamaConfig(**hf))
-    model = PeftModel.from_pretrained(base, str(tmp_path / names[1]))
+    model = PeftModel.from_pretrained(preset_llama("tiny"), str(tmp_path / names[1]))
     a, b = loaded[1].weights[(0, "v_proj")]
     got = model.base_model.model.model.layers[0].self_attn.v_proj
     assert torch.equal(got.lora_A["default"].weight.to(a.dtype), a)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from engine_reference import drain
 from lora_cases import TOLERANCE, assert_matches, make_case
-from lora_factory import save_adapter
+from lora_factory import preset_llama, save_adapters_by_spec
 
 from hotlora.kernels.lora import (
     RANK_CLASSES,
@@ -111,18 +111,12 @@ def test_rank_class_is_checked():
 
 @pytest.fixture(scope="module")
 def tiny_adapters(tmp_path_factory) -> dict[str, Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hotlora.server.model.presets import preset_hf_config
-
-    base = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in preset_hf_config("tiny").items() if k != "architectures"}))
-    root = tmp_path_factory.mktemp("rank-class-adapters")
     specs = {
         "qv8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
         "all16": dict(r=16, lora_alpha=16, target_modules="all-linear"),
         "all32": dict(r=32, lora_alpha=32, target_modules="all-linear"),
     }
-    return {name: save_adapter(base, root / name, seed=i, **spec) for i, (name, spec) in enumerate(specs.items())}
+    return save_adapters_by_spec(preset_llama("tiny"), tmp_path_factory.mktemp("rank-class-adapters"), specs)
 
 
 def _engine(cache: Path, adapters: dict[str, Path], **kw) -> LLMEngine:

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from lora_factory import TINY_SHAPES, save_adapter, tiny_llama
+from lora_factory import TINY_SHAPES
 from s3_harness import S3Server, s3_server
 
 from hotlora.adapters.peft_format import AdapterError, check_compatible, load_peft_adapter
@@ -17,16 +17,6 @@ from hotlora.adapters.s3store import ConcurrentUpdate, S3AdapterStore, StoreUnav
 from hotlora.adapters.store import AdapterNotFound, InvalidAdapterName
 
 WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    base, root = tiny_llama(), tmp_path_factory.mktemp("peft")
-    return {
-        "r2": save_adapter(base, root / "r2", seed=1, r=2),
-        "r4": save_adapter(base, root / "r4", seed=2, r=4, target_modules=["o_proj", "down_proj"]),
-        "r8": save_adapter(base, root / "r8", seed=3, r=8),
-    }
 
 
 def make(s3: S3Server, cache: Path, prefix: str, endpoint: str | None = None) -> S3AdapterStore:
@@ -38,17 +28,17 @@ def sha(folder: Path) -> str:
     return hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest()
 
 
-def test_upload_is_read_by_another_replica_then_swapped_then_deleted(s3, folders, tmp_path):
+def test_upload_is_read_by_another_replica_then_swapped_then_deleted(s3, store_folders, tmp_path):
     writer, reader = make(s3, tmp_path / "w", "swap"), make(s3, tmp_path / "r", "swap")
-    stored = writer.put_folder("a", folders["r2"])
-    assert stored.previous is None and sha(stored.path) == sha(folders["r2"])
+    stored = writer.put_folder("a", store_folders["r2"])
+    assert stored.previous is None and sha(stored.path) == sha(store_folders["r2"])
     assert reader.list() == ["a"]
     first = reader.sync("a")
-    assert sha(first) == sha(folders["r2"]) and first.is_relative_to(tmp_path / "r")
-    writer.put_folder("a", folders["r4"])
+    assert sha(first) == sha(store_folders["r2"]) and first.is_relative_to(tmp_path / "r")
+    writer.put_folder("a", store_folders["r4"])
     assert reader.sync("a", max_age=60.0) == first  # within the TTL the pointer is not read again
     second = reader.sync("a", max_age=0.0)  # conditional GET: a new ETag, a new version
-    assert second != first and sha(second) == sha(folders["r4"])
+    assert second != first and sha(second) == sha(store_folders["r4"])
     assert first.is_dir()  # the replaced version stays cached for its grace time (running sequences)
     assert reader.sync("a", max_age=0.0) == second  # 304: unchanged
     writer.delete("a")
@@ -59,29 +49,29 @@ def test_upload_is_read_by_another_replica_then_swapped_then_deleted(s3, folders
         writer.delete("a")
 
 
-def test_restart_keeps_what_was_cached(s3, folders, tmp_path):
-    make(s3, tmp_path / "w", "restart").put_folder("a", folders["r2"])
+def test_restart_keeps_what_was_cached(s3, store_folders, tmp_path):
+    make(s3, tmp_path / "w", "restart").put_folder("a", store_folders["r2"])
     make(s3, tmp_path / "r", "restart").sync("a")
     again = make(s3, tmp_path / "r", "restart")
-    assert "a" in again and sha(again.path("a")) == sha(folders["r2"])
+    assert "a" in again and sha(again.path("a")) == sha(store_folders["r2"])
 
 
-def test_invalid_uploads_write_nothing(s3, folders, tmp_path):
+def test_invalid_uploads_write_nothing(s3, store_folders, tmp_path):
     store = make(s3, tmp_path / "w", "invalid")
     with pytest.raises(AdapterError):  # rank 8 is above the check's maximum 4
-        store.put_folder("a", folders["r8"])
+        store.put_folder("a", store_folders["r8"])
     with pytest.raises(InvalidAdapterName):
-        store.put_folder("../a", folders["r2"])
+        store.put_folder("../a", store_folders["r2"])
     assert s3.keys("invalid/") == []
 
 
 @pytest.mark.parametrize("step", ["object:adapter_config.json", "object:adapter_model.safetensors", "pointer"])
 @pytest.mark.parametrize("replacing", [False, True], ids=["new", "replace"])
-def test_interrupted_upload_never_publishes_a_partial_version(s3, folders, tmp_path, step, replacing):
+def test_interrupted_upload_never_publishes_a_partial_version(s3, store_folders, tmp_path, step, replacing):
     prefix = f"cut-{step.split(':')[-1]}-{replacing}"
     store = make(s3, tmp_path / "w", prefix)
     if replacing:
-        store.put_folder("a", folders["r2"])
+        store.put_folder("a", store_folders["r2"])
     before = s3.keys(f"{prefix}/")
 
     def cut(at: str) -> None:
@@ -90,19 +80,19 @@ def test_interrupted_upload_never_publishes_a_partial_version(s3, folders, tmp_p
 
     store.fault = cut
     with pytest.raises(ConnectionResetError):
-        store.put_folder("a", folders["r4"])
+        store.put_folder("a", store_folders["r4"])
     reader = make(s3, tmp_path / "r", prefix)
     if replacing:
-        assert sha(reader.sync("a")) == sha(folders["r2"])
+        assert sha(reader.sync("a")) == sha(store_folders["r2"])
     else:
         with pytest.raises(AdapterNotFound):
             reader.sync("a")
     assert s3.keys(f"{prefix}/") == before  # the cut upload's objects are removed too
 
 
-def test_two_concurrent_uploads_leave_exactly_one_intact(s3, folders, tmp_path):
+def test_two_concurrent_uploads_leave_exactly_one_intact(s3, store_folders, tmp_path):
     stores = [make(s3, tmp_path / f"w{i}", "race") for i in range(2)]
-    stores[0].put_folder("a", folders["r2"])
+    stores[0].put_folder("a", store_folders["r2"])
     both_uploaded = threading.Barrier(2, timeout=30)
     for store in stores:  # each has written its version's objects before either swaps the pointer
         store.fault = lambda at: both_uploaded.wait() if at == "pointer" else None
@@ -114,7 +104,7 @@ def test_two_concurrent_uploads_leave_exactly_one_intact(s3, folders, tmp_path):
         except ConcurrentUpdate as exc:
             results[i] = exc
 
-    threads = [threading.Thread(target=upload, args=(i, folders[k])) for i, k in enumerate(("r4", "r2"))]
+    threads = [threading.Thread(target=upload, args=(i, store_folders[k])) for i, k in enumerate(("r4", "r2"))]
     for t in threads:
         t.start()
     for t in threads:
@@ -123,17 +113,17 @@ def test_two_concurrent_uploads_leave_exactly_one_intact(s3, folders, tmp_path):
     assert len(winners) == 1 and len(results) == 2, results
     reader = make(s3, tmp_path / "r", "race")
     got = reader.sync("a")
-    assert sha(got) == sha(folders[("r4", "r2")[winners[0]]])
+    assert sha(got) == sha(store_folders[("r4", "r2")[winners[0]]])
     assert load_peft_adapter(got, "a").config.rank == (4, 2)[winners[0]]
     versions = {k.split("/")[3] for k in s3.keys("race/versions/a/")}
     assert len(versions) == 2  # the first put's and the winner's; the loser removed its objects
 
 
-def test_unreachable_store_serves_the_cache_and_refuses_the_rest(folders, tmp_path):
+def test_unreachable_store_serves_the_cache_and_refuses_the_rest(store_folders, tmp_path):
     with s3_server() as s3:
         writer = make(s3, tmp_path / "w", "down")
-        writer.put_folder("a", folders["r2"])
-        writer.put_folder("b", folders["r4"])
+        writer.put_folder("a", store_folders["r2"])
+        writer.put_folder("b", store_folders["r4"])
         replica = make(s3, tmp_path / "r", "down")
         cached = replica.sync("a")
         s3.stop()
@@ -144,4 +134,4 @@ def test_unreachable_store_serves_the_cache_and_refuses_the_rest(folders, tmp_pa
         restarted = make(s3, tmp_path / "r", "down")  # a restart while the store is down
         assert restarted.sync("a", max_age=0.0) == cached
         with pytest.raises(StoreUnavailable):
-            writer.put_folder("c", folders["r2"])
+            writer.put_folder("c", store_folders["r2"])

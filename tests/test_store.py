@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from lora_factory import TINY_SHAPES, save_adapter, tiny_llama
+from lora_factory import TINY_SHAPES
 
 from hotlora.adapters.peft_format import AdapterError, check_compatible, load_peft_adapter
 from hotlora.adapters.store import (
@@ -20,16 +20,6 @@ from hotlora.adapters.store import (
     InvalidAdapterName,
     UploadTooLarge,
 )
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    base, root = tiny_llama(), tmp_path_factory.mktemp("peft")
-    return {
-        "r2": save_adapter(base, root / "r2", seed=1, r=2),
-        "r4": save_adapter(base, root / "r4", seed=2, r=4, target_modules=["o_proj", "down_proj"]),
-        "r8": save_adapter(base, root / "r8", seed=3, r=8),
-    }
 
 
 def make_store(root: Path, **kw) -> AdapterStore:
@@ -77,15 +67,15 @@ def peft_entries(folder: Path, prefix: str = "") -> dict[str, bytes]:
     return {prefix + n: (folder / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
 
 
-def test_put_list_path_delete_and_restart(tmp_path, folders):
+def test_put_list_path_delete_and_restart(tmp_path, store_folders):
     store = make_store(tmp_path)
-    stored = store.put_files("task-a.v1", files_of(folders["r2"]))
+    stored = store.put_files("task-a.v1", files_of(store_folders["r2"]))
     assert store.list() == ["task-a.v1"] and "task-a.v1" in store
     assert stored.previous is None and stored.adapter.config.rank == 2
-    assert digest(store.path("task-a.v1")) == digest(folders["r2"]) == stored.adapter.sha256
+    assert digest(store.path("task-a.v1")) == digest(store_folders["r2"]) == stored.adapter.sha256
     assert (tmp_path / "task-a.v1").is_symlink()
     again = make_store(tmp_path)  # a restart
-    assert again.list() == ["task-a.v1"] and digest(again.path("task-a.v1")) == digest(folders["r2"])
+    assert again.list() == ["task-a.v1"] and digest(again.path("task-a.v1")) == digest(store_folders["r2"])
     again.delete("task-a.v1")
     assert again.list() == [] and "task-a.v1" not in again and leftovers(tmp_path) == []
     with pytest.raises(AdapterNotFound):
@@ -95,47 +85,47 @@ def test_put_list_path_delete_and_restart(tmp_path, folders):
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "x" * 65, "a b", "ü", "a@b", ".hotlora~", "a\x00"])
-def test_bad_names_are_refused(tmp_path, folders, name):
+def test_bad_names_are_refused(tmp_path, store_folders, name):
     store = make_store(tmp_path)
     with pytest.raises(InvalidAdapterName, match="invalid adapter name"):
-        store.put_files(name, files_of(folders["r2"]))
+        store.put_files(name, files_of(store_folders["r2"]))
     assert store.list() == [] and leftovers(tmp_path) == []
 
 
-def test_replace_keeps_previous_then_drops_it(tmp_path, folders):
+def test_replace_keeps_previous_then_drops_it(tmp_path, store_folders):
     store = make_store(tmp_path, grace_s=0)
-    first = store.put_files("a", files_of(folders["r2"]))
-    second = store.put_files("a", files_of(folders["r4"]))
+    first = store.put_files("a", files_of(store_folders["r2"]))
+    second = store.put_files("a", files_of(store_folders["r4"]))
     assert second.previous == first.path and first.path.is_dir()  # still readable by in-flight loads
-    assert digest(store.path("a")) == digest(folders["r4"])
-    third = store.put_files("a", files_of(folders["r2"]))
+    assert digest(store.path("a")) == digest(store_folders["r4"])
+    third = store.put_files("a", files_of(store_folders["r2"]))
     assert third.previous == second.path and not first.path.exists()
     store.restore("a", second.path)  # rollback
-    assert digest(store.path("a")) == digest(folders["r4"])
+    assert digest(store.path("a")) == digest(store_folders["r4"])
 
 
-def test_invalid_upload_leaves_nothing_and_keeps_old(tmp_path, folders):
+def test_invalid_upload_leaves_nothing_and_keeps_old(tmp_path, store_folders):
     store = make_store(tmp_path)
-    store.put_files("a", files_of(folders["r2"]))
+    store.put_files("a", files_of(store_folders["r2"]))
     before = leftovers(tmp_path)
-    bad = files_of(folders["r2"])
+    bad = files_of(store_folders["r2"])
     bad["adapter_config.json"] = io.BytesIO(b'{"peft_type": "LORA", "r": 2, "use_dora": true}')
     with pytest.raises(AdapterError, match="DoRA"):
         store.put_files("a", bad)
     with pytest.raises(AdapterError, match="maximum LoRA rank 4"):  # the store's compatibility check
-        store.put_files("a", files_of(folders["r8"]))
+        store.put_files("a", files_of(store_folders["r8"]))
     with pytest.raises(AdapterError, match="needs both"):
-        store.put_files("a", {"adapter_config.json": files_of(folders["r2"])["adapter_config.json"]})
+        store.put_files("a", {"adapter_config.json": files_of(store_folders["r2"])["adapter_config.json"]})
     with pytest.raises(AdapterError, match="pickled"):
         store.put_files("a", {"adapter_model.bin": io.BytesIO(b"x")})
     with pytest.raises(AdapterError, match="unexpected file"):
         store.put_files("a", {"evil.sh": io.BytesIO(b"x")})
     with pytest.raises(UploadTooLarge):
-        make_store(tmp_path, max_bytes=1000).put_files("a", files_of(folders["r2"]))
-    assert leftovers(tmp_path) == before and digest(store.path("a")) == digest(folders["r2"])
+        make_store(tmp_path, max_bytes=1000).put_files("a", files_of(store_folders["r2"]))
+    assert leftovers(tmp_path) == before and digest(store.path("a")) == digest(store_folders["r2"])
 
 
-def test_interrupted_put_leaves_nothing(tmp_path, folders):
+def test_interrupted_put_leaves_nothing(tmp_path, store_folders):
     store = make_store(tmp_path)
 
     class Boom(io.BytesIO):
@@ -147,21 +137,21 @@ def test_interrupted_put_leaves_nothing(tmp_path, folders):
     assert store.list() == [] and leftovers(tmp_path) == []
 
 
-def test_crashed_puts_are_cleaned_at_start_and_hand_placed_folders_adopted(tmp_path, folders):
+def test_crashed_puts_are_cleaned_at_start_and_hand_placed_folders_adopted(tmp_path, store_folders):
     store = make_store(tmp_path)
-    store.put_files("kept", files_of(folders["r2"]))
-    store.put_files("kept", files_of(folders["r2"]))  # the replaced version lives through its grace time
+    store.put_files("kept", files_of(store_folders["r2"]))
+    store.put_files("kept", files_of(store_folders["r2"]))  # the replaced version lives through its grace time
     meta = tmp_path / ".hotlora~"
     (meta / "tmp" / "x@123-dead").mkdir()  # died while staging
     (meta / "tmp" / "x@123-dead" / "adapter_config.json").write_text("{}")
     (meta / "versions" / "x@124-dead").mkdir()  # died between rename and publish
     (tmp_path / "by-hand").mkdir()
-    for n, data in peft_entries(folders["r4"]).items():
+    for n, data in peft_entries(store_folders["r4"]).items():
         (tmp_path / "by-hand" / n).write_bytes(data)
     store = make_store(tmp_path)
     assert store.list() == ["by-hand", "kept"] and (tmp_path / "by-hand").is_symlink()
     assert store.adopted == {"by-hand"}
-    assert digest(store.path("by-hand")) == digest(folders["r4"])
+    assert digest(store.path("by-hand")) == digest(store_folders["r4"])
     assert sorted(p.name.split("@")[0] for p in (meta / "versions").iterdir()) == ["by-hand", "kept", "kept"]
     make_store(tmp_path, grace_s=0)
     assert sorted(p.name.split("@")[0] for p in (meta / "versions").iterdir()) == ["by-hand", "kept"]
@@ -169,15 +159,15 @@ def test_crashed_puts_are_cleaned_at_start_and_hand_placed_folders_adopted(tmp_p
 
 
 @pytest.mark.parametrize("archive", ["tgz-root", "tgz-folder", "tar", "zip-root", "zip-folder"])
-def test_archives(tmp_path, folders, archive):
+def test_archives(tmp_path, store_folders, archive):
     kind, where = archive.split("-") if "-" in archive else (archive, "root")
     prefix = "" if where == "root" else "my-adapter/"
-    entries = peft_entries(folders["r4"], prefix) | {prefix + "README.md": b"hi", "other/notes.txt": b"ignored"}
+    entries = peft_entries(store_folders["r4"], prefix) | {prefix + "README.md": b"hi", "other/notes.txt": b"ignored"}
     buf = zip_of(entries) if kind == "zip" else tar_of(entries, mode="w:gz" if kind == "tgz" else "w")
     store = make_store(tmp_path)
     store.put_archive("arch", buf)
     path = store.path("arch")
-    assert digest(path) == digest(folders["r4"])
+    assert digest(path) == digest(store_folders["r4"])
     assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -196,26 +186,26 @@ def test_archives(tmp_path, folders, archive):
         (lambda f: io.BytesIO(b"PK\x03\x04 truncated zip"), "could not be read"),
     ],
 )
-def test_bad_archives_are_refused(tmp_path, folders, build, match):
+def test_bad_archives_are_refused(tmp_path, store_folders, build, match):
     store = make_store(tmp_path)
     with pytest.raises(AdapterError, match=match):
-        store.put_archive("arch", build(folders["r4"]))
+        store.put_archive("arch", build(store_folders["r4"]))
     assert store.list() == [] and leftovers(tmp_path) == []
 
 
-def test_decompression_bombs_are_refused(tmp_path, folders):
+def test_decompression_bombs_are_refused(tmp_path, store_folders):
     store = make_store(tmp_path, max_bytes=200_000)
     big = b"\0" * 5_000_000  # compresses to a few kB
     with pytest.raises(UploadTooLarge):
-        store.put_archive("bomb", tar_of(peft_entries(folders["r2"]) | {"filler.txt": big}))
+        store.put_archive("bomb", tar_of(peft_entries(store_folders["r2"]) | {"filler.txt": big}))
     with pytest.raises(UploadTooLarge):
         store.put_archive("bomb", zip_of({"adapter_config.json": b"{}", "adapter_model.safetensors": big}))
     assert store.list() == [] and leftovers(tmp_path) == []
 
 
-def test_concurrent_puts_never_mix_and_readers_see_whole_versions(tmp_path, folders):
+def test_concurrent_puts_never_mix_and_readers_see_whole_versions(tmp_path, store_folders):
     store = make_store(tmp_path)
-    store.put_files("hot", files_of(folders["r2"]))
+    store.put_files("hot", files_of(store_folders["r2"]))
     stop, errors = threading.Event(), []
 
     def writer(src: Path) -> None:
@@ -229,11 +219,11 @@ def test_concurrent_puts_never_mix_and_readers_see_whole_versions(tmp_path, fold
         while not stop.is_set():
             try:
                 adapter = load_peft_adapter(store.path("hot"), "hot")  # r2 config + r4 tensors would raise
-                assert adapter.sha256 in {digest(folders["r2"]), digest(folders["r4"])}
+                assert adapter.sha256 in {digest(store_folders["r2"]), digest(store_folders["r4"])}
             except Exception as exc:
                 errors.append(exc)
 
-    writers = [threading.Thread(target=writer, args=(folders[k],)) for k in ("r2", "r4")]
+    writers = [threading.Thread(target=writer, args=(store_folders[k],)) for k in ("r2", "r4")]
     readers = [threading.Thread(target=reader) for _ in range(2)]
     for t in writers + readers:
         t.start()
@@ -243,7 +233,7 @@ def test_concurrent_puts_never_mix_and_readers_see_whole_versions(tmp_path, fold
     for t in readers:
         t.join()
     assert errors == []
-    assert digest(store.path("hot")) in {digest(folders["r2"]), digest(folders["r4"])}
+    assert digest(store.path("hot")) in {digest(store_folders["r2"]), digest(store_folders["r4"])}
     # retired ones wait out grace_s, the most recent max_retired of them at most: 16 puts leave 2 + 4
     assert len(list((tmp_path / ".hotlora~" / "versions").iterdir())) == 2 + store.max_retired
     make_store(tmp_path, grace_s=0)  # once grace_s is over, a restart drops every version no name points at
