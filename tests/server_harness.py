@@ -4,6 +4,7 @@ that those tests share (settings on the default model, admin uploads, OpenAI err
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -21,6 +22,8 @@ from hotlora.server.engine.config import EngineConfig
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PROMPT = "The three primary colors are"
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}  # the openai client's arguments
 
 
 def free_port() -> int:
@@ -92,6 +95,25 @@ def upload(http: httpx.Client, name: str, folder: Path, token: str = TOKEN) -> h
     """POST the two files of a PEFT folder as multipart parts."""
     files = [("files", (n, (folder / n).read_bytes())) for n in ADAPTER_FILES]
     return http.post(f"/admin/adapters/{name}", files=files, headers={"Authorization": f"Bearer {token}"})
+
+
+def complete(client: Any, model: str, max_tokens: int = 6) -> str:
+    """The text of a greedy completion of PROMPT through the openai client."""
+    return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, **GREEDY).choices[0].text
+
+
+def stream_across_swap(http: httpx.Client, server: ServerThread, model: str, n: int, name: str, folder: Path) -> str:
+    """The text of a greedy n-token stream of PROMPT from `model`, during which (after its first chunk) adapter
+    `name` is replaced by the upload of `folder`: asserted to be a hot swap while the request still runs."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": n, "stream": True, "temperature": 0, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        swapped = upload(http, name, folder)
+        assert swapped.status_code == 200 and swapped.json()["replaced"], swapped.text
+        assert server.call(server.engine.stats).num_running == 1, "the request finished before the swap"
+        rest = [line for line in lines if line.startswith("data: {")]
+    return "".join(json.loads(line[6:])["choices"][0]["text"] for line in [first, *rest])
 
 
 def assert_openai_error(r: httpx.Response, status: int, match: str = "") -> dict:

@@ -7,13 +7,20 @@ import asyncio
 import shutil
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from server_harness import AUTH, ServerThread, assert_openai_error, server_settings, upload
+from server_harness import (
+    AUTH,
+    GREEDY,
+    PROMPT,
+    ServerThread,
+    assert_openai_error,
+    complete,
+    server_settings,
+    stream_across_swap,
+    upload,
+)
 
-PROMPT = "The three primary colors are"
-GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 MAX_LEN = 512  # server_settings() default max_model_len
 
 
@@ -31,10 +38,6 @@ def server(adapter_dir, hotlora_cache):
     srv = ServerThread(server_settings(adapter_dir, hotlora_cache)).start()
     yield srv
     srv.stop()
-
-
-def complete(client: openai.OpenAI, model: str, max_tokens: int = 6) -> str:
-    return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, **GREEDY).choices[0].text
 
 
 def test_models_lists_base_and_adapters_registered_at_start(http, server):
@@ -90,16 +93,7 @@ def test_reupload_hot_swaps_while_a_sequence_is_in_flight(http, client, server):
     n = 32  # long enough that the swap lands while it runs, even on a busy machine
     old, new = complete(client, "swap", n), complete(client, "y-ref", n)
     assert old != new
-    body = {"model": "swap", "prompt": PROMPT, "max_tokens": n, "stream": True, "temperature": 0, "ignore_eos": True}
-    with http.stream("POST", "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        first = next(line for line in lines if line.startswith("data: {"))
-        swapped = upload(http, "swap", dirs["y"])
-        assert swapped.status_code == 200 and swapped.json()["replaced"], swapped.text
-        assert server.call(server.engine.stats).num_running == 1, "the first request finished before the swap"
-        rest = [line for line in lines if line.startswith("data: {")]
-    texts = [httpx.Response(200, content=line[6:]).json()["choices"][0]["text"] for line in [first, *rest]]
-    assert "".join(texts) == old  # the running sequence finished on the old weights
+    assert stream_across_swap(http, server, "swap", n, "swap", dirs["y"]) == old  # it finished on the old weights
     assert complete(client, "swap", n) == new  # new requests get the new ones
 
 

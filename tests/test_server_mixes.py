@@ -15,12 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
-from server_harness import AUTH, ServerThread, assert_openai_error, server_settings, upload
+from server_harness import (
+    AUTH,
+    GREEDY,
+    ServerThread,
+    assert_openai_error,
+    complete,
+    server_settings,
+    stream_across_swap,
+    upload,
+)
 
 from hotlora.adapters.peft_format import load_peft_adapter
 
-PROMPT = "The three primary colors are"
-GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 MIX = "a*0.5+c"  # r4 on q/v plus r2 on o/down: each module gets only its own component's rows
 
 
@@ -34,10 +41,6 @@ def server(tmp_path_factory, peft_dirs, hotlora_cache):
     srv.peft_dirs = peft_dirs
     yield srv
     srv.stop()
-
-
-def complete(client: openai.OpenAI, model: str, max_tokens: int = 6) -> str:
-    return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, **GREEDY).choices[0].text
 
 
 def test_a_mix_is_served_by_name_cached_and_not_listed(http, client, server):
@@ -91,16 +94,7 @@ def test_hot_swap_and_delete_of_a_component_while_a_mix_runs(http, client, serve
     assert old != new
     registry = server.engine.registry
     before = server.call(registry.resolve, mix)
-    body = {"model": mix, "prompt": PROMPT, "max_tokens": n, "stream": True, "temperature": 0, "ignore_eos": True}
-    with http.stream("POST", "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        first = next(line for line in lines if line.startswith("data: {"))
-        swapped = upload(http, "swap", dirs["y"])
-        assert swapped.status_code == 200 and swapped.json()["replaced"], swapped.text
-        assert server.call(server.engine.stats).num_running == 1, "the mix request finished before the swap"
-        rest = [line for line in lines if line.startswith("data: {")]
-    texts = [json.loads(line[6:])["choices"][0]["text"] for line in [first, *rest]]
-    assert "".join(texts) == old  # the running sequence finished on the old component
+    assert stream_across_swap(http, server, mix, n, "swap", dirs["y"]) == old  # it finished on the old component
     assert complete(client, mix, n) == new  # the next request mixes the new one
     assert server.call(registry.resolve, mix) is not before
     assert server.call(registry.cache.lookup, before) is None, "the retired mix kept its device slot"
