@@ -24,14 +24,15 @@ Dispatch: CUDA tensors go to the Triton kernels (one shrink launch and one expan
 slices, e.g. q/k/v or gate/up); CPU tensors go to ``lora_apply_cpu`` (kernels/lora_cpu.py, tested against
 the torch reference), unless HOTLORA_TRITON_CPU=1 (used with TRITON_INTERPRET=1 to run the Triton kernels
 on the CPU). ``lora_apply_triton``, ``lora_shrink`` and
-``lora_expand`` always take the Triton path.
+``lora_expand`` always take the Triton path. ``lora_project`` computes a projection's base output and its
+LoRA delta together, with the shrink beside the base matmul while a CUDA graph is captured.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "lora_apply",
     "lora_apply_triton",
     "lora_expand",
+    "lora_project",
     "lora_shrink",
     "rank_class_of",
     "rank_classes",
@@ -251,3 +253,41 @@ def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[Lor
         check_x(x, slices, meta)
         check_ys(ys, slices, meta)
         lora_apply_cpu(ys, x, slices, meta)  # checks the slices whenever it (re)reads a layer's pools
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _overlap(x: torch.Tensor) -> bool:
+    """Shrink beside the base matmul: only under CUDA-graph capture, where the fork and join are graph edges
+    (eager, each would cost two host-side event calls per projection); off with HOTLORA_LORA_OVERLAP=0."""
+    return (x.is_cuda and os.environ.get("HOTLORA_LORA_OVERLAP", "1") != "0"
+            and torch.cuda.is_current_stream_capturing())
+
+
+def lora_project(base: Callable[[], list[torch.Tensor]], x: torch.Tensor, slices: Sequence[LoraSlice],
+                 meta: LoraMeta) -> list[torch.Tensor]:
+    """ys = base() (the projections' base outputs from x), then ``lora_apply(ys, x, slices, meta)``; returns ys.
+
+    While a CUDA graph is captured the shrink, which needs only x, runs on a side stream beside base() (both
+    are memory-bound and neither fills the GPU at decode sizes), and the expand follows the join. The
+    expand is then launched without PDL: its prologue reads ys, which base() writes.
+    """
+    if not _overlap(x):
+        ys = base()
+        lora_apply(ys, x, slices, meta)
+        return ys
+    check_slices(slices, meta)
+    check_x(x, slices, meta)
+    cfg = kernel_config(meta, [sl.b.shape[1] for sl in slices])
+    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    side.wait_stream(main)  # x and the workspace's previous readers are done
+    with torch.cuda.stream(side):
+        _launch_shrink(x, slices, meta, cfg)
+    ys = base()
+    main.wait_stream(side)  # nothing on main reuses x's memory or the workspace before the shrink is done
+    check_ys(ys, slices, meta)
+    _launch_expand(ys, slices, meta, cfg)
+    return ys

@@ -10,7 +10,8 @@ import pytest
 import torch
 from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
 
-from hotlora.kernels.lora import build_lora_meta, lora_apply, refresh_lora_meta
+from hotlora.kernels import lora as lora_mod
+from hotlora.kernels.lora import build_lora_meta, lora_apply, lora_project, refresh_lora_meta
 from hotlora.kernels.reference import lora_apply_ref
 
 pytestmark = [
@@ -106,6 +107,49 @@ def test_cuda_graph_capture_and_replay(meta_in_graph):
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(case, fused, reference(case, meta), TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("overlap", ["1", "0"])
+def test_lora_project_in_graph(overlap, monkeypatch):
+    """lora_project captured in a graph (the shrink on a side stream beside the base matmul, or after it with
+    HOTLORA_LORA_OVERLAP=0) equals base + lora_apply_ref, replayed over new inputs."""
+    monkeypatch.setenv("HOTLORA_LORA_OVERLAP", overlap)
+    in_features, outs = SIZES["qkv"]
+    case = make_case(torch.bfloat16, in_features, outs, "mixed", 32, "distinct", num_slots=32, device="cuda")
+    meta = case.meta()
+    w = torch.randn(sum(outs), in_features, device="cuda", dtype=torch.bfloat16) * in_features**-0.5
+    result, shrink_streams = {}, []
+    launch_shrink = lora_mod._launch_shrink
+
+    def spy(*args, **kw) -> None:  # which stream each shrink is issued on
+        shrink_streams.append(torch.cuda.current_stream())
+        launch_shrink(*args, **kw)
+
+    monkeypatch.setattr(lora_mod, "_launch_shrink", spy)
+
+    def step() -> None:
+        result["ys"] = lora_project(lambda: case.ys(case.x @ w.T), case.x, case.slices, meta)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        capture = torch.cuda.current_stream()
+        step()
+    assert (shrink_streams[-1] != capture) == (overlap == "1")  # eager (warm-up) never forks
+    assert shrink_streams[0] == stream
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for _ in range(3):
+        case.x.copy_(torch.randn(case.x.shape, generator=gen, device="cuda").to(case.x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = case.x @ w.T
+        lora_apply_ref(case.ys(expected), case.x, case.slices, meta)
+        got = torch.cat(result["ys"], dim=1)
+        assert_matches(case, got, expected, TOLERANCE[torch.bfloat16])
 
 
 @pytest.mark.parametrize("block_m", [16, 64])

@@ -1,7 +1,8 @@
 """The Llama-family forward (Llama, Mistral, Qwen2) over one flattened token batch.
 
 Every decoder linear is a base module from quant.make_linear (NF4 or dense) plus, per target module,
-a LoRA slice from the device slot cache, applied for all adapters of the batch by kernels.lora_apply.
+a LoRA slice from the device slot cache, applied for all adapters of the batch by kernels.lora_project
+(the base output, then lora_apply; the LoRA shrink beside the base matmul in CUDA graphs).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from hotlora.kernels.elementwise import add_rms_norm, rope_, silu_mul
-from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_apply
+from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_project
 from hotlora.server.model.attention import AttentionMeta, paged_attention, write_kv
 from hotlora.server.model.config import ModelConfig
 from hotlora.server.model.quant import fuse_nf4, make_linear
 from hotlora.server.model.rope import Rotary
 
-# The projections LoRA may target, grouped as they are applied: one lora_apply launch per group.
+# The projections LoRA may target, grouped as they are applied: one LoRA shrink + expand per group.
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 _WEIGHTS = {f"self_attn.{n}.weight" for n in (*QKV, "o_proj")} | {
@@ -55,10 +56,13 @@ class DecoderLayer:
 
     def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraMeta | None) -> list[torch.Tensor]:
         group = self.groups.get(names)
-        ys = group(x) if group is not None else [self.proj[n](x) for n in names]
-        if lora is not None and self.lora:
-            lora_apply(ys, x, [self.lora[n] for n in names], lora)
-        return ys
+
+        def base() -> list[torch.Tensor]:
+            return group(x) if group is not None else [self.proj[n](x) for n in names]
+
+        if lora is None or not self.lora:
+            return base()
+        return lora_project(base, x, [self.lora[n] for n in names], lora)
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor | None, batch: ForwardBatch,
                 rotary: Rotary) -> torch.Tensor:
