@@ -261,19 +261,20 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _overlap(x: torch.Tensor) -> bool:
-    """Shrink beside the base matmul: only under CUDA-graph capture, where the fork and join are graph edges
-    (eager, each would cost two host-side event calls per projection); off with HOTLORA_LORA_OVERLAP=0."""
-    return (x.is_cuda and os.environ.get("HOTLORA_LORA_OVERLAP", "1") != "0"
-            and torch.cuda.is_current_stream_capturing())
+    """Shrink beside the base matmul (CUDA; off with HOTLORA_LORA_OVERLAP=0)."""
+    return x.is_cuda and os.environ.get("HOTLORA_LORA_OVERLAP", "1") != "0"
 
 
 def lora_project(base: Callable[[], list[torch.Tensor]], x: torch.Tensor, slices: Sequence[LoraSlice],
                  meta: LoraMeta) -> list[torch.Tensor]:
     """ys = base() (the projections' base outputs from x), then ``lora_apply(ys, x, slices, meta)``; returns ys.
 
-    While a CUDA graph is captured the shrink, which needs only x, runs on a side stream beside base() (both
-    are memory-bound and neither fills the GPU at decode sizes), and the expand follows the join. The
-    expand is then launched without PDL: its prologue reads ys, which base() writes.
+    On CUDA, while a graph is captured, the shrink, which needs only x, runs on a side stream beside base()
+    (both are memory-bound and neither fills the GPU at decode sizes) and the expand follows the join; the
+    fork and join are graph edges. Eagerly (a graph's warm-up, or the eager fallback) the same kernels run
+    one after another on the current stream: two event calls per projection would cost more host time than
+    the overlap saves, and the warm-up must compile exactly the variants the capture launches. The expand
+    runs without PDL: its prologue reads ys, which base() writes.
     """
     if not _overlap(x):
         ys = base()
@@ -282,12 +283,17 @@ def lora_project(base: Callable[[], list[torch.Tensor]], x: torch.Tensor, slices
     check_slices(slices, meta)
     check_x(x, slices, meta)
     cfg = kernel_config(meta, [sl.b.shape[1] for sl in slices])
-    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-    side.wait_stream(main)  # x and the workspace's previous readers are done
-    with torch.cuda.stream(side):
+    if not torch.cuda.is_current_stream_capturing():
+        _side_stream(x.device)  # created before any capture needs it
         _launch_shrink(x, slices, meta, cfg)
-    ys = base()
-    main.wait_stream(side)  # nothing on main reuses x's memory or the workspace before the shrink is done
+        ys = base()
+    else:
+        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        side.wait_stream(main)  # x and the workspace's previous readers are done
+        with torch.cuda.stream(side):
+            _launch_shrink(x, slices, meta, cfg)
+        ys = base()
+        main.wait_stream(side)  # nothing on main reuses x's memory or the workspace before the shrink is done
     check_ys(ys, slices, meta)
     _launch_expand(ys, slices, meta, cfg)
     return ys

@@ -139,8 +139,8 @@ def test_lora_project_in_graph(overlap, monkeypatch):
     with torch.cuda.graph(graph):
         capture = torch.cuda.current_stream()
         step()
-    assert (shrink_streams[-1] != capture) == (overlap == "1")  # eager (warm-up) never forks
-    assert shrink_streams[0] == stream
+    assert (shrink_streams[-1] != capture) == (overlap == "1")
+    assert shrink_streams[0] == stream  # the eager warm-up never forks
     gen = torch.Generator(device="cuda").manual_seed(5)
     for _ in range(3):
         case.x.copy_(torch.randn(case.x.shape, generator=gen, device="cuda").to(case.x.dtype))
