@@ -1,6 +1,6 @@
 """Benchmark of the paged varlen attention kernel against the torch path it replaced, on one CUDA device.
 
-    python bench/attention.py [--quick] [--json out.json]
+    python bench/attention.py [--quick] [--sweep] [--json out.json]
 
 Llama-3-8B attention (32 query heads, 8 KV heads, head_dim 128), bf16, 16-token blocks, one layer's call.
 Batches: decode rows (one query each), prefill chunks (a chunk of n queries ending a context of c tokens), and
@@ -13,6 +13,8 @@ HBM), divided by P. Columns:
   a tensor padded to the longest context and one masked SDPA, then one SDPA per prefill chunk, in a graph too;
 - KV GB/s: K and V bytes of every context read once, over the triton time; % floor: against the 4.27 TB/s of a
   device copy (DESIGN.md).
+--sweep instead times the decode and mixed cases over split counts, warps, stages and key-tile widths and
+prints the best configs per case beside the default's time (the defaults in kernels/attention.py come from it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from graph_timing import graph_time_us
 
-from hotlora.kernels.attention import BLOCK_N, attention_tiles, default_num_splits, paged_attention
+from hotlora.kernels.attention import (
+    BLOCK_N,
+    AttentionConfig,
+    attention_tiles,
+    default_num_splits,
+    paged_attention,
+)
 
 H, KVH, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -90,9 +98,10 @@ class Batch:
         self.max_q = max(n for n, _ in spans)
         self.max_ctx = 1 << (max(c for _, c in spans) - 1).bit_length()
 
-    def triton(self, i: int, num_splits: int | None = None) -> torch.Tensor:
+    def triton(self, i: int, num_splits: int | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
         return paged_attention(self.q, self.k, self.v, self.cu, self.ctx, self.tables[i], SCALE,
-                               max_q_len=self.max_q, max_ctx_len=self.max_ctx, num_splits=num_splits)  # fmt: skip
+                               max_q_len=self.max_q, max_ctx_len=self.max_ctx, num_splits=num_splits,
+                               config=config)  # fmt: skip
 
     def torch_before(self, i: int) -> torch.Tensor:
         """The replaced path: padded decode gather + masked SDPA, then a loop of per-chunk SDPAs."""
@@ -138,12 +147,47 @@ def bench(name: str, spans: list[tuple[int, int]]) -> dict:
     return res
 
 
+def sweep(name: str, spans: list[tuple[int, int]]) -> dict:
+    """Every (splits, warps, stages, key tile) for one case; the best five and the default's time."""
+    b = Batch(spans)
+    default = graph_time_us(b.triton, b.sets)
+    times = []
+    for splits in (1, 2, 4, 8):
+        for block_n in (32, 64, 128):
+            if splits > 1 and b.max_ctx < 2 * block_n * splits:
+                continue
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    cfg = AttentionConfig(block_n, warps, stages)
+                    try:
+                        us = graph_time_us(lambda i, c=cfg, n=splits: b.triton(i, n, c), b.sets, rep=100)
+                    except Exception as exc:  # e.g. out of shared memory: not a candidate
+                        print(f"  {name} splits={splits} {cfg}: {type(exc).__name__}", flush=True)
+                        continue
+                    times.append((us, splits, block_n, warps, stages))
+    times.sort()
+    best = times[:5]
+    print(f"## {name}: default {default:.1f} us, KV {b.kv_bytes / 1e6:.0f} MB; best "
+          + "; ".join(f"{us:.1f} us (splits {n}, block_n {bn}, warps {w}, stages {st})" for us, n, bn, w, st in best),
+          flush=True)  # fmt: skip
+    return {"case": name, "default_us": default, "kv_mb": b.kv_bytes / 1e6, "best": best}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="three cases")
+    parser.add_argument("--sweep", action="store_true", help="sweep launch configs of the decode and mixed cases")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.sweep:
+        names = ("decode B=1 ctx=8192", "decode B=32 ctx=2048", "decode B=64 ctx=U[64,2048]",
+                 "mixed 31 decodes U[64,1024] + chunk 256@768")
+        swept = [sweep(name, spans) for name, spans in cases(False).items() if name in names]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(swept, f, indent=1)
+        return
     print(f"# paged attention, {torch.cuda.get_device_name()}, Llama-3-8B heads {H}/{KVH}, head_dim {D}, bf16, "
           f"block {BS}, key tile {BLOCK_N}")  # fmt: skip
     print("| case | tokens | splits | triton us | triton 1 split us | torch before us | speed-up | KV GB/s | % floor |")

@@ -36,14 +36,24 @@ shapes and the two bucketed ints (max_q_len, max_ctx_len): no host synchronisati
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from ._interp_compat import install as _install_interp_compat
 
-__all__ = ["attention_tiles", "default_num_splits", "paged_attention"]
+__all__ = ["AttentionConfig", "attention_tiles", "default_num_splits", "paged_attention"]
 
 BLOCK_N = 64  # keys per tile
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    """Launch parameters of the attention kernel (bench/attention.py --sweep measures others)."""
+
+    block_n: int = BLOCK_N  # keys per tile
+    warps: int = 4
+    stages: int = 2
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -64,13 +74,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_num_splits(device: torch.device, programs: int, max_ctx_len: int) -> int:
+def default_num_splits(device: torch.device, programs: int, max_ctx_len: int, block_n: int = BLOCK_N) -> int:
     """KV splits (a power of two, at most 32): ~2 programs per SM, at least 4 key tiles per split; 1 on CPU."""
     if device.type != "cuda":
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     splits = 1
-    while splits < 32 and programs * splits < 2 * sms and max_ctx_len >= 4 * BLOCK_N * 2 * splits:
+    while splits < 32 and programs * splits < 2 * sms and max_ctx_len >= 4 * block_n * 2 * splits:
         splits *= 2
     return splits
 
@@ -120,6 +130,7 @@ def paged_attention(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """Causal attention of every query against its sequence's paged context; semantics in the module docstring.
 
@@ -133,7 +144,9 @@ def paged_attention(
     sliding_window: None/0 for full attention, else query at position p sees keys p - window < j <= p.
     num_splits: KV splits (>= 1); None = ``default_num_splits``.
     out: [T, H, D] written in place (and returned); None allocates it.
+    config: launch parameters; None = ``AttentionConfig()``.
     """
+    cfg = config or AttentionConfig()
     out = torch.empty_like(q) if out is None else out
     _check(q, k_cache, v_cache, cu_seqlens_q, ctx_lens, block_tables, out)
     _install_interp_compat()
@@ -146,7 +159,7 @@ def paged_attention(
     group = heads // kv_heads
     block_q, g_pad = attention_tiles(max_q_len, group)
     grid_q = tokens // block_q + num_seqs
-    splits = num_splits or default_num_splits(q.device, grid_q * kv_heads, max_ctx_len)
+    splits = num_splits or default_num_splits(q.device, grid_q * kv_heads, max_ctx_len, cfg.block_n)
     if splits > 1:
         part_o = torch.empty(tokens, heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)
@@ -162,8 +175,8 @@ def paged_attention(
         block_tables.stride(0), *part_o.stride()[:3], *part_lse.stride()[:2],
         num_seqs, splits, scale * 1.4426950408889634, sliding_window or 0,
         G=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q,
-        BLOCK_M=max(16, block_q * g_pad), BLOCK_N=BLOCK_N, SPLIT=splits > 1, WINDOW=bool(sliding_window), PREC=prec,
-        num_warps=4, num_stages=2,
+        BLOCK_M=max(16, block_q * g_pad), BLOCK_N=cfg.block_n, SPLIT=splits > 1, WINDOW=bool(sliding_window), PREC=prec,
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     if splits > 1:
         paged_attention_reduce_kernel[(tokens, heads)](
