@@ -188,9 +188,9 @@ def test_a_step_copies_to_the_host_once_and_never_waits_otherwise(monkeypatch):
     copies = []
     to_host = sampler._to_host
 
-    def counted(t: torch.Tensor) -> list:
+    def counted(t: torch.Tensor, ready=None) -> list:
         copies.append(t.numel())
-        return to_host(t)
+        return to_host(t, ready)
 
     monkeypatch.setattr(sampler, "_to_host", counted)
     for rows in (reqs, [r for r in reqs if r.params.logprobs is None]):
@@ -210,9 +210,9 @@ def test_cuda_step_syncs_only_for_its_one_copy(monkeypatch):
     logits, reqs = _batch()
     to_host = sampler._to_host
 
-    def unguarded(t: torch.Tensor) -> list:
+    def unguarded(*args) -> list:
         torch.cuda.set_sync_debug_mode(0)
-        return to_host(t)
+        return to_host(*args)
 
     monkeypatch.setattr(sampler, "_to_host", unguarded)
     on_device = logits.cuda()  # a copy from pageable memory: it synchronizes, outside the guarded step

@@ -191,10 +191,12 @@ class StepGraphs:
         i64 += step.sample_idx + [0] * (b.seqs - 1 - len(step.sample_idx))
         i32 = cu + [cu[-1]] * empty + [b.tokens]
         i32 += step.ctx_lens + [0] * (empty + 1) + step.lora_slots + [-1] * pad
-        b.i64.copy_(torch.tensor(i64, dtype=torch.int64))
-        b.i32.copy_(torch.tensor(i32, dtype=torch.int32))
+        # non-blocking: the host lists are staged at once, and the copies queue behind a step still in flight
+        # that reads these buffers (a blocking copy would wait for it: no asynchronous scheduling)
+        b.i64.copy_(torch.tensor(i64, dtype=torch.int64), non_blocking=True)
+        b.i32.copy_(torch.tensor(i32, dtype=torch.int32), non_blocking=True)
         tables = [t + [self.pad_block] * (width - len(t)) for t in step.tables]
-        b.batch.attn.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32))
+        b.batch.attn.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
 
     def _build(self, tokens: int, decode: bool, lora_class: int) -> _Bucket:
         dev, seqs = self.model.device, min(tokens, self.max_seqs) + 1

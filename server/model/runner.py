@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,12 +20,24 @@ from hotlora.server.model.attention import AttentionMeta
 from hotlora.server.model.graphs import StepGraphs, StepInput, step_rank_class
 from hotlora.server.model.history import TokenHistory
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
-from hotlora.server.model.sampler import SampleRequest, launch_sample
+from hotlora.server.model.sampler import PendingSample, SampleRequest, launch_sample
 from hotlora.server.model.weights import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 Sampled = tuple[int, TokenLogprob | None]
+PLACEHOLDER = -1  # a token id not known on the host yet: the device fills it in from a queued step's sample
+
+
+@dataclass(slots=True)
+class Launched:
+    """A step queued on the device: which of batch.seqs sample a token (one row each, in order), and the
+    pending sample. The engine appends each sampled sequence's PLACEHOLDER and notes it in `rows`."""
+
+    batch: ScheduledBatch
+    sampled: list[int]  # index in batch.seqs of each sampled row
+    pending: PendingSample
+    rows: dict[Sequence, tuple[int, int]] = field(default_factory=dict)  # seq -> (row, index in token_ids)
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,6 +120,14 @@ class ModelRunner:
                 on_launch: Callable[[], None] | None = None) -> list[Sampled | None]:
         """Run one step; the sampled token of each sequence whose scheduled tokens reach its end. timer
         gets the prepare, launch, device_wait and sample phases."""
+        launched = self.launch(batch, timer)
+        if on_launch is not None:
+            on_launch()
+        return self.collect(launched, timer)
+
+    def launch(self, batch: ScheduledBatch, timer: StepTimer, after: Launched | None = None) -> Launched:
+        """Queue one step (on the CPU: compute it). `after`: a step still in flight, whose sampled tokens are
+        the inputs of this step's PLACEHOLDER positions (copied on the device, behind it)."""
         threads = torch.get_num_threads()
         small = self.device.type == "cpu" and sum(batch.num_tokens) <= self._cpu_single_thread_tokens
         if small and threads > 1:
@@ -116,31 +137,30 @@ class ModelRunner:
             torch.set_num_threads(1)
             self.model.head_threads = threads
         try:
-            return self._execute(batch, timer, on_launch)
+            step, sampled, feed = self._flatten(batch.seqs, batch.num_tokens, after)
+            logits = self._forward(batch.seqs, step, timer, feed, after)
+            requests = [self._sample_request(batch.seqs[i]) for i in sampled]
+            pending = launch_sample(logits, requests, self.eos_ids)
         finally:
             if small and threads > 1:
                 torch.set_num_threads(threads)
                 self.model.head_threads = 0
-
-    def _execute(self, batch: ScheduledBatch, timer: StepTimer,
-                 on_launch: Callable[[], None] | None) -> list[Sampled | None]:
-        step, sampled = self._flatten(batch.seqs, batch.num_tokens)
-        logits = self._forward(batch.seqs, step, timer)
-        requests = [self._sample_request(batch.seqs[i]) for i in sampled]
-        pending = launch_sample(logits, requests, self.eos_ids)
         timer.mark("launch")
-        if on_launch is not None:
-            on_launch()
-        pending.wait()
+        return Launched(batch, sampled, pending)
+
+    def collect(self, launched: Launched, timer: StepTimer) -> list[Sampled | None]:
+        """Wait for a launched step; per batch sequence its (token, logprob), or None if it sampled nothing."""
+        launched.pending.wait()
         timer.mark("device_wait")
-        tokens, logprobs = pending.finish()
-        results: list[Sampled | None] = [None] * len(batch.seqs)
-        for row, i in enumerate(sampled):
+        tokens, logprobs = launched.pending.finish()
+        results: list[Sampled | None] = [None] * len(launched.batch.seqs)
+        for row, i in enumerate(launched.sampled):
             results[i] = (tokens[row], logprobs[row])
         timer.mark("sample")
         return results
 
-    def _forward(self, seqs: list[Sequence], step: StepInput, timer: StepTimer) -> torch.Tensor:
+    def _forward(self, seqs: list[Sequence], step: StepInput, timer: StepTimer, feed: tuple[list[int], list[int]],
+                 after: Launched | None) -> torch.Tensor:
         """Logits [len(step.sample_idx), V] of the step: replayed from a graph, else eagerly. Marks prepare
         once the device metadata is written (the launch phase starts with the forward call)."""
         scored = self._prompt_rows(seqs, step.q_lens)
@@ -148,12 +168,14 @@ class ModelRunner:
         bucket = self.graphs.stage(step) if self.graphs is not None and not scored else None
         if bucket is not None:
             self.graph_steps += 1
+            self._feed(bucket.batch.input_ids, feed, after)
             timer.mark("prepare")
             return self.graphs.replay(bucket, len(step.sample_idx))
         self.eager_steps += 1
         rows = len(step.sample_idx)
         step.sample_idx += [flat for _, flat, _ in scored]
         tensors = self._tensors(step)
+        self._feed(tensors.input_ids, feed, after)
         timer.mark("prepare")
         logits = self.model.forward(tensors)
         if scored:  # its host sync lands in launch (only steps that score prompt tokens)
@@ -161,13 +183,34 @@ class ModelRunner:
             logits = logits[:rows]
         return logits
 
-    def _flatten(self, seqs: list[Sequence], counts: list[int]) -> tuple[StepInput, list[int]]:
-        """The step as host lists, and the index in seqs of each sampled row."""
+    @staticmethod
+    def _feed(input_ids: torch.Tensor, feed: tuple[list[int], list[int]], after: Launched | None) -> None:
+        """input_ids[dst] = the in-flight step's sampled ids at rows src, queued on the device behind it."""
+        dst, src = feed
+        if not dst:
+            return
+        dev = input_ids.device
+        rows = torch.tensor(src, dtype=torch.int64).to(dev, non_blocking=True)
+        input_ids.index_copy_(0, torch.tensor(dst, dtype=torch.int64).to(dev, non_blocking=True),
+                              after.pending.tokens.index_select(0, rows))
+
+    def _flatten(self, seqs: list[Sequence], counts: list[int], after: Launched | None = None
+                 ) -> tuple[StepInput, list[int], tuple[list[int], list[int]]]:
+        """The step as host lists, the index in seqs of each sampled row, and the (flat index, row of
+        `after`'s sample) of each input that is a PLACEHOLDER for a token still being sampled."""
         step = StepInput([], [], [], [], [], list(counts), [], [], self._lora_class(seqs, counts))
         sampled: list[int] = []
+        dst: list[int] = []
+        src: list[int] = []
+        pending = after.rows if after is not None else {}
         bs = self.block_size
         for i, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
             start = seq.num_computed
+            if seq in pending:
+                row, index = pending[seq]
+                if start <= index < start + n:
+                    dst.append(len(step.input_ids) + index - start)
+                    src.append(row)
             step.input_ids += seq.token_ids[start : start + n]
             step.positions += range(start, start + n)
             step.slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -177,7 +220,7 @@ class ModelRunner:
             if start + n == len(seq):
                 step.sample_idx.append(len(step.input_ids) - 1)
                 sampled.append(i)
-        return step, sampled
+        return step, sampled, (dst, src)
 
     def _lora_class(self, seqs: list[Sequence], counts: list[int]) -> int:
         """The step's LoRA rank class, from the host ranks of its distinct adapter slots (no device read)."""

@@ -157,8 +157,11 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: int
     return torch.cat([t.double() for t in parts], dim=1)
 
 
-def _to_host(t: torch.Tensor) -> list:
-    """The step's one device -> host copy (and so its one wait for the device)."""
+def _to_host(t: torch.Tensor, ready: torch.cuda.Event | None = None) -> list:
+    """The step's one wait for the device: for `ready` (the event behind its device -> host copy), then the
+    host values."""
+    if ready is not None:
+        ready.synchronize()
     return t.tolist()
 
 
@@ -173,23 +176,37 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: set[int
 
 @dataclass(slots=True)
 class PendingSample:
-    """A step's sampling issued on the device: wait() is the step's one host sync (the copy of its result),
-    finish() unpacks it on the host."""
+    """A step's sampling issued on the device: wait() is the step's one host sync, finish() unpacks it.
+
+    On CUDA the result's copy to (pinned) host memory is queued right behind the sampling, with an event, so
+    wait() waits for this step only, not for a later step queued behind it (asynchronous scheduling)."""
 
     packed: torch.Tensor  # [S] token ids, or float64 [S + A * (1 + 2 * top)] with the asked rows' logprobs
     requests: list[SampleRequest]
     asked: list[int]  # rows that want logprobs
     top: int  # alternatives per asked row in packed
+    tokens: torch.Tensor | None = None  # int64 [S] the chosen ids on the device: a next step's inputs
     host: list | None = None
+    staged: torch.Tensor | None = None  # packed's host copy (CUDA: in flight until `ready`)
+    ready: torch.cuda.Event | None = None
+
+    def __post_init__(self) -> None:
+        if not self.packed.is_cuda:
+            self.staged = self.packed
+            return
+        self.staged = torch.empty(self.packed.shape, dtype=self.packed.dtype, pin_memory=True)
+        self.staged.copy_(self.packed, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
 
     def wait(self) -> None:
         """Bring the result to the host: on CUDA this waits for the step's forward and sampling."""
-        self.host = _to_host(self.packed)
+        if self.host is None:
+            self.host = _to_host(self.staged, self.ready)
 
     def finish(self) -> tuple[list[int], list[TokenLogprob | None]]:
         """The chosen token ids, and logprobs where asked."""
-        if self.host is None:
-            self.wait()
+        self.wait()
         n = len(self.requests)
         chosen = [int(t) for t in self.host[:n]]
         if not self.asked:
@@ -215,11 +232,11 @@ def launch_sample(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: 
             tokens = tokens.index_copy(0, _device(drawn, torch.int64, logits.device), picked)
     asked = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     if not asked:
-        return PendingSample(tokens, requests, [], 0)
+        return PendingSample(tokens, requests, [], 0, tokens)
     top = max(requests[i].params.logprobs for i in asked)
     block = _logprobs(raw, tokens, asked, top)
     # ids < 2**53 are exact in float64
-    return PendingSample(torch.cat([tokens.double(), block.flatten()]), requests, asked, top)
+    return PendingSample(torch.cat([tokens.double(), block.flatten()]), requests, asked, top, tokens)
 
 
 def _unpack(flat: list[float], tokens: list[int], requests: list[SampleRequest], asked: list[int], top: int
