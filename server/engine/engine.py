@@ -294,6 +294,6 @@ class LLMEngine:
                 if out.prompt_logprobs is not None:
                     a.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
-                    a.finished, a.finish_reason, a.error = True, out.finish_reason, out.error
+                    a.finished, a.finish_reason, a.error, a.timing = True, out.finish_reason, out.error, out.timing
                     done[out.request_id] = a
         return [acc[r.request_id] for r in requests]
