@@ -10,7 +10,10 @@ from /v1/completions; one JSON object is printed (and written to --out):
     requests, completed, errors, duration_s, req_per_s, output_tok_per_s,
     ttft_ms {p50, p99}, tpot_ms {p50, p99}, itl_ms {p99}, and the server counters read from /metrics;
     steps, step_ms, step_tokens_mean, step_phases_ms {phase: mean ms per step}, step_phase_share {phase:
-    share of the step wall time}, host_share (all but device_wait): the engine's step timer over the timed run
+    share of the step wall time}, host_share (all but device_wait): the engine's step timer over the timed run;
+    ttft_parts_ms {queue, prefill, delivery: {p50, p99, mean, n}}: where the server's TTFT went, from its
+    request-phase histograms over the timed run (percentiles interpolated inside the buckets, means exact;
+    see bench/serve_metrics.py)
 
 TPOT is per request: (latency - TTFT) / (output tokens - 1); ITL is the gap between streamed chunks.
 
@@ -47,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from serve_metrics import histogram_sample, ttft_parts
 
 # hotlora counters worth reporting with the latencies: output key -> Prometheus sample name
 SERVER_COUNTERS = {
@@ -196,9 +200,9 @@ _PHASE = re.compile(r'^hotlora_step_phase_seconds_(sum|count)\{phase="([a-z_]+)"
 
 
 def read_counters(url: str) -> dict[str, float]:
-    """The SERVER_COUNTERS samples in /metrics (summed over their labels, unless the name gives them), and
-    the step timer's histograms as step_s:<phase> (sum of seconds), step_n:<phase> (count) and step_tokens;
-    {} if it cannot be read."""
+    """The SERVER_COUNTERS samples in /metrics (summed over their labels, unless the name gives them), the
+    step timer's histograms as step_s:<phase> (sum of seconds), step_n:<phase> (count) and step_tokens, and the
+    TTFT parts' histograms as ttft_* (serve_metrics.histogram_sample); {} if it cannot be read."""
     try:
         text = httpx.get(url + "/metrics", timeout=10).text
     except httpx.HTTPError:
@@ -210,6 +214,10 @@ def read_counters(url: str) -> dict[str, float]:
         phase = _PHASE.match(line)
         if phase:
             out[f"step_{'s' if phase[1] == 'sum' else 'n'}:{phase[2]}"] = float(phase[3])
+            continue
+        part = histogram_sample(line)
+        if part:
+            out[part[0]] = part[1]
             continue
         m = _SAMPLE.match(line)
         key = m and (wanted.get(m[1]) or wanted.get(m[1] + (m[2] or "")))
@@ -315,7 +323,8 @@ def benchmark(a: argparse.Namespace) -> dict:
     summary = summarize(results, duration)
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     summary.update(step_profile(delta))
-    summary["server"] = server = {k: v for k, v in delta.items() if not k.startswith("step_")}
+    summary["ttft_parts_ms"] = ttft_parts(delta)
+    summary["server"] = server = {k: v for k, v in delta.items() if not k.startswith(("step_", "ttft_"))}
     for t in ("disk_to_cpu", "cpu_to_gpu"):  # mean seconds per adapter load, by tier boundary
         if server.get(f"load_{t}_n"):
             server[f"load_{t}_mean_ms"] = 1000 * server[f"load_{t}_s"] / server[f"load_{t}_n"]

@@ -43,7 +43,9 @@ print(sys.argv[2], r["completed"], "/", r["requests"], "req/s", r["req_per_s"], 
       "graph", s.get("graph_steps"), "hit", round(s.get("prefix_cache_hit_rate", 0), 3),
       "loads", s.get("adapter_loads"), "blocked", s.get("steps_blocked_on_adapters"), flush=True)
 print("  step", r.get("step_ms"), "ms,", r.get("step_tokens_mean"), "tok; ms/step", r.get("step_phases_ms"),
-      "host_share", r.get("host_share"), flush=True)' \
+      "host_share", r.get("host_share"), flush=True)
+print("  ttft parts ms p50/p99/mean:", *(k + " " + "/".join(str(v[q]) for q in ("p50", "p99", "mean"))
+      for k, v in r.get("ttft_parts_ms", {}).items()), flush=True)' \
     "$OUT/serve-$name.json" "$name"
 }
 

@@ -101,6 +101,15 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
         assert r["host_share"] == pytest.approx(1 - r["step_phase_share"]["device_wait"], abs=1e-3)
         assert 0.5 < r["host_share"] <= 1.0 and r["step_tokens_mean"] >= 1
     assert not any(k.startswith("step_") for k in base["server"])
+    # where the server's TTFT went over the timed run, from its request-phase histograms: one observation per
+    # timed request (the warm-up's excluded), bucket-interpolated percentiles, exact means
+    for r in (base, base_only, steady):
+        parts = r["ttft_parts_ms"]
+        assert set(parts) == {"queue", "prefill", "delivery"}
+        for p in parts.values():
+            assert p["n"] == r["completed"] and 0 <= p["p50"] <= p["p99"] and p["mean"] >= 0
+        assert parts["prefill"]["mean"] > 0
+    assert not any(k.startswith("ttft_") for k in base["server"])
 
 
 def test_serve_plan_shared_prefixes():

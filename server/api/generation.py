@@ -168,7 +168,7 @@ async def submit(state: AppState, choices: list[Choice], model: str) -> None:
     try:
         for c in choices:
             c.stream = await state.engine.add(c.request)
-            c.timer = state.metrics.timer(c.request.adapter)
+            c.timer = state.metrics.timer(c.request.adapter, c.request.arrival_time)
     except Exception as exc:
         for c in choices:
             if c.stream is not None:

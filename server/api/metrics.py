@@ -6,7 +6,10 @@ vLLM are exported under vLLM's names too (vllm:lora_requests_info, vllm:num_requ
 vllm:num_requests_waiting, vllm:kv_cache_usage_perc, vllm:cache_config_info, vllm:prefix_cache_queries,
 vllm:prefix_cache_hits),
 with adapter residency in the shape vLLM proposes for routers (vllm:lora_adapter_loaded,
-vllm:num_gpu_loaded_lora_adapters, vllm:max_gpu_lora_adapters, vllm:lora_adapter_load_seconds).
+vllm:num_gpu_loaded_lora_adapters, vllm:max_gpu_lora_adapters, vllm:lora_adapter_load_seconds), and
+vLLM's request-phase histograms (vllm:request_queue_time_seconds, vllm:request_prefill_time_seconds,
+vllm:request_decode_time_seconds, vllm:request_inference_time_seconds, vllm:time_to_first_token_seconds,
+vllm:e2e_request_latency_seconds).
 """
 
 from __future__ import annotations
@@ -21,6 +24,18 @@ from prometheus_client.registry import Collector
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _E2E = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+# vLLM's buckets (vllm/v1/metrics/buckets.py) for the series exported under its names
+_VLLM_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+              40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+_VLLM_REQUEST = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# the request phases: every boundary of vLLM's (whose first is 0.3 s, so a dashboard's le="..." still
+# matches), with vLLM's TTFT ones and a few more below a second, where queue and prefill times of an
+# interactive workload lie (bench/serve.py interpolates percentiles inside these buckets)
+_PHASE = tuple(sorted({*_VLLM_REQUEST, *_VLLM_TTFT, 0.0005, 0.002, 0.003, 0.0075, 0.015, 0.025, 0.03, 0.05, 0.07,
+                       0.125, 0.15, 0.2}))  # fmt: skip
+_DELIVERY = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1,
+             0.25, 0.5, 1.0, 2.5, 5.0)  # fmt: skip
 
 
 class _EngineCollector(Collector):
@@ -180,36 +195,85 @@ class Metrics:
         self.e2e = Histogram(
             "hotlora_e2e_request_latency_seconds", "request latency, arrival to last token", buckets=_E2E, registry=r
         )
+        self.phases = RequestPhaseHistograms(r)
         self.uploads = Counter("hotlora_adapter_uploads", "admin adapter uploads by result", ["result"], registry=r)
         self.engine = _EngineCollector()
         r.register(self.engine)
 
-    def timer(self, adapter: str | None) -> RequestTimer:
+    def timer(self, adapter: str | None, start: float = 0.0) -> RequestTimer:
+        """start: when the request was handed to the engine (time.monotonic(); 0: now)."""
         self.adapter_requests.labels(adapter or "").inc()
-        return RequestTimer(self)
+        return RequestTimer(self, start)
 
     def render(self, stats: Any, adapters: list[Any], ready: bool) -> bytes:
         self.engine.stats, self.engine.adapters, self.engine.ready = stats, adapters, ready
         return generate_latest(self.registry)
 
 
-class RequestTimer:
-    """Latency bookkeeping of one engine request."""
+class RequestPhaseHistograms:
+    """Where a request's time goes, as vLLM's request-phase histograms (vllm/v1/metrics/stats.py), from the
+    engine's timestamps (types.RequestTiming) on the request's finished output, plus the hand-over of the first
+    token to the API. The queue clock starts when the API hands the request to the engine, so for every
+    request: time to first token = queue + prefill + delivery."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, r: CollectorRegistry) -> None:
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=r)
+
+        self.queue = hist("vllm:request_queue_time_seconds", "time waiting to be scheduled: handed to the engine "
+                          "to the first step that computes any of its prompt (adapter loads included)", _PHASE)
+        self.prefill = hist("vllm:request_prefill_time_seconds", "first scheduled to the first output token on "
+                            "the engine's host (every prefill chunk, and any preemption meanwhile)", _PHASE)
+        self.decode = hist("vllm:request_decode_time_seconds", "first output token to the end of the request, "
+                           "in the engine", _PHASE)
+        self.inference = hist("vllm:request_inference_time_seconds", "first scheduled to the end of the request, "
+                              "in the engine (prefill + decode)", _PHASE)
+        self.delivery = hist("hotlora_request_first_token_delivery_seconds", "the first output token on the "
+                             "engine's host to the API holding it (engine thread hand-off, event loop)", _DELIVERY)
+        self.ttft = hist("vllm:time_to_first_token_seconds", "time to first token (as hotlora_time_to_first_token_"
+                         "seconds, in vLLM's buckets)", _VLLM_TTFT)
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "request latency, arrival to last token (as "
+                        "hotlora_e2e_request_latency_seconds, in vLLM's buckets)", _VLLM_REQUEST)
+
+    def observe(self, t: Any, first_seen: float) -> None:
+        """A finished request's phases, as far as it got (vLLM's rule: a request never scheduled has none, one
+        scheduled but without a token only its queue time). first_seen: when the API got its first token."""
+        if not t.scheduled:
+            return
+        self.queue.observe(t.scheduled - t.queued)
+        if not t.first_token:
+            return
+        self.prefill.observe(t.first_token - t.scheduled)
+        self.decode.observe(t.finished - t.first_token)
+        self.inference.observe(t.finished - t.scheduled)
+        if first_seen:
+            self.delivery.observe(first_seen - t.first_token)
+
+
+class RequestTimer:
+    """Latency bookkeeping of one engine request, on the event loop (the engine thread never waits for it)."""
+
+    def __init__(self, metrics: Metrics, start: float = 0.0) -> None:
         self.m = metrics
-        self.start = self.last = time.monotonic()
-        self.first = True
+        self.start = self.last = start or time.monotonic()
+        self.first_seen = 0.0  # when the first output token reached the API
 
     def output(self, out: Any) -> None:
         now = time.monotonic()
         if out.new_token_ids:
-            (self.m.ttft if self.first else self.m.itl).observe(now - (self.start if self.first else self.last))
-            self.first = False
+            if self.first_seen:
+                self.m.itl.observe(now - self.last)
+            else:
+                self.first_seen = now
+                self.m.ttft.observe(now - self.start)
+                self.m.phases.ttft.observe(now - self.start)
             self.last = now
         if out.finished:
             self.m.e2e.observe(now - self.start)
+            self.m.phases.e2e.observe(now - self.start)
             self.m.prompt_tokens.inc(out.prompt_tokens)
             self.m.generation_tokens.inc(out.completion_tokens)
             reason = "error" if out.error else (out.finish_reason.value if out.finish_reason else "unknown")
             self.m.requests.labels(reason).inc()
+            if out.timing is not None:
+                self.m.phases.observe(out.timing, self.first_seen)

@@ -103,7 +103,11 @@ class AsyncEngine:
     # --- API for coroutines ------------------------------------------------------------------------
 
     async def add(self, request: Request) -> RequestStream:
-        """Queue a request; raises what engine.add_request raises (bad request, unknown adapter, overload)."""
+        """Queue a request; raises what engine.add_request raises (bad request, unknown adapter, overload).
+        Its queue time starts now (request.arrival_time, unless set): waiting for the engine thread to
+        take the request between two steps is queueing too."""
+        if not request.arrival_time:
+            request.arrival_time = time.monotonic()
         stream = RequestStream(self, request.request_id)
         self._streams[request.request_id] = stream
         try:

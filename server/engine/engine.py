@@ -118,6 +118,7 @@ class LLMEngine:
         # the prefix-cache namespace is the version the registry assigned, never the user's name for it:
         # a hot-swapped or re-created adapter gets a new id, so it never maps the old weights' KV
         seq.cache_ns = adapter.version if adapter is not None else None
+        seq.queued_ts = req.arrival_time or time.monotonic()
         seq.detok = DetokState()
         self.seqs[req.request_id] = seq
         self.scheduler.add(seq)
@@ -154,9 +155,12 @@ class LLMEngine:
                 time.sleep(0.005)  # every device slot is pinned or busy: do not spin the caller's loop
             return outputs
         results = self.runner.execute(batch, timer, on_launch)
+        sampled_at = time.monotonic()  # the step's tokens are on the host
         for seq, n, res in zip(batch.seqs, batch.num_tokens, results, strict=True):
             seq.num_computed += n
             if res is not None and not seq.finished:
+                if not seq.first_token_ts:
+                    seq.first_token_ts = sampled_at
                 outputs.append(self._append(seq, *res))
         timer.mark("postprocess")
         timer.finish(sum(batch.num_tokens), busy=self.scheduler.has_unfinished())
@@ -206,7 +210,7 @@ class LLMEngine:
             request_id=seq.request_id, new_text=text, new_token_ids=[token], finished=reason is not None,
             finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated,
             logprobs=[logprob] if logprob is not None else None, cached_tokens=seq.num_cached_tokens,
-            prompt_logprobs=self._prompt_logprobs(seq),
+            prompt_logprobs=self._prompt_logprobs(seq), timing=seq.timing() if reason is not None else None,
         )
 
     @staticmethod
@@ -223,7 +227,8 @@ class LLMEngine:
         seq.finish_reason = FinishReason.ABORT
         return RequestOutput(request_id=seq.request_id, new_text="", new_token_ids=[], finished=True,
                              finish_reason=FinishReason.ABORT, prompt_tokens=seq.num_prompt,
-                             completion_tokens=seq.num_generated, error=message, error_kind=kind)
+                             completion_tokens=seq.num_generated, error=message, error_kind=kind,
+                             timing=seq.timing())
 
     # --- adapters: the scheduler's hooks ---------------------------------------------------------------
 
@@ -289,6 +294,6 @@ class LLMEngine:
                 if out.prompt_logprobs is not None:
                     a.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
-                    a.finished, a.finish_reason, a.error = True, out.finish_reason, out.error
+                    a.finished, a.finish_reason, a.error, a.timing = True, out.finish_reason, out.error, out.timing
                     done[out.request_id] = a
         return [acc[r.request_id] for r in requests]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,6 +131,8 @@ class Scheduler:
             del self._queued_at[seq]
             self.blocks.start(seq, prefix, cached + n)
             seq.status = SequenceStatus.RUNNING
+            if not seq.scheduled_ts:  # the queue time ends here; a re-admission after preemption keeps it
+                seq.scheduled_ts = time.monotonic()
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
@@ -170,3 +173,4 @@ class Scheduler:
             self.waiting.remove(seq)
             self._queued_at.pop(seq, None)
         seq.status = SequenceStatus.FINISHED
+        seq.finished_ts = time.monotonic()

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from hotlora.server.engine.types import FinishReason, SamplingParams, TokenLogprob
+from hotlora.server.engine.types import FinishReason, RequestTiming, SamplingParams, TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -52,6 +52,11 @@ class Sequence:
     num_committed_blocks: int = 0
     prefix_queried: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.cached_tokens)
+    # the request's phases on time.monotonic() (types.RequestTiming; 0.0 = not yet): a few writes per request
+    queued_ts: float = 0.0  # handed to the engine
+    scheduled_ts: float = 0.0  # first admitted into a step (kept across preemptions, as vLLM does)
+    first_token_ts: float = 0.0  # the first output token on the host
+    finished_ts: float = 0.0  # finished, failed or aborted
 
     def __post_init__(self) -> None:
         self.num_prompt = len(self.token_ids)
@@ -79,3 +84,6 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def timing(self) -> RequestTiming:
+        return RequestTiming(self.queued_ts, self.scheduled_ts, self.first_token_ts, self.finished_ts)

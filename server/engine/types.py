@@ -118,6 +118,8 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
+    # time.monotonic() when the request was handed to the engine (AsyncEngine.add); 0: when add_request runs
+    arrival_time: float = 0.0
 
 
 @dataclass(slots=True)
@@ -125,6 +127,22 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass(slots=True)
+class RequestTiming:
+    """When a request passed each phase inside the engine, on time.monotonic(); 0.0 = never reached.
+
+    queued: handed to the engine; scheduled: the first step that scheduled any of its prompt tokens (a
+    preemption's re-scheduling does not move it); first_token: its first output token on the host;
+    finished: the engine ended it. vLLM's request phases are the differences: queue = scheduled - queued,
+    prefill = first_token - scheduled, decode = finished - first_token, inference = finished - scheduled.
+    """
+
+    queued: float = 0.0
+    scheduled: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
 
 
 @dataclass(slots=True)
@@ -145,3 +163,4 @@ class RequestOutput:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: str | None = None  # set when the request failed inside the engine (e.g. its adapter failed to load)
     error_kind: ErrorKind | None = None  # with error: what kind of failure
+    timing: RequestTiming | None = None  # on the finished output only: the request's phase timestamps
