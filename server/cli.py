@@ -114,6 +114,8 @@ SERVE_OPTIONS = (
     Opt("max-waiting", int, "requests allowed to wait for a slot; more are answered 429"),
     Opt("seed", int, "seed for requests that do not give one"),
     Opt("cuda-graphs", parse_bool, "replay every step from CUDA graphs on cuda: true or false"),
+    Opt("async-scheduling", parse_bool, "schedule and prepare each step while the previous one runs on the GPU "
+        "(cuda only)", switch=True),
     Opt(
         "enable-prefix-caching",
         parse_bool,

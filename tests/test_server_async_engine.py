@@ -209,7 +209,7 @@ def test_breaking_out_of_a_stream_aborts_it(engine, ids):
 def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(engine, ids, reference, monkeypatch):
     async def main():
         ae = await started(engine)
-        real = engine.runner.execute
+        real = engine.runner.launch
         failed = []
 
         def fails_once(batch, *args):
@@ -218,7 +218,7 @@ def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(engine, 
                 raise RuntimeError("injected")
             return real(batch, *args)
 
-        monkeypatch.setattr(engine.runner, "execute", fails_once)
+        monkeypatch.setattr(engine.runner, "launch", fails_once)
         stream = await ae.add(req("doomed", ids["a"], LONG))
         outs = [o async for o in stream]
         assert failed == [["doomed"]]

@@ -257,7 +257,9 @@ class AsyncEngine:
             log.exception("engine step failed; failing every running request")
             outputs = self._fail_all("internal engine error")
         self._flush_held()  # no step was launched (nothing scheduled, or it failed)
-        if outputs and getattr(self.engine, "defers_outputs", False) and self.engine.has_unfinished():
+        # with a step in flight (asynchronous scheduling) the outputs are a step old already: deliver them now
+        defer = getattr(self.engine, "defers_outputs", False) and not getattr(self.engine, "in_flight", False)
+        if outputs and defer and self.engine.has_unfinished():
             self._held = outputs
         elif outputs:
             self._call_soon(self._deliver, outputs)

@@ -33,6 +33,7 @@ class EngineConfig:
     max_waiting: int = 1024  # requests queued before add_request refuses (overload)
     seed: int = 0
     cuda_graphs: bool = True  # replay every step from CUDA graphs captured at startup (cuda only)
+    async_scheduling: bool = True  # build each step while the previous one runs on the device (cuda only)
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before (per adapter version)
 
     def __post_init__(self) -> None:

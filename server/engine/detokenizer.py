@@ -55,16 +55,18 @@ class Detokenizer:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def update(self, seq: Sequence, final: bool, drop_last: bool) -> tuple[str, bool]:
+    def update(self, seq: Sequence, final: bool, drop_last: bool, end: int | None = None) -> tuple[str, bool]:
         """New text of `seq` since the last call, and whether a stop string ended it.
 
-        drop_last leaves the newest token (a stop token id or EOS) out of the text.
+        drop_last leaves the newest token (a stop token id or EOS) out of the text. end: only the tokens
+        before this index count (later ones are placeholders of steps in flight); None: all of them.
         """
         state: DetokState = seq.detok
-        ids = seq.generated_ids[:-1] if drop_last else seq.generated_ids
+        generated = seq.token_ids[seq.num_prompt : end]
+        ids = generated[:-1] if drop_last else generated
         text = state.advance(self.decode, ids, final)
         # as vLLM: stop strings count only once min_tokens tokens exist, and only where they end after that
-        stops = seq.params.stop if seq.num_generated >= seq.params.min_tokens else []
+        stops = seq.params.stop if len(generated) >= seq.params.min_tokens else []
         if not stops:
             state.stop_start = len(text)
         stopped = False

@@ -19,7 +19,7 @@ from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.steptimer import StepTimer
 from hotlora.server.engine.types import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
 from hotlora.server.model.grammar import GrammarCache
-from hotlora.server.model.runner import ModelRunner
+from hotlora.server.model.runner import PLACEHOLDER, Launched, ModelRunner
 from hotlora.server.model.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    admit=self._admit, release=self._release, ready=self._adapter_ready,
-                                   max_adapter_wait_steps=config.max_adapter_wait_steps)
+                                   max_adapter_wait_steps=config.max_adapter_wait_steps, continues=self._continues)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -88,6 +88,9 @@ class LLMEngine:
         # a step's launch returns before the device has computed it (CUDA): a caller may work on the previous
         # step's outputs from step()'s on_launch while the device runs (AsyncEngine does)
         self.defers_outputs = self.runner.device.type == "cuda"
+        # asynchronous scheduling (see step): on an asynchronous device only; tests turn it on for the CPU
+        self.async_scheduling = config.async_scheduling and self.defers_outputs
+        self._inflight: Launched | None = None
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -130,41 +133,104 @@ class LLMEngine:
             seq.finish_reason = FinishReason.ABORT
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
+
+    @property
+    def in_flight(self) -> bool:
+        """A launched step's outputs are still to come (asynchronous scheduling)."""
+        return self._inflight is not None
 
     # --- the step ----------------------------------------------------------------------------------
 
     def step(self, on_launch: Callable[[], None] | None = None) -> list[RequestOutput]:
-        """Schedule, run the model once, and return what each touched request produced. on_launch runs on
-        this thread once the step's device work is queued (not when nothing is scheduled)."""
+        """Schedule, launch the model once, and return what each touched request produced. on_launch runs on
+        this thread once the step's device work is queued (not when nothing is scheduled).
+
+        Asynchronous scheduling: a launched step is left in flight, and the next call schedules and launches
+        its successor before it waits for it, so the host's scheduling, preparation and output work overlaps
+        the device. A sequence's newest token is then still on the device when its next step is built: its
+        token list ends in a PLACEHOLDER that the device fills in as that step's input, and that the host
+        replaces once the token arrives. A sequence that stops there (EOS, a stop string) has one void step
+        queued after it, whose result is dropped. Requests whose sampling reads their tokens on the host
+        (grammars, penalties, min_tokens) wait for their step instead (_overlaps)."""
         timer = self.timer
         timer.begin()
         self.registry.poll()
+        outputs: list[RequestOutput] = []
+        prev, self._inflight = self._inflight, None
+        if prev is not None and not self._overlaps(prev):
+            outputs += self._complete(prev)
+            prev = None
         batch = self.scheduler.schedule()
-        outputs = [self._fail(seq, msg, ErrorKind.ADAPTER) for seq, msg in self._failed]
+        outputs += [self._fail(seq, msg, ErrorKind.ADAPTER) for seq, msg in self._failed]
         self._failed.clear()
         timer.mark("schedule")
         if batch:
             batch = self._prepare(batch, outputs)
         if not batch:
+            if prev is not None:
+                outputs += self._complete(prev)
             timer.skip()
-            pending = self.registry.loading()
-            if pending:  # only cold adapters hold the queue up: wait for one of them, briefly
-                concurrent.futures.wait(pending, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
-            elif self.scheduler.waiting and not outputs:
-                time.sleep(0.005)  # every device slot is pinned or busy: do not spin the caller's loop
+            if not outputs:
+                self._back_off()
             return outputs
-        results = self.runner.execute(batch, timer, on_launch)
-        sampled_at = time.monotonic()  # the step's tokens are on the host
-        for seq, n, res in zip(batch.seqs, batch.num_tokens, results, strict=True):
-            seq.num_computed += n
-            if res is not None and not seq.finished:
-                if not seq.first_token_ts:
-                    seq.first_token_ts = sampled_at
-                outputs.append(self._append(seq, *res))
-        timer.mark("postprocess")
-        timer.finish(sum(batch.num_tokens), busy=self.scheduler.has_unfinished())
+        launched = self.runner.launch(batch, timer, prev)
+        self._launched(launched)
+        if on_launch is not None:
+            on_launch()
+        if prev is not None:
+            outputs += self._complete(prev)
+        if self.async_scheduling:
+            self._inflight = launched
+        else:
+            outputs += self._complete(launched)
+        timer.finish(sum(batch.num_tokens), busy=self.has_unfinished())
         return outputs
+
+    def _back_off(self) -> None:
+        """Nothing ran: wait briefly for what holds the queue up rather than spin the caller's loop."""
+        pending = self.registry.loading()
+        if pending:  # only cold adapters hold the queue up: wait for one of them
+            concurrent.futures.wait(pending, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
+        elif self.scheduler.waiting:
+            time.sleep(0.005)  # every device slot is pinned or busy
+
+    def _launched(self, launched: Launched) -> None:
+        """The step's tokens count as computed from its launch; each sampling sequence gets a PLACEHOLDER."""
+        for seq, n in zip(launched.batch.seqs, launched.batch.num_tokens, strict=True):
+            seq.num_computed += n
+        for row, i in enumerate(launched.sampled):
+            seq = launched.batch.seqs[i]
+            launched.rows[seq] = (row, len(seq.token_ids))
+            seq.token_ids.append(PLACEHOLDER)
+
+    def _complete(self, launched: Launched) -> list[RequestOutput]:
+        """Wait for a launched step and turn its tokens into outputs (sequences finished or aborted meanwhile
+        get none)."""
+        results = self.runner.collect(launched, self.timer)
+        sampled_at = time.monotonic()  # the step's tokens are on the host
+        outputs = []
+        for seq, (row, index) in launched.rows.items():
+            if seq.finished:
+                continue
+            token, logprob = results[launched.sampled[row]]
+            if not seq.first_token_ts:
+                seq.first_token_ts = sampled_at
+            outputs.append(self._append(seq, index, token, logprob))
+        self.timer.mark("postprocess")
+        return outputs
+
+    def _overlaps(self, launched: Launched) -> bool:
+        """The next step may be built before `launched` completes: none of its sequences samples from host
+        state that needs the token still on the device."""
+        return not any(_host_sampled(seq) for seq in launched.rows if not seq.finished)
+
+    def _continues(self, seq: Sequence) -> bool:
+        """False for a sequence whose token in flight is certainly its last (max_tokens, the context): the
+        scheduler gives it no next step."""
+        if not seq.token_ids or seq.token_ids[-1] != PLACEHOLDER:
+            return True
+        return seq.num_generated < seq.params.max_tokens and len(seq) < self.max_model_len
 
     def _prepare(self, batch: ScheduledBatch, outputs: list[RequestOutput]) -> ScheduledBatch:
         """Per-request set-up of the step (the sampler's seed, the grammar matcher): a request that fails it fails
@@ -184,12 +250,15 @@ class LLMEngine:
         keep = [i for i, seq in enumerate(batch.seqs) if seq.request_id not in failed]
         return ScheduledBatch([batch.seqs[i] for i in keep], [batch.num_tokens[i] for i in keep], batch.preempted)
 
-    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
-        seq.token_ids.append(token)
+    def _append(self, seq: Sequence, index: int, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        """The sampled `token` replaces seq's PLACEHOLDER at `index` (later ones may follow it: tokens of steps
+        still in flight); stop checks and detokenization count the tokens up to it."""
+        seq.token_ids[index] = token
         if logprob is not None:
             seq.logprobs.append(logprob)
         p = seq.params
         reason = None
+        length, generated = index + 1, index + 1 - seq.num_prompt
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
         if seq.grammar is not None:
             if not seq.grammar.accept_token(token):  # the bitmask forbids it: never drawn unless there is a bug
@@ -197,31 +266,35 @@ class LLMEngine:
             stop_token = stop_token or seq.grammar.is_terminated()
         if stop_token:
             reason = FinishReason.STOP
-        elif seq.num_generated >= p.max_tokens or len(seq) >= self.max_model_len:
+        elif generated >= p.max_tokens or length >= self.max_model_len:
             reason = FinishReason.LENGTH
-        text, stopped = self.detokenizer.update(seq, final=reason is not None, drop_last=stop_token)
+        text, stopped = self.detokenizer.update(seq, final=reason is not None, drop_last=stop_token, end=length)
         if stopped:
             reason = FinishReason.STOP
         if reason is not None:
+            del seq.token_ids[length:]  # placeholders of a void step queued after this one
             seq.finish_reason = reason
             self.scheduler.finish(seq)
             del self.seqs[seq.request_id]
         return RequestOutput(
             request_id=seq.request_id, new_text=text, new_token_ids=[token], finished=reason is not None,
-            finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=seq.num_generated,
+            finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=generated,
             logprobs=[logprob] if logprob is not None else None, cached_tokens=seq.num_cached_tokens,
-            prompt_logprobs=self._prompt_logprobs(seq), timing=seq.timing() if reason is not None else None,
+            prompt_logprobs=self._prompt_logprobs(seq, generated),
+            timing=seq.timing() if reason is not None else None,
         )
 
     @staticmethod
-    def _prompt_logprobs(seq: Sequence) -> list[TokenLogprob | None] | None:
+    def _prompt_logprobs(seq: Sequence, generated: int) -> list[TokenLogprob | None] | None:
         """The prompt's logprobs, on the first generated token's output only (None first: nothing predicts
         the first prompt token)."""
-        if seq.params.prompt_logprobs is None or seq.num_generated != 1:
+        if seq.params.prompt_logprobs is None or generated != 1:
             return None
         return [None, *seq.prompt_logprobs]
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> RequestOutput:
+        while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:  # tokens of steps in flight: void now
+            seq.token_ids.pop()
         self.scheduler.finish(seq)
         self.seqs.pop(seq.request_id, None)
         seq.finish_reason = FinishReason.ABORT
@@ -297,3 +370,10 @@ class LLMEngine:
                     a.finished, a.finish_reason, a.error, a.timing = True, out.finish_reason, out.error, out.timing
                     done[out.request_id] = a
         return [acc[r.request_id] for r in requests]
+
+
+def _host_sampled(seq: Sequence) -> bool:
+    """Its sampling reads its tokens on the host (grammar matcher, penalties' history, min_tokens' count)."""
+    p = seq.params
+    return (seq.grammar is not None or p.structured is not None or p.repetition_penalty != 1.0
+            or bool(p.frequency_penalty) or bool(p.presence_penalty) or p.min_tokens > 0)

@@ -57,6 +57,7 @@ class Scheduler:
         release: Callable[[Sequence], None],
         ready: Callable[[Sequence], bool] | None = None,
         max_adapter_wait_steps: int = 64,
+        continues: Callable[[Sequence], bool] | None = None,
     ) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
@@ -68,6 +69,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.ready = ready
         self.max_adapter_wait_steps = max_adapter_wait_steps
+        self.continues = continues  # False: a running sequence whose token in flight is its last gets no step
         self.num_steps = 0
         self.num_adapter_blocked_steps = 0  # steps with room in the batch but every waiting request held back
         self._queued_at: dict[Sequence, int] = {}  # step at which each waiting sequence was (re)queued
@@ -94,6 +96,8 @@ class Scheduler:
         queue = list(self.running)  # arrival order; the newest is preempted first
         while queue and budget > 0:
             seq = queue.pop(0)
+            if self.continues is not None and not self.continues(seq):
+                continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.can_allocate(seq, seq.num_computed + n):
                 victim = queue.pop() if queue else seq

@@ -1,0 +1,116 @@
+"""Asynchronous scheduling (LLMEngine.step with a step left in flight) against the synchronous engine.
+
+On CUDA each step is built while the previous one runs, its decode inputs filled in on the device from the
+previous step's sample. The CPU computes at launch, so nothing overlaps here, but the same code paths run when
+the engine is told to (engine.async_scheduling = True): placeholders, device-side input feeding, void steps after
+a stop, drains for host-sampled requests, preemption and aborts while a step is in flight. Every request must
+produce exactly what the synchronous engine produces, token for token and text for text, and leave no block held.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.engine import LLMEngine
+from hotlora.server.engine.types import Request, SamplingParams
+
+PROMPTS = [
+    "Hello, my name is",
+    "Write a haiku about the sea. The sea is",
+    "1, 2, 3, 4,",
+    "In the beginning",
+    "A short story about a robot who learns to paint. Chapter one: the robot woke up and",
+    "Hello, my name is Bob and I like",
+]
+
+
+def _engine(cache, adapters, **kw) -> LLMEngine:
+    kw = {"kv_cache_memory": 0.1, "max_loras": 2, "max_lora_rank": 16} | kw
+    eng = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=cache, **kw))
+    for name, path in adapters.items():
+        eng.registry.register(name, path)
+    return eng
+
+
+def _run(engine: LLMEngine, arrivals: dict[int, list[Request]], asynchronous: bool,
+         abort: dict[int, str] | None = None) -> tuple[dict[str, tuple[list[int], str, str]], int]:
+    """Step until done: per request (tokens, text, finish reason), and the steps that left one in flight."""
+    engine.async_scheduling = asynchronous
+    arrivals, abort = dict(arrivals), dict(abort or {})
+    got: dict[str, tuple[list[int], list[str], list[str]]] = {}
+    step = in_flight = 0
+    while arrivals or engine.has_unfinished():
+        for req in arrivals.pop(step, []):
+            engine.add_request(req)
+        if step in abort:
+            engine.abort(abort.pop(step))
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens, text, reason = got.setdefault(out.request_id, ([], [], []))
+            tokens += out.new_token_ids
+            text.append(out.new_text)
+            if out.finished:
+                reason.append(out.finish_reason.value)
+        in_flight += engine.in_flight
+        step += 1
+        assert step < 3000
+    engine.async_scheduling = False
+    assert engine.blocks.num_used == 0 and all(c == 0 for c in engine.blocks.ref_counts)
+    engine.blocks.check_idle()
+    return {k: (t, "".join(x), "".join(r)) for k, (t, x, r) in got.items()}, in_flight
+
+
+def _workload(engine: LLMEngine, reference: dict | None = None) -> dict[int, list[Request]]:
+    """Staggered requests: greedy and seeded draws, base and adapters, max_tokens, and (given a synchronous
+    run's tokens) stop token ids and stop strings that end requests mid-stream, plus one penalties request
+    (its steps wait for their tokens on the host)."""
+    tok = engine.tokenizer
+    reqs = []
+    for i, prompt in enumerate(PROMPTS):
+        params = SamplingParams(max_tokens=9 + 3 * i, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True)
+        if reference is not None and i == 1:  # stops at its 4th token
+            params.stop_token_ids = [reference[f"r{i}"][0][3]]
+        if reference is not None and i == 2:  # a stop string inside its text
+            text = reference[f"r{i}"][1]
+            params.stop = [text[len(text) // 2 : len(text) // 2 + 3]]
+        if i == 3:
+            params.frequency_penalty = 0.5
+        adapter = ["a", None, "b"][i % 3]
+        reqs.append(Request(f"r{i}", tok.encode(prompt), params, adapter))
+    return {2 * i: [r] for i, r in enumerate(reqs)}
+
+
+@pytest.fixture(scope="module")
+def adapters2(adapters) -> dict[str, object]:
+    first, second = sorted(adapters)[:2]
+    return {"a": adapters[first], "b": adapters[second]}
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["roomy", "preempting"])
+def test_async_scheduling_matches_the_synchronous_engine(hotlora_cache, adapters2, small):
+    """roomy: every request fits; preempting: 12 blocks of 4 tokens and 8-token steps, so sequences are
+    preempted (some while their token is in flight) and prompts are prefilled in chunks."""
+    kw = {"num_kv_blocks": 12, "block_size": 4, "max_num_batched_tokens": 8} if small else {}
+    engine = _engine(hotlora_cache, adapters2, **kw)
+    first, _ = _run(engine, _workload(engine), asynchronous=False)
+    work = _workload(engine, first)
+    sync, _ = _run(engine, work, asynchronous=False)
+    asyn, in_flight = _run(engine, work, asynchronous=True)
+    assert in_flight > 10  # steps really were left in flight
+    assert asyn == sync
+    assert sync["r1"][2] == "stop" and len(sync["r1"][0]) == 4  # the stop cases did stop mid-stream
+    assert sync["r2"][2] == "stop" and len(sync["r2"][0]) < 15
+    if small:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_abort_while_a_step_is_in_flight(hotlora_cache, adapters2):
+    """An aborted request gets no more output, its blocks come back, and the others are untouched."""
+    engine = _engine(hotlora_cache, adapters2)
+    work = _workload(engine)
+    sync, _ = _run(engine, work, asynchronous=False)
+    asyn, _ = _run(engine, work, asynchronous=True, abort={9: "r0"})
+    assert {k: v for k, v in asyn.items() if k != "r0"} == {k: v for k, v in sync.items() if k != "r0"}
+    tokens = asyn["r0"][0]
+    assert tokens == sync["r0"][0][: len(tokens)] and len(tokens) < len(sync["r0"][0])
