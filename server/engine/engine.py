@@ -131,6 +131,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def idle(self) -> None:
+        """Called by a driver before it waits for new work: adapter copies still queued (their issue after a
+        launch found copy_lock busy, and the requests that wanted them are gone) are issued now, not at the
+        next step, so that their slots become usable or evictable."""
+        self.registry.cache.issue_pending()
+
     # --- the step ----------------------------------------------------------------------------------
 
     def step(self, on_launch: Callable[[], None] | None = None) -> list[RequestOutput]:
@@ -147,6 +153,7 @@ class LLMEngine:
             batch = self._prepare(batch, outputs)
         if not batch:
             timer.skip()
+            self.registry.cache.issue_pending()  # copies reserved by this schedule: no launch to hide them behind
             pending = self.registry.loading()
             if pending:  # only cold adapters hold the queue up: wait for one of them, briefly
                 concurrent.futures.wait(pending, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
