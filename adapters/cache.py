@@ -255,10 +255,12 @@ class LoraSlotCache:
     def issue_pending(self, wait: bool = True) -> int:
         """Issue the copies reserved since the last call, in order, on this thread (the engine's); how many.
 
-        wait=False (right after a step's launch): if copy_lock is busy (a graph capture, or a reading thread
-        allocating pinned memory, which can take tens of ms), leave them for the next call rather than stall
-        the step; the engine calls this again at every step, and before it idles. An exception in a copy goes
-        to its future: `poll` frees the slot and raises it, as for the copy thread."""
+        Who calls it: the runner right after each step's launch (wait=False: if copy_lock is busy, with a
+        graph capture or a reading thread allocating pinned memory, which can take tens of ms, the copies wait
+        for the next launch rather than stall this one); the engine when a step has nothing to launch and
+        before it idles; `load`. A caller of reserve outside an engine (a benchmark, a test) calls it itself.
+        An exception in a copy goes to its future: `poll` frees the slot and raises it, as for the copy
+        thread."""
         if not self._queued or not self.copy_lock.acquire(blocking=wait):
             return 0
         try:

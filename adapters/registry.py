@@ -157,10 +157,8 @@ class AdapterRegistry:
             self.cache.evict(v)
 
     def poll(self) -> None:
-        """Once per step: issue copies still queued (reserved outside a step, or left by a busy copy_lock), then
-        publish finished device copies. (A retired version's copy is kept: a request queued before the swap may
-        be waiting for it; it leaves with its last user, or by LRU.)"""
-        self.cache.issue_pending(wait=False)
+        """Once per step: publish finished device copies. (A retired version's copy is kept: a request
+        queued before the swap may be waiting for it; it leaves with its last user, or by LRU.)"""
         for slot, s in enumerate(self.cache.slots):
             if s is None or s.ready:
                 continue
