@@ -13,8 +13,8 @@ behind an event recorded at reserve time (rows freed by an eviction may still be
 
 Who issues a copy's device work: on CUDA the engine thread, through `issue_pending`, right after it launched a
 step (the runner calls it there: the GPU computes the step meanwhile), or at once when no step runs (the engine
-with nothing to launch, `load`). A copy thread issued it before, and under decode its ~20 torch calls took
-37-63 ms instead of 2.3 ms, each waiting for the GIL that the engine and HTTP threads hold (BENCHMARKS.md,
+with nothing to launch, `load`). A copy thread issued it before, and under decode its issue took 37-63 ms
+instead of 2.3 ms: each torch call waited for the GIL that the engine and HTTP threads hold (BENCHMARKS.md,
 issue 12). The CPU pools keep the copy thread ("adapter-h2d"): the CPU engine has no device to overlap, and
 the copy's own time would stall its steps. `copy_thread` says which path new reservations take
 (HOTLORA_ADAPTER_COPY_THREAD=1 sets it on CUDA too, for an A/B benchmark).
