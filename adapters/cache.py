@@ -4,19 +4,29 @@ The pools follow the row-pool layout of hotlora.kernels (see kernels/_meta.py): 
 takes exactly r consecutive rows of every target module's pool, in every layer, so slots of small
 rank leave room for more adapters and no kernel ever computes padding.
 
-Loading a slot never blocks the engine thread on the copy: `reserve` takes the rows and hands the copy
-to a worker thread, which on CUDA issues it on a side stream (after an event recorded on the engine's
-stream, so rows freed by an eviction are not overwritten under a step still in flight) and returns an
-event; `poll` checks that event and only then writes the slot-table entries (rank, row start, scale)
-that make the slot visible to the kernels. A host copy read from disk is the raw file in one buffer
-(adapters/staging.py; pinned on CUDA): the copy thread moves it to the device in one transfer, then
-casts and transposes into the pool rows and checks finiteness there, all queued on the side stream.
-A weighted mix (adapters/compose.py) takes one slot of its summed rank; its copy writes each
-component's rows in turn, with the component's weight and scale folded into A.
+Loading a slot never blocks the engine thread on the copy: `reserve` takes the rows and queues the copy;
+`poll` checks the copy's event and only then writes the slot-table entries (rank, row start, scale) that
+make the slot visible to the kernels. A host copy read from disk is the raw file in one buffer
+(adapters/staging.py; pinned on CUDA): the copy moves it to the device in one transfer, then casts and
+transposes into the pool rows and checks finiteness there (adapters/poolwrite.py), all on a side stream
+behind an event recorded at reserve time (rows freed by an eviction may still be read by a step in flight).
+
+Who issues a copy's device work: on CUDA the engine thread, through `issue_pending`, right after it launched a
+step (the runner calls it there: the GPU computes the step meanwhile), or at once when no step runs (the engine
+with nothing to launch, `load`). A copy thread issued it before, and under decode its issue took 37-63 ms
+instead of 2.3 ms: each torch call waited for the GIL that the engine and HTTP threads hold (BENCHMARKS.md,
+issue 12). The CPU pools keep the copy thread ("adapter-h2d"): the CPU engine has no device to overlap, and
+the copy's own time would stall its steps. `copy_thread` says which path new reservations take
+(HOTLORA_ADAPTER_COPY_THREAD=1 sets it on CUDA too, for an A/B benchmark).
+
+A weighted mix (adapters/compose.py) takes one slot of its summed rank; its copy writes each component's rows
+in turn, with the component's weight and scale folded into A.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
@@ -25,9 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hotlora.adapters.compose import StagedMix, fold
+from hotlora.adapters.compose import StagedMix
 from hotlora.adapters.loadstats import LoadStats
 from hotlora.adapters.peft_format import TARGET_MODULES, AdapterError
+from hotlora.adapters.poolwrite import PoolWriter
 from hotlora.adapters.staging import StagedAdapter
 from hotlora.kernels.lora import LoraSlice
 
@@ -50,8 +61,19 @@ class Slot:
 
 
 @dataclass(slots=True)
+class _Job:
+    """A reserved copy not issued yet (engine-thread issue): `future` gets its _Copied."""
+
+    future: Future
+    key: Hashable
+    start: int
+    adapter: StagedAdapter | StagedMix
+    after: torch.cuda.Event | None
+
+
+@dataclass(slots=True)
 class _Copied:
-    """What the copy thread hands back: CUDA events to poll (None on CPU), and a host flag that says
+    """What a copy's issue hands back: CUDA events to poll (None on CPU), and a host flag that says
     whether every weight was finite (None when not checked), valid once `done` has completed."""
 
     begin: torch.cuda.Event | None
@@ -89,8 +111,8 @@ class RowAllocator:
 class LoraSlotCache:
     """`num_slots` device slots over pools of `pool_rows` rows per (layer, module).
 
-    Only the engine thread calls it; the copies it starts run on its copy thread.
-    `copy_hook(key)`, when set, runs on the copy thread before each copy: fault injection for tests.
+    Only the engine thread calls it; the copies are issued by it (`issue_pending`) or by the copy thread.
+    `copy_hook(key)`, when set, runs on the issuing thread before each copy: fault injection for tests.
     """
 
     def __init__(self, linear_shapes: dict[str, tuple[int, int]], num_layers: int, num_slots: int,
@@ -123,7 +145,10 @@ class LoraSlotCache:
         self.copy_hook: Callable[[Hashable], None] | None = None
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self.writer = PoolWriter(self.pools, num_layers, self.device)
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-h2d")
+        self.copy_thread = not self._cuda or os.environ.get("HOTLORA_ADAPTER_COPY_THREAD") == "1"
+        self._queued: list[_Job] = []  # reserved, for issue_pending (when not copy_thread)
         self.copy_lock = threading.Lock()  # held while copies are issued; CUDA graph capture takes it too
 
     def lookup(self, key: Hashable) -> int | None:
@@ -177,7 +202,11 @@ class LoraSlotCache:
         if self._cuda:  # the copy waits for the steps already queued, which may still read freed rows
             after = torch.cuda.Event()
             after.record(torch.cuda.current_stream(self.device))
-        s.transfer = self._copier.submit(self._copy, key, start, adapter, after)
+        if self.copy_thread:
+            s.transfer = self._copier.submit(self._copy_locked, key, start, adapter, after)
+        else:
+            s.transfer = Future()
+            self._queued.append(_Job(s.transfer, key, start, adapter, after))
         self.slots[slot] = s
         self.index[key] = slot
         return slot
@@ -207,13 +236,15 @@ class LoraSlotCache:
         return True
 
     def load(self, key: Hashable, adapter: StagedAdapter | StagedMix) -> int | None:
-        """reserve + wait for the copy (admin pin: its caller waits anyway). None as for reserve."""
+        """reserve + wait for the copy (admin pin: its caller waits anyway). None as for reserve; raises what
+        the copy raised (the slot is freed first)."""
         slot = self.reserve(key, adapter)
         if slot is None:
             return None
-        copied = self.slots[slot].transfer.result()
-        if copied.done is not None:
-            copied.done.synchronize()
+        self.issue_pending()
+        transfer = self.slots[slot].transfer
+        if transfer.exception() is None and transfer.result().done is not None:
+            transfer.result().done.synchronize()
         self.poll(slot)
         self.slots[slot].fresh = False
         return slot
@@ -221,77 +252,60 @@ class LoraSlotCache:
     def pending(self) -> list[Future]:
         return [s.transfer for s in self.slots if s is not None and not s.ready]
 
-    def _copy(self, key: Hashable, start: int, adapter: StagedAdapter | StagedMix,
-              after: torch.cuda.Event | None) -> _Copied:
-        """On the copy thread: CPU pools are written here; on CUDA everything is queued on the side stream
-        behind `after`, and poll() waits for the returned events."""
+    def issue_pending(self, wait: bool = True) -> int:
+        """Issue the copies reserved since the last call, in order, on this thread (the engine's); how many.
+
+        Who calls it: the runner right after each step's launch (wait=False: if copy_lock is busy, with a
+        graph capture or a reading thread allocating pinned memory, which can take tens of ms, the copies wait
+        for the next launch rather than stall this one); the engine when a step has nothing to launch and
+        before it idles; `load`. A caller of reserve outside an engine (a benchmark, a test) calls it itself.
+        An exception in a copy goes to its future: `poll` frees the slot and raises it, as for the copy
+        thread."""
+        if not self._queued or not self.copy_lock.acquire(blocking=wait):
+            return 0
+        try:
+            jobs, self._queued = self._queued, []
+            for job in jobs:
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    self._hook(job.key)
+                    job.future.set_result(self._copy(job.start, job.adapter, job.after))
+                except Exception as exc:
+                    job.future.set_exception(exc)
+        finally:
+            self.copy_lock.release()
+        return len(jobs)
+
+    def _copy_locked(self, key: Hashable, start: int, adapter: StagedAdapter | StagedMix,
+                     after: torch.cuda.Event | None) -> _Copied:
+        """On the copy thread: the hook, then _copy (under copy_lock on CUDA)."""
+        self._hook(key)
+        with self.copy_lock if self._cuda else contextlib.nullcontext():
+            return self._copy(start, adapter, after)
+
+    def _hook(self, key: Hashable) -> None:
         if self.copy_hook is not None:
             self.copy_hook(key)
+
+    def _copy(self, start: int, adapter: StagedAdapter | StagedMix, after: torch.cuda.Event | None) -> _Copied:
+        """With copy_lock held on CUDA: CPU pools are written here; on CUDA everything is queued on the side
+        stream behind `after`, and poll() waits for the returned events."""
         t0 = time.perf_counter()
         if not self._cuda:
-            finite = self._write_staged(start, adapter, to_device=False)
+            finite = self.writer.write(start, adapter, to_device=False)
             self.stats.record("h2d_copy", time.perf_counter() - t0)
             return _Copied(None, None, finite)
-        with self.copy_lock, torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             self._stream.wait_event(after)
             begin, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record(self._stream)
-            finite = self._write_staged(start, adapter, to_device=True)
+            finite = self.writer.write(start, adapter, to_device=True)
             if finite is not None:  # read by poll() once `done` completed: no sync on the engine thread
                 finite = finite.to("cpu", non_blocking=True)
             done.record(self._stream)
         self.stats.record("h2d_issue", time.perf_counter() - t0)
         return _Copied(begin, done, finite)
-
-    def _write_staged(self, start: int, adapter: StagedAdapter | StagedMix, to_device: bool) -> torch.Tensor | None:
-        """Copy an adapter, or each component of a mix at its row offset per module, into the pool rows;
-        the finiteness flag if it is still to check. `to_device`: move each file to the device first."""
-        if not isinstance(adapter, StagedMix):
-            return self._write(start, adapter, self._raw(adapter, to_device))
-        offsets = dict.fromkeys(TARGET_MODULES, 0)
-        flags = []
-        for part, weight in adapter.parts:
-            flag = self._write(start, part, self._raw(part, to_device), offsets, weight)
-            if flag is not None:
-                flags.append(flag)
-            for m in part.config.target_modules:
-                offsets[m] += part.config.rank
-        return torch.stack(flags).all() if flags else None
-
-    def _raw(self, adapter: StagedAdapter, to_device: bool) -> torch.Tensor | None:
-        """The file's bytes where the copies read from: a device copy of them on CUDA."""
-        if not to_device or adapter.raw is None:
-            return adapter.raw
-        return adapter.raw.to(self.device, non_blocking=True)
-
-    def _write(self, start: int, adapter: StagedAdapter, raw: torch.Tensor | None,
-               offsets: dict[str, int] | None = None, weight: float | None = None) -> torch.Tensor | None:
-        """Copy (casting, B transposed) into the pool rows from `start` (+ offsets[module] for a mix
-        component, whose A is folded with `weight` and its scale); the finiteness flag if still to check."""
-        weights = adapter.weights if raw is None or raw is adapter.raw else adapter.views(raw)
-        for m in adapter.config.target_modules:
-            first = start + (offsets[m] if offsets is not None else 0)
-            rows = slice(first, first + adapter.config.rank)
-            pairs = [weights.get((layer, m)) for layer in range(len(self.layers))]
-            if weight is not None:
-                pairs = [None if ab is None else (fold(ab[0], weight, adapter.config.scale), ab[1]) for ab in pairs]
-            pool_a, pool_b = self.pools[m]
-            if all(ab is not None for ab in pairs):
-                # a few large ops, not two per layer: each op waits for the GIL, which the engine and
-                # HTTP threads hold most of the time under load (448 small copies took ~0.6 s there)
-                pool_a[:, rows].copy_(torch.stack([a for a, _ in pairs]), non_blocking=True)
-                pool_b[:, rows].copy_(torch.stack([b for _, b in pairs]).transpose(1, 2), non_blocking=True)
-                continue
-            for layer, ab in enumerate(pairs):
-                if ab is None:  # not targeted in this layer (layers_to_transform): a zero delta
-                    pool_a[layer, rows].zero_()
-                    pool_b[layer, rows].zero_()
-                else:
-                    pool_a[layer, rows].copy_(ab[0], non_blocking=True)
-                    pool_b[layer, rows].copy_(ab[1].T, non_blocking=True)
-        if not adapter.check_finite:
-            return None
-        return _all_finite(adapter, raw, weights)
 
     def _publish(self, slot: int) -> None:
         """The slot-table writes that make a copied slot visible to the kernels."""
@@ -353,6 +367,9 @@ class LoraSlotCache:
 
     def close(self) -> None:
         self._copier.shutdown(wait=False, cancel_futures=True)
+        for job in self._queued:
+            job.future.cancel()
+        self._queued.clear()
 
 
 def _layout(adapter: StagedAdapter | StagedMix) -> tuple[int, float, dict[str, int]]:
@@ -362,13 +379,3 @@ def _layout(adapter: StagedAdapter | StagedMix) -> tuple[int, float, dict[str, i
     cfg = adapter.config
     return cfg.rank, cfg.scale, {m: cfg.rank if m in cfg.target_modules else 0 for m in TARGET_MODULES}
 
-
-def _all_finite(adapter: StagedAdapter, raw: torch.Tensor, weights: dict) -> torch.Tensor:
-    """One kernel over the file's data when it is all one dtype (as peft saves it), else one per tensor."""
-    dtypes = {t.dtype for ab in weights.values() for t in ab}
-    data = raw[adapter.data_start :]
-    if len(dtypes) == 1:
-        (dtype,) = dtypes
-        if adapter.data_start % dtype.itemsize == 0 and data.numel() % dtype.itemsize == 0:
-            return torch.isfinite(data.view(dtype)).all()
-    return torch.stack([torch.isfinite(t).all() for ab in weights.values() for t in ab]).all()

@@ -2,9 +2,9 @@
 
 Phases (seconds each, the last few thousand kept): disk_read (adapter_model.safetensors into one buffer,
 pinned on CUDA), parse (its header; names, dtypes and shapes checked against the config and the base),
-h2d_issue (host time on the copy thread to queue the device work, CUDA), h2d_copy (the device work: one
-transfer of the file, the cast/transposed copies into the pool rows and the finiteness check, timed
-with CUDA events; on CPU the same work itself), slot_tables (the slot-table writes on the engine thread).
+h2d_issue (host time to queue the device work, CUDA: on the engine thread, or the copy thread), h2d_copy
+(the device work: one transfer of the file, the cast/transposed copies into the pool rows and the finiteness
+check, timed with CUDA events; on CPU the same work itself), slot_tables (the slot-table writes on the engine thread).
 Transitions (Prometheus histograms, vLLM's names): disk_to_cpu (disk_read + parse, on a worker thread),
 cpu_to_gpu (from taking a slot to the slot being usable, as the engine thread sees it).
 Recorded from several threads: deque.append is atomic, the histograms take a lock.

@@ -1,96 +1,32 @@
 """Adapter registry: names -> versions, lazy disk -> host -> device loading, hot swap, pinning.
 
-Only the engine thread calls into the registry. Nothing on the cold path runs there: disk reads,
-parsing and staging (into pinned memory on CUDA) run on a small thread pool, and the device copy on
-the cache's copy thread and side stream; a request naming a cold adapter waits for its own load while
-the rest of the batch keeps decoding. A read starts when the request is queued (prefetch_version),
-within the host budget. A re-registered name gets a new version; sequences already holding the old
-version finish on it. `read_hook(name)`, when set, runs on the reading thread first: fault injection.
-A name such as "sql*0.7+chat*0.3" resolves to a weighted mix of registered adapters (mixes.py).
+Only the engine thread calls into the registry. Nothing on the cold path blocks there: disk reads,
+parsing and staging (into pinned memory on CUDA) run on a small thread pool, and the device copy runs on
+the cache's side stream, issued by the engine thread in the shadow of a step on CUDA (cache.py); a request
+naming a cold adapter waits for its own load while the rest of the batch keeps decoding. A read starts
+when the request is queued (prefetch_version), within the host budget. A re-registered name gets a new
+version; sequences already holding the old version finish on it. `read_hook(name)`, when set, runs on
+the reading thread first: fault injection. A name such as "sql*0.7+chat*0.3" resolves to a weighted mix
+of registered adapters (mixes.py). The records (versions, per-name statistics, info rows) are in
+versions.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from hotlora.adapters.cache import LoraSlotCache
 from hotlora.adapters.mixes import MixTable, MixVersion
 from hotlora.adapters.mixspec import is_mix, parse_mix
-from hotlora.adapters.peft_format import (
-    WEIGHTS_NAME,
-    AdapterConfig,
-    AdapterError,
-    LoraAdapter,
-    check_compatible,
-    read_adapter_config,
-)
+from hotlora.adapters.peft_format import WEIGHTS_NAME, AdapterError, LoraAdapter, check_compatible, read_adapter_config
 from hotlora.adapters.staging import StagedAdapter, from_adapter, parse_staged, read_raw, warm_pinned
+from hotlora.adapters.versions import AdapterInfo, AdapterVersion, NameStats, UnknownAdapterError, hash_weights
 
 log = logging.getLogger(__name__)
-
-
-class UnknownAdapterError(KeyError):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-    def __str__(self) -> str:
-        return f"adapter {self.name!r} does not exist"
-
-
-@dataclass(eq=False)
-class AdapterVersion:
-    """One upload of one name: what a sequence holds on to."""
-
-    name: str
-    path: Path
-    version: int
-    config: AdapterConfig
-    sha256: str | None  # known once the weights are read
-    file_bytes: int
-    host: StagedAdapter | None = None
-    loading: Future | None = None  # the read (or the staging of an upload); its result is the host copy
-    error: str | None = None
-
-
-@dataclass(slots=True)
-class AdapterInfo:
-    name: str
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    nbytes: int
-    sha256: str | None  # None until the adapter is first loaded
-    residency: str  # "disk" | "host" | "device"
-    on_host: bool  # a host copy is kept (also while on the device, until the host budget drops it)
-    pinned: bool
-    last_used: float | None
-    loads: int
-    hits: int
-    evictions: int
-
-
-@dataclass(slots=True)
-class _Stats:
-    loads: int = 0
-    hits: int = 0
-    last_used: float | None = None
-    pinned: bool = False
-    evictions: int = 0  # of the name's earlier versions (the cache counts the current one's)
-
-
-def _hash_weights(v: AdapterVersion) -> None:
-    digest = hashlib.sha256()
-    with open(v.path / WEIGHTS_NAME, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    v.sha256 = v.sha256 or digest.hexdigest()
 
 
 class AdapterRegistry:
@@ -100,7 +36,7 @@ class AdapterRegistry:
         self.linear_shapes, self.num_layers, self.max_rank = linear_shapes, num_layers, max_rank
         self.host_budget = host_budget_bytes
         self.current: dict[str, AdapterVersion] = {}
-        self.stats: dict[str, _Stats] = {}
+        self.stats: dict[str, NameStats] = {}
         self._versions = 0
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
         self.read_hook: Callable[[str], None] | None = None
@@ -127,14 +63,14 @@ class AdapterRegistry:
                                  host=from_adapter(loaded) if loaded is not None else None)
         old = self.current.get(name)
         self.current[name] = version
-        self.stats.setdefault(name, _Stats())
+        self.stats.setdefault(name, NameStats())
         if old is not None:
             self._retire(old)
             self.mixes.retire_component(old)
         if loaded is not None:
             self._trim_host(keep=version)
         else:  # hashing a large file is disk-bound: keep it off the engine thread
-            self._pool.submit(_hash_weights, version)
+            self._pool.submit(hash_weights, version)
         return version
 
     def remove(self, name: str) -> None:

@@ -4,17 +4,23 @@ A cold load reads adapter_model.safetensors straight into one buffer (pinned mem
 only the header, and validates names, shapes and dtypes on views into that buffer: no per-tensor host
 copy, no host-side cast, no host-side finiteness scan (the slowest part on a CPU: about a second for an
 84 MB adapter on a loaded CPU). The device copy then moves the whole file in one transfer and casts,
-transposes and checks finiteness on the device (the copy stage in cache.py).
+transposes and checks finiteness on the device (adapters/poolwrite.py).
+
+Where the file lays a module's layers out evenly (as safetensors does: every layer's tensors form one block
+of the same size, the blocks in the sorted order of their names, so layer 10 comes before layer 2), a
+`Stack` says so: the module's A (or B) of every layer is then one strided view of the buffer, and the copy
+writes all layers with one call instead of one view per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import struct
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,11 +30,30 @@ from hotlora.adapters.peft_format import WEIGHTS_NAME, AdapterConfig, AdapterErr
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+@dataclass(frozen=True, slots=True)
+class Stack:
+    """One (module, side) of every layer as a single strided view: the tensor at file position k (in byte
+    order) starts at `offset + k * step` (bytes into the buffer) and belongs to layer order[k]."""
+
+    offset: int
+    step: int
+    dtype: torch.dtype
+    shape: tuple[int, int]  # one layer's tensor
+    order: tuple[int, ...]  # a permutation of range(len(order)): every layer from 0 has the module
+
+    def view(self, typed: torch.Tensor) -> torch.Tensor:
+        """[layers, *shape] in file order, over `typed`: the buffer reinterpreted as `dtype` from byte 0."""
+        size = self.dtype.itemsize
+        return typed.as_strided((len(self.order), *self.shape), (self.step // size, self.shape[1], 1),
+                                self.offset // size)
+
+
 @dataclass(slots=True)
 class StagedAdapter:
     """weights: (layer, module) -> (A [r, in], B [out, r]) as stored (any float dtype), views into `raw`
     when `raw` is set (then `spans` gives each view's (byte offset, dtype, shape) to rebuild it on a
-    device copy of `raw`). check_finite: finiteness is still to be checked (on the device)."""
+    device copy of `raw`). check_finite: finiteness is still to be checked (on the device). stacks: module ->
+    (A, B) as Stacks, for the modules whose layers the file lays out evenly."""
 
     config: AdapterConfig
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
@@ -38,6 +63,7 @@ class StagedAdapter:
     spans: dict[tuple[int, str], tuple[tuple, tuple]] | None = None
     data_start: int = 0  # where the tensor data begins in `raw`
     check_finite: bool = False
+    stacks: dict[str, tuple[Stack, Stack]] = field(default_factory=dict)
 
     def views(self, raw: torch.Tensor) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """The weights as views into `raw` (this adapter's buffer or a device copy of it)."""
@@ -129,7 +155,40 @@ def parse_staged(raw: torch.Tensor, folder: Path, name: str) -> StagedAdapter:
     adapter = adapter_from_tensors(Path(folder), name, tensors, check_finite=False)
     ids = {id(t): k for k, t in tensors.items()}
     pairs = {key: (spans[ids[id(a)]], spans[ids[id(b)]]) for key, (a, b) in adapter.weights.items()}
-    return StagedAdapter(adapter.config, adapter.weights, adapter.nbytes, "", raw, pairs, start, True)
+    return StagedAdapter(adapter.config, adapter.weights, adapter.nbytes, "", raw, pairs, start, True,
+                         find_stacks(pairs))
+
+
+def find_stacks(pairs: dict[tuple[int, str], tuple[tuple, tuple]]) -> dict[str, tuple[Stack, Stack]]:
+    """module -> (A, B) Stacks for each module whose A and B tensors are each evenly spaced in the file,
+    one per layer from 0 up (spans as StagedAdapter.spans)."""
+    by_module: dict[str, list[tuple[int, tuple, tuple]]] = {}
+    for (layer, module), (a, b) in pairs.items():
+        by_module.setdefault(module, []).append((layer, a, b))
+    out = {}
+    for module, entries in by_module.items():
+        a = _stack([(layer, span) for layer, span, _ in entries])
+        b = _stack([(layer, span) for layer, _, span in entries])
+        if a is not None and b is not None:
+            out[module] = (a, b)
+    return out
+
+
+def _stack(spans: list[tuple[int, tuple]]) -> Stack | None:
+    """The Stack of these (layer, (offset, dtype, shape)) spans, or None if they are not one."""
+    spans = sorted(spans, key=lambda s: s[1][0])
+    order = tuple(layer for layer, _ in spans)
+    offsets = [offset for _, (offset, _, _) in spans]
+    _, dtype, shape = spans[0][1]
+    nbytes = math.prod(shape) * dtype.itemsize
+    step = offsets[1] - offsets[0] if len(offsets) > 1 else nbytes
+    regular = (
+        sorted(order) == list(range(len(order))) and len(shape) == 2
+        and all(d == dtype and s == shape for _, (_, d, s) in spans)
+        and step >= nbytes and step % dtype.itemsize == 0 and offsets[0] % dtype.itemsize == 0
+        and all(b - a == step for a, b in itertools.pairwise(offsets))
+    )  # fmt: skip
+    return Stack(offsets[0], step, dtype, tuple(shape), order) if regular else None
 
 
 def pinned_blocks(sizes: list[int], budget: int) -> list[int]:

@@ -1,18 +1,23 @@
 """The cold-load path on CUDA: pinned read, one transfer on the side stream, cast/transpose into the pools,
-finiteness checked on the device, slot tables written only once the copy's event has completed."""
+finiteness checked on the device, slot tables written only once the copy's event has completed; and cold loads
+issued by the engine thread (or the copy thread) while the engine decodes, against PEFT."""
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from engine_reference import ADAPTER_SPECS, BF16_LOGPROB, BF16_TIE, Reference, default_engine, teacher_forced_gaps
 from lora_factory import TINY_SHAPES, save_adapter, tiny_llama
 
 from hotlora.adapters.cache import LoraSlotCache
 from hotlora.adapters.peft_format import AdapterError, load_peft_adapter
 from hotlora.adapters.registry import AdapterRegistry
+from hotlora.server.engine.types import Request, RequestOutput, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 LAYERS = 2
@@ -24,11 +29,13 @@ def _registry(slots: int = 2) -> AdapterRegistry:
 
 
 def _acquire(registry: AdapterRegistry, name: str) -> int:
-    """Poll as admission does (never blocking) until the slot is usable."""
+    """Poll as admission does (never blocking) until the slot is usable; the copy is issued where the engine
+    would issue it, between two polls."""
     v = registry.resolve(name)
     deadline = time.monotonic() + 30
     while (slot := registry.acquire(v)) is None:
         assert time.monotonic() < deadline, "the load did not finish"
+        registry.cache.issue_pending()
         registry.poll()
         time.sleep(0.001)
     return slot
@@ -83,3 +90,63 @@ def test_warmed_staging_blocks_serve_the_first_loads(tmp_path: Path):
     for i in range(3):
         _acquire(registry, f"a{i}")
     assert torch.cuda.host_memory_stats()["num_host_alloc"] == before
+
+
+N_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def nf4_reference(gpu_model_dir, gpu_adapters) -> Reference:
+    return Reference(gpu_model_dir, gpu_adapters, "nf4", device="cuda", dtype=torch.bfloat16)
+
+
+def _decode_with_cold_arrivals(engine, work: list[tuple[list[int], str | None]]) -> list[RequestOutput]:
+    """The base requests of `work` start at step 0; each adapter request arrives 3 steps after the previous
+    one, while the base requests decode, its adapter cold. Each request's tokens and logprobs, accumulated."""
+    params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0)
+    outs = {f"w{i}": RequestOutput(f"w{i}", "", [], logprobs=[]) for i in range(len(work))}
+    arrivals: dict[int, list[Request]] = {}
+    for i, (ids, adapter) in enumerate(work):
+        at = 0 if adapter is None else 3 * (1 + sum(a is not None for _, a in work[:i]))
+        arrivals.setdefault(at, []).append(Request(f"w{i}", ids, params, adapter))
+    step = 0
+    while arrivals or engine.has_unfinished():
+        for req in arrivals.pop(step, []):
+            engine.add_request(req)
+        for out in engine.step():
+            assert out.error is None, out.error
+            outs[out.request_id].new_token_ids += out.new_token_ids
+            outs[out.request_id].logprobs += out.logprobs or []
+        step += 1
+        assert step < 2000
+    return list(outs.values())
+
+
+@pytest.mark.parametrize("copy_thread", [False, True], ids=["engine-thread", "copy-thread"])
+def test_cold_loads_during_decode_track_peft(copy_thread, gpu_model_dir, gpu_adapters, hotlora_cache,
+                                              nf4_reference):
+    """Four cold adapters arrive one after another while two base requests decode (NF4, CUDA graphs): each copy
+    is issued by the engine's own thread (by default) or by the copy thread (the A/B switch), and every
+    request, the decoding ones included, tracks PEFT's tokens and logprobs."""
+    engine = default_engine(hotlora_cache, gpu_adapters, model=str(gpu_model_dir), quant="nf4", device="cuda",
+                            dtype="bfloat16", kv_cache_memory=0.1, max_num_seqs=8)
+    cache = engine.registry.cache
+    assert cache.copy_thread is False  # CUDA's default
+    cache.copy_thread = copy_thread
+    issuers: list[str] = []
+    cache.copy_hook = lambda key: issuers.append(threading.current_thread().name)
+    rng = random.Random(11)
+    work = [([rng.randrange(3, 49152) for _ in range(9 + 5 * i)], a)
+            for i, a in enumerate([None, None, *ADAPTER_SPECS])]  # fmt: skip
+    outs = _decode_with_cold_arrivals(engine, work)
+    assert len(issuers) == len(ADAPTER_SPECS)
+    want = "adapter-h2d" if copy_thread else threading.current_thread().name
+    assert all(name.startswith(want) for name in issuers), issuers
+    assert engine.runner.graphs is not None and engine.runner.graphs.failed is None
+    assert engine.blocks.num_used == 0 and engine.registry.cache.num_ready() == len(ADAPTER_SPECS)
+    gaps = teacher_forced_gaps(nf4_reference, work, outs, N_TOKENS)
+    for (_, adapter), (gap, diff) in zip(work, gaps, strict=True):
+        assert gap <= BF16_TIE, f"adapter {adapter}: a token {gap:.3f} nats below the reference's best"
+        assert diff <= BF16_LOGPROB, f"adapter {adapter}: logprobs differ by {diff:.3f}"
+    phases = cache.stats.summary()
+    assert {"h2d_issue", "h2d_copy", "slot_tables"} <= phases.keys()

@@ -178,3 +178,53 @@ def test_non_finite_weights_fail_on_the_device_check_only_their_request(engine, 
     assert again.error and "NaN" in again.error
     assert engine.registry.cache.lookup(engine.registry.resolve("nan")) is None
     engine.registry.remove("nan")
+
+
+def test_engine_thread_issues_copies_after_the_launch_or_at_once_when_nothing_runs(engine, prompt, monkeypatch):
+    """The CUDA issue path's scheduling, on CPU pools (copy_thread off): a copy reserved while another request
+    decodes is issued on the stepping thread right after that step's forward (its launch, on CUDA); with
+    nothing to run, in the same step; a copy reserved outside a step, by engine.idle(). The adapter's tokens
+    equal those of a load through the copy thread."""
+    cache = engine.registry.cache
+    _cold_start(engine)
+    (want,) = engine.generate([Request("ref", prompt, SHORT, "ku12")])
+    events: list = []
+    forward = engine.runner.model.forward
+
+    def traced_forward(*args, **kwargs):
+        events.append("forward")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner.model, "forward", traced_forward)
+    monkeypatch.setattr(cache, "copy_hook", lambda key: events.append(("copy", key.name, threading.current_thread())))
+    monkeypatch.setattr(cache, "copy_thread", False)
+    copy = ("copy", "ku12", threading.current_thread())
+
+    _cold_start(engine)
+    engine.add_request(Request("warm", prompt, SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True),
+                               None))
+    while not engine.scheduler.running:
+        engine.step()
+    engine.add_request(Request("cold", prompt, SHORT, "ku12"))
+    got: list[int] = []
+    for _ in range(200):
+        got += [t for out in engine.step() if out.request_id == "cold" for t in out.new_token_ids]
+        if len(got) == SHORT.max_tokens:
+            break
+    engine.abort("warm")
+    assert got == want.new_token_ids
+    assert events.count(copy) == 1 and events[events.index(copy) - 1] == "forward"
+
+    _cold_start(engine)
+    events.clear()
+    (alone,) = engine.generate([Request("alone", prompt, SHORT, "ku12")])
+    assert alone.new_token_ids == want.new_token_ids and events[0] == copy  # before any forward: none ran
+
+    v = engine.registry.resolve("qv8")
+    engine.registry.pin("qv8")  # a host copy, then free the slot again
+    engine.registry.unload("qv8")
+    assert engine.registry.acquire(v) is None  # reserved outside a step: queued
+    engine.idle()
+    engine.registry.poll()
+    assert engine.registry.is_ready(v) and ("copy", "qv8", threading.current_thread()) in events
+    assert not engine.has_unfinished()

@@ -199,6 +199,7 @@ class AsyncEngine:
             block = not engine.has_unfinished()
             if block:  # e.g. the last running request was aborted after a step's outputs were held
                 self._flush_held()
+                engine.idle()
             if not self._drain(block):
                 return
             if engine.has_unfinished():

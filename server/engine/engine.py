@@ -140,6 +140,12 @@ class LLMEngine:
         """A launched step's outputs are still to come (asynchronous scheduling)."""
         return self._inflight is not None
 
+    def idle(self) -> None:
+        """Called by a driver before it waits for new work: adapter copies still queued (their issue after a
+        launch found copy_lock busy, and the requests that wanted them are gone) are issued now, not at the
+        next step, so that their slots become usable or evictable."""
+        self.registry.cache.issue_pending()
+
     # --- the step ----------------------------------------------------------------------------------
 
     def step(self, on_launch: Callable[[], None] | None = None) -> list[RequestOutput]:
@@ -171,6 +177,7 @@ class LLMEngine:
             if prev is not None:
                 outputs += self._complete(prev)
             timer.skip()
+            self.registry.cache.issue_pending()  # copies reserved by this schedule: no launch to hide them behind
             if not outputs:
                 self._back_off()
             return outputs

@@ -9,8 +9,9 @@ A step is timed from the end of the previous model step to its own end, in conse
 - prepare: per-request set-up (seeded streams, grammar matchers), the flattened host lists, and the
   device metadata (the CUDA graph's static buffers, or the eager batch's tensors).
 - launch: from the forward call (graph replay or eager forward) to the step's host sync, including the
-  sampler's logits processors and grammar masks issued behind it. Asynchronous on CUDA, so it overlaps
-  the GPU; on the CPU the forward itself runs here.
+  sampler's logits processors and grammar masks issued behind it, and the adapter copies reserved by this
+  step's admissions (adapters/cache.py). Asynchronous on CUDA, so it overlaps the GPU; on the CPU the
+  forward itself runs here.
 - device_wait: the step's one host sync (the sampled ids coming back): on CUDA, the GPU time of the step
   that the host did not cover.
 - sample: the rest of sampling on the host (seeded draws, logprobs).

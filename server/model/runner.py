@@ -141,6 +141,9 @@ class ModelRunner:
             logits = self._forward(batch.seqs, step, timer, feed, after)
             requests = [self._sample_request(batch.seqs[i]) for i in sampled]
             pending = launch_sample(logits, requests, self.eos_ids)
+            # adapter copies reserved while scheduling this step: their host work (queueing the transfer and the
+            # pool writes on the copy stream) runs now, while the device computes the step
+            self.lora_cache.issue_pending(wait=False)
         finally:
             if small and threads > 1:
                 torch.set_num_threads(threads)
