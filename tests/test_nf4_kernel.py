@@ -188,7 +188,8 @@ GEMV_CASES = [  # (M, shape, dtype, bias): every M of the bucket, each shape, bo
 
 
 @interpret
-@pytest.mark.parametrize(("m", "shape", "dtype", "with_bias"), GEMV_CASES)
+@pytest.mark.parametrize(("m", "shape", "dtype", "with_bias"), GEMV_CASES,
+                         ids=[f"M{m}-{shape}-{str(dt)[6:]}{'-bias' * b}" for m, shape, dt, b in GEMV_CASES])
 def test_gemv_matches_reference(triton_cpu, m, shape, dtype, with_bias):
     k, widths = SHAPES[shape]
     members = quantize(widths, k, dtype)
