@@ -161,17 +161,19 @@ def sweep(cases: dict[str, Case], ms: tuple[int, ...]) -> list[dict]:
         if dense:
             print(f"   dense: {dense[0]:.1f}us", flush=True)
         row = {"shape": name, "M": m, "best": [(us, label(c)) for us, c in best[:5]]}
-        if m <= GEMV_SWEEP_MAX_M:
-            row.update(gemv_baselines(case, m))
+        if m <= GEMV_SWEEP_MAX_M and best:
+            row.update(gemv_baselines(case, m, best[0][1]))
         out.append(row)
     return out
 
 
-def gemv_baselines(case: Case, m: int) -> dict:
-    """Beside a GEMV sweep: the tl.dot path's recorded config, the GEMV default (if M is in its bucket)
-    and the same-bytes copy, timed in the same run."""
+def gemv_baselines(case: Case, m: int, best: Nf4Config) -> dict:
+    """Beside a GEMV sweep: the tl.dot path's recorded config, the GEMV default (if M is in its bucket),
+    the best config with the code lookup replaced by a cast (wrong values: what the lookup costs) and the
+    same-bytes copy, timed in the same run."""
     dot = pick_config(m, case.n, case.k, gemv=False)
     row = {"dot_us": bench_m(case, m, dot, baselines=False)["nf4_us"],
+           "best_cast_lookup_us": bench_m(case, m, replace(best, lookup=LOOKUP_CAST), baselines=False)["nf4_us"],
            "floor_us": same_bytes_copy_us(case.floor_bytes(m))}
     if m <= MAX_GEMV_M:
         row["gemv_default_us"] = bench_m(case, m, pick_config(m, case.n, case.k), baselines=False)["nf4_us"]
