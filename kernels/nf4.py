@@ -185,7 +185,9 @@ class Nf4Config:
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
 # slices it may use: pick_config takes the fewest that reach _GEMV_PROGRAMS programs (o, down: 8; q/k/v: 4;
-# gate/up: 1, i.e. 448 programs and no reduce launch).
+# gate/up: 1, i.e. 448 programs and no reduce launch). Its K loop is ~18 SASS instructions per weight byte
+# per thread at M=1 (half of them the prmt lookup), ~23 at M=2, ~33 at M=4 (each row adds an FMA per weight
+# and an x conversion): instruction issue, not bandwidth, bounds it, so the sweep decides where the bucket ends.
 _CONFIGS: tuple[tuple[int, Nf4Config], ...] = (
     (4, Nf4Config(4, 64, 8, warps=8, gemv=True, k_groups=2, lookup=LOOKUP_PRMT)),
     (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT)),
