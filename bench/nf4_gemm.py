@@ -1,13 +1,14 @@
 """The fused NF4 dequant-GEMM against bitsandbytes' matmul_4bit and bf16 cuBLAS, on one CUDA device.
 
-    python bench/nf4_gemm.py [--quick] [--sweep] [--markdown out.md] [--json out.json]
+    python bench/nf4_gemm.py [--quick] [--sweep [--sweep-m 1 4 8]] [--markdown out.md] [--json out.json]
 
 Llama-3-8B projections as the engine runs them: q/k/v fused 4096->6144, o 4096->4096, gate/up fused
 4096->28672, down 14336->4096; bf16 x, M tokens. Times are medians of triton.testing.do_bench over replays
 of one CUDA graph holding one call per rotating weight copy (copies * bytes >= 4x L2, so weights come from
 HBM), divided by the number of copies. bitsandbytes runs a fused group as its separate projections (as the
 engine did), and its time is their sum. "floor" is a plain device copy of the op's minimal bytes (packed
-nibbles + 8-bit absmax + x + y), timed the same way in the same run.
+nibbles + 8-bit absmax + x + y), timed the same way in the same run. --sweep times launch configs per shape and
+M; for M <= 8 it sweeps the GEMV kernel (nf4_gemv_kernel) and prints the tl.dot path's config beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hotlora.kernels.nf4 import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
     LOOKUP_TABLE,
+    MAX_GEMV_M,
     Nf4Config,
     nf4_dequantize,
     nf4_matmul,
@@ -43,7 +45,8 @@ SHAPES = {  # name: (K, member output widths)
     "gate/up 4096->28672": (4096, (14336, 14336)),
     "down 14336->4096": (14336, (4096,)),
 }
-MS = (1, 8, 16, 32, 64, 128, 512, 2048, 8192)
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192)
+GEMV_SWEEP_MAX_M = 8  # sweep M up to here over GEMV configs (the bucket may grow to 8 if it wins)
 
 
 def copies_for(nbytes: int) -> int:
@@ -86,9 +89,10 @@ def check(case: Case, m: int) -> float:
     return ((y - r).norm() / r.norm()).item()
 
 
-def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool = True) -> dict:
+def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool = True, rep: int = 200) -> dict:
     xs = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.count)]
-    row = {"M": m, "nf4_us": graph_time_us(lambda i: nf4_matmul(xs[i], case.packed[i], config=config), case.count)}
+    row = {"M": m, "nf4_us": graph_time_us(lambda i: nf4_matmul(xs[i], case.packed[i], config=config), case.count,
+                                           rep=rep)}
     if baselines:
         def bnb_call(i: int) -> None:
             for p, s in case.bnb[i]:
@@ -102,7 +106,20 @@ def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool
     return row
 
 
-def sweep_configs(m: int) -> list[Nf4Config]:
+def gemv_configs(m: int, n: int, k: int) -> list[Nf4Config]:
+    """GEMV configs worth timing: 16-32 weight bytes per thread per step (more spills or limits occupancy:
+    ptxas gives ~120 registers at 64 bytes, M=1) and 256-2048 programs (2-16 per H200 SM)."""
+    out = []
+    for bn, split, warps, groups in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4)):
+        per_thread, programs = bn * 64 * groups // (32 * warps), -(-n // bn) * split
+        if 16 <= per_thread <= 32 and 256 <= programs <= 2048 and split * groups <= -(-k // 128):
+            out.append(Nf4Config(m, bn, split, warps, gemv=True, k_groups=groups, lookup=LOOKUP_PRMT))
+    return out
+
+
+def sweep_configs(m: int, n: int, k: int) -> list[Nf4Config]:
+    if m <= GEMV_SWEEP_MAX_M:
+        return gemv_configs(m, n, k)
     prmt = LOOKUP_PRMT
     if m > 64:
         grid = itertools.product((64, 128), (64, 128, 256), (4, 8), (1, 2), (False, True))
@@ -113,28 +130,55 @@ def sweep_configs(m: int) -> list[Nf4Config]:
     return [Nf4Config(bm, bn, split, w, 3, swap_ab=swap, lookup=prmt) for bn, w, split, swap in grid]
 
 
+def label(cfg: Nf4Config) -> str:
+    if cfg.gemv:
+        return f"gemv(block_n={cfg.block_n}, split_k={cfg.split_k}, warps={cfg.warps}, k_groups={cfg.k_groups})"
+    return str(cfg)
+
+
 def sweep(cases: dict[str, Case], ms: tuple[int, ...]) -> list[dict]:
     out = []
     for (name, case), m in itertools.product(cases.items(), ms):
         best = []
-        for cfg in sweep_configs(m):
+        for cfg in sweep_configs(m, case.n, case.k):
             try:
-                us = bench_m(case, m, cfg, baselines=False)["nf4_us"]
+                us = bench_m(case, m, cfg, baselines=False, rep=50)["nf4_us"]
             except Exception as exc:  # a config the compiler rejects (shared memory): skip it
                 print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
                 continue
             best.append((us, cfg))
         best.sort(key=lambda t: t[0])
-        print(f"## sweep {name} M={m}: " + "; ".join(f"{us:.1f}us {c}" for us, c in best[:3]), flush=True)
+        print(f"## sweep {name} M={m}: " + "; ".join(f"{us:.1f}us {label(c)}" for us, c in best[:3]), flush=True)
         for swap, lookup in itertools.product((False, True), (LOOKUP_TABLE, LOOKUP_PRMT, LOOKUP_CAST)):
-            kind = [us for us, c in best if c.swap_ab == swap and c.lookup == lookup and not c.dense]
+            kind = [us for us, c in best if c.swap_ab == swap and c.lookup == lookup and not (c.dense or c.gemv)]
             if kind:
                 print(f"   best swap_ab={swap} lookup={lookup}: {min(kind):.1f}us", flush=True)
+        for groups in (1, 2, 4):
+            kind = [us for us, c in best if c.gemv and c.k_groups == groups]
+            if kind:
+                print(f"   best gemv k_groups={groups}: {min(kind):.1f}us", flush=True)
         dense = [us for us, c in best if c.dense]
         if dense:
             print(f"   dense: {dense[0]:.1f}us", flush=True)
-        out.append({"shape": name, "M": m, "best": [(us, str(c)) for us, c in best[:5]]})
+        row = {"shape": name, "M": m, "best": [(us, label(c)) for us, c in best[:5]]}
+        if m <= GEMV_SWEEP_MAX_M and best:
+            row.update(gemv_baselines(case, m, best[0][1]))
+        out.append(row)
     return out
+
+
+def gemv_baselines(case: Case, m: int, best: Nf4Config) -> dict:
+    """Beside a GEMV sweep: the tl.dot path's recorded config, the GEMV default (if M is in its bucket),
+    the best config with the code lookup replaced by a cast (wrong values: what the lookup costs) and the
+    same-bytes copy, timed in the same run."""
+    dot = pick_config(m, case.n, case.k, gemv=False)
+    row = {"dot_us": bench_m(case, m, dot, baselines=False)["nf4_us"],
+           "best_cast_lookup_us": bench_m(case, m, replace(best, lookup=LOOKUP_CAST), baselines=False)["nf4_us"],
+           "floor_us": same_bytes_copy_us(case.floor_bytes(m))}
+    if m <= MAX_GEMV_M:
+        row["gemv_default_us"] = bench_m(case, m, pick_config(m, case.n, case.k), baselines=False)["nf4_us"]
+    print("   " + "; ".join(f"{key} {us:.1f}us" for key, us in row.items()) + f" (tl.dot config: {dot})", flush=True)
+    return row
 
 
 def bench_dequant(case: Case) -> None:

@@ -22,13 +22,19 @@ Semantics of ``nf4_matmul(x, w, bias=None, out=None)``, fp32 accumulation:
     W = (NF4[code] * absmax[:, col // 64]).to(w.dtype)       # [N, K], == bnb dequantize_4bit
     y = (x.float() @ W.to(x.dtype).float().T + bias).to(x.dtype)     # x [M, K] fp16/bf16/fp32, y [M, N]
 
-For small M the kernel multiplies the raw code values (NF4 in x's dtype) and scales each 64-block's partial
-sums by absmax afterwards (fewer operations per weight; rounding differs from W's by one rounding of the
-code value); for large M it scales first, exactly as above. CUDA tensors go to Triton with a launch config
-from ``_CONFIGS`` (swept on the H200 with bench/nf4_gemm.py; no autotuning at serve time); CPU tensors go
-to the torch reference unless HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1). Capture-safe: no host sync;
-it allocates only the output and, for split-K configs, an fp32 partial-sum buffer (from the graph's pool
-under capture).
+Paths by M (``_CONFIGS``, swept on the H200 with bench/nf4_gemm.py; no autotuning at serve time):
+- M <= MAX_GEMV_M (decode at batch 1-4): ``nf4_gemv_kernel``, no tl.dot. Each program streams BLOCK_N weight
+  rows over a K slice, multiplies the code values (fp32) by every x row (the bytes are read once for all
+  rows), sums each 64-block and scales it by absmax afterwards; K is split into slices (fp32 partials plus
+  ``nf4_reduce_kernel``) when N alone gives too few programs to keep the GPU's memory system busy.
+- up to 256: ``nf4_matmul_kernel``, tl.dot on the raw code values (NF4 in x's dtype), each 64-block's
+  partial sums scaled by absmax afterwards; split-K as above.
+- larger M: dequantize the whole weight (``nf4_dequant_kernel``, bit-identical) and call cuBLAS.
+The scale-after paths round differently from W by one rounding of the code value (to x's dtype on CUDA
+with 16-bit x; exact fp32 values in the GEMV path's table lookup). CUDA tensors go to Triton; CPU tensors
+go to the torch reference unless HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1). Capture-safe: no host
+sync; it allocates only the output and, for split-K configs, an fp32 partial-sum buffer (from the graph's
+pool under capture).
 """
 
 from __future__ import annotations
@@ -47,14 +53,15 @@ from ._nf4_triton import (
     LOOKUP_PRMT,
     LOOKUP_TABLE,
     nf4_dequant_kernel,
+    nf4_gemv_kernel,
     nf4_matmul_kernel,
     nf4_reduce_kernel,
 )
 from .reference import NF4_CODE, nf4_dequantize_ref, nf4_matmul_ref
 
 __all__ = [
-    "LOOKUP_CAST", "LOOKUP_PRMT", "LOOKUP_TABLE", "NF4Weight", "nf4_dequantize", "nf4_matmul", "pack_nf4",
-    "pack_nf4_group",
+    "LOOKUP_CAST", "LOOKUP_PRMT", "LOOKUP_TABLE", "MAX_GEMV_M", "NF4Weight", "Nf4Config", "nf4_dequantize",
+    "nf4_matmul", "pack_nf4", "pack_nf4_group", "pick_config",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -153,7 +160,8 @@ def nf4_dequantize(w: NF4Weight, block_n: int = 32, warps: int = 4) -> torch.Ten
 class Nf4Config:
     """One launch: output tile BLOCK_M x BLOCK_N, K split into `split_k` slices (fp32 partials + a reduce),
     `scale_after` (small M: scale partial sums by absmax) or before (large M); `dense`: dequantize the
-    whole weight then cuBLAS (large M, where that measures faster)."""
+    whole weight then cuBLAS (large M, where that measures faster); `gemv`: nf4_gemv_kernel for M <=
+    block_m (it runs the rows as the next power of two of M), `k_groups` 128-column groups per loop step."""
 
     block_m: int
     block_n: int
@@ -166,12 +174,22 @@ class Nf4Config:
     swap_ab: bool = False  # scale_after: weights as the dot's first operand (y.T = W @ x.T)
     lookup: int = LOOKUP_TABLE  # LOOKUP_PRMT: in-register lookup (scale_after, 16-bit x, CUDA only)
     prefetch: bool = False  # load group i+1 before group i's math
+    gemv: bool = False
+    k_groups: int = 1  # gemv: groups loaded together per loop step (more bytes in flight per program)
 
 
 # (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep (bf16, Llama-3-8B shapes;
 # BENCHMARKS.md): non-swapped small tiles up to 32 rows, weights-first (swap_ab) up to 256, then dequantize +
 # cuBLAS. Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K slices.
+# GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
+# yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
+# 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
+# slices it may use: pick_config takes the fewest that reach _GEMV_PROGRAMS programs (o, down: 8; q/k/v: 4;
+# gate/up: 1, i.e. 448 programs and no reduce launch). Its K loop is ~18 SASS instructions per weight byte
+# per thread at M=1 (half of them the prmt lookup), ~23 at M=2, ~33 at M=4 (each row adds an FMA per weight
+# and an x conversion): instruction issue, not bandwidth, bounds it, so the sweep decides where the bucket ends.
 _CONFIGS: tuple[tuple[int, Nf4Config], ...] = (
+    (4, Nf4Config(4, 64, 8, warps=8, gemv=True, k_groups=2, lookup=LOOKUP_PRMT)),
     (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT)),
     (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT)),
     (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT)),
@@ -180,8 +198,19 @@ _CONFIGS: tuple[tuple[int, Nf4Config], ...] = (
 )
 
 
-def pick_config(m: int, n: int, k: int) -> Nf4Config:
-    cfg = next(c for hi, c in _CONFIGS if m <= hi)
+MAX_GEMV_M = max((hi for hi, c in _CONFIGS if c.gemv), default=0)
+_GEMV_PROGRAMS = 2 * 132  # two programs per H200 SM: enough weight loads in flight to stream at full bandwidth
+
+
+def pick_config(m: int, n: int, k: int, gemv: bool = True) -> Nf4Config:
+    """The launch config for x [m, k] @ W[n, k].T; gemv=False: the tl.dot path even where GEMV serves."""
+    cfg = next(c for hi, c in _CONFIGS if m <= hi and (gemv or not c.gemv))
+    if cfg.gemv:
+        tiles, chunks = triton.cdiv(n, cfg.block_n), triton.cdiv(triton.cdiv(k, 128), cfg.k_groups)
+        split = 1
+        while split < cfg.split_k and tiles * split < _GEMV_PROGRAMS and 2 * split <= chunks:
+            split *= 2
+        return replace(cfg, split_k=split)
     if n >= 16384 and cfg.split_k > 1 and not cfg.dense:
         cfg = replace(cfg, split_k=cfg.split_k // 2)
     return cfg
@@ -206,7 +235,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
-    return _launch(x, w, bias, y, cfg)
+    return _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg)
 
 
 def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor:
@@ -226,10 +255,36 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         V_DTYPE=_TL[x.dtype], PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
         ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
     )
-    if split > 1:
-        block = 1024
-        nf4_reduce_kernel[(triton.cdiv(m * n, block),)](
-            part, bias if bias is not None else y, y, m, n, y.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
-        )
+    return _reduce(part, bias, y) if split > 1 else y
+
+
+def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
+                 cfg: Nf4Config) -> torch.Tensor:
+    m, k = x.shape
+    n = w.shape[0]
+    if m > cfg.block_m:
+        raise ValueError(f"a gemv config serves M <= block_m ({cfg.block_m}), got M = {m}")
+    split = cfg.split_k
+    groups = w.codes.shape[1] // 64
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    # register lookup needs 16-bit x on NVIDIA; the table is fp32 (exact code values) as everything is fp32
+    lookup = cfg.lookup if x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
+    nf4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        x, w.codes, w.absmax, _lut(x.device, torch.float32), bias if bias is not None else y, y, part,
+        m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, LOOKUP=lookup, V_DTYPE=_TL[x.dtype], BLOCK_M=triton.next_power_of_2(m),
+        BLOCK_N=cfg.block_n, G=cfg.k_groups, SPLIT_K=split,
+        ITERS=triton.cdiv(triton.cdiv(groups, cfg.k_groups), split), num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    return _reduce(part, bias, y) if split > 1 else y
+
+
+def _reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """y = part.sum(0) (+ bias), part fp32 [split, M, N]."""
+    split, m, n = part.shape
+    block = 1024
+    nf4_reduce_kernel[(triton.cdiv(m * n, block),)](
+        part, bias if bias is not None else y, y, m, n, y.stride(0),
+        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
+    )
     return y

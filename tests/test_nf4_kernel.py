@@ -14,7 +14,16 @@ import pytest
 import torch
 
 from hotlora.kernels import nf4 as nf4_mod
-from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, nf4_dequantize, nf4_matmul, pack_nf4, pack_nf4_group
+from hotlora.kernels.nf4 import (
+    LOOKUP_PRMT,
+    MAX_GEMV_M,
+    Nf4Config,
+    nf4_dequantize,
+    nf4_matmul,
+    pack_nf4,
+    pack_nf4_group,
+    pick_config,
+)
 from hotlora.kernels.reference import NF4_CODE, nf4_dequantize_ref
 
 interpret = pytest.mark.skipif(
@@ -156,8 +165,71 @@ def test_wrapper_checks():
 
 
 def test_configs_cover_every_m():
-    for m in (1, 16, 17, 64, 65, 2048, 10**6):
-        assert nf4_mod.pick_config(m, 4096, 4096).block_m >= 16
+    for m in (1, MAX_GEMV_M, MAX_GEMV_M + 1, 16, 17, 64, 65, 2048, 10**6):
+        cfg = nf4_mod.pick_config(m, 4096, 4096)
+        assert cfg.gemv == (m <= MAX_GEMV_M)
+        assert cfg.block_m >= m if m <= 256 else cfg.dense
+        assert not pick_config(m, 4096, 4096, gemv=False).gemv
+
+
+def test_gemv_split_fills_the_gpu():
+    """Few output tiles take more K slices (o, down); a wide output needs none (gate/up: no reduce launch)."""
+    splits = {name: pick_config(1, sum(w), k).split_k for name, (k, w) in LLAMA.items()}
+    assert splits["gate_up"] == 1 and splits["o"] > 1 and splits["down"] > 1
+    assert pick_config(1, 192, 576).split_k <= 3  # never more slices than SmolLM2's 5 groups can fill
+
+
+# --- the GEMV path (M <= MAX_GEMV_M): no tl.dot, each row's products summed per 64-block -----------------
+
+GEMV_CASES = [  # (M, shape, dtype, bias): every M of the bucket, each shape, both dtypes, with and without bias
+    (1, "kv", torch.float16, True), (2, "gate", torch.float32, False), (3, "qkv", torch.float16, False),
+    (MAX_GEMV_M, "gate_up", torch.float32, True), (2, "kv", torch.float32, True), (4, "qkv", torch.float32, False),
+]
+
+
+@interpret
+@pytest.mark.parametrize(("m", "shape", "dtype", "with_bias"), GEMV_CASES,
+                         ids=[f"M{m}-{shape}-{str(dt)[6:]}{'-bias' * b}" for m, shape, dt, b in GEMV_CASES])
+def test_gemv_matches_reference(triton_cpu, m, shape, dtype, with_bias):
+    k, widths = SHAPES[shape]
+    members = quantize(widths, k, dtype)
+    x = torch.randn(m, k, dtype=dtype)
+    bias = torch.randn(sum(widths), dtype=dtype) if with_bias else None
+    out = torch.full((m, sum(widths)), float("nan"), dtype=dtype)
+    y = nf4_matmul(x, packed_group(members), bias, out=out)
+    assert y is out and pick_config(m, sum(widths), k).gemv
+    assert rel_err(y, reference(x, members, bias)) < TOLERANCE[dtype]
+
+
+GEMV_CONFIGS = {  # K = 640 is 5 groups: slices and multi-group steps that run past the last group
+    "split1-g1": Nf4Config(4, 16, 1, warps=1, gemv=True),
+    "split3-g2": Nf4Config(4, 32, 3, gemv=True, k_groups=2),
+    "split2-g4": Nf4Config(4, 16, 2, warps=2, gemv=True, k_groups=4),
+    "split8-g1": Nf4Config(4, 64, 8, gemv=True),
+}
+
+
+@interpret
+@pytest.mark.parametrize("name", list(GEMV_CONFIGS))
+def test_gemv_configs_match_reference(triton_cpu, name):
+    members = quantize((40, 8), 640, torch.float32)
+    x = torch.randn(3, 640)
+    bias = torch.randn(48)
+    y = nf4_matmul(x, packed_group(members), bias, config=GEMV_CONFIGS[name])
+    assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float32]
+
+
+@interpret
+def test_gemv_bucket_edge_agrees_with_the_dot_path(triton_cpu):
+    """M = MAX_GEMV_M (GEMV) and MAX_GEMV_M + 1 (tl.dot) both match the reference; a GEMV config refuses
+    more rows than it was built for."""
+    members = quantize((192,), 576, torch.float32)
+    w = packed_group(members)
+    x = torch.randn(MAX_GEMV_M + 1, 576)
+    for m in (MAX_GEMV_M, MAX_GEMV_M + 1):
+        assert rel_err(nf4_matmul(x[:m], w), reference(x[:m], members, None)) < TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="block_m"):
+        nf4_matmul(x, w, config=Nf4Config(MAX_GEMV_M, 64, gemv=True))
 
 
 # --- GPU: bf16, real sizes, graph capture ---------------------------------------------------------------
@@ -209,6 +281,45 @@ def test_gpu_cuda_graph_capture_and_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, reference(x, members, None)) < TOLERANCE[torch.bfloat16], m
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("shape", list(LLAMA))
+def test_gpu_gemv_graph_capture_and_replay(shape):
+    """Every M of the GEMV bucket at real sizes, bias and out=, captured into a CUDA graph and replayed
+    (split-K with its reduce launch for o/q/k/v/down, a single launch for gate/up)."""
+    k, widths = LLAMA[shape]
+    n = sum(widths)
+    members = quantize(widths, k, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    bias = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    for m in range(1, MAX_GEMV_M + 1):
+        assert pick_config(m, n, k).gemv
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        nf4_matmul(x, w, bias, out=out)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            nf4_matmul(x, w, bias, out=out)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, reference(x, members, bias)) < TOLERANCE[torch.bfloat16], m
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_gemv_configs_and_dtypes(dtype):
+    """Register lookup (16-bit x) and table lookup (fp32 x), over the configs the sweep visits."""
+    members = quantize((1536, 256, 256), 2048, dtype, "cuda")
+    w = packed_group(members)
+    x = torch.randn(3, 2048, dtype=dtype, device="cuda")
+    ref = reference(x, members, None)
+    for bn, split, warps, groups in ((16, 1, 1, 1), (32, 2, 2, 4), (64, 4, 4, 2), (128, 8, 8, 1)):
+        cfg = Nf4Config(4, bn, split, warps=warps, gemv=True, k_groups=groups, lookup=LOOKUP_PRMT)
+        assert rel_err(nf4_matmul(x, w, config=cfg), ref) < TOLERANCE[dtype], cfg
 
 
 @gpu
