@@ -177,12 +177,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="three cases")
     parser.add_argument("--sweep", action="store_true", help="sweep launch configs of the decode and mixed cases")
+    parser.add_argument("--sweep-cases", nargs="+", help="the cases --sweep times",
+                        default=["decode B=1 ctx=8192", "decode B=32 ctx=2048", "decode B=64 ctx=U[64,2048]",
+                                 "mixed 31 decodes U[64,1024] + chunk 256@768"])
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.sweep:
-        names = ("decode B=1 ctx=8192", "decode B=32 ctx=2048", "decode B=64 ctx=U[64,2048]",
-                 "mixed 31 decodes U[64,1024] + chunk 256@768")
+        names = args.sweep_cases
         swept = [sweep(name, spans) for name, spans in cases(False).items() if name in names]
         if args.json:
             with open(args.json, "w") as f:

@@ -199,14 +199,14 @@ def mixed_batch(batch: int, adapters: int) -> list[str]:
     return mixes + [f"a{(half + i) % adapters}" for i in range(batch - half)]
 
 
-def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: bool,
-               rank_classes: bool = True) -> dict[str, float]:
+def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: bool, **config) -> dict[str, float]:
+    """Decode rates of every case on one engine; config: other EngineConfig fields (a variant)."""
     slots = args.adapters + (args.batch // 2 if args.mixes else 0)  # each mix takes a slot of its own
     engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=slots,
                                     max_lora_rank=args.max_lora_rank or max(2 * args.rank, 64),
                                     max_num_seqs=max(args.batch, 64), max_num_batched_tokens=4096,
-                                    kv_cache_memory=0.3, cuda_graphs=cuda_graphs, lora_rank_classes=rank_classes))
-    mode = ("graphs" if cuda_graphs else "eager") + ("" if rank_classes else ", no rank classes")
+                                    kv_cache_memory=0.3, cuda_graphs=cuda_graphs, **config))
+    mode = ("graphs" if cuda_graphs else "eager") + "".join(f", {k}={v}" for k, v in config.items())
     if engine.runner.graphs is not None:
         graphs = engine.runner.graphs
         log(f"engine ({mode}): {len(graphs.buckets)} CUDA graphs captured at startup in {graphs.capture_seconds:.1f} s")
@@ -269,6 +269,8 @@ def main() -> None:
     ap.add_argument("--long-prompt", type=int, default=0, help="also the distinct case with prompts this long")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                     help="run the transformers + peft + bitsandbytes baseline")
+    ap.add_argument("--compare-async", action="store_true",
+                    help="also run hotlora (graphs) without asynchronous scheduling (--no-async-scheduling)")
     ap.add_argument("--compare-lora-overlap", action="store_true",
                     help="also run hotlora (graphs) with each LoRA shrink after its base matmul "
                          "(HOTLORA_LORA_OVERLAP=0)")
@@ -281,44 +283,42 @@ def main() -> None:
     prompts = torch.randint(3, 49152, (args.batch, args.prompt), generator=g)
     with tempfile.TemporaryDirectory() as tmp:  # hotlora first: its numbers survive a baseline that runs long
         adapter = write_adapter(Path(tmp) / "lora", args.preset, args.rank)
-        ours = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda")
-        eager = run_engine(args, prompts.tolist(), adapter, cuda_graphs=False) if args.eager else {}
-        flat = {}
+        graphs = DEV == "cuda"
+        ours = run_engine(args, prompts.tolist(), adapter, cuda_graphs=graphs)
+        columns = {"hotlora (CUDA graphs)": ours}
+        if args.eager:
+            columns["hotlora eager"] = run_engine(args, prompts.tolist(), adapter, cuda_graphs=False)
+        if args.compare_async:  # each step built after the previous one completed, as before
+            columns["no async scheduling"] = run_engine(args, prompts.tolist(), adapter, graphs, async_scheduling=False)
         if args.compare_rank_classes:  # every LoRA tile max_lora_rank rows tall, as before rank classes
-            flat = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda", rank_classes=False)
-        serial = {}
+            columns["LoRA tiles by max_lora_rank"] = run_engine(args, prompts.tolist(), adapter, graphs,
+                                                                lora_rank_classes=False)
         if args.compare_lora_overlap:  # each LoRA shrink after its base matmul, as before lora_project
             os.environ["HOTLORA_LORA_OVERLAP"] = "0"
-            serial = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda")
+            columns["shrink not overlapped"] = run_engine(args, prompts.tolist(), adapter, graphs)
             del os.environ["HOTLORA_LORA_OVERLAP"]
-        bnb = {}
         if args.compare_bnb:  # the base through bnb.matmul_4bit, as before the fused NF4 kernel
             os.environ["HOTLORA_NF4_TRITON"] = "0"
             quant._FUSED_ON_CUDA = False
-            bnb = run_engine(args, prompts.tolist(), adapter, cuda_graphs=DEV == "cuda")
+            columns["bnb.matmul_4bit base"] = run_engine(args, prompts.tolist(), adapter, graphs)
             quant._FUSED_ON_CUDA = True
     log("engine done")
     hf = run_hf(args, prompts.to(DEV)) if args.hf else {}
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "CPU"
     print(f"\n{gpu}, torch {torch.__version__}, random:{args.preset} NF4, batch {args.batch}, prompt {args.prompt}, "
-          f"r={args.rank} on all 7 projections; decode tokens/s\n")
-    print("| adapters in the batch | hotlora (CUDA graphs) | hotlora, LoRA tiles by max_lora_rank (graphs) "
-          "| hotlora, shrink not overlapped (graphs) | hotlora eager | hotlora, bnb.matmul_4bit base (graphs) "
-          "| transformers+peft+bnb | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"r={args.rank} on all 7 projections; decode tokens/s (hotlora variants in the same run)\n")
+    print("| adapters in the batch | " + " | ".join(columns) + " | transformers+peft+bnb | speed-up |")
+    print("|---|" + "---|" * (len(columns) + 2))
     for case in ours:
         base = hf.get(case, float("nan"))
-        print(f"| {case} | {ours[case]:.0f} | {flat.get(case, 0):.0f} | {serial.get(case, 0):.0f} "
-              f"| {eager.get(case, 0):.0f} "
-              f"| {bnb.get(case, 0):.0f} | {base:.1f} | {ours[case] / base:.1f}x |")
+        cells = " | ".join(f"{col.get(case, 0):.0f}" for col in columns.values())
+        print(f"| {case} | {cells} | {base:.1f} | {ours[case] / base:.1f}x |")
     if MIX_CASE in ours:
         distinct = ours[f"{args.adapters} distinct"]
         print(f"\n{MIX_CASE} / {args.adapters} distinct single adapters: {ours[MIX_CASE] / distinct:.1%} "
               "(issue 15 asks for at least 85%)")
     print("\n(random weights: speed only; both sides use the same architecture, batch and adapter count)")
-    record = {"gpu": gpu, "hotlora": ours, "no_rank_classes": flat, "shrink_not_overlapped": serial,
-              "eager": eager, "bnb_base": bnb, "hf": hf,
-              **vars(args)}
+    record = {"gpu": gpu, "hotlora": ours, "variants": columns, "hf": hf, **vars(args)}
     Path(args.out, "engine_gpu.json").write_text(json.dumps(record))
 
 
