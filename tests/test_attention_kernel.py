@@ -12,7 +12,13 @@ import pytest
 import torch
 from attention_cases import make_case
 
-from hotlora.kernels.attention import attention_tiles, default_num_splits, paged_attention
+from hotlora.kernels.attention import (
+    DECODE_UNSPLIT,
+    AttentionConfig,
+    attention_tiles,
+    default_num_splits,
+    paged_attention,
+)
 from hotlora.kernels.reference import paged_attention_ref
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
@@ -68,6 +74,20 @@ def test_split_kv(num_splits):
     # splits outnumbering a short context's key tiles leave some splits empty; the reduce must ignore them
     case = make_case([(1, 200), (1, 3), (5, 140), (1, 65)], 4, 1, 64, 16, torch.float16)
     check(case, None, num_splits)
+
+
+@interp
+@pytest.mark.parametrize("config", [DECODE_UNSPLIT, AttentionConfig(block_n=32, warps=2, stages=2)],
+                         ids=["decode-unsplit", "narrow"])
+@pytest.mark.parametrize("window", [None, 37])
+def test_launch_configs(config, window):
+    """Other key tiles (CUDA decode steps without split-KV take 128-key tiles): contexts shorter and longer
+    than a tile, a window, a prefill chunk beside the decodes."""
+    case = make_case([(1, 300), (1, 3), (1, 129), (6, 140)], 4, 1, 64, 16, torch.float16)
+    out = paged_attention(*case.args(), SCALE, max_q_len=case.max_q_len, max_ctx_len=case.max_ctx_len,
+                          sliding_window=window, num_splits=1, config=config)  # fmt: skip
+    ref = paged_attention_ref(*case.args(), SCALE, sliding_window=window)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.float16], rtol=TOL[torch.float16])
 
 
 @interp

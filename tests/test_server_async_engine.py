@@ -356,3 +356,26 @@ def test_streams_end_when_the_engine_loop_dies(engine, ids, monkeypatch):
         assert idle(engine)
 
     asyncio.run(main())
+
+
+def test_asynchronous_scheduling_streams_the_same_tokens(engine, ids, reference, monkeypatch):
+    """With a step left in flight (asynchronous scheduling, as on CUDA), concurrent streams get the reference
+    tokens in order, and an abort mid-stream frees everything, the step in flight included."""
+
+    async def main():
+        monkeypatch.setattr(engine, "defers_outputs", True)
+        monkeypatch.setattr(engine, "async_scheduling", True)
+        ae = await started(engine)
+        streams = [ae.generate(req("a", ids["a"], 16)), ae.generate(req("b", ids["b"], 2))]
+        outs = await asyncio.wait_for(asyncio.gather(*(_collect(s) for s in streams)), timeout=60)
+        check_stream(outs[0], reference["a", 16])
+        check_stream(outs[1], reference["b", 2])
+        stream = await ae.add(req("long", ids["a"], LONG))
+        first = await asyncio.wait_for(stream.__anext__(), timeout=30)
+        assert first.new_token_ids == reference["a", 16].new_token_ids[:1]
+        stream.close()
+        await until(lambda: ae.call(idle, engine))
+        assert not engine.in_flight
+        await stopped(ae)
+
+    asyncio.run(main())
