@@ -176,7 +176,8 @@ def gemv_baselines(case: Case, m: int, best: Nf4Config) -> dict:
            "best_cast_lookup_us": bench_m(case, m, replace(best, lookup=LOOKUP_CAST), baselines=False)["nf4_us"],
            "floor_us": same_bytes_copy_us(case.floor_bytes(m))}
     if m <= MAX_GEMV_M:
-        row["gemv_default_us"] = bench_m(case, m, pick_config(m, case.n, case.k), baselines=False)["nf4_us"]
+        row["gemv_default_us"] = bench_m(case, m, pick_config(m, case.n, case.k, gemv=True),
+                                         baselines=False)["nf4_us"]
     print("   " + "; ".join(f"{key} {us:.1f}us" for key, us in row.items()) + f" (tl.dot config: {dot})", flush=True)
     return row
 

@@ -23,7 +23,8 @@ Semantics of ``nf4_matmul(x, w, bias=None, out=None)``, fp32 accumulation:
     y = (x.float() @ W.to(x.dtype).float().T + bias).to(x.dtype)     # x [M, K] fp16/bf16/fp32, y [M, N]
 
 Paths by M (``_CONFIGS``, swept on the H200 with bench/nf4_gemm.py; no autotuning at serve time):
-- M <= MAX_GEMV_M (decode at batch 1-4): ``nf4_gemv_kernel``, no tl.dot. Each program streams BLOCK_N weight
+- M <= MAX_GEMV_M (decode at batch 1-4), when SERVE_GEMV (off: not faster yet, see there) or asked for:
+  ``nf4_gemv_kernel``, no tl.dot. Each program streams BLOCK_N weight
   rows over a K slice, multiplies the code values (fp32) by every x row (the bytes are read once for all
   rows), sums each 64-block and scales it by absmax afterwards; K is split into slices (fp32 partials plus
   ``nf4_reduce_kernel``) when N alone gives too few programs to keep the GPU's memory system busy.
@@ -200,10 +201,16 @@ _CONFIGS: tuple[tuple[int, Nf4Config], ...] = (
 
 MAX_GEMV_M = max((hi for hi, c in _CONFIGS if c.gemv), default=0)
 _GEMV_PROGRAMS = 2 * 132  # two programs per H200 SM: enough weight loads in flight to stream at full bandwidth
+# Whether nf4_matmul takes the GEMV bucket by default. Off: measured on the H200 (bench/nf4_gemm.py --sweep
+# --sweep-m 1, gate/up 4096->28672), the default GEMV config took 57.4 us against 48.9 for the tl.dot path and
+# the best of the GEMV sweep 46.1 (floor 17.1); batch-1 decode took 191 tok/s with it against 194 without.
+SERVE_GEMV = False
 
 
-def pick_config(m: int, n: int, k: int, gemv: bool = True) -> Nf4Config:
-    """The launch config for x [m, k] @ W[n, k].T; gemv=False: the tl.dot path even where GEMV serves."""
+def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
+    """The launch config for x [m, k] @ W[n, k].T. gemv: take the GEMV bucket for m <= MAX_GEMV_M (True), or
+    the tl.dot path (False); None: SERVE_GEMV."""
+    gemv = SERVE_GEMV if gemv is None else gemv
     cfg = next(c for hi, c in _CONFIGS if m <= hi and (gemv or not c.gemv))
     if cfg.gemv:
         tiles, chunks = triton.cdiv(n, cfg.block_n), triton.cdiv(triton.cdiv(k, 128), cfg.k_groups)

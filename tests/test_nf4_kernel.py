@@ -166,17 +166,18 @@ def test_wrapper_checks():
 
 def test_configs_cover_every_m():
     for m in (1, MAX_GEMV_M, MAX_GEMV_M + 1, 16, 17, 64, 65, 2048, 10**6):
-        cfg = nf4_mod.pick_config(m, 4096, 4096)
+        cfg = nf4_mod.pick_config(m, 4096, 4096, gemv=True)
         assert cfg.gemv == (m <= MAX_GEMV_M)
+        assert pick_config(m, 4096, 4096).gemv == (m <= MAX_GEMV_M and nf4_mod.SERVE_GEMV)
         assert cfg.block_m >= m if m <= 256 else cfg.dense
         assert not pick_config(m, 4096, 4096, gemv=False).gemv
 
 
 def test_gemv_split_fills_the_gpu():
     """Few output tiles take more K slices (o, down); a wide output needs none (gate/up: no reduce launch)."""
-    splits = {name: pick_config(1, sum(w), k).split_k for name, (k, w) in LLAMA.items()}
+    splits = {name: pick_config(1, sum(w), k, gemv=True).split_k for name, (k, w) in LLAMA.items()}
     assert splits["gate_up"] == 1 and splits["o"] > 1 and splits["down"] > 1
-    assert pick_config(1, 192, 576).split_k <= 3  # never more slices than SmolLM2's 5 groups can fill
+    assert pick_config(1, 192, 576, gemv=True).split_k <= 3  # never more slices than SmolLM2's 5 groups can fill
 
 
 # --- the GEMV path (M <= MAX_GEMV_M): no tl.dot, each row's products summed per 64-block -----------------
@@ -196,8 +197,9 @@ def test_gemv_matches_reference(triton_cpu, m, shape, dtype, with_bias):
     x = torch.randn(m, k, dtype=dtype)
     bias = torch.randn(sum(widths), dtype=dtype) if with_bias else None
     out = torch.full((m, sum(widths)), float("nan"), dtype=dtype)
-    y = nf4_matmul(x, packed_group(members), bias, out=out)
-    assert y is out and pick_config(m, sum(widths), k).gemv
+    cfg = pick_config(m, sum(widths), k, gemv=True)
+    y = nf4_matmul(x, packed_group(members), bias, out=out, config=cfg)
+    assert y is out and cfg.gemv
     assert rel_err(y, reference(x, members, bias)) < TOLERANCE[dtype]
 
 
@@ -227,7 +229,10 @@ def test_gemv_bucket_edge_agrees_with_the_dot_path(triton_cpu):
     w = packed_group(members)
     x = torch.randn(MAX_GEMV_M + 1, 576)
     for m in (MAX_GEMV_M, MAX_GEMV_M + 1):
-        assert rel_err(nf4_matmul(x[:m], w), reference(x[:m], members, None)) < TOLERANCE[torch.float32]
+        cfg = pick_config(m, 192, 576, gemv=True)
+        assert cfg.gemv == (m == MAX_GEMV_M)
+        y = nf4_matmul(x[:m], w, config=cfg)
+        assert rel_err(y, reference(x[:m], members, None)) < TOLERANCE[torch.float32]
     with pytest.raises(ValueError, match="block_m"):
         nf4_matmul(x, w, config=Nf4Config(MAX_GEMV_M, 64, gemv=True))
 
@@ -295,13 +300,14 @@ def test_gpu_gemv_graph_capture_and_replay(shape):
     w = packed_group(members)
     bias = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     for m in range(1, MAX_GEMV_M + 1):
-        assert pick_config(m, n, k).gemv
+        cfg = pick_config(m, n, k, gemv=True)
+        assert cfg.gemv
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-        nf4_matmul(x, w, bias, out=out)  # compile outside the capture
+        nf4_matmul(x, w, bias, out=out, config=cfg)  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            nf4_matmul(x, w, bias, out=out)
+            nf4_matmul(x, w, bias, out=out, config=cfg)
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.cuda.synchronize()
