@@ -17,8 +17,10 @@ A step is timed from the end of the previous model step to its own end, in conse
 - sample: the rest of sampling on the host (seeded draws, logprobs).
 - postprocess: appending tokens, stop checks, incremental detokenization, building the outputs.
 
-With one sync per step, the GPU idles for about loop + schedule + prepare + sample + postprocess of each
-step; that is what asynchronous scheduling would hide. The histograms are exported on /metrics as
+Without asynchronous scheduling the GPU idles for about loop + schedule + prepare + sample + postprocess of
+each step. With it (LLMEngine.step, the default on CUDA) a model step launches while the previous one still
+runs: device_wait, sample and postprocess then belong to that previous step, every host phase overlaps the
+device, and only device_wait is time the host spent waiting for it. The histograms are exported on /metrics as
 hotlora_step_phase_seconds{phase} and hotlora_step_tokens.
 """
 
