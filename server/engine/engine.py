@@ -6,8 +6,6 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from hotlora.adapters.peft_format import AdapterError
 from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
@@ -16,6 +14,7 @@ from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.detokenizer import Detokenizer, DetokState
 from hotlora.server.engine.scheduler import ScheduledBatch, Scheduler
 from hotlora.server.engine.sequence import Sequence
+from hotlora.server.engine.stats import EngineOverloadedError, EngineStats, InvalidRequestError, PromptTooLongError
 from hotlora.server.engine.steptimer import StepTimer
 from hotlora.server.engine.types import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
 from hotlora.server.model.grammar import GrammarCache
@@ -26,39 +25,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EngineOverloadedError", "EngineStats", "InvalidRequestError", "LLMEngine", "PromptTooLongError",
            "UnknownAdapterError"]
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses as given (the API answers 400)."""
-
-
-class PromptTooLongError(InvalidRequestError):
-    pass
-
-
-class EngineOverloadedError(RuntimeError):
-    """Too many requests are queued (the API answers 429/503)."""
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_total: int
-    kv_blocks_used: int
-    running_adapters: list[str]
-    waiting_adapters: list[str]
-    max_loras: int
-    num_preemptions: int
-    num_adapter_blocked_steps: int = 0  # steps with room in the batch where every waiting request awaited its adapter
-    adapter_load_seconds: dict[str, Any] = field(default_factory=dict)  # transition -> loadstats.Histogram
-    num_eager_steps: int = 0  # steps that ran eagerly (on cuda: no CUDA graph fitted or a capture failed)
-    num_graph_steps: int = 0  # steps replayed from CUDA graphs
-    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0  # of those, tokens found there
-    block_size: int = 0  # tokens per KV-cache block
-    step_phase_seconds: dict[str, Any] = field(default_factory=dict)  # phase -> loadstats.Histogram (steptimer)
-    step_tokens: Any = None  # loadstats.Histogram of the tokens scheduled per model step
 
 
 class LLMEngine:
