@@ -70,7 +70,7 @@ def _suite_one(quant: str, tokenizer, folder: Path, paths: dict[str, Path], max_
         engine.registry.register(name, path)
     one_base, one_lora = (workload(tokenizer, 1, a, max_tokens, False) for a in ([], names[:1]))
     mixed8, base8 = workload(tokenizer, 8, names[:3], max_tokens, False), workload(tokenizer, 8, [], max_tokens, False)
-    mixed32 = workload(tokenizer, 32, names, max_tokens, False)
+    mixed32, base32 = workload(tokenizer, 32, names, max_tokens, False), workload(tokenizer, 32, [], max_tokens, False)
     engine.generate(_requests("warm", mixed32[:9]))  # every adapter resident, every code path once
     q = {"nf4": "NF4", "none": "fp32"}.get(quant, quant)
     b1, b1_ttft, b1_tpot = single_latency(engine, one_base, repeat, "b1")
@@ -82,14 +82,18 @@ def _suite_one(quant: str, tokenizer, folder: Path, paths: dict[str, Path], max_
     _row(q, "8 requests, base", f"{b8:.1f}", "", "", "")
     m8 = batch_tok_s(engine, mixed8, repeat, "m8")
     m32 = batch_tok_s(engine, mixed32, repeat, "m32")
+    b32 = batch_tok_s(engine, base32, repeat, "b32")  # the base model alone: the floor the mixed cases share
+    _row(q, "32 requests, base", f"{b32:.1f}", "", "", "")
     del engine
     pad = tokenizer.pad_token_id or 0
     p8_dt, p8_tok = run_peft(quant, folder, mixed8, paths, pad, repeat)
     p8 = p8_tok / p8_dt
-    _row(q, "8 requests, 3 adapters + base", f"{m8:.1f}", f"{p8:.1f}", f"{m8 / p8:.2f}x", f"{m8 / b8:.0%} of 8 base")
+    _row(q, "8 requests, 3 adapters + base", f"{m8:.1f}", f"{p8:.1f}", f"{m8 / p8:.2f}x",
+         f"{m8 / b8:.0%} of 8 base; 8 base = {b8 / p8:.2f}x peft's mixed")
     p32_dt, p32_tok = run_peft(quant, folder, mixed32, paths, pad, repeat)
     p32 = p32_tok / p32_dt
-    _row(q, "32 requests, 8 adapters + base", f"{m32:.1f}", f"{p32:.1f}", f"{m32 / p32:.2f}x", "")
+    _row(q, "32 requests, 8 adapters + base", f"{m32:.1f}", f"{p32:.1f}", f"{m32 / p32:.2f}x",
+         f"{m32 / b32:.0%} of 32 base; 32 base = {b32 / p32:.2f}x peft's mixed")
 
 
 def run_suite(quants: list[str], max_tokens: int, repeat: int) -> None:
