@@ -346,7 +346,5 @@ class LLMEngine:
 
 
 def _host_sampled(seq: Sequence) -> bool:
-    """Its sampling reads its tokens on the host (grammar matcher, penalties' history, min_tokens' count)."""
-    p = seq.params
-    return (seq.grammar is not None or p.structured is not None or p.repetition_penalty != 1.0
-            or bool(p.frequency_penalty) or bool(p.presence_penalty) or p.min_tokens > 0)
+    """Its sampling reads its tokens on the host: a grammar matcher, or the penalties' and min_tokens' history."""
+    return seq.params.structured is not None or seq.params.reads_history

@@ -109,6 +109,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def reads_history(self) -> bool:
+        """A logits processor reads the request's token ids: the penalties, and min_tokens' count."""
+        return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
+                    or self.min_tokens)
+
 
 @dataclass(slots=True)
 class Request:

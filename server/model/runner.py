@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -115,15 +114,6 @@ class ModelRunner:
         blocks = int(budget // per_block)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, self.block_size, blocks * per_block / 2**30)
         return max(blocks, 1)
-
-    def execute(self, batch: ScheduledBatch, timer: StepTimer,
-                on_launch: Callable[[], None] | None = None) -> list[Sampled | None]:
-        """Run one step; the sampled token of each sequence whose scheduled tokens reach its end. timer
-        gets the prepare, launch, device_wait and sample phases."""
-        launched = self.launch(batch, timer)
-        if on_launch is not None:
-            on_launch()
-        return self.collect(launched, timer)
 
     def launch(self, batch: ScheduledBatch, timer: StepTimer, after: Launched | None = None) -> Launched:
         """Queue one step (on the CPU: compute it). `after`: a step still in flight, whose sampled tokens are
@@ -310,7 +300,7 @@ class ModelRunner:
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         self.prepare(seq)
         p, seed, index = seq.params, seq.sampling_seed, seq.num_generated
-        if p.repetition_penalty == 1.0 and not (p.frequency_penalty or p.presence_penalty or p.min_tokens):
+        if not p.reads_history:
             return SampleRequest(p, seed, index, grammar=seq.grammar)  # no processor needs the token history
         ids = self._history.ids(seq)  # views: no per-step copy of the history into Python lists
         return SampleRequest(p, seed, index, ids[: seq.num_prompt], ids[seq.num_prompt :], seq.grammar)
