@@ -162,20 +162,33 @@ def teacher_forced_gaps(ref: Reference, work, outs, n_tokens: int) -> list[tuple
     return res
 
 
-def drain(engine, arrivals: dict[int, list]) -> dict[str, list[int]]:
-    """Add each step's arrivals (step index -> Requests), step until everything finishes; tokens per request.
-    No output may carry an error."""
-    tokens: dict[str, list[int]] = {}
+def drain_outputs(engine, arrivals: dict[int, list], aborts: dict[int, str] | None = None,
+                  each_step=None) -> dict[str, list]:
+    """Add each step's arrivals (step index -> Requests) and abort the request ids of `aborts` (step index ->
+    id), step until everything finishes; every request's outputs in order. each_step(engine), if given, runs
+    after every step. No output may carry an error."""
+    arrivals, aborts = dict(arrivals), dict(aborts or {})
+    outputs: dict[str, list] = {}
     step = 0
     while arrivals or engine.has_unfinished():
         for req in arrivals.pop(step, []):
             engine.add_request(req)
+        if step in aborts:
+            engine.abort(aborts.pop(step))
         for out in engine.step():
             assert out.error is None, out.error
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            outputs.setdefault(out.request_id, []).append(out)
+        if each_step is not None:
+            each_step(engine)
         step += 1
         assert step < 2000
-    return tokens
+    return outputs
+
+
+def drain(engine, arrivals: dict[int, list]) -> dict[str, list[int]]:
+    """drain_outputs' tokens per request."""
+    outputs = drain_outputs(engine, arrivals)
+    return {rid: [t for out in outs for t in out.new_token_ids] for rid, outs in outputs.items()}
 
 
 def run_engine_mixed(adapters: dict[str, Path], work, n_tokens: int, **config):

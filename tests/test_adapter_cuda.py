@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_reference import ADAPTER_SPECS, BF16_LOGPROB, BF16_TIE, Reference, default_engine, teacher_forced_gaps
+from engine_reference import (
+    ADAPTER_SPECS,
+    BF16_LOGPROB,
+    BF16_TIE,
+    Reference,
+    default_engine,
+    drain_outputs,
+    teacher_forced_gaps,
+)
 from lora_factory import TINY_SHAPES, save_adapter, tiny_llama
 
 from hotlora.adapters.cache import LoraSlotCache
@@ -104,22 +112,13 @@ def _decode_with_cold_arrivals(engine, work: list[tuple[list[int], str | None]])
     """The base requests of `work` start at step 0; each adapter request arrives 3 steps after the previous
     one, while the base requests decode, its adapter cold. Each request's tokens and logprobs, accumulated."""
     params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0)
-    outs = {f"w{i}": RequestOutput(f"w{i}", "", [], logprobs=[]) for i in range(len(work))}
     arrivals: dict[int, list[Request]] = {}
     for i, (ids, adapter) in enumerate(work):
         at = 0 if adapter is None else 3 * (1 + sum(a is not None for _, a in work[:i]))
         arrivals.setdefault(at, []).append(Request(f"w{i}", ids, params, adapter))
-    step = 0
-    while arrivals or engine.has_unfinished():
-        for req in arrivals.pop(step, []):
-            engine.add_request(req)
-        for out in engine.step():
-            assert out.error is None, out.error
-            outs[out.request_id].new_token_ids += out.new_token_ids
-            outs[out.request_id].logprobs += out.logprobs or []
-        step += 1
-        assert step < 2000
-    return list(outs.values())
+    got = drain_outputs(engine, arrivals)
+    return [RequestOutput(f"w{i}", "", [t for o in got[f"w{i}"] for t in o.new_token_ids],
+                          logprobs=[lp for o in got[f"w{i}"] for lp in o.logprobs or []]) for i in range(len(work))]
 
 
 @pytest.mark.parametrize("copy_thread", [False, True], ids=["engine-thread", "copy-thread"])

@@ -10,6 +10,7 @@ produce exactly what the synchronous engine produces, token for token and text f
 from __future__ import annotations
 
 import pytest
+from engine_reference import drain_outputs
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -37,28 +38,14 @@ def _run(engine: LLMEngine, arrivals: dict[int, list[Request]], asynchronous: bo
          abort: dict[int, str] | None = None) -> tuple[dict[str, tuple[list[int], str, str]], int]:
     """Step until done: per request (tokens, text, finish reason), and the steps that left one in flight."""
     engine.async_scheduling = asynchronous
-    arrivals, abort = dict(arrivals), dict(abort or {})
-    got: dict[str, tuple[list[int], list[str], list[str]]] = {}
-    step = in_flight = 0
-    while arrivals or engine.has_unfinished():
-        for req in arrivals.pop(step, []):
-            engine.add_request(req)
-        if step in abort:
-            engine.abort(abort.pop(step))
-        for out in engine.step():
-            assert out.error is None, out.error
-            tokens, text, reason = got.setdefault(out.request_id, ([], [], []))
-            tokens += out.new_token_ids
-            text.append(out.new_text)
-            if out.finished:
-                reason.append(out.finish_reason.value)
-        in_flight += engine.in_flight
-        step += 1
-        assert step < 3000
+    in_flight = []
+    got = drain_outputs(engine, arrivals, abort, lambda e: in_flight.append(e.in_flight))
     engine.async_scheduling = False
     assert engine.blocks.num_used == 0 and all(c == 0 for c in engine.blocks.ref_counts)
     engine.blocks.check_idle()
-    return {k: (t, "".join(x), "".join(r)) for k, (t, x, r) in got.items()}, in_flight
+    result = {rid: ([t for o in outs for t in o.new_token_ids], "".join(o.new_text for o in outs),
+                    "".join(o.finish_reason.value for o in outs if o.finished)) for rid, outs in got.items()}
+    return result, sum(in_flight)
 
 
 def _workload(engine: LLMEngine, reference: dict | None = None) -> dict[int, list[Request]]:

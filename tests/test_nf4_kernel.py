@@ -276,16 +276,21 @@ def test_gpu_cuda_graph_capture_and_replay():
     members = quantize((1024, 256, 256), 2048, torch.bfloat16, "cuda")
     w = packed_group(members)
     for m in (1, 48, 600):
-        x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")
-        out = torch.empty(m, 1536, dtype=torch.bfloat16, device="cuda")
-        nf4_matmul(x, w, out=out)  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            nf4_matmul(x, w, out=out)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(out, reference(x, members, None)) < TOLERANCE[torch.bfloat16], m
+        assert _replayed_error(members, w, m, None, None) < TOLERANCE[torch.bfloat16], m
+
+
+def _replayed_error(members, w, m: int, bias: torch.Tensor | None, config: Nf4Config | None) -> float:
+    """nf4_matmul of M = m rows (bf16, out=) captured in a CUDA graph, replayed on new x: its relative error."""
+    x = torch.randn(m, w.shape[1], dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(m, w.shape[0], dtype=torch.bfloat16, device="cuda")
+    nf4_matmul(x, w, bias, out=out, config=config)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        nf4_matmul(x, w, bias, out=out, config=config)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    return rel_err(out, reference(x, members, bias))
 
 
 @gpu
@@ -302,16 +307,7 @@ def test_gpu_gemv_graph_capture_and_replay(shape):
     for m in range(1, MAX_GEMV_M + 1):
         cfg = pick_config(m, n, k, gemv=True)
         assert cfg.gemv
-        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-        nf4_matmul(x, w, bias, out=out, config=cfg)  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            nf4_matmul(x, w, bias, out=out, config=cfg)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(out, reference(x, members, bias)) < TOLERANCE[torch.bfloat16], m
+        assert _replayed_error(members, w, m, bias, cfg) < TOLERANCE[torch.bfloat16], m
 
 
 @gpu

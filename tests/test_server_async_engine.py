@@ -2,7 +2,7 @@
 
 One LLMEngine (the default model, unquantized, small KV cache) is built per module; each test wraps it in a
 fresh AsyncEngine (`lambda: engine`) and leaves it idle. Failures are injected into that real engine for one
-call (runner.execute, has_unfinished), never through a stand-in. Each shutdown closes the registry's loader
+call (runner.launch, has_unfinished), never through a stand-in. Each shutdown closes the registry's loader
 pool, so these tests use no adapters.
 """
 
