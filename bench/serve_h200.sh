@@ -8,6 +8,7 @@
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
 #   bench/serve_h200.sh steady      # only the profile suite's two steady batch-32 decode runs
 #   bench/serve_h200.sh saturation  # the profile suite without its Poisson run
+#   bench/serve_h200.sh burst       # only its two all-at-once runs
 #   bench/serve_h200.sh profile     # issue 11: where a step's time goes (step_phases_ms, host_share): steady
 #                                   # decode at batch 32 (prompt 128, 256 tokens each), base and over 32 adapters,
 #                                   # then the Poisson Zipf(1.1)-over-128 run and the all-at-once (saturation) runs
@@ -18,6 +19,7 @@
 # Llama-3-8B shape (random weights), NF4, on the local GPU. Each server is started here and polled until ready,
 # so the startup (weights, CUDA-graph capture) is not in the numbers; a word-level tokenizer of the model's
 # vocabulary (bench/serve.py --make-tokenizer) makes every sampled id stream text. JSON lands in $OUT (default .).
+# SERVE_EXTRA: more server arguments for every server of the suite (e.g. "--max-num-seqs 128").
 set -euo pipefail
 OUT=${OUT:-.}
 ADAPTERS=${ADAPTERS:-/tmp/hotlora-bench}
@@ -51,7 +53,7 @@ print("  ttft parts ms p50/p99/mean:", *(k + " " + "/".join(str(v[q]) for q in (
 }
 
 serve_and_run() {  # "serve args" then the functions that issue the bench calls
-  local args="$1 --tokenizer $ADAPTERS/tokenizer" body=$2; shift
+  local args="$1 --tokenizer $ADAPTERS/tokenizer ${SERVE_EXTRA:-}" body=$2; shift
   [[ -f $ADAPTERS/tokenizer/tokenizer.json ]] || "$py" "$here/serve.py" --make-tokenizer "$ADAPTERS/tokenizer"
   "$py" -m hotlora.server.cli serve $args --host 127.0.0.1 --port "$PORT" --log-level warning \
     >"$OUT/server-$body.log" 2>&1 &
@@ -141,6 +143,9 @@ case ${1:-} in
     make_adapters "$ADAPTERS/r16x32" 32 16 all
     ADAPTERS_STEADY=$ADAPTERS/r16x32 serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16x32 --max-loras 64" \
       steady_runs ;;
+  burst)  # only the all-at-once runs
+    make_adapters "$ADAPTERS/r16all" 128 16 all
+    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" burst_runs ;;
   saturation)  # the profile suite without its Poisson run: steady batch-32 decode, then the all-at-once runs
     make_adapters "$ADAPTERS/r16all" 128 16 all
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" saturation_runs ;;
@@ -150,5 +155,5 @@ case ${1:-} in
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|steady|saturation|profile|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|steady|saturation|burst|profile|adapters" >&2; exit 2 ;;
 esac

@@ -146,10 +146,13 @@ def test_lora_project_in_graph(overlap, monkeypatch):
         case.x.copy_(torch.randn(case.x.shape, generator=gen, device="cuda").to(case.x.dtype))
         graph.replay()
         torch.cuda.synchronize()
-        expected = case.x @ w.T
+        base = case.x @ w.T
+        expected = base.clone()
         lora_apply_ref(case.ys(expected), case.x, case.slices, meta)
-        got = torch.cat(result["ys"], dim=1)
-        assert_matches(case, got, expected, TOLERANCE[torch.bfloat16])
+        got = torch.cat(result["ys"], dim=1).double()
+        delta = (expected.double() - base.double()).norm().item()
+        assert delta > 0
+        assert (got - expected.double()).norm().item() / delta < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("block_m", [16, 64])
