@@ -117,18 +117,17 @@ def gemv_configs(m: int, n: int, k: int) -> list[Nf4Config]:
     return out
 
 
-def scale_first_configs(m: int) -> list[Nf4Config]:
-    """M <= 64: where to scale (after each 64-block's partial dot, or first in x's dtype, which lets the dot
-    accumulate in place), by tile width, K slices and pipeline depth; 4 warps."""
+def occupancy_configs(m: int) -> list[Nf4Config]:
+    """M <= 64, the tl.dot path: the register cap (programs per SM), tile width and K slices, 4 warps. ncu on the
+    H200 (gate/up, M=16) found the kernel issue-bound on integer work at 25% occupancy (103 registers)."""
     bm = max(16, 1 << (m - 1).bit_length())
-    grid = itertools.product(((True, False), (False, False), (True, True), (False, True)), (32, 64), (2, 4), (3, 4))
-    return [Nf4Config(bm, bn, split, 4, stages, scale_after=after, swap_ab=swap, lookup=LOOKUP_PRMT)
-            for (after, swap), bn, split, stages in grid if not (swap and bn < 64)]
+    grid = itertools.product((None, 96, 72), (32, 64), (1, 2, 4))
+    return [Nf4Config(bm, bn, split, 4, 3, lookup=LOOKUP_PRMT, maxnreg=regs) for regs, bn, split in grid]
 
 
-def sweep_configs(m: int, n: int, k: int, scale_first: bool = False) -> list[Nf4Config]:
-    if scale_first and m <= 64:
-        return scale_first_configs(m)
+def sweep_configs(m: int, n: int, k: int, occupancy: bool = False) -> list[Nf4Config]:
+    if occupancy and m <= 64:
+        return occupancy_configs(m)
     if m <= GEMV_SWEEP_MAX_M:
         return gemv_configs(m, n, k)
     prmt = LOOKUP_PRMT
@@ -147,11 +146,11 @@ def label(cfg: Nf4Config) -> str:
     return str(cfg)
 
 
-def sweep(cases: dict[str, Case], ms: tuple[int, ...], scale_first: bool = False) -> list[dict]:
+def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False) -> list[dict]:
     out = []
     for (name, case), m in itertools.product(cases.items(), ms):
         best = []
-        for cfg in sweep_configs(m, case.n, case.k, scale_first):
+        for cfg in sweep_configs(m, case.n, case.k, occupancy):
             try:
                 us = bench_m(case, m, cfg, baselines=False, rep=50)["nf4_us"]
             except Exception as exc:  # a config the compiler rejects (shared memory): skip it
@@ -164,11 +163,10 @@ def sweep(cases: dict[str, Case], ms: tuple[int, ...], scale_first: bool = False
             kind = [us for us, c in best if c.swap_ab == swap and c.lookup == lookup and not (c.dense or c.gemv)]
             if kind:
                 print(f"   best swap_ab={swap} lookup={lookup}: {min(kind):.1f}us", flush=True)
-        for after, swap, stages in itertools.product((True, False), (False, True), (3, 4)):
-            kind = [us for us, c in best if (c.scale_after, c.swap_ab, c.stages) == (after, swap, stages)
-                    and scale_first and not (c.dense or c.gemv)]
+        for regs in (None, 96, 72):
+            kind = [us for us, c in best if occupancy and c.maxnreg == regs and not (c.dense or c.gemv)]
             if kind:
-                print(f"   best scale_after={after} swap_ab={swap} stages={stages}: {min(kind):.1f}us", flush=True)
+                print(f"   best maxnreg={regs}: {min(kind):.1f}us", flush=True)
         for groups in (1, 2, 4):
             kind = [us for us, c in best if c.gemv and c.k_groups == groups]
             if kind:
@@ -236,8 +234,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="M in {1, 32, 2048} only")
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs first")
     ap.add_argument("--sweep-m", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--scale-first", action="store_true",
-                    help="M <= 64: sweep where the absmax scaling happens (and stages, narrow tiles) instead")
+    ap.add_argument("--occupancy", action="store_true",
+                    help="M <= 64: sweep the register cap, tile width and K slices instead")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
@@ -252,7 +250,7 @@ def main() -> None:
     if args.dequant:
         for case in cases.values():
             bench_dequant(case)
-    swept = sweep(cases, tuple(args.sweep_m), args.scale_first) if args.sweep else []
+    swept = sweep(cases, tuple(args.sweep_m), args.occupancy) if args.sweep else []
     rows = []
     for name, case in cases.items():
         for m in () if args.no_table else (1, 32, 2048) if args.quick else MS:

@@ -121,7 +121,7 @@ def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, W_DTYPE: tl.constexpr
                 SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
     """acc (+)= one group's contribution (acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else [BLOCK_M, BLOCK_N])."""
     v_hi, v_lo = _group_values(raw, lut_ptr, LOOKUP, V_DTYPE)
-    if SWAP_AB and SCALE_AFTER:
+    if SWAP_AB:
         p_hi = tl.dot(v_hi, tl.trans(x_hi), input_precision=PRECISION)
         p_lo = tl.dot(v_lo, tl.trans(x_lo), input_precision=PRECISION)
         acc += p_hi * a_hi[:, None] + p_lo * a_lo[:, None]
@@ -129,15 +129,6 @@ def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, W_DTYPE: tl.constexpr
         p_hi = tl.dot(x_hi, tl.trans(v_hi), input_precision=PRECISION)
         p_lo = tl.dot(x_lo, tl.trans(v_lo), input_precision=PRECISION)
         acc += p_hi * a_hi[None, :] + p_lo * a_lo[None, :]
-    elif LOOKUP == 1:  # scale first, in x's dtype: the dot accumulates in place (asynchronous wgmma)
-        w_hi = v_hi * a_hi.to(V_DTYPE)[:, None]
-        w_lo = v_lo * a_lo.to(V_DTYPE)[:, None]
-        if SWAP_AB:
-            acc = tl.dot(w_hi, tl.trans(x_hi), acc, input_precision=PRECISION)
-            acc = tl.dot(w_lo, tl.trans(x_lo), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
-            acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
     else:
         w_hi = (v_hi * a_hi[:, None]).to(W_DTYPE).to(x_hi.dtype)
         w_lo = (v_lo * a_lo[:, None]).to(W_DTYPE).to(x_hi.dtype)

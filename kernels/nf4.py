@@ -177,6 +177,7 @@ class Nf4Config:
     prefetch: bool = False  # load group i+1 before group i's math
     gemv: bool = False
     k_groups: int = 1  # gemv: groups loaded together per loop step (more bytes in flight per program)
+    maxnreg: int | None = None  # cap on registers per thread: more programs per SM (ptxas may spill)
 
 
 # (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep (bf16, Llama-3-8B shapes;
@@ -253,14 +254,15 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     lut = _lut(x.device, x.dtype if cfg.scale_after else torch.float32)
-    lookup = cfg.lookup if x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
+    lookup = cfg.lookup if cfg.scale_after and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     nf4_matmul_kernel[grid](
         x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and (cfg.scale_after or lookup == LOOKUP_PRMT), LOOKUP=lookup,
+        SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and cfg.scale_after, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
         ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return _reduce(part, bias, y) if split > 1 else y
 

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from hotlora.server.api.state import ServerSettings
+from hotlora.server.engine.config import DEVICE_DEFAULTS
 
 log = logging.getLogger(__name__)
 DIRECTORY = "hotlora-replicas"
@@ -246,7 +247,8 @@ def build_app(settings: ServerSettings, replicas: int = 1, cpus_per_replica: flo
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
         # a replica is "overloaded" once its batch is full: then Ray routes past the replica that has the
         # adapter (or queues at the router when every replica is full) instead of piling up behind it
-        max_ongoing_requests=max_ongoing_requests or engine.max_num_seqs,
+        max_ongoing_requests=max_ongoing_requests or engine.max_num_seqs
+        or DEVICE_DEFAULTS["cuda" if gpus_per_replica else "cpu"][0],
         health_check_period_s=5,
     )
     return HotloraIngress.bind(replica.bind(settings, host, port))

@@ -341,20 +341,13 @@ def test_gpu_register_lookup_equals_table_lookup(dtype):
 
 @gpu
 @cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_scale_first_configs(dtype):
-    """Scaling in x's dtype before the dot (register lookup), both operand orders and split-K, against the
-    fp32 reference, with bias, and captured and replayed: the configs bench/nf4_gemm.py --scale-first sweeps."""
-    members = quantize((1536, 256, 256), 2048, dtype, "cuda")
+def test_gpu_register_cap_configs():
+    """A register cap (maxnreg: more programs per SM, spills allowed) changes no result."""
+    members = quantize((1536, 256, 256), 2048, torch.bfloat16, "cuda")
     w = packed_group(members)
-    bias = torch.randn(w.shape[0], dtype=dtype, device="cuda")
-    for m in (1, 16, 33, 64):
-        x = torch.randn(m, 2048, dtype=dtype, device="cuda")
-        ref = reference(x, members, bias)
-        for bn, split, swap in ((32, 1, False), (64, 2, False), (64, 4, True)):
-            cfg = Nf4Config(max(16, 1 << (m - 1).bit_length()), bn, split, 4, 4, scale_after=False, swap_ab=swap,
-                            lookup=LOOKUP_PRMT)
-            assert rel_err(nf4_matmul(x, w, bias, config=cfg), ref) < TOLERANCE[dtype], (m, cfg)
-    if dtype == torch.bfloat16:
-        cfg = Nf4Config(32, 64, 2, 4, 4, scale_after=False, swap_ab=True, lookup=LOOKUP_PRMT)
-        assert _replayed_error(members, w, 20, bias, cfg) < TOLERANCE[dtype]
+    for m in (1, 16, 33):
+        x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")
+        bm = max(16, 1 << (m - 1).bit_length())
+        free = nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT))
+        for regs in (96, 72):
+            assert torch.equal(nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT, maxnreg=regs)), free)

@@ -59,6 +59,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = pick_device(config.device)
+        config.for_device(self.device.type)
         self.dtype = pick_dtype(config.dtype, self.device)
         ckpt = resolve_checkpoint(config.model, config.cache_dir)
         self.model_config = cfg = ckpt.config
