@@ -105,6 +105,9 @@ def warm_copy_path(cache: LoraSlotCache, linear_shapes: dict[str, tuple[int, int
                 _load_and_free(cache, stage(folder, cache, linear_shapes, num_layers, max_rank))
         if cache.device.type == "cuda":  # the slot-table writes too, so that the time logged is all of it
             torch.cuda.synchronize(cache.device)
+    except OSError as exc:  # no writable temp dir: serve anyway, the first load pays as before
+        log.warning("skipped the adapter copy warm-up: %s", exc)
+        return None
     finally:
         cache.stats = kept
     seconds = time.perf_counter() - t0

@@ -5,6 +5,7 @@ its load writes zeros into a slot's rows of every pool, and afterwards no slot i
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,6 +104,14 @@ def test_a_real_load_after_the_warm_up_is_counted_once(tmp_path: Path):
     assert {p: len(s) for p, s in stats.phases.items()} == {"disk_read": 1, "parse": 1, "h2d_issue": 0,
                                                             "h2d_copy": 1, "slot_tables": 1}
     registry.close()
+
+
+def test_no_temp_dir_skips_the_warm_up(monkeypatch, tmp_path: Path):
+    """A read-only or missing temp dir must not stop a server from starting: the warm-up is skipped."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    registry = _registry(2, torch.float32)
+    assert registry.warm_copy(allow_cpu=True) is None
+    assert all(s is None for s in registry.cache.slots) and not any(registry.cache.stats.phases.values())
 
 
 def test_the_switch(monkeypatch):
