@@ -25,6 +25,7 @@ from hotlora.adapters.mixspec import is_mix, parse_mix
 from hotlora.adapters.peft_format import WEIGHTS_NAME, AdapterError, LoraAdapter, check_compatible, read_adapter_config
 from hotlora.adapters.staging import StagedAdapter, from_adapter, parse_staged, read_raw, warm_pinned
 from hotlora.adapters.versions import AdapterInfo, AdapterVersion, NameStats, UnknownAdapterError, hash_weights
+from hotlora.adapters.warmcopy import warm_copy_path
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,12 @@ class AdapterRegistry:
             return 0
         sizes = [v.file_bytes for v in self.current.values()]
         return warm_pinned(sizes, self.host_budget, self.cache.copy_lock)
+
+    def warm_copy(self, allow_cpu: bool = False) -> float | None:
+        """On CUDA, before any load: one synthetic cold load through the copy path, its slot then freed, so that
+        the first real load under decode does not pay the path's first-use costs (adapters/warmcopy.py); the
+        seconds it took, None on CPU pools (unless `allow_cpu`). No name, count or load statistic records it."""
+        return warm_copy_path(self.cache, self.linear_shapes, self.num_layers, self.max_rank, allow_cpu)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

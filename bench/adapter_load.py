@@ -13,22 +13,34 @@ cold adapter is loaded as above, one after another, and the step times during lo
 those of the same batch without loads (a stall shows as a longer step). On CUDA the engine thread issues
 each copy right after the next step's launch (adapters/cache.py), so its host time shows in the step time
 only if the GPU does not cover it; the `copythread` variant issues from the copy thread instead (as before).
+Each variant reports its first load apart (`first_load`): on one engine only the first variant's first load is
+the first after a start. The engine warms the copy path at start (adapters/warmcopy.py); the `nowarm` variant
+turns that off (HOTLORA_WARM_ADAPTER_COPY=0). What the warm-up pays for stays loaded in the process, so with
+--fresh (implied when the variants differ in `nowarm`) each variant runs in a process of its own, on a fresh
+engine, over all --loads adapters.
 
     python bench/adapter_load.py --model random:llama-3-8b --rank 16 --targets all --loads 20
     python bench/adapter_load.py --model random:llama-3-8b --rank 16 --targets all --loads 10 --engine --batch 32
     python bench/adapter_load.py --model random:llama-3-8b --rank 16 --targets all --loads 8 --engine \
         --variants default,copythread
+    python bench/adapter_load.py --model random:llama-3-8b --rank 16 --targets all --loads 4 --engine \
+        --variants nowarm,default
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +49,9 @@ from make_adapters import model_shapes, parse_targets, write_adapters
 
 from hotlora.adapters.cache import LoraSlotCache
 from hotlora.adapters.registry import AdapterRegistry
+
+if TYPE_CHECKING:
+    from hotlora.server.engine.engine import LLMEngine
 
 
 def _ms(values: list[float]) -> dict[str, float]:
@@ -97,20 +112,28 @@ def cache_mode(a: argparse.Namespace, folder: Path, names: list[str], device: to
     return {"cold_load": _ms(walls), "engine_thread": _ms(engine), "phases": cache.stats.summary()}
 
 
-def _variant(spec: str) -> tuple[float, bool, bool]:
-    """'default' or parts joined by '+': 'switch=S', 'nopin', 'copythread' -> (GIL switch interval, pinned
-    staging, copies issued by the copy thread rather than the engine thread)."""
-    interval, pin, copy_thread = 0.005, True, False
+@dataclass(frozen=True)
+class Variant:
+    interval: float = 0.005  # sys.setswitchinterval
+    pin: bool = True  # pinned staging buffers
+    copy_thread: bool = False  # copies issued by the copy thread rather than the engine thread
+    warm_copy: bool = True  # the engine warms the copy path at start
+
+
+_PARTS = {"nopin": {"pin": False}, "copythread": {"copy_thread": True}, "nowarm": {"warm_copy": False}}
+
+
+def _variant(spec: str) -> Variant:
+    """'default' or parts joined by '+': 'switch=S', 'nopin', 'copythread', 'nowarm'."""
+    v = Variant()
     for part in spec.split("+"):
         if part.startswith("switch="):
-            interval = float(part.split("=", 1)[1])
-        elif part == "nopin":
-            pin = False
-        elif part == "copythread":
-            copy_thread = True
+            v = replace(v, interval=float(part.split("=", 1)[1]))
+        elif part in _PARTS:
+            v = replace(v, **_PARTS[part])
         elif part != "default":
             raise SystemExit(f"unknown variant part {part!r}")
-    return interval, pin, copy_thread
+    return v
 
 
 def _set_pinning(pin: bool) -> None:
@@ -125,6 +148,11 @@ def engine_mode(a: argparse.Namespace, folder: Path, names: list[str]) -> dict:
     from hotlora.server.engine.engine import LLMEngine
     from hotlora.server.engine.types import Request, SamplingParams
 
+    variants = [_variant(spec) for spec in a.variants]
+    if len({v.warm_copy for v in variants}) > 1:
+        raise SystemExit("variants that differ in 'nowarm' need a process each: --fresh")
+    if not variants[0].warm_copy:  # read by the engine's constructor
+        os.environ["HOTLORA_WARM_ADAPTER_COPY"] = "0"
     eng = LLMEngine(EngineConfig(model=a.model, max_loras=a.slots, max_lora_rank=a.rank,
                                  max_num_seqs=max(a.batch, 1), max_model_len=4096))
     for n in names:
@@ -143,31 +171,57 @@ def engine_mode(a: argparse.Namespace, folder: Path, names: list[str]) -> dict:
 
     for _ in range(a.batch + 20):  # prefills, graph captures, warm-up
         step()
-    out = {"batch": a.batch}
+    warm = eng.copy_warm_seconds
+    out = {"batch": a.batch, "copy_warm_ms": None if warm is None else round(warm * 1000, 1)}
     per = len(names) // len(a.variants)
-    for k, spec in enumerate(a.variants):  # one engine, the variants one after another on fresh adapters
-        interval, pin, copy_thread = _variant(spec)
-        sys.setswitchinterval(interval)
-        _set_pinning(pin)
-        eng.registry.cache.copy_thread = copy_thread or eng.registry.cache.device.type != "cuda"
-        for kept in eng.registry.cache.stats.phases.values():
-            kept.clear()
+    for k, (spec, v) in enumerate(zip(a.variants, variants, strict=True)):  # the variants on fresh adapters
+        sys.setswitchinterval(v.interval)
+        _set_pinning(v.pin)
+        eng.registry.cache.copy_thread = v.copy_thread or eng.registry.cache.device.type != "cuda"
+        out[spec] = _run_variant(eng, names[k * per : (k + 1) * per], step, steps)
+    return out
+
+
+def _run_variant(eng: LLMEngine, names: list[str], step: Callable[[], None], steps: list[float]) -> dict:
+    """100 steps without loads, then `names` loaded cold one after another between steps."""
+    phases = eng.registry.cache.stats.phases
+    for kept in phases.values():
+        kept.clear()
+    steps.clear()
+    for _ in range(100):
+        step()
+    base = list(steps)
+    during: list[tuple[int, float]] = []
+    walls, engine = [], []
+    for i, n in enumerate(names):
         steps.clear()
-        for _ in range(100):
-            step()
-        base = list(steps)
-        during: list[tuple[int, float]] = []
-        walls, engine = [], []
-        for i, n in enumerate(names[k * per : (k + 1) * per]):
-            steps.clear()
-            wall, thread = load_one(eng.registry, n, step)
-            during += [(i, t) for t in steps]
-            walls.append(wall)
-            engine.append(thread)
-        out[spec] = {"step_no_load": _ms(base),
-                     "step_during_load": _gaps(during, statistics.median(base)) if during else None,
-                     "cold_load": _ms(walls), "engine_thread": _ms(engine),
-                     "phases": eng.registry.cache.stats.summary()}
+        wall, thread = load_one(eng.registry, n, step)
+        during += [(i, t) for t in steps]
+        walls.append(wall)
+        engine.append(thread)
+    first = [t for i, t in during if i == 0]
+    first_load = {"wall_ms": round(walls[0] * 1000, 2), "max_step_ms": round(max(first, default=0) * 1000, 2),
+                  "steps": len(first)}
+    first_load |= {f"{p}_ms": round(phases[p][0] * 1000, 2) for p in ("h2d_issue", "h2d_copy") if phases[p]}
+    return {"step_no_load": _ms(base),
+            "step_during_load": _gaps(during, statistics.median(base)) if during else None,
+            "first_load": first_load, "cold_load": _ms(walls), "engine_thread": _ms(engine),
+            "phases": eng.registry.cache.stats.summary()}
+
+
+def fresh_mode(a: argparse.Namespace, folder: Path) -> dict:
+    """Each variant in a process of its own (a fresh engine: its first load is the first after a start), over
+    all the adapters in `folder`; the children's results side by side."""
+    out: dict = {"fresh": True}
+    for spec in a.variants:
+        argv = [sys.executable, __file__, "--engine", "--reuse", "--dir", str(folder), "--variants", spec,
+                "--model", a.model, "--rank", str(a.rank), "--targets", a.targets, "--loads", str(a.loads),
+                "--slots", str(a.slots), "--device", a.device, "--batch", str(a.batch), "--prompt", str(a.prompt),
+                "--warm" if a.warm else "--no-warm"]  # fmt: skip
+        child = json.loads(subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout)
+        out["batch"] = child["batch"]
+        key = spec if spec not in out else f"{spec}#{sum(k.split('#')[0] == spec for k in out) + 1}"  # repeats
+        out[key] = child[spec] | {"copy_warm_ms": child["copy_warm_ms"]}
     return out
 
 
@@ -188,17 +242,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", type=lambda v: v.split(","), default=["default"],
                    help="--engine: comma-separated runs on one engine, each on --loads / N fresh adapters: "
                         "default, or parts joined by '+': switch=S (sys.setswitchinterval), nopin (pageable "
-                        "staging), copythread (copies issued by the copy thread, not the engine thread)")
+                        "staging), copythread (copies issued by the copy thread, not the engine thread), nowarm "
+                        "(no copy-path warm-up at engine start: HOTLORA_WARM_ADAPTER_COPY=0)")
+    p.add_argument("--fresh", action="store_true",
+                   help="--engine: each variant in a process of its own, on a fresh engine, over all --loads "
+                        "adapters (implied when the variants differ in 'nowarm')")
+    p.add_argument("--reuse", action="store_true", help="use the cold-* adapters already in --dir (--fresh's runs)")
     a = p.parse_args(argv)
+    a.fresh = a.engine and len(a.variants) > 1 and (a.fresh or len({_variant(v).warm_copy for v in a.variants}) > 1)
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         folder = a.dir or Path(tmp)
-        names = write_adapters(folder, a.loads, a.rank, parse_targets(a.targets), a.model, prefix="cold-")
+        if a.reuse:
+            names = sorted(d.name for d in folder.iterdir() if d.name.startswith("cold-"))[: a.loads]
+        else:
+            names = write_adapters(folder, a.loads, a.rank, parse_targets(a.targets), a.model, prefix="cold-")
         size = (folder / names[0] / "adapter_model.safetensors").stat().st_size
         out = {"model": a.model, "device": str(device), "rank": a.rank, "targets": a.targets,
                "adapter_bytes": size}
-        out |= engine_mode(a, folder, names) if a.engine else cache_mode(a, folder, names, device, dtype)
+        if a.fresh:
+            out |= fresh_mode(a, folder)
+        else:
+            out |= engine_mode(a, folder, names) if a.engine else cache_mode(a, folder, names, device, dtype)
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     print(json.dumps(out, indent=2))

@@ -22,6 +22,7 @@ from engine_reference import (
 )
 from lora_factory import TINY_SHAPES, save_adapter, tiny_llama
 
+from hotlora.adapters import warmcopy
 from hotlora.adapters.cache import LoraSlotCache
 from hotlora.adapters.peft_format import AdapterError, load_peft_adapter
 from hotlora.adapters.registry import AdapterRegistry
@@ -98,6 +99,29 @@ def test_warmed_staging_blocks_serve_the_first_loads(tmp_path: Path):
     for i in range(3):
         _acquire(registry, f"a{i}")
     assert torch.cuda.host_memory_stats()["num_host_alloc"] == before
+
+
+@pytest.mark.parametrize("switch", ["1", "0"], ids=["warm", "off"])
+def test_engine_start_warms_the_copy_path_without_a_trace(switch, monkeypatch, gpu_model_dir, gpu_adapters,
+                                                           hotlora_cache):
+    """The engine's start-up runs one synthetic load through the copy path (HOTLORA_WARM_ADAPTER_COPY=0: none) and
+    leaves no slot held and no statistic moved; the first real load then counts as the first."""
+    monkeypatch.setenv(warmcopy.ENV, switch)
+    engine = default_engine(hotlora_cache, {"all16": gpu_adapters["all16"]}, model=str(gpu_model_dir),
+                            device="cuda", dtype="bfloat16", kv_cache_memory=0.05, cuda_graphs=False)
+    registry, cache = engine.registry, engine.registry.cache
+    assert (engine.copy_warm_seconds is not None) == (switch == "1")
+    assert all(s is None for s in cache.slots) and not cache.index and cache.rows.free == [(0, cache.pool_rows)]
+    assert all(not t.any() for t in (cache.row_start, cache.scale, *cache.ranks.values()))
+    assert all(not a.any() and not b.any() for a, b in cache.pools.values())
+    assert not any(cache.stats.phases.values()) and not cache.evictions
+    assert {t: h.count for t, h in engine.stats().adapter_load_seconds.items()} == {"disk_to_cpu": 0, "cpu_to_gpu": 0}
+    assert [(i.name, i.residency, i.loads, i.evictions) for i in registry.info()] == [("all16", "disk", 0, 0)]
+    _acquire(registry, "all16")
+    assert registry.stats["all16"].loads == 1 and cache.num_ready() == 1
+    assert {t: h.count for t, h in cache.stats.transitions.items()} == {"disk_to_cpu": 1, "cpu_to_gpu": 1}
+    assert len(cache.stats.phases["h2d_copy"]) == 1
+    registry.close()
 
 
 N_TOKENS = 24

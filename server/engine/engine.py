@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from hotlora.adapters import warmcopy
 from hotlora.adapters.peft_format import AdapterError
 from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
 from hotlora.server.engine.block_manager import BlockManager
@@ -38,6 +39,9 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self.registry = AdapterRegistry(self.runner.lora_cache, cfg.linear_shapes(), cfg.num_layers,
                                         config.max_lora_rank, config.max_cpu_lora_bytes)
+        # the copy path's first-use costs (lazy kernel loading, the side stream's first segment) paid now, not by
+        # the first adapter load under decode; None where it did not run (CPU, HOTLORA_WARM_ADAPTER_COPY=0)
+        self.copy_warm_seconds = self.registry.warm_copy() if warmcopy.enabled() else None
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    admit=self._admit, release=self._release, ready=self._adapter_ready,
