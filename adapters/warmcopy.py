@@ -13,7 +13,7 @@ buffer, pinned on CUDA, with its Stacks) and checked against the base as the reg
 `LoraSlotCache.load` (reserve, issue_pending, poll: the side stream, the events, the slot tables) copies it in,
 and the slot is evicted. It runs twice: in the pools' dtype at the largest rank the pools take (so the side
 stream's cached device segment is as large as any later file of that dtype), and in float32 (how QLoRA adapters
-are usually saved: a cast kernel instead of a plain copy) at the rank of the same bytes.
+are usually saved: a cast kernel instead of a plain copy) at an eighth of that rank.
 
 No trace: the weights are zeros and lora_alpha is 0, so the pools and the slot tables (ranks, row start, scale) end
 as they began on a fresh cache; the registry is not involved (no name, no load or eviction count), and the
@@ -81,10 +81,11 @@ def stage(folder: Path, cache: LoraSlotCache, linear_shapes: dict[str, tuple[int
 
 
 def plan(pool_dtype: torch.dtype, rank: int) -> list[tuple[torch.dtype, int]]:
-    """(file dtype, rank) of each warm-up load: the pools' dtype at `rank`, float32 at the rank of the same bytes."""
+    """(file dtype, rank) of each warm-up load: the pools' dtype at `rank`; float32 at an eighth of it (its cast
+    kernels load at any size, and the side stream's segment is already as large as any later file's)."""
     out = [(pool_dtype, rank)]
     if pool_dtype != torch.float32:
-        out.append((torch.float32, max(1, rank * pool_dtype.itemsize // 4)))
+        out.append((torch.float32, max(1, rank // 8)))
     return out
 
 

@@ -8,7 +8,7 @@
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
 #   bench/serve_h200.sh steady      # only the profile suite's two steady batch-32 decode runs
 #   bench/serve_h200.sh saturation  # the profile suite without its Poisson run
-#   bench/serve_h200.sh burst       # only its two all-at-once runs
+#   bench/serve_h200.sh burst       # only its two all-at-once runs (burst-base: the base model's alone)
 #   bench/serve_h200.sh profile     # issue 11: where a step's time goes (step_phases_ms, host_share): steady
 #                                   # decode at batch 32 (prompt 128, 256 tokens each), base and over 32 adapters,
 #                                   # then the Poisson Zipf(1.1)-over-128 run and the all-at-once (saturation) runs
@@ -96,8 +96,10 @@ steady_runs() {  # 32 requests at once, equal lengths: after their prefill every
   bench steady-32ad "${steady[@]}" --adapters "$(names "${ADAPTERS_STEADY:-$ADAPTERS/r16all}" 32)" --warmup 32
 }
 
+burst_base() { bench burst-base --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 --warmup 8; }
+
 burst_runs() {  # saturation: 240 requests at once, base and Zipf(1.1) over 128 adapters
-  bench burst-base --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 --warmup 8
+  burst_base
   bench burst-zipf128 --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 \
     --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1 --warmup 64
 }
@@ -143,6 +145,8 @@ case ${1:-} in
     make_adapters "$ADAPTERS/r16x32" 32 16 all
     ADAPTERS_STEADY=$ADAPTERS/r16x32 serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16x32 --max-loras 64" \
       steady_runs ;;
+  burst-base)  # only the all-at-once run on the base model
+    serve_and_run "--model $MODEL --max-loras 64" burst_base ;;
   burst)  # only the all-at-once runs
     make_adapters "$ADAPTERS/r16all" 128 16 all
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" burst_runs ;;
@@ -155,5 +159,5 @@ case ${1:-} in
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|steady|saturation|burst|profile|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|steady|saturation|burst|burst-base|profile|adapters" >&2; exit 2 ;;
 esac

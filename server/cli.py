@@ -146,6 +146,9 @@ SERVE_OPTIONS = (
         "on SIGTERM: seconds running requests may take to finish before they end with an error",
         engine=False,
     ),
+    Opt("gil-switch-interval", float,
+        "seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; Python's default: "
+        "0.005): the engine thread waits at most this long for the HTTP event loop", engine=False),
     Opt("log-level", str, "log level", LOG_LEVELS, engine=False),
 )
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path, "int | None": optional_int, "bool": None}
@@ -172,6 +175,7 @@ _SERVE_DEFAULTS = {
     "max_body_bytes": 8 << 20,
     "shutdown_grace_s": 30.0,
     "log_level": "info",
+    "gil_switch_interval": sys.getswitchinterval(),
     "adapter_store": None,
     "s3_endpoint_url": None,
     "adapter_store_ttl_s": 5.0,
@@ -317,6 +321,10 @@ def serve(args: argparse.Namespace) -> int:
             "no admin token: the admin API answers 403 (set HOTLORA_ADMIN_TOKEN "
             "or --admin-token-file to enable uploads)"
         )
+    if args.gil_switch_interval <= 0:
+        print("hotlora serve: --gil-switch-interval must be > 0", file=sys.stderr)
+        return 2
+    sys.setswitchinterval(args.gil_switch_interval)
     app = create_app(settings)
     server = DrainingServer(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10),
