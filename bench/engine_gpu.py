@@ -249,7 +249,7 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
     return rows
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--batch", type=int, default=32)
@@ -278,30 +278,39 @@ def main() -> None:
     ap.add_argument("--mixes", action="store_true", help="also the batch with half of it on 2-adapter mixes")
     ap.add_argument("--compare-rank-classes", action="store_true",
                     help="also run hotlora (graphs) with LoRA tiles sized by max_lora_rank (--no-lora-rank-classes)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def run_variants(args: argparse.Namespace, prompts: list[list[int]], adapter: Path) -> dict[str, dict]:
+    """hotlora's decode tokens/s per case, one column per variant the flags ask for (graphs first)."""
+    graphs = DEV == "cuda"
+    columns = {"hotlora (CUDA graphs)": run_engine(args, prompts, adapter, cuda_graphs=graphs)}
+    if args.eager:
+        columns["hotlora eager"] = run_engine(args, prompts, adapter, cuda_graphs=False)
+    if args.compare_async:  # each step built after the previous one completed, as before
+        columns["no async scheduling"] = run_engine(args, prompts, adapter, graphs, async_scheduling=False)
+    if args.compare_rank_classes:  # every LoRA tile max_lora_rank rows tall, as before rank classes
+        columns["LoRA tiles by max_lora_rank"] = run_engine(args, prompts, adapter, graphs, lora_rank_classes=False)
+    if args.compare_lora_overlap:  # each LoRA shrink after its base matmul, as before lora_project
+        os.environ["HOTLORA_LORA_OVERLAP"] = "0"
+        columns["shrink not overlapped"] = run_engine(args, prompts, adapter, graphs)
+        del os.environ["HOTLORA_LORA_OVERLAP"]
+    if args.compare_bnb:  # the base through bnb.matmul_4bit, as before the fused NF4 kernel
+        os.environ["HOTLORA_NF4_TRITON"] = "0"
+        quant._FUSED_ON_CUDA = False
+        columns["bnb.matmul_4bit base"] = run_engine(args, prompts, adapter, graphs)
+        quant._FUSED_ON_CUDA = True
+    return columns
+
+
+def main() -> None:
+    args = parse_args()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 49152, (args.batch, args.prompt), generator=g)
     with tempfile.TemporaryDirectory() as tmp:  # hotlora first: its numbers survive a baseline that runs long
         adapter = write_adapter(Path(tmp) / "lora", args.preset, args.rank)
-        graphs = DEV == "cuda"
-        ours = run_engine(args, prompts.tolist(), adapter, cuda_graphs=graphs)
-        columns = {"hotlora (CUDA graphs)": ours}
-        if args.eager:
-            columns["hotlora eager"] = run_engine(args, prompts.tolist(), adapter, cuda_graphs=False)
-        if args.compare_async:  # each step built after the previous one completed, as before
-            columns["no async scheduling"] = run_engine(args, prompts.tolist(), adapter, graphs, async_scheduling=False)
-        if args.compare_rank_classes:  # every LoRA tile max_lora_rank rows tall, as before rank classes
-            columns["LoRA tiles by max_lora_rank"] = run_engine(args, prompts.tolist(), adapter, graphs,
-                                                                lora_rank_classes=False)
-        if args.compare_lora_overlap:  # each LoRA shrink after its base matmul, as before lora_project
-            os.environ["HOTLORA_LORA_OVERLAP"] = "0"
-            columns["shrink not overlapped"] = run_engine(args, prompts.tolist(), adapter, graphs)
-            del os.environ["HOTLORA_LORA_OVERLAP"]
-        if args.compare_bnb:  # the base through bnb.matmul_4bit, as before the fused NF4 kernel
-            os.environ["HOTLORA_NF4_TRITON"] = "0"
-            quant._FUSED_ON_CUDA = False
-            columns["bnb.matmul_4bit base"] = run_engine(args, prompts.tolist(), adapter, graphs)
-            quant._FUSED_ON_CUDA = True
+        columns = run_variants(args, prompts.tolist(), adapter)
+        ours = columns["hotlora (CUDA graphs)"]
     log("engine done")
     hf = run_hf(args, prompts.to(DEV)) if args.hf else {}
     gpu = torch.cuda.get_device_name() if DEV == "cuda" else "CPU"
