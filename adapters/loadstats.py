@@ -13,6 +13,7 @@ Recorded from several threads: deque.append is atomic, the histograms take a loc
 from __future__ import annotations
 
 import bisect
+import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -69,7 +70,8 @@ class LoadStats:
         """phase -> {n, p50_ms, max_ms} over the kept samples."""
         out = {}
         for phase, samples in self.phases.items():
-            s = sorted(samples)
-            if s:
-                out[phase] = {"n": len(s), "p50_ms": round(s[len(s) // 2] * 1000, 3), "max_ms": round(s[-1] * 1000, 3)}
+            s = sorted(samples)  # one snapshot: other threads append meanwhile
+            if s:  # the median of an even count is the mean of the middle two (not the upper one)
+                out[phase] = {"n": len(s), "p50_ms": round(statistics.median(s) * 1000, 3),
+                              "max_ms": round(s[-1] * 1000, 3)}
         return out

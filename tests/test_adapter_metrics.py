@@ -87,3 +87,13 @@ def test_residency_metrics_follow_the_adapter_lifecycle(tmp_path, hotlora_cache,
             assert _value(m, "vllm:num_gpu_loaded_lora_adapters") == 0
     finally:
         srv.stop()
+
+
+def test_load_phase_summary_median():
+    """LoadStats.summary: the p50 of an even count is the mean of the middle two, the max the largest."""
+    from hotlora.adapters.loadstats import LoadStats
+
+    stats = LoadStats()
+    for seconds in (0.004, 0.001, 0.002, 0.003):
+        stats.record("parse", seconds)
+    assert stats.summary() == {"parse": {"n": 4, "p50_ms": 2.5, "max_ms": 4.0}}
