@@ -8,7 +8,8 @@ Zipf(--zipf S) over the order given; the base model when none are given). Every 
 from /v1/completions; one JSON object is printed (and written to --out):
 
     requests, completed, errors, duration_s, req_per_s, output_tok_per_s,
-    ttft_ms {p50, p99}, tpot_ms {p50, p99}, itl_ms {p99}, and the server counters read from /metrics;
+    ttft_ms {p50, p99}, tpot_ms {p50, p99}, itl_ms {p99, p100}, the server counters read from /metrics (gc<G>_s,
+    gc<G>_c: seconds and count of the server's garbage collections of generation G);
     steps, step_ms, step_tokens_mean, step_phases_ms {phase: mean ms per step}, step_phase_share {phase:
     share of the step wall time}, host_share (all but device_wait): the engine's step timer over the timed run;
     ttft_parts_ms {queue, prefill, delivery: {p50, p99, mean, n}}: where the server's TTFT went, from its
@@ -66,6 +67,7 @@ SERVER_COUNTERS = {
     "load_disk_to_cpu_n": 'vllm:lora_adapter_load_seconds_count{transition="disk_to_cpu"}',
     "load_cpu_to_gpu_s": 'vllm:lora_adapter_load_seconds_sum{transition="cpu_to_gpu"}',
     "load_cpu_to_gpu_n": 'vllm:lora_adapter_load_seconds_count{transition="cpu_to_gpu"}',
+    **{f"gc{g}_{k[0]}": f'hotlora_gc_pause_seconds_{k}{{generation="{g}"}}' for g in "012" for k in ("sum", "count")},
 }
 TOKEN_RANGE = (100, 5000)  # prompt token ids: past the special tokens, inside every supported vocabulary
 
@@ -190,7 +192,7 @@ def summarize(results: list[Result], duration: float) -> dict:
         "duration_s": round(duration, 3), "req_per_s": round(len(done) / duration, 3) if duration else 0.0,
         "output_tok_per_s": round(tokens / duration, 2) if duration else 0.0,
         "ttft_ms": ms([r.ttft for r in done], 50, 99), "tpot_ms": ms(tpot, 50, 99),
-        "itl_ms": ms([g for r in done for g in r.gaps], 99),
+        "itl_ms": ms([g for r in done for g in r.gaps], 99, 100),
         "first_errors": sorted(set(errors))[:3],
     }  # fmt: skip
 

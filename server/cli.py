@@ -149,6 +149,8 @@ SERVE_OPTIONS = (
     Opt("gil-switch-interval", float,
         "seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; Python's default: "
         "0.005): the engine thread waits at most this long for the HTTP event loop", engine=False),
+    Opt("gc-freeze", parse_bool, "once the model is ready, freeze the start-up heap out of Python's garbage "
+        "collector (shorter collection pauses)", engine=False, switch=True),
     Opt("log-level", str, "log level", LOG_LEVELS, engine=False),
 )
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path, "int | None": optional_int, "bool": None}
@@ -176,6 +178,7 @@ _SERVE_DEFAULTS = {
     "shutdown_grace_s": 30.0,
     "log_level": "info",
     "gil_switch_interval": sys.getswitchinterval(),
+    "gc_freeze": True,
     "adapter_store": None,
     "s3_endpoint_url": None,
     "adapter_store_ttl_s": 5.0,
@@ -300,6 +303,7 @@ def server_settings(args: argparse.Namespace) -> Any:
         adapter_store=args.adapter_store or None,
         s3_endpoint_url=args.s3_endpoint_url or None,
         adapter_store_ttl_s=args.adapter_store_ttl_s,
+        gc_freeze=args.gc_freeze,
     )
 
 

@@ -4,6 +4,7 @@ adapters saved by peft on that very architecture, driven with the openai client 
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 from pathlib import Path
 
@@ -196,8 +197,10 @@ def test_metrics(http):
         "hotlora_generation_tokens_total",
         "vllm:kv_cache_usage_perc",
         "vllm:num_requests_waiting",
+        'hotlora_gc_pause_seconds_count{generation="0"}',
     ):
         assert name in text
+    assert gc.get_freeze_count() > 0  # the start-up heap, frozen once the engine was ready (--gc-freeze)
 
 
 def test_adapters_survive_a_restart(server, adapter_dir, hotlora_cache):
@@ -205,6 +208,7 @@ def test_adapters_survive_a_restart(server, adapter_dir, hotlora_cache):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300, max_retries=0)
     before = {m: complete(client, m) for m in ("swap", "c")}
     server.stop()
+    assert gc.get_freeze_count() == 0  # thawed at shutdown: the stopped engine is collectable
     again = ServerThread(server_settings(adapter_dir, hotlora_cache)).start()
     try:
         client = openai.OpenAI(base_url=again.url + "/v1", api_key="unused", timeout=300, max_retries=0)

@@ -19,6 +19,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotlora.server.api import admin, errors, export, openai_routes, openapi
+from hotlora.server.api.gcheap import thaw
 from hotlora.server.api.limits import BodyLimit
 from hotlora.server.api.state import AppState, ServerSettings
 
@@ -73,6 +74,7 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.metrics.gc_pauses.install()
         state.engine.start()
         watcher = asyncio.create_task(state.watch_startup())
         try:
@@ -81,6 +83,9 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | Non
             watcher.cancel()
             await state.engine.shutdown()
             state.tokenizers.close()
+            state.metrics.gc_pauses.remove()
+            if state.gc_frozen:  # the stopped engine's objects are garbage now: let the collector see them
+                thaw()
 
     app = FastAPI(title="hotlora", summary="OpenAI-compatible multi-LoRA server", lifespan=lifespan)
     app.state.hotlora = state

@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hotlora.server.api.gcheap import GcPauses
+
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _E2E = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 # vLLM's buckets (vllm/v1/metrics/buckets.py) for the series exported under its names
@@ -199,6 +201,7 @@ class Metrics:
         self.uploads = Counter("hotlora_adapter_uploads", "admin adapter uploads by result", ["result"], registry=r)
         self.engine = _EngineCollector()
         r.register(self.engine)
+        self.gc_pauses = GcPauses(r)  # installed while the app runs (create_app's lifespan)
 
     def timer(self, adapter: str | None, start: float = 0.0) -> RequestTimer:
         """start: when the request was handed to the engine (time.monotonic(); 0: now)."""

@@ -16,6 +16,7 @@ from hotlora.adapters.peft_format import AdapterError, check_compatible, max_ada
 from hotlora.adapters.s3store import S3AdapterStore, StoreUnavailable, parse_s3_url
 from hotlora.adapters.store import DEFAULT_MAX_BYTES, AdapterNotFound, AdapterStore
 from hotlora.server.api.errors import APIError
+from hotlora.server.api.gcheap import freeze_startup_heap
 from hotlora.server.api.limits import DEFAULT_MAX_BODY_BYTES, TokenizerPool
 from hotlora.server.api.metrics import Metrics
 from hotlora.server.engine.async_engine import AsyncEngine
@@ -41,6 +42,7 @@ class ServerSettings:
     adapter_store: str | None = None  # s3://bucket/prefix: the shared store (None: the local adapter_dir)
     s3_endpoint_url: str | None = None  # MinIO and other S3-compatible servers
     adapter_store_ttl_s: float = 5.0  # how long a replica trusts the pointer it last read from the shared store
+    gc_freeze: bool = True  # once ready, freeze the start-up heap out of the cyclic GC (server/api/gcheap.py)
 
     def __post_init__(self) -> None:
         if self.adapter_store is not None:
@@ -85,6 +87,7 @@ class AppState:
         self.tokenizers = TokenizerPool()
         self.draining = False  # set on SIGTERM: no new work, running requests finish
         self.export_lock = asyncio.Lock()  # one merge export at a time (CPU and disk heavy)
+        self.gc_frozen = False  # set by _on_ready (settings.gc_freeze); the app's shutdown thaws
 
     # --- start-up (engine thread) ------------------------------------------------------------------
 
@@ -122,6 +125,11 @@ class AppState:
             len(engine.registry.names()),
             self.adapter_dir,
         )
+        if self.settings.gc_freeze:
+            frozen, seconds = freeze_startup_heap()
+            self.gc_frozen = True
+            log.info("froze the start-up heap out of the garbage collector: %d objects, %.0f ms", frozen,
+                     seconds * 1000)
 
     def _open_store(self, check: Callable[[Any], None], max_bytes: int) -> AdapterStore | S3AdapterStore:
         """The local directory store, or with adapter_store=s3://... the shared one, cached under adapter_dir
