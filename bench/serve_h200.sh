@@ -44,7 +44,8 @@ bench() {  # name, then bench/serve.py arguments
 print(sys.argv[2], r["completed"], "/", r["requests"], "req/s", r["req_per_s"], "tok/s", r["output_tok_per_s"],
       "ttft", r["ttft_ms"], "tpot", r["tpot_ms"], "itl", r["itl_ms"], "eager", s.get("eager_steps"),
       "graph", s.get("graph_steps"), "hit", round(s.get("prefix_cache_hit_rate", 0), 3),
-      "loads", s.get("adapter_loads"), "blocked", s.get("steps_blocked_on_adapters"), flush=True)
+      "loads", s.get("adapter_loads"), "blocked", s.get("steps_blocked_on_adapters"),
+      "gc full", s.get("gc2_c"), "in", s.get("gc2_s"), "s", flush=True)
 print("  step", r.get("step_ms"), "ms,", r.get("step_tokens_mean"), "tok; ms/step", r.get("step_phases_ms"),
       "host_share", r.get("host_share"), flush=True)
 print("  ttft parts ms p50/p99/mean:", *(k + " " + "/".join(str(v[q]) for q in ("p50", "p99", "mean"))
