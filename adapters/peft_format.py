@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
+from hotlora.adapters.gilyield import yielding
 from hotlora.adapters.peft_config import (
     CONFIG_NAME,
     PARENT,
@@ -106,7 +107,7 @@ def _collect_weights(
     tensors: dict[str, torch.Tensor], rank: int, check_finite: bool = True
 ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    for key, tensor in yielding(tensors.items()):  # a reading thread's loop: let the engine thread in
         layer, module, ab = _parse_key(key)
         _check_tensor(key, tensor, ab, rank, check_finite)
         slot = halves.setdefault((layer, module), {})

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from hotlora.adapters.gilyield import yielding
 from hotlora.adapters.peft_format import WEIGHTS_NAME, AdapterConfig, AdapterError, LoraAdapter, adapter_from_tensors
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -82,7 +83,7 @@ def _typed_views(raw: torch.Tensor, spans: dict) -> dict:
     per dtype (each torch call re-takes the GIL, which a loaded server's other threads hold)."""
     typed: dict[torch.dtype, torch.Tensor] = {}
     out = {}
-    for key, (offset, dtype, shape) in spans.items():
+    for key, (offset, dtype, shape) in yielding(spans.items()):
         if offset % dtype.itemsize:  # unaligned (refused by parse_staged; kept general here)
             out[key] = _view(raw, offset, dtype, shape)
             continue
@@ -114,7 +115,7 @@ def read_header(raw: torch.Tensor, size: int) -> tuple[dict, int]:
 
 def _tensors(raw: torch.Tensor, header: dict, start: int, size: int) -> tuple[dict, dict]:
     spans = {}
-    for key, info in header.items():
+    for key, info in yielding(header.items()):
         try:
             dtype = _DTYPES.get(info["dtype"])
             shape = tuple(int(d) for d in info["shape"])

@@ -121,3 +121,4 @@ def test_the_switch(monkeypatch):
     assert not warmcopy.enabled()
     monkeypatch.setenv(warmcopy.ENV, "1")
     assert warmcopy.enabled()
+

@@ -282,3 +282,15 @@ def test_pinned_blocks_are_the_allocator_power_of_two_sizes_within_the_budget():
     assert pinned_blocks(sizes, 1 << 30) == [16 * mib, 16 * mib, 16 * mib, 128 * mib]
     assert pinned_blocks(sizes, 60 * mib) == [16 * mib, 16 * mib, 16 * mib]  # the 128 MiB block does not fit
     assert pinned_blocks([1, 4096, 4097], 1 << 20) == [1, 4096, 8192]
+
+
+def test_parse_loops_offer_the_gil(monkeypatch):
+    """adapters.gilyield.yielding: every item, in order, with a sleep(0) before every `every`-th after the
+    first (what lets the engine thread in during a reading thread's parse)."""
+    from hotlora.adapters import gilyield
+
+    sleeps = []
+    monkeypatch.setattr(gilyield.time, "sleep", sleeps.append)
+    assert list(gilyield.yielding(range(100), every=7)) == list(range(100))
+    assert sleeps == [0] * 14
+    assert list(gilyield.yielding([], every=7)) == [] and len(sleeps) == 14
