@@ -44,3 +44,20 @@ def test_license_is_an_spdx_string():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()  # no tomllib on Python 3.10
     assert re.search(r'^license = "Apache-2\.0"$', text, re.MULTILINE)
     assert re.search(r'"setuptools>=77(,<\d+)?"', text)  # the first setuptools that reads SPDX license strings
+
+
+def test_batch_limits_default_by_device():
+    """max_num_seqs / max_num_batched_tokens left at None (the CLI's default, or 'auto') take the device's
+    defaults once the runner knows the device; values given are kept."""
+    from hotlora.server.engine.config import DEVICE_DEFAULTS, EngineConfig
+
+    args = build_parser().parse_args(["serve", "--max-num-batched-tokens", "auto"])
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == (None, None)
+    for device in ("cuda", "cpu"):
+        cfg = EngineConfig()
+        cfg.for_device(device)
+        assert (cfg.max_num_seqs, cfg.max_num_batched_tokens) == DEVICE_DEFAULTS[device]
+    assert DEVICE_DEFAULTS["cuda"] == (128, 4096) and DEVICE_DEFAULTS["cpu"] == (64, 2048)
+    kept = EngineConfig(max_num_seqs=7, max_num_batched_tokens=99)
+    kept.for_device("cuda")
+    assert (kept.max_num_seqs, kept.max_num_batched_tokens) == (7, 99)
