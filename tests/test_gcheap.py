@@ -51,3 +51,20 @@ def test_freeze_then_thaw():
     assert gc.get_freeze_count() == 0
     assert any(o is cycle for o in gc.get_objects())
     del alive, cycle
+
+
+def test_two_servers_one_process_thaw_with_the_last():
+    """Each server freezes its start-up heap: the first to stop must not thaw the heap of one still running."""
+    thaw()
+    cycle = _Cycle()
+    freeze_startup_heap()  # server A
+    freeze_startup_heap()  # server B
+    try:
+        thaw()  # A stops
+        assert gc.get_freeze_count() > 0 and not any(o is cycle for o in gc.get_objects())
+    finally:
+        thaw()  # B stops
+    assert gc.get_freeze_count() == 0 and any(o is cycle for o in gc.get_objects())
+    thaw()  # one thaw too many (a server that never froze) changes nothing
+    assert gc.get_freeze_count() == 0
+    del cycle

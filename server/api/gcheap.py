@@ -8,7 +8,9 @@ much. Almost none of that heap ever becomes garbage. ``freeze_startup_heap`` (on
 once and moves what survives to the permanent generation (``gc.freeze``), so later collections walk only what
 serving allocated since. vLLM (its API server, engine core and workers), Ray Serve replicas and TensorRT-LLM do the
 same. ``thaw`` gives those objects back to the collector when the server stops (cycles among them, e.g. a stopped
-engine's, are collectable again). ``--no-gc-freeze`` turns the freeze off.
+engine's, are collectable again). The permanent generation is one per process, so with several servers in one
+process (tests, a replica restarted in place) each freeze is counted and only the last server's thaw unfreezes:
+an earlier one would hand a running server's heap back to the collector. ``--no-gc-freeze`` turns the freeze off.
 
 ``GcPauses`` times every collection from ``gc.callbacks`` into ``hotlora_gc_pause_seconds{generation}``.
 """
@@ -16,6 +18,7 @@ engine's, are collectable again). ``--no-gc-freeze`` turns the freeze off.
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from typing import Any
 
@@ -23,18 +26,29 @@ from prometheus_client import CollectorRegistry, Histogram
 
 _BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
+_lock = threading.Lock()  # servers start and stop on different threads
+_holders = 0  # freezes not yet thawed, one per server that froze
+
 
 def freeze_startup_heap() -> tuple[int, float]:
     """Collect, then freeze every surviving tracked object; (objects frozen, seconds it took)."""
+    global _holders
     t0 = time.perf_counter()
-    gc.collect()
-    gc.freeze()
+    gc.collect()  # outside the lock: finalizers run here
+    with _lock:
+        _holders += 1
+        gc.freeze()
     return gc.get_freeze_count(), time.perf_counter() - t0
 
 
 def thaw() -> None:
-    """The frozen objects back into the oldest generation (collectable again)."""
-    gc.unfreeze()
+    """Release one freeze; the last one out (or a call with none held) moves the frozen objects back into the
+    oldest generation (collectable again)."""
+    global _holders
+    with _lock:
+        _holders = max(0, _holders - 1)
+        if not _holders:
+            gc.unfreeze()
 
 
 class GcPauses:
