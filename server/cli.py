@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -44,6 +45,18 @@ def parse_bool(text: str) -> bool:
 
 def optional_int(text: str) -> int | None:
     return None if str(text).lower() in ("", "none", "auto") else int(text)
+
+
+def switch_interval(text: str) -> float:
+    """Seconds for sys.setswitchinterval: finite and at least its 1 us resolution (it takes nan as ~292,000 years,
+    and inf or 1e-9 as 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (1e-6 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"not a switch interval: {text!r} (seconds, at least 1e-6; e.g. 0.001)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -146,7 +159,7 @@ SERVE_OPTIONS = (
         "on SIGTERM: seconds running requests may take to finish before they end with an error",
         engine=False,
     ),
-    Opt("gil-switch-interval", float,
+    Opt("gil-switch-interval", switch_interval,
         "seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; Python's default: "
         "0.005): the engine thread waits at most this long for the HTTP event loop", engine=False),
     Opt("gc-freeze", parse_bool, "once the model is ready, freeze the start-up heap out of Python's garbage "
@@ -325,9 +338,6 @@ def serve(args: argparse.Namespace) -> int:
             "no admin token: the admin API answers 403 (set HOTLORA_ADMIN_TOKEN "
             "or --admin-token-file to enable uploads)"
         )
-    if args.gil_switch_interval <= 0:
-        print("hotlora serve: --gil-switch-interval must be > 0", file=sys.stderr)
-        return 2
     sys.setswitchinterval(args.gil_switch_interval)
     app = create_app(settings)
     server = DrainingServer(

@@ -61,3 +61,20 @@ def test_batch_limits_default_by_device():
     kept = EngineConfig(max_num_seqs=7, max_num_batched_tokens=99)
     kept.for_device("cuda")
     assert (kept.max_num_seqs, kept.max_num_batched_tokens) == (7, 99)
+
+
+@pytest.mark.parametrize("bad", ["0", "-0.001", "nan", "inf", "1e-9", "fast"])
+def test_gil_switch_interval_refuses_what_setswitchinterval_would_misread(bad, monkeypatch):
+    """sys.setswitchinterval takes nan as ~292,000 years and inf or 1e-9 as 0: the parser refuses them (flag and
+    environment variable alike) before the server starts."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--gil-switch-interval", bad])
+    monkeypatch.setenv("HOTLORA_GIL_SWITCH_INTERVAL", bad)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve"])
+
+
+def test_gil_switch_interval_accepts_seconds(monkeypatch):
+    assert build_parser().parse_args(["serve", "--gil-switch-interval", "0.001"]).gil_switch_interval == 0.001
+    monkeypatch.setenv("HOTLORA_GIL_SWITCH_INTERVAL", "1e-6")
+    assert build_parser().parse_args(["serve"]).gil_switch_interval == 1e-6
