@@ -47,7 +47,7 @@ def ray_app_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     return dict(settings=cli.server_settings(args), replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
                 gpus_per_replica=gpus, host=args.replica_host, port=args.replica_port,
-                max_ongoing_requests=args.max_ongoing_requests)
+                max_ongoing_requests=args.max_ongoing_requests, gil_switch_interval=args.gil_switch_interval)
 
 
 def _has_cuda() -> bool:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -90,11 +91,14 @@ def _bind(host: str, base: int) -> socket.socket:
 
 @serve.deployment
 class HotloraReplica:
-    def __init__(self, settings: ServerSettings, host: str = "0.0.0.0", port: int = 0) -> None:
+    def __init__(self, settings: ServerSettings, host: str = "0.0.0.0", port: int = 0,
+                 switch_interval: float | None = None) -> None:
         import uvicorn
 
         from hotlora.server.api.app import create_app
 
+        if switch_interval is not None:  # --gil-switch-interval: the replica's process, not the driver's
+            sys.setswitchinterval(switch_interval)
         sock = _bind(host, port)
         self.port = sock.getsockname()[1]
         self.app = create_app(settings)
@@ -237,8 +241,9 @@ class HotloraIngress:
 
 def build_app(settings: ServerSettings, replicas: int = 1, cpus_per_replica: float = 1.0,
               gpus_per_replica: float = 0.0, host: str = "0.0.0.0", port: int = 0,
-              max_ongoing_requests: int | None = None) -> Any:
-    """The Ray Serve application: the ingress in front of `replicas` hotlora replicas."""
+              max_ongoing_requests: int | None = None, gil_switch_interval: float | None = None) -> Any:
+    """The Ray Serve application: the ingress in front of `replicas` hotlora replicas (each one's
+    sys.setswitchinterval set to `gil_switch_interval` when given)."""
     if replicas > 1 and settings.adapter_store is None:
         raise ValueError("more than one replica needs a shared adapter store: --adapter-store s3://bucket/prefix")
     engine = settings.engine
@@ -251,7 +256,7 @@ def build_app(settings: ServerSettings, replicas: int = 1, cpus_per_replica: flo
         or DEVICE_DEFAULTS["cuda" if gpus_per_replica else "cpu"][0],
         health_check_period_s=5,
     )
-    return HotloraIngress.bind(replica.bind(settings, host, port))
+    return HotloraIngress.bind(replica.bind(settings, host, port, gil_switch_interval))
 
 
 def app_builder(args: dict[str, str]) -> Any:

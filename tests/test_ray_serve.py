@@ -205,3 +205,18 @@ def test_two_replicas_binding_at_once_get_different_ports():
     finally:
         first.close()
         second.close()
+
+
+def test_serve_ray_hands_the_gil_switch_interval_to_its_replicas():
+    """--gil-switch-interval is a `serve` flag serve-ray takes too: it must reach the replicas' processes (where
+    the engine thread runs), not be parsed and dropped."""
+    from hotlora.server.cli import build_parser
+    from hotlora.server.cli_ray import ray_app_kwargs
+    from hotlora.server.ray_serve import build_app
+
+    args = build_parser().parse_args(["serve-ray", "--gil-switch-interval", "0.002", "--gpus-per-replica", "0",
+                                      "--replicas", "1"])
+    kwargs = ray_app_kwargs(args)
+    assert kwargs["gil_switch_interval"] == 0.002
+    replica = build_app(**kwargs)._bound_deployment.init_args[0]  # the ingress is bound to the replica deployment
+    assert replica._bound_deployment.init_args[-1] == 0.002
