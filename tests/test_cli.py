@@ -78,3 +78,14 @@ def test_gil_switch_interval_accepts_seconds(monkeypatch):
     assert build_parser().parse_args(["serve", "--gil-switch-interval", "0.001"]).gil_switch_interval == 0.001
     monkeypatch.setenv("HOTLORA_GIL_SWITCH_INTERVAL", "1e-6")
     assert build_parser().parse_args(["serve"]).gil_switch_interval == 1e-6
+
+
+@pytest.mark.parametrize("name", ["max_loras", "max_lora_rank", "max_adapter_wait_steps", "block_size"])
+def test_only_the_batch_limits_may_be_left_to_the_device(name):
+    """None means 'by device' for max_num_seqs / max_num_batched_tokens only: the other limits refuse it at once."""
+    from hotlora.server.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=name):
+        EngineConfig(**{name: None})
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0)

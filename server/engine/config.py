@@ -50,8 +50,11 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         for name in ("max_loras", "max_lora_rank", "max_adapter_wait_steps", "max_num_seqs", "max_num_batched_tokens",
                      "block_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is None and name in ("max_num_seqs", "max_num_batched_tokens"):
+                continue  # filled by for_device; None elsewhere would only fail later, deep in the engine
+            if value is None or value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory <= 0:
