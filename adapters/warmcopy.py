@@ -11,9 +11,9 @@ What runs is a real cold load's code: a PEFT-format folder (adapter_config.json 
 seven projections, zeros) is written to a temp dir, read and parsed by adapters/staging.py (the raw file in one
 buffer, pinned on CUDA, with its Stacks) and checked against the base as the registry's reading thread does, then
 `LoraSlotCache.load` (reserve, issue_pending, poll: the side stream, the events, the slot tables) copies it in,
-and the slot is evicted. It runs twice: in the pools' dtype at the largest rank the pools take (so the side
-stream's cached device segment is as large as any later file of that dtype), and in float32 (how QLoRA adapters
-are usually saved: a cast kernel instead of a plain copy) at an eighth of that rank.
+and the slot is evicted. It runs twice (once for float32 pools): in the pools' dtype at the largest rank the
+pools take (so the side stream's cached device segment is as large as any later file of that dtype), and in
+float32 (how QLoRA adapters are usually saved: a cast kernel instead of a plain copy) at an eighth of that rank.
 
 No trace: the weights are zeros and lora_alpha is 0, so the pools and the slot tables (ranks, row start, scale) end
 as they began on a fresh cache; the registry is not involved (no name, no load or eviction count), and the
