@@ -68,3 +68,17 @@ def test_two_servers_one_process_thaw_with_the_last():
     thaw()  # one thaw too many (a server that never froze) changes nothing
     assert gc.get_freeze_count() == 0
     del cycle
+
+
+def test_a_stop_without_its_start_is_not_a_pause():
+    """install() from the event loop thread can land while another thread's collection runs: its "stop" then
+    comes without a "start", and must not be recorded as a pause as long as the process has lived."""
+    registry = CollectorRegistry()
+    pauses = GcPauses(registry)
+    pauses._callback("stop", {"generation": 2})
+    assert _count(registry, "2") == 0
+    pauses._callback("start", {"generation": 1})
+    pauses._callback("stop", {"generation": 1})
+    pauses._callback("stop", {"generation": 1})  # a second stop (removed and re-installed meanwhile): not counted
+    assert _count(registry, "1") == 1
+    assert registry.get_sample_value("hotlora_gc_pause_seconds_sum", {"generation": "1"}) < 1

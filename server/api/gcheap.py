@@ -61,13 +61,14 @@ class GcPauses:
         self.seconds = Histogram("hotlora_gc_pause_seconds", "garbage collections (stop-the-world) by generation",
                                  ["generation"], buckets=_BUCKETS, registry=registry)
         self._children = [self.seconds.labels(str(g)) for g in range(3)]
-        self._start = 0.0
+        self._start: float | None = None
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._start = time.perf_counter()
-        else:
+        elif self._start is not None:  # None: installed (by another thread) after this collection started
             self._children[info["generation"]].observe(time.perf_counter() - self._start)
+            self._start = None
 
     def install(self) -> None:
         if self._callback not in gc.callbacks:
