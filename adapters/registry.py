@@ -333,7 +333,8 @@ class AdapterRegistry:
     def warm_copy(self, allow_cpu: bool = False) -> float | None:
         """On CUDA, before any load: one synthetic cold load through the copy path, its slot then freed, so that
         the first real load under decode does not pay the path's first-use costs (adapters/warmcopy.py); the
-        seconds it took, None on CPU pools (unless `allow_cpu`). No name, count or load statistic records it."""
+        seconds it took, None on CPU pools (unless `allow_cpu`) or with HOTLORA_WARM_ADAPTER_COPY=0. No name, count or
+        load statistic records it."""
         return warm_copy_path(self.cache, self.linear_shapes, self.num_layers, self.max_rank, allow_cpu)
 
     def close(self) -> None:

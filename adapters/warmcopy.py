@@ -92,8 +92,8 @@ def plan(pool_dtype: torch.dtype, rank: int) -> list[tuple[torch.dtype, int]]:
 def warm_copy_path(cache: LoraSlotCache, linear_shapes: dict[str, tuple[int, int]], num_layers: int,
                    max_rank: int, allow_cpu: bool = False) -> float | None:
     """Run the copy path once per `plan` entry and leave no trace (module docstring); the seconds it took, or None
-    where it does not run (CPU pools, unless `allow_cpu`: tests)."""
-    if cache.device.type != "cuda" and not allow_cpu:
+    where it does not run (HOTLORA_WARM_ADAPTER_COPY=0; CPU pools, unless `allow_cpu`: tests)."""
+    if not enabled() or (cache.device.type != "cuda" and not allow_cpu):
         return None
     t0 = time.perf_counter()
     rank = min(max_rank, cache.pool_rows)

@@ -122,3 +122,10 @@ def test_the_switch(monkeypatch):
     monkeypatch.setenv(warmcopy.ENV, "1")
     assert warmcopy.enabled()
 
+
+
+def test_the_switch_stops_the_warm_up_itself(monkeypatch):
+    """HOTLORA_WARM_ADAPTER_COPY=0 is read by the warm-up itself: the registry's call does nothing then."""
+    monkeypatch.setenv(warmcopy.ENV, "0")
+    registry = _registry(2, torch.float32)
+    assert registry.warm_copy(allow_cpu=True) is None

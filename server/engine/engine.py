@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from hotlora.adapters import warmcopy
 from hotlora.adapters.peft_format import AdapterError
 from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
 from hotlora.server.engine.block_manager import BlockManager
@@ -41,7 +40,7 @@ class LLMEngine:
                                         config.max_lora_rank, config.max_cpu_lora_bytes)
         # the copy path's first-use costs (lazy kernel loading, the side stream's first segment) paid now, not by
         # the first adapter load under decode; None where it did not run (CPU, HOTLORA_WARM_ADAPTER_COPY=0)
-        self.copy_warm_seconds = self.registry.warm_copy() if warmcopy.enabled() else None
+        self.copy_warm_seconds = self.registry.warm_copy()
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    admit=self._admit, release=self._release, ready=self._adapter_ready,
