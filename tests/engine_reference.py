@@ -133,6 +133,15 @@ def greedy_loop(model: torch.nn.Module, prompt: list[int], n: int, device: str =
     return tokens
 
 
+# Prompts of different lengths for the default model's batching tests (chunked prefill, staggered arrivals).
+VARIED_PROMPTS = [
+    "Hello, my name is",
+    "Write a haiku about the sea. The sea is",
+    "1, 2, 3, 4,",
+    "In the beginning",
+    "A short story about a robot who learns to paint. Chapter one: the robot woke up and",
+]
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",

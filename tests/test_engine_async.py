@@ -10,20 +10,13 @@ produce exactly what the synchronous engine produces, token for token and text f
 from __future__ import annotations
 
 import pytest
-from engine_reference import drain_outputs
+from engine_reference import VARIED_PROMPTS, drain_outputs
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams
 
-PROMPTS = [
-    "Hello, my name is",
-    "Write a haiku about the sea. The sea is",
-    "1, 2, 3, 4,",
-    "In the beginning",
-    "A short story about a robot who learns to paint. Chapter one: the robot woke up and",
-    "Hello, my name is Bob and I like",
-]
+PROMPTS = [*VARIED_PROMPTS, "Hello, my name is Bob and I like"]
 
 
 def _engine(cache, adapters, **kw) -> LLMEngine:

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from engine_reference import VARIED_PROMPTS as PROMPTS
 from engine_reference import drain
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import FinishReason, Request, SamplingParams
 
-PROMPTS = [
-    "Hello, my name is",
-    "Write a haiku about the sea. The sea is",
-    "1, 2, 3, 4,",
-    "In the beginning",
-    "A short story about a robot who learns to paint. Chapter one: the robot woke up and",
-]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
