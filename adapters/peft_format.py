@@ -1,4 +1,4 @@
-"""Read and validate a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors).
+"""Read and validate a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors); write one.
 
 Everything the engine cannot honour is refused with an AdapterError whose message names the
 offending field, key or shape; nothing is silently ignored. Pickled weights (.bin/.pt) are never read.
@@ -7,12 +7,14 @@ offending field, key or shape; nothing is silently ignored. Pickled weights (.bi
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
 from hotlora.adapters.gilyield import yielding
 from hotlora.adapters.peft_config import (
@@ -37,10 +39,12 @@ __all__ = [
     "adapter_from_tensors",
     "check_compatible",
     "load_peft_adapter",
+    "lora_weight_key",
     "max_adapter_bytes",
     "module_path",
     "read_adapter_config",
     "read_weights_file",
+    "write_peft_folder",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -192,3 +196,17 @@ def check_compatible(
             f"layer {layer} {module} is selected by target_modules but has no LoRA weights "
             f"({len(missing)} targeted module(s) missing)"
         )
+
+
+def lora_weight_key(layer: int, module: str, side: str) -> str:
+    """The name PEFT saves a Llama-family layer's lora_A or lora_B weight under (side "A" or "B")."""
+    return f"base_model.model.{module_path(layer, module)}.lora_{side}.weight"
+
+
+def write_peft_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """`folder` as PeftModel.save_pretrained writes it: the weights (safetensors sorts their names) and
+    adapter_config.json; for synthetic adapters (benchmarks, the copy-path warm-up)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -26,7 +26,6 @@ HOTLORA_WARM_ADAPTER_COPY=0 turns it off (for A/B runs: bench/adapter_load.py --
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -34,12 +33,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from hotlora.adapters.cache import LoraSlotCache
 from hotlora.adapters.loadstats import LoadStats
-from hotlora.adapters.peft_config import CONFIG_NAME, TARGET_MODULES, module_path
-from hotlora.adapters.peft_format import WEIGHTS_NAME, check_compatible
+from hotlora.adapters.peft_config import TARGET_MODULES
+from hotlora.adapters.peft_format import check_compatible, lora_weight_key, write_peft_folder
 from hotlora.adapters.staging import StagedAdapter, parse_staged, read_raw
 
 log = logging.getLogger(__name__)
@@ -56,19 +54,15 @@ def write_zero_adapter(folder: Path, linear_shapes: dict[str, tuple[int, int]], 
                        dtype: torch.dtype) -> Path:
     """A PEFT-format adapter of rank `rank` on all seven projections of every layer, zeros in `dtype`, with
     lora_alpha 0 (scale 0), written as peft saves it (safetensors sorts the names, as in any real file)."""
-    folder.mkdir(parents=True, exist_ok=True)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 0, "bias": "none",
               "target_modules": list(TARGET_MODULES), "use_rslora": False}
-    (folder / CONFIG_NAME).write_text(json.dumps(config))
     tensors = {}
     for layer in range(num_layers):
         for m in TARGET_MODULES:
             out_f, in_f = linear_shapes[m]
-            key = f"base_model.model.{module_path(layer, m)}"
-            tensors[f"{key}.lora_A.weight"] = torch.zeros(rank, in_f, dtype=dtype)
-            tensors[f"{key}.lora_B.weight"] = torch.zeros(out_f, rank, dtype=dtype)
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    return folder
+            tensors[lora_weight_key(layer, m, "A")] = torch.zeros(rank, in_f, dtype=dtype)
+            tensors[lora_weight_key(layer, m, "B")] = torch.zeros(out_f, rank, dtype=dtype)
+    return write_peft_folder(folder, tensors, config)
 
 
 def stage(folder: Path, cache: LoraSlotCache, linear_shapes: dict[str, tuple[int, int]], num_layers: int,

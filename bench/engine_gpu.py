@@ -168,8 +168,7 @@ def write_adapter(folder: Path, preset: str, rank: int) -> Path:
     Every engine adapter name points at it: each name still gets its own device slot and rows, so the
     kernels move exactly the bytes of that many distinct adapters.
     """
-    from safetensors.torch import save_file
-
+    from hotlora.adapters.peft_format import lora_weight_key, write_peft_folder
     from hotlora.server.model.presets import preset_config
 
     cfg = preset_config(preset)
@@ -177,16 +176,12 @@ def write_adapter(folder: Path, preset: str, rank: int) -> Path:
     tensors = {}
     for layer in range(cfg.num_layers):
         for module, (out_f, in_f) in cfg.linear_shapes().items():
-            parent = "self_attn" if module in MODULES[:4] else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{parent}.{module}"
-            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) * in_f**-0.5).bfloat16()
-            tensors[f"{key}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * 0.01).bfloat16()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
+            a, b = torch.randn(rank, in_f, generator=g) * in_f**-0.5, torch.randn(out_f, rank, generator=g) * 0.01
+            tensors[lora_weight_key(layer, module, "A")] = a.bfloat16()
+            tensors[lora_weight_key(layer, module, "B")] = b.bfloat16()
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": MODULES, "bias": "none",
               "task_type": "CAUSAL_LM", "base_model_name_or_path": f"random:{preset}"}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
+    return write_peft_folder(folder, tensors, config)
 
 
 MIX_CASE = "half on 2-adapter mixes"

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from hotlora.adapters.peft_config import PARENT, TARGET_MODULES
+from hotlora.adapters.peft_config import TARGET_MODULES
+from hotlora.adapters.peft_format import lora_weight_key, write_peft_folder
 
 _SHORT = {m.removesuffix("_proj"): m for m in TARGET_MODULES}  # "q" -> "q_proj"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -75,18 +75,11 @@ def adapter_tensors(shapes: dict[str, tuple[int, int]], num_layers: int, rank: i
     for layer in range(num_layers):
         for m in targets:
             out_f, in_f = shapes[m]
-            key = f"base_model.model.model.layers.{layer}.{PARENT[m]}.{m}"
             a = torch.randn(rank, in_f, generator=gen, device=device) / in_f**0.5
             b = torch.randn(out_f, rank, generator=gen, device=device) * 0.02
-            out[f"{key}.lora_A.weight"] = a.to(dtype).cpu()
-            out[f"{key}.lora_B.weight"] = b.to(dtype).cpu()
+            out[lora_weight_key(layer, m, "A")] = a.to(dtype).cpu()
+            out[lora_weight_key(layer, m, "B")] = b.to(dtype).cpu()
     return out
-
-
-def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_adapters(out: Path, count: int, rank: int, targets: list[str], model: str = "default",
@@ -100,7 +93,7 @@ def write_adapters(out: Path, count: int, rank: int, targets: list[str], model: 
 
     def one(i: int) -> None:
         tensors = adapter_tensors(shapes, num_layers, rank, targets, seed * 1_000_003 + i, _DTYPES[dtype], device)
-        write_adapter(out / names[i], tensors, config)
+        write_peft_folder(out / names[i], tensors, config)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(one, range(count)))
