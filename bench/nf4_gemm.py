@@ -27,6 +27,7 @@ from graph_timing import graph_time_us
 from hotlora.kernels.nf4 import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
+    LOOKUP_PRMT_IMM,
     LOOKUP_TABLE,
     MAX_GEMV_M,
     Nf4Config,
@@ -125,7 +126,19 @@ def occupancy_configs(m: int) -> list[Nf4Config]:
     return [Nf4Config(bm, bn, split, 4, 3, lookup=LOOKUP_PRMT, maxnreg=regs) for regs, bn, split in grid]
 
 
-def sweep_configs(m: int, n: int, k: int, occupancy: bool = False) -> list[Nf4Config]:
+def lookup_configs(m: int, n: int, k: int) -> list[Nf4Config]:
+    """The recorded tl.dot config and the same tile with the other operand order, each with the three register
+    lookups: table words in registers (Nf4Config.table_regs: nine registers, may spill at large tiles), the same
+    loaded as uniform values, and LOOKUP_PRMT_IMM (immediates, the four-instruction mask: session 3's kernel)."""
+    rec = pick_config(m, n, k, gemv=False)
+    tiles = [rec] if rec.dense or rec.gemv else [rec, replace(rec, swap_ab=not rec.swap_ab)]
+    variants = ((LOOKUP_PRMT, True), (LOOKUP_PRMT, False), (LOOKUP_PRMT_IMM, False))
+    return [replace(c, lookup=lookup, table_regs=regs) for c in tiles for lookup, regs in variants]
+
+
+def sweep_configs(m: int, n: int, k: int, occupancy: bool = False, lookups: bool = False) -> list[Nf4Config]:
+    if lookups:
+        return lookup_configs(m, n, k)
     if occupancy and m <= 64:
         return occupancy_configs(m)
     if m <= GEMV_SWEEP_MAX_M:
@@ -146,11 +159,12 @@ def label(cfg: Nf4Config) -> str:
     return str(cfg)
 
 
-def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False) -> list[dict]:
+def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, lookups: bool = False
+          ) -> list[dict]:
     out = []
     for (name, case), m in itertools.product(cases.items(), ms):
         best = []
-        for cfg in sweep_configs(m, case.n, case.k, occupancy):
+        for cfg in sweep_configs(m, case.n, case.k, occupancy, lookups):
             try:
                 us = bench_m(case, m, cfg, baselines=False, rep=50)["nf4_us"]
             except Exception as exc:  # a config the compiler rejects (shared memory): skip it
@@ -163,6 +177,10 @@ def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False) 
             kind = [us for us, c in best if c.swap_ab == swap and c.lookup == lookup and not (c.dense or c.gemv)]
             if kind:
                 print(f"   best swap_ab={swap} lookup={lookup}: {min(kind):.1f}us", flush=True)
+        for cfg_a in lookup_configs(m, case.n, case.k) if lookups else ():
+            us = next(us for us, c in best if c == cfg_a)
+            print(f"   swap_ab={cfg_a.swap_ab} lookup={cfg_a.lookup} table_regs={cfg_a.table_regs}: {us:.1f}us",
+                  flush=True)
         for regs in (None, 96, 72):
             kind = [us for us, c in best if occupancy and c.maxnreg == regs and not (c.dense or c.gemv)]
             if kind:
@@ -236,10 +254,13 @@ def main() -> None:
     ap.add_argument("--sweep-m", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--occupancy", action="store_true",
                     help="M <= 64: sweep the register cap, tile width and K slices instead")
+    ap.add_argument("--lookups", action="store_true",
+                    help="sweep the register lookups on the recorded tiles (both operand orders) instead")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
     ap.add_argument("--no-table", action="store_true", help="skip the final table")
+    ap.add_argument("--ms", type=int, nargs="+", help="the table's M values (default: all of MS)")
     ap.add_argument("--markdown")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -250,10 +271,10 @@ def main() -> None:
     if args.dequant:
         for case in cases.values():
             bench_dequant(case)
-    swept = sweep(cases, tuple(args.sweep_m), args.occupancy) if args.sweep else []
+    swept = sweep(cases, tuple(args.sweep_m), args.occupancy, args.lookups) if args.sweep else []
     rows = []
     for name, case in cases.items():
-        for m in () if args.no_table else (1, 32, 2048) if args.quick else MS:
+        for m in () if args.no_table else (1, 32, 2048) if args.quick else args.ms or MS:
             rows.append({"shape": name, **bench_m(case, m)})
             print(json.dumps(rows[-1]), flush=True)
     table = markdown(rows, device)

@@ -11,43 +11,64 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import NF4_CODE
+from .reference import NF4_NIBBLE
 
-LOOKUP_TABLE, LOOKUP_PRMT, LOOKUP_CAST = 0, 1, 2  # CAST: code as value, wrong on purpose (bench only)
+# PRMT: the register lookup, table words from lut; PRMT_IMM: the same lookup with the table as immediates and the
+# mask built from bit 3 (session 3's kernel, kept where the swept configs prefer it); CAST: nibble as value,
+# wrong on purpose (bench only)
+LOOKUP_TABLE, LOOKUP_PRMT, LOOKUP_CAST, LOOKUP_PRMT_IMM = 0, 1, 2, 3
 
 
-def _prmt_asm(dtype: torch.dtype) -> str:
-    """PTX for 4 packed bytes -> NF4 values of their high and low nibbles (2 x 4 16-bit values, `dtype`).
+def _prmt_asm(dtype: torch.dtype, immediates: bool = False) -> tuple[str, list[int]]:
+    """PTX for 4 packed bytes -> the values of their high and low nibbles (2 x 4 16-bit values, `dtype`).
 
     The 16 values' low bytes and high bytes are tables of four registers each; prmt picks 4 bytes at once
-    from 8 by 3-bit selectors, so entries 0-7 and 8-15 are looked up separately and merged by lop3 under a
-    mask made of each nibble's bit 3 (prmt's sign-replicate mode turns selector 9 on byte 0x80 into 0xFF).
-    Nibbles of byte k: low = element k of output 2, high = element k of output 1.
+    from 8 by 3-bit selectors, so nibbles 0-7 and 8-15 are looked up separately and merged by lop3 under a
+    mask made of each nibble's bit 3. Where the table is paired (NF4_NIBBLE_ORDER: the values of nibbles j
+    and j + 8 share the top bit of each byte, true for bf16), the mask is one prmt of the raw nibbles
+    (selector 0-7 picks 0x80, 8-15 its sign replicate 0xFF) and the merge takes the top bit from either
+    half: 10 instructions per 4 values. Else (fp16) the mask is 0x00 / 0xFF, built in four. Nibbles of
+    byte k: low = element k of output 2, high = element k of output 1. The table words are operands $5,
+    $9, ... $37 (the nine words returned, each a 32-bit argument filling four operands at pack=4), or with
+    `immediates` constants in the text, with the four-instruction mask (LOOKUP_PRMT_IMM).
     """
-    bits = torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype).view(torch.int16).int() & 0xFFFF
+    bits = torch.tensor(NF4_NIBBLE, dtype=torch.float32).to(dtype).view(torch.int16).int() & 0xFFFF
+    bits = torch.where(bits == 0, 0x8000, bits)  # zero as -0.0: a negative's top bit, for the pairing
     lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
+    paired = not immediates and all((t[j] ^ t[j + 8]) & 0x80 == 0 for t in (lo, hi) for j in range(8))
 
     def words(b: list[int]) -> list[str]:
         return [hex(b[i] | b[i + 1] << 8 | b[i + 2] << 16 | b[i + 3] << 24) for i in range(0, 16, 4)]
 
+    table = [*words(lo), *words(hi), hex(0x80808080 if paired else 0x8000)]
     lines = ["{", ".reg .b32 %s, %i3, %t, %m, %a, %b, %lw, %hw, %L<4>, %H<4>, %K;"]
-    lines += [f"mov.b32 %L{i}, {w};" for i, w in enumerate(words(lo))]
-    lines += [f"mov.b32 %H{i}, {w};" for i, w in enumerate(words(hi))]
-    lines.append("mov.b32 %K, 0x8000;")
+    operands = table if immediates else [f"${5 + 4 * i}" for i in range(9)]
+    lines += [f"mov.b32 %L{i}, {operands[i]};" for i in range(4)]
+    lines += [f"mov.b32 %H{i}, {operands[4 + i]};" for i in range(4)]
+    lines.append(f"mov.b32 %K, {operands[8]};")
+    mask = (["prmt.b32 %m, %K, %K, %s;"] if paired else
+            ["and.b32 %t, %s, 0x8888;", "shr.b32 %m, %t, 3;", "or.b32 %m, %m, %t;", "prmt.b32 %m, %K, %K, %m;"])
     for half, (out_hi, out_lo) in enumerate((("$0", "$2"), ("$1", "$3"))):
         lines += [
-            "mov.b32 %s, $4;" if half == 0 else "shr.b32 %s, $4, 16;",
-            "and.b32 %i3, %s, 0x7777;", "and.b32 %t, %s, 0x8888;", "shr.b32 %m, %t, 3;", "or.b32 %m, %m, %t;",
-            "prmt.b32 %m, %K, %K, %m;",
+            "mov.b32 %s, $4;" if half == 0 else "shr.b32 %s, $4, 16;", *mask, "and.b32 %i3, %s, 0x7777;",
             "prmt.b32 %a, %L0, %L1, %i3;", "prmt.b32 %b, %L2, %L3, %i3;", "lop3.b32 %lw, %b, %a, %m, 0xE4;",
             "prmt.b32 %a, %H0, %H1, %i3;", "prmt.b32 %b, %H2, %H3, %i3;", "lop3.b32 %hw, %b, %a, %m, 0xE4;",
             f"prmt.b32 {out_lo}, %lw, %hw, 0x6240;", f"prmt.b32 {out_hi}, %lw, %hw, 0x7351;",
         ]
-    return "\n".join([*lines, "}"])
+    return "\n".join([*lines, "}"]), [int(w, 16) for w in table]
 
 
-_PRMT_BF16 = tl.constexpr(_prmt_asm(torch.bfloat16))
-_PRMT_FP16 = tl.constexpr(_prmt_asm(torch.float16))
+_PRMT_BF16 = tl.constexpr(_prmt_asm(torch.bfloat16)[0])
+_PRMT_FP16 = tl.constexpr(_prmt_asm(torch.float16)[0])
+_PRMT_IMM_BF16 = tl.constexpr(_prmt_asm(torch.bfloat16, immediates=True)[0])
+_PRMT_IMM_FP16 = tl.constexpr(_prmt_asm(torch.float16, immediates=True)[0])
+_PRMT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 36)
+
+
+def prmt_table_words(dtype: torch.dtype) -> list[int]:
+    """lut for LOOKUP_PRMT with x in `dtype` (fp16/bf16): the asm's nine table words, twice (_prmt_table)."""
+    words = [w - (1 << 32) if w >= 1 << 31 else w for w in _prmt_asm(dtype)[1]]  # as int32
+    return [*words, *[0] * 7, *words, *[0] * 7]
 
 
 @triton.jit
@@ -58,15 +79,43 @@ def _group_bytes(w_ptr, offs_n, mask_n, g, stride_wn):
 
 
 @triton.jit
-def _group_values(raw, lut_ptr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
+def _prmt_table(lut_ptr, LOOKUP: tl.constexpr, TABLE_REGS: tl.constexpr):
+    """The register lookup's nine table words, loaded once per program before the K loop (LOOKUP_PRMT: lut
+    is prmt_table_words(), int32, two copies 16 words apart). prmt takes both table operands from ordinary
+    registers: as immediates, or as loads ptxas can prove uniform, the words are parked in uniform
+    registers and one is copied back before each prmt (~20% of the loop's instructions, sm_90 SASS). With
+    TABLE_REGS odd and even threads read different copies, so the loads are not uniform and the words stay
+    put, at the cost of nine registers (large tiles may spill: the configs choose)."""
+    if LOOKUP == 1:
+        tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [tl.zeros((1,), tl.int32)],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+        base = lut_ptr + (tid & 1) * 16 if TABLE_REGS else lut_ptr
+        tab = (tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3),
+               tl.load(base + 4), tl.load(base + 5), tl.load(base + 6), tl.load(base + 7),
+               tl.load(base + 8))
+    else:
+        tab = (0, 0, 0, 0, 0, 0, 0, 0, 0)
+    return tab
+
+
+@triton.jit
+def _group_values(raw, lut_ptr, tab, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
     """NF4 code values of a group's bytes (high half, low half): table loads, or (LOOKUP_PRMT, 16-bit
     V_DTYPE on NVIDIA) byte permutes against the table held in registers (_prmt_asm)."""
     if LOOKUP == 1:
+        args = [raw, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7], tab[8]]
         if tl.bfloat16 == V_DTYPE:
-            v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_BF16, "=r,=r,=r,=r,r", [raw],
+            v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_BF16, _PRMT_CONSTRAINTS, args,
                                                    dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
-            v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_FP16, "=r,=r,=r,=r,r", [raw],
+            v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_FP16, _PRMT_CONSTRAINTS, args,
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    elif LOOKUP == 3:
+        if tl.bfloat16 == V_DTYPE:
+            v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_IMM_BF16, "=r,=r,=r,=r,r", [raw],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_IMM_FP16, "=r,=r,=r,=r,r", [raw],
                                                    dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     elif LOOKUP == 2:
         v_hi, v_lo = (raw >> 4).to(V_DTYPE), (raw & 15).to(V_DTYPE)
@@ -90,7 +139,7 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     mask_n = offs_n < N
-    v_hi, v_lo = _group_values(_group_bytes(w_ptr, offs_n, mask_n, g, stride_wn), lut_ptr, 0, tl.float32)
+    v_hi, v_lo = _group_values(_group_bytes(w_ptr, offs_n, mask_n, g, stride_wn), lut_ptr, (0,), 0, tl.float32)
     a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_n, g, stride_an)
     w_hi = v_hi * a_hi[:, None]  # fp32 product, as bitsandbytes computes it
     w_lo = v_lo * a_lo[:, None]
@@ -117,10 +166,10 @@ def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, val
 
 
 @triton.jit
-def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                 SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
     """acc (+)= one group's contribution (acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else [BLOCK_M, BLOCK_N])."""
-    v_hi, v_lo = _group_values(raw, lut_ptr, LOOKUP, V_DTYPE)
+    v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE)
     if SWAP_AB:
         p_hi = tl.dot(v_hi, tl.trans(x_hi), input_precision=PRECISION)
         p_lo = tl.dot(v_lo, tl.trans(x_lo), input_precision=PRECISION)
@@ -142,7 +191,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                       M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
                       HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                       SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
-                      V_DTYPE: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
+                      V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
@@ -170,6 +219,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     g0 = pid_k * ITERS
+    tab = _prmt_table(lut_ptr, LOOKUP, TABLE_REGS)
     if PREFETCH:
         xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0, True,
                                           K, NUM_G, stride_xm, stride_wn, stride_an)
@@ -177,14 +227,14 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
             nxh, nxl, nraw, nah, nal = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n,
                                                    g0 + i + 1, i + 1 < ITERS, K, NUM_G, stride_xm, stride_wn,
                                                    stride_an)
-            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
+            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
                               LOOKUP, V_DTYPE)
             xh, xl, raw, ah, al = nxh, nxl, nraw, nah, nal
     else:
         for i in range(ITERS):
             xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i,
                                               True, K, NUM_G, stride_xm, stride_wn, stride_an)
-            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
+            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
                               LOOKUP, V_DTYPE)
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -214,7 +264,7 @@ def nf4_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
 
 
 @triton.jit
-def _gemv_chunk(acc, x_ptr, w_ptr, absmax_ptr, lut_ptr, offs_n, mask_n, g, M, K, NUM_G, stride_xm, stride_wn,
+def _gemv_chunk(acc, x_ptr, w_ptr, absmax_ptr, lut_ptr, tab, offs_n, mask_n, g, M, K, NUM_G, stride_xm, stride_wn,
                 stride_an, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, G: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] += groups g .. g + G - 1 for every row of x; the G groups' bytes are one
@@ -223,7 +273,7 @@ def _gemv_chunk(acc, x_ptr, w_ptr, absmax_ptr, lut_ptr, offs_n, mask_n, g, M, K,
     grp = g + offs_c // 64  # group of each byte column
     raw = tl.load(w_ptr + offs_n[:, None] * stride_wn + (g * 64 + offs_c)[None, :],
                   mask=mask_n[:, None] & (grp < NUM_G)[None, :], other=0)
-    v_hi, v_lo = _group_values(raw, lut_ptr, LOOKUP, V_DTYPE)
+    v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE)
     v_hi = v_hi.to(tl.float32)
     v_lo = v_lo.to(tl.float32)
     offs_g = g + tl.arange(0, G)
@@ -247,7 +297,8 @@ def _gemv_chunk(acc, x_ptr, w_ptr, absmax_ptr, lut_ptr, offs_n, mask_n, g, M, K,
 @triton.jit
 def nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
                     M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
-                    HAS_BIAS: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, G: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias) for M <= BLOCK_M (a small power of two), with no tl.dot.
 
@@ -262,8 +313,9 @@ def nf4_gemv_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: rows of x along the second axis
+    tab = _prmt_table(lut_ptr, LOOKUP, TABLE_REGS)
     for i in range(ITERS):  # constexpr: the interpreter cannot loop over a run-time scalar argument
-        acc = _gemv_chunk(acc, x_ptr, w_ptr, absmax_ptr, lut_ptr, offs_n, mask_n, (pid_k * ITERS + i) * G, M, K,
+        acc = _gemv_chunk(acc, x_ptr, w_ptr, absmax_ptr, lut_ptr, tab, offs_n, mask_n, (pid_k * ITERS + i) * G, M, K,
                           NUM_G, stride_xm, stride_wn, stride_an, LOOKUP, V_DTYPE, BLOCK_M, BLOCK_N, G)
     offs_m = tl.arange(0, BLOCK_M)
     mask = mask_n[:, None] & (offs_m < M)[None, :]

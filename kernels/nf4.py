@@ -3,10 +3,12 @@
 Layout (``NF4Weight``, built once at load by ``pack_nf4`` / ``pack_nf4_group`` from bitsandbytes' storage):
 
     codes  uint8   [N, Kp // 2]  Kp = K rounded up to 128. Per row, 128-column groups of 64 bytes; byte j of
-                                  group g holds the code of column 128g + j in its high nibble and of column
-                                  128g + 64 + j in its low nibble (bitsandbytes packs columns 2j, 2j + 1:
-                                  regrouping lets a kernel unpack two dense halves with no shuffle).
-                                  Columns past K hold code 0 with absmax 0.
+                                  group g holds the nibble of column 128g + j in its high half and of column
+                                  128g + 64 + j in its low half (bitsandbytes packs columns 2j, 2j + 1:
+                                  regrouping lets a kernel unpack two dense halves with no shuffle). A nibble
+                                  n stands for code NF4_NIBBLE_ORDER[n], value NF4_NIBBLE[n] (a fixed
+                                  permutation of bitsandbytes' code book that makes the register lookup
+                                  cheaper: reference.NF4_NIBBLE_ORDER). Columns past K hold value 0, absmax 0.
     absmax float32 [N, Kp // 64]  each 64-column block's scale, de-nested once by bitsandbytes itself
                                   (dequantize_blockwise(absmax, state2) + offset, as dequantize_4bit does)
     dtype                         what bitsandbytes rounds dequantized values to (quant_state.dtype)
@@ -52,17 +54,19 @@ import triton.language as tl
 from ._nf4_triton import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
+    LOOKUP_PRMT_IMM,
     LOOKUP_TABLE,
     nf4_dequant_kernel,
     nf4_gemv_kernel,
     nf4_matmul_kernel,
     nf4_reduce_kernel,
+    prmt_table_words,
 )
-from .reference import NF4_CODE, nf4_dequantize_ref, nf4_matmul_ref
+from .reference import NF4_NIBBLE, NF4_NIBBLE_ORDER, nf4_dequantize_ref, nf4_matmul_ref
 
 __all__ = [
-    "LOOKUP_CAST", "LOOKUP_PRMT", "LOOKUP_TABLE", "MAX_GEMV_M", "NF4Weight", "Nf4Config", "nf4_dequantize",
-    "nf4_matmul", "pack_nf4", "pack_nf4_group", "pick_config",
+    "LOOKUP_CAST", "LOOKUP_PRMT", "LOOKUP_PRMT_IMM", "LOOKUP_TABLE", "MAX_GEMV_M", "NF4Weight", "Nf4Config",
+    "nf4_dequantize", "nf4_matmul", "pack_nf4", "pack_nf4_group", "pick_config",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -83,12 +87,27 @@ class NF4Weight:
 
 @functools.cache
 def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The 16 NF4 code values in `dtype` (fp32: exact), on `device`."""
-    return torch.tensor(NF4_CODE, dtype=torch.float32).to(device=device, dtype=dtype)
+    """The 16 nibble values (NF4_NIBBLE) in `dtype` (fp32: exact), on `device`."""
+    return torch.tensor(NF4_NIBBLE, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+@functools.cache
+def _lookup_table(device: torch.device, dtype: torch.dtype, lookup: int) -> torch.Tensor:
+    """What the kernels' lut argument holds: the nibble values in `dtype`, or LOOKUP_PRMT's table words."""
+    if lookup == LOOKUP_PRMT:
+        return torch.tensor(prmt_table_words(dtype), dtype=torch.int32, device=device)
+    return _lut(device, dtype)
+
+
+@functools.cache
+def _nibble_of_code(device: torch.device) -> torch.Tensor:
+    """uint8 [16]: the stored nibble of each bitsandbytes code (the inverse of NF4_NIBBLE_ORDER)."""
+    inverse = [NF4_NIBBLE_ORDER.index(c) for c in range(16)]
+    return torch.tensor(inverse, dtype=torch.uint8, device=device)
 
 
 def _regroup(codes: torch.Tensor) -> torch.Tensor:
-    """[N, Kp] codes (0..15) -> [N, Kp // 2] bytes in the 128-column group layout of the module docstring."""
+    """[N, Kp] nibbles (0..15) -> [N, Kp // 2] bytes in the 128-column group layout of the module docstring."""
     n, kp = codes.shape
     g = codes.view(n, kp // 128, 2, 64)
     return ((g[:, :, 0] << 4) | g[:, :, 1]).reshape(n, kp // 2)
@@ -112,8 +131,9 @@ def pack_nf4(packed: torch.Tensor, state) -> NF4Weight:
         absmax += state.offset
     kp = -(-k // 128) * 128
     raw = packed.reshape(n, k // 2)
-    codes = torch.zeros(n, kp, dtype=torch.uint8, device=packed.device)
-    codes[:, 0:k:2], codes[:, 1:k:2] = raw >> 4, raw & 15
+    to_nibble = _nibble_of_code(packed.device)
+    codes = torch.full((n, kp), NF4_NIBBLE.index(0.0), dtype=torch.uint8, device=packed.device)
+    codes[:, 0:k:2], codes[:, 1:k:2] = to_nibble[(raw >> 4).long()], to_nibble[(raw & 15).long()]
     scales = torch.zeros(n, kp // 64, dtype=torch.float32, device=packed.device)
     scales[:, : k // 64] = absmax.float().reshape(n, k // 64)
     return NF4Weight(_regroup(codes), scales, k, state.dtype, (n,))
@@ -178,6 +198,7 @@ class Nf4Config:
     gemv: bool = False
     k_groups: int = 1  # gemv: groups loaded together per loop step (more bytes in flight per program)
     maxnreg: int | None = None  # cap on registers per thread: more programs per SM (ptxas may spill)
+    table_regs: bool = True  # LOOKUP_PRMT: its table words in ordinary registers (_nf4_triton._prmt_table)
 
 
 # (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep (bf16, Llama-3-8B shapes;
@@ -193,9 +214,9 @@ class Nf4Config:
 _CONFIGS: tuple[tuple[int, Nf4Config], ...] = (
     (4, Nf4Config(4, 64, 8, warps=8, gemv=True, k_groups=2, lookup=LOOKUP_PRMT)),
     (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT)),
-    (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT)),
-    (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT)),
-    (256, Nf4Config(128, 64, 2, swap_ab=True, lookup=LOOKUP_PRMT)),
+    (32, Nf4Config(32, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False)),
+    (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False)),
+    (256, Nf4Config(128, 64, 2, swap_ab=True, lookup=LOOKUP_PRMT_IMM)),
     (1 << 62, Nf4Config(128, 128, dense=True)),
 )
 
@@ -253,14 +274,15 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     groups = w.codes.shape[1] // 64
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    lut = _lut(x.device, x.dtype if cfg.scale_after else torch.float32)
     lookup = cfg.lookup if cfg.scale_after and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
+    lut = _lookup_table(x.device, x.dtype if cfg.scale_after else torch.float32, lookup)
     nf4_matmul_kernel[grid](
         x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and cfg.scale_after, LOOKUP=lookup,
-        V_DTYPE=_TL[x.dtype], PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=split,
+        V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, SPLIT_K=split,
         ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
@@ -278,10 +300,12 @@ def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: to
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     # register lookup needs 16-bit x on NVIDIA; the table is fp32 (exact code values) as everything is fp32
     lookup = cfg.lookup if x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
+    lut = _lookup_table(x.device, x.dtype if lookup == LOOKUP_PRMT else torch.float32, lookup)
     nf4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x, w.codes, w.absmax, _lut(x.device, torch.float32), bias if bias is not None else y, y, part,
+        x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, LOOKUP=lookup, V_DTYPE=_TL[x.dtype], BLOCK_M=triton.next_power_of_2(m),
+        HAS_BIAS=bias is not None, LOOKUP=lookup, V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs,
+        BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=cfg.block_n, G=cfg.k_groups, SPLIT_K=split,
         ITERS=triton.cdiv(triton.cdiv(groups, cfg.k_groups), split), num_warps=cfg.warps, num_stages=cfg.stages,
     )

@@ -18,6 +18,8 @@ from ._meta import refresh_lora_meta_torch as refresh_lora_meta_ref  # the metad
 
 __all__ = [
     "NF4_CODE",
+    "NF4_NIBBLE",
+    "NF4_NIBBLE_ORDER",
     "add_rms_norm_ref",
     "lora_apply_naive",
     "lora_apply_ref",
@@ -135,11 +137,17 @@ NF4_CODE = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )
+# The code each stored nibble stands for (hotlora.kernels.nf4's layout). Nibbles j and j + 8 hold codes of
+# equal sign and equal bf16 exponent parity (the top bits of both bytes of their bf16 patterns agree, zero
+# taken as -0.0): the in-register lookup (_nf4_triton._prmt_asm) needs that to merge its two table halves
+# with one mask made from the nibble's top bit alone.
+NF4_NIBBLE_ORDER = (0, 4, 1, 5, 8, 12, 9, 13, 3, 6, 2, 7, 11, 15, 10, 14)
+NF4_NIBBLE = tuple(NF4_CODE[c] for c in NF4_NIBBLE_ORDER)  # the value of each stored nibble
 
 
 def nf4_dequantize_ref(w) -> torch.Tensor:
     """NF4Weight (hotlora.kernels.nf4) -> dense [N, K] in w.dtype, computed as dequantize_4bit does."""
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=w.codes.device)
+    code = torch.tensor(NF4_NIBBLE, dtype=torch.float32, device=w.codes.device)
     n = w.codes.shape[0]
     groups = w.codes.view(n, -1, 64)  # 128-column groups: high nibbles = first 64 columns, low = next 64
     nibbles = torch.stack([groups >> 4, groups & 15], dim=2).reshape(n, -1).long()  # [N, Kp]
