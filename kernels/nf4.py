@@ -201,9 +201,13 @@ class Nf4Config:
     table_regs: bool = True  # LOOKUP_PRMT: its table words in ordinary registers (_nf4_triton._prmt_table)
 
 
-# (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep (bf16, Llama-3-8B shapes;
-# BENCHMARKS.md): non-swapped small tiles up to 32 rows, weights-first (swap_ab) up to 256, then dequantize +
-# cuBLAS. Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K slices.
+# (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep and --lookups (bf16, Llama-3-8B
+# shapes; BENCHMARKS.md): non-swapped small tiles up to 32 rows, weights-first (swap_ab) up to 256, then
+# dequantize + cuBLAS. Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K slices. The lookup per
+# bucket (--lookups): table words in registers at M <= 16 (4-8% faster than the immediates), loaded uniform
+# at 33-64, immediates from 65. At 17-32 weights-first with uniform words ran gate/up 10% faster alone, but the
+# engine's batch-32 decode with adapters (LoRA shrink beside the matmul) lost 11%: that bucket keeps
+# session 3's tile and lookup.
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
@@ -214,7 +218,7 @@ class Nf4Config:
 _CONFIGS: tuple[tuple[int, Nf4Config], ...] = (
     (4, Nf4Config(4, 64, 8, warps=8, gemv=True, k_groups=2, lookup=LOOKUP_PRMT)),
     (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT)),
-    (32, Nf4Config(32, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False)),
+    (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT_IMM)),
     (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False)),
     (256, Nf4Config(128, 64, 2, swap_ab=True, lookup=LOOKUP_PRMT_IMM)),
     (1 << 62, Nf4Config(128, 128, dense=True)),
