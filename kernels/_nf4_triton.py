@@ -100,8 +100,8 @@ def _prmt_table(lut_ptr, LOOKUP: tl.constexpr, TABLE_REGS: tl.constexpr):
 
 @triton.jit
 def _group_values(raw, lut_ptr, tab, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
-    """NF4 code values of a group's bytes (high half, low half): table loads, or (LOOKUP_PRMT, 16-bit
-    V_DTYPE on NVIDIA) byte permutes against the table held in registers (_prmt_asm)."""
+    """Nibble values of a group's bytes (high half, low half): table loads, or (LOOKUP_PRMT / _IMM, 16-bit
+    V_DTYPE on NVIDIA) byte permutes against the table held in registers (_prmt_asm; tab: _prmt_table)."""
     if LOOKUP == 1:
         args = [raw, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7], tab[8]]
         if tl.bfloat16 == V_DTYPE:
