@@ -136,7 +136,16 @@ def lookup_configs(m: int, n: int, k: int) -> list[Nf4Config]:
     return [replace(c, lookup=lookup, table_regs=regs) for c in tiles for lookup, regs in variants]
 
 
-def sweep_configs(m: int, n: int, k: int, occupancy: bool = False, lookups: bool = False) -> list[Nf4Config]:
+def even_configs(m: int, n: int, k: int) -> list[Nf4Config]:
+    """The recorded tl.dot config with and without the unmasked path for shapes that tile evenly (EVEN)."""
+    rec = pick_config(m, n, k, gemv=False)
+    return [rec] if rec.dense or rec.gemv else [rec, replace(rec, even=False)]
+
+
+def sweep_configs(m: int, n: int, k: int, occupancy: bool = False, lookups: bool = False,
+                  even: bool = False) -> list[Nf4Config]:
+    if even:
+        return even_configs(m, n, k)
     if lookups:
         return lookup_configs(m, n, k)
     if occupancy and m <= 64:
@@ -159,12 +168,12 @@ def label(cfg: Nf4Config) -> str:
     return str(cfg)
 
 
-def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, lookups: bool = False
-          ) -> list[dict]:
+def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, lookups: bool = False,
+          even: bool = False) -> list[dict]:
     out = []
     for (name, case), m in itertools.product(cases.items(), ms):
         best = []
-        for cfg in sweep_configs(m, case.n, case.k, occupancy, lookups):
+        for cfg in sweep_configs(m, case.n, case.k, occupancy, lookups, even):
             try:
                 us = bench_m(case, m, cfg, baselines=False, rep=50)["nf4_us"]
             except Exception as exc:  # a config the compiler rejects (shared memory): skip it
@@ -177,6 +186,9 @@ def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, 
             kind = [us for us, c in best if c.swap_ab == swap and c.lookup == lookup and not (c.dense or c.gemv)]
             if kind:
                 print(f"   best swap_ab={swap} lookup={lookup}: {min(kind):.1f}us", flush=True)
+        for cfg_a in even_configs(m, case.n, case.k) if even else ():
+            us = next(us for us, c in best if c == cfg_a)
+            print(f"   even={cfg_a.even}: {us:.1f}us", flush=True)
         for cfg_a in lookup_configs(m, case.n, case.k) if lookups else ():
             us = next(us for us, c in best if c == cfg_a)
             print(f"   swap_ab={cfg_a.swap_ab} lookup={cfg_a.lookup} table_regs={cfg_a.table_regs}: {us:.1f}us",
@@ -256,6 +268,8 @@ def main() -> None:
                     help="M <= 64: sweep the register cap, tile width and K slices instead")
     ap.add_argument("--lookups", action="store_true",
                     help="sweep the register lookups on the recorded tiles (both operand orders) instead")
+    ap.add_argument("--even", action="store_true",
+                    help="sweep the recorded configs with and without the unmasked (EVEN) path instead")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
@@ -271,7 +285,7 @@ def main() -> None:
     if args.dequant:
         for case in cases.values():
             bench_dequant(case)
-    swept = sweep(cases, tuple(args.sweep_m), args.occupancy, args.lookups) if args.sweep else []
+    swept = sweep(cases, tuple(args.sweep_m), args.occupancy, args.lookups, args.even) if args.sweep else []
     rows = []
     for name, case in cases.items():
         for m in () if args.no_table else (1, 32, 2048) if args.quick else args.ms or MS:

@@ -199,6 +199,7 @@ class Nf4Config:
     k_groups: int = 1  # gemv: groups loaded together per loop step (more bytes in flight per program)
     maxnreg: int | None = None  # cap on registers per thread: more programs per SM (ptxas may spill)
     table_regs: bool = True  # LOOKUP_PRMT: its table words in ordinary registers (_nf4_triton._prmt_table)
+    even: bool = True  # drop the weight and K masks where the shape allows (N % block_n, K % 128, groups % split)
 
 
 # (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep and --lookups (bf16, Llama-3-8B
@@ -280,6 +281,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     lookup = cfg.lookup if cfg.scale_after and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     lut = _lookup_table(x.device, x.dtype if cfg.scale_after else torch.float32, lookup)
+    even = cfg.even and n % cfg.block_n == 0 and k % 128 == 0 and groups % split == 0
     nf4_matmul_kernel[grid](
         x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
@@ -287,7 +289,8 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and cfg.scale_after, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split,
-        ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
+        ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even, num_warps=cfg.warps,
+        num_stages=cfg.stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return _reduce(part, bias, y) if split > 1 else y

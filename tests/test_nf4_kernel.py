@@ -6,7 +6,9 @@ interpreter rounds bf16 wrongly (triton-lang/triton#11584), so bf16 and real siz
 
 from __future__ import annotations
 
+import itertools
 import os
+from dataclasses import replace
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -16,6 +18,7 @@ import torch
 from hotlora.kernels import nf4 as nf4_mod
 from hotlora.kernels.nf4 import (
     LOOKUP_PRMT,
+    LOOKUP_PRMT_IMM,
     MAX_GEMV_M,
     Nf4Config,
     nf4_dequantize,
@@ -137,6 +140,21 @@ def test_triton_configs_match_reference(triton_cpu, name):
     bias = torch.randn(48)
     y = nf4_matmul(x, packed_group(members), bias, config=CONFIGS[name])
     assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float32]
+
+
+@interpret
+@pytest.mark.parametrize("m", [3, 16, 40])
+def test_triton_even_path_matches_reference(triton_cpu, m):
+    """Shapes that tile evenly (N % block_n, K % 128, groups % split_k) take the unmasked loads."""
+    members = quantize((64, 64), 512, torch.float16)
+    w = packed_group(members)
+    x = torch.randn(m, 512, dtype=torch.float16)
+    cfg = pick_config(m, 128, 512, gemv=False)
+    assert 128 % cfg.block_n == 0 and 4 % cfg.split_k == 0  # EVEN holds for the recorded config
+    ref = reference(x, members, None)
+    for even in (True, False):
+        y = nf4_matmul(x, w, config=replace(cfg, even=even))
+        assert rel_err(y, ref) < TOLERANCE[torch.float16], even
 
 
 def test_cpu_path_is_the_reference():
@@ -328,15 +346,18 @@ def test_gpu_gemv_configs_and_dtypes(dtype):
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_register_lookup_equals_table_lookup(dtype):
-    """The prmt lookup (inline PTX) yields the same code values as the table loads: equal outputs."""
+    """The prmt lookups (inline PTX: table words in registers, loaded uniform, or immediates) yield the same
+    values as the table loads, with and without the unmasked (EVEN) path: equal outputs."""
     w = packed_group(quantize((256, 64), 1024, dtype, "cuda"))
+    lookups = [(LOOKUP_PRMT, True), (LOOKUP_PRMT, False), (LOOKUP_PRMT_IMM, False)]
     for m in (1, 16, 40):
         x = torch.randn(m, 1024, dtype=dtype, device="cuda")
         for swap in (False, True):
             bm, bn = (16 if m <= 16 else 64), (64 if swap else 32)
-            table = nf4_matmul(x, w, config=Nf4Config(bm, bn, swap_ab=swap))
-            prmt = nf4_matmul(x, w, config=Nf4Config(bm, bn, swap_ab=swap, lookup=LOOKUP_PRMT))
-            assert torch.equal(prmt, table), (m, swap)
+            table = nf4_matmul(x, w, config=Nf4Config(bm, bn, swap_ab=swap, even=False))
+            for (lookup, regs), even in itertools.product(lookups, (False, True)):
+                cfg = Nf4Config(bm, bn, swap_ab=swap, lookup=lookup, table_regs=regs, even=even)
+                assert torch.equal(nf4_matmul(x, w, config=cfg), table), (m, swap, lookup, regs, even)
 
 
 @gpu
