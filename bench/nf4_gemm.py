@@ -136,16 +136,21 @@ def lookup_configs(m: int, n: int, k: int) -> list[Nf4Config]:
     return [replace(c, lookup=lookup, table_regs=regs) for c in tiles for lookup, regs in variants]
 
 
-def even_configs(m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded tl.dot config with and without the unmasked path for shapes that tile evenly (EVEN)."""
+def even_configs(m: int, n: int, k: int, wider: bool = False) -> list[Nf4Config]:
+    """The recorded tl.dot config with and without the unmasked path for shapes that tile evenly (EVEN);
+    `wider`, at M <= 16: also 128-wide tiles over 4 warps and 64-wide over 2 (fewer loop instructions per
+    weight value in sm_90 SASS, more registers per thread)."""
     rec = pick_config(m, n, k, gemv=False)
-    return [rec] if rec.dense or rec.gemv else [rec, replace(rec, even=False)]
+    out = [rec] if rec.dense or rec.gemv else [rec, replace(rec, even=False)]
+    if wider and m <= 16 and not (rec.dense or rec.gemv):
+        out += [replace(rec, block_n=128), replace(rec, warps=2)]
+    return out
 
 
 def sweep_configs(m: int, n: int, k: int, occupancy: bool = False, lookups: bool = False,
                   even: bool = False) -> list[Nf4Config]:
     if even:
-        return even_configs(m, n, k)
+        return even_configs(m, n, k, wider=True)
     if lookups:
         return lookup_configs(m, n, k)
     if occupancy and m <= 64:
