@@ -270,7 +270,7 @@ def test_gpu_bit_identical_and_matches(shape):
     w = packed_group(members)
     want = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in members])
     assert torch.equal(nf4_dequantize(w).view(torch.int16), want.view(torch.int16))
-    for m in (1, 3, 16, 33, 64, 257, 2048):
+    for m in (1, 3, 16, 24, 33, 64, 128, 257, 2048):  # every M bucket of the recorded configs
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         ref = reference(x, members, None)
         assert rel_err(nf4_matmul(x, w), ref) < TOLERANCE[torch.bfloat16], m
