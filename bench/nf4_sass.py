@@ -1,0 +1,103 @@
+"""The NF4 kernel's K loop in SASS, compiled here for sm_90 with no GPU: instructions per weight value, registers,
+spills, and the opcodes that dominate (hotlora.kernels._nf4_triton.nf4_matmul_kernel).
+
+    python bench/nf4_sass.py                      # the recorded config of each M bucket (kernels.nf4._CONFIGS)
+    python bench/nf4_sass.py --m 16 --lookup 3 --no-even --dump /tmp/loop.sass
+
+Triton compiles the kernel as its JIT would for an H200 (the divisibility hints of 16-aligned pointers and sizes),
+with the ptxas, cuobjdump and nvdisasm its wheel ships. The loop is the longest backward branch of the SASS.
+Counts are a proxy: on the H200 the small-M kernel is bounded by instruction issue (ncu, BENCHMARKS.md), but
+fewer instructions have also measured slower (the unmasked path at M 17-64), so timings decide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import replace
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hotlora.kernels import _nf4_triton
+from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, pick_config
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+POINTERS = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": "*bf16",
+            "y_ptr": "*bf16", "part_ptr": "*fp32"}
+SCALARS = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
+
+
+def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
+    """The cubin of nf4_matmul_kernel for `cfg` (bf16 x, no bias), as the JIT builds it for an H200."""
+    fn = _nf4_triton.nf4_matmul_kernel
+    consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="tf32", SCALE_AFTER=cfg.scale_after,
+                  SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
+                  PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+                  ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even)
+    signature = {**POINTERS, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
+    names = list(signature)
+    aligned = [*POINTERS, *(s for s in SCALARS if s != "M")]
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    options = dict(num_warps=cfg.warps, num_stages=cfg.stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
+def loop_report(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([f"{BIN}/cuobjdump", "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    start, end = max(loops, key=lambda span: span[1] - span[0])
+    body = [line for line in lines[start:end + 1] if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+    opcodes = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line).group(1) for line in body)
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "loop": len(body), "opcodes": dict(opcodes.most_common(10)), "sass": "\n".join(body)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 32, 64, 128], help="M: picks the recorded config")
+    ap.add_argument("--n", type=int, default=28672, help="N (output width; gate/up by default)")
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--lookup", type=int, help="override: 1 LOOKUP_PRMT, 3 LOOKUP_PRMT_IMM")
+    ap.add_argument("--table-regs", action=argparse.BooleanOptionalAction, default=None, help="override")
+    ap.add_argument("--even", action=argparse.BooleanOptionalAction, default=None, help="override")
+    ap.add_argument("--swap-ab", action=argparse.BooleanOptionalAction, default=None, help="override")
+    ap.add_argument("--dump", help="write the last config's loop SASS here")
+    a = ap.parse_args()
+    for m in a.m:
+        cfg = pick_config(m, a.n, a.k, gemv=False)
+        if cfg.dense:
+            print(f"M={m}: dequantize + cuBLAS (no fused loop)")
+            continue
+        overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab}
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        rep = loop_report(compile_sm90(cfg))
+        values = cfg.block_n * 128 // (32 * cfg.warps)  # weight values per thread per 128-column group
+        lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
+        print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "
+              f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even}: {rep['registers']} registers, "
+              f"{rep['stack']} B stack; loop {rep['loop']} instructions, {rep['loop'] / values:.2f} per weight "
+              f"value; {rep['opcodes']}", flush=True)
+        if a.dump:
+            with open(a.dump, "w") as fh:
+                fh.write(rep["sass"] + "\n")
+
+
+if __name__ == "__main__":
+    main()
