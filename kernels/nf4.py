@@ -208,8 +208,8 @@ class Nf4Config:
 # bucket (--lookups): table words in registers at M <= 16 (4-8% faster than the immediates), loaded uniform
 # at 33-64, immediates from 65. At 17-32 weights-first with uniform words ran gate/up 10% faster alone, but the
 # engine's batch-32 decode with adapters (LoRA shrink beside the matmul) lost 11%: that bucket keeps
-# session 3's tile and lookup. The unmasked loads (even, --even) measured 1-2% faster at M <= 16, 5-12% at 65-256,
-# and 4-12% slower at 17-64 (fewer SASS instructions everywhere): on where they won.
+# session 3's tile and lookup. The unmasked loads (even, --even) measured 1-2% faster at M <= 16, 5-12% at 65-256
+# and 4-12% slower at 17-64, with fewer SASS instructions everywhere (bench/nf4_sass.py): on only where they won.
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
