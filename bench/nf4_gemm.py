@@ -136,6 +136,12 @@ def lookup_configs(m: int, n: int, k: int) -> list[Nf4Config]:
     return [replace(c, lookup=lookup, table_regs=regs) for c in tiles for lookup, regs in variants]
 
 
+def pure_configs(m: int, n: int, k: int) -> list[Nf4Config]:
+    """The recorded tl.dot config with its register lookup marked pure (the default) and impure (kWidth 2)."""
+    rec = pick_config(m, n, k, gemv=False)
+    return [rec] if rec.dense or rec.gemv else [rec, replace(rec, pure_lookup=False)]
+
+
 def even_configs(m: int, n: int, k: int, wider: bool = False) -> list[Nf4Config]:
     """The recorded tl.dot config with and without the unmasked path for shapes that tile evenly (EVEN);
     `wider`, at M <= 16: also 128-wide tiles over 4 warps and 64-wide over 2 (fewer loop instructions per
@@ -148,7 +154,9 @@ def even_configs(m: int, n: int, k: int, wider: bool = False) -> list[Nf4Config]
 
 
 def sweep_configs(m: int, n: int, k: int, occupancy: bool = False, lookups: bool = False,
-                  even: bool = False) -> list[Nf4Config]:
+                  even: bool = False, pure: bool = False) -> list[Nf4Config]:
+    if pure:
+        return pure_configs(m, n, k)
     if even:
         return even_configs(m, n, k, wider=True)
     if lookups:
@@ -174,11 +182,11 @@ def label(cfg: Nf4Config) -> str:
 
 
 def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, lookups: bool = False,
-          even: bool = False) -> list[dict]:
+          even: bool = False, pure: bool = False) -> list[dict]:
     out = []
     for (name, case), m in itertools.product(cases.items(), ms):
         best = []
-        for cfg in sweep_configs(m, case.n, case.k, occupancy, lookups, even):
+        for cfg in sweep_configs(m, case.n, case.k, occupancy, lookups, even, pure):
             try:
                 us = bench_m(case, m, cfg, baselines=False, rep=50)["nf4_us"]
             except Exception as exc:  # a config the compiler rejects (shared memory): skip it
@@ -191,6 +199,9 @@ def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, 
             kind = [us for us, c in best if c.swap_ab == swap and c.lookup == lookup and not (c.dense or c.gemv)]
             if kind:
                 print(f"   best swap_ab={swap} lookup={lookup}: {min(kind):.1f}us", flush=True)
+        for cfg_a in pure_configs(m, case.n, case.k) if pure else ():
+            us = next(us for us, c in best if c == cfg_a)
+            print(f"   pure_lookup={cfg_a.pure_lookup}: {us:.1f}us", flush=True)
         for cfg_a in even_configs(m, case.n, case.k) if even else ():
             us = next(us for us, c in best if c == cfg_a)
             print(f"   even={cfg_a.even}: {us:.1f}us", flush=True)
@@ -275,6 +286,8 @@ def main() -> None:
                     help="sweep the register lookups on the recorded tiles (both operand orders) instead")
     ap.add_argument("--even", action="store_true",
                     help="sweep the recorded configs with and without the unmasked (EVEN) path instead")
+    ap.add_argument("--pure", action="store_true",
+                    help="sweep the recorded configs with the register lookup marked pure and impure instead")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
@@ -290,7 +303,7 @@ def main() -> None:
     if args.dequant:
         for case in cases.values():
             bench_dequant(case)
-    swept = sweep(cases, tuple(args.sweep_m), args.occupancy, args.lookups, args.even) if args.sweep else []
+    swept = sweep(cases, tuple(args.sweep_m), args.occupancy, args.lookups, args.even, args.pure) if args.sweep else []
     rows = []
     for name, case in cases.items():
         for m in () if args.no_table else (1, 32, 2048) if args.quick else args.ms or MS:
