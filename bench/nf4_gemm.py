@@ -137,9 +137,14 @@ def lookup_configs(m: int, n: int, k: int) -> list[Nf4Config]:
 
 
 def pure_configs(m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded tl.dot config with its register lookup marked pure (the default) and impure (kWidth 2)."""
+    """The recorded tl.dot config, then its tile with each register lookup marked impure (kWidth 2 operands):
+    table words in registers, loaded uniform, immediates (offline SASS at M=32: 599 instructions recorded,
+    398 impure with the words in registers)."""
     rec = pick_config(m, n, k, gemv=False)
-    return [rec] if rec.dense or rec.gemv else [rec, replace(rec, pure_lookup=False)]
+    if rec.dense or rec.gemv:
+        return [rec]
+    variants = ((LOOKUP_PRMT, True), (LOOKUP_PRMT, False), (LOOKUP_PRMT_IMM, False))
+    return [rec, *(replace(rec, pure_lookup=False, lookup=lookup, table_regs=regs) for lookup, regs in variants)]
 
 
 def even_configs(m: int, n: int, k: int, wider: bool = False) -> list[Nf4Config]:
@@ -201,7 +206,8 @@ def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, 
                 print(f"   best swap_ab={swap} lookup={lookup}: {min(kind):.1f}us", flush=True)
         for cfg_a in pure_configs(m, case.n, case.k) if pure else ():
             us = next(us for us, c in best if c == cfg_a)
-            print(f"   pure_lookup={cfg_a.pure_lookup}: {us:.1f}us", flush=True)
+            print(f"   pure_lookup={cfg_a.pure_lookup} lookup={cfg_a.lookup} table_regs={cfg_a.table_regs}: "
+                  f"{us:.1f}us", flush=True)
         for cfg_a in even_configs(m, case.n, case.k) if even else ():
             us = next(us for us, c in best if c == cfg_a)
             print(f"   even={cfg_a.even}: {us:.1f}us", flush=True)
