@@ -65,17 +65,26 @@ _PRMT_IMM_FP16 = tl.constexpr(_prmt_asm(torch.float16, immediates=True)[0])
 _PRMT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 36)
 
 
+_TABLE_COPY = tl.constexpr(16)  # words from one copy of the lookup's table to the next in its lut
+
+
 def prmt_table_words(dtype: torch.dtype) -> list[int]:
     """lut for LOOKUP_PRMT with x in `dtype` (fp16/bf16): the asm's nine table words, twice (_prmt_table)."""
     words = [w - (1 << 32) if w >= 1 << 31 else w for w in _prmt_asm(dtype)[1]]  # as int32
-    return [*words, *[0] * 7, *words, *[0] * 7]
+    padded = [*words, *[0] * (_TABLE_COPY - len(words))]
+    return [*padded, *padded]
 
 
 @triton.jit
-def _group_bytes(w_ptr, offs_n, mask_n, g, stride_wn):
-    """uint8 [BLOCK_N, 64] bytes of group g; mask_n: rows to read (False past N or past the last group)."""
+def _group_bytes(w_ptr, offs_n, rows, valid, g, stride_wn):
+    """uint8 [BLOCK_N, 64] bytes of group g. rows: [BLOCK_N] rows to read (False past N or past the last group),
+    or None for all of them; nothing is read where `valid` (a scalar) is False."""
     offs_b = g * 64 + tl.arange(0, 64)
-    return tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :], mask=mask_n[:, None], other=0)
+    if rows is None:  # noqa: SIM108 (a static branch: Triton's ternary would build both sides)
+        mask = valid
+    else:
+        mask = rows[:, None] & valid
+    return tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :], mask=mask, other=0)
 
 
 @triton.jit
@@ -87,9 +96,11 @@ def _prmt_table(lut_ptr, LOOKUP: tl.constexpr, TABLE_REGS: tl.constexpr):
     TABLE_REGS odd and even threads read different copies, so the loads are not uniform and the words stay
     put, at the cost of nine registers (large tiles may spill: the configs choose)."""
     if LOOKUP == 1:
-        tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [tl.zeros((1,), tl.int32)],
-                                        dtype=tl.int32, is_pure=True, pack=1)
-        base = lut_ptr + (tid & 1) * 16 if TABLE_REGS else lut_ptr
+        base = lut_ptr
+        if TABLE_REGS:
+            tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [tl.zeros((1,), tl.int32)],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+            base = lut_ptr + (tid & 1) * _TABLE_COPY
         tab = (tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3),
                tl.load(base + 4), tl.load(base + 5), tl.load(base + 6), tl.load(base + 7),
                tl.load(base + 8))
@@ -132,9 +143,14 @@ def _group_values(raw, lut_ptr, tab, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr
 
 
 @triton.jit
-def _group_scales(absmax_ptr, offs_n, mask_n, g, stride_an):
-    hi = tl.load(absmax_ptr + offs_n * stride_an + 2 * g, mask=mask_n, other=0.0)
-    lo = tl.load(absmax_ptr + offs_n * stride_an + 2 * g + 1, mask=mask_n, other=0.0)
+def _group_scales(absmax_ptr, offs_n, rows, valid, g, stride_an):
+    """The absmax of group g's two 64-blocks per row; rows and valid as for _group_bytes."""
+    if rows is None:  # noqa: SIM108 (a static branch: Triton's ternary would build both sides)
+        mask = valid
+    else:
+        mask = rows & valid
+    hi = tl.load(absmax_ptr + offs_n * stride_an + 2 * g, mask=mask, other=0.0)
+    lo = tl.load(absmax_ptr + offs_n * stride_an + 2 * g + 1, mask=mask, other=0.0)
     return hi, lo
 
 
@@ -145,8 +161,9 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     mask_n = offs_n < N
-    v_hi, v_lo = _group_values(_group_bytes(w_ptr, offs_n, mask_n, g, stride_wn), lut_ptr, (0,), 0, tl.float32, True)
-    a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_n, g, stride_an)
+    v_hi, v_lo = _group_values(_group_bytes(w_ptr, offs_n, mask_n, True, g, stride_wn), lut_ptr, (0,), 0,
+                               tl.float32, True)
+    a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_n, True, g, stride_an)
     w_hi = v_hi * a_hi[:, None]  # fp32 product, as bitsandbytes computes it
     w_lo = v_lo * a_lo[:, None]
     offs_k = g * 128 + tl.arange(0, 64)
@@ -168,16 +185,13 @@ def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, val
     if EVEN:
         x_hi = tl.load(x_ptrs, mask=mask_x, other=0.0)
         x_lo = tl.load(x_ptrs + 64, mask=mask_x, other=0.0)
-        raw = tl.load(w_ptr + offs_n[:, None] * stride_wn + (g * 64 + tl.arange(0, 64))[None, :], mask=valid, other=0)
-        a_ptrs = absmax_ptr + offs_n * stride_an + 2 * g
-        a_hi = tl.load(a_ptrs, mask=valid, other=0.0)
-        a_lo = tl.load(a_ptrs + 1, mask=valid, other=0.0)
+        rows = None
     else:
         x_hi = tl.load(x_ptrs, mask=mask_x & (offs_k[None, :] < K), other=0.0)
         x_lo = tl.load(x_ptrs + 64, mask=mask_x & (offs_k[None, :] + 64 < K), other=0.0)
-        mask_g = mask_n & (g < NUM_G) & valid
-        raw = _group_bytes(w_ptr, offs_n, mask_g, g, stride_wn)
-        a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_g, g, stride_an)
+        rows = mask_n & (g < NUM_G)
+    raw = _group_bytes(w_ptr, offs_n, rows, valid, g, stride_wn)
+    a_hi, a_lo = _group_scales(absmax_ptr, offs_n, rows, valid, g, stride_an)
     return x_hi, x_lo, raw, a_hi, a_lo
 
 
