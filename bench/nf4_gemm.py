@@ -126,46 +126,52 @@ def occupancy_configs(m: int) -> list[Nf4Config]:
     return [Nf4Config(bm, bn, split, 4, 3, lookup=LOOKUP_PRMT, maxnreg=regs) for regs, bn, split in grid]
 
 
-def lookup_configs(m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded tl.dot config and the same tile with the other operand order, each with the three register
-    lookups: table words in registers (Nf4Config.table_regs: nine registers, may spill at large tiles), the same
-    loaded as uniform values, and LOOKUP_PRMT_IMM (immediates, the four-instruction mask: session 3's kernel)."""
-    rec = pick_config(m, n, k, gemv=False)
-    tiles = [rec] if rec.dense or rec.gemv else [rec, replace(rec, swap_ab=not rec.swap_ab)]
-    variants = ((LOOKUP_PRMT, True), (LOOKUP_PRMT, False), (LOOKUP_PRMT_IMM, False))
-    return [replace(c, lookup=lookup, table_regs=regs) for c in tiles for lookup, regs in variants]
+_REGISTER_LOOKUPS = ((LOOKUP_PRMT, True), (LOOKUP_PRMT, False), (LOOKUP_PRMT_IMM, False))  # (lookup, table_regs)
 
 
-def pure_configs(m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded tl.dot config, then its tile with each register lookup marked impure (kWidth 2 operands):
-    table words in registers, loaded uniform, immediates (offline SASS at M=32: 599 instructions recorded,
-    398 impure with the words in registers)."""
-    rec = pick_config(m, n, k, gemv=False)
-    if rec.dense or rec.gemv:
-        return [rec]
-    variants = ((LOOKUP_PRMT, True), (LOOKUP_PRMT, False), (LOOKUP_PRMT_IMM, False))
-    return [rec, *(replace(rec, pure_lookup=False, lookup=lookup, table_regs=regs) for lookup, regs in variants)]
+def lookup_configs(rec: Nf4Config) -> list[Nf4Config]:
+    """The recorded tile and the same tile with the other operand order, each with the three register lookups:
+    table words in registers (Nf4Config.table_regs: nine registers, may spill at large tiles), the same loaded as
+    uniform values, and LOOKUP_PRMT_IMM (immediates, the four-instruction mask: session 3's kernel)."""
+    return [replace(c, lookup=lookup, table_regs=regs) for c in (rec, replace(rec, swap_ab=not rec.swap_ab))
+            for lookup, regs in _REGISTER_LOOKUPS]
 
 
-def even_configs(m: int, n: int, k: int, wider: bool = False) -> list[Nf4Config]:
-    """The recorded tl.dot config with and without the unmasked path for shapes that tile evenly (EVEN);
-    `wider`, at M <= 16: also 128-wide tiles over 4 warps and 64-wide over 2 (fewer loop instructions per
-    weight value in sm_90 SASS, more registers per thread)."""
-    rec = pick_config(m, n, k, gemv=False)
-    out = [rec] if rec.dense or rec.gemv else [rec, replace(rec, even=False)]
-    if wider and m <= 16 and not (rec.dense or rec.gemv):
+def pure_configs(rec: Nf4Config) -> list[Nf4Config]:
+    """The recorded config, then its tile with each register lookup marked impure (kWidth 2 operands): table words
+    in registers, loaded uniform, immediates (offline SASS at M=32: 599 instructions recorded, 398 impure with the
+    words in registers)."""
+    return [rec, *(replace(rec, pure_lookup=False, lookup=lookup, table_regs=regs)
+                   for lookup, regs in _REGISTER_LOOKUPS)]
+
+
+def even_configs(rec: Nf4Config) -> list[Nf4Config]:
+    """The recorded config with and without the unmasked path for shapes that tile evenly (EVEN); at M <= 16 also
+    128-wide tiles over 4 warps and 64-wide over 2 (fewer loop instructions per weight value in sm_90 SASS, more
+    registers per thread)."""
+    out = [replace(rec, even=True), replace(rec, even=False)]
+    if rec.block_m <= 16:
         out += [replace(rec, block_n=128), replace(rec, warps=2)]
     return out
 
 
-def sweep_configs(m: int, n: int, k: int, occupancy: bool = False, lookups: bool = False,
-                  even: bool = False, pure: bool = False) -> list[Nf4Config]:
-    if pure:
-        return pure_configs(m, n, k)
-    if even:
-        return even_configs(m, n, k, wider=True)
-    if lookups:
-        return lookup_configs(m, n, k)
+# --lookups / --even / --pure: variants of each M's recorded tl.dot config, and the fields that tell them apart
+VARIANTS = {
+    "lookups": (lookup_configs, ("swap_ab", "lookup", "table_regs")),
+    "even": (even_configs, ("even", "block_n", "warps")),
+    "pure": (pure_configs, ("pure_lookup", "lookup", "table_regs")),
+}
+
+
+def variant_configs(variants: str, m: int, n: int, k: int) -> list[Nf4Config]:
+    rec = pick_config(m, n, k, gemv=False)
+    return [rec] if rec.dense or rec.gemv else VARIANTS[variants][0](rec)
+
+
+def sweep_configs(m: int, n: int, k: int, occupancy: bool = False, variants: str | None = None
+                  ) -> list[Nf4Config]:
+    if variants:
+        return variant_configs(variants, m, n, k)
     if occupancy and m <= 64:
         return occupancy_configs(m)
     if m <= GEMV_SWEEP_MAX_M:
@@ -186,12 +192,12 @@ def label(cfg: Nf4Config) -> str:
     return str(cfg)
 
 
-def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, lookups: bool = False,
-          even: bool = False, pure: bool = False) -> list[dict]:
+def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, variants: str | None = None
+          ) -> list[dict]:
     out = []
     for (name, case), m in itertools.product(cases.items(), ms):
         best = []
-        for cfg in sweep_configs(m, case.n, case.k, occupancy, lookups, even, pure):
+        for cfg in sweep_configs(m, case.n, case.k, occupancy, variants):
             try:
                 us = bench_m(case, m, cfg, baselines=False, rep=50)["nf4_us"]
             except Exception as exc:  # a config the compiler rejects (shared memory): skip it
@@ -204,17 +210,11 @@ def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, 
             kind = [us for us, c in best if c.swap_ab == swap and c.lookup == lookup and not (c.dense or c.gemv)]
             if kind:
                 print(f"   best swap_ab={swap} lookup={lookup}: {min(kind):.1f}us", flush=True)
-        for cfg_a in pure_configs(m, case.n, case.k) if pure else ():
-            us = next(us for us, c in best if c == cfg_a)
-            print(f"   pure_lookup={cfg_a.pure_lookup} lookup={cfg_a.lookup} table_regs={cfg_a.table_regs}: "
-                  f"{us:.1f}us", flush=True)
-        for cfg_a in even_configs(m, case.n, case.k) if even else ():
-            us = next(us for us, c in best if c == cfg_a)
-            print(f"   even={cfg_a.even}: {us:.1f}us", flush=True)
-        for cfg_a in lookup_configs(m, case.n, case.k) if lookups else ():
-            us = next(us for us, c in best if c == cfg_a)
-            print(f"   swap_ab={cfg_a.swap_ab} lookup={cfg_a.lookup} table_regs={cfg_a.table_regs}: {us:.1f}us",
-                  flush=True)
+        timed = {c: us for us, c in best}
+        for cfg in variant_configs(variants, m, case.n, case.k) if variants else ():
+            fields = " ".join(f"{f}={getattr(cfg, f)}" for f in VARIANTS[variants][1])
+            us = f"{timed[cfg]:.1f}us" if cfg in timed else "skipped"
+            print(f"   {fields}: {us}", flush=True)
         for regs in (None, 96, 72):
             kind = [us for us, c in best if occupancy and c.maxnreg == regs and not (c.dense or c.gemv)]
             if kind:
@@ -288,11 +288,11 @@ def main() -> None:
     ap.add_argument("--sweep-m", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--occupancy", action="store_true",
                     help="M <= 64: sweep the register cap, tile width and K slices instead")
-    ap.add_argument("--lookups", action="store_true",
+    ap.add_argument("--lookups", dest="variants", action="store_const", const="lookups",
                     help="sweep the register lookups on the recorded tiles (both operand orders) instead")
-    ap.add_argument("--even", action="store_true",
+    ap.add_argument("--even", dest="variants", action="store_const", const="even",
                     help="sweep the recorded configs with and without the unmasked (EVEN) path instead")
-    ap.add_argument("--pure", action="store_true",
+    ap.add_argument("--pure", dest="variants", action="store_const", const="pure",
                     help="sweep the recorded configs with the register lookup marked pure and impure instead")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
@@ -309,7 +309,7 @@ def main() -> None:
     if args.dequant:
         for case in cases.values():
             bench_dequant(case)
-    swept = sweep(cases, tuple(args.sweep_m), args.occupancy, args.lookups, args.even, args.pure) if args.sweep else []
+    swept = sweep(cases, tuple(args.sweep_m), args.occupancy, args.variants) if args.sweep else []
     rows = []
     for name, case in cases.items():
         for m in () if args.no_table else (1, 32, 2048) if args.quick else args.ms or MS:
