@@ -293,9 +293,8 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and cfg.scale_after, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, SPLIT_K=split,
-        ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even, PURE=cfg.pure_lookup,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
+        PURE=cfg.pure_lookup, num_warps=cfg.warps, num_stages=cfg.stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return _reduce(part, bias, y) if split > 1 else y
@@ -310,15 +309,15 @@ def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: to
     split = cfg.split_k
     groups = w.codes.shape[1] // 64
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    # register lookup needs 16-bit x on NVIDIA; the table is fp32 (exact code values) as everything is fp32
+    # the register lookup needs 16-bit x on NVIDIA (its table words are x's dtype); the table loads read fp32 values
+    # (exact code values), as everything after the lookup is fp32
     lookup = cfg.lookup if x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     lut = _lookup_table(x.device, x.dtype if lookup == LOOKUP_PRMT else torch.float32, lookup)
     nf4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, LOOKUP=lookup, V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs,
-        BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=cfg.block_n, G=cfg.k_groups, SPLIT_K=split,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, G=cfg.k_groups, SPLIT_K=split,
         ITERS=triton.cdiv(triton.cdiv(groups, cfg.k_groups), split), num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return _reduce(part, bias, y) if split > 1 else y
