@@ -147,7 +147,8 @@ def load_peft_adapter(folder: Path, name: str, blob: bytes | None = None) -> Lor
 def adapter_from_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor], check_finite: bool = True,
                          sha256: str = "") -> LoraAdapter:
     """Validate the tensors of `folder`'s weights file against its adapter_config.json (finiteness
-    only if `check_finite`: a caller that skips it checks on the device)."""
+    only if `check_finite`: a caller that skips it checks on the device). Without check_finite a tensor may
+    be anything with its shape, dim(), is_floating_point() and nbytes (staging.Span: the file's header)."""
     config = read_adapter_config(folder)
     weights = _collect_weights(tensors, config.rank, check_finite)
     probed = config.targets(PROBE_LAYERS)  # cached per config: a set lookup per weight, not a regex match

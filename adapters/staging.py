@@ -22,6 +22,7 @@ import struct
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -29,6 +30,27 @@ from hotlora.adapters.gilyield import yielding
 from hotlora.adapters.peft_format import WEIGHTS_NAME, AdapterConfig, AdapterError, LoraAdapter, adapter_from_tensors
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class Span(NamedTuple):
+    """Where one tensor lies in a file's buffer. It answers the header checks as a tensor would (shape, dim(),
+    is_floating_point(), nbytes), so a file is validated without a torch view per tensor: on a reading thread
+    every torch call re-takes the GIL, and the engine thread waits behind it (bench/adapter_load.py --engine:
+    the steps that grew during a load were the ones the parse overlapped)."""
+
+    offset: int  # bytes into the buffer
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,17 +73,17 @@ class Stack:
 
 @dataclass(slots=True)
 class StagedAdapter:
-    """weights: (layer, module) -> (A [r, in], B [out, r]) as stored (any float dtype), views into `raw`
-    when `raw` is set (then `spans` gives each view's (byte offset, dtype, shape) to rebuild it on a
-    device copy of `raw`). check_finite: finiteness is still to be checked (on the device). stacks: module ->
-    (A, B) as Stacks, for the modules whose layers the file lays out evenly."""
+    """weights: (layer, module) -> (A [r, in], B [out, r]) as stored (any float dtype); when `raw` is set they
+    are `spans`, the tensors' Spans in it, and `views(raw)` makes the tensors (over `raw` or a device copy of
+    it). check_finite: finiteness is still to be checked (on the device). stacks: module -> (A, B) as Stacks,
+    for the modules whose layers the file lays out evenly."""
 
     config: AdapterConfig
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    weights: dict[tuple[int, str], tuple[torch.Tensor | Span, torch.Tensor | Span]]
     nbytes: int
     sha256: str  # "" when not computed here (the registry hashes files when they are registered)
     raw: torch.Tensor | None = None  # uint8, the whole file
-    spans: dict[tuple[int, str], tuple[tuple, tuple]] | None = None
+    spans: dict[tuple[int, str], tuple[Span, Span]] | None = None
     data_start: int = 0  # where the tensor data begins in `raw`
     check_finite: bool = False
     stacks: dict[str, tuple[Stack, Stack]] = field(default_factory=dict)
@@ -113,13 +135,14 @@ def read_header(raw: torch.Tensor, size: int) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _tensors(raw: torch.Tensor, header: dict, start: int, size: int) -> tuple[dict, dict]:
+def _spans(header: dict, start: int, size: int) -> dict[str, Span]:
+    """name -> Span of each tensor the header lists, its dtype, size and bounds checked."""
     spans = {}
     for key, info in yielding(header.items()):
         try:
             dtype = _DTYPES.get(info["dtype"])
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(map(int, info["shape"]))
+            begin, end = map(int, info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: bad entry {key!r}") from None
         if dtype is None:
@@ -128,8 +151,8 @@ def _tensors(raw: torch.Tensor, header: dict, start: int, size: int) -> tuple[di
             raise AdapterError(f"{WEIGHTS_NAME} is not a valid safetensors file: bad offsets for {key!r}")
         if (start + begin) % dtype.itemsize:
             raise AdapterError(f"tensor {key!r} is not aligned in {WEIGHTS_NAME}")
-        spans[key] = (start + begin, dtype, shape)
-    return _typed_views(raw, spans), spans
+        spans[key] = Span(start + begin, dtype, shape)
+    return spans
 
 
 def read_raw(folder: Path, pin: bool, lock: AbstractContextManager | None = None) -> torch.Tensor:
@@ -149,18 +172,16 @@ def read_raw(folder: Path, pin: bool, lock: AbstractContextManager | None = None
 
 
 def parse_staged(raw: torch.Tensor, folder: Path, name: str) -> StagedAdapter:
-    """Validate a file read by read_raw against its adapter_config.json; finiteness is left to the device."""
+    """Validate a file read by read_raw against its adapter_config.json, on its header's Spans (no tensor is
+    made here); finiteness is left to the device."""
     size = raw.numel()
     header, start = read_header(raw, size)
-    tensors, spans = _tensors(raw, header, start, size)
-    adapter = adapter_from_tensors(Path(folder), name, tensors, check_finite=False)
-    ids = {id(t): k for k, t in tensors.items()}
-    pairs = {key: (spans[ids[id(a)]], spans[ids[id(b)]]) for key, (a, b) in adapter.weights.items()}
-    return StagedAdapter(adapter.config, adapter.weights, adapter.nbytes, "", raw, pairs, start, True,
-                         find_stacks(pairs))
+    adapter = adapter_from_tensors(Path(folder), name, _spans(header, start, size), check_finite=False)
+    pairs = adapter.weights
+    return StagedAdapter(adapter.config, pairs, adapter.nbytes, "", raw, pairs, start, True, find_stacks(pairs))
 
 
-def find_stacks(pairs: dict[tuple[int, str], tuple[tuple, tuple]]) -> dict[str, tuple[Stack, Stack]]:
+def find_stacks(pairs: dict[tuple[int, str], tuple[Span, Span]]) -> dict[str, tuple[Stack, Stack]]:
     """module -> (A, B) Stacks for each module whose A and B tensors are each evenly spaced in the file,
     one per layer from 0 up (spans as StagedAdapter.spans)."""
     by_module: dict[str, list[tuple[int, tuple, tuple]]] = {}
@@ -175,7 +196,7 @@ def find_stacks(pairs: dict[tuple[int, str], tuple[tuple, tuple]]) -> dict[str, 
     return out
 
 
-def _stack(spans: list[tuple[int, tuple]]) -> Stack | None:
+def _stack(spans: list[tuple[int, Span]]) -> Stack | None:
     """The Stack of these (layer, (offset, dtype, shape)) spans, or None if they are not one."""
     spans = sorted(spans, key=lambda s: s[1][0])
     order = tuple(layer for layer, _ in spans)

@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -54,21 +55,66 @@ if TYPE_CHECKING:
     from hotlora.server.engine.engine import LLMEngine
 
 
-def _ms(values: list[float]) -> dict[str, float]:
+def _ms(values: list[float], over: float | None = None) -> dict[str, float]:
+    """p50, max and count; with `over`: also p90, p99 and how many exceed it (the no-load control of _gaps)."""
     s = sorted(values)
-    return {"p50_ms": round(statistics.median(s) * 1000, 3), "max_ms": round(s[-1] * 1000, 3), "n": len(s)}
+    out = {"p50_ms": round(statistics.median(s) * 1000, 3), "max_ms": round(s[-1] * 1000, 3), "n": len(s)}
+    if over is not None:
+        out |= {f"p{q}_ms": round(s[min(len(s) - 1, int(len(s) * q / 100))] * 1000, 3) for q in (90, 99)}
+        out["over_1.2x"] = sum(t > over for t in s)
+    return out
 
 
-def _gaps(steps: list[tuple[int, float]], base_p50: float) -> dict:
+class PhaseTrace:
+    """Wall-clock intervals of the load phases, to tell what ran during a slow step. LoadStats.record is wrapped:
+    a phase recorded at time t with duration d ran over [t - d, t], except disk_read, which the registry records
+    just before the parse that followed it on the same thread (its interval ends where that parse began). The
+    device copy (timed with CUDA events) has no host interval and is left out."""
+
+    def __init__(self, stats) -> None:
+        self.calls: list[tuple[str, float, float, int]] = []  # (phase, recorded at, seconds, thread id)
+        record = stats.record
+
+        def traced(phase: str, seconds: float) -> None:
+            self.calls.append((phase, time.perf_counter(), seconds, threading.get_ident()))
+            record(phase, seconds)
+
+        stats.record = traced
+
+    def intervals(self) -> list[tuple[str, float, float]]:
+        out, pending = [], {}
+        for phase, at, sec, tid in self.calls:
+            if phase == "disk_read":
+                pending[tid] = sec
+            elif phase == "parse":
+                read = pending.pop(tid, None)
+                if read is not None:
+                    out.append(("disk_read", at - sec - read, at - sec))
+                out.append(("parse", at - sec, at))
+            elif phase != "h2d_copy":
+                out.append((phase, at - sec, at))
+        return out
+
+    def during(self, start: float, end: float) -> dict[str, float]:
+        """phase -> ms of it inside [start, end]."""
+        out: dict[str, float] = {}
+        for phase, a, b in self.intervals():
+            overlap = min(b, end) - max(a, start)
+            if overlap > 0:
+                out[phase] = round(out.get(phase, 0.0) + overlap * 1000, 2)
+        return out
+
+
+def _gaps(steps: list[tuple[int, float, float]], base_p50: float, trace: PhaseTrace) -> dict:
     """Step times during loads (each step gives every running sequence one token, so a step time is their
-    inter-token gap): percentiles, how many exceed 1.2x the no-load median, and the slowest with the index of
-    the load that ran then."""
-    s = sorted(t for _, t in steps)
+    inter-token gap), as (load index, start, seconds): percentiles, how many exceed 1.2x the no-load median, and
+    the slowest with the index of the load that ran then and the load phases (ms) that overlapped them."""
+    s = sorted(t for _, _, t in steps)
     pct = {f"p{q}_ms": round(s[min(len(s) - 1, int(len(s) * q / 100))] * 1000, 3) for q in (50, 90, 99)}
-    worst = sorted(steps, key=lambda x: -x[1])[:5]
+    worst = sorted(steps, key=lambda x: -x[2])[:5]
     return pct | {"max_ms": round(s[-1] * 1000, 3), "n": len(s),
                   "over_1.2x": sum(t > 1.2 * base_p50 for t in s),
-                  "slowest": [(i, round(t * 1000, 2)) for i, t in worst]}
+                  "slowest": [(i, round(t * 1000, 2), trace.during(at, at + t)) for i, at, t in worst]}
 
 
 def load_one(registry: AdapterRegistry, name: str, between: callable) -> tuple[float, float]:
@@ -162,12 +208,13 @@ def engine_mode(a: argparse.Namespace, folder: Path, names: list[str]) -> dict:
     params = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
     for i in range(a.batch):
         eng.add_request(Request(f"d{i}", list(range(100, 100 + a.prompt)), params, None))
-    steps: list[float] = []
+    steps: list[tuple[float, float]] = []  # (start, seconds)
+    trace = PhaseTrace(eng.registry.cache.stats)
 
     def step() -> None:
         t = time.perf_counter()
         eng.step()
-        steps.append(time.perf_counter() - t)
+        steps.append((t, time.perf_counter() - t))
 
     for _ in range(a.batch + 20):  # prefills, graph captures, warm-up
         step()
@@ -178,11 +225,12 @@ def engine_mode(a: argparse.Namespace, folder: Path, names: list[str]) -> dict:
         sys.setswitchinterval(v.interval)
         _set_pinning(v.pin)
         eng.registry.cache.copy_thread = v.copy_thread or eng.registry.cache.device.type != "cuda"
-        out[spec] = _run_variant(eng, names[k * per : (k + 1) * per], step, steps)
+        out[spec] = _run_variant(eng, names[k * per : (k + 1) * per], step, steps, trace)
     return out
 
 
-def _run_variant(eng: LLMEngine, names: list[str], step: Callable[[], None], steps: list[float]) -> dict:
+def _run_variant(eng: LLMEngine, names: list[str], step: Callable[[], None], steps: list[tuple[float, float]],
+                 trace: PhaseTrace) -> dict:
     """100 steps without loads, then `names` loaded cold one after another between steps."""
     phases = eng.registry.cache.stats.phases
     for kept in phases.values():
@@ -190,21 +238,22 @@ def _run_variant(eng: LLMEngine, names: list[str], step: Callable[[], None], ste
     steps.clear()
     for _ in range(100):
         step()
-    base = list(steps)
-    during: list[tuple[int, float]] = []
+    base = [t for _, t in steps]
+    during: list[tuple[int, float, float]] = []
     walls, engine = [], []
     for i, n in enumerate(names):
         steps.clear()
         wall, thread = load_one(eng.registry, n, step)
-        during += [(i, t) for t in steps]
+        during += [(i, at, t) for at, t in steps]
         walls.append(wall)
         engine.append(thread)
-    first = [t for i, t in during if i == 0]
+    first = [t for i, _, t in during if i == 0]
     first_load = {"wall_ms": round(walls[0] * 1000, 2), "max_step_ms": round(max(first, default=0) * 1000, 2),
                   "steps": len(first)}
     first_load |= {f"{p}_ms": round(phases[p][0] * 1000, 2) for p in ("h2d_issue", "h2d_copy") if phases[p]}
-    return {"step_no_load": _ms(base),
-            "step_during_load": _gaps(during, statistics.median(base)) if during else None,
+    base_p50 = statistics.median(base)
+    return {"step_no_load": _ms(base, over=1.2 * base_p50),
+            "step_during_load": _gaps(during, base_p50, trace) if during else None,
             "first_load": first_load, "cold_load": _ms(walls), "engine_thread": _ms(engine),
             "phases": eng.registry.cache.stats.summary()}
 
