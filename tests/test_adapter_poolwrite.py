@@ -19,7 +19,7 @@ from hotlora.adapters.cache import LoraSlotCache
 from hotlora.adapters.peft_format import load_peft_adapter
 from hotlora.adapters.poolwrite import file_order
 from hotlora.adapters.registry import AdapterRegistry
-from hotlora.adapters.staging import StagedAdapter
+from hotlora.adapters.staging import StagedAdapter, parse_staged, read_raw
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -110,6 +110,27 @@ def test_torch_calls_per_copy_do_not_grow_with_layers(folders):
     per-layer path made 4 calls per layer and module (954 for the Llama-3-8B shape, 32 layers)."""
     two, twelve = _copy_calls(folders["all2"], 2), _copy_calls(folders["all12"], 12)
     assert two == twelve <= 7 * 7 + 6, (two, twelve)
+
+
+def _parse_calls(folder: Path) -> tuple[int, StagedAdapter]:
+    raw = read_raw(folder, pin=False)
+    with _Count() as count:
+        staged = parse_staged(raw, folder, "a")
+    return count.calls, staged
+
+
+def test_parse_makes_no_torch_call_per_tensor(folders):
+    """The reading thread validates a file on its header's Spans: the only torch calls are the buffer's size,
+    the header's two slices and their numpy views (each torch call re-takes the GIL the engine thread needs;
+    a view per tensor made 900 for the Llama-3-8B shape). The views come later, from the Spans, and equal
+    peft's tensors."""
+    (two, staged), (twelve, _) = _parse_calls(folders["all2"]), _parse_calls(folders["all12"])
+    assert two == twelve <= 5, (two, twelve)
+    ref = load_peft_adapter(folders["all2"], "a")
+    views = staged.views(staged.raw)
+    assert views.keys() == ref.weights.keys() == staged.spans.keys()
+    for key, (a, b) in ref.weights.items():
+        assert torch.equal(views[key][0], a) and torch.equal(views[key][1], b), key
 
 
 # --- who issues a copy: the engine-thread queue -----------------------------------------------------------
