@@ -218,6 +218,7 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
     batches = {name: prompts for name in cases}
     if args.batch1:
         cases["batch 1, 1 adapter"], batches["batch 1, 1 adapter"] = ["a0"], prompts[:1]
+        cases["batch 1, base"], batches["batch 1, base"] = [None], prompts[:1]
     if args.long_prompt:
         name = f"{args.adapters} distinct, prompt {args.long_prompt}"
         g = torch.Generator().manual_seed(1)
@@ -235,7 +236,8 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
             f"capture failure: {graphs.failed}")
     log(f"engine ({mode}): {engine.stats().num_graph_steps} steps from graphs, {engine.eager_steps} eager")
     if args.profile:
-        profile_decode(engine, prompts, cases[f"{args.adapters} distinct"])
+        name = "batch 1, 1 adapter" if args.profile == "batch1" else f"{args.adapters} distinct"
+        profile_decode(engine, batches[name], cases[name])
     engine.registry.close()
     del engine
     gc.collect()
@@ -257,10 +259,11 @@ def parse_args() -> argparse.Namespace:
                          "--compare-rank-classes run are sized by it")
     ap.add_argument("--hf-new", type=int, default=16, help="tokens per request for the (slow) baseline")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--profile", action="store_true", help="also profile 8 decode steps of the distinct case")
+    ap.add_argument("--profile", nargs="?", const="distinct", choices=("distinct", "batch1"), default=None,
+                    help="also profile 8 decode steps of the distinct case, or of batch 1 (implies --batch1)")
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=DEV == "cuda",
                     help="also run hotlora eagerly (no CUDA graphs)")
-    ap.add_argument("--batch1", action="store_true", help="also decode one request on one adapter")
+    ap.add_argument("--batch1", action="store_true", help="also decode one request on one adapter, and one on the base")
     ap.add_argument("--long-prompt", type=int, default=0, help="also the distinct case with prompts this long")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                     help="run the transformers + peft + bitsandbytes baseline")
@@ -273,7 +276,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--mixes", action="store_true", help="also the batch with half of it on 2-adapter mixes")
     ap.add_argument("--compare-rank-classes", action="store_true",
                     help="also run hotlora (graphs) with LoRA tiles sized by max_lora_rank (--no-lora-rank-classes)")
-    return ap.parse_args()
+    args = ap.parse_args()
+    args.batch1 |= args.profile == "batch1"
+    return args
 
 
 def run_variants(args: argparse.Namespace, prompts: list[list[int]], adapter: Path) -> dict[str, dict]:
