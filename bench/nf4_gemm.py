@@ -137,14 +137,6 @@ def lookup_configs(rec: Nf4Config) -> list[Nf4Config]:
             for lookup, regs in _REGISTER_LOOKUPS]
 
 
-def pure_configs(rec: Nf4Config) -> list[Nf4Config]:
-    """The recorded config, then its tile with each register lookup marked impure (kWidth 2 operands): table words
-    in registers, loaded uniform, immediates, each masked and unmasked (offline SASS at M=32: 599 instructions
-    recorded, 398 impure with the words in registers, 352 unmasked)."""
-    return [rec, *(replace(rec, pure_lookup=False, lookup=lookup, table_regs=regs, even=even)
-                   for lookup, regs in _REGISTER_LOOKUPS for even in (True, False))]
-
-
 def even_configs(rec: Nf4Config) -> list[Nf4Config]:
     """The recorded config with and without the unmasked path for shapes that tile evenly (EVEN); at M <= 16 also
     128-wide tiles over 4 warps and 64-wide over 2 (fewer loop instructions per weight value in sm_90 SASS, more
@@ -155,11 +147,10 @@ def even_configs(rec: Nf4Config) -> list[Nf4Config]:
     return out
 
 
-# --lookups / --even / --pure: variants of each M's recorded tl.dot config, and the fields that tell them apart
+# --lookups / --even: variants of each M's recorded tl.dot config, and the fields that tell them apart
 VARIANTS = {
     "lookups": (lookup_configs, ("swap_ab", "lookup", "table_regs")),
     "even": (even_configs, ("even", "block_n", "warps")),
-    "pure": (pure_configs, ("pure_lookup", "lookup", "table_regs", "even")),
 }
 
 
@@ -292,8 +283,6 @@ def main() -> None:
                     help="sweep the register lookups on the recorded tiles (both operand orders) instead")
     ap.add_argument("--even", dest="variants", action="store_const", const="even",
                     help="sweep the recorded configs with and without the unmasked (EVEN) path instead")
-    ap.add_argument("--pure", dest="variants", action="store_const", const="pure",
-                    help="sweep the recorded configs with the register lookup marked pure and impure instead")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")

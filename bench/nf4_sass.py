@@ -40,7 +40,7 @@ def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
     consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="tf32", SCALE_AFTER=cfg.scale_after,
                   SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-                  ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even, PURE=cfg.pure_lookup)
+                  ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even)
     signature = {**POINTERS, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
     aligned = [*POINTERS, *(s for s in SCALARS if s != "M")]
@@ -78,7 +78,6 @@ def main() -> None:
     ap.add_argument("--table-regs", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--even", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--swap-ab", action=argparse.BooleanOptionalAction, default=None, help="override")
-    ap.add_argument("--pure-lookup", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--dump", help="write the last config's loop SASS here")
     a = ap.parse_args()
     for m in a.m:
@@ -86,14 +85,13 @@ def main() -> None:
         if cfg.dense:
             print(f"M={m}: dequantize + cuBLAS (no fused loop)")
             continue
-        overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab,
-                     "pure_lookup": a.pure_lookup}
+        overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         rep = loop_report(compile_sm90(cfg))
         values = cfg.block_n * 128 // (32 * cfg.warps)  # weight values per thread per 128-column group
         lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
         print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "
-              f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even} pure {cfg.pure_lookup}: "
+              f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even}: "
               f"{rep['registers']} registers, "
               f"{rep['stack']} B stack; loop {rep['loop']} instructions, {rep['loop'] / values:.2f} per weight "
               f"value; {rep['opcodes']}", flush=True)

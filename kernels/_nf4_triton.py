@@ -110,30 +110,30 @@ def _prmt_table(lut_ptr, LOOKUP: tl.constexpr, TABLE_REGS: tl.constexpr):
 
 
 @triton.jit
-def _group_values(raw, lut_ptr, tab, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr, PURE: tl.constexpr):
+def _group_values(raw, lut_ptr, tab, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
     """Nibble values of a group's bytes (high half, low half): table loads, or (LOOKUP_PRMT / _IMM, 16-bit
     V_DTYPE on NVIDIA) byte permutes against the table held in registers (_prmt_asm; tab: _prmt_table).
 
-    PURE False marks the asm as having side effects. It has none, but Triton's search for the width an MMA
-    operand was loaded with (AccelerateMatmul's computeOrigBitWidth) walks back through pure elementwise
-    ops only: through a pure lookup it finds the uint8 load and gives both operands kWidth 4, which makes
-    ptxas assemble x's fragments with register moves; stopped at the asm it finds bf16 (kWidth 2: x through
-    ldmatrix, the values through shared memory)."""
+    The asm is pure, so Triton's search for the width an MMA operand was loaded with (AccelerateMatmul's
+    computeOrigBitWidth) walks through it to the uint8 load and gives both operands kWidth 4. Marked impure
+    (is_pure=False: the walk stops, kWidth 2, x through ldmatrix and the values through shared memory) the
+    loop has fewer sm_90 instructions (M=32: 599 -> 398) but ran 4-40% slower at every M on the H200, and
+    the engine 2-8% slower (BENCHMARKS.md, sixth session)."""
     if LOOKUP == 1:
         args = [raw, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7], tab[8]]
         if tl.bfloat16 == V_DTYPE:
             v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_BF16, _PRMT_CONSTRAINTS, args,
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=PURE, pack=4)
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
             v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_FP16, _PRMT_CONSTRAINTS, args,
-                                                   dtype=(tl.float16, tl.float16), is_pure=PURE, pack=4)
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     elif LOOKUP == 3:
         if tl.bfloat16 == V_DTYPE:
             v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_IMM_BF16, "=r,=r,=r,=r,r", [raw],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=PURE, pack=4)
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
             v_hi, v_lo = tl.inline_asm_elementwise(_PRMT_IMM_FP16, "=r,=r,=r,=r,r", [raw],
-                                                   dtype=(tl.float16, tl.float16), is_pure=PURE, pack=4)
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     elif LOOKUP == 2:
         v_hi, v_lo = (raw >> 4).to(V_DTYPE), (raw & 15).to(V_DTYPE)
     else:
@@ -162,7 +162,7 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
     g = tl.program_id(1)
     mask_n = offs_n < N
     v_hi, v_lo = _group_values(_group_bytes(w_ptr, offs_n, mask_n, True, g, stride_wn), lut_ptr, (0,), 0,
-                               tl.float32, True)
+                               tl.float32)
     a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_n, True, g, stride_an)
     w_hi = v_hi * a_hi[:, None]  # fp32 product, as bitsandbytes computes it
     w_lo = v_lo * a_lo[:, None]
@@ -197,10 +197,9 @@ def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, val
 
 @triton.jit
 def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr,
-                PURE: tl.constexpr):
+                SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
     """acc (+)= one group's contribution (acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else [BLOCK_M, BLOCK_N])."""
-    v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE, PURE)
+    v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE)
     if SWAP_AB:
         p_hi = tl.dot(v_hi, tl.trans(x_hi), input_precision=PRECISION)
         p_lo = tl.dot(v_lo, tl.trans(x_lo), input_precision=PRECISION)
@@ -224,15 +223,14 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                       SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN: tl.constexpr, PURE: tl.constexpr):
+                      EVEN: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE_AFTER (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
     [BLOCK_M, BLOCK_N] partial by its absmax; else (large M) scale the weights first, as dequantize_4bit
     does (lut in fp32, product rounded to W_DTYPE). PREFETCH issues group i+1's loads before group i's
     math (register double-buffering). With SPLIT_K > 1 each program writes its K-slice's fp32 sum to
-    part[pid_k] and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K (_load_group). PURE: how the
-    register lookup is marked (_group_values).
+    part[pid_k] and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K (_load_group).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -261,14 +259,14 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                                                    g0 + i + 1, i + 1 < ITERS, K, NUM_G, stride_xm, stride_wn,
                                                    stride_an, EVEN)
             acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
-                              LOOKUP, V_DTYPE, PURE)
+                              LOOKUP, V_DTYPE)
             xh, xl, raw, ah, al = nxh, nxl, nraw, nah, nal
     else:
         for i in range(ITERS):
             xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i,
                                               True, K, NUM_G, stride_xm, stride_wn, stride_an, EVEN)
             acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
-                              LOOKUP, V_DTYPE, PURE)
+                              LOOKUP, V_DTYPE)
     if SWAP_AB:
         acc = tl.trans(acc)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -306,7 +304,7 @@ def _gemv_chunk(acc, x_ptr, w_ptr, absmax_ptr, lut_ptr, tab, offs_n, mask_n, g, 
     grp = g + offs_c // 64  # group of each byte column
     raw = tl.load(w_ptr + offs_n[:, None] * stride_wn + (g * 64 + offs_c)[None, :],
                   mask=mask_n[:, None] & (grp < NUM_G)[None, :], other=0)
-    v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE, True)
+    v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE)
     v_hi = v_hi.to(tl.float32)
     v_lo = v_lo.to(tl.float32)
     offs_g = g + tl.arange(0, G)

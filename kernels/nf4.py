@@ -200,10 +200,6 @@ class Nf4Config:
     maxnreg: int | None = None  # cap on registers per thread: more programs per SM (ptxas may spill)
     table_regs: bool = True  # LOOKUP_PRMT: its table words in ordinary registers (_nf4_triton._prmt_table)
     even: bool = True  # drop the weight and K masks where the shape allows (N % block_n, K % 128, groups % split)
-    # False: the register lookup marked impure, so the MMA operands take kWidth 2 (_nf4_triton._group_values):
-    # fewer sm_90 SASS instructions (M=16 341 -> 303, M=32 599 -> 512, M=128 688 -> 650 and no spill), not timed
-    # on the GPU yet (bench/nf4_gemm.py --pure)
-    pure_lookup: bool = True
 
 
 # (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep and --lookups (bf16, Llama-3-8B
@@ -294,7 +290,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and cfg.scale_after, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        PURE=cfg.pure_lookup, num_warps=cfg.warps, num_stages=cfg.stages,
+        num_warps=cfg.warps, num_stages=cfg.stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return _reduce(part, bias, y) if split > 1 else y

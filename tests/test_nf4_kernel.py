@@ -362,19 +362,6 @@ def test_gpu_register_lookup_equals_table_lookup(dtype):
 
 @gpu
 @cuda
-def test_gpu_impure_lookup_matches_reference():
-    """The register lookup marked impure (Nf4Config.pure_lookup False: kWidth 2 operands) at every fused M
-    bucket: the same values, summed in another order."""
-    members = quantize((1024, 256), 2048, torch.bfloat16, "cuda")
-    w = packed_group(members)
-    for m in (1, 24, 64, 130):
-        x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")
-        cfg = replace(pick_config(m, 1280, 2048, gemv=False), pure_lookup=False)
-        assert rel_err(nf4_matmul(x, w, config=cfg), reference(x, members, None)) < TOLERANCE[torch.bfloat16], m
-
-
-@gpu
-@cuda
 def test_gpu_register_cap_configs():
     """A register cap (maxnreg: more programs per SM, spills allowed) changes no result."""
     members = quantize((1536, 256, 256), 2048, torch.bfloat16, "cuda")
