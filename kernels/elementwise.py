@@ -7,9 +7,12 @@
 
     silu_mul(gate, up) -> y = silu(gate.float()).to(dtype) * up     gate, up [T, I] (views allowed), y [T, I]
 
-    rope_(q, k, positions, cos, sin)                   in place on q [T, H, Dh] and k [T, KVH, Dh]:
-        c, s = cos[positions], sin[positions]          # tables [max_len, Dh] (the halves repeated)
-        x = x * c + cat(-x[..., Dh/2:], x[..., :Dh/2]) * s    (fp32 math, one rounding)
+    rope_kv_(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
+        for x in (q, k): in place on q [T, H, Dh] and k [T, KVH, Dh]
+            c, s = cos[positions], sin[positions]      # tables [max_len, Dh] (the halves repeated)
+            x = x * c + cat(-x[..., Dh/2:], x[..., :Dh/2]) * s    (fp32 math, one rounding)
+        k_cache.view(-1, KVH, Dh)[slots] = k; v_cache.view(-1, KVH, Dh)[slots] = v   (slots int64 [T])
+        caches [blocks, block_size, KVH, Dh]; a slot repeated (graph padding) gets any one of its rows
 
 CUDA tensors go to Triton; CPU tensors to the torch references in hotlora.kernels.reference (bit-identical to
 the unfused model code), unless HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1).
@@ -23,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import add_rms_norm_ref, rope_ref, silu_mul_ref
+from .reference import add_rms_norm_ref, rope_kv_ref, silu_mul_ref
 
-__all__ = ["add_rms_norm", "rope_", "silu_mul"]
+__all__ = ["add_rms_norm", "rope_kv_", "silu_mul"]
 
 
 def _triton(t: torch.Tensor) -> bool:
@@ -104,42 +107,71 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, H, stride_qt, stride_qh, stride_kt, stride_kh,
-                 stride_c, HALF: tl.constexpr):
-    """One program per (token, head); heads >= H are k's heads."""
+def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, H, KVH,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+                    stride_c, HALF: tl.constexpr):
+    """One program per (token, head): heads [0, H) are q's, [H, H + KVH) k's (rotated, then also stored in
+    the cache), the rest v's (copied to the cache)."""
     t = tl.program_id(0)
     head = tl.program_id(1)
-    pos = tl.load(pos_ptr + t)
     offs = tl.arange(0, HALF)
+    slot = tl.load(slot_ptr + t)
+    if head >= H + KVH:
+        kvh = head - H - KVH
+        src = v_ptr + t * stride_vt + kvh * stride_vh
+        dst = vc_ptr + slot * stride_cs + kvh * stride_ch
+        tl.store(dst + offs, tl.load(src + offs))
+        tl.store(dst + HALF + offs, tl.load(src + HALF + offs))
+        return
     if head < H:  # noqa: SIM108 (a run-time branch choosing the tensor)
         base = q_ptr + t * stride_qt + head * stride_qh
     else:
         base = k_ptr + t * stride_kt + (head - H) * stride_kh
+    pos = tl.load(pos_ptr + t)
     x1 = tl.load(base + offs).to(tl.float32)
     x2 = tl.load(base + HALF + offs).to(tl.float32)
     c1 = tl.load(cos_ptr + pos * stride_c + offs).to(tl.float32)
     c2 = tl.load(cos_ptr + pos * stride_c + HALF + offs).to(tl.float32)
     s1 = tl.load(sin_ptr + pos * stride_c + offs).to(tl.float32)
     s2 = tl.load(sin_ptr + pos * stride_c + HALF + offs).to(tl.float32)
-    tl.store(base + offs, (x1 * c1 - x2 * s1).to(q_ptr.dtype.element_ty))
-    tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(q_ptr.dtype.element_ty))
+    y1 = (x1 * c1 - x2 * s1).to(q_ptr.dtype.element_ty)
+    y2 = (x2 * c2 + x1 * s2).to(q_ptr.dtype.element_ty)
+    tl.store(base + offs, y1)
+    tl.store(base + HALF + offs, y2)
+    if head >= H:
+        dst = kc_ptr + slot * stride_cs + (head - H) * stride_ch
+        tl.store(dst + offs, y1)
+        tl.store(dst + HALF + offs, y2)
 
 
-def rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate q [T, H, Dh] and k [T, KVH, Dh] in place by each token's position (module docstring)."""
+def rope_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Rotate q [T, H, Dh] and k [T, KVH, Dh] in place by each token's position, and write k and v [T, KVH, Dh]
+    into the caches at `slots` (module docstring): one launch for what took a rope kernel and two index copies."""
+    _check_rope_kv(q, k, v, cos, sin, k_cache, v_cache)
+    dh = q.shape[2]
+    if not _triton(q) or dh & (dh - 1):  # Triton ranges need a power-of-two half
+        rope_kv_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
+        return
+    if q.shape[0] == 0:
+        return
+    kc, vc = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    kvh = k.shape[1]
+    _rope_kv_kernel[(q.shape[0], q.shape[1] + 2 * kvh)](
+        q, k, v, kc, vc, positions, slots, cos, sin, q.shape[1], kvh, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), cos.stride(0), HALF=dh // 2,
+    )
+
+
+def _check_rope_kv(q, k, v, cos, sin, k_cache, v_cache) -> None:
     if q.dim() != 3 or k.dim() != 3 or q.shape[2] != k.shape[2] or q.shape[0] != k.shape[0]:
         raise ValueError(f"q [T, H, Dh] and k [T, KVH, Dh] must agree, got {tuple(q.shape)} {tuple(k.shape)}")
-    if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1 or cos.shape != sin.shape:
-        raise ValueError("q, k and the cos/sin tables need unit stride in the head dimension")
-    if not _triton(q):
-        rope_ref(q, k, positions, cos, sin)
-        return
-    dh = q.shape[2]
-    if dh & (dh - 1) or q.shape[0] == 0:
-        if q.shape[0]:
-            rope_ref(q, k, positions, cos, sin)  # Triton ranges need a power-of-two half
-        return
-    _rope_kernel[(q.shape[0], q.shape[1] + k.shape[1])](
-        q, k, positions, cos, sin, q.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        HALF=dh // 2,
-    )
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"v must match k {tuple(k.shape)} {k.dtype}, got {tuple(v.shape)} {v.dtype}")
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"caches [blocks, block_size, {k.shape[1]}, {k.shape[2]}] expected, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos)) or cos.shape != sin.shape or sin.stride(1) != 1:
+        raise ValueError("q, k, v and the cos/sin tables need unit stride in the head dimension")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")

@@ -186,6 +186,14 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: tor
         x.copy_(x * c + rotated * s)
 
 
+def rope_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """rope_ref(q, k), then k and v [T, KVH, Dh] into the caches [blocks, block_size, KVH, Dh] at slots [T]."""
+    rope_ref(q, k, positions, cos, sin)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
 def _visible(pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
     """bool [..., length]: key j is visible from a query at position pos (causal, optional sliding window)."""
     j = torch.arange(length, device=pos.device)

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from hotlora.kernels.elementwise import add_rms_norm, rope_, silu_mul
-from hotlora.kernels.reference import add_rms_norm_ref, rope_ref, silu_mul_ref
+from hotlora.kernels.elementwise import add_rms_norm, rope_kv_, silu_mul
+from hotlora.kernels.reference import add_rms_norm_ref, rope_kv_ref, rope_ref, silu_mul_ref
 from hotlora.server.model.rope import Rotary
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -56,18 +56,28 @@ def test_silu_mul_on_views(device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 1, 128)])
-def test_rope_in_place_on_fused_qkv_views(device, dtype, heads, kv_heads, dim):
+def test_rope_kv_on_fused_qkv_views(device, dtype, heads, kv_heads, dim):
+    """q and k rotated in place on column views of one qkv output, k and v written to their cache slots (in
+    blocks of 4), the other slots and v itself untouched."""
     rot = Rotary(dim, 10000.0, None, 64, device, dtype)
     qkv = torch.randn(5, (heads + 2 * kv_heads) * dim, dtype=dtype, device=device)
-    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
-    q, k = q.view(5, heads, dim), k.view(5, kv_heads, dim)
+    q, k, v = (t.view(5, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1))
     positions = torch.tensor([0, 3, 17, 63, 5], device=device)
-    q_ref, k_ref = q.clone(), k.clone()
-    rope_ref(q_ref, k_ref, positions, rot.cos, rot.sin)
-    v_before = qkv[:, (heads + kv_heads) * dim:].clone()
-    rope_(q, k, positions, rot.cos, rot.sin)
+    slots = torch.tensor([9, 2, 14, 3, 0], device=device)
+    caches = [torch.randn(4, 4, kv_heads, dim, dtype=dtype, device=device) for _ in range(2)]
+    q_ref, k_ref, v_ref = q.clone(), k.clone(), v.clone()
+    kc_ref, vc_ref = (c.clone() for c in caches)
+    rope_kv_ref(q_ref, k_ref, v_ref, positions, rot.cos, rot.sin, kc_ref, vc_ref, slots)
+    v_before = v.clone()
+    rope_kv_(q, k, v, positions, rot.cos, rot.sin, *caches, slots)
     assert close(q, q_ref, dtype) and close(k, k_ref, dtype)
-    assert torch.equal(qkv[:, (heads + kv_heads) * dim:], v_before)  # v untouched
+    assert torch.equal(v, v_before)
+    kc, vc = (c.view(16, kv_heads, dim) for c in caches)
+    assert close(kc[slots], k_ref, dtype) and torch.equal(vc[slots], v_before)
+    kept = torch.ones(16, dtype=torch.bool, device=device)
+    kept[slots] = False
+    assert torch.equal(kc[kept], kc_ref.view(16, kv_heads, dim)[kept])
+    assert torch.equal(vc[kept], vc_ref.view(16, kv_heads, dim)[kept])
 
 
 def test_rope_reference_matches_rotary():
@@ -85,6 +95,10 @@ def test_checks():
         add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.randn(8), 1e-5)
     with pytest.raises(ValueError, match="must match"):
         silu_mul(torch.randn(2, 8), torch.randn(2, 9))
+    cache = torch.zeros(2, 4, 1, 8)
     with pytest.raises(ValueError, match="must agree"):
-        rope_(torch.randn(2, 3, 8), torch.randn(3, 1, 8), torch.zeros(2, dtype=torch.long),
-              torch.randn(4, 8), torch.randn(4, 8))
+        rope_kv_(torch.randn(2, 3, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8), torch.zeros(2, dtype=torch.long),
+                 torch.randn(4, 8), torch.randn(4, 8), cache, cache, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="caches"):
+        rope_kv_(torch.randn(2, 3, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.zeros(2, dtype=torch.long),
+                 torch.randn(4, 8), torch.randn(4, 8), cache, torch.zeros(2, 4, 2, 8), torch.zeros(2, dtype=torch.long))

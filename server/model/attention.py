@@ -35,14 +35,6 @@ class AttentionMeta:
     ref_plan: tuple[tuple[int, ...], AttentionPlanRef] | None = field(default=None, repr=False)
 
 
-def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
-) -> None:
-    """k_cache.view(-1, KVH, D)[slots] = k (and v): k, v [T, KVH, D]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
-
-
 def use_triton(t: torch.Tensor) -> bool:
     """The Triton kernel on CUDA, or on the CPU under HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1)."""
     return t.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"

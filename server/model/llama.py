@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hotlora.kernels.elementwise import add_rms_norm, rope_, silu_mul
+from hotlora.kernels.elementwise import add_rms_norm, rope_kv_, silu_mul
 from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_project
-from hotlora.server.model.attention import AttentionMeta, paged_attention, write_kv
+from hotlora.server.model.attention import AttentionMeta, paged_attention
 from hotlora.server.model.config import ModelConfig
 from hotlora.server.model.quant import fuse_nf4, make_linear
 from hotlora.server.model.rope import Rotary
@@ -74,9 +74,9 @@ class DecoderLayer:
         q, k, v = self._project(QKV, x, batch.lora)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        rope_(q, k, batch.positions, rotary.cos, rotary.sin)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        write_kv(self.k_cache, self.v_cache, k, v, batch.attn.slot_mapping)
+        rope_kv_(q, k, v, batch.positions, rotary.cos, rotary.sin, self.k_cache, self.v_cache,
+                 batch.attn.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, batch.attn, cfg.head_dim**-0.5, cfg.sliding_window)
         (o,) = self._project(("o_proj",), o.reshape(o.shape[0], -1), batch.lora)
         x = add_rms_norm(h, o, self.post_norm, cfg.rms_norm_eps)
