@@ -159,3 +159,50 @@ def lora_expand_kernel(
         else:
             acc += tl.dot(h.to(bt.dtype), bt)
     tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y.dtype), mask=ym)
+
+
+@triton.jit
+def lora_finish_kernel(
+    part_ptr, stride_part_split, stride_part_t, bias_ptr, y_ptr, stride_y,
+    ws_ptr, stride_ws_slice, stride_ws_pos,
+    b0_ptr, b1_ptr, b2_ptr, stride_b0, stride_b1, stride_b2,
+    rank0_ptr, rank1_ptr, rank2_ptr,
+    n0, n1, n2, nb_end0, nb_end1,
+    slots_ptr, pos_ptr, row_start_ptr, scale_ptr, num_slots,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """y[t, cols_i] = sum_s part[s, t, cols_i] (+ bias) + scale * ws[0, i, pos(t), :r] @ b_i[rows, :] in fp32,
+    rounded once; program = (token, column block). A base matmul's split-K sums and the LoRA expand in one
+    pass (column blocks per slice as in lora_expand_kernel; slice i's columns start at n0 + ... + n_{i-1})."""
+    t = tl.program_id(0)
+    nb = tl.program_id(1)
+    sl = (nb >= nb_end0).to(tl.int32) + (nb >= nb_end1).to(tl.int32)
+    if sl == 0:
+        rank_ptr, b_ptr, stride_b, col0, n_out, first = rank0_ptr, b0_ptr, stride_b0, 0, n0, 0
+    elif sl == 1:
+        rank_ptr, b_ptr, stride_b, col0, n_out, first = rank1_ptr, b1_ptr, stride_b1, n0, n1, nb_end0
+    else:
+        rank_ptr, b_ptr, stride_b, col0, n_out, first = rank2_ptr, b2_ptr, stride_b2, n0 + n1, n2, nb_end1
+    offs_n = (nb - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_out
+    cols = col0 + offs_n
+    acc = tl.load(part_ptr + t * stride_part_t + cols, mask=n_mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * stride_part_split + t * stride_part_t + cols, mask=n_mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+    slot = tl.load(slots_ptr + t)
+    if (slot >= 0) & (slot < num_slots):
+        rank = tl.load(rank_ptr + slot)
+        row0 = tl.load(row_start_ptr + slot).to(tl.int64)
+        h_row = ws_ptr + sl * stride_ws_slice + tl.load(pos_ptr + t).to(tl.int64) * stride_ws_pos
+        delta = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            h = tl.load(h_row + offs_r, mask=r_mask, other=0.0)
+            bt = tl.load(b_ptr + (row0 + offs_r)[:, None] * stride_b + offs_n[None, :],
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            delta += tl.sum(h[:, None] * bt.to(tl.float32), axis=0)
+        acc += delta * tl.load(scale_ptr + slot)
+    tl.store(y_ptr + t * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=n_mask)

@@ -68,6 +68,7 @@ class LoraMeta:
     split_k:      int                  shrink splits over in_features (the last split to finish sums them)
     max_slices:   int                  most slices one lora_apply call may fuse (q, k, v = 3)
     sorted_tokens: int32 [T]           token indices sorted by slot, no-adapter tokens last
+    token_pos:    int32 [T]            sorted position of each token (sorted_tokens[token_pos[t]] == t)
     slot_bounds:  int32 [S + 1]        slot s owns sorted positions slot_bounds[s] : slot_bounds[s + 1]
     tile_info:    int32 [max_tiles, 4] per tile: slot (-1 = idle tile, its programs exit at once), first and
                                        end sorted position (end <= start + block_m), row_start[slot]
@@ -84,6 +85,7 @@ class LoraMeta:
     split_k: int
     max_slices: int
     sorted_tokens: torch.Tensor
+    token_pos: torch.Tensor
     slot_bounds: torch.Tensor
     tile_info: torch.Tensor
     workspace: torch.Tensor
@@ -195,6 +197,7 @@ def build_lora_meta(
         split_k=split_k,
         max_slices=max_slices,
         sorted_tokens=torch.empty(num_tokens, **i32),
+        token_pos=torch.empty(num_tokens, **i32),
         slot_bounds=torch.empty(num_slots + 1, **i32),
         tile_info=torch.empty(max_tiles, 4, **i32),
         workspace=torch.empty(split_k, max_slices, num_tokens, max_rank, dtype=torch.float32, device=device),
@@ -224,7 +227,7 @@ def refresh_lora_meta_triton(meta: LoraMeta) -> None:
     s_pad = max(16, 1 << meta.num_slots.bit_length())  # > num_slots: room for the no-adapter bucket
     block_t = min(max(16, 8192 // s_pad), 256)
     lora_meta_kernel[(1,)](
-        meta.token_slots, meta.row_start, meta.sorted_tokens, meta.slot_bounds, meta.tile_info,
+        meta.token_slots, meta.row_start, meta.sorted_tokens, meta.token_pos, meta.slot_bounds, meta.tile_info,
         meta.num_tokens, meta.num_slots, meta.max_tiles,
         S_PAD=s_pad, BLOCK_T=block_t, BLOCK_M=meta.block_m, num_warps=8 if s_pad * block_t > 4096 else 4,
     )  # fmt: skip
@@ -235,6 +238,7 @@ def refresh_lora_meta_torch(meta: LoraMeta) -> None:
 
     Torch pseudocode of what is written (S = num_slots; slot -1, or >= S, sorts last as S):
         key = where(token_slots < 0 | token_slots >= S, S, token_slots); sorted_tokens = argsort(key, stable=True)
+        token_pos[sorted_tokens] = arange(T)
         slot_bounds[s] = number of tokens with key < s
         tiles: every slot's run of tokens cut into ceil(count / block_m) tiles, in slot order;
         tile_info[j] = (slot, start, min(start + block_m, slot_bounds[slot + 1]), row_start[slot]) for
@@ -244,6 +248,7 @@ def refresh_lora_meta_torch(meta: LoraMeta) -> None:
     key = torch.where((meta.token_slots < 0) | (meta.token_slots >= num_slots), num_slots, meta.token_slots)
     sorted_key, order = torch.sort(key, stable=True)
     meta.sorted_tokens.copy_(order)
+    meta.token_pos[order] = torch.arange(order.shape[0], dtype=torch.int32, device=device)
     slot_ids = torch.arange(num_slots + 1, dtype=key.dtype, device=device)
     bounds = torch.searchsorted(sorted_key, slot_ids)  # int64 [S + 1]
     meta.slot_bounds.copy_(bounds)

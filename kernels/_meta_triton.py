@@ -25,7 +25,7 @@ def _keys(slots_ptr, offs, T, S, S_PAD: tl.constexpr):
 
 @triton.jit
 def lora_meta_kernel(
-    slots_ptr, row_start_ptr, sorted_ptr, bounds_ptr, info_ptr,
+    slots_ptr, row_start_ptr, sorted_ptr, pos_ptr, bounds_ptr, info_ptr,
     T, S, max_tiles,
     S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -44,6 +44,7 @@ def lora_meta_kernel(
         before = tl.cumsum(onehot, axis=0) - onehot  # earlier tokens of this block with the same key
         pos = tl.sum((before + nxt[None, :]) * onehot, axis=1)
         tl.store(sorted_ptr + pos, offs, mask=offs < T)
+        tl.store(pos_ptr + offs, pos, mask=offs < T)
         nxt += tl.sum(onehot, axis=0)
     ntiles = tl.where(sidx < S, (counts + BLOCK_M - 1) // BLOCK_M, 0)
     tile_end = tl.cumsum(ntiles, axis=0)

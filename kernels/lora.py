@@ -25,7 +25,8 @@ slices, e.g. q/k/v or gate/up); CPU tensors go to ``lora_apply_cpu`` (kernels/lo
 the torch reference), unless HOTLORA_TRITON_CPU=1 (used with TRITON_INTERPRET=1 to run the Triton kernels
 on the CPU). ``lora_apply_triton``, ``lora_shrink`` and
 ``lora_expand`` always take the Triton path. ``lora_project`` computes a projection's base output and its
-LoRA delta together, with the shrink beside the base matmul while a CUDA graph is captured.
+LoRA delta together, with the shrink beside the base matmul while a CUDA graph is captured, and, where the
+base matmul splits K (decode sizes), its split-K sums and the expand in one launch (``lora_finish``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ __all__ = [
     "lora_apply",
     "lora_apply_triton",
     "lora_expand",
+    "lora_finish",
     "lora_project",
     "lora_shrink",
     "rank_class_of",
@@ -265,9 +267,10 @@ def _overlap(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("HOTLORA_LORA_OVERLAP", "1") != "0"
 
 
-def lora_project(base: Callable[[], list[torch.Tensor]], x: torch.Tensor, slices: Sequence[LoraSlice],
+def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slices: Sequence[LoraSlice],
                  meta: LoraMeta) -> list[torch.Tensor]:
-    """ys = base() (the projections' base outputs from x), then ``lora_apply(ys, x, slices, meta)``; returns ys.
+    """ys = base(finish) (the projections' base outputs from x, as column views of one output when fused), then
+    ``lora_apply(ys, x, slices, meta)``; returns ys.
 
     On CUDA, while a graph is captured, the shrink, which needs only x, runs on a side stream beside base()
     (both are memory-bound and neither fills the GPU at decode sizes) and the expand follows the join; the
@@ -275,25 +278,98 @@ def lora_project(base: Callable[[], list[torch.Tensor]], x: torch.Tensor, slices
     one after another on the current stream: two event calls per projection would cost more host time than
     the overlap saves, and the warm-up must compile exactly the variants the capture launches. The expand
     runs without PDL: its prologue reads ys, which base() writes.
+
+    `finish`: base() passes it to the NF4 matmul (kernels.nf4.nf4_matmul), which calls it in place of its
+    split-K reduce; if the whole output is one with the slices, the join moves before it and ``lora_finish``
+    sums the splits and adds the delta in one launch, and no expand follows (HOTLORA_LORA_FINISH=0: off).
     """
     if not _overlap(x):
-        ys = base()
+        ys = base(None)
         lora_apply(ys, x, slices, meta)
         return ys
     check_slices(slices, meta)
     check_x(x, slices, meta)
     cfg = kernel_config(meta, [sl.b.shape[1] for sl in slices])
-    if not torch.cuda.is_current_stream_capturing():
-        _side_stream(x.device)  # created before any capture needs it
+    capturing = torch.cuda.is_current_stream_capturing()
+    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    done: list[str] = []  # "joined", "finished"
+
+    def finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
+        if not _fuse_finish(part, y, slices):
+            return False
+        if capturing:
+            main.wait_stream(side)  # the shrink's workspace is complete
+            done.append("joined")
+        _launch_finish(part, bias, y, slices, meta)
+        done.append("finished")
+        return True
+
+    if not capturing:
         _launch_shrink(x, slices, meta, cfg)
-        ys = base()
+        ys = base(finish)
     else:
-        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
         side.wait_stream(main)  # x and the workspace's previous readers are done
         with torch.cuda.stream(side):
             _launch_shrink(x, slices, meta, cfg)
-        ys = base()
-        main.wait_stream(side)  # nothing on main reuses x's memory or the workspace before the shrink is done
+        ys = base(finish)
+        if "joined" not in done:
+            main.wait_stream(side)  # nothing on main reuses x's memory or the workspace before the shrink is done
     check_ys(ys, slices, meta)
-    _launch_expand(ys, slices, meta, cfg)
+    if "finished" not in done:
+        _launch_expand(ys, slices, meta, cfg)
     return ys
+
+
+# One program per token, B read once per token and no tensor cores: on the H200 (bench/engine_gpu.py, one call)
+# batch 1 decoded 4% faster with it (244 against 234 tok/s), batch 32 11-17% slower (4,260 against 4,779 tok/s
+# with 32 adapters, 4,455 against 5,377 with one). Batches in between are not measured: only M = 1 takes it.
+FINISH_MAX_TOKENS = 1
+
+
+def _fuse_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
+    return (os.environ.get("HOTLORA_LORA_FINISH", "1") != "0" and part.shape[1] <= FINISH_MAX_TOKENS
+            and y.shape[1] == sum(sl.b.shape[1] for sl in slices) and y.stride(1) == 1)
+
+
+def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
+                meta: LoraMeta) -> None:
+    """A base matmul's split-K sums and the LoRA expand in one Triton launch, reading meta.workspace as written
+    by ``lora_shrink``. part: fp32 [split, T, N], N = sum(out_i) (slice i's columns follow slice i - 1's);
+    bias [N] or None; y [T, N], unit column stride. For every token t (p its sorted position, s its slot):
+        y[t] = part[:, t].sum(0) (+ bias)                        in fp32
+        for each slice i with s >= 0 and r = rank_i[s] > 0 (cols: slice i's columns, rows: slot s's rows):
+            y[t, cols] += scale[s] * meta.workspace[0, i, p, :r] @ slices[i].b[rows].float()
+        y[t] rounded to y's dtype once
+    """
+    check_slices(slices, meta)
+    widths = [sl.b.shape[1] for sl in slices]
+    if part.dim() != 3 or part.dtype != torch.float32 or part.shape[1:] != (meta.num_tokens, sum(widths)):
+        raise ValueError(f"part must be fp32 [split, {meta.num_tokens}, {sum(widths)}], got "
+                         f"{tuple(part.shape)} {part.dtype}")
+    if y.shape != part.shape[1:] or y.stride(1) != 1 or (bias is not None and bias.shape != (y.shape[1],)):
+        raise ValueError(f"y [{meta.num_tokens}, {sum(widths)}] with unit column stride and bias [N] expected")
+    if part.stride(2) != 1:
+        raise ValueError("part needs unit column stride")
+    _launch_finish(part, bias, y, slices, meta)
+
+
+def _launch_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
+                   meta: LoraMeta) -> None:
+    from triton import cdiv
+
+    from ._lora_triton import lora_finish_kernel
+
+    widths = [sl.b.shape[1] for sl in slices]
+    block_n = 128
+    nb_end = [sum(cdiv(n, block_n) for n in widths[: i + 1]) for i in range(len(widths))]
+    ws, b, ranks = meta.workspace, _pad3([sl.b for sl in slices]), _pad3([sl.rank for sl in slices])
+    if y.shape[0]:
+        lora_finish_kernel[(y.shape[0], nb_end[-1])](
+            part, part.stride(0), part.stride(1), bias if bias is not None else y, y, y.stride(0),
+            ws, ws.stride(1), ws.stride(2),
+            *b, *(t.stride(0) for t in b),
+            *ranks,
+            *_pad3(widths, 0), *_pad3(nb_end, nb_end[-1])[:2],
+            meta.token_slots, meta.token_pos, meta.row_start, meta.scale, meta.num_slots,
+            HAS_BIAS=bias is not None, SPLIT_K=part.shape[0], BLOCK_N=block_n, BLOCK_R=meta.rank_class,
+        )  # fmt: skip

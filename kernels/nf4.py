@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -254,9 +254,17 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+Finish = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], bool]
+
+
 def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, config: Nf4Config | None = None) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ dequant(w).T (+ bias [N]) in x's dtype (module docstring: exact semantics)."""
+               out: torch.Tensor | None = None, config: Nf4Config | None = None,
+               finish: Finish | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant(w).T (+ bias [N]) in x's dtype (module docstring: exact semantics).
+
+    finish: when the launch splits K, called as finish(part, bias, y) (part: the fp32 sums [split, M, N]) in
+    place of the reduce; it returns True if it wrote y itself (kernels.lora.lora_project adds the LoRA delta
+    in the same pass), False to let the reduce run."""
     _check(x, w, bias)
     if not _use_triton(x):
         y = nf4_matmul_ref(x, w, bias)
@@ -270,10 +278,15 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
-    return _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg)
+    part = _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg)
+    if part is not None and not (finish is not None and finish(part, bias, y)):
+        _reduce(part, bias, y)
+    return y
 
 
-def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
+            cfg: Nf4Config) -> torch.Tensor | None:
+    """The matmul kernel writing y, or (split K) its fp32 sums, returned for the reduce."""
     m, k = x.shape
     n = w.shape[0]
     split = cfg.split_k
@@ -293,11 +306,11 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         num_warps=cfg.warps, num_stages=cfg.stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
-    return _reduce(part, bias, y) if split > 1 else y
+    return part if split > 1 else None
 
 
 def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
-                 cfg: Nf4Config) -> torch.Tensor:
+                 cfg: Nf4Config) -> torch.Tensor | None:
     m, k = x.shape
     n = w.shape[0]
     if m > cfg.block_m:
@@ -316,7 +329,7 @@ def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: to
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, G=cfg.k_groups, SPLIT_K=split,
         ITERS=triton.cdiv(triton.cdiv(groups, cfg.k_groups), split), num_warps=cfg.warps, num_stages=cfg.stages,
     )
-    return _reduce(part, bias, y) if split > 1 else y
+    return part if split > 1 else None
 
 
 def _reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,13 @@ from hotlora.kernels.lora import (
     refresh_lora_meta,
     refresh_lora_meta_triton,
 )
-from hotlora.kernels.reference import lora_apply_ref, lora_expand_ref, lora_shrink_ref, refresh_lora_meta_ref
+from hotlora.kernels.reference import (
+    lora_apply_naive,
+    lora_apply_ref,
+    lora_expand_ref,
+    lora_shrink_ref,
+    refresh_lora_meta_ref,
+)
 
 interpret = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1 (set by make test)"
@@ -150,6 +156,7 @@ def test_meta_grouping(num_tokens, popularity):
     key = torch.where(slots < 0, meta.num_slots, slots)
     order = meta.sorted_tokens.long()
     assert torch.equal(key[order], key.sort(stable=True).values)
+    assert torch.equal(meta.token_pos.long()[order], torch.arange(num_tokens))
     seen = torch.zeros(num_tokens, dtype=torch.int64)
     for slot, start, end, row0 in meta.tile_info.tolist():
         if slot < 0:
@@ -171,7 +178,7 @@ def test_meta_triton_matches_torch(num_tokens, num_slots, block_m, popularity):
     if num_tokens > 10:
         case.token_slots[3] = 10_000  # an out-of-range slot counts as no adapter in both
     meta = case.meta(block_m=block_m)
-    expected = {k: getattr(meta, k).clone() for k in ("sorted_tokens", "slot_bounds", "tile_info")}
+    expected = {k: getattr(meta, k).clone() for k in ("sorted_tokens", "token_pos", "slot_bounds", "tile_info")}
     for k in expected:
         getattr(meta, k).fill_(-7)  # poison: every element must be rewritten
     refresh_lora_meta_triton(meta)
@@ -190,7 +197,7 @@ def test_refresh_meta_in_place():
     refresh_lora_meta(meta)
     fresh = case.meta()
     assert ptrs == [t.data_ptr() for t in (meta.sorted_tokens, meta.tile_info, meta.workspace)]
-    for name in ("sorted_tokens", "slot_bounds", "tile_info"):
+    for name in ("sorted_tokens", "token_pos", "slot_bounds", "tile_info"):
         assert torch.equal(getattr(meta, name), getattr(fresh, name)), name
 
 
@@ -210,3 +217,59 @@ def test_wrapper_rejects_bad_inputs():
         lora_apply(ys, case.x[:3], case.slices, meta)
     with pytest.raises(TypeError):
         build_lora_meta(case.token_slots.long(), case.row_start, case.scale, 8)
+
+
+def _finish_expected(case, part: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float64: the splits summed in order (+ bias), plus the oracle's delta."""
+    base = part[0].double()
+    for s in range(1, part.shape[0]):
+        base = base + part[s].double()
+    if bias is not None:
+        base = base + bias.double()
+    delta = torch.zeros(case.x.shape[0], sum(case.outs), dtype=torch.float64)
+    ys = list(delta.split(list(case.outs), dim=1))
+    lora_apply_naive(ys, case.x, case.slices, case.token_slots, case.row_start, case.scale)
+    return base + delta
+
+
+@interpret
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("size", "ranks", "num_tokens", "split", "bias"),
+                         [("qkv", "mixed", 7, 4, True), ("gate_up", 16, 32, 2, False), ("down", 64, 1, 3, True),
+                          ("qkv", 100, 5, 2, False)])  # fmt: skip
+def test_finish_sums_splits_and_adds_the_delta(dtype, size, ranks, num_tokens, split, bias):
+    """lora_finish: a base matmul's split-K sums (+ bias) and the expand in one pass, rounded once; tokens
+    without an adapter get exactly the fp32 sum of their splits; rank 0 slices add nothing."""
+    in_features, outs = SIZES[size]
+    case = make_case(dtype, in_features, outs, ranks, num_tokens, "some_none", seed=split, num_slots=4)
+    meta = case.meta(split_k=2)
+    n = sum(outs)
+    gen = torch.Generator().manual_seed(7)
+    part = torch.randn(split, num_tokens, n, generator=gen)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    lora_mod.lora_shrink(case.x, case.slices, meta, SMALL_BLOCKS)
+    y = torch.full((num_tokens, n), float("nan"), dtype=dtype)
+    lora_mod.lora_finish(part, b, y, case.slices, meta)
+    want = _finish_expected(case, part, b)
+    assert torch.isfinite(y).all()
+    err = ((y.double() - want).norm() / want.norm()).item()
+    assert err < TOLERANCE[dtype], err
+    plain = part[0].clone()  # fp32, the splits in order, as the kernel (and nf4's reduce) adds them
+    for s in range(1, split):
+        plain += part[s]
+    plain = (plain + b.float() if bias else plain).to(dtype)
+    none = case.token_slots < 0
+    assert torch.equal(y[none], plain[none])
+    if len(outs) > 1:  # slice 1 has rank 0 for odd slots: those columns are the plain sums
+        lo, hi = outs[0], outs[0] + outs[1]
+        odd = (case.token_slots >= 0) & (case.token_slots % 2 == 1)
+        assert torch.equal(y[odd, lo:hi], plain[odd, lo:hi])
+
+
+def test_finish_rejects_bad_shapes():
+    case = make_case(torch.float32, 40, (24, 8), 8, 6, "uniform")
+    meta = case.meta()
+    with pytest.raises(ValueError, match="part"):
+        lora_mod.lora_finish(torch.zeros(2, 6, 31), None, torch.zeros(6, 32), case.slices, meta)
+    with pytest.raises(ValueError, match="y"):
+        lora_mod.lora_finish(torch.zeros(2, 6, 32), None, torch.zeros(6, 33), case.slices, meta)

@@ -128,7 +128,7 @@ def test_lora_project_in_graph(overlap, monkeypatch):
     monkeypatch.setattr(lora_mod, "_launch_shrink", spy)
 
     def step() -> None:
-        result["ys"] = lora_project(lambda: case.ys(case.x @ w.T), case.x, case.slices, meta)
+        result["ys"] = lora_project(lambda finish: case.ys(case.x @ w.T), case.x, case.slices, meta)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -149,6 +149,65 @@ def test_lora_project_in_graph(overlap, monkeypatch):
         base = case.x @ w.T
         expected = base.clone()
         lora_apply_ref(case.ys(expected), case.x, case.slices, meta)
+        got = torch.cat(result["ys"], dim=1).double()
+        delta = (expected.double() - base.double()).norm().item()
+        assert delta > 0
+        assert (got - expected.double()).norm().item() / delta < TOLERANCE[torch.bfloat16]
+
+
+def _spy(monkeypatch, name: str, calls: list[str]) -> None:
+    real = getattr(lora_mod, name)
+
+    def spy(*args, **kw):
+        calls.append(name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lora_mod, name, spy)
+
+
+@pytest.mark.parametrize("finish", ["1", "0"])
+@pytest.mark.parametrize("num_tokens", [1, 32])
+def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatch):
+    """On an NF4 base that splits K, with at most FINISH_MAX_TOKENS tokens, lora_project hands the split sums to
+    lora_finish: no reduce and no expand launch, in a graph and eagerly (HOTLORA_LORA_FINISH=0, or more tokens:
+    the reduce, then the expand); all equal the base matmul plus lora_apply_ref, over replays with new inputs."""
+    import bitsandbytes.functional as bnbF
+
+    from hotlora.kernels.nf4 import nf4_matmul, pack_nf4
+
+    monkeypatch.setenv("HOTLORA_LORA_FINISH", finish)
+    in_features, outs = SIZES["qkv"]
+    case = make_case(torch.bfloat16, in_features, outs, "mixed", num_tokens, "distinct", num_slots=32,
+                     device="cuda")
+    meta = case.meta()
+    dense = torch.randn(sum(outs), in_features, device="cuda", dtype=torch.bfloat16) * in_features**-0.5
+    w = pack_nf4(*bnbF.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4"))
+    launches, result = [], {}
+    for name in ("_launch_finish", "_launch_expand"):
+        _spy(monkeypatch, name, launches)
+
+    def step() -> None:
+        base = lambda fin: list(nf4_matmul(case.x, w, finish=fin).split(list(outs), dim=1))  # noqa: E731
+        result["ys"] = lora_project(base, case.x, case.slices, meta)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    fused = finish == "1" and num_tokens <= lora_mod.FINISH_MAX_TOKENS
+    assert launches == ["_launch_finish" if fused else "_launch_expand"] * 2
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for _ in range(3):
+        case.x.copy_(torch.randn(case.x.shape, generator=gen, device="cuda").to(case.x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        base = nf4_matmul(case.x, w)
+        expected = base.clone()
+        lora_apply_ref(list(expected.split(list(outs), dim=1)), case.x, case.slices, meta)
         got = torch.cat(result["ys"], dim=1).double()
         delta = (expected.double() - base.double()).norm().item()
         assert delta > 0
@@ -179,7 +238,7 @@ def test_gpu_meta_triton_matches_torch(num_tokens, num_slots, popularity):
     case = make_case(torch.bfloat16, 8, (8,), 8, num_tokens, popularity, num_slots=num_slots, device="cuda")
     meta = case.meta()
     refresh_lora_meta_ref(meta)
-    expected = {k: getattr(meta, k).clone() for k in ("sorted_tokens", "slot_bounds", "tile_info")}
+    expected = {k: getattr(meta, k).clone() for k in ("sorted_tokens", "token_pos", "slot_bounds", "tile_info")}
     for k in expected:
         getattr(meta, k).fill_(-7)
     refresh_lora_meta_triton(meta)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from hotlora.kernels.elementwise import add_rms_norm, rope_kv_, silu_mul
 from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_project
+from hotlora.kernels.nf4 import Finish
 from hotlora.server.model.attention import AttentionMeta, paged_attention
 from hotlora.server.model.config import ModelConfig
 from hotlora.server.model.quant import fuse_nf4, make_linear
@@ -57,8 +58,8 @@ class DecoderLayer:
     def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraMeta | None) -> list[torch.Tensor]:
         group = self.groups.get(names)
 
-        def base() -> list[torch.Tensor]:
-            return group(x) if group is not None else [self.proj[n](x) for n in names]
+        def base(finish: Finish | None = None) -> list[torch.Tensor]:
+            return group(x, finish) if group is not None else [self.proj[n](x, finish) for n in names]
 
         if lora is None or not self.lora:
             return base()

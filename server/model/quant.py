@@ -30,7 +30,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbF  # noqa: E402
 
-from hotlora.kernels.nf4 import NF4Weight, nf4_dequantize, nf4_matmul, pack_nf4, pack_nf4_group  # noqa: E402
+from hotlora.kernels.nf4 import Finish, NF4Weight, nf4_dequantize, nf4_matmul, pack_nf4, pack_nf4_group  # noqa: E402
 
 if "kernels" in sys.modules and not hasattr(sys.modules["kernels"], "get_kernel"):
     del sys.modules["kernels"]  # our own folder, imported under the wrong name by bitsandbytes
@@ -51,7 +51,8 @@ class DenseLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, finish: Finish | None = None) -> torch.Tensor:
+        """finish: unused (no split-K sums here; see nf4_matmul)."""
         return nn.functional.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -95,9 +96,10 @@ class NF4Linear(nn.Module):
             return self._cpu_packed
         return self.packed_weight, self.quant_state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, finish: Finish | None = None) -> torch.Tensor:
+        """finish: see nf4_matmul (the fused kernel's path only)."""
         if self.fused is not None:
-            return nf4_matmul(x.to(self.compute_dtype), self.fused, self.bias).to(x.dtype)
+            return nf4_matmul(x.to(self.compute_dtype), self.fused, self.bias, finish=finish).to(x.dtype)
         weight, state = self._weight_for(x)
         out = bnb.matmul_4bit(x.to(self.compute_dtype), weight, bias=self.bias, quant_state=state)
         return out.to(x.dtype)
@@ -133,9 +135,9 @@ class NF4Group(nn.Module):
                                 self.weight.dtype, (m.out_features,))
             start += m.out_features
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each member's output [T, out_i], as column views of one [T, sum(out)] result."""
-        y = nf4_matmul(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
+    def forward(self, x: torch.Tensor, finish: Finish | None = None) -> list[torch.Tensor]:
+        """Each member's output [T, out_i], as column views of one [T, sum(out)] result; finish: see nf4_matmul."""
+        y = nf4_matmul(x.to(self.compute_dtype), self.weight, self.bias, finish=finish).to(x.dtype)
         return list(y.split(self.weight.splits, dim=1))
 
 
