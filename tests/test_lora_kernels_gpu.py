@@ -130,6 +130,14 @@ def test_lora_project_in_graph(overlap, monkeypatch):
     def step() -> None:
         result["ys"] = lora_project(lambda finish: case.ys(case.x @ w.T), case.x, case.slices, meta)
 
+    graph, warm, capture = _warm_up_and_capture(step)
+    assert (shrink_streams[-1] != capture) == (overlap == "1")
+    assert shrink_streams[0] == warm  # the eager warm-up never forks
+    _assert_replays(case, meta, graph, result, lambda: case.x @ w.T)
+
+
+def _warm_up_and_capture(step) -> tuple[torch.cuda.CUDAGraph, torch.cuda.Stream, torch.cuda.Stream]:
+    """step() run once eagerly on a side stream, then captured: (graph, the warm-up stream, the capture stream)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -139,14 +147,17 @@ def test_lora_project_in_graph(overlap, monkeypatch):
     with torch.cuda.graph(graph):
         capture = torch.cuda.current_stream()
         step()
-    assert (shrink_streams[-1] != capture) == (overlap == "1")
-    assert shrink_streams[0] == stream  # the eager warm-up never forks
+    return graph, stream, capture
+
+
+def _assert_replays(case, meta, graph, result, base_of) -> None:
+    """Three replays over new x: result["ys"] equals base_of() (the base outputs side by side) + lora_apply_ref."""
     gen = torch.Generator(device="cuda").manual_seed(5)
     for _ in range(3):
         case.x.copy_(torch.randn(case.x.shape, generator=gen, device="cuda").to(case.x.dtype))
         graph.replay()
         torch.cuda.synchronize()
-        base = case.x @ w.T
+        base = base_of()
         expected = base.clone()
         lora_apply_ref(case.ys(expected), case.x, case.slices, meta)
         got = torch.cat(result["ys"], dim=1).double()
@@ -190,28 +201,10 @@ def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatc
         base = lambda fin: list(nf4_matmul(case.x, w, finish=fin).split(list(outs), dim=1))  # noqa: E731
         result["ys"] = lora_project(base, case.x, case.slices, meta)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _, _ = _warm_up_and_capture(step)
     fused = finish == "1" and num_tokens <= lora_mod.FINISH_MAX_TOKENS
     assert launches == ["_launch_finish" if fused else "_launch_expand"] * 2
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    for _ in range(3):
-        case.x.copy_(torch.randn(case.x.shape, generator=gen, device="cuda").to(case.x.dtype))
-        graph.replay()
-        torch.cuda.synchronize()
-        base = nf4_matmul(case.x, w)
-        expected = base.clone()
-        lora_apply_ref(list(expected.split(list(outs), dim=1)), case.x, case.slices, meta)
-        got = torch.cat(result["ys"], dim=1).double()
-        delta = (expected.double() - base.double()).norm().item()
-        assert delta > 0
-        assert (got - expected.double()).norm().item() / delta < TOLERANCE[torch.bfloat16]
+    _assert_replays(case, meta, graph, result, lambda: nf4_matmul(case.x, w))
 
 
 @pytest.mark.parametrize("block_m", [16, 64])
