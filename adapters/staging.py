@@ -1,8 +1,8 @@
 """Host copies of adapters as the device copy wants them: the raw safetensors file in one buffer.
 
 A cold load reads adapter_model.safetensors straight into one buffer (pinned memory on CUDA), parses
-only the header, and validates names, shapes and dtypes on views into that buffer: no per-tensor host
-copy, no host-side cast, no host-side finiteness scan (the slowest part on a CPU: about a second for an
+only the header, and validates names, shapes and dtypes on the header's records (`Span`s): no torch call per
+tensor, no per-tensor host copy, no host-side cast, no host-side finiteness scan (the slowest part on a CPU: about a second for an
 84 MB adapter on a loaded CPU). The device copy then moves the whole file in one transfer and casts,
 transposes and checks finiteness on the device (adapters/poolwrite.py).
 
