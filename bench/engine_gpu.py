@@ -219,6 +219,8 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
     if args.batch1:
         cases["batch 1, 1 adapter"], batches["batch 1, 1 adapter"] = ["a0"], prompts[:1]
         cases["batch 1, base"], batches["batch 1, base"] = [None], prompts[:1]
+    for k in args.small_batches:  # where single-token-only paths (kernels.lora.FINISH_MAX_TOKENS) stop paying
+        cases[f"batch {k}, 1 adapter"], batches[f"batch {k}, 1 adapter"] = ["a0"] * k, prompts[:k]
     if args.long_prompt:
         name = f"{args.adapters} distinct, prompt {args.long_prompt}"
         g = torch.Generator().manual_seed(1)
@@ -264,6 +266,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=DEV == "cuda",
                     help="also run hotlora eagerly (no CUDA graphs)")
     ap.add_argument("--batch1", action="store_true", help="also decode one request on one adapter, and one on the base")
+    ap.add_argument("--small-batches", type=int, nargs="*", default=[], help="also decode k requests on one adapter")
     ap.add_argument("--long-prompt", type=int, default=0, help="also the distinct case with prompts this long")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                     help="run the transformers + peft + bitsandbytes baseline")
