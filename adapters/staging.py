@@ -2,9 +2,9 @@
 
 A cold load reads adapter_model.safetensors straight into one buffer (pinned memory on CUDA), parses
 only the header, and validates names, shapes and dtypes on the header's records (`Span`s): no torch call per
-tensor, no per-tensor host copy, no host-side cast, no host-side finiteness scan (the slowest part on a CPU: about a second for an
-84 MB adapter on a loaded CPU). The device copy then moves the whole file in one transfer and casts,
-transposes and checks finiteness on the device (adapters/poolwrite.py).
+tensor, no per-tensor host copy, no host-side cast, no host-side finiteness scan (the slowest part on a CPU:
+about a second for an 84 MB adapter on a loaded CPU). The device copy then moves the whole file in one
+transfer and casts, transposes and checks finiteness on the device (adapters/poolwrite.py).
 
 Where the file lays a module's layers out evenly (as safetensors does: every layer's tensors form one block
 of the same size, the blocks in the sorted order of their names, so layer 10 comes before layer 2), a
