@@ -55,12 +55,17 @@ if TYPE_CHECKING:
     from hotlora.server.engine.engine import LLMEngine
 
 
+def _pct_ms(s: list[float], qs: tuple[int, ...]) -> dict[str, float]:
+    """Percentiles (nearest rank) of sorted seconds, in ms."""
+    return {f"p{q}_ms": round(s[min(len(s) - 1, int(len(s) * q / 100))] * 1000, 3) for q in qs}
+
+
 def _ms(values: list[float], over: float | None = None) -> dict[str, float]:
     """p50, max and count; with `over`: also p90, p99 and how many exceed it (the no-load control of _gaps)."""
     s = sorted(values)
     out = {"p50_ms": round(statistics.median(s) * 1000, 3), "max_ms": round(s[-1] * 1000, 3), "n": len(s)}
     if over is not None:
-        out |= {f"p{q}_ms": round(s[min(len(s) - 1, int(len(s) * q / 100))] * 1000, 3) for q in (90, 99)}
+        out |= _pct_ms(s, (90, 99))
         out["over_1.2x"] = sum(t > over for t in s)
     return out
 
@@ -110,7 +115,7 @@ def _gaps(steps: list[tuple[int, float, float]], base_p50: float, trace: PhaseTr
     inter-token gap), as (load index, start, seconds): percentiles, how many exceed 1.2x the no-load median, and
     the slowest with the index of the load that ran then and the load phases (ms) that overlapped them."""
     s = sorted(t for _, _, t in steps)
-    pct = {f"p{q}_ms": round(s[min(len(s) - 1, int(len(s) * q / 100))] * 1000, 3) for q in (50, 90, 99)}
+    pct = _pct_ms(s, (50, 90, 99))
     worst = sorted(steps, key=lambda x: -x[2])[:5]
     return pct | {"max_ms": round(s[-1] * 1000, 3), "n": len(s),
                   "over_1.2x": sum(t > 1.2 * base_p50 for t in s),

@@ -25,8 +25,8 @@ slices, e.g. q/k/v or gate/up); CPU tensors go to ``lora_apply_cpu`` (kernels/lo
 the torch reference), unless HOTLORA_TRITON_CPU=1 (used with TRITON_INTERPRET=1 to run the Triton kernels
 on the CPU). ``lora_apply_triton``, ``lora_shrink`` and
 ``lora_expand`` always take the Triton path. ``lora_project`` computes a projection's base output and its
-LoRA delta together, with the shrink beside the base matmul while a CUDA graph is captured, and, where the
-base matmul splits K (decode sizes), its split-K sums and the expand in one launch (``lora_finish``).
+LoRA delta together, with the shrink beside the base matmul while a CUDA graph is captured, and, for a
+single-token step whose base matmul splits K, its split-K sums and the expand in one launch (``lora_finish``).
 """
 
 from __future__ import annotations
@@ -198,16 +198,24 @@ def lora_expand(
     _launch_expand(ys, slices, meta, kernel_config(meta, [sl.b.shape[1] for sl in slices], config))
 
 
+def _column_blocks(widths: Sequence[int], block_n: int) -> list[int]:
+    """Where each slice's column blocks end when all slices' blocks are numbered one after another (the expand
+    and finish kernels' grid axis 1)."""
+    ends, total = [], 0
+    for n in widths:
+        total += -(-n // block_n)
+        ends.append(total)
+    return ends
+
+
 def _launch_expand(
     ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False
 ) -> None:
-    from triton import cdiv
-
     from ._lora_triton import lora_expand_kernel
 
     widths = [sl.b.shape[1] for sl in slices]
     block_n = cfg.expand_block_n
-    nb_end = [sum(cdiv(n, block_n) for n in widths[: i + 1]) for i in range(len(widths))]
+    nb_end = _column_blocks(widths, block_n)
     ws = meta.workspace
     b = _pad3([sl.b for sl in slices])
     yp = _pad3(ys)
@@ -355,13 +363,11 @@ def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, 
 
 def _launch_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
                    meta: LoraMeta) -> None:
-    from triton import cdiv
-
     from ._lora_triton import lora_finish_kernel
 
     widths = [sl.b.shape[1] for sl in slices]
     block_n = 128
-    nb_end = [sum(cdiv(n, block_n) for n in widths[: i + 1]) for i in range(len(widths))]
+    nb_end = _column_blocks(widths, block_n)
     ws, b, ranks = meta.workspace, _pad3([sl.b for sl in slices]), _pad3([sl.rank for sl in slices])
     if y.shape[0]:
         lora_finish_kernel[(y.shape[0], nb_end[-1])](
