@@ -321,9 +321,7 @@ def server_settings(args: argparse.Namespace) -> Any:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from hotlora.server.api.app import create_app
+    from hotlora.server.api.app import create_app, uvicorn_config
     from hotlora.server.api.shutdown import DrainingServer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -341,7 +339,7 @@ def serve(args: argparse.Namespace) -> int:
     sys.setswitchinterval(args.gil_switch_interval)
     app = create_app(settings)
     server = DrainingServer(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10),
+        uvicorn_config(app, args.log_level, 10, host=args.host, port=args.port),
         app.state.hotlora,
         args.shutdown_grace_s,
     )

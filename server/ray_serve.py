@@ -95,14 +95,14 @@ class HotloraReplica:
                  switch_interval: float | None = None) -> None:
         import uvicorn
 
-        from hotlora.server.api.app import create_app
+        from hotlora.server.api.app import create_app, uvicorn_config
 
         if switch_interval is not None:  # --gil-switch-interval: the replica's process, not the driver's
             sys.setswitchinterval(switch_interval)
         sock = _bind(host, port)
         self.port = sock.getsockname()[1]
         self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="hotlora-uvicorn",
                                        daemon=True)
         self.thread.start()

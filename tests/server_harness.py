@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from hotlora.server.api.app import create_app
+from hotlora.server.api.app import create_app, uvicorn_config
 from hotlora.server.api.state import ServerSettings
 from hotlora.server.engine.config import EngineConfig
 
@@ -37,9 +37,7 @@ class ServerThread:
         self.app = create_app(settings, engine_factory)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5)
-        )
+        self.server = uvicorn.Server(uvicorn_config(self.app, graceful_s=5, host="127.0.0.1", port=self.port))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
     @property

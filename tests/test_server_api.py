@@ -370,3 +370,12 @@ def test_cli_adapters_client(server, peft_dirs, capsys, monkeypatch):
     assert "does not exist" in capsys.readouterr().err
     assert cli_main([*cli, "--token", "wrong", "list"]) == 1
     assert "invalid admin token" in capsys.readouterr().err
+
+
+def test_idle_connections_outlive_the_clients_pool(server):
+    """A client reusing a pooled connection never races the server closing it: the server keeps idle
+    connections open longer than httpx and the openai client keep them (a CI failure, stop 14)."""
+    from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+    client_expiry = max(DEFAULT_CONNECTION_LIMITS.keepalive_expiry, httpx.Limits().keepalive_expiry or 0)
+    assert server.server.config.timeout_keep_alive >= 10 * client_expiry

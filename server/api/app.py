@@ -24,6 +24,19 @@ from hotlora.server.api.limits import BodyLimit
 from hotlora.server.api.state import AppState, ServerSettings
 
 log = logging.getLogger(__name__)
+# Idle keep-alive connections live longer on the server than in clients' pools (httpx and the openai
+# client expire theirs after 5 s, uvicorn's own default): with equal timeouts a client may reuse a
+# connection just as the server closes it, and that request fails with no response.
+KEEP_ALIVE_S = 65.0
+
+
+def uvicorn_config(app: ASGIApp, log_level: str = "warning", graceful_s: float | None = None,
+                   **listen: Any) -> Any:
+    """The uvicorn settings every entry point shares (serve, the test harness, Ray Serve replicas)."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
+                          timeout_graceful_shutdown=graceful_s, **listen)
 
 
 class HTTPMetrics:
