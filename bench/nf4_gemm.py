@@ -30,6 +30,7 @@ from hotlora.kernels.nf4 import (
     LOOKUP_PRMT_IMM,
     LOOKUP_TABLE,
     MAX_GEMV_M,
+    SCALE_VALUES,
     Nf4Config,
     nf4_dequantize,
     nf4_matmul,
@@ -147,15 +148,41 @@ def even_configs(rec: Nf4Config) -> list[Nf4Config]:
     return out
 
 
-# --lookups / --even: variants of each M's recorded tl.dot config, and the fields that tell them apart
+def _split_for(tiles: int, k: int) -> int:
+    """The fewest K slices (a power of two) that give every H200 SM a program, within the K groups."""
+    split = 1
+    while tiles * split < 132 and 2 * split <= k // 128:
+        split *= 2
+    return split
+
+
+def scale_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """The recorded config (and dense + cuBLAS above 64) against the code values scaled before the dot
+    (SCALE_VALUES: one packed multiply per two values, the dot accumulating in place), over tiles whose sm_90 SASS
+    neither spills nor exceeds ~7 instructions per weight value (bench/nf4_sass.py), both register lookups."""
+    tiles = [(32, 64, 4, False)] if m <= 32 else [(64, 64, 4, True), (64, 128, 8, True)]
+    if m > 64:
+        tiles += [(128, 64, 4, True), (128, 128, 8, True), (256, 128, 8, True)]
+    out = [rec] + ([Nf4Config(128, 128, dense=True)] if m > 64 and not rec.dense else [])
+    for (bm, bn, warps, swap), lookup in itertools.product(tiles, (LOOKUP_PRMT, LOOKUP_PRMT_IMM)):
+        splits = {_split_for(-(-m // bm) * -(-n // bn), k)} | ({rec.split_k} if m <= 64 else set())
+        out += [Nf4Config(bm, bn, split, warps, swap_ab=swap, lookup=lookup, scale=SCALE_VALUES,
+                          table_regs=lookup == LOOKUP_PRMT) for split in sorted(splits)]
+    return out
+
+
+# --lookups / --even / --scales: variants of each M's recorded tl.dot config, and the fields that tell them apart
 VARIANTS = {
     "lookups": (lookup_configs, ("swap_ab", "lookup", "table_regs")),
     "even": (even_configs, ("even", "block_n", "warps")),
+    "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 
 
 def variant_configs(variants: str, m: int, n: int, k: int) -> list[Nf4Config]:
     rec = pick_config(m, n, k, gemv=False)
+    if variants == "scales":
+        return scale_configs(rec, m, n, k)
     return [rec] if rec.dense or rec.gemv else VARIANTS[variants][0](rec)
 
 
@@ -283,6 +310,8 @@ def main() -> None:
                     help="sweep the register lookups on the recorded tiles (both operand orders) instead")
     ap.add_argument("--even", dest="variants", action="store_const", const="even",
                     help="sweep the recorded configs with and without the unmasked (EVEN) path instead")
+    ap.add_argument("--scales", dest="variants", action="store_const", const="scales",
+                    help="sweep: the recorded config against SCALE_VALUES tiles (and dense above M=64)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")

@@ -37,7 +37,7 @@ SCALARS = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "strid
 def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
     """The cubin of nf4_matmul_kernel for `cfg` (bf16 x, no bias), as the JIT builds it for an H200."""
     fn = _nf4_triton.nf4_matmul_kernel
-    consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="tf32", SCALE_AFTER=cfg.scale_after,
+    consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="tf32", SCALE=cfg.scale,
                   SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
                   ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even)

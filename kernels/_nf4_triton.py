@@ -197,22 +197,33 @@ def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, val
 
 @triton.jit
 def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
-    """acc (+)= one group's contribution (acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else [BLOCK_M, BLOCK_N])."""
+                SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
+    """acc (+)= one group's contribution (acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else [BLOCK_M, BLOCK_N]).
+    SCALE (hotlora.kernels.nf4.SCALE_*): 0 scales each 64-block's partial sums, 1 the code values in x's dtype
+    before the dot (which then accumulates in place), 2 the fp32 code values, rounded as dequantize_4bit does."""
     v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE)
-    if SWAP_AB:
-        p_hi = tl.dot(v_hi, tl.trans(x_hi), input_precision=PRECISION)
-        p_lo = tl.dot(v_lo, tl.trans(x_lo), input_precision=PRECISION)
-        acc += p_hi * a_hi[:, None] + p_lo * a_lo[:, None]
-    elif SCALE_AFTER:
-        p_hi = tl.dot(x_hi, tl.trans(v_hi), input_precision=PRECISION)
-        p_lo = tl.dot(x_lo, tl.trans(v_lo), input_precision=PRECISION)
-        acc += p_hi * a_hi[None, :] + p_lo * a_lo[None, :]
+    if SCALE == 0:
+        if SWAP_AB:
+            p_hi = tl.dot(v_hi, tl.trans(x_hi), input_precision=PRECISION)
+            p_lo = tl.dot(v_lo, tl.trans(x_lo), input_precision=PRECISION)
+            acc += p_hi * a_hi[:, None] + p_lo * a_lo[:, None]
+        else:
+            p_hi = tl.dot(x_hi, tl.trans(v_hi), input_precision=PRECISION)
+            p_lo = tl.dot(x_lo, tl.trans(v_lo), input_precision=PRECISION)
+            acc += p_hi * a_hi[None, :] + p_lo * a_lo[None, :]
     else:
-        w_hi = (v_hi * a_hi[:, None]).to(W_DTYPE).to(x_hi.dtype)
-        w_lo = (v_lo * a_lo[:, None]).to(W_DTYPE).to(x_hi.dtype)
-        acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
-        acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
+        if SCALE == 1:
+            w_hi = v_hi * a_hi.to(V_DTYPE)[:, None]
+            w_lo = v_lo * a_lo.to(V_DTYPE)[:, None]
+        else:
+            w_hi = (v_hi * a_hi[:, None]).to(W_DTYPE).to(x_hi.dtype)
+            w_lo = (v_lo * a_lo[:, None]).to(W_DTYPE).to(x_hi.dtype)
+        if SWAP_AB:
+            acc = tl.dot(w_hi, tl.trans(x_hi), acc, input_precision=PRECISION)
+            acc = tl.dot(w_lo, tl.trans(x_lo), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
+            acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
     return acc
 
 
@@ -220,17 +231,17 @@ def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.cons
 def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
                       M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
                       HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                      SCALE_AFTER: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
+                      SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
                       EVEN: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
-    SCALE_AFTER (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
-    [BLOCK_M, BLOCK_N] partial by its absmax; else (large M) scale the weights first, as dequantize_4bit
-    does (lut in fp32, product rounded to W_DTYPE). PREFETCH issues group i+1's loads before group i's
-    math (register double-buffering). With SPLIT_K > 1 each program writes its K-slice's fp32 sum to
-    part[pid_k] and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K (_load_group).
+    SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
+    [BLOCK_M, BLOCK_N] partial by its absmax; 1: scale the code values in x's dtype, then dot; 2: scale the
+    weights first, as dequantize_4bit does (lut in fp32, product rounded to W_DTYPE). PREFETCH issues group
+    i+1's loads before group i's math (register double-buffering). With SPLIT_K > 1 each program writes its
+    K-slice's fp32 sum to part[pid_k] and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K (_load_group).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -258,14 +269,14 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
             nxh, nxl, nraw, nah, nal = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n,
                                                    g0 + i + 1, i + 1 < ITERS, K, NUM_G, stride_xm, stride_wn,
                                                    stride_an, EVEN)
-            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
+            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
                               LOOKUP, V_DTYPE)
             xh, xl, raw, ah, al = nxh, nxl, nraw, nah, nal
     else:
         for i in range(ITERS):
             xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i,
                                               True, K, NUM_G, stride_xm, stride_wn, stride_an, EVEN)
-            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE_AFTER, SWAP_AB,
+            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
                               LOOKUP, V_DTYPE)
     if SWAP_AB:
         acc = tl.trans(acc)

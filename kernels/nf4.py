@@ -65,11 +65,28 @@ from ._nf4_triton import (
 from .reference import NF4_NIBBLE, NF4_NIBBLE_ORDER, nf4_dequantize_ref, nf4_matmul_ref
 
 __all__ = [
-    "LOOKUP_CAST", "LOOKUP_PRMT", "LOOKUP_PRMT_IMM", "LOOKUP_TABLE", "MAX_GEMV_M", "NF4Weight", "Nf4Config",
-    "nf4_dequantize", "nf4_matmul", "pack_nf4", "pack_nf4_group", "pick_config",
+    "LOOKUP_CAST",
+    "LOOKUP_PRMT",
+    "LOOKUP_PRMT_IMM",
+    "LOOKUP_TABLE",
+    "MAX_GEMV_M",
+    "SCALE_EXACT",
+    "SCALE_PARTIALS",
+    "SCALE_VALUES",
+    "NF4Weight",
+    "Nf4Config",
+    "nf4_dequantize",
+    "nf4_matmul",
+    "pack_nf4",
+    "pack_nf4_group",
+    "pick_config",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# Where nf4_matmul_kernel applies each 64-block's absmax: to the dot's partial sums (one fp32 multiply per output
+# element and group), to the looked-up code values in x's dtype (one multiply per weight value; the dot then
+# accumulates in place), or to the fp32 code values, rounded to the weight's dtype as dequantize_4bit does.
+SCALE_PARTIALS, SCALE_VALUES, SCALE_EXACT = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +197,7 @@ def nf4_dequantize(w: NF4Weight, block_n: int = 32, warps: int = 4) -> torch.Ten
 @dataclass(frozen=True, slots=True)
 class Nf4Config:
     """One launch: output tile BLOCK_M x BLOCK_N, K split into `split_k` slices (fp32 partials + a reduce),
-    `scale_after` (small M: scale partial sums by absmax) or before (large M); `dense`: dequantize the
+    `scale`: where absmax applies (SCALE_PARTIALS, SCALE_VALUES, SCALE_EXACT); `dense`: dequantize the
     whole weight then cuBLAS (large M, where that measures faster); `gemv`: nf4_gemv_kernel for M <=
     block_m (it runs the rows as the next power of two of M), `k_groups` 128-column groups per loop step."""
 
@@ -189,11 +206,11 @@ class Nf4Config:
     split_k: int = 1
     warps: int = 4
     stages: int = 3
-    scale_after: bool = True
+    scale: int = 0  # SCALE_PARTIALS
     group_m: int = 8
     dense: bool = False
-    swap_ab: bool = False  # scale_after: weights as the dot's first operand (y.T = W @ x.T)
-    lookup: int = LOOKUP_TABLE  # LOOKUP_PRMT: in-register lookup (scale_after, 16-bit x, CUDA only)
+    swap_ab: bool = False  # weights as the dot's first operand (y.T = W @ x.T)
+    lookup: int = LOOKUP_TABLE  # LOOKUP_PRMT: in-register lookup (not SCALE_EXACT; 16-bit x, CUDA only)
     prefetch: bool = False  # load group i+1 before group i's math
     gemv: bool = False
     k_groups: int = 1  # gemv: groups loaded together per loop step (more bytes in flight per program)
@@ -293,14 +310,15 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     groups = w.codes.shape[1] // 64
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    lookup = cfg.lookup if cfg.scale_after and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
-    lut = _lookup_table(x.device, x.dtype if cfg.scale_after else torch.float32, lookup)
+    exact = cfg.scale == SCALE_EXACT
+    lookup = cfg.lookup if not exact and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
+    lut = _lookup_table(x.device, torch.float32 if exact else x.dtype, lookup)
     even = cfg.even and n % cfg.block_n == 0 and k % 128 == 0 and groups % split == 0
     nf4_matmul_kernel[grid](
         x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        SCALE_AFTER=cfg.scale_after, SWAP_AB=cfg.swap_ab and cfg.scale_after, LOOKUP=lookup,
+        SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
         num_warps=cfg.warps, num_stages=cfg.stages,

@@ -20,6 +20,8 @@ from hotlora.kernels.nf4 import (
     LOOKUP_PRMT,
     LOOKUP_PRMT_IMM,
     MAX_GEMV_M,
+    SCALE_EXACT,
+    SCALE_VALUES,
     Nf4Config,
     nf4_dequantize,
     nf4_matmul,
@@ -123,8 +125,11 @@ def test_triton_matmul_matches_reference(triton_cpu, m, shape, dtype, with_bias)
 
 CONFIGS = {
     "split2": Nf4Config(16, 16, split_k=2),
-    "split3-scale-first": Nf4Config(16, 32, split_k=3, scale_after=False),
-    "m32-scale-first": Nf4Config(32, 16, scale_after=False, group_m=2),
+    "split3-scale-first": Nf4Config(16, 32, split_k=3, scale=SCALE_EXACT),
+    "m32-scale-first": Nf4Config(32, 16, scale=SCALE_EXACT, group_m=2),
+    "scale-values": Nf4Config(32, 16, split_k=2, scale=SCALE_VALUES),
+    "scale-values-swap-ab": Nf4Config(64, 32, scale=SCALE_VALUES, swap_ab=True),
+    "scale-exact-swap-ab": Nf4Config(32, 32, scale=SCALE_EXACT, swap_ab=True),
     "dense": Nf4Config(16, 16, dense=True),
     "swap-ab": Nf4Config(64, 32, split_k=2, swap_ab=True),
     "prefetch-split3": Nf4Config(16, 16, split_k=3, prefetch=True),
