@@ -3,6 +3,7 @@ spills, and the opcodes that dominate (hotlora.kernels._nf4_triton.nf4_matmul_ke
 
     python bench/nf4_sass.py                      # the recorded config of each M bucket (kernels.nf4._CONFIGS)
     python bench/nf4_sass.py --m 16 --lookup 3 --no-even --dump /tmp/loop.sass
+    python bench/nf4_sass.py --m 128 --scale 1 --lookup 1 --tile 128 128 8
 
 Triton compiles the kernel as its JIT would for an H200 (the divisibility hints of 16-aligned pointers and sizes),
 with the ptxas, cuobjdump and nvdisasm its wheel ships. The loop is the longest backward branch of the SASS.
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--table-regs", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--even", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--swap-ab", action=argparse.BooleanOptionalAction, default=None, help="override")
+    ap.add_argument("--scale", type=int, help="override: 0 SCALE_PARTIALS, 1 SCALE_VALUES, 2 SCALE_EXACT")
+    ap.add_argument("--tile", type=int, nargs=3, metavar=("BLOCK_M", "BLOCK_N", "WARPS"), help="override")
     ap.add_argument("--dump", help="write the last config's loop SASS here")
     a = ap.parse_args()
     for m in a.m:
@@ -85,13 +88,14 @@ def main() -> None:
         if cfg.dense:
             print(f"M={m}: dequantize + cuBLAS (no fused loop)")
             continue
-        overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab}
+        overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab,
+                     "scale": a.scale, **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         rep = loop_report(compile_sm90(cfg))
         values = cfg.block_n * 128 // (32 * cfg.warps)  # weight values per thread per 128-column group
         lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
         print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "
-              f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even}: "
+              f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even} scale {cfg.scale}: "
               f"{rep['registers']} registers, "
               f"{rep['stack']} B stack; loop {rep['loop']} instructions, {rep['loop'] / values:.2f} per weight "
               f"value; {rep['opcodes']}", flush=True)

@@ -31,10 +31,12 @@ Paths by M (``_CONFIGS``, swept on the H200 with bench/nf4_gemm.py; no autotunin
   rows), sums each 64-block and scales it by absmax afterwards; K is split into slices (fp32 partials plus
   ``nf4_reduce_kernel``) when N alone gives too few programs to keep the GPU's memory system busy.
 - up to 256: ``nf4_matmul_kernel``, tl.dot on the raw code values (NF4 in x's dtype), each 64-block's
-  partial sums scaled by absmax afterwards; split-K as above.
+  partial sums scaled by absmax afterwards (SCALE_PARTIALS); split-K as above. SCALE_VALUES (the code values
+  scaled in x's dtype before the dot) is tested and swept (bench/nf4_gemm.py --scales) but not yet recorded.
 - larger M: dequantize the whole weight (``nf4_dequant_kernel``, bit-identical) and call cuBLAS.
-The scale-after paths round differently from W by one rounding of the code value (to x's dtype on CUDA
-with 16-bit x; exact fp32 values in the GEMV path's table lookup). CUDA tensors go to Triton; CPU tensors
+SCALE_PARTIALS rounds differently from W by one rounding of the code value (to x's dtype on CUDA with 16-bit
+x; exact fp32 values in the GEMV path's table lookup); SCALE_VALUES by that and the rounding of absmax and of
+the product to x's dtype. CUDA tensors go to Triton; CPU tensors
 go to the torch reference unless HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1). Capture-safe: no host
 sync; it allocates only the output and, for split-K configs, an fp32 partial-sum buffer (from the graph's
 pool under capture).

@@ -148,6 +148,21 @@ def test_triton_configs_match_reference(triton_cpu, name):
 
 
 @interpret
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_triton_scale_values_in_half_precision(triton_cpu, swap_ab):
+    """SCALE_VALUES rounds absmax and each scaled code value to x's dtype: within fp16's tolerance, and no
+    closer to the reference than that extra rounding allows (it is not SCALE_PARTIALS under another name)."""
+    members = quantize((96,), 512, torch.float16)
+    w = packed_group(members)
+    x = torch.randn(40, 512, dtype=torch.float16)
+    ref = reference(x, members, None)
+    values = nf4_matmul(x, w, config=Nf4Config(64, 32, split_k=2, swap_ab=swap_ab, scale=SCALE_VALUES))
+    partials = nf4_matmul(x, w, config=Nf4Config(64, 32, split_k=2, swap_ab=swap_ab))
+    assert rel_err(values, ref) < TOLERANCE[torch.float16]
+    assert not torch.equal(values, partials)
+
+
+@interpret
 @pytest.mark.parametrize("m", [3, 16, 40])
 def test_triton_even_path_matches_reference(triton_cpu, m):
     """Shapes that tile evenly (N % block_n, K % 128, groups % split_k) take the unmasked loads."""
@@ -363,6 +378,24 @@ def test_gpu_register_lookup_equals_table_lookup(dtype):
             for (lookup, regs), even in itertools.product(lookups, (False, True)):
                 cfg = Nf4Config(bm, bn, swap_ab=swap, lookup=lookup, table_regs=regs, even=even)
                 assert torch.equal(nf4_matmul(x, w, config=cfg), table), (m, swap, lookup, regs, even)
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("shape", ["qkv", "down"])
+def test_gpu_scale_values_tiles(shape):
+    """SCALE_VALUES in bf16 (which the interpreter cannot test) at real sizes, over the tiles that
+    bench/nf4_gemm.py --scales sweeps, both register lookups, eagerly and replayed from a CUDA graph."""
+    k, widths = LLAMA[shape]
+    members = quantize(widths, k, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    tiles = [(32, 64, 4, False), (64, 64, 4, True), (64, 128, 8, True), (128, 64, 4, True), (128, 128, 8, True),
+             (256, 128, 8, True)]
+    for (bm, bn, warps, swap), lookup, m in itertools.product(tiles, (LOOKUP_PRMT, LOOKUP_PRMT_IMM), (24, 200)):
+        cfg = Nf4Config(bm, bn, 2, warps, swap_ab=swap, lookup=lookup, scale=SCALE_VALUES)
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        assert rel_err(nf4_matmul(x, w, config=cfg), reference(x, members, None)) < TOLERANCE[torch.bfloat16], cfg
+    assert _replayed_error(members, w, 200, None, cfg) < TOLERANCE[torch.bfloat16]
 
 
 @gpu
