@@ -289,7 +289,7 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
 
     `finish`: base() passes it to the NF4 matmul (kernels.nf4.nf4_matmul), which calls it in place of its
     split-K reduce; if the whole output is one with the slices, the join moves before it and ``lora_finish``
-    sums the splits and adds the delta in one launch, and no expand follows (HOTLORA_LORA_FINISH=0: off).
+    sums the splits and adds the delta in one launch, and no expand follows (HOTLORA_LORA_FINISH: see there).
     """
     if not _overlap(x):
         ys = base(None)
@@ -331,12 +331,14 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
 # One program per token, B read once per token and no tensor cores: on the H200 (bench/engine_gpu.py, one call)
 # batch 1 decoded 4% faster with it (244 against 234 tok/s), batch 32 11-17% slower (4,260 against 4,779 tok/s
 # with 32 adapters, 4,455 against 5,377 with one). Batches in between are not measured: only M = 1 takes it.
+# HOTLORA_LORA_FINISH overrides it: 0 turns the finish off, K lets steps of up to K tokens take it.
 FINISH_MAX_TOKENS = 1
 
 
 def _fuse_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
-    return (os.environ.get("HOTLORA_LORA_FINISH", "1") != "0" and part.shape[1] <= FINISH_MAX_TOKENS
-            and y.shape[1] == sum(sl.b.shape[1] for sl in slices) and y.stride(1) == 1)
+    limit = int(os.environ.get("HOTLORA_LORA_FINISH", FINISH_MAX_TOKENS))
+    return (part.shape[1] <= limit and y.shape[1] == sum(sl.b.shape[1] for sl in slices)
+            and y.stride(1) == 1)
 
 
 def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],

@@ -176,12 +176,13 @@ def _spy(monkeypatch, name: str, calls: list[str]) -> None:
     monkeypatch.setattr(lora_mod, name, spy)
 
 
-@pytest.mark.parametrize("finish", ["1", "0"])
+@pytest.mark.parametrize("finish", ["1", "0", "32"])
 @pytest.mark.parametrize("num_tokens", [1, 32])
 def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatch):
     """On an NF4 base that splits K, with at most FINISH_MAX_TOKENS tokens, lora_project hands the split sums to
-    lora_finish: no reduce and no expand launch, in a graph and eagerly (HOTLORA_LORA_FINISH=0, or more tokens:
-    the reduce, then the expand); all equal the base matmul plus lora_apply_ref, over replays with new inputs."""
+    lora_finish: no reduce and no expand launch, in a graph and eagerly (HOTLORA_LORA_FINISH=0, or more tokens
+    than its limit: the reduce, then the expand); all equal the base matmul plus lora_apply_ref, over replays with
+    new inputs."""
     import bitsandbytes.functional as bnbF
 
     from hotlora.kernels.nf4 import nf4_matmul, pack_nf4
@@ -202,7 +203,7 @@ def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatc
         result["ys"] = lora_project(base, case.x, case.slices, meta)
 
     graph, _, _ = _warm_up_and_capture(step)
-    fused = finish == "1" and num_tokens <= lora_mod.FINISH_MAX_TOKENS
+    fused = num_tokens <= int(finish)
     assert launches == ["_launch_finish" if fused else "_launch_expand"] * 2
     _assert_replays(case, meta, graph, result, lambda: nf4_matmul(case.x, w))
 
