@@ -335,9 +335,18 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
 FINISH_MAX_TOKENS = 1
 
 
+def _finish_limit() -> int:
+    raw = os.environ.get("HOTLORA_LORA_FINISH")
+    if raw is None:
+        return FINISH_MAX_TOKENS
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"HOTLORA_LORA_FINISH must be a token count (0: off), got {raw!r}") from None
+
+
 def _fuse_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
-    limit = int(os.environ.get("HOTLORA_LORA_FINISH", FINISH_MAX_TOKENS))
-    return (part.shape[1] <= limit and y.shape[1] == sum(sl.b.shape[1] for sl in slices)
+    return (part.shape[1] <= _finish_limit() and y.shape[1] == sum(sl.b.shape[1] for sl in slices)
             and y.stride(1) == 1)
 
 

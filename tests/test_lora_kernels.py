@@ -289,3 +289,6 @@ def test_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
     assert got == taken
     assert not lora_mod._fuse_finish(torch.zeros(2, 1, 40), torch.zeros(1, 40), case.slices)  # wider than slices
     assert not lora_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 64)[:, ::2], case.slices)  # strided
+    monkeypatch.setenv("HOTLORA_LORA_FINISH", "on")
+    with pytest.raises(ValueError, match="HOTLORA_LORA_FINISH must be a token count"):
+        lora_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 32), case.slices)
