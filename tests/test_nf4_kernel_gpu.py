@@ -1,0 +1,143 @@
+"""The fused NF4 dequant-GEMM on a CUDA device: bf16, Llama-3-8B sizes, every M bucket, CUDA-graph capture and
+replay, and the register lookups against the table loads. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import itertools
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from nf4_cases import LLAMA, TOLERANCE, packed_group, quantize, reference, rel_err
+
+from hotlora.kernels.nf4 import (
+    LOOKUP_PRMT,
+    LOOKUP_PRMT_IMM,
+    MAX_GEMV_M,
+    SCALE_VALUES,
+    Nf4Config,
+    nf4_dequantize,
+    nf4_matmul,
+    pick_config,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.mark.parametrize("shape", list(LLAMA))
+def test_gpu_bit_identical_and_matches(shape):
+    k, widths = LLAMA[shape]
+    members = quantize(widths, k, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    want = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in members])
+    assert torch.equal(nf4_dequantize(w).view(torch.int16), want.view(torch.int16))
+    for m in (1, 3, 16, 24, 33, 64, 128, 257, 2048):  # every M bucket of the recorded configs
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        ref = reference(x, members, None)
+        assert rel_err(nf4_matmul(x, w), ref) < TOLERANCE[torch.bfloat16], m
+
+
+def test_gpu_matches_bnb_matmul_and_bias():
+    members = quantize((4096,), 4096, torch.bfloat16, "cuda")
+    (p, s), w = members[0], packed_group(members)
+    bias = torch.randn(4096, dtype=torch.bfloat16, device="cuda")
+    for m in (1, 32, 512):
+        x = torch.randn(m, 4096, dtype=torch.bfloat16, device="cuda")
+        want = bnb.matmul_4bit(x, p, bias=bias, quant_state=s).float()
+        assert rel_err(nf4_matmul(x, w, bias), want) < TOLERANCE[torch.bfloat16], m
+
+
+def test_gpu_cuda_graph_capture_and_replay():
+    members = quantize((1024, 256, 256), 2048, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    for m in (1, 48, 600):
+        assert _replayed_error(members, w, m, None, None) < TOLERANCE[torch.bfloat16], m
+
+
+def _replayed_error(members, w, m: int, bias: torch.Tensor | None, config: Nf4Config | None) -> float:
+    """nf4_matmul of M = m rows (bf16, out=) captured in a CUDA graph, replayed on new x: its relative error."""
+    x = torch.randn(m, w.shape[1], dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(m, w.shape[0], dtype=torch.bfloat16, device="cuda")
+    nf4_matmul(x, w, bias, out=out, config=config)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        nf4_matmul(x, w, bias, out=out, config=config)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    return rel_err(out, reference(x, members, bias))
+
+
+@pytest.mark.parametrize("shape", list(LLAMA))
+def test_gpu_gemv_graph_capture_and_replay(shape):
+    """Every M of the GEMV bucket at real sizes, bias and out=, captured into a CUDA graph and replayed
+    (split-K with its reduce launch for o/q/k/v/down, a single launch for gate/up)."""
+    k, widths = LLAMA[shape]
+    n = sum(widths)
+    members = quantize(widths, k, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    bias = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    for m in range(1, MAX_GEMV_M + 1):
+        cfg = pick_config(m, n, k, gemv=True)
+        assert cfg.gemv
+        assert _replayed_error(members, w, m, bias, cfg) < TOLERANCE[torch.bfloat16], m
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_gemv_configs_and_dtypes(dtype):
+    """Register lookup (16-bit x) and table lookup (fp32 x), over the configs the sweep visits."""
+    members = quantize((1536, 256, 256), 2048, dtype, "cuda")
+    w = packed_group(members)
+    x = torch.randn(3, 2048, dtype=dtype, device="cuda")
+    ref = reference(x, members, None)
+    for bn, split, warps, groups in ((16, 1, 1, 1), (32, 2, 2, 4), (64, 4, 4, 2), (128, 8, 8, 1)):
+        cfg = Nf4Config(4, bn, split, warps=warps, gemv=True, k_groups=groups, lookup=LOOKUP_PRMT)
+        assert rel_err(nf4_matmul(x, w, config=cfg), ref) < TOLERANCE[dtype], cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_register_lookup_equals_table_lookup(dtype):
+    """The prmt lookups (inline PTX: table words in registers, loaded uniform, or immediates) yield the same
+    values as the table loads, with and without the unmasked (EVEN) path: equal outputs."""
+    w = packed_group(quantize((256, 64), 1024, dtype, "cuda"))
+    lookups = [(LOOKUP_PRMT, True), (LOOKUP_PRMT, False), (LOOKUP_PRMT_IMM, False)]
+    for m in (1, 16, 40):
+        x = torch.randn(m, 1024, dtype=dtype, device="cuda")
+        for swap in (False, True):
+            bm, bn = (16 if m <= 16 else 64), (64 if swap else 32)
+            table = nf4_matmul(x, w, config=Nf4Config(bm, bn, swap_ab=swap, even=False))
+            for (lookup, regs), even in itertools.product(lookups, (False, True)):
+                cfg = Nf4Config(bm, bn, swap_ab=swap, lookup=lookup, table_regs=regs, even=even)
+                assert torch.equal(nf4_matmul(x, w, config=cfg), table), (m, swap, lookup, regs, even)
+
+
+@pytest.mark.parametrize("shape", ["qkv", "down"])
+def test_gpu_scale_values_tiles(shape):
+    """SCALE_VALUES in bf16 (which the interpreter cannot test) at real sizes, over the tiles that
+    bench/nf4_gemm.py --scales sweeps, both register lookups, eagerly and replayed from a CUDA graph."""
+    k, widths = LLAMA[shape]
+    members = quantize(widths, k, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    tiles = [(32, 64, 4, False), (64, 64, 4, True), (64, 128, 8, True), (128, 64, 4, True), (128, 128, 8, True),
+             (256, 128, 8, True)]
+    for (bm, bn, warps, swap), lookup, m in itertools.product(tiles, (LOOKUP_PRMT, LOOKUP_PRMT_IMM), (24, 200)):
+        cfg = Nf4Config(bm, bn, 2, warps, swap_ab=swap, lookup=lookup, scale=SCALE_VALUES)
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        assert rel_err(nf4_matmul(x, w, config=cfg), reference(x, members, None)) < TOLERANCE[torch.bfloat16], cfg
+    assert _replayed_error(members, w, 200, None, cfg) < TOLERANCE[torch.bfloat16]
+
+
+def test_gpu_register_cap_configs():
+    """A register cap (maxnreg: more programs per SM, spills allowed) changes no result."""
+    members = quantize((1536, 256, 256), 2048, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    for m in (1, 16, 33):
+        x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")
+        bm = max(16, 1 << (m - 1).bit_length())
+        free = nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT))
+        for regs in (96, 72):
+            assert torch.equal(nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT, maxnreg=regs)), free)
