@@ -196,6 +196,15 @@ def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, val
 
 
 @triton.jit
+def _dot(w, x, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
+    """w [BLOCK_N, 64] against x [BLOCK_M, 64]: acc (+)= w @ x.T with SWAP_AB (weights first), else x @ w.T."""
+    if SWAP_AB:
+        return tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                 SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
     """acc (+)= one group's contribution (acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else [BLOCK_M, BLOCK_N]).
@@ -203,13 +212,11 @@ def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.cons
     before the dot (which then accumulates in place), 2 the fp32 code values, rounded as dequantize_4bit does."""
     v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE)
     if SCALE == 0:
+        p_hi = _dot(v_hi, x_hi, None, SWAP_AB, PRECISION)
+        p_lo = _dot(v_lo, x_lo, None, SWAP_AB, PRECISION)
         if SWAP_AB:
-            p_hi = tl.dot(v_hi, tl.trans(x_hi), input_precision=PRECISION)
-            p_lo = tl.dot(v_lo, tl.trans(x_lo), input_precision=PRECISION)
             acc += p_hi * a_hi[:, None] + p_lo * a_lo[:, None]
         else:
-            p_hi = tl.dot(x_hi, tl.trans(v_hi), input_precision=PRECISION)
-            p_lo = tl.dot(x_lo, tl.trans(v_lo), input_precision=PRECISION)
             acc += p_hi * a_hi[None, :] + p_lo * a_lo[None, :]
     else:
         if SCALE == 1:
@@ -218,12 +225,8 @@ def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.cons
         else:
             w_hi = (v_hi * a_hi[:, None]).to(W_DTYPE).to(x_hi.dtype)
             w_lo = (v_lo * a_lo[:, None]).to(W_DTYPE).to(x_hi.dtype)
-        if SWAP_AB:
-            acc = tl.dot(w_hi, tl.trans(x_hi), acc, input_precision=PRECISION)
-            acc = tl.dot(w_lo, tl.trans(x_lo), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=PRECISION)
-            acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=PRECISION)
+        acc = _dot(w_hi, x_hi, acc, SWAP_AB, PRECISION)
+        acc = _dot(w_lo, x_lo, acc, SWAP_AB, PRECISION)
     return acc
 
 

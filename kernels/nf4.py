@@ -208,7 +208,7 @@ class Nf4Config:
     split_k: int = 1
     warps: int = 4
     stages: int = 3
-    scale: int = 0  # SCALE_PARTIALS
+    scale: int = SCALE_PARTIALS
     group_m: int = 8
     dense: bool = False
     swap_ab: bool = False  # weights as the dot's first operand (y.T = W @ x.T)
