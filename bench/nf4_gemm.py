@@ -130,18 +130,27 @@ def occupancy_configs(m: int) -> list[Nf4Config]:
 _REGISTER_LOOKUPS = ((LOOKUP_PRMT, True), (LOOKUP_PRMT, False), (LOOKUP_PRMT_IMM, False))  # (lookup, table_regs)
 
 
-def lookup_configs(rec: Nf4Config) -> list[Nf4Config]:
+def _fused(rec: Nf4Config) -> bool:
+    """The recorded config runs the tl.dot kernel (not dense + cuBLAS, not the GEMV): its variants apply."""
+    return not (rec.dense or rec.gemv)
+
+
+def lookup_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """The recorded tile and the same tile with the other operand order, each with the three register lookups:
     table words in registers (Nf4Config.table_regs: nine registers, may spill at large tiles), the same loaded as
     uniform values, and LOOKUP_PRMT_IMM (immediates, the four-instruction mask: session 3's kernel)."""
+    if not _fused(rec):
+        return [rec]
     return [replace(c, lookup=lookup, table_regs=regs) for c in (rec, replace(rec, swap_ab=not rec.swap_ab))
             for lookup, regs in _REGISTER_LOOKUPS]
 
 
-def even_configs(rec: Nf4Config) -> list[Nf4Config]:
+def even_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """The recorded config with and without the unmasked path for shapes that tile evenly (EVEN); at M <= 16 also
     128-wide tiles over 4 warps and 64-wide over 2 (fewer loop instructions per weight value in sm_90 SASS, more
     registers per thread)."""
+    if not _fused(rec):
+        return [rec]
     out = [replace(rec, even=True), replace(rec, even=False)]
     if rec.block_m <= 16:
         out += [replace(rec, block_n=128), replace(rec, warps=2)]
@@ -180,10 +189,7 @@ VARIANTS = {
 
 
 def variant_configs(variants: str, m: int, n: int, k: int) -> list[Nf4Config]:
-    rec = pick_config(m, n, k, gemv=False)
-    if variants == "scales":
-        return scale_configs(rec, m, n, k)
-    return [rec] if rec.dense or rec.gemv else VARIANTS[variants][0](rec)
+    return VARIANTS[variants][0](pick_config(m, n, k, gemv=False), m, n, k)
 
 
 def sweep_configs(m: int, n: int, k: int, occupancy: bool = False, variants: str | None = None
@@ -215,7 +221,8 @@ def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, 
     out = []
     for (name, case), m in itertools.product(cases.items(), ms):
         best = []
-        for cfg in sweep_configs(m, case.n, case.k, occupancy, variants):
+        configs = sweep_configs(m, case.n, case.k, occupancy, variants)
+        for cfg in configs:
             try:
                 us = bench_m(case, m, cfg, baselines=False, rep=50)["nf4_us"]
             except Exception as exc:  # a config the compiler rejects (shared memory): skip it
@@ -229,7 +236,7 @@ def sweep(cases: dict[str, Case], ms: tuple[int, ...], occupancy: bool = False, 
             if kind:
                 print(f"   best swap_ab={swap} lookup={lookup}: {min(kind):.1f}us", flush=True)
         timed = {c: us for us, c in best}
-        for cfg in variant_configs(variants, m, case.n, case.k) if variants else ():
+        for cfg in configs if variants else ():
             fields = " ".join(f"{f}={getattr(cfg, f)}" for f in VARIANTS[variants][1])
             us = f"{timed[cfg]:.1f}us" if cfg in timed else "skipped"
             print(f"   {fields}: {us}", flush=True)
