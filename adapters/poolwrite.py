@@ -78,7 +78,7 @@ class PoolWriter:
                 self._write_stacked(m, rows, stacks, typed, weight, adapter.config.scale)
                 continue
             if weights is None:
-                weights = adapter.weights if raw is None or adapter.spans is None else adapter.views(raw)
+                weights = adapter.weights if raw is None else adapter.views(raw)
             self._write_layers(m, rows, weights, weight, adapter.config.scale)
         if not adapter.check_finite:
             return None

@@ -74,7 +74,7 @@ class Stack:
 @dataclass(slots=True)
 class StagedAdapter:
     """weights: (layer, module) -> (A [r, in], B [out, r]) as stored (any float dtype); when `raw` is set they
-    are `spans`, the tensors' Spans in it, and `views(raw)` makes the tensors (over `raw` or a device copy of
+    are the tensors' Spans in it (`spans`), and `views(raw)` makes the tensors (over `raw` or a device copy of
     it). check_finite: finiteness is still to be checked (on the device). stacks: module -> (A, B) as Stacks,
     for the modules whose layers the file lays out evenly."""
 
@@ -83,10 +83,14 @@ class StagedAdapter:
     nbytes: int
     sha256: str  # "" when not computed here (the registry hashes files when they are registered)
     raw: torch.Tensor | None = None  # uint8, the whole file
-    spans: dict[tuple[int, str], tuple[Span, Span]] | None = None
     data_start: int = 0  # where the tensor data begins in `raw`
     check_finite: bool = False
     stacks: dict[str, tuple[Stack, Stack]] = field(default_factory=dict)
+
+    @property
+    def spans(self) -> dict[tuple[int, str], tuple[Span, Span]] | None:
+        """The weights' Spans in `raw`; None for an adapter that holds tensors (no `raw`)."""
+        return self.weights if self.raw is not None else None
 
     def views(self, raw: torch.Tensor) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """The weights as views into `raw` (this adapter's buffer or a device copy of it)."""
@@ -178,7 +182,7 @@ def parse_staged(raw: torch.Tensor, folder: Path, name: str) -> StagedAdapter:
     header, start = read_header(raw, size)
     adapter = adapter_from_tensors(Path(folder), name, _spans(header, start, size), check_finite=False)
     pairs = adapter.weights
-    return StagedAdapter(adapter.config, pairs, adapter.nbytes, "", raw, pairs, start, True, find_stacks(pairs))
+    return StagedAdapter(adapter.config, pairs, adapter.nbytes, "", raw, start, True, find_stacks(pairs))
 
 
 def find_stacks(pairs: dict[tuple[int, str], tuple[Span, Span]]) -> dict[str, tuple[Stack, Stack]]:
