@@ -37,6 +37,7 @@ from hotlora.kernels.nf4 import (
     pack_nf4,
     pack_nf4_group,
     pick_config,
+    split_for_sms,
 )
 
 DT = torch.bfloat16
@@ -157,14 +158,6 @@ def even_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return out
 
 
-def _split_for(tiles: int, k: int) -> int:
-    """The fewest K slices (a power of two) that give every H200 SM a program, within the K groups."""
-    split = 1
-    while tiles * split < 132 and 2 * split <= k // 128:
-        split *= 2
-    return split
-
-
 def scale_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """The recorded config (and dense + cuBLAS above 64) against the code values scaled before the dot
     (SCALE_VALUES: one packed multiply per two values, the dot accumulating in place), over tiles whose sm_90 SASS
@@ -174,7 +167,7 @@ def scale_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
         tiles += [(128, 64, 4, True), (128, 128, 8, True), (256, 128, 8, True)]
     out = [rec] + ([Nf4Config(128, 128, dense=True)] if m > 64 and not rec.dense else [])
     for (bm, bn, warps, swap), lookup in itertools.product(tiles, (LOOKUP_PRMT, LOOKUP_PRMT_IMM)):
-        splits = {_split_for(-(-m // bm) * -(-n // bn), k)} | ({rec.split_k} if m <= 64 else set())
+        splits = {split_for_sms(-(-m // bm) * -(-n // bn), k)} | ({rec.split_k} if m <= 64 else set())
         out += [Nf4Config(bm, bn, split, warps, swap_ab=swap, lookup=lookup, scale=SCALE_VALUES,
                           table_regs=lookup == LOOKUP_PRMT) for split in sorted(splits)]
     return out

@@ -328,11 +328,12 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     return ys
 
 
-# One program per token, B read once per token and no tensor cores: on the H200 (bench/engine_gpu.py, one call)
-# batch 1 decoded 4% faster with it (244 against 234 tok/s), batch 32 11-17% slower (4,260 against 4,779 tok/s
-# with 32 adapters, 4,455 against 5,377 with one). Batches in between are not measured: only M = 1 takes it.
-# HOTLORA_LORA_FINISH overrides it: 0 turns the finish off, K lets steps of up to K tokens take it.
-FINISH_MAX_TOKENS = 1
+# One program per token, B read once per token and no tensor cores. On the H200 (bench/engine_gpu.py, one
+# adapter, decode tok/s, the finish up to 16 tokens against up to 1 in one call): batch 1 244 either way (244
+# against 234 with the finish off, sixth session), batch 2 470 against 456, batch 4 911 against 900, batch 8
+# 1,700 against 1,748, batch 16 3,001 against 3,318; batch 32 lost 11-17% (sixth session). Steps of up to 4
+# tokens take it. HOTLORA_LORA_FINISH overrides it: 0 turns the finish off, K lets steps of up to K tokens take it.
+FINISH_MAX_TOKENS = 4
 
 
 def _finish_limit() -> int:

@@ -31,8 +31,8 @@ Paths by M (``_CONFIGS``, swept on the H200 with bench/nf4_gemm.py; no autotunin
   rows), sums each 64-block and scales it by absmax afterwards; K is split into slices (fp32 partials plus
   ``nf4_reduce_kernel``) when N alone gives too few programs to keep the GPU's memory system busy.
 - up to 256: ``nf4_matmul_kernel``, tl.dot on the raw code values (NF4 in x's dtype), each 64-block's
-  partial sums scaled by absmax afterwards (SCALE_PARTIALS); split-K as above. SCALE_VALUES (the code values
-  scaled in x's dtype before the dot) is tested and swept (bench/nf4_gemm.py --scales) but not yet recorded.
+  partial sums scaled by absmax afterwards (SCALE_PARTIALS), or (SCALE_VALUES: from 65 rows, and for large
+  weights from 17) the code values scaled by absmax in x's dtype before the dot; split-K as above.
 - larger M: dequantize the whole weight (``nf4_dequant_kernel``, bit-identical) and call cuBLAS.
 SCALE_PARTIALS rounds differently from W by one rounding of the code value (to x's dtype on CUDA with 16-bit
 x; exact fp32 values in the GEMV path's table lookup); SCALE_VALUES by that and the rounding of absmax and of
@@ -67,6 +67,8 @@ from ._nf4_triton import (
 from .reference import NF4_NIBBLE, NF4_NIBBLE_ORDER, nf4_dequantize_ref, nf4_matmul_ref
 
 __all__ = [
+    "BY_SMS",
+    "LARGE_WEIGHT",
     "LOOKUP_CAST",
     "LOOKUP_PRMT",
     "LOOKUP_PRMT_IMM",
@@ -82,6 +84,7 @@ __all__ = [
     "pack_nf4",
     "pack_nf4_group",
     "pick_config",
+    "split_for_sms",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -221,14 +224,20 @@ class Nf4Config:
     even: bool = True  # drop the weight and K masks where the shape allows (N % block_n, K % 128, groups % split)
 
 
-# (max M, config) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep and --lookups (bf16, Llama-3-8B
-# shapes; BENCHMARKS.md): non-swapped small tiles up to 32 rows, weights-first (swap_ab) up to 256, then
-# dequantize + cuBLAS. Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K slices. The lookup per
-# bucket (--lookups): table words in registers at M <= 16 (4-8% faster than the immediates), loaded uniform
-# at 33-64, immediates from 65. At 17-32 weights-first with uniform words ran gate/up 10% faster alone, but the
-# engine's batch-32 decode with adapters (LoRA shrink beside the matmul) lost 11%: that bucket keeps
-# session 3's tile and lookup. The unmasked loads (even, --even) measured 1-2% faster at M <= 16, 5-12% at 65-256
-# and 4-12% slower at 17-64, with fewer SASS instructions everywhere (bench/nf4_sass.py): on only where they won.
+# (max M, config, config for large weights) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep,
+# --lookups and --scales (bf16, Llama-3-8B shapes; BENCHMARKS.md): non-swapped small tiles up to 32 rows,
+# weights-first (swap_ab) up to 256, then dequantize + cuBLAS. The large-weight config serves N * K >=
+# LARGE_WEIGHT (gate/up and down, not q/k/v or o). Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K
+# slices; BY_SMS picks the fewest slices that give every SM a program (split_for_sms). The lookup per bucket
+# (--lookups): table words in registers at M <= 16 (4-8% faster than the immediates), loaded uniform at 33-64.
+# At 17-32 weights-first with uniform words ran gate/up 10% faster alone, but the engine's batch-32 decode with
+# adapters (LoRA shrink beside the matmul) lost 11%: that bucket keeps session 3's tile and lookup, except
+# for large weights, whose code values are scaled before the dot (SCALE_VALUES: gate/up 61.6 -> 57.8 us at
+# M=32; q/k/v, o and down 1-3% slower). From 65 rows on SCALE_VALUES wins with the split by SMs (M=128: gate/up
+# 108 -> 102 us, down 63 -> 53, o 22 -> 20; M=256 with 256x128 tiles for large weights: gate/up 192 -> 147, down
+# 98 -> 87); at 33-64 it lost 5-15%. The unmasked loads (even, --even) measured 1-2% faster at M <= 16, 5-12%
+# at 65-256 and 4-12% slower at 17-64, with fewer SASS instructions everywhere (bench/nf4_sass.py): on only
+# where they won.
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
@@ -236,18 +245,24 @@ class Nf4Config:
 # gate/up: 1, i.e. 448 programs and no reduce launch). Its K loop is ~18 SASS instructions per weight byte
 # per thread at M=1 (half of them the prmt lookup), ~23 at M=2, ~33 at M=4 (each row adds an FMA per weight
 # and an x conversion): instruction issue, not bandwidth, bounds it, so the sweep decides where the bucket ends.
-_CONFIGS: tuple[tuple[int, Nf4Config], ...] = (
-    (4, Nf4Config(4, 64, 8, warps=8, gemv=True, k_groups=2, lookup=LOOKUP_PRMT)),
-    (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT)),
-    (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT_IMM, even=False)),
-    (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False, even=False)),
-    (256, Nf4Config(128, 64, 2, swap_ab=True, lookup=LOOKUP_PRMT_IMM)),
-    (1 << 62, Nf4Config(128, 128, dense=True)),
+BY_SMS = 0  # split_k: chosen per shape by split_for_sms
+LARGE_WEIGHT = 1 << 25  # N * K from which a bucket's large-weight config applies
+_SMS = 132  # H200
+_CONFIGS: tuple[tuple[int, Nf4Config, Nf4Config | None], ...] = (
+    (4, Nf4Config(4, 64, 8, warps=8, gemv=True, k_groups=2, lookup=LOOKUP_PRMT), None),
+    (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT), None),
+    (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT_IMM, even=False),
+     Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT, scale=SCALE_VALUES)),
+    (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False, even=False), None),
+    (128, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES), None),
+    (256, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES),
+     Nf4Config(256, 128, BY_SMS, warps=8, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES)),
+    (1 << 62, Nf4Config(128, 128, dense=True), None),
 )
 
 
-MAX_GEMV_M = max((hi for hi, c in _CONFIGS if c.gemv), default=0)
-_GEMV_PROGRAMS = 2 * 132  # two programs per H200 SM: enough weight loads in flight to stream at full bandwidth
+MAX_GEMV_M = max((hi for hi, c, _ in _CONFIGS if c.gemv), default=0)
+_GEMV_PROGRAMS = 2 * _SMS  # two programs per H200 SM: enough weight loads in flight to stream at full bandwidth
 # Whether nf4_matmul takes the GEMV bucket by default. Off: measured on the H200 (bench/nf4_gemm.py --sweep
 # --sweep-m 1, gate/up 4096->28672), the default GEMV config took 57.4 us against 48.9 for the tl.dot path and
 # the best of the GEMV sweep 46.1 (floor 17.1); batch-1 decode took 191 tok/s with it against 194 without.
@@ -258,16 +273,28 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
     """The launch config for x [m, k] @ W[n, k].T. gemv: take the GEMV bucket for m <= MAX_GEMV_M (True), or
     the tl.dot path (False); None: SERVE_GEMV."""
     gemv = SERVE_GEMV if gemv is None else gemv
-    cfg = next(c for hi, c in _CONFIGS if m <= hi and (gemv or not c.gemv))
+    cfg, large = next((c, big) for hi, c, big in _CONFIGS if m <= hi and (gemv or not c.gemv))
+    if large is not None and n * k >= LARGE_WEIGHT:
+        cfg = large
     if cfg.gemv:
         tiles, chunks = triton.cdiv(n, cfg.block_n), triton.cdiv(triton.cdiv(k, 128), cfg.k_groups)
         split = 1
         while split < cfg.split_k and tiles * split < _GEMV_PROGRAMS and 2 * split <= chunks:
             split *= 2
         return replace(cfg, split_k=split)
+    if cfg.split_k == BY_SMS:
+        return replace(cfg, split_k=split_for_sms(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k))
     if n >= 16384 and cfg.split_k > 1 and not cfg.dense:
         cfg = replace(cfg, split_k=cfg.split_k // 2)
     return cfg
+
+
+def split_for_sms(tiles: int, k: int) -> int:
+    """The fewest K slices (a power of two, at most K's 128-column groups) that give every SM a program."""
+    split = 1
+    while tiles * split < _SMS and 2 * split <= k // 128:
+        split *= 2
+    return split
 
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

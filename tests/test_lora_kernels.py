@@ -275,7 +275,7 @@ def test_finish_rejects_bad_shapes():
         lora_mod.lora_finish(torch.zeros(2, 6, 32), None, torch.zeros(6, 33), case.slices, meta)
 
 
-@pytest.mark.parametrize(("env", "taken"), [(None, [1]), ("0", []), ("1", [1]), ("4", [1, 4]), ("32", [1, 4, 32])])
+@pytest.mark.parametrize(("env", "taken"), [(None, [1, 4]), ("0", []), ("1", [1]), ("4", [1, 4]), ("32", [1, 4, 32])])
 def test_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
     """The fused finish serves steps of up to FINISH_MAX_TOKENS tokens, or HOTLORA_LORA_FINISH's number (0: none),
     and only when the output is exactly the slices' columns, unit-strided."""
@@ -284,7 +284,7 @@ def test_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
     else:
         monkeypatch.setenv("HOTLORA_LORA_FINISH", env)
     case = make_case(torch.float32, 40, (24, 8), 8, 6, "uniform")
-    assert lora_mod.FINISH_MAX_TOKENS == 1
+    assert lora_mod.FINISH_MAX_TOKENS == 4
     got = [t for t in (1, 4, 32) if lora_mod._fuse_finish(torch.zeros(2, t, 32), torch.zeros(t, 32), case.slices)]
     assert got == taken
     assert not lora_mod._fuse_finish(torch.zeros(2, 1, 40), torch.zeros(1, 40), case.slices)  # wider than slices

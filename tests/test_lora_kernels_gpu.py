@@ -176,8 +176,8 @@ def _spy(monkeypatch, name: str, calls: list[str]) -> None:
     monkeypatch.setattr(lora_mod, name, spy)
 
 
-@pytest.mark.parametrize("finish", ["1", "0", "32"])
-@pytest.mark.parametrize("num_tokens", [1, 32])
+@pytest.mark.parametrize("finish", ["4", "0", "32"])
+@pytest.mark.parametrize("num_tokens", [1, 4, 32])
 def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatch):
     """On an NF4 base that splits K, with at most FINISH_MAX_TOKENS tokens, lora_project hands the split sums to
     lora_finish: no reduce and no expand launch, in a graph and eagerly (HOTLORA_LORA_FINISH=0, or more tokens

@@ -185,6 +185,21 @@ def test_gemv_split_fills_the_gpu():
     assert pick_config(1, 192, 576, gemv=True).split_k <= 3  # never more slices than SmolLM2's 5 groups can fill
 
 
+def test_split_by_sms_fills_the_gpu():
+    """Buckets recorded with BY_SMS take the fewest K slices (a power of two within K's 128-column groups) that
+    give every SM a program; the large-weight config serves N * K >= LARGE_WEIGHT only."""
+    for m in (65, 128, 129, 256):
+        for k, widths in LLAMA.values():
+            n = sum(widths)
+            cfg = pick_config(m, n, k, gemv=False)
+            tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+            assert cfg.split_k >= 1 and cfg.split_k & (cfg.split_k - 1) == 0 and cfg.split_k <= k // 128
+            assert tiles * cfg.split_k >= nf4_mod._SMS or 2 * cfg.split_k > k // 128
+            assert cfg.split_k == 1 or tiles * cfg.split_k // 2 < nf4_mod._SMS
+    small, large = (pick_config(256, n, 4096, gemv=False) for n in (4096, nf4_mod.LARGE_WEIGHT // 4096))
+    assert large.block_m > small.block_m
+
+
 # --- the GEMV path (M <= MAX_GEMV_M): no tl.dot, each row's products summed per 64-block -----------------
 
 GEMV_CASES = [  # (M, shape, dtype, bias): every M of the bucket, each shape, both dtypes, with and without bias
