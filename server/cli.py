@@ -130,8 +130,6 @@ SERVE_OPTIONS = (
     Opt("cuda-graphs", parse_bool, "replay every step from CUDA graphs on cuda: true or false"),
     Opt("async-scheduling", parse_bool, "schedule and prepare each step while the previous one runs on the GPU "
         "(cuda only)", switch=True),
-    Opt("late-scheduling", parse_bool, "with asynchronous scheduling, build each step as late as the step in "
-        "flight allows, so that requests arriving meanwhile join it", switch=True),
     Opt(
         "enable-prefix-caching",
         parse_bool,

@@ -19,7 +19,6 @@ from hotlora.adapters.registry import UnknownAdapterError
 from hotlora.server.engine.async_engine import AsyncEngine, EngineDeadError
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import EngineStats, InvalidRequestError, LLMEngine
-from hotlora.server.engine.pacing import StepPacer
 from hotlora.server.engine.types import FinishReason, Request, RequestOutput, SamplingParams
 
 PROMPTS = {"a": "Hello, my name is", "b": "1, 2, 3, 4,"}
@@ -376,36 +375,6 @@ def test_asynchronous_scheduling_streams_the_same_tokens(engine, ids, reference,
         assert first.new_token_ids == reference["a", 16].new_token_ids[:1]
         stream.close()
         # the abort frees the sequence at once; the step in flight completes at the next turn of the loop
-        await until(lambda: ae.call(lambda: idle(engine) and not engine.in_flight))
-        await stopped(ae)
-
-    asyncio.run(main())
-
-
-def test_late_scheduling_takes_requests_while_it_waits(engine, ids, reference, monkeypatch):
-    """With a step in flight and device timings that say it ends later, the loop hands the held outputs to the
-    event loop and waits, executing commands meanwhile: a request added then joins the next step built (no step
-    runs between the two calls around its add), and every stream still gets the reference tokens."""
-
-    async def main():
-        monkeypatch.setattr(engine, "defers_outputs", True)
-        monkeypatch.setattr(engine, "async_scheduling", True)
-        pacer = StepPacer(margin_s=0.0)
-        for tokens in (1, 2, 4, 8, 16, 32):  # as a GPU would report them; the CPU's collects never wait
-            pacer.ran(tokens, 0.4, waited=0.4)
-        pacer.built(0.0)
-        monkeypatch.setattr(engine, "pacer", pacer)
-        steps = lambda: engine.runner.eager_steps + engine.runner.graph_steps  # noqa: E731
-        ae = await started(engine)
-        a = ae.generate(req("a", ids["a"], 2))
-        first = await asyncio.wait_for(a.__anext__(), timeout=30)  # handed over as the wait began
-        before = await ae.call(steps)
-        b = await ae.add(req("b", ids["b"], 2))
-        assert await ae.call(steps) == before
-        outs = await asyncio.wait_for(asyncio.gather(_collect(a), _collect(b)), timeout=60)
-        check_stream([first, *outs[0]], reference["a", 2])
-        check_stream(outs[1], reference["b", 2])
-        assert ae.paced_seconds > 0
         await until(lambda: ae.call(lambda: idle(engine) and not engine.in_flight))
         await stopped(ae)
 

@@ -68,7 +68,6 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._held: list[RequestOutput] = []  # a step's outputs, until the next step is launched (see _step)
-        self.paced_seconds = 0.0  # late scheduling: how long the loop waited for steps in flight to near their end
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.engine: Any = None
@@ -201,45 +200,23 @@ class AsyncEngine:
             if block:  # e.g. the last running request was aborted after a step's outputs were held
                 self._flush_held()
                 engine.idle()
-            until = None if block else engine.build_at()
-            if until is not None:
-                until = self._pace(until)
-            if not self._drain(block, until):
+            if not self._drain(block):
                 return
             if engine.has_unfinished():
                 self._step()
 
-    def _pace(self, until: float) -> float | None:
-        """Late scheduling: the held outputs go to the event loop now (it streams them while this thread waits),
-        and the drain takes commands until `until`; None when that has passed."""
-        wait = until - time.monotonic()
-        if wait <= 0:
-            return None
-        self._flush_held()
-        self.paced_seconds += wait
-        return until
-
-    def _drain(self, block: bool, until: float | None = None) -> bool:
-        """Execute queued commands (waiting for them until `until`, a time.monotonic(), if given); False once
-        asked to stop."""
-        def next_command():
-            if block:
-                return self._commands.get()
-            if until is None:
-                return self._commands.get_nowait()
-            return self._commands.get(timeout=max(0.0, until - time.monotonic()))
-
+    def _drain(self, block: bool) -> bool:
+        """Execute queued commands; False once asked to stop."""
         try:
-            cmd = next_command()
+            cmd = self._commands.get() if block else self._commands.get_nowait()
         except queue.Empty:
             return True
         while True:
             if cmd is _STOP:
                 return False
             self._execute(cmd)
-            block = False
             try:
-                cmd = next_command()
+                cmd = self._commands.get_nowait()
             except queue.Empty:
                 return True
 

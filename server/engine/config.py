@@ -41,7 +41,6 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool = True  # replay every step from CUDA graphs captured at startup (cuda only)
     async_scheduling: bool = True  # build each step while the previous one runs on the device (cuda only)
-    late_scheduling: bool = True  # build it as late as the step in flight allows, taking new requests until then
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before (per adapter version)
 
     def __post_init__(self) -> None:

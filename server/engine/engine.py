@@ -12,7 +12,6 @@ from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
 from hotlora.server.engine.block_manager import BlockManager
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.detokenizer import Detokenizer, DetokState
-from hotlora.server.engine.pacing import StepPacer
 from hotlora.server.engine.scheduler import ScheduledBatch, Scheduler
 from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.stats import EngineOverloadedError, EngineStats, InvalidRequestError, PromptTooLongError
@@ -60,8 +59,6 @@ class LLMEngine:
         self.defers_outputs = self.runner.device.type == "cuda"
         # asynchronous scheduling (see step): on an asynchronous device only; tests turn it on for the CPU
         self.async_scheduling = config.async_scheduling and self.defers_outputs
-        self.late_scheduling = config.late_scheduling
-        self.pacer = StepPacer()
         self._inflight: Launched | None = None
 
     # --- requests ----------------------------------------------------------------------------------
@@ -139,7 +136,6 @@ class LLMEngine:
         if prev is not None and not self._overlaps(prev):
             outputs += self._complete(prev)
             prev = None
-        build = time.monotonic()
         batch = self.scheduler.schedule()
         outputs += [self._fail(seq, msg, ErrorKind.ADAPTER) for seq, msg in self._failed]
         self._failed.clear()
@@ -155,14 +151,11 @@ class LLMEngine:
                 self._back_off()
             return outputs
         launched = self.runner.launch(batch, timer, prev)
-        launched.started = time.monotonic()
-        self.pacer.built(launched.started - build)
         self._launched(launched)
         if on_launch is not None:
             on_launch()
         if prev is not None:
             outputs += self._complete(prev)
-            launched.started = max(launched.started, prev.ended)  # queued behind prev: the device is its now
         if self.async_scheduling:
             self._inflight = launched
         else:
@@ -192,7 +185,6 @@ class LLMEngine:
         get none)."""
         results = self.runner.collect(launched, self.timer)
         sampled_at = time.monotonic()  # the step's tokens are on the host
-        self.pacer.ran(sum(launched.batch.num_tokens), launched.ended - launched.started, launched.waited)
         outputs = []
         for seq, (row, index) in launched.rows.items():
             if seq.finished:
@@ -203,16 +195,6 @@ class LLMEngine:
             outputs.append(self._append(seq, index, token, logprob))
         self.timer.mark("postprocess")
         return outputs
-
-    def build_at(self) -> float | None:
-        """When the driver should call step() again (time.monotonic()), taking new requests until then: late
-        enough that requests arriving during the step in flight join the next one, early enough that the next
-        launch is queued before the device runs dry (pacing.py). None: at once (nothing in flight, late
-        scheduling off, or no timings yet for a step of this size)."""
-        prev = self._inflight
-        if prev is None or not self.late_scheduling or not self._overlaps(prev):
-            return None
-        return self.pacer.deadline(prev.started, sum(prev.batch.num_tokens))
 
     def _overlaps(self, launched: Launched) -> bool:
         """The next step may be built before `launched` completes: none of its sequences samples from host

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -38,9 +37,6 @@ class Launched:
     sampled: list[int]  # index in batch.seqs of each sampled row
     pending: PendingSample
     rows: dict[Sequence, tuple[int, int]] = field(default_factory=dict)  # seq -> (row, index in token_ids)
-    started: float = 0.0  # time.monotonic() when it got the device (set by the engine)
-    ended: float = 0.0  # when collect saw it done
-    waited: float = 0.0  # how long collect waited for it
 
 
 def pick_device(name: str) -> torch.device:
@@ -148,10 +144,7 @@ class ModelRunner:
 
     def collect(self, launched: Launched, timer: StepTimer) -> list[Sampled | None]:
         """Wait for a launched step; per batch sequence its (token, logprob), or None if it sampled nothing."""
-        begin = time.monotonic()
         launched.pending.wait()
-        launched.ended = time.monotonic()
-        launched.waited = launched.ended - begin
         timer.mark("device_wait")
         tokens, logprobs = launched.pending.finish()
         results: list[Sampled | None] = [None] * len(launched.batch.seqs)
