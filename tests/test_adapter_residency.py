@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_reference import default_engine
 from lora_factory import preset_llama, save_adapters_by_spec
 
-from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams
 
@@ -33,11 +33,7 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(hotlora_cache, adapters) -> LLMEngine:
-    eng = LLMEngine(EngineConfig(model="random:tiny", quant="none", cache_dir=hotlora_cache, max_loras=2,
-                                 max_lora_rank=16, kv_cache_memory=0.05))
-    for name, path in adapters.items():
-        eng.registry.register(name, path)
-    return eng
+    return default_engine(hotlora_cache, adapters, model="random:tiny", max_loras=2)
 
 
 @pytest.fixture(scope="module")

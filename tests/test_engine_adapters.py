@@ -7,8 +7,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from engine_reference import default_engine
 
-from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import FinishReason, Request, SamplingParams
 
@@ -18,11 +18,7 @@ PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def engine(hotlora_cache, adapters) -> LLMEngine:
     # two device slots for four adapters; rows for two rank-16 adapters
-    eng = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=hotlora_cache, max_loras=2,
-                                 max_lora_rank=16, kv_cache_memory=0.05))
-    for name, path in adapters.items():
-        eng.registry.register(name, path)
-    return eng
+    return default_engine(hotlora_cache, adapters, max_loras=2)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ produce exactly what the synchronous engine produces, token for token and text f
 from __future__ import annotations
 
 import pytest
-from engine_reference import VARIED_PROMPTS, drain_outputs
+from engine_reference import VARIED_PROMPTS, default_engine, drain_outputs
 
-from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams
 
@@ -20,11 +19,7 @@ PROMPTS = [*VARIED_PROMPTS, "Hello, my name is Bob and I like"]
 
 
 def _engine(cache, adapters, **kw) -> LLMEngine:
-    kw = {"kv_cache_memory": 0.1, "max_loras": 2, "max_lora_rank": 16} | kw
-    eng = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=cache, **kw))
-    for name, path in adapters.items():
-        eng.registry.register(name, path)
-    return eng
+    return default_engine(cache, adapters, **({"kv_cache_memory": 0.1, "max_loras": 2} | kw))
 
 
 def _run(engine: LLMEngine, arrivals: dict[int, list[Request]], asynchronous: bool,

@@ -6,9 +6,8 @@ tests/test_engine_gpu.py covers the captured graphs on CUDA."""
 from __future__ import annotations
 
 import pytest
-from engine_reference import drain
+from engine_reference import default_engine, drain
 
-from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams
 from hotlora.server.model.graphs import row_buckets, token_buckets
@@ -21,12 +20,8 @@ GREEDY = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
 def engine(hotlora_cache, adapters) -> LLMEngine:
     # 4-token blocks: tables of 2 to 13 blocks; max_num_seqs 6: token buckets 1, 2, 4, 6 for decodes, so batches
     # of 3 and 5 carry padding tokens; 8 tokens per step: prompts are chunked, chunks mix with decodes
-    eng = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=hotlora_cache, max_loras=4,
-                                 max_lora_rank=16, max_num_seqs=6, max_num_batched_tokens=8, block_size=4,
-                                 kv_cache_memory=0.1))  # fmt: skip
-    for name, path in adapters.items():
-        eng.registry.register(name, path)
-    return eng
+    return default_engine(hotlora_cache, adapters, max_num_seqs=6, max_num_batched_tokens=8, block_size=4,
+                          kv_cache_memory=0.1)
 
 
 def _staggered(engine: LLMEngine, names: list[str | None]) -> dict[str, list[int]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_reference import drain
+from engine_reference import default_engine, drain
 from lora_cases import TOLERANCE, assert_matches, make_case
 from lora_factory import preset_llama, save_adapters_by_spec
 
@@ -31,7 +31,6 @@ from hotlora.kernels.lora import (
     rank_classes,
 )
 from hotlora.server.cli import build_parser, engine_config
-from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import Request, SamplingParams
 from hotlora.server.model.graphs import graph_count, step_rank_class, token_buckets
@@ -121,12 +120,8 @@ def tiny_adapters(tmp_path_factory) -> dict[str, Path]:
 
 def _engine(cache: Path, adapters: dict[str, Path], **kw) -> LLMEngine:
     # max_num_seqs 4: decode buckets 1, 2, 4; 8 tokens per step: prompts are chunked and mix with decodes
-    eng = LLMEngine(EngineConfig(model="random:tiny", quant="none", cache_dir=cache, max_loras=5, max_lora_rank=64,
-                                 max_num_seqs=4, max_num_batched_tokens=8, block_size=4, kv_cache_memory=0.05,
-                                 **kw))  # fmt: skip
-    for name, path in adapters.items():
-        eng.registry.register(name, path)
-    return eng
+    return default_engine(cache, adapters, **({"model": "random:tiny", "max_loras": 5, "max_lora_rank": 64,
+                                               "max_num_seqs": 4, "max_num_batched_tokens": 8, "block_size": 4} | kw))
 
 
 def _workload(engine: LLMEngine) -> dict[str, list[int]]:
