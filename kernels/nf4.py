@@ -187,12 +187,17 @@ def _check(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> None:
         raise ValueError(f"bias must be contiguous [{n}], got {tuple(bias.shape)}")
 
 
-def nf4_dequantize(w: NF4Weight, block_n: int = 32, warps: int = 4) -> torch.Tensor:
-    """The weight as a dense [N, K] tensor in w.dtype (bit-identical to bnb's dequantize_4bit)."""
-    if not _use_triton(w.codes):
-        return nf4_dequantize_ref(w)
+def nf4_dequantize(w: NF4Weight, block_n: int = 32, warps: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight as a dense [N, K] tensor in w.dtype (bit-identical to bnb's dequantize_4bit); into `out`
+    (w.dtype, [N, K], unit column stride) if given."""
     n, k = w.shape
-    out = torch.empty(n, k, dtype=w.dtype, device=w.codes.device)
+    if out is not None and (out.shape != (n, k) or out.dtype != w.dtype or out.stride(1) != 1
+                            or out.device != w.codes.device):
+        raise ValueError(f"out must be a {w.dtype} [{n}, {k}] tensor with unit column stride on {w.codes.device}")
+    if not _use_triton(w.codes):
+        y = nf4_dequantize_ref(w)
+        return y if out is None else out.copy_(y)
+    out = torch.empty(n, k, dtype=w.dtype, device=w.codes.device) if out is None else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, 128))
     nf4_dequant_kernel[grid](w.codes, w.absmax, _lut(out.device, torch.float32), out, n, k, w.codes.stride(0),
                              w.absmax.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=warps)
