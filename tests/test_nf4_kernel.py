@@ -123,6 +123,23 @@ def test_triton_configs_match_reference(triton_cpu, name):
 
 
 @interpret
+@pytest.mark.parametrize("large", [False, True])
+def test_triton_recorded_configs_between_64_and_256_rows(triton_cpu, monkeypatch, large):
+    """The 129-256 bucket's recorded configs (SCALE_VALUES, weights-first, K split by SMs), and its large-weight
+    config (LARGE_WEIGHT lowered so that a small weight takes it), through nf4_matmul's own pick."""
+    if large:
+        monkeypatch.setattr(nf4_mod, "LARGE_WEIGHT", 0)
+    k, widths = SHAPES["kv"]
+    members = quantize(widths, k, torch.float16)
+    x = torch.randn(130, k, dtype=torch.float16)
+    bias = torch.randn(sum(widths), dtype=torch.float16)
+    cfg = pick_config(130, sum(widths), k)
+    assert cfg.scale == SCALE_VALUES and cfg.swap_ab and cfg.split_k > 1 and (cfg.block_m == 256) == large
+    y = nf4_matmul(x, packed_group(members), bias)
+    assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float16]
+
+
+@interpret
 @pytest.mark.parametrize("swap_ab", [False, True])
 def test_triton_scale_values_in_half_precision(triton_cpu, swap_ab):
     """SCALE_VALUES rounds absmax and each scaled code value to x's dtype: within fp16's tolerance, and no
