@@ -1,7 +1,7 @@
 """The NF4 kernel's K loop in SASS, compiled here for sm_90 with no GPU: instructions per weight value, registers,
 spills, and the opcodes that dominate (hotlora.kernels._nf4_triton.nf4_matmul_kernel).
 
-    python bench/nf4_sass.py                      # the recorded config of each M bucket (kernels.nf4._CONFIGS)
+    python bench/nf4_sass.py                      # the recorded config of each M bucket (kernels._nf4_configs._CONFIGS)
     python bench/nf4_sass.py --m 16 --lookup 3 --no-even --dump /tmp/loop.sass
     python bench/nf4_sass.py --m 128 --scale 1 --lookup 1 --tile 128 128 8
 

@@ -24,7 +24,7 @@ Semantics of ``nf4_matmul(x, w, bias=None, out=None)``, fp32 accumulation:
     W = (NF4[code] * absmax[:, col // 64]).to(w.dtype)       # [N, K], == bnb dequantize_4bit
     y = (x.float() @ W.to(x.dtype).float().T + bias).to(x.dtype)     # x [M, K] fp16/bf16/fp32, y [M, N]
 
-Paths by M (``_CONFIGS``, swept on the H200 with bench/nf4_gemm.py; no autotuning at serve time):
+Paths by M (``_nf4_configs._CONFIGS``, swept on the H200 with bench/nf4_gemm.py; no autotuning at serve time):
 - M <= MAX_GEMV_M (decode at batch 1-4), when SERVE_GEMV (off: not faster yet, see there) or asked for:
   ``nf4_gemv_kernel``, no tl.dot. Each program streams BLOCK_N weight
   rows over a K slice, multiplies the code values (fp32) by every x row (the bytes are read once for all
@@ -47,12 +47,23 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ._nf4_configs import (
+    BY_SMS,
+    LARGE_WEIGHT,
+    MAX_GEMV_M,
+    SCALE_EXACT,
+    SCALE_PARTIALS,
+    SCALE_VALUES,
+    Nf4Config,
+    pick_config,
+    split_for_sms,
+)
 from ._nf4_triton import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
@@ -88,10 +99,6 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-# Where nf4_matmul_kernel applies each 64-block's absmax: to the dot's partial sums (one fp32 multiply per output
-# element and group), to the looked-up code values in x's dtype (one multiply per weight value; the dot then
-# accumulates in place), or to the fp32 code values, rounded to the weight's dtype as dequantize_4bit does.
-SCALE_PARTIALS, SCALE_VALUES, SCALE_EXACT = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,104 +209,6 @@ def nf4_dequantize(w: NF4Weight, block_n: int = 32, warps: int = 4, out: torch.T
     nf4_dequant_kernel[grid](w.codes, w.absmax, _lut(out.device, torch.float32), out, n, k, w.codes.stride(0),
                              w.absmax.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=warps)
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class Nf4Config:
-    """One launch: output tile BLOCK_M x BLOCK_N, K split into `split_k` slices (fp32 partials + a reduce),
-    `scale`: where absmax applies (SCALE_PARTIALS, SCALE_VALUES, SCALE_EXACT); `dense`: dequantize the
-    whole weight then cuBLAS (large M, where that measures faster); `gemv`: nf4_gemv_kernel for M <=
-    block_m (it runs the rows as the next power of two of M), `k_groups` 128-column groups per loop step."""
-
-    block_m: int
-    block_n: int
-    split_k: int = 1
-    warps: int = 4
-    stages: int = 3
-    scale: int = SCALE_PARTIALS
-    group_m: int = 8
-    dense: bool = False
-    swap_ab: bool = False  # weights as the dot's first operand (y.T = W @ x.T)
-    lookup: int = LOOKUP_TABLE  # LOOKUP_PRMT: in-register lookup (not SCALE_EXACT; 16-bit x, CUDA only)
-    prefetch: bool = False  # load group i+1 before group i's math
-    gemv: bool = False
-    k_groups: int = 1  # gemv: groups loaded together per loop step (more bytes in flight per program)
-    maxnreg: int | None = None  # cap on registers per thread: more programs per SM (ptxas may spill)
-    table_regs: bool = True  # LOOKUP_PRMT: its table words in ordinary registers (_nf4_triton._prmt_table)
-    even: bool = True  # drop the weight and K masks where the shape allows (N % block_n, K % 128, groups % split)
-
-
-# (max M, config, config for large weights) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep,
-# --lookups and --scales (bf16, Llama-3-8B shapes; BENCHMARKS.md): non-swapped small tiles up to 32 rows,
-# weights-first (swap_ab) up to 256, then dequantize + cuBLAS. The large-weight config serves N * K >=
-# LARGE_WEIGHT (gate/up and down, not q/k/v or o). Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K
-# slices; BY_SMS picks the fewest slices that give every SM a program (split_for_sms). The lookup per bucket
-# (--lookups): table words in registers at M <= 16 (4-8% faster than the immediates), loaded uniform at 33-64.
-# At 17-32 weights-first with uniform words ran gate/up 10% faster alone, but the engine's batch-32 decode with
-# adapters (LoRA shrink beside the matmul) lost 11%: that bucket keeps session 3's tile and lookup, except
-# for large weights, whose code values are scaled before the dot (SCALE_VALUES: gate/up 61.6 -> 57.8 us at
-# M=32; q/k/v, o and down 1-3% slower). From 65 rows on SCALE_VALUES wins with the split by SMs (M=128: gate/up
-# 108 -> 102 us, down 63 -> 53, o 22 -> 20; M=256 with 256x128 tiles for large weights: gate/up 192 -> 147, down
-# 98 -> 87); at 33-64 it lost 5-15%. The unmasked loads (even, --even) measured 1-2% faster at M <= 16, 5-12%
-# at 65-256 and 4-12% slower at 17-64, with fewer SASS instructions everywhere (bench/nf4_sass.py): on only
-# where they won.
-# GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
-# yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
-# 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
-# slices it may use: pick_config takes the fewest that reach _GEMV_PROGRAMS programs (o, down: 8; q/k/v: 4;
-# gate/up: 1, i.e. 448 programs and no reduce launch). Its K loop is ~18 SASS instructions per weight byte
-# per thread at M=1 (half of them the prmt lookup), ~23 at M=2, ~33 at M=4 (each row adds an FMA per weight
-# and an x conversion): instruction issue, not bandwidth, bounds it, so the sweep decides where the bucket ends.
-BY_SMS = 0  # split_k: chosen per shape by split_for_sms
-LARGE_WEIGHT = 1 << 25  # N * K from which a bucket's large-weight config applies
-_SMS = 132  # H200
-_CONFIGS: tuple[tuple[int, Nf4Config, Nf4Config | None], ...] = (
-    (4, Nf4Config(4, 64, 8, warps=8, gemv=True, k_groups=2, lookup=LOOKUP_PRMT), None),
-    (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT), None),
-    (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT_IMM, even=False),
-     Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT, scale=SCALE_VALUES)),
-    (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False, even=False), None),
-    (128, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES), None),
-    (256, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES),
-     Nf4Config(256, 128, BY_SMS, warps=8, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES)),
-    (1 << 62, Nf4Config(128, 128, dense=True), None),
-)
-
-
-MAX_GEMV_M = max((hi for hi, c, _ in _CONFIGS if c.gemv), default=0)
-_GEMV_PROGRAMS = 2 * _SMS  # two programs per H200 SM: enough weight loads in flight to stream at full bandwidth
-# Whether nf4_matmul takes the GEMV bucket by default. Off: measured on the H200 (bench/nf4_gemm.py --sweep
-# --sweep-m 1, gate/up 4096->28672), the default GEMV config took 57.4 us against 48.9 for the tl.dot path and
-# the best of the GEMV sweep 46.1 (floor 17.1); batch-1 decode took 191 tok/s with it against 194 without.
-SERVE_GEMV = False
-
-
-def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
-    """The launch config for x [m, k] @ W[n, k].T. gemv: take the GEMV bucket for m <= MAX_GEMV_M (True), or
-    the tl.dot path (False); None: SERVE_GEMV."""
-    gemv = SERVE_GEMV if gemv is None else gemv
-    cfg, large = next((c, big) for hi, c, big in _CONFIGS if m <= hi and (gemv or not c.gemv))
-    if large is not None and n * k >= LARGE_WEIGHT:
-        cfg = large
-    if cfg.gemv:
-        tiles, chunks = triton.cdiv(n, cfg.block_n), triton.cdiv(triton.cdiv(k, 128), cfg.k_groups)
-        split = 1
-        while split < cfg.split_k and tiles * split < _GEMV_PROGRAMS and 2 * split <= chunks:
-            split *= 2
-        return replace(cfg, split_k=split)
-    if cfg.split_k == BY_SMS:
-        return replace(cfg, split_k=split_for_sms(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k))
-    if n >= 16384 and cfg.split_k > 1 and not cfg.dense:
-        cfg = replace(cfg, split_k=cfg.split_k // 2)
-    return cfg
-
-
-def split_for_sms(tiles: int, k: int) -> int:
-    """The fewest K slices (a power of two, at most K's 128-column groups) that give every SM a program."""
-    split = 1
-    while tiles * split < _SMS and 2 * split <= k // 128:
-        split *= 2
-    return split
 
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -15,7 +15,7 @@ import pytest
 import torch
 from nf4_cases import LLAMA, TOLERANCE, packed_group, quantize, reference, rel_err
 
-from hotlora.kernels import nf4 as nf4_mod
+from hotlora.kernels import _nf4_configs as configs_mod
 from hotlora.kernels.nf4 import (
     MAX_GEMV_M,
     SCALE_EXACT,
@@ -128,7 +128,7 @@ def test_triton_recorded_configs_between_64_and_256_rows(triton_cpu, monkeypatch
     """The 129-256 bucket's recorded configs (SCALE_VALUES, weights-first, K split by SMs), and its large-weight
     config (LARGE_WEIGHT lowered so that a small weight takes it), through nf4_matmul's own pick."""
     if large:
-        monkeypatch.setattr(nf4_mod, "LARGE_WEIGHT", 0)
+        monkeypatch.setattr(configs_mod, "LARGE_WEIGHT", 0)
     k, widths = SHAPES["kv"]
     members = quantize(widths, k, torch.float16)
     x = torch.randn(130, k, dtype=torch.float16)
@@ -196,9 +196,9 @@ def test_wrapper_checks():
 
 def test_configs_cover_every_m():
     for m in (1, MAX_GEMV_M, MAX_GEMV_M + 1, 16, 17, 64, 65, 2048, 10**6):
-        cfg = nf4_mod.pick_config(m, 4096, 4096, gemv=True)
+        cfg = configs_mod.pick_config(m, 4096, 4096, gemv=True)
         assert cfg.gemv == (m <= MAX_GEMV_M)
-        assert pick_config(m, 4096, 4096).gemv == (m <= MAX_GEMV_M and nf4_mod.SERVE_GEMV)
+        assert pick_config(m, 4096, 4096).gemv == (m <= MAX_GEMV_M and configs_mod.SERVE_GEMV)
         assert cfg.block_m >= m if m <= 256 else cfg.dense
         assert not pick_config(m, 4096, 4096, gemv=False).gemv
 
@@ -219,9 +219,9 @@ def test_split_by_sms_fills_the_gpu():
             cfg = pick_config(m, n, k, gemv=False)
             tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
             assert cfg.split_k >= 1 and cfg.split_k & (cfg.split_k - 1) == 0 and cfg.split_k <= k // 128
-            assert tiles * cfg.split_k >= nf4_mod._SMS or 2 * cfg.split_k > k // 128
-            assert cfg.split_k == 1 or tiles * cfg.split_k // 2 < nf4_mod._SMS
-    small, large = (pick_config(256, n, 4096, gemv=False) for n in (4096, nf4_mod.LARGE_WEIGHT // 4096))
+            assert tiles * cfg.split_k >= configs_mod._SMS or 2 * cfg.split_k > k // 128
+            assert cfg.split_k == 1 or tiles * cfg.split_k // 2 < configs_mod._SMS
+    small, large = (pick_config(256, n, 4096, gemv=False) for n in (4096, configs_mod.LARGE_WEIGHT // 4096))
     assert large.block_m > small.block_m
 
 
