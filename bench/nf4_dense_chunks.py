@@ -26,10 +26,6 @@ from nf4_gemm import DT, SHAPES, Case
 from hotlora.kernels.nf4 import Nf4Config, NF4Weight, nf4_dequantize, nf4_matmul
 
 
-def rows(w: NF4Weight, a: int, b: int) -> NF4Weight:
-    return NF4Weight(w.codes[a:b], w.absmax[a:b], w.in_features, w.dtype, (b - a,))
-
-
 def bounds(n: int, chunks: int) -> list[tuple[int, int]]:
     step = -(-n // chunks)
     return [(a, min(n, a + step)) for a in range(0, n, step)]
@@ -45,7 +41,7 @@ def chunked(x: torch.Tensor, w: NF4Weight, chunks: int, overlap: bool,
     if not overlap:
         for a, b in spans:
             buf = bufs[0][: b - a]
-            torch.mm(x, nf4_dequantize(rows(w, a, b), out=buf).T, out=y[:, a:b])
+            torch.mm(x, nf4_dequantize(w.rows(a, b), out=buf).T, out=y[:, a:b])
         return y
     main = torch.cuda.current_stream()
     side.wait_stream(main)  # x and the buffers exist before the side stream writes
@@ -56,7 +52,7 @@ def chunked(x: torch.Tensor, w: NF4Weight, chunks: int, overlap: bool,
         with torch.cuda.stream(side):
             if i >= 2:
                 side.wait_event(freed[i - 2])  # the GEMM that last read this buffer is done
-            nf4_dequantize(rows(w, a, b), out=buf)
+            nf4_dequantize(w.rows(a, b), out=buf)
             ready.record(side)
         main.wait_event(ready)
         torch.mm(x, buf.T, out=y[:, a:b])

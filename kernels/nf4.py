@@ -114,6 +114,11 @@ class NF4Weight:
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.in_features
 
+    def rows(self, start: int, stop: int) -> NF4Weight:
+        """Output rows start..stop as one projection: views of this weight's storage, no copy."""
+        return NF4Weight(self.codes[start:stop], self.absmax[start:stop], self.in_features, self.dtype,
+                         (stop - start,))
+
 
 @functools.cache
 def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:

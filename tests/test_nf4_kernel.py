@@ -22,7 +22,6 @@ from hotlora.kernels.nf4 import (
     SCALE_EXACT,
     SCALE_VALUES,
     Nf4Config,
-    NF4Weight,
     nf4_dequantize,
     nf4_matmul,
     pack_nf4,
@@ -63,8 +62,7 @@ def test_triton_dequantizes_bit_identically(triton_cpu, dtype):
     want = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in members])
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     rows = torch.full((2 * 64, 576), 7.0, dtype=dtype)[::2]  # a strided row view of a larger buffer
-    part = NF4Weight(w.codes[24:], w.absmax[24:], w.in_features, w.dtype, (40,))
-    assert nf4_dequantize(part, out=rows[:40]) is not None and torch.equal(rows[:40], want[24:])
+    assert nf4_dequantize(w.rows(24, 64), out=rows[:40]) is not None and torch.equal(rows[:40], want[24:])
     assert torch.equal(rows[40:], torch.full((24, 576), 7.0, dtype=dtype))  # nothing written past out
     with pytest.raises(ValueError, match="out must be"):
         nf4_dequantize(w, out=torch.empty(64, 576, dtype=dtype).T.contiguous().T)

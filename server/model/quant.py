@@ -130,9 +130,7 @@ class NF4Group(nn.Module):
              if b is None else b for m, b in zip(members, biases, strict=True)])
         start = 0
         for m in members:
-            rows = slice(start, start + m.out_features)
-            m.fused = NF4Weight(self.weight.codes[rows], self.weight.absmax[rows], self.weight.in_features,
-                                self.weight.dtype, (m.out_features,))
+            m.fused = self.weight.rows(start, start + m.out_features)
             start += m.out_features
 
     def forward(self, x: torch.Tensor, finish: Finish | None = None) -> list[torch.Tensor]:
