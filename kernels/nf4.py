@@ -261,8 +261,8 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     groups = w.codes.shape[1] // 64
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    counts = _split_counters(x.device)
-    fused = cfg.fused_reduce and split > 1 and not keep_parts and grid[0] <= counts.numel()
+    fused = cfg.fused_reduce and split > 1 and not keep_parts and grid[0] <= _MAX_COUNTED_TILES
+    counts = _split_counters(x.device) if fused else part  # any pointer when the kernel does not count
     exact = cfg.scale == SCALE_EXACT
     lookup = cfg.lookup if not exact and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     lut = _lookup_table(x.device, torch.float32 if exact else x.dtype, lookup)
@@ -285,7 +285,10 @@ def _split_counters(device: torch.device) -> torch.Tensor:
     """Arrival counters of fused split-K reductions (Nf4Config.fused_reduce), one per output tile, zero between
     launches; made when a weight is packed on the device (never first inside a graph capture). One buffer per
     device: launches that fuse their reduce must not run concurrently on two streams."""
-    return torch.zeros(1 << 16, dtype=torch.int32, device=device)
+    return torch.zeros(_MAX_COUNTED_TILES, dtype=torch.int32, device=device)
+
+
+_MAX_COUNTED_TILES = 1 << 16  # output tiles a fused reduce can count; launches with more use the reduce kernel
 
 
 def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
