@@ -94,11 +94,8 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
     if large is not None and n * k >= LARGE_WEIGHT:
         cfg = large
     if cfg.gemv:
-        tiles, chunks = triton.cdiv(n, cfg.block_n), triton.cdiv(triton.cdiv(k, 128), cfg.k_groups)
-        split = 1
-        while split < cfg.split_k and tiles * split < _GEMV_PROGRAMS and 2 * split <= chunks:
-            split *= 2
-        return replace(cfg, split_k=split)
+        chunks = triton.cdiv(triton.cdiv(k, 128), cfg.k_groups)
+        return replace(cfg, split_k=_fewest_splits(triton.cdiv(n, cfg.block_n), _GEMV_PROGRAMS, chunks, cfg.split_k))
     if cfg.split_k == BY_SMS:
         return replace(cfg, split_k=split_for_sms(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k))
     if n >= 16384 and cfg.split_k > 1 and not cfg.dense:
@@ -108,7 +105,12 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
 
 def split_for_sms(tiles: int, k: int) -> int:
     """The fewest K slices (a power of two, at most K's 128-column groups) that give every SM a program."""
+    return _fewest_splits(tiles, _SMS, k // 128)
+
+
+def _fewest_splits(tiles: int, programs: int, chunks: int, most: int | None = None) -> int:
+    """The fewest K slices (a power of two, each with a chunk, at most `most`) that make `programs` programs."""
     split = 1
-    while tiles * split < _SMS and 2 * split <= k // 128:
+    while (most is None or split < most) and tiles * split < programs and 2 * split <= chunks:
         split *= 2
     return split
