@@ -48,13 +48,13 @@ def main() -> None:
                              torch.ones(slots, device=dev), 64)  # fmt: skip
     widths = list(outs)
     cfg = L.kernel_config(meta, widths)
-    pdl = L._pdl(x)
+    pdl = L._launch.pdl(x)
     a, b = torch.zeros(256, device=dev), torch.zeros(256, device=dev)
     parts = {
         "torch.add (one plain launch)": lambda: a.add_(b),
         "check_all": lambda: check_all(ys, x, slices, meta),
         "kernel_config": lambda: L.kernel_config(meta, widths),
-        "_pdl": lambda: L._pdl(x),
+        "_pdl": lambda: L._launch.pdl(x),
         "shrink launch": lambda: L._launch_shrink(x, slices, meta, cfg, pdl),
         "expand launch": lambda: L._launch_expand(ys, slices, meta, cfg, pdl),
         "refresh_lora_meta (once per step)": lambda: L.refresh_lora_meta(meta),

@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._launch import pdl_enter
+
 
 @triton.jit
 def _find_seq(cu_q, pid, num_seqs, BLOCK_Q: tl.constexpr):
@@ -80,8 +82,9 @@ def paged_attention_kernel(
     num_seqs, num_splits, qk_scale, window,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -137,9 +140,10 @@ def paged_attention_kernel(
 @triton.jit
 def paged_attention_reduce_kernel(
     out, part_o, part_lse, stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-    num_splits, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    num_splits, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """out[t, h] = sum_s 2^(lse_s - M) * o_s / sum_s 2^(lse_s - M), M = max_s lse_s (empty splits: lse = -inf)."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, S_PAD)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _interp_compat
+from ._launch import pdl_enter
 
 _interp_compat.install()
 
@@ -169,11 +170,12 @@ def lora_finish_kernel(
     rank0_ptr, rank1_ptr, rank2_ptr,
     n0, n1, n2, nb_end0, nb_end1,
     slots_ptr, pos_ptr, row_start_ptr, scale_ptr, num_slots,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """y[t, cols_i] = sum_s part[s, t, cols_i] (+ bias) + scale * ws[0, i, pos(t), :r] @ b_i[rows, :] in fp32,
     rounded once; program = (token, column block). A base matmul's split-K sums and the LoRA expand in one
     pass (column blocks per slice as in lora_expand_kernel; slice i's columns start at n0 + ... + n_{i-1})."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     nb = tl.program_id(1)
     sl = (nb >= nb_end0).to(tl.int32) + (nb >= nb_end1).to(tl.int32)

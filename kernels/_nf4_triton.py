@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import pdl_enter
 from .reference import NF4_NIBBLE
 
 # PRMT: the register lookup, table words from lut; PRMT_IMM: the same lookup with the table as immediates and the
@@ -237,7 +238,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                       SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN: tl.constexpr, REDUCE: tl.constexpr):
+                      EVEN: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
@@ -246,8 +247,9 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     i+1's loads before group i's math (register double-buffering). With SPLIT_K > 1 each program writes its
     K-slice's fp32 sum to part[pid_k], and nf4_reduce_kernel finishes; or (REDUCE) the tile's last program to
     arrive (count_ptr[tile], back to 0 after) sums the slices in nf4_reduce_kernel's order and writes y. EVEN:
-    no masks on the weight and K (_load_group).
+    no masks on the weight and K (_load_group). PDL: launched with kernels._launch.pdl_args.
     """
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -314,8 +316,9 @@ def _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_n, mask, stride_ym, HAS_
 
 @triton.jit
 def nf4_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
-                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """y[m, n] = sum_k part[k, m, n] (+ bias[n]), in a fixed order (deterministic)."""
+    pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)

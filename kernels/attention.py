@@ -41,8 +41,9 @@ from dataclasses import dataclass
 import torch
 
 from ._interp_compat import install as _install_interp_compat
+from ._launch import pdl_args, use_triton
 
-__all__ = ["AttentionConfig", "attention_tiles", "default_num_splits", "paged_attention"]
+__all__ = ["AttentionConfig", "attention_tiles", "default_num_splits", "paged_attention", "use_triton"]
 
 BLOCK_N = 64  # keys per tile
 
@@ -183,11 +184,11 @@ def paged_attention(
         num_seqs, splits, scale * 1.4426950408889634, sliding_window or 0,
         G=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q,
         BLOCK_M=max(16, block_q * g_pad), BLOCK_N=cfg.block_n, SPLIT=splits > 1, WINDOW=bool(sliding_window), PREC=prec,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(q),
     )  # fmt: skip
     if splits > 1:
         paged_attention_reduce_kernel[(tokens, heads)](
             out, part_o, part_lse, out.stride(0), out.stride(1), *part_o.stride()[:3], *part_lse.stride()[:2],
-            splits, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=max(2, _pow2(splits)),
+            splits, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=max(2, _pow2(splits)), **pdl_args(q),
         )  # fmt: skip
     return out

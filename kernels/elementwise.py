@@ -26,19 +26,14 @@ at start-up costs more than that buys.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import pdl_args, pdl_enter, use_triton
 from .reference import add_rms_norm_ref, rope_kv_ref, silu_mul_ref
 
 __all__ = ["add_rms_norm", "rope_kv_", "silu_mul"]
-
-
-def _triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
 
 
 def _rows(t: torch.Tensor, name: str) -> None:
@@ -48,7 +43,8 @@ def _rows(t: torch.Tensor, name: str) -> None:
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, x_ptr, D, stride_h, stride_d, stride_x, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -71,7 +67,7 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         raise ValueError(f"delta must match h {tuple(h.shape)} {h.dtype}, got {tuple(delta.shape)} {delta.dtype}")
     if weight.shape != (h.shape[1],):
         raise ValueError(f"weight must be [{h.shape[1]}], got {tuple(weight.shape)}")
-    if not _triton(h):
+    if not use_triton(h):
         return add_rms_norm_ref(h, delta, weight, eps)
     if delta is not None:
         _rows(delta, "delta")
@@ -80,13 +76,15 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         _add_rms_norm_kernel[(h.shape[0],)](
             h, delta if delta is not None else h, weight, x, h.shape[1], h.stride(0),
             delta.stride(0) if delta is not None else 0, x.stride(0), eps,
-            HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(h.shape[1]), num_warps=8,
+            HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(h.shape[1]), num_warps=8, **pdl_args(h),
         )
     return x
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, width, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, width, stride_g, stride_u, stride_y, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < width
@@ -102,22 +100,23 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _rows(up, "up")
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
-    if not _triton(gate):
+    if not use_triton(gate):
         return silu_mul_ref(gate, up)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if gate.shape[0]:
         block = 1024
         _silu_mul_kernel[(gate.shape[0], triton.cdiv(gate.shape[1], block))](
-            gate, up, y, gate.shape[1], gate.stride(0), up.stride(0), y.stride(0), BLOCK=block)
+            gate, up, y, gate.shape[1], gate.stride(0), up.stride(0), y.stride(0), BLOCK=block, **pdl_args(y))
     return y
 
 
 @triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, H, KVH,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
-                    stride_c, HALF: tl.constexpr):
+                    stride_c, HALF: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, head): heads [0, H) are q's, [H, H + KVH) k's (rotated, then also stored in
     the cache), the rest v's (copied to the cache)."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     head = tl.program_id(1)
     offs = tl.arange(0, HALF)
@@ -156,7 +155,7 @@ def rope_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch
     into the caches at `slots` (module docstring): one launch for what took a rope kernel and two index copies."""
     _check_rope_kv(q, k, v, cos, sin, k_cache, v_cache)
     dh = q.shape[2]
-    if not _triton(q) or dh & (dh - 1):  # Triton ranges need a power-of-two half
+    if not use_triton(q) or dh & (dh - 1):  # Triton ranges need a power-of-two half
         rope_kv_ref(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
         return
     if q.shape[0] == 0:
@@ -166,6 +165,7 @@ def rope_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch
     _rope_kv_kernel[(q.shape[0], q.shape[1] + 2 * kvh)](
         q, k, v, kc, vc, positions, slots, cos, sin, q.shape[1], kvh, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), cos.stride(0), HALF=dh // 2,
+        **pdl_args(q),
     )
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import _launch
 from ._checks import check_all, check_slices, check_x, check_ys
 from ._meta import (
     RANK_CLASSES,
@@ -116,25 +117,9 @@ def kernel_config(meta: LoraMeta, widths: Sequence[int] = (), override: KernelCo
     )
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
-
-
 def _pad3(items: Sequence, fill=None) -> list:
     items = list(items)
     return items + [items[0] if fill is None else fill] * (3 - len(items))
-
-
-@functools.cache
-def _hopper_or_newer(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def _pdl(t: torch.Tensor) -> bool:
-    """Programmatic dependent launch: compiled CUDA on Hopper or newer, unless HOTLORA_NO_PDL=1."""
-    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HOTLORA_NO_PDL") == "1":
-        return False
-    return _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def lora_shrink(
@@ -245,7 +230,7 @@ def lora_apply_triton(
     """``lora_apply`` through the Triton kernels: two launches, no allocation, no host sync."""
     check_all(ys, x, slices, meta)
     cfg = kernel_config(meta, [sl.b.shape[1] for sl in slices], config)
-    pdl = _pdl(x)  # the expand starts during the shrink, which immediately precedes it
+    pdl = _launch.pdl(x)  # the expand starts during the shrink, which immediately precedes it
     _launch_shrink(x, slices, meta, cfg, pdl)
     _launch_expand(ys, slices, meta, cfg, pdl)
 
@@ -257,7 +242,7 @@ def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[Lor
     CUDA (or HOTLORA_TRITON_CPU=1): Triton; otherwise ``lora_apply_cpu`` (masked-span fp32 matmuls; its
     reference is ``hotlora.kernels.reference.lora_apply_ref``).
     """
-    if _use_triton(x):
+    if _launch.use_triton(x):
         lora_apply_triton(ys, x, slices, meta)
     else:
         check_x(x, slices, meta)
@@ -390,4 +375,5 @@ def _launch_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tenso
             *_pad3(widths, 0), *_pad3(nb_end, nb_end[-1])[:2],
             meta.token_slots, meta.token_pos, meta.row_start, meta.scale, meta.num_slots,
             HAS_BIAS=bias is not None, SPLIT_K=part.shape[0], BLOCK_N=block_n, BLOCK_R=meta.rank_class,
+            **_launch.pdl_args(y),
         )  # fmt: skip

@@ -46,7 +46,6 @@ pool under capture).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import pdl_args, use_triton
 from ._nf4_configs import (
     BY_SMS,
     LARGE_WEIGHT,
@@ -185,10 +185,6 @@ def pack_nf4_group(members: Sequence[NF4Weight]) -> NF4Weight:
                      first.in_features, first.dtype, tuple(s for m in members for s in m.splits))
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
-
-
 def _check(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> None:
     n, k = w.shape
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
@@ -208,7 +204,7 @@ def nf4_dequantize(w: NF4Weight, block_n: int = 32, warps: int = 4, out: torch.T
     if out is not None and (out.shape != (n, k) or out.dtype != w.dtype or out.stride(1) != 1
                             or out.device != w.codes.device):
         raise ValueError(f"out must be a {w.dtype} [{n}, {k}] tensor with unit column stride on {w.codes.device}")
-    if not _use_triton(w.codes):
+    if not use_triton(w.codes):
         y = nf4_dequantize_ref(w)
         return y if out is None else out.copy_(y)
     out = torch.empty(n, k, dtype=w.dtype, device=w.codes.device) if out is None else out
@@ -233,7 +229,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     place of the reduce; it returns True if it wrote y itself (kernels.lora.lora_project adds the LoRA delta
     in the same pass), False to let the reduce run."""
     _check(x, w, bias)
-    if not _use_triton(x):
+    if not use_triton(x):
         y = nf4_matmul_ref(x, w, bias)
         return y if out is None else out.copy_(y)
     m, k = x.shape
@@ -274,7 +270,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        REDUCE=fused, num_warps=cfg.warps, num_stages=cfg.stages,
+        REDUCE=fused, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return part if split > 1 and not fused else None
@@ -320,6 +316,6 @@ def _reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> t
     block = 1024
     nf4_reduce_kernel[(triton.cdiv(m * n, block),)](
         part, bias if bias is not None else y, y, m, n, y.stride(0),
-        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
+        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, **pdl_args(part),
     )
     return y

@@ -7,12 +7,12 @@ hotlora.kernels.attention (the Triton kernel) and hotlora.kernels.reference.page
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from hotlora.kernels.attention import paged_attention as paged_attention_triton
+from hotlora.kernels.attention import use_triton
 from hotlora.kernels.reference import AttentionPlanRef, paged_attention_ref, plan_paged_attention_ref
 
 
@@ -33,11 +33,6 @@ class AttentionMeta:
     # the torch reference's per-step plan, shared by all layers; keyed by the metadata tensors' versions, so
     # static (graph) buffers rewritten in place for the next step never reuse a stale one
     ref_plan: tuple[tuple[int, ...], AttentionPlanRef] | None = field(default=None, repr=False)
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """The Triton kernel on CUDA, or on the CPU under HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1)."""
-    return t.is_cuda or os.environ.get("HOTLORA_TRITON_CPU") == "1"
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
