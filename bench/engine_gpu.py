@@ -150,6 +150,17 @@ def engine_decode_rate(engine: LLMEngine, prompts: list[list[int]], new: int, ad
     return decoded / (time.perf_counter() - t_first)
 
 
+def log_graph_times(graphs, keys, mode: str) -> None:
+    """Device time of one replay of each used step graph, back to back (its static inputs as the last step left
+    them): what a step costs when the host never makes the GPU wait. Against a case's step time (1 / its steps
+    per second) the difference is host time on the critical path."""
+    from triton.testing import do_bench
+
+    for key in keys:
+        ms = do_bench(graphs.buckets[key].graph.replay, warmup=10, rep=100, return_mode="median")
+        log(f"engine ({mode}): graph {key} replay {ms:.3f} ms")
+
+
 def profile_decode(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None]) -> None:
     """Where a decode step's time goes: torch.profiler's top operators by device and by host time."""
     from torch.profiler import ProfilerActivity, profile
@@ -237,6 +248,8 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
         log(f"engine ({mode}): graphs replayed (tokens, decode only, LoRA rank class) {used}, "
             f"capture failure: {graphs.failed}")
     log(f"engine ({mode}): {engine.stats().num_graph_steps} steps from graphs, {engine.eager_steps} eager")
+    if args.graph_times and graphs is not None:
+        log_graph_times(graphs, used, mode)
     if args.profile:
         name = "batch 1, 1 adapter" if args.profile == "batch1" else f"{args.adapters} distinct"
         profile_decode(engine, batches[name], cases[name])
@@ -266,6 +279,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=DEV == "cuda",
                     help="also run hotlora eagerly (no CUDA graphs)")
     ap.add_argument("--batch1", action="store_true", help="also decode one request on one adapter, and one on the base")
+    ap.add_argument("--graph-times", action="store_true",
+                    help="also time one replay of each used step graph (device time of a step, no host)")
     ap.add_argument("--small-batches", type=int, nargs="*", default=[], help="also decode k requests on one adapter")
     ap.add_argument("--long-prompt", type=int, default=0, help="also the distinct case with prompts this long")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
