@@ -8,9 +8,10 @@ Split-K: the shrink programs of one (tile, slice) write fp32 partials; the last 
 counter, reset to 0 by that program, so the next launch or graph replay finds zeros) sums them into
 split 0, so the expand reads one partial.
 
-Programmatic dependent launch (Hopper, ``PDL``): the shrink lets the expand start early; the expand loads
-its tile metadata, output rows and B rows (none of which the shrink writes) and only then waits for the
-shrink's results (``gdc_wait``), so its loads overlap the shrink.
+Programmatic dependent launch (Hopper, ``PDL``): the shrink starts with ``_launch.pdl_enter`` (it waits for
+the kernel before it, then lets the next launch); the expand loads its tile metadata, output rows and B rows
+(none of which the shrink writes) and only then waits for the shrink's results (``gdc_wait``), so its loads
+overlap the shrink: its PDL is for a launch right after the shrink only.
 """
 
 from __future__ import annotations
@@ -50,8 +51,7 @@ def lora_shrink_kernel(
     IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """ws[0, i, pos, :r] = x[tok] @ a_i[rows].T in fp32; program = (tile, split of K, slice)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_enter(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     sl = tl.program_id(2)

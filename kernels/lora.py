@@ -162,7 +162,7 @@ def _launch_shrink(
         in_features, k_per_split,
         SPLIT_K=meta.split_k, BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=cfg.shrink_block_k,
         IEEE=x.dtype == torch.float32, PDL=pdl,
-        num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages,
+        num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
 
@@ -283,7 +283,9 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     check_slices(slices, meta)
     check_x(x, slices, meta)
     cfg = kernel_config(meta, [sl.b.shape[1] for sl in slices])
-    capturing = torch.cuda.is_current_stream_capturing()
+    pdl = _launch.pdl(x)
+    # a small step's shrink runs on the main stream ahead of base(), chained to it by PDL (_side_min_tokens)
+    capturing = torch.cuda.is_current_stream_capturing() and x.shape[0] >= _side_min_tokens()
     main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
     done: list[str] = []  # "joined", "finished"
 
@@ -298,12 +300,12 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
         return True
 
     if not capturing:
-        _launch_shrink(x, slices, meta, cfg)
+        _launch_shrink(x, slices, meta, cfg, pdl)
         ys = base(finish)
     else:
         side.wait_stream(main)  # x and the workspace's previous readers are done
         with torch.cuda.stream(side):
-            _launch_shrink(x, slices, meta, cfg)
+            _launch_shrink(x, slices, meta, cfg, pdl)
         ys = base(finish)
         if "joined" not in done:
             main.wait_stream(side)  # nothing on main reuses x's memory or the workspace before the shrink is done
@@ -319,6 +321,19 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
 # 1,700 against 1,748, batch 16 3,001 against 3,318; batch 32 lost 11-17% (sixth session). Steps of up to 4
 # tokens take it. HOTLORA_LORA_FINISH overrides it: 0 turns the finish off, K lets steps of up to K tokens take it.
 FINISH_MAX_TOKENS = 4
+
+
+def _side_min_tokens() -> int:
+    """Steps with fewer tokens run the shrink on the main stream under graph capture too (as eagerly): a fork and a
+    join per projection cost more than the overlap saves there. HOTLORA_LORA_SIDE_MIN_TOKENS overrides it."""
+    raw = os.environ.get("HOTLORA_LORA_SIDE_MIN_TOKENS")
+    try:
+        return SIDE_MIN_TOKENS if raw is None else int(raw)
+    except ValueError:
+        raise ValueError(f"HOTLORA_LORA_SIDE_MIN_TOKENS must be a token count, got {raw!r}") from None
+
+
+SIDE_MIN_TOKENS = 0
 
 
 def _finish_limit() -> int:
