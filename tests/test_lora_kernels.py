@@ -14,6 +14,7 @@ import torch
 from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
 
 from hotlora.kernels import lora as lora_mod
+from hotlora.kernels import lora_project as project_mod
 from hotlora.kernels.lora import (
     KernelConfig,
     LoraSlice,
@@ -284,11 +285,11 @@ def test_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
     else:
         monkeypatch.setenv("HOTLORA_LORA_FINISH", env)
     case = make_case(torch.float32, 40, (24, 8), 8, 6, "uniform")
-    assert lora_mod.FINISH_MAX_TOKENS == 4
-    got = [t for t in (1, 4, 32) if lora_mod._fuse_finish(torch.zeros(2, t, 32), torch.zeros(t, 32), case.slices)]
+    assert project_mod.FINISH_MAX_TOKENS == 4
+    got = [t for t in (1, 4, 32) if project_mod._fuse_finish(torch.zeros(2, t, 32), torch.zeros(t, 32), case.slices)]
     assert got == taken
-    assert not lora_mod._fuse_finish(torch.zeros(2, 1, 40), torch.zeros(1, 40), case.slices)  # wider than slices
-    assert not lora_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 64)[:, ::2], case.slices)  # strided
+    assert not project_mod._fuse_finish(torch.zeros(2, 1, 40), torch.zeros(1, 40), case.slices)  # wider than slices
+    assert not project_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 64)[:, ::2], case.slices)  # strided
     monkeypatch.setenv("HOTLORA_LORA_FINISH", "on")
     with pytest.raises(ValueError, match="HOTLORA_LORA_FINISH must be a token count"):
-        lora_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 32), case.slices)
+        project_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 32), case.slices)

@@ -11,6 +11,8 @@ import torch
 from lora_cases import POPULARITY, TOLERANCE, assert_matches, make_case
 
 from hotlora.kernels import lora as lora_mod
+from hotlora.kernels import lora_project as lora_project_mod
+from hotlora.kernels._launch import pdl
 from hotlora.kernels.lora import build_lora_meta, lora_apply, lora_project, refresh_lora_meta
 from hotlora.kernels.reference import lora_apply_ref
 
@@ -111,8 +113,9 @@ def test_cuda_graph_capture_and_replay(meta_in_graph):
 
 @pytest.mark.parametrize("overlap", ["1", "0"])
 def test_lora_project_in_graph(overlap, monkeypatch):
-    """lora_project captured in a graph (the shrink on a side stream beside the base matmul, or after it with
-    HOTLORA_LORA_OVERLAP=0) equals base + lora_apply_ref, replayed over new inputs."""
+    """lora_project captured in a graph (the shrink beside the base matmul: on the same stream with PDL, else on
+    a side stream; or after it with HOTLORA_LORA_OVERLAP=0) equals base + lora_apply_ref, replayed over new
+    inputs."""
     monkeypatch.setenv("HOTLORA_LORA_OVERLAP", overlap)
     in_features, outs = SIZES["qkv"]
     case = make_case(torch.bfloat16, in_features, outs, "mixed", 32, "distinct", num_slots=32, device="cuda")
@@ -131,7 +134,7 @@ def test_lora_project_in_graph(overlap, monkeypatch):
         result["ys"] = lora_project(lambda finish: case.ys(case.x @ w.T), case.x, case.slices, meta)
 
     graph, warm, capture = _warm_up_and_capture(step)
-    assert (shrink_streams[-1] != capture) == (overlap == "1")
+    assert (shrink_streams[-1] != capture) == (overlap == "1" and not pdl(case.x))
     assert shrink_streams[0] == warm  # the eager warm-up never forks
     _assert_replays(case, meta, graph, result, lambda: case.x @ w.T)
 
@@ -166,14 +169,14 @@ def _assert_replays(case, meta, graph, result, base_of) -> None:
         assert (got - expected.double()).norm().item() / delta < TOLERANCE[torch.bfloat16]
 
 
-def _spy(monkeypatch, name: str, calls: list[str]) -> None:
-    real = getattr(lora_mod, name)
+def _spy(monkeypatch, module, name: str, calls: list[str]) -> None:
+    real = getattr(module, name)
 
     def spy(*args, **kw):
         calls.append(name)
         return real(*args, **kw)
 
-    monkeypatch.setattr(lora_mod, name, spy)
+    monkeypatch.setattr(module, name, spy)
 
 
 @pytest.mark.parametrize("finish", ["4", "0", "32"])
@@ -195,8 +198,8 @@ def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatc
     dense = torch.randn(sum(outs), in_features, device="cuda", dtype=torch.bfloat16) * in_features**-0.5
     w = pack_nf4(*bnbF.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4"))
     launches, result = [], {}
-    for name in ("_launch_finish", "_launch_expand"):
-        _spy(monkeypatch, name, launches)
+    _spy(monkeypatch, lora_project_mod, "_launch_finish", launches)
+    _spy(monkeypatch, lora_mod, "_launch_expand", launches)
 
     def step() -> None:
         base = lambda fin: list(nf4_matmul(case.x, w, finish=fin).split(list(outs), dim=1))  # noqa: E731

@@ -1,0 +1,166 @@
+"""A projection's base output and its LoRA delta together (``lora_project``), and the base matmul's split-K sums
+with the LoRA expand in one launch (``lora_finish``); re-exported by hotlora.kernels.lora, whose launchers it
+calls through that module."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import _launch
+from . import lora as _lora
+from ._checks import check_slices, check_x, check_ys
+from ._meta import LoraMeta, LoraSlice
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _overlap(x: torch.Tensor) -> bool:
+    """Shrink beside the base matmul (CUDA; off with HOTLORA_LORA_OVERLAP=0)."""
+    return x.is_cuda and os.environ.get("HOTLORA_LORA_OVERLAP", "1") != "0"
+
+
+class _Finish:
+    """The finish hook lora_project hands base() for kernels.nf4.nf4_matmul: the split-K sums and the expand in
+    one launch when the output is exactly the slices' (after the join with the side stream, if any), and, with
+    PDL, leave to the first matmul after the shrink to start beside it (claim_early)."""
+
+    def __init__(self, slices: Sequence[LoraSlice], meta: LoraMeta, early: bool,
+                 join: tuple[torch.cuda.Stream, torch.cuda.Stream] | None) -> None:  # fmt: skip
+        self.slices, self.meta, self.early, self.join = slices, meta, early, join
+        self.joined = self.finished = False
+
+    def claim_early(self) -> bool:
+        """True to the first launch that asks (it directly follows the shrink), False after."""
+        early, self.early = self.early, False
+        return early
+
+    def __call__(self, part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
+        if not _fuse_finish(part, y, self.slices):
+            return False
+        if self.join is not None:
+            main, side = self.join
+            main.wait_stream(side)  # the shrink's workspace is complete
+            self.joined = True
+        _launch_finish(part, bias, y, self.slices, self.meta)
+        self.finished = True
+        return True
+
+
+def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slices: Sequence[LoraSlice],
+                 meta: LoraMeta) -> list[torch.Tensor]:
+    """ys = base(finish) (the projections' base outputs from x, as column views of one output when fused), then
+    ``lora_apply(ys, x, slices, meta)``; returns ys.
+
+    On CUDA the shrink, which needs only x, runs beside base()'s matmul (both are memory-bound and neither fills
+    the GPU at decode sizes):
+    - with PDL (Hopper; kernels._launch), on the same stream: the shrink is launched first, waits for x, lets
+      the matmul launch, and the matmul starts early, beside it (it waits for the shrink only at its end). No
+      fork, no join, eagerly and in a graph alike;
+    - else while a graph is captured, on a side stream: the fork and join are graph edges. Eagerly (a graph's
+      warm-up, or the eager fallback) the kernels then run one after another: two event calls per projection
+      would cost more host time than the overlap saves.
+    The expand runs without PDL: its prologue reads ys, which base() writes.
+
+    `finish`: base() passes it to the NF4 matmul (kernels.nf4.nf4_matmul), which calls it in place of its
+    split-K reduce; if the whole output is one with the slices, the join (if any) moves before it and
+    ``lora_finish`` sums the splits and adds the delta in one launch, and no expand follows
+    (HOTLORA_LORA_FINISH: see there).
+    """
+    if not _overlap(x):
+        ys = base(None)
+        _lora.lora_apply(ys, x, slices, meta)
+        return ys
+    check_slices(slices, meta)
+    check_x(x, slices, meta)
+    cfg = _lora.kernel_config(meta, [sl.b.shape[1] for sl in slices])
+    pdl = _launch.pdl(x)
+    if pdl or not torch.cuda.is_current_stream_capturing():
+        hook = _Finish(slices, meta, early=pdl, join=None)
+        _lora._launch_shrink(x, slices, meta, cfg, pdl)
+        ys = base(hook)
+    else:
+        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        hook = _Finish(slices, meta, early=False, join=(main, side))
+        side.wait_stream(main)  # x and the workspace's previous readers are done
+        with torch.cuda.stream(side):
+            _lora._launch_shrink(x, slices, meta, cfg)
+        ys = base(hook)
+        if not hook.joined:
+            main.wait_stream(side)  # nothing on main reuses x's memory or the workspace before the shrink is done
+    check_ys(ys, slices, meta)
+    if not hook.finished:
+        _lora._launch_expand(ys, slices, meta, cfg)
+    return ys
+
+
+# One program per token, B read once per token and no tensor cores. On the H200 (bench/engine_gpu.py, one
+# adapter, decode tok/s, the finish up to 16 tokens against up to 1 in one call): batch 1 244 either way (244
+# against 234 with the finish off, sixth session), batch 2 470 against 456, batch 4 911 against 900, batch 8
+# 1,700 against 1,748, batch 16 3,001 against 3,318; batch 32 lost 11-17% (sixth session). Steps of up to 4
+# tokens take it. HOTLORA_LORA_FINISH overrides it: 0 turns the finish off, K lets steps of up to K tokens take it.
+FINISH_MAX_TOKENS = 4
+
+
+def _finish_limit() -> int:
+    raw = os.environ.get("HOTLORA_LORA_FINISH")
+    if raw is None:
+        return FINISH_MAX_TOKENS
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"HOTLORA_LORA_FINISH must be a token count (0: off), got {raw!r}") from None
+
+
+def _fuse_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
+    return (part.shape[1] <= _finish_limit() and y.shape[1] == sum(sl.b.shape[1] for sl in slices)
+            and y.stride(1) == 1)
+
+
+def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
+                meta: LoraMeta) -> None:
+    """A base matmul's split-K sums and the LoRA expand in one Triton launch, reading meta.workspace as written
+    by ``lora_shrink``. part: fp32 [split, T, N], N = sum(out_i) (slice i's columns follow slice i - 1's);
+    bias [N] or None; y [T, N], unit column stride. For every token t (p its sorted position, s its slot):
+        y[t] = part[:, t].sum(0) (+ bias)                        in fp32
+        for each slice i with s >= 0 and r = rank_i[s] > 0 (cols: slice i's columns, rows: slot s's rows):
+            y[t, cols] += scale[s] * meta.workspace[0, i, p, :r] @ slices[i].b[rows].float()
+        y[t] rounded to y's dtype once
+    """
+    check_slices(slices, meta)
+    widths = [sl.b.shape[1] for sl in slices]
+    if part.dim() != 3 or part.dtype != torch.float32 or part.shape[1:] != (meta.num_tokens, sum(widths)):
+        raise ValueError(f"part must be fp32 [split, {meta.num_tokens}, {sum(widths)}], got "
+                         f"{tuple(part.shape)} {part.dtype}")
+    if y.shape != part.shape[1:] or y.stride(1) != 1 or (bias is not None and bias.shape != (y.shape[1],)):
+        raise ValueError(f"y [{meta.num_tokens}, {sum(widths)}] with unit column stride and bias [N] expected")
+    if part.stride(2) != 1:
+        raise ValueError("part needs unit column stride")
+    _launch_finish(part, bias, y, slices, meta)
+
+
+def _launch_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
+                   meta: LoraMeta) -> None:
+    from ._lora_triton import lora_finish_kernel
+
+    widths = [sl.b.shape[1] for sl in slices]
+    block_n = 128
+    nb_end = _lora._column_blocks(widths, block_n)
+    ws, b, ranks = meta.workspace, _lora._pad3([sl.b for sl in slices]), _lora._pad3([sl.rank for sl in slices])
+    if y.shape[0]:
+        lora_finish_kernel[(y.shape[0], nb_end[-1])](
+            part, part.stride(0), part.stride(1), bias if bias is not None else y, y, y.stride(0),
+            ws, ws.stride(1), ws.stride(2),
+            *b, *(t.stride(0) for t in b),
+            *ranks,
+            *_lora._pad3(widths, 0), *_lora._pad3(nb_end, nb_end[-1])[:2],
+            meta.token_slots, meta.token_pos, meta.row_start, meta.scale, meta.num_slots,
+            HAS_BIAS=bias is not None, SPLIT_K=part.shape[0], BLOCK_N=block_n, BLOCK_R=meta.rank_class,
+            **_launch.pdl_args(y),
+        )  # fmt: skip
