@@ -42,7 +42,7 @@ def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
                   SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
                   ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even, REDUCE=cfg.fused_reduce and cfg.split_k > 1,
-                  PDL=1, X_CACHE="")
+                  PDL=True)
     signature = {**POINTERS, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
     aligned = [*POINTERS, *(s for s in SCALARS if s != "M")]

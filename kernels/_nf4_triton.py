@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import pdl_enter, pdl_exit
+from ._launch import pdl_enter
 from .reference import NF4_NIBBLE
 
 # PRMT: the register lookup, table words from lut; PRMT_IMM: the same lookup with the table as immediates and the
@@ -175,21 +175,21 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
 
 @triton.jit
 def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, valid, K, NUM_G,
-                stride_xm, stride_wn, stride_an, EVEN: tl.constexpr, X_CACHE: tl.constexpr):
+                stride_xm, stride_wn, stride_an, EVEN: tl.constexpr):
     """Everything one 128-column group g needs: x's two [BLOCK_M, 64] halves, the weight bytes, the scales.
     Nothing is read where `valid` is False or g is past the last group (split-K slices may run past it).
     EVEN: N is a multiple of BLOCK_N, K of 128 and the groups of SPLIT_K, so only x's rows and `valid`
-    need masks (~10% of the loop's instructions at M=16). X_CACHE: x's load cache modifier."""
+    need masks (~10% of the loop's instructions at M=16)."""
     offs_k = g * 128 + tl.arange(0, 64)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     mask_x = mask_m[:, None] & valid
     if EVEN:
-        x_hi = tl.load(x_ptrs, mask=mask_x, other=0.0, cache_modifier=X_CACHE)
-        x_lo = tl.load(x_ptrs + 64, mask=mask_x, other=0.0, cache_modifier=X_CACHE)
+        x_hi = tl.load(x_ptrs, mask=mask_x, other=0.0)
+        x_lo = tl.load(x_ptrs + 64, mask=mask_x, other=0.0)
         rows = None
     else:
-        x_hi = tl.load(x_ptrs, mask=mask_x & (offs_k[None, :] < K), other=0.0, cache_modifier=X_CACHE)
-        x_lo = tl.load(x_ptrs + 64, mask=mask_x & (offs_k[None, :] + 64 < K), other=0.0, cache_modifier=X_CACHE)
+        x_hi = tl.load(x_ptrs, mask=mask_x & (offs_k[None, :] < K), other=0.0)
+        x_lo = tl.load(x_ptrs + 64, mask=mask_x & (offs_k[None, :] + 64 < K), other=0.0)
         rows = mask_n & (g < NUM_G)
     raw = _group_bytes(w_ptr, offs_n, rows, valid, g, stride_wn)
     a_hi, a_lo = _group_scales(absmax_ptr, offs_n, rows, valid, g, stride_an)
@@ -238,7 +238,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                       SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr, X_CACHE: tl.constexpr):
+                      EVEN: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
@@ -247,8 +247,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     i+1's loads before group i's math (register double-buffering). With SPLIT_K > 1 each program writes its
     K-slice's fp32 sum to part[pid_k], and nf4_reduce_kernel finishes; or (REDUCE) the tile's last program to
     arrive (count_ptr[tile], back to 0 after) sums the slices in nf4_reduce_kernel's order and writes y. EVEN:
-    no masks on the weight and K (_load_group). PDL: launched with kernels._launch.pdl_args; an early launch
-    (PDL_EARLY) reads x with X_CACHE ".cg" (through L2) and waits for the kernel before it at its end.
+    no masks on the weight and K (_load_group). PDL: launched with kernels._launch.pdl_args.
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -272,18 +271,18 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     tab = _prmt_table(lut_ptr, LOOKUP, TABLE_REGS)
     if PREFETCH:
         xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0, True,
-                                          K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, X_CACHE)
+                                          K, NUM_G, stride_xm, stride_wn, stride_an, EVEN)
         for i in range(ITERS):  # constexpr: the interpreter cannot loop over a run-time scalar argument
             nxh, nxl, nraw, nah, nal = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n,
                                                    g0 + i + 1, i + 1 < ITERS, K, NUM_G, stride_xm, stride_wn,
-                                                   stride_an, EVEN, X_CACHE)
+                                                   stride_an, EVEN)
             acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
                               LOOKUP, V_DTYPE)
             xh, xl, raw, ah, al = nxh, nxl, nraw, nah, nal
     else:
         for i in range(ITERS):
             xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i,
-                                              True, K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, X_CACHE)
+                                              True, K, NUM_G, stride_xm, stride_wn, stride_an, EVEN)
             acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
                               LOOKUP, V_DTYPE)
     if SWAP_AB:
@@ -305,7 +304,6 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
             tl.atomic_xchg(count_ptr + pid, 0, mask=last, sem="relaxed")
     else:
         _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS)
-    pdl_exit(PDL)
 
 
 @triton.jit
@@ -319,13 +317,14 @@ def _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_n, mask, stride_ym, HAS_
 @triton.jit
 def nf4_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """y[m, n] = sum_k part[k, m, n] (+ bias[n]), in a fixed order (deterministic)."""
+    """y[m, n] = sum_k part[k, m, n] (+ bias[n]), in a fixed order (deterministic). The sums are read through
+    L2 (.cg): they may come from a kernel two launches back (kernels.lora_project's early shrink between)."""
     pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0)
+        acc += tl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
     n = offs % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)

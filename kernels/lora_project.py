@@ -27,21 +27,20 @@ def _overlap(x: torch.Tensor) -> bool:
 
 
 class _Finish:
-    """The finish hook lora_project hands base() for kernels.nf4.nf4_matmul: the split-K sums and the expand in
-    one launch when the output is exactly the slices' (after the join with the side stream, if any), and, with
-    PDL, leave to the first matmul after the shrink to start beside it (claim_early)."""
+    """The finish hook lora_project hands base() for kernels.nf4.nf4_matmul, called right after the matmul's
+    launch: with PDL, first the shrink, launched early (beside the matmul, once the matmul has let it start);
+    then the split-K sums and the expand in one launch when the output is exactly the slices' (after the join
+    with the side stream, if any)."""
 
-    def __init__(self, slices: Sequence[LoraSlice], meta: LoraMeta, early: bool,
+    def __init__(self, slices: Sequence[LoraSlice], meta: LoraMeta, shrink: Callable[[], None] | None,
                  join: tuple[torch.cuda.Stream, torch.cuda.Stream] | None) -> None:  # fmt: skip
-        self.slices, self.meta, self.early, self.join = slices, meta, early, join
+        self.slices, self.meta, self.shrink, self.join = slices, meta, shrink, join
         self.joined = self.finished = False
 
-    def claim_early(self) -> bool:
-        """True to the first launch that asks (it directly follows the shrink), False after."""
-        early, self.early = self.early, False
-        return early
-
     def __call__(self, part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
+        if self.shrink is not None:
+            self.shrink()
+            self.shrink = None
         if not _fuse_finish(part, y, self.slices):
             return False
         if self.join is not None:
@@ -60,9 +59,10 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
 
     On CUDA the shrink, which needs only x, runs beside base()'s matmul (both are memory-bound and neither fills
     the GPU at decode sizes):
-    - with PDL (Hopper; kernels._launch), on the same stream: the shrink is launched first, waits for x, lets
-      the matmul launch, and the matmul starts early, beside it (it waits for the shrink only at its end). No
-      fork, no join, eagerly and in a graph alike;
+    - with PDL (Hopper; kernels._launch), on the same stream: the NF4 matmul waits for x and lets the next
+      kernel launch; that is the shrink (the finish hook launches it first), early: it runs beside the matmul
+      and waits for it only at its end. No fork, no join, eagerly and in a graph alike. A base that calls no
+      finish hook (bf16, or dense NF4 at large M) gets the shrink after it;
     - else while a graph is captured, on a side stream: the fork and join are graph edges. Eagerly (a graph's
       warm-up, or the eager fallback) the kernels then run one after another: two event calls per projection
       would cost more host time than the overlap saves.
@@ -81,13 +81,18 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     check_x(x, slices, meta)
     cfg = _lora.kernel_config(meta, [sl.b.shape[1] for sl in slices])
     pdl = _launch.pdl(x)
-    if pdl or not torch.cuda.is_current_stream_capturing():
-        hook = _Finish(slices, meta, early=pdl, join=None)
-        _lora._launch_shrink(x, slices, meta, cfg, pdl)
+    if pdl:
+        hook = _Finish(slices, meta, lambda: _lora._launch_shrink(x, slices, meta, cfg, pdl, early=True), None)
+        ys = base(hook)
+        if hook.shrink is not None:  # no hook call: the shrink after the base
+            _lora._launch_shrink(x, slices, meta, cfg, pdl)
+    elif not torch.cuda.is_current_stream_capturing():
+        hook = _Finish(slices, meta, None, None)
+        _lora._launch_shrink(x, slices, meta, cfg)
         ys = base(hook)
     else:
         main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-        hook = _Finish(slices, meta, early=False, join=(main, side))
+        hook = _Finish(slices, meta, None, (main, side))
         side.wait_stream(main)  # x and the workspace's previous readers are done
         with torch.cuda.stream(side):
             _lora._launch_shrink(x, slices, meta, cfg)

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import PDL_EARLY, pdl_args, use_triton
+from ._launch import pdl_args, use_triton
 from ._nf4_configs import (
     BY_SMS,
     LARGE_WEIGHT,
@@ -227,12 +227,8 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
 
     finish: when the launch splits K, called as finish(part, bias, y) (part: the fp32 sums [split, M, N]) in
     place of the reduce; it returns True if it wrote y itself (kernels.lora.lora_project adds the LoRA delta
-    in the same pass), False to let the reduce run. If it has a claim_early() method, returning True (once)
-    when this is the first launch after its LoRA shrink, the tiled kernel is launched early (kernels._launch:
-    PDL_EARLY), beside the shrink, which waited for x's producer before letting it start."""
+    in the same pass), False to let the reduce run."""
     _check(x, w, bias)
-    claim = getattr(finish, "claim_early", None)
-    early = claim is not None and claim()  # claimed by this call whatever path it takes: only it follows the shrink
     if not use_triton(x):
         y = nf4_matmul_ref(x, w, bias)
         return y if out is None else out.copy_(y)
@@ -245,20 +241,16 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
-    if cfg.gemv:
-        part = _launch_gemv(x, w, bias, y, cfg)
-    else:
-        part = _launch(x, w, bias, y, cfg, keep_parts=finish is not None, early=early)
+    part = _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg, keep_parts=finish is not None)
     if part is not None and not (finish is not None and finish(part, bias, y)):
         _reduce(part, bias, y)
     return y
 
 
 def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
-            cfg: Nf4Config, keep_parts: bool = False, early: bool = False) -> torch.Tensor | None:
+            cfg: Nf4Config, keep_parts: bool = False) -> torch.Tensor | None:
     """The matmul kernel writing y, or (split K, unless it sums them itself: cfg.fused_reduce and not
-    keep_parts) its fp32 sums, returned for the reduce. early: launched beside the kernel before it
-    (nf4_matmul's finish.claim_early)."""
+    keep_parts) its fp32 sums, returned for the reduce."""
     m, k = x.shape
     n = w.shape[0]
     split = cfg.split_k
@@ -271,7 +263,6 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     lookup = cfg.lookup if not exact and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     lut = _lookup_table(x.device, torch.float32 if exact else x.dtype, lookup)
     even = cfg.even and n % cfg.block_n == 0 and k % 128 == 0 and groups % split == 0
-    launch = pdl_args(x, early)
     nf4_matmul_kernel[grid](
         x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part, counts,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
@@ -279,8 +270,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        REDUCE=fused, X_CACHE=".cg" if launch["PDL"] == PDL_EARLY else "", num_warps=cfg.warps,
-        num_stages=cfg.stages, **launch,
+        REDUCE=fused, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return part if split > 1 and not fused else None
