@@ -7,13 +7,6 @@ kernel must start with ``pdl_enter(PDL)``: every program waits there until the k
 and its writes are visible, before it reads or writes anything, so a kernel's completion still implies its
 predecessor's. Under CUDA-graph capture the launch attribute becomes a programmatic edge of the graph.
 HOTLORA_NO_PDL=1 turns it off (launches as before, the waits compile away).
-
-An early kernel (PDL_EARLY) does not wait at its start, only at its end: it may run beside the kernel before it.
-That is correct only where that kernel waited for everything the early one reads before letting it launch
-(a PDL_WAIT kernel launches its dependents after its own wait), where the early kernel reads nothing the
-kernel before it writes (it reads inputs through L2, not a stale L1 line), and writes nothing that kernel
-reads: kernels.lora_project launches the LoRA shrink and then the projection's base matmul so (kernels.nf4).
-Waiting at its end keeps "a kernel has completed, so has the one before it" true for the kernel after it.
 """
 
 from __future__ import annotations
@@ -45,29 +38,15 @@ def pdl(t: torch.Tensor) -> bool:
     return _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-PDL_OFF, PDL_WAIT, PDL_EARLY = 0, 1, 2  # a kernel's PDL constexpr
-
-
-def pdl_args(t: torch.Tensor, early: bool = False) -> dict:
-    """Launch keywords of a kernel that starts with pdl_enter(PDL) (and, if it may be early, ends with
-    pdl_exit(PDL)): its PDL constexpr and Triton's launch flag."""
-    if not pdl(t):
-        return {"PDL": PDL_OFF}
-    return {"PDL": PDL_EARLY if early else PDL_WAIT, "launch_pdl": True}
+def pdl_args(t: torch.Tensor) -> dict:
+    """Launch keywords of a kernel that starts with pdl_enter(PDL): its PDL constexpr and Triton's launch flag."""
+    return {"PDL": True, "launch_pdl": True} if pdl(t) else {"PDL": False}
 
 
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
-    """A PDL kernel's first statement (module docstring): wait for the kernel before it (not if early), then let
-    the next one be scheduled (its programs wait in turn)."""
-    if PDL == 1:
+    """A PDL kernel's first statement (module docstring): wait for the kernel before it, then let the next one
+    be scheduled (its programs wait in turn)."""
+    if PDL:
         tl.extra.cuda.gdc_wait()
-    if PDL != 0:
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_exit(PDL: tl.constexpr):
-    """An early kernel's last statement: wait for the kernel before it, so that this one completes after it."""
-    if PDL == 2:
-        tl.extra.cuda.gdc_wait()

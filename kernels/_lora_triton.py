@@ -9,8 +9,7 @@ counter, reset to 0 by that program, so the next launch or graph replay finds ze
 split 0, so the expand reads one partial.
 
 Programmatic dependent launch (Hopper, ``PDL``): the shrink starts with ``_launch.pdl_enter`` (it waits for
-the kernel before it, then lets the next launch; or, early, right after the base matmul it runs beside, it waits
-for that matmul at its exits); the expand loads its tile metadata, output rows and B rows
+the kernel before it, then lets the next launch); the expand loads its tile metadata, output rows and B rows
 (none of which the shrink writes) and only then waits for the shrink's results (``gdc_wait``), so its loads
 overlap the shrink: its PDL is for a launch right after the shrink only.
 """
@@ -21,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _interp_compat
-from ._launch import pdl_enter, pdl_exit
+from ._launch import pdl_enter
 
 _interp_compat.install()
 
@@ -49,18 +48,15 @@ def lora_shrink_kernel(
     count_ptr, sorted_ptr, tile_info_ptr,
     K, k_per_split,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr, PDL: tl.constexpr, X_CACHE: tl.constexpr,
+    IEEE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """ws[0, i, pos, :r] = x[tok] @ a_i[rows].T in fp32; program = (tile, split of K, slice). Launched early
-    (PDL_EARLY, beside the matmul that waited for x), it reads x with X_CACHE ".cg" and waits for that matmul at
-    every exit."""
+    """ws[0, i, pos, :r] = x[tok] @ a_i[rows].T in fp32; program = (tile, split of K, slice)."""
     pdl_enter(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     sl = tl.program_id(2)
     slot, row0, pos, m_mask, tok = _tile(tile_info_ptr, tile, sorted_ptr, BLOCK_M)
     if slot < 0:
-        pdl_exit(PDL)
         return
     # pick the slice's tensors (an if-chain: Triton has no pointer arrays)
     if sl == 0:
@@ -71,7 +67,6 @@ def lora_shrink_kernel(
         rank_ptr, a_ptr, stride_a = rank2_ptr, a2_ptr, stride_a2
     rank = tl.load(rank_ptr + slot)
     if rank == 0:
-        pdl_exit(PDL)
         return
     k_lo = split * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -85,8 +80,7 @@ def lora_shrink_kernel(
         for k in range(k_lo, k_hi, BLOCK_K):
             offs_k = k + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
-            xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0,
-                         cache_modifier=X_CACHE)
+            xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_rows + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             if IEEE:
                 acc += tl.dot(xt, tl.trans(at), input_precision="ieee")
@@ -108,7 +102,6 @@ def lora_shrink_kernel(
                     h += tl.load(part, mask=hm, other=0.0, cache_modifier=".cg")
                 tl.store(ws_rows + offs_r[None, :], h, mask=hm)
             tl.atomic_xchg(counter, 0, sem="relaxed")
-    pdl_exit(PDL)
 
 
 @triton.jit
@@ -195,10 +188,9 @@ def lora_finish_kernel(
     offs_n = (nb - first) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_out
     cols = col0 + offs_n
-    acc = tl.load(part_ptr + t * stride_part_t + cols, mask=n_mask, other=0.0, cache_modifier=".cg")
-    for s in tl.static_range(1, SPLIT_K):  # through L2: the sums may come from two launches back (early shrink)
-        acc += tl.load(part_ptr + s * stride_part_split + t * stride_part_t + cols, mask=n_mask, other=0.0,
-                       cache_modifier=".cg")
+    acc = tl.load(part_ptr + t * stride_part_t + cols, mask=n_mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * stride_part_split + t * stride_part_t + cols, mask=n_mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
     slot = tl.load(slots_ptr + t)
@@ -210,7 +202,7 @@ def lora_finish_kernel(
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < rank
-            h = tl.load(h_row + offs_r, mask=r_mask, other=0.0, cache_modifier=".cg")
+            h = tl.load(h_row + offs_r, mask=r_mask, other=0.0)
             bt = tl.load(b_ptr + (row0 + offs_r)[:, None] * stride_b + offs_n[None, :],
                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             delta += tl.sum(h[:, None] * bt.to(tl.float32), axis=0)

@@ -317,14 +317,13 @@ def _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_n, mask, stride_ym, HAS_
 @triton.jit
 def nf4_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """y[m, n] = sum_k part[k, m, n] (+ bias[n]), in a fixed order (deterministic). The sums are read through
-    L2 (.cg): they may come from a kernel two launches back (kernels.lora_project's early shrink between)."""
+    """y[m, n] = sum_k part[k, m, n] (+ bias[n]), in a fixed order (deterministic)."""
     pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        acc += tl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0)
     n = offs % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)

@@ -138,10 +138,8 @@ def lora_shrink(
 
 
 def _launch_shrink(
-    x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False,
-    early: bool = False,
+    x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False
 ) -> None:
-    """pdl: a PDL launch (kernels._launch); early: PDL_EARLY, right after a kernel that waited for x."""
     from triton import cdiv
 
     from ._lora_triton import lora_shrink_kernel
@@ -161,9 +159,8 @@ def _launch_shrink(
         meta.split_count, meta.sorted_tokens, meta.tile_info,
         in_features, k_per_split,
         SPLIT_K=meta.split_k, BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=cfg.shrink_block_k,
-        IEEE=x.dtype == torch.float32, X_CACHE=".cg" if pdl and early else "",
-        num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages,
-        **(_launch.pdl_args(x, early) if pdl else {"PDL": _launch.PDL_OFF}),
+        IEEE=x.dtype == torch.float32, PDL=pdl,
+        num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
 

@@ -27,20 +27,15 @@ def _overlap(x: torch.Tensor) -> bool:
 
 
 class _Finish:
-    """The finish hook lora_project hands base() for kernels.nf4.nf4_matmul, called right after the matmul's
-    launch: with PDL, first the shrink, launched early (beside the matmul, once the matmul has let it start);
-    then the split-K sums and the expand in one launch when the output is exactly the slices' (after the join
-    with the side stream, if any)."""
+    """The finish hook lora_project hands base() for kernels.nf4.nf4_matmul: the split-K sums and the expand in
+    one launch when the output is exactly the slices' (after the join with the side stream, if any)."""
 
-    def __init__(self, slices: Sequence[LoraSlice], meta: LoraMeta, shrink: Callable[[], None] | None,
+    def __init__(self, slices: Sequence[LoraSlice], meta: LoraMeta,
                  join: tuple[torch.cuda.Stream, torch.cuda.Stream] | None) -> None:  # fmt: skip
-        self.slices, self.meta, self.shrink, self.join = slices, meta, shrink, join
+        self.slices, self.meta, self.join = slices, meta, join
         self.joined = self.finished = False
 
     def __call__(self, part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
-        if self.shrink is not None:
-            self.shrink()
-            self.shrink = None
         if not _fuse_finish(part, y, self.slices):
             return False
         if self.join is not None:
@@ -57,16 +52,15 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     """ys = base(finish) (the projections' base outputs from x, as column views of one output when fused), then
     ``lora_apply(ys, x, slices, meta)``; returns ys.
 
-    On CUDA the shrink, which needs only x, runs beside base()'s matmul (both are memory-bound and neither fills
-    the GPU at decode sizes):
-    - with PDL (Hopper; kernels._launch), on the same stream: the NF4 matmul waits for x and lets the next
-      kernel launch; that is the shrink (the finish hook launches it first), early: it runs beside the matmul
-      and waits for it only at its end. No fork, no join, eagerly and in a graph alike. A base that calls no
-      finish hook (bf16, or dense NF4 at large M) gets the shrink after it;
-    - else while a graph is captured, on a side stream: the fork and join are graph edges. Eagerly (a graph's
-      warm-up, or the eager fallback) the kernels then run one after another: two event calls per projection
-      would cost more host time than the overlap saves.
-    The expand runs without PDL: its prologue reads ys, which base() writes.
+    On CUDA, while a graph is captured, the shrink, which needs only x, runs on a side stream beside base()
+    (both are memory-bound and neither fills the GPU at decode sizes) and the expand follows the join; the
+    fork and join are graph edges. Eagerly (a graph's warm-up, or the eager fallback) the same kernels run
+    one after another on the current stream: two event calls per projection would cost more host time than
+    the overlap saves, and the warm-up must compile exactly the variants the capture launches. The expand
+    runs without PDL: its prologue reads ys, which base() writes. Measured on the H200 (BENCHMARKS.md, ninth
+    session), the side stream beat two single-stream orders chained by programmatic dependent launch: the
+    shrink before the matmul, the matmul launched early beside it (+3.5% with 32 distinct adapters, 5-7%
+    slower with one), and the matmul first, the shrink launched early beside it (2-7% slower everywhere).
 
     `finish`: base() passes it to the NF4 matmul (kernels.nf4.nf4_matmul), which calls it in place of its
     split-K reduce; if the whole output is one with the slices, the join (if any) moves before it and
@@ -80,22 +74,17 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     check_slices(slices, meta)
     check_x(x, slices, meta)
     cfg = _lora.kernel_config(meta, [sl.b.shape[1] for sl in slices])
-    pdl = _launch.pdl(x)
-    if pdl:
-        hook = _Finish(slices, meta, lambda: _lora._launch_shrink(x, slices, meta, cfg, pdl, early=True), None)
-        ys = base(hook)
-        if hook.shrink is not None:  # no hook call: the shrink after the base
-            _lora._launch_shrink(x, slices, meta, cfg, pdl)
-    elif not torch.cuda.is_current_stream_capturing():
-        hook = _Finish(slices, meta, None, None)
-        _lora._launch_shrink(x, slices, meta, cfg)
+    pdl = _launch.pdl(x)  # the shrink waits for its predecessor (kernels._launch), on either stream
+    if not torch.cuda.is_current_stream_capturing():
+        hook = _Finish(slices, meta, None)
+        _lora._launch_shrink(x, slices, meta, cfg, pdl)
         ys = base(hook)
     else:
         main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-        hook = _Finish(slices, meta, None, (main, side))
+        hook = _Finish(slices, meta, (main, side))
         side.wait_stream(main)  # x and the workspace's previous readers are done
         with torch.cuda.stream(side):
-            _lora._launch_shrink(x, slices, meta, cfg)
+            _lora._launch_shrink(x, slices, meta, cfg, pdl)
         ys = base(hook)
         if not hook.joined:
             main.wait_stream(side)  # nothing on main reuses x's memory or the workspace before the shrink is done
