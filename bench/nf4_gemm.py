@@ -173,21 +173,12 @@ def scale_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return out
 
 
-def reduce_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded config's split-K sums summed by a second launch (nf4_reduce_kernel) and by each tile's last
-    K slice to finish (fused_reduce: no launch, the other slices' sums read back from L2)."""
-    if not _fused(rec) or rec.split_k == 1:
-        return [rec]
-    return [rec, replace(rec, fused_reduce=True)]
-
-
-# --lookups / --even / --scales / --reduce: variants of each M's recorded tl.dot config, and the fields that tell
+# --lookups / --even / --scales: variants of each M's recorded tl.dot config, and the fields that tell
 # them apart
 VARIANTS = {
     "lookups": (lookup_configs, ("swap_ab", "lookup", "table_regs")),
     "even": (even_configs, ("even", "block_n", "warps")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
-    "reduce": (reduce_configs, ("fused_reduce", "split_k")),
 }
 
 
@@ -322,8 +313,6 @@ def main() -> None:
                     help="sweep the recorded configs with and without the unmasked (EVEN) path instead")
     ap.add_argument("--scales", dest="variants", action="store_const", const="scales",
                     help="sweep: the recorded config against SCALE_VALUES tiles (and dense above M=64)")
-    ap.add_argument("--reduce", dest="variants", action="store_const", const="reduce",
-                    help="sweep: split-K sums by a reduce launch against the fused reduce (fused_reduce)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")

@@ -31,7 +31,7 @@ from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, pick_config
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": "*bf16",
-            "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
+            "y_ptr": "*bf16", "part_ptr": "*fp32"}
 SCALARS = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
 
 
@@ -41,7 +41,7 @@ def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
     consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="tf32", SCALE=cfg.scale,
                   SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-                  ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even, REDUCE=cfg.fused_reduce and cfg.split_k > 1,
+                  ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even,
                   PDL=True)
     signature = {**POINTERS, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
@@ -81,7 +81,6 @@ def main() -> None:
     ap.add_argument("--even", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--swap-ab", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--scale", type=int, help="override: 0 SCALE_PARTIALS, 1 SCALE_VALUES, 2 SCALE_EXACT")
-    ap.add_argument("--fused-reduce", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--tile", type=int, nargs=3, metavar=("BLOCK_M", "BLOCK_N", "WARPS"), help="override")
     ap.add_argument("--dump", help="write the last config's loop SASS here")
     a = ap.parse_args()
@@ -91,7 +90,7 @@ def main() -> None:
             print(f"M={m}: dequantize + cuBLAS (no fused loop)")
             continue
         overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab,
-                     "scale": a.scale, "fused_reduce": a.fused_reduce,
+                     "scale": a.scale,
                      **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         rep = loop_report(compile_sm90(cfg))
@@ -99,7 +98,6 @@ def main() -> None:
         lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
         print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "
               f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even} scale {cfg.scale} "
-              f"fused_reduce {cfg.fused_reduce}: "
               f"{rep['registers']} registers, "
               f"{rep['stack']} B stack; loop {rep['loop']} instructions, {rep['loop'] / values:.2f} per weight "
               f"value; {rep['opcodes']}", flush=True)

@@ -38,7 +38,6 @@ class Nf4Config:
     maxnreg: int | None = None  # cap on registers per thread: more programs per SM (ptxas may spill)
     table_regs: bool = True  # LOOKUP_PRMT: its table words in ordinary registers (_nf4_triton._prmt_table)
     even: bool = True  # drop the weight and K masks where the shape allows (N % block_n, K % 128, groups % split)
-    fused_reduce: bool = False  # split K: the last slice of each tile to finish sums them (no reduce launch)
 
 
 # (max M, config, config for large weights) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep,

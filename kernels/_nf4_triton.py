@@ -232,22 +232,21 @@ def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.cons
 
 
 @triton.jit
-def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
+def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
                       M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
                       HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                       SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
+                      EVEN: tl.constexpr, PDL: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
     [BLOCK_M, BLOCK_N] partial by its absmax; 1: scale the code values in x's dtype, then dot; 2: scale the
     weights first, as dequantize_4bit does (lut in fp32, product rounded to W_DTYPE). PREFETCH issues group
     i+1's loads before group i's math (register double-buffering). With SPLIT_K > 1 each program writes its
-    K-slice's fp32 sum to part[pid_k], and nf4_reduce_kernel finishes; or (REDUCE) the tile's last program to
-    arrive (count_ptr[tile], back to 0 after) sums the slices in nf4_reduce_kernel's order and writes y. EVEN:
-    no masks on the weight and K (_load_group). PDL: launched with kernels._launch.pdl_args.
+    K-slice's fp32 sum to part[pid_k], and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K
+    (_load_group). PDL: launched with kernels._launch.pdl_args.
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -289,19 +288,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
         acc = tl.trans(acc)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
-        parts = part_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(parts + pid_k * M * N, acc, mask=mask)
-        if REDUCE:
-            # every thread's partial store is issued before the counter's release; the last arrival sums. Masks,
-            # not a branch, pick the last: the interpreter takes every `if` on a tensor (tests see the real rule)
-            tl.debug_barrier()
-            last = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == SPLIT_K - 1
-            tl.debug_barrier()
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in tl.static_range(SPLIT_K):
-                acc += tl.load(parts + k * M * N, mask=mask & last, other=0.0, cache_modifier=".cg")
-            _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_n, mask & last, stride_ym, HAS_BIAS)
-            tl.atomic_xchg(count_ptr + pid, 0, mask=last, sem="relaxed")
+        tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
     else:
         _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS)
 

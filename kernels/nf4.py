@@ -32,8 +32,7 @@ Paths by M (``_nf4_configs._CONFIGS``, swept on the H200 with bench/nf4_gemm.py;
   ``nf4_reduce_kernel``) when N alone gives too few programs to keep the GPU's memory system busy.
 - up to 256: ``nf4_matmul_kernel``, tl.dot on the raw code values (NF4 in x's dtype), each 64-block's
   partial sums scaled by absmax afterwards (SCALE_PARTIALS), or (SCALE_VALUES: from 65 rows, and for large
-  weights from 17) the code values scaled by absmax in x's dtype before the dot; split-K as above, or
-  (Nf4Config.fused_reduce, not recorded yet) each tile's last K slice to finish sums the slices itself.
+  weights from 17) the code values scaled by absmax in x's dtype before the dot; split-K as above.
 - larger M: dequantize the whole weight (``nf4_dequant_kernel``, bit-identical) and call cuBLAS.
 SCALE_PARTIALS rounds differently from W by one rounding of the code value (to x's dtype on CUDA with 16-bit
 x; exact fp32 values in the GEMV path's table lookup); SCALE_VALUES by that and the rounding of absmax and of
@@ -171,7 +170,6 @@ def pack_nf4(packed: torch.Tensor, state) -> NF4Weight:
     codes[:, 0:k:2], codes[:, 1:k:2] = to_nibble[(raw >> 4).long()], to_nibble[(raw & 15).long()]
     scales = torch.zeros(n, kp // 64, dtype=torch.float32, device=packed.device)
     scales[:, : k // 64] = absmax.float().reshape(n, k // 64)
-    _split_counters(packed.device)
     return NF4Weight(_regroup(codes), scales, k, state.dtype, (n,))
 
 
@@ -241,50 +239,36 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
-    part = _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg, keep_parts=finish is not None)
+    part = _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg)
     if part is not None and not (finish is not None and finish(part, bias, y)):
         _reduce(part, bias, y)
     return y
 
 
 def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
-            cfg: Nf4Config, keep_parts: bool = False) -> torch.Tensor | None:
-    """The matmul kernel writing y, or (split K, unless it sums them itself: cfg.fused_reduce and not
-    keep_parts) its fp32 sums, returned for the reduce."""
+            cfg: Nf4Config) -> torch.Tensor | None:
+    """The matmul kernel writing y, or (split K) its fp32 sums, returned for the reduce."""
     m, k = x.shape
     n = w.shape[0]
     split = cfg.split_k
     groups = w.codes.shape[1] // 64
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    fused = cfg.fused_reduce and split > 1 and not keep_parts and grid[0] <= _MAX_COUNTED_TILES
-    counts = _split_counters(x.device) if fused else part  # any pointer when the kernel does not count
     exact = cfg.scale == SCALE_EXACT
     lookup = cfg.lookup if not exact and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     lut = _lookup_table(x.device, torch.float32 if exact else x.dtype, lookup)
     even = cfg.even and n % cfg.block_n == 0 and k % 128 == 0 and groups % split == 0
     nf4_matmul_kernel[grid](
-        x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part, counts,
+        x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        REDUCE=fused, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
+        num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
-    return part if split > 1 and not fused else None
-
-
-@functools.cache
-def _split_counters(device: torch.device) -> torch.Tensor:
-    """Arrival counters of fused split-K reductions (Nf4Config.fused_reduce), one per output tile, zero between
-    launches; made when a weight is packed on the device (never first inside a graph capture). One buffer per
-    device: launches that fuse their reduce must not run concurrently on two streams."""
-    return torch.zeros(_MAX_COUNTED_TILES, dtype=torch.int32, device=device)
-
-
-_MAX_COUNTED_TILES = 1 << 16  # output tiles a fused reduce can count; launches with more use the reduce kernel
+    return part if split > 1 else None
 
 
 def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,

@@ -16,7 +16,6 @@ import torch
 from nf4_cases import LLAMA, TOLERANCE, packed_group, quantize, reference, rel_err
 
 from hotlora.kernels import _nf4_configs as configs_mod
-from hotlora.kernels import nf4 as nf4_mod
 from hotlora.kernels.nf4 import (
     MAX_GEMV_M,
     SCALE_EXACT,
@@ -136,26 +135,6 @@ def test_triton_recorded_configs_between_64_and_256_rows(triton_cpu, monkeypatch
     assert cfg.scale == SCALE_VALUES and cfg.swap_ab and cfg.split_k > 1 and (cfg.block_m == 256) == large
     y = nf4_matmul(x, packed_group(members), bias)
     assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float16]
-
-
-@interpret
-@pytest.mark.parametrize(("dtype", "split", "swap_ab"), [(torch.float32, 2, False), (torch.float16, 3, True)])
-def test_triton_fused_reduce_equals_the_reduce_launch(triton_cpu, dtype, split, swap_ab):
-    """fused_reduce: the tile's last K slice sums the slices in the reduce kernel's order, bit for bit, with the
-    bias; every arrival counter is back to zero after; a finish hook still gets the slices' sums."""
-    members = quantize((48, 40), 640, dtype)  # 5 groups: 3 slices of 2 groups run past the last
-    w = packed_group(members)
-    x = torch.randn(37, 640, dtype=dtype)
-    bias = torch.randn(88, dtype=dtype)
-    cfg = Nf4Config(16, 32, split_k=split, swap_ab=swap_ab)
-    nf4_matmul(torch.randn_like(x), w, bias, config=cfg)  # other sums in the buffer the next call may reuse
-    got = nf4_matmul(x, w, bias, config=replace(cfg, fused_reduce=True))
-    want = nf4_matmul(x, w, bias, config=cfg)
-    assert torch.equal(got, want) and rel_err(got, reference(x, members, bias)) < TOLERANCE[dtype]
-    assert not nf4_mod._split_counters(x.device).any()
-    seen = []
-    nf4_matmul(x, w, bias, config=replace(cfg, fused_reduce=True), finish=lambda part, b, y: seen.append(part.shape))
-    assert seen == [(split, 37, 88)]
 
 
 @interpret

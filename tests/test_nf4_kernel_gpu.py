@@ -4,7 +4,6 @@ replay, and the register lookups against the table loads. Skipped without CUDA."
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -142,24 +141,3 @@ def test_gpu_register_cap_configs():
         free = nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT))
         for regs in (96, 72):
             assert torch.equal(nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT, maxnreg=regs)), free)
-
-
-@pytest.mark.parametrize("shape", list(LLAMA))
-def test_gpu_fused_reduce(shape):
-    """fused_reduce on the recorded split-K configs (M = 1-256) at real sizes: bit-identical to the reduce launch,
-    eagerly and over CUDA-graph replays with new inputs, every arrival counter back to zero."""
-    from hotlora.kernels.nf4 import _split_counters
-
-    k, widths = LLAMA[shape]
-    members = quantize(widths, k, torch.bfloat16, "cuda")
-    w = packed_group(members)
-    bias = torch.randn(sum(widths), dtype=torch.bfloat16, device="cuda")
-    for m in (1, 16, 32, 64, 128, 200):
-        cfg = pick_config(m, sum(widths), k, gemv=False)
-        if cfg.split_k == 1:
-            continue
-        fused = replace(cfg, fused_reduce=True)
-        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        assert torch.equal(nf4_matmul(x, w, bias, config=fused), nf4_matmul(x, w, bias, config=cfg)), (m, cfg)
-        assert _replayed_error(members, w, m, bias, fused) < TOLERANCE[torch.bfloat16], (m, cfg)
-        assert not _split_counters(x.device).any()
