@@ -173,11 +173,23 @@ def scale_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return out
 
 
-# --lookups / --even / --scales: variants of each M's recorded tl.dot config, and the fields that tell
+def split_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """The recorded tile with K in 1-16 slices (as many as K's 128-column groups allow) and in the fewest that
+    give every SM a program: with programmatic dependent launch the reduce that follows costs less than when the
+    recorded splits were swept (ninth session), and at M <= 64 more slices mean more programs per SM."""
+    if not _fused(rec):
+        return [rec]
+    tiles = -(-m // rec.block_m) * -(-n // rec.block_n)
+    splits = {s for s in (1, 2, 4, 8, 16) if s <= k // 128} | {split_for_sms(tiles, k)}
+    return [replace(rec, split_k=s) for s in sorted(splits)]
+
+
+# --lookups / --even / --scales / --splits: variants of each M's recorded tl.dot config, and the fields that tell
 # them apart
 VARIANTS = {
     "lookups": (lookup_configs, ("swap_ab", "lookup", "table_regs")),
     "even": (even_configs, ("even", "block_n", "warps")),
+    "splits": (split_configs, ("split_k",)),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 
@@ -313,6 +325,8 @@ def main() -> None:
                     help="sweep the recorded configs with and without the unmasked (EVEN) path instead")
     ap.add_argument("--scales", dest="variants", action="store_const", const="scales",
                     help="sweep: the recorded config against SCALE_VALUES tiles (and dense above M=64)")
+    ap.add_argument("--splits", dest="variants", action="store_const", const="splits",
+                    help="sweep: the recorded tile over K slice counts (1-16 and the fewest that fill the SMs)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
