@@ -40,7 +40,12 @@ def pdl(t: torch.Tensor) -> bool:
 
 def pdl_args(t: torch.Tensor) -> dict:
     """Launch keywords of a kernel that starts with pdl_enter(PDL): its PDL constexpr and Triton's launch flag."""
-    return {"PDL": True, "launch_pdl": True} if pdl(t) else {"PDL": False}
+    return pdl_kwargs(pdl(t))
+
+
+def pdl_kwargs(on: bool) -> dict:
+    """The PDL constexpr and Triton's launch flag, for a launch whose caller already decided (pdl(t))."""
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 @triton.jit

@@ -175,8 +175,8 @@ def _launch_shrink(
 
     launch = shrink_launch(x, slices, meta, cfg)
     lora_shrink_kernel[launch.grid](
-        *launch.args, **launch.consts, PDL=pdl,
-        num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages, **({"launch_pdl": True} if pdl else {}),
+        *launch.args, **launch.consts, **_launch.pdl_kwargs(pdl),
+        num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages,
     )
 
 
@@ -220,7 +220,6 @@ def _launch_expand(
     yp = _pad3(ys)
     ranks = _pad3([sl.rank for sl in slices])
     grid = (meta.max_tiles, nb_end[-1])
-    extra = {"launch_pdl": True} if pdl else {}
     lora_expand_kernel[grid](
         ws, ws.stride(1), ws.stride(2),
         *b, *(t.stride(0) for t in b),
@@ -229,8 +228,8 @@ def _launch_expand(
         *_pad3(widths, 0), *_pad3(nb_end, nb_end[-1])[:2],
         meta.sorted_tokens, meta.tile_info, meta.scale,
         BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=cfg.expand_block_r,
-        IEEE=slices[0].b.dtype == torch.float32, PDL=pdl,
-        num_warps=cfg.expand_warps, num_stages=cfg.expand_stages, **extra,
+        IEEE=slices[0].b.dtype == torch.float32, **_launch.pdl_kwargs(pdl),
+        num_warps=cfg.expand_warps, num_stages=cfg.expand_stages,
     )  # fmt: skip
 
 
