@@ -60,7 +60,8 @@ def compile_sm90(cfg: Nf4Config, iters: int = 16, fused_shrink: bool = False) ->
         runtime = {k: runtime[k] for k in _fused_triton.nf4_shrink_kernel.arg_names if k in runtime}
     signature = {**runtime, **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
-    aligned = [k for k, v in runtime.items() if v.startswith("*") or k not in ("M", "shrink_programs", "nf4_tiles")]
+    unaligned = ("M", "shrink_programs", "shrink_tiles", "nf4_tiles")  # counts, not strides or sizes of 16
+    aligned = [k for k, v in runtime.items() if v.startswith("*") or k not in unaligned]
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     options = dict(num_warps=cfg.warps, num_stages=cfg.stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
@@ -106,14 +107,13 @@ def main() -> None:
             print(f"M={m}: dequantize + cuBLAS (no fused loop)")
             continue
         overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab,
-                     "scale": a.scale,
-                     **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
+                     "scale": a.scale, **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         rep = loop_report(compile_sm90(cfg, fused_shrink=a.fused_shrink))
         values = cfg.block_n * 128 // (32 * cfg.warps)  # weight values per thread per 128-column group
         lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
         print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "
-              f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even} scale {cfg.scale} "
+              f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even} scale {cfg.scale}: "
               f"{rep['registers']} registers, "
               f"{rep['stack']} B stack; loop {rep['loop']} instructions, {rep['loop'] / values:.2f} per weight "
               f"value; {rep['opcodes']}", flush=True)

@@ -58,7 +58,7 @@ def nf4_shrink_kernel(
 
 def shrink_constexprs(consts: dict) -> dict:
     """lora_shrink_kernel's constexprs under this kernel's names."""
-    return {"L_" + k: v for k, v in consts.items() if k != "PDL"}
+    return {"L_" + k: v for k, v in consts.items()}
 
 
 __all__ = ["nf4_shrink_kernel", "shrink_constexprs"]
