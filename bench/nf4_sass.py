@@ -26,7 +26,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hotlora.kernels import _fused_triton, _nf4_triton
+from hotlora.kernels import _nf4_triton
 from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, pick_config
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -35,33 +35,17 @@ POINTERS = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": 
 SCALARS = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
 
 
-# the LoRA shrink's arguments in the fused launch (kernels._fused_triton.nf4_shrink_kernel), r=16 at decode sizes
-SHRINK_POINTERS = {"lx_ptr": "*bf16", "a0_ptr": "*bf16", "a1_ptr": "*bf16", "a2_ptr": "*bf16", "rank0_ptr": "*i32",
-                   "rank1_ptr": "*i32", "rank2_ptr": "*i32", "ws_ptr": "*fp32"}
-SHRINK_SCALARS = ("stride_lxt", "stride_a0", "stride_a1", "stride_a2", "stride_ws_split", "stride_ws_slice",
-                  "stride_ws_pos")
-SHRINK_TAIL = {"count_ptr": "*i32", "sorted_ptr": "*i32", "tile_info_ptr": "*i32", "LK": "i32", "k_per_split": "i32",
-               "shrink_programs": "i32", "shrink_tiles": "i32", "nf4_tiles": "i32"}
-SHRINK_CONSTS = dict(L_SPLIT_K=8, L_BLOCK_M=16, L_BLOCK_R=16, L_BLOCK_K=128, L_IEEE=False)
-
-
-def compile_sm90(cfg: Nf4Config, iters: int = 16, fused_shrink: bool = False) -> bytes:
-    """The cubin of nf4_matmul_kernel for `cfg` (bf16 x, no bias), as the JIT builds it for an H200; or of the
-    launch that also runs a LoRA shrink (fused_shrink: kernels._fused_triton.nf4_shrink_kernel)."""
-    fn = _fused_triton.nf4_shrink_kernel if fused_shrink else _nf4_triton.nf4_matmul_kernel
+def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
+    """The cubin of nf4_matmul_kernel for `cfg` (bf16 x, no bias), as the JIT builds it for an H200."""
+    fn = _nf4_triton.nf4_matmul_kernel
     consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="tf32", SCALE=cfg.scale,
                   SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-                  ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even, **(SHRINK_CONSTS if fused_shrink else {}),
+                  ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even,
                   PDL=True)
-    runtime = {**POINTERS, **dict.fromkeys(SCALARS, "i32")}
-    if fused_shrink:
-        runtime |= {**SHRINK_POINTERS, **dict.fromkeys(SHRINK_SCALARS, "i32"), **SHRINK_TAIL}
-        runtime = {k: runtime[k] for k in _fused_triton.nf4_shrink_kernel.arg_names if k in runtime}
-    signature = {**runtime, **dict.fromkeys(consts, "constexpr")}
+    signature = {**POINTERS, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
-    unaligned = ("M", "shrink_programs", "shrink_tiles", "nf4_tiles")  # counts, not strides or sizes of 16
-    aligned = [k for k, v in runtime.items() if v.startswith("*") or k not in unaligned]
+    aligned = [*POINTERS, *(s for s in SCALARS if s != "M")]
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     options = dict(num_warps=cfg.warps, num_stages=cfg.stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
@@ -99,7 +83,6 @@ def main() -> None:
     ap.add_argument("--scale", type=int, help="override: 0 SCALE_PARTIALS, 1 SCALE_VALUES, 2 SCALE_EXACT")
     ap.add_argument("--tile", type=int, nargs=3, metavar=("BLOCK_M", "BLOCK_N", "WARPS"), help="override")
     ap.add_argument("--dump", help="write the last config's loop SASS here")
-    ap.add_argument("--fused-shrink", action="store_true", help="the launch that also runs a LoRA shrink")
     a = ap.parse_args()
     for m in a.m:
         cfg = pick_config(m, a.n, a.k, gemv=False)
@@ -109,7 +92,7 @@ def main() -> None:
         overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab,
                      "scale": a.scale, **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-        rep = loop_report(compile_sm90(cfg, fused_shrink=a.fused_shrink))
+        rep = loop_report(compile_sm90(cfg))
         values = cfg.block_n * 128 // (32 * cfg.warps)  # weight values per thread per 128-column group
         lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
         print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "

@@ -52,28 +52,9 @@ def lora_shrink_kernel(
 ):  # fmt: skip
     """ws[0, i, pos, :r] = x[tok] @ a_i[rows].T in fp32; program = (tile, split of K, slice)."""
     pdl_enter(PDL)
-    shrink_program(
-        tl.program_id(0), tl.program_id(1), tl.program_id(2),
-        x_ptr, stride_xt, a0_ptr, a1_ptr, a2_ptr, stride_a0, stride_a1, stride_a2, rank0_ptr, rank1_ptr, rank2_ptr,
-        ws_ptr, stride_ws_split, stride_ws_slice, stride_ws_pos, count_ptr, sorted_ptr, tile_info_ptr, K, k_per_split,
-        SPLIT_K, BLOCK_M, BLOCK_R, BLOCK_K, IEEE,
-    )  # fmt: skip
-
-
-@triton.jit
-def shrink_program(
-    tile, split, sl,
-    x_ptr, stride_xt,
-    a0_ptr, a1_ptr, a2_ptr, stride_a0, stride_a1, stride_a2,
-    rank0_ptr, rank1_ptr, rank2_ptr,
-    ws_ptr, stride_ws_split, stride_ws_slice, stride_ws_pos,
-    count_ptr, sorted_ptr, tile_info_ptr,
-    K, k_per_split,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr,
-):  # fmt: skip
-    """One shrink program (tile, split of K, slice): lora_shrink_kernel's, or one of the extra programs of a
-    fused NF4 matmul launch (kernels._fused_triton)."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    sl = tl.program_id(2)
     slot, row0, pos, m_mask, tok = _tile(tile_info_ptr, tile, sorted_ptr, BLOCK_M)
     if slot < 0:
         return

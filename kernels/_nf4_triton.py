@@ -249,20 +249,8 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     (_load_group). PDL: launched with kernels._launch.pdl_args.
     """
     pdl_enter(PDL)
-    nf4_program(tl.program_id(0), tl.program_id(1), x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
-                M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym, HAS_BIAS, W_DTYPE, PRECISION, SCALE,
-                SWAP_AB, LOOKUP, V_DTYPE, TABLE_REGS, PREFETCH, BLOCK_M, BLOCK_N, SPLIT_K, ITERS, GROUP_M, EVEN)
-
-
-@triton.jit
-def nf4_program(pid, pid_k, x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
-                M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
-                HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE: tl.constexpr,
-                SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr,
-                PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                ITERS: tl.constexpr, GROUP_M: tl.constexpr, EVEN: tl.constexpr):
-    """Program (pid, pid_k) of nf4_matmul_kernel, or of a fused NF4 matmul + LoRA shrink launch
-    (kernels._fused_triton)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * grid_n  # GROUP_M row tiles walk the same weight columns while they sit in L2

@@ -137,47 +137,31 @@ def lora_shrink(
     _launch_shrink(x, slices, meta, kernel_config(meta, override=config))
 
 
-@dataclass(frozen=True, slots=True)
-class ShrinkLaunch:
-    """One shrink launch's grid, run-time arguments and constexprs (lora_shrink_kernel's order and names)."""
-
-    grid: tuple[int, int, int]
-    args: tuple
-    consts: dict
-
-
-def shrink_launch(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig) -> ShrinkLaunch:
-    """What lora_shrink_kernel needs for x and slices: launched alone (_launch_shrink) or as the first programs
-    of the base matmul's launch (kernels.nf4.nf4_matmul, finish.claim_shrink)."""
-    from triton import cdiv
-
-    in_features = x.shape[1]
-    k_per_split = cdiv(cdiv(in_features, meta.split_k), cfg.shrink_block_k) * cfg.shrink_block_k
-    ws = meta.workspace
-    a = _pad3([sl.a for sl in slices])
-    args = (
-        x, x.stride(0),
-        *a, *(t.stride(0) for t in a),
-        *_pad3([sl.rank for sl in slices]),
-        ws, ws.stride(0), ws.stride(1), ws.stride(2),
-        meta.split_count, meta.sorted_tokens, meta.tile_info,
-        in_features, k_per_split,
-    )  # fmt: skip
-    consts = {"SPLIT_K": meta.split_k, "BLOCK_M": meta.block_m, "BLOCK_R": _block_r(meta),
-              "BLOCK_K": cfg.shrink_block_k, "IEEE": x.dtype == torch.float32}
-    return ShrinkLaunch((meta.max_tiles, meta.split_k, len(slices)), args, consts)
-
-
 def _launch_shrink(
     x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False
 ) -> None:
+    from triton import cdiv
+
     from ._lora_triton import lora_shrink_kernel
 
-    launch = shrink_launch(x, slices, meta, cfg)
-    lora_shrink_kernel[launch.grid](
-        *launch.args, **launch.consts, **_launch.pdl_kwargs(pdl),
+    in_features = x.shape[1]
+    k_per_split = cdiv(cdiv(in_features, meta.split_k), cfg.shrink_block_k) * cfg.shrink_block_k
+    block_r = _block_r(meta)
+    ws = meta.workspace
+    a = _pad3([sl.a for sl in slices])
+    ranks = _pad3([sl.rank for sl in slices])
+    grid = (meta.max_tiles, meta.split_k, len(slices))
+    lora_shrink_kernel[grid](
+        x, x.stride(0),
+        *a, *(t.stride(0) for t in a),
+        *ranks,
+        ws, ws.stride(0), ws.stride(1), ws.stride(2),
+        meta.split_count, meta.sorted_tokens, meta.tile_info,
+        in_features, k_per_split,
+        SPLIT_K=meta.split_k, BLOCK_M=meta.block_m, BLOCK_R=block_r, BLOCK_K=cfg.shrink_block_k,
+        IEEE=x.dtype == torch.float32, **_launch.pdl_kwargs(pdl),
         num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages,
-    )
+    )  # fmt: skip
 
 
 def lora_expand(

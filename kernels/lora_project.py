@@ -21,12 +21,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def _fused_shrink() -> bool:
-    """HOTLORA_LORA_FUSED_SHRINK=1: the shrink as the first programs of the base matmul's launch (kernels.nf4 with
-    a claimed shrink), no side stream. Off by default: not yet measured against the side stream."""
-    return os.environ.get("HOTLORA_LORA_FUSED_SHRINK") == "1"
-
-
 def _overlap(x: torch.Tensor) -> bool:
     """Shrink beside the base matmul (CUDA; off with HOTLORA_LORA_OVERLAP=0)."""
     return x.is_cuda and os.environ.get("HOTLORA_LORA_OVERLAP", "1") != "0"
@@ -34,19 +28,12 @@ def _overlap(x: torch.Tensor) -> bool:
 
 class _Finish:
     """The finish hook lora_project hands base() for kernels.nf4.nf4_matmul: the split-K sums and the expand in
-    one launch when the output is exactly the slices' (after the join with the side stream, if any); and, when
-    given one, the shrink for the first matmul launch that claims it to run as its own first programs."""
+    one launch when the output is exactly the slices' (after the join with the side stream, if any)."""
 
     def __init__(self, slices: Sequence[LoraSlice], meta: LoraMeta,
-                 join: tuple[torch.cuda.Stream, torch.cuda.Stream] | None,
-                 shrink: _lora.ShrinkLaunch | None = None) -> None:  # fmt: skip
-        self.slices, self.meta, self.join, self.shrink = slices, meta, join, shrink
+                 join: tuple[torch.cuda.Stream, torch.cuda.Stream] | None) -> None:  # fmt: skip
+        self.slices, self.meta, self.join = slices, meta, join
         self.joined = self.finished = False
-
-    def claim_shrink(self) -> _lora.ShrinkLaunch | None:
-        """The shrink to fuse into the launch that asks, once (None after, or without one)."""
-        shrink, self.shrink = self.shrink, None
-        return shrink
 
     def __call__(self, part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
         if not _fuse_finish(part, y, self.slices):
@@ -74,8 +61,6 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     session), the side stream beat two single-stream orders chained by programmatic dependent launch: the
     shrink before the matmul, the matmul launched early beside it (+3.5% with 32 distinct adapters, 5-7%
     slower with one), and the matmul first, the shrink launched early beside it (2-7% slower everywhere).
-    HOTLORA_LORA_FUSED_SHRINK=1 (not yet measured) runs the shrink as the first programs of the NF4 matmul's own
-    launch instead (kernels._fused_triton): no second stream and no second launch.
 
     `finish`: base() passes it to the NF4 matmul (kernels.nf4.nf4_matmul), which calls it in place of its
     split-K reduce; if the whole output is one with the slices, the join (if any) moves before it and
@@ -90,12 +75,7 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     check_x(x, slices, meta)
     cfg = _lora.kernel_config(meta, [sl.b.shape[1] for sl in slices])
     pdl = _launch.pdl(x)  # the shrink waits for its predecessor (kernels._launch), on either stream
-    if _fused_shrink():
-        hook = _Finish(slices, meta, None, _lora.shrink_launch(x, slices, meta, cfg))
-        ys = base(hook)
-        if hook.shrink is not None:  # no launch took it (not the NF4 tiled path): the shrink after the base
-            _lora._launch_shrink(x, slices, meta, cfg, pdl)
-    elif not torch.cuda.is_current_stream_capturing():
+    if not torch.cuda.is_current_stream_capturing():
         hook = _Finish(slices, meta, None)
         _lora._launch_shrink(x, slices, meta, cfg, pdl)
         ys = base(hook)

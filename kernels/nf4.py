@@ -52,7 +52,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._fused_triton import nf4_shrink_kernel, shrink_constexprs
 from ._launch import pdl_args, use_triton
 from ._nf4_configs import (
     BY_SMS,
@@ -226,9 +225,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
 
     finish: when the launch splits K, called as finish(part, bias, y) (part: the fp32 sums [split, M, N]) in
     place of the reduce; it returns True if it wrote y itself (kernels.lora.lora_project adds the LoRA delta
-    in the same pass), False to let the reduce run. If it has claim_shrink(), the tiled kernel's launch asks it
-    for a LoRA shrink (kernels.lora.ShrinkLaunch, or None) and runs it as its first programs
-    (kernels._fused_triton)."""
+    in the same pass), False to let the reduce run."""
     _check(x, w, bias)
     if not use_triton(x):
         y = nf4_matmul_ref(x, w, bias)
@@ -242,20 +239,15 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
-    if cfg.gemv:
-        part = _launch_gemv(x, w, bias, y, cfg)
-    else:
-        claim = getattr(finish, "claim_shrink", None)
-        part = _launch(x, w, bias, y, cfg, claim() if claim is not None else None)
+    part = _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg)
     if part is not None and not (finish is not None and finish(part, bias, y)):
         _reduce(part, bias, y)
     return y
 
 
 def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
-            cfg: Nf4Config, shrink=None) -> torch.Tensor | None:
-    """The matmul kernel writing y, or (split K) its fp32 sums, returned for the reduce; with `shrink` (a
-    kernels.lora.ShrinkLaunch) the fused kernel that also runs that shrink."""
+            cfg: Nf4Config) -> torch.Tensor | None:
+    """The matmul kernel writing y, or (split K) its fp32 sums, returned for the reduce."""
     m, k = x.shape
     n = w.shape[0]
     split = cfg.split_k
@@ -266,9 +258,9 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     lookup = cfg.lookup if not exact and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     lut = _lookup_table(x.device, torch.float32 if exact else x.dtype, lookup)
     even = cfg.even and n % cfg.block_n == 0 and k % 128 == 0 and groups % split == 0
-    args = (x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
-            m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0))
-    consts = dict(
+    nf4_matmul_kernel[grid](
+        x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
+        m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
@@ -276,13 +268,6 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
-    if shrink is None:
-        nf4_matmul_kernel[grid](*args, **consts)
-    else:
-        tiles, splits, slices = shrink.grid
-        programs = tiles * splits * slices
-        nf4_shrink_kernel[(programs + grid[0] * split,)](
-            *args, *shrink.args, programs, tiles, grid[0], **consts, **shrink_constexprs(shrink.consts))
     return part if split > 1 else None
 
 

@@ -177,21 +177,18 @@ def _spy(monkeypatch, module, name: str, calls: list[str]) -> None:
     monkeypatch.setattr(module, name, spy)
 
 
-@pytest.mark.parametrize("fused_shrink", ["0", "1"])
 @pytest.mark.parametrize("finish", ["4", "0", "32"])
 @pytest.mark.parametrize("num_tokens", [1, 4, 32])
-def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, fused_shrink, monkeypatch):
+def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatch):
     """On an NF4 base that splits K, with at most FINISH_MAX_TOKENS tokens, lora_project hands the split sums to
     lora_finish: no reduce and no expand launch, in a graph and eagerly (HOTLORA_LORA_FINISH=0, or more tokens
-    than its limit: the reduce, then the expand); with HOTLORA_LORA_FUSED_SHRINK=1 the shrink runs inside the
-    matmul's launch (no shrink launch of its own); all equal the base matmul plus lora_apply_ref, over replays
-    with new inputs."""
+    than its limit: the reduce, then the expand); all equal the base matmul plus lora_apply_ref, over replays with
+    new inputs."""
     import bitsandbytes.functional as bnbF
 
     from hotlora.kernels.nf4 import nf4_matmul, pack_nf4
 
     monkeypatch.setenv("HOTLORA_LORA_FINISH", finish)
-    monkeypatch.setenv("HOTLORA_LORA_FUSED_SHRINK", fused_shrink)
     in_features, outs = SIZES["qkv"]
     case = make_case(torch.bfloat16, in_features, outs, "mixed", num_tokens, "distinct", num_slots=32,
                      device="cuda")
@@ -201,8 +198,6 @@ def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, fused_shri
     launches, result = [], {}
     _spy(monkeypatch, lora_project_mod, "_launch_finish", launches)
     _spy(monkeypatch, lora_mod, "_launch_expand", launches)
-    shrinks = []
-    _spy(monkeypatch, lora_mod, "_launch_shrink", shrinks)
 
     def step() -> None:
         base = lambda fin: list(nf4_matmul(case.x, w, finish=fin).split(list(outs), dim=1))  # noqa: E731
@@ -211,7 +206,6 @@ def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, fused_shri
     graph, _, _ = _warm_up_and_capture(step)
     fused = num_tokens <= int(finish)
     assert launches == ["_launch_finish" if fused else "_launch_expand"] * 2
-    assert len(shrinks) == (0 if fused_shrink == "1" else 2)
     _assert_replays(case, meta, graph, result, lambda: nf4_matmul(case.x, w))
 
 
