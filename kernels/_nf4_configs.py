@@ -78,6 +78,12 @@ _CONFIGS: tuple[tuple[int, Nf4Config, Nf4Config | None], ...] = (
 
 
 MAX_GEMV_M = max((hi for hi, c, _ in _CONFIGS if c.gemv), default=0)
+# Decode sizes (M <= 16, and M <= 64 for large weights): the recorded K slices, doubled until there are
+# _MIN_PROGRAMS programs. Swept under programmatic dependent launch on the H200 (bench/nf4_gemm.py --splits,
+# tenth session): o and down (64 column tiles, 256 programs at 4 slices) ran 5-10% faster at M <= 16 with 8
+# slices, down 16-23% at M = 32-64; q/k/v (384 programs) and gate/up (896) were fastest as recorded, and o at
+# M = 32 lost 9% with 8 (hence large weights only above 16 rows).
+_MIN_PROGRAMS = 5 * _SMS // 2
 _GEMV_PROGRAMS = 2 * _SMS  # two programs per H200 SM: enough weight loads in flight to stream at full bandwidth
 # Whether nf4_matmul takes the GEMV bucket by default. Off: measured on the H200 (bench/nf4_gemm.py --sweep
 # --sweep-m 1, gate/up 4096->28672), the default GEMV config took 57.4 us against 48.9 for the tl.dot path and
@@ -99,6 +105,12 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
         return replace(cfg, split_k=split_for_sms(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k))
     if n >= 16384 and cfg.split_k > 1 and not cfg.dense:
         cfg = replace(cfg, split_k=cfg.split_k // 2)
+    if not cfg.dense and (m <= 16 or (m <= 64 and n * k >= LARGE_WEIGHT)):
+        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        split = cfg.split_k
+        while tiles * split < _MIN_PROGRAMS and 2 * split <= k // 128:
+            split *= 2
+        cfg = replace(cfg, split_k=split)
     return cfg
 
 

@@ -223,6 +223,24 @@ def test_split_by_sms_fills_the_gpu():
     assert large.block_m > small.block_m
 
 
+def test_decode_splits_give_enough_programs():
+    """At decode sizes (M <= 16; large weights to 64 rows) the recorded K slices are doubled until the launch has
+    _MIN_PROGRAMS programs or K's groups run out: o and down take more slices than q/k/v and gate/up."""
+    for m in (1, 16, 32, 64):
+        for name, (k, widths) in LLAMA.items():
+            n = sum(widths)
+            cfg = pick_config(m, n, k, gemv=False)
+            rec = next(c for hi, c, big in configs_mod._CONFIGS if m <= hi and not c.gemv)
+            if m > 16 and n * k < configs_mod.LARGE_WEIGHT:
+                continue
+            tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+            assert tiles * cfg.split_k >= configs_mod._MIN_PROGRAMS or 2 * cfg.split_k > k // 128, (name, m)
+            assert cfg.split_k == 1 or tiles * cfg.split_k // 2 < configs_mod._MIN_PROGRAMS or (
+                cfg.split_k <= rec.split_k), (name, m)
+    assert pick_config(1, 4096, 4096).split_k > pick_config(1, 6144, 4096).split_k
+    assert pick_config(32, 4096, 4096).split_k < pick_config(32, 4096, 14336).split_k  # o keeps 4 above 16 rows
+
+
 # --- the GEMV path (M <= MAX_GEMV_M): no tl.dot, each row's products summed per 64-block -----------------
 
 GEMV_CASES = [  # (M, shape, dtype, bias): every M of the bucket, each shape, both dtypes, with and without bias
