@@ -241,6 +241,17 @@ def test_decode_splits_give_enough_programs():
     assert pick_config(32, 4096, 4096).split_k < pick_config(32, 4096, 14336).split_k  # o keeps 4 above 16 rows
 
 
+@interpret
+def test_triton_doubled_split_matches_reference(triton_cpu):
+    """SmolLM2's down projection (1536 -> 576) at decode size: nf4_matmul's own pick doubles the K slices past
+    what its 12 groups divide into (8 slices: some get one group), and the sums still match."""
+    members = quantize((576,), 1536, torch.float16)
+    assert pick_config(3, 576, 1536).split_k == 8
+    x = torch.randn(3, 1536, dtype=torch.float16)
+    y = nf4_matmul(x, packed_group(members))
+    assert rel_err(y, reference(x, members, None)) < TOLERANCE[torch.float16]
+
+
 # --- the GEMV path (M <= MAX_GEMV_M): no tl.dot, each row's products summed per 64-block -----------------
 
 GEMV_CASES = [  # (M, shape, dtype, bias): every M of the bucket, each shape, both dtypes, with and without bias
