@@ -184,12 +184,27 @@ def split_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return [replace(rec, split_k=s) for s in sorted(splits)]
 
 
-# --lookups / --even / --scales / --splits: variants of each M's recorded tl.dot config, and the fields that tell
-# them apart
+def warp_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """The recorded config against weights-first tiles over 1-2 warps, which Triton compiles to mma.sync (wgmma
+    needs a warpgroup of 4): in sm_90 SASS, M=1, 16x64 over 2 warps loops at 4.30 instructions per weight value
+    and 16x32 at 4.83, against 5.33 for the recorded 16x64 (x first) and 5.75 for weights-first over 4 warps
+    (wgmma), with none of the recorded tile's register moves for x (bench/nf4_sass.py --swap-ab --tile ...).
+    Each tile with the recorded K slices and twice as many."""
+    if not _fused(rec):
+        return [rec]
+    tiles = [(32, 1), (32, 2), (64, 2), (128, 2)] if m <= 16 else [(32, 2), (64, 2)]
+    return [rec] + [replace(rec, block_n=bn, warps=warps, swap_ab=True, split_k=split)
+                    for (bn, warps), split in itertools.product(tiles, (rec.split_k, 2 * rec.split_k))
+                    if split <= k // 128]
+
+
+# --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
+# fields that tell them apart
 VARIANTS = {
     "lookups": (lookup_configs, ("swap_ab", "lookup", "table_regs")),
     "even": (even_configs, ("even", "block_n", "warps")),
     "splits": (split_configs, ("split_k",)),
+    "small-warps": (warp_configs, ("swap_ab", "block_n", "warps", "split_k")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 
@@ -327,6 +342,8 @@ def main() -> None:
                     help="sweep: the recorded config against SCALE_VALUES tiles (and dense above M=64)")
     ap.add_argument("--splits", dest="variants", action="store_const", const="splits",
                     help="sweep: the recorded tile over K slice counts (1-16 and the fewest that fill the SMs)")
+    ap.add_argument("--small-warps", dest="variants", action="store_const", const="small-warps",
+                    help="sweep: the recorded config against weights-first tiles over 1-2 warps (mma.sync)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")

@@ -105,6 +105,7 @@ CONFIGS = {
     "scale-exact-swap-ab": Nf4Config(32, 32, scale=SCALE_EXACT, swap_ab=True),
     "dense": Nf4Config(16, 16, dense=True),
     "swap-ab": Nf4Config(64, 32, split_k=2, swap_ab=True),
+    "swap-ab-16-rows": Nf4Config(16, 32, split_k=2, warps=2, swap_ab=True),  # bench/nf4_gemm.py --small-warps
     "prefetch-split3": Nf4Config(16, 16, split_k=3, prefetch=True),
     "prefetch-swap-ab": Nf4Config(64, 32, swap_ab=True, prefetch=True),
 }
