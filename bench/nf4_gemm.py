@@ -192,7 +192,8 @@ def warp_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     Each tile with the recorded K slices and twice as many."""
     if not _fused(rec):
         return [rec]
-    tiles = [(32, 1), (32, 2), (64, 2), (128, 2)] if m <= 16 else [(32, 2), (64, 2)]
+    # above 32 rows these tiles need 255 registers and loop at 13-14 instructions per value (64x32, 64x64)
+    tiles = [(32, 1), (32, 2), (64, 2), (128, 2)] if m <= 16 else [(32, 2), (64, 2)] if m <= 32 else []
     return [rec] + [replace(rec, block_n=bn, warps=warps, swap_ab=True, split_k=split)
                     for (bn, warps), split in itertools.product(tiles, (rec.split_k, 2 * rec.split_k))
                     if split <= k // 128]
