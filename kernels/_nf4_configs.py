@@ -107,10 +107,7 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
         cfg = replace(cfg, split_k=cfg.split_k // 2)
     if not cfg.dense and (m <= 16 or (m <= 64 and n * k >= LARGE_WEIGHT)):
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        split = cfg.split_k
-        while tiles * split < _MIN_PROGRAMS and 2 * split <= k // 128:
-            split *= 2
-        cfg = replace(cfg, split_k=split)
+        cfg = replace(cfg, split_k=_fewest_splits(tiles, _MIN_PROGRAMS, k // 128, least=cfg.split_k))
     return cfg
 
 
@@ -119,9 +116,9 @@ def split_for_sms(tiles: int, k: int) -> int:
     return _fewest_splits(tiles, _SMS, k // 128)
 
 
-def _fewest_splits(tiles: int, programs: int, chunks: int, most: int | None = None) -> int:
-    """The fewest K slices (a power of two, each with a chunk, at most `most`) that make `programs` programs."""
-    split = 1
+def _fewest_splits(tiles: int, programs: int, chunks: int, most: int | None = None, least: int = 1) -> int:
+    """The fewest K slices (`least` doubled, each with a chunk, at most `most`) that make `programs` programs."""
+    split = least
     while (most is None or split < most) and tiles * split < programs and 2 * split <= chunks:
         split *= 2
     return split
