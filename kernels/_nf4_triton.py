@@ -288,17 +288,11 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
         acc = tl.trans(acc)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
-        tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
     else:
-        _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS)
-
-
-@triton.jit
-def _store_y(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS: tl.constexpr):
-    """y[offs_m, offs_n] = acc (+ bias), in y's dtype."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
