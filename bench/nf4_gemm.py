@@ -189,14 +189,15 @@ def warp_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     needs a warpgroup of 4): in sm_90 SASS, M=1, 16x64 over 2 warps loops at 4.30 instructions per weight value
     and 16x32 at 4.83, against 5.33 for the recorded 16x64 (x first) and 5.75 for weights-first over 4 warps
     (wgmma), with none of the recorded tile's register moves for x (bench/nf4_sass.py --swap-ab --tile ...).
-    Each tile with the recorded K slices and twice as many."""
+    Each tile with half, the same and twice the recorded K slices."""
     if not _fused(rec):
         return [rec]
-    # above 32 rows these tiles need 255 registers and loop at 13-14 instructions per value (64x32, 64x64)
-    tiles = [(32, 1), (32, 2), (64, 2), (128, 2)] if m <= 16 else [(32, 2), (64, 2)] if m <= 32 else []
-    return [rec] + [replace(rec, block_n=bn, warps=warps, swap_ab=True, split_k=split)
-                    for (bn, warps), split in itertools.product(tiles, (rec.split_k, 2 * rec.split_k))
-                    if split <= k // 128]
+    # above 32 rows these tiles need 255 registers and loop at 13-14 instructions per value (64x32, 64x64); 16x128
+    # and one warp lost at M = 1-16 (eleventh session)
+    tiles = [32, 64] if m <= 16 else [64] if m <= 32 else []
+    return [rec] + [replace(rec, block_n=bn, warps=2, swap_ab=True, split_k=split)
+                    for bn, split in itertools.product(tiles, (rec.split_k // 2, rec.split_k, 2 * rec.split_k))
+                    if 1 <= split <= k // 128]
 
 
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the

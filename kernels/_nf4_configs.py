@@ -41,19 +41,28 @@ class Nf4Config:
 
 
 # (max M, config, config for large weights) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep,
-# --lookups and --scales (bf16, Llama-3-8B shapes; BENCHMARKS.md): non-swapped small tiles up to 32 rows,
-# weights-first (swap_ab) up to 256, then dequantize + cuBLAS. The large-weight config serves N * K >=
+# --lookups and --scales (bf16, Llama-3-8B shapes; BENCHMARKS.md): x-first small tiles up to 32 rows
+# (weights-first over 2 warps for large weights at 17-32), weights-first (swap_ab) up to 256, then dequantize +
+# cuBLAS. The large-weight config serves N * K >=
 # LARGE_WEIGHT (gate/up and down, not q/k/v or o). Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K
 # slices; BY_SMS picks the fewest slices that give every SM a program (split_for_sms). The lookup per bucket
 # (--lookups): table words in registers at M <= 16 (4-8% faster than the immediates), loaded uniform at 33-64.
-# At 17-32 weights-first with uniform words ran gate/up 10% faster alone, but the engine's batch-32 decode with
-# adapters (LoRA shrink beside the matmul) lost 11%: that bucket keeps session 3's tile and lookup, except
-# for large weights, whose code values are scaled before the dot (SCALE_VALUES: gate/up 61.6 -> 57.8 us at
+# At 17-32 weights-first over 4 warps with uniform words ran gate/up 10% faster alone, but the engine's batch-32
+# decode with adapters (LoRA shrink beside the matmul) lost 11%: q/k/v and o keep session 3's tile and lookup
+# there. Large weights scale the code values before the dot there (SCALE_VALUES: gate/up 61.6 -> 57.8 us at
 # M=32; q/k/v, o and down 1-3% slower). From 65 rows on SCALE_VALUES wins with the split by SMs (M=128: gate/up
 # 108 -> 102 us, down 63 -> 53, o 22 -> 20; M=256 with 256x128 tiles for large weights: gate/up 192 -> 147, down
 # 98 -> 87); at 33-64 it lost 5-15%. The unmasked loads (even, --even) measured 1-2% faster at M <= 16, 5-12%
 # at 65-256 and 4-12% slower at 17-64, with fewer SASS instructions everywhere (bench/nf4_sass.py): on only
 # where they won.
+# Large weights at 17-32: weights-first tiles over 2 warps (--small-warps, eleventh session), which Triton
+# compiles to mma.sync (wgmma needs 4 warps): down 32.6 -> 28.6 us, gate/up 57.1 -> 56.7 at M = 32 (q/k/v and o
+# lost 25-35%). At M <= 16 such tiles loop at fewer sm_90 instructions per weight value than the recorded x-first
+# 16x64 over 4 warps (4.3-4.8 against 5.3 at M = 1: none of its register moves that assemble x's fragments) and
+# ran 3-9% faster alone (M = 1, 32-wide: q/k/v 12.2 -> 11.7, gate/up 42.7 -> 40.1, down 23.7 -> 22.5; M = 2-16,
+# 64-wide, 8 slices: q/k/v 12.2-13.2 -> 11.6-12.0, gate/up 42.8-44.1 -> 40.4-42.4), but in the engine batch 1
+# with an adapter lost 2% (244-245 against 249-250 tok/s; the base gained 3%) and batches 2-16 gained nothing:
+# that bucket keeps its tile.
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
@@ -68,7 +77,7 @@ _CONFIGS: tuple[tuple[int, Nf4Config, Nf4Config | None], ...] = (
     (4, Nf4Config(4, 64, 8, warps=8, gemv=True, k_groups=2, lookup=LOOKUP_PRMT), None),
     (16, Nf4Config(16, 64, 4, lookup=LOOKUP_PRMT), None),
     (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT_IMM, even=False),
-     Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT, scale=SCALE_VALUES)),
+     Nf4Config(32, 64, 8, warps=2, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES)),
     (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False, even=False), None),
     (128, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES), None),
     (256, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES),
@@ -104,6 +113,8 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
     if cfg.split_k == BY_SMS:
         return replace(cfg, split_k=split_for_sms(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k))
     if n >= 16384 and cfg.split_k > 1 and not cfg.dense:
+        cfg = replace(cfg, split_k=cfg.split_k // 2)
+    while cfg.split_k > 1 and cfg.split_k > triton.cdiv(k, 128):  # small K: no more slices than groups
         cfg = replace(cfg, split_k=cfg.split_k // 2)
     if not cfg.dense and (m <= 16 or (m <= 64 and n * k >= LARGE_WEIGHT)):
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)

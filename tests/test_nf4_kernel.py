@@ -231,7 +231,8 @@ def test_decode_splits_give_enough_programs():
         for name, (k, widths) in LLAMA.items():
             n = sum(widths)
             cfg = pick_config(m, n, k, gemv=False)
-            rec = next(c for hi, c, big in configs_mod._CONFIGS if m <= hi and not c.gemv)
+            rec, big = next((c, big) for hi, c, big in configs_mod._CONFIGS if m <= hi and not c.gemv)
+            rec = big if big is not None and n * k >= configs_mod.LARGE_WEIGHT else rec
             if m > 16 and n * k < configs_mod.LARGE_WEIGHT:
                 continue
             tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
@@ -239,6 +240,8 @@ def test_decode_splits_give_enough_programs():
             assert cfg.split_k == 1 or tiles * cfg.split_k // 2 < configs_mod._MIN_PROGRAMS or (
                 cfg.split_k <= rec.split_k), (name, m)
     assert pick_config(1, 4096, 4096).split_k > pick_config(1, 6144, 4096).split_k
+    assert pick_config(1, 4096, 14336).split_k > pick_config(1, 28672, 4096).split_k
+    assert pick_config(1, 128, 512).split_k <= 4  # never more slices than K's 128-column groups
     assert pick_config(32, 4096, 4096).split_k < pick_config(32, 4096, 14336).split_k  # o keeps 4 above 16 rows
 
 
