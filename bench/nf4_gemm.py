@@ -59,10 +59,10 @@ def copies_for(nbytes: int) -> int:
 class Case:
     """Rotating copies of one shape's weights: bnb members, the packed group, bf16 dense."""
 
-    def __init__(self, k: int, widths: tuple[int, ...], paired: bool = False) -> None:
+    def __init__(self, k: int, widths: tuple[int, ...]) -> None:
         self.k, self.widths, self.n = k, widths, sum(widths)
         self.count = copies_for(self.n * k // 2)
-        self.bnb, self.packed, self.paired = [], [], []
+        self.bnb, self.packed = [], []
         for _ in range(self.count):
             members = []
             for n in widths:
@@ -70,8 +70,6 @@ class Case:
                 members.append(bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
             self.bnb.append(members)
             self.packed.append(pack_nf4_group([pack_nf4(p, s) for p, s in members]))
-            if paired:
-                self.paired.append(pack_nf4_group([pack_nf4(p, s, paired=True) for p, s in members]))
         self.dense_count = copies_for(self.n * k * 2)
         self.dense = [torch.randn(self.n, k, device="cuda", dtype=DT) * 0.02 for _ in range(self.dense_count)]
 
@@ -108,12 +106,6 @@ def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool
         row["cublas_us"] = graph_time_us(lambda i: torch.matmul(xd[i], case.dense[i].T), case.dense_count)
         row["floor_us"] = same_bytes_copy_us(case.floor_bytes(m))
         row["rel_err"] = check(case, m)
-        if case.paired:  # above 256 rows, also through the 256-row fused tile (not dequantize + cuBLAS)
-            row["paired_us"] = graph_time_us(lambda i: nf4_matmul(xs[i], case.paired[i]), case.count, rep=rep)
-            if m > 256:
-                fused = pick_config(256, case.n, case.k)
-                row["paired_fused_us"] = graph_time_us(lambda i: nf4_matmul(xs[i], case.paired[i], config=fused),
-                                                       case.count, rep=rep)
     return row
 
 
@@ -359,14 +351,11 @@ def main() -> None:
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
     ap.add_argument("--no-table", action="store_true", help="skip the final table")
     ap.add_argument("--ms", type=int, nargs="+", help="the table's M values (default: all of MS)")
-    ap.add_argument("--paired", action="store_true",
-                    help="also time the paired layout (one dot per 128-column group; kernels/nf4.py): paired_us, "
-                         "and above 256 rows paired_fused_us through the 256-row fused tile")
     ap.add_argument("--markdown")
     ap.add_argument("--json")
     args = ap.parse_args()
     device = torch.cuda.get_device_name()
-    cases = {name: Case(*SHAPES[name], paired=args.paired) for name in args.shapes}
+    cases = {name: Case(*SHAPES[name]) for name in args.shapes}
     if args.ab_prefetch:
         ab_prefetch(cases)
     if args.dequant:

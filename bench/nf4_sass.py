@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from hotlora.kernels import _nf4_triton
-from hotlora.kernels.nf4 import LOOKUP_PRMT, SCALE_VALUES, Nf4Config, pick_config
+from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, pick_config
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": "*bf16",
@@ -35,14 +35,14 @@ POINTERS = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": 
 SCALARS = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
 
 
-def compile_sm90(cfg: Nf4Config, iters: int = 16, paired: bool = False) -> bytes:
+def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
     """The cubin of nf4_matmul_kernel for `cfg` (bf16 x, no bias), as the JIT builds it for an H200."""
     fn = _nf4_triton.nf4_matmul_kernel
     consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="tf32", SCALE=cfg.scale,
                   SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
                   ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even,
-                  PDL=True, PAIRED=paired)
+                  PDL=True)
     signature = {**POINTERS, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
     aligned = [*POINTERS, *(s for s in SCALARS if s != "M")]
@@ -82,7 +82,6 @@ def main() -> None:
     ap.add_argument("--swap-ab", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--scale", type=int, help="override: 0 SCALE_PARTIALS, 1 SCALE_VALUES, 2 SCALE_EXACT")
     ap.add_argument("--tile", type=int, nargs=3, metavar=("BLOCK_M", "BLOCK_N", "WARPS"), help="override")
-    ap.add_argument("--paired", action="store_true", help="the paired weight layout (SCALE_VALUES at least)")
     ap.add_argument("--dump", help="write the last config's loop SASS here")
     a = ap.parse_args()
     for m in a.m:
@@ -93,9 +92,7 @@ def main() -> None:
         overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab,
                      "scale": a.scale, **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-        if a.paired:
-            cfg = replace(cfg, scale=max(cfg.scale, SCALE_VALUES))
-        rep = loop_report(compile_sm90(cfg, paired=a.paired))
+        rep = loop_report(compile_sm90(cfg))
         values = cfg.block_n * 128 // (32 * cfg.warps)  # weight values per thread per 128-column group
         lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
         print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "

@@ -156,30 +156,15 @@ def _group_scales(absmax_ptr, offs_n, rows, valid, g, stride_an):
 
 
 @triton.jit
-def _paired_scales(a_hi, a_lo):
-    """[BLOCK_N, 64] scale of each byte of a paired-layout group: bytes 0-31 hold the first 64-block's columns,
-    32-63 the second's."""
-    return tl.where((tl.arange(0, 64) < 32)[None, :], a_hi[:, None], a_lo[:, None])
-
-
-@triton.jit
 def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, stride_an, stride_on,
-                       BLOCK_N: tl.constexpr, PAIRED: tl.constexpr):
-    """out[N, K] = dequant(w) rounded to out's dtype, one 128-column group per program column (PAIRED: the
-    paired layout, hotlora.kernels.nf4)."""
+                       BLOCK_N: tl.constexpr):
+    """out[N, K] = dequant(w) rounded to out's dtype, one 128-column group per program column."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     mask_n = offs_n < N
     v_hi, v_lo = _group_values(_group_bytes(w_ptr, offs_n, mask_n, True, g, stride_wn), lut_ptr, (0,), 0,
                                tl.float32)
     a_hi, a_lo = _group_scales(absmax_ptr, offs_n, mask_n, True, g, stride_an)
-    if PAIRED:
-        scale = _paired_scales(a_hi, a_lo)
-        w = tl.reshape(tl.join(v_hi * scale, v_lo * scale), (BLOCK_N, 128))  # fp32 products, in column order
-        offs_k = g * 128 + tl.arange(0, 128)
-        tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
-                 mask=mask_n[:, None] & (offs_k[None, :] < K))
-        return
     w_hi = v_hi * a_hi[:, None]  # fp32 product, as bitsandbytes computes it
     w_lo = v_lo * a_lo[:, None]
     offs_k = g * 128 + tl.arange(0, 64)
@@ -190,25 +175,15 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
 
 @triton.jit
 def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, valid, K, NUM_G,
-                stride_xm, stride_wn, stride_an, EVEN: tl.constexpr, PAIRED: tl.constexpr):
+                stride_xm, stride_wn, stride_an, EVEN: tl.constexpr):
     """Everything one 128-column group g needs: x's two [BLOCK_M, 64] halves, the weight bytes, the scales.
     Nothing is read where `valid` is False or g is past the last group (split-K slices may run past it).
     EVEN: N is a multiple of BLOCK_N, K of 128 and the groups of SPLIT_K, so only x's rows and `valid`
-    need masks (~10% of the loop's instructions at M=16). PAIRED: x as one [BLOCK_M, 128] tile (twice)."""
+    need masks (~10% of the loop's instructions at M=16)."""
     offs_k = g * 128 + tl.arange(0, 64)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     mask_x = mask_m[:, None] & valid
-    if PAIRED:
-        offs_k = g * 128 + tl.arange(0, 128)
-        if EVEN:
-            x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_x, other=0.0)
-            rows = None
-        else:
-            x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                           mask=mask_x & (offs_k[None, :] < K), other=0.0)
-            rows = mask_n & (g < NUM_G)
-        x_lo = x_hi
-    elif EVEN:
+    if EVEN:
         x_hi = tl.load(x_ptrs, mask=mask_x, other=0.0)
         x_lo = tl.load(x_ptrs + 64, mask=mask_x, other=0.0)
         rows = None
@@ -232,24 +207,12 @@ def _dot(w, x, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr,
-                PAIRED: tl.constexpr):
+                SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
     """acc (+)= one group's contribution (acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else [BLOCK_M, BLOCK_N]).
     SCALE (hotlora.kernels.nf4.SCALE_*): 0 scales each 64-block's partial sums, 1 the code values in x's dtype
-    before the dot (which then accumulates in place), 2 the fp32 code values, rounded as dequantize_4bit does.
-    PAIRED (SCALE 1 or 2): the group's values joined in column order, one dot against x's [BLOCK_M, 128] tile."""
+    before the dot (which then accumulates in place), 2 the fp32 code values, rounded as dequantize_4bit does."""
     v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE)
-    if PAIRED:
-        if SCALE == 1:
-            scale = _paired_scales(a_hi.to(V_DTYPE), a_lo.to(V_DTYPE))
-            w_hi = v_hi * scale
-            w_lo = v_lo * scale
-        else:
-            scale = _paired_scales(a_hi, a_lo)
-            w_hi = (v_hi * scale).to(W_DTYPE).to(x_hi.dtype)
-            w_lo = (v_lo * scale).to(W_DTYPE).to(x_hi.dtype)
-        acc = _dot(tl.reshape(tl.join(w_hi, w_lo), (raw.shape[0], 128)), x_hi, acc, SWAP_AB, PRECISION)
-    elif SCALE == 0:
+    if SCALE == 0:
         p_hi = _dot(v_hi, x_hi, None, SWAP_AB, PRECISION)
         p_lo = _dot(v_lo, x_lo, None, SWAP_AB, PRECISION)
         if SWAP_AB:
@@ -275,7 +238,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                       SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN: tl.constexpr, PDL: tl.constexpr, PAIRED: tl.constexpr = False):
+                      EVEN: tl.constexpr, PDL: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
@@ -283,7 +246,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     weights first, as dequantize_4bit does (lut in fp32, product rounded to W_DTYPE). PREFETCH issues group
     i+1's loads before group i's math (register double-buffering). With SPLIT_K > 1 each program writes its
     K-slice's fp32 sum to part[pid_k], and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K
-    (_load_group). PDL: launched with kernels._launch.pdl_args. PAIRED: the paired layout (hotlora.kernels.nf4).
+    (_load_group). PDL: launched with kernels._launch.pdl_args.
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -307,20 +270,20 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     tab = _prmt_table(lut_ptr, LOOKUP, TABLE_REGS)
     if PREFETCH:
         xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0, True,
-                                          K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, PAIRED)
+                                          K, NUM_G, stride_xm, stride_wn, stride_an, EVEN)
         for i in range(ITERS):  # constexpr: the interpreter cannot loop over a run-time scalar argument
             nxh, nxl, nraw, nah, nal = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n,
                                                    g0 + i + 1, i + 1 < ITERS, K, NUM_G, stride_xm, stride_wn,
-                                                   stride_an, EVEN, PAIRED)
+                                                   stride_an, EVEN)
             acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
-                              LOOKUP, V_DTYPE, PAIRED)
+                              LOOKUP, V_DTYPE)
             xh, xl, raw, ah, al = nxh, nxl, nraw, nah, nal
     else:
         for i in range(ITERS):
             xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i,
-                                              True, K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, PAIRED)
+                                              True, K, NUM_G, stride_xm, stride_wn, stride_an, EVEN)
             acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
-                              LOOKUP, V_DTYPE, PAIRED)
+                              LOOKUP, V_DTYPE)
     if SWAP_AB:
         acc = tl.trans(acc)
     mask = mask_m[:, None] & mask_n[None, :]

@@ -13,12 +13,6 @@ Layout (``NF4Weight``, built once at load by ``pack_nf4`` / ``pack_nf4_group`` f
                                   (dequantize_blockwise(absmax, state2) + offset, as dequantize_4bit does)
     dtype                         what bitsandbytes rounds dequantized values to (quant_state.dtype)
     splits                        output widths of a fused group (q/k/v, gate/up); (N,) for one projection
-    paired                        False: the layout above. True (``pack_nf4(..., paired=True)``, not served
-                                  yet): byte j of group g holds columns 128g + 2j (high) and 2j + 1 (low),
-                                  bitsandbytes' own pairing, so a group's values join into one [N, 128] tile
-                                  in column order and the weights-first kernel issues one dot per group
-                                  (its MMAs then overlap the next group's dequantization; BENCHMARKS.md,
-                                  eleventh session). Paired weights take SCALE_VALUES or SCALE_EXACT.
 
 Needs K % 64 == 0 (no 64-block straddles two rows; true of every Llama-family projection), so a group is
 the row-concatenation of its members. The fp32 absmax costs 0.5 bit per weight over bitsandbytes' nested
@@ -52,7 +46,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -114,7 +108,6 @@ class NF4Weight:
     in_features: int  # K
     dtype: torch.dtype  # what dequantized values round to
     splits: tuple[int, ...]  # output widths of the group's members
-    paired: bool = False  # the module docstring's paired layout
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -123,7 +116,7 @@ class NF4Weight:
     def rows(self, start: int, stop: int) -> NF4Weight:
         """Output rows start..stop as one projection: views of this weight's storage, no copy."""
         return NF4Weight(self.codes[start:stop], self.absmax[start:stop], self.in_features, self.dtype,
-                         (stop - start,), self.paired)
+                         (stop - start,))
 
 
 @functools.cache
@@ -147,21 +140,16 @@ def _nibble_of_code(device: torch.device) -> torch.Tensor:
     return torch.tensor(inverse, dtype=torch.uint8, device=device)
 
 
-def _regroup(codes: torch.Tensor, paired: bool = False) -> torch.Tensor:
-    """[N, Kp] nibbles (0..15) -> [N, Kp // 2] bytes in the 128-column group layout of the module docstring
-    (paired: adjacent columns share a byte)."""
+def _regroup(codes: torch.Tensor) -> torch.Tensor:
+    """[N, Kp] nibbles (0..15) -> [N, Kp // 2] bytes in the 128-column group layout of the module docstring."""
     n, kp = codes.shape
-    if paired:
-        g = codes.view(n, kp // 2, 2)
-        return (g[:, :, 0] << 4) | g[:, :, 1]
     g = codes.view(n, kp // 128, 2, 64)
     return ((g[:, :, 0] << 4) | g[:, :, 1]).reshape(n, kp // 2)
 
 
-def pack_nf4(packed: torch.Tensor, state, paired: bool = False) -> NF4Weight:
+def pack_nf4(packed: torch.Tensor, state) -> NF4Weight:
     """One projection from ``bnb.functional.quantize_4bit(W, blocksize=64, quant_type="nf4", ...)``'s
-    (packed uint8 [(N*K+1)//2, 1], QuantState); compress_statistics may be on or off. paired: the module
-    docstring's paired layout."""
+    (packed uint8 [(N*K+1)//2, 1], QuantState); compress_statistics may be on or off."""
     import bitsandbytes.functional as bnbF  # only at load: the kernels themselves need no bitsandbytes
 
     n, k = state.shape
@@ -182,18 +170,17 @@ def pack_nf4(packed: torch.Tensor, state, paired: bool = False) -> NF4Weight:
     codes[:, 0:k:2], codes[:, 1:k:2] = to_nibble[(raw >> 4).long()], to_nibble[(raw & 15).long()]
     scales = torch.zeros(n, kp // 64, dtype=torch.float32, device=packed.device)
     scales[:, : k // 64] = absmax.float().reshape(n, k // 64)
-    return NF4Weight(_regroup(codes, paired), scales, k, state.dtype, (n,), paired)
+    return NF4Weight(_regroup(codes), scales, k, state.dtype, (n,))
 
 
 def pack_nf4_group(members: Sequence[NF4Weight]) -> NF4Weight:
     """Projections sharing their input (q/k/v, gate/up) as one weight with concatenated outputs."""
     first = members[0]
     for m in members:
-        if (m.shape[1], m.dtype, m.codes.device, m.paired) != (first.shape[1], first.dtype, first.codes.device,
-                                                               first.paired):
-            raise ValueError("group members must share in_features, dtype, device and layout")
+        if m.shape[1] != first.shape[1] or m.dtype != first.dtype or m.codes.device != first.codes.device:
+            raise ValueError("group members must share in_features, dtype and device")
     return NF4Weight(torch.cat([m.codes for m in members]), torch.cat([m.absmax for m in members]),
-                     first.in_features, first.dtype, tuple(s for m in members for s in m.splits), first.paired)
+                     first.in_features, first.dtype, tuple(s for m in members for s in m.splits))
 
 
 def _check(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> None:
@@ -221,7 +208,7 @@ def nf4_dequantize(w: NF4Weight, block_n: int = 32, warps: int = 4, out: torch.T
     out = torch.empty(n, k, dtype=w.dtype, device=w.codes.device) if out is None else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, 128))
     nf4_dequant_kernel[grid](w.codes, w.absmax, _lut(out.device, torch.float32), out, n, k, w.codes.stride(0),
-                             w.absmax.stride(0), out.stride(0), BLOCK_N=block_n, PAIRED=w.paired, num_warps=warps)
+                             w.absmax.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=warps)
     return out
 
 
@@ -248,11 +235,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    cfg = config or pick_config(m, n, k, gemv=False if w.paired else None)
-    if w.paired and not cfg.dense:
-        if cfg.gemv:
-            raise ValueError("paired weights take the tl.dot path, not the GEMV kernel")
-        cfg = replace(cfg, scale=max(cfg.scale, SCALE_VALUES))
+    cfg = config or pick_config(m, n, k)
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
@@ -282,7 +265,6 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        PAIRED=w.paired,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )

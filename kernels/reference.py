@@ -149,11 +149,8 @@ def nf4_dequantize_ref(w) -> torch.Tensor:
     """NF4Weight (hotlora.kernels.nf4) -> dense [N, K] in w.dtype, computed as dequantize_4bit does."""
     code = torch.tensor(NF4_NIBBLE, dtype=torch.float32, device=w.codes.device)
     n = w.codes.shape[0]
-    if getattr(w, "paired", False):  # adjacent columns share a byte
-        nibbles = torch.stack([w.codes >> 4, w.codes & 15], dim=2).reshape(n, -1).long()
-    else:
-        groups = w.codes.view(n, -1, 64)  # 128-column groups: high nibbles = first 64 columns, low = next 64
-        nibbles = torch.stack([groups >> 4, groups & 15], dim=2).reshape(n, -1).long()  # [N, Kp]
+    groups = w.codes.view(n, -1, 64)  # 128-column groups: high nibbles = first 64 columns, low = next 64
+    nibbles = torch.stack([groups >> 4, groups & 15], dim=2).reshape(n, -1).long()  # [N, Kp]
     vals = code[nibbles].view(n, -1, 64) * w.absmax[:, :, None]
     return vals.reshape(n, -1)[:, : w.in_features].to(w.dtype)
 

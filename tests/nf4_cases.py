@@ -25,8 +25,8 @@ def quantize(widths: tuple[int, ...], k: int, dtype: torch.dtype, device: str = 
     return members
 
 
-def packed_group(members, paired: bool = False):
-    return pack_nf4_group([pack_nf4(p, s, paired=paired) for p, s in members])
+def packed_group(members):
+    return pack_nf4_group([pack_nf4(p, s) for p, s in members])
 
 
 def reference(x: torch.Tensor, members, bias: torch.Tensor | None) -> torch.Tensor:

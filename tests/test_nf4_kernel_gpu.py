@@ -41,24 +41,6 @@ def test_gpu_bit_identical_and_matches(shape):
         assert rel_err(nf4_matmul(x, w), ref) < TOLERANCE[torch.bfloat16], m
 
 
-@pytest.mark.parametrize("shape", ["qkv", "down"])
-def test_gpu_paired_layout_bit_identical_and_matches(shape):
-    """The paired layout (one dot per 128-column group; not served yet): dequantization and every M bucket's
-    recorded config, plus the 2048-row tile that the bench times against dequantize + cuBLAS at M = 512."""
-    k, widths = LLAMA[shape]
-    members = quantize(widths, k, torch.bfloat16, "cuda")
-    w = packed_group(members, paired=True)
-    want = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in members])
-    assert torch.equal(nf4_dequantize(w).view(torch.int16), want.view(torch.int16))
-    for m in (1, 3, 16, 24, 33, 64, 128, 257, 2048):
-        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        ref = reference(x, members, None)
-        assert rel_err(nf4_matmul(x, w), ref) < TOLERANCE[torch.bfloat16], m
-    x = torch.randn(512, k, dtype=torch.bfloat16, device="cuda")
-    y = nf4_matmul(x, w, config=pick_config(256, sum(widths), k))
-    assert rel_err(y, reference(x, members, None)) < TOLERANCE[torch.bfloat16]
-
-
 def test_gpu_matches_bnb_matmul_and_bias():
     members = quantize((4096,), 4096, torch.bfloat16, "cuda")
     (p, s), w = members[0], packed_group(members)
