@@ -5,10 +5,10 @@ and a grammar's state survives preemption and recompute.
 "The same tokens" holds exactly while the model's logits are the same. On the CPU they are not always: with
 another batch (alone, or chunked and preempted) a row's logits can move by ~1e-6-1e-5 (measured on an AMD EPYC
 dev machine, where the exact comparison failed on the landed code; earlier machines gave equal logits), and a
-draw that falls that close to the boundary of two tokens in the cumulative distribution goes the other way. So two runs must agree token for token except that at most one
-request may part from the other run, and only at a step whose top logprobs differ by such noise (a sampler
-that drew by batch position would part nearly every request; the sampler's own batch independence on identical
-logits is tests/test_sampler_device.py's)."""
+draw that falls that close to the boundary of two tokens in the cumulative distribution goes the other way.
+So two runs must agree token for token except that at most one request may part from the other run, and only
+at a step whose top logprobs differ by such noise (a sampler that drew by batch position would part nearly
+every request; the sampler's own batch independence on identical logits is tests/test_sampler_device.py's)."""
 
 from __future__ import annotations
 
