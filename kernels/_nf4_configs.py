@@ -61,8 +61,9 @@ class Nf4Config:
 # 16x64 over 4 warps (4.3-4.8 against 5.3 at M = 1: none of its register moves that assemble x's fragments) and
 # ran 3-9% faster alone (M = 1, 32-wide: q/k/v 12.2 -> 11.7, gate/up 42.7 -> 40.1, down 23.7 -> 22.5; M = 2-16,
 # 64-wide, 8 slices: q/k/v 12.2-13.2 -> 11.6-12.0, gate/up 42.8-44.1 -> 40.4-42.4), but in the engine batch 1
-# with an adapter lost 2% (244-245 against 249-250 tok/s; the base gained 3%) and batches 2-16 gained nothing:
-# that bucket keeps its tile.
+# with an adapter lost 2% (244-245 against 249-250 tok/s) and batches 2-16 gained nothing: that bucket keeps its
+# tile. Batch 1 on the base model gained 3% (294 -> 302-303 tok/s): at M = 1 a matmul with no LoRA shrink
+# beside it (nf4_matmul with no finish hook) takes the 32-wide 2-warp tiles (_ALONE_M1).
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
@@ -86,6 +87,10 @@ _CONFIGS: tuple[tuple[int, Nf4Config, Nf4Config | None], ...] = (
 )
 
 
+_ALONE_M1 = (Nf4Config(16, 32, 4, warps=2, swap_ab=True, lookup=LOOKUP_PRMT),
+             Nf4Config(16, 32, 8, warps=2, swap_ab=True, lookup=LOOKUP_PRMT))  # (config, for large weights)
+
+
 MAX_GEMV_M = max((hi for hi, c, _ in _CONFIGS if c.gemv), default=0)
 # Decode sizes (M <= 16, and M <= 64 for large weights): the recorded K slices, doubled until there are
 # _MIN_PROGRAMS programs. Swept under programmatic dependent launch on the H200 (bench/nf4_gemm.py --splits,
@@ -100,11 +105,13 @@ _GEMV_PROGRAMS = 2 * _SMS  # two programs per H200 SM: enough weight loads in fl
 SERVE_GEMV = False
 
 
-def pick_config(m: int, n: int, k: int, gemv: bool | None = None) -> Nf4Config:
+def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = False) -> Nf4Config:
     """The launch config for x [m, k] @ W[n, k].T. gemv: take the GEMV bucket for m <= MAX_GEMV_M (True), or
-    the tl.dot path (False); None: SERVE_GEMV."""
+    the tl.dot path (False); None: SERVE_GEMV. alone: no LoRA shrink runs beside the matmul (_ALONE_M1)."""
     gemv = SERVE_GEMV if gemv is None else gemv
     cfg, large = next((c, big) for hi, c, big in _CONFIGS if m <= hi and (gemv or not c.gemv))
+    if alone and m == 1 and not cfg.gemv:
+        cfg, large = _ALONE_M1
     if large is not None and n * k >= LARGE_WEIGHT:
         cfg = large
     if cfg.gemv:

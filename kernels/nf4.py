@@ -225,7 +225,8 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
 
     finish: when the launch splits K, called as finish(part, bias, y) (part: the fp32 sums [split, M, N]) in
     place of the reduce; it returns True if it wrote y itself (kernels.lora.lora_project adds the LoRA delta
-    in the same pass), False to let the reduce run."""
+    in the same pass), False to let the reduce run. Without one no LoRA shrink runs beside the matmul, which
+    picks its config accordingly (pick_config's `alone`)."""
     _check(x, w, bias)
     if not use_triton(x):
         y = nf4_matmul_ref(x, w, bias)
@@ -235,7 +236,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    cfg = config or pick_config(m, n, k)
+    cfg = config or pick_config(m, n, k, alone=finish is None)
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)

@@ -245,6 +245,35 @@ def test_decode_splits_give_enough_programs():
     assert pick_config(32, 4096, 4096).split_k < pick_config(32, 4096, 14336).split_k  # o keeps 4 above 16 rows
 
 
+def test_one_row_alone_takes_two_warp_tiles():
+    """At M = 1 with no LoRA shrink beside it (a base-model step) the matmul takes the 32-wide weights-first tiles
+    over 2 warps; beside a shrink, and above one row, the recorded configs."""
+    for k, widths in LLAMA.values():
+        n = sum(widths)
+        alone, beside = pick_config(1, n, k, alone=True), pick_config(1, n, k)
+        assert (alone.block_n, alone.warps, alone.swap_ab) == (32, 2, True)
+        assert (beside.block_n, beside.warps, beside.swap_ab) == (64, 4, False)
+        assert pick_config(2, n, k, alone=True) == pick_config(2, n, k)
+    assert pick_config(1, 4096, 14336, alone=True).split_k == 8  # down: 128 tiles, 8 slices
+
+
+@interpret
+def test_triton_matmul_alone_only_without_a_finish_hook(triton_cpu, monkeypatch):
+    """nf4_matmul asks for the alone config when no finish hook (no LoRA shrink beside it) is given, and both
+    configs match the reference."""
+    import hotlora.kernels.nf4 as nf4_mod
+
+    asked = []
+    monkeypatch.setattr(nf4_mod, "pick_config", lambda *a, **kw: asked.append(kw.get("alone")) or pick_config(*a, **kw))
+    members = quantize((96,), 512, torch.float16)
+    x = torch.randn(1, 512, dtype=torch.float16)
+    ref = reference(x, members, None)
+    assert rel_err(nf4_matmul(x, packed_group(members)), ref) < TOLERANCE[torch.float16]
+    y = nf4_matmul(x, packed_group(members), finish=lambda part, bias, y: False)
+    assert rel_err(y, ref) < TOLERANCE[torch.float16]
+    assert asked == [True, False]
+
+
 @interpret
 def test_triton_doubled_split_matches_reference(triton_cpu):
     """SmolLM2's down projection (1536 -> 576) at decode size: nf4_matmul's own pick doubles the K slices past
