@@ -161,16 +161,20 @@ def log_graph_times(graphs, keys, mode: str) -> None:
         log(f"engine ({mode}): graph {key} replay {ms:.3f} ms")
 
 
-def profile_decode(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None]) -> None:
-    """Where a decode step's time goes: torch.profiler's top operators by device and by host time."""
+def profile_decode(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], out: Path) -> None:
+    """Where a decode step's time goes: torch.profiler's top operators by device and by host time, printed and
+    written to `out`."""
     from torch.profiler import ProfilerActivity, profile
 
     engine_decode_rate(engine, prompts, 4, adapters)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
     with profile(activities=activities) as prof:
         engine_decode_rate(engine, prompts, 8, adapters)
-    for key in ("self_cuda_time_total", "self_cpu_time_total") if DEV == "cuda" else ("self_cpu_time_total",):
-        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+    keys = ("self_cuda_time_total", "self_cpu_time_total") if DEV == "cuda" else ("self_cpu_time_total",)
+    tables = [prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60) for key in keys]
+    print(*tables, sep="\n", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(tables) + "\n")
 
 
 def write_adapter(folder: Path, preset: str, rank: int) -> Path:
@@ -252,7 +256,7 @@ def run_engine(args, prompts: list[list[int]], adapter_dir: Path, cuda_graphs: b
         log_graph_times(graphs, used, mode)
     if args.profile:
         name = "batch 1, 1 adapter" if args.profile == "batch1" else f"{args.adapters} distinct"
-        profile_decode(engine, batches[name], cases[name])
+        profile_decode(engine, batches[name], cases[name], Path(args.out, f"profile_{args.profile}.txt"))
     engine.registry.close()
     del engine
     gc.collect()
