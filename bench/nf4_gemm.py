@@ -185,7 +185,7 @@ def split_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 
 
 def warp_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded config against weights-first tiles over 1-2 warps, which Triton compiles to mma.sync (wgmma
+    """The recorded config against weights-first tiles over 2 warps, which Triton compiles to mma.sync (wgmma
     needs a warpgroup of 4): in sm_90 SASS, M=1, 16x64 over 2 warps loops at 4.30 instructions per weight value
     and 16x32 at 4.83, against 5.33 for the recorded 16x64 (x first) and 5.75 for weights-first over 4 warps
     (wgmma), with none of the recorded tile's register moves for x (bench/nf4_sass.py --swap-ab --tile ...).
@@ -345,7 +345,7 @@ def main() -> None:
     ap.add_argument("--splits", dest="variants", action="store_const", const="splits",
                     help="sweep: the recorded tile over K slice counts (1-16 and the fewest that fill the SMs)")
     ap.add_argument("--small-warps", dest="variants", action="store_const", const="small-warps",
-                    help="sweep: the recorded config against weights-first tiles over 1-2 warps (mma.sync)")
+                    help="sweep: the recorded config against weights-first tiles over 2 warps (mma.sync)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
