@@ -67,6 +67,7 @@ __all__ = [
     "rank_classes",
     "refresh_lora_meta",
     "refresh_lora_meta_triton",
+    "shrink_in_producer",
 ]
 
 
@@ -192,8 +193,10 @@ def _column_blocks(widths: Sequence[int], block_n: int) -> list[int]:
 
 
 def _launch_expand(
-    ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False
+    ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False,
+    parts: int = 1,
 ) -> None:
+    """parts: how many workspace parts hold the shrink (1: ``lora_shrink``'s; meta.split_k: kernels.lora_fused's)."""
     from ._lora_triton import lora_expand_kernel
 
     widths = [sl.b.shape[1] for sl in slices]
@@ -205,13 +208,13 @@ def _launch_expand(
     ranks = _pad3([sl.rank for sl in slices])
     grid = (meta.max_tiles, nb_end[-1])
     lora_expand_kernel[grid](
-        ws, ws.stride(1), ws.stride(2),
+        ws, ws.stride(0), ws.stride(1), ws.stride(2),
         *b, *(t.stride(0) for t in b),
         *yp, *(t.stride(0) for t in yp),
         *ranks,
         *_pad3(widths, 0), *_pad3(nb_end, nb_end[-1])[:2],
         meta.sorted_tokens, meta.tile_info, meta.scale,
-        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=cfg.expand_block_r,
+        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=cfg.expand_block_r, PARTS=parts,
         IEEE=slices[0].b.dtype == torch.float32, **_launch.pdl_kwargs(pdl),
         num_warps=cfg.expand_warps, num_stages=cfg.expand_stages,
     )  # fmt: skip
@@ -247,4 +250,4 @@ def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[Lor
         lora_apply_cpu(ys, x, slices, meta)  # checks the slices whenever it (re)reads a layer's pools
 
 
-from .lora_project import lora_finish, lora_project  # noqa: E402 (uses this module)
+from .lora_project import lora_finish, lora_project, shrink_in_producer  # noqa: E402 (uses this module)

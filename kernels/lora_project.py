@@ -28,11 +28,15 @@ def _overlap(x: torch.Tensor) -> bool:
 
 class _Finish:
     """The finish hook lora_project hands base() for kernels.nf4.nf4_matmul: the split-K sums and the expand in
-    one launch when the output is exactly the slices' (after the join with the side stream, if any)."""
+    one launch when the output is exactly the slices' (after the join with the side stream, if any).
+
+    parts: workspace parts holding the shrink (see _launch_expand); alone: no shrink runs beside the matmul (the
+    shrink already ran in the producer, kernels.lora_fused), so nf4_matmul may pick its `alone` config."""
 
     def __init__(self, slices: Sequence[LoraSlice], meta: LoraMeta,
-                 join: tuple[torch.cuda.Stream, torch.cuda.Stream] | None) -> None:  # fmt: skip
-        self.slices, self.meta, self.join = slices, meta, join
+                 join: tuple[torch.cuda.Stream, torch.cuda.Stream] | None, parts: int = 1,
+                 alone: bool = False) -> None:  # fmt: skip
+        self.slices, self.meta, self.join, self.parts, self.alone = slices, meta, join, parts, alone
         self.joined = self.finished = False
 
     def __call__(self, part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
@@ -42,13 +46,35 @@ class _Finish:
             main, side = self.join
             main.wait_stream(side)  # the shrink's workspace is complete
             self.joined = True
-        _launch_finish(part, bias, y, self.slices, self.meta)
+        _launch_finish(part, bias, y, self.slices, self.meta, self.parts)
         self.finished = True
         return True
 
 
+# Steps of up to this many tokens run their LoRA shrinks in the producers (kernels.lora_fused). On the H200
+# (bench/engine_gpu.py, one adapter, decode tok/s, against the side stream in the same call, twelfth session):
+# batch 1 261-262 against 256-257 (twice); with a limit of 4, batches 2 and 4 lost 4-5% (503 / 957 against
+# 522 / 1,003).
+# HOTLORA_LORA_PRODUCER=K lets steps of up to K tokens (at most the finish's limit) take it; 0 turns it off.
+PRODUCER_MAX_TOKENS = 1
+
+
+def shrink_in_producer(x: torch.Tensor, meta: LoraMeta | None) -> bool:
+    """Whether a step's LoRA shrinks run inside the kernels that write their inputs (kernels.lora_fused, with
+    ``lora_project(..., shrunk=True)``): Triton steps of up to PRODUCER_MAX_TOKENS tokens (HOTLORA_LORA_PRODUCER
+    overrides it) that the finish also takes."""
+    if meta is None or not _launch.use_triton(x):
+        return False
+    raw = os.environ.get("HOTLORA_LORA_PRODUCER")
+    try:
+        limit = PRODUCER_MAX_TOKENS if raw is None else int(raw)
+    except ValueError:
+        raise ValueError(f"HOTLORA_LORA_PRODUCER must be a token count (0: off), got {raw!r}") from None
+    return 0 < meta.num_tokens <= min(limit, _finish_limit())
+
+
 def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slices: Sequence[LoraSlice],
-                 meta: LoraMeta) -> list[torch.Tensor]:
+                 meta: LoraMeta, shrunk: bool = False) -> list[torch.Tensor]:
     """ys = base(finish) (the projections' base outputs from x, as column views of one output when fused), then
     ``lora_apply(ys, x, slices, meta)``; returns ys.
 
@@ -66,7 +92,13 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     split-K reduce; if the whole output is one with the slices, the join (if any) moves before it and
     ``lora_finish`` sums the splits and adds the delta in one launch, and no expand follows
     (HOTLORA_LORA_FINISH: see there).
+
+    shrunk: x was written by kernels.lora_fused, which left the shrink in meta.workspace as meta.split_k parts
+    (``shrink_in_producer`` says when the layer does that): no shrink launch and no side stream, and the finish
+    or the expand sums the parts.
     """
+    if shrunk:
+        return _project_shrunk(base, x, slices, meta)
     if not _overlap(x):
         ys = base(None)
         _lora.lora_apply(ys, x, slices, meta)
@@ -91,6 +123,19 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     check_ys(ys, slices, meta)
     if not hook.finished:
         _lora._launch_expand(ys, slices, meta, cfg)
+    return ys
+
+
+def _project_shrunk(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slices: Sequence[LoraSlice],
+                    meta: LoraMeta) -> list[torch.Tensor]:
+    check_slices(slices, meta)
+    check_x(x, slices, meta)
+    hook = _Finish(slices, meta, None, parts=meta.split_k, alone=True)
+    ys = base(hook)
+    check_ys(ys, slices, meta)
+    if not hook.finished:
+        cfg = _lora.kernel_config(meta, [sl.b.shape[1] for sl in slices])
+        _lora._launch_expand(ys, slices, meta, cfg, parts=meta.split_k)
     return ys
 
 
@@ -140,7 +185,7 @@ def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, 
 
 
 def _launch_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
-                   meta: LoraMeta) -> None:
+                   meta: LoraMeta, parts: int = 1) -> None:
     from ._lora_triton import lora_finish_kernel
 
     widths = [sl.b.shape[1] for sl in slices]
@@ -150,11 +195,11 @@ def _launch_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tenso
     if y.shape[0]:
         lora_finish_kernel[(y.shape[0], nb_end[-1])](
             part, part.stride(0), part.stride(1), bias if bias is not None else y, y, y.stride(0),
-            ws, ws.stride(1), ws.stride(2),
+            ws, ws.stride(0), ws.stride(1), ws.stride(2),
             *b, *(t.stride(0) for t in b),
             *ranks,
             *_lora._pad3(widths, 0), *_lora._pad3(nb_end, nb_end[-1])[:2],
             meta.token_slots, meta.token_pos, meta.row_start, meta.scale, meta.num_slots,
             HAS_BIAS=bias is not None, SPLIT_K=part.shape[0], BLOCK_N=block_n, BLOCK_R=meta.rank_class,
-            **_launch.pdl_args(y),
+            PARTS=parts, **_launch.pdl_args(y),
         )  # fmt: skip

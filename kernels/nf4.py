@@ -225,8 +225,9 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
 
     finish: when the launch splits K, called as finish(part, bias, y) (part: the fp32 sums [split, M, N]) in
     place of the reduce; it returns True if it wrote y itself (kernels.lora.lora_project adds the LoRA delta
-    in the same pass), False to let the reduce run. Without one no LoRA shrink runs beside the matmul, which
-    picks its config accordingly (pick_config's `alone`)."""
+    in the same pass), False to let the reduce run. Without one, or with one whose `alone` attribute is true
+    (the shrink already ran, kernels.lora_fused), no LoRA shrink runs beside the matmul, which picks its config
+    accordingly (pick_config's `alone`)."""
     _check(x, w, bias)
     if not use_triton(x):
         y = nf4_matmul_ref(x, w, bias)
@@ -236,7 +237,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    cfg = config or pick_config(m, n, k, alone=finish is None)
+    cfg = config or pick_config(m, n, k, alone=finish is None or getattr(finish, "alone", False))
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)

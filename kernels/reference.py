@@ -27,10 +27,12 @@ __all__ = [
     "lora_shrink_ref",
     "nf4_dequantize_ref",
     "nf4_matmul_ref",
+    "norm_shrink_ref",
     "paged_attention_ref",
     "refresh_lora_meta_ref",
     "rope_ref",
     "silu_mul_ref",
+    "silu_mul_shrink_ref",
 ]
 
 
@@ -174,6 +176,21 @@ def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.
 
 def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
+
+
+def norm_shrink_ref(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                    slices: Sequence[LoraSlice], meta: LoraMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of kernels.lora_fused.norm_shrink: (h + delta out of place, the normed x, lora_shrink_ref(x))."""
+    h2 = h.clone()
+    x = add_rms_norm_ref(h2, delta, weight, eps)
+    return h2, x, lora_shrink_ref(x, slices, meta)
+
+
+def silu_mul_shrink_ref(gate: torch.Tensor, up: torch.Tensor, slices: Sequence[LoraSlice],
+                        meta: LoraMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of kernels.lora_fused.silu_mul_shrink: (silu_mul_ref(gate, up), lora_shrink_ref of it)."""
+    y = silu_mul_ref(gate, up)
+    return y, lora_shrink_ref(y, slices, meta)
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -194,3 +194,25 @@ def test_rank_classes_off_use_max_lora_rank(hotlora_cache, tiny_adapters):
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     drain(engine, {0: [Request("off", [5, 6, 7], params, "qv8")]})
     assert {key[2] for key, n in graphs.replays.items() if n} == {64}
+
+
+@interpret
+def test_shrink_in_producers_gives_the_same_tokens(hotlora_cache, tiny_adapters, monkeypatch):
+    """Steps of up to 4 tokens with their LoRA shrinks inside the norm and SiLU*mul kernels (kernels.lora_fused;
+    HOTLORA_LORA_PRODUCER=4) decode the tokens of the separate shrink kernel (=0), with every rank class of the
+    workload; the Triton kernels on the CPU under the interpreter."""
+    from hotlora.server.model import llama
+
+    monkeypatch.setenv("HOTLORA_TRITON_CPU", "1")
+    fused_rows: list[int] = []
+    real = llama.norm_shrink
+    monkeypatch.setattr(llama, "norm_shrink", lambda h, *a: (fused_rows.append(h.shape[0]), real(h, *a))[1])
+    outs = {}
+    for limit in ("0", "4"):
+        monkeypatch.setenv("HOTLORA_LORA_PRODUCER", limit)
+        engine = _engine(hotlora_cache, tiny_adapters)
+        outs[limit] = _workload(engine)
+        assert engine.blocks.num_used == 0
+        assert bool(fused_rows) == (limit == "4")
+    assert set(fused_rows) <= {1, 2, 3, 4} and len(set(fused_rows)) > 1
+    assert outs["4"] == outs["0"] and all(len(t) == N_NEW for t in outs["0"].values())

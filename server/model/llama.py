@@ -2,7 +2,8 @@
 
 Every decoder linear is a base module from quant.make_linear (NF4 or dense) plus, per target module,
 a LoRA slice from the device slot cache, applied for all adapters of the batch by kernels.lora_project
-(the base output, then lora_apply; the LoRA shrink beside the base matmul in CUDA graphs).
+(the base output, then lora_apply; the LoRA shrink beside the base matmul in CUDA graphs, or, on steps of a
+few tokens, inside the norm or SiLU*mul kernel that writes the projection's input: kernels.lora_fused).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from hotlora.kernels.elementwise import add_rms_norm, rope_kv_, silu_mul
-from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_project
+from hotlora.kernels.lora import LoraMeta, LoraSlice, lora_project, shrink_in_producer
+from hotlora.kernels.lora_fused import norm_shrink, silu_mul_shrink
 from hotlora.kernels.nf4 import Finish
 from hotlora.server.model.attention import AttentionMeta, paged_attention
 from hotlora.server.model.config import ModelConfig
@@ -55,35 +57,48 @@ class DecoderLayer:
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraMeta | None) -> list[torch.Tensor]:
+    def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraMeta | None,
+                 shrunk: bool = False) -> list[torch.Tensor]:  # fmt: skip
         group = self.groups.get(names)
 
         def base(finish: Finish | None = None) -> list[torch.Tensor]:
             return group(x, finish) if group is not None else [self.proj[n](x, finish) for n in names]
 
-        if lora is None or not self.lora:
+        if lora is None:
             return base()
-        return lora_project(base, x, [self.lora[n] for n in names], lora)
+        return lora_project(base, x, [self.lora[n] for n in names], lora, shrunk)
+
+    def _norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, names: tuple[str, ...],
+              lora: LoraMeta | None, shrunk: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(the residual stream, its norm): h += delta in place, or out of place with the LoRA shrink of the
+        group `names` in the same launch (kernels.lora_fused) when `shrunk`."""
+        if shrunk:
+            return norm_shrink(h, delta, weight, self.cfg.rms_norm_eps, [self.lora[n] for n in names], lora)
+        return h, add_rms_norm(h, delta, weight, self.cfg.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor | None, batch: ForwardBatch,
-                rotary: Rotary) -> torch.Tensor:
-        """Adds the previous layer's output `delta` into the residual stream h (in place) and returns this
-        layer's MLP output, which the next layer (or the final norm) adds in turn: each residual add is
-        fused into the norm that follows it."""
+                rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds the previous layer's output `delta` into the residual stream h and returns (the residual stream,
+        this layer's MLP output), which the next layer (or the final norm) adds in turn: each residual add is
+        fused into the norm that follows it. On small LoRA steps (kernels.lora.shrink_in_producer) the norms
+        and SiLU*mul also run the next projection's LoRA shrink, and the residual stream is a new tensor."""
         cfg = self.cfg
-        x = add_rms_norm(h, delta, self.input_norm, cfg.rms_norm_eps)
-        q, k, v = self._project(QKV, x, batch.lora)
+        lora = batch.lora if self.lora else None
+        fused = shrink_in_producer(h, lora)
+        h, x = self._norm(h, delta, self.input_norm, QKV, lora, fused)
+        q, k, v = self._project(QKV, x, lora, fused)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
         rope_kv_(q, k, v, batch.positions, rotary.cos, rotary.sin, self.k_cache, self.v_cache,
                  batch.attn.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, batch.attn, cfg.head_dim**-0.5, cfg.sliding_window)
-        (o,) = self._project(("o_proj",), o.reshape(o.shape[0], -1), batch.lora)
-        x = add_rms_norm(h, o, self.post_norm, cfg.rms_norm_eps)
-        gate, up = self._project(GATE_UP, x, batch.lora)
-        (down,) = self._project(("down_proj",), silu_mul(gate, up), batch.lora)
-        return down
+        (o,) = self._project(("o_proj",), o.reshape(o.shape[0], -1), lora)
+        h, x = self._norm(h, o, self.post_norm, GATE_UP, lora, fused)
+        gate, up = self._project(GATE_UP, x, lora, fused)
+        act = silu_mul_shrink(gate, up, [self.lora["down_proj"]], lora) if fused else silu_mul(gate, up)
+        (down,) = self._project(("down_proj",), act, lora, fused)
+        return h, down
 
 
 class LlamaModel:
@@ -120,7 +135,7 @@ class LlamaModel:
         h = F.embedding(batch.input_ids, self.embed)
         delta = None
         for layer in self.layers:
-            delta = layer.forward(h, delta, batch, self.rotary)
+            h, delta = layer.forward(h, delta, batch, self.rotary)
         idx = batch.sample_idx
         h = add_rms_norm(h[idx], delta[idx], self.norm, self.cfg.rms_norm_eps)
         threads = torch.get_num_threads()
