@@ -10,10 +10,23 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HOTLORA_CACHE", str(REPO_ROOT / ".cache" / "hotlora"))
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub
+
+
+@pytest.fixture(params=["cpu-triton", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])  # fmt: skip
+def kernel_device(request, monkeypatch) -> str:
+    """Where a kernel test runs its Triton kernels: the CPU under TRITON_INTERPRET=1 (CI), and the GPU."""
+    if request.param == "cpu-triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by make test)")
+        monkeypatch.setenv("HOTLORA_TRITON_CPU", "1")
+        return "cpu"
+    return "cuda"
 
 
 @pytest.fixture(scope="session")

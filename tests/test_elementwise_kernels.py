@@ -5,8 +5,6 @@ Under TRITON_INTERPRET=1 (CI) in fp32/fp16 at small sizes; bf16 and real sizes o
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,18 +13,11 @@ from hotlora.kernels.reference import add_rms_norm_ref, rope_kv_ref, rope_ref, s
 from hotlora.server.model.rope import Rotary
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DEVICES = ["cpu-triton", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
-@pytest.fixture(params=DEVICES)
-def device(request, monkeypatch):
-    if request.param == "cpu-triton":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by make test)")
-        monkeypatch.setenv("HOTLORA_TRITON_CPU", "1")
-        return "cpu"
-    return "cuda"
+@pytest.fixture
+def device(kernel_device: str) -> str:  # conftest.kernel_device: the interpreter on the CPU, and the GPU
+    return kernel_device
 
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -3,8 +3,6 @@ its parts: against the torch references, under TRITON_INTERPRET=1 (CI) in fp32/f
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from lora_cases import TOLERANCE, make_case
@@ -14,18 +12,10 @@ from hotlora.kernels.lora import lora_project, shrink_in_producer
 from hotlora.kernels.lora_fused import norm_shrink, silu_mul_shrink
 from hotlora.kernels.reference import lora_apply_ref, lora_shrink_ref, norm_shrink_ref, silu_mul_shrink_ref
 
-DEVICES = ["cpu-triton", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])]  # fmt: skip
 
-
-@pytest.fixture(params=DEVICES)
-def device(request, monkeypatch):
-    if request.param == "cpu-triton":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by make test)")
-        monkeypatch.setenv("HOTLORA_TRITON_CPU", "1")
-        return "cpu"
-    return "cuda"
+@pytest.fixture
+def device(kernel_device: str) -> str:  # conftest.kernel_device: the interpreter on the CPU, and the GPU
+    return kernel_device
 
 
 def _dtype(device: str, dtype: torch.dtype) -> torch.dtype:
