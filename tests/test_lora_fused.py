@@ -47,17 +47,19 @@ SIZES = {"qkv": (72, (72, 24, 24)), "gate_up": (40, (100, 100)), "down": (100, (
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("size", "num_tokens", "split_k", "popularity"),
-                         [("qkv", 1, 16, "uniform"), ("qkv", 4, 4, "some_none"), ("gate_up", 3, 16, "distinct"),
-                          ("gate_up", 2, 1, "identical"), ("qkv", 3, 3, "all_none")])  # fmt: skip
+@pytest.mark.parametrize(("size", "num_tokens", "split_k", "popularity", "rank_class"),
+                         [("qkv", 1, 16, "uniform", None), ("qkv", 4, 4, "some_none", 16),
+                          ("gate_up", 3, 16, "distinct", None), ("gate_up", 2, 1, "identical", None),
+                          ("qkv", 3, 3, "all_none", None)])  # fmt: skip
 @pytest.mark.parametrize("with_delta", [True, False])
-def test_norm_shrink(device, dtype, size, num_tokens, split_k, popularity, with_delta):
+def test_norm_shrink(device, dtype, size, num_tokens, split_k, popularity, rank_class, with_delta):
     """h2 and x as the reference computes them (h untouched); the parts add up to the shrink of x. 16 parts
-    of a 40-wide row leave the last parts without columns: they must hold zeros."""
+    of a 40-wide row leave the last parts without columns: they must hold zeros. Rank class 16 with ranks up to
+    64: the rows past the first 16 of a slot load inside the kernel's rank loop."""
     dtype = _dtype(device, dtype)
     in_features, outs = SIZES[size]
     case = make_case(dtype, in_features, outs, "mixed", num_tokens, popularity, device=device, seed=num_tokens)
-    meta = case.meta(split_k=split_k)
+    meta = case.meta(split_k=split_k, rank_class=rank_class)
     meta.workspace.fill_(float("nan"))  # every part a consumer reads must be written
     gen = torch.Generator().manual_seed(3)
     h = torch.randn(num_tokens, in_features, generator=gen).to(dtype).to(device)
