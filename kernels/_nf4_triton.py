@@ -268,6 +268,8 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     (_load_group). PDL: launched with kernels._launch.pdl_args. L2_PREFETCH > 0: the program's first L2_PREFETCH
     groups of weight bytes are requested into L2 before the PDL wait (_prefetch_groups).
     """
+    if L2_PREFETCH == 0:  # the wait first, as timed (the index math ahead of it changed the M = 64 loop's SASS)
+        pdl_enter(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -284,7 +286,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     g0 = pid_k * ITERS
     if L2_PREFETCH > 0:
         _prefetch_groups(w_ptr, absmax_ptr, offs_n, mask_n, g0, NUM_G, stride_wn, stride_an, L2_PREFETCH)
-    pdl_enter(PDL)
+        pdl_enter(PDL)
     if SWAP_AB:  # noqa: SIM108 (static branches keep each compiled variant's accumulator shape plain)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
