@@ -11,7 +11,8 @@ from ._meta import LoraMeta, LoraSlice
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _rows(t: torch.Tensor, name: str) -> None:
+def check_rows(t: torch.Tensor, name: str) -> None:
+    """t is 2-D with unit column stride (rows of a matrix), else a ValueError naming it."""
     if t.dim() != 2 or t.stride(1) != 1:
         raise ValueError(f"{name} must be 2-D with unit column stride, got shape {tuple(t.shape)} strides {t.stride()}")
 
@@ -24,8 +25,8 @@ def check_slices(slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
     if dtype not in FLOATS:
         raise TypeError(f"LoRA weights must be fp16, bf16 or fp32, got {dtype}")
     for i, sl in enumerate(slices):
-        _rows(sl.a, f"slices[{i}].a")
-        _rows(sl.b, f"slices[{i}].b")
+        check_rows(sl.a, f"slices[{i}].a")
+        check_rows(sl.b, f"slices[{i}].b")
         if sl.a.dtype != dtype or sl.b.dtype != dtype:
             raise TypeError(f"slices[{i}] a/b must be {dtype}, got {sl.a.dtype}/{sl.b.dtype}")
         if sl.a.shape[1] != in_features or sl.a.shape[0] != sl.b.shape[0]:
@@ -37,7 +38,7 @@ def check_slices(slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
 
 
 def check_x(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
-    _rows(x, "x")
+    check_rows(x, "x")
     if x.dtype != slices[0].a.dtype:
         raise TypeError(f"x must have the weights' dtype {slices[0].a.dtype}, got {x.dtype}")
     if x.shape != (meta.num_tokens, slices[0].a.shape[1]) or x.device != meta.token_slots.device:
@@ -48,7 +49,7 @@ def check_ys(ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: Lora
     if len(ys) != len(slices):
         raise ValueError(f"{len(ys)} outputs for {len(slices)} slices")
     for i, (y, sl) in enumerate(zip(ys, slices, strict=True)):
-        _rows(y, f"ys[{i}]")
+        check_rows(y, f"ys[{i}]")
         if y.dtype not in FLOATS or y.dtype != ys[0].dtype:
             raise TypeError(f"ys must share one float dtype (fp16, bf16, fp32), ys[{i}] is {y.dtype}")
         if y.shape != (meta.num_tokens, sl.b.shape[1]) or y.device != meta.token_slots.device:

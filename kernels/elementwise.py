@@ -30,15 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_rows
 from ._launch import pdl_args, pdl_enter, use_triton
 from .reference import add_rms_norm_ref, rope_kv_ref, silu_mul_ref
 
 __all__ = ["add_rms_norm", "rope_kv_", "silu_mul"]
-
-
-def _rows(t: torch.Tensor, name: str) -> None:
-    if t.dim() != 2 or t.stride(1) != 1:
-        raise ValueError(f"{name} must be 2-D with unit column stride, got {tuple(t.shape)} {t.stride()}")
 
 
 @triton.jit
@@ -60,17 +56,23 @@ def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, x_ptr, D, stride_h, stride_d, stri
     tl.store(x_ptr + row * stride_x + offs, (w * normed).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """h += delta (in place, if given); returns RMSNorm(h) * weight (module docstring)."""
-    _rows(h, "h")
+def check_add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> None:
+    """add_rms_norm's arguments (also kernels.lora_fused.norm_shrink's): h [T, D] rows with unit column stride,
+    delta like h (its stride is checked where a kernel reads it), weight [D]."""
+    check_rows(h, "h")
     if delta is not None and (delta.shape != h.shape or delta.dtype != h.dtype):
         raise ValueError(f"delta must match h {tuple(h.shape)} {h.dtype}, got {tuple(delta.shape)} {delta.dtype}")
     if weight.shape != (h.shape[1],):
         raise ValueError(f"weight must be [{h.shape[1]}], got {tuple(weight.shape)}")
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += delta (in place, if given); returns RMSNorm(h) * weight (module docstring)."""
+    check_add_rms_norm(h, delta, weight)
     if not use_triton(h):
         return add_rms_norm_ref(h, delta, weight, eps)
     if delta is not None:
-        _rows(delta, "delta")
+        check_rows(delta, "delta")
     x = torch.empty_like(h, memory_format=torch.contiguous_format)
     if h.shape[0]:
         _add_rms_norm_kernel[(h.shape[0],)](
@@ -94,12 +96,18 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, width, stride_g, stride_u, stride_y, B
     tl.store(y_ptr + row * stride_y + offs, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, [T, I] (module docstring)."""
-    _rows(gate, "gate")
-    _rows(up, "up")
+def check_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> None:
+    """silu_mul's arguments (also kernels.lora_fused.silu_mul_shrink's): gate and up [T, I] alike, rows with unit
+    column stride."""
+    check_rows(gate, "gate")
+    check_rows(up, "up")
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, [T, I] (module docstring)."""
+    check_silu_mul(gate, up)
     if not use_triton(gate):
         return silu_mul_ref(gate, up)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)

@@ -36,9 +36,11 @@ import triton
 import triton.language as tl
 
 from . import _interp_compat
-from ._checks import check_slices
+from ._checks import check_rows, check_slices, check_x
 from ._launch import pdl_args, pdl_enter, use_triton
 from ._meta import LoraMeta, LoraSlice
+from .elementwise import check_add_rms_norm, check_silu_mul
+from .lora import _pad3
 from .reference import norm_shrink_ref, silu_mul_shrink_ref
 
 __all__ = ["norm_shrink", "silu_mul_shrink"]
@@ -165,21 +167,6 @@ def _silu_mul_shrink_kernel(
                  NUM_SLICES, BLOCK_R)
 
 
-def _rows(t: torch.Tensor, name: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
-    if t.shape != shape or t.stride(1) != 1 or t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype} {list(shape)} with unit column stride, got {t.dtype} "
-                         f"{tuple(t.shape)} {t.stride()}")
-
-
-def _check(x: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
-    check_slices(slices, meta)
-    if x.shape[0] != meta.num_tokens or slices[0].a.shape[1] != x.shape[1] or slices[0].a.dtype != x.dtype:
-        raise ValueError(f"rows [{meta.num_tokens}, {slices[0].a.shape[1]}] {slices[0].a.dtype} expected, got "
-                         f"{tuple(x.shape)} {x.dtype}")
-    if x.device != meta.token_slots.device:
-        raise ValueError(f"tensors must be on the meta's device {meta.token_slots.device}")
-
-
 def _write_parts(shrink: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMeta) -> None:
     """The references' shrink [n, T, max_rank] into the workspace parts: all of it in part 0, zeros in the rest."""
     ws = meta.workspace[:, : len(slices)]
@@ -188,9 +175,7 @@ def _write_parts(shrink: torch.Tensor, slices: Sequence[LoraSlice], meta: LoraMe
 
 
 def _lora_args(slices: Sequence[LoraSlice], meta: LoraMeta) -> list:
-    a = [sl.a for sl in slices] + [slices[0].a] * (3 - len(slices))
-    ranks = [sl.rank for sl in slices] + [slices[0].rank] * (3 - len(slices))
-    ws = meta.workspace
+    a, ranks, ws = _pad3([sl.a for sl in slices]), _pad3([sl.rank for sl in slices]), meta.workspace
     return [*a, *(t.stride(0) for t in a), *ranks, ws, *ws.stride()[:3], meta.token_slots, meta.token_pos,
             meta.row_start, meta.num_slots]
 
@@ -199,12 +184,11 @@ def norm_shrink(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
                 slices: Sequence[LoraSlice], meta: LoraMeta) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + delta, RMSNorm(h + delta) * weight) and the shrink's parts (module docstring). h, delta: [T, D]
     in the LoRA weights' dtype, unit column stride; weight [D]."""
-    _check(h, slices, meta)
-    _rows(h, "h", tuple(h.shape), h.dtype)
+    check_add_rms_norm(h, delta, weight)
     if delta is not None:
-        _rows(delta, "delta", tuple(h.shape), h.dtype)
-    if weight.shape != (h.shape[1],):
-        raise ValueError(f"weight must be [{h.shape[1]}], got {tuple(weight.shape)}")
+        check_rows(delta, "delta")
+    check_slices(slices, meta)
+    check_x(h, slices, meta)
     if not use_triton(h):
         h2, x, shrink = norm_shrink_ref(h, delta, weight, eps, slices, meta)
         _write_parts(shrink, slices, meta)
@@ -225,9 +209,9 @@ def norm_shrink(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 def silu_mul_shrink(gate: torch.Tensor, up: torch.Tensor, slices: Sequence[LoraSlice],
                     meta: LoraMeta) -> torch.Tensor:
     """silu(gate) * up [T, I] and the shrink's parts of it (module docstring); gate and up may be views."""
-    _check(gate, slices, meta)
-    _rows(gate, "gate", tuple(gate.shape), gate.dtype)
-    _rows(up, "up", tuple(gate.shape), gate.dtype)
+    check_silu_mul(gate, up)
+    check_slices(slices, meta)
+    check_x(gate, slices, meta)
     if not use_triton(gate):
         y, shrink = silu_mul_shrink_ref(gate, up, slices, meta)
         _write_parts(shrink, slices, meta)
