@@ -65,11 +65,7 @@ def shrink_in_producer(x: torch.Tensor, meta: LoraMeta | None) -> bool:
     overrides it) that the finish also takes."""
     if meta is None or not _launch.use_triton(x):
         return False
-    raw = os.environ.get("HOTLORA_LORA_PRODUCER")
-    try:
-        limit = PRODUCER_MAX_TOKENS if raw is None else int(raw)
-    except ValueError:
-        raise ValueError(f"HOTLORA_LORA_PRODUCER must be a token count (0: off), got {raw!r}") from None
+    limit = _token_limit("HOTLORA_LORA_PRODUCER", PRODUCER_MAX_TOKENS)
     return 0 < meta.num_tokens <= min(limit, _finish_limit())
 
 
@@ -147,14 +143,19 @@ def _project_shrunk(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, sl
 FINISH_MAX_TOKENS = 4
 
 
-def _finish_limit() -> int:
-    raw = os.environ.get("HOTLORA_LORA_FINISH")
+def _token_limit(name: str, default: int) -> int:
+    """The token count in environment variable `name` (0: off), or `default` when it is unset."""
+    raw = os.environ.get(name)
     if raw is None:
-        return FINISH_MAX_TOKENS
+        return default
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"HOTLORA_LORA_FINISH must be a token count (0: off), got {raw!r}") from None
+        raise ValueError(f"{name} must be a token count (0: off), got {raw!r}") from None
+
+
+def _finish_limit() -> int:
+    return _token_limit("HOTLORA_LORA_FINISH", FINISH_MAX_TOKENS)
 
 
 def _fuse_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
