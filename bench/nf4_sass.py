@@ -35,15 +35,14 @@ POINTERS = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": 
 SCALARS = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
 
 
-def compile_sm90(cfg: Nf4Config, iters: int = 16, l2_prefetch: int = 0) -> bytes:
-    """The cubin of nf4_matmul_kernel for `cfg` (bf16 x, no bias), as the JIT builds it for an H200
-    (l2_prefetch: its L2_PREFETCH, kernels.nf4's HOTLORA_NF4_L2_PREFETCH)."""
+def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
+    """The cubin of nf4_matmul_kernel for `cfg` (bf16 x, no bias), as the JIT builds it for an H200."""
     fn = _nf4_triton.nf4_matmul_kernel
     consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="tf32", SCALE=cfg.scale,
                   SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
                   ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even,
-                  PDL=True, L2_PREFETCH=l2_prefetch)
+                  PDL=True)
     signature = {**POINTERS, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
     aligned = [*POINTERS, *(s for s in SCALARS if s != "M")]
@@ -69,16 +68,7 @@ def loop_report(cubin: bytes) -> dict:
     opcodes = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line).group(1) for line in body)
     return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-            "loop": len(body), "opcodes": dict(opcodes.most_common(10)), "sass": "\n".join(body),
-            "prefetch": _prefetches(lines)}
-
-
-def _prefetches(lines: list[str]) -> tuple[int, int]:
-    """(L2 prefetches (CCTL.E.PF2) ahead of the PDL wait (ACQBULK: griddepcontrol.wait), all of them)."""
-    ops = [m.group(1) for line in lines if (m := re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line))]
-    wait = ops.index("ACQBULK") if "ACQBULK" in ops else len(ops)
-    pf = [i for i, op in enumerate(ops) if op.startswith("CCTL.E.PF2")]
-    return sum(i < wait for i in pf), len(pf)
+            "loop": len(body), "opcodes": dict(opcodes.most_common(10)), "sass": "\n".join(body)}
 
 
 def main() -> None:
@@ -92,7 +82,6 @@ def main() -> None:
     ap.add_argument("--swap-ab", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--scale", type=int, help="override: 0 SCALE_PARTIALS, 1 SCALE_VALUES, 2 SCALE_EXACT")
     ap.add_argument("--tile", type=int, nargs=3, metavar=("BLOCK_M", "BLOCK_N", "WARPS"), help="override")
-    ap.add_argument("--l2-prefetch", type=int, default=0, help="L2_PREFETCH groups (HOTLORA_NF4_L2_PREFETCH)")
     ap.add_argument("--dump", help="write the last config's loop SASS here")
     a = ap.parse_args()
     for m in a.m:
@@ -103,15 +92,14 @@ def main() -> None:
         overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab,
                      "scale": a.scale, **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-        rep = loop_report(compile_sm90(cfg, l2_prefetch=a.l2_prefetch))
+        rep = loop_report(compile_sm90(cfg))
         values = cfg.block_n * 128 // (32 * cfg.warps)  # weight values per thread per 128-column group
         lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
         print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "
               f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even} scale {cfg.scale}: "
               f"{rep['registers']} registers, "
               f"{rep['stack']} B stack; loop {rep['loop']} instructions, {rep['loop'] / values:.2f} per weight "
-              f"value; {rep['opcodes']}; L2 prefetches before the PDL wait / all: {rep['prefetch'][0]} / "
-              f"{rep['prefetch'][1]}", flush=True)
+              f"value; {rep['opcodes']}", flush=True)
         if a.dump:
             with open(a.dump, "w") as fh:
                 fh.write(rep["sass"] + "\n")

@@ -197,25 +197,6 @@ def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, val
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """prefetch.global.L2 of every address in ptrs (a request per element, no data returned; impure, so kept)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_groups(w_ptr, absmax_ptr, offs_n, mask_n, g0, NUM_G, stride_wn, stride_an, GROUPS: tl.constexpr):
-    """Ask L2 for groups g0 .. g0 + GROUPS - 1 of the program's weight rows (64 bytes a row and group) and for
-    their scales. Issued ahead of the PDL wait: the kernel before never writes them, and while it runs the
-    memory system is otherwise idle at decode sizes (HOTLORA_NF4_L2_PREFETCH, kernels.nf4; untimed)."""
-    offs_g = g0 + tl.arange(0, GROUPS)
-    ok = mask_n[:, None] & (offs_g < NUM_G)[None, :]
-    rows = w_ptr + offs_n[:, None] * stride_wn + offs_g[None, :] * 64
-    _prefetch_l2(tl.where(ok, rows, w_ptr))
-    _prefetch_l2(tl.where(mask_n, absmax_ptr + offs_n * stride_an + 2 * g0, absmax_ptr))
-
-
-@triton.jit
 def _dot(w, x, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
     """w [BLOCK_N, 64] against x [BLOCK_M, 64]: acc (+)= w @ x.T with SWAP_AB (weights first), else x @ w.T."""
     if SWAP_AB:
@@ -257,7 +238,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                       SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN: tl.constexpr, PDL: tl.constexpr, L2_PREFETCH: tl.constexpr = 0):
+                      EVEN: tl.constexpr, PDL: tl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
@@ -265,11 +246,9 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     weights first, as dequantize_4bit does (lut in fp32, product rounded to W_DTYPE). PREFETCH issues group
     i+1's loads before group i's math (register double-buffering). With SPLIT_K > 1 each program writes its
     K-slice's fp32 sum to part[pid_k], and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K
-    (_load_group). PDL: launched with kernels._launch.pdl_args. L2_PREFETCH > 0: the program's first L2_PREFETCH
-    groups of weight bytes are requested into L2 before the PDL wait (_prefetch_groups).
+    (_load_group). PDL: launched with kernels._launch.pdl_args.
     """
-    if L2_PREFETCH == 0:  # the wait first, as timed (the index math ahead of it changed the M = 64 loop's SASS)
-        pdl_enter(PDL)
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -283,14 +262,11 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    g0 = pid_k * ITERS
-    if L2_PREFETCH > 0:
-        _prefetch_groups(w_ptr, absmax_ptr, offs_n, mask_n, g0, NUM_G, stride_wn, stride_an, L2_PREFETCH)
-        pdl_enter(PDL)
     if SWAP_AB:  # noqa: SIM108 (static branches keep each compiled variant's accumulator shape plain)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    g0 = pid_k * ITERS
     tab = _prmt_table(lut_ptr, LOOKUP, TABLE_REGS)
     if PREFETCH:
         xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0, True,

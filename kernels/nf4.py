@@ -45,7 +45,6 @@ pool under capture).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -268,22 +267,10 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        num_warps=cfg.warps, num_stages=cfg.stages, L2_PREFETCH=_l2_prefetch(x), **pdl_args(x),
+        num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return part if split > 1 else None
-
-
-def _l2_prefetch(x: torch.Tensor) -> int:
-    """Weight groups each program of the matmul asks L2 for before its PDL wait (nf4_matmul_kernel's
-    L2_PREFETCH): HOTLORA_NF4_L2_PREFETCH, 0 (off) by default. Compiled CUDA only (inline PTX). Prepared in the
-    twelfth session and not yet timed: while the small kernels between two matmuls run (a norm, a reduce, the
-    attention), the weights' bytes could already stream in."""
-    raw = os.environ.get("HOTLORA_NF4_L2_PREFETCH", "0")
-    groups = int(raw) if raw.isdigit() else -1
-    if groups & (groups - 1) or groups < 0:  # tl.arange wants a power of two
-        raise ValueError(f"HOTLORA_NF4_L2_PREFETCH must be 0 (off) or a power of two, got {raw!r}")
-    return groups if x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else 0
 
 
 def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,

@@ -141,25 +141,3 @@ def test_gpu_register_cap_configs():
         free = nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT))
         for regs in (96, 72):
             assert torch.equal(nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT, maxnreg=regs)), free)
-
-
-@pytest.mark.parametrize("shape", ["gate_up", "down"])
-@pytest.mark.parametrize("groups", ["1", "2", "4"])
-def test_gpu_l2_prefetch_changes_no_bit(shape, groups, monkeypatch):
-    """HOTLORA_NF4_L2_PREFETCH asks L2 for weight bytes ahead of the PDL wait: the results stay bit-identical, at
-    every tiled M bucket, eagerly and replayed from a CUDA graph."""
-    k, widths = LLAMA[shape]
-    w = packed_group(quantize(widths, k, torch.bfloat16, "cuda"))
-    for m in (1, 16, 33, 64, 128):
-        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        monkeypatch.setenv("HOTLORA_NF4_L2_PREFETCH", "0")
-        want = nf4_matmul(x, w)
-        monkeypatch.setenv("HOTLORA_NF4_L2_PREFETCH", groups)
-        assert torch.equal(nf4_matmul(x, w), want), m
-        out = torch.empty_like(want)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            nf4_matmul(x, w, out=out)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, want), m
