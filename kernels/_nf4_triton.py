@@ -296,19 +296,15 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
 
 
 @triton.jit
-def nf4_reduce_kernel(part_ptr, extra_ptr, bias_ptr, y_ptr, M, N, stride_ym,
-                      HAS_BIAS: tl.constexpr, HAS_EXTRA: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-                      PDL: tl.constexpr):
-    """y[m, n] = sum_k part[k, m, n] (+ extra[m, n]) (+ bias[n]), in a fixed order (deterministic); extra is
-    fp32 [M, N], contiguous (a LoRA delta computed beside the matmul: kernels.lora_project)."""
+def nf4_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
+                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """y[m, n] = sum_k part[k, m, n] (+ bias[n]), in a fixed order (deterministic)."""
     pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in tl.static_range(SPLIT_K):
         acc += tl.load(part_ptr + k * M * N + offs, mask=mask, other=0.0)
-    if HAS_EXTRA:
-        acc += tl.load(extra_ptr + offs, mask=mask, other=0.0)
     n = offs % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)

@@ -4,7 +4,6 @@ calls through that module."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -15,7 +14,6 @@ from . import _launch
 from . import lora as _lora
 from ._checks import check_slices, check_x, check_ys
 from ._meta import LoraMeta, LoraSlice
-from .nf4 import nf4_reduce
 
 
 @functools.cache
@@ -23,58 +21,34 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def _hooked(x: torch.Tensor) -> bool:
-    """Whether lora_project hands base() its finish hook (Triton steps; on CUDA, off with HOTLORA_LORA_OVERLAP=0,
-    which leaves a plain base() and ``lora_apply`` after it)."""
-    return _launch.use_triton(x) and (not x.is_cuda or os.environ.get("HOTLORA_LORA_OVERLAP", "1") != "0")
-
-
-def _beside() -> bool:
-    """Whether steps past the finish's limit compute the LoRA delta beside the matmul (off with
-    HOTLORA_LORA_BESIDE=0: the expand then follows the matmul's reduce)."""
-    return os.environ.get("HOTLORA_LORA_BESIDE", "1") != "0"
+def _overlap(x: torch.Tensor) -> bool:
+    """Shrink beside the base matmul (CUDA; off with HOTLORA_LORA_OVERLAP=0)."""
+    return x.is_cuda and os.environ.get("HOTLORA_LORA_OVERLAP", "1") != "0"
 
 
 class _Finish:
-    """The finish hook lora_project hands base() for kernels.nf4.nf4_matmul, when the matmul splits K and its
-    output is exactly the slices':
-    - steps of up to the finish's limit: the split-K sums and the expand in one launch (``lora_finish``);
-    - larger steps: the expand into an fp32 delta [T, N], on the side stream after the shrink (so beside the
-      matmul), and the split-K reduce adds it (kernels.nf4.nf4_reduce): no expand launch after the matmul.
-    The join with the side stream, if any, comes before either.
+    """The finish hook lora_project hands base() for kernels.nf4.nf4_matmul: the split-K sums and the expand in
+    one launch when the output is exactly the slices' (after the join with the side stream, if any).
 
     parts: workspace parts holding the shrink (see _launch_expand); alone: no shrink runs beside the matmul (the
     shrink already ran in the producer, kernels.lora_fused), so nf4_matmul may pick its `alone` config."""
 
-    def __init__(self, slices: Sequence[LoraSlice], meta: LoraMeta, cfg: _lora.KernelConfig,
+    def __init__(self, slices: Sequence[LoraSlice], meta: LoraMeta,
                  join: tuple[torch.cuda.Stream, torch.cuda.Stream] | None, parts: int = 1,
                  alone: bool = False) -> None:  # fmt: skip
-        self.slices, self.meta, self.cfg, self.join, self.parts, self.alone = slices, meta, cfg, join, parts, alone
+        self.slices, self.meta, self.join, self.parts, self.alone = slices, meta, join, parts, alone
         self.joined = self.finished = False
 
     def __call__(self, part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
-        widths = [sl.b.shape[1] for sl in self.slices]
-        if y.shape[1] != sum(widths) or y.stride(1) != 1:
+        if not _fuse_finish(part, y, self.slices):
             return False
-        if part.shape[1] <= _finish_limit():
-            self._join()
-            _launch_finish(part, bias, y, self.slices, self.meta, self.parts)
-        elif not _beside():
-            return False
-        else:
-            with torch.cuda.stream(self.join[1]) if self.join is not None else contextlib.nullcontext():
-                delta = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-                _lora._launch_expand(delta.split(widths, dim=1), self.slices, self.meta, self.cfg, parts=self.parts)
-            self._join()
-            nf4_reduce(part, bias, y, extra=delta)
-        self.finished = True
-        return True
-
-    def _join(self) -> None:
         if self.join is not None:
             main, side = self.join
-            main.wait_stream(side)  # the shrink's (and the delta's) workspace is complete
+            main.wait_stream(side)  # the shrink's workspace is complete
             self.joined = True
+        _launch_finish(part, bias, y, self.slices, self.meta, self.parts)
+        self.finished = True
+        return True
 
 
 # Steps of up to this many tokens run their LoRA shrinks in the producers (kernels.lora_fused). On the H200
@@ -101,20 +75,19 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     ``lora_apply(ys, x, slices, meta)``; returns ys.
 
     On CUDA, while a graph is captured, the shrink, which needs only x, runs on a side stream beside base()
-    (both are memory-bound and neither fills the GPU at decode sizes); the fork and join are graph edges.
-    Eagerly (a graph's warm-up, the eager fallback, the CPU interpreter) the same kernels run one after
-    another on the current stream: two event calls per projection would cost more host time than the overlap
-    saves, and the warm-up must compile exactly the variants the capture launches. Measured on the H200
-    (BENCHMARKS.md, ninth session), the side stream beat two single-stream orders chained by programmatic
-    dependent launch: the shrink before the matmul, the matmul launched early beside it (+3.5% with 32
-    distinct adapters, 5-7% slower with one), and the matmul first, the shrink launched early beside it (2-7%
-    slower everywhere).
+    (both are memory-bound and neither fills the GPU at decode sizes) and the expand follows the join; the
+    fork and join are graph edges. Eagerly (a graph's warm-up, or the eager fallback) the same kernels run
+    one after another on the current stream: two event calls per projection would cost more host time than
+    the overlap saves, and the warm-up must compile exactly the variants the capture launches. The expand
+    runs without PDL: its prologue reads ys, which base() writes. Measured on the H200 (BENCHMARKS.md, ninth
+    session), the side stream beat two single-stream orders chained by programmatic dependent launch: the
+    shrink before the matmul, the matmul launched early beside it (+3.5% with 32 distinct adapters, 5-7%
+    slower with one), and the matmul first, the shrink launched early beside it (2-7% slower everywhere).
 
     `finish`: base() passes it to the NF4 matmul (kernels.nf4.nf4_matmul), which calls it in place of its
-    split-K reduce. If the whole output is one with the slices, the hook (_Finish) adds the delta there: in
-    ``lora_finish`` for small steps (HOTLORA_LORA_FINISH), else through an expand beside the matmul whose
-    result the reduce adds (HOTLORA_LORA_BESIDE). Otherwise (no split, a dense base) the expand follows base(),
-    without PDL: its prologue reads ys, which base() writes.
+    split-K reduce; if the whole output is one with the slices, the join (if any) moves before it and
+    ``lora_finish`` sums the splits and adds the delta in one launch, and no expand follows
+    (HOTLORA_LORA_FINISH: see there).
 
     shrunk: x was written by kernels.lora_fused, which left the shrink in meta.workspace as meta.split_k parts
     (``shrink_in_producer`` says when the layer does that): no shrink launch and no side stream, and the finish
@@ -122,7 +95,7 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     """
     if shrunk:
         return _project_shrunk(base, x, slices, meta)
-    if not _hooked(x):
+    if not _overlap(x):
         ys = base(None)
         _lora.lora_apply(ys, x, slices, meta)
         return ys
@@ -130,13 +103,13 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     check_x(x, slices, meta)
     cfg = _lora.kernel_config(meta, [sl.b.shape[1] for sl in slices])
     pdl = _launch.pdl(x)  # the shrink waits for its predecessor (kernels._launch), on either stream
-    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        hook = _Finish(slices, meta, cfg, None)
+    if not torch.cuda.is_current_stream_capturing():
+        hook = _Finish(slices, meta, None)
         _lora._launch_shrink(x, slices, meta, cfg, pdl)
         ys = base(hook)
     else:
         main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-        hook = _Finish(slices, meta, cfg, (main, side))
+        hook = _Finish(slices, meta, (main, side))
         side.wait_stream(main)  # x and the workspace's previous readers are done
         with torch.cuda.stream(side):
             _lora._launch_shrink(x, slices, meta, cfg, pdl)
@@ -153,11 +126,11 @@ def _project_shrunk(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, sl
                     meta: LoraMeta) -> list[torch.Tensor]:
     check_slices(slices, meta)
     check_x(x, slices, meta)
-    cfg = _lora.kernel_config(meta, [sl.b.shape[1] for sl in slices])
-    hook = _Finish(slices, meta, cfg, None, parts=meta.split_k, alone=True)
+    hook = _Finish(slices, meta, None, parts=meta.split_k, alone=True)
     ys = base(hook)
     check_ys(ys, slices, meta)
     if not hook.finished:
+        cfg = _lora.kernel_config(meta, [sl.b.shape[1] for sl in slices])
         _lora._launch_expand(ys, slices, meta, cfg, parts=meta.split_k)
     return ys
 
@@ -183,6 +156,11 @@ def _token_limit(name: str, default: int) -> int:
 
 def _finish_limit() -> int:
     return _token_limit("HOTLORA_LORA_FINISH", FINISH_MAX_TOKENS)
+
+
+def _fuse_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
+    return (part.shape[1] <= _finish_limit() and y.shape[1] == sum(sl.b.shape[1] for sl in slices)
+            and y.stride(1) == 1)
 
 
 def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],

@@ -243,7 +243,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
     part = _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg)
     if part is not None and not (finish is not None and finish(part, bias, y)):
-        nf4_reduce(part, bias, y)
+        _reduce(part, bias, y)
     return y
 
 
@@ -296,19 +296,12 @@ def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: to
     return part if split > 1 else None
 
 
-def nf4_reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-               extra: torch.Tensor | None = None) -> torch.Tensor:
-    """y = part.sum(0) (+ extra) (+ bias) in fp32, rounded once to y's dtype: the split-K sums as
-    nf4_matmul hands them to its finish hook (part fp32 [split, M, N], contiguous), plus an optional fp32
-    [M, N] term (kernels.lora_project's LoRA delta, computed beside the matmul)."""
+def _reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """y = part.sum(0) (+ bias), part fp32 [split, M, N]."""
     split, m, n = part.shape
-    if not part.is_contiguous() or part.dtype != torch.float32:
-        raise ValueError("part must be contiguous fp32 [split, M, N]")
-    if extra is not None and (extra.shape != (m, n) or extra.dtype != torch.float32 or not extra.is_contiguous()):
-        raise ValueError(f"extra must be contiguous fp32 [{m}, {n}], got {tuple(extra.shape)} {extra.dtype}")
     block = 1024
     nf4_reduce_kernel[(triton.cdiv(m * n, block),)](
-        part, extra if extra is not None else part, bias if bias is not None else y, y, m, n, y.stride(0),
-        HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None, SPLIT_K=split, BLOCK=block, **pdl_args(part),
+        part, bias if bias is not None else y, y, m, n, y.stride(0),
+        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, **pdl_args(part),
     )
     return y

@@ -276,16 +276,20 @@ def test_finish_rejects_bad_shapes():
         lora_mod.lora_finish(torch.zeros(2, 6, 32), None, torch.zeros(6, 33), case.slices, meta)
 
 
-@pytest.mark.parametrize(("env", "limit"), [(None, 4), ("0", 0), ("32", 32)])
-def test_finish_limit(monkeypatch, env, limit):
-    """The fused finish serves steps of up to FINISH_MAX_TOKENS tokens, or HOTLORA_LORA_FINISH's number (0: none);
-    which path a step takes is tested in test_lora_fused.py (test_project_paths)."""
+@pytest.mark.parametrize(("env", "taken"), [(None, [1, 4]), ("0", []), ("1", [1]), ("4", [1, 4]), ("32", [1, 4, 32])])
+def test_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
+    """The fused finish serves steps of up to FINISH_MAX_TOKENS tokens, or HOTLORA_LORA_FINISH's number (0: none),
+    and only when the output is exactly the slices' columns, unit-strided."""
     if env is None:
         monkeypatch.delenv("HOTLORA_LORA_FINISH", raising=False)
     else:
         monkeypatch.setenv("HOTLORA_LORA_FINISH", env)
+    case = make_case(torch.float32, 40, (24, 8), 8, 6, "uniform")
     assert project_mod.FINISH_MAX_TOKENS == 4
-    assert project_mod._finish_limit() == limit
+    got = [t for t in (1, 4, 32) if project_mod._fuse_finish(torch.zeros(2, t, 32), torch.zeros(t, 32), case.slices)]
+    assert got == taken
+    assert not project_mod._fuse_finish(torch.zeros(2, 1, 40), torch.zeros(1, 40), case.slices)  # wider than slices
+    assert not project_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 64)[:, ::2], case.slices)  # strided
     monkeypatch.setenv("HOTLORA_LORA_FINISH", "on")
     with pytest.raises(ValueError, match="HOTLORA_LORA_FINISH must be a token count"):
-        project_mod._finish_limit()
+        project_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 32), case.slices)

@@ -182,8 +182,8 @@ def _spy(monkeypatch, module, name: str, calls: list[str]) -> None:
 def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatch):
     """On an NF4 base that splits K, with at most FINISH_MAX_TOKENS tokens, lora_project hands the split sums to
     lora_finish: no reduce and no expand launch, in a graph and eagerly (HOTLORA_LORA_FINISH=0, or more tokens
-    than its limit: the expand into a delta, on the side stream in the graph, and the reduce adding it); all
-    equal the base matmul plus lora_apply_ref, over replays with new inputs."""
+    than its limit: the reduce, then the expand); all equal the base matmul plus lora_apply_ref, over replays with
+    new inputs."""
     import bitsandbytes.functional as bnbF
 
     from hotlora.kernels.nf4 import nf4_matmul, pack_nf4
@@ -198,7 +198,6 @@ def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatc
     launches, result = [], {}
     _spy(monkeypatch, lora_project_mod, "_launch_finish", launches)
     _spy(monkeypatch, lora_mod, "_launch_expand", launches)
-    _spy(monkeypatch, lora_project_mod, "nf4_reduce", launches)  # the hook's reduce (nf4_matmul calls its own)
 
     def step() -> None:
         base = lambda fin: list(nf4_matmul(case.x, w, finish=fin).split(list(outs), dim=1))  # noqa: E731
@@ -206,7 +205,7 @@ def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatc
 
     graph, _, _ = _warm_up_and_capture(step)
     fused = num_tokens <= int(finish)
-    assert launches == (["_launch_finish"] if fused else ["_launch_expand", "nf4_reduce"]) * 2
+    assert launches == ["_launch_finish" if fused else "_launch_expand"] * 2
     _assert_replays(case, meta, graph, result, lambda: nf4_matmul(case.x, w))
 
 
