@@ -57,6 +57,10 @@ class DecoderLayer:
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
+    def _slices(self, names: tuple[str, ...]) -> list[LoraSlice]:
+        """The LoRA slices of the projection group `names`, in its order."""
+        return [self.lora[n] for n in names]
+
     def _project(self, names: tuple[str, ...], x: torch.Tensor, lora: LoraMeta | None,
                  shrunk: bool = False) -> list[torch.Tensor]:  # fmt: skip
         group = self.groups.get(names)
@@ -66,14 +70,14 @@ class DecoderLayer:
 
         if lora is None:
             return base()
-        return lora_project(base, x, [self.lora[n] for n in names], lora, shrunk)
+        return lora_project(base, x, self._slices(names), lora, shrunk)
 
     def _norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, names: tuple[str, ...],
               lora: LoraMeta | None, shrunk: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(the residual stream, its norm): h += delta in place, or out of place with the LoRA shrink of the
         group `names` in the same launch (kernels.lora_fused) when `shrunk`."""
         if shrunk:
-            return norm_shrink(h, delta, weight, self.cfg.rms_norm_eps, [self.lora[n] for n in names], lora)
+            return norm_shrink(h, delta, weight, self.cfg.rms_norm_eps, self._slices(names), lora)
         return h, add_rms_norm(h, delta, weight, self.cfg.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, delta: torch.Tensor | None, batch: ForwardBatch,
@@ -96,7 +100,7 @@ class DecoderLayer:
         (o,) = self._project(("o_proj",), o.reshape(o.shape[0], -1), lora)
         h, x = self._norm(h, o, self.post_norm, GATE_UP, lora, fused)
         gate, up = self._project(GATE_UP, x, lora, fused)
-        act = silu_mul_shrink(gate, up, [self.lora["down_proj"]], lora) if fused else silu_mul(gate, up)
+        act = silu_mul_shrink(gate, up, self._slices(("down_proj",)), lora) if fused else silu_mul(gate, up)
         (down,) = self._project(("down_proj",), act, lora, fused)
         return h, down
 
