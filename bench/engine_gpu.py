@@ -161,20 +161,35 @@ def log_graph_times(graphs, keys, mode: str) -> None:
         log(f"engine ({mode}): graph {key} replay {ms:.3f} ms")
 
 
-def profile_decode(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], out: Path) -> None:
-    """Where a decode step's time goes: torch.profiler's top operators by device and by host time, printed and
-    written to `out`."""
+def profile_decode(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], out: Path,
+                   steps: int = 8) -> None:
+    """Where a decode step's time goes: torch.profiler's top operators by device and by host time over `steps`
+    decode steps of the whole batch (the prefill and the first decode step run before the profiled window, so
+    a kernel's total divided by `steps` is its time a step), printed and written to `out`."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine_decode_rate(engine, prompts, 4, adapters)
+    engine_decode_rate(engine, prompts, 4, adapters)  # warm-up: compiles, captures
+    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)  # none ends in the window
+    for i, (ids, a) in enumerate(zip(prompts, adapters, strict=True)):
+        engine.add_request(Request(f"p{time.monotonic_ns()}-{i}", ids, params, a))
+    started: set[str] = set()
+    while len(started) < len(prompts):  # the prefill steps
+        started.update(o.request_id for o in engine.step())
+    engine.step()  # the first decode step (with asynchronous scheduling, the step after it is already prepared)
+    _sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
     with profile(activities=activities) as prof:
-        engine_decode_rate(engine, prompts, 8, adapters)
+        for _ in range(steps):
+            engine.step()
+        _sync()
+    while engine.has_unfinished():
+        engine.step()
     keys = ("self_cuda_time_total", "self_cpu_time_total") if DEV == "cuda" else ("self_cpu_time_total",)
+    head = f"{steps} decode steps of batch {len(prompts)}: a kernel's time a step is its total / {steps}"
     tables = [prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60) for key in keys]
-    print(*tables, sep="\n", flush=True)
+    print(head, *tables, sep="\n", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(tables) + "\n")
+    out.write_text("\n".join([head, *tables]) + "\n")
 
 
 def write_adapter(folder: Path, preset: str, rank: int) -> Path:
@@ -279,7 +294,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--hf-new", type=int, default=16, help="tokens per request for the (slow) baseline")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--profile", nargs="?", const="distinct", choices=("distinct", "batch1"), default=None,
-                    help="also profile 8 decode steps of the distinct case, or of batch 1 (implies --batch1)")
+                    help="also profile 8 decode steps (no prefill) of the distinct case, or batch 1 (implies --batch1)")
     ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=DEV == "cuda",
                     help="also run hotlora eagerly (no CUDA graphs)")
     ap.add_argument("--batch1", action="store_true", help="also decode one request on one adapter, and one on the base")
