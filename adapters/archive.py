@@ -9,10 +9,12 @@ unpacked to more than MAX_RATIO times the compressed bytes read is refused as a 
 
 from __future__ import annotations
 
+import lzma
 import os
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -136,7 +138,7 @@ def _extract_tar(src: BinaryIO, dest: Path, budget: _Budget) -> None:
                     fobj = tar.extractfile(m)
                     assert fobj is not None  # regular members always have data
                     write_stream(fobj, dest / path.name, budget)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:  # corrupt compressed data
         raise AdapterError(f"the archive could not be read as .tar/.tar.gz: {exc}") from None
 
 
@@ -163,7 +165,8 @@ def _extract_zip(src: BinaryIO, dest: Path, budget: _Budget) -> None:
                     with zf.open(info) as fobj:
                         write_stream(fobj, dest / path.name, member)
                     budget.take(budget.left - member.left)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, zlib.error,
+            RuntimeError) as exc:  # RuntimeError: an encrypted member
         raise AdapterError(f"the archive could not be read as .zip: {exc}") from None
 
 

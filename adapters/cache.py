@@ -232,7 +232,11 @@ class LoraSlotCache:
         if copied.finite is not None and not bool(copied.finite):
             self._free(slot)
             raise AdapterError("the adapter's weights contain NaN or infinite values")
-        self._publish(slot)
+        try:
+            self._publish(slot)
+        except Exception as exc:  # e.g. a scale past float32's range: never leave the slot reserved and unready
+            self._free(slot)
+            raise AdapterError(f"the adapter's slot tables could not be written: {exc}") from exc
         return True
 
     def load(self, key: Hashable, adapter: StagedAdapter | StagedMix) -> int | None:

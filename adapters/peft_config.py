@@ -23,6 +23,7 @@ import re2
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 PARENT = {m: "self_attn" for m in TARGET_MODULES[:4]} | {m: "mlp" for m in TARGET_MODULES[4:]}
 # PEFT's default for Llama/Mistral/Qwen2 when target_modules is null.
@@ -162,7 +163,7 @@ def _load_json(folder: Path) -> dict[str, Any]:
         raise _fail(f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise _fail(f"{CONFIG_NAME} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise _fail(f"{CONFIG_NAME} must hold a JSON object")
@@ -192,8 +193,9 @@ def _check_supported(raw: dict[str, Any]) -> None:
 
 def _number(raw: dict[str, Any], key: str, default: Any = None) -> Any:
     value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(f"{key} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= _FLOAT32_MAX:
+        shown = f"{value!r}"[:40]  # an integer literal may have thousands of digits
+        raise _fail(f"{key} must be a finite number within float32's range, got {shown}")
     return value
 
 
@@ -268,6 +270,8 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
     rslora = raw.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise _fail(f"use_rslora must be true or false, got {rslora!r}")
+    if not abs(alpha / (math.sqrt(rank) if rslora else rank)) <= _FLOAT32_MAX:  # the kernels' scale is float32
+        raise _fail(f"lora_alpha={alpha!r} gives a scale past float32's range")
     base = raw.get("base_model_name_or_path")
     layers, patterns = _layers(raw)
     cfg = AdapterConfig(

@@ -93,9 +93,13 @@ def _parse_key(key: str) -> tuple[int, str, str]:
     return int(match["layer"]), match["module"], match["ab"]
 
 
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_tensor(key: str, t: torch.Tensor, ab: str, rank: int, check_finite: bool = True) -> None:
-    if not t.is_floating_point():
-        raise _fail(f"tensor {key!r} has dtype {t.dtype}; LoRA weights must be floating point")
+    if t.dtype not in _WEIGHT_DTYPES:  # float8 among others: no finiteness check, no cast path for it
+        raise _fail(f"tensor {key!r} has dtype {t.dtype}; LoRA weights must be floating point: "
+                    "float16, bfloat16, float32 or float64")
     if t.dim() != 2:
         raise _fail(f"tensor {key!r} has shape {tuple(t.shape)}; LoRA weights must be 2-D")
     r = t.shape[0] if ab == "A" else t.shape[1]

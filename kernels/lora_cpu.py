@@ -8,10 +8,12 @@ adapters, and a per-token mask (holding the adapter's scale) zeroes the rows tha
     lo, hi = span of pool rows covering row_start[s] : row_start[s] + rank_i[s] for every slot s in the batch
     h      = x @ cat_i(a_i[lo:hi]).T                        # [T, n * (hi - lo)], one matmul per group
     h     *= mask                                           # mask[t, i, j] = scale[s_t] if row lo + j is s_t's
+    h[mask == 0] = 0                                        # inf * 0 is NaN: another adapter's overflow stays its own
     ys[i] += h[:, i] @ b_i[lo:hi]                           # one addmm per slice, in place
 
-Tokens without an adapter get an all-zero mask row, so their outputs gain exactly +0 (finite pools and x
-assumed: the adapter cache checks finiteness at load). Rows inside the span that belong to adapters not in
+Tokens without an adapter get an all-zero mask row, so their outputs gain exactly +0. The adapter cache checks
+finiteness at load, but finite weights can still overflow in x @ A (an uploaded A of 3e38): the second line
+keeps that overflow out of every other token's output. Rows inside the span that belong to adapters not in
 the batch are read but masked, so the span costs at most the rows between the busy adapters. The masks are
 built once per step and rank table (shared by every layer); the span's A rows (concatenated, transposed)
 and B rows of a group are copied once and kept across steps while the span and the pools' contents
@@ -34,6 +36,9 @@ from .reference import lora_apply_ref
 __all__ = ["lora_apply_cpu"]
 
 
+_Group = tuple[tuple[int, int], "torch.Tensor | None", "torch.Tensor | None"]  # (span, mask, off): see _group
+
+
 @dataclass(slots=True)
 class _StepPlan:
     """What one step's metadata implies for every layer: the busy slots, and per group kind the span and mask."""
@@ -45,7 +50,7 @@ class _StepPlan:
     row_start: list[int]
     scale: torch.Tensor  # float32 [T]: each token's scale, 0 without adapter
     start: torch.Tensor  # int64 [T]: each token's row_start (0 without adapter)
-    groups: dict[tuple[int, ...], tuple[tuple[int, int], torch.Tensor | None]] = field(default_factory=dict)
+    groups: dict[tuple[int, ...], _Group] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -93,11 +98,12 @@ def _step_plan(meta: LoraMeta) -> _StepPlan:
     return _plan
 
 
-def _group(plan: _StepPlan, ranks: Sequence[torch.Tensor]) -> tuple[tuple[int, int], torch.Tensor | None]:
-    """(span, mask) of a group kind in this step, computed once and shared by every layer.
+def _group(plan: _StepPlan, ranks: Sequence[torch.Tensor]) -> _Group:
+    """(span, mask, off) of a group kind in this step, computed once and shared by every layer.
 
     span: pool rows lo:hi covering every busy slot's rows in every slice ((0, 0): nothing to do);
-    mask: float32 [T, n * (hi - lo)], scale[s_t] where row lo + j is token t's slot's in slice i, else 0.
+    mask: float32 [T, n * (hi - lo)], scale[s_t] where row lo + j is token t's slot's in slice i, else 0;
+    off: mask == 0.
     """
     key = tuple(id(r) for r in ranks)
     hit = plan.groups.get(key)
@@ -111,7 +117,7 @@ def _group(plan: _StepPlan, ranks: Sequence[torch.Tensor]) -> tuple[tuple[int, i
                 lo = plan.row_start[s] if lo is None else min(lo, plan.row_start[s])
                 hi = max(hi, plan.row_start[s] + rk[s])
     if lo is None:
-        plan.groups[key] = ((0, 0), None)
+        plan.groups[key] = ((0, 0), None, None)
         return plan.groups[key]
     rows = torch.arange(lo, hi, dtype=torch.int64)
     parts = []
@@ -119,7 +125,8 @@ def _group(plan: _StepPlan, ranks: Sequence[torch.Tensor]) -> tuple[tuple[int, i
         end = plan.start + rank.long()[plan.slots.clamp(min=0)]
         inside = (rows >= plan.start[:, None]) & (rows < end[:, None])
         parts.append(torch.where(inside, plan.scale[:, None], 0.0))
-    plan.groups[key] = ((lo, hi), torch.cat(parts, dim=1))
+    mask = torch.cat(parts, dim=1)
+    plan.groups[key] = ((lo, hi), mask, mask == 0)
     return plan.groups[key]
 
 
@@ -164,11 +171,11 @@ def lora_apply_cpu(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence
         return
     entry = _layer_rows(slices, meta)
     plan = _step_plan(meta)
-    span, mask = _group(plan, [sl.rank for sl in slices])
+    span, mask, off = _group(plan, [sl.rank for sl in slices])
     if mask is None:
         return
     rows = _span_rows(entry, slices, span)
-    h = torch.mm(x, rows.a_cols).mul_(mask)
+    h = torch.mm(x, rows.a_cols).mul_(mask).masked_fill_(off, 0.0)
     if len(ys) == 1:
         ys[0].addmm_(h, rows.b_rows[0])
         return

@@ -66,3 +66,20 @@ def test_cpu_checks_new_slices():
     bad = LoraSlice(case.slices[0].a, case.slices[0].b, case.slices[0].rank.long())  # int64 rank table
     with pytest.raises(ValueError):
         lora_apply(case.ys(case.fused.clone()), case.x, [bad], meta)
+
+
+def test_cpu_overflow_stays_in_its_own_tokens():
+    """An adapter whose finite A overflows x @ A (an uploaded 3e38) gives inf in its span columns for every token;
+    the mask must not turn that into NaN (inf * 0) in the other tokens' outputs."""
+    in_features, outs = SIZES["qkv"]
+    case = make_case(torch.float32, in_features, outs, 8, 24, "some_none")
+    bad = int(case.token_slots[case.token_slots >= 0][0])
+    expected = case.expected()
+    start = int(case.row_start[bad])
+    for sl in case.slices:
+        sl.a[start:start + int(sl.rank[bad])] = 3e38
+    got = _run(lora_apply_cpu, case)
+    others = case.token_slots != bad
+    assert others.any() and (~others).any()
+    assert torch.isfinite(got[others]).all()
+    torch.testing.assert_close(got[others], expected[others], rtol=1e-5, atol=1e-5)

@@ -162,6 +162,9 @@ def test_unsupported_peft_features_are_refused(base, tmp_path, lora, match):
         (dict(r=8), "rank 4 does not match r=8"),
         (dict(r=0), "positive integer"),
         (dict(lora_alpha="x"), "lora_alpha"),
+        (dict(lora_alpha=1e39), "float32's range"),
+        (dict(lora_alpha=3e38, r=4, use_rslora=False), None),  # finite scale 7.5e37: loads
+        (dict(lora_alpha=-1e308), "float32's range"),
         (dict(init_lora_weights="pissa"), "modifies the base"),
         (dict(task_type="SEQ_CLS"), "task_type"),
         (dict(layers_to_transform="all"), "layers_to_transform"),
@@ -169,6 +172,21 @@ def test_unsupported_peft_features_are_refused(base, tmp_path, lora, match):
 )
 def test_bad_config_fields_are_refused(plain, changes, match):
     edit_config(plain, **changes)
+    if match is None:
+        load_ok(plain)
+    else:
+        refused(plain, match)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"peft_type": "LORA", "r": 4, "lora_alpha": 1' + "0" * 400 + "}", "float32's range"),  # OverflowError
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON"),  # RecursionError in the parser
+    ],
+)
+def test_hostile_config_text_is_refused(plain, text, match):
+    (plain / "adapter_config.json").write_text(text)
     refused(plain, match)
 
 
@@ -252,6 +270,7 @@ def test_missing_files_and_garbage_are_refused(plain, tmp_path):
         ),
         (lambda t: [t.pop(k) for k in list(t) if ".layers.1.self_attn.v_proj" in k], "has no LoRA weights"),
         (lambda t: t.clear(), "holds no LoRA weights"),
+        (lambda t: t.update({k: v.to(torch.float8_e4m3fn) for k, v in t.items()}), "floating point"),
     ],
 )
 def test_bad_tensors_are_refused(plain, mutate, match):

@@ -171,6 +171,24 @@ def test_archives(tmp_path, store_folders, archive):
     assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
+def _corrupt(buf: io.BytesIO) -> io.BytesIO:
+    """The compressed stream's bytes past its header inverted: the decompressor itself fails."""
+    data = bytearray(buf.getvalue())
+    data[24:88] = bytes(b ^ 0xFF for b in data[24:88])
+    return io.BytesIO(bytes(data))
+
+
+def _encrypted(buf: io.BytesIO) -> io.BytesIO:
+    """Every member flagged as encrypted (general-purpose bit 0, in its local and central headers)."""
+    data = bytearray(buf.getvalue())
+    for sig, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(sig)
+        while at >= 0:
+            data[at + offset] |= 1
+            at = data.find(sig, at + 4)
+    return io.BytesIO(bytes(data))
+
+
 @pytest.mark.parametrize(
     "build, match",
     [
@@ -184,6 +202,9 @@ def test_archives(tmp_path, store_folders, archive):
         (lambda f: tar_of({"README.md": b"no config"}), "holds no adapter_config.json"),
         (lambda f: io.BytesIO(b"this is not an archive at all"), "could not be read"),
         (lambda f: io.BytesIO(b"PK\x03\x04 truncated zip"), "could not be read"),
+        (lambda f: _corrupt(tar_of(peft_entries(f), mode="w:gz")), "could not be read"),  # zlib.error
+        (lambda f: _corrupt(tar_of(peft_entries(f), mode="w:xz")), "could not be read"),  # lzma.LZMAError
+        (lambda f: _encrypted(zip_of(peft_entries(f))), "could not be read"),  # zipfile's RuntimeError
     ],
 )
 def test_bad_archives_are_refused(tmp_path, store_folders, build, match):
