@@ -7,7 +7,7 @@ import random
 import pytest
 
 from hotlora.server.engine.block_manager import BlockManager
-from hotlora.server.engine.detokenizer import Detokenizer, DetokState
+from hotlora.server.engine.detokenizer import Detokenizer, DetokState, _held_back
 from hotlora.server.engine.scheduler import Scheduler
 from hotlora.server.engine.sequence import Sequence, SequenceStatus
 from hotlora.server.engine.types import SamplingParams
@@ -145,6 +145,44 @@ def test_detokenizer_holds_back_partial_stop_strings():
     assert not stopped and "".join(pieces) == "abc EN"  # released at the end, when it cannot complete
     pieces, _ = _detok_stream("xx ENxEND", ["END"])
     assert "".join(pieces) == "xx ENx"
+
+
+def _held_back_by_every_length(text: str, stops: list[str]) -> int:
+    """_held_back's definition, tried at every length (its former code)."""
+    return max((k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])),
+               default=0)
+
+
+def test_held_back_equals_its_definition():
+    rng = random.Random(0)
+    for _ in range(5000):
+        alphabet = rng.choice(["a", "ab", "abc", "abcdefgh"])  # one letter: "aaaa" against "aaa" and the like
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 40)))
+        stops = ["".join(rng.choices(alphabet, k=rng.randint(1, 25))) for _ in range(rng.randint(0, 3))]
+        assert _held_back(text, stops) == _held_back_by_every_length(text, stops), (text, stops)
+
+
+class _CountedSlices(str):
+    """A str that counts the characters sliced out of it."""
+
+    sliced = 0
+
+    def __getitem__(self, key):
+        piece = super().__getitem__(key)
+        _CountedSlices.sliced += len(piece)
+        return piece
+
+
+def test_held_back_work_is_linear_in_long_stop_strings():
+    """16 stops of 20,000 characters: trying every length sliced ~16 * 20,000**2 / 2 characters a step; now each
+    start of a candidate suffix is probed on a few characters."""
+    rng = random.Random(1)
+    words = ["".join(rng.choices("abcdefghij", k=rng.randint(1, 8))) for _ in range(200)]
+    stops = [_CountedSlices("".join(rng.choices("abcdefghij ", k=20_000))) for _ in range(16)]
+    text = _CountedSlices(" ".join(rng.choices(words, k=20_000)) + stops[5][:5000])
+    _CountedSlices.sliced = 0
+    assert _held_back(text, stops) == 5000
+    assert _CountedSlices.sliced < 20 * 20_000 * len(stops)  # linear: a few characters per candidate
 
 
 def test_detokenizer_is_incremental_and_matches_a_full_decode(default_model_dir):

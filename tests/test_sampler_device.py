@@ -77,6 +77,17 @@ def test_a_mixed_batch_draws_each_row_from_its_own_distribution():
     assert set(tokens[len(cases) - 1 :: len(cases)]) == {int(LOGITS.argmax())}
 
 
+@pytest.mark.parametrize("case", [dict(temperature=1e-38), dict(temperature=1e-37), dict(temperature=1e-6),
+                                  dict(top_p=1e-46), dict(top_p=1e-30), dict(temperature=1e-38, top_p=1e-46)],
+                         ids=str)
+def test_tiny_temperature_and_top_p_are_their_limit_greedy(case):
+    """Valid values past float32's range (40 / 1e-37 is inf, a top_p of 1e-46 is 0) take the argmax, as their
+    limit does, and never the vocabulary's last token (the draw from a NaN row)."""
+    n, logits = 2000, LOGITS * 20  # a model's logits reach tens
+    tokens, _ = sample(logits.expand(n, -1), [SampleRequest(SamplingParams(**case), seed) for seed in range(n)])
+    assert set(tokens) == {int(logits.argmax())}
+
+
 @pytest.mark.parametrize("vocab", [8, 256, 300, 1000, 4096 + 17])
 def test_the_two_level_inverse_cdf_equals_one_float64_cumsum(vocab):
     """Whole zero blocks, scattered zeros, weights spanning 1e-12..1, and u at both ends: the token is the one
@@ -162,6 +173,16 @@ def test_logprobs_are_the_raw_log_softmax_whatever_the_processors():
         assert [t for t, _ in lp.top] == ids.tolist()
         assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-5)
 
+
+
+def test_logprobs_of_non_finite_logits_are_finite():
+    """A row of NaN/inf logits (an adapter whose weights overflow) still gives JSON-safe logprobs."""
+    logits = torch.zeros(2, 8)
+    logits[0, 3], logits[1] = float("inf"), float("nan")
+    reqs = [SampleRequest(SamplingParams(temperature=0.0, logprobs=2)) for _ in range(2)]
+    _, logprobs = sample(logits, reqs, EOS)
+    for lp in logprobs:
+        assert all(math.isfinite(v) for v in [lp.logprob, *(v for _, v in lp.top)])
 
 # ops that make the host wait for a CUDA device: a value read on the host, or an output whose size depends
 # on the data (a boolean index is a nonzero underneath)

@@ -197,3 +197,22 @@ def test_tools_are_still_refused(client, models):
         with pytest.raises(openai.BadRequestError, match="tool"):
             client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=1, **extra)
+
+
+@pytest.mark.parametrize("spec", [{"regex": "[^\\x00-\\U0010FFFF]"}, {"grammar": "root ::= root"}], ids=str)
+def test_a_grammar_that_matches_nothing_is_400(server, client, models, spec):
+    """It compiles, but allows no first token: the request's fault, a 400 (a 500 before), streamed as an error
+    chunk of that type; a request beside it is unaffected."""
+    bad = lambda: client.completions.create(model=models[0], prompt="Hi", max_tokens=5,  # noqa: E731
+                                            extra_body={"structured_outputs": spec})
+    fine = lambda: client.completions.create(model=models[0], prompt="Hi", max_tokens=5)  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        failed, beside = pool.submit(bad), pool.submit(fine)
+        with pytest.raises(openai.BadRequestError, match="grammar allows no token"):
+            failed.result()
+        assert beside.result().choices[0].finish_reason in ("stop", "length")
+    body = {"model": models[0], "prompt": "Hi", "max_tokens": 5, "stream": True, "structured_outputs": spec}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    error = events[-1]["error"]
+    assert error["type"] == "invalid_request_error" and "grammar allows no token" in error["message"], events

@@ -239,6 +239,8 @@ def output_error(out: RequestOutput) -> APIError:
     """The error of a request the engine ended with out.error, by its kind."""
     if out.error_kind is ErrorKind.ADAPTER:
         return bad_request(f"the adapter cannot be used: {out.error}", param="model", code="invalid_adapter")
+    if out.error_kind is ErrorKind.INVALID:
+        return bad_request(out.error or "the request cannot be served")
     if out.error_kind is ErrorKind.SHUTDOWN:
         return APIError(503, out.error or "the server is shutting down", code="shutting_down")
     return APIError(500, f"the request failed in the engine: {out.error}", code="engine_error")

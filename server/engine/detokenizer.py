@@ -35,14 +35,24 @@ class DetokState:
         return self.text
 
 
+_PROBE = 16  # characters compared before a candidate's whole length
+
+
 def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string.
+
+    Only the suffixes that start with the stop's first character are tried, longest first, each compared on
+    _PROBE characters before its whole length: trying every length with endswith cost O(len(stop)**2) a
+    step (16 stops of 60,000 characters slowed every other stream 19x)."""
     best = 0
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
+        end = len(text) - best  # a suffix must start before this to beat best
+        i = text.find(stop[0], max(0, len(text) - len(stop) + 1), end)
+        while i >= 0:
+            if stop.startswith(text[i : i + _PROBE]) and stop.startswith(text[i:]):
+                best = len(text) - i
                 break
+            i = text.find(stop[0], i + 1, end)
     return best
 
 

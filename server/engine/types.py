@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # int64 and uint64; the sampler hashes a seed modulo 2**64
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_REPETITION_PENALTY = 100.0  # beyond this every seen token is simply banned; a bound keeps logits finite
+# below this temperature a request is greedy (vLLM's _SAMPLING_EPS): logits / 1e-38 overflow float32 to inf,
+# and the softmax of a row of infs is NaN, which drew the last token of the vocabulary
+GREEDY_TEMPERATURE = 1e-5
 
 
 class ErrorKind(str, enum.Enum):
@@ -17,6 +20,7 @@ class ErrorKind(str, enum.Enum):
     INTERNAL = "internal"  # a bug: the request could not be run
     ADAPTER = "adapter"  # its adapter could not be loaded or failed validation
     SHUTDOWN = "shutdown"  # the server is shutting down and the grace period is over
+    INVALID = "invalid"  # the request asks what cannot be done: its grammar allows no token (a 400)
 
 
 class FinishReason(str, enum.Enum):
@@ -48,7 +52,8 @@ class StructuredSpec:
 
 @dataclass(slots=True)
 class SamplingParams:
-    """Per-request sampling. temperature == 0 means greedy; top_k <= 0 and top_p == 1 disable those filters."""
+    """Per-request sampling. temperature 0 (or below GREEDY_TEMPERATURE) means greedy; top_k <= 0 and top_p == 1
+    disable those filters."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -107,7 +112,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def reads_history(self) -> bool:

@@ -77,6 +77,14 @@ class GrammarCache:
         return xgr.GrammarMatcher(self.compile(spec))
 
 
+def allows_no_token(matcher: Any, vocab_size: int) -> bool:
+    """Whether the matcher forbids every token now: a grammar that can match nothing (an empty character class,
+    `root ::= root`) compiles, and its all-masked row still samples some token, which the matcher rejects."""
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    return not bool(bitmask.any())
+
+
 def apply_grammars(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Tensor:
     """logits [R, V] with every token the row's grammar forbids at -inf (rows without one untouched).
     Returns a new tensor when any row has a grammar (the input may be a CUDA graph's static output)."""

@@ -146,7 +146,7 @@ def temperature_min_p(logits: torch.Tensor, params: list[SamplingParams]) -> tor
     """Divide each row by its temperature (greedy rows by 1), then drop, in rows with min_p > 0, every
     token whose probability is below min_p times the row's top probability (as HF's MinPLogitsWarper)."""
     device = logits.device
-    temps = _column([p.temperature if p.temperature > 0 else 1.0 for p in params], device)
+    temps = _column([1.0 if p.greedy else p.temperature for p in params], device)
     logits = logits / temps
     if not any(p.min_p > 0 for p in params):
         return logits

@@ -123,7 +123,9 @@ def _top_p_draw(logits: torch.Tensor, top_p: list[float], u: torch.Tensor) -> to
     ordered, order = torch.sort(logits, dim=-1, descending=True)
     probs = ordered.softmax(-1)
     p = _device(top_p, torch.float32, logits.device)[:, None]
-    probs = probs.masked_fill(probs.cumsum(-1) - probs >= p, 0.0)
+    dropped = probs.cumsum(-1) - probs >= p
+    dropped[:, 0] = False  # a top_p below float32's range (1e-46) is 0: it would drop the first token too
+    probs = probs.masked_fill(dropped, 0.0)
     return order.gather(1, _invert_cdf(probs, u)[:, None]).squeeze(1)
 
 
@@ -150,6 +152,8 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: int
     """[A, 1 + 2 * top] float64 for the asked rows: the chosen token's logprob, then the top alternatives'
     ids and logprobs (the model's own distribution: raw logits, before processors and temperature)."""
     lp = torch.log_softmax(_select(raw, rows).float(), dim=-1)
+    # non-finite logits (an adapter whose weights overflow) give NaN, which JSON cannot carry: -9999 as vLLM's floor
+    lp = torch.nan_to_num(lp, nan=-9999.0, posinf=-9999.0, neginf=-9999.0)
     parts = [lp.gather(1, _select(tokens, rows)[:, None])]
     if top > 0:
         values, ids = torch.topk(lp, top, dim=-1)
