@@ -216,3 +216,18 @@ def test_a_grammar_that_matches_nothing_is_400(server, client, models, spec):
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     error = events[-1]["error"]
     assert error["type"] == "invalid_request_error" and "grammar allows no token" in error["message"], events
+
+
+def test_a_grammar_too_costly_to_apply_is_400(server, client, models):
+    """A regex that compiles at once but whose mask costs ever more host time a token (seconds within 50 tokens):
+    past grammar.FILL_BUDGET_S its request fails with a 400, and a stream beside it keeps going."""
+    costly = lambda: client.completions.create(  # noqa: E731
+        model=models[0], prompt="Hi", max_tokens=100, extra_body={"ignore_eos": True,
+                                                                 "structured_outputs": {"regex": "(.{0,200}){50}"}})
+    fine = lambda: client.completions.create(model=models[0], prompt="Hi", max_tokens=40,  # noqa: E731
+                                             extra_body={"ignore_eos": True})
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        failed, beside = pool.submit(costly), pool.submit(fine)
+        with pytest.raises(openai.BadRequestError, match="host time"):
+            failed.result()
+        assert beside.result().usage.completion_tokens == 40

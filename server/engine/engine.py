@@ -17,7 +17,7 @@ from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.stats import EngineOverloadedError, EngineStats, InvalidRequestError, PromptTooLongError
 from hotlora.server.engine.steptimer import StepTimer
 from hotlora.server.engine.types import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
-from hotlora.server.model.grammar import GrammarCache, allows_no_token
+from hotlora.server.model.grammar import FILL_BUDGET_S, GrammarCache, allows_no_token, too_costly
 from hotlora.server.model.runner import PLACEHOLDER, Launched, ModelRunner
 from hotlora.server.model.tokenizer import load_tokenizer
 
@@ -237,6 +237,10 @@ class LLMEngine:
         length, generated = index + 1, index + 1 - seq.num_prompt
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
         if seq.grammar is not None:
+            if too_costly(seq.grammar):
+                return self._fail(seq, f"the request's grammar took over {FILL_BUDGET_S * 1000:.0f} ms of host time "
+                                  "to apply to one token; simplify it (nested repetitions are the usual cause)",
+                                  ErrorKind.INVALID)
             if not seq.grammar.accept_token(token):  # the bitmask forbids it: drawn only if it forbids all
                 if allows_no_token(seq.grammar, self.model_config.vocab_size):
                     return self._fail(seq, "the request's grammar allows no token at this point", ErrorKind.INVALID)

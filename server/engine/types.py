@@ -20,7 +20,7 @@ class ErrorKind(str, enum.Enum):
     INTERNAL = "internal"  # a bug: the request could not be run
     ADAPTER = "adapter"  # its adapter could not be loaded or failed validation
     SHUTDOWN = "shutdown"  # the server is shutting down and the grace period is over
-    INVALID = "invalid"  # the request asks what cannot be done: its grammar allows no token (a 400)
+    INVALID = "invalid"  # the request asks what cannot be done: a grammar allowing no token, or costing too much (400)
 
 
 class FinishReason(str, enum.Enum):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
+import weakref
 from typing import Any
 
 import torch
@@ -77,6 +79,24 @@ class GrammarCache:
         return xgr.GrammarMatcher(self.compile(spec))
 
 
+# Host CPU time (of the engine thread, so a busy machine does not count) that one row's mask may take. A grammar
+# can compile fast and still cost seconds a token: "(.{0,200}){50}" grew to 4 s a token within 50 tokens and
+# slowed every other stream of the server from 33 ms to 5 s a token. Past the budget its request fails (a 400).
+FILL_BUDGET_S = 0.25
+_costly: dict[int, weakref.ref] = {}  # id -> the matcher, of those whose mask went past FILL_BUDGET_S (unhashable)
+
+
+def _mark_costly(matcher: Any) -> None:
+    key = id(matcher)
+    _costly[key] = weakref.ref(matcher, lambda _: _costly.pop(key, None))
+
+
+def too_costly(matcher: Any) -> bool:
+    """Whether filling this matcher's mask went past FILL_BUDGET_S (apply_grammars records it)."""
+    ref = _costly.get(id(matcher))
+    return ref is not None and ref() is matcher
+
+
 def allows_no_token(matcher: Any, vocab_size: int) -> bool:
     """Whether the matcher forbids every token now: a grammar that can match nothing (an empty character class,
     `root ::= root`) compiles, and its all-masked row still samples some token, which the matcher rejects."""
@@ -93,7 +113,10 @@ def apply_grammars(logits: torch.Tensor, matchers: list[Any | None]) -> torch.Te
         return logits
     bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
     for i in rows:  # the matchers live on the host: filling each row's mask is CPU work, as in vLLM
+        began = time.thread_time()
         matchers[i].fill_next_token_bitmask(bitmask, i)
+        if time.thread_time() - began > FILL_BUDGET_S:
+            _mark_costly(matchers[i])
     logits = logits.float().contiguous().clone()
     # the rows as a device tensor: given a list, xgrammar's CUDA path copies it with a blocking copy, which
     # waits for the step's forward
