@@ -82,7 +82,7 @@ class PoolWriter:
             self._write_layers(m, rows, weights, weight, adapter.config.scale)
         if not adapter.check_finite:
             return None
-        return _all_finite(adapter, raw, typed)
+        return _all_finite(adapter, raw, typed, self.dtype)
 
     def _write_stacked(self, m: str, rows: slice, stacks: tuple[Stack, Stack], typed: _Typed,
                        weight: float | None, scale: float) -> None:
@@ -147,13 +147,20 @@ class _Typed:
         return view
 
 
-def _all_finite(adapter: StagedAdapter, raw: torch.Tensor, typed: _Typed) -> torch.Tensor:
-    """One kernel over the file's data when it is all one dtype (as peft saves it), else one per tensor."""
+def _all_finite(adapter: StagedAdapter, raw: torch.Tensor, typed: _Typed, pool_dtype: torch.dtype) -> torch.Tensor:
+    """One kernel over the file's data when it is all one dtype (as peft saves it), else one per tensor. Finite
+    in the pools' dtype: a float64 1e300 is finite in the file and inf in a float32 pool."""
     dtypes = {span[1] for pair in adapter.spans.values() for span in pair}
     if len(dtypes) == 1:
         (dtype,) = dtypes
         size = dtype.itemsize
         if adapter.data_start % size == 0 and (typed.n - adapter.data_start) % size == 0:
-            return torch.isfinite(typed(dtype)[adapter.data_start // size :]).all()
+            return _finite(typed(dtype)[adapter.data_start // size :], pool_dtype)
     weights = adapter.views(raw)
-    return torch.stack([torch.isfinite(t).all() for ab in weights.values() for t in ab]).all()
+    return torch.stack([_finite(t, pool_dtype) for ab in weights.values() for t in ab]).all()
+
+
+def _finite(t: torch.Tensor, pool_dtype: torch.dtype) -> torch.Tensor:
+    if torch.finfo(pool_dtype).max < torch.finfo(t.dtype).max:  # a narrowing cast can overflow: check its result
+        t = t.to(pool_dtype)
+    return torch.isfinite(t).all()

@@ -106,10 +106,11 @@ def _copy_calls(folder: Path, layers: int) -> int:
 
 def test_torch_calls_per_copy_do_not_grow_with_layers(folders):
     """Seven stacked modules: per module a strided view per side, the pool rows per side, the transpose of B
-    and one copy per side (7); then the buffer viewed as its dtype and the finiteness check (3 + 3). The
-    per-layer path made 4 calls per layer and module (954 for the Llama-3-8B shape, 32 layers)."""
+    and one copy per side (7); then the buffer viewed as its dtype and the finiteness check (3 + 3), after a cast
+    to the pools' dtype where that is narrower (1). The per-layer path made 4 calls per layer and module (954 for
+    the Llama-3-8B shape, 32 layers)."""
     two, twelve = _copy_calls(folders["all2"], 2), _copy_calls(folders["all12"], 12)
-    assert two == twelve <= 7 * 7 + 6, (two, twelve)
+    assert two == twelve <= 7 * 7 + 7, (two, twelve)
 
 
 def _parse_calls(folder: Path) -> tuple[int, StagedAdapter]:

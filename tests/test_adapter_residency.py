@@ -156,15 +156,19 @@ def test_unload_frees_the_slot_when_idle_or_after_its_last_user(engine, prompt):
     assert {a.name: a.residency for a in engine.registry.info()}["mlp4rs"] == "host"  # ...until it ends
 
 
-def test_non_finite_weights_fail_on_the_device_check_only_their_request(engine, prompt, adapters, tmp_path: Path):
+@pytest.mark.parametrize("value", ["nan", "1e300"])  # 1e300: finite as the file's float64, inf in the pools
+def test_non_finite_weights_fail_on_the_device_check_only_their_request(engine, prompt, adapters, tmp_path: Path,
+                                                                        value):
     """A cold load checks finiteness after the copy (not on the host): a NaN fails that adapter's
     requests with a message saying so, and the slot is free again."""
     from safetensors.torch import load_file, save_file
 
     bad = shutil.copytree(adapters["qv8"], tmp_path / "nan")
     tensors = load_file(bad / "adapter_model.safetensors")
+    if value != "nan":
+        tensors = {k: t.double() for k, t in tensors.items()}
     key = sorted(tensors)[3]
-    tensors[key][0, 0] = float("nan")
+    tensors[key][0, 0] = float(value)
     save_file(tensors, bad / "adapter_model.safetensors", metadata={"format": "pt"})
     engine.registry.register("nan", bad)
     outs = engine.generate([Request("nan1", prompt, SHORT, "nan"), Request("ok1", prompt, SHORT, None)])
