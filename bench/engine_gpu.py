@@ -129,11 +129,16 @@ def run_hf(args, prompts: torch.Tensor) -> dict[str, float]:
     return rows
 
 
-def engine_decode_rate(engine: LLMEngine, prompts: list[list[int]], new: int, adapters: list[str | None]) -> float:
-    """Decode tokens/s once every request has its first token, until all finish."""
+def add_batch(engine: LLMEngine, prompts: list[list[int]], adapters: list[str | None], new: int) -> None:
+    """One greedy request per prompt (on its adapter) that decodes exactly `new` tokens."""
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     for i, (ids, a) in enumerate(zip(prompts, adapters, strict=True)):
         engine.add_request(Request(f"b{time.monotonic_ns()}-{i}", ids, params, a))
+
+
+def engine_decode_rate(engine: LLMEngine, prompts: list[list[int]], new: int, adapters: list[str | None]) -> float:
+    """Decode tokens/s once every request has its first token, until all finish."""
+    add_batch(engine, prompts, adapters, new)
     started: set[str] = set()
     t_first = None
     decoded = 0
@@ -169,9 +174,7 @@ def profile_decode(engine: LLMEngine, prompts: list[list[int]], adapters: list[s
     from torch.profiler import ProfilerActivity, profile
 
     engine_decode_rate(engine, prompts, 4, adapters)  # warm-up: compiles, captures
-    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)  # none ends in the window
-    for i, (ids, a) in enumerate(zip(prompts, adapters, strict=True)):
-        engine.add_request(Request(f"p{time.monotonic_ns()}-{i}", ids, params, a))
+    add_batch(engine, prompts, adapters, steps + 4)  # none ends in the window
     started: set[str] = set()
     while len(started) < len(prompts):  # the prefill steps
         started.update(o.request_id for o in engine.step())
