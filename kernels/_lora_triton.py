@@ -9,9 +9,10 @@ counter, reset to 0 by that program, so the next launch or graph replay finds ze
 split 0, so the expand reads one partial.
 
 Programmatic dependent launch (Hopper, ``PDL``): the shrink starts with ``_launch.pdl_enter`` (it waits for
-the kernel before it, then lets the next launch); the expand loads its tile metadata, output rows and B rows
-(none of which the shrink writes) and only then waits for the shrink's results (``gdc_wait``), so its loads
-overlap the shrink: its PDL is for a launch right after the shrink only. The finish likewise loads the token's
+the kernel before it, then lets the next launch); the expand loads its tile metadata and B rows, then waits
+(``gdc_wait``) for the kernel before it: right after the shrink (``lora_apply``) it reads the output rows
+before the wait and the shrink's results after it; after the base output's writer (``lora_project``,
+WAIT_Y) the output rows after it (the shrink finished earlier). The finish likewise loads the token's
 slot, its first B rows and the bias (none of which the matmul before it writes) ahead of its ``pdl_enter``, and
 after it only the split sums and the shrink's result: +2-4% at batch 1-4 with one adapter on the H200 (twelfth
 session, BENCHMARKS.md).
@@ -126,12 +127,14 @@ def lora_expand_kernel(
     n0, n1, n2, nb_end0, nb_end1,
     sorted_ptr, tile_info_ptr, scale_ptr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    PARTS: tl.constexpr,
+    PARTS: tl.constexpr, WAIT_Y: tl.constexpr,
 ):  # fmt: skip
     """y_i[tok, n] += scale * ws[:PARTS, i, pos, :r].sum(0) @ b_i[rows, n]; program = (tile, column block).
 
     Column blocks of all slices are numbered one after another: slice 0 owns blocks [0, nb_end0), slice 1
-    [nb_end0, nb_end1), slice 2 the rest.
+    [nb_end0, nb_end1), slice 2 the rest. With PDL the program waits (gdc_wait) for the kernel launched before
+    it: WAIT_Y, that kernel wrote y (the base matmul or its split-K reduce; the shrink finished before it), so y
+    is read after the wait; else it is the shrink, and y is read before it, the workspace after.
     """
     tile = tl.program_id(0)
     nb = tl.program_id(1)
@@ -154,26 +157,36 @@ def lora_expand_kernel(
     n_mask = offs_n < n_out
     y_ptrs = y_ptr + tok[:, None] * stride_y + offs_n[None, :]
     ym = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=ym, other=0.0)
+    if not WAIT_Y:
+        y = tl.load(y_ptrs, mask=ym, other=0.0)
     scale = tl.load(scale_ptr + slot)
     b_rows = b_ptr + row0 * stride_b + offs_n[None, :]
-    offs_r = tl.arange(0, BLOCK_R)
-    bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # the shrink's workspace is complete and visible from here on
     ws_rows = ws_ptr + sl * stride_ws_slice + pos[:, None] * stride_ws_pos
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # the kernel before (docstring) is complete and its writes visible
+    if WAIT_Y:
+        y = tl.load(y_ptrs, mask=ym, other=0.0)
+    h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
+    acc = _expand_dot(h, bt, None, IEEE)
+    for r0 in range(BLOCK_R, rank, BLOCK_R):  # ranks above the step's class
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        if r0 > 0:
-            bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
-        if IEEE:
-            acc += tl.dot(h, bt.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(h.to(bt.dtype), bt)
+        acc = _expand_dot(h, bt, acc, IEEE)
     tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y.dtype), mask=ym)
+
+
+@triton.jit
+def _expand_dot(h, bt, acc, IEEE: tl.constexpr):
+    """acc (+)= h [BLOCK_M, BLOCK_R] fp32 @ bt [BLOCK_R, BLOCK_N]: in fp32 for fp32 pools, else in B's dtype."""
+    if IEEE:
+        return tl.dot(h, bt.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(h.to(bt.dtype), bt, acc)
 
 
 @triton.jit

@@ -194,9 +194,10 @@ def _column_blocks(widths: Sequence[int], block_n: int) -> list[int]:
 
 def _launch_expand(
     ys: Sequence[torch.Tensor], slices: Sequence[LoraSlice], meta: LoraMeta, cfg: KernelConfig, pdl: bool = False,
-    parts: int = 1,
+    parts: int = 1, after_base: bool = False,
 ) -> None:
-    """parts: how many workspace parts hold the shrink (1: ``lora_shrink``'s; meta.split_k: kernels.lora_fused's)."""
+    """parts: how many workspace parts hold the shrink (1: ``lora_shrink``'s; meta.split_k: kernels.lora_fused's).
+    pdl: launched as a dependent of the kernel before it: the shrink, or (after_base) the base output's writer."""
     from ._lora_triton import lora_expand_kernel
 
     widths = [sl.b.shape[1] for sl in slices]
@@ -214,7 +215,7 @@ def _launch_expand(
         *ranks,
         *_pad3(widths, 0), *_pad3(nb_end, nb_end[-1])[:2],
         meta.sorted_tokens, meta.tile_info, meta.scale,
-        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=cfg.expand_block_r, PARTS=parts,
+        BLOCK_M=meta.block_m, BLOCK_N=block_n, BLOCK_R=cfg.expand_block_r, PARTS=parts, WAIT_Y=after_base,
         IEEE=slices[0].b.dtype == torch.float32, **_launch.pdl_kwargs(pdl),
         num_warps=cfg.expand_warps, num_stages=cfg.expand_stages,
     )  # fmt: skip

@@ -79,7 +79,9 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     fork and join are graph edges. Eagerly (a graph's warm-up, or the eager fallback) the same kernels run
     one after another on the current stream: two event calls per projection would cost more host time than
     the overlap saves, and the warm-up must compile exactly the variants the capture launches. The expand
-    runs without PDL: its prologue reads ys, which base() writes. Measured on the H200 (BENCHMARKS.md, ninth
+    is a dependent launch of base()'s last kernel: its prologue reads its tile, B rows and scale, and only
+    after the wait the ys that base() wrote (+2.6% with 32 distinct adapters at batch 32, +1.8% with one, on the
+    H200 against a plain launch: BENCHMARKS.md, fifteenth session). Measured on the H200 (BENCHMARKS.md, ninth
     session), the side stream beat two single-stream orders chained by programmatic dependent launch: the
     shrink before the matmul, the matmul launched early beside it (+3.5% with 32 distinct adapters, 5-7%
     slower with one), and the matmul first, the shrink launched early beside it (2-7% slower everywhere).
@@ -118,7 +120,7 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
             main.wait_stream(side)  # nothing on main reuses x's memory or the workspace before the shrink is done
     check_ys(ys, slices, meta)
     if not hook.finished:
-        _lora._launch_expand(ys, slices, meta, cfg)
+        _lora._launch_expand(ys, slices, meta, cfg, pdl, after_base=True)
     return ys
 
 
@@ -131,7 +133,7 @@ def _project_shrunk(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, sl
     check_ys(ys, slices, meta)
     if not hook.finished:
         cfg = _lora.kernel_config(meta, [sl.b.shape[1] for sl in slices])
-        _lora._launch_expand(ys, slices, meta, cfg, parts=meta.split_k)
+        _lora._launch_expand(ys, slices, meta, cfg, _launch.pdl(x), parts=meta.split_k, after_base=True)
     return ys
 
 
