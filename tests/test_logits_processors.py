@@ -17,7 +17,7 @@ from transformers import (
     RepetitionPenaltyLogitsProcessor,
 )
 
-from hotlora.server.engine.types import SamplingParams, StructuredSpec
+from hotlora.server.engine.types import MAX_REPETITION_PENALTY, SamplingParams, StructuredSpec
 from hotlora.server.model.grammar import GrammarCache, apply_grammars
 from hotlora.server.model.logits import RowTokens, build_processors, temperature_min_p
 from hotlora.server.model.sampler import SampleRequest, process, sample
@@ -159,10 +159,22 @@ def test_seeded_draws_do_not_depend_on_processors_elsewhere():
 
 def test_params_are_validated():
     for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(repetition_penalty=0),
+                dict(repetition_penalty=1e-300), dict(repetition_penalty=0.009),
                 dict(min_p=1.5), dict(min_tokens=5, max_tokens=4), dict(logit_bias={1: 101.0}),
                 dict(logit_bias={i: 1.0 for i in range(301)})):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_smallest_repetition_penalty_keeps_logits_finite_and_draws_a_seen_token():
+    """At the lowest penalty accepted (1 / MAX_REPETITION_PENALTY) a seen token's positive logit is scaled up,
+    not to inf: a row of several infs has a NaN softmax, which drew the vocabulary's last token."""
+    logits = torch.full((1, V), -1.0)
+    logits[0, [3, 5, 7]] = 30.0
+    params = [SamplingParams(temperature=1.0, repetition_penalty=1 / MAX_REPETITION_PENALTY)]
+    reqs = _requests(params, [[3, 5, 7]], [[]], [11])
+    assert torch.isfinite(process(logits, reqs, EOS)).all()
+    assert sample(logits, reqs, EOS)[0][0] in (3, 5, 7)
 
 
 def test_grammar_bitmask_forbids_exactly_what_the_matcher_forbids(default_model_dir):

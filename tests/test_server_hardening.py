@@ -61,6 +61,7 @@ NUMBERS = [
     ({"logit_bias": {"-1": 1}}, "logit_bias"),
     ({"min_tokens": 2**40}, "min_tokens"),
     ({"repetition_penalty": 1e300}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),
 ]
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from hotlora.server.api.errors import bad_request
-from hotlora.server.engine.types import StructuredSpec
+from hotlora.server.engine.types import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, StructuredSpec
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -138,7 +138,7 @@ class _Sampling(_Strict):
     # vLLM extensions, honoured by the engine
     top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    repetition_penalty: float | None = Field(default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None

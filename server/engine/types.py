@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # int64 and uint64; the sampler hashes a seed modulo 2**64
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_REPETITION_PENALTY = 100.0  # beyond this every seen token is simply banned; a bound keeps logits finite
+# and its inverse below: a seen token's logit divided by 1e-300 (0 in float32) is inf, and a row of several
+# infs has a NaN softmax, which drew the last token of the vocabulary
+MIN_REPETITION_PENALTY = 1 / MAX_REPETITION_PENALTY
 # below this temperature a request is greedy (vLLM's _SAMPLING_EPS): logits / 1e-38 overflow float32 to inf,
 # and the softmax of a row of infs is NaN, which drew the last token of the vocabulary
 GREEDY_TEMPERATURE = 1e-5
@@ -95,8 +98,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], "
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}], "
                              f"got {self.repetition_penalty}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are accepted")
