@@ -143,3 +143,28 @@ def test_mix_table_limits_and_invalidation(tiny_registry):
     registry.remove("p")
     with pytest.raises(UnknownAdapterError):
         registry.resolve("p*0.5+s")
+
+
+def test_an_overflowing_mix_cannot_poison_other_sequences_through_stale_kv(adapters, hotlora_cache):
+    """A mix with huge weights overflows its own activations (its output is garbage: its business) and writes
+    inf/NaN into its KV blocks. Those blocks are freed and handed to other sequences; the CPU attention reads
+    slots past a shorter decode's context under the mask (padding to the batch's longest context), and there
+    0 x NaN is NaN: the base-model requests decoded side by side afterwards must still get their own tokens."""
+    from hotlora.server.engine.config import EngineConfig
+    from hotlora.server.engine.engine import LLMEngine
+    from hotlora.server.engine.types import Request, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=hotlora_cache, max_loras=2,
+                                    max_lora_rank=32, max_model_len=256, num_kv_blocks=16,
+                                    enable_prefix_caching=False))
+    for name in ("qv8", "all16"):
+        engine.registry.register(name, adapters[name])
+    tok = engine.tokenizer
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    overflow = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    engine.generate([Request("overflow", tok.encode("Hello there my friend"), overflow, adapter="qv8*3e38+all16*3e38")])
+    prompts = [tok.encode(t) for t in ("The capital of France is", "Once upon a time, in a land far away, there was a")]
+    together = engine.generate([Request(f"v{i}", p, greedy) for i, p in enumerate(prompts)])
+    alone = [engine.generate([Request(f"alone{i}", p, greedy)])[0] for i, p in enumerate(prompts)]
+    assert [o.new_token_ids for o in together] == [o.new_token_ids for o in alone]
+    engine.blocks.check_idle()

@@ -15,6 +15,13 @@ from hotlora.kernels.attention import paged_attention as paged_attention_triton
 from hotlora.kernels.attention import use_triton
 from hotlora.kernels.reference import AttentionPlanRef, paged_attention_ref, plan_paged_attention_ref
 
+# The torch reference pads the decodes of a step to the longest context and masks the rest, so it reads slots past
+# a sequence's context: the stale KV of its blocks' previous owners (and block 0). Under the mask 0 x NaN and
+# inf - inf are NaN, so a sequence whose activations overflowed (a mix or an adapter of huge weights) would poison
+# the next owners of its blocks. On that path each step's new K and V are kept finite and within this bound, which
+# no real model's K or V comes near (the Triton kernel never loads slots past a context).
+KV_BOUND = 65504.0  # float16's largest value
+
 
 @dataclass(slots=True)
 class AttentionMeta:
@@ -42,9 +49,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if use_triton(q):
         return paged_attention_triton(*args, max_q_len=meta.max_q_len, max_ctx_len=meta.max_ctx_len,
                                       sliding_window=sliding_window)  # fmt: skip
+    for cache in (k_cache, v_cache):
+        _bound_new_kv(cache, meta.slot_mapping)
     key = (meta.cu_seqlens_q._version, meta.ctx_lens._version, meta.block_tables._version, sliding_window or 0)
     if meta.ref_plan is None or meta.ref_plan[0] != key:
         plan = plan_paged_attention_ref(meta.cu_seqlens_q, meta.ctx_lens, meta.block_tables, k_cache.shape[1],
                                         sliding_window)  # fmt: skip
         meta.ref_plan = (key, plan)
     return paged_attention_ref(*args, sliding_window=sliding_window, plan=meta.ref_plan[1])
+
+
+def _bound_new_kv(cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """NaN to 0 and everything else clamped to +-KV_BOUND, in the cache slots this step wrote (see KV_BOUND)."""
+    flat = cache.view(-1, *cache.shape[2:])
+    flat[slots] = flat[slots].nan_to_num(0.0, KV_BOUND, -KV_BOUND).clamp_(-KV_BOUND, KV_BOUND)
