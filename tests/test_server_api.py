@@ -133,6 +133,19 @@ def test_completions_n_and_prompt_batches_with_the_openai_client(client, server,
         client.completions.create(model="nope", prompt=[1], max_tokens=1)
 
 
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(http, base):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): accepted, so it must be honoured."""
+    body = {"model": base, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, **GREEDY}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: {")]
+    chunks = [json.loads(line) for line in lines]
+    generated = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content") != ""]
+    assert len(generated) == 3 and chunks[-1]["choices"] == []
+    assert [c["usage"]["completion_tokens"] for c in generated] == [1, 2, 3]
+    assert generated[-1]["usage"] == chunks[-1]["usage"] and chunks[-1]["usage"]["prompt_tokens"] > 0
+
+
 def test_sse_wire_format(http, base):
     expected = complete(http, base, max_tokens=2)["choices"][0]["text"]
     body = {"model": base, "prompt": PROMPT, "max_tokens": 2, "stream": True, **GREEDY}

@@ -130,9 +130,18 @@ def _prompt_logprobs(c: gen.Choice, outs: list[RequestOutput]) -> list[_Entry]:
     return [] if lps is None else _prompt_entries(c.request.prompt_token_ids, lps)
 
 
+def _usage_options(body: Any) -> tuple[bool, bool]:
+    """(include_usage, continuous): vLLM's continuous_usage_stats, with include_usage, puts the usage so far in
+    every chunk."""
+    options = body.stream_options
+    include = bool(options and options.include_usage)
+    return include, include and options.continuous_usage_stats
+
+
 async def _stream(
-    choices: list[gen.Choice], first: list[bytes], chunk, tally: _Tally, include_usage: bool, usage_chunk
+    choices: list[gen.Choice], first: list[bytes], chunk, tally: _Tally, usage: tuple[bool, bool], usage_chunk
 ) -> AsyncIterator[bytes]:
+    include_usage, continuous = usage
     for b in first:
         yield b
     async for c, out in gen.merged(choices):
@@ -141,7 +150,7 @@ async def _stream(
             break
         tally.add(c, out)
         if out.new_text or out.finished or out.logprobs:
-            yield _sse(chunk(c, out))
+            yield _sse(chunk(c, out) | ({"usage": tally.usage()} if continuous else {}))
     else:
         if include_usage:
             yield _sse(usage_chunk(tally.usage()))
@@ -224,8 +233,8 @@ async def completions(body: CompletionRequest, request: Request):
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
     tally = _Tally(body.n)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        extra = {"usage": None} if include_usage else {}
+        usage = _usage_options(body)
+        extra = {"usage": None} if usage[0] else {}
         # echo with logprobs: the prompt goes out with the first token, once its logprobs exist
         late_echo = body.echo and body.logprobs is not None
         offsets: dict[int, int] = {c.index: 0 if late_echo else len(echo[c.index]) for c in choices}
@@ -245,7 +254,7 @@ async def completions(body: CompletionRequest, request: Request):
                                            "finish_reason": None}]} | extra)
                  for c in choices if echo[c.index] and not late_echo]
         return StreamingResponse(
-            _stream(choices, first, chunk, tally, include_usage, lambda u: head | {"choices": [], "usage": u}),
+            _stream(choices, first, chunk, tally, usage, lambda u: head | {"choices": [], "usage": u}),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
@@ -280,8 +289,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     head = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     tally = _Tally(body.n)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        extra = {"usage": None} if include_usage else {}
+        usage = _usage_options(body)
+        extra = {"usage": None} if usage[0] else {}
         obj = {"object": "chat.completion.chunk"}
 
         def body_of(index: int, delta: dict[str, str], logprobs: Any, finish: str | None) -> dict[str, Any]:
@@ -294,7 +303,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
         first = [_sse(body_of(c.index, {"role": "assistant", "content": ""}, None, None)) for c in choices]
         return StreamingResponse(
-            _stream(choices, first, chunk, tally, include_usage, lambda u: head | obj | {"choices": [], "usage": u}),
+            _stream(choices, first, chunk, tally, usage, lambda u: head | obj | {"choices": [], "usage": u}),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
