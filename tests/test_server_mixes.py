@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
 import tarfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from server_harness import (
     complete,
     server_settings,
     stream_across_swap,
+    until,
     upload,
 )
 
@@ -130,6 +132,18 @@ def test_export_streams_the_merged_model_as_a_tar(http, server, default_model_di
     assert torch.equal(got["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"]
                        .to(torch.bfloat16))  # untargeted: the base's own weights
     assert not list((server.state.adapter_dir.parent / "exports").iterdir()), "the export left files behind"
+
+
+def test_an_export_whose_client_left_during_the_merge_leaves_nothing_behind(server):
+    """The client sends the request and goes away while the model is merged: the response never starts, so the
+    tar stream's own clean-up never runs; the merged folder (the size of the base model) must still go."""
+    request = (f"POST /admin/adapters/{MIX}/export HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}"
+               "\r\nContent-Length: 0\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(request)
+    exports = server.state.adapter_dir.parent / "exports"
+    until(lambda: exports.is_dir() and any(exports.iterdir()), 30, "the export's merge")
+    until(lambda: not any(exports.iterdir()), 30, "the abandoned export's folder removed")
 
 
 @pytest.mark.parametrize(("name", "params", "status", "match"), [

@@ -5,7 +5,7 @@ unknown component, 400 for a malformed mix or a summed rank above --max-lora-ran
 (server/model/merge.py, as `hotlora merge`) runs in a worker thread into a temporary folder in
 `exports/` beside the adapter store (by default in the cache dir), one export at a time; the folder
 is then streamed as an uncompressed tar (one folder entry, then each file, with a Content-Length)
-and removed when the stream ends or is dropped.
+and removed when the stream ends or is dropped (or the client left before it started).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from hotlora.adapters.mixspec import is_mix
@@ -116,4 +117,7 @@ async def export_adapter(name: str, request: Request, dtype: str | None = None):
         raise
     headers = {"Content-Disposition": f'attachment; filename="{arcname}.tar"',
                "Content-Length": str(_tar_size(entries))}
-    return StreamingResponse(_tar_stream(entries, work), media_type="application/x-tar", headers=headers)
+    # also after the response: a client that left during the merge never starts the stream, whose `finally`
+    # then never runs, and the merged model would stay on disk
+    return StreamingResponse(_tar_stream(entries, work), media_type="application/x-tar", headers=headers,
+                             background=BackgroundTask(shutil.rmtree, work, ignore_errors=True))
