@@ -134,6 +134,22 @@ def test_export_streams_the_merged_model_as_a_tar(http, server, default_model_di
     assert not list((server.state.adapter_dir.parent / "exports").iterdir()), "the export left files behind"
 
 
+def test_mix_spellings_do_not_grow_the_metrics(http, server):
+    """Any client can spell endless mixes ("a*0.1+c", "a*0.11+c", ...): requests for mixes count under one
+    label, never one Prometheus series per spelling."""
+    def mix_requests() -> tuple[float, list[str]]:
+        lines = [x for x in http.get("/metrics").text.splitlines() if x.startswith("hotlora_adapter_requests_total")]
+        count = sum(float(x.rsplit(" ", 1)[1]) for x in lines if 'adapter="(mix)"' in x)
+        return count, [x for x in lines if "*" in x or "+" in x]
+
+    before, _ = mix_requests()
+    for weight in ("0.1", "0.11", " 0.111 "):
+        body = {"model": f"a*{weight}+c", "prompt": "Hi", "max_tokens": 1}
+        assert http.post("/v1/completions", json=body).status_code == 200
+    after, spelled = mix_requests()
+    assert after == before + 3 and spelled == [], spelled
+
+
 def test_an_export_whose_client_left_during_the_merge_leaves_nothing_behind(server):
     """The client sends the request and goes away while the model is merged: the response never starts, so the
     tar stream's own clean-up never runs; the merged folder (the size of the base model) must still go."""

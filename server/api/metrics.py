@@ -22,8 +22,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hotlora.adapters.mixspec import is_mix
 from hotlora.server.api.gcheap import GcPauses
 
+MIX_LABEL = "(mix)"  # hotlora_adapter_requests' label for every adapter mix: '(' never occurs in a name
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _E2E = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 # vLLM's buckets (vllm/v1/metrics/buckets.py) for the series exported under its names
@@ -184,7 +186,8 @@ class Metrics:
             "hotlora_request_success", "finished generation requests by finish reason", ["finished_reason"], registry=r
         )
         self.adapter_requests = Counter(
-            "hotlora_adapter_requests", "generation requests by adapter ('' = base)", ["adapter"], registry=r
+            "hotlora_adapter_requests", f"generation requests by adapter ('' = base, {MIX_LABEL!r} = any mix)",
+            ["adapter"], registry=r,
         )
         self.prompt_tokens = Counter("hotlora_prompt_tokens", "prompt tokens processed", registry=r)
         self.generation_tokens = Counter("hotlora_generation_tokens", "tokens generated", registry=r)
@@ -205,7 +208,8 @@ class Metrics:
 
     def timer(self, adapter: str | None, start: float = 0.0) -> RequestTimer:
         """start: when the request was handed to the engine (time.monotonic(); 0: now)."""
-        self.adapter_requests.labels(adapter or "").inc()
+        # a mix counts under one label: any client can spell endless mixes, and each label is a series kept forever
+        self.adapter_requests.labels(MIX_LABEL if adapter and is_mix(adapter) else adapter or "").inc()
         return RequestTimer(self, start)
 
     def render(self, stats: Any, adapters: list[Any], ready: bool) -> bytes:
