@@ -280,10 +280,16 @@ class AdapterRegistry:
         """Load `name` onto the device and keep it there until unpinned.
 
         Blocks on the disk read and the device copy if they have not finished: callers that must not
-        stall the engine thread wait on prefetch(name) first (the copy then takes milliseconds).
+        stall the engine thread wait on prefetch(name) first (the copy then takes milliseconds). Refused when it
+        would pin the last unpinned slot: requests for every other adapter and mix would then wait forever.
         """
         v = self.resolve(name)
         slot = self.cache.lookup(v)
+        slots = self.cache.slots
+        pinned = sum(s is not None and s.pinned for s in slots)
+        if (slot is None or not slots[slot].pinned) and pinned + 1 >= len(slots):
+            raise AdapterError(f"pinning {name!r} would pin every device slot (--max-loras {len(slots)}): requests for "
+                               "any other adapter or mix could never run; unpin one first, or raise --max-loras")
         if slot is None:
             pending = self.prefetch(name)
             if pending is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from engine_reference import default_engine
 
+from hotlora.adapters.peft_format import AdapterError
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import FinishReason, Request, SamplingParams
 
@@ -79,6 +80,21 @@ def test_pinned_adapter_stays_resident(engine, prompt):
         assert engine.registry.info()[[a.name for a in engine.registry.info()].index("mlp4rs")].pinned
     finally:
         engine.registry.unpin("mlp4rs")
+
+
+def test_pinning_never_takes_the_last_unpinned_slot(engine, prompt):
+    """With every device slot pinned no other adapter (nor any mix) could ever be admitted: its requests would
+    wait forever. The pin that would take the last unpinned slot is refused, and other adapters keep running."""
+    engine.registry.pin("mlp4rs")
+    try:
+        with pytest.raises(AdapterError, match="every device slot"):
+            engine.registry.pin("qv8")
+        assert not {a.name: a for a in engine.registry.info()}["qv8"].pinned
+        assert _solo(engine, prompt, "ku12", "after-a-refused-pin")
+        engine.registry.pin("mlp4rs")  # pinning a pinned adapter again takes no slot: still fine
+    finally:
+        engine.registry.unpin("mlp4rs")
+        engine.registry.unpin("qv8")
 
 
 def test_hot_swap_running_sequence_finishes_on_old_weights(engine, prompt, peft_dirs):
