@@ -146,6 +146,19 @@ def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(http, base)
     assert generated[-1]["usage"] == chunks[-1]["usage"] and chunks[-1]["usage"]["prompt_tokens"] > 0
 
 
+def test_logprob_bytes_rebuild_a_character_split_over_tokens(server):
+    """OpenAI's `bytes`: the token's own UTF-8 bytes, so that joining them rebuilds a character that the
+    tokenizer split over several tokens (each of which decodes to U+FFFD alone)."""
+    from hotlora.server.api.openai_routes import _chat_logprobs
+    from hotlora.server.engine.types import TokenLogprob
+
+    text = "🎉 ok"
+    ids = server.state.tokenizer.encode(text, add_special_tokens=False)
+    entries = _chat_logprobs(server.state, [TokenLogprob(i, -1.0) for i in ids])["content"]
+    assert any(e["token"] == "\ufffd" for e in entries), entries  # the emoji is split over tokens
+    assert bytes(b for e in entries for b in e["bytes"]) == text.encode()
+
+
 def test_sse_wire_format(http, base):
     expected = complete(http, base, max_tokens=2)["choices"][0]["text"]
     body = {"model": base, "prompt": PROMPT, "max_tokens": 2, "stream": True, **GREEDY}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -63,6 +65,29 @@ def _piece(state: AppState, token_id: int) -> str:
     return state.tokenizer.decode([token_id]) if state.tokenizer is not None else f"<{token_id}>"
 
 
+@functools.cache
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's (GPT-2's) alphabet: one printable character per byte, back to the byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
+
+
+def _token_bytes(state: AppState, token_id: int, piece: str) -> list[int]:
+    """The token's own bytes (OpenAI's `bytes`: joined, they rebuild a character split over tokens, each of which
+    decodes to U+FFFD alone): byte-level BPE spells them in its alphabet, SentencePiece as <0xNN>."""
+    tok = state.tokenizer
+    raw = tok.convert_ids_to_tokens(token_id) if tok is not None else None
+    if isinstance(raw, str) and raw:
+        chars = _byte_level_chars()
+        byte_level = type(getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)).__name__ == "ByteLevel"
+        if byte_level and all(c in chars for c in raw):
+            return [chars[c] for c in raw]
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", raw):
+            return [int(raw[3:5], 16)]
+    return list(piece.encode())
+
+
 # one token of a completions logprobs object: id, its logprob and alternatives (None for the first prompt token)
 _Entry = tuple[int, float | None, list[tuple[int, float]] | None]
 
@@ -99,7 +124,7 @@ def _chat_logprobs(state: AppState, lps: list[TokenLogprob] | None) -> dict[str,
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         piece = _piece(state, token_id)
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+        return {"token": piece, "logprob": logprob, "bytes": _token_bytes(state, token_id, piece)}
 
     return {
         "content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in lps]
