@@ -159,6 +159,24 @@ def test_logprob_bytes_rebuild_a_character_split_over_tokens(server):
     assert bytes(b for e in entries for b in e["bytes"]) == text.encode()
 
 
+def test_http_methods_outside_the_standard_ones_share_one_metrics_label(tmp_path, hotlora_cache):
+    """uvicorn's h11 parser (used where httptools is not installed: it is not a dependency) passes any method token
+    through, and each distinct one was a hotlora_http_requests series kept forever. The app, driven in-process."""
+    import asyncio
+
+    from hotlora.server.api.app import create_app
+
+    app = create_app(server_settings(tmp_path, hotlora_cache))
+
+    async def send() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+            return [(await c.request(m, "/v1/models")).status_code for m in ("FOO1", "FOO2", "PROPFIND")]
+
+    assert asyncio.run(send()) == [405, 405, 405]
+    methods = {s.labels["method"] for m in app.state.hotlora.metrics.http.collect() for s in m.samples}
+    assert methods == {"OTHER"}, methods
+
+
 def test_sse_wire_format(http, base):
     expected = complete(http, base, max_tokens=2)["choices"][0]["text"]
     body = {"model": base, "prompt": PROMPT, "max_tokens": 2, "stream": True, **GREEDY}

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # client expire theirs after 5 s, uvicorn's own default): with equal timeouts a client may reuse a
 # connection just as the server closes it, and that request fails with no response.
 KEEP_ALIVE_S = 65.0
+# the methods counted under their own name; any other token (h11 passes every one through) counts as OTHER, so
+# that no client can add series to hotlora_http_requests at will
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 def uvicorn_config(app: ASGIApp, log_level: str = "warning", graceful_s: float | None = None,
@@ -59,7 +62,8 @@ class HTTPMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.state.metrics.http.labels(scope["method"], self._route(scope), str(status[0])).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            self.state.metrics.http.labels(method, self._route(scope), str(status[0])).inc()
 
     def _route(self, scope: Scope) -> str:
         """The matched route's path template (Starlette leaves the route in the scope), never the raw path."""
