@@ -146,6 +146,16 @@ def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(http, base)
     assert generated[-1]["usage"] == chunks[-1]["usage"] and chunks[-1]["usage"]["prompt_tokens"] > 0
 
 
+def test_stream_options_without_stream_are_400(http, base):
+    """OpenAI and vLLM refuse stream_options on a request that does not stream, rather than ignoring them."""
+    for route, fields in (("/v1/completions", {"prompt": "Hi"}),
+                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+        r = http.post(route, json={"model": base, "max_tokens": 1, "stream_options": {"include_usage": True}} | fields)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "stream_options" in err["message"] + (err["param"] or ""), err
+
+
 def test_logprob_bytes_rebuild_a_character_split_over_tokens(server):
     """OpenAI's `bytes`: the token's own UTF-8 bytes, so that joining them rebuilds a character that the
     tokenizer split over several tokens (each of which decodes to U+FFFD alone)."""
