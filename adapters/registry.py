@@ -281,7 +281,8 @@ class AdapterRegistry:
 
         Blocks on the disk read and the device copy if they have not finished: callers that must not
         stall the engine thread wait on prefetch(name) first (the copy then takes milliseconds). Refused when it
-        would pin the last unpinned slot: requests for every other adapter and mix would then wait forever.
+        would pin the last unpinned slot, or leave no max_rank consecutive pool rows unpinned: requests for
+        other adapters (or the largest ones) would then wait forever.
         """
         v = self.resolve(name)
         slot = self.cache.lookup(v)
@@ -298,6 +299,11 @@ class AdapterRegistry:
             if slot is None:
                 raise AdapterError("no free device slot: every slot is in use or pinned (raise --max-loras)")
             self.stats[name].loads += 1
+        need = min(self.max_rank, self.cache.pool_rows)
+        if not slots[slot].pinned and self.cache.unpinned_run(also=slot) < need:
+            raise AdapterError(f"pinning {name!r} would leave no {need} consecutive unpinned pool rows "
+                               f"(--lora-pool-rows {self.cache.pool_rows}): adapters of rank {need} could never "
+                               "load; unpin one first, or raise --lora-pool-rows")
         self.cache.set_pinned(slot, True)
         self.stats[name].pinned = True
 

@@ -97,6 +97,20 @@ def test_pinning_never_takes_the_last_unpinned_slot(engine, prompt):
         engine.registry.unpin("qv8")
 
 
+def test_pinning_never_fragments_the_pool_below_the_largest_rank(hotlora_cache, adapters, prompt):
+    """Pinned adapters hold their rows: a pin that would leave no run of max_lora_rank unpinned rows is refused
+    although a slot is free, so a rank-16 adapter can still be loaded."""
+    engine = default_engine(hotlora_cache, adapters, max_loras=3, lora_pool_rows=24)
+    engine.registry.pin("qv8")  # 8 rows: 16 left in one run
+    with pytest.raises(AdapterError, match="consecutive unpinned pool rows"):
+        engine.registry.pin("mlp4rs")  # 4 more rows would leave 12
+    assert not {a.name: a for a in engine.registry.info()}["mlp4rs"].pinned
+    assert _solo(engine, prompt, "all16", "rank-16-after-a-refused-pin")
+    engine.registry.unpin("qv8")
+    engine.registry.pin("qv8")  # still in rows 0-7: 16 rows left in one run, as at first
+    assert {a.name: a for a in engine.registry.info()}["qv8"].pinned
+
+
 def test_hot_swap_running_sequence_finishes_on_old_weights(engine, prompt, peft_dirs):
     # peft_dirs (B ~ N(0, 0.5)) change the output far more than `adapters`: two clearly different versions
     engine.registry.register("swap", peft_dirs["a"])
