@@ -173,15 +173,9 @@ class LoraSlotCache:
     def set_pinned(self, slot: int, pinned: bool) -> None:
         self.slots[slot].pinned = pinned
 
-    def unpinned_run(self, also: int | None = None) -> int:
-        """The longest run of pool rows that no pinned slot (nor slot `also`) holds: the largest rank that
-        evicting every other slot could still make room for."""
-        held = sorted((s.row_start, s.rank) for i, s in enumerate(self.slots)
-                      if s is not None and (s.pinned or i == also))  # fmt: skip
-        best = end = 0
-        for start, rows in held:
-            best, end = max(best, start - end), max(end, start + rows)
-        return max(best, self.pool_rows - end)
+    def pinned_rows(self, also: int | None = None) -> int:
+        """Pool rows held by pinned slots (and by slot `also`)."""
+        return sum(s.rank for i, s in enumerate(self.slots) if s is not None and (s.pinned or i == also))
 
     def batch_rank(self, slots: Iterable[int]) -> int:
         """The largest per-module rank among these ready slots (negative ids: no adapter); 0 for none."""

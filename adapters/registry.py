@@ -281,8 +281,9 @@ class AdapterRegistry:
 
         Blocks on the disk read and the device copy if they have not finished: callers that must not
         stall the engine thread wait on prefetch(name) first (the copy then takes milliseconds). Refused when it
-        would pin the last unpinned slot, or leave no max_rank consecutive pool rows unpinned: requests for
-        other adapters (or the largest ones) would then wait forever.
+        would pin the last unpinned slot, or leave fewer than max_rank pool rows unpinned: requests for other
+        adapters (or the largest ones) would then wait forever. (Pinned rows can still fragment the pool: the
+        check counts rows, not runs, so that a pin's outcome does not depend on where its rows landed.)
         """
         v = self.resolve(name)
         slot = self.cache.lookup(v)
@@ -300,8 +301,8 @@ class AdapterRegistry:
                 raise AdapterError("no free device slot: every slot is in use or pinned (raise --max-loras)")
             self.stats[name].loads += 1
         need = min(self.max_rank, self.cache.pool_rows)
-        if not slots[slot].pinned and self.cache.unpinned_run(also=slot) < need:
-            raise AdapterError(f"pinning {name!r} would leave no {need} consecutive unpinned pool rows "
+        if not slots[slot].pinned and self.cache.pinned_rows(also=slot) + need > self.cache.pool_rows:
+            raise AdapterError(f"pinning {name!r} would leave fewer than {need} unpinned pool rows "
                                f"(--lora-pool-rows {self.cache.pool_rows}): adapters of rank {need} could never "
                                "load; unpin one first, or raise --lora-pool-rows")
         self.cache.set_pinned(slot, True)

@@ -97,17 +97,17 @@ def test_pinning_never_takes_the_last_unpinned_slot(engine, prompt):
         engine.registry.unpin("qv8")
 
 
-def test_pinning_never_fragments_the_pool_below_the_largest_rank(hotlora_cache, adapters, prompt):
-    """Pinned adapters hold their rows: a pin that would leave no run of max_lora_rank unpinned rows is refused
+def test_pinning_leaves_rows_for_the_largest_rank(hotlora_cache, adapters, prompt):
+    """Pinned adapters hold their rows: a pin that would leave fewer than max_lora_rank unpinned rows is refused
     although a slot is free, so a rank-16 adapter can still be loaded."""
     engine = default_engine(hotlora_cache, adapters, max_loras=3, lora_pool_rows=24)
-    engine.registry.pin("qv8")  # 8 rows: 16 left in one run
-    with pytest.raises(AdapterError, match="consecutive unpinned pool rows"):
+    engine.registry.pin("qv8")  # 8 rows: 16 left
+    with pytest.raises(AdapterError, match="unpinned pool rows"):
         engine.registry.pin("mlp4rs")  # 4 more rows would leave 12
     assert not {a.name: a for a in engine.registry.info()}["mlp4rs"].pinned
     assert _solo(engine, prompt, "all16", "rank-16-after-a-refused-pin")
     engine.registry.unpin("qv8")
-    engine.registry.pin("qv8")  # still in rows 0-7: 16 rows left in one run, as at first
+    engine.registry.pin("qv8")  # 16 rows left, as at first
     assert {a.name: a for a in engine.registry.info()}["qv8"].pinned
 
 
