@@ -127,13 +127,6 @@ class _Sampling(_Strict):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> _Sampling:
-        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM: not silently ignored
-            raise ValueError("stream_options is only allowed with stream: true")
-        return self
-
     stop: str | list[str] | None = Field(default=None, validate_default=True)
     # int64, as OpenAI documents it; choice j of n samples with seed + j, wrapped into int64
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
@@ -169,6 +162,12 @@ class _Sampling(_Strict):
             if not key.isascii() or not key.isdigit() or int(key) > INT32_MAX:
                 raise ValueError(f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}")
         return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _Sampling:
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM: not silently ignored
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
 
     def structured_spec(self) -> StructuredSpec | None:
         rf = self.response_format.spec() if self.response_format is not None else None
