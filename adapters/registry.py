@@ -288,8 +288,10 @@ class AdapterRegistry:
         v = self.resolve(name)
         slot = self.cache.lookup(v)
         slots = self.cache.slots
-        pinned = sum(s is not None and s.pinned for s in slots)
-        if (slot is None or not slots[slot].pinned) and pinned + 1 >= len(slots):
+        if slot is not None and slots[slot].pinned:
+            self.stats[name].pinned = True
+            return
+        if sum(s is not None and s.pinned for s in slots) + 1 >= len(slots):
             raise AdapterError(f"pinning {name!r} would pin every device slot (--max-loras {len(slots)}): requests for "
                                "any other adapter or mix could never run; unpin one first, or raise --max-loras")
         if slot is None:
@@ -301,7 +303,7 @@ class AdapterRegistry:
                 raise AdapterError("no free device slot: every slot is in use or pinned (raise --max-loras)")
             self.stats[name].loads += 1
         need = min(self.max_rank, self.cache.pool_rows)
-        if not slots[slot].pinned and self.cache.pinned_rows(also=slot) + need > self.cache.pool_rows:
+        if self.cache.pinned_rows(also=slot) + need > self.cache.pool_rows:
             raise AdapterError(f"pinning {name!r} would leave fewer than {need} unpinned pool rows "
                                f"(--lora-pool-rows {self.cache.pool_rows}): adapters of rank {need} could never "
                                "load; unpin one first, or raise --lora-pool-rows")
