@@ -73,6 +73,12 @@ def _byte_level_chars() -> dict[str, int]:
     return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
 
 
+@functools.lru_cache(maxsize=4)
+def _byte_level(tok: Any) -> bool:
+    """Whether the tokenizer decodes with byte-level BPE (asked once per tokenizer, not per logprob entry)."""
+    return type(getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)).__name__ == "ByteLevel"
+
+
 def _token_bytes(state: AppState, token_id: int, piece: str) -> list[int]:
     """The token's own bytes (OpenAI's `bytes`: joined, they rebuild a character split over tokens, each of which
     decodes to U+FFFD alone): byte-level BPE spells them in its alphabet, SentencePiece as <0xNN>."""
@@ -80,8 +86,7 @@ def _token_bytes(state: AppState, token_id: int, piece: str) -> list[int]:
     raw = tok.convert_ids_to_tokens(token_id) if tok is not None else None
     if isinstance(raw, str) and raw:
         chars = _byte_level_chars()
-        byte_level = type(getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)).__name__ == "ByteLevel"
-        if byte_level and all(c in chars for c in raw):
+        if _byte_level(tok) and all(c in chars for c in raw):
             return [chars[c] for c in raw]
         if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", raw):
             return [int(raw[3:5], 16)]
