@@ -115,6 +115,12 @@ def http(server):
         yield client
 
 
+@pytest.fixture(scope="module")
+def base(server) -> str:
+    """The served base model's name."""
+    return server.state.model_name
+
+
 @pytest.fixture
 def client(server):
     import openai

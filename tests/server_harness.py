@@ -100,6 +100,14 @@ def complete(client: Any, model: str, max_tokens: int = 6) -> str:
     return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, **GREEDY).choices[0].text
 
 
+def complete_http(http: httpx.Client, model: str, prompt: str | list[int] = PROMPT, max_tokens: int = 3) -> dict:
+    """A greedy /v1/completions over raw HTTP (ignore_eos): the response body, after asserting a 200."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def stream_across_swap(http: httpx.Client, server: ServerThread, model: str, n: int, name: str, folder: Path) -> str:
     """The text of a greedy n-token stream of PROMPT from `model`, during which (after its first chunk) adapter
     `name` is replaced by the upload of `folder`: asserted to be a hot swap while the request still runs."""

@@ -24,11 +24,6 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def base(server) -> str:
-    return server.state.model_name
-
-
 def _tokens(client: openai.OpenAI, base: str, prompt: str, max_tokens: int, **extra) -> list[str]:
     """The greedy completion's tokens (as the logprobs report them)."""
     r = client.completions.create(model=base, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0,
