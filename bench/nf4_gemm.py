@@ -200,6 +200,20 @@ def warp_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
                     if 1 <= split <= k // 128]
 
 
+def tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """The recorded config against the same tile with its weight bytes read by TMA into shared memory (Nf4Config.tma)
+    at 3 and 5 pipeline stages: the copy engine keeps groups in flight without holding registers, where the plain
+    loads hold ~4 KB per program (one group) in registers until its math starts."""
+    out = [rec] + ([replace(rec, tma=True, stages=s) for s in (3, 5)] if _fused(rec) else [])
+    if m > 64:  # the mid-M tiles again, now that the weights need no registers in flight
+        tiles = [(128, 64, 4), (128, 128, 8), (256, 64, 8), (256, 128, 8), (64, 128, 4)]
+        for (bm, bn, warps), stages in itertools.product(tiles, (2, 3, 4)):
+            split = split_for_sms(-(-m // bm) * -(-n // bn), k)
+            out.append(Nf4Config(bm, bn, split, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES,
+                                 tma=True))
+    return list(dict.fromkeys(out))
+
+
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
 # fields that tell them apart
 VARIANTS = {
@@ -207,6 +221,7 @@ VARIANTS = {
     "even": (even_configs, ("even", "block_n", "warps")),
     "splits": (split_configs, ("split_k",)),
     "small-warps": (warp_configs, ("swap_ab", "block_n", "warps", "split_k")),
+    "tma": (tma_configs, ("tma", "stages", "block_m", "block_n", "warps", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 
@@ -344,6 +359,8 @@ def main() -> None:
                     help="sweep: the recorded config against SCALE_VALUES tiles (and dense above M=64)")
     ap.add_argument("--splits", dest="variants", action="store_const", const="splits",
                     help="sweep: the recorded tile over K slice counts (1-16 and the fewest that fill the SMs)")
+    ap.add_argument("--tma", dest="variants", action="store_const", const="tma",
+                    help="sweep: each M's recorded config with its weight bytes read by TMA (3 and 5 stages)")
     ap.add_argument("--small-warps", dest="variants", action="store_const", const="small-warps",
                     help="sweep: the recorded config against weights-first tiles over 2 warps (mma.sync)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))

@@ -3,6 +3,7 @@ H200 (bench/nf4_gemm.py). hotlora.kernels.nf4 re-exports everything public here.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import triton
@@ -38,6 +39,7 @@ class Nf4Config:
     maxnreg: int | None = None  # cap on registers per thread: more programs per SM (ptxas may spill)
     table_regs: bool = True  # LOOKUP_PRMT: its table words in ordinary registers (_nf4_triton._prmt_table)
     even: bool = True  # drop the weight and K masks where the shape allows (N % block_n, K % 128, groups % split)
+    tma: bool = False  # weight bytes by TMA into shared memory, `stages` groups in flight (CUDA, not prefetch)
 
 
 # (max M, config, config for large weights) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep,
@@ -64,6 +66,12 @@ class Nf4Config:
 # with an adapter lost 2% (244-245 against 249-250 tok/s) and batches 2-16 gained nothing: that bucket keeps its
 # tile. Batch 1 on the base model gained 3% (294 -> 302-303 tok/s): at M = 1 a matmul with no LoRA shrink
 # beside it (nf4_matmul with no finish hook) takes the 32-wide 2-warp tiles (_ALONE_M1).
+# From 65 rows the weight bytes go by TMA into shared memory (tma, --tma, sixteenth session): the pipeliner then
+# keeps 3 groups in flight with no registers held. M = 128-256: gate/up 100.0 -> 92.2-93.0 us and 145 -> 129-131,
+# down 53.5 -> 47.2 and 88.6 -> 78.2, o 20.7 -> 19.9 and 29.7 -> 28.6; 5 stages lost (fewer programs per SM). It
+# also makes the 256x128 tile beat dense + cuBLAS for large weights at 257-512 rows (M = 512: gate/up 285 -> 260
+# us, down 141 -> 131; o stays dense, 42 against 48). At M <= 64 it gained nothing or lost (the 2-warp tiles at 17-32:
+# gate/up 56.5 -> 66.2 us).
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
@@ -80,9 +88,11 @@ _CONFIGS: tuple[tuple[int, Nf4Config, Nf4Config | None], ...] = (
     (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT_IMM, even=False),
      Nf4Config(32, 64, 8, warps=2, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES)),
     (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False, even=False), None),
-    (128, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES), None),
-    (256, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES),
-     Nf4Config(256, 128, BY_SMS, warps=8, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES)),
+    (128, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True), None),
+    (256, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True),
+     Nf4Config(256, 128, BY_SMS, warps=8, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True)),
+    (512, Nf4Config(128, 128, dense=True),
+     Nf4Config(256, 128, BY_SMS, warps=8, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True)),
     (1 << 62, Nf4Config(128, 128, dense=True), None),
 )
 
@@ -110,6 +120,8 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
     the tl.dot path (False); None: SERVE_GEMV. alone: no LoRA shrink runs beside the matmul (_ALONE_M1)."""
     gemv = SERVE_GEMV if gemv is None else gemv
     cfg, large = next((c, big) for hi, c, big in _CONFIGS if m <= hi and (gemv or not c.gemv))
+    if os.environ.get("HOTLORA_NF4_TMA") == "0":  # the configs before TMA (bench comparisons in one build)
+        cfg, large = (cfg, None) if m > 256 else (replace(cfg, tma=False), large and replace(large, tma=False))
     if alone and m == 1 and not cfg.gemv:
         cfg, large = _ALONE_M1
     if large is not None and n * k >= LARGE_WEIGHT:

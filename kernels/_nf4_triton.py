@@ -175,11 +175,13 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
 
 @triton.jit
 def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, valid, K, NUM_G,
-                stride_xm, stride_wn, stride_an, EVEN: tl.constexpr):
+                stride_xm, stride_wn, stride_an, EVEN: tl.constexpr, TMA: tl.constexpr = False, n0=0):
     """Everything one 128-column group g needs: x's two [BLOCK_M, 64] halves, the weight bytes, the scales.
     Nothing is read where `valid` is False or g is past the last group (split-K slices may run past it).
     EVEN: N is a multiple of BLOCK_N, K of 128 and the groups of SPLIT_K, so only x's rows and `valid`
-    need masks (~10% of the loop's instructions at M=16)."""
+    need masks (~10% of the loop's instructions at M=16). TMA: w_ptr is a tensor descriptor of the codes
+    ([BLOCK_N, 64] blocks, rows from n0), read by the copy engine into shared memory; Triton's pipeliner keeps
+    `num_stages` groups in flight with no registers held (rows and groups past the end read as zeros)."""
     offs_k = g * 128 + tl.arange(0, 64)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     mask_x = mask_m[:, None] & valid
@@ -191,7 +193,10 @@ def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, val
         x_hi = tl.load(x_ptrs, mask=mask_x & (offs_k[None, :] < K), other=0.0)
         x_lo = tl.load(x_ptrs + 64, mask=mask_x & (offs_k[None, :] + 64 < K), other=0.0)
         rows = mask_n & (g < NUM_G)
-    raw = _group_bytes(w_ptr, offs_n, rows, valid, g, stride_wn)
+    if TMA:  # noqa: SIM108 (a static branch: Triton's ternary would build both sides)
+        raw = w_ptr.load([n0, g * 64])
+    else:
+        raw = _group_bytes(w_ptr, offs_n, rows, valid, g, stride_wn)
     a_hi, a_lo = _group_scales(absmax_ptr, offs_n, rows, valid, g, stride_an)
     return x_hi, x_lo, raw, a_hi, a_lo
 
@@ -238,7 +243,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                       SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN: tl.constexpr, PDL: tl.constexpr):
+                      EVEN: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
@@ -246,7 +251,8 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     weights first, as dequantize_4bit does (lut in fp32, product rounded to W_DTYPE). PREFETCH issues group
     i+1's loads before group i's math (register double-buffering). With SPLIT_K > 1 each program writes its
     K-slice's fp32 sum to part[pid_k], and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K
-    (_load_group). PDL: launched with kernels._launch.pdl_args.
+    (_load_group). PDL: launched with kernels._launch.pdl_args. TMA: w_ptr is a tensor descriptor of the codes
+    (_load_group; not with PREFETCH).
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -281,7 +287,8 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     else:
         for i in range(ITERS):
             xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i,
-                                              True, K, NUM_G, stride_xm, stride_wn, stride_an, EVEN)
+                                              True, K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, TMA,
+                                              pid_n * BLOCK_N)
             acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
                               LOOKUP, V_DTYPE)
     if SWAP_AB:

@@ -32,7 +32,9 @@ Paths by M (``_nf4_configs._CONFIGS``, swept on the H200 with bench/nf4_gemm.py;
   ``nf4_reduce_kernel``) when N alone gives too few programs to keep the GPU's memory system busy.
 - up to 256: ``nf4_matmul_kernel``, tl.dot on the raw code values (NF4 in x's dtype), each 64-block's
   partial sums scaled by absmax afterwards (SCALE_PARTIALS), or (SCALE_VALUES: from 65 rows, and for large
-  weights from 17) the code values scaled by absmax in x's dtype before the dot; split-K as above.
+  weights from 17) the code values scaled by absmax in x's dtype before the dot; split-K as above. From 65 rows
+  the weight bytes arrive by TMA (``Nf4Config.tma``: a tensor descriptor of the codes, copied into shared
+  memory, the pipeliner keeping ``stages`` groups in flight), and large weights stay on this path up to 512.
 - larger M: dequantize the whole weight (``nf4_dequant_kernel``, bit-identical) and call cuBLAS.
 SCALE_PARTIALS rounds differently from W by one rounding of the code value (to x's dtype on CUDA with 16-bit
 x; exact fp32 values in the GEMV path's table lookup); SCALE_VALUES by that and the rounding of absmax and of
@@ -51,6 +53,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import pdl_args, use_triton
 from ._nf4_configs import (
@@ -260,14 +263,16 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     lookup = cfg.lookup if not exact and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     lut = _lookup_table(x.device, torch.float32 if exact else x.dtype, lookup)
     even = cfg.even and n % cfg.block_n == 0 and k % 128 == 0 and groups % split == 0
+    tma = cfg.tma and not cfg.prefetch
+    codes = TensorDescriptor.from_tensor(w.codes, [cfg.block_n, 64]) if tma else w.codes
     nf4_matmul_kernel[grid](
-        x, w.codes, w.absmax, lut, bias if bias is not None else y, y, part,
+        x, codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
+        TMA=tma, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return part if split > 1 else None

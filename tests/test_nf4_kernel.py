@@ -108,6 +108,9 @@ CONFIGS = {
     "swap-ab-16-rows": Nf4Config(16, 32, split_k=2, warps=2, swap_ab=True),  # bench/nf4_gemm.py --small-warps
     "prefetch-split3": Nf4Config(16, 16, split_k=3, prefetch=True),
     "prefetch-swap-ab": Nf4Config(64, 32, swap_ab=True, prefetch=True),
+    # weight bytes through a tensor descriptor; K slices and rows past the weight's end read as zeros
+    "tma-split3": Nf4Config(16, 32, split_k=3, tma=True),
+    "tma-swap-ab-values": Nf4Config(64, 64, split_k=2, swap_ab=True, scale=SCALE_VALUES, tma=True),
 }
 
 
