@@ -194,6 +194,15 @@ async def compile_grammar(state: AppState, spec: StructuredSpec) -> None:
 
 async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
     """Outputs of all choices as they come; closing this generator aborts the unfinished ones."""
+    if len(choices) == 1:  # the common case, on every token of every stream: no task or wait per output
+        c = choices[0]
+        try:
+            async for out in c.stream:
+                c.timer.output(out)
+                yield c, out
+        finally:
+            c.stream.close()
+        return
     pending: dict[asyncio.Future, Choice] = {}
 
     def arm(c: Choice) -> None:
