@@ -33,8 +33,11 @@ def _state(request: Request) -> AppState:
     return state
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps would build one per chunk
+
+
 def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _JSON.encode(obj).encode() + b"\n\n"
 
 
 def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
