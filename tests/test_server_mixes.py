@@ -115,6 +115,9 @@ def _expected(base: dict[str, torch.Tensor], folder: Path, weight: float, layer:
 
 
 def test_export_streams_the_merged_model_as_a_tar(http, server, default_model_dir):
+    crashed = server.state.adapter_dir.parent / "exports" / "0123abcd"  # as an export's process that died leaves it
+    (crashed / "merged").mkdir(parents=True)
+    (crashed / ".lock").touch()  # held by no one: the export's sweep removes the folder
     r = http.post(f"/admin/adapters/{MIX}/export", params={"dtype": "bfloat16"}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/x-tar" and int(r.headers["content-length"]) == len(r.content)

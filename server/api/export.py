@@ -5,14 +5,19 @@ unknown component, 400 for a malformed mix or a summed rank above --max-lora-ran
 (server/model/merge.py, as `hotlora merge`) runs in a worker thread into a temporary folder in
 `exports/` beside the adapter store (by default in the cache dir), one export at a time; the folder
 is then streamed as an uncompressed tar (one folder entry, then each file, with a Content-Length)
-and removed when the stream ends or is dropped (or the client left before it started).
+and removed when the stream ends or is dropped (or the client left before it started). A process that
+dies meanwhile leaves its folder behind: each export first removes such folders (``sweep``), told from
+exports in progress in any process sharing the folder by a lock the kernel drops with its holder.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import shutil
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -58,6 +63,57 @@ async def _sources(state: AppState, name: str) -> tuple[list[Path], list[float] 
     return [v.path], None
 
 
+_LOCK = ".lock"
+
+
+class WorkDir:
+    """A fresh folder in `root` that this process holds: an exclusive flock on its `.lock` file from creation until
+    close() removes the folder. It is made under a dot name (which sweep() skips) and renamed once locked, so no
+    sweep sees it unlocked."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        staging = root / f".{name}"
+        staging.mkdir()
+        self._fd: int | None = os.open(staging / _LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.path = root / name
+        staging.rename(self.path)
+        self._closing = threading.Lock()  # the stream's end and the response's background task both close it
+
+    def close(self) -> None:
+        with self._closing:
+            if self._fd is None:
+                return
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.close(self._fd)  # the lock goes with the folder
+            self._fd = None
+
+
+def sweep(root: Path) -> list[Path]:
+    """Remove the folders in `root` whose holder is gone (their lock is free); the removed folders."""
+    removed = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.name.startswith("."):
+            continue
+        try:
+            fd = os.open(folder / _LOCK, os.O_RDWR)
+        except OSError:  # removed meanwhile, or not an export's folder
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # an export in progress
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _tar_entries(folder: Path, arcname: str) -> list[tuple[bytes, Path | None]]:
     """(tar header, file or None for the folder entry) in order."""
     now = int(time.time())
@@ -71,7 +127,7 @@ def _tar_entries(folder: Path, arcname: str) -> list[tuple[bytes, Path | None]]:
     return entries
 
 
-def _tar_stream(entries: list[tuple[bytes, Path | None]], cleanup: Path) -> Iterator[bytes]:
+def _tar_stream(entries: list[tuple[bytes, Path | None]], work: WorkDir) -> Iterator[bytes]:
     try:
         for header, f in entries:
             yield header
@@ -86,7 +142,7 @@ def _tar_stream(entries: list[tuple[bytes, Path | None]], cleanup: Path) -> Iter
                 yield b"\0" * (512 - size % 512)
         yield b"\0" * 1024  # two zero blocks: the end of the archive
     finally:
-        shutil.rmtree(cleanup, ignore_errors=True)
+        work.close()
 
 
 def _tar_size(entries: list[tuple[bytes, Path | None]]) -> int:
@@ -105,19 +161,21 @@ async def export_adapter(name: str, request: Request, dtype: str | None = None):
     folders, weights = await _sources(state, name)
     ckpt = state.engine.engine.runner.checkpoint
     arcname = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{state.model_name}-{name}")[:200]
-    work = state.adapter_dir.parent / "exports" / uuid.uuid4().hex
+    root = state.adapter_dir.parent / "exports"
+    await run_in_threadpool(sweep, root)
+    work = await run_in_threadpool(WorkDir, root)
     try:
         async with state.export_lock:
             plan = await run_in_threadpool(load_plan, ckpt, folders, weights)
-            out = work / arcname
+            out = work.path / arcname
             await run_in_threadpool(merge_to_folder, ckpt, plan, out, dtype or base_dtype(ckpt), False, False)
         entries = _tar_entries(out, arcname)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        work.close()
         raise
     headers = {"Content-Disposition": f'attachment; filename="{arcname}.tar"',
                "Content-Length": str(_tar_size(entries))}
     # also after the response: a client that left during the merge never starts the stream, whose `finally`
     # then never runs, and the merged model would stay on disk
     return StreamingResponse(_tar_stream(entries, work), media_type="application/x-tar", headers=headers,
-                             background=BackgroundTask(shutil.rmtree, work, ignore_errors=True))
+                             background=BackgroundTask(work.close))
