@@ -251,8 +251,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     weights first, as dequantize_4bit does (lut in fp32, product rounded to W_DTYPE). PREFETCH issues group
     i+1's loads before group i's math (register double-buffering). With SPLIT_K > 1 each program writes its
     K-slice's fp32 sum to part[pid_k], and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K
-    (_load_group). PDL: launched with kernels._launch.pdl_args. TMA: w_ptr is a tensor descriptor of the codes
-    (_load_group; not with PREFETCH).
+    (_load_group). PDL: launched with kernels._launch.pdl_args. TMA: w_ptr is the codes' descriptor (_load_group).
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -286,9 +285,8 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
             xh, xl, raw, ah, al = nxh, nxl, nraw, nah, nal
     else:
         for i in range(ITERS):
-            xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i,
-                                              True, K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, TMA,
-                                              pid_n * BLOCK_N)
+            xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i, True,
+                                              K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, TMA, pid_n * BLOCK_N)
             acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
                               LOOKUP, V_DTYPE)
     if SWAP_AB:
