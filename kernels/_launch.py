@@ -38,6 +38,14 @@ def pdl(t: torch.Tensor) -> bool:
     return _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
+def tma(t: torch.Tensor) -> bool:
+    """Tensor-memory-accelerator copies (tensor descriptors) for a kernel on t's device: Hopper or newer, or
+    Triton's interpreter (which runs descriptor loads as plain loads)."""
+    if not t.is_cuda:
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def pdl_args(t: torch.Tensor) -> dict:
     """Launch keywords of a kernel that starts with pdl_enter(PDL): its PDL constexpr and Triton's launch flag."""
     return pdl_kwargs(pdl(t))

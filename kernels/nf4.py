@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import pdl_args, use_triton
+from ._launch import pdl_args, tma, use_triton
 from ._nf4_configs import (
     BY_SMS,
     LARGE_WEIGHT,
@@ -263,8 +263,8 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     lookup = cfg.lookup if not exact and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     lut = _lookup_table(x.device, torch.float32 if exact else x.dtype, lookup)
     even = cfg.even and n % cfg.block_n == 0 and k % 128 == 0 and groups % split == 0
-    tma = cfg.tma and not cfg.prefetch
-    codes = TensorDescriptor.from_tensor(w.codes, [cfg.block_n, 64]) if tma else w.codes
+    by_tma = cfg.tma and not cfg.prefetch and tma(x)  # else the same tile with pointer loads (before Hopper)
+    codes = TensorDescriptor.from_tensor(w.codes, [cfg.block_n, 64]) if by_tma else w.codes
     nf4_matmul_kernel[grid](
         x, codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
@@ -272,7 +272,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        TMA=tma, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
+        TMA=by_tma, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return part if split > 1 else None
