@@ -30,12 +30,17 @@ def _hopper_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def _on_hopper(t: torch.Tensor) -> bool:
+    """t's CUDA device is Hopper or newer."""
+    return _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def pdl(t: torch.Tensor) -> bool:
     """Programmatic dependent launch for a kernel on t's device: compiled CUDA on Hopper or newer, unless
     HOTLORA_NO_PDL=1."""
     if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("HOTLORA_NO_PDL") == "1":
         return False
-    return _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _on_hopper(t)
 
 
 def tma(t: torch.Tensor) -> bool:
@@ -43,7 +48,7 @@ def tma(t: torch.Tensor) -> bool:
     Triton's interpreter (which runs descriptor loads as plain loads)."""
     if not t.is_cuda:
         return os.environ.get("TRITON_INTERPRET") == "1"
-    return _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _on_hopper(t)
 
 
 def pdl_args(t: torch.Tensor) -> dict:

@@ -102,11 +102,10 @@ def sweep(root: Path) -> list[Path]:
         except OSError:  # removed meanwhile, or not an export's folder
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # an export in progress
-            os.close(fd)
-            continue
-        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # an export in progress
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
         finally:
