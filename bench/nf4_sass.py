@@ -64,6 +64,9 @@ def loop_report(cubin: bytes) -> dict:
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
     loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
              if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    # a span holding an EXIT is no loop: the mbarrier wait's retry branch sits past the epilogue and jumps back
+    # into the loop (TMA configs)
+    loops = [(a, b) for a, b in loops if not any(re.search(r"\bEXIT\b", line) for line in lines[a:b])]
     start, end = max(loops, key=lambda span: span[1] - span[0])
     body = [line for line in lines[start:end + 1] if re.search(r"/\*[0-9a-f]{4}\*/", line)]
     opcodes = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line).group(1) for line in body)

@@ -9,6 +9,7 @@
 #   bench/serve_h200.sh steady      # only the profile suite's two steady batch-32 decode runs
 #   bench/serve_h200.sh saturation  # the profile suite without its Poisson run
 #   bench/serve_h200.sh burst       # only its two all-at-once runs (burst-base: the base model's alone)
+#   bench/serve_h200.sh prefix-burst # issue 13's caching-on run and the all-at-once run over 128 adapters
 #   bench/serve_h200.sh profile     # issue 11: where a step's time goes (step_phases_ms, host_share): steady
 #                                   # decode at batch 32 (prompt 128, 256 tokens each), base and over 32 adapters,
 #                                   # then the Poisson Zipf(1.1)-over-128 run and the all-at-once (saturation) runs
@@ -99,10 +100,14 @@ steady_runs() {  # 32 requests at once, equal lengths: after their prefill every
 
 burst_base() { bench burst-base --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 --warmup 8; }
 
-burst_runs() {  # saturation: 240 requests at once, base and Zipf(1.1) over 128 adapters
-  burst_base
+burst_zipf128() {
   bench burst-zipf128 --requests 240 --prompt-len 64:1024 --output-len 32:256 --rate 0 \
     --adapters "$(names "$ADAPTERS/r16all" 128)" --zipf 1.1 --warmup 64
+}
+
+burst_runs() {  # saturation: 240 requests at once, base and Zipf(1.1) over 128 adapters
+  burst_base
+  burst_zipf128
 }
 
 saturation_runs() {
@@ -148,6 +153,10 @@ case ${1:-} in
       steady_runs ;;
   burst-base)  # only the all-at-once run on the base model
     serve_and_run "--model $MODEL --max-loras 64" burst_base ;;
+  prefix-burst)  # the mixed-step-heavy runs over adapters, one server: issue 13's (caching on), then the
+    # all-at-once run over 128 adapters
+    make_adapters "$ADAPTERS/r16all" 128 16 all
+    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" prefix_on burst_zipf128 ;;
   burst)  # only the all-at-once runs
     make_adapters "$ADAPTERS/r16all" 128 16 all
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64" burst_runs ;;
@@ -160,5 +169,5 @@ case ${1:-} in
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|many|steady|saturation|burst|burst-base|profile|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|prefix-burst|many|steady|saturation|burst|burst-base|profile|adapters" >&2; exit 2 ;;
 esac

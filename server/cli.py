@@ -109,7 +109,7 @@ SERVE_OPTIONS = (
     Opt("max-loras", int, "adapters resident on the device at once (device slots)"),
     Opt("max-lora-rank", int, "largest LoRA rank accepted"),
     Opt("lora-pool-rows", optional_int, "rows of the per-module device LoRA pools (default max-loras x max-lora-rank)"),
-    Opt("lora-rank-classes", parse_bool, "size the LoRA kernels' rank tiles by each decode step's largest adapter "
+    Opt("lora-rank-classes", parse_bool, "size the LoRA kernels' rank tiles by each step's largest adapter "
         "rank (16/32/64, one CUDA graph per class); off: by --max-lora-rank", switch=True),
     Opt("max-cpu-lora-bytes", parse_size, "host-memory budget for loaded adapter copies (e.g. 2GiB)"),
     Opt("max-adapter-wait-steps", int,

@@ -9,15 +9,14 @@ key is (tokens, decode only, LoRA rank class):
   steps), then 1.5x and 2x powers of two up to max_num_batched_tokens;
 - decode-only or not: a step whose sequences all decode uses decode-sized attention tiles;
 - LoRA rank class: 0 for a batch without any adapter (it skips the LoRA launches), else the rank tile of the
-  LoRA kernels (16, 32 or 64; kernels/_meta.py "Rank classes"), picked by ``step_rank_class``: a decode-only
-  step takes its adapters' largest rank rounded up to a class, any other step the largest class. Decode steps
-  are where the LoRA kernels weigh (43% of a batch-32 decode step on the H200 with r=16 adapters in 64-row
-  tiles); prefill-sized steps are dominated by the base GEMMs, and one class there keeps the count down.
+  LoRA kernels (16, 32 or 64; kernels/_meta.py "Rank classes"): the step's largest adapter rank rounded up to a
+  class (``step_rank_class``). Decode steps and mixed steps alike: with r=16 adapters, 64-row tiles cost a
+  batch-32 decode step 20% of its speed, and the mixed steps of saturated serving and of a prefix-cache hit
+  carry dozens of adapters too (BENCHMARKS.md, seventeenth session).
 
-With D decode-sized token buckets (those <= max_num_seqs), M token buckets in all and C rank classes (the pool's
-max rank rounded up, from 16: C = 3 for max_lora_rank 64; C = 1 with lora_rank_classes off), there are
-D * (1 + C) + 2 * M graphs (``graph_count``): 90 for max_num_seqs 64, 4096 tokens and rank 64, against 68 with
-one class.
+With M token buckets, D of them decode-sized (<= max_num_seqs), and C rank classes (the pool's max rank rounded
+up, from 16: C = 3 for max_lora_rank 64; C = 1 with lora_rank_classes off), there are (D + M) * (1 + C) graphs
+(``graph_count``): 136 for max_num_seqs 64, 4096 tokens and rank 64, against 68 with one class.
 
 The attention metadata has a fixed shape per bucket: S = min(tokens, max_num_seqs) + 1 sequence rows. The
 step's n sequences take rows 0..n-1, rows n..S-2 are empty (no queries, no context), and row S-1 holds the
@@ -68,25 +67,21 @@ def token_buckets(max_seqs: int, max_tokens: int) -> list[int]:
     return small + large + [max_tokens]
 
 
-def step_rank_class(rank: int, decode: bool, classes: Sequence[int]) -> int:
-    """The LoRA rank class of a step whose adapters' largest rank is ``rank`` (0: no adapter, class 0).
-
-    classes: ascending (``kernels.lora.rank_classes(max_lora_rank)``, or only its largest one). A decode-only
-    step takes the smallest class that holds the rank, any other step the largest (see the module docstring).
-    """
+def step_rank_class(rank: int, classes: Sequence[int]) -> int:
+    """The LoRA rank class of a step whose adapters' largest rank is ``rank`` (0: no adapter, class 0): the
+    smallest of ``classes`` (ascending: ``kernels.lora.rank_classes(max_lora_rank)``, or only its largest one)
+    that holds it, else the largest (larger ranks loop)."""
     if rank <= 0:
         return 0
-    if not decode:
-        return classes[-1]
     return next((c for c in classes if c >= rank), classes[-1])
 
 
 def graph_count(max_seqs: int, max_tokens: int, num_classes: int) -> int:
-    """Graphs ``capture_all`` captures: D * (1 + C) decode-only buckets (no LoRA, then each class) and 2 * M
-    mixed ones (no LoRA, the largest class), for D decode-sized token buckets of M and C rank classes."""
+    """Graphs ``capture_all`` captures: (D + M) * (1 + C), for M token buckets, D decode-sized ones among them
+    (decode-only and mixed keys) and C rank classes (plus class 0, no LoRA)."""
     tokens = token_buckets(max_seqs, max_tokens)
     decode = sum(t <= max_seqs for t in tokens)
-    return decode * (1 + num_classes) + 2 * len(tokens)
+    return (decode + len(tokens)) * (1 + num_classes)
 
 
 @dataclass(slots=True)
@@ -115,7 +110,7 @@ class _Bucket:
 
 
 class StepGraphs:
-    """max_rank sizes the LoRA workspace; rank_classes (ascending) are the classes a decode-only step can take."""
+    """max_rank sizes the LoRA workspace; rank_classes (ascending) are the classes a step can take."""
 
     def __init__(self, model: LlamaModel, lora_cache: LoraSlotCache, pad_block: int, block_size: int,
                  max_seqs: int, max_tokens: int, max_width: int, max_ctx: int, max_rank: int,
@@ -140,9 +135,8 @@ class StepGraphs:
         """Every bucket a step can use (``graph_count`` of them)."""
         keys = []
         for t in self.tokens:
-            if t <= self.max_seqs:
-                keys += [(t, True, c) for c in (0, *self.rank_classes)]
-            keys += [(t, False, c) for c in (0, self.rank_classes[-1])]
+            for decode in (True, False) if t <= self.max_seqs else (False,):
+                keys += [(t, decode, c) for c in (0, *self.rank_classes)]
         return keys
 
     def capture_all(self) -> None:

@@ -192,7 +192,7 @@ class ModelRunner:
                  ) -> tuple[StepInput, list[int], tuple[list[int], list[int]]]:
         """The step as host lists, the index in seqs of each sampled row, and the (flat index, row of
         `after`'s sample) of each input that is a PLACEHOLDER for a token still being sampled."""
-        step = StepInput([], [], [], [], [], list(counts), [], [], self._lora_class(seqs, counts))
+        step = StepInput([], [], [], [], [], list(counts), [], [], self._lora_class(seqs))
         sampled: list[int] = []
         dst: list[int] = []
         src: list[int] = []
@@ -216,13 +216,13 @@ class ModelRunner:
                 sampled.append(i)
         return step, sampled, (dst, src)
 
-    def _lora_class(self, seqs: list[Sequence], counts: list[int]) -> int:
+    def _lora_class(self, seqs: list[Sequence]) -> int:
         """The step's LoRA rank class, from the host ranks of its distinct adapter slots (no device read)."""
         slots = {seq.lora_slot for seq in seqs if seq.lora_slot >= 0}
         if not slots:
             return 0
         rank = max(self.lora_cache.batch_rank(slots), 1)
-        return step_rank_class(rank, all(n == 1 for n in counts), self.rank_classes)
+        return step_rank_class(rank, self.rank_classes)
 
     def _prompt_rows(self, seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int, int]]:
         """(index in seqs, flat token index, next prompt token) of each scheduled prompt position whose logits
