@@ -218,8 +218,8 @@ def ws_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """The recorded config against the warp-specialized Gluon kernel (Nf4Config.ws: a load warp, a dequantizing
     warpgroup and an MMA warpgroup overlapping through shared memory) over its tiles and x stages, and against
     dequantize + cuBLAS."""
-    tiles = [(128, 128, 2), (128, 128, 3), (64, 128, 4), (128, 64, 3)]
-    return list(dict.fromkeys([rec, *(Nf4Config(bm, bn, stages=st, ws=True) for bm, bn, st in tiles),
+    tiles = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 8, 3)]  # (BLOCK_M, BLOCK_N, warps, stages)
+    return list(dict.fromkeys([rec, *(Nf4Config(bm, bn, warps=w, stages=st, ws=True) for bm, bn, w, st in tiles),
                                Nf4Config(128, 128, dense=True)]))
 
 
@@ -232,7 +232,7 @@ VARIANTS = {
     "small-warps": (warp_configs, ("swap_ab", "block_n", "warps", "split_k")),
     "tma": (tma_configs, ("tma", "stages", "block_m", "block_n", "warps", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
-    "ws": (ws_configs, ("ws", "block_m", "block_n", "stages", "tma", "dense")),
+    "ws": (ws_configs, ("ws", "block_m", "block_n", "warps", "stages", "tma", "dense")),
 }
 
 

@@ -2,20 +2,25 @@
 
 In the tl.dot kernel (``_nf4_triton.nf4_matmul_kernel``) the same warps dequantize a group and issue its
 MMAs, so at M >= 256 the tensor pipe idles about half the time (ncu, BENCHMARKS.md, eleventh session) and the
-launch runs at 1.5-1.6x cuBLAS. Here three partitions of one program overlap through shared memory:
+launch runs at 1.5-1.6x cuBLAS. Here two partitions of one program overlap through shared memory:
 
-- load (1 warp): TMA copies of the weight codes ([BLOCK_N, 64] bytes per 128-column group) and of x's two
-  64-column halves of the group ([BLOCK_M, 64] each), into rings of stages;
-- dequantize (4 warps): codes from shared memory through the register lookup (the prmt asm of
-  ``_nf4_triton``), scaled by each 64-block's absmax in x's dtype (SCALE_VALUES numerics), stored as the
-  group's two [BLOCK_N, 64] weight halves into a ring of wgmma-ready (NVMMA-swizzled) buffers;
-- MMA (the default partition, one warpgroup): per group two asynchronous wgmmas, weights [BLOCK_N, 64] times
-  x half transposed, both from shared memory, accumulating acc [BLOCK_N, BLOCK_M] (fp32) in registers; it
-  keeps one group in flight and frees the stages of the one before. The epilogue stores acc transposed
+- dequantize (a worker partition of ``dequant_warps`` warps): TMA copies of the weight codes ([BLOCK_N, 64]
+  bytes per 128-column group) into a ring of stages, refilled as they are read; the codes through the
+  register lookup (the prmt asm of ``_nf4_triton``), scaled by each 64-block's absmax in x's dtype
+  (SCALE_VALUES numerics), stored as the group's two [BLOCK_N, 64] weight halves into a ring of wgmma-ready
+  (NVMMA-swizzled) buffers;
+- MMA (the default partition, one warpgroup): TMA copies of x's two 64-column halves of each group
+  ([BLOCK_M, 64] each) into a ring, and per group two asynchronous wgmmas, weights [BLOCK_N, 64] times an x
+  half transposed, both from shared memory, accumulating acc [BLOCK_N, BLOCK_M] (fp32) in registers; it keeps
+  one group in flight and frees the stages of the one before. The epilogue stores acc transposed
   (y[m, n] = acc[n, m]), plus the bias.
 
-Every ring stage has a ready and an empty mbarrier. Rows past N and columns past K come in as zeros (TMA),
-so their products vanish; rows of x past M are never stored. x's row stride must be 16-byte aligned (TMA).
+The register file is shared: (4 + dequant_warps) warps at the kernel's register cap, after which the MMA
+warps take 232 a thread (setmaxnreg) and the dequantizing warps the rest. A separate load warp would cost a
+warpgroup of registers that 8 dequantizing warps do not leave.
+
+Every weight stage has a ready and an empty mbarrier; x and code stages only a ready one (their consumer
+refills them). Rows past N and columns past K come in as zeros (TMA), so their products vanish; rows of x past M are never stored. x's row stride must be 16-byte aligned (TMA).
 """
 
 from __future__ import annotations
@@ -41,33 +46,21 @@ _LOOKUP_FP16 = gl.constexpr(_prmt_asm(torch.float16, immediates=True)[0])
 
 
 @gluon.jit
-def _load_partition(codes_desc, x_desc, bufs, bars, off_n, off_m, num_groups, absmax_ptr, N, stride_an):
-    codes_bufs, xh_bufs, xl_bufs, _wh, _wl = bufs
-    codes_ready, codes_empty, x_ready, x_empty, _w_ready, _w_empty = bars
-    SC: gl.constexpr = codes_bufs.type.shape[0]
-    SX: gl.constexpr = xh_bufs.type.shape[0]
-    for g in range(num_groups):
-        c, cp = g % SC, (g // SC) & 1
-        mbarrier.wait(codes_empty.index(c), cp ^ 1)  # a fresh barrier counts as completed once: no wait
-        mbarrier.expect(codes_ready.index(c), codes_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(codes_desc, [off_n, g * 64], codes_ready.index(c), codes_bufs.index(c))
-        s, sp = g % SX, (g // SX) & 1
-        mbarrier.wait(x_empty.index(s), sp ^ 1)
-        mbarrier.expect(x_ready.index(s), 2 * x_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(x_desc, [off_m, g * 128], x_ready.index(s), xh_bufs.index(s))
-        tma.async_copy_global_to_shared(x_desc, [off_m, g * 128 + 64], x_ready.index(s), xl_bufs.index(s))
-
-
-@gluon.jit
-def _dequant_partition(codes_desc, x_desc, bufs, bars, off_n, off_m, num_groups, absmax_ptr, N, stride_an):
-    codes_bufs, xh_bufs, _xl, wh_bufs, wl_bufs = bufs
-    codes_ready, codes_empty, _x_ready, _x_empty, w_ready, w_empty = bars
+def _dequant_partition(codes_desc, bufs, bars, off_n, num_groups, absmax_ptr, N, stride_an):
+    codes_bufs, _xh, _xl, wh_bufs, wl_bufs = bufs
+    codes_ready, _x_ready, w_ready, w_empty = bars
     SC: gl.constexpr = codes_bufs.type.shape[0]
     SW: gl.constexpr = wh_bufs.type.shape[0]
     BLOCK_N: gl.constexpr = codes_bufs.type.shape[1]
-    dtype: gl.constexpr = xh_bufs.dtype
+    dtype: gl.constexpr = wh_bufs.dtype
     # 8 consecutive bytes of a row per thread (two 4-byte lookups), a row's 64 bytes over 8 threads
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+    nbytes: gl.constexpr = codes_desc.block_type.nbytes
+    for i in gl.static_range(SC):  # the first SC groups' codes
+        first = i < num_groups
+        mbarrier.expect(codes_ready.index(i), nbytes, pred=first)
+        tma.async_copy_global_to_shared(codes_desc, [off_n, i * 64], codes_ready.index(i), codes_bufs.index(i),
+                                        pred=first)
     rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
     scale_ptrs = absmax_ptr + rows * stride_an
     live = rows < N
@@ -80,8 +73,11 @@ def _dequant_partition(codes_desc, x_desc, bufs, bars, off_n, off_m, num_groups,
         c, cp = g % SC, (g // SC) & 1
         mbarrier.wait(codes_ready.index(c), cp)
         raw = codes_bufs.index(c).load(layout)
-        fence_async_shared()  # the read above before the TMA that refills the stage
-        mbarrier.arrive(codes_empty.index(c))
+        fence_async_shared()  # the read above before the TMA that refills the stage with group g + SC
+        refill = g + SC < num_groups
+        mbarrier.expect(codes_ready.index(c), nbytes, pred=refill)
+        tma.async_copy_global_to_shared(codes_desc, [off_n, (g + SC) * 64], codes_ready.index(c),
+                                        codes_bufs.index(c), pred=refill)
         if dtype == gl.bfloat16:
             v_hi, v_lo = gl.inline_asm_elementwise(_LOOKUP_BF16, "=r,=r,=r,=r,r", [raw],
                                                    dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
@@ -91,7 +87,7 @@ def _dequant_partition(codes_desc, x_desc, bufs, bars, off_n, off_m, num_groups,
         w_hi = v_hi * a_hi.to(dtype)[:, None]
         w_lo = v_lo * a_lo.to(dtype)[:, None]
         s, sp = g % SW, (g // SW) & 1
-        mbarrier.wait(w_empty.index(s), sp ^ 1)
+        mbarrier.wait(w_empty.index(s), sp ^ 1)  # a fresh barrier counts as completed once: no wait
         wh_bufs.index(s).store(w_hi)
         wl_bufs.index(s).store(w_lo)
         fence_async_shared()  # the stores above before the wgmma (async proxy) reads them
@@ -100,14 +96,26 @@ def _dequant_partition(codes_desc, x_desc, bufs, bars, off_n, off_m, num_groups,
 
 
 @gluon.jit
-def _mma_partition(bufs, bars, off_n, off_m, num_groups, bias_ptr, y_ptr, M, N, stride_ym,
+def _load_x(x_desc, bufs, bars, off_m, g, stage, pred):
+    _codes, xh_bufs, xl_bufs, _wh, _wl = bufs
+    _codes_ready, x_ready, _w_ready, _w_empty = bars
+    mbarrier.expect(x_ready.index(stage), 2 * x_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, g * 128], x_ready.index(stage), xh_bufs.index(stage), pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, g * 128 + 64], x_ready.index(stage), xl_bufs.index(stage),
+                                    pred=pred)
+
+
+@gluon.jit
+def _mma_partition(x_desc, bufs, bars, off_n, off_m, num_groups, bias_ptr, y_ptr, M, N, stride_ym,
                    HAS_BIAS: gl.constexpr, num_warps: gl.constexpr):
     _codes, xh_bufs, xl_bufs, wh_bufs, wl_bufs = bufs
-    _codes_ready, _codes_empty, x_ready, x_empty, w_ready, w_empty = bars
+    _codes_ready, x_ready, w_ready, w_empty = bars
     SX: gl.constexpr = xh_bufs.type.shape[0]
     SW: gl.constexpr = wh_bufs.type.shape[0]
     BLOCK_M: gl.constexpr = xh_bufs.type.shape[1]
     BLOCK_N: gl.constexpr = wh_bufs.type.shape[1]
+    for i in gl.static_range(SX):  # the first SX groups of x
+        _load_x(x_desc, bufs, bars, off_m, i, i, i < num_groups)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_M, 16])
     acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=acc_layout)
@@ -119,9 +127,8 @@ def _mma_partition(bufs, bars, off_n, off_m, num_groups, bias_ptr, y_ptr, M, N, 
         acc = warpgroup_mma(wh_bufs.index(t), xh_bufs.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(wl_bufs.index(t), xl_bufs.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=2, deps=(acc,))  # the group before is done: free its stages
-        prev = g > 0
-        mbarrier.arrive(w_empty.index((g + SW - 1) % SW), pred=prev)
-        mbarrier.arrive(x_empty.index((g + SX - 1) % SX), pred=prev)
+        mbarrier.arrive(w_empty.index((g + SW - 1) % SW), pred=g > 0)
+        _load_x(x_desc, bufs, bars, off_m, g - 1 + SX, (g + SX - 1) % SX, (g > 0) & (g - 1 + SX < num_groups))
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
     offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))
@@ -134,8 +141,8 @@ def _mma_partition(bufs, bars, off_n, off_m, num_groups, bias_ptr, y_ptr, M, N, 
 @gluon.jit
 def nf4_ws_kernel(x_desc, codes_desc, absmax_ptr, bias_ptr, y_ptr, M, N, num_groups, stride_an, stride_ym,
                   w_layout: gl.constexpr, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, CODE_STAGES: gl.constexpr,
-                  X_STAGES: gl.constexpr, W_STAGES: gl.constexpr, DEQUANT_REGS: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  X_STAGES: gl.constexpr, W_STAGES: gl.constexpr, DEQUANT_WARPS: gl.constexpr,
+                  DEQUANT_REGS: gl.constexpr, num_warps: gl.constexpr):
     """y[M, N] = x @ dequant(w).T (+ bias): one [BLOCK_M, BLOCK_N] tile of y per program (module docstring)."""
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = codes_desc.block_type.shape[0]
@@ -154,28 +161,23 @@ def nf4_ws_kernel(x_desc, codes_desc, absmax_ptr, bias_ptr, y_ptr, M, N, num_gro
     wh_bufs = gl.allocate_shared_memory(x_desc.dtype, [W_STAGES, BLOCK_N, 64], w_layout)
     wl_bufs = gl.allocate_shared_memory(x_desc.dtype, [W_STAGES, BLOCK_N, 64], w_layout)
     codes_ready = gl.allocate_shared_memory(gl.int64, [CODE_STAGES, 1], mbarrier.MBarrierLayout())
-    codes_empty = gl.allocate_shared_memory(gl.int64, [CODE_STAGES, 1], mbarrier.MBarrierLayout())
     x_ready = gl.allocate_shared_memory(gl.int64, [X_STAGES, 1], mbarrier.MBarrierLayout())
-    x_empty = gl.allocate_shared_memory(gl.int64, [X_STAGES, 1], mbarrier.MBarrierLayout())
     w_ready = gl.allocate_shared_memory(gl.int64, [W_STAGES, 1], mbarrier.MBarrierLayout())
     w_empty = gl.allocate_shared_memory(gl.int64, [W_STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(CODE_STAGES):
         mbarrier.init(codes_ready.index(i), count=1)
-        mbarrier.init(codes_empty.index(i), count=1)
     for i in gl.static_range(X_STAGES):
         mbarrier.init(x_ready.index(i), count=1)
-        mbarrier.init(x_empty.index(i), count=1)
     for i in gl.static_range(W_STAGES):
         mbarrier.init(w_ready.index(i), count=1)
         mbarrier.init(w_empty.index(i), count=1)
     bufs = (codes_bufs, xh_bufs, xl_bufs, wh_bufs, wl_bufs)
-    bars = (codes_ready, codes_empty, x_ready, x_empty, w_ready, w_empty)
+    bars = (codes_ready, x_ready, w_ready, w_empty)
     gl.warp_specialize([
-        (_mma_partition, (bufs, bars, off_n, off_m, num_groups, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
-                          num_warps)),
-        (_dequant_partition, (codes_desc, x_desc, bufs, bars, off_n, off_m, num_groups, absmax_ptr, N, stride_an)),
-        (_load_partition, (codes_desc, x_desc, bufs, bars, off_n, off_m, num_groups, absmax_ptr, N, stride_an)),
-    ], [4, 1], [DEQUANT_REGS, 24])
+        (_mma_partition, (x_desc, bufs, bars, off_n, off_m, num_groups, bias_ptr, y_ptr, M, N, stride_ym,
+                          HAS_BIAS, num_warps)),
+        (_dequant_partition, (codes_desc, bufs, bars, off_n, num_groups, absmax_ptr, N, stride_an)),
+    ], [DEQUANT_WARPS], [DEQUANT_REGS])
 
 
 _GL = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -189,7 +191,7 @@ def ws_ready(x: torch.Tensor) -> bool:
 
 def launch_ws(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias: torch.Tensor | None,
               y: torch.Tensor, block_m: int = 128, block_n: int = 128, group_m: int = 8, code_stages: int = 4,
-              x_stages: int = 3, w_stages: int = 2, dequant_regs: int = 128, maxnreg: int = 168) -> None:
+              x_stages: int = 3, w_stages: int = 2, dequant_warps: int = 8) -> None:
     """y = x @ dequant(codes, absmax).T (+ bias) by nf4_ws_kernel; x bf16/fp16 [M, K] with a 16-byte aligned row
     stride, codes/absmax as NF4Weight holds them (K padded to 128)."""
     m, n = x.shape[0], codes.shape[0]
@@ -198,9 +200,13 @@ def launch_ws(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias: 
     codes_desc = TensorDescriptor.from_tensor(codes, [block_n, 64],
                                               gl.NVMMASharedLayout.get_default_for([block_n, 64], gl.uint8))
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    # one register file: (4 + dequant_warps) warps at maxnreg each, the MMA warps then take 232 (fp32 acc)
+    warps = 4 + dequant_warps
+    maxnreg = 65536 // (32 * warps) // 8 * 8
+    dequant_regs = min(256, (maxnreg * warps - 232 * 4) // dequant_warps // 8 * 8)
     nf4_ws_kernel[grid](
         x_desc, codes_desc, absmax, bias if bias is not None else y, y, m, n, codes.shape[1] // 64,
         absmax.stride(0), y.stride(0), gl.NVMMASharedLayout.get_default_for([block_n, 64], dt),
         HAS_BIAS=bias is not None, GROUP_M=group_m, CODE_STAGES=code_stages, X_STAGES=x_stages,
-        W_STAGES=w_stages, DEQUANT_REGS=dequant_regs, num_warps=4, maxnreg=maxnreg,
+        W_STAGES=w_stages, DEQUANT_WARPS=dequant_warps, DEQUANT_REGS=dequant_regs, num_warps=4, maxnreg=maxnreg,
     )
