@@ -20,7 +20,8 @@ warps take 232 a thread (setmaxnreg) and the dequantizing warps the rest. A sepa
 warpgroup of registers that 8 dequantizing warps do not leave.
 
 Every weight stage has a ready and an empty mbarrier; x and code stages only a ready one (their consumer
-refills them). Rows past N and columns past K come in as zeros (TMA), so their products vanish; rows of x past M are never stored. x's row stride must be 16-byte aligned (TMA).
+refills them). Rows past N and columns past K come in as zeros (TMA), so their products vanish; rows of x
+past M are never stored. x's row stride must be 16-byte aligned (TMA).
 """
 
 from __future__ import annotations
