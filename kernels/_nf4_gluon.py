@@ -201,13 +201,17 @@ def launch_ws(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bias: 
     codes_desc = TensorDescriptor.from_tensor(codes, [block_n, 64],
                                               gl.NVMMASharedLayout.get_default_for([block_n, 64], gl.uint8))
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    # one register file: (4 + dequant_warps) warps at maxnreg each, the MMA warps then take 232 (fp32 acc)
-    warps = 4 + dequant_warps
+    # one register file: (MMA + dequantizing) warps at maxnreg each; then the MMA warps take mma_regs a thread
+    # (fp32 acc: 128 registers, 64 x BLOCK_M per warpgroup) and the dequantizing warps the rest
+    mma_warps = 8 if block_m >= 256 else 4
+    mma_regs = 184 if mma_warps == 8 else 232
+    warps = mma_warps + dequant_warps
     maxnreg = 65536 // (32 * warps) // 8 * 8
-    dequant_regs = min(256, (maxnreg * warps - 232 * 4) // dequant_warps // 8 * 8)
+    dequant_regs = min(256, (maxnreg * warps - mma_regs * mma_warps) // dequant_warps // 8 * 8)
     nf4_ws_kernel[grid](
         x_desc, codes_desc, absmax, bias if bias is not None else y, y, m, n, codes.shape[1] // 64,
         absmax.stride(0), y.stride(0), gl.NVMMASharedLayout.get_default_for([block_n, 64], dt),
         HAS_BIAS=bias is not None, GROUP_M=group_m, CODE_STAGES=code_stages, X_STAGES=x_stages,
-        W_STAGES=w_stages, DEQUANT_WARPS=dequant_warps, DEQUANT_REGS=dequant_regs, num_warps=4, maxnreg=maxnreg,
+        W_STAGES=w_stages, DEQUANT_WARPS=dequant_warps, DEQUANT_REGS=dequant_regs, num_warps=mma_warps,
+        maxnreg=maxnreg,
     )

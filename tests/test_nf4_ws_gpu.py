@@ -17,8 +17,8 @@ pytestmark = [
                        reason="needs a Hopper-or-newer GPU"),
 ]
 
-TILES = [Nf4Config(128, 128, warps=8, stages=3, ws=True), Nf4Config(128, 128, warps=4, stages=2, ws=True),
-         Nf4Config(128, 64, warps=8, stages=3, ws=True)]
+TILES = [Nf4Config(256, 128, warps=4, stages=2, ws=True), Nf4Config(128, 128, warps=8, stages=3, ws=True),
+         Nf4Config(128, 64, warps=4, stages=3, ws=True)]
 
 
 @pytest.mark.parametrize("shape", list(LLAMA))
