@@ -218,7 +218,7 @@ def ws_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """The recorded config against the warp-specialized Gluon kernel (Nf4Config.ws: a load warp, a dequantizing
     warpgroup and an MMA warpgroup overlapping through shared memory) over its tiles and x stages, and against
     dequantize + cuBLAS."""
-    tiles = [(256, 128, 4, 2), (256, 128, 8, 2), (128, 128, 8, 3), (128, 128, 4, 3)]  # (BLOCK_M, BLOCK_N, warps, stages)
+    tiles = [(256, 128, 4, 2), (128, 128, 8, 3), (128, 128, 4, 3)]  # (BLOCK_M, BLOCK_N, warps, stages)
     return list(dict.fromkeys([rec, *(Nf4Config(bm, bn, warps=w, stages=st, ws=True) for bm, bn, w, st in tiles),
                                Nf4Config(128, 128, dense=True)]))
 
