@@ -214,16 +214,7 @@ def tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return list(dict.fromkeys(out))
 
 
-def ws_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded config against the warp-specialized Gluon kernel (Nf4Config.ws: a load warp, a dequantizing
-    warpgroup and an MMA warpgroup overlapping through shared memory) over its tiles and x stages, and against
-    dequantize + cuBLAS."""
-    tiles = [(256, 128, 4, 2), (128, 128, 8, 3), (128, 128, 4, 3)]  # (BLOCK_M, BLOCK_N, warps, stages)
-    return list(dict.fromkeys([rec, *(Nf4Config(bm, bn, warps=w, stages=st, ws=True) for bm, bn, w, st in tiles),
-                               Nf4Config(128, 128, dense=True)]))
-
-
-# --lookups / --even / --scales / --splits / --small-warps / --ws: variants of each M's recorded tl.dot config, and the
+# --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
 # fields that tell them apart
 VARIANTS = {
     "lookups": (lookup_configs, ("swap_ab", "lookup", "table_regs")),
@@ -232,7 +223,6 @@ VARIANTS = {
     "small-warps": (warp_configs, ("swap_ab", "block_n", "warps", "split_k")),
     "tma": (tma_configs, ("tma", "stages", "block_m", "block_n", "warps", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
-    "ws": (ws_configs, ("ws", "block_m", "block_n", "warps", "stages", "tma", "dense")),
 }
 
 
@@ -371,8 +361,6 @@ def main() -> None:
                     help="sweep: the recorded tile over K slice counts (1-16 and the fewest that fill the SMs)")
     ap.add_argument("--tma", dest="variants", action="store_const", const="tma",
                     help="sweep: each M's recorded config with its weight bytes read by TMA (3 and 5 stages)")
-    ap.add_argument("--ws", dest="variants", action="store_const", const="ws",
-                    help="sweep: the recorded config against the warp-specialized Gluon kernel's tiles (Hopper)")
     ap.add_argument("--small-warps", dest="variants", action="store_const", const="small-warps",
                     help="sweep: the recorded config against weights-first tiles over 2 warps (mma.sync)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))

@@ -40,8 +40,6 @@ class Nf4Config:
     table_regs: bool = True  # LOOKUP_PRMT: its table words in ordinary registers (_nf4_triton._prmt_table)
     even: bool = True  # drop the weight and K masks where the shape allows (N % block_n, K % 128, groups % split)
     tma: bool = False  # weight bytes by TMA into shared memory, `stages` groups in flight (CUDA, not prefetch)
-    ws: bool = False  # the warp-specialized Gluon kernel (_nf4_gluon; Hopper, 16-bit x): `stages` x stages, `warps`
-    # dequantizing warps
 
 
 # (max M, config, config for large weights) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep,

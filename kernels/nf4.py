@@ -67,7 +67,6 @@ from ._nf4_configs import (
     pick_config,
     split_for_sms,
 )
-from ._nf4_gluon import launch_ws, ws_ready
 from ._nf4_triton import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
@@ -245,10 +244,6 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
-    if cfg.ws and ws_ready(x):
-        launch_ws(x, w.codes, w.absmax, bias, y, block_m=cfg.block_m, block_n=cfg.block_n, x_stages=cfg.stages,
-                  dequant_warps=cfg.warps)
-        return y
     part = _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg)
     if part is not None and not (finish is not None and finish(part, bias, y)):
         _reduce(part, bias, y)
