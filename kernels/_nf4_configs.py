@@ -71,7 +71,9 @@ class Nf4Config:
 # down 53.5 -> 47.2 and 88.6 -> 78.2, o 20.7 -> 19.9 and 29.7 -> 28.6; 5 stages lost (fewer programs per SM). It
 # also makes the 256x128 tile beat dense + cuBLAS for large weights at 257-512 rows (M = 512: gate/up 285 -> 260
 # us, down 141 -> 131; o stays dense, 42 against 48). At M <= 64 it gained nothing or lost (the 2-warp tiles at 17-32:
-# gate/up 56.5 -> 66.2 us).
+# gate/up 56.5 -> 66.2 us). At 257-384 rows the 256-row tile computes 512 rows anyway: dequantize + cuBLAS took
+# gate/up 236.3 us against its 266.3 at M = 384, down 128.0 against 130.1 (seventeenth session), so the tile
+# serves large weights from 385 rows only.
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
@@ -91,6 +93,7 @@ _CONFIGS: tuple[tuple[int, Nf4Config, Nf4Config | None], ...] = (
     (128, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True), None),
     (256, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True),
      Nf4Config(256, 128, BY_SMS, warps=8, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True)),
+    (384, Nf4Config(128, 128, dense=True), None),
     (512, Nf4Config(128, 128, dense=True),
      Nf4Config(256, 128, BY_SMS, warps=8, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True)),
     (1 << 62, Nf4Config(128, 128, dense=True), None),
