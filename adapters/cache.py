@@ -82,18 +82,22 @@ class _Copied:
 
 
 class RowAllocator:
-    """First-fit allocation of consecutive pool rows, with neighbouring free ranges merged."""
+    """First-fit allocation of consecutive pool rows, with neighbouring free ranges merged; `high` allocates
+    from the top instead (last fit, the range's last rows: where pinned adapters go, see LoraSlotCache)."""
 
     def __init__(self, rows: int) -> None:
         self.free: list[tuple[int, int]] = [(0, rows)]  # (start, length), sorted by start
 
-    def alloc(self, n: int) -> int | None:
-        for i, (start, length) in enumerate(self.free):
+    def alloc(self, n: int, high: bool = False) -> int | None:
+        order = range(len(self.free) - 1, -1, -1) if high else range(len(self.free))
+        for i in order:
+            start, length = self.free[i]
             if length >= n:
-                self.free[i] = (start + n, length - n)
+                first = start + length - n if high else start
+                self.free[i] = (start, length - n) if high else (start + n, length - n)
                 if length == n:
                     del self.free[i]
-                return start
+                return first
         return None
 
     def release(self, start: int, n: int) -> None:
@@ -186,16 +190,26 @@ class LoraSlotCache:
 
     # --- loading -----------------------------------------------------------------------------------
 
-    def reserve(self, key: Hashable, adapter: StagedAdapter | StagedMix) -> int | None:
+    def largest_unpinned_run(self, also: int | None = None) -> int:
+        """The longest run of consecutive pool rows that no pinned slot (nor slot `also`) holds: the largest rank
+        that can always load once the unpinned slots are idle and evicted."""
+        held = sorted((s.row_start, s.rank) for i, s in enumerate(self.slots)
+                      if s is not None and (s.pinned or i == also))
+        best, end = 0, 0
+        for start, rank in held:
+            best, end = max(best, start - end), max(end, start + rank)
+        return max(best, self.pool_rows - end)
+
+    def reserve(self, key: Hashable, adapter: StagedAdapter | StagedMix, high: bool = False) -> int | None:
         """Take a slot and rows for `adapter` (evicting idle ones, least recently used first) and start
         copying it in; `poll(slot)` says when it is usable. None when every slot or row is held by
-        running, pinned or still-loading adapters."""
+        running, pinned or still-loading adapters. high: rows from the top of the pool (RowAllocator)."""
         rank, scale, ranks = _layout(adapter)
         if rank > self.pool_rows:
             raise ValueError(f"rank {rank} does not fit a pool of {self.pool_rows} rows")
         while True:
             slot = self.slots.index(None) if None in self.slots else None
-            start = self.rows.alloc(rank) if slot is not None else None
+            start = self.rows.alloc(rank, high) if slot is not None else None
             if start is not None:
                 break
             if not self._evict_one():
@@ -243,10 +257,10 @@ class LoraSlotCache:
             raise AdapterError(f"the adapter's slot tables could not be written: {exc}") from exc
         return True
 
-    def load(self, key: Hashable, adapter: StagedAdapter | StagedMix) -> int | None:
+    def load(self, key: Hashable, adapter: StagedAdapter | StagedMix, high: bool = False) -> int | None:
         """reserve + wait for the copy (admin pin: its caller waits anyway). None as for reserve; raises what
         the copy raised (the slot is freed first)."""
-        slot = self.reserve(key, adapter)
+        slot = self.reserve(key, adapter, high)
         if slot is None:
             return None
         self.issue_pending()

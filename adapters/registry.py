@@ -281,9 +281,10 @@ class AdapterRegistry:
 
         Blocks on the disk read and the device copy if they have not finished: callers that must not
         stall the engine thread wait on prefetch(name) first (the copy then takes milliseconds). Refused when it
-        would pin the last unpinned slot, or leave fewer than max_rank pool rows unpinned: requests for other
-        adapters (or the largest ones) would then wait forever. (Pinned rows can still fragment the pool: the
-        check counts rows, not runs, so that a pin's outcome does not depend on where its rows landed.)
+        would pin the last unpinned slot, or leave no run of max_rank consecutive unpinned pool rows: requests
+        for other adapters (or the largest ones) would then wait forever. Pinned adapters are loaded at the top
+        of the pool (unpinned ones fill it from the bottom), so pins do not split the free rows; one already
+        resident where its pin would split them is copied to the top first, if no sequence uses it.
         """
         v = self.resolve(name)
         slot = self.cache.lookup(v)
@@ -298,17 +299,31 @@ class AdapterRegistry:
             pending = self.prefetch(name)
             if pending is not None:
                 pending.exception()  # wait; _host reports a failure
-            slot = self.cache.load(v, self._host(v))
-            if slot is None:
-                raise AdapterError("no free device slot: every slot is in use or pinned (raise --max-loras)")
-            self.stats[name].loads += 1
+            slot = self._load_high(name, v)
         need = min(self.max_rank, self.cache.pool_rows)
         if self.cache.pinned_rows(also=slot) + need > self.cache.pool_rows:
             raise AdapterError(f"pinning {name!r} would leave fewer than {need} unpinned pool rows "
                                f"(--lora-pool-rows {self.cache.pool_rows}): adapters of rank {need} could never "
                                "load; unpin one first, or raise --lora-pool-rows")
+        if self.cache.largest_unpinned_run(also=slot) < need:  # resident where a pin would split the free rows
+            if not self.cache.evict(v):
+                raise AdapterError(f"{name!r} sits in the middle of the LoRA pool and running requests use it: "
+                                   "pinning it there would split the unpinned rows; retry when it is idle")
+            slot = self._load_high(name, v)
+            if self.cache.largest_unpinned_run(also=slot) < need:
+                raise AdapterError(f"pinning {name!r} would leave no {need} consecutive unpinned pool rows "
+                                   f"(--lora-pool-rows {self.cache.pool_rows}): adapters of rank {need} could "
+                                   "never load; unpin one first, or raise --lora-pool-rows")
         self.cache.set_pinned(slot, True)
         self.stats[name].pinned = True
+
+    def _load_high(self, name: str, v: AdapterVersion) -> int:
+        """Load `v` onto the device at the top of the pool (a pin's rows), waiting for the copy."""
+        slot = self.cache.load(v, self._host(v), high=True)
+        if slot is None:
+            raise AdapterError("no free device slot: every slot is in use or pinned (raise --max-loras)")
+        self.stats[name].loads += 1
+        return slot
 
     def unpin(self, name: str) -> None:
         v = self.resolve(name)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from engine_reference import default_engine
 
+from hotlora.adapters.cache import RowAllocator
 from hotlora.adapters.peft_format import AdapterError
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import FinishReason, Request, SamplingParams
@@ -109,6 +110,39 @@ def test_pinning_leaves_rows_for_the_largest_rank(hotlora_cache, adapters, promp
     engine.registry.unpin("qv8")
     engine.registry.pin("qv8")  # 16 rows left, as at first
     assert {a.name: a for a in engine.registry.info()}["qv8"].pinned
+
+
+def test_a_pin_never_splits_the_unpinned_rows(hotlora_cache, adapters, prompt):
+    """Pinned adapters sit at the top of the pool. One loaded first fit in the middle (rows 8-11, above an idle
+    rank-8 adapter) and pinned there would leave runs of 8 and 12 unpinned rows of 24: a rank-16 adapter could
+    never load although 20 rows are unpinned. The pin copies it to rows 20-23 first, once no request uses it."""
+    engine = default_engine(hotlora_cache, adapters, max_loras=4, lora_pool_rows=24)
+    registry, cache = engine.registry, engine.registry.cache
+    _solo(engine, prompt, "qv8", "first-fit-low")  # rows 0-7
+    before = _solo(engine, prompt, "mlp4rs", "first-fit-middle")  # rows 8-11
+    assert cache.slots[cache.lookup(registry.resolve("mlp4rs"))].row_start == 8
+    engine.add_request(Request("busy", prompt, PARAMS, "mlp4rs"))
+    engine.step()  # admitted: the adapter is in use, so it cannot move yet
+    with pytest.raises(AdapterError, match="retry when it is idle"):
+        registry.pin("mlp4rs")
+    while engine.has_unfinished():
+        engine.step()
+    registry.pin("mlp4rs")
+    slot = cache.lookup(registry.resolve("mlp4rs"))
+    assert cache.slots[slot].row_start == 20 and cache.slots[slot].pinned
+    assert cache.largest_unpinned_run() == 20
+    assert _solo(engine, prompt, "all16", "rank-16-beside-a-pin")  # evicts qv8: rows 0-15
+    assert _solo(engine, prompt, "mlp4rs", "moved") == before  # the copy at the top holds the same weights
+    registry.unpin("mlp4rs")
+
+
+def test_row_allocator_from_the_top():
+    rows = RowAllocator(24)
+    assert rows.alloc(8) == 0 and rows.alloc(4, high=True) == 20 and rows.alloc(4) == 8
+    assert rows.free == [(12, 8)]
+    rows.release(0, 8)
+    assert rows.alloc(6, high=True) == 14 and rows.alloc(8) == 0 and rows.free == [(12, 2)]
+    assert rows.alloc(3) is None and rows.alloc(3, high=True) is None
 
 
 def test_hot_swap_running_sequence_finishes_on_old_weights(engine, prompt, peft_dirs):
