@@ -87,8 +87,14 @@ def test_unreachable_store_serves_cached_and_503_for_the_rest(http, s3, other, p
     other.put_folder("cached", peft_dirs["a"])
     other.put_folder("never-read", peft_dirs["b"])
     expected = text(http, "cached")
+    assert http.post("/admin/adapters/cached/load", headers=AUTH).status_code == 200  # pinned
     s3.stop()
     time.sleep(TTL)
+    assert text(http, "cached") == expected
+    # the store cannot delete it, so nothing changes here either: still registered, pinned, served
+    assert_openai_error(http.delete("/admin/adapters/cached", headers=AUTH), 503, "")
+    infos = {a["name"]: a for a in http.get("/admin/adapters", headers=AUTH).json()["data"]}
+    assert infos["cached"]["pinned"] and infos["cached"]["residency"] == "device"
     assert text(http, "cached") == expected
     assert_openai_error(complete(http, "never-read"), 503, "not cached here")
     assert complete(http, "missing").status_code == 503  # unknown here, and the store cannot say

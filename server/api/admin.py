@@ -244,15 +244,15 @@ async def delete_adapter(name: str, request: Request):
     registry = state.engine.engine.registry
     async with state.lock(name):
         known = await state.engine.call(registry.__contains__, name)
-        if known:
-            await state.engine.call(registry.remove, name)
-        try:
+        try:  # the store first: a store that cannot delete (503) leaves the adapter served as it was
             await run_in_threadpool(state.store.delete, name)
         except AdapterNotFound:
             if not known:
                 raise _not_found(name) from None
         except StoreUnavailable as exc:
             raise _unavailable(exc) from None
+        if known:
+            await state.engine.call(registry.remove, name)
     state.refused.pop(name, None)
     log.info("adapter %r deleted", name)
     return {"object": "adapter.deleted", "name": name, "deleted": True}
