@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from engine_reference import default_engine
 
-from hotlora.adapters.cache import RowAllocator
 from hotlora.adapters.peft_format import AdapterError
+from hotlora.adapters.rowalloc import RowAllocator
 from hotlora.server.engine.engine import LLMEngine
 from hotlora.server.engine.types import FinishReason, Request, SamplingParams
 
