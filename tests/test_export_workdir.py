@@ -3,8 +3,10 @@ sweep; folders of exports in progress, in this process or another, are kept. Rea
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hotlora.server.api.export import WorkDir, sweep
@@ -44,3 +46,20 @@ def test_a_dead_exports_folder_is_swept_and_live_ones_are_kept(tmp_path):
     mine.close()
     mine.close()  # the stream's end and the response's background task may both close it
     assert not any(root.iterdir())
+
+
+def test_lockless_folders_of_older_versions_are_swept_once_a_day_old(tmp_path):
+    root = tmp_path / "exports"
+    old, fresh, touched = (root / n for n in ("old", "fresh", "touched"))
+    for folder in (old, fresh, touched):
+        (folder / "merged").mkdir(parents=True)
+        (folder / "merged" / "model.safetensors").write_bytes(b"x")
+    day_ago = time.time() - 2 * 24 * 3600
+    for folder in (old, touched):
+        for p in (folder / "merged" / "model.safetensors", folder / "merged", folder):
+            os.utime(p, (day_ago, day_ago))
+    (touched / "merged" / "model.safetensors").write_bytes(b"still being written")
+    (root / "stray.txt").write_text("not a folder")
+    assert sweep(root) == [old]
+    assert fresh.is_dir() and touched.is_dir() and (root / "stray.txt").exists()
+    assert sorted(sweep(root, unlocked_max_age_s=-1)) == [fresh, touched]

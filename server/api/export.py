@@ -7,7 +7,8 @@ unknown component, 400 for a malformed mix or a summed rank above --max-lora-ran
 is then streamed as an uncompressed tar (one folder entry, then each file, with a Content-Length)
 and removed when the stream ends or is dropped (or the client left before it started). A process that
 dies meanwhile leaves its folder behind: each export first removes such folders (``sweep``), told from
-exports in progress in any process sharing the folder by a lock the kernel drops with its holder.
+exports in progress in any process sharing the folder by a lock the kernel drops with its holder (folders
+from versions before that lock, which have none, once nothing in them has changed for a day).
 """
 
 from __future__ import annotations
@@ -91,15 +92,25 @@ class WorkDir:
             self._fd = None
 
 
-def sweep(root: Path) -> list[Path]:
-    """Remove the folders in `root` whose holder is gone (their lock is free); the removed folders."""
+UNLOCKED_MAX_AGE_S = 24 * 3600  # a folder with no lock file this old was left by a version before the locks
+
+
+def sweep(root: Path, unlocked_max_age_s: float = UNLOCKED_MAX_AGE_S) -> list[Path]:
+    """Remove the folders in `root` whose holder is gone (their lock is free), and those without a lock file
+    (written by versions before the locks, which cannot say whether they are in progress) not modified for
+    `unlocked_max_age_s`; the removed folders."""
     removed = []
     for folder in root.iterdir() if root.is_dir() else ():
         if folder.name.startswith("."):
             continue
         try:
             fd = os.open(folder / _LOCK, os.O_RDWR)
-        except OSError:  # removed meanwhile, or not an export's folder
+        except FileNotFoundError:
+            if _stale(folder, unlocked_max_age_s):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+            continue
+        except OSError:  # removed meanwhile, or not a folder
             continue
         try:
             try:
@@ -111,6 +122,15 @@ def sweep(root: Path) -> list[Path]:
         finally:
             os.close(fd)
     return removed
+
+
+def _stale(folder: Path, max_age_s: float) -> bool:
+    """`folder` is a folder that nothing under it has changed for max_age_s (False if it went meanwhile)."""
+    try:
+        newest = max((p.lstat().st_mtime for p in folder.rglob("*")), default=folder.lstat().st_mtime)
+        return folder.is_dir() and time.time() - max(newest, folder.lstat().st_mtime) > max_age_s
+    except OSError:
+        return False
 
 
 def _tar_entries(folder: Path, arcname: str) -> list[tuple[bytes, Path | None]]:
