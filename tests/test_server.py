@@ -52,7 +52,8 @@ def test_models_lists_base_and_adapters_registered_at_start(http, server):
 
 def test_chat_completion_through_the_template(client, server):
     r = client.chat.completions.create(
-        model="a", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, **GREEDY
+        model="a", messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, **GREEDY,
+        store=False, service_tier="auto", metadata={"team": "sql"},  # honoured as they are: nothing kept, one tier
     )
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
     messages = [{"role": "user", "content": "Say hi"}]
@@ -156,6 +157,11 @@ def test_bad_inputs_get_4xx_and_change_nothing(http, client, server):
             ),
             400,
             "tool",
+        ),
+        *(
+            (http.post("/v1/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": "x"}],
+                                                     field: value}), 400, field)
+            for field, value in (("store", True), ("service_tier", "flex"), ("service_tier", "priority"))
         ),
         (upload(http, "rank-too-big", dirs["big"]), 400, "maximum LoRA rank 16"),
         (upload(http, "other-base", dirs["tiny"]), 400, "do not fit the base projection"),
