@@ -295,7 +295,8 @@ class AdapterRegistry:
         if sum(s is not None and s.pinned for s in slots) + 1 >= len(slots):
             raise AdapterError(f"pinning {name!r} would pin every device slot (--max-loras {len(slots)}): requests for "
                                "any other adapter or mix could never run; unpin one first, or raise --max-loras")
-        if slot is None:
+        resident = slot is not None
+        if not resident:
             pending = self.prefetch(name)
             if pending is not None:
                 pending.exception()  # wait; _host reports a failure
@@ -305,15 +306,15 @@ class AdapterRegistry:
             raise AdapterError(f"pinning {name!r} would leave fewer than {need} unpinned pool rows "
                                f"(--lora-pool-rows {self.cache.pool_rows}): adapters of rank {need} could never "
                                "load; unpin one first, or raise --lora-pool-rows")
-        if self.cache.largest_unpinned_run(also=slot) < need:  # resident where a pin would split the free rows
+        if resident and self.cache.largest_unpinned_run(also=slot) < need:  # move it to the top first
             if not self.cache.evict(v):
                 raise AdapterError(f"{name!r} sits in the middle of the LoRA pool and running requests use it: "
                                    "pinning it there would split the unpinned rows; retry when it is idle")
             slot = self._load_high(name, v)
-            if self.cache.largest_unpinned_run(also=slot) < need:
-                raise AdapterError(f"pinning {name!r} would leave no {need} consecutive unpinned pool rows "
-                                   f"(--lora-pool-rows {self.cache.pool_rows}): adapters of rank {need} could "
-                                   "never load; unpin one first, or raise --lora-pool-rows")
+        if self.cache.largest_unpinned_run(also=slot) < need:
+            raise AdapterError(f"pinning {name!r} would leave no {need} consecutive unpinned pool rows "
+                               f"(--lora-pool-rows {self.cache.pool_rows}): adapters of rank {need} could "
+                               "never load; unpin one first, or raise --lora-pool-rows")
         self.cache.set_pinned(slot, True)
         self.stats[name].pinned = True
 
