@@ -127,8 +127,8 @@ def sweep(root: Path, unlocked_max_age_s: float = UNLOCKED_MAX_AGE_S) -> list[Pa
 def _stale(folder: Path, max_age_s: float) -> bool:
     """`folder` is a folder that nothing under it has changed for max_age_s (False if it went meanwhile)."""
     try:
-        newest = max((p.lstat().st_mtime for p in folder.rglob("*")), default=folder.lstat().st_mtime)
-        return folder.is_dir() and time.time() - max(newest, folder.lstat().st_mtime) > max_age_s
+        newest = max(p.lstat().st_mtime for p in (folder, *folder.rglob("*")))
+        return folder.is_dir() and time.time() - newest > max_age_s
     except OSError:
         return False
 
