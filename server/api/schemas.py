@@ -289,13 +289,13 @@ class ChatCompletionRequest(_Sampling):
         super().refuse_unsupported()
         if self.tools:
             raise bad_request("tool calling is not supported by this server", param="tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise bad_request("tool calling is not supported by this server", param="tool_choice")
         if self.store:  # (metadata tags stored completions: with none stored, it is accepted and has no effect)
             raise bad_request("store=true is not supported by this server: it keeps no completions", param="store")
         if self.service_tier not in (None, "auto", "default"):
             raise bad_request(f"service_tier {self.service_tier!r} is not supported by this server: it has one tier, "
                               "'default'", param="service_tier")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool calling is not supported by this server", param="tool_choice")
         if self.continue_final_message and self.add_generation_prompt:
             raise bad_request(
                 "continue_final_message needs add_generation_prompt=false", param="continue_final_message"
