@@ -114,7 +114,7 @@ SERVE_OPTIONS = (
     Opt("max-cpu-lora-bytes", parse_size, "host-memory budget for loaded adapter copies (e.g. 2GiB)"),
     Opt("max-adapter-wait-steps", int,
         "engine steps a request may be passed over for requests whose adapters are on the device"),
-    Opt("max-num-seqs", optional_int, "sequences decoded together at most (default: 128 on cuda, 64 on cpu)"),
+    Opt("max-num-seqs", optional_int, "sequences decoded together at most (default: 256 on cuda, 64 on cpu)"),
     Opt("max-num-batched-tokens", optional_int,
         "tokens (prefill + decode) per engine step at most (default: 4096 on cuda, 2048 on cpu)"),
     Opt(

@@ -57,7 +57,7 @@ def test_batch_limits_default_by_device():
         cfg = EngineConfig()
         cfg.for_device(device)
         assert (cfg.max_num_seqs, cfg.max_num_batched_tokens) == DEVICE_DEFAULTS[device]
-    assert DEVICE_DEFAULTS["cuda"] == (128, 4096) and DEVICE_DEFAULTS["cpu"] == (64, 2048)
+    assert DEVICE_DEFAULTS["cuda"] == (256, 4096) and DEVICE_DEFAULTS["cpu"] == (64, 2048)
     kept = EngineConfig(max_num_seqs=7, max_num_batched_tokens=99)
     kept.for_device("cuda")
     assert (kept.max_num_seqs, kept.max_num_batched_tokens) == (7, 99)

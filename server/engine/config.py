@@ -10,9 +10,11 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 # (max_num_seqs, max_num_batched_tokens) when not given. On the H200, 240 requests at once through HTTP
-# produced 4,297 output tok/s with 128 / 4096 against 3,626 with 64 / 2048 (BENCHMARKS.md): a decode step
-# reads the weights once for twice the rows. The CPU keeps small steps (its step time grows with the rows).
-DEVICE_DEFAULTS = {"cuda": (128, 4096), "cpu": (64, 2048)}
+# produced 4,297 output tok/s with 128 / 4096 against 3,626 with 64 / 2048 (BENCHMARKS.md, fourth session),
+# and 4,641 (base) / 4,389 (Zipf over 128 adapters) with 256 against 4,373 / 3,763 with 128 (eighteenth
+# session): a decode step reads the weights once for more rows, and a step of more tokens amortizes the NF4
+# dequantization over them. The CPU keeps small steps (its step time grows with the rows).
+DEVICE_DEFAULTS = {"cuda": (256, 4096), "cpu": (64, 2048)}
 
 
 @dataclass(slots=True)
