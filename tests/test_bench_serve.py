@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -137,3 +138,28 @@ def test_made_tokenizer_streams_a_word_per_id(tmp_path, hotlora_cache):
     assert len(eng.tokenizer) == vocab
     assert eng.detokenizer.decode([5, vocab - 1, 3]) == f"w5 w{vocab - 1} w3"
     assert eng.tokenizer.encode("w7 w9", add_special_tokens=False) == [7, 9]
+
+
+def test_step_profile_names_every_kernel_family():
+    """bench/step_profile.py sorts device kernels into families by name: every Triton kernel of hotlora.kernels
+    that a step launches lands in a family (a renamed kernel would drop into "other" and leave the table)."""
+    prof = _bench_module("step_profile")
+    source = "\n".join(p.read_text() for p in (BENCH.parent / "kernels").glob("*.py"))
+    launched = set(re.findall(r"^def (\w+_kernel)\(", source, re.MULTILINE)) - {"lora_meta_kernel"}
+    assert {"nf4_matmul_kernel", "lora_shrink_kernel", "paged_attention_kernel"} <= launched
+    assert {k: prof.family(k) for k in launched if prof.family(k) == "other"} == {}
+    assert prof.family("_norm_shrink_kernel") == "norm (+ shrink)"
+    assert prof.family("nvjet_sm90_tst_128x232_64x4_2x1_v_bz_coopA_TNT") == "cuBLAS GEMM"
+
+
+def test_step_profile_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """The profile's CPU smoke run: both workloads finish, each prints its rate and a family table."""
+    monkeypatch.setenv("HOTLORA_CACHE", str(tmp_path))
+    prof = _bench_module("step_profile")
+    monkeypatch.setattr(sys, "argv", ["step_profile.py", "--preset", "tiny", "--requests", "3", "--adapters", "2",
+                                      "--skip", "1", "--steps", "2"])
+    prof.main()
+    out = capsys.readouterr().out
+    assert re.search(r"^base: \d+ output tok/s, \d+ steps$", out, re.MULTILINE)
+    assert re.search(r"^Zipf\(1\.1\) over 2: \d+ output tok/s", out, re.MULTILINE)
+    assert out.count("device time a step by kernel family, over 2 profiled steps") == 2
