@@ -16,7 +16,7 @@ key is (tokens, decode only, LoRA rank class):
 
 With M token buckets, D of them decode-sized (<= max_num_seqs), and C rank classes (the pool's max rank rounded
 up, from 16: C = 3 for max_lora_rank 64; C = 1 with lora_rank_classes off), there are (D + M) * (1 + C) graphs
-(``graph_count``): 136 for max_num_seqs 64, 4096 tokens and rank 64, against 68 with one class.
+(``graph_count``): 312 at the CUDA defaults (256 sequences, 4096 tokens) and rank 64, against 156 with one class.
 
 The attention metadata has a fixed shape per bucket: S = min(tokens, max_num_seqs) + 1 sequence rows. The
 step's n sequences take rows 0..n-1, rows n..S-2 are empty (no queries, no context), and row S-1 holds the
@@ -36,6 +36,7 @@ the unpadded eager path).
 
 from __future__ import annotations
 
+import array
 import logging
 import time
 from collections.abc import Sequence
@@ -49,6 +50,13 @@ from hotlora.server.model.attention import AttentionMeta
 from hotlora.server.model.llama import ForwardBatch, LlamaModel
 
 log = logging.getLogger(__name__)
+
+
+def _host(values: array.array, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor over `values`' memory (which it keeps alive). Converting a list through array.array is ~4x
+    faster than torch.tensor(list): 0.22 against 0.81 ms for the 4,096-token bucket's 12,544 int64s, and 0.27
+    against 1.5 ms for 240 block tables padded to 80 columns (dev CPU, eighteenth session)."""
+    return torch.frombuffer(values, dtype=dtype)
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -187,10 +195,12 @@ class StepGraphs:
         i32 += step.ctx_lens + [0] * (empty + 1) + step.lora_slots + [-1] * pad
         # non-blocking: the host lists are staged at once, and the copies queue behind a step still in flight
         # that reads these buffers (a blocking copy would wait for it: no asynchronous scheduling)
-        b.i64.copy_(torch.tensor(i64, dtype=torch.int64), non_blocking=True)
-        b.i32.copy_(torch.tensor(i32, dtype=torch.int32), non_blocking=True)
-        tables = [t + [self.pad_block] * (width - len(t)) for t in step.tables]
-        b.batch.attn.block_tables[:n, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        b.i64.copy_(_host(array.array("q", i64), torch.int64), non_blocking=True)
+        b.i32.copy_(_host(array.array("i", i32), torch.int32), non_blocking=True)
+        tables = array.array("i", [self.pad_block]) * (n * width)
+        for i, t in enumerate(step.tables):
+            tables[i * width : i * width + len(t)] = array.array("i", t)
+        b.batch.attn.block_tables[:n, :width].copy_(_host(tables, torch.int32).view(n, width), non_blocking=True)
 
     def _build(self, tokens: int, decode: bool, lora_class: int) -> _Bucket:
         dev, seqs = self.model.device, min(tokens, self.max_seqs) + 1
