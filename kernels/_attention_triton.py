@@ -55,7 +55,7 @@ def _attend_tiles(
         page = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         off = kpos % BLOCK_SIZE
         k_ptrs = k_cache + page[None, :] * stride_kb + off[None, :] * stride_kt + kvh * stride_kh + d[:, None]
-        kt = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [D_PAD, BLOCK_N]
+        kt = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0).to(qt.dtype)  # [D_PAD, BLOCK_N]
         s = tl.dot(qt, kt, input_precision=PREC) * qk_scale
         visible = k_ok[None, :] & (kpos[None, :] <= pos[:, None])
         if WINDOW:
@@ -66,7 +66,7 @@ def _attend_tiles(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = v_cache + page[:, None] * stride_vb + off[:, None] * stride_vt + kvh * stride_vh + d[None, :]
-        vt = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+        vt = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(qt.dtype)  # [BLOCK_N, D_PAD]
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     return m_i, l_i, acc

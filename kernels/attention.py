@@ -42,6 +42,7 @@ import torch
 
 from ._interp_compat import install as _install_interp_compat
 from ._launch import pdl_args, use_triton
+from .reference import FP8_KV
 
 __all__ = ["AttentionConfig", "attention_tiles", "default_num_splits", "paged_attention", "use_triton"]
 
@@ -99,9 +100,10 @@ def _placeholders(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
            ctx_lens: torch.Tensor, block_tables: torch.Tensor, out: torch.Tensor) -> None:  # fmt: skip
-    if q.dtype not in _FLOATS or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or out.dtype != q.dtype:
-        raise TypeError(f"q, k_cache, v_cache, out must share one of fp16/bf16/fp32, got {q.dtype}, "
-                        f"{k_cache.dtype}, {v_cache.dtype}, {out.dtype}")  # fmt: skip
+    if q.dtype not in _FLOATS or k_cache.dtype not in (q.dtype, FP8_KV) or v_cache.dtype != k_cache.dtype \
+            or out.dtype != q.dtype:  # fmt: skip
+        raise TypeError(f"q and out must share one of fp16/bf16/fp32, and k_cache, v_cache be that or {FP8_KV}; got "
+                        f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}, {out.dtype}")  # fmt: skip
     if q.dim() != 3 or q.stride(2) != 1 or out.shape != q.shape or out.stride(2) != 1:
         raise ValueError(f"q and out must be [T, H, D] with unit last stride, got {tuple(q.shape)} {q.stride()}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
@@ -141,7 +143,8 @@ def paged_attention(
     """Causal attention of every query against its sequence's paged context; semantics in the module docstring.
 
     q: [T, H, D] fp16/bf16/fp32 (unit last stride; row and head strides free, e.g. a view of a fused qkv).
-    k_cache, v_cache: [num_blocks, block_size, KVH, D], q's dtype, unit last stride; H % KVH == 0.
+    k_cache, v_cache: [num_blocks, block_size, KVH, D], q's dtype or float8_e4m3fn (read as q's dtype: an fp8
+        value converts exactly), unit last stride; H % KVH == 0.
     cu_seqlens_q: int32 [S + 1], non-decreasing, cu_seqlens_q[0] == 0, cu_seqlens_q[S] <= T.
     ctx_lens: int32 [S]: context length of s including its queries, whose K/V are already in the cache.
     block_tables: int32 [S, width], unit column stride; entries beyond a sequence's blocks are never read.

@@ -13,6 +13,8 @@
             x = x * c + cat(-x[..., Dh/2:], x[..., :Dh/2]) * s    (fp32 math, one rounding)
         k_cache.view(-1, KVH, Dh)[slots] = k; v_cache.view(-1, KVH, Dh)[slots] = v   (slots int64 [T])
         caches [blocks, block_size, KVH, Dh]; a slot repeated (graph padding) gets any one of its rows
+        caches of k's dtype, or float8_e4m3fn: then k and v go in as to_cache(x) = x.float() clamped to +-448
+        and rounded to nearest even (kernels.reference.to_cache; unscaled, as vLLM's fp8 cache without scales)
 
 CUDA tensors go to Triton; CPU tensors to the torch references in hotlora.kernels.reference (bit-identical to
 the unfused model code), unless HOTLORA_TRITON_CPU=1 (with TRITON_INTERPRET=1).
@@ -32,7 +34,7 @@ import triton.language as tl
 
 from ._checks import check_rows
 from ._launch import pdl_args, pdl_enter, use_triton
-from .reference import add_rms_norm_ref, rope_kv_ref, silu_mul_ref
+from .reference import FP8_KV, FP8_KV_MAX, add_rms_norm_ref, rope_kv_ref, silu_mul_ref
 
 __all__ = ["add_rms_norm", "rope_kv_", "silu_mul"]
 
@@ -118,10 +120,38 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y
 
 
+FP8_MAX = tl.constexpr(FP8_KV_MAX)
+
+
+@triton.jit
+def _cached(x, cache_ptr, FP8: tl.constexpr):
+    """x as the cache at cache_ptr stores it (kernels.reference.to_cache)."""
+    if FP8:
+        x = _fp8_round(tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX))
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _fp8_round(x):
+    """x (fp32, |x| <= 448) rounded to nearest even on the float8_e4m3fn grid (3 mantissa bits, subnormals
+    spaced 2^-9), in fp32: the conversion that follows is then exact. The GPU's conversion rounds so too, but
+    Triton 3.6's interpreter does not (it halves values that round up into the next binade, e.g. -125 -> -64),
+    and CI tests the kernel there."""
+    bits = x.to(tl.int32, bitcast=True)
+    exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    ulp = ((exp + 124) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3)
+    r = tl.abs(x) / ulp
+    f = tl.floor(r)
+    half = r - f
+    up = (half > 0.5) | ((half == 0.5) & (f - 2.0 * tl.floor(f * 0.5) != 0.0))
+    y = (f + up.to(tl.float32)) * ulp
+    return tl.where(bits < 0, -y, y)
+
+
 @triton.jit
 def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, H, KVH,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
-                    stride_c, HALF: tl.constexpr, PDL: tl.constexpr):
+                    stride_c, HALF: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, head): heads [0, H) are q's, [H, H + KVH) k's (rotated, then also stored in
     the cache), the rest v's (copied to the cache)."""
     pdl_enter(PDL)
@@ -133,8 +163,8 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cos_
         kvh = head - H - KVH
         src = v_ptr + t * stride_vt + kvh * stride_vh
         dst = vc_ptr + slot * stride_cs + kvh * stride_ch
-        tl.store(dst + offs, tl.load(src + offs))
-        tl.store(dst + HALF + offs, tl.load(src + HALF + offs))
+        tl.store(dst + offs, _cached(tl.load(src + offs), vc_ptr, FP8))
+        tl.store(dst + HALF + offs, _cached(tl.load(src + HALF + offs), vc_ptr, FP8))
         return
     if head < H:  # noqa: SIM108 (a run-time branch choosing the tensor)
         base = q_ptr + t * stride_qt + head * stride_qh
@@ -153,8 +183,8 @@ def _rope_kv_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, cos_
     tl.store(base + HALF + offs, y2)
     if head >= H:
         dst = kc_ptr + slot * stride_cs + (head - H) * stride_ch
-        tl.store(dst + offs, y1)
-        tl.store(dst + HALF + offs, y2)
+        tl.store(dst + offs, _cached(y1, kc_ptr, FP8))
+        tl.store(dst + HALF + offs, _cached(y2, kc_ptr, FP8))
 
 
 def rope_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
@@ -173,7 +203,7 @@ def rope_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch
     _rope_kv_kernel[(q.shape[0], q.shape[1] + 2 * kvh)](
         q, k, v, kc, vc, positions, slots, cos, sin, q.shape[1], kvh, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), cos.stride(0), HALF=dh // 2,
-        **pdl_args(q),
+        FP8=kc.dtype == FP8_KV, **pdl_args(q),
     )
 
 
@@ -182,6 +212,8 @@ def _check_rope_kv(q, k, v, cos, sin, k_cache, v_cache) -> None:
         raise ValueError(f"q [T, H, Dh] and k [T, KVH, Dh] must agree, got {tuple(q.shape)} {tuple(k.shape)}")
     if v.shape != k.shape or v.dtype != k.dtype:
         raise ValueError(f"v must match k {tuple(k.shape)} {k.dtype}, got {tuple(v.shape)} {v.dtype}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (k.dtype, FP8_KV):
+        raise TypeError(f"the KV caches must both be {k.dtype} or {FP8_KV}, got {k_cache.dtype} / {v_cache.dtype}")
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[2:] != k.shape[1:]:
         raise ValueError(f"caches [blocks, block_size, {k.shape[1]}, {k.shape[2]}] expected, got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")

@@ -17,6 +17,8 @@ from ._meta import LoraMeta, LoraSlice
 from ._meta import refresh_lora_meta_torch as refresh_lora_meta_ref  # the metadata step's reference
 
 __all__ = [
+    "FP8_KV",
+    "FP8_KV_MAX",
     "NF4_CODE",
     "NF4_NIBBLE",
     "NF4_NIBBLE_ORDER",
@@ -33,6 +35,7 @@ __all__ = [
     "rope_ref",
     "silu_mul_ref",
     "silu_mul_shrink_ref",
+    "to_cache",
 ]
 
 
@@ -203,12 +206,28 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: tor
         x.copy_(x * c + rotated * s)
 
 
+FP8_KV = torch.float8_e4m3fn  # the KV caches' 8-bit element type (EngineConfig.kv_cache_dtype "fp8")
+FP8_KV_MAX = 448.0  # its largest finite value: K and V are clamped to +-FP8_KV_MAX (unscaled), then rounded
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a KV cache of `dtype` stores it: unchanged for the model's dtype; for FP8_KV, x.float() clamped to
+    +-FP8_KV_MAX and rounded to nearest even (the Triton kernels' conversion)."""
+    if dtype != FP8_KV:
+        return x
+    return x.float().clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)
+
+
 def rope_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """rope_ref(q, k), then k and v [T, KVH, Dh] into the caches [blocks, block_size, KVH, Dh] at slots [T]."""
+    """rope_ref(q, k), then k and v [T, KVH, Dh] into the caches [blocks, block_size, KVH, Dh] at slots [T]
+    (``to_cache`` for an FP8_KV cache)."""
     rope_ref(q, k, positions, cos, sin)
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        x = to_cache(x, cache.dtype)
+        if cache.dtype == FP8_KV:  # index_copy_ has no float8 CPU kernel: copy the bytes
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, x)
 
 
 def _visible(pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:

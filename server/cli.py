@@ -21,7 +21,7 @@ from typing import Any
 from hotlora.server.cli_admin import adapters_command as adapters_command  # re-exported: its old home
 from hotlora.server.cli_admin import add_adapters
 from hotlora.server.cli_ray import add_serve_ray
-from hotlora.server.engine.config import DTYPE_CHOICES, QUANT_CHOICES, EngineConfig
+from hotlora.server.engine.config import DTYPE_CHOICES, KV_CACHE_DTYPE_CHOICES, QUANT_CHOICES, EngineConfig
 
 ENV_PREFIX = "HOTLORA_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -125,6 +125,8 @@ SERVE_OPTIONS = (
     Opt("block-size", int, "tokens per KV-cache block"),
     Opt("num-kv-blocks", optional_int, "KV-cache blocks (default: sized from --kv-cache-memory)"),
     Opt("kv-cache-memory", float, "KV-cache size: a fraction of free GPU memory on cuda, GiB on cpu"),
+    Opt("kv-cache-dtype", str, "KV-cache element type: auto (the model's dtype) or fp8 (float8_e4m3fn, unscaled: "
+        "twice the tokens of bf16; outputs then differ slightly from the unquantized model's)", KV_CACHE_DTYPE_CHOICES),
     Opt("max-waiting", int, "requests allowed to wait for a slot; more are answered 429"),
     Opt("seed", int, "seed for requests that do not give one"),
     Opt("cuda-graphs", parse_bool, "replay every step from CUDA graphs on cuda: true or false"),

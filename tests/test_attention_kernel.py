@@ -19,7 +19,7 @@ from hotlora.kernels.attention import (
     default_num_splits,
     paged_attention,
 )
-from hotlora.kernels.reference import paged_attention_ref
+from hotlora.kernels.reference import FP8_KV, paged_attention_ref, to_cache
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 SCALE = 0.3
@@ -123,6 +123,24 @@ def test_q_view_of_fused_projection():
     assert not case.q.is_contiguous()
 
 
+def fp8_cache(case):
+    """The case with its K/V caches stored as float8_e4m3fn (3 mantissa bits: every value moves)."""
+    k, v = case.k_cache, case.v_cache
+    case.k_cache, case.v_cache = to_cache(k, FP8_KV), to_cache(v, FP8_KV)
+    assert not torch.equal(case.k_cache.to(k.dtype), k)
+    return case
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_kv_cache(dtype, num_splits):
+    """An fp8 cache is read as q's dtype (exact), against the reference on the same fp8 cache."""
+    case = fp8_cache(make_case(BATCHES["mixed"], 8, 2, 32, 4, dtype))
+    out = check(case, num_splits=num_splits)
+    assert out.dtype == dtype
+
+
 def test_argument_checks():
     case = make_case(BATCHES["decode"], 4, 2, 32, 4, torch.float32)
     kw = dict(max_q_len=1, max_ctx_len=64)
@@ -134,6 +152,8 @@ def test_argument_checks():
         paged_attention(*case.args()[:5], case.block_tables.long(), SCALE, **kw)
     with pytest.raises(ValueError, match="heads"):
         paged_attention(case.q[:, :3], *case.args()[1:], SCALE, **kw)
+    with pytest.raises(TypeError, match="float8"):  # K fp8 with V not
+        paged_attention(case.q, case.k_cache.to(FP8_KV), *case.args()[2:], SCALE, **kw)
 
 
 def test_tiles_and_splits():
@@ -171,6 +191,12 @@ def test_gpu_llama3_8b_shape(dtype, block_size, batch, window, num_splits):
 def test_gpu_gqa_ratios(group):
     case = make_case(GPU_BATCHES["mixed"], 8 * group, 8, 128, 16, torch.bfloat16, device="cuda")
     check(case)
+
+
+@gpu_test
+@pytest.mark.parametrize("batch", ["decode-32", "mixed"])
+def test_gpu_fp8_kv_cache(batch):
+    check(fp8_cache(make_case(GPU_BATCHES[batch], **LLAMA3_8B, block_size=16, dtype=torch.bfloat16, device="cuda")))
 
 
 @gpu_test

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hotlora.kernels.elementwise import add_rms_norm, rope_kv_, silu_mul
-from hotlora.kernels.reference import add_rms_norm_ref, rope_kv_ref, rope_ref, silu_mul_ref
+from hotlora.kernels.reference import FP8_KV, add_rms_norm_ref, rope_kv_ref, rope_ref, silu_mul_ref, to_cache
 from hotlora.server.model.rope import Rotary
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -71,6 +71,37 @@ def test_rope_kv_on_fused_qkv_views(device, dtype, heads, kv_heads, dim):
     assert torch.equal(vc[kept], vc_ref.view(16, kv_heads, dim)[kept])
 
 
+# values whose float8_e4m3fn rounding is easy to get wrong: ties to even, rounding up into the next binade
+# (-125 -> -128), subnormals (spacing 2^-9), past the largest finite value (448: saturates), signed zeros
+FP8_EDGES = [5.25, -5.25, 5.75, 124.0, -125.08, 120.0, 2**-10, 3 * 2**-10, -(2**-9) * 0.5001, 464.0, -1000.0, 0.0,
+             -0.0, 0.3, 1e-9, 447.9]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_kv_into_fp8_caches(device, dtype):
+    """Into float8_e4m3fn caches, k and v go in as to_cache rounds them (clamped to +-448, nearest even), the
+    kernel and the reference alike; q and k themselves are rotated as with caches of their own dtype."""
+    heads, kv_heads, dim = 4, 2, 16
+    rot = Rotary(dim, 10000.0, None, 64, device, dtype)
+    q = torch.randn(5, heads, dim, dtype=dtype, device=device) * 50
+    k = torch.randn(5, kv_heads, dim, dtype=dtype, device=device) * 200
+    v = torch.randn(5, kv_heads, dim, dtype=dtype, device=device) * 200
+    v.view(-1)[: len(FP8_EDGES)] = torch.tensor(FP8_EDGES, dtype=dtype)
+    positions, slots = torch.tensor([0, 3, 17, 63, 5], device=device), torch.tensor([9, 2, 14, 3, 0], device=device)
+    got = [torch.zeros(4, 4, kv_heads, dim, dtype=FP8_KV, device=device) for _ in range(2)]
+    want = [c.clone() for c in got]
+    q_ref, k_ref, v_ref = q.clone(), k.clone(), v.clone()
+    rope_kv_ref(q_ref, k_ref, v_ref, positions, rot.cos, rot.sin, *want, slots)
+    rope_kv_(q, k, v, positions, rot.cos, rot.sin, *got, slots)
+    assert close(q, q_ref, dtype) and close(k, k_ref, dtype)
+    # value equality (the interpreter writes -0 as +0); the reference is to_cache of the rotated k and of v
+    kc, vc = (c.view(16, kv_heads, dim).float() for c in got)
+    assert torch.equal(vc[slots], to_cache(v_ref, FP8_KV).float())
+    assert torch.equal(vc, want[1].view(16, kv_heads, dim).float())
+    assert close(kc[slots], to_cache(k_ref, FP8_KV).float(), torch.float16)  # k: rotated by each side
+    assert vc.abs().max() == 448 and torch.equal(vc[slots].flatten()[:4].cpu(), torch.tensor([5.0, -5.0, 6.0, 128.0]))
+
+
 def test_rope_reference_matches_rotary():
     """The in-place reference is the model's Rotary, bit for bit (the CPU path stays what it was)."""
     rot = Rotary(64, 10000.0, None, 32, "cpu", torch.float32)
@@ -93,3 +124,6 @@ def test_checks():
     with pytest.raises(ValueError, match="caches"):
         rope_kv_(torch.randn(2, 3, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.zeros(2, dtype=torch.long),
                  torch.randn(4, 8), torch.randn(4, 8), cache, torch.zeros(2, 4, 2, 8), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="KV caches"):  # fp16 caches for fp32 k and v
+        rope_kv_(torch.randn(2, 3, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.zeros(2, dtype=torch.long),
+                 torch.randn(4, 8), torch.randn(4, 8), cache.half(), cache.half(), torch.zeros(2, dtype=torch.long))

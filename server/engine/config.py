@@ -7,6 +7,9 @@ from pathlib import Path
 
 QUANT_CHOICES = ("nf4", "none")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+# the KV cache's element type: auto = the model's dtype; fp8 (= fp8_e4m3) stores K and V as float8_e4m3fn, unscaled
+# (values past +-448 saturate), as vLLM's --kv-cache-dtype fp8 without calibrated scales: half the bytes of bf16
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8", "fp8_e4m3")
 
 
 # (max_num_seqs, max_num_batched_tokens) when not given. On the H200, 240 requests at once through HTTP
@@ -39,6 +42,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None = sized from kv_cache_memory
     kv_cache_memory: float = 0.5  # fraction of free device memory for the KV cache (cuda), or GiB (cpu)
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPE_CHOICES
     max_waiting: int = 1024  # requests queued before add_request refuses (overload)
     seed: int = 0
     cuda_graphs: bool = True  # replay every step from CUDA graphs captured at startup (cuda only)
@@ -50,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {self.quant!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPE_CHOICES}, got {self.kv_cache_dtype!r}")
         for name in ("max_loras", "max_lora_rank", "max_adapter_wait_steps", "max_num_seqs", "max_num_batched_tokens",
                      "block_size"):
             value = getattr(self, name)

@@ -13,7 +13,7 @@ import torch
 
 from hotlora.kernels.attention import paged_attention as paged_attention_triton
 from hotlora.kernels.attention import use_triton
-from hotlora.kernels.reference import AttentionPlanRef, paged_attention_ref, plan_paged_attention_ref
+from hotlora.kernels.reference import FP8_KV, AttentionPlanRef, paged_attention_ref, plan_paged_attention_ref
 
 # The torch reference pads the decodes of a step to the longest context and masks the rest, so it reads slots past
 # a sequence's context: the stale KV of its blocks' previous owners (and block 0). Under the mask 0 x NaN and
@@ -62,4 +62,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _bound_new_kv(cache: torch.Tensor, slots: torch.Tensor) -> None:
     """NaN to 0 and everything else clamped to +-KV_BOUND, in the cache slots this step wrote (see KV_BOUND)."""
     flat = cache.view(-1, *cache.shape[2:])
-    flat[slots] = flat[slots].nan_to_num(0.0, KV_BOUND, -KV_BOUND).clamp_(-KV_BOUND, KV_BOUND)
+    new = flat[slots].float() if cache.dtype == FP8_KV else flat[slots]  # float8 has no nan_to_num on the CPU
+    flat[slots] = new.nan_to_num(0.0, KV_BOUND, -KV_BOUND).clamp_(-KV_BOUND, KV_BOUND).to(cache.dtype)

@@ -61,6 +61,7 @@ class ModelRunner:
         self.device = pick_device(config.device)
         config.for_device(self.device.type)
         self.dtype = pick_dtype(config.dtype, self.device)
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else self.dtype
         ckpt = resolve_checkpoint(config.model, config.cache_dir)
         self.model_config = cfg = ckpt.config
         self.checkpoint = ckpt
@@ -79,7 +80,7 @@ class ModelRunner:
         self.rank_classes = classes if config.lora_rank_classes else classes[-1:]
         self.num_kv_blocks = self._size_kv_cache()
         # one block more than the block manager hands out: where the padding tokens of a graph step write
-        self.model.allocate_kv_cache(self.num_kv_blocks + 1, self.block_size)
+        self.model.allocate_kv_cache(self.num_kv_blocks + 1, self.block_size, self.kv_dtype)
         self.max_model_len = min(self.max_model_len, self.num_kv_blocks * self.block_size)
         self._seeds = random.Random(config.seed)  # unseeded requests' seeds: reproducible for one engine seed
         self.eos_ids: set[int] = set(cfg.eos_token_ids)  # masked until min_tokens (the engine adds the tokenizer's)
@@ -103,7 +104,7 @@ class ModelRunner:
 
     def _size_kv_cache(self) -> int:
         cfg = self.model_config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
