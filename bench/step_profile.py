@@ -109,8 +109,10 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=40, help="steps before the profiled window")
     ap.add_argument("--steps", type=int, default=20, help="profiled steps")
     ap.add_argument("--max-lora-rank", type=int, default=16, help="16: only the r=16 class's graphs are captured")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8 (EngineConfig.kv_cache_dtype)")
     args = ap.parse_args()
-    cfg = EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=64, max_lora_rank=args.max_lora_rank)
+    cfg = EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=64, max_lora_rank=args.max_lora_rank,
+                       kv_cache_dtype=args.kv_cache_dtype)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     print(f"engine ready in {time.perf_counter() - t0:.0f} s: {cfg.max_num_seqs} sequences, "
