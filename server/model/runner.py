@@ -10,6 +10,7 @@ import torch
 
 from hotlora.adapters.cache import LoraSlotCache
 from hotlora.kernels.lora import build_lora_meta, rank_classes
+from hotlora.kernels.reference import FP8_KV
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.scheduler import ScheduledBatch
 from hotlora.server.engine.sequence import Sequence
@@ -61,7 +62,7 @@ class ModelRunner:
         self.device = pick_device(config.device)
         config.for_device(self.device.type)
         self.dtype = pick_dtype(config.dtype, self.device)
-        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype.startswith("fp8") else self.dtype
+        self.kv_dtype = FP8_KV if config.kv_cache_dtype.startswith("fp8") else self.dtype
         ckpt = resolve_checkpoint(config.model, config.cache_dir)
         self.model_config = cfg = ckpt.config
         self.checkpoint = ckpt
