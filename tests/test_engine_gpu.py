@@ -110,3 +110,27 @@ def test_gpu_r16_decode_replays_rank_class_16(gpu_adapters, gpu_model_dir, hotlo
     assert {c for _, _, c in used} == {16} and {d for _, d, _ in used} == {True, False}, used  # never 64 rows
     assert all(graphs.buckets[k].batch.lora.rank_class == 16 for k in used)  # what the kernels read
     assert engine.eager_steps == 0 and engine.blocks.num_used == 0
+
+
+def test_gpu_fp8_kv_cache(gpu_adapters, gpu_model_dir, hotlora_cache):
+    """--kv-cache-dtype fp8 on CUDA: steps mixing prefill chunks and decodes replay from graphs; the prompt's
+    logprobs (scored eagerly, every position reading the cache) stay close to the bf16 cache's and differ from
+    them; no block leaks. (The block count per byte: tests/test_kv_cache_fp8.py.)"""
+    rng = random.Random(9)
+    prompt = [rng.randrange(3, 49152) for _ in range(150)]
+    scored = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    runs = {}
+    for kv in ("auto", "fp8"):
+        engine = _nf4_engine(gpu_model_dir, hotlora_cache, gpu_adapters, max_num_seqs=8, max_num_batched_tokens=64,
+                             num_kv_blocks=512, kv_cache_dtype=kv)
+        assert engine.runner.model.layers[0].k_cache.dtype == (torch.float8_e4m3fn if kv == "fp8" else torch.bfloat16)
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        reqs = [Request(f"f{i}", [rng.randrange(3, 49152) for _ in range(10 + 30 * i)], params, a)
+                for i, a in enumerate([*ADAPTER_SPECS, None])]  # fmt: skip
+        tokens = drain(engine, {2 * i: [r] for i, r in enumerate(reqs)})
+        assert all(len(t) == params.max_tokens for t in tokens.values())
+        assert engine.eager_steps == 0 and engine.blocks.num_used == 0
+        runs[kv] = engine.generate([Request("s", prompt, scored, "all16")])[0].prompt_logprobs[1:]
+        assert engine.blocks.num_used == 0
+    diffs = [abs(a.logprob - b.logprob) for a, b in zip(runs["auto"], runs["fp8"], strict=True)]
+    assert max(diffs) > 0 and sum(diffs) / len(diffs) < 0.15
