@@ -316,6 +316,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--mixes", action="store_true", help="also the batch with half of it on 2-adapter mixes")
     ap.add_argument("--compare-rank-classes", action="store_true",
                     help="also run hotlora (graphs) with LoRA tiles sized by max_lora_rank (--no-lora-rank-classes)")
+    ap.add_argument("--compare-fp8-kv", action="store_true", help="also run hotlora (graphs) with --kv-cache-dtype fp8")
     args = ap.parse_args()
     args.batch1 |= args.profile == "batch1"
     return args
@@ -331,6 +332,8 @@ def run_variants(args: argparse.Namespace, prompts: list[list[int]], adapter: Pa
         columns["no async scheduling"] = run_engine(args, prompts, adapter, graphs, async_scheduling=False)
     if args.compare_rank_classes:  # every LoRA tile max_lora_rank rows tall, as before rank classes
         columns["LoRA tiles by max_lora_rank"] = run_engine(args, prompts, adapter, graphs, lora_rank_classes=False)
+    if args.compare_fp8_kv:  # K and V stored as float8_e4m3fn: half the bytes that attention reads
+        columns["fp8 KV cache"] = run_engine(args, prompts, adapter, graphs, kv_cache_dtype="fp8")
     if args.compare_lora_overlap:  # each LoRA shrink after its base matmul, as before lora_project
         os.environ["HOTLORA_LORA_OVERLAP"] = "0"
         columns["shrink not overlapped"] = run_engine(args, prompts, adapter, graphs)
