@@ -371,6 +371,7 @@ def main() -> None:
               "(issue 15 asks for at least 85%)")
     print("\n(random weights: speed only; both sides use the same architecture, batch and adapter count)")
     record = {"gpu": gpu, "hotlora": ours, "variants": columns, "hf": hf, **vars(args)}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "engine_gpu.json").write_text(json.dumps(record))
 
 
