@@ -151,10 +151,10 @@ class LlamaModel:
             if self.head_threads > threads:
                 torch.set_num_threads(threads)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> None:
-        """Per layer K and V caches [num_blocks, block_size, KVH, Dh] of `dtype` (default: the model's; or
-        torch.float8_e4m3fn, see kernels.elementwise.rope_kv_)."""
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        """Per layer K and V caches [num_blocks, block_size, KVH, Dh] of `dtype` (the model's, or
+        torch.float8_e4m3fn: see kernels.elementwise.rope_kv_)."""
         shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         for layer in self.layers:
-            layer.k_cache = torch.zeros(shape, device=self.device, dtype=dtype or self.dtype)
-            layer.v_cache = torch.zeros(shape, device=self.device, dtype=dtype or self.dtype)
+            layer.k_cache = torch.zeros(shape, device=self.device, dtype=dtype)
+            layer.v_cache = torch.zeros(shape, device=self.device, dtype=dtype)
