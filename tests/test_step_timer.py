@@ -5,6 +5,8 @@ busy steps, and nothing is recorded for steps that ran no model. /metrics and be
 
 from __future__ import annotations
 
+import gc
+import statistics
 import time
 
 import pytest
@@ -26,19 +28,24 @@ def engine(hotlora_cache) -> LLMEngine:
 
 
 def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[tuple[float, float, dict[str, float], int]]:
-    """Step until done, sleeping GAP between steps: (step wall time, gap before it, its phases, its tokens)."""
+    """Step until done, sleeping GAP between steps: (step wall time, gap before it, its phases, its tokens).
+    The collector is off meanwhile: a collection inside a step is time outside every phase."""
     for i, prompt in enumerate(prompts):
         engine.add_request(Request(f"t{time.perf_counter_ns()}-{i}", prompt, PARAMS))
     rows, end = [], None
-    while engine.has_unfinished():
-        time.sleep(GAP)
-        tokens_before = engine.timer.tokens.total
-        start = time.perf_counter()
-        engine.step()
-        now = time.perf_counter()
-        rows.append((now - start, 0.0 if end is None else start - end, engine.timer.last,
-                     int(engine.timer.tokens.total - tokens_before)))
-        end = now
+    gc.disable()
+    try:
+        while engine.has_unfinished():
+            time.sleep(GAP)
+            tokens_before = engine.timer.tokens.total
+            start = time.perf_counter()
+            engine.step()
+            now = time.perf_counter()
+            rows.append((now - start, 0.0 if end is None else start - end, engine.timer.last,
+                         int(engine.timer.tokens.total - tokens_before)))  # fmt: skip
+            end = now
+    finally:
+        gc.enable()
     return rows
 
 
@@ -61,14 +68,18 @@ def test_phases_add_up_to_the_step(engine, path):
     assert all(n == counts_before[p] + steps for p, n in _counts(engine).items())
     assert engine.timer.tokens.count == tokens_before + steps
     assert sum(n for *_, n in rows) == 11 + 3 + 2 * (PARAMS.max_tokens - 1)  # prompts, then each fed-back token
-    for wall, _gap, phases, _ in rows:
+    inside = [sum(s for p, s in phases.items() if p != "loop") for _, _, phases, _ in rows]
+    for (wall, _gap, phases, _), attributed in zip(rows, inside, strict=True):
         assert set(phases) == set(PHASES) and all(s >= 0 for s in phases.values())
-        inside = sum(s for p, s in phases.items() if p != "loop")
-        assert 0.9 * wall - 1e-4 <= inside <= wall  # everything but a few calls' overhead is attributed
+        assert attributed <= wall  # the phases are consecutive slices of the step
         assert phases["launch"] > 0 and phases["postprocess"] > 0 and phases["prepare"] > 0
+    # everything but a few calls' overhead is attributed: in the median step, so that a step the OS preempts
+    # between two marks (a busy 2-core CI machine) does not decide the test
+    assert statistics.median(a - 0.9 * wall for (wall, *_), a in zip(rows, inside, strict=True)) >= -1e-4
     assert rows[0][2]["loop"] == 0.0  # the engine was idle before the first step
     for _, gap, phases, _ in rows[1:]:  # later steps: the test's loop (its sleep) is the engine's loop phase
-        assert GAP <= gap <= phases["loop"] <= gap + 1e-3
+        assert GAP <= gap <= phases["loop"]
+    assert statistics.median(phases["loop"] - gap for _, gap, phases, _ in rows[1:]) <= 1e-3
 
 
 def test_idle_and_empty_steps_reset_the_loop_phase(engine):
