@@ -100,7 +100,7 @@ def test_the_endpoint_picker_reads_metrics_hotlora_exports():
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     assert wanted <= exported, wanted - exported
     assert 'vllm:lora_requests_info{max_lora="4",running_lora_adapters="a",waiting_lora_adapters="b"}' in text
-    assert 'vllm:cache_config_info{block_size="16",num_gpu_blocks="64"} 1.0' in text
+    assert 'vllm:cache_config_info{block_size="16",cache_dtype="auto",num_gpu_blocks="64"} 1.0' in text
 
 
 def test_the_ray_serve_config_builds_the_application():

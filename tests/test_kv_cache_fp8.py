@@ -11,6 +11,7 @@ import torch
 from engine_reference import default_engine
 
 from hotlora.kernels.reference import FP8_KV
+from hotlora.server.api.metrics import Metrics
 from hotlora.server.cli import build_parser, engine_config
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.types import Request, SamplingParams
@@ -30,8 +31,8 @@ def test_fp8_cache_holds_4x_the_blocks_and_scores_prompts_close_to_fp32(hotlora_
     """Same memory budget: 4x the blocks of an fp32 cache. On a plain-English prompt (~60 tokens, 4 blocks) the
     prompt's logprobs (every position reads K/V from the cache) stay close to the fp32 cache's and differ (the
     cache really is fp8; 3 mantissa bits); the greedy continuation starts the same; every block is free
-    afterwards. (A repeated run of random token ids, where copying heads attend sharply, moved them more: 0.26
-    nats on average.)"""
+    afterwards; /metrics names the cache's type as vLLM does. (A repeated run of random token ids, where copying
+    heads attend sharply, moved them more: 0.26 nats on average.)"""
     text = ("The river rises in the mountains to the north and flows south through a wide valley of farms and small "
             "towns. In spring the snow melts and the water runs high; by late summer it is slow and warm. The largest "
             "town on its banks is known for a stone bridge built four hundred years ago")
@@ -44,6 +45,8 @@ def test_fp8_cache_holds_4x_the_blocks_and_scores_prompts_close_to_fp32(hotlora_
         assert cache.dtype == (FP8_KV if kv == "fp8" else torch.float32)
         out = engine.generate([Request(kv, ids, params, None)])[0]
         assert engine.blocks.num_used == 0
+        labels = f'block_size="16",cache_dtype="{kv}",num_gpu_blocks="{engine.runner.num_kv_blocks}"'
+        assert f"vllm:cache_config_info{{{labels}}} 1.0" in Metrics().render(engine.stats(), [], True).decode()
         runs[kv] = (engine.runner.num_kv_blocks, out)
     (blocks32, ref), (blocks8, got) = runs["auto"], runs["fp8"]
     assert 3.9 <= blocks8 / blocks32 <= 4.1

@@ -67,9 +67,13 @@ class _EngineCollector(Collector):
                 f"{prefix}{sep}kv_cache_usage_perc", "fraction of KV-cache blocks in use", value=usage
             )
         cache_info = GaugeMetricFamily(  # the EPP's prefix-cache scorer sizes its index from this
-            "vllm:cache_config_info", "KV-cache configuration (value: 1)", labels=["block_size", "num_gpu_blocks"]
+            "vllm:cache_config_info",
+            "KV-cache configuration (value: 1)",
+            labels=["block_size", "cache_dtype", "num_gpu_blocks"],
         )
-        cache_info.add_metric([str(getattr(s, "block_size", 0)), str(s.kv_blocks_total)], 1.0)
+        cache_info.add_metric(
+            [str(getattr(s, "block_size", 0)), getattr(s, "kv_cache_dtype", "auto"), str(s.kv_blocks_total)], 1.0
+        )
         yield cache_info
         yield GaugeMetricFamily("hotlora_kv_cache_blocks_total", "KV-cache blocks", value=s.kv_blocks_total)
         yield GaugeMetricFamily("hotlora_kv_cache_blocks_used", "KV-cache blocks in use", value=s.kv_blocks_used)

@@ -328,7 +328,8 @@ class LLMEngine:
             adapter_load_seconds=self.registry.cache.stats.transitions,
             num_eager_steps=self.eager_steps, num_graph_steps=self.runner.graph_steps,
             prefix_cache_queries=self.blocks.queries, prefix_cache_hits=self.blocks.hits,
-            block_size=self.config.block_size, step_phase_seconds=self.timer.phases, step_tokens=self.timer.tokens,
+            block_size=self.config.block_size, kv_cache_dtype=self.config.kv_cache_dtype,
+            step_phase_seconds=self.timer.phases, step_tokens=self.timer.tokens,
         )
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:

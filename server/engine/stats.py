@@ -37,5 +37,6 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found there
     block_size: int = 0  # tokens per KV-cache block
+    kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype
     step_phase_seconds: dict[str, Any] = field(default_factory=dict)  # phase -> loadstats.Histogram (steptimer)
     step_tokens: Any = None  # loadstats.Histogram of the tokens scheduled per model step
