@@ -22,9 +22,36 @@ MAX_CHOICES = 256  # prompts x n in one request
 TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _valid_unicode(data: Any) -> bool:
+    """Whether every string in parsed JSON encodes as UTF-8. It runs on the event loop over bodies of up to
+    --max-body-bytes, so it stays cheap: a list of numbers is passed over in one C-level scan of its types, and
+    no path is built (a body of 2.7M token ids took 2.4 s with the paths built for every element)."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is str:
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return False
+        elif kind is dict:
+            stack += value.keys()
+            stack += value.values()
+        elif kind is list and not _SCALARS.issuperset(map(type, value)):
+            stack += value
+    return True
+
+
 def _check_unicode(data: Any) -> None:
-    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates such as "\\ud800", which JSON allows).
-    Iterative: a deeply nested body must not turn into a RecursionError (a 500)."""
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates such as "\\ud800", which JSON allows),
+    naming where the first one is. Iterative: a deeply nested body must not turn into a RecursionError (a 500)."""
+    if _valid_unicode(data):
+        return
     stack: list[tuple[Any, str]] = [(data, "")]
     while stack:
         value, where = stack.pop()
@@ -43,14 +70,19 @@ def _check_unicode(data: Any) -> None:
 
 
 class _Strict(BaseModel):
-    """Unknown fields refused; NaN and infinities refused; every string valid Unicode."""
+    """Unknown fields refused; NaN and infinities refused."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Body(_Strict):
+    """A request body: every string in it valid Unicode, checked once on the raw JSON (so that the message says
+    what is wrong), not again for each nested model (a chat body of 250,000 content parts took 4.4 s so)."""
 
     @model_validator(mode="before")
     @classmethod
     def _unicode(cls, data: Any) -> Any:
-        _check_unicode(data)  # on the raw JSON, so that the message says what is wrong
+        _check_unicode(data)
         return data
 
 
@@ -120,7 +152,7 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
-class _Sampling(_Strict):
+class _Sampling(_Body):
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -189,12 +221,14 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
+    # tried in this order, the first that fits wins (a list of ids is not first validated as strings: on a body
+    # of 2.7M ids that collected an error per id, 1.5 s on the event loop)
     prompt: (
         str
-        | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
         | list[TokenId]
+        | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
         | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)]
-    )
+    ) = Field(union_mode="left_to_right")
     max_tokens: int | None = Field(default=16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
@@ -243,6 +277,9 @@ class CompletionRequest(_Sampling):
             raise bad_request("suffix is not supported by this server", param="suffix")
 
 
+_PART_KEYS = {"type", "text"}
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -250,8 +287,19 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(default=None, union_mode="left_to_right")
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_parts(cls, v: Any) -> Any:
+        """Well-formed text parts joined here, in one pass: as models they cost ~2.5 us each, and a body of 300,000
+        parts held the event loop for 0.7 s. Anything else goes to the union's validation, which says what is
+        wrong."""
+        if type(v) is list and all(type(p) is dict and p.keys() == _PART_KEYS and p["type"] == "text"
+                                   and type(p["text"]) is str for p in v):  # fmt: skip
+            return "".join(p["text"] for p in v)
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
