@@ -49,6 +49,10 @@ def test_loading_then_ready_without_tokenizer_or_admin(tmp_path, hotlora_cache, 
         assert r.status_code == 200, r.text
         assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
                                    "prompt_tokens_details": {"cached_tokens": 0}}
+        for extra in ({"echo": True}, {"echo": True, "stream": True}):  # the ids have no text to echo: not a 500
+            r = httpx.post(srv.url + "/v1/completions", json={"model": name, "prompt": [1, 2], "max_tokens": 1} | extra)
+            assert_openai_error(r, 400, "no tokenizer")
+        assert srv.call(srv.engine.stats).kv_blocks_used == 0
     finally:
         gate.set()
         srv.stop()

@@ -248,6 +248,8 @@ def _echoed(state: AppState, body: CompletionRequest) -> list[str]:
     """Each choice's echoed prompt text ("" without echo), in choice order."""
     if not body.echo:
         return [""] * (len(body.prompts()) * body.n)
+    if state.tokenizer is None:  # token-id prompts are served, but their text cannot be echoed
+        raise bad_request("echo needs the prompt's text: this model has no tokenizer", param="echo")
     texts = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in body.prompts()]
     return [t for t in texts for _ in range(body.n)]
 
