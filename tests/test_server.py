@@ -66,6 +66,22 @@ def test_chat_completion_through_the_template(client, server):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_null_where_openai_allows_it_means_the_default(http):
+    """n, stream, echo and chat's logprobs may be null in OpenAI's spec (vLLM declares them Optional): one
+    non-streamed choice with no echo and no logprobs, as when they are left out."""
+    greedy = {"temperature": 0.0, "ignore_eos": True}
+    nulls = {"n": None, "stream": None, "max_tokens": 3} | greedy
+    got = http.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "echo": None} | nulls)
+    want = http.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 3} | greedy)
+    assert got.status_code == want.status_code == 200, got.text
+    assert [c["text"] for c in got.json()["choices"]] == [c["text"] for c in want.json()["choices"]]
+    assert got.json()["choices"][0]["logprobs"] is None
+    chat = {"model": "a", "messages": [{"role": "user", "content": "Say hi"}], "logprobs": None} | nulls
+    r = http.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+
+
 def test_concurrent_streams_with_different_adapters_match_their_solo_outputs(client, server):
     models = [server.state.model_name, "a", "b"]
     solo = {m: complete(client, m) for m in models}

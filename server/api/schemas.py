@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from hotlora.server.api.errors import bad_request
 from hotlora.server.engine.types import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, StructuredSpec
@@ -84,6 +84,12 @@ class _Body(_Strict):
     def _unicode(cls, data: Any) -> Any:
         _check_unicode(data)
         return data
+
+
+def _null_is_default(cls: type[BaseModel], v: Any, info: ValidationInfo) -> Any:
+    """A before-validator for fields OpenAI's spec lets be null (n, stream, echo, chat's logprobs), as vLLM's
+    Optional fields: null means the default."""
+    return cls.model_fields[info.field_name].default if v is None else v
 
 
 class JsonSchemaFormat(_Strict):
@@ -177,6 +183,8 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64)
 
+    _nullable = field_validator("n", "stream", mode="before")(_null_is_default)
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
@@ -234,6 +242,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
+    _nullable_echo = field_validator("echo", mode="before")(_null_is_default)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -322,6 +331,7 @@ class ChatCompletionRequest(_Sampling):
     # vLLM extensions
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    _nullable_logprobs = field_validator("logprobs", mode="before")(_null_is_default)
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
