@@ -72,6 +72,19 @@ def finished_by_length(http: httpx.Client) -> float:
     return scrape(http).get(("hotlora_request_success_total", (("finished_reason", "length"),)), 0.0)
 
 
+def aborted_and_tokens(http: httpx.Client) -> tuple[float, float, float]:
+    """(requests ended by an abort, prompt tokens, generated tokens) on /metrics."""
+    m = scrape(http)
+    return (m.get(("hotlora_request_success_total", (("finished_reason", "abort"),)), 0.0),
+            m[("hotlora_prompt_tokens_total", ())], m[("hotlora_generation_tokens_total", ())])  # fmt: skip
+
+
+def assert_one_abort_counted(http: httpx.Client, before: tuple[float, float, float]) -> None:
+    """A request the client left is counted as it ends: an abort, with its prompt and the tokens it got."""
+    aborts, prompt, generated = aborted_and_tokens(http)
+    assert aborts == before[0] + 1 and prompt > before[1] and generated > before[2], (before, aborts, prompt)
+
+
 def long_body(model: str, stream: bool) -> dict:
     return {"model": model, "prompt": PROMPT, "max_tokens": LONG, "stream": stream, **GREEDY}
 
@@ -193,7 +206,7 @@ def test_overload_is_429(http, server, base):
 
 def test_stream_disconnect_aborts_and_frees_kv_blocks(http, server, base):
     wait_idle(server)
-    before = finished_by_length(http)
+    before, counts = finished_by_length(http), aborted_and_tokens(http)
     with http.stream("POST", "/v1/completions", json=long_body(base, True)) as r:
         lines = r.iter_lines()  # held: dropping the iterator closes the connection
         first = next(line for line in lines if line.startswith("data: {"))
@@ -202,11 +215,12 @@ def test_stream_disconnect_aborts_and_frees_kv_blocks(http, server, base):
         assert running.num_running == 1 and running.kv_blocks_used > 0, running
     wait_idle(server, timeout=10)
     assert finished_by_length(http) == before, "the sequence ran to its end instead of being aborted"
+    assert_one_abort_counted(http, counts)
 
 
 def test_non_stream_disconnect_aborts_and_frees_kv_blocks(server, http, base):
     wait_idle(server)
-    before = finished_by_length(http)
+    before, counts = finished_by_length(http), aborted_and_tokens(http)
     url = server.url + "/v1/completions"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         gave_up = pool.submit(httpx.post, url, json=long_body(base, False), timeout=1.5)
@@ -216,6 +230,8 @@ def test_non_stream_disconnect_aborts_and_frees_kv_blocks(server, http, base):
             gave_up.result()
     wait_idle(server, timeout=10)
     assert finished_by_length(http) == before, "the sequence ran to its end instead of being aborted"
+    until(lambda: aborted_and_tokens(http)[0] > counts[0], timeout=5)  # noticed at the next disconnect poll
+    assert_one_abort_counted(http, counts)
 
 
 def test_metrics_exposition(http, server, base):

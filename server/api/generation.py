@@ -202,6 +202,7 @@ async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOu
                 yield c, out
         finally:
             c.stream.close()
+            c.timer.closed()
         return
     pending: dict[asyncio.Future, Choice] = {}
 
@@ -225,6 +226,7 @@ async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOu
             fut.cancel()
         for c in choices:
             c.stream.close()
+            c.timer.closed()
 
 
 async def until_disconnect(request: HTTPRequest, work: Awaitable[Any], poll_s: float = 0.25) -> Any:

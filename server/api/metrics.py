@@ -268,9 +268,12 @@ class RequestTimer:
         self.m = metrics
         self.start = self.last = start or time.monotonic()
         self.first_seen = 0.0  # when the first output token reached the API
+        self.seen: Any = None  # the latest output (its token counts are cumulative)
+        self.ended = False
 
     def output(self, out: Any) -> None:
         now = time.monotonic()
+        self.seen = out
         if out.new_token_ids:
             if self.first_seen:
                 self.m.itl.observe(now - self.last)
@@ -280,11 +283,22 @@ class RequestTimer:
                 self.m.phases.ttft.observe(now - self.start)
             self.last = now
         if out.finished:
-            self.m.e2e.observe(now - self.start)
-            self.m.phases.e2e.observe(now - self.start)
-            self.m.prompt_tokens.inc(out.prompt_tokens)
-            self.m.generation_tokens.inc(out.completion_tokens)
             reason = "error" if out.error else (out.finish_reason.value if out.finish_reason else "unknown")
-            self.m.requests.labels(reason).inc()
+            self._end(now, reason)
             if out.timing is not None:
                 self.m.phases.observe(out.timing, self.first_seen)
+
+    def closed(self) -> None:
+        """The stream was closed: if before its last output (the client left, and the API aborted it), the
+        request ends here as an abort, with the tokens of the latest output it got."""
+        if not self.ended:
+            self._end(time.monotonic(), "abort")
+
+    def _end(self, now: float, reason: str) -> None:
+        self.ended = True
+        self.m.e2e.observe(now - self.start)
+        self.m.phases.e2e.observe(now - self.start)
+        if self.seen is not None:
+            self.m.prompt_tokens.inc(self.seen.prompt_tokens)
+            self.m.generation_tokens.inc(self.seen.completion_tokens)
+        self.m.requests.labels(reason).inc()
