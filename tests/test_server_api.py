@@ -144,12 +144,12 @@ def test_stream_options_without_stream_are_400(http, base):
 def test_logprob_bytes_rebuild_a_character_split_over_tokens(server):
     """OpenAI's `bytes`: the token's own UTF-8 bytes, so that joining them rebuilds a character that the
     tokenizer split over several tokens (each of which decodes to U+FFFD alone)."""
-    from hotlora.server.api.openai_routes import _chat_logprobs
+    from hotlora.server.api.logprobs import chat_logprobs
     from hotlora.server.engine.types import TokenLogprob
 
     text = "🎉 ok"
     ids = server.state.tokenizer.encode(text, add_special_tokens=False)
-    entries = _chat_logprobs(server.state, [TokenLogprob(i, -1.0) for i in ids])["content"]
+    entries = chat_logprobs(server.state, [TokenLogprob(i, -1.0) for i in ids])["content"]
     assert any(e["token"] == "\ufffd" for e in entries), entries  # the emoji is split over tokens
     assert bytes(b for e in entries for b in e["bytes"]) == text.encode()
 

@@ -154,3 +154,21 @@ def test_echo_with_logprobs_scores_the_prompt(client, base, server):
     streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
     assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
     assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
+
+
+def test_text_offsets_follow_the_text_where_tokens_split_characters(client, base, server):
+    """Tokens holding part of a character (each decodes alone to U+FFFD) add no text until it completes: every
+    offset indexes the returned text, the prompt's are where its text stands before each token, and streamed
+    and non-streamed offsets agree."""
+    prompt, tok = "Party time: 🎉🎉🎉 and 🦜", server.state.tokenizer
+    ids = tok.encode(prompt, add_special_tokens=False)
+    assert sum(tok.decode([i]) == "\ufffd" for i in ids) >= 4  # the emoji are split over tokens
+    kw = dict(model=base, prompt=prompt, max_tokens=8, temperature=0, logprobs=0, echo=True,
+              extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0]
+    offsets = whole.logprobs.text_offset
+    assert offsets[: len(ids)] == [len(tok.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+    assert offsets == sorted(offsets) and offsets[-1] <= len(whole.text) and offsets[len(ids)] == len(prompt)
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == offsets

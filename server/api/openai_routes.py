@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +16,7 @@ from hotlora.adapters.mixspec import MixError, is_mix, parse_mix
 from hotlora.adapters.s3store import S3AdapterStore
 from hotlora.adapters.store import NAME_RE
 from hotlora.server.api import generation as gen
+from hotlora.server.api import logprobs as lpo
 from hotlora.server.api.errors import APIError, bad_request, model_not_found
 from hotlora.server.api.schemas import ChatCompletionRequest, CompletionRequest
 from hotlora.server.api.state import AppState
@@ -61,84 +60,6 @@ class _Tally:
         return _usage(sum(self.prompt.values()), sum(self.completion.values()), sum(self.cached.values()))
 
 
-# --- logprobs --------------------------------------------------------------------------------------
-
-
-def _piece(state: AppState, token_id: int) -> str:
-    return state.tokenizer.decode([token_id]) if state.tokenizer is not None else f"<{token_id}>"
-
-
-@functools.cache
-def _byte_level_chars() -> dict[str, int]:
-    """Byte-level BPE's (GPT-2's) alphabet: one printable character per byte, back to the byte."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in kept]
-    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
-
-
-@functools.lru_cache(maxsize=4)
-def _byte_level(tok: Any) -> bool:
-    """Whether the tokenizer decodes with byte-level BPE (asked once per tokenizer, not per logprob entry)."""
-    return type(getattr(getattr(tok, "backend_tokenizer", None), "decoder", None)).__name__ == "ByteLevel"
-
-
-def _token_bytes(state: AppState, token_id: int, piece: str) -> list[int]:
-    """The token's own bytes (OpenAI's `bytes`: joined, they rebuild a character split over tokens, each of which
-    decodes to U+FFFD alone): byte-level BPE spells them in its alphabet, SentencePiece as <0xNN>."""
-    tok = state.tokenizer
-    raw = tok.convert_ids_to_tokens(token_id) if tok is not None else None
-    if isinstance(raw, str) and raw:
-        chars = _byte_level_chars()
-        if _byte_level(tok) and all(c in chars for c in raw):
-            return [chars[c] for c in raw]
-        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", raw):
-            return [int(raw[3:5], 16)]
-    return list(piece.encode())
-
-
-# one token of a completions logprobs object: id, its logprob and alternatives (None for the first prompt token)
-_Entry = tuple[int, float | None, list[tuple[int, float]] | None]
-
-
-def _entries(lps: list[TokenLogprob] | None) -> list[_Entry]:
-    return [(lp.token_id, lp.logprob, lp.top) for lp in lps or []]
-
-
-def _prompt_entries(ids: list[int], lps: list[TokenLogprob | None]) -> list[_Entry]:
-    return [(i, None, None) if lp is None else (lp.token_id, lp.logprob, lp.top)
-            for i, lp in zip(ids, lps, strict=True)]
-
-
-def _completion_logprobs(state: AppState, entries: list[_Entry] | None, offset: int) -> dict[str, Any] | None:
-    """OpenAI's legacy logprobs object; text offsets count on from `offset`."""
-    if entries is None:
-        return None
-    tokens = [_piece(state, token) for token, _, _ in entries]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [None if top is None else {_piece(state, i): v for i, v in top} for _, _, top in entries],
-        "text_offset": offsets,
-    }
-
-
-def _chat_logprobs(state: AppState, lps: list[TokenLogprob] | None) -> dict[str, Any] | None:
-    if lps is None:
-        return None
-
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        piece = _piece(state, token_id)
-        return {"token": piece, "logprob": logprob, "bytes": _token_bytes(state, token_id, piece)}
-
-    return {
-        "content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in lps]
-    }
-
-
 # --- shared driver -----------------------------------------------------------------------------------
 
 
@@ -157,10 +78,10 @@ def _joined_logprobs(outs: list[RequestOutput]) -> list[TokenLogprob] | None:
     return [lp for o in outs for lp in (o.logprobs or [])]
 
 
-def _prompt_logprobs(c: gen.Choice, outs: list[RequestOutput]) -> list[_Entry]:
+def _prompt_logprobs(c: gen.Choice, outs: list[RequestOutput]) -> list[lpo.Entry]:
     """The prompt's entries (echo with logprobs), from whichever output carried them ([] if none did)."""
     lps = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
-    return [] if lps is None else _prompt_entries(c.request.prompt_token_ids, lps)
+    return [] if lps is None else lpo.prompt_entries(c.request.prompt_token_ids, lps)
 
 
 def _usage_options(body: Any) -> tuple[bool, bool]:
@@ -275,11 +196,13 @@ async def completions(body: CompletionRequest, request: Request):
         offsets: dict[int, int] = {c.index: 0 if late_echo else len(echo[c.index]) for c in choices}
 
         def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any]:
-            text, entries = out.new_text, None if out.logprobs is None else _entries(out.logprobs)
+            text, entries = out.new_text, None if out.logprobs is None else lpo.entries(out.logprobs)
+            at = lpo.output_offsets([out], offsets[c.index])
             if late_echo and out.prompt_logprobs is not None:
-                text = echo[c.index] + text
-                entries = _prompt_entries(c.request.prompt_token_ids, out.prompt_logprobs) + (entries or [])
-            lp = _completion_logprobs(state, entries, offsets[c.index])
+                ids, text = c.request.prompt_token_ids, echo[c.index] + text
+                at = lpo.prompt_offsets(state, ids) + lpo.output_offsets([out], len(echo[c.index]))
+                entries = lpo.prompt_entries(ids, out.prompt_logprobs) + (entries or [])
+            lp = lpo.completion_logprobs(state, entries, at)
             offsets[c.index] += len(text)
             return head | {
                 "choices": [{"index": c.index, "text": text, "logprobs": lp, "finish_reason": _finish(out)}]
@@ -296,10 +219,13 @@ async def completions(body: CompletionRequest, request: Request):
 
     def choice_body(c: gen.Choice, o: list[RequestOutput]) -> dict[str, Any]:
         joined = _joined_logprobs(o)
-        if body.echo and joined is not None:  # offsets count from the start of the echoed prompt
-            lp = _completion_logprobs(state, _prompt_logprobs(c, o) + _entries(joined), 0)
+        offsets = lpo.output_offsets(o, len(echo[c.index]))
+        if body.echo and joined is not None:  # the prompt's entries first, offsets from the echoed prompt's start
+            prompt = _prompt_logprobs(c, o)
+            at = lpo.prompt_offsets(state, c.request.prompt_token_ids[: len(prompt)])
+            lp = lpo.completion_logprobs(state, prompt + lpo.entries(joined), at + offsets)
         else:
-            lp = _completion_logprobs(state, None if joined is None else _entries(joined), len(echo[c.index]))
+            lp = lpo.completion_logprobs(state, None if joined is None else lpo.entries(joined), offsets)
         return {"text": echo[c.index] + _text(o), "logprobs": lp}
 
     result = await _final_choices(request, choices, tally, choice_body)
@@ -334,7 +260,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
         def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any]:
             delta = {"content": out.new_text} if out.new_text else {}
-            return body_of(c.index, delta, _chat_logprobs(state, out.logprobs), _finish(out))
+            return body_of(c.index, delta, lpo.chat_logprobs(state, out.logprobs), _finish(out))
 
         first = [_sse(body_of(c.index, {"role": "assistant", "content": ""}, None, None)) for c in choices]
         return StreamingResponse(
@@ -345,7 +271,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     result = await _final_choices(
         request, choices, tally,
         lambda _c, o: {"message": {"role": "assistant", "content": _text(o)},
-                   "logprobs": _chat_logprobs(state, _joined_logprobs(o))},
+                   "logprobs": lpo.chat_logprobs(state, _joined_logprobs(o))},
     )
     return JSONResponse(head | {"object": "chat.completion", "choices": result, "usage": tally.usage()})
 
