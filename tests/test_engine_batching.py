@@ -100,6 +100,34 @@ def test_stop_strings_eos_and_length(engine):
     assert full.finish_reason is FinishReason.LENGTH and len(full.new_token_ids) == 12
 
 
+def test_stop_strings_around_min_tokens_follow_vllm(engine):
+    """vLLM's rule: a stop string counts only where it ends in the text of a token after the first min_tokens
+    (it may begin before), and the text is cut where it begins. Against that rule applied to the plain greedy
+    output (one character a token here): stop strings ending in token min_tokens, straddling it, or after it,
+    released piece by piece."""
+    tok = engine.tokenizer
+    ids = tok.encode(PROMPTS[2])
+    (full,) = engine.generate([Request("mt-full", ids, GREEDY)])
+    assert full.new_text.startswith(" 5, 6, 7, 8,")
+    upto = [tok.decode(full.new_token_ids[:i]) for i in range(len(full.new_token_ids) + 1)]
+
+    def expected(stop: str, k: int) -> tuple[str, FinishReason]:
+        at = full.new_text.find(stop, max(0, len(upto[k]) - len(stop) + 1))
+        return (full.new_text, FinishReason.LENGTH) if at < 0 else (full.new_text[:at], FinishReason.STOP)
+
+    cases = [(", ", 3), (", ", 4), (",", 2), (",", 3), (" 6,", 4), ("5, 6", 2), ("8,", 11)]
+    for j, (stop, k) in enumerate(cases):
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop], min_tokens=k)
+        engine.add_request(Request(f"mt{j}", ids, params))
+        pieces, finish = [], None
+        while engine.has_unfinished():
+            for out in engine.step():
+                pieces.append(out.new_text)
+                finish = out.finish_reason if out.finished else finish
+        assert ("".join(pieces), finish) == expected(stop, k), (stop, k)
+    assert engine.blocks.num_used == 0
+
+
 def test_bad_requests_are_refused_without_side_effects(engine):
     from hotlora.server.engine.engine import InvalidRequestError, PromptTooLongError, UnknownAdapterError
 

@@ -17,7 +17,7 @@ from hotlora.server.engine.sequence import Sequence
 @dataclass(slots=True)
 class DetokState:
     emitted: int = 0  # characters of the decoded text already released
-    stop_start: int = 0  # a stop string must end after this character (the text before min_tokens was reached)
+    stop_start: int = 0  # a stop string must end after this character (the text of the first min_tokens tokens)
     text: str = ""  # the decoded text of ids[:read]
     prefix: int = 0  # ids[prefix:read] are decoded again beside the new ids: the context for their spacing
     read: int = 0
@@ -75,12 +75,14 @@ class Detokenizer:
         generated = seq.token_ids[seq.num_prompt : end]
         ids = generated[:-1] if drop_last else generated
         text = state.advance(self.decode, ids, final)
-        # as vLLM: stop strings count only once min_tokens tokens exist, and only where they end after that
-        stops = seq.params.stop if len(generated) >= seq.params.min_tokens else []
-        if not stops:
+        # as vLLM: a stop string counts only where it ends in the text of a token after the first min_tokens
+        # (it may start before); its beginning is held back all along, so that no released text needs taking back
+        stops = seq.params.stop
+        counting = stops if len(generated) > seq.params.min_tokens else []
+        if not counting:
             state.stop_start = len(text)
         stopped = False
-        if stops:
+        if counting:
             window = max(0, state.emitted - max(len(s) for s in stops))
             starts = [max(window, state.stop_start - len(s) + 1) for s in stops]
             hits = [i for i in (text.find(s, w) for s, w in zip(stops, starts, strict=True)) if i >= 0]
