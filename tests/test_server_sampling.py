@@ -138,7 +138,10 @@ def test_echo_with_logprobs_scores_the_prompt(client, base, server):
     assert echoed.text == prompt + plain.text
     assert lp.tokens == [tok.decode([i]) for i in ids] + plain.logprobs.tokens
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
-    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(0 < len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(0 < len(t) <= 3 for t in lp.top_logprobs[1:])
+    # each token's own logprob leads its alternatives (OpenAI: "up to logprobs+1 elements"), sampled or prompt
+    assert all(next(iter(t.items())) == (s, v) for s, v, t in zip(lp.tokens[1:], lp.token_logprobs[1:],
+                                                                   lp.top_logprobs[1:], strict=True))
     assert lp.token_logprobs[n:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     # independently: the last prompt token's logprob is what the server reports when it is forced to generate

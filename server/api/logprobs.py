@@ -80,6 +80,14 @@ def prompt_offsets(state: AppState, ids: list[int]) -> list[int]:
     return offsets
 
 
+def _top(state: AppState, text: str, logprob: float | None, top: list[tuple[int, float]]) -> dict[str, float | None]:
+    """The token itself first (sampled, or the prompt's), then its alternatives: up to logprobs + 1 entries, as
+    OpenAI and vLLM return them. An alternative spelled as the token (another id decoding to U+FFFD, say) does
+    not replace its logprob."""
+    alternatives = {piece(state, i): v for i, v in top}
+    return {text: logprob} | {k: v for k, v in alternatives.items() if k != text}
+
+
 def completion_logprobs(state: AppState, entries: list[Entry] | None, offsets: list[int]) -> dict[str, Any] | None:
     """OpenAI's legacy logprobs object, with each entry's text offset."""
     if entries is None:
@@ -88,7 +96,8 @@ def completion_logprobs(state: AppState, entries: list[Entry] | None, offsets: l
     return {
         "tokens": tokens,
         "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [None if top is None else {piece(state, i): v for i, v in top} for _, _, top in entries],
+        "top_logprobs": [None if top is None else _top(state, text, lp, top)
+                         for text, (_, lp, top) in zip(tokens, entries, strict=True)],
         "text_offset": offsets,
     }
 
