@@ -13,6 +13,7 @@ every request; the sampler's own batch independence on identical logits is tests
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import jsonschema
@@ -115,3 +116,17 @@ def test_a_grammar_ends_the_request_before_min_tokens(engine):
         assert out.error is None and out.finish_reason.value == "stop"
         assert out.new_text in ("yes", "no") and out.new_token_ids[-1] in engine.eos_ids
         assert engine.tokenizer.decode(out.new_token_ids[:-1]) == out.new_text
+
+
+def test_logprobs_under_a_grammar_are_over_what_it_allows(engine):
+    """As vLLM (it masks the logits before sampling): a greedy token is the top alternative, the alternatives'
+    probabilities add up to at most 1, and the token the finished grammar forces (EOS) has probability 1."""
+    ids = engine.tokenizer.encode("Is the sky blue? Answer:")
+    choice = StructuredSpec("choice", json.dumps(["maybe", "never"]))
+    (out,) = engine.generate([Request("lp", ids, SamplingParams(max_tokens=6, temperature=0.0, logprobs=5,
+                                                                structured=choice))])  # fmt: skip
+    assert out.new_text in ("maybe", "never") and len(out.logprobs) == len(out.new_token_ids)
+    for lp in out.logprobs:
+        assert lp.top[0] == (lp.token_id, lp.logprob)
+        assert sum(math.exp(v) for _, v in lp.top) <= 1 + 1e-4
+    assert out.logprobs[-1].token_id in engine.eos_ids and out.logprobs[-1].logprob == pytest.approx(0.0, abs=1e-5)

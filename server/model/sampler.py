@@ -150,7 +150,8 @@ def _draw(logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
 
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[int], top: int) -> torch.Tensor:
     """[A, 1 + 2 * top] float64 for the asked rows: the chosen token's logprob, then the top alternatives'
-    ids and logprobs (the model's own distribution: raw logits, before processors and temperature)."""
+    ids and logprobs (the model's own distribution, before processors and temperature; over the tokens a grammar
+    allows, with the rest at -9999)."""
     lp = torch.log_softmax(_select(raw, rows).float(), dim=-1)
     # non-finite logits (an adapter whose weights overflow) give NaN, which JSON cannot carry: -9999 as vLLM's floor
     lp = torch.nan_to_num(lp, nan=-9999.0, posinf=-9999.0, neginf=-9999.0)
@@ -223,8 +224,8 @@ def launch_sample(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: 
     """logits [S, V] float32, one row per request: grammars, processors, the greedy and drawn tokens and the
     asked logprobs, all issued on the logits' device with no host sync (on CUDA they queue behind the step's
     forward)."""
-    raw = logits
     logits = apply_grammars(logits, [r.grammar for r in requests])
+    allowed = logits  # logprobs are the model's own over what a grammar allows (vLLM masks before it samples too)
     logits = process(logits, requests, eos_ids or set())
     drawn = [i for i, r in enumerate(requests) if not r.params.greedy]
     if len(drawn) == len(requests):
@@ -238,7 +239,7 @@ def launch_sample(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: 
     if not asked:
         return PendingSample(tokens, requests, [], 0, tokens)
     top = max(requests[i].params.logprobs for i in asked)
-    block = _logprobs(raw, tokens, asked, top)
+    block = _logprobs(allowed, tokens, asked, top)
     # ids < 2**53 are exact in float64
     return PendingSample(torch.cat([tokens.double(), block.flatten()]), requests, asked, top, tokens)
 
