@@ -175,8 +175,8 @@ class LoraSlotCache:
         copying it in; `poll(slot)` says when it is usable. None when every slot or row is held by
         running, pinned or still-loading adapters. high: rows from the top of the pool (RowAllocator)."""
         rank, scale, ranks = _layout(adapter)
-        if rank > self.pool_rows:
-            raise ValueError(f"rank {rank} does not fit a pool of {self.pool_rows} rows")
+        if rank > self.pool_rows:  # the request fails, not the step (EngineConfig keeps max_lora_rank within)
+            raise AdapterError(f"rank {rank} does not fit a pool of {self.pool_rows} rows")
         while True:
             slot = self.slots.index(None) if None in self.slots else None
             start = self.rows.alloc(rank, high) if slot is not None else None

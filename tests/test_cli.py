@@ -89,3 +89,5 @@ def test_only_the_batch_limits_may_be_left_to_the_device(name):
         EngineConfig(**{name: None})
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="lora_pool_rows"):  # an adapter of the largest rank must fit the pool
+        EngineConfig(max_lora_rank=16, lora_pool_rows=8)

@@ -63,6 +63,11 @@ class EngineConfig:
                 continue  # filled by for_device; None elsewhere would only fail later, deep in the engine
             if value is None or value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.lora_pool_rows is not None and self.lora_pool_rows < self.max_lora_rank:
+            # an adapter of the largest accepted rank must fit the pool: one that cannot is accepted at upload
+            # and then fails its every request
+            raise ValueError(f"lora_pool_rows ({self.lora_pool_rows}) must be at least max_lora_rank "
+                             f"({self.max_lora_rank})")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory <= 0:
