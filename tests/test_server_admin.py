@@ -4,10 +4,12 @@ uploads (files and archives), listing, pinning and deletion, refusals that leave
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import tarfile
 
+import httpx
 import pytest
 from server_harness import AUTH, TOKEN, ServerThread, assert_openai_error, complete_http, server_settings, upload
 
@@ -53,6 +55,22 @@ def test_admin_upload_list_delete(http, server, base, peft_dirs):
     r = http.post("/v1/completions", json={"model": "task-a", "prompt": [1], "max_tokens": 1})
     assert_openai_error(r, 404, "does not exist")
     assert server.state.store.list() == [] and http.get("/admin/adapters", headers=AUTH).json()["data"] == []
+
+
+def test_admin_calls_racing_a_delete_get_2xx_or_404(http, server, peft_dirs):
+    """unload, load and GET racing a DELETE of the same adapter: each is answered 2xx or 404, and the server keeps
+    serving (an unload whose adapter was deleted between its two engine calls was a 500 that reset the
+    connection)."""
+    calls = [("DELETE", ""), ("POST", "/unload"), ("POST", "/load"), ("GET", ""), ("POST", "/unload")]
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        for _ in range(8):
+            assert upload(http, "racer", peft_dirs["a"]).status_code in (200, 201)
+            futures = [pool.submit(httpx.request, method, f"{server.url}/admin/adapters/racer{path}", headers=AUTH,
+                                   timeout=60) for method, path in calls]  # fmt: skip
+            statuses = [f.result().status_code for f in futures]
+            assert all(s < 300 or s == 404 for s in statuses), statuses
+            http.delete("/admin/adapters/racer", headers=AUTH)
+    assert complete_http(http, server.state.model_name)["usage"]["completion_tokens"] == 3
 
 
 def test_admin_archive_upload(http, server, base, peft_dirs):

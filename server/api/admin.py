@@ -288,9 +288,14 @@ async def unload_adapter(name: str, request: Request):
     state = _state(request)
     _name(state, name)
     registry = state.engine.engine.registry
+    await state.sync_adapter(name)
+
+    def unload() -> tuple[bool, Any]:  # one call on the engine thread: a DELETE cannot come in between
+        freed = registry.unload(name)
+        return freed, next(a for a in registry.info() if a.name == name)
+
     try:
-        freed = await state.engine.call(registry.unload, name)
+        freed, info = await state.engine.call(unload)
     except KeyError:
         raise _not_found(name) from None
-    infos = await state.engine.call(registry.info)
-    return next(_info(a) for a in infos if a.name == name) | {"slot_freed": freed}
+    return _info(info) | {"slot_freed": freed}
