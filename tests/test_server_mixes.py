@@ -4,6 +4,8 @@ POST /admin/adapters/{name}/export streaming the merged model as a .tar."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import io
 import json
 import shutil
@@ -11,6 +13,7 @@ import socket
 import tarfile
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -174,6 +177,27 @@ def test_an_export_whose_client_left_during_the_merge_leaves_nothing_behind(serv
 ])
 def test_export_refusals(name, params, status, match, http):
     assert_openai_error(http.post(f"/admin/adapters/{name}/export", params=params, headers=AUTH), status, match)
+
+
+def test_an_adapter_deleted_while_its_export_waits_is_a_404(http, server):
+    """One merge at a time: an export waits for the one before it (here the test holds the lock), and an adapter
+    deleted meanwhile is a 404 once the export's turn comes (it was a 500), with nothing left in exports/."""
+    assert upload(http, "gone", server.peft_dirs["c"]).status_code == 201
+    loop, lock = server.state.engine._loop, server.state.export_lock
+    asyncio.run_coroutine_threadsafe(lock.acquire(), loop).result(10)  # another export merging
+    held = True
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, f"{server.url}/admin/adapters/gone/export", headers=AUTH, timeout=60)
+            until(lambda: len(lock._waiters or ()) == 1, 30, "the export waiting for its turn")
+            assert http.delete("/admin/adapters/gone", headers=AUTH).status_code == 200
+            loop.call_soon_threadsafe(lock.release)
+            held = False
+            assert_openai_error(waiting.result(), 404, "'gone'")
+    finally:
+        if held:
+            loop.call_soon_threadsafe(lock.release)
+    until(lambda: not any((server.state.adapter_dir.parent / "exports").iterdir()), 30, "the export's folder gone")
 
 
 def test_export_needs_the_admin_token(http):

@@ -72,6 +72,20 @@ def test_other_replicas_writes_are_served_swapped_and_deleted(http, server, othe
     assert complete(http, "swap").status_code == 404
 
 
+def test_an_adapter_only_another_replica_wrote_is_exported_and_unloaded(http, other, peft_dirs):
+    """Export and unload sync the name from the store first, as a request does (export was a 404 here)."""
+    other.put_folder("elsewhere", peft_dirs["c"])
+    with http.stream("POST", "/admin/adapters/elsewhere/export", headers=AUTH, params={"dtype": "bfloat16"}) as r:
+        assert r.status_code == 200, r.read()
+        head = next(r.iter_bytes(512))
+    assert b"-elsewhere" in head  # the archive's top folder: <model>-<adapter>
+    r = http.post("/admin/adapters/unsynced/unload", headers=AUTH)
+    assert r.status_code == 404
+    other.put_folder("unsynced", peft_dirs["a"])
+    r = http.post("/admin/adapters/unsynced/unload", headers=AUTH)
+    assert r.status_code == 200 and r.json()["name"] == "unsynced", r.text
+
+
 def test_uploads_go_to_the_store(http, other, peft_dirs):
     r = upload(http, "up", peft_dirs["a"])
     assert r.status_code == 201, r.text

@@ -29,7 +29,9 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from hotlora.adapters.mixspec import is_mix
+from hotlora.adapters.mixspec import MixError, is_mix, parse_mix
+from hotlora.adapters.peft_config import AdapterError
+from hotlora.adapters.store import NAME_RE
 from hotlora.server.api.auth import require_admin
 from hotlora.server.api.errors import APIError, bad_request
 from hotlora.server.api.state import AppState
@@ -46,10 +48,18 @@ def _state(request: Request) -> AppState:
 
 
 async def _sources(state: AppState, name: str) -> tuple[list[Path], list[float] | None]:
-    """The adapter folders (immutable store versions) and mix weights that `name` stands for now."""
+    """The adapter folders (immutable store versions) and mix weights that `name` stands for now: with the shared
+    store, each adapter named is first synced to the store's current version (as a request naming it would be)."""
     from hotlora.adapters.mixes import MixVersion  # torch: imported on first use, as the engine is
 
     registry = state.engine.engine.registry
+    try:
+        names = parse_mix(name).names if is_mix(name) else [name]
+    except MixError as exc:
+        raise bad_request(str(exc), param="name", code="invalid_mix") from None
+    for n in names:
+        if NAME_RE.fullmatch(n):
+            await state.sync_adapter(n)  # a no-op for the local store
     try:
         v = await state.engine.call(registry.resolve, name)
     except KeyError as exc:
@@ -177,15 +187,20 @@ async def export_adapter(name: str, request: Request, dtype: str | None = None):
     state = _state(request)
     if dtype is not None and dtype not in DTYPES:
         raise bad_request(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", param="dtype")
-    folders, weights = await _sources(state, name)
+    await _sources(state, name)  # an unknown name or a bad mix is answered now, not after a running export
     ckpt = state.engine.engine.runner.checkpoint
     arcname = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{state.model_name}-{name}")[:200]
     root = state.adapter_dir.parent / "exports"
     await run_in_threadpool(sweep, root)
     work = await run_in_threadpool(WorkDir, root)
     try:
-        async with state.export_lock:
-            plan = await run_in_threadpool(load_plan, ckpt, folders, weights)
+        async with state.export_lock:  # resolved again once the lock is held: a delete meanwhile is a 404, not a 500
+            folders, weights = await _sources(state, name)
+            try:
+                plan = await run_in_threadpool(load_plan, ckpt, folders, weights)
+            except (AdapterError, OSError) as exc:  # its version's folder went meanwhile (deleted, or replaced)
+                raise APIError(409, f"adapter {name!r} changed during the export; retry: {exc}", param="name",
+                               code="adapter_changed") from None
             out = work.path / arcname
             await run_in_threadpool(merge_to_folder, ckpt, plan, out, dtype or base_dtype(ckpt), False, False)
         entries = _tar_entries(out, arcname)
