@@ -174,6 +174,17 @@ def max_adapter_bytes(linear_shapes: dict[str, tuple[int, int]], num_layers: int
     return params * 8 + (1 << 20)
 
 
+def check_finite_as(adapter: LoraAdapter, dtype: torch.dtype) -> None:
+    """Refuse weights that are finite as stored but not in `dtype`, the pools' (a float64 1e300 is inf in a float32
+    pool, a float32 1e5 in a float16 one): the device-side check of a cold load does the same, and an upload's
+    tensors are served without one."""
+    for (layer, module), pair in adapter.weights.items():
+        for side, t in zip("AB", pair, strict=True):
+            if t.dtype != dtype and t.dtype.itemsize >= dtype.itemsize and not bool(torch.isfinite(t.to(dtype)).all()):
+                raise _fail(f"layer {layer} {module} lora_{side}: weights overflow the server's {dtype} adapter "
+                            "pools (finite as stored, infinite there)")
+
+
 def check_compatible(
     adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, int]], num_layers: int, max_rank: int
 ) -> None:

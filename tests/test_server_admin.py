@@ -11,6 +11,7 @@ import tarfile
 
 import httpx
 import pytest
+from safetensors.torch import load_file, save
 from server_harness import AUTH, TOKEN, ServerThread, assert_openai_error, complete_http, server_settings, upload
 
 from hotlora.server.cli import main as cli_main
@@ -97,6 +98,9 @@ def test_admin_refusals_leave_the_store_unchanged(http, server, base, peft_dirs)
     before = server.state.store.list()
     listed = http.get("/admin/adapters", headers=AUTH).json()["data"]
     cfg, st = (peft_dirs["a"] / "adapter_config.json").read_bytes(), (peft_dirs["a"] / "adapter_model.safetensors")
+    huge = {k: t.double() for k, t in load_file(st).items()}  # finite as float64, infinite in the pools
+    next(iter(huge.values()))[0, 0] = 1e300
+    huge_files = [("f", ("adapter_config.json", cfg)), ("f", ("adapter_model.safetensors", save(huge)))]
     evil = io.BytesIO()
     with tarfile.open(fileobj=evil, mode="w:gz") as tar:
         info = tarfile.TarInfo("../adapter_config.json")
@@ -114,6 +118,7 @@ def test_admin_refusals_leave_the_store_unchanged(http, server, base, peft_dirs)
             "pickled",
         ),
         (http.post("/admin/adapters/x", files={"f": ("adapter_config.json", cfg)}, headers=AUTH), 400, "needs both"),
+        (http.post("/admin/adapters/keep", files=huge_files, headers=AUTH), 400, "overflow"),
         (
             http.post("/admin/adapters/x", files={"a": ("evil.tar.gz", evil.getvalue())}, headers=AUTH),
             400,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hotlora.adapters.archive import MAX_SMALL_FILE_BYTES
-from hotlora.adapters.peft_format import AdapterError, check_compatible, max_adapter_bytes
+from hotlora.adapters.peft_format import AdapterError, check_compatible, check_finite_as, max_adapter_bytes
 from hotlora.adapters.s3store import S3AdapterStore, StoreUnavailable, parse_s3_url
 from hotlora.adapters.store import DEFAULT_MAX_BYTES, AdapterNotFound, AdapterStore
 from hotlora.server.api.errors import APIError
@@ -97,8 +97,13 @@ class AppState:
         shapes, layers, max_rank = cfg.linear_shapes(), cfg.num_layers, self.settings.engine.max_lora_rank
         # what an adapter of the largest allowed rank can be for this base bounds what an upload may unpack to
         bound = max_adapter_bytes(shapes, layers, max_rank) + 2 * MAX_SMALL_FILE_BYTES
-        self.store = self._open_store(lambda a: check_compatible(a, shapes, layers, max_rank),
-                                      min(self.settings.max_upload_bytes, bound))
+        pool_dtype = engine.registry.cache.dtype
+
+        def check(adapter: Any) -> None:
+            check_compatible(adapter, shapes, layers, max_rank)
+            check_finite_as(adapter, pool_dtype)
+
+        self.store = self._open_store(check, min(self.settings.max_upload_bytes, bound))
         self.upload_limit = min(self.settings.max_upload_bytes, bound + (1 << 20))  # + archive/multipart framing
         self.refused = dict(self.store.refused)
         # the shared store is read lazily: only the versions cached here before a restart are registered now
