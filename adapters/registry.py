@@ -64,7 +64,7 @@ class AdapterRegistry:
                                  host=from_adapter(loaded) if loaded is not None else None)
         old = self.current.get(name)
         self.current[name] = version
-        self.stats.setdefault(name, NameStats())
+        stats = self.stats.setdefault(name, NameStats())
         if old is not None:
             self._retire(old)
             self.mixes.retire_component(old)
@@ -72,7 +72,22 @@ class AdapterRegistry:
             self._trim_host(keep=version)
         else:  # hashing a large file is disk-bound: keep it off the engine thread
             self._pool.submit(hash_weights, version)
+        if old is not None and stats.pinned:
+            self._carry_pin(name, in_memory=loaded is not None)
         return version
+
+    def _carry_pin(self, name: str, in_memory: bool) -> None:
+        """A pinned adapter replaced: the new version is pinned in its place when its weights are in memory (an
+        upload: pinning only copies them); else (a version another replica wrote to the shared store, read from
+        disk) the pin ends rather than stall the engine thread on the read, and says so."""
+        self.stats[name].pinned = False
+        if in_memory:
+            try:
+                self.pin(name)
+            except AdapterError as exc:
+                log.warning("adapter %r replaced: its new version could not be pinned: %s", name, exc)
+        else:
+            log.warning("adapter %r replaced from the store: unpinned (pin it again to keep it resident)", name)
 
     def remove(self, name: str) -> None:
         old = self.current.pop(name, None)

@@ -58,6 +58,24 @@ def test_admin_upload_list_delete(http, server, base, peft_dirs):
     assert server.state.store.list() == [] and http.get("/admin/adapters", headers=AUTH).json()["data"] == []
 
 
+def test_a_pinned_adapter_stays_pinned_across_a_re_upload(http, server, peft_dirs):
+    """The new version takes the pin (it was reported pinned while nothing held it resident)."""
+    registry = server.engine.registry
+
+    def pinned_slot() -> bool:
+        slot = registry.cache.lookup(registry.current["keep-pin"])
+        return slot is not None and registry.cache.slots[slot].pinned
+
+    assert upload(http, "keep-pin", peft_dirs["a"]).status_code == 201
+    assert http.post("/admin/adapters/keep-pin/load", headers=AUTH).json()["pinned"]
+    first = complete_http(http, "keep-pin")["choices"][0]["text"]
+    assert upload(http, "keep-pin", peft_dirs["b"]).json()["replaced"]
+    info = http.get("/admin/adapters/keep-pin", headers=AUTH).json()
+    assert (info["pinned"], info["residency"], info["rank"]) == (True, "device", 8) and server.call(pinned_slot)
+    assert complete_http(http, "keep-pin")["choices"][0]["text"] != first  # the new weights, pinned
+    assert http.delete("/admin/adapters/keep-pin", headers=AUTH).status_code == 200
+
+
 def test_admin_calls_racing_a_delete_get_2xx_or_404(http, server, peft_dirs):
     """unload, load and GET racing a DELETE of the same adapter: each is answered 2xx or 404, and the server keeps
     serving (an unload whose adapter was deleted between its two engine calls was a 500 that reset the
