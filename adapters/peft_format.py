@@ -133,6 +133,18 @@ def _collect_weights(
     return weights
 
 
+def _check_aligned(blob: bytes, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor must start at a multiple of its element size in the file, as safetensors' own writers pad the
+    header to make it: a cold load (adapters/staging.py) views the tensors in place in the file's bytes, and
+    refuses one that is not, so an upload that is not would be served until the next load from disk."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    for key, t in tensors.items():
+        if (8 + size + int(header[key]["data_offsets"][0])) % t.element_size():
+            raise _fail(f"tensor {key!r} is not aligned in {WEIGHTS_NAME} (its header is not padded); save it "
+                        "again with safetensors, e.g. peft's save_pretrained")
+
+
 def load_peft_adapter(folder: Path, name: str, blob: bytes | None = None) -> LoraAdapter:
     """Read a PEFT LoRA folder into CPU tensors; validates everything that does not need the base model.
 
@@ -145,6 +157,7 @@ def load_peft_adapter(folder: Path, name: str, blob: bytes | None = None) -> Lor
         tensors = load_safetensors_bytes(blob)
     except Exception as exc:  # safetensors raises its own error types for corrupt headers/data
         raise _fail(f"{WEIGHTS_NAME} is not a valid safetensors file: {exc}") from None
+    _check_aligned(blob, tensors)
     return adapter_from_tensors(folder, name, tensors, sha256=hashlib.sha256(blob).hexdigest())
 
 

@@ -217,6 +217,27 @@ def test_missing_files_and_garbage_are_refused(plain, tmp_path):
     refused(tmp_path / "nowhere", "adapter_config.json is missing")
 
 
+def test_unaligned_tensors_are_refused_as_a_cold_load_refuses_them(plain):
+    """A valid safetensors file whose header is not padded: the library reads it, but a cold load views tensors in
+    place and refuses it (adapters/staging.py), so the upload is refused too rather than served until then."""
+    from hotlora.adapters.staging import parse_staged, read_raw
+
+    weights = plain / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    header, data = {}, b""
+    for k in sorted(tensors):
+        raw = tensors[k].contiguous().numpy().tobytes()
+        assert tensors[k].dtype == torch.float32
+        header[k] = {"dtype": "F32", "shape": list(tensors[k].shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * ((1 - 8 - len(text)) % 4)  # the data starts 1 byte past a multiple of 4
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    with pytest.raises(AdapterError, match="not aligned"):
+        parse_staged(read_raw(plain, pin=False), plain, "a")
+    refused(plain, "not aligned")
+
+
 @pytest.mark.parametrize(
     "mutate, match",
     [
