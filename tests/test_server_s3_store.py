@@ -86,6 +86,14 @@ def test_an_adapter_only_another_replica_wrote_is_exported_and_unloaded(http, ot
     assert r.status_code == 200 and r.json()["name"] == "unsynced", r.text
 
 
+def test_unknown_names_leave_no_lock_behind(http, server):
+    """Each request's adapter name is synced from the store under a per-name lock: one kept per name a client
+    ever sent would grow without bound (no admin token needed)."""
+    for i in range(20):
+        assert complete(http, f"never-uploaded-{i}").status_code == 404
+    assert server.state._locks == {}
+
+
 def test_uploads_go_to_the_store(http, other, peft_dirs):
     r = upload(http, "up", peft_dirs["a"])
     assert r.status_code == 201, r.text

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ class AppState:
         self.tokenizer: Any = None
         self.max_model_len = 0
         self.on_fatal: Callable[[BaseException], None] | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list] = {}  # name -> [lock, holders and waiters] (lock())
         self.tokenizers = TokenizerPool()
         self.draining = False  # set on SIGTERM: no new work, running requests finish
         self.export_lock = asyncio.Lock()  # one merge export at a time (CPU and disk heavy)
@@ -220,6 +221,17 @@ class AppState:
         """None for the base model, else the adapter name (the engine says whether it exists)."""
         return None if model in self.aliases else model
 
-    def lock(self, name: str) -> asyncio.Lock:
-        """One lock per adapter name: upload/delete + register/remove happen as one step."""
-        return self._locks.setdefault(name, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """One lock per adapter name: upload/delete + register/remove happen as one step. Dropped once no one
+        holds or waits for it: with the shared store any request's model name takes one, and they were kept
+        forever (one per unknown name a client sent)."""
+        entry = self._locks.setdefault(name, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[name]
