@@ -187,13 +187,20 @@ def max_adapter_bytes(linear_shapes: dict[str, tuple[int, int]], num_layers: int
     return params * 8 + (1 << 20)
 
 
+def finite_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whether every value of `t` is finite in `dtype` (a 0-d bool tensor, on t's device): a narrowing cast can
+    overflow (a float64 1e300 in float32, a float32 1e5 in float16), so its result is what is checked."""
+    if torch.finfo(dtype).max < torch.finfo(t.dtype).max:
+        t = t.to(dtype)
+    return torch.isfinite(t).all()
+
+
 def check_finite_as(adapter: LoraAdapter, dtype: torch.dtype) -> None:
-    """Refuse weights that are finite as stored but not in `dtype`, the pools' (a float64 1e300 is inf in a float32
-    pool, a float32 1e5 in a float16 one): the device-side check of a cold load does the same, and an upload's
-    tensors are served without one."""
+    """Refuse weights that are finite as stored but not in `dtype`, the pools': the device-side check of a cold
+    load (adapters/poolwrite.py) does the same, and an upload's tensors are served without one."""
     for (layer, module), pair in adapter.weights.items():
         for side, t in zip("AB", pair, strict=True):
-            if t.dtype != dtype and t.dtype.itemsize >= dtype.itemsize and not bool(torch.isfinite(t.to(dtype)).all()):
+            if not bool(finite_as(t, dtype)):
                 raise _fail(f"layer {layer} {module} lora_{side}: weights overflow the server's {dtype} adapter "
                             "pools (finite as stored, infinite there)")
 

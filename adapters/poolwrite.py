@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from hotlora.adapters.compose import StagedMix, fold
-from hotlora.adapters.peft_format import TARGET_MODULES
+from hotlora.adapters.peft_format import TARGET_MODULES, finite_as
 from hotlora.adapters.staging import Stack, StagedAdapter
 
 Pools = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [layers, rows, in], B [layers, rows, out])
@@ -155,12 +155,6 @@ def _all_finite(adapter: StagedAdapter, raw: torch.Tensor, typed: _Typed, pool_d
         (dtype,) = dtypes
         size = dtype.itemsize
         if adapter.data_start % size == 0 and (typed.n - adapter.data_start) % size == 0:
-            return _finite(typed(dtype)[adapter.data_start // size :], pool_dtype)
+            return finite_as(typed(dtype)[adapter.data_start // size :], pool_dtype)
     weights = adapter.views(raw)
-    return torch.stack([_finite(t, pool_dtype) for ab in weights.values() for t in ab]).all()
-
-
-def _finite(t: torch.Tensor, pool_dtype: torch.dtype) -> torch.Tensor:
-    if torch.finfo(pool_dtype).max < torch.finfo(t.dtype).max:  # a narrowing cast can overflow: check its result
-        t = t.to(pool_dtype)
-    return torch.isfinite(t).all()
+    return torch.stack([finite_as(t, pool_dtype) for ab in weights.values() for t in ab]).all()
