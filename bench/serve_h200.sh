@@ -5,6 +5,7 @@
 #   bench/serve_h200.sh zipf-prefix # the Poisson Zipf(1.1)-over-128 run and the shared-prefix run (caching on)
 #   bench/serve_h200.sh prefix-off  # issue 13: the shared-prefix run with --no-enable-prefix-caching
 #   bench/serve_h200.sh prefix-pair # issue 13: the shared-prefix run with caching on, then off (two servers)
+#   bench/serve_h200.sh prefix-on-32 / prefix-off-32  # one half of prefix-pair
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
 #   bench/serve_h200.sh steady      # only the profile suite's two steady batch-32 decode runs
 #   bench/serve_h200.sh saturation  # the profile suite without its Poisson run
@@ -142,11 +143,13 @@ case ${1:-} in
   prefix-off)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16all --max-loras 64 --no-enable-prefix-caching" prefix_off ;;
-  prefix-pair)  # issue 13's matched pair, on 32 adapters of their own (quicker to write than 128)
+  prefix-pair|prefix-on-32|prefix-off-32)  # issue 13's matched pair, or one half of it, on 32 adapters of their
+    # own (quicker to write than 128)
     PREFIX_ADAPTERS=$ADAPTERS/r16x32
     make_adapters "$PREFIX_ADAPTERS" 32 16 all
-    serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64" prefix_on
-    serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64 --no-enable-prefix-caching" prefix_off ;;
+    [[ $1 == prefix-off-32 ]] || serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64" prefix_on
+    [[ $1 == prefix-on-32 ]] ||
+      serve_and_run "--model $MODEL --adapter-dir $PREFIX_ADAPTERS --max-loras 64 --no-enable-prefix-caching" prefix_off ;;
   steady)  # only the two steady batch-32 decode runs of the profile suite, on 32 adapters of their own
     make_adapters "$ADAPTERS/r16x32" 32 16 all
     ADAPTERS_STEADY=$ADAPTERS/r16x32 serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16x32 --max-loras 64" \
@@ -169,5 +172,5 @@ case ${1:-} in
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|prefix-burst|many|steady|saturation|burst|burst-base|profile|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|prefix-on-32|prefix-off-32|prefix-burst|many|steady|saturation|burst|burst-base|profile|adapters" >&2; exit 2 ;;
 esac

@@ -132,6 +132,8 @@ SERVE_OPTIONS = (
     Opt("cuda-graphs", parse_bool, "replay every step from CUDA graphs on cuda: true or false"),
     Opt("async-scheduling", parse_bool, "schedule and prepare each step while the previous one runs on the GPU "
         "(cuda only)", switch=True),
+    Opt("launch-pacing", parse_bool, "with asynchronous scheduling, build each step just before the GPU needs it, "
+        "so that requests arriving meanwhile join it (a shorter time to first token)", switch=True),
     Opt(
         "enable-prefix-caching",
         parse_bool,

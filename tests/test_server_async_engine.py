@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hotlora.adapters.registry import UnknownAdapterError
+from hotlora.server.engine import pacer
 from hotlora.server.engine.async_engine import AsyncEngine, EngineDeadError
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import EngineStats, InvalidRequestError, LLMEngine
@@ -377,5 +378,42 @@ def test_asynchronous_scheduling_streams_the_same_tokens(engine, ids, reference,
         # the abort frees the sequence at once; the step in flight completes at the next turn of the loop
         await until(lambda: ae.call(lambda: idle(engine) and not engine.in_flight))
         await stopped(ae)
+
+    asyncio.run(main())
+
+
+def test_launch_pacing_serves_requests_while_it_waits_for_the_device(engine, ids, reference, monkeypatch):
+    """With a step in flight the driver waits until the pacer says the device needs the next one (here: every
+    step is believed to take 0.6 s), executing commands as they come rather than after the wait: a call made
+    during the wait is answered before the in-flight step's token is delivered, the tokens are the reference's,
+    and a shutdown in the middle of a wait ends the loop."""
+
+    async def main():
+        monkeypatch.setattr(engine, "defers_outputs", True)
+        monkeypatch.setattr(engine, "async_scheduling", True)
+        monkeypatch.setattr(engine.pacer, "device", {pacer.bucket(n): 0.6 for n in range(1, 65)})
+        monkeypatch.setattr(pacer, "MAX_DELAY", 1.0)
+        ae = await started(engine)
+        events: list[str] = []
+
+        async def run_a():
+            async for out in ae.generate(req("a", ids["a"], 2)):
+                events.append(f"a{out.completion_tokens}")
+                outs.append(out)
+
+        outs: list[RequestOutput] = []
+        task = asyncio.create_task(run_a())
+        await until(lambda: ae.call(lambda: engine.in_flight))  # the prefill step is in flight: pacing
+        await asyncio.sleep(0.05)
+        delay = await ae.call(engine.launch_delay)
+        events.append("call")
+        await asyncio.wait_for(task, timeout=30)
+        assert 0 < delay <= 0.6
+        assert events == ["call", "a1", "a2"]
+        check_stream(outs, reference["a", 2])
+        stream = await ae.add(req("long", ids["a"], LONG))
+        await until(lambda: ae.call(lambda: engine.in_flight))
+        await asyncio.wait_for(stopped(ae), timeout=30)  # the STOP is taken during a wait
+        assert stream.queue.qsize() <= 2
 
     asyncio.run(main())

@@ -203,6 +203,8 @@ class AsyncEngine:
             if not self._drain(block):
                 return
             if engine.has_unfinished():
+                if not self._pace():
+                    return
                 self._step()
 
     def _drain(self, block: bool) -> bool:
@@ -219,6 +221,23 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return True
+
+    def _pace(self) -> bool:
+        """Serve commands until the engine needs its next step (LLMEngine.launch_delay): a request that arrives
+        meanwhile joins that step rather than the one after it. False once asked to stop."""
+        delay = getattr(self.engine, "launch_delay", None)
+        if delay is None:
+            return True
+        deadline = time.perf_counter() + delay()
+        while (left := deadline - time.perf_counter()) > 0:
+            try:
+                cmd = self._commands.get(timeout=left)
+            except queue.Empty:
+                return True
+            if cmd is _STOP:
+                return False
+            self._execute(cmd)
+        return True
 
     def _execute(self, cmd: tuple) -> None:
         if cmd[0] == "abort":

@@ -47,6 +47,9 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool = True  # replay every step from CUDA graphs captured at startup (cuda only)
     async_scheduling: bool = True  # build each step while the previous one runs on the device (cuda only)
+    # with async_scheduling: build the next step just before the device needs it, so that requests arriving
+    # meanwhile join it (server/engine/pacer.py)
+    launch_pacing: bool = True
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before (per adapter version)
 
     def __post_init__(self) -> None:

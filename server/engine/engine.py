@@ -12,6 +12,7 @@ from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
 from hotlora.server.engine.block_manager import BlockManager
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.detokenizer import Detokenizer, DetokState
+from hotlora.server.engine.pacer import LaunchPacer
 from hotlora.server.engine.scheduler import ScheduledBatch, Scheduler
 from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.stats import EngineOverloadedError, EngineStats, InvalidRequestError, PromptTooLongError
@@ -60,6 +61,7 @@ class LLMEngine:
         # asynchronous scheduling (see step): on an asynchronous device only; tests turn it on for the CPU
         self.async_scheduling = config.async_scheduling and self.defers_outputs
         self._inflight: Launched | None = None
+        self.pacer = LaunchPacer()  # when the next step is needed (launch_delay)
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -133,9 +135,10 @@ class LLMEngine:
         self.registry.poll()
         outputs: list[RequestOutput] = []
         prev, self._inflight = self._inflight, None
+        overlapped = True
         if prev is not None and not self._overlaps(prev):
             outputs += self._complete(prev)
-            prev = None
+            prev, overlapped = None, False
         batch = self.scheduler.schedule()
         outputs += [self._fail(seq, msg, ErrorKind.ADAPTER) for seq, msg in self._failed]
         self._failed.clear()
@@ -152,6 +155,10 @@ class LLMEngine:
             return outputs
         launched = self.runner.launch(batch, timer, prev)
         self._launched(launched)
+        submitted = timer.at["prepare"]  # the forward was called: the step is queued on the device
+        if overlapped:  # the build alone (no wait for the previous step inside it)
+            self.pacer.built(submitted - timer.began)
+        self.pacer.launched(launched, sum(batch.num_tokens), submitted)
         if on_launch is not None:
             on_launch()
         if prev is not None:
@@ -162,6 +169,14 @@ class LLMEngine:
             outputs += self._complete(launched)
         timer.finish(sum(batch.num_tokens), busy=self.has_unfinished())
         return outputs
+
+    def launch_delay(self) -> float:
+        """Seconds a driver may wait (taking new requests) before the next step(): with a step in flight under
+        asynchronous scheduling, until the host time a step's build takes before the device needs the next
+        one, by the pacer's estimates (server/engine/pacer.py); else 0."""
+        if self._inflight is None or not (self.async_scheduling and self.config.launch_pacing):
+            return 0.0
+        return self.pacer.delay(self._inflight, time.perf_counter())
 
     def _back_off(self) -> None:
         """Nothing ran: wait briefly for what holds the queue up rather than spin the caller's loop."""
@@ -183,7 +198,9 @@ class LLMEngine:
     def _complete(self, launched: Launched) -> list[RequestOutput]:
         """Wait for a launched step and turn its tokens into outputs (sequences finished or aborted meanwhile
         get none)."""
+        wait_began = time.perf_counter()
         results = self.runner.collect(launched, self.timer)
+        self.pacer.completed(launched, wait_began, self.timer.at["device_wait"])
         sampled_at = time.monotonic()  # the step's tokens are on the host
         outputs = []
         for seq, (row, index) in launched.rows.items():

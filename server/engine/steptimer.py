@@ -3,7 +3,8 @@
 A step is timed from the end of the previous model step to its own end, in consecutive phases:
 
 - loop: the engine thread between two steps (handing outputs to the event loop, running queued commands
-  such as new requests, aborts and admin calls, the back-off sleep after a step with no output). Counted
+  such as new requests, aborts and admin calls, the back-off sleep after a step with no output, the launch
+  pacer's wait for the device to need the next step: server/engine/pacer.py). Counted
   only while work was left after the previous step; 0 after an idle spell or a step that ran no model.
 - schedule: adapter-load polls, the scheduler (admission, KV blocks, adapter slots, preemption).
 - prepare: per-request set-up (seeded streams, grammar matchers), the flattened host lists, and the
@@ -45,6 +46,8 @@ class StepTimer:
         self.phases = {p: Histogram(PHASE_BUCKETS) for p in PHASES}
         self.tokens = Histogram(TOKEN_BUCKETS)
         self.last: dict[str, float] = {}  # the latest finished step's seconds by phase
+        self.began = 0.0  # perf_counter() at the current step's begin()
+        self.at: dict[str, float] = {}  # perf_counter() at the latest end of each phase (the launch pacer's clock)
         self._seconds = dict.fromkeys(PHASES, 0.0)
         self._t = 0.0
         self._end: float | None = None  # when the previous model step ended, while work was left
@@ -53,13 +56,13 @@ class StepTimer:
         now = time.perf_counter()
         self._seconds = dict.fromkeys(PHASES, 0.0)
         self._seconds["loop"] = 0.0 if self._end is None else now - self._end
-        self._t = now
+        self._t = self.began = now
 
     def mark(self, phase: str) -> None:
         """The time since the previous mark (or begin) goes to phase."""
         now = time.perf_counter()
         self._seconds[phase] += now - self._t
-        self._t = now
+        self._t = self.at[phase] = now
 
     def finish(self, tokens: int, busy: bool) -> None:
         """Record the step (tokens: scheduled this step; busy: work is left, so the next step's loop
