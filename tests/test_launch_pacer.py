@@ -9,7 +9,8 @@ from hotlora.server.engine import pacer
 from hotlora.server.engine.pacer import LaunchPacer
 
 
-def run_steps(p: LaunchPacer, n: int, tokens: int, device: float, host: float, t: float = 0.0) -> float:
+def run_steps(p: LaunchPacer, n: int, tokens: int, device: float, host: float, t: float = 0.0,
+              decode: bool = True) -> float:
     """n back-to-back steps as asynchronous scheduling runs them: each built in `host` seconds and submitted
     while the one before still runs (device time `device`), the host then waiting for that one. Returns the
     time the last step was submitted (it stays in flight)."""
@@ -18,7 +19,7 @@ def run_steps(p: LaunchPacer, n: int, tokens: int, device: float, host: float, t
         step = object()
         t += host
         p.built(host)
-        p.launched(step, tokens, t)
+        p.launched(step, tokens, t, decode)
         if prev is not None:
             p.completed(prev, t, prev_end)  # the host waited from t to the previous step's end
         start = max(t, prev_end)
@@ -46,7 +47,7 @@ def test_no_estimate_means_no_wait():
     p = LaunchPacer()
     step = object()
     p.built(0.001)
-    p.launched(step, 30, 1.0)
+    p.launched(step, 30, 1.0, True)
     assert p.delay(step, 1.0) == 0.0  # no step of 32 tokens timed yet
     p.completed(step, 1.0, 1.0)  # the host found it done: an upper bound only, no estimate from it
     assert 32 not in p.device
@@ -65,12 +66,25 @@ def test_an_upper_bound_lowers_an_estimate_and_never_raises_it():
     run_steps(p, 10, tokens=8, device=0.010, host=0.001)
     assert p.device[8] == pytest.approx(0.010)
     a, b = object(), object()
-    p.launched(a, 8, 2.0)
+    p.launched(a, 8, 2.0, True)
     p.completed(a, 2.020, 2.020)  # found done 20 ms after its start: says nothing (it may have ended earlier)
     assert p.device[8] == pytest.approx(0.010)
-    p.launched(b, 8, 3.0)
-    p.completed(b, 3.004, 3.004)  # found done after 4 ms: it took at most 4, so the estimate drops
-    assert p.device[8] == pytest.approx(0.010 + pacer.ALPHA * (0.004 - 0.010))
+    p.launched(b, 8, 3.0, True)
+    p.completed(b, 3.004, 3.004)  # found done after 4 ms: it took at most 4, and the estimate is that at once
+    assert p.device[8] == pytest.approx(0.004)
+
+
+def test_steps_with_prompt_tokens_are_neither_timed_nor_paced():
+    p = LaunchPacer()
+    run_steps(p, 10, tokens=300, device=0.012, host=0.001, decode=False)
+    assert p.device == {}
+    assert p.delay(p.in_flight, p._queue[0].start) == 0.0
+    run_steps(p, 10, tokens=300, device=0.012, host=0.001, t=1.0)  # 300 decode rows (batch 300)
+    assert p.device == {512: pytest.approx(0.012)}
+    prefill = object()
+    p.launched(prefill, 300, 2.0, False)
+    p.completed(p.in_flight, 2.0, 2.0)
+    assert p._queue[0].handle is prefill and p.delay(prefill, 2.0) == 0.0  # same bucket, but not a decode step
 
 
 def test_the_delay_is_clamped_and_stale_steps_are_dropped():
@@ -79,8 +93,8 @@ def test_the_delay_is_clamped_and_stale_steps_are_dropped():
     assert p.delay(p.in_flight, p._queue[0].start) == pacer.MAX_DELAY
     # the step in flight never completes (its step failed); the next two do
     later, nxt = object(), object()
-    p.launched(later, 8, 100.0)
+    p.launched(later, 8, 100.0, True)
     assert p.delay(later, 100.0) == 0.0  # one still ahead of it: no estimate of when the device is free
     p.completed(later, 100.0, 100.0)  # drops the stale one with it
-    p.launched(nxt, 8, 101.0)
+    p.launched(nxt, 8, 101.0, True)
     assert len(p._queue) == 1 and p._queue[0].handle is nxt and p._queue[0].start == 101.0

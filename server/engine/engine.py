@@ -158,7 +158,7 @@ class LLMEngine:
         submitted = timer.at["prepare"]  # the forward was called: the step is queued on the device
         if overlapped:  # the build alone (no wait for the previous step inside it)
             self.pacer.built(submitted - timer.began)
-        self.pacer.launched(launched, sum(batch.num_tokens), submitted)
+        self.pacer.launched(launched, sum(batch.num_tokens), submitted, decode=max(batch.num_tokens) == 1)
         if on_launch is not None:
             on_launch()
         if prev is not None:

@@ -7,14 +7,20 @@ driver (AsyncEngine) may wait, taking new requests as they come, until the host 
 before the in-flight step's end, and build the next step then: a request that arrives meanwhile is in it.
 
 The pacer learns both times from the steps themselves, on the host's perf_counter clock:
-- a step's device time, per token bucket (its token count rounded up to a power of two): a step starts on the
+- a decode step's device time, per bucket of its rows (rounded up to a power of two): a step starts on the
   device when it is submitted or when the step before it ends, whichever is later, and ends when the host's
-  wait for its sampled ids returns. Only a wait that actually waited times the end exactly; one that found the
-  step done gives an upper bound, which can only lower the estimate (so a pacer that woke too late learns).
+  wait for its sampled ids returns. Only a wait that actually waited times the end exactly (a moving average);
+  one that found the step done gives an upper bound, which replaces a larger estimate at once (a pacer that
+  woke too late does not do it twice).
 - the host time from the start of a step's build to its submission (schedule and prepare).
 
 ``delay`` is then start + device estimate - (HOST_FACTOR x host estimate + margin) - now, clamped to
 [0, MAX_DELAY]; 0 with no estimate yet, so the engine behaves as without pacing until it has one.
+
+Only decode steps are paced: their time follows from their rows (the weights' bytes, read once per step, and
+the attention over contexts that grow a token a step). A step with prompt tokens varies with its chunks'
+lengths and contexts far more than a bucket can tell: on the H200, pacing after such steps by their token
+bucket oversold their time when 32 requests arrived at once (BENCHMARKS.md, twentieth session).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ def bucket(tokens: int) -> int:
 @dataclass(slots=True)
 class _Step:
     handle: object  # the engine's Launched (compared by identity)
-    key: int
+    key: int | None  # the bucket of a decode step; None for a step with prompt tokens (not timed, not paced)
     submitted: float
     start: float | None  # None while the step before it still runs
 
@@ -52,10 +58,10 @@ class LaunchPacer:
         """A step took `seconds` of host time from the start of its build to its submission."""
         self.host = seconds if not self.host else self.host + ALPHA * (seconds - self.host)
 
-    def launched(self, handle: object, tokens: int, submitted: float) -> None:
-        """A step of `tokens` tokens was submitted to the device at `submitted`."""
+    def launched(self, handle: object, tokens: int, submitted: float, decode: bool) -> None:
+        """A step of `tokens` tokens (`decode`: one for each of its sequences) was submitted at `submitted`."""
         start = submitted if not self._queue else None
-        self._queue.append(_Step(handle, bucket(tokens), submitted, start))
+        self._queue.append(_Step(handle, bucket(tokens) if decode else None, submitted, start))
 
     def completed(self, handle: object, wait_began: float, done: float) -> None:
         """The host's wait for `handle`'s results ran from `wait_began` to `done`."""
@@ -64,7 +70,7 @@ class LaunchPacer:
             return
         step = self._queue[index]
         del self._queue[: index + 1]  # and any older step that never completed (a failed step)
-        if step.start is not None:
+        if step.start is not None and step.key is not None:
             self._observe(step.key, done - step.start, exact=done - wait_began > WAITED)
         if self._queue and self._queue[0].start is None:
             self._queue[0].start = max(self._queue[0].submitted, done)
@@ -74,15 +80,17 @@ class LaunchPacer:
         if old is None:
             if exact:
                 self.device[key] = seconds
-        elif exact or seconds < old:
+        elif exact:
             self.device[key] = old + ALPHA * (seconds - old)
+        elif seconds < old:
+            self.device[key] = seconds
 
     def delay(self, handle: object, now: float) -> float:
         """Seconds the driver may wait before building the step after `handle` (the step in flight)."""
         if len(self._queue) != 1 or self._queue[0].handle is not handle or not self.host:
             return 0.0
         step = self._queue[0]
-        device = self.device.get(step.key)
+        device = self.device.get(step.key) if step.key is not None else None
         if device is None or step.start is None:
             return 0.0
         cushion = HOST_FACTOR * self.host + MARGIN + MARGIN_SHARE * device
