@@ -126,7 +126,8 @@ SERVE_OPTIONS = (
     Opt("num-kv-blocks", optional_int, "KV-cache blocks (default: sized from --kv-cache-memory)"),
     Opt("kv-cache-memory", float, "KV-cache size: a fraction of free GPU memory on cuda, GiB on cpu"),
     Opt("kv-cache-dtype", str, "KV-cache element type: auto (the model's dtype) or fp8 (float8_e4m3fn, unscaled: "
-        "twice the tokens of bf16; outputs then differ slightly from the unquantized model's)", KV_CACHE_DTYPE_CHOICES),
+        "twice the tokens of bf16, slower to attend over; outputs then differ slightly from the unquantized "
+        "model's)", KV_CACHE_DTYPE_CHOICES),
     Opt("max-waiting", int, "requests allowed to wait for a slot; more are answered 429"),
     Opt("seed", int, "seed for requests that do not give one"),
     Opt("cuda-graphs", parse_bool, "replay every step from CUDA graphs on cuda: true or false"),
