@@ -89,3 +89,29 @@ def test_abort_while_a_step_is_in_flight(hotlora_cache, adapters2):
     assert {k: v for k, v in asyn.items() if k != "r0"} == {k: v for k, v in sync.items() if k != "r0"}
     tokens = asyn["r0"][0]
     assert tokens == sync["r0"][0][: len(tokens)] and len(tokens) < len(sync["r0"][0])
+
+
+def test_a_failure_while_completing_a_step_keeps_the_next_one_in_flight(hotlora_cache, adapters2, monkeypatch):
+    """step() launches its step before it waits for the previous one: if that wait fails, the launched step is
+    still the engine's step in flight (its sequences hold placeholders the device fills), not forgotten."""
+    engine = _engine(hotlora_cache, adapters2)
+    engine.async_scheduling = True
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add_request(Request("x", engine.tokenizer.encode(PROMPTS[0]), params))
+    engine.step()
+    assert engine.in_flight
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    collect = engine.runner.collect
+    monkeypatch.setattr(engine.runner, "collect", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    assert engine.in_flight
+    monkeypatch.setattr(engine.runner, "collect", collect)
+    engine.abort("x")
+    while engine.has_unfinished():
+        engine.step()
+    assert not engine.in_flight and engine.blocks.num_used == 0
+    engine.blocks.check_idle()

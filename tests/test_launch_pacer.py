@@ -61,7 +61,7 @@ def test_buckets_are_kept_apart():
     assert pacer.bucket(1) == 1 and pacer.bucket(33) == 64 and pacer.bucket(64) == 64
 
 
-def test_an_upper_bound_lowers_an_estimate_and_never_raises_it():
+def test_a_step_found_done_early_drops_the_estimate_and_the_next_exact_wait_relearns_it():
     p = LaunchPacer()
     run_steps(p, 10, tokens=8, device=0.010, host=0.001)
     assert p.device[8] == pytest.approx(0.010)
@@ -70,8 +70,33 @@ def test_an_upper_bound_lowers_an_estimate_and_never_raises_it():
     p.completed(a, 2.020, 2.020)  # found done 20 ms after its start: says nothing (it may have ended earlier)
     assert p.device[8] == pytest.approx(0.010)
     p.launched(b, 8, 3.0, True)
-    p.completed(b, 3.004, 3.004)  # found done after 4 ms: it took at most 4, and the estimate is that at once
+    p.completed(b, 3.008, 3.008)  # found done within 8 ms: the 10-ms estimate is too large, by an unknown amount
+    assert 8 not in p.device
+    run_steps(p, 2, tokens=8, device=0.004, host=0.001, t=4.0)  # unpaced, waited for: exact again
     assert p.device[8] == pytest.approx(0.004)
+
+
+def test_one_slow_step_costs_the_device_at_most_one_idle_step():
+    """A simulated device under the driver's call order: after one 200-ms hiccup among 10-ms decode steps, the
+    pacer oversleeps once (the hiccup inflated its estimate) and then stops, instead of easing the estimate
+    down a margin per step while the device idles."""
+    p, device, host = LaunchPacer(), 0.010, 0.002
+    now, prev, prev_end, idle_steps = 0.0, None, 0.0, 0
+    for i in range(40):
+        if prev is not None:
+            now += p.delay(prev, now)  # the driver's wait
+        step = object()
+        now += host  # build
+        p.built(host)
+        p.launched(step, 8, now, True)
+        if prev is not None:
+            done = max(now, prev_end)
+            p.completed(prev, now, done)
+            now = done
+        start = max(now, prev_end)
+        idle_steps += start > prev_end + 1e-9 and i > 0
+        prev, prev_end = step, start + (0.2 if i == 10 else device)
+    assert idle_steps <= 2
 
 
 def test_steps_with_prompt_tokens_are_neither_timed_nor_paced():

@@ -77,9 +77,9 @@ class LLMEngine:
                                      "tokens, and at least one must be left to generate")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt_token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
         if any(not 0 <= t < vocab for t in req.params.logit_bias):
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model")
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model", "logit_bias")
         if req.params.structured is not None and self.grammars is None:
             raise InvalidRequestError("structured outputs need the model's tokenizer, and this model has none")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
@@ -161,11 +161,11 @@ class LLMEngine:
         self.pacer.launched(launched, sum(batch.num_tokens), submitted, decode=max(batch.num_tokens) == 1)
         if on_launch is not None:
             on_launch()
+        if self.async_scheduling:  # in flight from here: a failure while completing prev must not lose it
+            self._inflight = launched
         if prev is not None:
             outputs += self._complete(prev)
-        if self.async_scheduling:
-            self._inflight = launched
-        else:
+        if not self.async_scheduling:
             outputs += self._complete(launched)
         timer.finish(sum(batch.num_tokens), busy=self.has_unfinished())
         return outputs

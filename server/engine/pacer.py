@@ -9,9 +9,11 @@ before the in-flight step's end, and build the next step then: a request that ar
 The pacer learns both times from the steps themselves, on the host's perf_counter clock:
 - a decode step's device time, per bucket of its rows (rounded up to a power of two): a step starts on the
   device when it is submitted or when the step before it ends, whichever is later, and ends when the host's
-  wait for its sampled ids returns. Only a wait that actually waited times the end exactly (a moving average);
-  one that found the step done gives an upper bound, which replaces a larger estimate at once (a pacer that
-  woke too late does not do it twice).
+  wait for its sampled ids returns. Only a wait that actually waited times the end exactly (a moving average).
+  One that found the step done says the estimate may be too large, but not by how much: the host's own late
+  wake is in that bound. So an estimate above it is dropped, the next step of the bucket runs unpaced, and its
+  exact wait learns the time afresh (keeping the bound instead left the device idle for a dozen steps after
+  one slow step, each bound only a margin below the last).
 - the host time from the start of a step's build to its submission (schedule and prepare).
 
 ``delay`` is then start + device estimate - (HOST_FACTOR x host estimate + margin) - now, clamped to
@@ -83,7 +85,7 @@ class LaunchPacer:
         elif exact:
             self.device[key] = old + ALPHA * (seconds - old)
         elif seconds < old:
-            self.device[key] = seconds
+            del self.device[key]
 
     def delay(self, handle: object, now: float) -> float:
         """Seconds the driver may wait before building the step after `handle` (the step in flight)."""
