@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import shutil
 import time
 import uuid
@@ -31,13 +30,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hotlora.adapters.archive import UploadTooLarge, extract_archive, write_files
+from hotlora.adapters.names import NAME_RE, name_error
 from hotlora.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, LoraAdapter, load_peft_adapter
 
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEFAULT_MAX_BYTES = 4 << 30
 _META = ".hotlora~"
 
-__all__ = ["AdapterNotFound", "AdapterStore", "InvalidAdapterName", "StoredAdapter", "UploadTooLarge"]
+__all__ = ["NAME_RE", "AdapterNotFound", "AdapterStore", "InvalidAdapterName", "StoredAdapter", "UploadTooLarge"]
 
 
 class InvalidAdapterName(AdapterError):
@@ -50,10 +49,9 @@ class AdapterNotFound(KeyError):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise InvalidAdapterName(
-            f"invalid adapter name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ - (not '.' or '..')"
-        )
+    error = name_error(name)
+    if error is not None:
+        raise InvalidAdapterName(error)
     return name
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 
+from hotlora.adapters.names import name_error
+
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 
@@ -45,16 +47,16 @@ class AdminClient:
                 files = [("archive", (path.name, stack.enter_context(open(path, "rb"))))]
             else:
                 raise AdminError(f"{path} is neither a PEFT folder nor a .tar.gz/.tgz/.tar/.zip archive")
-            return self._call("POST", f"/admin/adapters/{name}", files=files)
+            return self._call("POST", f"/admin/adapters/{_segment(name)}", files=files)
 
     def list(self) -> list[dict[str, Any]]:
         return self._call("GET", "/admin/adapters")["data"]
 
     def delete(self, name: str) -> dict[str, Any]:
-        return self._call("DELETE", f"/admin/adapters/{name}")
+        return self._call("DELETE", f"/admin/adapters/{_segment(name)}")
 
     def pin(self, name: str, pinned: bool) -> dict[str, Any]:
-        return self._call("POST", f"/admin/adapters/{name}/{'load' if pinned else 'unload'}")
+        return self._call("POST", f"/admin/adapters/{_segment(name)}/{'load' if pinned else 'unload'}")
 
     @staticmethod
     def format_table(rows: list[dict[str, Any]]) -> str:
@@ -75,3 +77,12 @@ class AdminClient:
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
         lines = [cols, *cells]
         return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
+def _segment(name: str) -> str:
+    """`name` for a URL path, checked first by the store's rule: a name with '#' or '?' was cut there (and
+    uploaded as the name before it), and 'x/load' pinned x."""
+    error = name_error(name)
+    if error is not None:
+        raise AdminError(error)
+    return name

@@ -47,6 +47,17 @@ def optional_int(text: str) -> int | None:
     return None if str(text).lower() in ("", "none", "auto") else int(text)
 
 
+def port(text: str) -> int:
+    """A TCP port, 0-65535 (uvicorn took 70000 and listened on 70000 - 65536; -1 failed only after the model loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (0-65535)")
+    return value
+
+
 def switch_interval(text: str) -> float:
     """Seconds for sys.setswitchinterval: finite and at least its 1 us resolution (it takes nan as ~292,000 years,
     and inf or 1e-9 as 0)."""
@@ -142,7 +153,7 @@ SERVE_OPTIONS = (
         switch=True,
     ),
     Opt("host", str, "address to listen on", engine=False),
-    Opt("port", int, "port to listen on", engine=False),
+    Opt("port", port, "port to listen on", engine=False),
     Opt(
         "admin-token-file",
         Path,
@@ -250,6 +261,11 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=serve)
 
 
+def switch_dests() -> set[str]:
+    """The serve options given as --flag / --no-flag (not --flag VALUE), by argparse dest."""
+    return {opt.dest for opt in SERVE_OPTIONS + _engine_extras() if opt.switch}
+
+
 def _serve_flags(p: argparse.ArgumentParser) -> None:
     for opt in SERVE_OPTIONS + _engine_extras():
         if opt.switch:
@@ -283,8 +299,9 @@ def _add_merge(sub: Any) -> None:
                    help="weight dtype of the output (default: the base's)")
     p.add_argument("--force", action="store_true", help="replace --out if it is not empty")
     p.add_argument("--cache-dir", type=Path, default=None, help="converted-model cache (as for serve)")
-    p.add_argument("--adapter-dir", type=Path, default=None,
-                   help="the adapter store adapter names are looked up in (default <cache-dir>/adapters)")
+    p.add_argument("--adapter-dir", type=Path, default=os.environ.get("HOTLORA_ADAPTER_DIR") or None,
+                   help="the adapter store adapter names are looked up in (default <cache-dir>/adapters) "
+                   "[env HOTLORA_ADAPTER_DIR]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=merge_command)
 

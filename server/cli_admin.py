@@ -56,7 +56,11 @@ def adapters_command(args: argparse.Namespace) -> int:
         return 2
     token = args.token or os.environ.get("HOTLORA_ADMIN_TOKEN")
     if args.token_file:
-        token = args.token_file.read_text().strip()
+        try:
+            token = args.token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"hotlora adapters: cannot read the token file {args.token_file}: {exc}", file=sys.stderr)
+            return 2
     client = AdminClient(args.url, token, timeout=args.timeout)
     try:
         if args.op == "upload":

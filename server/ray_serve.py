@@ -265,7 +265,19 @@ def app_builder(args: dict[str, str]) -> Any:
     from hotlora.server.cli import build_parser
     from hotlora.server.cli_ray import ray_app_kwargs
 
-    argv = ["serve-ray"]
+    return build_app(**ray_app_kwargs(build_parser().parse_args(builder_argv(args))))
+
+
+def builder_argv(args: dict[str, str]) -> list[str]:
+    """`hotlora serve-ray` arguments from app_builder's key=value pairs: a switch (--x / --no-x, which takes no
+    value) from the key's boolean value, every other key as --key VALUE."""
+    from hotlora.server.cli import parse_bool, switch_dests
+
+    argv, switches = ["serve-ray"], switch_dests()
     for key, value in args.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return build_app(**ray_app_kwargs(build_parser().parse_args(argv)))
+        flag = key.replace("_", "-")
+        if flag.replace("-", "_") in switches:
+            argv.append(f"--{flag}" if parse_bool(str(value)) else f"--no-{flag}")
+        else:
+            argv += [f"--{flag}", str(value)]
+    return argv

@@ -91,3 +91,60 @@ def test_only_the_batch_limits_may_be_left_to_the_device(name):
         EngineConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="lora_pool_rows"):  # an adapter of the largest rank must fit the pool
         EngineConfig(max_lora_rank=16, lora_pool_rows=8)
+
+
+def test_ports_outside_0_to_65535_are_refused_when_parsed(capsys):
+    for bad in ("70000", "-1", "http"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--port", bad])
+        assert "not a port" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--port", "65535"]).port == 65535
+
+
+def test_an_unreadable_token_file_is_a_message_not_a_traceback(tmp_path, capsys):
+    for path in (tmp_path / "missing", tmp_path):  # absent; a folder
+        args = build_parser().parse_args(["adapters", "list", "--token-file", str(path)])
+        assert adapters_command(args) == 2
+        assert "cannot read the token file" in capsys.readouterr().err
+
+
+def test_the_admin_client_checks_names_before_they_reach_a_url(tmp_path, capsys):
+    """'x#y' was cut at '#' and uploaded as x; 'x/load' pinned x. The name rule is the store's."""
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_text("{}")
+    for op, extra in (("upload", [str(folder)]), ("delete", []), ("load", [])):
+        for name in ("foo#bar", "foo?x=1", "my-ad/load", ".."):
+            args = build_parser().parse_args(["adapters", "--url", "http://127.0.0.1:9", op, name, *extra])
+            assert adapters_command(args) == 1
+            err = capsys.readouterr().err
+            assert "invalid adapter name" in err and "cannot reach" not in err, err
+
+
+def test_merge_reads_the_adapter_store_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HOTLORA_ADAPTER_DIR", "/adapters")
+    args = build_parser().parse_args(["merge", "--adapter", "a", "--out", "o"])
+    assert args.adapter_dir == Path("/adapters")
+
+
+def test_ray_app_builder_switches_take_their_boolean():
+    from hotlora.server.ray_serve import builder_argv
+
+    argv = builder_argv({"model": "default", "enable_prefix_caching": "false", "launch_pacing": "true",
+                         "max_loras": "4"})
+    assert argv == ["serve-ray", "--model", "default", "--no-enable-prefix-caching", "--launch-pacing",
+                    "--max-loras", "4"]
+    args = build_parser().parse_args(argv)
+    assert (args.enable_prefix_caching, args.launch_pacing, args.max_loras) == (False, True, 4)
+
+
+def test_engine_config_checks_the_device_and_expands_home(monkeypatch):
+    from hotlora.server.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="device"):
+        EngineConfig(device="bogus")
+    assert EngineConfig(device="cuda:1").device == "cuda:1"
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = EngineConfig(cache_dir="~/cache", adapter_dir="~/adapters")
+    assert (cfg.cache_dir, cfg.adapter_dir) == (Path("/home/someone/cache"), Path("/home/someone/adapters"))

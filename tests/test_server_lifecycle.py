@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -89,3 +90,28 @@ def test_cli_serve_flags_and_env(monkeypatch):
     monkeypatch.setenv("HOTLORA_QUANT", "int3")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve"])
+
+
+def test_stopping_while_the_model_loads_is_not_a_load_failure(tmp_path, hotlora_cache):
+    """SIGTERM during the load (a rollout): the lifespan cancels the start-up watcher, which is not the model
+    failing to load (the CLI would exit 1 with an empty message), and the shutdown does not wait for a load that
+    cannot take its STOP."""
+    settings = server_settings(tmp_path / "store", hotlora_cache)
+    gate = threading.Event()
+
+    def never_loads():
+        gate.wait(60)
+        raise RuntimeError("released")
+
+    srv = ServerThread(settings, engine_factory=never_loads)
+    fatal: list[BaseException] = []
+    srv.state.on_fatal = fatal.append
+    srv.thread.start()
+    try:
+        until(lambda: srv.server.started, what="uvicorn started")
+        started = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - started < 20  # not the 30-s join of a thread still loading
+        assert fatal == []
+    finally:
+        gate.set()

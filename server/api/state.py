@@ -191,6 +191,8 @@ class AppState:
     async def watch_startup(self) -> None:
         try:
             await self.engine.wait_ready()
+        except asyncio.CancelledError:  # the server stops while the model loads (SIGTERM): not a load failure
+            raise
         except BaseException as exc:
             if self.on_fatal is not None:
                 self.on_fatal(exc)

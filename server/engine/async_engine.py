@@ -73,6 +73,7 @@ class AsyncEngine:
         self.engine: Any = None
         self.ready = threading.Event()
         self.stopped = threading.Event()
+        self._closing = threading.Event()  # shutdown() was called: nothing waits for the engine any longer
         self.error: BaseException | None = None  # why the engine failed to start
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -83,21 +84,28 @@ class AsyncEngine:
         self._thread.start()
 
     async def wait_ready(self) -> None:
-        """Returns once the engine is built; raises its load error if it could not be."""
+        """Returns once the engine is built; raises its load error if it could not be, EngineDeadError if the
+        server shuts down first."""
         await asyncio.get_running_loop().run_in_executor(None, self._wait_started)
         if self.error is not None:
             raise self.error
+        if not self.ready.is_set():
+            raise EngineDeadError("the server shut down while the model was loading")
 
     def _wait_started(self) -> None:
-        while not (self.ready.wait(0.1) or self.stopped.is_set()):
+        # ends at shutdown too: the event loop's close waits for its executor's threads, and the load may take long
+        while not (self.ready.wait(0.1) or self.stopped.is_set() or self._closing.is_set()):
             pass
 
     async def shutdown(self) -> None:
-        """Abort every request, stop the loop and wait for the thread."""
+        """Abort every request, stop the loop and wait for the thread (not for one still loading the model)."""
+        self._closing.set()
         for request_id in list(self._streams):
             self.abort(request_id)
         self._commands.put(_STOP)
-        if self._thread is not None:
+        # a thread still building the engine cannot take the STOP until the model is loaded: do not wait for it
+        # (it is a daemon; it stops at the STOP if the process outlives the load)
+        if self._thread is not None and (self.ready.is_set() or self.stopped.is_set()):
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
 
     # --- API for coroutines ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 # the KV cache's element type: auto = the model's dtype; fp8 (= fp8_e4m3) stores K and V as float8_e4m3fn, unscaled
 # (values past +-448 saturate), as vLLM's --kv-cache-dtype fp8 without calibrated scales: half the bytes of bf16
 KV_CACHE_DTYPE_CHOICES = ("auto", "fp8", "fp8_e4m3")
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 # (max_num_seqs, max_num_batched_tokens) when not given. On the H200, 240 requests at once through HTTP
@@ -75,12 +77,12 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
-        if self.cache_dir is not None:
-            self.cache_dir = Path(self.cache_dir)
-        if self.adapter_dir is not None:
-            self.adapter_dir = Path(self.adapter_dir)
-        if self.tokenizer is not None:
-            self.tokenizer = Path(self.tokenizer)
+        if not DEVICE_RE.fullmatch(self.device):  # else torch's own error, after the model has loaded for a while
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        # '~' expanded as default_cache_dir() expands it (an environment variable is not expanded by a shell)
+        for name in ("cache_dir", "adapter_dir", "tokenizer"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)).expanduser())
 
     def for_device(self, device_type: str) -> None:
         """Fill the scheduling limits left at None with the device's defaults (once the device is known)."""
