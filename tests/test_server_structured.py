@@ -173,6 +173,10 @@ def test_grammar_that_cannot_finish_ends_with_length(client, models):
         "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}}, "invalid json"),
     ({"extra_body": {"structured_outputs": {"json": {"type": "integer", "minimum": 5, "maximum": 1}}}},
      "invalid json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+        "type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}}, "uniqueItems.*cannot enforce"),
+    ({"extra_body": {"structured_outputs": {"json": {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 5}}}}}}, "maxLength.*cannot enforce"),
     ({"extra_body": {"structured_outputs": {"regex": "([a-z"}}}, "invalid regex"),
     ({"extra_body": {"structured_outputs": {"regex": "a{3,1}"}}}, "invalid regex"),
     ({"extra_body": {"structured_outputs": {"grammar": "root ::= missing_rule"}}}, "invalid grammar"),
@@ -189,6 +193,8 @@ def test_invalid_specs_are_400(client, models, extra, match):
         client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                        **extra)
     assert ".cc:" not in str(info.value)  # what is wrong, not where in xgrammar's C++ it was found
+    field = "structured_outputs" if "extra_body" in extra else "response_format"
+    assert (info.value.param or "").split(".")[0] == field  # the field the spec came in
 
 
 def test_tools_are_still_refused(client, models):

@@ -44,7 +44,7 @@ def engine_error(exc: BaseException, model: str) -> APIError | None:
     if "PromptTooLongError" in names:
         return bad_request(str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, ValueError):
-        return bad_request(str(exc))
+        return bad_request(str(exc), param=getattr(exc, "param", None))
     return None
 
 
@@ -93,8 +93,9 @@ def chat_prompt(
     return encode(state, text, add_special_tokens=False)
 
 
-def check_length(state: AppState, n_prompt: int, max_tokens: int | None) -> int:
-    """max_tokens to use; 400 when prompt + completion cannot fit the context (as vLLM answers)."""
+def check_length(state: AppState, n_prompt: int, max_tokens: int | None, param: str = "max_tokens") -> int:
+    """max_tokens to use; 400 when prompt + completion cannot fit the context (as vLLM answers), naming `param`
+    (the field the client set the completion's length with)."""
     ctx = state.max_model_len
     if n_prompt >= ctx:
         raise bad_request(
@@ -110,7 +111,7 @@ def check_length(state: AppState, n_prompt: int, max_tokens: int | None) -> int:
             f"This model's maximum context length is {ctx} tokens. However, you requested "
             f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
             "completion). Please reduce the length of the prompt or the completion.",
-            param="max_tokens",
+            param=param,
             code="context_length_exceeded",
         )
     return max_tokens
@@ -160,11 +161,12 @@ def make_choices(
     return choices
 
 
-async def submit(state: AppState, choices: list[Choice], model: str) -> None:
-    """Queue every choice, or none: on the first refusal the ones already queued are aborted."""
+async def submit(state: AppState, choices: list[Choice], model: str, structured_field: str) -> None:
+    """Queue every choice, or none: on the first refusal the ones already queued are aborted. structured_field:
+    the request field its structured-output spec came from (a bad spec's 400 names it)."""
     spec = choices[0].request.params.structured if choices else None
     if spec is not None:
-        await compile_grammar(state, spec)
+        await compile_grammar(state, spec, structured_field)
     try:
         for c in choices:
             c.stream = await state.engine.add(c.request)
@@ -179,7 +181,7 @@ async def submit(state: AppState, choices: list[Choice], model: str) -> None:
         raise err from None
 
 
-async def compile_grammar(state: AppState, spec: StructuredSpec) -> None:
+async def compile_grammar(state: AppState, spec: StructuredSpec, param: str) -> None:
     """Compile (or find cached) the request's grammar in a worker thread: neither the event loop nor the
     engine thread waits for it; an invalid spec is a 400 saying what is wrong."""
     grammars = state.engine.engine.grammars
@@ -188,7 +190,6 @@ async def compile_grammar(state: AppState, spec: StructuredSpec) -> None:
     try:
         await asyncio.to_thread(grammars.compile, spec)
     except ValueError as exc:
-        param = "response_format" if spec.kind in ("json", "json_object") else "structured_outputs"
         raise bad_request(str(exc), param=param) from None
 
 

@@ -185,7 +185,7 @@ async def completions(body: CompletionRequest, request: Request):
     echo = _echoed(state, body)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     choices = gen.make_choices(prompts, body, body.logprobs, adapter, rid)
-    await gen.submit(state, choices, body.model)
+    await gen.submit(state, choices, body.model, body.structured_field)
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
     tally = _Tally(body.n)
     if body.stream:
@@ -242,11 +242,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     adapter = await _resolve_model(state, body.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     ids = await gen.chat_prompt_ids(state, messages, body.add_generation_prompt, body.continue_final_message)
-    max_tokens = gen.check_length(state, len(ids), body.max_new_tokens)
+    max_tokens = gen.check_length(state, len(ids), body.max_new_tokens,
+                                  "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     top = (body.top_logprobs or 0) if body.logprobs else None
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     choices = gen.make_choices([(ids, max_tokens)], body, top, adapter, rid)
-    await gen.submit(state, choices, body.model)
+    await gen.submit(state, choices, body.model, body.structured_field)
     head = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     tally = _Tally(body.n)
     if body.stream:

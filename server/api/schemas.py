@@ -209,6 +209,11 @@ class _Sampling(_Body):
             raise ValueError("stream_options is only allowed with stream: true")
         return self
 
+    @property
+    def structured_field(self) -> str:
+        """The field the request's structured-output spec comes from (its errors name it)."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
     def structured_spec(self) -> StructuredSpec | None:
         rf = self.response_format.spec() if self.response_format is not None else None
         if self.structured_outputs is not None:

@@ -9,7 +9,12 @@ __all__ = ["EngineOverloadedError", "EngineStats", "InvalidRequestError", "Promp
 
 
 class InvalidRequestError(ValueError):
-    """A request the engine refuses as given (the API answers 400)."""
+    """A request the engine refuses as given (the API answers 400, naming `param`: the request field at fault,
+    where one is)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLongError(InvalidRequestError):

@@ -31,6 +31,42 @@ def _reason(exc: Exception) -> str:
     return _CPP_PREFIX.sub("", lines[0])[:500]
 
 
+# JSON-schema keywords xgrammar (0.2.x) compiles without enforcing them, found by compiling a schema with each and
+# testing a value that breaks it (tests/test_structured_outputs.py keeps that probe): refused with a 400, as vLLM's
+# xgrammar backend refuses them, rather than answered with output that breaks the schema
+_DROPPED = ("uniqueItems", "contains", "minContains", "maxContains", "not", "if", "then", "else",
+            "dependentRequired", "dependentSchemas")
+_FORMATS = {"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri",
+            "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"}  # the formats it enforces
+# where a schema holds schemas: one, a list of them, or a map of names to them (anything else is data or a name)
+_ONE = ("items", "additionalItems", "additionalProperties", "propertyNames", "unevaluatedItems",
+        "unevaluatedProperties", "contains", "not", "if", "then", "else")
+_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def unenforced(schema: Any) -> str | None:
+    """The first use in `schema` of what xgrammar would compile without enforcing it, described; None if none."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        dropped = next((k for k in _DROPPED if k in node), None)
+        if dropped is not None:
+            return f"'{dropped}'"
+        if "format" in node and node["format"] not in _FORMATS:
+            return f"format {node['format']!r}"
+        if ("pattern" in node or "format" in node) and ("minLength" in node or "maxLength" in node):
+            return "minLength/maxLength beside a pattern or format"
+        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+            return "'allOf' with more than one schema"
+        stack += [node[k] for k in _ONE if k in node]
+        stack += [v for k in _LISTS if isinstance(node.get(k), list) for v in node[k]]
+        stack += [v for k in _MAPS if isinstance(node.get(k), dict) for v in node[k].values()]
+    return None
+
+
 class GrammarCache:
     """Compiled grammars by spec hash. compile() is thread-safe: the API calls it from worker threads."""
 
@@ -66,6 +102,9 @@ class GrammarCache:
         if spec.kind == "json_object":  # OpenAI's json_object is an object, not any JSON value
             return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
         if spec.kind == "json":
+            dropped = unenforced(json.loads(spec.value))
+            if dropped is not None:
+                raise ValueError(f"the schema uses {dropped}, which structured outputs cannot enforce")
             return c.compile_json_schema(spec.value, any_whitespace=False)
         if spec.kind == "regex":
             return c.compile_regex(spec.value)
