@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,35 @@ def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(engine, 
         assert await ae.call(idle, engine)
         after = [o async for o in ae.generate(req("after", ids["a"], 2))]
         check_stream(after, reference["a", 2])
+        await stopped(ae)
+
+    asyncio.run(main())
+
+
+def test_a_request_queued_behind_a_failing_step_is_not_added_after_it(engine, ids, monkeypatch):
+    """The failing step ends every open stream, the one whose add still waits in the queue too: that add must not
+    then run, or its sequence would decode to the end with no stream to read it."""
+
+    async def main():
+        ae = await started(engine)
+        real = engine.runner.launch
+        failed = []
+
+        def fails_once(batch, *args):
+            if not failed:
+                failed.append(True)
+                while len(ae._streams) < 2:  # the second request's stream is open, its add queued behind us
+                    time.sleep(0.001)
+                raise RuntimeError("injected")
+            return real(batch, *args)
+
+        monkeypatch.setattr(engine.runner, "launch", fails_once)
+        first = await ae.add(req("doomed", ids["a"], LONG))
+        with pytest.raises(EngineDeadError, match="queued"):
+            await ae.add(req("queued", ids["b"], LONG))
+        outs = [o async for o in first]
+        assert outs[-1].error == "internal engine error"
+        assert await ae.call(idle, engine) and ae._streams == {}
         await stopped(ae)
 
     asyncio.run(main())

@@ -35,6 +35,7 @@ class RequestStream:
         self.request_id = request_id
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
+        self.failed = False  # given its final error by _fail_all (engine thread): its add, if still queued, is void
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -119,12 +120,20 @@ class AsyncEngine:
         stream = RequestStream(self, request.request_id)
         self._streams[request.request_id] = stream
         try:
-            await self.call(self.engine_or_raise().add_request, request)
+            await self.call(self._add_unless_failed, self.engine_or_raise(), request, stream)
         except BaseException:
             self._streams.pop(request.request_id, None)
             stream.finished = True
             raise
         return stream
+
+    @staticmethod
+    def _add_unless_failed(engine: Any, request: Request, stream: RequestStream) -> None:
+        """In the engine thread. A request whose stream a failed step already ended (_fail_all) while its add
+        waited in the queue is not added: it would run to its end with no one to read it."""
+        if stream.failed:
+            raise EngineDeadError("the engine failed while the request was queued")
+        engine.add_request(request)
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         stream = await self.add(request)
@@ -311,6 +320,9 @@ class AsyncEngine:
             except RuntimeError:
                 continue
         for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.failed = True
             if abort:
                 try:
                     self.engine.abort(request_id)
