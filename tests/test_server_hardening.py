@@ -72,6 +72,23 @@ def test_numbers_the_engine_cannot_take_are_400(server, expected, http):
             assert (err["param"] or "").split(".")[0] == param, (fields, err)  # the field, as given
 
 
+def test_a_request_refused_for_one_prompt_runs_and_counts_nothing(server, http):
+    """Its other prompts were queued (and ran a step or two, and were counted) before the bad one was refused."""
+
+    def counted() -> tuple:
+        s = server.call(server.engine.stats)
+        requests = [line for line in http.get("/metrics").text.splitlines()
+                    if line.startswith('hotlora_adapter_requests_total{adapter="a"}')]  # fmt: skip
+        return s.num_eager_steps + s.num_graph_steps, s.prefix_cache_queries, requests
+
+    before = counted()
+    for fields in ({"prompt": [[5] * 40, [10**8]]}, {"prompt": [5] * 40, "n": 3, "logit_bias": {str(10**8): 1}}):
+        r = http.post("/v1/completions", json=body(server, model="a", max_tokens=5, **fields))
+        assert assert_openai_error(r, 400)["param"] in ("prompt", "logit_bias")
+    assert counted() == before
+    assert server.call(lambda: server.engine.seqs) == {}
+
+
 def test_seeds_at_the_int64_edges_work_for_every_choice(server, expected, http):
     with bystander(server, expected):
         for seed in (2**63 - 1, -(2**63)):

@@ -162,23 +162,21 @@ def make_choices(
 
 
 async def submit(state: AppState, choices: list[Choice], model: str, structured_field: str) -> None:
-    """Queue every choice, or none: on the first refusal the ones already queued are aborted. structured_field:
+    """Queue every choice, or none (one refused, none runs or is counted). structured_field:
     the request field its structured-output spec came from (a bad spec's 400 names it)."""
     spec = choices[0].request.params.structured if choices else None
     if spec is not None:
         await compile_grammar(state, spec, structured_field)
     try:
-        for c in choices:
-            c.stream = await state.engine.add(c.request)
-            c.timer = state.metrics.timer(c.request.adapter, c.request.arrival_time)
+        streams = await state.engine.add_all([c.request for c in choices])
     except Exception as exc:
-        for c in choices:
-            if c.stream is not None:
-                c.stream.close()
         err = engine_error(exc, model)
         if err is None:
             raise
         raise err from None
+    for c, stream in zip(choices, streams, strict=True):
+        c.stream = stream
+        c.timer = state.metrics.timer(c.request.adapter, c.request.arrival_time)
 
 
 async def compile_grammar(state: AppState, spec: StructuredSpec, param: str) -> None:

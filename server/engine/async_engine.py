@@ -115,25 +115,32 @@ class AsyncEngine:
         """Queue a request; raises what engine.add_request raises (bad request, unknown adapter, overload).
         Its queue time starts now (request.arrival_time, unless set): waiting for the engine thread to
         take the request between two steps is queueing too."""
-        if not request.arrival_time:
-            request.arrival_time = time.monotonic()
-        stream = RequestStream(self, request.request_id)
-        self._streams[request.request_id] = stream
+        return (await self.add_all([request]))[0]
+
+    async def add_all(self, requests: list[Request]) -> list[RequestStream]:
+        """Queue every request or none (engine.add_requests), as add does for one."""
+        now = time.monotonic()
+        streams = []
+        for request in requests:
+            request.arrival_time = request.arrival_time or now
+            streams.append(RequestStream(self, request.request_id))
+            self._streams[request.request_id] = streams[-1]
         try:
-            await self.call(self._add_unless_failed, self.engine_or_raise(), request, stream)
+            await self.call(self._add_unless_failed, self.engine_or_raise(), requests, streams)
         except BaseException:
-            self._streams.pop(request.request_id, None)
-            stream.finished = True
+            for request, stream in zip(requests, streams, strict=True):
+                self._streams.pop(request.request_id, None)
+                stream.finished = True
             raise
-        return stream
+        return streams
 
     @staticmethod
-    def _add_unless_failed(engine: Any, request: Request, stream: RequestStream) -> None:
-        """In the engine thread. A request whose stream a failed step already ended (_fail_all) while its add
-        waited in the queue is not added: it would run to its end with no one to read it."""
-        if stream.failed:
+    def _add_unless_failed(engine: Any, requests: list[Request], streams: list[RequestStream]) -> None:
+        """In the engine thread. Requests whose streams a failed step already ended (_fail_all) while their add
+        waited in the queue are not added: they would run to their end with no one to read them."""
+        if any(s.failed for s in streams):
             raise EngineDeadError("the engine failed while the request was queued")
-        engine.add_request(request)
+        engine.add_requests(requests)
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         stream = await self.add(request)

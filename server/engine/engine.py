@@ -7,8 +7,10 @@ import logging
 import time
 from collections.abc import Callable
 
+from hotlora.adapters.mixes import MixVersion
 from hotlora.adapters.peft_format import AdapterError
 from hotlora.adapters.registry import AdapterRegistry, UnknownAdapterError
+from hotlora.adapters.versions import AdapterVersion
 from hotlora.server.engine.block_manager import BlockManager
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.detokenizer import Detokenizer, DetokState
@@ -67,8 +69,22 @@ class LLMEngine:
 
     def add_request(self, req: Request) -> None:
         """Queue a request. Raises InvalidRequestError, UnknownAdapterError or EngineOverloadedError."""
-        if req.request_id in self.seqs:
-            raise InvalidRequestError(f"request id {req.request_id!r} is already in use")
+        self.add_requests([req])
+
+    def add_requests(self, reqs: list[Request]) -> None:
+        """Queue every request or none (the choices of one API request: one refused, none runs or is counted).
+        Raises as add_request."""
+        ids = [r.request_id for r in reqs]
+        if len(set(ids)) < len(ids) or any(i in self.seqs for i in ids):
+            raise InvalidRequestError(f"request ids {ids!r} repeat or are already in use")
+        adapters = [self._check(r) for r in reqs]
+        if len(self.scheduler.waiting) + len(reqs) > self.config.max_waiting:
+            raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting")
+        for req, adapter in zip(reqs, adapters, strict=True):
+            self._enqueue(req, adapter)
+
+    def _check(self, req: Request) -> AdapterVersion | MixVersion | None:
+        """Refuse what the engine cannot run; the adapter version the request names (None: the base)."""
         n = len(req.prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty")
@@ -82,9 +98,9 @@ class LLMEngine:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model", "logit_bias")
         if req.params.structured is not None and self.grammars is None:
             raise InvalidRequestError("structured outputs need the model's tokenizer, and this model has none")
-        if len(self.scheduler.waiting) >= self.config.max_waiting:
-            raise EngineOverloadedError(f"{len(self.scheduler.waiting)} requests are already waiting")
-        adapter = self.registry.resolve(req.adapter) if req.adapter is not None else None
+        return self.registry.resolve(req.adapter) if req.adapter is not None else None
+
+    def _enqueue(self, req: Request, adapter: AdapterVersion | MixVersion | None) -> None:
         if adapter is not None:
             self.registry.prefetch_version(adapter)  # the disk read starts now, not at the queue's head
         self._arrivals += 1
@@ -341,6 +357,7 @@ class LLMEngine:
             kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used,
             running_adapters=names(self.scheduler.running), waiting_adapters=names(self.scheduler.waiting),
             max_loras=self.config.max_loras, num_preemptions=self.scheduler.num_preemptions,
+            lora_slots_used=sum(slot is not None for slot in self.registry.cache.slots),
             num_adapter_blocked_steps=self.scheduler.num_adapter_blocked_steps,
             adapter_load_seconds=self.registry.cache.stats.transitions,
             num_eager_steps=self.eager_steps, num_graph_steps=self.runner.graph_steps,
