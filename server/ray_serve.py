@@ -35,6 +35,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from hotlora.server.api import errors
+from hotlora.server.api.errors import APIError
+from hotlora.server.api.limits import too_large
 from hotlora.server.api.state import ServerSettings
 from hotlora.server.engine.config import DEVICE_DEFAULTS
 
@@ -172,6 +175,7 @@ class HotloraReplica:
 
 
 ingress_app = FastAPI(title="hotlora (Ray Serve ingress)")
+errors.install(ingress_app)  # its own errors in OpenAI's shape too
 
 
 def routing_key(method: str, path: str, body: bytes) -> str:
@@ -188,11 +192,26 @@ def routing_key(method: str, path: str, body: bytes) -> str:
     return ""
 
 
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None once it is known to pass `limit` bytes (from Content-Length, or as it arrives)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
 @serve.ingress(ingress_app)
 class HotloraIngress:
-    def __init__(self, replica: Any) -> None:
+    def __init__(self, replica: Any, body_limit: int, upload_limit: int) -> None:
         self.replica = replica
+        self.limits = {"body": (body_limit, "--max-body-bytes"), "upload": (upload_limit, "--max-upload-bytes")}
 
     @ingress_app.get("/-/replicas")
     async def replicas(self) -> JSONResponse:
@@ -214,9 +233,12 @@ class HotloraIngress:
         ]
         return JSONResponse(targets)
 
-    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
+    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
     async def proxy(self, path: str, request: Request) -> Response:
-        body = await request.body()
+        limit, flag = self.limits["upload" if path.startswith("admin/") else "body"]
+        body = await _read_limited(request, limit)
+        if body is None:  # answered here, before the whole body crosses to a replica (which would refuse it)
+            return too_large(limit, flag).response()
         key = routing_key(request.method, path, body)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP | {"host"}}
         args = (request.method, path, request.url.query, headers, body)
@@ -229,8 +251,10 @@ class HotloraIngress:
                 break
             except ray.exceptions.RayActorError:
                 if attempt + 1 == attempts:
-                    return JSONResponse({"error": {"message": "the replica serving this request died", "type":
-                                                   "server_error", "param": None, "code": "replica_died"}}, 503)
+                    return APIError(503, "the replica serving this request died", code="replica_died").response()
+            except Exception as exc:  # e.g. the replica's forward failed (RayTaskError): not a bare text 500
+                log.warning("a replica failed to answer %s /%s: %s", request.method, path, exc)
+                return APIError(502, "the replica failed to answer", code="replica_error").response()
 
         async def rest() -> AsyncIterator[bytes]:
             async for chunk in stream:
@@ -256,7 +280,8 @@ def build_app(settings: ServerSettings, replicas: int = 1, cpus_per_replica: flo
         or DEVICE_DEFAULTS["cuda" if gpus_per_replica else "cpu"][0],
         health_check_period_s=5,
     )
-    return HotloraIngress.bind(replica.bind(settings, host, port, gil_switch_interval))
+    return HotloraIngress.bind(replica.bind(settings, host, port, gil_switch_interval), settings.max_body_bytes,
+                               settings.max_upload_bytes)
 
 
 def app_builder(args: dict[str, str]) -> Any:

@@ -85,6 +85,10 @@ def test_residency_metrics_follow_the_adapter_lifecycle(tmp_path, hotlora_cache,
             m = _scrape(http)
             assert not {k for k in _loaded(m) if k[0] == "a"}
             assert _value(m, "vllm:num_gpu_loaded_lora_adapters") == 0
+
+            _generate(http, "c*0.5+x")  # a mix holds a device slot of its own: a router must see it taken
+            m = _scrape(http)
+            assert not {k for k in _loaded(m) if k[1] == "gpu"} and _value(m, "vllm:num_gpu_loaded_lora_adapters") == 1
     finally:
         srv.stop()
 
@@ -97,3 +101,15 @@ def test_load_phase_summary_median():
     for seconds in (0.004, 0.001, 0.002, 0.003):
         stats.record("parse", seconds)
     assert stats.summary() == {"parse": {"n": 4, "p50_ms": 2.5, "max_ms": 4.0}}
+
+
+def test_lora_requests_info_labels_every_mix_as_one_value():
+    """A client may name a mix with any weights: one label value per mix would make a series per request."""
+    from hotlora.server.api.metrics import Metrics
+    from hotlora.server.engine.engine import EngineStats
+
+    stats = EngineStats(num_running=3, num_waiting=1, kv_blocks_total=8, kv_blocks_used=1, max_loras=4,
+                        running_adapters=["a", "a*0.11+c*1.0", "a*0.12+c*1.0"], waiting_adapters=["b*0.5+c"],
+                        num_preemptions=0)
+    text = Metrics().render(stats, [], True).decode()
+    assert 'running_lora_adapters="(mix),a"' in text and 'waiting_lora_adapters="(mix)"' in text

@@ -211,3 +211,16 @@ def test_prefill_time_drops_with_a_shared_512_token_prefix(on, off):
     assert outs["on"] == outs["off"]
     assert stats == {"off": (0, 0), "on": (16 * 528, 15 * 512)}
     assert elapsed["off"] / elapsed["on"] >= 5.0, elapsed
+
+
+def test_scoring_prompts_are_not_counted_as_prefix_cache_queries(on):
+    """A prompt whose logprobs are asked for is computed whole (match() skips the cache for it), so it is no query:
+    counted, it lowered the hit rate with tokens that could never hit (vLLM does not count them either)."""
+    prompt = [random.Random(9).randrange(100, 40000) for _ in range(40)]
+    before = on.stats()
+    on.generate([Request("score", prompt, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))])
+    after = on.stats()
+    assert (after.prefix_cache_queries, after.prefix_cache_hits) == (before.prefix_cache_queries,
+                                                                     before.prefix_cache_hits)
+    on.generate([Request("plain", prompt, SamplingParams(max_tokens=1, temperature=0.0))])
+    assert on.stats().prefix_cache_queries == after.prefix_cache_queries + len(prompt)

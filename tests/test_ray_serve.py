@@ -220,3 +220,14 @@ def test_serve_ray_hands_the_gil_switch_interval_to_its_replicas():
     assert kwargs["gil_switch_interval"] == 0.002
     replica = build_app(**kwargs)._bound_deployment.init_args[0]  # the ingress is bound to the replica deployment
     assert replica._bound_deployment.init_args[-1] == 0.002
+
+
+def test_the_ingress_refuses_large_bodies_and_odd_methods_in_openai_shape(cluster):
+    """A body past --max-body-bytes is a 413 from the ingress (it was a plain-text 500 once the whole body had
+    crossed to a replica); OPTIONS reaches the replica's own 405 (it was FastAPI's {"detail": ...})."""
+    r = httpx.post(cluster + "/v1/completions", content=b"x" * (9 << 20), timeout=120,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    r = httpx.options(cluster + "/v1/completions", timeout=60)
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    assert httpx.get(cluster + "/v1/models", timeout=60).status_code == 200  # the ingress still serves

@@ -19,11 +19,9 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 TOKENIZER_WORKERS = 2
 
 
-def _too_large(limit: int) -> APIError:
+def too_large(limit: int, flag: str = "--max-body-bytes") -> APIError:
     return APIError(
-        413,
-        f"the request body is larger than the server's limit of {limit} bytes (--max-body-bytes)",
-        code="request_too_large",
+        413, f"the request body is larger than the server's limit of {limit} bytes ({flag})", code="request_too_large"
     )
 
 
@@ -53,7 +51,7 @@ class BodyLimit:
         limit = self.limit()
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            await _send_error(send, _too_large(limit))
+            await _send_error(send, too_large(limit))
             return
         chunks, size = [], 0
         while True:
@@ -64,7 +62,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await _send_error(send, _too_large(limit))
+                await _send_error(send, too_large(limit))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -86,7 +86,8 @@ class _EngineCollector(Collector):
             "running/waiting LoRA adapters (value: timestamp)",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        info.add_metric([",".join(s.running_adapters), ",".join(s.waiting_adapters), str(s.max_loras)], time.time())
+        info.add_metric([_adapter_list(s.running_adapters), _adapter_list(s.waiting_adapters), str(s.max_loras)],
+                        time.time())
         yield info
         yield CounterMetricFamily(
             "hotlora_steps_blocked_on_adapters",
@@ -131,8 +132,8 @@ class _EngineCollector(Collector):
                 loaded.add_metric([a.name, level, str(a.pinned).lower(), str(a.rank)], 1.0)
         yield loaded
         yield GaugeMetricFamily(
-            "vllm:num_gpu_loaded_lora_adapters", "adapters in a device slot",
-            value=sum(a.residency == "device" for a in self.adapters),
+            "vllm:num_gpu_loaded_lora_adapters", "device slots holding (or loading) an adapter or a mix",
+            value=getattr(s, "lora_slots_used", 0),
         )
         yield GaugeMetricFamily("vllm:max_gpu_lora_adapters", "device slots for adapters", value=s.max_loras)
         hist = HistogramMetricFamily(
@@ -219,6 +220,12 @@ class Metrics:
     def render(self, stats: Any, adapters: list[Any], ready: bool) -> bytes:
         self.engine.stats, self.engine.adapters, self.engine.ready = stats, adapters, ready
         return generate_latest(self.registry)
+
+
+def _adapter_list(names: list[str]) -> str:
+    """vllm:lora_requests_info's label: the adapters' names, every mix as MIX_LABEL (a client names a mix with
+    any weights it likes: one label value, and one series, per mix would be unbounded)."""
+    return ",".join(sorted({MIX_LABEL if is_mix(n) else n for n in names}))
 
 
 class RequestPhaseHistograms:

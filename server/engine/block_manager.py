@@ -117,7 +117,7 @@ class BlockManager:
         seq.block_table = list(prefix)
         seq.num_committed_blocks = len(prefix)
         seq.num_computed = len(prefix) * self.block_size
-        if self.enable_caching and not seq.prefix_queried:
+        if self.enable_caching and not seq.prefix_queried and not seq.scoring_prompt:  # match() skipped those
             seq.prefix_queried = True
             seq.num_cached_tokens = seq.num_computed
             self.queries += len(seq)

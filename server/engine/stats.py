@@ -35,6 +35,7 @@ class EngineStats:
     waiting_adapters: list[str]
     max_loras: int
     num_preemptions: int
+    lora_slots_used: int = 0  # device slots holding (or loading) an adapter or a mix
     num_adapter_blocked_steps: int = 0  # steps with room in the batch where every waiting request awaited its adapter
     adapter_load_seconds: dict[str, Any] = field(default_factory=dict)  # transition -> loadstats.Histogram
     num_eager_steps: int = 0  # steps that ran eagerly (on cuda: no CUDA graph fitted or a capture failed)
