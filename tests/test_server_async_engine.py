@@ -208,19 +208,26 @@ def test_breaking_out_of_a_stream_aborts_it(engine, ids):
     asyncio.run(main())
 
 
+def fail_first_launch(engine: LLMEngine, monkeypatch, before=lambda: None) -> list[list[str]]:
+    """The engine's next model launch raises (after `before()`), the later ones run; returns the failed step's
+    request ids, once it has failed."""
+    real, failed = engine.runner.launch, []
+
+    def fails_once(batch, *args):
+        if not failed:
+            failed.append([s.request_id for s in batch.seqs])
+            before()
+            raise RuntimeError("injected")
+        return real(batch, *args)
+
+    monkeypatch.setattr(engine.runner, "launch", fails_once)
+    return failed
+
+
 def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(engine, ids, reference, monkeypatch):
     async def main():
         ae = await started(engine)
-        real = engine.runner.launch
-        failed = []
-
-        def fails_once(batch, *args):
-            if not failed:
-                failed.append([s.request_id for s in batch.seqs])
-                raise RuntimeError("injected")
-            return real(batch, *args)
-
-        monkeypatch.setattr(engine.runner, "launch", fails_once)
+        failed = fail_first_launch(engine, monkeypatch)
         stream = await ae.add(req("doomed", ids["a"], LONG))
         outs = [o async for o in stream]
         assert failed == [["doomed"]]
@@ -240,18 +247,12 @@ def test_a_request_queued_behind_a_failing_step_is_not_added_after_it(engine, id
 
     async def main():
         ae = await started(engine)
-        real = engine.runner.launch
-        failed = []
 
-        def fails_once(batch, *args):
-            if not failed:
-                failed.append(True)
-                while len(ae._streams) < 2:  # the second request's stream is open, its add queued behind us
-                    time.sleep(0.001)
-                raise RuntimeError("injected")
-            return real(batch, *args)
+        def second_queued() -> None:  # the second request's stream is open, its add queued behind the failure
+            while len(ae._streams) < 2:
+                time.sleep(0.001)
 
-        monkeypatch.setattr(engine.runner, "launch", fails_once)
+        fail_first_launch(engine, monkeypatch, second_queued)
         first = await ae.add(req("doomed", ids["a"], LONG))
         with pytest.raises(EngineDeadError, match="queued"):
             await ae.add(req("queued", ids["b"], LONG))
