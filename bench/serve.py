@@ -12,6 +12,8 @@ from /v1/completions; one JSON object is printed (and written to --out):
     gc<G>_c: seconds and count of the server's garbage collections of generation G);
     steps, step_ms, step_tokens_mean, step_phases_ms {phase: mean ms per step}, step_phase_share {phase:
     share of the step wall time}, host_share (all but device_wait): the engine's step timer over the timed run;
+    client_cpu_share: this process's CPU seconds over the run's (near 1: the client limits what it measures; a
+    server in the same process counts too);
     ttft_parts_ms {queue, prefill, delivery: {p50, p99, mean, n}}: where the server's TTFT went, from its
     request-phase histograms over the timed run (percentiles interpolated inside the buckets, means exact;
     see bench/serve_metrics.py)
@@ -100,6 +102,13 @@ def plan(n: int, rate: float, prompt_len: tuple[int, int], output_len: tuple[int
     return out
 
 
+def rebased(planned: list[Planned]) -> list[Planned]:
+    """The timed requests with the first one at 0: the clock (duration_s, hence req/s and tok/s) starts with the
+    first send, not a Poisson gap before it (0.6% of a 300-request run at 6/s)."""
+    t0 = planned[0].arrival if planned else 0.0
+    return [Planned(p.arrival - t0, p.prompt, p.max_tokens, p.model) for p in planned]
+
+
 async def one(client: httpx.AsyncClient, p: Planned) -> Result:
     body = {"model": p.model, "prompt": p.prompt, "max_tokens": p.max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -111,13 +120,13 @@ async def one(client: httpx.AsyncClient, p: Planned) -> Result:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
             async for line in r.aiter_lines():
+                now = time.perf_counter()  # when the chunk arrived, before this client parses it
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     res.error = str(chunk["error"].get("message"))
                     return res
-                now = time.perf_counter()
                 if chunk.get("usage"):
                     res.output_tokens = chunk["usage"]["completion_tokens"]
                 if any(c.get("text") for c in chunk.get("choices", [])):
@@ -238,9 +247,8 @@ def benchmark(a: argparse.Namespace) -> dict:
         planned = plan(a.warmup_workload + a.requests, a.rate, a.prompt_len, a.output_len, models, a.zipf,
                        a.seed, (a.shared_prefixes, a.prefix_len))
         warm, planned = planned[: a.warmup_workload], planned[a.warmup_workload :]
+        planned = rebased(planned)
         if warm:  # steady state: the workload's own first requests, at once and cut to 2 tokens, untimed
-            t0 = planned[0].arrival
-            planned = [Planned(p.arrival - t0, p.prompt, p.max_tokens, p.model) for p in planned]
             failed = [r.error for r in asyncio.run(run(url, [Planned(0.0, p.prompt, 2, p.model) for p in warm]))[0]
                       if not r.ok]
             if failed:
@@ -251,13 +259,18 @@ def benchmark(a: argparse.Namespace) -> dict:
             if failed:
                 raise SystemExit(f"warm-up requests failed: {failed[:3]}")
         before = read_counters(url)
+        cpu = time.process_time()
         results, duration = asyncio.run(run(url, planned))
+        cpu = time.process_time() - cpu
         after = read_counters(url)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
     summary = summarize(results, duration)
+    # this client's own CPU over the run: near 1 it is the bottleneck (one event loop parses every chunk), and
+    # ITL tails and burst throughput then measure it rather than the server
+    summary["client_cpu_share"] = round(cpu / duration, 3) if duration else 0.0
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     summary.update(step_profile(delta))
     summary["ttft_parts_ms"] = ttft_parts(delta)

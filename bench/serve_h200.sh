@@ -41,7 +41,9 @@ make_adapters() {  # dir count rank targets
 bench() {  # name, then bench/serve.py arguments
   local name=$1; shift
   echo "== $name $(date +%T)" >&2
-  "$py" "$here/serve.py" --url "http://127.0.0.1:$PORT" --out "$OUT/serve-$name.json" "$@" >/dev/null
+  rm -f "$OUT/serve-$name.json"  # a failed run must not leave an older run's numbers to be printed as its own
+  "$py" "$here/serve.py" --url "http://127.0.0.1:$PORT" --out "$OUT/serve-$name.json" "$@" >/dev/null ||
+    { echo "FAILED: $name" >&2; return 1; }
   "$py" -c 'import json,sys; r=json.load(open(sys.argv[1])); s=r["server"]
 print(sys.argv[2], r["completed"], "/", r["requests"], "req/s", r["req_per_s"], "tok/s", r["output_tok_per_s"],
       "ttft", r["ttft_ms"], "tpot", r["tpot_ms"], "itl", r["itl_ms"], "eager", s.get("eager_steps"),
@@ -68,7 +70,7 @@ serve_and_run() {  # "serve args" then the functions that issue the bench calls
     sleep 1
   done
   echo "server ready in $((SECONDS - t0)) s: $args" >&2
-  for f in "$@"; do "$f" || true; done
+  for f in "$@"; do "$f" || FAILED=1; done  # the other runs go on; the suite's exit status says one failed
   kill -TERM $pid; wait $pid || true
 }
 
@@ -174,3 +176,4 @@ case ${1:-} in
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
   *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|prefix-on-32|prefix-off-32|prefix-burst|many|steady|saturation|burst|burst-base|profile|adapters" >&2; exit 2 ;;
 esac
+exit "${FAILED:-0}"

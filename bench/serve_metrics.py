@@ -11,7 +11,9 @@ TTFT on the server = queue + prefill + delivery, per request (server/api/metrics
 
 Percentiles come from the bucket counts, interpolated linearly inside the bucket that holds the rank (as
 Prometheus' histogram_quantile does; a rank in the +Inf bucket reads as the largest finite bound), so they are
-only as fine as the buckets: about 10-25% of the value below a second. Means are exact (sum / count). The parts'
+only as fine as the buckets, whose widths run up to the value itself below a second (0.5-1 ms, 1-2 ms; 300 ms
+reads as anything in 0.3-0.5 s): compare percentiles between runs, not as absolute times. Means are exact (sum /
+count). The parts'
 means add up to the server's mean TTFT; their percentiles do not add up.
 """
 

@@ -80,6 +80,7 @@ def test_serve_bench_smoke(tmp_path, hotlora_cache, default_model_dir, capsys):
         assert r["tpot_ms"]["p50"] > 0 and r["tpot_ms"]["p99"] >= r["tpot_ms"]["p50"]
         assert r["itl_ms"]["p99"] > 0
     assert base["requests"] == 6 and base_only["requests"] == 3
+    assert all(r["client_cpu_share"] > 0 for r in (base, base_only, steady))
     assert base["config"]["models"] == 3 and base_only["config"]["models"] == 1
     # 6 requests of 3..5 tokens each; the counters come from the server's /metrics
     assert 18 / base["duration_s"] <= base["output_tok_per_s"] <= 30 / base["duration_s"]
@@ -163,3 +164,13 @@ def test_step_profile_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     assert re.search(r"^base: \d+ output tok/s, \d+ steps$", out, re.MULTILINE)
     assert re.search(r"^Zipf\(1\.1\) over 2: \d+ output tok/s", out, re.MULTILINE)
     assert out.count("device time a step by kernel family, over 2 profiled steps") == 2
+
+
+def test_the_timed_clock_starts_with_the_first_request():
+    import serve
+
+    planned = serve.plan(5, 6.0, (4, 4), (2, 2), ["m"], None, 0)
+    assert planned[0].arrival > 0  # a Poisson gap before the first request
+    again = serve.rebased(planned)
+    assert again[0].arrival == 0 and [p.arrival - planned[0].arrival for p in planned] == [p.arrival for p in again]
+    assert serve.rebased([]) == []
