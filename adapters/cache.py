@@ -158,6 +158,10 @@ class LoraSlotCache:
     def num_ready(self) -> int:
         return sum(s is not None and s.ready for s in self.slots)
 
+    def num_held(self) -> int:
+        """Slots holding an adapter or a mix, loaded or still loading."""
+        return sum(s is not None for s in self.slots)
+
     # --- loading -----------------------------------------------------------------------------------
 
     def largest_unpinned_run(self, also: int | None = None) -> int:

@@ -36,7 +36,7 @@ from hotlora.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 DEFAULT_MAX_BYTES = 4 << 30
 _META = ".hotlora~"
 
-__all__ = ["NAME_RE", "AdapterNotFound", "AdapterStore", "InvalidAdapterName", "StoredAdapter", "UploadTooLarge"]
+__all__ = ["AdapterNotFound", "AdapterStore", "InvalidAdapterName", "StoredAdapter", "UploadTooLarge"]
 
 
 class InvalidAdapterName(AdapterError):
@@ -214,7 +214,7 @@ class AdapterStore:
 
     def _published(self, name: str) -> bool:
         link = self.root / name
-        return NAME_RE.fullmatch(name) is not None and name not in (".", "..") and (link / CONFIG_NAME).is_file()
+        return name_error(name) is None and (link / CONFIG_NAME).is_file()
 
     def _current_version(self, name: str) -> Path | None:
         link = self.root / name

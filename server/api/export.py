@@ -30,8 +30,8 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from hotlora.adapters.mixspec import MixError, is_mix, parse_mix
+from hotlora.adapters.names import NAME_RE
 from hotlora.adapters.peft_config import AdapterError
-from hotlora.adapters.store import NAME_RE
 from hotlora.server.api.auth import require_admin
 from hotlora.server.api.errors import APIError, bad_request
 from hotlora.server.api.state import AppState

@@ -13,8 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from hotlora.adapters.mixspec import MixError, is_mix, parse_mix
+from hotlora.adapters.names import NAME_RE
 from hotlora.adapters.s3store import S3AdapterStore
-from hotlora.adapters.store import NAME_RE
 from hotlora.server.api import generation as gen
 from hotlora.server.api import logprobs as lpo
 from hotlora.server.api.errors import APIError, bad_request, model_not_found

@@ -357,7 +357,7 @@ class LLMEngine:
             kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used,
             running_adapters=names(self.scheduler.running), waiting_adapters=names(self.scheduler.waiting),
             max_loras=self.config.max_loras, num_preemptions=self.scheduler.num_preemptions,
-            lora_slots_used=sum(slot is not None for slot in self.registry.cache.slots),
+            lora_slots_used=self.registry.cache.num_held(),
             num_adapter_blocked_steps=self.scheduler.num_adapter_blocked_steps,
             adapter_load_seconds=self.registry.cache.stats.transitions,
             num_eager_steps=self.eager_steps, num_graph_steps=self.runner.graph_steps,

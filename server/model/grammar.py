@@ -32,7 +32,7 @@ def _reason(exc: Exception) -> str:
 
 
 # JSON-schema keywords xgrammar (0.2.x) compiles without enforcing them, found by compiling a schema with each and
-# testing a value that breaks it (tests/test_structured_outputs.py keeps that probe): refused with a 400, as vLLM's
+# testing a value that breaks it (tests/test_json_schema_enforcement.py keeps that probe): refused with a 400, as vLLM's
 # xgrammar backend refuses them, rather than answered with output that breaks the schema
 _DROPPED = ("uniqueItems", "contains", "minContains", "maxContains", "not", "if", "then", "else",
             "dependentRequired", "dependentSchemas")
