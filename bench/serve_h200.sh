@@ -7,6 +7,7 @@
 #   bench/serve_h200.sh prefix-pair # issue 13: the shared-prefix run with caching on, then off (two servers)
 #   bench/serve_h200.sh prefix-on-32 / prefix-off-32  # one half of prefix-pair
 #   bench/serve_h200.sh many        # issue 12: Zipf(1.1) over 8 vs 1,000 r=8 q/v/o adapters, same Poisson rate
+#   bench/serve_h200.sh prefix-steady # prefix-on-32's run, then steady's two, on one server
 #   bench/serve_h200.sh steady      # only the profile suite's two steady batch-32 decode runs
 #   bench/serve_h200.sh saturation  # the profile suite without its Poisson run
 #   bench/serve_h200.sh burst       # only its two all-at-once runs (burst-base: the base model's alone)
@@ -156,6 +157,11 @@ case ${1:-} in
     make_adapters "$ADAPTERS/r16x32" 32 16 all
     ADAPTERS_STEADY=$ADAPTERS/r16x32 serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16x32 --max-loras 64" \
       steady_runs ;;
+  prefix-steady)  # one server: issue 13's caching-on run, then the two steady batch-32 decode runs (A/B of an
+    # engine switch through SERVE_EXTRA, two servers' worth in one)
+    make_adapters "$ADAPTERS/r16x32" 32 16 all
+    PREFIX_ADAPTERS=$ADAPTERS/r16x32; ADAPTERS_STEADY=$ADAPTERS/r16x32
+    serve_and_run "--model $MODEL --adapter-dir $ADAPTERS/r16x32 --max-loras 64" prefix_on steady_runs ;;
   burst-base)  # only the all-at-once run on the base model
     serve_and_run "--model $MODEL --max-loras 64" burst_base ;;
   prefix-burst)  # the mixed-step-heavy runs over adapters, one server: issue 13's (caching on), then the
@@ -174,6 +180,6 @@ case ${1:-} in
   adapters)  # only write the adapter folders (e.g. in the background while something else runs)
     make_adapters "$ADAPTERS/r16all" 128 16 all
     make_adapters "$ADAPTERS/r8qvo" 1000 8 q,v,o ;;
-  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|prefix-on-32|prefix-off-32|prefix-burst|many|steady|saturation|burst|burst-base|profile|adapters" >&2; exit 2 ;;
+  *) echo "usage: $0 traffic|zipf-prefix|prefix-off|prefix-pair|prefix-on-32|prefix-off-32|prefix-burst|prefix-steady|many|steady|saturation|burst|burst-base|profile|adapters" >&2; exit 2 ;;
 esac
 exit "${FAILED:-0}"
