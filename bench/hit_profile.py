@@ -1,0 +1,141 @@
+"""Where a prefix-cache hit's time to first token goes inside the engine (issue 13), no HTTP.
+
+The engine decodes --decoders requests (prompt 128, over adapters a0, a1, ...), as under issue 13's serving run
+(about 14 decode rows a step at 6 req/s). Then, one at a time, a request arrives made of one of 8 cached
+1,024-token system prompts plus --user new tokens on a cached adapter, or a cold one (no cached prefix), and the
+engine steps until its first token. Per case it prints:
+
+- the engine's TTFT: from the add to the output on the host (asynchronous scheduling on, as served), p50/mean;
+- with --profile, the device time a step by kernel family, of the steps around the hits less as many decode-only
+  steps: what the hit's mixed step adds over a decode step.
+
+    HOTLORA_NO_PDL=1 python bench/hit_profile.py --profile   # per-kernel times need plain launches
+    python bench/hit_profile.py --preset tiny --hits 4       # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from engine_gpu import DEV, write_adapter
+from step_profile import family
+
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.engine import LLMEngine
+from hotlora.server.engine.types import Request, SamplingParams
+
+TOKENS = (1000, 30000)
+
+
+def request(rid: str, prompt: list[int], adapter: str | None, max_tokens: int) -> Request:
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), adapter)
+
+
+def until_first(engine: LLMEngine, rid: str) -> float:
+    """Step until `rid` has its first token; seconds from now."""
+    t0 = time.perf_counter()
+    while True:
+        for out in engine.step():
+            if out.request_id == rid and out.new_token_ids:
+                return time.perf_counter() - t0
+
+
+def device_by_family(prof) -> dict[str, float]:
+    per: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        if DEV == "cuda" and ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = ev.self_device_time_total if DEV == "cuda" else ev.self_cpu_time_total
+        if t > 0:
+            per[family(ev.key)] += t / 1e3
+    return per
+
+
+def profiled(engine: LLMEngine, steps: int, add=None) -> dict[str, float]:
+    """Device ms by family over `steps` steps, `add()` called first (a hit arriving)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        if add is not None:
+            add()
+        for _ in range(steps):
+            engine.step()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+    return device_by_family(prof)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--decoders", type=int, default=14)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--hits", type=int, default=16, help="hits per case")
+    ap.add_argument("--prefix-len", type=int, default=1024)
+    ap.add_argument("--user", type=int, nargs="+", default=[64, 160, 256], help="new tokens after the prefix")
+    ap.add_argument("--profile", action="store_true", help="also the device time by kernel family (160 tokens)")
+    args = ap.parse_args()
+    cfg = EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=64, max_lora_rank=16)
+    engine = LLMEngine(cfg)
+    rng = random.Random(0)
+    names = [f"a{i}" for i in range(args.adapters)]
+    prefixes = [[rng.randrange(*TOKENS) for _ in range(args.prefix_len)] for _ in range(8)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_adapter(Path(tmp) / "lora", args.preset, 16)
+        for n in names:
+            engine.registry.register(n, folder)
+        for i, p in enumerate(prefixes):  # cache each prefix on two adapters; warm the graphs
+            for a in names[:2]:
+                engine.add_request(request(f"prime-{i}-{a}", p + [rng.randrange(*TOKENS)], a, 2))
+        while engine.has_unfinished():
+            engine.step()
+        for i in range(args.decoders):  # the background decodes, long enough to outlast every case
+            prompt = [rng.randrange(*TOKENS) for _ in range(128)]
+            engine.add_request(request(f"bg-{i}", prompt, names[i % len(names)], 100_000))
+        for _ in range(8):
+            engine.step()
+        cases = [(f"hit, {u} new tokens", u, True) for u in args.user] + [("cold, 160 + prefix", 160, False)]
+        n = 0
+        for label, user, cached in cases:
+            times = []
+            for _ in range(args.hits):
+                n += 1
+                head = rng.choice(prefixes) if cached else [rng.randrange(*TOKENS) for _ in range(args.prefix_len)]
+                engine.add_request(request(f"hit-{n}", head + [rng.randrange(*TOKENS) for _ in range(user)],
+                                           rng.choice(names[:2]), 1))
+                times.append(until_first(engine, f"hit-{n}"))
+                for _ in range(2):
+                    engine.step()
+            ms = sorted(1e3 * t for t in times)
+            print(f"{label}: engine TTFT p50 {statistics.median(ms):.2f} ms, mean {statistics.mean(ms):.2f}, "
+                  f"min {ms[0]:.2f}, max {ms[-1]:.2f}", flush=True)
+        if args.profile:
+            w, k = 6, max(4, args.hits // 2)
+            base = defaultdict(float)
+            hit = defaultdict(float)
+            for j in range(k):
+                for fam, t in profiled(engine, w).items():
+                    base[fam] += t / k
+                n += 1
+                prompt = rng.choice(prefixes) + [rng.randrange(*TOKENS) for _ in range(160)]
+                rid = f"hit-{n}"
+                for fam, t in profiled(engine, w, lambda: engine.add_request(request(rid, prompt, names[0], 1))).items():
+                    hit[fam] += t / k
+            total_b, total_h = sum(base.values()) / w, sum(hit.values())
+            print(f"\ndecode step: {total_b:.3f} device ms; a hit (160 new tokens) adds "
+                  f"{total_h - sum(base.values()):.3f} ms over {w} steps, by family (decode step, hit's extra):")
+            for fam in sorted(set(base) | set(hit), key=lambda f: -(hit[f] - base[f])):
+                print(f"  {fam:30s} {base[fam] / w:7.3f}  {hit[fam] - base[fam]:+7.3f}")
+    engine.registry.close()
+
+
+if __name__ == "__main__":
+    main()
