@@ -94,7 +94,7 @@ def main() -> None:
             engine.registry.register(n, folder)
         for i, p in enumerate(prefixes):  # cache each prefix on two adapters; warm the graphs
             for a in names[:2]:
-                engine.add_request(request(f"prime-{i}-{a}", p + [rng.randrange(*TOKENS)], a, 2))
+                engine.add_request(request(f"prime-{i}-{a}", [*p, rng.randrange(*TOKENS)], a, 2))
         while engine.has_unfinished():
             engine.step()
         for i in range(args.decoders):  # the background decodes, long enough to outlast every case
@@ -121,13 +121,13 @@ def main() -> None:
             w, k = 6, max(4, args.hits // 2)
             base = defaultdict(float)
             hit = defaultdict(float)
-            for j in range(k):
+            for _ in range(k):
                 for fam, t in profiled(engine, w).items():
                     base[fam] += t / k
                 n += 1
-                prompt = rng.choice(prefixes) + [rng.randrange(*TOKENS) for _ in range(160)]
-                rid = f"hit-{n}"
-                for fam, t in profiled(engine, w, lambda: engine.add_request(request(rid, prompt, names[0], 1))).items():
+                hit_req = request(f"hit-{n}", rng.choice(prefixes) + [rng.randrange(*TOKENS) for _ in range(160)],
+                                  names[0], 1)
+                for fam, t in profiled(engine, w, lambda r=hit_req: engine.add_request(r)).items():
                     hit[fam] += t / k
             total_b, total_h = sum(base.values()) / w, sum(hit.values())
             print(f"\ndecode step: {total_b:.3f} device ms; a hit (160 new tokens) adds "

@@ -115,3 +115,17 @@ def test_stopping_while_the_model_loads_is_not_a_load_failure(tmp_path, hotlora_
         assert fatal == []
     finally:
         gate.set()
+
+
+def test_the_http_stack_is_uvicorns_c_one():
+    """Every entry point's uvicorn settings (uvicorn_config) find the C HTTP parser and event loop among the
+    dependencies, not h11 and asyncio's default loop: the production container had neither."""
+    import uvloop
+    from fastapi import FastAPI
+
+    from hotlora.server.api.app import uvicorn_config
+
+    config = uvicorn_config(FastAPI())
+    config.load()
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert config.get_loop_factory() is uvloop.new_event_loop
