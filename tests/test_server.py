@@ -153,6 +153,7 @@ def test_bad_inputs_get_4xx_and_change_nothing(http, client, server):
         (http.post("/v1/completions", json={"model": base, "prompt": "hi", "stop": [""]}), 400, "stop"),
         (http.post("/v1/completions", json={"model": base, "prompt": "hi", "logprobs": 99}), 400, "logprobs"),
         (http.post("/v1/completions", json={"model": base, "prompt": []}), 400, "empty"),
+        (http.post("/v1/completions", json={"model": base, "prompt": [[5, 6], []]}), 400, "empty"),
         (
             http.post("/v1/completions", json={"model": base, "prompt": "hi", "frequency_penalty": 3}),
             400,

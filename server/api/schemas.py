@@ -260,7 +260,8 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+        # the union is homogeneous: only a list of id lists can hold an empty prompt (no walk over a prompt's ids)
+        if isinstance(v, list) and (not v or (isinstance(v[0], list) and not all(v))):
             raise ValueError("the prompt must not be empty")
         return v
 
