@@ -73,7 +73,7 @@ def profiled(engine: LLMEngine, steps: int, add=None) -> dict[str, float]:
     return device_by_family(prof)
 
 
-def main() -> None:
+def main() -> HitBench:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--decoders", type=int, default=14)
@@ -83,59 +83,73 @@ def main() -> None:
     ap.add_argument("--user", type=int, nargs="+", default=[64, 160, 256], help="new tokens after the prefix")
     ap.add_argument("--profile", action="store_true", help="also the device time by kernel family (160 tokens)")
     args = ap.parse_args()
-    cfg = EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=64, max_lora_rank=16)
-    engine = LLMEngine(cfg)
-    rng = random.Random(0)
-    names = [f"a{i}" for i in range(args.adapters)]
-    prefixes = [[rng.randrange(*TOKENS) for _ in range(args.prefix_len)] for _ in range(8)]
+    engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_loras=64, max_lora_rank=16))
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_adapter(Path(tmp) / "lora", args.preset, 16)
-        for n in names:
+        bench = HitBench(engine, args, folder)
+        bench.cases()
+        if args.profile:
+            bench.profile()
+    engine.registry.close()
+    return bench
+
+
+class HitBench:
+    """The engine with its prefixes cached and its background decodes running."""
+
+    def __init__(self, engine: LLMEngine, args: argparse.Namespace, folder: Path) -> None:
+        self.engine, self.args, self.rng, self.n = engine, args, random.Random(0), 0
+        self.names = [f"a{i}" for i in range(args.adapters)]
+        self.prefixes = [self.tokens(args.prefix_len) for _ in range(8)]
+        for n in self.names:
             engine.registry.register(n, folder)
-        for i, p in enumerate(prefixes):  # cache each prefix on two adapters; warm the graphs
-            for a in names[:2]:
-                engine.add_request(request(f"prime-{i}-{a}", [*p, rng.randrange(*TOKENS)], a, 2))
+        for i, p in enumerate(self.prefixes):  # cache each prefix on two adapters; warm the graphs
+            for a in self.names[:2]:
+                engine.add_request(request(f"prime-{i}-{a}", p + self.tokens(1), a, 2))
         while engine.has_unfinished():
             engine.step()
         for i in range(args.decoders):  # the background decodes, long enough to outlast every case
-            prompt = [rng.randrange(*TOKENS) for _ in range(128)]
-            engine.add_request(request(f"bg-{i}", prompt, names[i % len(names)], 100_000))
+            engine.add_request(request(f"bg-{i}", self.tokens(128), self.names[i % len(self.names)], 100_000))
         for _ in range(8):
             engine.step()
-        cases = [(f"hit, {u} new tokens", u, True) for u in args.user] + [("cold, 160 + prefix", 160, False)]
-        n = 0
+
+    def tokens(self, n: int) -> list[int]:
+        return [self.rng.randrange(*TOKENS) for _ in range(n)]
+
+    def arrival(self, user: int, cached: bool = True) -> Request:
+        self.n += 1
+        head = self.rng.choice(self.prefixes) if cached else self.tokens(self.args.prefix_len)
+        return request(f"hit-{self.n}", head + self.tokens(user), self.rng.choice(self.names[:2]), 1)
+
+    def cases(self) -> None:
+        cases = [(f"hit, {u} new tokens", u, True) for u in self.args.user] + [("cold, 160 + prefix", 160, False)]
         for label, user, cached in cases:
             times = []
-            for _ in range(args.hits):
-                n += 1
-                head = rng.choice(prefixes) if cached else [rng.randrange(*TOKENS) for _ in range(args.prefix_len)]
-                engine.add_request(request(f"hit-{n}", head + [rng.randrange(*TOKENS) for _ in range(user)],
-                                           rng.choice(names[:2]), 1))
-                times.append(until_first(engine, f"hit-{n}"))
+            for _ in range(self.args.hits):
+                req = self.arrival(user, cached)
+                self.engine.add_request(req)
+                times.append(until_first(self.engine, req.request_id))
                 for _ in range(2):
-                    engine.step()
+                    self.engine.step()
             ms = sorted(1e3 * t for t in times)
             print(f"{label}: engine TTFT p50 {statistics.median(ms):.2f} ms, mean {statistics.mean(ms):.2f}, "
                   f"min {ms[0]:.2f}, max {ms[-1]:.2f}", flush=True)
-        if args.profile:
-            w, k = 6, max(4, args.hits // 2)
-            base = defaultdict(float)
-            hit = defaultdict(float)
-            for _ in range(k):
-                for fam, t in profiled(engine, w).items():
-                    base[fam] += t / k
-                n += 1
-                hit_req = request(f"hit-{n}", rng.choice(prefixes) + [rng.randrange(*TOKENS) for _ in range(160)],
-                                  names[0], 1)
-                for fam, t in profiled(engine, w, lambda r=hit_req: engine.add_request(r)).items():
-                    hit[fam] += t / k
-            total_b, total_h = sum(base.values()) / w, sum(hit.values())
-            print(f"\ndecode step: {total_b:.3f} device ms; a hit (160 new tokens) adds "
-                  f"{total_h - sum(base.values()):.3f} ms over {w} steps, by family (decode step, hit's extra):")
-            for fam in sorted(set(base) | set(hit), key=lambda f: -(hit[f] - base[f])):
-                print(f"  {fam:30s} {base[fam] / w:7.3f}  {hit[fam] - base[fam]:+7.3f}")
-    engine.registry.close()
 
+    def profile(self, w: int = 6) -> None:
+        """Windows of w steps with a hit (160 new tokens) arriving first, against windows of w decode steps."""
+        k = max(4, self.args.hits // 2)
+        base: dict[str, float] = defaultdict(float)
+        hit: dict[str, float] = defaultdict(float)
+        for _ in range(k):
+            for fam, t in profiled(self.engine, w).items():
+                base[fam] += t / k
+            req = self.arrival(160)
+            for fam, t in profiled(self.engine, w, lambda r=req: self.engine.add_request(r)).items():
+                hit[fam] += t / k
+        print(f"\ndecode step: {sum(base.values()) / w:.3f} device ms; a hit (160 new tokens) adds "
+              f"{sum(hit.values()) - sum(base.values()):.3f} ms over {w} steps, by family (decode step, hit's extra):")
+        for fam in sorted(set(base) | set(hit), key=lambda f: -(hit[f] - base[f])):
+            print(f"  {fam:30s} {base[fam] / w:7.3f}  {hit[fam] - base[fam]:+7.3f}")
 
 if __name__ == "__main__":
     main()

@@ -174,3 +174,19 @@ def test_the_timed_clock_starts_with_the_first_request():
     again = serve.rebased(planned)
     assert again[0].arrival == 0 and [p.arrival - planned[0].arrival for p in planned] == [p.arrival for p in again]
     assert serve.rebased([]) == []
+
+
+def test_hit_profile_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """bench/hit_profile.py's CPU smoke run: every case prints its engine TTFT, the profile its family table,
+    and the hits did find their prefixes cached (whole 16-token blocks of each 32-token prefix)."""
+    monkeypatch.setenv("HOTLORA_CACHE", str(tmp_path))
+    hit = _bench_module("hit_profile")
+    monkeypatch.setattr(sys, "argv", ["hit_profile.py", "--preset", "tiny", "--decoders", "2", "--adapters", "2",
+                                      "--hits", "2", "--prefix-len", "32", "--user", "8", "--profile"])
+    bench = hit.main()
+    out = capsys.readouterr().out
+    for case in ("hit, 8 new tokens", "cold, 160 + prefix"):
+        assert float(re.search(rf"^{re.escape(case)}: engine TTFT p50 ([\d.]+) ms", out, re.MULTILINE)[1]) > 0
+    assert re.search(r"^decode step: [\d.]+ device ms; a hit \(160 new tokens\) adds", out, re.MULTILINE)
+    hits = bench.engine.stats().prefix_cache_hits
+    assert hits >= 32 * (2 + 4)  # the two timed hits and the profile's four, 32 cached tokens each
