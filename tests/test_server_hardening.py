@@ -198,6 +198,37 @@ def test_body_above_the_limit_is_413_before_it_is_read(server, expected):
     assert 'route="/v1/completions",status="413"' in metrics
 
 
+def test_request_heads_past_the_limit_are_431(server, expected):
+    """httptools alone would buffer any amount of request line and headers: the server answers 431 once a head
+    passes MAX_HEAD_BYTES, whether it comes in one write or as one endless header; heads under the bound (two 12 KiB
+    cookies, twice on one connection) are served, and a body is never counted as head."""
+    from hotlora.server.api.limits import MAX_HEAD_BYTES
+
+    get = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    with bystander(server, expected):
+        many = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 8))
+        answer, _ = _raw(server, get + many + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 431") and b"request_header_fields_too_large" in answer
+        endless = [b"b" * 8192] * 2048  # one header value, 16 MiB offered, 8 KiB a write until the server closes
+        answer, _ = _raw(server, get + b"X-Endless: ", endless, pause=0.001)
+        assert answer.startswith(b"HTTP/1.1 431")
+        ok = b"".join(b"Cookie-%d: %s\r\n" % (i, b"c" * (12 << 10)) for i in range(2))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:  # each head counts alone
+            for _ in range(2):
+                s.sendall(get + ok + b"\r\n")
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            s.sendall(get + many + b"\r\n")  # and the count starts again after each request
+            assert s.recv(65536).startswith(b"HTTP/1.1 431")
+        # a head whose blank line is split across writes, then a body larger than the bound: the body is no head
+        payload = json.dumps(body(server, prompt="Hi " * MAX_HEAD_BYTES)).encode()
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)
+        answer, _ = _raw(server, head[:-1], [b"", head[-1:] + payload], pause=0.05)  # b"": a pause between
+        assert answer.startswith(b"HTTP/1.1 400") and b"maximum context length" in answer
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'status="431"' not in metrics  # answered by the parser: the app never saw them
+
+
 def test_large_prompts_are_tokenized_off_the_event_loop(server, expected, http):
     chars = server.state.tokenizers.max_chars
     assert chars > 0

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hotlora.server.api import admin, errors, export, openai_routes, openapi
 from hotlora.server.api.gcheap import thaw
-from hotlora.server.api.limits import BodyLimit
+from hotlora.server.api.limits import BodyLimit, http_protocol
 from hotlora.server.api.state import AppState, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def uvicorn_config(app: ASGIApp, log_level: str = "warning", graceful_s: float |
     """The uvicorn settings every entry point shares (serve, the test harness, Ray Serve replicas)."""
     import uvicorn
 
-    return uvicorn.Config(app, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
+    return uvicorn.Config(app, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S, http=http_protocol(),
                           timeout_graceful_shutdown=graceful_s, **listen)
 
 
