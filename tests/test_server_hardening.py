@@ -229,6 +229,45 @@ def test_request_heads_past_the_limit_are_431(server, expected):
     assert 'status="431"' not in metrics  # answered by the parser: the app never saw them
 
 
+def _read_to_close(s: socket.socket) -> bytes:
+    out = b""
+    try:
+        while more := s.recv(65536):
+            out += more
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def test_chunked_framing_and_pipelined_heads_are_bounded(server, expected):
+    """A chunked body's endless trailer or chunk extension is a 431 too; a head that passes the bound behind an
+    answer still streaming (pipelined) closes the connection after that answer, which arrives whole; and neither
+    a pipelined head whose blank line is split across writes nor empty lines before a request line fool the count."""
+    from hotlora.server.api.limits import MAX_HEAD_BYTES
+
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    get = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+    endless = [b"b" * 8192] * 2048
+    with bystander(server, expected):
+        for framing in (b"2\r\n{}\r\n0\r\nX-Trailer: ", b"1;ext="):
+            answer, _ = _raw(server, post + b"Transfer-Encoding: chunked\r\n\r\n" + framing, endless, pause=0.001)
+            assert answer.startswith(b"HTTP/1.1 431") and b"request_header_fields_too_large" in answer
+        stream = json.dumps(body(server, max_tokens=32, stream=True)).encode()
+        big = get + b"X-Pad: " + b"a" * (2 * MAX_HEAD_BYTES) + b"\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(post + b"Content-Length: %d\r\n\r\n%s" % (len(stream), stream))
+            time.sleep(0.3)  # the stream has begun
+            s.sendall(big)
+            out = _read_to_close(s)
+        assert out.count(b"HTTP/1.1 ") == 1 and out.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in out
+        payload = json.dumps(body(server, prompt="Hi " * (MAX_HEAD_BYTES // 2))).encode()
+        head = post + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)
+        answer, _ = _raw(server, get + b"\r\n" + head[:-1], [b"", head[-1:] + payload], pause=0.3)
+        assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in answer and b"431" not in answer
+        answer, _ = _raw(server, b"\r\n\r\n" + big)
+        assert answer.startswith(b"HTTP/1.1 431")
+
+
 def test_large_prompts_are_tokenized_off_the_event_loop(server, expected, http):
     chars = server.state.tokenizers.max_chars
     assert chars > 0

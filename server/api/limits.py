@@ -6,7 +6,6 @@ small worker pool (off the event loop) with a per-request budget.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -75,52 +74,13 @@ class BodyLimit:
         await self.app(scope, _replay(chunks, None, receive), send)
 
 
-@functools.cache
 def http_protocol() -> Any:
-    """uvicorn's `http` setting: its httptools protocol with MAX_HEAD_BYTES enforced, or "h11" (which bounds heads
-    itself) where httptools is missing."""
+    """uvicorn's `http` setting: its httptools protocol with MAX_HEAD_BYTES enforced (http_head.BoundedHead), or
+    "h11" (which bounds heads itself) where httptools is missing."""
     try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        from hotlora.server.api.http_head import BoundedHead
     except ImportError:
         return "h11"
-
-    class BoundedHead(HttpToolsProtocol):
-        """Counts a request's head bytes before the parser sees them (up to the blank line that ends the head,
-        found across reads), so one endless header is caught too; past MAX_HEAD_BYTES it answers 431 and closes,
-        having held at most the bound plus one read."""
-
-        head = 0  # bytes of the current request's head so far; -1 while its body arrives
-        tail = b""  # the last 3 bytes seen in the head, for a blank line split across reads
-
-        def on_headers_complete(self) -> None:
-            self.head = -1
-            super().on_headers_complete()
-
-        def on_message_complete(self) -> None:
-            super().on_message_complete()
-            self.head, self.tail = 0, b""
-
-        def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():
-                return
-            if self.head >= 0:
-                seen = self.tail + data
-                end = seen.find(b"\r\n\r\n")
-                self.head += len(data) if end < 0 else end + 4 - len(self.tail)
-                self.tail = seen[-3:]
-                if self.head > MAX_HEAD_BYTES:
-                    self.refuse()
-                    return
-            super().data_received(data)
-
-        def refuse(self) -> None:
-            err = APIError(431, f"the request line and headers are larger than the server's limit of "
-                                f"{MAX_HEAD_BYTES} bytes", code="request_header_fields_too_large")
-            body = json.dumps(err.body()).encode()
-            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
-                                 b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-            self.transport.close()
-
     return BoundedHead
 
 
