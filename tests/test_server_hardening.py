@@ -260,12 +260,38 @@ def test_chunked_framing_and_pipelined_heads_are_bounded(server, expected):
             s.sendall(big)
             out = _read_to_close(s)
         assert out.count(b"HTTP/1.1 ") == 1 and out.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in out
+        whole = json.dumps(body(server, max_tokens=32)).encode()  # and behind an answer not yet begun
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(post + b"Content-Length: %d\r\n\r\n%s" % (len(whole), whole))
+            time.sleep(0.2)
+            s.sendall(big)
+            out = _read_to_close(s)
+        assert out.count(b"HTTP/1.1 ") == 1 and out.startswith(b"HTTP/1.1 200") and b'"choices"' in out
         payload = json.dumps(body(server, prompt="Hi " * (MAX_HEAD_BYTES // 2))).encode()
         head = post + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)
         answer, _ = _raw(server, get + b"\r\n" + head[:-1], [b"", head[-1:] + payload], pause=0.3)
         assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in answer and b"431" not in answer
         answer, _ = _raw(server, b"\r\n\r\n" + big)
         assert answer.startswith(b"HTTP/1.1 431")
+
+
+def test_small_chunks_and_pipelined_requests_pass_the_bounds(server, expected):
+    """What the bounds must not count: a chunked body of 1-byte chunks (five bytes of framing per byte, all in a
+    few reads), and a read that ends a body and holds 30 pipelined requests and a head whose body comes later."""
+    from hotlora.server.api.limits import MAX_HEAD_BYTES
+
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    with bystander(server, expected):
+        payload = json.dumps(body(server, prompt="Hi " * (MAX_HEAD_BYTES // 2))).encode()
+        chunks = b"".join(b"1\r\n%s\r\n" % payload[i : i + 1] for i in range(len(payload))) + b"0\r\n\r\n"
+        answer, _ = _raw(server, post + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks)
+        assert answer.startswith(b"HTTP/1.1 400") and b"maximum context length" in answer
+        small = json.dumps(body(server, max_tokens=1)).encode()
+        gets = b"".join(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n" % (b"p" * 1200) for _ in range(30))
+        head = post + b"Content-Length: %d\r\n\r\n" % len(small)
+        last = post + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(small)  # its body comes later
+        answer, _ = _raw(server, head + small[:5], [b"", small[5:] + gets + last, small], pause=0.2)
+        assert answer.count(b"HTTP/1.1 200") == 32 and b"431" not in answer
 
 
 def test_large_prompts_are_tokenized_off_the_event_loop(server, expected, http):

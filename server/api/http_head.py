@@ -5,11 +5,11 @@ which would keep any amount (197 MB of headers on one connection were answered 2
 parser sees them:
 - a request's head, up to the blank line that ends it (found across reads; empty lines before a request line are
   skipped, as the parser skips them), for each request of a keep-alive connection;
-- a chunked body's framing (chunk extensions, trailers): the bytes of a read the parser did not pass on as body,
-  since the last complete chunk.
+- a chunked body's framing (chunk extensions, trailers): the bytes of reads in which no chunk and no request ended
+  that the parser did not pass on as body.
 Past limits.MAX_HEAD_BYTES it answers 431 in OpenAI's shape and closes, having held at most the bound plus one read;
-while an earlier answer is still on the wire (pipelining) it stops reading and closes after that answer instead of
-cutting into it.
+while an earlier answer is still owed (pipelining) it stops reading and closes after that answer instead of writing
+into it or in its place.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class BoundedHead(HttpToolsProtocol):
     frame = 0  # a chunked body's non-body bytes since its last complete chunk
     fed = 0  # body bytes the parser passed on during the current read
     ended = False  # a request ended during the current read
+    chunked = False  # a chunk of a body ended during the current read
     refused = False
 
     def on_headers_complete(self) -> None:
@@ -39,7 +40,7 @@ class BoundedHead(HttpToolsProtocol):
         super().on_body(body)
 
     def on_chunk_complete(self) -> None:
-        self.frame = 0
+        self.frame, self.chunked = 0, True
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -50,13 +51,14 @@ class BoundedHead(HttpToolsProtocol):
             return
         if self.head >= 0 and not self._head_fits(data):
             return
-        in_body, self.fed, self.ended = self.head < 0, 0, False
+        in_body, self.fed, self.ended, self.chunked = self.head < 0, 0, False, False
         super().data_received(data)
         if self.refused or self.transport.is_closing():
             return
-        if self.ended and self.head == 0:  # a request ended inside this read: what follows it begins the next head
-            self.tail = data[-3:]
-        elif in_body and self.head < 0:  # the same body still: what the parser kept back is its framing
+        if self.ended:  # a request ended inside this read: what follows it begins the next head
+            if self.head == 0:
+                self.tail = data[-3:]
+        elif in_body and self.head < 0 and not self.chunked:  # within one chunk: what the parser kept back is framing
             self.frame += len(data) - self.fed
             if self.frame > MAX_HEAD_BYTES:
                 self._refuse("a chunked body's extensions or trailers are", own_body=True)
@@ -73,14 +75,15 @@ class BoundedHead(HttpToolsProtocol):
         return True
 
     def _refuse(self, what: str, own_body: bool = False) -> None:
-        """431 and close; with an answer on the wire, close after it (a new request's head), or at once (the body
-        of the request being answered)."""
+        """431 and close, unless an answer is owed on this connection: then a new request's head closes the
+        connection after the last answer owed, and the body of the request being read closes it at once."""
         self.refused = True
         cycle = self.cycle
-        if self.pipeline or (cycle is not None and cycle.response_started and not cycle.response_complete):
-            if own_body:
-                self.transport.close()
-                return
+        earlier = bool(self.pipeline) or (not own_body and cycle is not None and not cycle.response_complete)
+        if own_body and (earlier or cycle.response_started):
+            self.transport.close()
+            return
+        if earlier:
             cycle.keep_alive = False  # the last answer owed closes the connection; nothing more is read
             self.transport.pause_reading()
             return
