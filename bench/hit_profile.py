@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from engine_gpu import DEV, write_adapter
-from step_profile import family
+from step_profile import activities, by_family, kernel_times
 
 from hotlora.server.engine.config import EngineConfig
 from hotlora.server.engine.engine import LLMEngine
@@ -47,30 +47,18 @@ def until_first(engine: LLMEngine, rid: str) -> float:
                 return time.perf_counter() - t0
 
 
-def device_by_family(prof) -> dict[str, float]:
-    per: dict[str, float] = defaultdict(float)
-    for ev in prof.key_averages():
-        if DEV == "cuda" and ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        t = ev.self_device_time_total if DEV == "cuda" else ev.self_cpu_time_total
-        if t > 0:
-            per[family(ev.key)] += t / 1e3
-    return per
-
-
 def profiled(engine: LLMEngine, steps: int, add=None) -> dict[str, float]:
     """Device ms by family over `steps` steps, `add()` called first (a hit arriving)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=activities()) as prof:
         if add is not None:
             add()
         for _ in range(steps):
             engine.step()
         if DEV == "cuda":
             torch.cuda.synchronize()
-    return device_by_family(prof)
+    return {fam: us / 1e3 for fam, us in by_family(kernel_times(prof)).items()}
 
 
 def main() -> HitBench:

@@ -65,10 +65,9 @@ def run(engine: LLMEngine, reqs: list[Request], prof_window: tuple[int, int] | N
     t0 = time.perf_counter()
     while engine.has_unfinished():
         if prof_window and steps == prof_window[0]:
-            from torch.profiler import ProfilerActivity, profile
+            from torch.profiler import profile
 
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
-            prof = profile(activities=acts)
+            prof = profile(activities=activities())
             prof.start()
         tokens += sum(len(o.new_token_ids) for o in engine.step())
         steps += 1
@@ -81,16 +80,35 @@ def run(engine: LLMEngine, reqs: list[Request], prof_window: tuple[int, int] | N
     return tokens / (time.perf_counter() - t0), steps, prof
 
 
-def report(name: str, prof, steps: int) -> None:
+def activities() -> list:
+    """What the profiler records: CPU operators, and on CUDA the device kernels."""
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+
+
+def kernel_times(prof) -> list[tuple[float, int, str]]:
+    """(self time in us, launches, name) of every device kernel the profile holds (CPU operators on the CPU)."""
     use_cuda = DEV == "cuda"
-    per = defaultdict(float)
     rows = []
     for ev in prof.key_averages():
         t = ev.self_device_time_total if use_cuda else ev.self_cpu_time_total
-        if t <= 0 or (use_cuda and ev.device_type != torch.autograd.DeviceType.CUDA):
-            continue
-        per[family(ev.key)] += t
-        rows.append((t, ev.count, ev.key))
+        if t > 0 and not (use_cuda and ev.device_type != torch.autograd.DeviceType.CUDA):
+            rows.append((t, ev.count, ev.key))
+    return rows
+
+
+def by_family(rows: list[tuple[float, int, str]]) -> dict[str, float]:
+    """kernel_times' rows summed by kernel family (us)."""
+    per: dict[str, float] = defaultdict(float)
+    for t, _, key in rows:
+        per[family(key)] += t
+    return per
+
+
+def report(name: str, prof, steps: int) -> None:
+    rows = kernel_times(prof)
+    per = by_family(rows)
     total = sum(per.values())
     print(f"\n{name}: device time a step by kernel family, over {steps} profiled steps "
           f"({total / steps / 1e3:.2f} ms a step in all)")
