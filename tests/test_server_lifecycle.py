@@ -128,5 +128,5 @@ def test_the_http_stack_is_uvicorns_c_one():
 
     config = uvicorn_config(FastAPI())
     config.load()
-    assert issubclass(config.http_protocol_class, HttpToolsProtocol)  # with the head bound (limits.py)
+    assert issubclass(config.http_protocol_class, HttpToolsProtocol)  # with the head bound (http_head.py)
     assert config.get_loop_factory() is uvloop.new_event_loop

@@ -24,9 +24,9 @@ _TYPES = {
     409: "conflict_error",
     413: "request_too_large",
     415: "invalid_request_error",
-    431: "request_too_large",
     422: "invalid_request_error",
     429: "rate_limit_exceeded",
+    431: "request_too_large",
     500: "internal_server_error",
     503: "service_unavailable",
 }
