@@ -26,6 +26,7 @@ from hotlora.server.engine.config import DTYPE_CHOICES, KV_CACHE_DTYPE_CHOICES, 
 
 ENV_PREFIX = "HOTLORA_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+TOOL_PARSERS = ("auto", "hermes", "none")  # server/api/tools.py's PARSERS (not imported here: the CLI stays light)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -181,6 +182,9 @@ SERVE_OPTIONS = (
         "0.005): the engine thread waits at most this long for the HTTP event loop", engine=False),
     Opt("gc-freeze", parse_bool, "once the model is ready, freeze the start-up heap out of Python's garbage "
         "collector (shorter collection pauses)", engine=False, switch=True),
+    Opt("tool-call-parser", str, "how tool_choice 'auto' reads the model's tool calls: hermes (<tool_call> blocks), "
+        "none (then 'auto' is refused), or auto (hermes when the chat template mentions <tool_call>)",
+        TOOL_PARSERS, engine=False),
     Opt("log-level", str, "log level", LOG_LEVELS, engine=False),
 )
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path, "int | None": optional_int, "bool": None}
@@ -212,6 +216,7 @@ _SERVE_DEFAULTS = {
     "adapter_store": None,
     "s3_endpoint_url": None,
     "adapter_store_ttl_s": 5.0,
+    "tool_call_parser": "auto",
 }
 
 
@@ -315,6 +320,7 @@ def server_settings(args: argparse.Namespace) -> Any:
         s3_endpoint_url=args.s3_endpoint_url or None,
         adapter_store_ttl_s=args.adapter_store_ttl_s,
         gc_freeze=args.gc_freeze,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

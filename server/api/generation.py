@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -60,12 +61,17 @@ async def encode_prompts(state: AppState, prompts: list[str | list[int]]) -> lis
 
 
 async def chat_prompt_ids(
-    state: AppState, messages: list[dict[str, str]], add_generation_prompt: bool, continue_final_message: bool
+    state: AppState,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """The templated conversation's token ids, rendered and tokenized in the worker pool."""
-    state.tokenizers.check(["".join(m["content"] for m in messages)], state.max_model_len, "messages")
+    sized = [m["content"] for m in messages] + [json.dumps(m["tool_calls"]) for m in messages if "tool_calls" in m]
+    state.tokenizers.check(["".join(sized) + (json.dumps(tools) if tools else "")], state.max_model_len, "messages")
     return await state.tokenizers.run(
-        lambda: chat_prompt(state, messages, add_generation_prompt, continue_final_message)
+        lambda: chat_prompt(state, messages, add_generation_prompt, continue_final_message, tools)
     )
 
 
@@ -76,7 +82,11 @@ def encode(state: AppState, text: str, add_special_tokens: bool = True) -> list[
 
 
 def chat_prompt(
-    state: AppState, messages: list[dict[str, str]], add_generation_prompt: bool, continue_final_message: bool
+    state: AppState,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     tok = state.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
@@ -84,6 +94,7 @@ def chat_prompt(
     try:
         text = tok.apply_chat_template(
             messages,
+            tools=tools,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,

@@ -17,6 +17,7 @@ from hotlora.adapters.names import NAME_RE
 from hotlora.adapters.s3store import S3AdapterStore
 from hotlora.server.api import generation as gen
 from hotlora.server.api import logprobs as lpo
+from hotlora.server.api import tools
 from hotlora.server.api.errors import APIError, bad_request, model_not_found
 from hotlora.server.api.schemas import ChatCompletionRequest, CompletionRequest
 from hotlora.server.api.state import AppState
@@ -103,8 +104,8 @@ async def _stream(
             yield _sse(gen.output_error(out).body())
             break
         tally.add(c, out)
-        if out.new_text or out.finished or out.logprobs:
-            yield _sse(chunk(c, out) | ({"usage": tally.usage()} if continuous else {}))
+        if (out.new_text or out.finished or out.logprobs) and (data := chunk(c, out)) is not None:
+            yield _sse(data | ({"usage": tally.usage()} if continuous else {}))
     else:
         if include_usage:
             yield _sse(usage_chunk(tally.usage()))
@@ -148,13 +149,15 @@ async def _final_choices(
     body: Callable[[gen.Choice, list[RequestOutput]], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Non-streamed answer: wait for every choice (aborting on disconnect), count usage, one dict per choice
-    made of its index, `body(choice, outputs)` and its finish reason."""
+    made of its index, `body(choice, outputs)` and its finish reason (unless the body has one)."""
     outs = await gen.until_disconnect(request, _collect(choices))
     result = []
     for c in choices:
         o = outs[c.index]
         tally.add(c, o[-1])
-        result.append({"index": c.index, **body(c, o), "finish_reason": _finish(o[-1])})
+        entry = {"index": c.index, **body(c, o)}
+        entry.setdefault("finish_reason", _finish(o[-1]))
+        result.append(entry)
     return result
 
 
@@ -239,9 +242,11 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     body.refuse_unsupported()
+    plan = tools.plan(body.tools, body.tool_choice, state.tool_parser)
     adapter = await _resolve_model(state, body.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    ids = await gen.chat_prompt_ids(state, messages, body.add_generation_prompt, body.continue_final_message)
+    messages = [tools.template_message(m) for m in body.messages]
+    ids = await gen.chat_prompt_ids(state, messages, body.add_generation_prompt, body.continue_final_message,
+                                    plan.template_tools() if plan else None)
     max_tokens = gen.check_length(state, len(ids), body.max_new_tokens,
                                   "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     top = (body.top_logprobs or 0) if body.logprobs else None
@@ -254,14 +259,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         usage = _usage_options(body)
         extra = {"usage": None} if usage[0] else {}
         obj = {"object": "chat.completion.chunk"}
+        streams = {c.index: tools.ToolStream(plan) for c in choices}
 
-        def body_of(index: int, delta: dict[str, str], logprobs: Any, finish: str | None) -> dict[str, Any]:
+        def body_of(index: int, delta: dict[str, Any], logprobs: Any, finish: str | None) -> dict[str, Any]:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return head | obj | {"choices": [choice]} | extra
 
-        def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any]:
-            delta = {"content": out.new_text} if out.new_text else {}
-            return body_of(c.index, delta, lpo.chat_logprobs(state, out.logprobs), _finish(out))
+        def chunk(c: gen.Choice, out: RequestOutput) -> dict[str, Any] | None:
+            delta, finish = streams[c.index].feed(out.new_text, _finish(out))
+            logprobs = lpo.chat_logprobs(state, out.logprobs)
+            return body_of(c.index, delta, logprobs, finish) if delta or logprobs or finish else None
 
         first = [_sse(body_of(c.index, {"role": "assistant", "content": ""}, None, None)) for c in choices]
         return StreamingResponse(
@@ -269,11 +276,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    result = await _final_choices(
-        request, choices, tally,
-        lambda _c, o: {"message": {"role": "assistant", "content": _text(o)},
-                   "logprobs": lpo.chat_logprobs(state, _joined_logprobs(o))},
-    )
+
+    def answer(_c: gen.Choice, o: list[RequestOutput]) -> dict[str, Any]:
+        message, finish = tools.final_message(plan, _text(o), _finish(o[-1]))
+        return {"message": message, "logprobs": lpo.chat_logprobs(state, _joined_logprobs(o)), "finish_reason": finish}
+
+    result = await _final_choices(request, choices, tally, answer)
     return JSONResponse(head | {"object": "chat.completion", "choices": result, "usage": tally.usage()})
 
 

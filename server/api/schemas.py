@@ -1,7 +1,7 @@
 """OpenAI request bodies (pydantic). Unknown fields are refused, never silently ignored.
 
-Fields OpenAI defines but the engine cannot honour (best_of, suffix, tools...) are accepted only at
-their neutral value; anything else is a 400 naming the field.
+Fields OpenAI defines but the engine cannot honour (best_of, suffix, store...) are accepted only at
+their neutral value; anything else is a 400 naming the field. Tools are in server/api/tools.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from hotlora.server.api.errors import bad_request
+from hotlora.server.api.strict import Strict as _Strict
+from hotlora.server.api.tools import Tool, ToolCall, ToolChoice, constraint
 from hotlora.server.engine.types import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, StructuredSpec
 
 INT32_MAX = 2**31 - 1
@@ -67,12 +69,6 @@ def _check_unicode(data: Any) -> None:
             stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()]
         elif isinstance(value, list):
             stack += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
-
-
-class _Strict(BaseModel):
-    """Unknown fields refused; NaN and infinities refused."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Body(_Strict):
@@ -301,9 +297,19 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(default=None, union_mode="left_to_right")
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs its tool_call_id, and only a tool message has one")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -328,8 +334,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -349,12 +355,22 @@ class ChatCompletionRequest(_Sampling):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def _tool_spec(self) -> StructuredSpec | None:
+        return constraint(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    @property
+    def structured_field(self) -> str:
+        return "tools" if self._tool_spec() is not None else super().structured_field
+
+    def structured_spec(self) -> StructuredSpec | None:
+        """A tool choice's schema ("required", a named function), or the request's structured-output spec."""
+        spec, own = self._tool_spec(), super().structured_spec()
+        if spec is not None and own is not None:
+            raise bad_request(f"send tool_choice or {super().structured_field}, not both", param="tool_choice")
+        return spec or own
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.tools:
-            raise bad_request("tool calling is not supported by this server", param="tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool calling is not supported by this server", param="tool_choice")
         if self.store:  # (metadata tags stored completions: with none stored, it is accepted and has no effect)
             raise bad_request("store=true is not supported by this server: it keeps no completions", param="store")
         if self.service_tier not in (None, "auto", "default"):

@@ -20,6 +20,7 @@ from hotlora.server.api.errors import APIError
 from hotlora.server.api.gcheap import freeze_startup_heap
 from hotlora.server.api.limits import DEFAULT_MAX_BODY_BYTES, TokenizerPool
 from hotlora.server.api.metrics import Metrics
+from hotlora.server.api.tools import PARSERS, pick_parser
 from hotlora.server.engine.async_engine import AsyncEngine
 from hotlora.server.engine.config import EngineConfig
 
@@ -44,12 +45,15 @@ class ServerSettings:
     s3_endpoint_url: str | None = None  # MinIO and other S3-compatible servers
     adapter_store_ttl_s: float = 5.0  # how long a replica trusts the pointer it last read from the shared store
     gc_freeze: bool = True  # once ready, freeze the start-up heap out of the cyclic GC (server/api/gcheap.py)
+    tool_call_parser: str = "auto"  # how "auto" tool choice reads calls: auto (from the chat template), hermes, none
 
     def __post_init__(self) -> None:
         if self.adapter_store is not None:
             parse_s3_url(self.adapter_store)
         if self.adapter_store_ttl_s < 0:
             raise ValueError("adapter_store_ttl_s must be >= 0")
+        if self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}")
 
 
 def _default_factory(config: EngineConfig) -> Callable[[], Any]:
@@ -82,6 +86,7 @@ class AppState:
         self.model_name = settings.served_model_name or ""
         self.aliases: set[str] = set()
         self.tokenizer: Any = None
+        self.tool_parser: str | None = None  # what reads "auto" tool calls (server/api/tools.py)
         self.max_model_len = 0
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._locks: dict[str, list] = {}  # name -> [lock, holders and waiters] (lock())
@@ -122,6 +127,7 @@ class AppState:
         self.model_name = self.settings.served_model_name or engine.model_name
         self.aliases = {self.model_name, engine.model_name}
         self.tokenizer = engine.tokenizer
+        self.tool_parser = pick_parser(self.settings.tool_call_parser, getattr(self.tokenizer, "chat_template", None))
         self.max_model_len = engine.max_model_len
         self.tokenizers.configure(self.tokenizer, self.max_model_len)
         log.info(
