@@ -208,6 +208,21 @@ def test_tool_choices_this_server_cannot_serve_are_400(client, models):
         assert info.value.param == "tool_choice"
 
 
+def test_schemas_too_large_to_compile_in_good_time_are_400(client, models, server):
+    """xgrammar's compile time grows faster than the schema (a union of objects the most), and a compile cannot be
+    stopped once begun: past 128 KiB a schema is refused before it starts. (Tools count towards the prompt's
+    characters too, so on this 512-token model they meet that bound first.)"""
+    props = {f"p{k}": {"type": "string", "description": "x" * 40} for k in range(40)}
+    big = {"anyOf": [{"type": "object", "properties": props, "required": [f"p{i}"]} for i in range(48)]}
+    with pytest.raises(openai.BadRequestError, match="KiB") as info:
+        client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "s",
+                                                                                               "schema": big}})
+    assert info.value.param == "response_format"
+    stats = server.call(server.engine.stats)
+    assert stats.num_running == 0 and stats.kv_blocks_used == 0
+
+
 @pytest.mark.parametrize("spec", [{"regex": "[^\\x00-\\U0010FFFF]"}, {"grammar": "root ::= root"}], ids=str)
 def test_a_grammar_that_matches_nothing_is_400(server, client, models, spec):
     """It compiles, but allows no first token: the request's fault, a 400 (a 500 before), streamed as an error

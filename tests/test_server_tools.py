@@ -240,6 +240,11 @@ def test_a_conversation_with_calls_renders_as_transformers_renders_it(client, mo
         "type": "object", "properties": {"x": {"type": "array", "uniqueItems": True}}}}}], "tool_choice": "required"},
      "tools", "uniqueItems"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice", "not both"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": {}}}}]}, "tools",
+     "object"),  # no "type": refused, as OpenAI does
+    ({"tools": []}, "tools", "at least 1"),
+    ({"tool_choice": {"type": "function", "name": "now"}}, "tool_choice", "function: Field required"),
+    ({"tool_choice": "any"}, "tool_choice", "not 'any'"),
     ({"messages": [{"role": "tool", "content": "3"}]}, "messages", "tool_call_id"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages", "assistant"),
@@ -256,8 +261,9 @@ def test_bad_tool_requests_are_400(client, models, server, extra, param, match):
 # --- the reading of replies, without a server --------------------------------------------------------------
 
 
-def _plan(mode: str, name: str | None = None) -> T.ToolPlan:
-    return T.ToolPlan(mode, tuple(T.Tool.model_validate(t) for t in TOOLS), name, T.HERMES if mode == "auto" else None)
+def _plan(mode: str, name: str | None = None, parallel: bool = True) -> T.ToolPlan:
+    tools = tuple(T.Tool.model_validate(t) for t in TOOLS)
+    return T.ToolPlan(mode, tools, name, T.HERMES if mode == "auto" else None, parallel)
 
 
 REPLIES = [
@@ -271,14 +277,18 @@ REPLIES = [
     "ends with a partial marker <tool_c",
     '[{"name": "now", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Lima", "days": 7}}]',
     '[{"name": "now", "parameters": {}}, {"na',
+    '<tool_call>{"name": {"f": 1}, "arguments": {}}</tool_call>',  # a name that is no string: content
+    "<tool_call>" + "[" * 5000,  # deeper than json.loads goes: content
+    "[" * 5000,
+    '<tool_call>{"name": "now"}</tool_call><tool_call>{"name": "now", "arguments": {"x": 1}}</tool_call>',
 ]
 
 
-@pytest.mark.parametrize("mode", ["auto", "required", "named", "none"])
+@pytest.mark.parametrize("mode", ["auto", "required", "named", "none", "auto-single"])
 def test_streamed_deltas_add_up_to_the_final_message(mode):
     """Every reply, cut into pieces of every size from 1 to 7 characters, ended by a stop or by max_tokens: the
     content and calls the deltas add up to, and the finish reason, are final_message's."""
-    p = _plan(mode, "get_weather" if mode == "named" else None)
+    p = _plan(mode.removesuffix("-single"), "get_weather" if mode == "named" else None, mode != "auto-single")
     plan = None if mode == "none" else p
     for reply, size, end in itertools.product(REPLIES, range(1, 8), ("stop", "length")):
         message, finish = T.final_message(plan, reply, end)
@@ -303,7 +313,10 @@ def test_replies_read_as_calls_only_when_whole():
     assert T.read_calls(auto, REPLIES[1]) == [("now", "{}")]
     assert T.read_calls(auto, REPLIES[2]) == [("get_weather", '{"city": "Oslo", "days": 1}'), ("now", "{}")]
     assert T.read_calls(auto, REPLIES[5]) == [("now", '{"a": 1}')]
-    assert [T.read_calls(auto, REPLIES[i]) for i in (0, 3, 4, 6)] == [None] * 4
+    assert [T.read_calls(auto, REPLIES[i]) for i in (0, 3, 4, 6, 9, 10)] == [None] * 6
+    assert T.read_calls(required, REPLIES[11]) is None
+    assert T.read_calls(auto, REPLIES[12]) == [("now", "{}"), ("now", '{"x": 1}')]
+    assert T.read_calls(_plan("auto", parallel=False), REPLIES[12]) == [("now", "{}")]  # the first call only
     assert T.read_calls(required, REPLIES[7]) == [("now", "{}"), ("get_weather", '{"city": "Lima", "days": 7}')]
     assert T.read_calls(required, REPLIES[8]) is None and T.read_calls(required, "{}") is None
     message, finish = T.final_message(auto, REPLIES[1], "stop")
@@ -311,20 +324,44 @@ def test_replies_read_as_calls_only_when_whole():
     assert T.final_message(auto, REPLIES[2], "length")[1] == "length"  # cut: the calls read, the reason kept
 
 
-def test_required_schema_hoists_definitions():
-    tools = [T.Tool.model_validate({"type": "function", "function": {"name": f"f{i}", "parameters": {
-        "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": {"type": "integer"}}}}})
-        for i in range(2)]
+def test_required_schema_keeps_each_tools_references():
+    """A tool's references ("#", "#/$defs/...", "#/properties/...") resolve in its own schema, wherever the calls
+    array puts it; two tools' same-named $defs stay apart."""
+    tree = {"type": "object", "properties": {"label": {"type": "string"}, "kids": {"type": "array", "items": {
+        "$ref": "#"}}, "twin": {"$ref": "#/properties/label"}}, "required": ["label", "kids"],
+        "additionalProperties": False}
+    typed = lambda t: {"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"],  # noqa: E731
+                       "$defs": {"P": {"type": t}}, "additionalProperties": False}
+    tools = [T.Tool.model_validate({"type": "function", "function": {"name": n, "parameters": p}})
+             for n, p in (("tree", tree), ("f", typed("integer")), ("g", typed("string")))]
     schema = json.loads(T.constraint(tools, "required", None).value)
-    assert schema["$defs"] == {"P": {"type": "integer"}} and "maxItems" not in schema
-    jsonschema.validate([{"name": "f1", "parameters": {"p": 3}}], schema)
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate([{"name": "f1", "parameters": {"p": "x"}}], schema)
+    assert "maxItems" not in schema and tree["properties"]["kids"]["items"] == {"$ref": "#"}  # the request's copy
+    good = [{"name": "tree", "parameters": {"label": "a", "kids": [{"label": "c", "kids": []}], "twin": "b"}},
+            {"name": "f", "parameters": {"p": 3}}, {"name": "g", "parameters": {"p": "x"}}]
+    jsonschema.validate(good, schema)
+    for bad in ([{"name": "tree", "parameters": {"label": "a", "kids": [[{"name": "tree", "parameters": {
+                    "label": "b", "kids": []}}]]}}],
+                [{"name": "tree", "parameters": {"label": "a", "twin": 1, "kids": []}}],
+                [{"name": "f", "parameters": {"p": "x"}}], [{"name": "g", "parameters": {"p": 3}}]):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        assert not _accepts(schema, bad)  # xgrammar resolves them alike
+    assert _accepts(schema, good)
+    odd = T.Tool.model_validate({"type": "function", "function": {"name": "h", "parameters": {
+        "type": "object", "$defs": [1, {"$ref": "#"}], "properties": {"q": {"enum": [{"$ref": "#"}]}}}}})
+    moved = json.loads(T.constraint([odd], "required", None).value)["items"]["anyOf"][0]["properties"]["parameters"]
+    assert moved["$defs"][1] == {"$ref": "#/items/anyOf/0/properties/parameters"}  # a list walked too
+    assert moved["properties"]["q"] == {"enum": [{"$ref": "#"}]}  # data left as it is
     assert json.loads(T.constraint(tools, "required", False).value)["maxItems"] == 1
-    clash = [tools[0], T.Tool.model_validate({"type": "function", "function": {"name": "g", "parameters": {
-        "type": "object", "$defs": {"P": {"type": "string"}}}}})]
-    with pytest.raises(Exception, match="differently"):
-        T.constraint(clash, "required", None)
+
+
+def _accepts(schema: dict, value: object) -> bool:
+    """Whether the grammar the server compiles for `schema` accepts `value` as the server lays JSON out."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    return _is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False),
+                                     json.dumps(value))
 
 
 def test_the_parser_is_picked_from_the_template():

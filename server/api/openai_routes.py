@@ -242,7 +242,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     body.refuse_unsupported()
-    plan = tools.plan(body.tools, body.tool_choice, state.tool_parser)
+    plan = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls, state.tool_parser)
     adapter = await _resolve_model(state, body.model)
     messages = [tools.template_message(m) for m in body.messages]
     ids = await gen.chat_prompt_ids(state, messages, body.add_generation_prompt, body.continue_final_message,

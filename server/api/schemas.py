@@ -6,6 +6,7 @@ their neutral value; anything else is a 400 naming the field. Tools are in serve
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Any, Literal
 
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, fi
 
 from hotlora.server.api.errors import bad_request
 from hotlora.server.api.strict import Strict as _Strict
-from hotlora.server.api.tools import Tool, ToolCall, ToolChoice, constraint
+from hotlora.server.api.tools import Tool, ToolCall, ToolChoice, constraint, tool_choice
 from hotlora.server.engine.types import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, StructuredSpec
 
 INT32_MAX = 2**31 - 1
@@ -334,7 +335,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=128)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = None
@@ -344,6 +345,7 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     _nullable_logprobs = field_validator("logprobs", mode="before")(_null_is_default)
+    _tool_choice = field_validator("tool_choice", mode="before")(classmethod(lambda cls, v: tool_choice(v)))
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
@@ -355,8 +357,13 @@ class ChatCompletionRequest(_Sampling):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @functools.cached_property
+    def _tool_schema(self) -> tuple[StructuredSpec | None]:
+        return (constraint(self.tools, self.tool_choice, self.parallel_tool_calls),)
+
     def _tool_spec(self) -> StructuredSpec | None:
-        return constraint(self.tools, self.tool_choice, self.parallel_tool_calls)
+        """The tool choice's constraint, built once (it copies every tool's schema)."""
+        return self._tool_schema[0]
 
     @property
     def structured_field(self) -> str:

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import ValidationError, field_validator
 
 from hotlora.server.api.errors import bad_request
 from hotlora.server.api.strict import Strict
@@ -53,8 +53,8 @@ class FunctionDef(Strict):
     @field_validator("parameters")
     @classmethod
     def _object(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v and v.get("type", "object") != "object":
-            raise ValueError("a function's parameters must be the JSON schema of an object")
+        if v and v.get("type") != "object":  # as OpenAI: a schema that is not explicitly an object is refused
+            raise ValueError('a function\'s parameters must be the JSON schema of an object ("type": "object")')
         return v
 
 
@@ -65,6 +65,9 @@ class Tool(Strict):
 
 class FunctionName(Strict):
     name: str
+
+
+_CHOICES = ("none", "auto", "required")
 
 
 class NamedToolChoice(Strict):
@@ -88,6 +91,20 @@ class ToolCall(Strict):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
+def tool_choice(v: Any) -> Any:
+    """A before-validator: one error that says what tool_choice takes (the union's would name its branches)."""
+    if v is None or v in _CHOICES:
+        return v
+    if isinstance(v, str):
+        raise ValueError(f"tool_choice is 'none', 'auto', 'required' or a named function, not {v[:64]!r}")
+    try:
+        return NamedToolChoice.model_validate(v)
+    except ValidationError as exc:
+        where = ".".join(map(str, exc.errors()[0]["loc"]))
+        raise ValueError(f"tool_choice is 'none', 'auto', 'required' or {{\"type\": \"function\", \"function\": "
+                         f"{{\"name\": ...}}}}; {where or 'it'}: {exc.errors()[0]['msg']}") from None
+
+
 def pick_parser(setting: str, chat_template: Any) -> str | None:
     """The parser "auto" tool choice uses: --tool-call-parser, where "auto" reads the chat template."""
     if setting == "auto":
@@ -109,6 +126,7 @@ class ToolPlan:
     tools: tuple[Tool, ...]
     name: str | None = None
     parser: str | None = None
+    parallel: bool = True  # False: the first call only (as OpenAI and vLLM)
 
     @property
     def names(self) -> set[str]:
@@ -119,7 +137,8 @@ class ToolPlan:
         return [t.model_dump(exclude_none=True) for t in self.tools] or None
 
 
-def plan(tools: list[Tool] | None, choice: ToolChoice | None, parser: str | None) -> ToolPlan | None:
+def plan(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None,
+         parser: str | None) -> ToolPlan | None:
     """The request's plan, None without tools; a 400 for a choice the request or the server cannot serve."""
     mode, name = _mode(tools, choice)
     if not tools:
@@ -138,31 +157,47 @@ def plan(tools: list[Tool] | None, choice: ToolChoice | None, parser: str | None
             "'required' and a named function work with any model",
             param="tool_choice",
         )
-    return ToolPlan(mode, tuple(tools), name, parser if mode == "auto" else None)
+    return ToolPlan(mode, tuple(tools), name, parser if mode == "auto" else None, parallel is not False)
 
 
 def _parameters(tool: Tool) -> dict[str, Any]:
     return tool.function.parameters or _NO_PARAMETERS
 
 
+_DATA = frozenset({"const", "enum", "default", "examples"})  # keywords whose values are data, not schemas
+_NAMES = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})  # name -> schema
+
+
+def _relocated(schema: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A copy of `schema` whose local references ("#", "#/$defs/A", "#/properties/x") point where it now sits,
+    `prefix`, a JSON pointer (xgrammar resolves pointers through arrays). Iterative: a deep schema is no
+    RecursionError."""
+    out = dict(schema)
+    stack: list[tuple[Any, bool]] = [(out, False)]
+    while stack:
+        node, names = stack.pop()
+        for key, value in list(node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(value, dict | list):
+                node[key] = copy = dict(value) if isinstance(value, dict) else list(value)
+                if names or not (isinstance(node, dict) and key in _DATA):
+                    stack.append((copy, isinstance(node, dict) and key in _NAMES and not names))
+            elif key == "$ref" and not names and isinstance(value, str) and value.startswith("#"):
+                node[key] = prefix + value[1:]
+    return out
+
+
 def _calls_schema(tools: list[Tool], parallel: bool) -> dict[str, Any]:
-    """A JSON array of {"name", "parameters"}, each item one of the tools; the tools' $defs moved to the root,
-    where their references ("#/$defs/...") point."""
-    defs: dict[str, dict[str, Any]] = {}
-    items = []
-    for t in tools:
-        params = dict(_parameters(t))
-        for key in ("$defs", "definitions"):
-            for def_name, sub in (params.pop(key, None) or {}).items():
-                if defs.setdefault(key, {}).setdefault(def_name, sub) != sub:
-                    raise bad_request(f"two tools define {key}/{def_name} differently", param="tools")
-        items.append({"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                                       "parameters": params},
-                      "required": ["name", "parameters"], "additionalProperties": False})
+    """A JSON array of {"name", "parameters"}, each item one of the tools, each tool's references relocated to where
+    its schema sits in the array's schema."""
+    items = [{"type": "object", "properties": {
+                "name": {"type": "string", "enum": [t.function.name]},
+                "parameters": _relocated(_parameters(t), f"#/items/anyOf/{i}/properties/parameters")},
+              "required": ["name", "parameters"], "additionalProperties": False}
+             for i, t in enumerate(tools)]
     schema: dict[str, Any] = {"type": "array", "items": {"anyOf": items}, "minItems": 1}
     if not parallel:
         schema["maxItems"] = 1
-    return schema | defs
+    return schema
 
 
 def constraint(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None) -> StructuredSpec | None:
@@ -216,22 +251,19 @@ def _object_text(value: Any) -> str | None:
 
 def read_calls(p: ToolPlan, text: str) -> list[tuple[str, str]] | None:
     """(name, arguments JSON) of each call in a finished "required" or "auto" reply; None: it reads as no calls."""
-    if p.mode == "required":
-        try:
+    try:
+        if p.mode == "required":
             found = [(i["name"], i["parameters"]) for i in json.loads(text)]
-        except (ValueError, TypeError, KeyError):  # cut short (max_tokens, a stop string)
-            return None
-    elif p.mode == "auto" and HERMES_START in text:
-        try:
+        elif p.mode == "auto" and HERMES_START in text:
             found = [(c.get("name"), c.get("arguments", {})) for c in map(json.loads, _HERMES_CALL.findall(text))]
-        except (ValueError, AttributeError):
+        else:
             return None
-    else:
+        calls = [(name, _object_text(args)) for name, args in found]
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):  # cut short, or not calls at all
         return None
-    calls = [(name, _object_text(args)) for name, args in found]
-    if not calls or any(name not in p.names or args is None for name, args in calls):
+    if not calls or any(not isinstance(name, str) or name not in p.names or args is None for name, args in calls):
         return None
-    return calls  # type: ignore[return-value]
+    return calls[: None if p.parallel else 1]  # type: ignore[return-value]
 
 
 def final_message(p: ToolPlan | None, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
@@ -256,9 +288,12 @@ class ToolStream:
     waits for the end. Required: everything waits for the end, where the calls are read as in final_message."""
 
     def __init__(self, p: ToolPlan | None) -> None:
-        self.plan, self.parts, self.sent, self.start = p, [], 0, -1
-        self.mode = "none" if p is None else p.mode
-        self.id = _call_id()
+        self.plan, self.mode = p, "none" if p is None else p.mode
+        self.parts: list[str] = []  # the whole reply, joined once at the end
+        self.pending = ""  # auto: text not sent yet while no call has begun (at most a marker's length)
+        self.sent = 0  # characters sent as content
+        self.found = False  # auto: a call has begun
+        self.id = _call_id()  # named: the call's id
 
     def feed(self, new: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
         """The delta for `new` text (with what the end adds, once `finish` is set) and the finish reason to send."""
@@ -275,24 +310,22 @@ class ToolStream:
         return delta | {"tool_calls": tool_calls}, _called(finish)
 
     def _named(self, new: str) -> dict[str, Any]:
-        if self.sent:
+        if len(self.parts) > 1:
             return {"tool_calls": [{"index": 0, "function": {"arguments": new}}]} if new else {}
-        self.sent = 1
         return {"tool_calls": [{"index": 0, "id": self.id, "type": "function",
                                 "function": {"name": self.plan.name, "arguments": new}}]}
 
     def _content(self, new: str) -> dict[str, Any]:
         if self.mode == "none":
             return {"content": new} if new else {}
-        if self.mode == "required" or self.start >= 0:
+        if self.mode == "required" or self.found:
             return {}
-        text = "".join(self.parts)
-        self.parts = [text]
-        at = text.find(HERMES_START, max(0, self.sent - len(HERMES_START)))
-        if at >= 0:
-            self.start = upto = at
-        else:  # hold back a tail that may be the marker's beginning
-            upto = len(text) - next((k for k in range(len(HERMES_START) - 1, 0, -1)
-                                     if text.endswith(HERMES_START[:k])), 0)
-        out, self.sent = text[self.sent : upto], max(self.sent, upto)
+        pending = self.pending + new
+        upto = pending.find(HERMES_START)
+        self.found = upto >= 0
+        if not self.found:  # hold back a tail that may be the marker's beginning
+            upto = len(pending) - next((k for k in range(len(HERMES_START) - 1, 0, -1)
+                                        if pending.endswith(HERMES_START[:k])), 0)
+        out, self.pending = pending[:upto], pending[upto:]
+        self.sent += len(out)
         return {"content": out} if out else {}
