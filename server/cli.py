@@ -26,7 +26,8 @@ from hotlora.server.engine.config import DTYPE_CHOICES, KV_CACHE_DTYPE_CHOICES, 
 
 ENV_PREFIX = "HOTLORA_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-TOOL_PARSERS = ("auto", "hermes", "none")  # server/api/tools.py's PARSERS (not imported here: the CLI stays light)
+# server/api/tools.py's PARSERS (not imported here: the CLI stays light)
+TOOL_PARSERS = ("auto", "hermes", "llama3_json", "none")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -183,7 +184,8 @@ SERVE_OPTIONS = (
     Opt("gc-freeze", parse_bool, "once the model is ready, freeze the start-up heap out of Python's garbage "
         "collector (shorter collection pauses)", engine=False, switch=True),
     Opt("tool-call-parser", str, "how tool_choice 'auto' reads the model's tool calls: hermes (<tool_call> blocks), "
-        "none (then 'auto' is refused), or auto (hermes when the chat template mentions <tool_call>)",
+        "llama3_json (a reply of JSON objects, Llama 3.1/3.2), none (then 'auto' is refused), or auto (the one the "
+        "chat template shows: <tool_call> or <|python_tag|>)",
         TOOL_PARSERS, engine=False),
     Opt("log-level", str, "log level", LOG_LEVELS, engine=False),
 )

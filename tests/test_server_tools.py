@@ -261,9 +261,9 @@ def test_bad_tool_requests_are_400(client, models, server, extra, param, match):
 # --- the reading of replies, without a server --------------------------------------------------------------
 
 
-def _plan(mode: str, name: str | None = None, parallel: bool = True) -> T.ToolPlan:
+def _plan(mode: str, name: str | None = None, parallel: bool = True, parser: str = "hermes") -> T.ToolPlan:
     tools = tuple(T.Tool.model_validate(t) for t in TOOLS)
-    return T.ToolPlan(mode, tools, name, T.HERMES if mode == "auto" else None, parallel)
+    return T.ToolPlan(mode, tools, name, parser if mode == "auto" else None, parallel)
 
 
 REPLIES = [
@@ -281,14 +281,23 @@ REPLIES = [
     "<tool_call>" + "[" * 5000,  # deeper than json.loads goes: content
     "[" * 5000,
     '<tool_call>{"name": "now"}</tool_call><tool_call>{"name": "now", "arguments": {"x": 1}}</tool_call>',
+    # Llama 3's JSON calls
+    ' {"name": "get_weather", "parameters": {"city": "Oslo", "days": 2}}',
+    '<|python_tag|>{"name": "now", "parameters": {}}; {"name": "now", "arguments": {"x": 1}}',
+    '{"name": "now", "parameters": {}} and some text',  # text after the call: content
+    'Hi {"name": "now", "parameters": {}}',  # text first: content
+    "<|python",
+    "   ",
 ]
 
 
-@pytest.mark.parametrize("mode", ["auto", "required", "named", "none", "auto-single"])
+@pytest.mark.parametrize("mode", ["auto", "required", "named", "none", "auto-single", "auto-llama3_json"])
 def test_streamed_deltas_add_up_to_the_final_message(mode):
     """Every reply, cut into pieces of every size from 1 to 7 characters, ended by a stop or by max_tokens: the
     content and calls the deltas add up to, and the finish reason, are final_message's."""
-    p = _plan(mode.removesuffix("-single"), "get_weather" if mode == "named" else None, mode != "auto-single")
+    kind, _, variant = mode.partition("-")
+    parser = variant if variant in ("hermes", "llama3_json") else "hermes"
+    p = _plan(kind, "get_weather" if mode == "named" else None, variant != "single", parser)
     plan = None if mode == "none" else p
     for reply, size, end in itertools.product(REPLIES, range(1, 8), ("stop", "length")):
         message, finish = T.final_message(plan, reply, end)
@@ -317,6 +326,11 @@ def test_replies_read_as_calls_only_when_whole():
     assert T.read_calls(required, REPLIES[11]) is None
     assert T.read_calls(auto, REPLIES[12]) == [("now", "{}"), ("now", '{"x": 1}')]
     assert T.read_calls(_plan("auto", parallel=False), REPLIES[12]) == [("now", "{}")]  # the first call only
+    llama = _plan("auto", parser="llama3_json")
+    assert T.read_calls(llama, REPLIES[13]) == [("get_weather", '{"city": "Oslo", "days": 2}')]
+    assert T.read_calls(llama, REPLIES[14]) == [("now", "{}"), ("now", '{"x": 1}')]
+    assert [T.read_calls(llama, REPLIES[i]) for i in (0, 1, 7, 15, 16, 17, 18)] == [None] * 7
+    assert T.final_message(llama, REPLIES[13], "stop")[0]["content"] is None
     assert T.read_calls(required, REPLIES[7]) == [("now", "{}"), ("get_weather", '{"city": "Lima", "days": 7}')]
     assert T.read_calls(required, REPLIES[8]) is None and T.read_calls(required, "{}") is None
     message, finish = T.final_message(auto, REPLIES[1], "stop")
@@ -368,6 +382,8 @@ def test_the_parser_is_picked_from_the_template():
     assert T.pick_parser("auto", HERMES_TEMPLATE) == T.HERMES
     assert T.pick_parser("auto", "{{ messages }}") is None and T.pick_parser("auto", None) is None
     assert T.pick_parser("none", HERMES_TEMPLATE) is None and T.pick_parser("hermes", None) == T.HERMES
+    llama31 = "{%- if tools %}...{{- '<|python_tag|>' + tool_call.name }}{% endif %}"  # the shape of Llama 3.1's
+    assert T.pick_parser("auto", llama31) == "llama3_json" and T.pick_parser("llama3_json", None) == "llama3_json"
     from hotlora.server.cli import TOOL_PARSERS
 
     assert TOOL_PARSERS == T.PARSERS

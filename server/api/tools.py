@@ -5,9 +5,8 @@
   tool's `parameters`. Named: the reply is the arguments object itself. Required: the reply is a JSON array of
   {"name", "parameters"} objects, one per call (at most one with `parallel_tool_calls: false`).
 - "auto" (the default when tools are given): the model writes its calls in its own format and a parser reads them
-  back. hermes is built in: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the format of Qwen2/2.5,
-  Hermes and many fine-tunes. `--tool-call-parser auto` picks it when the chat template mentions `<tool_call>`;
-  with no parser, "auto" is a 400 (vLLM likewise needs --enable-auto-tool-choice).
+  back (server/api/tool_parsers.py: hermes, llama3_json). `--tool-call-parser auto` picks the one the chat template
+  shows; with no parser, "auto" is a 400 (vLLM likewise needs --enable-auto-tool-choice).
 - "none": the tools are rendered into the prompt (vLLM's default) and the reply is plain content.
 
 Finish reasons follow OpenAI: "tool_calls" when a reply read as calls ("required", "auto"), "stop" for a named
@@ -27,12 +26,11 @@ from pydantic import ValidationError, field_validator
 
 from hotlora.server.api.errors import bad_request
 from hotlora.server.api.strict import Strict
+from hotlora.server.api.tool_parsers import FORMATS, detect
 from hotlora.server.engine.types import StructuredSpec
 
 HERMES = "hermes"
-PARSERS = ("auto", HERMES, "none")  # --tool-call-parser
-HERMES_START = "<tool_call>"
-_HERMES_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)
+PARSERS = ("auto", *FORMATS, "none")  # --tool-call-parser
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -108,7 +106,7 @@ def tool_choice(v: Any) -> Any:
 def pick_parser(setting: str, chat_template: Any) -> str | None:
     """The parser "auto" tool choice uses: --tool-call-parser, where "auto" reads the chat template."""
     if setting == "auto":
-        return HERMES if HERMES_START in str(chat_template or "") else None
+        return detect(chat_template)
     return None if setting == "none" else setting
 
 
@@ -153,7 +151,7 @@ def plan(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | N
     if mode == "auto" and parser is None:
         raise bad_request(
             "tool_choice 'auto' needs a tool-call parser, and this model's chat template has no format the server "
-            "reads (start it with --tool-call-parser hermes if the model writes <tool_call> blocks); "
+            f"reads (start it with --tool-call-parser, one of {', '.join(FORMATS)}, for a model that writes one); "
             "'required' and a named function work with any model",
             param="tool_choice",
         )
@@ -254,8 +252,8 @@ def read_calls(p: ToolPlan, text: str) -> list[tuple[str, str]] | None:
     try:
         if p.mode == "required":
             found = [(i["name"], i["parameters"]) for i in json.loads(text)]
-        elif p.mode == "auto" and HERMES_START in text:
-            found = [(c.get("name"), c.get("arguments", {})) for c in map(json.loads, _HERMES_CALL.findall(text))]
+        elif p.mode == "auto" and (at := FORMATS[p.parser].begin(text)) >= 0:
+            found = FORMATS[p.parser].read(text[at:])
         else:
             return None
         calls = [(name, _object_text(args)) for name, args in found]
@@ -273,7 +271,7 @@ def final_message(p: ToolPlan | None, text: str, finish: str | None) -> tuple[di
     calls = None if p is None else read_calls(p, text)
     if calls is None:
         return {"role": "assistant", "content": text}, finish
-    content = text[: text.find(HERMES_START)] if p.mode == "auto" else ""
+    content = text[: FORMATS[p.parser].begin(text)] if p.mode == "auto" else ""
     return {"role": "assistant", "content": content or None, "tool_calls": [_call(*c) for c in calls]}, _called(finish)
 
 
@@ -284,13 +282,14 @@ def _called(finish: str | None) -> str | None:
 
 class ToolStream:
     """One streamed choice: the delta to send for each piece of text, and at the end. Named: the arguments stream
-    as they come. Auto: content streams until a call may begin (a partial `<tool_call>` is held back), the rest
-    waits for the end. Required: everything waits for the end, where the calls are read as in final_message."""
+    as they come. Auto: content streams until a call may begin (its parser holds back what may be a call's
+    beginning), the rest waits for the end. Required: everything waits for the end, where the calls are read as in
+    final_message."""
 
     def __init__(self, p: ToolPlan | None) -> None:
         self.plan, self.mode = p, "none" if p is None else p.mode
         self.parts: list[str] = []  # the whole reply, joined once at the end
-        self.pending = ""  # auto: text not sent yet while no call has begun (at most a marker's length)
+        self.pending = ""  # auto: text not sent yet while no call has begun (short: what the parser holds back)
         self.sent = 0  # characters sent as content
         self.found = False  # auto: a call has begun
         self.id = _call_id()  # named: the call's id
@@ -321,11 +320,7 @@ class ToolStream:
         if self.mode == "required" or self.found:
             return {}
         pending = self.pending + new
-        upto = pending.find(HERMES_START)
-        self.found = upto >= 0
-        if not self.found:  # hold back a tail that may be the marker's beginning
-            upto = len(pending) - next((k for k in range(len(HERMES_START) - 1, 0, -1)
-                                        if pending.endswith(HERMES_START[:k])), 0)
+        upto, self.found = FORMATS[self.plan.parser].release(pending, self.sent)
         out, self.pending = pending[:upto], pending[upto:]
         self.sent += len(out)
         return {"content": out} if out else {}
