@@ -173,6 +173,9 @@ def test_required_calls_name_a_tool_and_follow_its_schema(client, models):
         assert [(c["name"], c["arguments"]) for c in streamed] == [(call["name"], call["arguments"])]
         seen.add(call["name"])
     assert seen == {"get_weather", "now"}  # sampled: both tools came up
+    stream = _chat(client, models[0], tool_choice="required", parallel_tool_calls=False, max_tokens=60, stream=True)
+    pieces = [c for c in stream if c.choices and c.choices[0].delta.tool_calls]
+    assert len(pieces) > 3 and pieces[0].choices[0].delta.tool_calls[0].id  # streamed as generated, id first
     # cut short by max_tokens: no call can be read, so the text comes back as content
     r = _chat(client, models[0], tool_choice="required", max_tokens=3)
     assert r.choices[0].finish_reason == "length" and not r.choices[0].message.tool_calls
@@ -332,7 +335,9 @@ def test_replies_read_as_calls_only_when_whole():
     assert [T.read_calls(llama, REPLIES[i]) for i in (0, 1, 7, 15, 16, 17, 18)] == [None] * 7
     assert T.final_message(llama, REPLIES[13], "stop")[0]["content"] is None
     assert T.read_calls(required, REPLIES[7]) == [("now", "{}"), ("get_weather", '{"city": "Lima", "days": 7}')]
-    assert T.read_calls(required, REPLIES[8]) is None and T.read_calls(required, "{}") is None
+    assert T.read_calls(required, REPLIES[8]) == [("now", "{}")]  # cut: the calls begun so far
+    assert T.read_calls(required, '[{"name": "now", "parameters": {"a": "\\"}x"') == [("now", '{"a": "\\"}x"')]
+    assert T.read_calls(required, "{}") is None and T.read_calls(required, '[{"name": "now"') is None
     message, finish = T.final_message(auto, REPLIES[1], "stop")
     assert (message["content"], finish) == ("Sure.", "tool_calls")
     assert T.final_message(auto, REPLIES[2], "length")[1] == "length"  # cut: the calls read, the reason kept

@@ -78,3 +78,62 @@ def detect(chat_template: Any) -> str | None:
     """The format a chat template's model writes its calls in, or None."""
     text = str(chat_template or "")
     return next((name for name, sign in _SIGNS if sign in text), None)
+
+
+class ArrayScanner:
+    """Reads a "required" reply as it streams: `[{"name": "<name>", "parameters": <arguments>}, ...]` in the one
+    layout its grammar allows (json.dumps's separators, the properties in the schema's order). feed() returns what
+    each piece adds: (call index, the name where that call begins else None, the arguments' new text). Tool names
+    hold no escapes ([A-Za-z0-9_-]); text that leaves the layout (a stop string cut it) ends the scan."""
+
+    _HEAD, _MID = '{"name": "', '", "parameters": '
+
+    def __init__(self) -> None:
+        self.buf, self.state, self.calls, self.name = "", "open", 0, ""
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def feed(self, new: str) -> list[tuple[int, str | None, str]]:
+        buf, at, events = self.buf + new, 0, []
+        while at < len(buf) and self.state not in ("done", "off"):
+            start = at
+            if self.state == "args":
+                at = self._arguments(buf, at)
+                events.append((self.calls - 1, None, buf[start:at]))
+                continue
+            if self.state == "name":
+                end = buf.find('"', at)
+                if end < 0:
+                    break
+                self.name, at, self.state = buf[at:end], end, "mid"
+                continue
+            literal, then = {"open": ("[", "item"), "item": (self._HEAD, "name"), "mid": (self._MID, "args"),
+                             "close": ("}", "next")}.get(self.state, ("", ""))
+            if self.state == "next":
+                literal, then = ("]", "done") if buf[at] == "]" else (", ", "item")
+            if not buf.startswith(literal, at):
+                if not literal.startswith(buf[at:]):
+                    self.state = "off"
+                break  # what is there may be the literal's beginning: wait for more
+            at, self.state = at + len(literal), then
+            if then == "args":
+                events.append((self.calls, self.name, ""))
+                self.calls += 1
+        self.buf = buf[at:]
+        return events
+
+    def _arguments(self, buf: str, at: int) -> int:
+        """Consume the arguments' JSON text from `at`; where it stopped (the state is "close" once they are whole)."""
+        while at < len(buf):
+            c, at = buf[at], at + 1
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (c == "\\", c != '"')
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.state = "close"
+                    break
+        return at

@@ -26,7 +26,7 @@ from pydantic import ValidationError, field_validator
 
 from hotlora.server.api.errors import bad_request
 from hotlora.server.api.strict import Strict
-from hotlora.server.api.tool_parsers import FORMATS, detect
+from hotlora.server.api.tool_parsers import FORMATS, ArrayScanner, detect
 from hotlora.server.engine.types import StructuredSpec
 
 HERMES = "hermes"
@@ -247,12 +247,25 @@ def _object_text(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
 
 
+def _scanned(events: list[tuple[int, str | None, str]]) -> list[tuple[str, str]]:
+    """(name, arguments text) of each call an ArrayScanner saw begin."""
+    calls: list[list[str]] = []
+    for _, name, text in events:
+        if name is not None:
+            calls.append([name, ""])
+        calls[-1][1] += text
+    return [(name, args) for name, args in calls]
+
+
 def read_calls(p: ToolPlan, text: str) -> list[tuple[str, str]] | None:
-    """(name, arguments JSON) of each call in a finished "required" or "auto" reply; None: it reads as no calls."""
+    """(name, arguments JSON) of each call in a finished "required" or "auto" reply; None: it reads as no calls.
+    "required" gives the arguments as the model wrote them, as a named function does, and a reply cut short gives
+    the calls begun so far (the last one's arguments then cut too); "auto" needs whole calls."""
+    if p.mode == "required":
+        calls = _scanned(ArrayScanner().feed(text))
+        return calls if calls and all(name in p.names for name, _ in calls) else None
     try:
-        if p.mode == "required":
-            found = [(i["name"], i["parameters"]) for i in json.loads(text)]
-        elif p.mode == "auto" and (at := FORMATS[p.parser].begin(text)) >= 0:
+        if p.mode == "auto" and (at := FORMATS[p.parser].begin(text)) >= 0:
             found = FORMATS[p.parser].read(text[at:])
         else:
             return None
@@ -282,9 +295,8 @@ def _called(finish: str | None) -> str | None:
 
 class ToolStream:
     """One streamed choice: the delta to send for each piece of text, and at the end. Named: the arguments stream
-    as they come. Auto: content streams until a call may begin (its parser holds back what may be a call's
-    beginning), the rest waits for the end. Required: everything waits for the end, where the calls are read as in
-    final_message."""
+    as they come; required: each call likewise, once its name is whole. Auto: content streams until a call may begin
+    (its parser holds back what may be a call's beginning), and the calls go out at the end."""
 
     def __init__(self, p: ToolPlan | None) -> None:
         self.plan, self.mode = p, "none" if p is None else p.mode
@@ -293,10 +305,14 @@ class ToolStream:
         self.sent = 0  # characters sent as content
         self.found = False  # auto: a call has begun
         self.id = _call_id()  # named: the call's id
+        self.scanner = ArrayScanner() if self.mode == "required" else None
+        self.begun = 0  # required: calls sent
 
     def feed(self, new: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
         """The delta for `new` text (with what the end adds, once `finish` is set) and the finish reason to send."""
         self.parts.append(new)
+        if self.mode == "required":
+            return self._required(new, finish)
         delta = self._named(new) if self.mode == "named" else self._content(new)
         if finish is None or self.mode in ("named", "none"):
             return delta, finish
@@ -314,10 +330,29 @@ class ToolStream:
         return {"tool_calls": [{"index": 0, "id": self.id, "type": "function",
                                 "function": {"name": self.plan.name, "arguments": new}}]}
 
+    def _required(self, new: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        """Each call goes out as it is generated: its id and name once its name is whole, then its arguments."""
+        entries: list[dict[str, Any]] = []
+        for index, name, text in self.scanner.feed(new):
+            if name is not None:
+                entries.append({"index": index, "id": _call_id(), "type": "function",
+                                "function": {"name": name, "arguments": text}})
+                self.begun += 1
+            elif entries and entries[-1]["index"] == index:
+                entries[-1]["function"]["arguments"] += text
+            elif text:
+                entries.append({"index": index, "function": {"arguments": text}})
+        delta = {"tool_calls": entries} if entries else {}
+        if finish is None:
+            return delta, None
+        if not self.begun:  # no call began: the reply is content (as final_message says)
+            return {"content": "".join(self.parts)}, finish
+        return delta, _called(finish)
+
     def _content(self, new: str) -> dict[str, Any]:
         if self.mode == "none":
             return {"content": new} if new else {}
-        if self.mode == "required" or self.found:
+        if self.found:
             return {}
         pending = self.pending + new
         upto, self.found = FORMATS[self.plan.parser].release(pending, self.sent)
