@@ -173,7 +173,8 @@ def test_required_calls_name_a_tool_and_follow_its_schema(client, models):
         assert [(c["name"], c["arguments"]) for c in streamed] == [(call["name"], call["arguments"])]
         seen.add(call["name"])
     assert seen == {"get_weather", "now"}  # sampled: both tools came up
-    stream = _chat(client, models[0], tool_choice="required", parallel_tool_calls=False, max_tokens=60, stream=True)
+    stream = _chat(client, models[0], tools=TOOLS[:1], tool_choice="required", parallel_tool_calls=False,
+                   max_tokens=60, stream=True)
     pieces = [c for c in stream if c.choices and c.choices[0].delta.tool_calls]
     assert len(pieces) > 3 and pieces[0].choices[0].delta.tool_calls[0].id  # streamed as generated, id first
     # cut short by max_tokens: no call can be read, so the text comes back as content
