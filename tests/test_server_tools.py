@@ -292,6 +292,11 @@ REPLIES = [
     'Hi {"name": "now", "parameters": {}}',  # text first: content
     "<|python",
     "   ",
+    # arguments that are no object (a schema whose "type" xgrammar dropped beside anyOf or enum)
+    '[{"name": "now", "parameters": 7}, {"name": "now", "parameters": "x}, ]"}, {"name": "now", "parameters": null}]',
+    '<tool_call>{"name": "now", "arguments": {"s": "\\ud800"}}</tool_call>',  # a lone surrogate, escaped
+    '<tool_call>{"name": "now", "arguments": {"a": NaN}}</tool_call>',
+    '{"name": "now", "parameters": {}}; ',
 ]
 
 
@@ -335,6 +340,13 @@ def test_replies_read_as_calls_only_when_whole():
     assert T.read_calls(llama, REPLIES[14]) == [("now", "{}"), ("now", '{"x": 1}')]
     assert [T.read_calls(llama, REPLIES[i]) for i in (0, 1, 7, 15, 16, 17, 18)] == [None] * 7
     assert T.final_message(llama, REPLIES[13], "stop")[0]["content"] is None
+    assert T.read_calls(required, REPLIES[19]) == [("now", "7"), ("now", '"x}, ]"'), ("now", "null")]
+    assert T.read_calls(auto, REPLIES[20]) == [("now", '{"s": "\\ud800"}')]  # escaped: it can be sent as UTF-8
+    assert T.read_calls(auto, REPLIES[21]) is None  # NaN is no JSON a client can parse
+    assert T.read_calls(llama, REPLIES[22]) == [("now", "{}")]
+    # finish reasons: "tool_calls" only for whole calls; a cut keeps its reason (max_tokens or a stop string)
+    assert [T.final_message(required, REPLIES[i], "stop")[1] for i in (7, 8)] == ["tool_calls", "stop"]
+    assert T.final_message(required, REPLIES[7], "length")[1] == "length"
     assert T.read_calls(required, REPLIES[7]) == [("now", "{}"), ("get_weather", '{"city": "Lima", "days": 7}')]
     assert T.read_calls(required, REPLIES[8]) == [("now", "{}")]  # cut: the calls begun so far
     assert T.read_calls(required, '[{"name": "now", "parameters": {"a": "\\"}x"') == [("now", '{"a": "\\"}x"')]
@@ -342,6 +354,15 @@ def test_replies_read_as_calls_only_when_whole():
     message, finish = T.final_message(auto, REPLIES[1], "stop")
     assert (message["content"], finish) == ("Sure.", "tool_calls")
     assert T.final_message(auto, REPLIES[2], "length")[1] == "length"  # cut: the calls read, the reason kept
+
+
+def test_a_conversation_is_rendered_whatever_its_arguments_hold():
+    from hotlora.server.api.schemas import ChatMessage
+
+    for arguments, rendered in (("[" * 100000, "[" * 100000), ('{"a": 1}', {"a": 1}), ("not json", "not json")):
+        message = ChatMessage.model_validate({"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]})
+        assert T.template_message(message)["tool_calls"][0]["function"]["arguments"] == rendered
 
 
 def test_required_schema_keeps_each_tools_references():
@@ -390,6 +411,8 @@ def test_the_parser_is_picked_from_the_template():
     assert T.pick_parser("none", HERMES_TEMPLATE) is None and T.pick_parser("hermes", None) == T.HERMES
     llama31 = "{%- if tools %}...{{- '<|python_tag|>' + tool_call.name }}{% endif %}"  # the shape of Llama 3.1's
     assert T.pick_parser("auto", llama31) == "llama3_json" and T.pick_parser("llama3_json", None) == "llama3_json"
+    llama32 = 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    assert T.pick_parser("auto", llama32) == "llama3_json"
     from hotlora.server.cli import TOOL_PARSERS
 
     assert TOOL_PARSERS == T.PARSERS

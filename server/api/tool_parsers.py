@@ -52,10 +52,10 @@ class Llama3JsonParser:
             obj, at = decoder.raw_decode(body, at)
             found.append((obj.get("name"), obj.get("parameters", obj.get("arguments", {}))))
             rest = body[at:].lstrip()
-            if not rest:
-                return found
-            if not rest.startswith(";"):
+            if not rest.startswith(";") and rest:
                 raise ValueError("text after a call")
+            if not rest.removeprefix(";").strip():  # the last call (a trailing ';' too)
+                return found
             at = len(body) - len(rest) + 1
 
     def release(self, pending: str, sent: int) -> tuple[int, bool]:
@@ -70,8 +70,10 @@ class Llama3JsonParser:
 
 
 FORMATS: dict[str, HermesParser | Llama3JsonParser] = {"hermes": HermesParser(), "llama3_json": Llama3JsonParser()}
-# what a chat template holds when the model writes that format (checked in this order)
-_SIGNS = (("hermes", HermesParser.START), ("llama3_json", Llama3JsonParser.TAG))
+# what a chat template holds when the model writes that format (checked in this order): Llama 3.1's shows its tag,
+# and Llama 3.1 and 3.2's ask for {"name": function name, "parameters": dictionary of argument name and its value}
+_SIGNS = (("hermes", HermesParser.START), ("llama3_json", Llama3JsonParser.TAG),
+          ("llama3_json", '"parameters": dictionary of argument name'))
 
 
 def detect(chat_template: Any) -> str | None:
@@ -90,9 +92,16 @@ class ArrayScanner:
 
     def __init__(self) -> None:
         self.buf, self.state, self.calls, self.name = "", "open", 0, ""
-        self.depth, self.in_string, self.escaped = 0, False, False
+        self.depth, self.in_string, self.escaped, self.begun = 0, False, False, False
+
+    @property
+    def whole(self) -> bool:
+        """Whether the reply closed its array: every call whole."""
+        return self.state == "done"
 
     def feed(self, new: str) -> list[tuple[int, str | None, str]]:
+        if self.state in ("done", "off"):
+            return []
         buf, at, events = self.buf + new, 0, []
         while at < len(buf) and self.state not in ("done", "off"):
             start = at
@@ -117,17 +126,28 @@ class ArrayScanner:
             at, self.state = at + len(literal), then
             if then == "args":
                 events.append((self.calls, self.name, ""))
-                self.calls += 1
+                self.calls, self.begun = self.calls + 1, False
         self.buf = buf[at:]
         return events
 
     def _arguments(self, buf: str, at: int) -> int:
-        """Consume the arguments' JSON text from `at`; where it stopped (the state is "close" once they are whole)."""
+        """Consume the arguments' JSON text from `at`; where it stopped (the state is "close" once they are whole).
+        They are an object, unless the tool's schema let xgrammar drop its "type" (beside anyOf, enum, $ref...):
+        then a string ends at its quote, a number, true, false or null before the item's closing brace."""
         while at < len(buf):
-            c, at = buf[at], at + 1
+            c = buf[at]
             if self.in_string:
+                at += 1
                 self.escaped, self.in_string = (False, True) if self.escaped else (c == "\\", c != '"')
-            elif c == '"':
+                if not self.in_string and self.depth == 0:
+                    self.state = "close"
+                    break
+                continue
+            if self.depth == 0 and self.begun and c in ",}]":  # a bare scalar ended before c
+                self.state = "close"
+                break
+            at, self.begun = at + 1, True
+            if c == '"':
                 self.in_string = True
             elif c in "{[":
                 self.depth += 1

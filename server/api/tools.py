@@ -227,7 +227,7 @@ def template_message(message: Any) -> dict[str, Any]:
 def _arguments(text: str) -> Any:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
     return value if isinstance(value, dict) else text
 
@@ -242,9 +242,18 @@ def _call(name: str, arguments: str) -> dict[str, Any]:
 
 
 def _object_text(value: Any) -> str | None:
+    """Arguments read from a reply as JSON text; None for no object. ValueError for NaN or infinities (which
+    JavaScript's JSON.parse refuses)."""
     if isinstance(value, str):  # some models write the arguments as a JSON string
         value = _arguments(value)
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate escape ("\ud800") read back: keep it escaped
+        return json.dumps(value, allow_nan=False)
+    return text
 
 
 def _scanned(events: list[tuple[int, str | None, str]]) -> list[tuple[str, str]]:
@@ -263,7 +272,7 @@ def read_calls(p: ToolPlan, text: str) -> list[tuple[str, str]] | None:
     the calls begun so far (the last one's arguments then cut too); "auto" needs whole calls."""
     if p.mode == "required":
         calls = _scanned(ArrayScanner().feed(text))
-        return calls if calls and all(name in p.names for name, _ in calls) else None
+        return calls if calls and all(name in p.names for name, _ in calls) else None  # (the grammar's names)
     try:
         if p.mode == "auto" and (at := FORMATS[p.parser].begin(text)) >= 0:
             found = FORMATS[p.parser].read(text[at:])
@@ -285,12 +294,21 @@ def final_message(p: ToolPlan | None, text: str, finish: str | None) -> tuple[di
     if calls is None:
         return {"role": "assistant", "content": text}, finish
     content = text[: FORMATS[p.parser].begin(text)] if p.mode == "auto" else ""
-    return {"role": "assistant", "content": content or None, "tool_calls": [_call(*c) for c in calls]}, _called(finish)
+    whole = p.mode == "auto" or _whole(text)
+    return {"role": "assistant", "content": content or None,
+            "tool_calls": [_call(*c) for c in calls]}, _called(finish, whole)
 
 
-def _called(finish: str | None) -> str | None:
-    """A reply read as calls ends with "tool_calls", unless max_tokens cut it (its last call may be missing)."""
-    return "tool_calls" if finish == "stop" else finish
+def _whole(text: str) -> bool:
+    scanner = ArrayScanner()
+    scanner.feed(text)
+    return scanner.whole
+
+
+def _called(finish: str | None, whole: bool) -> str | None:
+    """A reply read as calls ends with "tool_calls" when its calls are whole (as "auto" reads them, and a "required"
+    array that closed); one cut by max_tokens or a stop string keeps that reason."""
+    return "tool_calls" if whole and finish == "stop" else finish
 
 
 class ToolStream:
@@ -322,7 +340,7 @@ class ToolStream:
             rest = text[self.sent :]
             return (delta | {"content": delta.get("content", "") + rest}) if rest else delta, finish
         tool_calls = [{"index": i, **_call(*c)} for i, c in enumerate(calls)]
-        return delta | {"tool_calls": tool_calls}, _called(finish)
+        return delta | {"tool_calls": tool_calls}, _called(finish, True)
 
     def _named(self, new: str) -> dict[str, Any]:
         if len(self.parts) > 1:
@@ -347,7 +365,7 @@ class ToolStream:
             return delta, None
         if not self.begun:  # no call began: the reply is content (as final_message says)
             return {"content": "".join(self.parts)}, finish
-        return delta, _called(finish)
+        return delta, _called(finish, self.scanner.whole)
 
     def _content(self, new: str) -> dict[str, Any]:
         if self.mode == "none":
