@@ -192,19 +192,21 @@ def test_auto_reads_the_hermes_calls_the_model_writes(client, models):
     held = {"structured_outputs": {"choice": [reply]}}
 
     def check(model: str) -> None:
-        r = _chat(client, model, max_tokens=200, extra_body=held)
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:  # one batch: each forced token is a step
+            runs = [pool.submit(_chat, client, model, max_tokens=200, extra_body=held),
+                    pool.submit(_streamed, client, model, max_tokens=200, extra_body=held),
+                    pool.submit(_chat, client, model, max_tokens=12),  # tool_choice auto by default
+                    pool.submit(_chat, client, model, max_tokens=12, tool_choice="none"),
+                    pool.submit(_streamed, client, model, max_tokens=12)]
+            r, (content, streamed, finish), plain, none, (plain_streamed, _, _) = (f.result() for f in runs)
         message = r.choices[0].message
         assert r.choices[0].finish_reason == "tool_calls" and message.content == "Let me check."
         calls = [(c["name"], json.loads(c["arguments"])) for c in _calls(message)]
         assert calls == [("get_weather", {"city": "Lima", "days": 2}), ("now", {})]
-        content, streamed, finish = _streamed(client, model, max_tokens=200, extra_body=held)
         assert (content, finish) == ("Let me check.", "tool_calls")
         assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == calls
-        plain = _chat(client, model, max_tokens=12)  # tool_choice auto by default
-        none = _chat(client, model, max_tokens=12, tool_choice="none")
         assert not plain.choices[0].message.tool_calls
-        assert plain.choices[0].message.content == none.choices[0].message.content
-        assert _streamed(client, model, max_tokens=12)[0] == none.choices[0].message.content
+        assert plain.choices[0].message.content == none.choices[0].message.content == plain_streamed
 
     _each(models, check)
 
