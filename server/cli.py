@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hotlora.server.api.tool_parsers import PARSERS as TOOL_PARSERS  # json and re only: the CLI stays light
 from hotlora.server.cli_admin import adapters_command as adapters_command  # re-exported: its old home
 from hotlora.server.cli_admin import add_adapters
 from hotlora.server.cli_merge import add_merge
@@ -26,8 +27,6 @@ from hotlora.server.engine.config import DTYPE_CHOICES, KV_CACHE_DTYPE_CHOICES, 
 
 ENV_PREFIX = "HOTLORA_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-# server/api/tools.py's PARSERS (not imported here: the CLI stays light)
-TOOL_PARSERS = ("auto", "hermes", "llama3_json", "none")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 

@@ -155,13 +155,14 @@ def _accepts(schema: dict, value: object) -> bool:
 
 
 def test_the_parser_is_picked_from_the_template():
-    assert T.pick_parser("auto", HERMES_TEMPLATE) == T.HERMES
+    assert T.pick_parser("auto", HERMES_TEMPLATE) == "hermes"
     assert T.pick_parser("auto", "{{ messages }}") is None and T.pick_parser("auto", None) is None
-    assert T.pick_parser("none", HERMES_TEMPLATE) is None and T.pick_parser("hermes", None) == T.HERMES
+    assert T.pick_parser("none", HERMES_TEMPLATE) is None and T.pick_parser("hermes", None) == "hermes"
     llama31 = "{%- if tools %}...{{- '<|python_tag|>' + tool_call.name }}{% endif %}"  # the shape of Llama 3.1's
     assert T.pick_parser("auto", llama31) == "llama3_json" and T.pick_parser("llama3_json", None) == "llama3_json"
     llama32 = 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
     assert T.pick_parser("auto", llama32) == "llama3_json"
+    from hotlora.server.api.tool_parsers import PARSERS
     from hotlora.server.cli import TOOL_PARSERS
 
-    assert TOOL_PARSERS == T.PARSERS
+    assert TOOL_PARSERS == PARSERS == ("auto", "hermes", "llama3_json", "none")

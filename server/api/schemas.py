@@ -358,20 +358,17 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
     @functools.cached_property
-    def _tool_schema(self) -> tuple[StructuredSpec | None]:
-        return (constraint(self.tools, self.tool_choice, self.parallel_tool_calls),)
-
     def _tool_spec(self) -> StructuredSpec | None:
         """The tool choice's constraint, built once (it copies every tool's schema)."""
-        return self._tool_schema[0]
+        return constraint(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     @property
     def structured_field(self) -> str:
-        return "tools" if self._tool_spec() is not None else super().structured_field
+        return "tools" if self._tool_spec is not None else super().structured_field
 
     def structured_spec(self) -> StructuredSpec | None:
         """A tool choice's schema ("required", a named function), or the request's structured-output spec."""
-        spec, own = self._tool_spec(), super().structured_spec()
+        spec, own = self._tool_spec, super().structured_spec()
         if spec is not None and own is not None:
             raise bad_request(f"send tool_choice or {super().structured_field}, not both", param="tool_choice")
         return spec or own

@@ -20,7 +20,8 @@ from hotlora.server.api.errors import APIError
 from hotlora.server.api.gcheap import freeze_startup_heap
 from hotlora.server.api.limits import DEFAULT_MAX_BODY_BYTES, TokenizerPool
 from hotlora.server.api.metrics import Metrics
-from hotlora.server.api.tools import PARSERS, pick_parser
+from hotlora.server.api.tool_parsers import PARSERS
+from hotlora.server.api.tools import pick_parser
 from hotlora.server.engine.async_engine import AsyncEngine
 from hotlora.server.engine.config import EngineConfig
 

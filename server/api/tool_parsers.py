@@ -70,6 +70,7 @@ class Llama3JsonParser:
 
 
 FORMATS: dict[str, HermesParser | Llama3JsonParser] = {"hermes": HermesParser(), "llama3_json": Llama3JsonParser()}
+PARSERS = ("auto", *FORMATS, "none")  # --tool-call-parser: auto reads the chat template (detect)
 # what a chat template holds when the model writes that format (checked in this order): Llama 3.1's shows its tag,
 # and Llama 3.1 and 3.2's ask for {"name": function name, "parameters": dictionary of argument name and its value}
 _SIGNS = (("hermes", HermesParser.START), ("llama3_json", Llama3JsonParser.TAG),

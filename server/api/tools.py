@@ -9,9 +9,9 @@
   shows; with no parser, "auto" is a 400 (vLLM likewise needs --enable-auto-tool-choice).
 - "none": the tools are rendered into the prompt (vLLM's default) and the reply is plain content.
 
-Finish reasons follow OpenAI: "tool_calls" when a reply read as calls ("required", "auto"), "stop" for a named
-function, "length" whenever max_tokens cut the reply. A reply that does not read as calls (cut inside a call, or
-text that is no call) comes back as content.
+Finish reasons follow OpenAI: "tool_calls" when a reply holds whole calls ("required", "auto"), "stop" for a named
+function; a reply cut by max_tokens or a stop string keeps that reason. A "required" reply cut short gives the calls
+begun so far; an "auto" reply that does not read as whole calls comes back as content.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from hotlora.server.api.strict import Strict
 from hotlora.server.api.tool_parsers import FORMATS, ArrayScanner, detect
 from hotlora.server.engine.types import StructuredSpec
 
-HERMES = "hermes"
-PARSERS = ("auto", *FORMATS, "none")  # --tool-call-parser
+_CHOICES = ("none", "auto", "required")
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -65,9 +64,6 @@ class FunctionName(Strict):
     name: str
 
 
-_CHOICES = ("none", "auto", "required")
-
-
 class NamedToolChoice(Strict):
     type: Literal["function"]
     function: FunctionName
@@ -86,7 +82,7 @@ class ToolCall(Strict):
     function: CalledFunction
 
 
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+ToolChoice = Literal[_CHOICES] | NamedToolChoice
 
 
 def tool_choice(v: Any) -> Any:
@@ -266,13 +262,19 @@ def _scanned(events: list[tuple[int, str | None, str]]) -> list[tuple[str, str]]
     return [(name, args) for name, args in calls]
 
 
+def _read_required(p: ToolPlan, text: str) -> tuple[list[tuple[str, str]] | None, bool]:
+    """A "required" reply's calls (None for none) and whether its array closed (every call whole)."""
+    scanner = ArrayScanner()
+    calls = _scanned(scanner.feed(text))
+    return (calls if calls and all(name in p.names for name, _ in calls) else None), scanner.whole  # (the grammar's)
+
+
 def read_calls(p: ToolPlan, text: str) -> list[tuple[str, str]] | None:
     """(name, arguments JSON) of each call in a finished "required" or "auto" reply; None: it reads as no calls.
     "required" gives the arguments as the model wrote them, as a named function does, and a reply cut short gives
     the calls begun so far (the last one's arguments then cut too); "auto" needs whole calls."""
     if p.mode == "required":
-        calls = _scanned(ArrayScanner().feed(text))
-        return calls if calls and all(name in p.names for name, _ in calls) else None  # (the grammar's names)
+        return _read_required(p, text)[0]
     try:
         if p.mode == "auto" and (at := FORMATS[p.parser].begin(text)) >= 0:
             found = FORMATS[p.parser].read(text[at:])
@@ -288,21 +290,16 @@ def read_calls(p: ToolPlan, text: str) -> list[tuple[str, str]] | None:
 
 def final_message(p: ToolPlan | None, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
     """A finished choice's assistant message and finish reason."""
-    if p is not None and p.mode == "named":
+    if p is None:
+        return {"role": "assistant", "content": text}, finish
+    if p.mode == "named":
         return {"role": "assistant", "content": None, "tool_calls": [_call(p.name, text)]}, finish
-    calls = None if p is None else read_calls(p, text)
+    calls, whole = _read_required(p, text) if p.mode == "required" else (read_calls(p, text), True)  # auto: whole
     if calls is None:
         return {"role": "assistant", "content": text}, finish
     content = text[: FORMATS[p.parser].begin(text)] if p.mode == "auto" else ""
-    whole = p.mode == "auto" or _whole(text)
     return {"role": "assistant", "content": content or None,
             "tool_calls": [_call(*c) for c in calls]}, _called(finish, whole)
-
-
-def _whole(text: str) -> bool:
-    scanner = ArrayScanner()
-    scanner.feed(text)
-    return scanner.whole
 
 
 def _called(finish: str | None, whole: bool) -> str | None:
