@@ -214,6 +214,19 @@ def tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return list(dict.fromkeys(out))
 
 
+def tail_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """The recorded config against tiles that cover M with a row tile plus a smaller tail tile on the same
+    dequantized weights (Nf4Config.tail_m: 176 rows as 128 + 64 rather than one 256-row tile), by TMA, 2-3 stages."""
+    out = [rec]
+    heads = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)]
+    for (bm, bn, warps), tail, stages in itertools.product(heads, (16, 32, 64, 128), (2, 3)):
+        if tail <= bm and m <= bm + tail < 2 * m:
+            split = split_for_sms(-(-m // (bm + tail)) * -(-n // bn), k)
+            out.append(Nf4Config(bm, bn, split, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES,
+                                 tma=True, tail_m=tail))
+    return list(dict.fromkeys(out))
+
+
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
 # fields that tell them apart
 VARIANTS = {
@@ -222,6 +235,7 @@ VARIANTS = {
     "splits": (split_configs, ("split_k",)),
     "small-warps": (warp_configs, ("swap_ab", "block_n", "warps", "split_k")),
     "tma": (tma_configs, ("tma", "stages", "block_m", "block_n", "warps", "split_k", "dense")),
+    "tails": (tail_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 
@@ -361,6 +375,8 @@ def main() -> None:
                     help="sweep: the recorded tile over K slice counts (1-16 and the fewest that fill the SMs)")
     ap.add_argument("--tma", dest="variants", action="store_const", const="tma",
                     help="sweep: each M's recorded config with its weight bytes read by TMA (3 and 5 stages)")
+    ap.add_argument("--tails", dest="variants", action="store_const", const="tails",
+                    help="sweep: the recorded config against a row tile plus a tail tile per program (tail_m)")
     ap.add_argument("--small-warps", dest="variants", action="store_const", const="small-warps",
                     help="sweep: the recorded config against weights-first tiles over 2 warps (mma.sync)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))

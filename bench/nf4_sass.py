@@ -42,7 +42,7 @@ def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
                   SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
                   ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even,
-                  PDL=True, TMA=cfg.tma)
+                  PDL=True, TMA=cfg.tma, TAIL_M=cfg.tail_m)
     pointers = POINTERS | ({"w_ptr": f"tensordesc<u8[{cfg.block_n}, 64]>"} if cfg.tma else {})
     signature = {**pointers, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--tma", action=argparse.BooleanOptionalAction, default=None, help="override")
     ap.add_argument("--scale", type=int, help="override: 0 SCALE_PARTIALS, 1 SCALE_VALUES, 2 SCALE_EXACT")
     ap.add_argument("--tile", type=int, nargs=3, metavar=("BLOCK_M", "BLOCK_N", "WARPS"), help="override")
+    ap.add_argument("--tail", type=int, help="override: tail_m (a second row tile per program)")
     ap.add_argument("--dump", help="write the last config's loop SASS here")
     a = ap.parse_args()
     for m in a.m:
@@ -95,13 +96,15 @@ def main() -> None:
             print(f"M={m}: dequantize + cuBLAS (no fused loop)")
             continue
         overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab, "tma": a.tma,
-                     "scale": a.scale, **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
+                     "scale": a.scale, "tail_m": a.tail,
+                     **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         rep = loop_report(compile_sm90(cfg))
         values = cfg.block_n * 128 // (32 * cfg.warps)  # weight values per thread per 128-column group
         lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
         print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "
-              f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even} scale {cfg.scale} tma {cfg.tma}: "
+              f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even} scale {cfg.scale} tma {cfg.tma} "
+              f"tail {cfg.tail_m}: "
               f"{rep['registers']} registers, "
               f"{rep['stack']} B stack; loop {rep['loop']} instructions, {rep['loop'] / values:.2f} per weight "
               f"value; {rep['opcodes']}", flush=True)

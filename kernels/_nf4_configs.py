@@ -40,6 +40,17 @@ class Nf4Config:
     table_regs: bool = True  # LOOKUP_PRMT: its table words in ordinary registers (_nf4_triton._prmt_table)
     even: bool = True  # drop the weight and K masks where the shape allows (N % block_n, K % 128, groups % split)
     tma: bool = False  # weight bytes by TMA into shared memory, `stages` groups in flight (CUDA, not prefetch)
+    tail_m: int = 0  # a second row tile of x per program on the same dequantized weights (SCALE_VALUES/EXACT)
+
+    def __post_init__(self) -> None:
+        if self.tail_m and (self.scale == SCALE_PARTIALS or self.prefetch or self.gemv or self.dense):
+            raise ValueError("a config with tail_m scales the weights before the dot (SCALE_VALUES or SCALE_EXACT) "
+                             "in nf4_matmul_kernel, without prefetch")
+
+    @property
+    def rows(self) -> int:
+        """Rows of x one program covers."""
+        return self.block_m + self.tail_m
 
 
 # (max M, config, config for large weights) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep,
@@ -90,7 +101,12 @@ _CONFIGS: tuple[tuple[int, Nf4Config, Nf4Config | None], ...] = (
     (32, Nf4Config(32, 64, 4, lookup=LOOKUP_PRMT_IMM, even=False),
      Nf4Config(32, 64, 8, warps=2, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES)),
     (64, Nf4Config(64, 64, 4, swap_ab=True, lookup=LOOKUP_PRMT, table_regs=False, even=False), None),
+    (96, Nf4Config(64, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True, tail_m=32), None),
     (128, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True), None),
+    (160, Nf4Config(128, 64, BY_SMS, stages=2, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True,
+                    tail_m=32), None),
+    (192, Nf4Config(128, 64, BY_SMS, stages=2, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True,
+                    tail_m=64), None),
     (256, Nf4Config(128, 64, BY_SMS, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True),
      Nf4Config(256, 128, BY_SMS, warps=8, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True)),
     (384, Nf4Config(128, 128, dense=True), None),
@@ -123,6 +139,8 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
     the tl.dot path (False); None: SERVE_GEMV. alone: no LoRA shrink runs beside the matmul (_ALONE_M1)."""
     gemv = SERVE_GEMV if gemv is None else gemv
     cfg, large = next((c, big) for hi, c, big in _CONFIGS if m <= hi and (gemv or not c.gemv))
+    if os.environ.get("HOTLORA_NF4_TAIL") == "0" and cfg.tail_m:  # the configs before tails (bench comparisons)
+        cfg, large = next((c, big) for hi, c, big in _CONFIGS if m <= hi and not c.tail_m and not c.gemv)
     if os.environ.get("HOTLORA_NF4_TMA") == "0":  # the configs before TMA (bench comparisons in one build)
         cfg, large = (cfg, None) if m > 256 else (replace(cfg, tma=False), large and replace(large, tma=False))
     if alone and m == 1 and not cfg.gemv:
@@ -133,13 +151,13 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
         chunks = triton.cdiv(triton.cdiv(k, 128), cfg.k_groups)
         return replace(cfg, split_k=_fewest_splits(triton.cdiv(n, cfg.block_n), _GEMV_PROGRAMS, chunks, cfg.split_k))
     if cfg.split_k == BY_SMS:
-        return replace(cfg, split_k=split_for_sms(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), k))
+        return replace(cfg, split_k=split_for_sms(triton.cdiv(m, cfg.rows) * triton.cdiv(n, cfg.block_n), k))
     if n >= 16384 and cfg.split_k > 1 and not cfg.dense:
         cfg = replace(cfg, split_k=cfg.split_k // 2)
     while cfg.split_k > 1 and cfg.split_k > triton.cdiv(k, 128):  # small K: no more slices than groups
         cfg = replace(cfg, split_k=cfg.split_k // 2)
     if not cfg.dense and (m <= 16 or (m <= 64 and n * k >= LARGE_WEIGHT)):
-        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        tiles = triton.cdiv(m, cfg.rows) * triton.cdiv(n, cfg.block_n)
         cfg = replace(cfg, split_k=_fewest_splits(tiles, _MIN_PROGRAMS, k // 128, least=cfg.split_k))
     return cfg
 

@@ -174,6 +174,21 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
 
 
 @triton.jit
+def _load_x(x_ptr, offs_m, mask_m, g, valid, K, stride_xm, EVEN: tl.constexpr):
+    """x's two [rows, 64] halves of 128-column group g (zeros past M, past K, or where `valid` is False)."""
+    offs_k = g * 128 + tl.arange(0, 64)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    mask_x = mask_m[:, None] & valid
+    if EVEN:
+        x_hi = tl.load(x_ptrs, mask=mask_x, other=0.0)
+        x_lo = tl.load(x_ptrs + 64, mask=mask_x, other=0.0)
+    else:
+        x_hi = tl.load(x_ptrs, mask=mask_x & (offs_k[None, :] < K), other=0.0)
+        x_lo = tl.load(x_ptrs + 64, mask=mask_x & (offs_k[None, :] + 64 < K), other=0.0)
+    return x_hi, x_lo
+
+
+@triton.jit
 def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, valid, K, NUM_G,
                 stride_xm, stride_wn, stride_an, EVEN: tl.constexpr, TMA: tl.constexpr = False, n0=0):
     """Everything one 128-column group g needs: x's two [BLOCK_M, 64] halves, the weight bytes, the scales.
@@ -182,17 +197,8 @@ def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, val
     need masks (~10% of the loop's instructions at M=16). TMA: w_ptr is a tensor descriptor of the codes
     ([BLOCK_N, 64] blocks, rows from n0), read by the copy engine into shared memory; Triton's pipeliner keeps
     `num_stages` groups in flight with no registers held (rows and groups past the end read as zeros)."""
-    offs_k = g * 128 + tl.arange(0, 64)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    mask_x = mask_m[:, None] & valid
-    if EVEN:
-        x_hi = tl.load(x_ptrs, mask=mask_x, other=0.0)
-        x_lo = tl.load(x_ptrs + 64, mask=mask_x, other=0.0)
-        rows = None
-    else:
-        x_hi = tl.load(x_ptrs, mask=mask_x & (offs_k[None, :] < K), other=0.0)
-        x_lo = tl.load(x_ptrs + 64, mask=mask_x & (offs_k[None, :] + 64 < K), other=0.0)
-        rows = mask_n & (g < NUM_G)
+    x_hi, x_lo = _load_x(x_ptr, offs_m, mask_m, g, valid, K, stride_xm, EVEN)
+    rows = None if EVEN else mask_n & (g < NUM_G)
     if TMA:  # noqa: SIM108 (a static branch: Triton's ternary would build both sides)
         raw = w_ptr.load([n0, g * 64])
     else:
@@ -211,6 +217,20 @@ def _dot(w, x, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _scaled(v_hi, v_lo, a_hi, a_lo, X_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, SCALE: tl.constexpr,
+            V_DTYPE: tl.constexpr):
+    """A group's weights for the dot: the code values scaled by their rows' absmax in x's dtype (SCALE 1), or
+    in fp32 and rounded to W_DTYPE as dequantize_4bit does, then to x's dtype (SCALE 2)."""
+    if SCALE == 1:
+        w_hi = v_hi * a_hi.to(V_DTYPE)[:, None]
+        w_lo = v_lo * a_lo.to(V_DTYPE)[:, None]
+    else:
+        w_hi = (v_hi * a_hi[:, None]).to(W_DTYPE).to(X_DTYPE)
+        w_lo = (v_lo * a_lo[:, None]).to(W_DTYPE).to(X_DTYPE)
+    return w_hi, w_lo
+
+
+@triton.jit
 def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                 SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr, V_DTYPE: tl.constexpr):
     """acc (+)= one group's contribution (acc is [BLOCK_N, BLOCK_M] with SWAP_AB, else [BLOCK_M, BLOCK_N]).
@@ -225,15 +245,40 @@ def _accumulate(acc, x_hi, x_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.cons
         else:
             acc += p_hi * a_hi[None, :] + p_lo * a_lo[None, :]
     else:
-        if SCALE == 1:
-            w_hi = v_hi * a_hi.to(V_DTYPE)[:, None]
-            w_lo = v_lo * a_lo.to(V_DTYPE)[:, None]
-        else:
-            w_hi = (v_hi * a_hi[:, None]).to(W_DTYPE).to(x_hi.dtype)
-            w_lo = (v_lo * a_lo[:, None]).to(W_DTYPE).to(x_hi.dtype)
+        w_hi, w_lo = _scaled(v_hi, v_lo, a_hi, a_lo, x_hi.dtype, W_DTYPE, SCALE, V_DTYPE)
         acc = _dot(w_hi, x_hi, acc, SWAP_AB, PRECISION)
         acc = _dot(w_lo, x_lo, acc, SWAP_AB, PRECISION)
     return acc
+
+
+@triton.jit
+def _accumulate_tail(acc, acc_t, x_hi, x_lo, t_hi, t_lo, raw, a_hi, a_lo, lut_ptr, tab, W_DTYPE: tl.constexpr,
+                     PRECISION: tl.constexpr, SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
+                     V_DTYPE: tl.constexpr):
+    """_accumulate for two row tiles of x (x_*: BLOCK_M rows into acc, t_*: TAIL_M rows into acc_t) against one
+    dequantized weight tile (SCALE 1 or 2), so a program covers BLOCK_M + TAIL_M rows with one lookup."""
+    v_hi, v_lo = _group_values(raw, lut_ptr, tab, LOOKUP, V_DTYPE)
+    w_hi, w_lo = _scaled(v_hi, v_lo, a_hi, a_lo, x_hi.dtype, W_DTYPE, SCALE, V_DTYPE)
+    acc = _dot(w_hi, x_hi, acc, SWAP_AB, PRECISION)
+    acc = _dot(w_lo, x_lo, acc, SWAP_AB, PRECISION)
+    acc_t = _dot(w_hi, t_hi, acc_t, SWAP_AB, PRECISION)
+    acc_t = _dot(w_lo, t_lo, acc_t, SWAP_AB, PRECISION)
+    return acc, acc_t
+
+
+@triton.jit
+def _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym,
+           HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr):
+    """A program's tile of y (or with SPLIT_K > 1 of its K slice's fp32 sums in part), bias added."""
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -243,7 +288,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                       SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False):
+                      EVEN: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False, TAIL_M: tl.constexpr = 0):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
@@ -252,18 +297,21 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     i+1's loads before group i's math (register double-buffering). With SPLIT_K > 1 each program writes its
     K-slice's fp32 sum to part[pid_k], and nf4_reduce_kernel finishes. EVEN: no masks on the weight and K
     (_load_group). PDL: launched with kernels._launch.pdl_args. TMA: w_ptr is the codes' descriptor (_load_group).
+    TAIL_M (a power of two, SCALE 1 or 2, not PREFETCH): a program covers BLOCK_M + TAIL_M rows of x, the last
+    TAIL_M in a second accumulator fed by the same dequantized weights (_accumulate_tail): 192 rows as 128 + 64
+    instead of a 256-row tile, whose MMA work past M is wasted.
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_m = tl.cdiv(M, BLOCK_M + TAIL_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * grid_n  # GROUP_M row tiles walk the same weight columns while they sit in L2
     first_m = (pid // width) * GROUP_M
     size_m = tl.minimum(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * (BLOCK_M + TAIL_M) + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -273,7 +321,22 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     g0 = pid_k * ITERS
     tab = _prmt_table(lut_ptr, LOOKUP, TABLE_REGS)
-    if PREFETCH:
+    if TAIL_M > 0:
+        offs_t = pid_m * (BLOCK_M + TAIL_M) + BLOCK_M + tl.arange(0, TAIL_M)
+        mask_t = offs_t < M
+        if SWAP_AB:
+            acc_t = tl.zeros((BLOCK_N, TAIL_M), dtype=tl.float32)
+        else:
+            acc_t = tl.zeros((TAIL_M, BLOCK_N), dtype=tl.float32)
+        for i in range(ITERS):
+            xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i, True,
+                                              K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, TMA, pid_n * BLOCK_N)
+            th, tlo = _load_x(x_ptr, offs_t, mask_t, g0 + i, True, K, stride_xm, EVEN)
+            acc, acc_t = _accumulate_tail(acc, acc_t, xh, xl, th, tlo, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION,
+                                          SCALE, SWAP_AB, LOOKUP, V_DTYPE)
+        _store(acc_t, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
+               SWAP_AB, SPLIT_K)
+    elif PREFETCH:
         xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0, True,
                                           K, NUM_G, stride_xm, stride_wn, stride_an, EVEN)
         for i in range(ITERS):  # constexpr: the interpreter cannot loop over a run-time scalar argument
@@ -289,15 +352,8 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
                                               K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, TMA, pid_n * BLOCK_N)
             acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
                               LOOKUP, V_DTYPE)
-    if SWAP_AB:
-        acc = tl.trans(acc)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
-        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
+           SWAP_AB, SPLIT_K)
 
 
 @triton.jit

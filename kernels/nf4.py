@@ -258,7 +258,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     split = cfg.split_k
     groups = w.codes.shape[1] // 64
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    grid = (triton.cdiv(m, cfg.rows) * triton.cdiv(n, cfg.block_n), split)
     exact = cfg.scale == SCALE_EXACT
     lookup = cfg.lookup if not exact and x.is_cuda and x.dtype != torch.float32 else LOOKUP_TABLE
     lut = _lookup_table(x.device, torch.float32 if exact else x.dtype, lookup)
@@ -272,7 +272,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        TMA=by_tma, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
+        TMA=by_tma, TAIL_M=cfg.tail_m, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return part if split > 1 else None

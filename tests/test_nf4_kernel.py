@@ -111,6 +111,10 @@ CONFIGS = {
     # weight bytes through a tensor descriptor; K slices and rows past the weight's end read as zeros
     "tma-split3": Nf4Config(16, 32, split_k=3, tma=True),
     "tma-swap-ab-values": Nf4Config(64, 64, split_k=2, swap_ab=True, scale=SCALE_VALUES, tma=True),
+    # a second row tile per program on the same weights: 37 rows as 16 + 16, 32 + 16 (one program) and 8 + 8
+    "tail-swap-ab-values": Nf4Config(16, 32, split_k=2, swap_ab=True, scale=SCALE_VALUES, tail_m=16),
+    "tail-one-program-exact": Nf4Config(32, 16, scale=SCALE_EXACT, tail_m=16, group_m=2),
+    "tail-tma-swap-ab": Nf4Config(8, 64, split_k=3, swap_ab=True, scale=SCALE_VALUES, tma=True, tail_m=8),
 }
 
 
@@ -124,6 +128,13 @@ def test_triton_configs_match_reference(triton_cpu, name):
     assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float32]
 
 
+def test_tail_configs_need_scaled_weights_and_no_prefetch():
+    for kwargs in ({}, {"scale": SCALE_VALUES, "prefetch": True}, {"scale": SCALE_VALUES, "dense": True}):
+        with pytest.raises(ValueError, match="tail_m"):
+            Nf4Config(16, 32, tail_m=16, **kwargs)
+    assert Nf4Config(128, 64, scale=SCALE_VALUES, tail_m=64).rows == 192
+
+
 @interpret
 @pytest.mark.parametrize("large", [False, True])
 def test_triton_recorded_configs_between_64_and_256_rows(triton_cpu, monkeypatch, large):
@@ -133,12 +144,27 @@ def test_triton_recorded_configs_between_64_and_256_rows(triton_cpu, monkeypatch
         monkeypatch.setattr(configs_mod, "LARGE_WEIGHT", 0)
     k, widths = SHAPES["kv"]
     members = quantize(widths, k, torch.float16)
-    x = torch.randn(130, k, dtype=torch.float16)
+    x = torch.randn(200, k, dtype=torch.float16)
     bias = torch.randn(sum(widths), dtype=torch.float16)
-    cfg = pick_config(130, sum(widths), k)
+    cfg = pick_config(200, sum(widths), k)
     assert cfg.scale == SCALE_VALUES and cfg.swap_ab and cfg.split_k > 1 and (cfg.block_m == 256) == large
     y = nf4_matmul(x, packed_group(members), bias)
     assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float16]
+
+
+@interpret
+@pytest.mark.parametrize(("m", "rows"), [(70, 96), (150, 160), (161, 192)])
+def test_triton_recorded_tail_buckets(triton_cpu, m, rows):
+    """The buckets whose programs cover a row tile plus a tail tile (65-96, 129-160, 161-192 rows), through
+    nf4_matmul's own pick: every row of x, the tail's included, is right."""
+    k, widths = SHAPES["kv"]
+    members = quantize(widths, k, torch.float16)
+    x = torch.randn(m, k, dtype=torch.float16)
+    cfg = pick_config(m, sum(widths), k)
+    assert cfg.tail_m and cfg.rows == rows
+    y = nf4_matmul(x, packed_group(members))
+    assert rel_err(y, reference(x, members, None)) < TOLERANCE[torch.float16]
+    assert rel_err(y[cfg.block_m:], reference(x[cfg.block_m:], members, None)) < TOLERANCE[torch.float16]
 
 
 @interpret

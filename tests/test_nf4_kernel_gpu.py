@@ -131,6 +131,23 @@ def test_gpu_scale_values_tiles(shape):
     assert _replayed_error(members, w, 200, None, cfg) < TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("shape", ["qkv", "down"])
+def test_gpu_tail_tiles(shape):
+    """A row tile plus a tail tile on the same dequantized weights (Nf4Config.tail_m) in bf16 at real sizes, TMA
+    on and off, bias, eagerly and replayed from a CUDA graph; M past, inside and below the two tiles."""
+    k, widths = LLAMA[shape]
+    members = quantize(widths, k, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    bias = torch.randn(sum(widths), dtype=torch.bfloat16, device="cuda")
+    tiles = [(128, 64, 4, 64), (128, 128, 8, 64), (64, 64, 4, 32), (128, 128, 8, 128)]
+    for (bm, bn, warps, tail), tma, m in itertools.product(tiles, (False, True), (24, 176, 200)):
+        cfg = Nf4Config(bm, bn, 2, warps, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=tma, tail_m=tail)
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        assert rel_err(nf4_matmul(x, w, bias, config=cfg), reference(x, members, bias)) < TOLERANCE[torch.bfloat16], (
+            cfg, m)
+    assert _replayed_error(members, w, 176, bias, cfg) < TOLERANCE[torch.bfloat16]
+
+
 def test_gpu_register_cap_configs():
     """A register cap (maxnreg: more programs per SM, spills allowed) changes no result."""
     members = quantize((1536, 256, 256), 2048, torch.bfloat16, "cuda")
