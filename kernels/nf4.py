@@ -67,13 +67,13 @@ from ._nf4_configs import (
     pick_config,
     split_for_sms,
 )
+from ._nf4_gemv_triton import nf4_gemv_kernel
 from ._nf4_triton import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
     LOOKUP_PRMT_IMM,
     LOOKUP_TABLE,
     nf4_dequant_kernel,
-    nf4_gemv_kernel,
     nf4_matmul_kernel,
     nf4_reduce_kernel,
     prmt_table_words,
@@ -250,6 +250,12 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     return y
 
 
+def stages(cfg: Nf4Config, x_dtype: torch.dtype, by_tma: bool) -> int:
+    """The pipeline stages of a launch: the config's, but Triton 3.6's pipeliner aborts on 2-stage TMA loops over fp32
+    x (compiled for sm_90 without a GPU: tests/test_nf4_compile.py), so fp32 x takes at least 3 there."""
+    return max(cfg.stages, 3) if by_tma and x_dtype == torch.float32 else cfg.stages
+
+
 def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
             cfg: Nf4Config) -> torch.Tensor | None:
     """The matmul kernel writing y, or (split K) its fp32 sums, returned for the reduce."""
@@ -272,7 +278,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        TMA=by_tma, TAIL_M=cfg.tail_m, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x),
+        TMA=by_tma, TAIL_M=cfg.tail_m, num_warps=cfg.warps, num_stages=stages(cfg, x.dtype, by_tma), **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return part if split > 1 else None

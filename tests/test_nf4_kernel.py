@@ -223,11 +223,14 @@ def test_wrapper_checks():
 
 
 def test_configs_cover_every_m():
-    for m in (1, MAX_GEMV_M, MAX_GEMV_M + 1, 16, 17, 64, 65, 2048, 10**6):
+    for m in (1, MAX_GEMV_M, MAX_GEMV_M + 1, 16, 17, 64, 65, 96, 129, 176, 2048, 10**6):
         cfg = configs_mod.pick_config(m, 4096, 4096, gemv=True)
         assert cfg.gemv == (m <= MAX_GEMV_M)
         assert pick_config(m, 4096, 4096).gemv == (m <= MAX_GEMV_M and configs_mod.SERVE_GEMV)
-        assert cfg.block_m >= m if m <= 256 else cfg.dense
+        if m <= 192:
+            assert cfg.rows >= m  # one program's rows (a tile and its tail) hold M
+        elif m > 256:
+            assert cfg.dense
         assert not pick_config(m, 4096, 4096, gemv=False).gemv
 
 
@@ -241,11 +244,11 @@ def test_gemv_split_fills_the_gpu():
 def test_split_by_sms_fills_the_gpu():
     """Buckets recorded with BY_SMS take the fewest K slices (a power of two within K's 128-column groups) that
     give every SM a program; the large-weight config serves N * K >= LARGE_WEIGHT only."""
-    for m in (65, 128, 129, 256):
+    for m in (65, 96, 128, 129, 176, 256):
         for k, widths in LLAMA.values():
             n = sum(widths)
             cfg = pick_config(m, n, k, gemv=False)
-            tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+            tiles = -(-m // cfg.rows) * -(-n // cfg.block_n)
             assert cfg.split_k >= 1 and cfg.split_k & (cfg.split_k - 1) == 0 and cfg.split_k <= k // 128
             assert tiles * cfg.split_k >= configs_mod._SMS or 2 * cfg.split_k > k // 128
             assert cfg.split_k == 1 or tiles * cfg.split_k // 2 < configs_mod._SMS

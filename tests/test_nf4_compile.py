@@ -1,0 +1,90 @@
+"""The NF4 kernel's recorded TMA configs compile for an H200 (sm_90) with the options nf4_matmul launches them with,
+for every x dtype the engine runs: no GPU needed (Triton's passes and the ptxas its wheel ships run here).
+
+A GPU engine in fp32 once met a pipeliner abort (2-stage TMA loops over fp32 x) that the bf16 kernel tests could
+not see; this catches that kind of failure in CI. The compiles run in one child process without TRITON_INTERPRET
+(under the interpreter @triton.jit yields functions the compiler cannot take)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hotlora.kernels import _nf4_configs, _nf4_triton, nf4
+from hotlora.kernels.nf4 import LOOKUP_TABLE, SCALE_EXACT, Nf4Config
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")),
+    reason="this Triton wheel ships no ptxas")
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _recorded_tma_configs() -> list[Nf4Config]:
+    configs = [c for _, cfg, large in _nf4_configs._CONFIGS for c in (cfg, large) if c is not None]
+    return list(dict.fromkeys(c for c in configs if c.tma and not (c.dense or c.gemv)))
+
+
+def compile_sm90(cfg: Nf4Config, x_dtype: torch.dtype) -> None:
+    """Compile nf4_matmul_kernel as nf4._launch would launch `cfg` over x_dtype x (TMA codes, split K, no bias)."""
+    lookup = cfg.lookup if cfg.scale != SCALE_EXACT and x_dtype != torch.float32 else LOOKUP_TABLE
+    consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="ieee" if x_dtype == torch.float32 else "tf32",
+                  SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup, V_DTYPE=_TL[x_dtype], TABLE_REGS=cfg.table_regs,
+                  PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=2, ITERS=4,
+                  GROUP_M=cfg.group_m, EVEN=cfg.even, PDL=True, TMA=True, TAIL_M=cfg.tail_m)
+    x = _NAME[x_dtype]
+    pointers = {"x_ptr": f"*{x}", "w_ptr": f"tensordesc<u8[{cfg.block_n}, 64]>", "absmax_ptr": "*fp32",
+                "lut_ptr": "*fp32" if lookup == LOOKUP_TABLE else "*i32", "bias_ptr": f"*{x}", "y_ptr": f"*{x}",
+                "part_ptr": "*fp32"}
+    scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
+    signature = {**pointers, **dict.fromkeys(scalars, "i32"), **dict.fromkeys(consts, "constexpr")}
+    names = list(signature)
+    src = ASTSource(fn=_nf4_triton.nf4_matmul_kernel, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    options = {"num_warps": cfg.warps, "num_stages": nf4.stages(cfg, x_dtype, True)}
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _label(cfg: Nf4Config) -> str:
+    return f"{cfg.block_m}+{cfg.tail_m}x{cfg.block_n}s{cfg.stages}"
+
+
+def _compile_all() -> dict[str, str]:
+    """label-dtype -> "ok" or the compiler's error, for every recorded TMA config and x dtype."""
+    out = {}
+    for cfg in _recorded_tma_configs():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            try:
+                compile_sm90(cfg, dtype)
+                out[f"{_label(cfg)}-{_NAME[dtype]}"] = "ok"
+            except Exception as exc:  # the report names it; the test fails on it
+                out[f"{_label(cfg)}-{_NAME[dtype]}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("x_dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("cfg", _recorded_tma_configs(), ids=_label)
+def test_recorded_tma_configs_compile_for_sm90(compiled, cfg, x_dtype):
+    assert compiled[f"{_label(cfg)}-{x_dtype}"] == "ok"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
