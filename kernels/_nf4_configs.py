@@ -85,6 +85,13 @@ class Nf4Config:
 # gate/up 56.5 -> 66.2 us). At 257-384 rows the 256-row tile computes 512 rows anyway: dequantize + cuBLAS took
 # gate/up 236.3 us against its 266.3 at M = 384, down 128.0 against 130.1 (seventeenth session), so the tile
 # serves large weights from 385 rows only.
+# Tails (tail_m, --tails, twenty-third session): a power-of-two tile computes up to twice M (a 176-token step ran the
+# 256-row tile, or two 128-row tiles that dequantize the weights twice). A program covering a row tile plus a smaller
+# tail tile on the same dequantized weights does 192 rows for one lookup. Best per M (us, H200, the recorded config
+# before in brackets): M = 176 q/k/v 38.0 (47.5), o 25.7 (28.7), gate/up 128.4 (137.8), down 64.8 (77.3) with
+# 128 + 64 rows over 4 warps at 2 stages (3 stages: 7-19% slower; 128-wide tiles over 8 warps: gate/up 130.1, down
+# 74.9); M = 160 128 + 32 (gate/up 120.8, down 61.3); M = 96 64 + 32 at 1-10% faster. At 224, 128 + 128 lost to the
+# recorded tiles (gate/up 144.6 against 136.5). Gate/up gains least: at 160-192 rows it is not bound by the MMAs.
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K

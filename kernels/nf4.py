@@ -34,7 +34,9 @@ Paths by M (``_nf4_configs._CONFIGS``, swept on the H200 with bench/nf4_gemm.py;
   partial sums scaled by absmax afterwards (SCALE_PARTIALS), or (SCALE_VALUES: from 65 rows, and for large
   weights from 17) the code values scaled by absmax in x's dtype before the dot; split-K as above. From 65 rows
   the weight bytes arrive by TMA (``Nf4Config.tma``: a tensor descriptor of the codes, copied into shared
-  memory, the pipeliner keeping ``stages`` groups in flight), and large weights take it again at 385-512.
+  memory, the pipeliner keeping ``stages`` groups in flight), and large weights take it again at 385-512. At 65-96
+  and 129-192 rows a program covers a row tile plus a smaller tail tile (``Nf4Config.tail_m``: 128 + 64 rows
+  dotted with one dequantized weight tile) rather than a power-of-two tile up to twice M.
 - larger M: dequantize the whole weight (``nf4_dequant_kernel``, bit-identical) and call cuBLAS.
 SCALE_PARTIALS rounds differently from W by one rounding of the code value (to x's dtype on CUDA with 16-bit
 x; exact fp32 values in the GEMV path's table lookup); SCALE_VALUES by that and the rounding of absmax and of
