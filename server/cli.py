@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hotlora.server.api.tool_parsers import PARSERS as TOOL_PARSERS  # json and re only: the CLI stays light
+from hotlora.server.api.tool_parsers import PARSERS as TOOL_PARSERS  # the standard library only: the CLI stays light
 from hotlora.server.cli_admin import adapters_command as adapters_command  # re-exported: its old home
 from hotlora.server.cli_admin import add_adapters
 from hotlora.server.cli_merge import add_merge
@@ -183,8 +183,8 @@ SERVE_OPTIONS = (
     Opt("gc-freeze", parse_bool, "once the model is ready, freeze the start-up heap out of Python's garbage "
         "collector (shorter collection pauses)", engine=False, switch=True),
     Opt("tool-call-parser", str, "how tool_choice 'auto' reads the model's tool calls: hermes (<tool_call> blocks), "
-        "llama3_json (a reply of JSON objects, Llama 3.1/3.2), none (then 'auto' is refused), or auto (the one the "
-        "chat template shows: <tool_call> or <|python_tag|>)",
+        "llama3_json (a reply of JSON objects, Llama 3.1/3.2), pythonic (a Python list of calls, Llama 4), none "
+        "(then 'auto' is refused), or auto (the one the chat template shows)",
         TOOL_PARSERS, engine=False),
     Opt("log-level", str, "log level", LOG_LEVELS, engine=False),
 )

@@ -46,15 +46,29 @@ REPLIES = [
     '<tool_call>{"name": "now", "arguments": {"s": "\\ud800"}}</tool_call>',  # a lone surrogate, escaped
     '<tool_call>{"name": "now", "arguments": {"a": NaN}}</tool_call>',
     '{"name": "now", "parameters": {}}; ',
+    # pythonic calls (23-): literals only, keyword arguments only, the whole reply one list
+    '[get_weather(city="Oslo", days=2), now()]',
+    '<|python_start|>[now(x=-1.5, flags=[true, None], opts={"a": (1, 2)})]<|python_end|>',
+    "[now(1)]",
+    '[now(x=__import__("os").system("true"))]',
+    "[now(x=1), ",
+    "Here: [now()]",
+    "[now(x=1e999)]",
+    '[now(**{"x": 1})]',
+    "[now(x={1: 2})]",
+    "[now(x=-True)]",
+    '[now(x=b"y")]',
+    "[now(x=1)] and text",
 ]
 
 
-@pytest.mark.parametrize("mode", ["auto", "required", "named", "none", "auto-single", "auto-llama3_json"])
+@pytest.mark.parametrize("mode", ["auto", "required", "named", "none", "auto-single", "auto-llama3_json",
+                                  "auto-pythonic"])
 def test_streamed_deltas_add_up_to_the_final_message(mode):
     """Every reply, cut into pieces of every size from 1 to 7 characters, ended by a stop or by max_tokens: the
     content and calls the deltas add up to, and the finish reason, are final_message's."""
     kind, _, variant = mode.partition("-")
-    parser = variant if variant in ("hermes", "llama3_json") else "hermes"
+    parser = variant if variant in ("hermes", "llama3_json", "pythonic") else "hermes"
     p = _plan(kind, "get_weather" if mode == "named" else None, variant != "single", parser)
     plan = None if mode == "none" else p
     for reply, size, end in itertools.product(REPLIES, range(1, 8), ("stop", "length")):
@@ -93,6 +107,11 @@ def test_replies_read_as_calls_only_when_whole():
     assert T.read_calls(auto, REPLIES[20]) == [("now", '{"s": "\\ud800"}')]  # escaped: it can be sent as UTF-8
     assert T.read_calls(auto, REPLIES[21]) is None  # NaN is no JSON a client can parse
     assert T.read_calls(llama, REPLIES[22]) == [("now", "{}")]
+    pythonic = _plan("auto", parser="pythonic")
+    assert T.read_calls(pythonic, REPLIES[23]) == [("get_weather", '{"city": "Oslo", "days": 2}'), ("now", "{}")]
+    assert T.read_calls(pythonic, REPLIES[24]) == [("now", '{"x": -1.5, "flags": [true, null], "opts": {"a": [1, 2]}}')]
+    assert [T.read_calls(pythonic, REPLIES[i]) for i in (0, 7, 11, 13, *range(25, 35))] == [None] * 14
+    assert T.final_message(pythonic, REPLIES[23], "stop")[1] == "tool_calls"
     # finish reasons: "tool_calls" only for whole calls; a cut keeps its reason (max_tokens or a stop string)
     assert [T.final_message(required, REPLIES[i], "stop")[1] for i in (7, 8)] == ["tool_calls", "stop"]
     assert T.final_message(required, REPLIES[7], "length")[1] == "length"
@@ -162,7 +181,9 @@ def test_the_parser_is_picked_from_the_template():
     assert T.pick_parser("auto", llama31) == "llama3_json" and T.pick_parser("llama3_json", None) == "llama3_json"
     llama32 = 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
     assert T.pick_parser("auto", llama32) == "llama3_json"
+    llama4 = "If you call a function, reply as [func_name1(params_name1=params_value1, params_name2=...), func_name2()]"
+    assert T.pick_parser("auto", llama4) == "pythonic" and T.pick_parser("pythonic", None) == "pythonic"
     from hotlora.server.api.tool_parsers import PARSERS
     from hotlora.server.cli import TOOL_PARSERS
 
-    assert TOOL_PARSERS == PARSERS == ("auto", "hermes", "llama3_json", "none")
+    assert TOOL_PARSERS == PARSERS == ("auto", "hermes", "llama3_json", "pythonic", "none")

@@ -46,7 +46,7 @@ class ServerSettings:
     s3_endpoint_url: str | None = None  # MinIO and other S3-compatible servers
     adapter_store_ttl_s: float = 5.0  # how long a replica trusts the pointer it last read from the shared store
     gc_freeze: bool = True  # once ready, freeze the start-up heap out of the cyclic GC (server/api/gcheap.py)
-    tool_call_parser: str = "auto"  # how "auto" tool choice reads calls: auto (from the chat template), hermes, none
+    tool_call_parser: str = "auto"  # how "auto" tool choice reads calls: auto (from the template), a format, none
 
     def __post_init__(self) -> None:
         if self.adapter_store is not None:

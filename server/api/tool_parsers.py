@@ -6,13 +6,18 @@ there, and, while a reply streams, how much of the text not sent yet may go out 
   Hermes and many fine-tunes).
 - llama3_json: a reply that is one JSON object `{"name": ..., "parameters": {...}}`, or several separated by `;`,
   optionally after `<|python_tag|>` (Llama 3.1 and 3.2's JSON tool calling).
+- pythonic: a reply that is one Python list of calls with keyword arguments, `[f(a=1, b="x"), g()]`, optionally
+  between `<|python_start|>` and `<|python_end|>` (Llama 4, Llama 3.2's pythonic template, Gemma 3's guide,
+  ToolACE). Only literals are read (ast, never evaluated); JSON's true, false and null are taken too.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 
 class HermesParser:
@@ -69,12 +74,76 @@ class Llama3JsonParser:
         return len(pending), False
 
 
-FORMATS: dict[str, HermesParser | Llama3JsonParser] = {"hermes": HermesParser(), "llama3_json": Llama3JsonParser()}
+class PythonicParser:
+    TAG, END = "<|python_start|>", "<|python_end|>"
+    _NAMES: ClassVar[dict[str, Any]] = {"True": True, "False": False, "None": None,
+                                        "true": True, "false": False, "null": None}
+
+    def begin(self, text: str) -> int:
+        body = text.lstrip()
+        return 0 if body.startswith(("[", self.TAG)) else -1
+
+    def read(self, text: str) -> list[tuple[Any, Any]]:
+        """(name, keyword arguments) of each call; ValueError where the reply is not a list of calls and nothing
+        else, or an argument is no literal."""
+        body = text.strip().removeprefix(self.TAG).removesuffix(self.END).strip()
+        try:
+            tree = ast.parse(body, mode="eval").body
+        except (SyntaxError, MemoryError) as exc:  # cut short, nested past the parser's limit, or not Python
+            raise ValueError("not a list of calls") from exc
+        if not isinstance(tree, ast.List):
+            raise ValueError("not a list of calls")
+        calls = []
+        for call in tree.elts:
+            if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+                raise ValueError("not a call with keyword arguments")
+            if any(k.arg is None for k in call.keywords):  # **kwargs
+                raise ValueError("not a call with keyword arguments")
+            calls.append((call.func.id, {k.arg: self._value(k.value) for k in call.keywords}))
+        return calls
+
+    def _value(self, node: ast.expr) -> Any:
+        """A literal's value: strings, finite numbers, booleans, None, lists, tuples, dicts with string keys."""
+        if isinstance(node, ast.Constant) and isinstance(node.value, str | bool | int | float | None):
+            if isinstance(node.value, float) and not math.isfinite(node.value):
+                raise ValueError("a number JSON cannot hold")
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            value = self._value(node.operand)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError("a sign on no number")
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.Name) and node.id in self._NAMES:
+            return self._NAMES[node.id]
+        if isinstance(node, ast.List | ast.Tuple):
+            return [self._value(e) for e in node.elts]
+        if isinstance(node, ast.Dict):
+            keys = [self._value(k) if k is not None else None for k in node.keys]
+            if not all(isinstance(k, str) for k in keys):
+                raise ValueError("a dict key that is no string")
+            return dict(zip(keys, map(self._value, node.values), strict=True))
+        raise ValueError("an argument that is no literal")
+
+    def release(self, pending: str, sent: int) -> tuple[int, bool]:
+        if sent:  # the reply began as text: it is content to the end
+            return len(pending), False
+        body = pending.lstrip()
+        if body.startswith(("[", self.TAG)):
+            return 0, True
+        if not body or self.TAG.startswith(body):  # not decided yet
+            return 0, False
+        return len(pending), False
+
+
+FORMATS: dict[str, HermesParser | Llama3JsonParser | PythonicParser] = {
+    "hermes": HermesParser(), "llama3_json": Llama3JsonParser(), "pythonic": PythonicParser()}
 PARSERS = ("auto", *FORMATS, "none")  # --tool-call-parser: auto reads the chat template (detect)
 # what a chat template holds when the model writes that format (checked in this order): Llama 3.1's shows its tag,
-# and Llama 3.1 and 3.2's ask for {"name": function name, "parameters": dictionary of argument name and its value}
+# and Llama 3.1 and 3.2's ask for {"name": function name, "parameters": dictionary of argument name and its value};
+# pythonic templates show the list to write, "[func_name1(params_name1=params_value1, ...), func_name2(params)]"
 _SIGNS = (("hermes", HermesParser.START), ("llama3_json", Llama3JsonParser.TAG),
-          ("llama3_json", '"parameters": dictionary of argument name'))
+          ("llama3_json", '"parameters": dictionary of argument name'), ("pythonic", PythonicParser.TAG),
+          ("pythonic", "[func_name1(params_name1="))
 
 
 def detect(chat_template: Any) -> str | None:

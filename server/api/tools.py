@@ -5,8 +5,8 @@
   tool's `parameters`. Named: the reply is the arguments object itself. Required: the reply is a JSON array of
   {"name", "parameters"} objects, one per call (at most one with `parallel_tool_calls: false`).
 - "auto" (the default when tools are given): the model writes its calls in its own format and a parser reads them
-  back (server/api/tool_parsers.py: hermes, llama3_json). `--tool-call-parser auto` picks the one the chat template
-  shows; with no parser, "auto" is a 400 (vLLM likewise needs --enable-auto-tool-choice).
+  back (server/api/tool_parsers.py: hermes, llama3_json, pythonic). `--tool-call-parser auto` picks the one the chat
+  template shows; with no parser, "auto" is a 400 (vLLM likewise needs --enable-auto-tool-choice).
 - "none": the tools are rendered into the prompt (vLLM's default) and the reply is plain content.
 
 Finish reasons follow OpenAI: "tool_calls" when a reply holds whole calls ("required", "auto"), "stop" for a named
