@@ -179,7 +179,7 @@ def split_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     recorded splits were swept (ninth session), and at M <= 64 more slices mean more programs per SM."""
     if not _fused(rec):
         return [rec]
-    tiles = -(-m // rec.block_m) * -(-n // rec.block_n)
+    tiles = -(-m // rec.rows) * -(-n // rec.block_n)
     splits = {s for s in (1, 2, 4, 8, 16) if s <= k // 128} | {split_for_sms(tiles, k)}
     return [replace(rec, split_k=s) for s in sorted(splits)]
 

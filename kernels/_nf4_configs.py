@@ -18,7 +18,8 @@ SCALE_PARTIALS, SCALE_VALUES, SCALE_EXACT = 0, 1, 2
 
 @dataclass(frozen=True, slots=True)
 class Nf4Config:
-    """One launch: output tile BLOCK_M x BLOCK_N, K split into `split_k` slices (fp32 partials + a reduce),
+    """One launch: output tile BLOCK_M x BLOCK_N (plus a TAIL_M x BLOCK_N tail tile with `tail_m`: a program covers
+    `rows` = block_m + tail_m rows of x), K split into `split_k` slices (fp32 partials + a reduce),
     `scale`: where absmax applies (SCALE_PARTIALS, SCALE_VALUES, SCALE_EXACT); `dense`: dequantize the
     whole weight then cuBLAS (large M, where that measures faster); `gemv`: nf4_gemv_kernel for M <=
     block_m (it runs the rows as the next power of two of M), `k_groups` 128-column groups per loop step."""
@@ -43,6 +44,8 @@ class Nf4Config:
     tail_m: int = 0  # a second row tile of x per program on the same dequantized weights (SCALE_VALUES/EXACT)
 
     def __post_init__(self) -> None:
+        if self.tail_m < 0 or self.tail_m & (self.tail_m - 1):
+            raise ValueError(f"tail_m must be 0 or a power of two (a Triton block), got {self.tail_m}")
         if self.tail_m and (self.scale == SCALE_PARTIALS or self.prefetch or self.gemv or self.dense):
             raise ValueError("a config with tail_m scales the weights before the dot (SCALE_VALUES or SCALE_EXACT) "
                              "in nf4_matmul_kernel, without prefetch")

@@ -56,13 +56,15 @@ def compile_sm90(cfg: Nf4Config, x_dtype: torch.dtype) -> None:
 
 
 def _label(cfg: Nf4Config) -> str:
-    return f"{cfg.block_m}+{cfg.tail_m}x{cfg.block_n}s{cfg.stages}"
+    return f"{cfg.block_m}+{cfg.tail_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}"
 
 
 def _compile_all() -> dict[str, str]:
     """label-dtype -> "ok" or the compiler's error, for every recorded TMA config and x dtype."""
     out = {}
-    for cfg in _recorded_tma_configs():
+    configs = _recorded_tma_configs()
+    assert len({_label(c) for c in configs}) == len(configs), "two recorded configs share a label"
+    for cfg in configs:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             try:
                 compile_sm90(cfg, dtype)

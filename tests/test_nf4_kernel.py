@@ -132,6 +132,9 @@ def test_tail_configs_need_scaled_weights_and_no_prefetch():
     for kwargs in ({}, {"scale": SCALE_VALUES, "prefetch": True}, {"scale": SCALE_VALUES, "dense": True}):
         with pytest.raises(ValueError, match="tail_m"):
             Nf4Config(16, 32, tail_m=16, **kwargs)
+    for tail in (24, -16):
+        with pytest.raises(ValueError, match="power of two"):
+            Nf4Config(16, 32, scale=SCALE_VALUES, tail_m=tail)
     assert Nf4Config(128, 64, scale=SCALE_VALUES, tail_m=64).rows == 192
 
 
@@ -150,6 +153,21 @@ def test_triton_recorded_configs_between_64_and_256_rows(triton_cpu, monkeypatch
     assert cfg.scale == SCALE_VALUES and cfg.swap_ab and cfg.split_k > 1 and (cfg.block_m == 256) == large
     y = nf4_matmul(x, packed_group(members), bias)
     assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float16]
+
+
+@interpret
+@pytest.mark.parametrize("cfg", [Nf4Config(32, 16, split_k=2, swap_ab=True, scale=SCALE_VALUES, tail_m=16, group_m=2),
+                                 Nf4Config(16, 32, split_k=2, scale=SCALE_EXACT, tail_m=32, tma=True)],
+                         ids=["32+16-grouped", "16+32-tma"])
+def test_triton_tails_over_many_row_programs(triton_cpu, cfg):
+    """Tails unlike their tiles over 3 or more row programs (a tail placed by the wrong stride would overlap the next
+    program's rows and leave others unwritten), K split evenly (the unmasked path), bias; y starts as NaN."""
+    members = quantize((48,), 512, torch.float32)
+    x = torch.randn(100, 512)
+    bias = torch.randn(48)
+    y = torch.full((100, 48), float("nan"))
+    nf4_matmul(x, packed_group(members), bias, out=y, config=cfg)
+    assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float32]
 
 
 @interpret
