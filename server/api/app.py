@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hotlora.server.api import admin, errors, export, openai_routes, openapi
+from hotlora.server.api import admin, errors, export, openai_routes, openapi, tokenize
 from hotlora.server.api.gcheap import thaw
 from hotlora.server.api.limits import BodyLimit, http_protocol
 from hotlora.server.api.state import AppState, ServerSettings
@@ -109,6 +109,7 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | Non
     errors.install(app)
     openapi.install(app)
     app.include_router(openai_routes.router)
+    app.include_router(tokenize.router)
     app.include_router(admin.router)
     app.include_router(export.router)
     _probes(app, state)

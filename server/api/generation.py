@@ -71,12 +71,14 @@ async def chat_prompt_ids(
     add_generation_prompt: bool,
     continue_final_message: bool,
     tools: list[dict[str, Any]] | None = None,
+    add_special_tokens: bool = False,
 ) -> list[int]:
-    """The templated conversation's token ids, rendered and tokenized in the worker pool."""
+    """The templated conversation's token ids, rendered and tokenized in the worker pool (the template writes the
+    special tokens it wants: add_special_tokens adds the tokenizer's own too, as /tokenize may ask)."""
     sized = [m["content"] for m in messages] + [json.dumps(m["tool_calls"]) for m in messages if "tool_calls" in m]
     state.tokenizers.check(["".join(sized) + (json.dumps(tools) if tools else "")], state.max_model_len, "messages")
     return await state.tokenizers.run(
-        lambda: chat_prompt(state, messages, add_generation_prompt, continue_final_message, tools)
+        lambda: chat_prompt(state, messages, add_generation_prompt, continue_final_message, tools, add_special_tokens)
     )
 
 
@@ -92,6 +94,7 @@ def chat_prompt(
     add_generation_prompt: bool,
     continue_final_message: bool,
     tools: list[dict[str, Any]] | None = None,
+    add_special_tokens: bool = False,
 ) -> list[int]:
     tok = state.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
@@ -106,7 +109,7 @@ def chat_prompt(
         )
     except Exception as exc:  # jinja raises TemplateError (or ValueError) for conversations it refuses
         raise bad_request(f"the chat template refused these messages: {exc}", param="messages") from None
-    return encode(state, text, add_special_tokens=False)
+    return encode(state, text, add_special_tokens=add_special_tokens)
 
 
 def check_length(state: AppState, n_prompt: int, max_tokens: int | None, param: str = "max_tokens") -> int:

@@ -288,9 +288,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 # --- /v1/models ----------------------------------------------------------------------------------------
 
 
-@router.get("/v1/models")
-async def models(request: Request):
-    state = _state(request)
+async def model_cards(state: AppState) -> list[dict[str, Any]]:
+    """What /v1/models lists: the base model, then every adapter (the registry's, and the shared store's)."""
     engine = state.engine.engine
     infos = await state.engine.call(engine.registry.info)
     names = [a.name for a in infos]
@@ -317,4 +316,18 @@ async def models(request: Request):
         }
         for name in names
     ]
-    return {"object": "list", "data": [base, *adapters]}
+    return [base, *adapters]
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    return {"object": "list", "data": await model_cards(_state(request))}
+
+
+@router.get("/v1/models/{model:path}")
+async def model(model: str, request: Request):
+    """One model's card (OpenAI's retrieve), or a 404 in OpenAI's error shape."""
+    card = next((c for c in await model_cards(_state(request)) if c["id"] == model), None)
+    if card is None:
+        raise model_not_found(model)
+    return card
