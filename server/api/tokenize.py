@@ -92,8 +92,12 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     state = _state(request)
     await _check_model(state, body.model)
     tok = _tokenizer(state)
-    vocab = len(tok)
-    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise bad_request(f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", param="tokens")
-    return {"prompt": await state.tokenizers.run(lambda: tok.decode(body.tokens))}
+
+    def decode() -> str:  # in the worker pool: the ids' check walks them all, as the decode does
+        vocab = len(tok)
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", param="tokens")
+        return tok.decode(body.tokens)
+
+    return {"prompt": await state.tokenizers.run(decode)}
