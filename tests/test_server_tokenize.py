@@ -67,6 +67,16 @@ def test_a_conversation_counts_what_chat_completions_charge(http, client, tok):
     assert client.chat.completions.create(model="a", messages=ASK, max_tokens=1).usage.prompt_tokens > bare["count"]
 
 
+def test_every_name_of_the_base_model_is_taken(http, client, server):  # noqa: F811
+    """The names the completion routes take for the base (--served-model-name and the model's own) are taken here;
+    a mix must name adapters only, as the completion routes answer."""
+    for alias in server.state.aliases:
+        assert http.post("/tokenize", json={"prompt": "hi", "model": alias}).status_code == 200
+        assert client.models.retrieve(alias).id == server.state.model_name
+        for mix in (f"{alias}+a", f"{alias}*0.5"):
+            assert_openai_error(http.post("/tokenize", json={"prompt": "hi", "model": mix}), 404, "not an adapter")
+
+
 def test_a_model_is_retrieved_by_name(client, server):  # noqa: F811
     base = server.state.model_name
     adapter = client.models.retrieve("a")
@@ -88,9 +98,11 @@ def test_a_model_is_retrieved_by_name(client, server):  # noqa: F811
     ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "does not exist"),
     ("/tokenize", {"prompt": "x", "model": "a+nope"}, 404, "nope"),
     ("/tokenize", {"messages": ASK, "tools": TOOLS + TOOLS[:1]}, 400, "share a function name"),
-    ("/detokenize", {"tokens": [-1]}, 400, "outside the vocabulary"),
+    ("/detokenize", {"tokens": [-1]}, 400, "greater than or equal to 0"),
     ("/detokenize", {"tokens": [10**9]}, 400, "outside the vocabulary"),
     ("/detokenize", {"tokens": ["a"]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [True, 5]}, 400, "tokens"),
+    ("/tokenize", {"messages": ASK, "continue_final_message": True}, 400, "needs add_generation_prompt=false"),
     ("/detokenize", {"tokens": [1], "model": "nope"}, 404, "does not exist"),
 ])
 def test_bad_input_is_an_openai_error(http, path, body, status, match):

@@ -112,6 +112,11 @@ def test_replies_read_as_calls_only_when_whole():
     assert T.read_calls(pythonic, REPLIES[24]) == [("now", '{"x": -1.5, "flags": [true, null], "opts": {"a": [1, 2]}}')]
     assert [T.read_calls(pythonic, REPLIES[i]) for i in (0, 7, 11, 13, *range(25, 35))] == [None] * 14
     assert T.final_message(pythonic, REPLIES[23], "stop")[1] == "tool_calls"
+    assert T.read_calls(pythonic, "[now(x=1, x=2)]") is None  # a keyword twice: Python refuses it too
+    code = "def f(a, b):\n    return (a, b), {a: b}\n" * 4000  # a file's text: long, separators inside its string
+    assert T.read_calls(pythonic, f"[now(text={code!r})]") == [("now", json.dumps({"text": code}))]
+    many = "[now(x=[" + ", ".join(["1"] * 6000) + "])]"  # too many to parse on the event loop: content
+    assert T.read_calls(pythonic, many) is None and T.final_message(pythonic, many, "stop")[0]["content"] == many
     # finish reasons: "tool_calls" only for whole calls; a cut keeps its reason (max_tokens or a stop string)
     assert [T.final_message(required, REPLIES[i], "stop")[1] for i in (7, 8)] == ["tool_calls", "stop"]
     assert T.final_message(required, REPLIES[7], "length")[1] == "length"

@@ -326,8 +326,10 @@ async def models(request: Request):
 
 @router.get("/v1/models/{model:path}")
 async def model(model: str, request: Request):
-    """One model's card (OpenAI's retrieve), or a 404 in OpenAI's error shape."""
-    card = next((c for c in await model_cards(_state(request)) if c["id"] == model), None)
+    """One model's card (OpenAI's retrieve; any name of the base model gives its card), or a 404 in OpenAI's shape."""
+    state = _state(request)
+    wanted = state.model_name if state.adapter_for(model) is None else model
+    card = next((c for c in await model_cards(state) if c["id"] == wanted), None)
     if card is None:
         raise model_not_found(model)
     return card

@@ -14,7 +14,7 @@ from hotlora.server.api import generation as gen
 from hotlora.server.api import tools
 from hotlora.server.api.errors import bad_request, model_not_found
 from hotlora.server.api.openai_routes import _state, model_cards
-from hotlora.server.api.schemas import ChatMessage
+from hotlora.server.api.schemas import ChatMessage, TokenId
 from hotlora.server.api.state import AppState
 from hotlora.server.api.strict import Strict
 from hotlora.server.api.tools import Tool
@@ -38,6 +38,8 @@ class TokenizeRequest(Strict):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either prompt or messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt=false")
         if self.prompt is not None and (self.tools is not None or not self.add_generation_prompt
                                         or self.continue_final_message):
             raise ValueError("tools, add_generation_prompt and continue_final_message go with messages")
@@ -46,19 +48,20 @@ class TokenizeRequest(Strict):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[int] = Field(max_length=1 << 20)
+    tokens: list[TokenId] = Field(max_length=1 << 20)
 
 
 async def _check_model(state: AppState, model: str | None) -> None:
-    """A 404 unless `model` is absent, listed by /v1/models, or a mix of listed adapters."""
-    if model is None or model == state.model_name:
+    """A 404 unless `model` is absent, a name of the base model (as the completion routes take them), an adapter
+    /v1/models lists, or a mix of such adapters."""
+    if model is None or state.adapter_for(model) is None:
         return
-    listed = {c["id"] for c in await model_cards(state)}
+    adapters = {c["id"] for c in await model_cards(state)} - {state.model_name}
     try:
         names = parse_mix(model).names if is_mix(model) else [model]
     except MixError as exc:
         raise bad_request(str(exc), param="model", code="invalid_mix") from None
-    unknown = next((n for n in names if n not in listed), None)
+    unknown = next((n for n in names if n not in adapters), None)
     if unknown is not None:
         raise model_not_found(model, unknown)
 

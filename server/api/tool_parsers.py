@@ -75,7 +75,16 @@ class Llama3JsonParser:
 
 
 class PythonicParser:
+    """Calls are read on the event loop, once a reply ends, and ast.parse's time grows with the reply's tokens
+    (~1.5 ms per 1,000 list items, ~50x json.loads): a reply past MAX_CHARS characters, or with more than
+    MAX_SEPARATORS separators outside its string literals (a cheap count), reads as content. Long string arguments
+    (a file's text) cost little. Tool names that are no Python identifiers (a '-') and keyword parameters cannot
+    be written in this format; their calls read as content, as in vLLM."""
+
     TAG, END = "<|python_start|>", "<|python_end|>"
+    MAX_CHARS, MAX_SEPARATORS = 1 << 18, 5000
+    _STRINGS = re.compile(r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"|\'[^\'\\\n]*(?:\\.[^\'\\\n]*)*\'')
+    _SEPARATORS = re.compile(r"[,(\[{=:]")
     _NAMES: ClassVar[dict[str, Any]] = {"True": True, "False": False, "None": None,
                                         "true": True, "false": False, "null": None}
 
@@ -87,6 +96,9 @@ class PythonicParser:
         """(name, keyword arguments) of each call; ValueError where the reply is not a list of calls and nothing
         else, or an argument is no literal."""
         body = text.strip().removeprefix(self.TAG).removesuffix(self.END).strip()
+        if len(body) > self.MAX_CHARS or len(self._SEPARATORS.findall(self._STRINGS.sub("", body))) > \
+                self.MAX_SEPARATORS:
+            raise ValueError("too large a reply to read as calls")
         try:
             tree = ast.parse(body, mode="eval").body
         except (SyntaxError, MemoryError) as exc:  # cut short, nested past the parser's limit, or not Python
@@ -97,7 +109,8 @@ class PythonicParser:
         for call in tree.elts:
             if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
                 raise ValueError("not a call with keyword arguments")
-            if any(k.arg is None for k in call.keywords):  # **kwargs
+            keys = [k.arg for k in call.keywords]
+            if None in keys or len(set(keys)) != len(keys):  # **kwargs, or a keyword twice (Python refuses it)
                 raise ValueError("not a call with keyword arguments")
             calls.append((call.func.id, {k.arg: self._value(k.value) for k in call.keywords}))
         return calls
