@@ -49,6 +49,11 @@ def optional_int(text: str) -> int | None:
     return None if str(text).lower() in ("", "none", "auto") else int(text)
 
 
+def paths(text: str) -> tuple[Path, ...]:
+    """Comma-separated folders, each made absolute (empty: none)."""
+    return tuple(Path(p.strip()).expanduser().absolute() for p in text.split(",") if p.strip())
+
+
 def port(text: str) -> int:
     """A TCP port, 0-65535 (uvicorn took 70000 and listened on 70000 - 65536; -1 failed only after the model loaded)."""
     try:
@@ -186,6 +191,8 @@ SERVE_OPTIONS = (
         "llama3_json (a reply of JSON objects, Llama 3.1/3.2), pythonic (a Python list of calls, Llama 4), none "
         "(then 'auto' is refused), or auto (the one the chat template shows)",
         TOOL_PARSERS, engine=False),
+    Opt("allowed-lora-paths", paths, "folders (comma-separated) that POST /v1/load_lora_adapter, vLLM's runtime LoRA "
+        "API, may read PEFT adapters from (admin token required); none: that route answers 403", engine=False),
     Opt("log-level", str, "log level", LOG_LEVELS, engine=False),
 )
 _TYPES = {"int": int, "float": float, "str": str, "Path": Path, "int | None": optional_int, "bool": None}
@@ -212,6 +219,7 @@ _SERVE_DEFAULTS = {
     "max_body_bytes": 8 << 20,
     "shutdown_grace_s": 30.0,
     "log_level": "info",
+    "allowed_lora_paths": (),
     "gil_switch_interval": sys.getswitchinterval(),
     "gc_freeze": True,
     "adapter_store": None,
@@ -322,6 +330,7 @@ def server_settings(args: argparse.Namespace) -> Any:
         adapter_store_ttl_s=args.adapter_store_ttl_s,
         gc_freeze=args.gc_freeze,
         tool_call_parser=args.tool_call_parser,
+        allowed_lora_paths=args.allowed_lora_paths,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any, BinaryIO
 
@@ -168,13 +168,10 @@ async def upload_adapter(name: str, request: Request):
     opened: list[Any] = []
     try:
         files, archive = await _read_upload(request, state.upload_limit, opened)
-        async with state.lock(name):
-            if archive is not None:
-                stored = await run_in_threadpool(state.store.put_archive, name, archive)
-            else:
-                stored = await run_in_threadpool(state.store.put_files, name, files)
-            await _register(state, stored)
-            state.refused.pop(name, None)
+        if archive is not None:
+            stored = await publish(state, name, lambda: state.store.put_archive(name, archive))
+        else:
+            stored = await publish(state, name, lambda: state.store.put_files(name, files))
     except (AdapterError, UploadTooLarge) as exc:
         state.metrics.uploads.labels("refused").inc()
         raise _store_error(exc) from None
@@ -206,6 +203,18 @@ async def upload_adapter(name: str, request: Request):
         "replaced": stored.previous is not None,
     }
     return JSONResponse(body, status_code=200 if stored.previous is not None else 201)
+
+
+async def publish(state: AppState, name: str, put: Callable[[], StoredAdapter], replace: bool = True) -> StoredAdapter:
+    """put() (a store write, in the thread pool), then the engine registers it, under the name's lock: the very next
+    request sees it, and the store rolls back if registering fails. replace=False: a 400 if the name is taken."""
+    async with state.lock(name):
+        if not replace and await state.engine.call(state.engine.engine.registry.__contains__, name):
+            raise bad_request(f"the adapter {name!r} is already loaded", param="lora_name", code="adapter_exists")
+        stored = await run_in_threadpool(put)
+        await _register(state, stored)
+        state.refused.pop(name, None)
+    return stored
 
 
 async def _register(state: AppState, stored: StoredAdapter) -> None:

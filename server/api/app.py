@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hotlora.server.api import admin, errors, export, openai_routes, openapi, tokenize
+from hotlora.server.api import admin, errors, export, openai_routes, openapi, tokenize, vllm_lora
 from hotlora.server.api.gcheap import thaw
 from hotlora.server.api.limits import BodyLimit, http_protocol
 from hotlora.server.api.state import AppState, ServerSettings
@@ -111,6 +111,7 @@ def create_app(settings: ServerSettings, engine_factory: Callable[[], Any] | Non
     app.include_router(openai_routes.router)
     app.include_router(tokenize.router)
     app.include_router(admin.router)
+    app.include_router(vllm_lora.router)
     app.include_router(export.router)
     _probes(app, state)
     app.add_middleware(BodyLimit, limit=lambda: settings.max_body_bytes)

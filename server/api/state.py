@@ -47,6 +47,7 @@ class ServerSettings:
     adapter_store_ttl_s: float = 5.0  # how long a replica trusts the pointer it last read from the shared store
     gc_freeze: bool = True  # once ready, freeze the start-up heap out of the cyclic GC (server/api/gcheap.py)
     tool_call_parser: str = "auto"  # how "auto" tool choice reads calls: auto (from the template), a format, none
+    allowed_lora_paths: tuple[Path, ...] = ()  # folders POST /v1/load_lora_adapter reads from; none: it answers 403
 
     def __post_init__(self) -> None:
         if self.adapter_store is not None:
