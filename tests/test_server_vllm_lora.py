@@ -11,7 +11,15 @@ import shutil
 
 import httpx
 import pytest
-from server_harness import ADAPTER_FILES, AUTH, ServerThread, assert_openai_error, complete_http, server_settings, upload
+from server_harness import (
+    ADAPTER_FILES,
+    AUTH,
+    ServerThread,
+    assert_openai_error,
+    complete_http,
+    server_settings,
+    upload,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +36,9 @@ def root(tmp_path_factory, peft_dirs):
     os.symlink(outside / "a" / ADAPTER_FILES[1], base / "linked-file" / ADAPTER_FILES[1])  # one file does
     (base / "no-weights").mkdir()
     shutil.copy(peft_dirs["a"] / ADAPTER_FILES[0], base / "no-weights" / ADAPTER_FILES[0])
+    (base / "fifo").mkdir()
+    shutil.copy(peft_dirs["a"] / ADAPTER_FILES[0], base / "fifo" / ADAPTER_FILES[0])
+    os.mkfifo(base / "fifo" / ADAPTER_FILES[1])  # opened for reading, a FIFO would wait for a writer forever
     return base, outside
 
 
@@ -77,6 +88,7 @@ def test_nothing_outside_the_allowed_folders_is_read(http, root, server):
     assert_openai_error(_load(http, "x", base / "missing"), 400, "does not exist")
     assert_openai_error(_load(http, "x", base / "a" / ADAPTER_FILES[0]), 400, "not a folder")
     assert_openai_error(_load(http, "x", base / "no-weights"), 400, "invalid adapter")
+    assert_openai_error(_load(http, "x", base / "fifo"), 400, "not a regular file")
     assert http.get("/admin/adapters/x", headers=AUTH).status_code == 404  # no partial adapter left behind
     server.state.settings.allowed_lora_paths = ()
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -69,13 +70,16 @@ def _put(state: AppState, name: str, folder: Path) -> StoredAdapter:
     with contextlib.ExitStack() as stack:
         files: dict[str, BinaryIO] = {}
         for n in (CONFIG_NAME, WEIGHTS_NAME):
-            try:
-                fd = os.open(folder / n, os.O_RDONLY | os.O_NOFOLLOW)
+            try:  # O_NONBLOCK: a FIFO named like the weights must not hold a worker until someone writes to it
+                fd = os.open(folder / n, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except FileNotFoundError:
                 continue  # the store names what is missing
             except OSError as exc:  # a symlink (ELOOP), or unreadable
                 raise bad_request(f"cannot read {n} in lora_path: {exc.strerror}", param="lora_path") from None
-            files[n] = stack.enter_context(os.fdopen(fd, "rb"))
+            f = stack.enter_context(os.fdopen(fd, "rb"))
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise bad_request(f"{n} in lora_path is not a regular file", param="lora_path")
+            files[n] = f
         return state.store.put_files(name, files)
 
 
