@@ -36,6 +36,14 @@ def root(tmp_path_factory, peft_dirs):
     os.symlink(outside / "a" / ADAPTER_FILES[1], base / "linked-file" / ADAPTER_FILES[1])  # one file does
     (base / "no-weights").mkdir()
     shutil.copy(peft_dirs["a"] / ADAPTER_FILES[0], base / "no-weights" / ADAPTER_FILES[0])
+    (base / "blobs").mkdir()  # a Hugging Face cache snapshot: its files are links to blobs, inside the folder
+    (base / "snapshot").mkdir()
+    for n in ADAPTER_FILES:
+        shutil.copy(peft_dirs["b"] / n, base / "blobs" / n)
+        os.symlink(base / "blobs" / n, base / "snapshot" / n)
+    (base / "dir-weights").mkdir()
+    shutil.copy(peft_dirs["a"] / ADAPTER_FILES[0], base / "dir-weights" / ADAPTER_FILES[0])
+    (base / "dir-weights" / ADAPTER_FILES[1]).mkdir()
     (base / "fifo").mkdir()
     shutil.copy(peft_dirs["a"] / ADAPTER_FILES[0], base / "fifo" / ADAPTER_FILES[0])
     os.mkfifo(base / "fifo" / ADAPTER_FILES[1])  # opened for reading, a FIFO would wait for a writer forever
@@ -44,7 +52,10 @@ def root(tmp_path_factory, peft_dirs):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, hotlora_cache, root):
-    settings = server_settings(tmp_path_factory.mktemp("store"), hotlora_cache, max_loras=4)
+    store = tmp_path_factory.mktemp("store")
+    (store / "bad").mkdir()  # copied in by hand, invalid: refused at start, its name still taken
+    (store / "bad" / ADAPTER_FILES[0]).write_text("{not json")
+    settings = server_settings(store, hotlora_cache, max_loras=4)
     srv = ServerThread(dataclasses.replace(settings, allowed_lora_paths=(root[0],))).start()
     yield srv
     srv.stop()
@@ -82,12 +93,18 @@ def test_a_loaded_folder_serves_as_its_upload_does_and_unloads(http, root, peft_
 def test_nothing_outside_the_allowed_folders_is_read(http, root, server):
     base, outside = root
     assert_openai_error(_load(http, "x", outside / "a"), 403, "outside --allowed-lora-paths")
+    assert_openai_error(_load(http, "x", outside / "missing"), 403, "outside")  # existing or not: no oracle
     assert_openai_error(_load(http, "x", base / ".." / outside.name / "a"), 403, "outside")
     assert_openai_error(_load(http, "x", base / "linked-folder"), 403, "outside")
-    assert_openai_error(_load(http, "x", base / "linked-file"), 400, "cannot read adapter_model.safetensors")
-    assert_openai_error(_load(http, "x", base / "missing"), 400, "does not exist")
-    assert_openai_error(_load(http, "x", base / "a" / ADAPTER_FILES[0]), 400, "not a folder")
+    assert_openai_error(_load(http, "x", base / "linked-file"), 403, "outside")
+    assert_openai_error(_load(http, "x", base / "missing"), 400, "No such file")
+    assert_openai_error(_load(http, "x", f"{base}/a\x00b"), 400, "lora_path")
+    assert_openai_error(_load(http, "x", base / "a" / ADAPTER_FILES[0]), 400, "Not a directory")
     assert_openai_error(_load(http, "x", base / "no-weights"), 400, "invalid adapter")
+    open_fds = len(os.listdir("/proc/self/fd"))  # the server runs in this process
+    for _ in range(3):  # a folder named like the weights: a 400 each time, no descriptor left open
+        assert_openai_error(_load(http, "x", base / "dir-weights"), 400, "not a regular file")
+    assert len(os.listdir("/proc/self/fd")) <= open_fds
     assert_openai_error(_load(http, "x", base / "fifo"), 400, "not a regular file")
     assert http.get("/admin/adapters/x", headers=AUTH).status_code == 404  # no partial adapter left behind
     server.state.settings.allowed_lora_paths = ()
@@ -110,3 +127,16 @@ def test_bad_requests_are_refused(http, body, auth, status, match):
 
 def test_the_base_model_name_is_no_adapter_name(http, server, root):
     assert_openai_error(_load(http, server.state.model_name, root[0] / "a"), 409, "base model")
+
+
+def test_links_inside_the_allowed_folders_are_followed(http, root, peft_dirs):
+    assert _load(http, "snap", root[0] / "snapshot").status_code == 200
+    assert upload(http, "bref2", peft_dirs["b"]).status_code == 201
+    assert _text(http, "snap") == _text(http, "bref2")
+
+
+def test_a_name_refused_at_start_is_taken_unless_replaced(http, root):
+    assert http.post("/v1/completions", json={"model": "bad", "prompt": "x"}).status_code == 404
+    assert_openai_error(_load(http, "bad", root[0] / "a"), 400, "already loaded")
+    assert _load(http, "bad", root[0] / "a", inplace=True).status_code == 200
+    assert http.post("/v1/completions", json={"model": "bad", "prompt": "x", "max_tokens": 1}).status_code == 200

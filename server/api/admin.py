@@ -209,7 +209,8 @@ async def publish(state: AppState, name: str, put: Callable[[], StoredAdapter], 
     """put() (a store write, in the thread pool), then the engine registers it, under the name's lock: the very next
     request sees it, and the store rolls back if registering fails. replace=False: a 400 if the name is taken."""
     async with state.lock(name):
-        if not replace and await state.engine.call(state.engine.engine.registry.__contains__, name):
+        if not replace and (name in state.refused
+                            or await state.engine.call(state.engine.engine.registry.__contains__, name)):
             raise bad_request(f"the adapter {name!r} is already loaded", param="lora_name", code="adapter_exists")
         stored = await run_in_threadpool(put)
         await _register(state, stored)

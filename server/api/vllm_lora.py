@@ -2,15 +2,17 @@
 and POST /v1/unload_lora_adapter {"lora_name"}, answered with vLLM's plain-text lines.
 
 Behind the admin token (vLLM asks for VLLM_ALLOW_RUNTIME_LORA_UPDATING), and lora_path must be a PEFT folder
-inside one of --allowed-lora-paths (none: 403): the server reads files there. Loading copies the folder into the
-adapter store and registers it, as an upload does (hot: the next request uses it); `load_inplace` replaces an
-adapter of that name, else a loaded name is a 400 as in vLLM. Unloading deletes it, as DELETE /admin/adapters does
-(the folder it came from is left alone).
+inside one of --allowed-lora-paths (none: 403): the server reads files there, and nowhere else (hard links
+aside). Loading copies the folder into the adapter store and registers it, as an upload does (hot: the next
+request uses it); `load_inplace` replaces an adapter of that name, else a loaded name (here, in the shared store,
+or refused at start) is a 400 as in vLLM. Unloading deletes it, as DELETE /admin/adapters does (the folder it came
+from is left alone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from pathlib import Path
@@ -30,6 +32,7 @@ from hotlora.server.api.errors import APIError, bad_request
 from hotlora.server.api.state import AppState
 from hotlora.server.api.strict import Strict
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_admin)])
 _ADMIN = {"security": [{"bearerAuth": []}]}  # /openapi.json marks the /admin routes by their prefix; these by hand
 
@@ -45,41 +48,64 @@ class UnloadLoraAdapter(Strict):
     lora_int_id: int | None = None  # vLLM's; names identify adapters here
 
 
-def _folder(state: AppState, lora_path: str) -> Path:
-    """lora_path, resolved (no symlink left in it), if it is a folder inside an allowed one; else a 4xx."""
+def _roots(state: AppState) -> list[Path]:
     roots = [r.resolve() for r in state.settings.allowed_lora_paths]
     if not roots:
         raise APIError(403, "loading adapters from server paths is off: start the server with --allowed-lora-paths "
                        "(or upload the adapter: POST /admin/adapters/{name})", param="lora_path",
                        code="lora_path_not_allowed")
-    try:
-        folder = Path(lora_path).resolve(strict=True)
-    except (OSError, RuntimeError):  # missing, unreadable, a symlink loop
-        raise bad_request(f"lora_path {lora_path!r} does not exist on the server", param="lora_path") from None
-    if not any(folder.is_relative_to(r) for r in roots):
+    return roots
+
+
+def _inside(real: Path, roots: list[Path], lora_path: str) -> None:
+    if not any(real.is_relative_to(r) for r in roots):
         raise APIError(403, f"lora_path {lora_path!r} is outside --allowed-lora-paths", param="lora_path",
                        code="lora_path_not_allowed")
-    if not folder.is_dir():
-        raise bad_request(f"lora_path {lora_path!r} is not a folder (a PEFT adapter's)", param="lora_path")
-    return folder
 
 
-def _put(state: AppState, name: str, folder: Path) -> StoredAdapter:
-    """The folder's config and weights into the store, each opened without following a symlink (so that a link
-    inside an allowed folder cannot point the server at a file elsewhere)."""
+def _where(fd: int, fallback: Path) -> Path:
+    """Where an open file really is (Linux: its /proc link, so a path swapped after the open does not fool the
+    check); elsewhere the path resolved again."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return fallback.resolve()
+
+
+def _open(path: Path | str, flags: int, dir_fd: int | None = None) -> int:
+    try:
+        return os.open(path, flags, dir_fd=dir_fd)
+    except (OSError, ValueError) as exc:  # missing, not a folder, unreadable, a NUL byte...
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise bad_request(f"cannot open {str(path)!r} on the server: {why}", param="lora_path") from None
+
+
+def _put(state: AppState, name: str, roots: list[Path], lora_path: str) -> StoredAdapter:
+    """The folder's config and weights into the store (in a worker thread). The folder and each file are checked
+    where they really are once open, so that neither a symlink nor a path swapped meanwhile leads the server out
+    of the allowed folders; symlinks within them are followed (a Hugging Face cache snapshot). A file that is not a
+    regular one (a FIFO would wait for a writer forever) is refused."""
+    try:
+        _inside(Path(lora_path).resolve(), roots, lora_path)  # first: outside paths get 403, existing or not
+    except (OSError, ValueError, RuntimeError):
+        raise bad_request(f"lora_path {lora_path!r} is not a usable path", param="lora_path") from None
     with contextlib.ExitStack() as stack:
+        folder = _open(lora_path, os.O_RDONLY | os.O_DIRECTORY)
+        stack.callback(os.close, folder)
+        _inside(_where(folder, Path(lora_path)), roots, lora_path)
         files: dict[str, BinaryIO] = {}
         for n in (CONFIG_NAME, WEIGHTS_NAME):
-            try:  # O_NONBLOCK: a FIFO named like the weights must not hold a worker until someone writes to it
-                fd = os.open(folder / n, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                fd = os.open(n, os.O_RDONLY | os.O_NONBLOCK, dir_fd=folder)
             except FileNotFoundError:
                 continue  # the store names what is missing
-            except OSError as exc:  # a symlink (ELOOP), or unreadable
+            except OSError as exc:
                 raise bad_request(f"cannot read {n} in lora_path: {exc.strerror}", param="lora_path") from None
-            f = stack.enter_context(os.fdopen(fd, "rb"))
+            stack.callback(os.close, fd)
+            _inside(_where(fd, Path(lora_path) / n), roots, lora_path)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise bad_request(f"{n} in lora_path is not a regular file", param="lora_path")
-            files[n] = f
+            files[n] = stack.enter_context(os.fdopen(os.dup(fd), "rb"))
         return state.store.put_files(name, files)
 
 
@@ -89,13 +115,16 @@ async def load_lora_adapter(body: LoadLoraAdapter, request: Request):
     name = admin._name(state, body.lora_name)
     if name in state.aliases:
         raise APIError(409, f"{name!r} is the base model's name", param="lora_name", code="name_conflict")
-    folder = _folder(state, body.lora_path)
+    roots = _roots(state)
+    if not body.load_inplace:
+        await state.sync_adapter(name)  # the shared store's adapters count as loaded, as /v1/models lists them
     try:
-        await admin.publish(state, name, lambda: _put(state, name, folder), replace=body.load_inplace)
+        await admin.publish(state, name, lambda: _put(state, name, roots, body.lora_path), replace=body.load_inplace)
     except (AdapterError, UploadTooLarge) as exc:
         raise admin._store_error(exc) from None
     except StoreUnavailable as exc:
         raise admin._unavailable(exc) from None
+    log.info("adapter %r loaded from %s (POST /v1/load_lora_adapter)", name, body.lora_path)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
