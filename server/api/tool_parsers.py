@@ -40,12 +40,29 @@ class HermesParser:
         return len(pending) - held, False  # a tail that may be the marker's beginning waits
 
 
-class Llama3JsonParser:
-    TAG = "<|python_tag|>"
+class _WholeReply:
+    """A format whose reply is calls and nothing else: it begins (after spaces) with OPENING or TAG."""
+
+    TAG: ClassVar[str]
+    OPENING: ClassVar[str]
 
     def begin(self, text: str) -> int:
         body = text.lstrip()
-        return 0 if body.startswith(("{", self.TAG)) else -1
+        return 0 if body.startswith((self.OPENING, self.TAG)) else -1
+
+    def release(self, pending: str, sent: int) -> tuple[int, bool]:
+        if sent:  # the reply began as text: it is content to the end
+            return len(pending), False
+        body = pending.lstrip()
+        if body.startswith((self.OPENING, self.TAG)):
+            return 0, True
+        if not body or self.TAG.startswith(body):  # not decided yet
+            return 0, False
+        return len(pending), False
+
+
+class Llama3JsonParser(_WholeReply):
+    TAG, OPENING = "<|python_tag|>", "{"
 
     def read(self, text: str) -> list[tuple[Any, Any]]:
         """(name, parameters) of each object; raises ValueError (or AttributeError) where the reply is not calls
@@ -63,34 +80,20 @@ class Llama3JsonParser:
                 return found
             at = len(body) - len(rest) + 1
 
-    def release(self, pending: str, sent: int) -> tuple[int, bool]:
-        if sent:  # the reply began as text: it is content to the end
-            return len(pending), False
-        body = pending.lstrip()
-        if body.startswith(("{", self.TAG)):
-            return 0, True
-        if not body or self.TAG.startswith(body):  # not decided yet
-            return 0, False
-        return len(pending), False
 
-
-class PythonicParser:
+class PythonicParser(_WholeReply):
     """Calls are read on the event loop, once a reply ends, and ast.parse's time grows with the reply's tokens
     (~1.5 ms per 1,000 list items, ~50x json.loads): a reply past MAX_CHARS characters, or with more than
     MAX_SEPARATORS separators outside its string literals (a cheap count), reads as content. Long string arguments
     (a file's text) cost little. Tool names that are no Python identifiers (a '-') and keyword parameters cannot
     be written in this format; their calls read as content, as in vLLM."""
 
-    TAG, END = "<|python_start|>", "<|python_end|>"
+    TAG, OPENING, END = "<|python_start|>", "[", "<|python_end|>"
     MAX_CHARS, MAX_SEPARATORS = 1 << 18, 5000
     _STRINGS = re.compile(r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"|\'[^\'\\\n]*(?:\\.[^\'\\\n]*)*\'')
     _SEPARATORS = re.compile(r"[,(\[{=:]")
     _NAMES: ClassVar[dict[str, Any]] = {"True": True, "False": False, "None": None,
                                         "true": True, "false": False, "null": None}
-
-    def begin(self, text: str) -> int:
-        body = text.lstrip()
-        return 0 if body.startswith(("[", self.TAG)) else -1
 
     def read(self, text: str) -> list[tuple[Any, Any]]:
         """(name, keyword arguments) of each call; ValueError where the reply is not a list of calls and nothing
@@ -136,16 +139,6 @@ class PythonicParser:
                 raise ValueError("a dict key that is no string")
             return dict(zip(keys, map(self._value, node.values), strict=True))
         raise ValueError("an argument that is no literal")
-
-    def release(self, pending: str, sent: int) -> tuple[int, bool]:
-        if sent:  # the reply began as text: it is content to the end
-            return len(pending), False
-        body = pending.lstrip()
-        if body.startswith(("[", self.TAG)):
-            return 0, True
-        if not body or self.TAG.startswith(body):  # not decided yet
-            return 0, False
-        return len(pending), False
 
 
 FORMATS: dict[str, HermesParser | Llama3JsonParser | PythonicParser] = {
