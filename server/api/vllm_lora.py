@@ -92,9 +92,11 @@ def _put(state: AppState, name: str, roots: list[Path], lora_path: str) -> Store
     with contextlib.ExitStack() as stack:
         folder = _open(lora_path, os.O_RDONLY | os.O_DIRECTORY)
         stack.callback(os.close, folder)
-        _inside(_where(folder, Path(lora_path)), roots, lora_path)
+        where = _where(folder, Path(lora_path))
+        _inside(where, roots, lora_path)
         files: dict[str, BinaryIO] = {}
         for n in (CONFIG_NAME, WEIGHTS_NAME):
+            _inside((where / n).resolve(), roots, lora_path)  # no open of a file outside (a device has effects)
             try:
                 fd = os.open(n, os.O_RDONLY | os.O_NONBLOCK, dir_fd=folder)
             except FileNotFoundError:
