@@ -23,7 +23,13 @@ from hotlora.server.cli_admin import adapters_command as adapters_command  # re-
 from hotlora.server.cli_admin import add_adapters
 from hotlora.server.cli_merge import add_merge
 from hotlora.server.cli_ray import add_serve_ray
-from hotlora.server.engine.config import DTYPE_CHOICES, KV_CACHE_DTYPE_CHOICES, QUANT_CHOICES, EngineConfig
+from hotlora.server.engine.config import (
+    DTYPE_CHOICES,
+    KV_CACHE_DTYPE_CHOICES,
+    QUANT_CHOICES,
+    SCHEDULING_POLICIES,
+    EngineConfig,
+)
 
 ENV_PREFIX = "HOTLORA_"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -132,6 +138,8 @@ SERVE_OPTIONS = (
     Opt("max-cpu-lora-bytes", parse_size, "host-memory budget for loaded adapter copies (e.g. 2GiB)"),
     Opt("max-adapter-wait-steps", int,
         "engine steps a request may be passed over for requests whose adapters are on the device"),
+    Opt("scheduling-policy", str, "fcfs (first come, first served) or priority: each request's `priority` (lower "
+        "first) orders admission and preemption, as vLLM's", SCHEDULING_POLICIES),
     Opt("max-num-seqs", optional_int, "sequences decoded together at most (default: 256 on cuda, 64 on cpu)"),
     Opt("max-num-batched-tokens", optional_int,
         "tokens (prefill + decode) per engine step at most (default: 4096 on cuda, 2048 on cpu)"),

@@ -293,3 +293,10 @@ def test_idle_connections_outlive_the_clients_pool(server):
 
     client_expiry = max(DEFAULT_CONNECTION_LIMITS.keepalive_expiry, httpx.Limits().keepalive_expiry or 0)
     assert server.server.config.timeout_keep_alive >= 10 * client_expiry
+
+
+def test_priority_needs_the_priority_scheduling_policy(http, base):
+    """vLLM's per-request priority: on a first come, first served server only the default (0) is taken."""
+    body = {"model": base, "prompt": "hi", "max_tokens": 1, "priority": 1}
+    assert_openai_error(http.post("/v1/completions", json=body), 400, "--scheduling-policy priority")
+    assert http.post("/v1/completions", json=body | {"priority": 0}).status_code == 200

@@ -11,6 +11,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 # the KV cache's element type: auto = the model's dtype; fp8 (= fp8_e4m3) stores K and V as float8_e4m3fn, unscaled
 # (values past +-448 saturate), as vLLM's --kv-cache-dtype fp8 without calibrated scales: half the bytes of bf16
 KV_CACHE_DTYPE_CHOICES = ("auto", "fp8", "fp8_e4m3")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -37,6 +38,7 @@ class EngineConfig:
     lora_rank_classes: bool = True  # LoRA tiles sized by each step's largest adapter rank; False: by max_lora_rank
     max_cpu_lora_bytes: int = 2 << 30  # host-memory budget for loaded adapter copies
     max_adapter_wait_steps: int = 64  # steps a request may be passed over for resident adapters' requests
+    scheduling_policy: str = "fcfs"  # SCHEDULING_POLICIES: "priority" orders by each request's priority first
     # running sequences at once, and tokens (prefill + decode) in one step; None: by device (DEVICE_DEFAULTS)
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
@@ -59,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {self.quant!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPE_CHOICES}, got {self.kv_cache_dtype!r}")
         for name in ("max_loras", "max_lora_rank", "max_adapter_wait_steps", "max_num_seqs", "max_num_batched_tokens",

@@ -47,7 +47,8 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    admit=self._admit, release=self._release, ready=self._adapter_ready,
-                                   max_adapter_wait_steps=config.max_adapter_wait_steps, continues=self._continues)
+                                   max_adapter_wait_steps=config.max_adapter_wait_steps, continues=self._continues,
+                                   policy=config.scheduling_policy)
         self.eos_ids = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

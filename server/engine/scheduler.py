@@ -46,6 +46,10 @@ class Scheduler:
     A sequence waiting `max_adapter_wait_steps` steps or more is overdue: overdue ones go first, and
     while one of them cannot get its adapter, no other adapter request is admitted (base requests
     are), so running sequences drain until a slot frees. That bounds every wait: no starvation.
+
+    policy "priority" (vLLM's): each request's params.priority comes first, lower values first, in admission
+    (the order above holds within one priority) and in preemption (the highest value, then the latest arrival,
+    is preempted first). Requests of a lower priority wait while higher ones keep coming, as in vLLM.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class Scheduler:
         ready: Callable[[Sequence], bool] | None = None,
         max_adapter_wait_steps: int = 64,
         continues: Callable[[Sequence], bool] | None = None,
+        policy: str = "fcfs",
     ) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
@@ -73,6 +78,7 @@ class Scheduler:
         self.num_steps = 0
         self.num_adapter_blocked_steps = 0  # steps with room in the batch but every waiting request held back
         self._queued_at: dict[Sequence, int] = {}  # step at which each waiting sequence was (re)queued
+        self.by_priority = policy == "priority"
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -100,7 +106,7 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.can_allocate(seq, seq.num_computed + n):
-                victim = queue.pop() if queue else seq
+                victim = self._victim(seq, queue)
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:
@@ -145,17 +151,30 @@ class Scheduler:
         if held and not admitted and budget > 0 and len(self.running) < self.max_num_seqs:
             self.num_adapter_blocked_steps += 1
 
+    def _victim(self, seq: Sequence, queue: list[Sequence]) -> Sequence:
+        """Whom to preempt so that `seq` gets its blocks: one of `queue` (the running sequences not yet scheduled
+        this step, taken out of it) or `seq` itself; the latest arrival, or by priority first."""
+        if not self.by_priority:
+            return queue.pop() if queue else seq
+        victim = max([*queue, seq], key=lambda s: (s.params.priority, s.arrival))
+        if victim is not seq:
+            queue.remove(victim)
+        return victim
+
     def _overdue(self, seq: Sequence) -> bool:
         return self.num_steps - self._queued_at[seq] >= self.max_adapter_wait_steps
 
     def _admission_order(self) -> list[Sequence]:
-        """Overdue sequences first, then those ready to run, then the rest; arrival order within each."""
+        """Overdue sequences first, then those ready to run, then the rest; arrival order within each (with the
+        priority policy, all of that within each priority, lower values first)."""
         overdue = [s for s in self.waiting if self._overdue(s)]
-        if self.ready is None:
-            return overdue + [s for s in self.waiting if not self._overdue(s)]
         rest = [s for s in self.waiting if not self._overdue(s)]
-        rest.sort(key=lambda s: not self.ready(s))  # stable: FIFO within each class
-        return overdue + rest
+        if self.ready is not None:
+            rest.sort(key=lambda s: not self.ready(s))  # stable: FIFO within each class
+        order = overdue + rest
+        if self.by_priority:
+            order.sort(key=lambda s: s.params.priority)  # stable: the order above within each priority
+        return order
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

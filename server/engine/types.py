@@ -75,6 +75,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens below min_p x the top token's probability
     min_tokens: int = 0  # EOS, stop token ids and stop strings are ignored until this many tokens exist
     structured: StructuredSpec | None = None  # the output must match this grammar
+    priority: int = 0  # with the "priority" scheduling policy: lower values are admitted first, preempted last
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
