@@ -61,6 +61,30 @@ def test_preemption_takes_the_lowest_priority_first():
         assert [q.request_id for q in s.running] == kept, policy
 
 
+def test_a_later_higher_priority_request_is_not_the_one_preempted():
+    """The lower-priority request admitted first, the higher one later, both growing past the pool: under priority
+    the later, higher one keeps its blocks and the earlier, lower one is preempted (under fcfs, the reverse)."""
+    for policy, preempted, kept in (("priority", "low-first", "high-later"), ("fcfs", "high-later", "low-first")):
+        s = _scheduler(policy, blocks=3, seqs=2)
+        s.add(_seq("low-first", 9, tokens=4))
+        s.schedule()
+        s.add(_seq("high-later", 0, tokens=4))
+        s.schedule()
+        assert {q.request_id for q in s.running} == {"low-first", "high-later"}  # one block free
+        for q in s.running:
+            q.num_computed = 4
+            q.token_ids.append(9)
+        batch = s.schedule()
+        assert [q.request_id for q in batch.preempted] == [preempted], policy
+        assert [q.request_id for q in s.running] == [kept], policy
+
+
+def test_priority_is_an_integer():
+    for bad in (None, True, 1.5, "1"):
+        with pytest.raises(ValueError, match="priority"):
+            SamplingParams(priority=bad)
+
+
 def test_the_engine_runs_requests_by_priority(hotlora_cache):
     engine = LLMEngine(EngineConfig(model="default", quant="none", cache_dir=hotlora_cache, max_loras=1,
                                     max_lora_rank=8, kv_cache_memory=0.1, scheduling_policy="priority", max_num_seqs=1))

@@ -297,6 +297,10 @@ def test_idle_connections_outlive_the_clients_pool(server):
 
 def test_priority_needs_the_priority_scheduling_policy(http, base):
     """vLLM's per-request priority: on a first come, first served server only the default (0) is taken."""
-    body = {"model": base, "prompt": "hi", "max_tokens": 1, "priority": 1}
-    assert_openai_error(http.post("/v1/completions", json=body), 400, "--scheduling-policy priority")
+    body = {"model": base, "prompt": "hi", "max_tokens": 1}
+    for priority in (1, -1):
+        err = assert_openai_error(http.post("/v1/completions", json=body | {"priority": priority}), 400,
+                                  "--scheduling-policy priority")
+        assert err["param"] == "priority"
+    assert_openai_error(http.post("/v1/completions", json=body | {"priority": True}), 400, "priority")
     assert http.post("/v1/completions", json=body | {"priority": 0}).status_code == 200

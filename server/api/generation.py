@@ -184,10 +184,6 @@ def make_choices(
 async def submit(state: AppState, choices: list[Choice], model: str, structured_field: str) -> None:
     """Queue every choice, or none (one refused, none runs or is counted). structured_field:
     the request field its structured-output spec came from (a bad spec's 400 names it)."""
-    priority = choices[0].request.params.priority if choices else 0
-    if priority and state.settings.engine.scheduling_policy != "priority":
-        raise bad_request("priority needs a server started with --scheduling-policy priority (it schedules first "
-                          "come, first served)", param="priority")
     spec = choices[0].request.params.structured if choices else None
     if spec is not None:
         await compile_grammar(state, spec, structured_field)

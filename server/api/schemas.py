@@ -179,7 +179,7 @@ class _Sampling(_Body):
     structured_outputs: StructuredOutputs | None = None
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64)
-    priority: int = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)  # vLLM's: lower first (--scheduling-policy)
+    priority: StrictInt = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)  # vLLM's: lower first (--scheduling-policy)
 
     _nullable = field_validator("n", "stream", mode="before")(_null_is_default)
 

@@ -95,6 +95,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if req.params.priority and not self.scheduler.by_priority:  # as vLLM: a priority on a fcfs engine is refused
+            raise InvalidRequestError("priority needs a server started with --scheduling-policy priority (this one "
+                                      "schedules first come, first served)", "priority")
         if any(not 0 <= t < vocab for t in req.params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model", "logit_bias")
         if req.params.structured is not None and self.grammars is None:

@@ -45,7 +45,8 @@ class Scheduler:
     would have to be loaded, so a load never evicts an adapter that a queued request could use now.
     A sequence waiting `max_adapter_wait_steps` steps or more is overdue: overdue ones go first, and
     while one of them cannot get its adapter, no other adapter request is admitted (base requests
-    are), so running sequences drain until a slot frees. That bounds every wait: no starvation.
+    are), so running sequences drain until a slot frees. That bounds every wait: no starvation (under the priority
+    policy, within one priority).
 
     policy "priority" (vLLM's): each request's params.priority comes first, lower values first, in admission
     (the order above holds within one priority) and in preemption (the highest value, then the latest arrival,
@@ -99,14 +100,17 @@ class Scheduler:
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
-        queue = list(self.running)  # arrival order; the newest is preempted first
+        # arrival order, the newest preempted first; by priority, the lowest (highest value) preempted first, so a
+        # request admitted later at a higher priority is served before a running lower one (vLLM's victim)
+        queue = sorted(self.running, key=lambda s: (s.params.priority, s.arrival)) if self.by_priority \
+            else list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
             if self.continues is not None and not self.continues(seq):
                 continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.can_allocate(seq, seq.num_computed + n):
-                victim = self._victim(seq, queue)
+                victim = queue.pop() if queue else seq
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:
@@ -150,16 +154,6 @@ class Scheduler:
             admitted += 1
         if held and not admitted and budget > 0 and len(self.running) < self.max_num_seqs:
             self.num_adapter_blocked_steps += 1
-
-    def _victim(self, seq: Sequence, queue: list[Sequence]) -> Sequence:
-        """Whom to preempt so that `seq` gets its blocks: one of `queue` (the running sequences not yet scheduled
-        this step, taken out of it) or `seq` itself; the latest arrival, or by priority first."""
-        if not self.by_priority:
-            return queue.pop() if queue else seq
-        victim = max([*queue, seq], key=lambda s: (s.params.priority, s.arrival))
-        if victim is not seq:
-            queue.remove(victim)
-        return victim
 
     def _overdue(self, seq: Sequence) -> bool:
         return self.num_steps - self._queued_at[seq] >= self.max_adapter_wait_steps

@@ -78,6 +78,8 @@ class SamplingParams:
     priority: int = 0  # with the "priority" scheduling policy: lower values are admitted first, preempted last
 
     def __post_init__(self) -> None:
+        if type(self.priority) is not int:
+            raise ValueError(f"priority must be an integer, got {self.priority!r}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
