@@ -83,7 +83,7 @@ class Llama3JsonParser(_WholeReply):
 
 class PythonicParser(_WholeReply):
     """Calls are read on the event loop, once a reply ends, and ast.parse's time grows with the reply's tokens
-    (~1.5 ms per 1,000 list items, ~50x json.loads): a reply past MAX_CHARS characters, or with more than
+    (many times json.loads's for the same text): a reply past MAX_CHARS characters, or with more than
     MAX_SEPARATORS separators outside its string literals (a cheap count), reads as content. Long string arguments
     (a file's text) cost little. Tool names that are no Python identifiers (a '-') and keyword parameters cannot
     be written in this format; their calls read as content, as in vLLM."""
