@@ -54,14 +54,15 @@ def engine_error(exc: BaseException, model: str) -> APIError | None:
     return None
 
 
-async def encode_prompts(state: AppState, prompts: list[str | list[int]]) -> list[list[int]]:
+async def encode_prompts(state: AppState, prompts: list[str | list[int]],
+                         add_special_tokens: bool = True) -> list[list[int]]:
     """Token ids of each prompt; text is tokenized in the worker pool, as one job for the request."""
     texts = [p for p in prompts if isinstance(p, str)]
     if not texts:
         return [list(p) for p in prompts]  # type: ignore[arg-type]
     state.tokenizers.check(texts, state.max_model_len, "prompt")
     return await state.tokenizers.run(
-        lambda: [encode(state, p) if isinstance(p, str) else list(p) for p in prompts]
+        lambda: [encode(state, p, add_special_tokens) if isinstance(p, str) else list(p) for p in prompts]
     )
 
 

@@ -9,11 +9,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import Field, model_validator
 
-from hotlora.adapters.mixspec import MixError, is_mix, parse_mix
+from hotlora.adapters.mixspec import is_mix, parse_mix
 from hotlora.server.api import generation as gen
 from hotlora.server.api import tools
 from hotlora.server.api.errors import bad_request, model_not_found
-from hotlora.server.api.openai_routes import _state, model_cards
+from hotlora.server.api.openai_routes import _resolve_model, _state, model_cards
 from hotlora.server.api.schemas import ChatMessage, TokenId
 from hotlora.server.api.state import AppState
 from hotlora.server.api.strict import Strict
@@ -52,15 +52,13 @@ class DetokenizeRequest(Strict):
 
 
 async def _check_model(state: AppState, model: str | None) -> None:
-    """A 404 unless `model` is absent, a name of the base model (as the completion routes take them), an adapter
-    /v1/models lists, or a mix of such adapters."""
-    if model is None or state.adapter_for(model) is None:
+    """A 4xx unless `model` is absent or passes the completion routes' checks (a name of the base model, a mix
+    that parses, no adapter refused at start) and each adapter it names is one /v1/models lists."""
+    adapter = None if model is None else await _resolve_model(state, model)
+    if adapter is None:
         return
     adapters = {c["id"] for c in await model_cards(state)} - {state.model_name}
-    try:
-        names = parse_mix(model).names if is_mix(model) else [model]
-    except MixError as exc:
-        raise bad_request(str(exc), param="model", code="invalid_mix") from None
+    names = parse_mix(adapter).names if is_mix(adapter) else [adapter]  # a mix _resolve_model has parsed already
     unknown = next((n for n in names if n not in adapters), None)
     if unknown is not None:
         raise model_not_found(model, unknown)
@@ -78,9 +76,8 @@ async def tokenize(body: TokenizeRequest, request: Request):
     await _check_model(state, body.model)
     tok = _tokenizer(state)
     if body.prompt is not None:
-        state.tokenizers.check([body.prompt], state.max_model_len, "prompt")
         add = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = await state.tokenizers.run(lambda: gen.encode(state, body.prompt, add_special_tokens=add))
+        (ids,) = await gen.encode_prompts(state, [body.prompt], add_special_tokens=add)
     else:
         plan = tools.plan(body.tools, "none", None, None)
         ids = await gen.chat_prompt_ids(state, [tools.template_message(m) for m in body.messages],
