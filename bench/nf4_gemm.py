@@ -23,21 +23,19 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from graph_timing import graph_time_us
+from nf4_sweep_configs import GEMV_SWEEP_MAX_M, VARIANTS, sweep_configs
 
 from hotlora.kernels.nf4 import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
-    LOOKUP_PRMT_IMM,
     LOOKUP_TABLE,
     MAX_GEMV_M,
-    SCALE_VALUES,
     Nf4Config,
     nf4_dequantize,
     nf4_matmul,
     pack_nf4,
     pack_nf4_group,
     pick_config,
-    split_for_sms,
 )
 
 DT = torch.bfloat16
@@ -49,7 +47,6 @@ SHAPES = {  # name: (K, member output widths)
     "down 14336->4096": (14336, (4096,)),
 }
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192)
-GEMV_SWEEP_MAX_M = 8  # sweep M up to here over GEMV configs (the bucket may grow to 8 if it wins)
 
 
 def copies_for(nbytes: int) -> int:
@@ -107,159 +104,6 @@ def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool
         row["floor_us"] = same_bytes_copy_us(case.floor_bytes(m))
         row["rel_err"] = check(case, m)
     return row
-
-
-def gemv_configs(m: int, n: int, k: int) -> list[Nf4Config]:
-    """GEMV configs worth timing: 16-32 weight bytes per thread per step (more spills or limits occupancy:
-    ptxas gives ~120 registers at 64 bytes, M=1) and 256-2048 programs (2-16 per H200 SM)."""
-    out = []
-    for bn, split, warps, groups in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 4, 8), (1, 2, 4)):
-        per_thread, programs = bn * 64 * groups // (32 * warps), -(-n // bn) * split
-        if 16 <= per_thread <= 32 and 256 <= programs <= 2048 and split * groups <= -(-k // 128):
-            out.append(Nf4Config(m, bn, split, warps, gemv=True, k_groups=groups, lookup=LOOKUP_PRMT))
-    return out
-
-
-def occupancy_configs(m: int) -> list[Nf4Config]:
-    """M <= 64, the tl.dot path: the register cap (programs per SM), tile width and K slices, 4 warps. ncu on the
-    H200 (gate/up, M=16) found the kernel issue-bound on integer work at 25% occupancy (103 registers)."""
-    bm = max(16, 1 << (m - 1).bit_length())
-    grid = itertools.product((None, 96, 72), (32, 64), (1, 2, 4))
-    return [Nf4Config(bm, bn, split, 4, 3, lookup=LOOKUP_PRMT, maxnreg=regs) for regs, bn, split in grid]
-
-
-_REGISTER_LOOKUPS = ((LOOKUP_PRMT, True), (LOOKUP_PRMT, False), (LOOKUP_PRMT_IMM, False))  # (lookup, table_regs)
-
-
-def _fused(rec: Nf4Config) -> bool:
-    """The recorded config runs the tl.dot kernel (not dense + cuBLAS, not the GEMV): its variants apply."""
-    return not (rec.dense or rec.gemv)
-
-
-def lookup_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded tile and the same tile with the other operand order, each with the three register lookups:
-    table words in registers (Nf4Config.table_regs: nine registers, may spill at large tiles), the same loaded as
-    uniform values, and LOOKUP_PRMT_IMM (immediates, the four-instruction mask: session 3's kernel)."""
-    if not _fused(rec):
-        return [rec]
-    return [replace(c, lookup=lookup, table_regs=regs) for c in (rec, replace(rec, swap_ab=not rec.swap_ab))
-            for lookup, regs in _REGISTER_LOOKUPS]
-
-
-def even_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded config with and without the unmasked path for shapes that tile evenly (EVEN); at M <= 16 also
-    128-wide tiles over 4 warps and 64-wide over 2 (fewer loop instructions per weight value in sm_90 SASS, more
-    registers per thread)."""
-    if not _fused(rec):
-        return [rec]
-    out = [replace(rec, even=True), replace(rec, even=False)]
-    if rec.block_m <= 16:
-        out += [replace(rec, block_n=128), replace(rec, warps=2)]
-    return out
-
-
-def scale_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded config (and dense + cuBLAS above 64) against the code values scaled before the dot
-    (SCALE_VALUES: one packed multiply per two values, the dot accumulating in place), over tiles whose sm_90 SASS
-    neither spills nor exceeds ~7 instructions per weight value (bench/nf4_sass.py), both register lookups."""
-    tiles = [(32, 64, 4, False)] if m <= 32 else [(64, 64, 4, True), (64, 128, 8, True)]
-    if m > 64:
-        tiles += [(128, 64, 4, True), (128, 128, 8, True), (256, 128, 8, True)]
-    out = [rec] + ([Nf4Config(128, 128, dense=True)] if m > 64 and not rec.dense else [])
-    for (bm, bn, warps, swap), lookup in itertools.product(tiles, (LOOKUP_PRMT, LOOKUP_PRMT_IMM)):
-        splits = {split_for_sms(-(-m // bm) * -(-n // bn), k)} | ({rec.split_k} if m <= 64 else set())
-        out += [Nf4Config(bm, bn, split, warps, swap_ab=swap, lookup=lookup, scale=SCALE_VALUES,
-                          table_regs=lookup == LOOKUP_PRMT) for split in sorted(splits)]
-    return out
-
-
-def split_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded tile with K in 1-16 slices (as many as K's 128-column groups allow) and in the fewest that
-    give every SM a program: with programmatic dependent launch the reduce that follows costs less than when the
-    recorded splits were swept (ninth session), and at M <= 64 more slices mean more programs per SM."""
-    if not _fused(rec):
-        return [rec]
-    tiles = -(-m // rec.rows) * -(-n // rec.block_n)
-    splits = {s for s in (1, 2, 4, 8, 16) if s <= k // 128} | {split_for_sms(tiles, k)}
-    return [replace(rec, split_k=s) for s in sorted(splits)]
-
-
-def warp_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded config against weights-first tiles over 2 warps, which Triton compiles to mma.sync (wgmma
-    needs a warpgroup of 4): in sm_90 SASS, M=1, 16x64 over 2 warps loops at 4.30 instructions per weight value
-    and 16x32 at 4.83, against 5.33 for the recorded 16x64 (x first) and 5.75 for weights-first over 4 warps
-    (wgmma), with none of the recorded tile's register moves for x (bench/nf4_sass.py --swap-ab --tile ...).
-    Each tile with half, the same and twice the recorded K slices."""
-    if not _fused(rec):
-        return [rec]
-    # above 32 rows these tiles need 255 registers and loop at 13-14 instructions per value (64x32, 64x64); 16x128
-    # and one warp lost at M = 1-16 (eleventh session)
-    tiles = [32, 64] if m <= 16 else [64] if m <= 32 else []
-    return [rec] + [replace(rec, block_n=bn, warps=2, swap_ab=True, split_k=split)
-                    for bn, split in itertools.product(tiles, (rec.split_k // 2, rec.split_k, 2 * rec.split_k))
-                    if 1 <= split <= k // 128]
-
-
-def tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded config against the same tile with its weight bytes read by TMA into shared memory (Nf4Config.tma)
-    at 3 and 5 pipeline stages: the copy engine keeps groups in flight without holding registers, where the plain
-    loads hold ~4 KB per program (one group) in registers until its math starts."""
-    out = [rec] + ([replace(rec, tma=True, stages=s) for s in (3, 5)] if _fused(rec) else [])
-    if m > 64:  # the mid-M tiles again, now that the weights need no registers in flight
-        tiles = [(128, 64, 4), (128, 128, 8), (256, 64, 8), (256, 128, 8), (64, 128, 4)]
-        for (bm, bn, warps), stages in itertools.product(tiles, (2, 3, 4)):
-            split = split_for_sms(-(-m // bm) * -(-n // bn), k)
-            out.append(Nf4Config(bm, bn, split, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES,
-                                 tma=True))
-    return list(dict.fromkeys(out))
-
-
-def tail_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """The recorded config against tiles that cover M with a row tile plus a smaller tail tile on the same
-    dequantized weights (Nf4Config.tail_m: 176 rows as 128 + 64 rather than one 256-row tile), by TMA, 2-3 stages."""
-    out = [rec]
-    heads = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)]
-    for (bm, bn, warps), tail, stages in itertools.product(heads, (16, 32, 64, 128), (2, 3)):
-        if tail <= bm and m <= bm + tail < 2 * m:
-            split = split_for_sms(-(-m // (bm + tail)) * -(-n // bn), k)
-            out.append(Nf4Config(bm, bn, split, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES,
-                                 tma=True, tail_m=tail))
-    return list(dict.fromkeys(out))
-
-
-# --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
-# fields that tell them apart
-VARIANTS = {
-    "lookups": (lookup_configs, ("swap_ab", "lookup", "table_regs")),
-    "even": (even_configs, ("even", "block_n", "warps")),
-    "splits": (split_configs, ("split_k",)),
-    "small-warps": (warp_configs, ("swap_ab", "block_n", "warps", "split_k")),
-    "tma": (tma_configs, ("tma", "stages", "block_m", "block_n", "warps", "split_k", "dense")),
-    "tails": (tail_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "split_k", "dense")),
-    "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
-}
-
-
-def variant_configs(variants: str, m: int, n: int, k: int) -> list[Nf4Config]:
-    return VARIANTS[variants][0](pick_config(m, n, k, gemv=False), m, n, k)
-
-
-def sweep_configs(m: int, n: int, k: int, occupancy: bool = False, variants: str | None = None
-                  ) -> list[Nf4Config]:
-    if variants:
-        return variant_configs(variants, m, n, k)
-    if occupancy and m <= 64:
-        return occupancy_configs(m)
-    if m <= GEMV_SWEEP_MAX_M:
-        return gemv_configs(m, n, k)
-    prmt = LOOKUP_PRMT
-    if m > 64:
-        grid = itertools.product((64, 128), (64, 128, 256), (4, 8), (1, 2), (False, True))
-        return [Nf4Config(bm, bn, split, w, 3, swap_ab=swap, lookup=prmt) for bm, bn, w, split, swap in grid
-                if not (swap and bn < 64)] + [Nf4Config(128, 128, dense=True)]
-    bm = max(16, 1 << (m - 1).bit_length())
-    grid = itertools.product((64, 128, 256), (4, 8), (2, 4, 8), (False, True))
-    return [Nf4Config(bm, bn, split, w, 3, swap_ab=swap, lookup=prmt) for bn, w, split, swap in grid]
 
 
 def label(cfg: Nf4Config) -> str:
