@@ -328,15 +328,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
             acc_t = tl.zeros((BLOCK_N, TAIL_M), dtype=tl.float32)
         else:
             acc_t = tl.zeros((TAIL_M, BLOCK_N), dtype=tl.float32)
-        for i in range(ITERS):
-            xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i, True,
-                                              K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, TMA, pid_n * BLOCK_N)
-            th, tlo = _load_x(x_ptr, offs_t, mask_t, g0 + i, True, K, stride_xm, EVEN)
-            acc, acc_t = _accumulate_tail(acc, acc_t, xh, xl, th, tlo, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION,
-                                          SCALE, SWAP_AB, LOOKUP, V_DTYPE)
-        _store(acc_t, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
-               SWAP_AB, SPLIT_K)
-    elif PREFETCH:
+    if PREFETCH:
         xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0, True,
                                           K, NUM_G, stride_xm, stride_wn, stride_an, EVEN)
         for i in range(ITERS):  # constexpr: the interpreter cannot loop over a run-time scalar argument
@@ -350,8 +342,16 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
         for i in range(ITERS):
             xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i, True,
                                               K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, TMA, pid_n * BLOCK_N)
-            acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
-                              LOOKUP, V_DTYPE)
+            if TAIL_M > 0:  # the tail's rows of x against the same dequantized weights
+                th, tlo = _load_x(x_ptr, offs_t, mask_t, g0 + i, True, K, stride_xm, EVEN)
+                acc, acc_t = _accumulate_tail(acc, acc_t, xh, xl, th, tlo, raw, ah, al, lut_ptr, tab, W_DTYPE,
+                                              PRECISION, SCALE, SWAP_AB, LOOKUP, V_DTYPE)
+            else:
+                acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
+                                  LOOKUP, V_DTYPE)
+    if TAIL_M > 0:
+        _store(acc_t, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
+               SWAP_AB, SPLIT_K)
     _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
            SWAP_AB, SPLIT_K)
 
