@@ -45,6 +45,8 @@ SCALE = D**-0.5
 def cases(quick: bool) -> dict[str, list[tuple[int, int]]]:
     """name -> (query count, context length) per sequence."""
     rng = random.Random(0)
+    rng_hit = random.Random(1)
+    hit_ctx = [rng_hit.randint(1100, 1500) for _ in range(14)]
     out = {
         "decode B=1 ctx=128": [(1, 128)],
         "decode B=1 ctx=2048": [(1, 2048)],
@@ -58,6 +60,10 @@ def cases(quick: bool) -> dict[str, list[tuple[int, int]]]:
         + [(512, 512), (512, 2048)],
         "hit 14 decodes U[64,1024] + chunk 160@1184": [(1, rng.randint(64, 1024)) for _ in range(14)]
         + [(160, 1184)],
+        # issue 13's hit as its workload has it (every decode row past the 1,024-token shared prompt), and its parts
+        "hit 14 decodes U[1100,1500] + chunk 160@1184": [(1, c) for c in hit_ctx] + [(160, 1184)],
+        "decode B=14 ctx=U[1100,1500]": [(1, c) for c in hit_ctx],
+        "chunk 160@1184": [(160, 1184)],
         "miss 14 decodes U[64,1024] + chunk 1184@1184": [(1, rng.randint(64, 1024)) for _ in range(14)]
         + [(1184, 1184)],
         "prefill 1 x 2048": [(2048, 2048)],
