@@ -20,6 +20,7 @@ prints the best configs per case beside the default's time (the defaults in kern
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 
@@ -157,30 +158,31 @@ def bench(name: str, spans: list[tuple[int, int]]) -> dict:
     return res
 
 
-def sweep(name: str, spans: list[tuple[int, int]]) -> dict:
-    """Every (splits, warps, stages, key tile) for one case; the best five and the default's time."""
+def sweep(name: str, spans: list[tuple[int, int]], grid: argparse.Namespace) -> dict:
+    """Every (splits, key tile, warps, stages, decode tiles) of the grid for one case; the best five and the
+    default's time. Decode tiles (decode rows in their own tiles) are swept where the case has chunks."""
     b = Batch(spans)
     default = graph_time_us(b.triton, b.sets)
     times = []
-    for splits in (1, 2, 4, 8):
-        for block_n in (32, 64, 128):
-            if splits > 1 and b.max_ctx < 2 * block_n * splits:
-                continue
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    cfg = AttentionConfig(block_n, warps, stages)
-                    try:
-                        us = graph_time_us(lambda i, c=cfg, n=splits: b.triton(i, n, c), b.sets, rep=100)
-                    except Exception as exc:  # e.g. out of shared memory: not a candidate
-                        print(f"  {name} splits={splits} {cfg}: {type(exc).__name__}", flush=True)
-                        continue
-                    times.append((us, splits, block_n, warps, stages))
+    for splits, block_n, warps, stages, dt in itertools.product(grid.splits, grid.block_n, grid.warps, grid.stages,
+                                                                (False, True) if b.max_q > 1 else (False,)):
+        if splits > 1 and b.max_ctx < 2 * block_n * splits:
+            continue
+        cfg = AttentionConfig(block_n, warps, stages, dt)
+        try:
+            us = graph_time_us(lambda i, c=cfg, n=splits: b.triton(i, n, c), b.sets, rep=100)
+        except Exception as exc:  # e.g. out of shared memory: not a candidate
+            print(f"  {name} splits={splits} {cfg}: {type(exc).__name__}", flush=True)
+            continue
+        times.append((us, splits, block_n, warps, stages, dt))
     times.sort()
     best = times[:5]
     # a CUDA graph's mixed bucket counts its padding sequences' programs too, so it runs unsplit, default tiles
-    plain = next((us for us, n, bn, w, st in times if (n, bn, w, st) == (1, BLOCK_N, 4, 2)), float("nan"))
-    print(f"## {name}: default {default:.1f} us, unsplit {plain:.1f} us, KV {b.kv_bytes / 1e6:.0f} MB; best "
-          + "; ".join(f"{us:.1f} us (splits {n}, block_n {bn}, warps {w}, stages {st})" for us, n, bn, w, st in best),
+    plain = {dt: next((t[0] for t in times if t[1:] == (1, BLOCK_N, 4, 2, dt)), float("nan")) for dt in (False, True)}
+    print(f"## {name}: default {default:.1f} us, unsplit {plain[False]:.1f} us (decode tiles {plain[True]:.1f}), "
+          f"KV {b.kv_bytes / 1e6:.0f} MB; best "
+          + "; ".join(f"{us:.1f} us (splits {n}, block_n {bn}, warps {w}, stages {st}, decode tiles {dt})"
+                      for us, n, bn, w, st, dt in best),
           flush=True)  # fmt: skip
     return {"case": name, "default_us": default, "kv_mb": b.kv_bytes / 1e6, "best": best}
 
@@ -192,12 +194,16 @@ def main() -> None:
     parser.add_argument("--sweep-cases", nargs="+", help="the cases --sweep times",
                         default=["decode B=1 ctx=8192", "decode B=32 ctx=2048", "decode B=64 ctx=U[64,2048]",
                                  "mixed 31 decodes U[64,1024] + chunk 256@768"])
+    parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8], help="--sweep's split counts")
+    parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128], help="--sweep's key tiles")
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="--sweep's warps")
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3], help="--sweep's stages")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.sweep:
         names = args.sweep_cases
-        swept = [sweep(name, spans) for name, spans in cases(False).items() if name in names]
+        swept = [sweep(name, spans, args) for name, spans in cases(False).items() if name in names]
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(swept, f, indent=1)

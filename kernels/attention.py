@@ -56,6 +56,7 @@ class AttentionConfig:
     block_n: int = BLOCK_N  # keys per tile
     warps: int = 4
     stages: int = 2
+    decode_tiles: bool = False  # with prefill chunks in the launch: decode rows take decode-sized tiles
 
 
 # decode rows without split-KV (a batch that fills the GPU by itself): 128-key tiles, three stages. Swept on the
@@ -187,6 +188,7 @@ def paged_attention(
         num_seqs, splits, scale * 1.4426950408889634, sliding_window or 0,
         G=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q,
         BLOCK_M=max(16, block_q * g_pad), BLOCK_N=cfg.block_n, SPLIT=splits > 1, WINDOW=bool(sliding_window), PREC=prec,
+        DECODE_M=max(16, g_pad) if cfg.decode_tiles and block_q > 1 else 0,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(q),
     )  # fmt: skip
     if splits > 1:

@@ -77,15 +77,18 @@ def test_split_kv(num_splits):
 
 
 @interp
-@pytest.mark.parametrize("config", [DECODE_UNSPLIT, AttentionConfig(block_n=32, warps=2, stages=2)],
-                         ids=["decode-unsplit", "narrow"])
+@pytest.mark.parametrize("config", [DECODE_UNSPLIT, AttentionConfig(block_n=32, warps=2, stages=2),
+                                    AttentionConfig(decode_tiles=True)],
+                         ids=["decode-unsplit", "narrow", "decode-tiles"])
 @pytest.mark.parametrize("window", [None, 37])
-def test_launch_configs(config, window):
-    """Other key tiles (CUDA decode steps without split-KV take 128-key tiles): contexts shorter and longer
-    than a tile, a window, a prefill chunk beside the decodes."""
-    case = make_case([(1, 300), (1, 3), (1, 129), (6, 140)], 4, 1, 64, 16, torch.float16)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_launch_configs(config, window, num_splits):
+    """Other key tiles (CUDA decode steps without split-KV take 128-key tiles) and decode rows in their own tiles
+    beside a chunk: contexts shorter and longer than a tile, a window, chunks of 6 and 17 queries (two blocks)
+    between the decodes."""
+    case = make_case([(1, 300), (6, 140), (1, 3), (17, 40), (1, 129)], 4, 1, 64, 16, torch.float16)
     out = paged_attention(*case.args(), SCALE, max_q_len=case.max_q_len, max_ctx_len=case.max_ctx_len,
-                          sliding_window=window, num_splits=1, config=config)  # fmt: skip
+                          sliding_window=window, num_splits=num_splits, config=config)  # fmt: skip
     ref = paged_attention_ref(*case.args(), SCALE, sliding_window=window)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.float16], rtol=TOL[torch.float16])
 
