@@ -64,6 +64,9 @@ def cases(quick: bool) -> dict[str, list[tuple[int, int]]]:
         # issue 13's hit as its workload has it (every decode row past the 1,024-token shared prompt), and its parts
         "hit 14 decodes U[1100,1500] + chunk 160@1184": [(1, c) for c in hit_ctx] + [(160, 1184)],
         "decode B=14 ctx=U[1100,1500]": [(1, c) for c in hit_ctx],
+        "decode B=8 ctx=U[1100,1500]": [(1, c) for c in hit_ctx[:8]],
+        "decode B=32 ctx=U[1100,1500]": [(1, c) for c in (hit_ctx * 3)[:32]],
+        "decode B=64 ctx=U[1100,1500]": [(1, c) for c in (hit_ctx * 5)[:64]],
         "chunk 160@1184": [(160, 1184)],
         "miss 14 decodes U[64,1024] + chunk 1184@1184": [(1, rng.randint(64, 1024)) for _ in range(14)]
         + [(1184, 1184)],
