@@ -1,9 +1,9 @@
 """Where a prefix-cache hit's time to first token goes inside the engine (issue 13), no HTTP.
 
-The engine decodes --decoders requests (prompt 128, over adapters a0, a1, ...), as under issue 13's serving run
-(about 14 decode rows a step at 6 req/s). Then, one at a time, a request arrives made of one of 8 cached
-1,024-token system prompts plus --user new tokens on a cached adapter, or a cold one (no cached prefix), and the
-engine steps until its first token. Per case it prints:
+The engine decodes --decoders requests (prompt --decoder-prompt, over adapters a0, a1, ...), as under issue 13's
+serving run (about 14 decode rows a step at 6 req/s), and times decode-only steps. Then, one at a time, a request
+arrives made of one of 8 cached 1,024-token system prompts plus --user new tokens on a cached adapter, or a cold one
+(no cached prefix), and the engine steps until its first token. Per case it prints:
 
 - the engine's TTFT: from the add to the output on the host (asynchronous scheduling on, as served), p50/mean;
 - with --profile, the device time a step by kernel family, of the steps around the hits less as many decode-only
@@ -65,6 +65,8 @@ def main() -> HitBench:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--decoders", type=int, default=14)
+    ap.add_argument("--decoder-prompt", type=int, default=128,
+                    help="the background decodes' prompt (issue 13's serving run: ~1,100-1,300 tokens of context)")
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--hits", type=int, default=16, help="hits per case")
     ap.add_argument("--prefix-len", type=int, default=1024)
@@ -97,9 +99,17 @@ class HitBench:
         while engine.has_unfinished():
             engine.step()
         for i in range(args.decoders):  # the background decodes, long enough to outlast every case
-            engine.add_request(request(f"bg-{i}", self.tokens(128), self.names[i % len(self.names)], 100_000))
+            engine.add_request(request(f"bg-{i}", self.tokens(args.decoder_prompt), self.names[i % len(self.names)],
+                                       100_000))  # fmt: skip
         for _ in range(8):
             engine.step()
+        steps = []
+        for _ in range(32):  # decode-only steps, wall time each (asynchronous scheduling: one step in flight)
+            t0 = time.perf_counter()
+            engine.step()
+            steps.append(1e3 * (time.perf_counter() - t0))
+        print(f"decode step ({args.decoders} rows, prompt {args.decoder_prompt}): p50 {statistics.median(steps):.3f} "
+              "ms wall", flush=True)
 
     def tokens(self, n: int) -> list[int]:
         return [self.rng.randrange(*TOKENS) for _ in range(n)]

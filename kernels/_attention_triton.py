@@ -152,7 +152,7 @@ def _attend_block(
     if SPLIT:
         t_idx = (q_start + tok).to(tl.int64)
         po = part_o + t_idx[:, None] * stride_pt + head[:, None] * stride_ph + split * stride_ps + d[None, :]
-        tl.store(po, o, mask=ok)
+        tl.store(po, o, mask=ok & (t_lo < t_hi))  # an empty split leaves its o unwritten (weight 0 in the merge)
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(part_lse + t_idx * stride_lt + head * stride_lh + split, lse, mask=row_ok)
     else:
@@ -176,6 +176,7 @@ def paged_attention_reduce_kernel(
     top = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0))  # empty splits (lse = -inf) weigh 0
     ok = s_ok[:, None] & (d < HEAD_DIM)[None, :]
+    ok = ok & (lse > float("-inf"))[:, None]  # an empty split's o was never written
     o = tl.load(part_o + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=ok, other=0.0)
     total = tl.sum(w, 0)
     res = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)  # no visible key at all: zeros

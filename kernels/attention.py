@@ -36,6 +36,7 @@ shapes and the two bucketed ints (max_q_len, max_ctx_len): no host synchronisati
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ from ._interp_compat import install as _install_interp_compat
 from ._launch import pdl_args, use_triton
 from .reference import FP8_KV
 
-__all__ = ["AttentionConfig", "attention_tiles", "default_num_splits", "paged_attention", "use_triton"]
+__all__ = ["AttentionConfig", "attention_tiles", "default_num_splits", "paged_attention", "use_triton", "work_programs"]
 
 BLOCK_N = 64  # keys per tile
 
@@ -59,9 +60,14 @@ class AttentionConfig:
     decode_tiles: bool = False  # with prefill chunks in the launch: decode rows take decode-sized tiles
 
 
-# decode rows without split-KV (a batch that fills the GPU by itself): 128-key tiles, three stages. Swept on the
-# H200 (bench/attention.py --sweep, decode B=32 ctx=2048): 80.8 us against 112.7 with the default tiles
-DECODE_UNSPLIT = AttentionConfig(block_n=128, warps=4, stages=3)
+# Launch configs swept on the H200 (bench/attention.py --sweep; BENCHMARKS.md, twenty-fourth session).
+# Decode rows, split or not: 128-key tiles, three stages (the best of 48 configs at B=8 and 14, contexts 1,100-1,500,
+# and at B=32, contexts 1,100-1,500 and 2,048: e.g. B=32 ctx=2048 80.0 us against 113.1 with 64-key tiles)
+DECODE = AttentionConfig(block_n=128, warps=4, stages=3)
+DECODE_UNSPLIT = DECODE  # its former name
+# A split launch with prefill chunks: 32-key tiles, three stages (a prefix-cache hit's step, 14 decode rows and a
+# 160-query chunk at 1,184: 55.0 us with 2 splits against 64.9 unsplit; 64-key tiles split gained nothing)
+MIXED_SPLIT = AttentionConfig(block_n=32, warps=4, stages=3)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -82,13 +88,50 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def work_programs(tokens: int, block_q: int, kv_heads: int) -> int:
+    """The programs of a launch over `tokens` query tokens that have work, for the split choice: one per decode row
+    (block_q 1), else an estimate of twice the chunks' query blocks (as many decode rows beside them). The grid's
+    other programs (a padded graph batch's empty sequences) exit at once and must not count: with them a decode
+    bucket of 16 rows looked full and ran unsplit, 65.7 us against 32.5 split (H200, contexts 1,100-1,500)."""
+    return kv_heads * (tokens if block_q == 1 else 2 * -(-tokens // block_q))
+
+
+GRID_SPLITS = os.environ.get("HOTLORA_ATTN_GRID_SPLITS") == "1"
+
+
+def _grid_splits(device: torch.device, programs: int, max_ctx_len: int, block_n: int) -> int:
+    """The split choice before the twenty-fourth session (every program of the grid counted; ~2 per SM)."""
+    if device.type != "cuda":
+        return 1
+    sms, splits = _sm_count(device.index if device.index is not None else torch.cuda.current_device()), 1
+    while splits < 32 and programs * splits < 2 * sms and max_ctx_len >= 4 * block_n * 2 * splits:
+        splits *= 2
+    return splits
+
+
+def _choose(q: torch.Tensor, cfg: AttentionConfig, default: bool, num_splits: int | None, tokens: int, block_q: int,
+            kv_heads: int, max_q_len: int, max_ctx_len: int) -> tuple[AttentionConfig, int]:  # fmt: skip
+    """(config, splits) of a launch: DECODE for decode rows, MIXED_SPLIT for a split launch with chunks, unless the
+    caller gave a config; splits by the programs that have work (work_programs)."""
+    decode = max_q_len <= 1
+    if default and q.is_cuda and decode:
+        cfg = DECODE
+    splits = num_splits or default_num_splits(q.device, work_programs(tokens, block_q, kv_heads), max_ctx_len,
+                                              cfg.block_n)  # fmt: skip
+    if default and q.is_cuda and not decode and splits > 1:
+        cfg = MIXED_SPLIT
+    return cfg, splits
+
+
 def default_num_splits(device: torch.device, programs: int, max_ctx_len: int, block_n: int = BLOCK_N) -> int:
-    """KV splits (a power of two, at most 32): ~2 programs per SM, at least 4 key tiles per split; 1 on CPU."""
+    """KV splits (a power of two, at most 32) until programs x splits reach 1.5 per SM, with at least 2 key tiles
+    per split at max_ctx_len; 1 on CPU. Sweeps (DECODE) put the knee there: B=8 rows x 8 KV heads best at 4
+    splits, B=14 at 2, B=32 unsplit."""
     if device.type != "cuda":
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     splits = 1
-    while splits < 32 and programs * splits < 2 * sms and max_ctx_len >= 4 * block_n * 2 * splits:
+    while splits < 32 and 2 * programs * splits < 3 * sms and max_ctx_len >= 2 * block_n * 2 * splits:
         splits *= 2
     return splits
 
@@ -169,9 +212,11 @@ def paged_attention(
     group = heads // kv_heads
     block_q, g_pad = attention_tiles(max_q_len, group)
     grid_q = tokens // block_q + num_seqs
-    splits = num_splits or default_num_splits(q.device, grid_q * kv_heads, max_ctx_len, cfg.block_n)
-    if config is None and max_q_len <= 1 and splits == 1 and q.is_cuda:
-        cfg = DECODE_UNSPLIT
+    if GRID_SPLITS:  # the choice before the twenty-fourth session, for A/B runs (HOTLORA_ATTN_GRID_SPLITS=1)
+        splits = num_splits or _grid_splits(q.device, grid_q * kv_heads, max_ctx_len, cfg.block_n)
+        cfg = DECODE if config is None and max_q_len <= 1 and splits == 1 and q.is_cuda else cfg
+    else:
+        cfg, splits = _choose(q, cfg, config is None, num_splits, tokens, block_q, kv_heads, max_q_len, max_ctx_len)
     if splits > 1:
         part_o = torch.empty(tokens, heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)

@@ -188,5 +188,6 @@ def test_hit_profile_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     for case in ("hit, 8 new tokens", "cold, 160 + prefix"):
         assert float(re.search(rf"^{re.escape(case)}: engine TTFT p50 ([\d.]+) ms", out, re.MULTILINE)[1]) > 0
     assert re.search(r"^decode step: [\d.]+ device ms; a hit \(160 new tokens\) adds", out, re.MULTILINE)
+    assert float(re.search(r"^decode step \(2 rows, prompt 128\): p50 ([\d.]+) ms wall", out, re.MULTILINE)[1]) > 0
     hits = bench.engine.stats().prefix_cache_hits
     assert hits >= 32 * (2 + 4)  # the two timed hits and the profile's four, 32 cached tokens each

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hotlora.kernels.attention import DECODE_UNSPLIT, AttentionConfig, attention_tiles
+from hotlora.kernels.attention import DECODE, MIXED_SPLIT, AttentionConfig, attention_tiles
 
 CACHES = {"bf16": "*bf16", "fp8": "*fp8e4nv"}
 ROPE = ("elementwise:_rope_kv_kernel", {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i32",
@@ -21,15 +21,16 @@ ROPE = ("elementwise:_rope_kv_kernel", {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_p
 ATTENTION = ("_attention_triton:paged_attention_kernel", {
     "q": "*bf16", "out": "*bf16", "qk_scale": "fp32", "part_o": "*fp32", "part_lse": "*fp32", "cu_q": "*i32",
     "ctx_lens": "*i32", "tables": "*i32"})  # fmt: skip
-SHAPES = {"decode": (1, False), "split": (1, True), "prefill": (512, False)}  # max_q_len, split-KV
+# max_q_len, split-KV: the configs paged_attention picks for each
+SHAPES = {"decode": (1, False), "split": (1, True), "prefill": (512, False), "mixed-split": (176, True)}
 
 
 def _attention_case(cache: str, max_q_len: int, split: bool) -> list:
     block_q, g_pad = attention_tiles(max_q_len, 4)
-    cfg = DECODE_UNSPLIT if max_q_len == 1 and not split else AttentionConfig()
+    cfg = DECODE if max_q_len == 1 else MIXED_SPLIT if split else AttentionConfig()
     consts = {"G": 4, "G_PAD": g_pad, "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_SIZE": 16, "BLOCK_Q": block_q,
               "BLOCK_M": max(16, block_q * g_pad), "BLOCK_N": cfg.block_n, "SPLIT": split, "WINDOW": False,
-              "PREC": "tf32", "PDL": True}  # fmt: skip
+              "PREC": "tf32", "PDL": True, "DECODE_M": 0}  # fmt: skip
     pointers = ATTENTION[1] | {"k_cache": CACHES[cache], "v_cache": CACHES[cache]}
     return [ATTENTION[0], pointers, consts, cfg.warps, cfg.stages]
 
