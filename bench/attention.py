@@ -68,6 +68,8 @@ def cases(quick: bool) -> dict[str, list[tuple[int, int]]]:
         "decode B=32 ctx=U[1100,1500]": [(1, c) for c in (hit_ctx * 3)[:32]],
         "decode B=64 ctx=U[1100,1500]": [(1, c) for c in (hit_ctx * 5)[:64]],
         "chunk 160@1184": [(160, 1184)],
+        # a 128-token mixed bucket full of decode rows (a prompt's last chunk joining a busy batch)
+        "mixed 100 decodes U[1100,1500] + chunk 28@1184": [(1, c) for c in (hit_ctx * 8)[:100]] + [(28, 1184)],
         "miss 14 decodes U[64,1024] + chunk 1184@1184": [(1, rng.randint(64, 1024)) for _ in range(14)]
         + [(1184, 1184)],
         "prefill 1 x 2048": [(2048, 2048)],
