@@ -164,30 +164,25 @@ def bench(name: str, spans: list[tuple[int, int]]) -> dict:
 
 
 def sweep(name: str, spans: list[tuple[int, int]], grid: argparse.Namespace) -> dict:
-    """Every (splits, key tile, warps, stages, decode tiles) of the grid for one case; the best five and the
-    default's time. Decode tiles (decode rows in their own tiles) are swept where the case has chunks."""
+    """Every (splits, key tile, warps, stages) of the grid for one case; the best five and the default's time."""
     b = Batch(spans)
     default = graph_time_us(b.triton, b.sets)
     times = []
-    for splits, block_n, warps, stages, dt in itertools.product(grid.splits, grid.block_n, grid.warps, grid.stages,
-                                                                (False, True) if b.max_q > 1 else (False,)):
+    for splits, block_n, warps, stages in itertools.product(grid.splits, grid.block_n, grid.warps, grid.stages):
         if splits > 1 and b.max_ctx < 2 * block_n * splits:
             continue
-        cfg = AttentionConfig(block_n, warps, stages, dt)
+        cfg = AttentionConfig(block_n, warps, stages)
         try:
             us = graph_time_us(lambda i, c=cfg, n=splits: b.triton(i, n, c), b.sets, rep=100)
         except Exception as exc:  # e.g. out of shared memory: not a candidate
             print(f"  {name} splits={splits} {cfg}: {type(exc).__name__}", flush=True)
             continue
-        times.append((us, splits, block_n, warps, stages, dt))
+        times.append((us, splits, block_n, warps, stages))
     times.sort()
     best = times[:5]
-    # a CUDA graph's mixed bucket counts its padding sequences' programs too, so it runs unsplit, default tiles
-    plain = {dt: next((t[0] for t in times if t[1:] == (1, BLOCK_N, 4, 2, dt)), float("nan")) for dt in (False, True)}
-    print(f"## {name}: default {default:.1f} us, unsplit {plain[False]:.1f} us (decode tiles {plain[True]:.1f}), "
-          f"KV {b.kv_bytes / 1e6:.0f} MB; best "
-          + "; ".join(f"{us:.1f} us (splits {n}, block_n {bn}, warps {w}, stages {st}, decode tiles {dt})"
-                      for us, n, bn, w, st, dt in best),
+    plain = next((us for us, n, bn, w, st in times if (n, bn, w, st) == (1, BLOCK_N, 4, 2)), float("nan"))
+    print(f"## {name}: default {default:.1f} us, unsplit {plain:.1f} us, KV {b.kv_bytes / 1e6:.0f} MB; best "
+          + "; ".join(f"{us:.1f} us (splits {n}, block_n {bn}, warps {w}, stages {st})" for us, n, bn, w, st in best),
           flush=True)  # fmt: skip
     return {"case": name, "default_us": default, "kv_mb": b.kv_bytes / 1e6, "best": best}
 

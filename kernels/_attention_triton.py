@@ -82,10 +82,8 @@ def paged_attention_kernel(
     num_seqs, num_splits, qk_scale, window,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr, DECODE_M: tl.constexpr = 0,
+    SPLIT: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """DECODE_M > 0 (a launch with prefill chunks): a sequence of one query takes a tile of DECODE_M rows instead
-    of BLOCK_M, so the decode rows of a mixed step cost what they cost in a decode step."""
     pdl_enter(PDL)
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -96,28 +94,7 @@ def paged_attention_kernel(
     first = (pid - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # first query token of this block, within the sequence
     if first >= q_len:
         return
-    args = (q, k_cache, v_cache, out, part_o, part_lse, tables + seq * stride_tab, q_start, q_len, first,
-            tl.load(ctx_lens + seq), kvh, split, num_splits, qk_scale, window,
-            stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-            stride_vh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh)
-    if DECODE_M > 0 and q_len == 1:
-        _attend_block(*args, G, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE, 1, DECODE_M, BLOCK_N, SPLIT, WINDOW, PREC)
-    else:
-        _attend_block(*args, G, G_PAD, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_Q, BLOCK_M, BLOCK_N, SPLIT, WINDOW, PREC)
-
-
-@triton.jit
-def _attend_block(
-    q, k_cache, v_cache, out, part_o, part_lse, table, q_start, q_len, first, ctx, kvh, split, num_splits,
-    qk_scale, window,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    """One program's work: queries first .. first + BLOCK_Q - 1 of a sequence (its block table at `table`), the
-    query heads of KV head kvh, split `split` of the key tiles they see."""
+    ctx = tl.load(ctx_lens + seq)
     rows = tl.arange(0, BLOCK_M)  # >= BLOCK_Q * G_PAD: tl.dot needs 16 rows, a decode tile may hold fewer
     tok = first + rows // G_PAD
     g = rows % G_PAD
@@ -140,7 +117,7 @@ def _attend_block(
     t_hi = tl.minimum(t_lo + per_split, n_tiles)
 
     m_i, l_i, acc = _attend_tiles(
-        qt, pos, k_cache, v_cache, table, kvh,
+        qt, pos, k_cache, v_cache, tables + seq * stride_tab, kvh,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         kv_lo, kv_hi, t_lo, t_hi, qk_scale, window,
         HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_M, BLOCK_N, WINDOW, PREC,

@@ -57,14 +57,12 @@ class AttentionConfig:
     block_n: int = BLOCK_N  # keys per tile
     warps: int = 4
     stages: int = 2
-    decode_tiles: bool = False  # with prefill chunks in the launch: decode rows take decode-sized tiles
 
 
 # Launch configs swept on the H200 (bench/attention.py --sweep; BENCHMARKS.md, twenty-fourth session).
 # Decode rows, split or not: 128-key tiles, three stages (the best of 48 configs at B=8 and 14, contexts 1,100-1,500,
 # and at B=32, contexts 1,100-1,500 and 2,048: e.g. B=32 ctx=2048 80.0 us against 113.1 with 64-key tiles)
 DECODE = AttentionConfig(block_n=128, warps=4, stages=3)
-DECODE_UNSPLIT = DECODE  # its former name
 # A split launch with prefill chunks: 32-key tiles, three stages (a prefix-cache hit's step, 14 decode rows and a
 # 160-query chunk at 1,184: 55.0 us with 2 splits against 64.9 unsplit; 64-key tiles split gained nothing)
 MIXED_SPLIT = AttentionConfig(block_n=32, warps=4, stages=3)
@@ -233,7 +231,6 @@ def paged_attention(
         num_seqs, splits, scale * 1.4426950408889634, sliding_window or 0,
         G=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q,
         BLOCK_M=max(16, block_q * g_pad), BLOCK_N=cfg.block_n, SPLIT=splits > 1, WINDOW=bool(sliding_window), PREC=prec,
-        DECODE_M=max(16, g_pad) if cfg.decode_tiles and block_q > 1 else 0,
         num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(q),
     )  # fmt: skip
     if splits > 1:

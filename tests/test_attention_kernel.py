@@ -13,7 +13,8 @@ import torch
 from attention_cases import make_case
 
 from hotlora.kernels.attention import (
-    DECODE_UNSPLIT,
+    DECODE,
+    MIXED_SPLIT,
     AttentionConfig,
     attention_tiles,
     default_num_splits,
@@ -77,15 +78,14 @@ def test_split_kv(num_splits):
 
 
 @interp
-@pytest.mark.parametrize("config", [DECODE_UNSPLIT, AttentionConfig(block_n=32, warps=2, stages=2),
-                                    AttentionConfig(decode_tiles=True)],
-                         ids=["decode-unsplit", "narrow", "decode-tiles"])
+@pytest.mark.parametrize("config", [DECODE, MIXED_SPLIT, AttentionConfig(block_n=32, warps=2, stages=2)],
+                         ids=["decode", "mixed-split", "narrow"])
 @pytest.mark.parametrize("window", [None, 37])
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_launch_configs(config, window, num_splits):
-    """Other key tiles (CUDA decode steps without split-KV take 128-key tiles) and decode rows in their own tiles
-    beside a chunk: contexts shorter and longer than a tile, a window, chunks of 6 and 17 queries (two blocks)
-    between the decodes."""
+    """The configs CUDA launches take (128-key tiles for decode rows, 32-key for a split launch with chunks) and
+    others: contexts shorter and longer than a tile, a window, chunks of 6 and 17 queries (two blocks) between the
+    decodes."""
     case = make_case([(1, 300), (6, 140), (1, 3), (17, 40), (1, 129)], 4, 1, 64, 16, torch.float16)
     out = paged_attention(*case.args(), SCALE, max_q_len=case.max_q_len, max_ctx_len=case.max_ctx_len,
                           sliding_window=window, num_splits=num_splits, config=config)  # fmt: skip

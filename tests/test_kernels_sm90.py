@@ -30,7 +30,7 @@ def _attention_case(cache: str, max_q_len: int, split: bool) -> list:
     cfg = DECODE if max_q_len == 1 else MIXED_SPLIT if split else AttentionConfig()
     consts = {"G": 4, "G_PAD": g_pad, "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_SIZE": 16, "BLOCK_Q": block_q,
               "BLOCK_M": max(16, block_q * g_pad), "BLOCK_N": cfg.block_n, "SPLIT": split, "WINDOW": False,
-              "PREC": "tf32", "PDL": True, "DECODE_M": 0}  # fmt: skip
+              "PREC": "tf32", "PDL": True}  # fmt: skip
     pointers = ATTENTION[1] | {"k_cache": CACHES[cache], "v_cache": CACHES[cache]}
     return [ATTENTION[0], pointers, consts, cfg.warps, cfg.stages]
 
