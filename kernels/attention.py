@@ -122,14 +122,19 @@ def _choose(q: torch.Tensor, cfg: AttentionConfig, default: bool, num_splits: in
 
 
 def default_num_splits(device: torch.device, programs: int, max_ctx_len: int, block_n: int = BLOCK_N) -> int:
-    """KV splits (a power of two, at most 32) until programs x splits reach 1.5 per SM, with at least 2 key tiles
-    per split at max_ctx_len; 1 on CPU. Sweeps (DECODE) put the knee there: B=8 rows x 8 KV heads best at 4
+    """KV splits (a power of two, at most 32) until programs x splits reach 1.5 per SM, with at least 4 key tiles
+    per split; 1 on CPU. Sweeps (DECODE) put the knee there: B=8 rows x 8 KV heads best at 4
     splits, B=14 at 2, B=32 unsplit."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return splits_for(programs, max_ctx_len, block_n, _sm_count(device.index if device.index is not None
+                                                                else torch.cuda.current_device()))  # fmt: skip
+
+
+def splits_for(programs: int, max_ctx_len: int, block_n: int, sms: int) -> int:
+    """default_num_splits on a GPU of `sms` multiprocessors."""
     splits = 1
-    while splits < 32 and 2 * programs * splits < 3 * sms and max_ctx_len >= 2 * block_n * 2 * splits:
+    while splits < 32 and 2 * programs * splits < 3 * sms and max_ctx_len >= 4 * block_n * 2 * splits:
         splits *= 2
     return splits
 

@@ -19,6 +19,8 @@ from hotlora.kernels.attention import (
     attention_tiles,
     default_num_splits,
     paged_attention,
+    splits_for,
+    work_programs,
 )
 from hotlora.kernels.reference import FP8_KV, paged_attention_ref, to_cache
 
@@ -165,6 +167,19 @@ def test_tiles_and_splits():
     assert attention_tiles(300, 4) == (16, 4)  # prefill: 64 rows
     assert attention_tiles(5, 1) == (8, 1)
     assert default_num_splits(torch.device("cpu"), 1, 8192) == 1
+
+
+def test_split_choice_on_an_h200():
+    """The H200 sweeps' best split counts (BENCHMARKS.md, twenty-fourth session): 8 KV heads, 132 SMs, contexts
+    1,100-1,500 (a CUDA graph passes the engine's longest context); only programs with work count."""
+    h200 = dict(max_ctx_len=8192, sms=132)
+    decode = {rows: splits_for(work_programs(rows, 1, 8), block_n=DECODE.block_n, **h200) for rows in (8, 16, 32, 64)}
+    assert decode == {8: 4, 16: 2, 32: 1, 64: 1}
+    hit_bucket = work_programs(176, attention_tiles(176, 4)[0], 8)  # 14 decode rows + a 160-query chunk
+    assert splits_for(hit_bucket, block_n=MIXED_SPLIT.block_n, **h200) == 2
+    assert splits_for(work_programs(1280, 16, 8), block_n=MIXED_SPLIT.block_n, **h200) == 1  # a cold prompt's step
+    assert splits_for(work_programs(1, 1, 8), 8192, DECODE.block_n, 132) == 16  # batch 1: 4 key tiles a split
+    assert splits_for(work_programs(1, 1, 8), 2048, DECODE.block_n, 132) == 4
 
 
 # --- GPU, real sizes -------------------------------------------------------------------------------------
