@@ -28,13 +28,7 @@ import torch
 import torch.nn.functional as F
 from graph_timing import graph_time_us
 
-from hotlora.kernels.attention import (
-    BLOCK_N,
-    AttentionConfig,
-    attention_tiles,
-    default_num_splits,
-    paged_attention,
-)
+from hotlora.kernels.attention import BLOCK_N, AttentionConfig, launch_plan, paged_attention
 
 H, KVH, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -153,8 +147,7 @@ def bench(name: str, spans: list[tuple[int, int]]) -> dict:
     b = Batch(spans)
     ref = b.torch_before(0)
     torch.testing.assert_close(b.triton(0).float(), ref.float(), atol=2.5e-2, rtol=2.5e-2)
-    block_q, _ = attention_tiles(b.max_q, H // KVH)
-    splits = default_num_splits(b.q.device, (b.q.shape[0] // block_q + len(spans)) * KVH, b.max_ctx)
+    _, splits = launch_plan(b.q.device, b.q.shape[0], len(spans), KVH, H // KVH, b.max_q, b.max_ctx)
     res = {"case": name, "tokens": b.q.shape[0], "seqs": len(spans), "splits": splits, "kv_mb": b.kv_bytes / 1e6}
     res["triton_us"] = graph_time_us(b.triton, b.sets)
     res["triton_1split_us"] = graph_time_us(lambda i: b.triton(i, 1), b.sets)

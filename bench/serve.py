@@ -114,13 +114,13 @@ def rebased(planned: list[Planned]) -> list[Planned]:
     return [Planned(p.arrival - t0, p.prompt, p.max_tokens, p.model) for p in planned]
 
 
-async def one(session: aiohttp.ClientSession, p: Planned) -> Result:
+async def one(session: aiohttp.ClientSession, url: str, p: Planned) -> Result:
     body = {"model": p.model, "prompt": p.prompt, "max_tokens": p.max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     res, start = Result(), time.perf_counter()
     last = start
     try:
-        async with session.post("/v1/completions", json=body) as r:
+        async with session.post(url + "/v1/completions", json=body) as r:
             if r.status != 200:
                 res.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
                 return res
@@ -155,13 +155,13 @@ async def run(url: str, planned: list[Planned]) -> tuple[list[Result], float]:
     # many logprobs is one line)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout,
-                                     read_bufsize=1 << 24) as session:
+    # the full URL per request, no base_url: aiohttp would refuse a --url with a path, or drop its path
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=1 << 24) as session:
         start = time.perf_counter()
 
         async def at(p: Planned) -> Result:
             await asyncio.sleep(max(0.0, start + p.arrival - time.perf_counter()))
-            return await one(session, p)
+            return await one(session, url, p)
 
         results = await asyncio.gather(*(at(p) for p in planned))
         return list(results), time.perf_counter() - start

@@ -24,8 +24,8 @@ key and get zeros; both cost an early exit. Rows no sequence covers (t >= cu_seq
 
 Split-KV (flash-decoding): with ``num_splits > 1`` every (query block, KV head) program covers 1/num_splits of
 the key tiles its queries see, writes a normalized partial output and its log-sum-exp to an fp32 workspace,
-and a second kernel merges the splits. The default picks splits from the grid size and ``max_ctx_len`` so that
-a small batch with long contexts still fills the GPU.
+and a second kernel merges the splits. The default picks splits from the programs that have work and
+``max_ctx_len`` so that a small batch with long contexts still fills the GPU.
 
 Every argument that varies per step is a device tensor of a fixed shape and the launch grid depends only on
 shapes and the two bucketed ints (max_q_len, max_ctx_len): no host synchronisation, CUDA-graph capturable.
@@ -45,7 +45,8 @@ from ._interp_compat import install as _install_interp_compat
 from ._launch import pdl_args, use_triton
 from .reference import FP8_KV
 
-__all__ = ["AttentionConfig", "attention_tiles", "default_num_splits", "paged_attention", "use_triton", "work_programs"]
+__all__ = ["AttentionConfig", "attention_tiles", "default_num_splits", "launch_plan", "paged_attention", "use_triton",
+           "work_programs"]
 
 BLOCK_N = 64  # keys per tile
 
@@ -107,16 +108,24 @@ def _grid_splits(device: torch.device, programs: int, max_ctx_len: int, block_n:
     return splits
 
 
-def _choose(q: torch.Tensor, cfg: AttentionConfig, default: bool, num_splits: int | None, tokens: int, block_q: int,
-            kv_heads: int, max_q_len: int, max_ctx_len: int) -> tuple[AttentionConfig, int]:  # fmt: skip
-    """(config, splits) of a launch: DECODE for decode rows, MIXED_SPLIT for a split launch with chunks, unless the
-    caller gave a config; splits by the programs that have work (work_programs)."""
-    decode = max_q_len <= 1
-    if default and q.is_cuda and decode:
+def launch_plan(device: torch.device, tokens: int, num_seqs: int, kv_heads: int, group: int, max_q_len: int,
+                max_ctx_len: int, num_splits: int | None = None,
+                config: AttentionConfig | None = None) -> tuple[AttentionConfig, int]:  # fmt: skip
+    """(config, KV splits) of a launch. On CUDA, unless the caller gives them: splits by the programs that have
+    work (work_programs, default_num_splits); DECODE for decode rows, MIXED_SPLIT for a split launch with chunks,
+    else AttentionConfig(). HOTLORA_ATTN_GRID_SPLITS=1: the choice before the twenty-fourth session (the whole
+    grid counted, DECODE only when unsplit)."""
+    cfg = config or AttentionConfig()
+    block_q, _ = attention_tiles(max_q_len, group)
+    cuda, decode = device.type == "cuda", max_q_len <= 1
+    if GRID_SPLITS:
+        splits = num_splits or _grid_splits(device, (tokens // block_q + num_seqs) * kv_heads, max_ctx_len, cfg.block_n)
+        return (DECODE if config is None and decode and splits == 1 and cuda else cfg), splits
+    if config is None and cuda and decode:
         cfg = DECODE
-    splits = num_splits or default_num_splits(q.device, work_programs(tokens, block_q, kv_heads), max_ctx_len,
+    splits = num_splits or default_num_splits(device, work_programs(tokens, block_q, kv_heads), max_ctx_len,
                                               cfg.block_n)  # fmt: skip
-    if default and q.is_cuda and not decode and splits > 1:
+    if config is None and cuda and not decode and splits > 1:
         cfg = MIXED_SPLIT
     return cfg, splits
 
@@ -195,14 +204,14 @@ def paged_attention(
     cu_seqlens_q: int32 [S + 1], non-decreasing, cu_seqlens_q[0] == 0, cu_seqlens_q[S] <= T.
     ctx_lens: int32 [S]: context length of s including its queries, whose K/V are already in the cache.
     block_tables: int32 [S, width], unit column stride; entries beyond a sequence's blocks are never read.
-    max_q_len: an upper bound (bucketed) of the per-sequence query counts; picks the tile shape only.
-    max_ctx_len: an upper bound (bucketed) of ctx_lens; picks the default split count only.
+    max_q_len: an upper bound (bucketed) of the per-sequence query counts; picks the tile shape, and with T the
+        default config and split count (``launch_plan``).
+    max_ctx_len: an upper bound (bucketed) of ctx_lens; bounds the default split count.
     sliding_window: None/0 for full attention, else query at position p sees keys p - window < j <= p.
-    num_splits: KV splits (>= 1); None = ``default_num_splits``.
+    num_splits: KV splits (>= 1); None = ``launch_plan``'s.
     out: [T, H, D] written in place (and returned); None allocates it.
-    config: launch parameters; None = ``AttentionConfig()``.
+    config: launch parameters; None = ``launch_plan``'s (on CUDA DECODE or MIXED_SPLIT where they apply).
     """
-    cfg = config or AttentionConfig()
     out = torch.empty_like(q) if out is None else out
     _check(q, k_cache, v_cache, cu_seqlens_q, ctx_lens, block_tables, out)
     _install_interp_compat()
@@ -215,11 +224,7 @@ def paged_attention(
     group = heads // kv_heads
     block_q, g_pad = attention_tiles(max_q_len, group)
     grid_q = tokens // block_q + num_seqs
-    if GRID_SPLITS:  # the choice before the twenty-fourth session, for A/B runs (HOTLORA_ATTN_GRID_SPLITS=1)
-        splits = num_splits or _grid_splits(q.device, grid_q * kv_heads, max_ctx_len, cfg.block_n)
-        cfg = DECODE if config is None and max_q_len <= 1 and splits == 1 and q.is_cuda else cfg
-    else:
-        cfg, splits = _choose(q, cfg, config is None, num_splits, tokens, block_q, kv_heads, max_q_len, max_ctx_len)
+    cfg, splits = launch_plan(q.device, tokens, num_seqs, kv_heads, group, max_q_len, max_ctx_len, num_splits, config)
     if splits > 1:
         part_o = torch.empty(tokens, heads, splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)

@@ -12,12 +12,14 @@ import pytest
 import torch
 from attention_cases import make_case
 
+from hotlora.kernels import attention
 from hotlora.kernels.attention import (
     DECODE,
     MIXED_SPLIT,
     AttentionConfig,
     attention_tiles,
     default_num_splits,
+    launch_plan,
     paged_attention,
     splits_for,
     work_programs,
@@ -167,6 +169,28 @@ def test_tiles_and_splits():
     assert attention_tiles(300, 4) == (16, 4)  # prefill: 64 rows
     assert attention_tiles(5, 1) == (8, 1)
     assert default_num_splits(torch.device("cpu"), 1, 8192) == 1
+
+
+def test_launch_plan_on_an_h200(monkeypatch):
+    """What a launch of a CUDA graph bucket takes on an H200 (132 SMs; no GPU needed: shapes only): the padded
+    bucket's empty sequences do not count, so a decode step of 9-16 rows splits; a caller's config is kept;
+    HOTLORA_ATTN_GRID_SPLITS=1's former choice counts the whole grid."""
+    monkeypatch.setattr(attention, "_sm_count", lambda index: 132)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def plan(device, tokens, max_q_len, **kw):  # a graph bucket: rows min(tokens, 128) + 1, the engine's context
+        return launch_plan(device, tokens, min(tokens, 128) + 1, 8, 4, max_q_len, 8192, **kw)
+
+    assert [plan(gpu, t, 1) for t in (8, 16, 32)] == [(DECODE, 4), (DECODE, 2), (DECODE, 1)]
+    assert plan(gpu, 176, 176) == (MIXED_SPLIT, 2)  # a prefix-cache hit's step
+    assert plan(gpu, 1280, 1280) == (AttentionConfig(), 1)
+    narrow = AttentionConfig(block_n=32, warps=2, stages=2)
+    assert plan(gpu, 16, 1, config=narrow) == (narrow, 2)
+    assert plan(gpu, 16, 1, num_splits=3) == (DECODE, 3)
+    assert plan(cpu, 16, 1) == (AttentionConfig(), 1)
+    monkeypatch.setattr(attention, "GRID_SPLITS", True)
+    assert [plan(gpu, t, 1) for t in (8, 16)] == [(AttentionConfig(), 2), (DECODE, 1)]
+    assert plan(gpu, 176, 176) == (AttentionConfig(), 1)
 
 
 def test_split_choice_on_an_h200():

@@ -191,3 +191,47 @@ def test_hit_profile_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
     assert float(re.search(r"^decode step \(2 rows, prompt 128\): p50 ([\d.]+) ms wall", out, re.MULTILINE)[1]) > 0
     hits = bench.engine.stats().prefix_cache_hits
     assert hits >= 32 * (2 + 4)  # the two timed hits and the profile's four, 32 cached tokens each
+
+
+def test_the_client_keeps_a_url_path_and_reads_errors():
+    """bench/serve.py's client against a real aiohttp server behind a path prefix (a proxy's /api): the stream's
+    chunks are timed and counted, a 503 and an error chunk are reported, not raised."""
+    import asyncio
+
+    from aiohttp import web
+
+    serve = _bench_module("serve")
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if body["model"] == "broken":
+            await resp.write(b'data: {"error": {"message": "engine failed"}}\n\n')
+            return resp
+        for text in ("a", "b"):
+            await resp.write(f"data: {json.dumps({'choices': [{'text': text}]})}\r\n\r\n".encode())
+        await resp.write(b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+        return resp
+
+    async def main() -> list:
+        app = web.Application()
+        app.router.add_post("/api/v1/completions", stream)
+        app.router.add_post("/down/v1/completions", lambda r: web.Response(status=503, text="overloaded"))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            plan = [serve.Planned(0.0, [1, 2], 2, model) for model in ("m", "broken")]
+            ok, _ = await serve.run(base + "/api", plan)
+            down, _ = await serve.run(base + "/down", plan[:1])
+            return ok + down
+        finally:
+            await runner.cleanup()
+
+    good, broken, down = asyncio.run(main())
+    assert good.ok and good.ttft > 0 and len(good.gaps) == 1 and good.output_tokens == 2, good
+    assert not broken.ok and broken.error == "engine failed"
+    assert not down.ok and down.error.startswith("HTTP 503") and "overloaded" in down.error
