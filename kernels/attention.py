@@ -99,16 +99,6 @@ def work_programs(tokens: int, block_q: int, kv_heads: int) -> int:
 GRID_SPLITS = os.environ.get("HOTLORA_ATTN_GRID_SPLITS") == "1"
 
 
-def _grid_splits(device: torch.device, programs: int, max_ctx_len: int, block_n: int) -> int:
-    """The split choice before the twenty-fourth session (every program of the grid counted; ~2 per SM)."""
-    if device.type != "cuda":
-        return 1
-    sms, splits = _sm_count(device.index if device.index is not None else torch.cuda.current_device()), 1
-    while splits < 32 and programs * splits < 2 * sms and max_ctx_len >= 4 * block_n * 2 * splits:
-        splits *= 2
-    return splits
-
-
 def launch_plan(device: torch.device, tokens: int, num_seqs: int, kv_heads: int, group: int, max_q_len: int,
                 max_ctx_len: int, num_splits: int | None = None,
                 config: AttentionConfig | None = None) -> tuple[AttentionConfig, int]:  # fmt: skip
@@ -120,7 +110,8 @@ def launch_plan(device: torch.device, tokens: int, num_seqs: int, kv_heads: int,
     block_q, _ = attention_tiles(max_q_len, group)
     cuda, decode = device.type == "cuda", max_q_len <= 1
     if GRID_SPLITS:
-        splits = num_splits or _grid_splits(device, (tokens // block_q + num_seqs) * kv_heads, max_ctx_len, cfg.block_n)
+        grid = (tokens // block_q + num_seqs) * kv_heads
+        splits = num_splits or default_num_splits(device, grid, max_ctx_len, cfg.block_n, per_sm=2.0)
         return (DECODE if config is None and decode and splits == 1 and cuda else cfg), splits
     if config is None and cuda and decode:
         cfg = DECODE
@@ -131,20 +122,21 @@ def launch_plan(device: torch.device, tokens: int, num_seqs: int, kv_heads: int,
     return cfg, splits
 
 
-def default_num_splits(device: torch.device, programs: int, max_ctx_len: int, block_n: int = BLOCK_N) -> int:
-    """KV splits (a power of two, at most 32) until programs x splits reach 1.5 per SM, with at least 4 key tiles
-    per split; 1 on CPU. Sweeps (DECODE) put the knee there: B=8 rows x 8 KV heads best at 4
-    splits, B=14 at 2, B=32 unsplit."""
+def default_num_splits(device: torch.device, programs: int, max_ctx_len: int, block_n: int = BLOCK_N,
+                       per_sm: float = 1.5) -> int:  # fmt: skip
+    """KV splits (a power of two, at most 32) until programs x splits reach `per_sm` per SM, with at least 4 key
+    tiles per split; 1 on CPU. Sweeps (DECODE) put the knee at 1.5: B=8 rows x 8 KV heads best at 4 splits, B=14 at
+    2, B=32 unsplit (2.0: the choice before the twenty-fourth session)."""
     if device.type != "cuda":
         return 1
-    return splits_for(programs, max_ctx_len, block_n, _sm_count(device.index if device.index is not None
-                                                                else torch.cuda.current_device()))  # fmt: skip
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return splits_for(programs, max_ctx_len, block_n, _sm_count(index), per_sm)
 
 
-def splits_for(programs: int, max_ctx_len: int, block_n: int, sms: int) -> int:
+def splits_for(programs: int, max_ctx_len: int, block_n: int, sms: int, per_sm: float = 1.5) -> int:
     """default_num_splits on a GPU of `sms` multiprocessors."""
     splits = 1
-    while splits < 32 and 2 * programs * splits < 3 * sms and max_ctx_len >= 4 * block_n * 2 * splits:
+    while splits < 32 and programs * splits < per_sm * sms and max_ctx_len >= 4 * block_n * 2 * splits:
         splits *= 2
     return splits
 
