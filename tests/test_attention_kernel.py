@@ -21,8 +21,6 @@ from hotlora.kernels.attention import (
     default_num_splits,
     launch_plan,
     paged_attention,
-    splits_for,
-    work_programs,
 )
 from hotlora.kernels.reference import FP8_KV, paged_attention_ref, to_cache
 
@@ -184,9 +182,12 @@ def test_launch_plan_on_an_h200(monkeypatch):
     def plan(device, tokens, max_q_len, **kw):  # a graph bucket: rows min(tokens, 128) + 1, the engine's context
         return launch_plan(device, tokens, min(tokens, 128) + 1, 8, 4, max_q_len, 8192, **kw)
 
-    assert [plan(gpu, t, 1) for t in (8, 16, 32)] == [(DECODE, 4), (DECODE, 2), (DECODE, 1)]
-    assert plan(gpu, 176, 176) == (MIXED_SPLIT, 2)  # a prefix-cache hit's step
-    assert plan(gpu, 1280, 1280) == (AttentionConfig(), 1)
+    # the H200 sweeps' best split counts (BENCHMARKS.md, twenty-fourth session; contexts 1,100-1,500)
+    assert [plan(gpu, t, 1) for t in (8, 16, 32, 64)] == [(DECODE, 4), (DECODE, 2), (DECODE, 1), (DECODE, 1)]
+    assert plan(gpu, 176, 176) == (MIXED_SPLIT, 2)  # a prefix-cache hit's step: 14 decode rows + a 160-query chunk
+    assert plan(gpu, 1280, 1280) == (AttentionConfig(), 1)  # a cold prompt's step
+    assert plan(gpu, 1, 1) == (DECODE, 16)  # batch 1: 4 key tiles a split at 8,192
+    assert launch_plan(gpu, 1, 2, 8, 4, 1, 2048) == (DECODE, 4)
     narrow = AttentionConfig(block_n=32, warps=2, stages=2)
     assert plan(gpu, 16, 1, config=narrow) == (narrow, 2)
     assert plan(gpu, 16, 1, num_splits=3) == (DECODE, 3)
@@ -194,19 +195,6 @@ def test_launch_plan_on_an_h200(monkeypatch):
     monkeypatch.setattr(attention, "GRID_SPLITS", True)
     assert [plan(gpu, t, 1) for t in (8, 16)] == [(AttentionConfig(), 2), (DECODE, 1)]
     assert plan(gpu, 176, 176) == (AttentionConfig(), 1)
-
-
-def test_split_choice_on_an_h200():
-    """The H200 sweeps' best split counts (BENCHMARKS.md, twenty-fourth session): 8 KV heads, 132 SMs, contexts
-    1,100-1,500 (a CUDA graph passes the engine's longest context); only programs with work count."""
-    h200 = dict(max_ctx_len=8192, sms=132)
-    decode = {rows: splits_for(work_programs(rows, 1, 8), block_n=DECODE.block_n, **h200) for rows in (8, 16, 32, 64)}
-    assert decode == {8: 4, 16: 2, 32: 1, 64: 1}
-    hit_bucket = work_programs(176, attention_tiles(176, 4)[0], 8)  # 14 decode rows + a 160-query chunk
-    assert splits_for(hit_bucket, block_n=MIXED_SPLIT.block_n, **h200) == 2
-    assert splits_for(work_programs(1280, 16, 8), block_n=MIXED_SPLIT.block_n, **h200) == 1  # a cold prompt's step
-    assert splits_for(work_programs(1, 1, 8), 8192, DECODE.block_n, 132) == 16  # batch 1: 4 key tiles a split
-    assert splits_for(work_programs(1, 1, 8), 2048, DECODE.block_n, 132) == 4
 
 
 # --- GPU, real sizes -------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from hotlora.kernels.attention import DECODE, MIXED_SPLIT, AttentionConfig, attention_tiles
+from hotlora.kernels.attention import attention_tiles, launch_plan
 
 CACHES = {"bf16": "*bf16", "fp8": "*fp8e4nv"}
 ROPE = ("elementwise:_rope_kv_kernel", {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i32",
@@ -27,7 +28,7 @@ SHAPES = {"decode": (1, False), "split": (1, True), "prefill": (512, False), "mi
 
 def _attention_case(cache: str, max_q_len: int, split: bool) -> list:
     block_q, g_pad = attention_tiles(max_q_len, 4)
-    cfg = DECODE if max_q_len == 1 else MIXED_SPLIT if split else AttentionConfig()
+    cfg, _ = launch_plan(torch.device("cuda"), max_q_len, max_q_len + 1, 8, 4, max_q_len, 8192, 2 if split else 1)
     consts = {"G": 4, "G_PAD": g_pad, "HEAD_DIM": 128, "D_PAD": 128, "BLOCK_SIZE": 16, "BLOCK_Q": block_q,
               "BLOCK_M": max(16, block_q * g_pad), "BLOCK_N": cfg.block_n, "SPLIT": split, "WINDOW": False,
               "PREC": "tf32", "PDL": True}  # fmt: skip
