@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import httpx
+from serve import wait_ready
 
 HERE = Path(__file__).resolve().parent
 PROMPT_TOKENS = 1184
@@ -139,20 +140,6 @@ def launch(kind: str, pythonpath: str, cache: str) -> tuple[subprocess.Popen, st
     return subprocess.Popen(cmd, env=env), f"http://127.0.0.1:{port}"
 
 
-def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"a server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{url} was not ready after {timeout:.0f} s")
-
-
 def server_stamps(url: str, path: str) -> list[dict[str, float]]:
     """The server's records of the requests to `path` since the last read (and forgets them)."""
     records = httpx.get(url + "/_bench/stamps", timeout=30).json()
@@ -202,7 +189,7 @@ def benchmark(a: argparse.Namespace) -> dict:
     procs["bare"] = launch("bare", "", a.cache)
     try:
         for name, (proc, url) in procs.items():
-            wait_ready(url, proc, "/bare-ready" if name == "bare" else "/ready")
+            wait_ready(url, proc, 600.0, "/bare-ready" if name == "bare" else "/ready")
         combos = [(name, route, client) for name in procs for route in (["completions"] if name == "bare" else
                   a.routes) for client in a.clients]  # fmt: skip
         all_bodies = bodies()

@@ -90,7 +90,7 @@ async def bare(scope: dict, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def hook_hotlora(app: Any) -> None:
+def hook_hotlora() -> None:
     """Stamps inside hotlora: the routes' apps, the handlers' first call, the engine hand-off, the phases."""
     from hotlora.server.api import metrics, openai_routes
     from hotlora.server.engine.async_engine import AsyncEngine
@@ -158,7 +158,7 @@ def serve_hotlora(port: int) -> None:
 
     engine = EngineConfig(model="random:tiny", quant="none", device="cpu", kv_cache_memory=0.25, max_model_len=2048)
     app = create_app(ServerSettings(engine, served_model_name="m"))
-    hook_hotlora(app)
+    hook_hotlora()
     config = uvicorn_config(StampedApp(app), host="127.0.0.1", port=port)
     config.http = stamped_protocol(config.http)
     uvicorn.Server(config).run()

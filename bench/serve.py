@@ -210,13 +210,13 @@ def base_model(url: str) -> str:
     return next((m["id"] for m in models if m.get("parent") is None), models[0]["id"])
 
 
-def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float, path: str = "/ready") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise SystemExit(f"the server exited with code {proc.returncode}")
         try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
