@@ -95,6 +95,44 @@ async def check_aborted(ae: AsyncEngine, seq) -> None:
     assert seq.finish_reason == FinishReason.ABORT and seq.num_generated < LONG
 
 
+def test_a_first_token_reaches_its_stream_before_the_other_outputs_of_its_step(engine, ids):
+    """The outputs of one step are handed over first tokens first: the consumer of a request whose prefill just
+    ended runs before the step's decode streams write their chunks (its time to first token waits for none)."""
+
+    async def main():
+        ae = await started(engine)
+        batches: list[list[tuple[str, int]]] = []
+        received: list[tuple[str, int]] = []
+        deliver = ae._deliver
+
+        def spy(outputs):
+            batches.append([(o.request_id, o.completion_tokens) for o in outputs])
+            deliver(outputs)
+
+        ae._deliver = spy
+
+        async def consume(rid, max_tokens):
+            async for out in ae.generate(req(rid, ids[rid], max_tokens)):
+                received.append((out.request_id, out.completion_tokens))
+
+        task = asyncio.create_task(consume("a", LONG))
+        await until(lambda: len(received) >= 2)
+        await consume("b", 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        shared = [b for b in batches if ("b", 1) in b and any(rid == "a" for rid, _ in b)]
+        assert shared  # b's first token came from a step that also decoded a
+        for batch in shared:
+            a_out = next(o for o in batch if o[0] == "a")
+            assert batch.index(a_out) < batch.index(("b", 1))  # the engine listed a's output first...
+            assert received.index(("b", 1)) < received.index(a_out)  # ...and b's consumer still ran first
+        await until(lambda: ae._streams == {})
+        await stopped(ae)
+
+    asyncio.run(main())
+
+
 def test_cancelled_consumer_aborts_its_sequence(engine, ids):
     async def main():
         ae = await started(engine)
