@@ -388,7 +388,8 @@ class LLMEngine:
                 if out.prompt_logprobs is not None:
                     a.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
-                    a.finished, a.finish_reason, a.error, a.timing = True, out.finish_reason, out.error, out.timing
+                    a.finished, a.finish_reason, a.timing = True, out.finish_reason, out.timing
+                    a.error, a.error_kind = out.error, out.error_kind
                     done[out.request_id] = a
         return [acc[r.request_id] for r in requests]
 
