@@ -1,13 +1,15 @@
 """vLLM/OpenAI sampling fields through HTTP with the official openai client, on a real uvicorn server over
-the default model: logit_bias, min_tokens, the penalties, min_p, and their 400s."""
+the default model: logit_bias, min_tokens, the penalties, min_p, allowed_token_ids, bad_words,
+truncate_prompt_tokens, and their 400s."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import openai
 import pytest
-from server_harness import ServerThread, server_settings
+from server_harness import ServerThread, assert_openai_error, server_settings, wait_idle
 
 REPETITIVE = "a, a, a, a, a, a, a, a,"
 
@@ -175,3 +177,106 @@ def test_text_offsets_follow_the_text_where_tokens_split_characters(client, base
     chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
     assert "".join(c.text for c in chunks) == whole.text
     assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == offsets
+
+
+# --- vLLM's allowed_token_ids, bad_words and truncate_prompt_tokens, on both routes ------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+FRANCE = "The capital of France is"
+
+
+def _text(client: openai.OpenAI, base: str, route: str, stream: bool, max_tokens: int = 8, **extra) -> str:
+    """The greedy reply's text on `route`, streamed or not; `extra`: vLLM's fields."""
+    kw = dict(model=base, max_tokens=max_tokens, temperature=0, stream=stream, extra_body=extra)
+    if route == "completions":
+        r = client.completions.create(prompt=FRANCE, **kw)
+        return "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
+    r = client.chat.completions.create(messages=QUESTION, **kw)
+    if stream:
+        return "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+    return r.choices[0].message.content
+
+
+ROUTES = [("completions", False), ("completions", True), ("chat", False), ("chat", True)]
+
+
+@pytest.mark.parametrize("route, stream", ROUTES)
+def test_allowed_token_ids_are_all_that_is_generated(client, base, server, route, stream):
+    tok = server.state.tokenizer
+    allowed = sorted({tok.encode(w, add_special_tokens=False)[0] for w in (" yes", " no", "yes", "no")})
+    text = _text(client, base, route, stream, max_tokens=5, allowed_token_ids=allowed)
+    assert re.fullmatch(r"( ?(yes|no)){5}", text), text  # no EOS among them: it runs to max_tokens
+
+
+@pytest.mark.parametrize("route, stream", ROUTES)
+def test_bad_words_are_not_generated(client, base, route, stream):
+    free = _text(client, base, route, stream)
+    word = re.findall(r"[A-Za-z]{4,}", free)[0]  # "Paris" after FRANCE, "capital" in the chat reply
+    banned = _text(client, base, route, stream, bad_words=[word])
+    cut = free.index(word)
+    assert word not in banned and banned.startswith(free[:cut].rstrip()), (free, banned)
+
+
+def _usage(client: openai.OpenAI, base: str, route: str, stream: bool, **extra) -> openai.types.CompletionUsage:
+    kw = dict(model=base, max_tokens=2, temperature=0, extra_body=extra)
+    if stream:
+        kw |= dict(stream=True, stream_options={"include_usage": True})
+    if route == "completions":
+        r = client.completions.create(prompt="A long prompt about the sea and the ships on it", **kw)
+    else:
+        r = client.chat.completions.create(messages=QUESTION, **kw)
+    return list(r)[-1].usage if stream else r.usage
+
+
+@pytest.mark.parametrize("route, stream", ROUTES)
+def test_truncate_prompt_tokens_keeps_the_last_k(client, base, route, stream):
+    assert _usage(client, base, route, stream).prompt_tokens > 6
+    assert _usage(client, base, route, stream, truncate_prompt_tokens=6).prompt_tokens == 6
+    assert _usage(client, base, route, stream, truncate_prompt_tokens=500).prompt_tokens < 500  # short: whole
+
+
+def test_a_truncated_prompt_is_its_last_tokens(client, base, server):
+    """The same completion as the last k ids sent as the prompt, and echo returns the text of those k."""
+    ids = server.state.tokenizer.encode("Tell me about the sea. The capital of France is", add_special_tokens=False)
+    k = 6
+    by_ids = client.completions.create(model=base, prompt=ids[-k:], max_tokens=6, temperature=0).choices[0].text
+    cut = client.completions.create(model=base, prompt=server.state.tokenizer.decode(ids), max_tokens=6,
+                                    temperature=0, echo=True, extra_body={"truncate_prompt_tokens": k})
+    assert cut.choices[0].text == server.state.tokenizer.decode(ids[-k:]) + by_ids and cut.usage.prompt_tokens == k
+
+
+def _refusals(server) -> list[tuple[dict, str]]:
+    yes = server.state.tokenizer.encode("yes", add_special_tokens=False)
+    vocab = server.engine.model_config.vocab_size
+    return [({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+            ({"allowed_token_ids": [vocab]}, "allowed_token_ids"), ({"allowed_token_ids": [1] * 4097},
+                                                                    "allowed_token_ids"),
+            ({"allowed_token_ids": [True]}, "allowed_token_ids"), ({"bad_words": [""]}, "bad_words"),
+            ({"bad_words": ["   "]}, "bad_words"), ({"bad_words": "Paris"}, "bad_words"),
+            ({"bad_words": ["x"] * 129}, "bad_words"), ({"bad_words": ["yes"], "allowed_token_ids": yes}, "bad_words"),
+            ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+            ({"truncate_prompt_tokens": 513}, "truncate_prompt_tokens"),
+            ({"truncate_prompt_tokens": 2.5}, "truncate_prompt_tokens")]
+
+
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_bad_values_are_400_naming_the_field(server, base, http, route):
+    prompt = {"prompt": FRANCE} if route == "completions" else {"messages": QUESTION}
+    for fields, param in _refusals(server):
+        for stream in (False, True):
+            r = http.post(f"/v1/{route}", json={"model": base, "max_tokens": 2, "stream": stream, **prompt, **fields})
+            err = assert_openai_error(r, 400)
+            assert (err["param"] or "").split(".")[0] == param, (fields, err)
+    assert wait_idle(server).num_waiting == 0  # nothing was queued or left holding blocks
+
+
+def test_masks_that_leave_no_token_are_a_400(server, base, http):
+    """allowed_token_ids outside what a grammar allows: the request fails once it runs, never emitting a token."""
+    cat = server.state.tokenizer.encode(" cat", add_special_tokens=False)
+    body = {"model": base, "prompt": "Yes or no?", "max_tokens": 3, "allowed_token_ids": cat,
+            "structured_outputs": {"choice": ["yes", "no"]}}
+    err = assert_openai_error(http.post("/v1/completions", json=body), 400, "no token is left")
+    assert err["type"] == "invalid_request_error"
+    with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert "no token is left" in events[0] and events[-1] == "data: [DONE]" and len(events) == 2

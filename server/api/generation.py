@@ -15,6 +15,7 @@ from fastapi import Request as HTTPRequest
 from hotlora.server.api.errors import APIError, bad_request, model_not_found
 from hotlora.server.api.metrics import RequestTimer
 from hotlora.server.api.state import AppState
+from hotlora.server.engine import token_rules
 from hotlora.server.engine.async_engine import RequestStream
 from hotlora.server.engine.types import ErrorKind, Request, RequestOutput, SamplingParams, StructuredSpec
 
@@ -113,6 +114,35 @@ def chat_prompt(
     return encode(state, text, add_special_tokens=add_special_tokens)
 
 
+def truncation(state: AppState, k: int | None) -> int | None:
+    """vLLM's truncate_prompt_tokens, checked before any work: k, or None to keep whole prompts. A k above the
+    context is a 400, as vLLM answers (one equal to it leaves no room to generate: check_length says so)."""
+    if k is not None and k > state.max_model_len:
+        raise bad_request(f"truncate_prompt_tokens ({k}) is greater than this model's maximum context length "
+                          f"({state.max_model_len}); select a smaller truncation size", param="truncate_prompt_tokens")
+    return k
+
+
+def truncated(ids: list[int], k: int | None) -> list[int]:
+    """The prompt's last k token ids (after tokenization and the chat template, as vLLM), all of them for None."""
+    return ids if k is None or len(ids) <= k else ids[-k:]
+
+
+async def bad_words_ids(state: AppState, words: list[str] | None) -> list[list[int]]:
+    """vLLM's bad_words as token id sequences (each word in two forms: token_rules.bad_words_ids), tokenized in
+    the worker pool; a 400 naming bad_words for a word with no tokens or a model without a tokenizer."""
+    if not words:
+        return []
+    tok = state.tokenizer
+    if tok is None:
+        raise bad_request("bad_words need the model's tokenizer, and this model has none", param="bad_words")
+    try:
+        return await state.tokenizers.run(
+            lambda: token_rules.bad_words_ids(lambda text: tok.encode(text, add_special_tokens=False), words))
+    except ValueError as exc:
+        raise bad_request(str(exc), param="bad_words") from None
+
+
 def check_length(state: AppState, n_prompt: int, max_tokens: int | None, param: str = "max_tokens") -> int:
     """max_tokens to use; 400 when prompt + completion cannot fit the context (as vLLM answers), naming `param`
     (the field the client set the completion's length with)."""
@@ -142,7 +172,10 @@ def choice_seed(seed: int | None, offset: int) -> int | None:
     return None if seed is None else (seed + offset + 2**63) % 2**64 - 2**63
 
 
-def sampling(body: Any, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+def sampling(body: Any, max_tokens: int, logprobs: int | None, seed_offset: int,
+             bad_words: list[list[int]] | None = None) -> SamplingParams:
+    """Choice seed_offset's engine parameters; `bad_words`: the body's bad words tokenized (bad_words_ids). The
+    token lists are the same objects for every choice: the sampler builds their tensors once per object."""
     seed = choice_seed(body.seed, seed_offset)
     try:
         return SamplingParams(
@@ -164,20 +197,23 @@ def sampling(body: Any, max_tokens: int, logprobs: int | None, seed_offset: int)
             min_tokens=body.min_tokens,
             structured=body.structured_spec(),
             priority=body.priority,
+            allowed_token_ids=body.allowed_token_ids,
+            bad_words_ids=bad_words or [],
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 
 
 def make_choices(
-    prompts: list[tuple[list[int], int]], body: Any, logprobs: int | None, adapter: str | None, request_id: str
+    prompts: list[tuple[list[int], int]], body: Any, logprobs: int | None, adapter: str | None, request_id: str,
+    bad_words: list[list[int]] | None = None,
 ) -> list[Choice]:
     """n choices per (prompt token ids, max_tokens); a seeded request's j-th sample uses seed + j."""
     choices = []
     for p, (ids, max_tokens) in enumerate(prompts):
         for j in range(body.n):
             index = p * body.n + j
-            params = sampling(body, max_tokens, logprobs, j)
+            params = sampling(body, max_tokens, logprobs, j, bad_words)
             choices.append(Choice(index, Request(f"{request_id}-{index}", ids, params, adapter)))
     return choices
 

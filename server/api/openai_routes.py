@@ -168,13 +168,17 @@ def _text(outs: list[RequestOutput]) -> str:
 # --- /v1/completions -----------------------------------------------------------------------------------
 
 
-def _echoed(state: AppState, body: CompletionRequest) -> list[str]:
-    """Each choice's echoed prompt text ("" without echo), in choice order."""
+def _echoed(state: AppState, body: CompletionRequest, encoded: list[list[int]], keep: int | None) -> list[str]:
+    """Each choice's echoed prompt text ("" without echo), in choice order: the prompt as sent, or the text of
+    the `keep` tokens that truncate_prompt_tokens left of it (encoded: each prompt's ids before truncation)."""
     if not body.echo:
         return [""] * (len(body.prompts()) * body.n)
     if state.tokenizer is None:  # token-id prompts are served, but their text cannot be echoed
         raise bad_request("echo needs the prompt's text: this model has no tokenizer", param="echo")
-    texts = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in body.prompts()]
+    texts = []
+    for p, ids in zip(body.prompts(), encoded, strict=True):
+        kept = gen.truncated(ids, keep)
+        texts.append(p if isinstance(p, str) and kept is ids else state.tokenizer.decode(kept))
     return [t for t in texts for _ in range(body.n)]
 
 
@@ -182,12 +186,15 @@ def _echoed(state: AppState, body: CompletionRequest) -> list[str]:
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
     body.refuse_unsupported()
+    keep = gen.truncation(state, body.truncate_prompt_tokens)
     adapter = await _resolve_model(state, body.model)
+    encoded = await gen.encode_prompts(state, body.prompts())
     prompts = [(ids, gen.check_length(state, len(ids), body.max_tokens))
-               for ids in await gen.encode_prompts(state, body.prompts())]
-    echo = _echoed(state, body)
+               for ids in (gen.truncated(e, keep) for e in encoded)]
+    echo = _echoed(state, body, encoded, keep)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    choices = gen.make_choices(prompts, body, body.logprobs, adapter, rid)
+    bad_words = await gen.bad_words_ids(state, body.bad_words)
+    choices = gen.make_choices(prompts, body, body.logprobs, adapter, rid, bad_words)
     await gen.submit(state, choices, body.model, body.structured_field)
     head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
     tally = _Tally(body.n)
@@ -243,15 +250,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
     body.refuse_unsupported()
     plan = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls, state.tool_parser)
+    keep = gen.truncation(state, body.truncate_prompt_tokens)
     adapter = await _resolve_model(state, body.model)
     messages = [tools.template_message(m) for m in body.messages]
     ids = await gen.chat_prompt_ids(state, messages, body.add_generation_prompt, body.continue_final_message,
                                     plan.template_tools() if plan else None)
+    ids = gen.truncated(ids, keep)
     max_tokens = gen.check_length(state, len(ids), body.max_new_tokens,
                                   "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     top = (body.top_logprobs or 0) if body.logprobs else None
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    choices = gen.make_choices([(ids, max_tokens)], body, top, adapter, rid)
+    bad_words = await gen.bad_words_ids(state, body.bad_words)
+    choices = gen.make_choices([(ids, max_tokens)], body, top, adapter, rid, bad_words)
     await gen.submit(state, choices, body.model, body.structured_field)
     head = {"id": rid, "created": created, "model": body.model, "system_fingerprint": None}
     tally = _Tally(body.n)

@@ -15,12 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, fi
 from hotlora.server.api.errors import bad_request
 from hotlora.server.api.strict import Strict as _Strict
 from hotlora.server.api.tools import Tool, ToolCall, ToolChoice, constraint, tool_choice
-from hotlora.server.engine.types import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, StructuredSpec
+from hotlora.server.engine.types import (
+    MAX_ALLOWED_TOKEN_IDS,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+    StructuredSpec,
+)
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_PROMPTS = 128  # prompts in one /v1/completions request
 MAX_CHOICES = 256  # prompts x n in one request
+MAX_BAD_WORDS = 128  # words in bad_words; each is tokenized in two forms (engine: at most 256 sequences)
+MAX_BAD_WORD_CHARS = 256
 # A token id: strict, so that `true` is not token 1; bounded, so that it fits every tensor index type.
 TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 
@@ -180,6 +187,10 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64)
     priority: StrictInt = Field(default=0, ge=-INT32_MAX - 1, le=INT32_MAX)  # vLLM's: lower first (--scheduling-policy)
+    allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS)]] | None = Field(
+        default=None, max_length=MAX_BAD_WORDS)
+    truncate_prompt_tokens: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)  # keep the prompt's last k
 
     _nullable = field_validator("n", "stream", mode="before")(_null_is_default)
 

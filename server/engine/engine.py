@@ -19,6 +19,7 @@ from hotlora.server.engine.scheduler import ScheduledBatch, Scheduler
 from hotlora.server.engine.sequence import Sequence
 from hotlora.server.engine.stats import EngineOverloadedError, EngineStats, InvalidRequestError, PromptTooLongError
 from hotlora.server.engine.steptimer import StepTimer
+from hotlora.server.engine.token_rules import NO_TOKEN_LEFT, refusal, token_rules
 from hotlora.server.engine.types import ErrorKind, FinishReason, Request, RequestOutput, TokenLogprob
 from hotlora.server.model.grammar import FILL_BUDGET_S, GrammarCache, allows_no_token, too_costly
 from hotlora.server.model.runner import PLACEHOLDER, Launched, ModelRunner
@@ -100,6 +101,8 @@ class LLMEngine:
                                       "schedules first come, first served)", "priority")
         if any(not 0 <= t < vocab for t in req.params.logit_bias):
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model", "logit_bias")
+        if (refused := refusal(req.params.allowed_token_ids, req.params.bad_words_ids, vocab)) is not None:
+            raise InvalidRequestError(*refused)
         if req.params.structured is not None and self.grammars is None:
             raise InvalidRequestError("structured outputs need the model's tokenizer, and this model has none")
         return self.registry.resolve(req.adapter) if req.adapter is not None else None
@@ -114,6 +117,7 @@ class LLMEngine:
         seq.cache_ns = adapter.version if adapter is not None else None
         seq.queued_ts = req.arrival_time or time.monotonic()
         seq.detok = DetokState()
+        seq.rules = token_rules(req.params.allowed_token_ids, req.params.bad_words_ids)
         self.seqs[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -273,14 +277,17 @@ class LLMEngine:
         reason = None
         length, generated = index + 1, index + 1 - seq.num_prompt
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        if seq.rules is not None and seq.rules.forbid(seq.token_ids, seq.num_prompt, index, token):
+            return self._fail(seq, NO_TOKEN_LEFT, ErrorKind.INVALID)  # drawn from a row the masks left empty
         if seq.grammar is not None:
             if too_costly(seq.grammar):
                 return self._fail(seq, f"the request's grammar took over {FILL_BUDGET_S * 1000:.0f} ms of host time "
                                   "to apply to one token; simplify it (nested repetitions are the usual cause)",
                                   ErrorKind.INVALID)
             if not seq.grammar.accept_token(token):  # the bitmask forbids it: drawn only if it forbids all
-                if allows_no_token(seq.grammar, self.model_config.vocab_size):
-                    return self._fail(seq, "the request's grammar allows no token at this point", ErrorKind.INVALID)
+                if allows_no_token(seq.grammar, self.model_config.vocab_size) or seq.rules is not None:
+                    return self._fail(seq, "the request's grammar allows no token at this point" if seq.rules is None
+                                      else NO_TOKEN_LEFT, ErrorKind.INVALID)
                 return self._fail(seq, f"token {token} does not fit the request's grammar", ErrorKind.INTERNAL)
             stop_token = stop_token or seq.grammar.is_terminated()
         if stop_token:
@@ -388,11 +395,13 @@ class LLMEngine:
                 if out.prompt_logprobs is not None:
                     a.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
-                    a.finished, a.finish_reason, a.error, a.timing = True, out.finish_reason, out.error, out.timing
+                    a.finished, a.finish_reason, a.timing = True, out.finish_reason, out.timing
+                    a.error, a.error_kind = out.error, out.error_kind
                     done[out.request_id] = a
         return [acc[r.request_id] for r in requests]
 
 
 def _host_sampled(seq: Sequence) -> bool:
-    """Its sampling reads its tokens on the host: a grammar matcher, or the penalties' and min_tokens' history."""
+    """Its sampling reads its tokens on the host: a grammar matcher, or the history that the penalties, min_tokens
+    and bad words of several tokens read."""
     return seq.params.structured is not None or seq.params.reads_history

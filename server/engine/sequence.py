@@ -45,6 +45,7 @@ class Sequence:
     # structured outputs: the grammar matcher, advanced with every appended token; a preemption keeps it
     # (recompute prefills the generated tokens again but never re-samples them)
     grammar: Any = None
+    rules: Any = None  # token_rules.TokenRules: what its allowed_token_ids and bad words forbid (None: nothing)
     # prefix caching (block_manager): chain keys of the full token blocks, how many leading blocks of
     # block_table are registered or were mapped from the cache, and what the first admission found
     cache_ns: int | None = None  # the namespace: the adapter version's registry id (None = base model)

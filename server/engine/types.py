@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # int64 and uint64; the sampler hashes a seed modulo 2**64
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+# allowed_token_ids entries: each step copies a restricted row's ids to the device (8 bytes each), so 32 rows at
+# this bound copy 1 MiB a step; a whole vocabulary's (128K for Llama 3) would be 32 MiB
+MAX_ALLOWED_TOKEN_IDS = 4096
+MAX_BAD_WORD_SEQUENCES = 256  # token id sequences (the API tokenizes each of its at most 128 words in two forms)
 MAX_REPETITION_PENALTY = 100.0  # beyond this every seen token is simply banned; a bound keeps logits finite
 # and its inverse below: a seen token's logit divided by 1e-300 (0 in float32) is inf, and a row of several
 # infs has a NaN softmax, which drew the last token of the vocabulary
@@ -76,6 +80,10 @@ class SamplingParams:
     min_tokens: int = 0  # EOS, stop token ids and stop strings are ignored until this many tokens exist
     structured: StructuredSpec | None = None  # the output must match this grammar
     priority: int = 0  # with the "priority" scheduling policy: lower values are admitted first, preempted last
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be sampled (None: any)
+    # vLLM's bad_words, tokenized (token_rules.bad_words_ids): a word's last token is banned wherever the output
+    # ends with its other tokens
+    bad_words_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if type(self.priority) is not int:
@@ -115,6 +123,22 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        self._check_token_lists()
+
+    def _check_token_lists(self) -> None:
+        """allowed_token_ids and bad_words_ids: bounded, non-empty, ids >= 0 (the engine checks them against its
+        vocabulary)."""
+        allowed = self.allowed_token_ids
+        if allowed is not None and not 1 <= len(allowed) <= MAX_ALLOWED_TOKEN_IDS:
+            raise ValueError(f"allowed_token_ids must hold 1 to {MAX_ALLOWED_TOKEN_IDS} token ids, got {len(allowed)}")
+        if len(self.bad_words_ids) > MAX_BAD_WORD_SEQUENCES:
+            raise ValueError(f"bad_words_ids has {len(self.bad_words_ids)} token sequences; at most "
+                             f"{MAX_BAD_WORD_SEQUENCES}")
+        if any(not w for w in self.bad_words_ids):
+            raise ValueError("bad_words_ids sequences must be non-empty")
+        words = [t for w in self.bad_words_ids for t in w]
+        if any(t < 0 for t in [*(allowed or ()), *words]):
+            raise ValueError("allowed_token_ids and bad_words_ids must be token ids >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -122,9 +146,10 @@ class SamplingParams:
 
     @property
     def reads_history(self) -> bool:
-        """A logits processor reads the request's token ids: the penalties, and min_tokens' count."""
+        """A logits processor reads the request's token ids: the penalties, min_tokens' count, and bad words of
+        several tokens (whether the output ends with a word's first tokens)."""
         return bool(self.repetition_penalty != 1.0 or self.frequency_penalty or self.presence_penalty
-                    or self.min_tokens)
+                    or self.min_tokens or (self.bad_words_ids and any(len(w) > 1 for w in self.bad_words_ids)))
 
 
 @dataclass(slots=True)

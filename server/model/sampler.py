@@ -54,7 +54,8 @@ def draw_uniform(seed: int, index: int) -> float:
 
 
 def process(logits: torch.Tensor, requests: list[SampleRequest], eos_ids: set[int]) -> torch.Tensor:
-    """The logits after every request's processors (penalties, bias, min_tokens mask), one batched pass."""
+    """The logits after every request's processors (allowed_token_ids, bad words, min_tokens mask, bias, penalties),
+    one batched pass."""
     rows = [RowTokens(r.params, r.prompt_ids, r.output_ids) for r in requests]
     procs = build_processors(rows, logits.shape[-1], eos_ids, logits.device)
     return logits if procs is None else procs.apply(logits)
