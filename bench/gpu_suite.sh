@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 parts=(
   ""
   "tests/test_adapter_cuda.py tests/test_adapter_mixes_gpu.py tests/test_attention_kernel.py"
-  "tests/test_engine_gpu.py tests/test_logits_processors.py tests/test_pdl_gpu.py tests/test_prefix_cache_gpu.py"
+  "tests/test_engine_gpu.py tests/test_logits_processors.py tests/test_logits_masks.py tests/test_pdl_gpu.py
+   tests/test_prefix_cache_gpu.py"
   "tests/test_prompt_logprobs.py tests/test_quant.py tests/test_sampler_device.py tests/test_nf4_kernel_gpu.py
    tests/test_elementwise_kernels.py tests/test_lora_fused.py"
   "tests/test_lora_kernels_gpu.py"

@@ -28,6 +28,7 @@ from hotlora.server.engine.types import SamplingParams
 
 T = TypeVar("T")
 
+
 @dataclass(slots=True)
 class RowTokens:
     """What a sampled row has seen: its prompt and its generated token ids."""
