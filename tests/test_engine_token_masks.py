@@ -83,6 +83,7 @@ def test_masks_that_leave_no_token_fail_the_request(engine):
                                                                    allowed_token_ids=cat, ignore_eos=True))]
     failed, fine = engine.generate(reqs)
     assert failed.error == NO_TOKEN_LEFT and failed.error_kind is ErrorKind.INVALID and not failed.new_token_ids
+    assert failed.completion_tokens == 0  # the forbidden token it drew is not counted as generated
     assert fine.error is None and fine.new_token_ids == cat * 4
     assert engine.blocks.num_used == 0
 

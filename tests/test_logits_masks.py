@@ -156,8 +156,19 @@ def test_engine_rules_and_refusals():
 def test_allowed_ids_tensor_is_built_once_per_list():
     ids = [5, 9, 11]
     first = _allowed_row(ids)
-    assert _allowed_row(ids) is first and first.tolist() == ids
+    assert _allowed_row(ids) is first and first.host.tolist() == ids
+    cpu = torch.device("cpu")
+    assert first.on(cpu) is first.on(cpu)  # copied to a device once
     assert _allowed_row([5, 9, 11]) is not first  # another request's list: its own entry
+
+
+def test_engine_rules_are_built_once_per_list():
+    """Every choice of an API request shares its lists: their sets and bad-word index are built once (a 256-choice
+    request with 4,096 allowed ids and 128 bad words took 0.58 s of the engine thread when they were not)."""
+    allowed, bad = [3, 5, 7], [[3], [6, 5]]
+    a, b = token_rules(allowed, bad), token_rules(allowed, bad)
+    assert a.allowed is b.allowed and a.bad is b.bad
+    assert token_rules([3, 5, 7], bad).allowed is not a.allowed
 
 
 @pytest.mark.gpu

@@ -168,18 +168,25 @@ def _text(outs: list[RequestOutput]) -> str:
 # --- /v1/completions -----------------------------------------------------------------------------------
 
 
-def _echoed(state: AppState, body: CompletionRequest, encoded: list[list[int]], keep: int | None) -> list[str]:
+async def _echoed(state: AppState, body: CompletionRequest, encoded: list[list[int]], keep: int | None
+                  ) -> list[str]:
     """Each choice's echoed prompt text ("" without echo), in choice order: the prompt as sent, or the text of
-    the `keep` tokens that truncate_prompt_tokens left of it (encoded: each prompt's ids before truncation)."""
+    the `keep` tokens that truncate_prompt_tokens left of it (encoded: each prompt's ids before truncation).
+    Decoding runs in the tokenizer pool (128 prompts of 8k tokens take ~0.2 s)."""
     if not body.echo:
         return [""] * (len(body.prompts()) * body.n)
-    if state.tokenizer is None:  # token-id prompts are served, but their text cannot be echoed
+    tok = state.tokenizer
+    if tok is None:  # token-id prompts are served, but their text cannot be echoed
         raise bad_request("echo needs the prompt's text: this model has no tokenizer", param="echo")
-    texts = []
-    for p, ids in zip(body.prompts(), encoded, strict=True):
-        kept = gen.truncated(ids, keep)
-        texts.append(p if isinstance(p, str) and kept is ids else state.tokenizer.decode(kept))
-    return [t for t in texts for _ in range(body.n)]
+
+    def texts() -> list[str]:
+        out = []
+        for p, ids in zip(body.prompts(), encoded, strict=True):
+            kept = gen.truncated(ids, keep)
+            out.append(p if isinstance(p, str) and kept is ids else tok.decode(kept))
+        return out
+
+    return [t for t in await state.tokenizers.run(texts) for _ in range(body.n)]
 
 
 @router.post("/v1/completions")
@@ -191,7 +198,7 @@ async def completions(body: CompletionRequest, request: Request):
     encoded = await gen.encode_prompts(state, body.prompts())
     prompts = [(ids, gen.check_length(state, len(ids), body.max_tokens))
                for ids in (gen.truncated(e, keep) for e in encoded)]
-    echo = _echoed(state, body, encoded, keep)
+    echo = await _echoed(state, body, encoded, keep)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     bad_words = await gen.bad_words_ids(state, body.bad_words)
     choices = gen.make_choices(prompts, body, body.logprobs, adapter, rid, bad_words)

@@ -270,6 +270,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, index: int, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         """The sampled `token` replaces seq's PLACEHOLDER at `index` (later ones may follow it: tokens of steps
         still in flight); stop checks and detokenization count the tokens up to it."""
+        if seq.rules is not None and seq.rules.forbid(seq.token_ids, seq.num_prompt, index, token):
+            return self._fail(seq, NO_TOKEN_LEFT, ErrorKind.INVALID)  # drawn from a row the masks left empty: not kept
         seq.token_ids[index] = token
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -277,8 +279,6 @@ class LLMEngine:
         reason = None
         length, generated = index + 1, index + 1 - seq.num_prompt
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
-        if seq.rules is not None and seq.rules.forbid(seq.token_ids, seq.num_prompt, index, token):
-            return self._fail(seq, NO_TOKEN_LEFT, ErrorKind.INVALID)  # drawn from a row the masks left empty
         if seq.grammar is not None:
             if too_costly(seq.grammar):
                 return self._fail(seq, f"the request's grammar took over {FILL_BUDGET_S * 1000:.0f} ms of host time "

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from hotlora.server.engine.memo import PerObject
+
 NO_TOKEN_LEFT = ("no token is left to generate at this point: the request's allowed_token_ids, bad_words and "
                  "structured output (where it has one) together exclude every token")
 
@@ -88,21 +90,34 @@ class TokenRules:
         return self.bad is not None and self.bad.completes(ids, start, end, token)
 
 
+def _span(ids: Sequence[int]) -> tuple[int, int]:
+    return (min(ids), max(ids)) if ids else (0, 0)
+
+
+# built once per list object (every choice of an API request shares its lists; memo.py says what it saved)
+bad_words_index = PerObject(BadWords)
+_allowed_set = PerObject(frozenset)
+_allowed_span = PerObject(_span)
+_bad_span = PerObject(lambda words: _span([t for w in words for t in w]))
+
+
 def token_rules(allowed_token_ids: Sequence[int] | None, bad_words: Sequence[Sequence[int]]) -> TokenRules | None:
     """A request's TokenRules, or None when it sets neither parameter."""
     if allowed_token_ids is None and not bad_words:
         return None
-    return TokenRules(None if allowed_token_ids is None else frozenset(allowed_token_ids),
-                      BadWords(bad_words) if bad_words else None)
+    return TokenRules(None if allowed_token_ids is None else _allowed_set(allowed_token_ids),
+                      bad_words_index(bad_words) if bad_words else None)
 
 
 def refusal(allowed_token_ids: Sequence[int] | None, bad_words: Sequence[Sequence[int]], vocab: int
             ) -> tuple[str, str] | None:
     """(message, parameter) when the engine must refuse these lists: an id outside [0, vocab), or bad words
     that ban every allowed token (every row of the request would be empty); else None."""
-    for name, ids in (("allowed_token_ids", allowed_token_ids or ()), ("bad_words", [t for w in bad_words for t in w])):
-        if any(not 0 <= t < vocab for t in ids):
+    for name, span in (("allowed_token_ids", _allowed_span(allowed_token_ids) if allowed_token_ids else (0, 0)),
+                       ("bad_words", _bad_span(bad_words) if bad_words else (0, 0))):
+        if not 0 <= span[0] <= span[1] < vocab:
             return f"{name} token ids must be in [0, {vocab}) for this model", name
-    if allowed_token_ids is not None and set(allowed_token_ids) <= BadWords(bad_words).single:
+    if allowed_token_ids is not None and bad_words and (
+            _allowed_set(allowed_token_ids) <= bad_words_index(bad_words).single):
         return "bad_words ban every token of allowed_token_ids: no token is left to generate", "bad_words"
     return None

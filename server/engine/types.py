@@ -6,6 +6,8 @@ import enum
 import hashlib
 from dataclasses import dataclass, field
 
+from hotlora.server.engine.memo import PerObject
+
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # int64 and uint64; the sampler hashes a seed modulo 2**64
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 # allowed_token_ids entries: each step copies a restricted row's ids to the device (8 bytes each), so 32 rows at
@@ -55,6 +57,24 @@ class StructuredSpec:
     def key(self) -> str:
         """What compiled grammars are cached by."""
         return hashlib.sha256(f"{self.kind}\0{self.value}".encode()).hexdigest()
+
+
+def _check_allowed(allowed: list[int]) -> str | None:
+    if not 1 <= len(allowed) <= MAX_ALLOWED_TOKEN_IDS:
+        return f"allowed_token_ids must hold 1 to {MAX_ALLOWED_TOKEN_IDS} token ids, got {len(allowed)}"
+    return "allowed_token_ids must be token ids >= 0" if min(allowed) < 0 else None
+
+
+def _check_bad_words(words: list[list[int]]) -> str | None:
+    if len(words) > MAX_BAD_WORD_SEQUENCES:
+        return f"bad_words_ids has {len(words)} token sequences; at most {MAX_BAD_WORD_SEQUENCES}"
+    if any(not w for w in words):
+        return "bad_words_ids sequences must be non-empty"
+    return "bad_words_ids must be token ids >= 0" if min(min(w) for w in words) < 0 else None
+
+
+_allowed_error = PerObject(_check_allowed)
+_bad_words_error = PerObject(_check_bad_words)
 
 
 @dataclass(slots=True)
@@ -127,18 +147,11 @@ class SamplingParams:
 
     def _check_token_lists(self) -> None:
         """allowed_token_ids and bad_words_ids: bounded, non-empty, ids >= 0 (the engine checks them against its
-        vocabulary)."""
-        allowed = self.allowed_token_ids
-        if allowed is not None and not 1 <= len(allowed) <= MAX_ALLOWED_TOKEN_IDS:
-            raise ValueError(f"allowed_token_ids must hold 1 to {MAX_ALLOWED_TOKEN_IDS} token ids, got {len(allowed)}")
-        if len(self.bad_words_ids) > MAX_BAD_WORD_SEQUENCES:
-            raise ValueError(f"bad_words_ids has {len(self.bad_words_ids)} token sequences; at most "
-                             f"{MAX_BAD_WORD_SEQUENCES}")
-        if any(not w for w in self.bad_words_ids):
-            raise ValueError("bad_words_ids sequences must be non-empty")
-        words = [t for w in self.bad_words_ids for t in w]
-        if any(t < 0 for t in [*(allowed or ()), *words]):
-            raise ValueError("allowed_token_ids and bad_words_ids must be token ids >= 0")
+        vocabulary). Each list is scanned once, however many choices share it."""
+        if self.allowed_token_ids is not None and (error := _allowed_error(self.allowed_token_ids)):
+            raise ValueError(error)
+        if self.bad_words_ids and (error := _bad_words_error(self.bad_words_ids)):
+            raise ValueError(error)
 
     @property
     def greedy(self) -> bool:

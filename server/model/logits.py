@@ -15,18 +15,14 @@ allowed_token_ids leave only stop tokens, the request may stop (as a grammar tha
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 import torch
 
-from hotlora.server.engine.token_rules import BadWords
+from hotlora.server.engine.memo import PerObject
+from hotlora.server.engine.token_rules import bad_words_index
 from hotlora.server.engine.types import SamplingParams
-
-T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -111,45 +107,35 @@ def _joined(row: RowTokens) -> Seq[int]:
     return [*row.prompt_ids, *row.output_ids]
 
 
-class PerRequest(Generic[T]):
-    """Host tensors built from one of a request's parameters once per request, not every step (logit_bias: 300
-    entries x 32 rows took 4.3 ms a step). Keyed by the parameter object's id; the entry holds the object
-    itself, so that id cannot be reused while it is cached (least recently used dropped first). Every choice of
-    one API request shares its parameter objects, so they share an entry."""
-
-    def __init__(self, build: Callable[[object], T], kept: int = 4096) -> None:
-        self.build, self.kept = build, kept
-        self.rows: OrderedDict[int, tuple[object, T]] = OrderedDict()
-
-    def __call__(self, obj: object) -> T:
-        hit = self.rows.get(id(obj))
-        if hit is not None and hit[0] is obj:
-            self.rows.move_to_end(id(obj))
-            return hit[1]
-        value = self.build(obj)
-        self.rows[id(obj)] = (obj, value)
-        if len(self.rows) > self.kept:
-            self.rows.popitem(last=False)
-        return value
-
-
 def _ids(ids: Seq[int]) -> torch.Tensor:
     return torch.tensor(list(ids), dtype=torch.int64)
 
 
-_bias_row = PerRequest(lambda bias: (_ids(bias), torch.tensor(list(bias.values()), dtype=torch.float32)))
-# fewer entries kept, as each may be larger (up to 4,096 ids: 32 KiB, and the list itself); still twice the rows
-# of a step on CUDA (max_num_seqs 256), so that running requests do not evict each other
-_allowed_row = PerRequest(_ids, kept=512)  # a request's allowed_token_ids
+class DeviceIds:
+    """A request's token ids as an int64 tensor, copied to a device once (not every step: 256 rows of 4,096
+    allowed ids were 8 MiB of host-to-device copy a step)."""
+
+    __slots__ = ("_on", "host")
+
+    def __init__(self, ids: Seq[int]) -> None:
+        self.host = _ids(ids)
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        t = self._on.get(device)
+        if t is None:
+            t = self._on[device] = self.host.to(device)
+        return t
 
 
-def _bad_words_row(words: list[list[int]]) -> tuple[BadWords, torch.Tensor]:
-    """A request's bad words indexed, and the ids of its one-token words (banned at every step)."""
-    bad = BadWords(words)
-    return bad, _ids(sorted(bad.single))
-
-
-_bad_row = PerRequest(_bad_words_row, kept=512)
+_bias_row = PerObject(lambda bias: (_ids(bias), torch.tensor(list(bias.values()), dtype=torch.float32)))
+# up to 4,096 ids each (32 KiB on the host and on the device); four times the rows of a step on CUDA by default
+# (max_num_seqs 256), so that running requests do not evict each other
+_allowed_row = PerObject(DeviceIds, kept=1024)  # a request's allowed_token_ids
+_single_row = PerObject(lambda words: DeviceIds(sorted(bad_words_index(words).single)), kept=1024)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
@@ -162,11 +148,13 @@ def _pairs(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Te
 
 
 def _row_index(per_row: list[tuple[int, torch.Tensor]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, id tensor) pairs -> (rows, token ids) int64 index tensors on the device: each row's id repeated."""
-    counts = torch.tensor([len(ids) for _, ids in per_row])
-    rows = torch.repeat_interleave(torch.tensor([i for i, _ in per_row]), counts)
-    ids = torch.cat([ids for _, ids in per_row])
-    return rows.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+    """(row, ids) pairs, the ids all on the host or all on `device` -> (rows, token ids) int64 index tensors on the
+    device: the ids concatenated, each row's index repeated for its ids (on the device, without a host sync)."""
+    counts = [len(ids) for _, ids in per_row]
+    rows = torch.tensor([i for i, _ in per_row]).to(device, non_blocking=True)
+    repeats = torch.tensor(counts).to(device, non_blocking=True)
+    rows = torch.repeat_interleave(rows, repeats, output_size=sum(counts))
+    return rows, torch.cat([ids for _, ids in per_row]).to(device, non_blocking=True)
 
 
 def _set_penalties(procs: LogitsProcessors, rows: list[RowTokens], params: list[SamplingParams], vocab: int,
@@ -188,7 +176,7 @@ def _set_bias(procs: LogitsProcessors, params: list[SamplingParams], device: tor
 
 
 def _set_allowed(procs: LogitsProcessors, params: list[SamplingParams], device: torch.device) -> None:
-    restricted = [(i, _allowed_row(p.allowed_token_ids)) for i, p in enumerate(params)
+    restricted = [(i, _allowed_row(p.allowed_token_ids).on(device)) for i, p in enumerate(params)
                   if p.allowed_token_ids is not None]
     if restricted:
         procs.allowed_index = _row_index(restricted, device)
@@ -201,11 +189,14 @@ def _set_bad_words(procs: LogitsProcessors, rows: list[RowTokens], device: torch
     (host work: one dict lookup per row with such words, and a short comparison on a hit)."""
     banned = []
     for i, r in enumerate(rows):
-        if r.params.bad_words_ids:
-            bad, single = _bad_row(r.params.bad_words_ids)
-            now = bad.banned_after(r.output_ids)
-            banned.append((i, torch.cat([single, _ids(now)]) if now else single))
-    banned = [(i, ids) for i, ids in banned if len(ids)]
+        words = r.params.bad_words_ids
+        if words:
+            single = _single_row(words)
+            now = bad_words_index(words).banned_after(r.output_ids)
+            if now:
+                banned.append((i, torch.cat([single.on(device), _ids(now).to(device, non_blocking=True)])))
+            elif len(single):
+                banned.append((i, single.on(device)))
     if banned:
         procs.ban_index = _row_index(banned, device)
 
