@@ -233,6 +233,7 @@ def test_truncate_prompt_tokens_keeps_the_last_k(client, base, route, stream):
     assert _usage(client, base, route, stream).prompt_tokens > 6
     assert _usage(client, base, route, stream, truncate_prompt_tokens=6).prompt_tokens == 6
     assert _usage(client, base, route, stream, truncate_prompt_tokens=500).prompt_tokens < 500  # short: whole
+    assert _usage(client, base, route, stream, truncate_prompt_tokens=-1) == _usage(client, base, route, stream)
 
 
 def test_a_truncated_prompt_is_its_last_tokens(client, base, server):
@@ -256,7 +257,8 @@ def _refusals(server) -> list[tuple[dict, str]]:
             ({"bad_words": ["x"] * 129}, "bad_words"), ({"bad_words": ["yes"], "allowed_token_ids": yes}, "bad_words"),
             ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
             ({"truncate_prompt_tokens": 513}, "truncate_prompt_tokens"),
-            ({"truncate_prompt_tokens": 2.5}, "truncate_prompt_tokens")]
+            ({"truncate_prompt_tokens": 2.5}, "truncate_prompt_tokens"), ({"truncate_prompt_tokens": -2},
+                                                                           "truncate_prompt_tokens")]
 
 
 @pytest.mark.parametrize("route", ["completions", "chat/completions"])

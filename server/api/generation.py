@@ -116,7 +116,10 @@ def chat_prompt(
 
 def truncation(state: AppState, k: int | None) -> int | None:
     """vLLM's truncate_prompt_tokens, checked before any work: k, or None to keep whole prompts. A k above the
-    context is a 400, as vLLM answers (one equal to it leaves no room to generate: check_length says so)."""
+    context is a 400, as vLLM answers (one equal to it leaves no room to generate: check_length says so); -1 is
+    the context length, as in vLLM."""
+    if k == -1:
+        return state.max_model_len
     if k is not None and k > state.max_model_len:
         raise bad_request(f"truncate_prompt_tokens ({k}) is greater than this model's maximum context length "
                           f"({state.max_model_len}); select a smaller truncation size", param="truncate_prompt_tokens")

@@ -190,7 +190,8 @@ class _Sampling(_Body):
     allowed_token_ids: list[TokenId] | None = Field(default=None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)
     bad_words: list[Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS)]] | None = Field(
         default=None, max_length=MAX_BAD_WORDS)
-    truncate_prompt_tokens: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)  # keep the prompt's last k
+    # keep the prompt's last k tokens; -1: the model's context length (vLLM's)
+    truncate_prompt_tokens: StrictInt | None = Field(default=None, ge=-1, le=INT32_MAX)
 
     _nullable = field_validator("n", "stream", mode="before")(_null_is_default)
 
@@ -203,6 +204,13 @@ class _Sampling(_Body):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncation(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens must be -1 (the model's context length) or at least 1")
+        return v
 
     @field_validator("logit_bias")
     @classmethod
