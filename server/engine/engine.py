@@ -96,14 +96,13 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if req.params.priority and not self.scheduler.by_priority:  # as vLLM: a priority on a fcfs engine is refused
+        p = req.params
+        if p.priority and not self.scheduler.by_priority:  # as vLLM: a priority on a fcfs engine is refused
             raise InvalidRequestError("priority needs a server started with --scheduling-policy priority (this one "
                                       "schedules first come, first served)", "priority")
-        if any(not 0 <= t < vocab for t in req.params.logit_bias):
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) for this model", "logit_bias")
-        if (refused := refusal(req.params.allowed_token_ids, req.params.bad_words_ids, vocab)) is not None:
+        if (refused := refusal(p.allowed_token_ids, p.bad_words_ids, vocab, p.logit_bias)) is not None:
             raise InvalidRequestError(*refused)
-        if req.params.structured is not None and self.grammars is None:
+        if p.structured is not None and self.grammars is None:
             raise InvalidRequestError("structured outputs need the model's tokenizer, and this model has none")
         return self.registry.resolve(req.adapter) if req.adapter is not None else None
 
@@ -285,9 +284,10 @@ class LLMEngine:
                                   "to apply to one token; simplify it (nested repetitions are the usual cause)",
                                   ErrorKind.INVALID)
             if not seq.grammar.accept_token(token):  # the bitmask forbids it: drawn only if it forbids all
-                if allows_no_token(seq.grammar, self.model_config.vocab_size) or seq.rules is not None:
-                    return self._fail(seq, "the request's grammar allows no token at this point" if seq.rules is None
-                                      else NO_TOKEN_LEFT, ErrorKind.INVALID)
+                if seq.rules is not None:  # the masks and the grammar together left the row empty
+                    return self._fail(seq, NO_TOKEN_LEFT, ErrorKind.INVALID)
+                if allows_no_token(seq.grammar, self.model_config.vocab_size):
+                    return self._fail(seq, "the request's grammar allows no token at this point", ErrorKind.INVALID)
                 return self._fail(seq, f"token {token} does not fit the request's grammar", ErrorKind.INTERNAL)
             stop_token = stop_token or seq.grammar.is_terminated()
         if stop_token:
@@ -402,6 +402,5 @@ class LLMEngine:
 
 
 def _host_sampled(seq: Sequence) -> bool:
-    """Its sampling reads its tokens on the host: a grammar matcher, or the history that the penalties, min_tokens
-    and bad words of several tokens read."""
+    """Its sampling reads its tokens on the host: a grammar matcher, or a history (SamplingParams.reads_history)."""
     return seq.params.structured is not None or seq.params.reads_history

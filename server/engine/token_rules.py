@@ -99,6 +99,7 @@ bad_words_index = PerObject(BadWords)
 _allowed_set = PerObject(frozenset)
 _allowed_span = PerObject(_span)
 _bad_span = PerObject(lambda words: _span([t for w in words for t in w]))
+_bias_span = PerObject(lambda bias: _span(list(bias)))
 
 
 def token_rules(allowed_token_ids: Sequence[int] | None, bad_words: Sequence[Sequence[int]]) -> TokenRules | None:
@@ -109,11 +110,13 @@ def token_rules(allowed_token_ids: Sequence[int] | None, bad_words: Sequence[Seq
                       bad_words_index(bad_words) if bad_words else None)
 
 
-def refusal(allowed_token_ids: Sequence[int] | None, bad_words: Sequence[Sequence[int]], vocab: int
-            ) -> tuple[str, str] | None:
-    """(message, parameter) when the engine must refuse these lists: an id outside [0, vocab), or bad words
-    that ban every allowed token (every row of the request would be empty); else None."""
-    for name, span in (("allowed_token_ids", _allowed_span(allowed_token_ids) if allowed_token_ids else (0, 0)),
+def refusal(allowed_token_ids: Sequence[int] | None, bad_words: Sequence[Sequence[int]], vocab: int,
+            logit_bias: dict[int, float] | None = None) -> tuple[str, str] | None:
+    """(message, parameter) when the engine must refuse a request's token lists: an id outside [0, vocab) (in
+    logit_bias, allowed_token_ids or bad_words), or bad words that ban every allowed token (every row of the
+    request would be empty); else None."""
+    for name, span in (("logit_bias", _bias_span(logit_bias) if logit_bias else (0, 0)),
+                       ("allowed_token_ids", _allowed_span(allowed_token_ids) if allowed_token_ids else (0, 0)),
                        ("bad_words", _bad_span(bad_words) if bad_words else (0, 0))):
         if not 0 <= span[0] <= span[1] < vocab:
             return f"{name} token ids must be in [0, {vocab}) for this model", name

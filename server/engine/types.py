@@ -10,8 +10,8 @@ from hotlora.server.engine.memo import PerObject
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # int64 and uint64; the sampler hashes a seed modulo 2**64
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
-# allowed_token_ids entries: each step copies a restricted row's ids to the device (8 bytes each), so 32 rows at
-# this bound copy 1 MiB a step; a whole vocabulary's (128K for Llama 3) would be 32 MiB
+# allowed_token_ids entries: each request's ids stay on the device while it runs (8 bytes each: 32 KiB at this
+# bound) and each step indexes them all; a whole vocabulary's (128K for Llama 3) would be 1 MiB a request
 MAX_ALLOWED_TOKEN_IDS = 4096
 MAX_BAD_WORD_SEQUENCES = 256  # token id sequences (the API tokenizes each of its at most 128 words in two forms)
 MAX_REPETITION_PENALTY = 100.0  # beyond this every seen token is simply banned; a bound keeps logits finite
