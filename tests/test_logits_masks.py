@@ -10,7 +10,7 @@ import torch
 
 from hotlora.server.engine.token_rules import BadWords, bad_words_ids, refusal, token_rules
 from hotlora.server.engine.types import MAX_ALLOWED_TOKEN_IDS, SamplingParams
-from hotlora.server.model.logits import _allowed_row
+from hotlora.server.model.logits import _allowed_row, _bias_row
 from hotlora.server.model.sampler import SampleRequest, process, sample
 
 V = 64
@@ -160,6 +160,15 @@ def test_allowed_ids_tensor_is_built_once_per_list():
     cpu = torch.device("cpu")
     assert first.on(cpu) is first.on(cpu)  # copied to a device once
     assert _allowed_row([5, 9, 11]) is not first  # another request's list: its own entry
+
+
+def test_logit_bias_tensors_are_built_once_per_dict():
+    bias = {4: 1.5, 9: -2.0}
+    ids, values = _bias_row(bias)
+    assert _bias_row(bias)[0] is ids and ids.host.tolist() == [4, 9] and values.host.tolist() == [1.5, -2.0]
+    cpu = torch.device("cpu")
+    assert ids.on(cpu) is ids.on(cpu) and values.on(cpu) is values.on(cpu)  # copied to a device once
+    assert _bias_row({4: 1.5, 9: -2.0})[0] is not ids
 
 
 def test_engine_rules_are_built_once_per_list():

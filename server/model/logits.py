@@ -111,14 +111,14 @@ def _ids(ids: Seq[int]) -> torch.Tensor:
     return torch.tensor(list(ids), dtype=torch.int64)
 
 
-class DeviceIds:
-    """A request's token ids as an int64 tensor, copied to a device once (not every step: 256 rows of 4,096
-    allowed ids were 8 MiB of host-to-device copy a step)."""
+class OnDevice:
+    """A request's host tensor (token ids, bias values), copied to a device once, not every step: 256 rows of 4,096
+    allowed ids were 8 MiB of host-to-device copy a step."""
 
     __slots__ = ("_on", "host")
 
-    def __init__(self, ids: Seq[int]) -> None:
-        self.host = _ids(ids)
+    def __init__(self, host: torch.Tensor) -> None:
+        self.host = host
         self._on: dict[torch.device, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -131,11 +131,19 @@ class DeviceIds:
         return t
 
 
-_bias_row = PerObject(lambda bias: (_ids(bias), torch.tensor(list(bias.values()), dtype=torch.float32)))
+def _device_ids(ids: Seq[int]) -> OnDevice:
+    return OnDevice(_ids(ids))
+
+
+def _device_bias(bias: dict[int, float]) -> tuple[OnDevice, OnDevice]:
+    return _device_ids(bias), OnDevice(torch.tensor(list(bias.values()), dtype=torch.float32))
+
+
 # up to 4,096 ids each (32 KiB on the host and on the device); four times the rows of a step on CUDA by default
 # (max_num_seqs 256), so that running requests do not evict each other
-_allowed_row = PerObject(DeviceIds, kept=1024)  # a request's allowed_token_ids
-_single_row = PerObject(lambda words: DeviceIds(sorted(bad_words_index(words).single)), kept=1024)
+_bias_row = PerObject(_device_bias, kept=1024)  # a request's logit_bias: (ids, values), up to 300 entries
+_allowed_row = PerObject(_device_ids, kept=1024)  # a request's allowed_token_ids
+_single_row = PerObject(lambda words: _device_ids(sorted(bad_words_index(words).single)), kept=1024)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
@@ -171,8 +179,8 @@ def _set_penalties(procs: LogitsProcessors, rows: list[RowTokens], params: list[
 def _set_bias(procs: LogitsProcessors, params: list[SamplingParams], device: torch.device) -> None:
     biased = [(i, _bias_row(p.logit_bias)) for i, p in enumerate(params) if p.logit_bias]
     if biased:
-        procs.bias_index = _row_index([(i, ids) for i, (ids, _) in biased], device)
-        procs.bias_values = torch.cat([v for _, (_, v) in biased]).to(device, non_blocking=True)
+        procs.bias_index = _row_index([(i, ids.on(device)) for i, (ids, _) in biased], device)
+        procs.bias_values = torch.cat([values.on(device) for _, (_, values) in biased])
 
 
 def _set_allowed(procs: LogitsProcessors, params: list[SamplingParams], device: torch.device) -> None:
