@@ -125,7 +125,9 @@ def test_uniforms_are_a_hash_of_seed_and_index():
 
 
 def _batch(v: int = 500, seed: int = 0) -> tuple[torch.Tensor, list[SampleRequest]]:
-    """Rows that use everything at once: seeded, unseeded (random seeds), greedy, filters, processors."""
+    """Rows that use everything at once: seeded, unseeded (random seeds), greedy, filters, processors (the
+    request lists of logit_bias, allowed_token_ids and bad words included: their first copy to a device is in
+    the step)."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(8, v, generator=g) * 2
     unseeded = torch.randint(0, 2**62, (2,), generator=g).tolist()
@@ -133,9 +135,9 @@ def _batch(v: int = 500, seed: int = 0) -> tuple[torch.Tensor, list[SampleReques
         SamplingParams(temperature=0.9, logprobs=3),
         SamplingParams(temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5, logprobs=0),
         SamplingParams(temperature=0.0, frequency_penalty=1.0, logit_bias={3: 5.0}, logprobs=5),
-        SamplingParams(temperature=1.2, min_p=0.05, top_k=40),
+        SamplingParams(temperature=1.2, min_p=0.05, top_k=40, allowed_token_ids=list(range(1, v, 3))),
         SamplingParams(temperature=0.7, top_p=0.8, min_tokens=50, max_tokens=60),
-        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, logprobs=2),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, logprobs=2, bad_words_ids=[[7], [30, 33]]),
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=1.1, min_p=0.1, repetition_penalty=0.8),
     ]

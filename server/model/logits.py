@@ -127,7 +127,8 @@ class OnDevice:
     def on(self, device: torch.device) -> torch.Tensor:
         t = self._on.get(device)
         if t is None:
-            t = self._on[device] = self.host.to(device)
+            # asynchronous: a blocking copy from pageable memory would wait for the step in flight
+            t = self._on[device] = self.host.to(device, non_blocking=True)
         return t
 
 
