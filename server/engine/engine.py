@@ -306,17 +306,9 @@ class LLMEngine:
             request_id=seq.request_id, new_text=text, new_token_ids=[token], finished=reason is not None,
             finish_reason=reason, prompt_tokens=seq.num_prompt, completion_tokens=generated,
             logprobs=[logprob] if logprob is not None else None, cached_tokens=seq.num_cached_tokens,
-            prompt_logprobs=self._prompt_logprobs(seq, generated),
+            prompt_logprobs=seq.prompt_logprobs_output(generated),
             timing=seq.timing() if reason is not None else None,
         )
-
-    @staticmethod
-    def _prompt_logprobs(seq: Sequence, generated: int) -> list[TokenLogprob | None] | None:
-        """The prompt's logprobs, on the first generated token's output only (None first: nothing predicts
-        the first prompt token)."""
-        if seq.params.prompt_logprobs is None or generated != 1:
-            return None
-        return [None, *seq.prompt_logprobs]
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> RequestOutput:
         while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:  # tokens of steps in flight: void now
@@ -386,18 +378,9 @@ class LLMEngine:
                for r in requests}
         while len(done) < len(requests):
             for out in self.step():
-                a = acc[out.request_id]
-                a.new_text += out.new_text
-                a.new_token_ids += out.new_token_ids
-                a.completion_tokens, a.cached_tokens = out.completion_tokens, out.cached_tokens
-                if out.logprobs:
-                    a.logprobs = (a.logprobs or []) + out.logprobs
-                if out.prompt_logprobs is not None:
-                    a.prompt_logprobs = out.prompt_logprobs
+                acc[out.request_id].absorb(out)
                 if out.finished:
-                    a.finished, a.finish_reason, a.timing = True, out.finish_reason, out.timing
-                    a.error, a.error_kind = out.error, out.error_kind
-                    done[out.request_id] = a
+                    done[out.request_id] = acc[out.request_id]
         return [acc[r.request_id] for r in requests]
 
 

@@ -82,6 +82,13 @@ class Sequence:
         """Prompt logprobs are asked for and some prompt tokens are still unscored."""
         return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt - 1
 
+    def prompt_logprobs_output(self, generated: int) -> list[TokenLogprob | None] | None:
+        """The prompt's logprobs for the output of generated token number `generated`: on the first one only
+        (None first: nothing predicts the first prompt token)."""
+        if self.params.prompt_logprobs is None or generated != 1:
+            return None
+        return [None, *self.prompt_logprobs]
+
     @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

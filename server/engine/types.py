@@ -219,3 +219,16 @@ class RequestOutput:
     error: str | None = None  # set when the request failed inside the engine (e.g. its adapter failed to load)
     error_kind: ErrorKind | None = None  # with error: what kind of failure
     timing: RequestTiming | None = None  # on the finished output only: the request's phase timestamps
+
+    def absorb(self, out: RequestOutput) -> None:
+        """Fold `out`, the same request's next output, into this one (the offline API's accumulated result)."""
+        self.new_text += out.new_text
+        self.new_token_ids += out.new_token_ids
+        self.completion_tokens, self.cached_tokens = out.completion_tokens, out.cached_tokens
+        if out.logprobs:
+            self.logprobs = (self.logprobs or []) + out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.finished:
+            self.finished, self.finish_reason, self.timing = True, out.finish_reason, out.timing
+            self.error, self.error_kind = out.error, out.error_kind
