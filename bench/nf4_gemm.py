@@ -221,6 +221,8 @@ def main() -> None:
                     help="sweep: each M's recorded config with its weight bytes read by TMA (3 and 5 stages)")
     ap.add_argument("--tails", dest="variants", action="store_const", const="tails",
                     help="sweep: the recorded config against a row tile plus a tail tile per program (tail_m)")
+    ap.add_argument("--x-tma", dest="variants", action="store_const", const="x-tma",
+                    help="sweep: each M's recorded config against x's tiles by TMA too")
     ap.add_argument("--small-warps", dest="variants", action="store_const", const="small-warps",
                     help="sweep: the recorded config against weights-first tiles over 2 warps (mma.sync)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))

@@ -30,8 +30,8 @@ from hotlora.kernels import _nf4_triton
 from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, pick_config
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-POINTERS = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": "*bf16",
-            "y_ptr": "*bf16", "part_ptr": "*fp32"}
+POINTERS = {"x_ptr": "*bf16", "xt_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32",
+            "bias_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32"}
 SCALARS = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
 
 
@@ -42,11 +42,14 @@ def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
                   SWAP_AB=cfg.swap_ab, LOOKUP=cfg.lookup, V_DTYPE=tl.bfloat16, TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
                   ITERS=iters, GROUP_M=cfg.group_m, EVEN=cfg.even,
-                  PDL=True, TMA=cfg.tma, TAIL_M=cfg.tail_m)
+                  PDL=True, TMA=cfg.tma, TAIL_M=cfg.tail_m, X_TMA=cfg.x_tma)
     pointers = POINTERS | ({"w_ptr": f"tensordesc<u8[{cfg.block_n}, 64]>"} if cfg.tma else {})
+    if cfg.x_tma:
+        pointers |= {"x_ptr": f"tensordesc<bf16[{cfg.block_m}, 64]>",
+                     "xt_ptr": f"tensordesc<bf16[{cfg.tail_m}, 64]>" if cfg.tail_m else "*bf16"}
     signature = {**pointers, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
-    aligned = [*(p for p in POINTERS if not (cfg.tma and p == "w_ptr")), *(s for s in SCALARS if s != "M")]
+    aligned = [*(p for p in POINTERS if not pointers[p].startswith("tensordesc")), *(s for s in SCALARS if s != "M")]
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     options = dict(num_warps=cfg.warps, num_stages=cfg.stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
@@ -88,6 +91,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, help="override: 0 SCALE_PARTIALS, 1 SCALE_VALUES, 2 SCALE_EXACT")
     ap.add_argument("--tile", type=int, nargs=3, metavar=("BLOCK_M", "BLOCK_N", "WARPS"), help="override")
     ap.add_argument("--tail", type=int, help="override: tail_m (a second row tile per program)")
+    ap.add_argument("--x-tma", action=argparse.BooleanOptionalAction, default=None, help="override (x by TMA)")
     ap.add_argument("--dump", help="write the last config's loop SASS here")
     a = ap.parse_args()
     for m in a.m:
@@ -96,7 +100,7 @@ def main() -> None:
             print(f"M={m}: dequantize + cuBLAS (no fused loop)")
             continue
         overrides = {"lookup": a.lookup, "table_regs": a.table_regs, "even": a.even, "swap_ab": a.swap_ab, "tma": a.tma,
-                     "scale": a.scale, "tail_m": a.tail,
+                     "scale": a.scale, "tail_m": a.tail, "x_tma": a.x_tma,
                      **dict(zip(("block_m", "block_n", "warps"), a.tile or (), strict=False))}
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         rep = loop_report(compile_sm90(cfg))
@@ -104,7 +108,7 @@ def main() -> None:
         lookup = {LOOKUP_PRMT: "prmt"}.get(cfg.lookup, str(cfg.lookup))
         print(f"M={m}: {cfg.block_m}x{cfg.block_n} split {cfg.split_k} warps {cfg.warps} swap_ab {cfg.swap_ab} "
               f"lookup {lookup} table_regs {cfg.table_regs} even {cfg.even} scale {cfg.scale} tma {cfg.tma} "
-              f"tail {cfg.tail_m}: "
+              f"tail {cfg.tail_m} x_tma {cfg.x_tma}: "
               f"{rep['registers']} registers, "
               f"{rep['stack']} B stack; loop {rep['loop']} instructions, {rep['loop'] / values:.2f} per weight "
               f"value; {rep['opcodes']}", flush=True)

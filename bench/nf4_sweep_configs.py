@@ -1,5 +1,6 @@
 """The launch configs bench/nf4_gemm.py --sweep times: per M, a grid of tiles, or variants of the recorded config
-(--lookups, --even, --scales, --splits, --small-warps, --tma, --tails), each next to the config it varies."""
+(--lookups, --even, --scales, --splits, --small-warps, --tma, --tails,
+--x-tma), each next to the config it varies."""
 
 from __future__ import annotations
 
@@ -136,6 +137,26 @@ def tail_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return list(dict.fromkeys(out))
 
 
+def x_tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """The recorded config against the same with x's tiles by TMA (Nf4Config.x_tma: sm_90 SASS at M = 176 drops from
+    255 to 167 registers, no LDGSTS), at its stages and one more; from 129 rows also the tiles that lost to it with x
+    by pointer loads (128 + 128 rows, 256x128) or to dense at 257-512 (256x128), with x by TMA."""
+    out = [rec]
+    if rec.tma:
+        out += [replace(rec, x_tma=True, stages=s) for s in (rec.stages, rec.stages + 1)]
+    tiles = []
+    if 128 < m <= 256:
+        tiles = [(128, 64, 4, 128, 2), (128, 64, 4, 64, 2), (256, 128, 8, 0, 3), (256, 64, 8, 0, 3)]
+    elif 256 < m <= 512:
+        tiles = [(256, 128, 8, 0, 3), (256, 128, 8, 0, 4), (256, 64, 8, 0, 3)]
+    for bm, bn, warps, tail, stages in tiles:
+        if m <= bm + tail:
+            split = split_for_sms(-(-m // (bm + tail)) * -(-n // bn), k)
+            out.append(Nf4Config(bm, bn, split, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES,
+                                 tma=True, tail_m=tail, x_tma=True))
+    return list(dict.fromkeys(out))
+
+
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
 # fields that tell them apart
 VARIANTS = {
@@ -145,6 +166,7 @@ VARIANTS = {
     "small-warps": (warp_configs, ("swap_ab", "block_n", "warps", "split_k")),
     "tma": (tma_configs, ("tma", "stages", "block_m", "block_n", "warps", "split_k", "dense")),
     "tails": (tail_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "split_k", "dense")),
+    "x-tma": (x_tma_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "x_tma", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 

@@ -174,30 +174,38 @@ def nf4_dequant_kernel(w_ptr, absmax_ptr, lut_ptr, out_ptr, N, K, stride_wn, str
 
 
 @triton.jit
-def _load_x(x_ptr, offs_m, mask_m, g, valid, K, stride_xm, EVEN: tl.constexpr):
-    """x's two [rows, 64] halves of 128-column group g (zeros past M, past K, or where `valid` is False)."""
-    offs_k = g * 128 + tl.arange(0, 64)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    mask_x = mask_m[:, None] & valid
-    if EVEN:
-        x_hi = tl.load(x_ptrs, mask=mask_x, other=0.0)
-        x_lo = tl.load(x_ptrs + 64, mask=mask_x, other=0.0)
+def _load_x(x_ptr, offs_m, mask_m, g, valid, K, stride_xm, EVEN: tl.constexpr, X_TMA: tl.constexpr = False, m0=0):
+    """x's two [rows, 64] halves of 128-column group g (zeros past M, past K, or where `valid` is False). X_TMA:
+    x_ptr is a tensor descriptor of x ([rows, 64] blocks, rows from m0; rows past M and columns past K read as
+    zeros), read by the copy engine straight into shared memory (`valid` must be True: no prefetch)."""
+    if X_TMA:
+        x_hi = x_ptr.load([m0, g * 128])
+        x_lo = x_ptr.load([m0, g * 128 + 64])
     else:
-        x_hi = tl.load(x_ptrs, mask=mask_x & (offs_k[None, :] < K), other=0.0)
-        x_lo = tl.load(x_ptrs + 64, mask=mask_x & (offs_k[None, :] + 64 < K), other=0.0)
+        offs_k = g * 128 + tl.arange(0, 64)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        mask_x = mask_m[:, None] & valid
+        if EVEN:
+            x_hi = tl.load(x_ptrs, mask=mask_x, other=0.0)
+            x_lo = tl.load(x_ptrs + 64, mask=mask_x, other=0.0)
+        else:
+            x_hi = tl.load(x_ptrs, mask=mask_x & (offs_k[None, :] < K), other=0.0)
+            x_lo = tl.load(x_ptrs + 64, mask=mask_x & (offs_k[None, :] + 64 < K), other=0.0)
     return x_hi, x_lo
 
 
 @triton.jit
 def _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g, valid, K, NUM_G,
-                stride_xm, stride_wn, stride_an, EVEN: tl.constexpr, TMA: tl.constexpr = False, n0=0):
+                stride_xm, stride_wn, stride_an, EVEN: tl.constexpr, TMA: tl.constexpr = False, n0=0,
+                X_TMA: tl.constexpr = False, m0=0):
     """Everything one 128-column group g needs: x's two [BLOCK_M, 64] halves, the weight bytes, the scales.
     Nothing is read where `valid` is False or g is past the last group (split-K slices may run past it).
     EVEN: N is a multiple of BLOCK_N, K of 128 and the groups of SPLIT_K, so only x's rows and `valid`
     need masks (~10% of the loop's instructions at M=16). TMA: w_ptr is a tensor descriptor of the codes
     ([BLOCK_N, 64] blocks, rows from n0), read by the copy engine into shared memory; Triton's pipeliner keeps
-    `num_stages` groups in flight with no registers held (rows and groups past the end read as zeros)."""
-    x_hi, x_lo = _load_x(x_ptr, offs_m, mask_m, g, valid, K, stride_xm, EVEN)
+    `num_stages` groups in flight with no registers held (rows and groups past the end read as zeros). X_TMA: x
+    by TMA too (_load_x)."""
+    x_hi, x_lo = _load_x(x_ptr, offs_m, mask_m, g, valid, K, stride_xm, EVEN, X_TMA, m0)
     rows = None if EVEN else mask_n & (g < NUM_G)
     if TMA:  # noqa: SIM108 (a static branch: Triton's ternary would build both sides)
         raw = w_ptr.load([n0, g * 64])
@@ -282,13 +290,14 @@ def _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k
 
 
 @triton.jit
-def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
+def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
                       M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
                       HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                       SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
-                      EVEN: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False, TAIL_M: tl.constexpr = 0):
+                      EVEN: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False, TAIL_M: tl.constexpr = 0,
+                      X_TMA: tl.constexpr = False):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
@@ -299,7 +308,9 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     (_load_group). PDL: launched with kernels._launch.pdl_args. TMA: w_ptr is the codes' descriptor (_load_group).
     TAIL_M (a power of two, SCALE 1 or 2, not PREFETCH): a program covers BLOCK_M + TAIL_M rows of x, the last
     TAIL_M in a second accumulator fed by the same dequantized weights (_accumulate_tail): 192 rows as 128 + 64
-    instead of a 256-row tile, whose MMA work past M is wasted.
+    instead of a 256-row tile, whose MMA work past M is wasted. X_TMA (with TMA): x_ptr and xt_ptr are tensor
+    descriptors of x with [BLOCK_M, 64] and [TAIL_M, 64] blocks (xt_ptr: the tail's; unused without a tail), and
+    x's tiles come by TMA as the weight bytes do; otherwise xt_ptr is unused.
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -311,7 +322,8 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     size_m = tl.minimum(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
-    offs_m = pid_m * (BLOCK_M + TAIL_M) + tl.arange(0, BLOCK_M)
+    m0 = pid_m * (BLOCK_M + TAIL_M)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -322,7 +334,7 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     g0 = pid_k * ITERS
     tab = _prmt_table(lut_ptr, LOOKUP, TABLE_REGS)
     if TAIL_M > 0:
-        offs_t = pid_m * (BLOCK_M + TAIL_M) + BLOCK_M + tl.arange(0, TAIL_M)
+        offs_t = m0 + BLOCK_M + tl.arange(0, TAIL_M)
         mask_t = offs_t < M
         if SWAP_AB:
             acc_t = tl.zeros((BLOCK_N, TAIL_M), dtype=tl.float32)
@@ -341,9 +353,10 @@ def nf4_matmul_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_p
     else:
         for i in range(ITERS):
             xh, xl, raw, ah, al = _load_group(x_ptr, w_ptr, absmax_ptr, offs_m, mask_m, offs_n, mask_n, g0 + i, True,
-                                              K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, TMA, pid_n * BLOCK_N)
+                                              K, NUM_G, stride_xm, stride_wn, stride_an, EVEN, TMA, pid_n * BLOCK_N,
+                                              X_TMA, m0)
             if TAIL_M > 0:  # the tail's rows of x against the same dequantized weights
-                th, tlo = _load_x(x_ptr, offs_t, mask_t, g0 + i, True, K, stride_xm, EVEN)
+                th, tlo = _load_x(xt_ptr, offs_t, mask_t, g0 + i, True, K, stride_xm, EVEN, X_TMA, m0 + BLOCK_M)
                 acc, acc_t = _accumulate_tail(acc, acc_t, xh, xl, th, tlo, raw, ah, al, lut_ptr, tab, W_DTYPE,
                                               PRECISION, SCALE, SWAP_AB, LOOKUP, V_DTYPE)
             else:

@@ -273,14 +273,20 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     even = cfg.even and n % cfg.block_n == 0 and k % 128 == 0 and groups % split == 0
     by_tma = cfg.tma and not cfg.prefetch and tma(x)  # else the same tile with pointer loads (before Hopper)
     codes = TensorDescriptor.from_tensor(w.codes, [cfg.block_n, 64]) if by_tma else w.codes
+    # x by TMA: 16-bit x (a [rows, 64] box of fp32 would pass the 128-byte swizzle span) with 16-byte aligned rows
+    x_tma = (by_tma and cfg.x_tma and x.element_size() == 2 and x.data_ptr() % 16 == 0
+             and x.stride(0) * x.element_size() % 16 == 0)
+    xs = TensorDescriptor.from_tensor(x, [cfg.block_m, 64]) if x_tma else x
+    xt = TensorDescriptor.from_tensor(x, [cfg.tail_m, 64]) if x_tma and cfg.tail_m else x
     nf4_matmul_kernel[grid](
-        x, codes, w.absmax, lut, bias if bias is not None else y, y, part,
+        xs, xt, codes, w.absmax, lut, bias if bias is not None else y, y, part,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        TMA=by_tma, TAIL_M=cfg.tail_m, num_warps=cfg.warps, num_stages=stages(cfg, x.dtype, by_tma), **pdl_args(x),
+        TMA=by_tma, TAIL_M=cfg.tail_m, X_TMA=x_tma, num_warps=cfg.warps, num_stages=stages(cfg, x.dtype, by_tma),
+        **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
     return part if split > 1 else None

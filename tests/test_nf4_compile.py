@@ -38,12 +38,15 @@ def _recorded_tma_configs() -> list[Nf4Config]:
 def compile_sm90(cfg: Nf4Config, x_dtype: torch.dtype) -> None:
     """Compile nf4_matmul_kernel as nf4._launch would launch `cfg` over x_dtype x (TMA codes, split K, no bias)."""
     lookup = cfg.lookup if cfg.scale != SCALE_EXACT and x_dtype != torch.float32 else LOOKUP_TABLE
+    x_tma = cfg.x_tma and x_dtype != torch.float32  # as nf4._launch: fp32 x by pointer loads
     consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="ieee" if x_dtype == torch.float32 else "tf32",
                   SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup, V_DTYPE=_TL[x_dtype], TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=2, ITERS=4,
-                  GROUP_M=cfg.group_m, EVEN=cfg.even, PDL=True, TMA=True, TAIL_M=cfg.tail_m)
+                  GROUP_M=cfg.group_m, EVEN=cfg.even, PDL=True, TMA=True, TAIL_M=cfg.tail_m, X_TMA=x_tma)
     x = _NAME[x_dtype]
-    pointers = {"x_ptr": f"*{x}", "w_ptr": f"tensordesc<u8[{cfg.block_n}, 64]>", "absmax_ptr": "*fp32",
+    xs = f"tensordesc<{x}[{cfg.block_m}, 64]>" if x_tma else f"*{x}"
+    xt = f"tensordesc<{x}[{cfg.tail_m}, 64]>" if x_tma and cfg.tail_m else f"*{x}"
+    pointers = {"x_ptr": xs, "xt_ptr": xt, "w_ptr": f"tensordesc<u8[{cfg.block_n}, 64]>", "absmax_ptr": "*fp32",
                 "lut_ptr": "*fp32" if lookup == LOOKUP_TABLE else "*i32", "bias_ptr": f"*{x}", "y_ptr": f"*{x}",
                 "part_ptr": "*fp32"}
     scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
@@ -56,7 +59,7 @@ def compile_sm90(cfg: Nf4Config, x_dtype: torch.dtype) -> None:
 
 
 def _label(cfg: Nf4Config) -> str:
-    return f"{cfg.block_m}+{cfg.tail_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}"
+    return f"{cfg.block_m}+{cfg.tail_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}" + ("-xtma" if cfg.x_tma else "")
 
 
 def _compile_all() -> dict[str, str]:

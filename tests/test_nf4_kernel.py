@@ -116,6 +116,12 @@ CONFIGS = {
     "tail-one-program-exact": Nf4Config(32, 16, scale=SCALE_EXACT, tail_m=16, group_m=2),
     "tail-tma-swap-ab": Nf4Config(8, 64, split_k=3, swap_ab=True, scale=SCALE_VALUES, tma=True, tail_m=8),
 }
+# x's tiles through tensor descriptors too (16-bit x only; rows past M and columns past K read as zeros): with a tail,
+# and not
+X_TMA_CONFIGS = {
+    "x-tma-tail": Nf4Config(16, 32, split_k=3, swap_ab=True, scale=SCALE_VALUES, tma=True, tail_m=8, x_tma=True),
+    "x-tma-exact": Nf4Config(32, 16, split_k=2, scale=SCALE_EXACT, tma=True, x_tma=True),
+}
 
 
 @interpret
@@ -126,6 +132,31 @@ def test_triton_configs_match_reference(triton_cpu, name):
     bias = torch.randn(48)
     y = nf4_matmul(x, packed_group(members), bias, config=CONFIGS[name])
     assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float32]
+
+
+@interpret
+@pytest.mark.parametrize("name", list(X_TMA_CONFIGS))
+def test_triton_x_by_tma_matches_reference(triton_cpu, name):
+    members = quantize((48,), 640, torch.float16)
+    x = torch.randn(37, 640, dtype=torch.float16)
+    bias = torch.randn(48, dtype=torch.float16)
+    y = nf4_matmul(x, packed_group(members), bias, config=X_TMA_CONFIGS[name])
+    assert y.dtype == torch.float16 and rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float16]
+
+
+def test_x_tma_is_served_only_when_switched_on(monkeypatch):
+    monkeypatch.delenv("HOTLORA_NF4_X_TMA", raising=False)
+    assert pick_config(176, 28672, 4096).x_tma is configs_mod.SERVE_X_TMA
+    monkeypatch.setenv("HOTLORA_NF4_X_TMA", "1")
+    assert pick_config(176, 28672, 4096).x_tma and pick_config(512, 28672, 4096).x_tma
+    assert not pick_config(16, 28672, 4096).x_tma  # no TMA at small M
+    monkeypatch.setenv("HOTLORA_NF4_X_TMA", "0")
+    assert not pick_config(176, 28672, 4096).x_tma
+
+
+def test_x_tma_needs_tma():
+    with pytest.raises(ValueError, match="x_tma"):
+        Nf4Config(16, 32, x_tma=True)
 
 
 def test_tail_configs_need_scaled_weights_and_no_prefetch():

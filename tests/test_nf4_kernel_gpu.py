@@ -148,6 +148,27 @@ def test_gpu_tail_tiles(shape):
     assert _replayed_error(members, w, 176, bias, cfg) < TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("shape", ["qkv", "down"])
+def test_gpu_x_by_tma(shape):
+    """x's tiles by TMA beside the weight bytes (Nf4Config.x_tma), in bf16 at real sizes, with and without a tail,
+    bias, eagerly and replayed from a CUDA graph; M past, inside and below the tiles. A view of x whose rows are not
+    16-byte aligned takes the pointer loads, and is right too."""
+    k, widths = LLAMA[shape]
+    members = quantize(widths, k, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    bias = torch.randn(sum(widths), dtype=torch.bfloat16, device="cuda")
+    tiles = [(128, 64, 4, 64, 2), (128, 64, 4, 128, 2), (256, 128, 8, 0, 3), (64, 64, 4, 32, 3)]
+    for (bm, bn, warps, tail, stages), m in itertools.product(tiles, (24, 176, 200, 300)):
+        cfg = Nf4Config(bm, bn, 1, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True,
+                        tail_m=tail, x_tma=True)
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        assert rel_err(nf4_matmul(x, w, bias, config=cfg), reference(x, members, bias)) < TOLERANCE[torch.bfloat16], (
+            cfg, m)
+    wide = torch.randn(200, k + 1, dtype=torch.bfloat16, device="cuda")[:, 1:]  # rows 2 bytes off 16-byte alignment
+    assert rel_err(nf4_matmul(wide, w, bias, config=cfg), reference(wide, members, bias)) < TOLERANCE[torch.bfloat16]
+    assert _replayed_error(members, w, 176, bias, cfg) < TOLERANCE[torch.bfloat16]
+
+
 def test_gpu_register_cap_configs():
     """A register cap (maxnreg: more programs per SM, spills allowed) changes no result."""
     members = quantize((1536, 256, 256), 2048, torch.bfloat16, "cuda")
