@@ -145,12 +145,12 @@ def x_tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     if rec.tma:
         out += [replace(rec, x_tma=True, stages=s) for s in (rec.stages, rec.stages + 1)]
     tiles = []
-    if 128 < m <= 256:
+    if 128 < m <= 256:  # one program's rows cover M
         tiles = [(128, 64, 4, 128, 2), (128, 64, 4, 64, 2), (256, 128, 8, 0, 3), (256, 64, 8, 0, 3)]
-    elif 256 < m <= 512:
-        tiles = [(256, 128, 8, 0, 3), (256, 128, 8, 0, 4), (256, 64, 8, 0, 3)]
+    elif 256 < m <= 512:  # two or more row programs: against dense for q/k/v and o, the recorded tile for the rest
+        tiles = [(256, 128, 8, 0, 3), (128, 64, 4, 0, 3), (128, 128, 8, 0, 3), (256, 64, 8, 0, 3)]
     for bm, bn, warps, tail, stages in tiles:
-        if m <= bm + tail:
+        if m > 256 or m <= bm + tail:
             split = split_for_sms(-(-m // (bm + tail)) * -(-n // bn), k)
             out.append(Nf4Config(bm, bn, split, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES,
                                  tma=True, tail_m=tail, x_tma=True))
