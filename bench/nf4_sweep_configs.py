@@ -141,7 +141,7 @@ def x_tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """The recorded config against the same with x's tiles by TMA (Nf4Config.x_tma: sm_90 SASS at M = 176 drops from
     255 to 167 registers, no LDGSTS), at its stages and one more; from 129 rows also the tiles that lost to it with x
     by pointer loads (128 + 128 rows, 256x128) or to dense at 257-512 (256x128), with x by TMA."""
-    out = [rec]
+    out = [replace(rec, x_tma=False)]  # the baseline, whether or not the served config takes x by TMA
     if rec.tma:
         out += [replace(rec, x_tma=True, stages=s) for s in (rec.stages, rec.stages + 1)]
     tiles = []
