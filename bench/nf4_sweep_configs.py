@@ -1,6 +1,5 @@
 """The launch configs bench/nf4_gemm.py --sweep times: per M, a grid of tiles, or variants of the recorded config
-(--lookups, --even, --scales, --splits, --small-warps, --tma, --tails,
---x-tma), each next to the config it varies."""
+(--lookups, --even, --scales, --splits, --small-warps, --tma, --tails, --x-tma), each next to the config it varies."""
 
 from __future__ import annotations
 

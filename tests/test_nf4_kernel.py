@@ -13,7 +13,7 @@ from dataclasses import replace
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from nf4_cases import LLAMA, TOLERANCE, packed_group, quantize, reference, rel_err
+from nf4_cases import TOLERANCE, packed_group, quantize, reference, rel_err
 
 from hotlora.kernels import _nf4_configs as configs_mod
 from hotlora.kernels.nf4 import (
@@ -144,31 +144,6 @@ def test_triton_x_by_tma_matches_reference(triton_cpu, name):
     assert y.dtype == torch.float16 and rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.float16]
 
 
-def test_x_tma_is_served_only_when_switched_on(monkeypatch):
-    monkeypatch.delenv("HOTLORA_NF4_X_TMA", raising=False)
-    assert pick_config(176, 28672, 4096).x_tma is configs_mod.SERVE_X_TMA
-    monkeypatch.setenv("HOTLORA_NF4_X_TMA", "1")
-    assert pick_config(176, 28672, 4096).x_tma and pick_config(512, 28672, 4096).x_tma
-    assert not pick_config(16, 28672, 4096).x_tma  # no TMA at small M
-    monkeypatch.setenv("HOTLORA_NF4_X_TMA", "0")
-    assert not pick_config(176, 28672, 4096).x_tma
-
-
-def test_x_tma_needs_tma():
-    with pytest.raises(ValueError, match="x_tma"):
-        Nf4Config(16, 32, x_tma=True)
-
-
-def test_tail_configs_need_scaled_weights_and_no_prefetch():
-    for kwargs in ({}, {"scale": SCALE_VALUES, "prefetch": True}, {"scale": SCALE_VALUES, "dense": True}):
-        with pytest.raises(ValueError, match="tail_m"):
-            Nf4Config(16, 32, tail_m=16, **kwargs)
-    for tail in (24, -16):
-        with pytest.raises(ValueError, match="power of two"):
-            Nf4Config(16, 32, scale=SCALE_VALUES, tail_m=tail)
-    assert Nf4Config(128, 64, scale=SCALE_VALUES, tail_m=64).rows == 192
-
-
 @interpret
 @pytest.mark.parametrize("large", [False, True])
 def test_triton_recorded_configs_between_64_and_256_rows(triton_cpu, monkeypatch, large):
@@ -269,73 +244,6 @@ def test_wrapper_checks():
     packed, state = bnbF.quantize_4bit(torch.randn(8, 128), blocksize=128, quant_type="nf4")
     with pytest.raises(ValueError, match="blocksize 64"):
         pack_nf4(packed, state)
-
-
-def test_configs_cover_every_m():
-    for m in (1, MAX_GEMV_M, MAX_GEMV_M + 1, 16, 17, 64, 65, 96, 129, 176, 2048, 10**6):
-        cfg = configs_mod.pick_config(m, 4096, 4096, gemv=True)
-        assert cfg.gemv == (m <= MAX_GEMV_M)
-        assert pick_config(m, 4096, 4096).gemv == (m <= MAX_GEMV_M and configs_mod.SERVE_GEMV)
-        if m <= 192:
-            assert cfg.rows >= m  # one program's rows (a tile and its tail) hold M
-        elif m > 256:
-            assert cfg.dense
-        assert not pick_config(m, 4096, 4096, gemv=False).gemv
-
-
-def test_gemv_split_fills_the_gpu():
-    """Few output tiles take more K slices (o, down); a wide output needs none (gate/up: no reduce launch)."""
-    splits = {name: pick_config(1, sum(w), k, gemv=True).split_k for name, (k, w) in LLAMA.items()}
-    assert splits["gate_up"] == 1 and splits["o"] > 1 and splits["down"] > 1
-    assert pick_config(1, 192, 576, gemv=True).split_k <= 3  # never more slices than SmolLM2's 5 groups can fill
-
-
-def test_split_by_sms_fills_the_gpu():
-    """Buckets recorded with BY_SMS take the fewest K slices (a power of two within K's 128-column groups) that
-    give every SM a program; the large-weight config serves N * K >= LARGE_WEIGHT only."""
-    for m in (65, 96, 128, 129, 176, 256):
-        for k, widths in LLAMA.values():
-            n = sum(widths)
-            cfg = pick_config(m, n, k, gemv=False)
-            tiles = -(-m // cfg.rows) * -(-n // cfg.block_n)
-            assert cfg.split_k >= 1 and cfg.split_k & (cfg.split_k - 1) == 0 and cfg.split_k <= k // 128
-            assert tiles * cfg.split_k >= configs_mod._SMS or 2 * cfg.split_k > k // 128
-            assert cfg.split_k == 1 or tiles * cfg.split_k // 2 < configs_mod._SMS
-    small, large = (pick_config(256, n, 4096, gemv=False) for n in (4096, configs_mod.LARGE_WEIGHT // 4096))
-    assert large.block_m > small.block_m
-
-
-def test_decode_splits_give_enough_programs():
-    """At decode sizes (M <= 16; large weights to 64 rows) the recorded K slices are doubled until the launch has
-    _MIN_PROGRAMS programs or K's groups run out: o and down take more slices than q/k/v and gate/up."""
-    for m in (1, 16, 32, 64):
-        for name, (k, widths) in LLAMA.items():
-            n = sum(widths)
-            cfg = pick_config(m, n, k, gemv=False)
-            rec, big = next((c, big) for hi, c, big in configs_mod._CONFIGS if m <= hi and not c.gemv)
-            rec = big if big is not None and n * k >= configs_mod.LARGE_WEIGHT else rec
-            if m > 16 and n * k < configs_mod.LARGE_WEIGHT:
-                continue
-            tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-            assert tiles * cfg.split_k >= configs_mod._MIN_PROGRAMS or 2 * cfg.split_k > k // 128, (name, m)
-            assert cfg.split_k == 1 or tiles * cfg.split_k // 2 < configs_mod._MIN_PROGRAMS or (
-                cfg.split_k <= rec.split_k), (name, m)
-    assert pick_config(1, 4096, 4096).split_k > pick_config(1, 6144, 4096).split_k
-    assert pick_config(1, 4096, 14336).split_k > pick_config(1, 28672, 4096).split_k
-    assert pick_config(1, 128, 512).split_k <= 4  # never more slices than K's 128-column groups
-    assert pick_config(32, 4096, 4096).split_k < pick_config(32, 4096, 14336).split_k  # o keeps 4 above 16 rows
-
-
-def test_one_row_alone_takes_two_warp_tiles():
-    """At M = 1 with no LoRA shrink beside it (a base-model step) the matmul takes the 32-wide weights-first tiles
-    over 2 warps; beside a shrink, and above one row, the recorded configs."""
-    for k, widths in LLAMA.values():
-        n = sum(widths)
-        alone, beside = pick_config(1, n, k, alone=True), pick_config(1, n, k)
-        assert (alone.block_n, alone.warps, alone.swap_ab) == (32, 2, True)
-        assert (beside.block_n, beside.warps, beside.swap_ab) == (64, 4, False)
-        assert pick_config(2, n, k, alone=True) == pick_config(2, n, k)
-    assert pick_config(1, 4096, 14336, alone=True).split_k == 8  # down: 128 tiles, 8 slices
 
 
 @interpret
