@@ -257,8 +257,8 @@ def _refusals(server) -> list[tuple[dict, str]]:
             ({"bad_words": ["x"] * 129}, "bad_words"), ({"bad_words": ["yes"], "allowed_token_ids": yes}, "bad_words"),
             ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
             ({"truncate_prompt_tokens": 513}, "truncate_prompt_tokens"),
-            ({"truncate_prompt_tokens": 2.5}, "truncate_prompt_tokens"), ({"truncate_prompt_tokens": -2},
-                                                                           "truncate_prompt_tokens")]
+            ({"truncate_prompt_tokens": 2.5}, "truncate_prompt_tokens"),
+            ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens")]
 
 
 @pytest.mark.parametrize("route", ["completions", "chat/completions"])

@@ -373,14 +373,14 @@ class LLMEngine:
         """Run `requests` to completion; one accumulated output per request, in order."""
         for req in requests:
             self.add_request(req)
-        done: dict[str, RequestOutput] = {}
+        done: set[str] = set()
         acc = {r.request_id: RequestOutput(r.request_id, "", [], prompt_tokens=len(r.prompt_token_ids))
                for r in requests}
         while len(done) < len(requests):
             for out in self.step():
                 acc[out.request_id].absorb(out)
                 if out.finished:
-                    done[out.request_id] = acc[out.request_id]
+                    done.add(out.request_id)
         return [acc[r.request_id] for r in requests]
 
 
