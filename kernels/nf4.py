@@ -258,6 +258,12 @@ def stages(cfg: Nf4Config, x_dtype: torch.dtype, by_tma: bool) -> int:
     return max(cfg.stages, 3) if by_tma and x_dtype == torch.float32 else cfg.stages
 
 
+def x_by_tma(cfg: Nf4Config, x_dtype: torch.dtype) -> bool:
+    """Whether a launch of `cfg` over x_dtype x reads x by TMA where x's rows are aligned: 16-bit x only (a
+    [rows, 64] box of fp32 would pass the 128-byte swizzle span)."""
+    return cfg.x_tma and x_dtype.itemsize == 2
+
+
 def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
             cfg: Nf4Config) -> torch.Tensor | None:
     """The matmul kernel writing y, or (split K) its fp32 sums, returned for the reduce."""
@@ -273,9 +279,8 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
     even = cfg.even and n % cfg.block_n == 0 and k % 128 == 0 and groups % split == 0
     by_tma = cfg.tma and not cfg.prefetch and tma(x)  # else the same tile with pointer loads (before Hopper)
     codes = TensorDescriptor.from_tensor(w.codes, [cfg.block_n, 64]) if by_tma else w.codes
-    # x by TMA: 16-bit x (a [rows, 64] box of fp32 would pass the 128-byte swizzle span) with 16-byte aligned rows
-    x_tma = (by_tma and cfg.x_tma and x.element_size() == 2 and x.data_ptr() % 16 == 0
-             and x.stride(0) * x.element_size() % 16 == 0)
+    x_tma = (by_tma and x_by_tma(cfg, x.dtype) and x.data_ptr() % 16 == 0
+             and x.stride(0) * x.element_size() % 16 == 0)  # a descriptor needs 16-byte aligned rows
     xs = TensorDescriptor.from_tensor(x, [cfg.block_m, 64]) if x_tma else x
     xt = TensorDescriptor.from_tensor(x, [cfg.tail_m, 64]) if x_tma and cfg.tail_m else x
     nf4_matmul_kernel[grid](

@@ -38,7 +38,7 @@ def _recorded_tma_configs() -> list[Nf4Config]:
 def compile_sm90(cfg: Nf4Config, x_dtype: torch.dtype) -> None:
     """Compile nf4_matmul_kernel as nf4._launch would launch `cfg` over x_dtype x (TMA codes, split K, no bias)."""
     lookup = cfg.lookup if cfg.scale != SCALE_EXACT and x_dtype != torch.float32 else LOOKUP_TABLE
-    x_tma = cfg.x_tma and x_dtype != torch.float32  # as nf4._launch: fp32 x by pointer loads
+    x_tma = nf4.x_by_tma(cfg, x_dtype)
     consts = dict(HAS_BIAS=False, W_DTYPE=tl.bfloat16, PRECISION="ieee" if x_dtype == torch.float32 else "tf32",
                   SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup, V_DTYPE=_TL[x_dtype], TABLE_REGS=cfg.table_regs,
                   PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=2, ITERS=4,
