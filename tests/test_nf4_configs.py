@@ -15,7 +15,8 @@ def test_x_tma_is_served_only_when_switched_on(monkeypatch):
     monkeypatch.delenv("HOTLORA_NF4_X_TMA", raising=False)
     assert pick_config(176, 28672, 4096).x_tma is configs_mod.SERVE_X_TMA
     monkeypatch.setenv("HOTLORA_NF4_X_TMA", "1")
-    assert pick_config(176, 28672, 4096).x_tma and pick_config(512, 28672, 4096).x_tma
+    assert pick_config(176, 28672, 4096).x_tma and pick_config(256, 6144, 4096).x_tma
+    assert not pick_config(512, 28672, 4096).x_tma  # the 256-row tile takes x by pointer loads
     assert not pick_config(16, 28672, 4096).x_tma  # no TMA at small M
     monkeypatch.setenv("HOTLORA_NF4_X_TMA", "0")
     assert not pick_config(176, 28672, 4096).x_tma
@@ -24,6 +25,8 @@ def test_x_tma_is_served_only_when_switched_on(monkeypatch):
 def test_x_tma_needs_tma():
     with pytest.raises(ValueError, match="x_tma"):
         Nf4Config(16, 32, x_tma=True)
+    with pytest.raises(ValueError, match="128"):
+        Nf4Config(256, 128, tma=True, x_tma=True)
 
 
 def test_tail_configs_need_scaled_weights_and_no_prefetch():

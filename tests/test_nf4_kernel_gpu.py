@@ -4,6 +4,7 @@ replay, and the register lookups against the table loads. Skipped without CUDA."
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -143,8 +144,9 @@ def test_gpu_tail_tiles(shape):
     for (bm, bn, warps, tail), tma, m in itertools.product(tiles, (False, True), (24, 176, 200)):
         cfg = Nf4Config(bm, bn, 2, warps, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=tma, tail_m=tail)
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        assert rel_err(nf4_matmul(x, w, bias, config=cfg), reference(x, members, bias)) < TOLERANCE[torch.bfloat16], (
-            cfg, m)
+        y = nf4_matmul(x, w, bias, config=cfg)
+        assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.bfloat16], (cfg, m)
+        assert torch.equal(y, nf4_matmul(x, w, bias, config=replace(cfg, x_tma=False))), (cfg, m)  # same math
     assert _replayed_error(members, w, 176, bias, cfg) < TOLERANCE[torch.bfloat16]
 
 
@@ -152,18 +154,20 @@ def test_gpu_tail_tiles(shape):
 def test_gpu_x_by_tma(shape):
     """x's tiles by TMA beside the weight bytes (Nf4Config.x_tma), in bf16 at real sizes, with and without a tail,
     bias, eagerly and replayed from a CUDA graph; M past, inside and below the tiles. A view of x whose rows are not
-    16-byte aligned takes the pointer loads, and is right too."""
+    16-byte aligned takes the pointer loads, and is right too. The 256-row tile, which read x wrongly by TMA (a few
+    non-finite columns, different each run), is refused by Nf4Config (tests/test_nf4_configs.py)."""
     k, widths = LLAMA[shape]
     members = quantize(widths, k, torch.bfloat16, "cuda")
     w = packed_group(members)
     bias = torch.randn(sum(widths), dtype=torch.bfloat16, device="cuda")
-    tiles = [(128, 64, 4, 64, 2), (128, 64, 4, 128, 2), (256, 128, 8, 0, 3), (64, 64, 4, 32, 3)]
+    tiles = [(128, 64, 4, 64, 2), (128, 64, 4, 128, 2), (128, 64, 4, 0, 3), (64, 64, 4, 32, 3)]
     for (bm, bn, warps, tail, stages), m in itertools.product(tiles, (24, 176, 200, 300)):
         cfg = Nf4Config(bm, bn, 1, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True,
                         tail_m=tail, x_tma=True)
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        assert rel_err(nf4_matmul(x, w, bias, config=cfg), reference(x, members, bias)) < TOLERANCE[torch.bfloat16], (
-            cfg, m)
+        y = nf4_matmul(x, w, bias, config=cfg)
+        assert rel_err(y, reference(x, members, bias)) < TOLERANCE[torch.bfloat16], (cfg, m)
+        assert torch.equal(y, nf4_matmul(x, w, bias, config=replace(cfg, x_tma=False))), (cfg, m)  # same math
     wide = torch.randn(200, k + 1, dtype=torch.bfloat16, device="cuda")[:, 1:]  # rows 2 bytes off 16-byte alignment
     assert rel_err(nf4_matmul(wide, w, bias, config=cfg), reference(wide, members, bias)) < TOLERANCE[torch.bfloat16]
     assert _replayed_error(members, w, 176, bias, cfg) < TOLERANCE[torch.bfloat16]
