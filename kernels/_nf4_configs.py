@@ -101,18 +101,15 @@ class Nf4Config:
 # 128 + 64 rows over 4 warps at 2 stages (3 stages: 7-19% slower; 128-wide tiles over 8 warps: gate/up 130.1, down
 # 74.9); M = 160 128 + 32 (gate/up 120.8, down 61.3); M = 96 64 + 32 at 1-10% faster. At 224, 128 + 128 lost to the
 # recorded tiles (gate/up 144.6 against 136.5). Gate/up gains least: at 160-192 rows it is not bound by the MMAs.
-# x by TMA (x_tma, --x-tma, twenty-sixth session): x's tiles came by pointer loads (cp.async into shared memory,
-# 28 LDGSTS a loop at M = 176) and held registers (255 a thread at M = 176 and 256). By TMA, as the weight bytes:
-# 167 and 229 registers, ~3-5% fewer loop instructions (sm_90 SASS, bench/nf4_sass.py --x-tma), and every timed
-# tile faster (us, H200, same tile without -> with): M = 176 q/k/v 37.9 -> 34.5, o 25.6 -> 23.3, gate/up 127.4 ->
-# 114.8, down 64.5 -> 59.0 (-9% a layer); M = 200 (the 256 bucket) 47.0 -> 45.2, 28.5 -> 25.6, 137.3 -> 115.9,
-# 77.6 -> 69.9 (-12%); M = 256 46.3 -> 39.4, 28.3 -> 25.1, 129.0 -> 121.0, 78.1 -> 73.8; M = 512 (large weights)
-# gate/up 261.9 -> 242.0, down 131.9 -> 122.2. One more stage lost everywhere; 128 + 128 rows and 256x64 tiles lost
-# with it too. Not timed at 65-160 rows (their tiles take it by the same mechanism). 16-bit x only (nf4._launch).
-# The 256 x 128 tile (8 warps, 3 stages) read x wrongly by TMA on the H200 (twenty-seventh session, GPU test):
-# a few columns of every row came out non-finite, different ones each run (a race), so its timings above (gate/up
-# and down at M = 200, 256 and 512) were of wrong results, and it takes x by pointer loads. The 64- and 128-row
-# tiles, with and without tails, at 1-3 stages, matched the pointer loads bit for bit at M = 24-300.
+# x by TMA (x_tma, --x-tma, twenty-sixth and twenty-seventh sessions): x's tiles came by pointer loads (cp.async
+# into shared memory, 28 LDGSTS a loop at M = 176) and held registers (255 a thread at M = 176). By TMA, as the
+# weight bytes: 167 registers, ~3-5% fewer loop instructions (sm_90 SASS, bench/nf4_sass.py --x-tma), and every
+# 64- and 128-row tile faster (us, H200, same tile without -> with; a layer's four matmuls): M = 96 180.4 -> 170.2,
+# M = 128 187.7 -> 162.6, M = 160 242.6 -> 221.3, M = 176 255.4 -> 231.6; at M = 256 q/k/v 46.6 -> 39.6 and o
+# 28.6 -> 25.2. One more stage lost everywhere. 16-bit x only (nf4._launch). The 256x128 tile (8 warps, 3 stages)
+# raced with x by TMA: a few output columns of every row came out non-finite, different ones each run (so the
+# twenty-sixth session's gate/up and down timings at 200-512 rows timed wrong results). Nf4Config refuses x_tma
+# above 128 rows; the 64- and 128-row tiles (tails, 1-3 stages) matched the pointer loads bit for bit.
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K
