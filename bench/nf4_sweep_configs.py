@@ -139,16 +139,16 @@ def tail_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 def x_tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """The recorded config against the same with x's tiles by TMA (Nf4Config.x_tma: sm_90 SASS at M = 176 drops from
     255 to 167 registers, no LDGSTS), at its stages and one more; from 129 rows also the tiles that lost to it with x
-    by pointer loads (128 + 128 rows) or to dense at 257-512 (128x128), with x by TMA. No 256-row tiles: they read x
-    wrongly by TMA (Nf4Config refuses them)."""
+    by pointer loads (128 + 128 rows) or to dense at 257-512 (128x64), with x by TMA. Only 4-warp tiles of at most
+    128 rows: Nf4Config refuses x by TMA elsewhere (the 256-row tile over 8 warps raced with it)."""
     out = [replace(rec, x_tma=False)]  # the baseline, whether or not the served config takes x by TMA
-    if rec.tma and rec.block_m <= 128:
+    if rec.tma and rec.block_m <= 128 and rec.warps <= 4:
         out += [replace(rec, x_tma=True, stages=s) for s in (rec.stages, rec.stages + 1)]
     tiles = []
     if 128 < m <= 256:  # one program's rows cover M
         tiles = [(128, 64, 4, 128, 2), (128, 64, 4, 64, 2)]
     elif 256 < m <= 512:  # two or more row programs: against dense for q/k/v and o, the recorded tile for the rest
-        tiles = [(128, 64, 4, 0, 3), (128, 128, 8, 0, 3), (128, 64, 4, 0, 2)]
+        tiles = [(128, 64, 4, 0, 3), (128, 64, 4, 0, 2)]
     for bm, bn, warps, tail, stages in tiles:
         if m > 256 or m <= bm + tail:
             split = split_for_sms(-(-m // (bm + tail)) * -(-n // bn), k)

@@ -53,8 +53,9 @@ class Nf4Config:
 
         if self.x_tma and not self.tma:
             raise ValueError("x_tma needs tma (x's tiles by TMA beside the weight bytes)")
-        if self.x_tma and self.block_m > 128:  # measured on the H200, twenty-seventh session (see _CONFIGS)
-            raise ValueError("x_tma serves row tiles of at most 128: the 256-row tile read x wrongly by TMA")
+        if self.x_tma and (self.block_m > 128 or self.warps > 4):  # H200, twenty-seventh session (see _CONFIGS)
+            raise ValueError("x_tma serves row tiles of at most 128 over at most 4 warps (one warpgroup), the tiles "
+                             "verified on the GPU: the 256-row tile over 8 warps raced with it")
 
     @property
     def rows(self) -> int:
@@ -108,8 +109,9 @@ class Nf4Config:
 # M = 128 187.7 -> 162.6, M = 160 242.6 -> 221.3, M = 176 255.4 -> 231.6; at M = 256 q/k/v 46.6 -> 39.6 and o
 # 28.6 -> 25.2. One more stage lost everywhere. 16-bit x only (nf4._launch). The 256x128 tile (8 warps, 3 stages)
 # raced with x by TMA: a few output columns of every row came out non-finite, different ones each run (so the
-# twenty-sixth session's gate/up and down timings at 200-512 rows timed wrong results). Nf4Config refuses x_tma
-# above 128 rows; the 64- and 128-row tiles (tails, 1-3 stages) matched the pointer loads bit for bit.
+# twenty-sixth session's gate/up and down timings at 200-512 rows timed wrong results). The 64- and 128-row tiles
+# over 4 warps (tails, 1-3 stages) matched the pointer loads bit for bit; Nf4Config refuses x_tma on any other
+# tile (more rows, or two warpgroups as the 256-row tile had: which of the two races is not known).
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K

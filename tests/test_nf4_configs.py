@@ -25,8 +25,9 @@ def test_x_tma_is_served_only_when_switched_on(monkeypatch):
 def test_x_tma_needs_tma():
     with pytest.raises(ValueError, match="x_tma"):
         Nf4Config(16, 32, x_tma=True)
-    with pytest.raises(ValueError, match="128"):
-        Nf4Config(256, 128, tma=True, x_tma=True)
+    for rows, warps in ((256, 4), (128, 8)):  # only the tiles verified on the GPU (one warpgroup, <= 128 rows)
+        with pytest.raises(ValueError, match="warpgroup"):
+            Nf4Config(rows, 64, warps=warps, tma=True, x_tma=True)
 
 
 def test_tail_configs_need_scaled_weights_and_no_prefetch():
