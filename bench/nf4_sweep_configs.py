@@ -142,7 +142,7 @@ def x_tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     by pointer loads (128 + 128 rows) or to dense at 257-512 (128x64), with x by TMA. Only 4-warp tiles of at most
     128 rows: Nf4Config refuses x by TMA elsewhere (the 256-row tile over 8 warps raced with it)."""
     out = [replace(rec, x_tma=False)]  # the baseline, whether or not the served config takes x by TMA
-    if rec.tma and rec.block_m <= 128 and rec.warps <= 4:
+    if rec.tma and rec.x_tma_verified:
         out += [replace(rec, x_tma=True, stages=s) for s in (rec.stages, rec.stages + 1)]
     tiles = []
     if 128 < m <= 256:  # one program's rows cover M

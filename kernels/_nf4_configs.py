@@ -53,9 +53,14 @@ class Nf4Config:
 
         if self.x_tma and not self.tma:
             raise ValueError("x_tma needs tma (x's tiles by TMA beside the weight bytes)")
-        if self.x_tma and (self.block_m > 128 or self.warps > 4):  # H200, twenty-seventh session (see _CONFIGS)
+        if self.x_tma and not self.x_tma_verified:
             raise ValueError("x_tma serves row tiles of at most 128 over at most 4 warps (one warpgroup), the tiles "
                              "verified on the GPU: the 256-row tile over 8 warps raced with it")
+
+    @property
+    def x_tma_verified(self) -> bool:
+        """Whether this tile may take x by TMA: those verified on the H200, twenty-seventh session (see _CONFIGS)."""
+        return self.block_m <= 128 and self.warps <= 4
 
     @property
     def rows(self) -> int:
