@@ -157,6 +157,23 @@ def x_tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return list(dict.fromkeys(out))
 
 
+def mid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """Mid M (65-256 rows: a prefix-cache hit's step), the tiles that may take x by TMA (Nf4Config.x_tma_verified:
+    at most 128 rows, 4 warps), each weight tile 64 or 128 wide, with a tail of 0-128 rows, at 2 stages (3 lost
+    with x by TMA at every M, twenty-seventh session), at the fewest K slices that give every SM a program and
+    twice that: against the recorded config. Row covers that compute more than a third over M are left out."""
+    out = [rec]
+    for (bm, bn), tail, more in itertools.product(((64, 64), (128, 64), (64, 128), (128, 128)), (0, 32, 64, 128),
+                                                  (1, 2)):
+        rows = bm + tail
+        if tail > bm or -(-m // rows) * rows - m > m // 3:
+            continue
+        split = min(more * split_for_sms(-(-m // rows) * -(-n // bn), k), k // 128)
+        out.append(Nf4Config(bm, bn, split, 4, 2, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True,
+                             tail_m=tail, x_tma=True))
+    return list(dict.fromkeys(out))
+
+
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
 # fields that tell them apart
 VARIANTS = {
@@ -166,6 +183,7 @@ VARIANTS = {
     "small-warps": (warp_configs, ("swap_ab", "block_n", "warps", "split_k")),
     "tma": (tma_configs, ("tma", "stages", "block_m", "block_n", "warps", "split_k", "dense")),
     "tails": (tail_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "split_k", "dense")),
+    "mid": (mid_configs, ("block_m", "tail_m", "block_n", "stages", "split_k", "x_tma", "dense")),
     "x-tma": (x_tma_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "x_tma", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
