@@ -139,11 +139,12 @@ def tail_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 def x_tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """The recorded config against the same with x's tiles by TMA (Nf4Config.x_tma: sm_90 SASS at M = 176 drops from
     255 to 167 registers, no LDGSTS), at its stages and one more; from 129 rows also the tiles that lost to it with x
-    by pointer loads (128 + 128 rows) or to dense at 257-512 (128x64), with x by TMA. Only 4-warp tiles of at most
-    128 rows: Nf4Config refuses x by TMA elsewhere (the 256-row tile over 8 warps raced with it)."""
+    by pointer loads (128 + 128 rows) or to dense at 257-512 (128x64), with x by TMA. Only the tiles verified with it
+    (Nf4Config.x_tma_verified: the 256x128 tile at 3 stages raced)."""
     out = [replace(rec, x_tma=False)]  # the baseline, whether or not the served config takes x by TMA
-    if rec.tma and rec.x_tma_verified:
-        out += [replace(rec, x_tma=True, stages=s) for s in (rec.stages, rec.stages + 1)]
+    if rec.tma:
+        out += [replace(rec, x_tma=True, stages=s) for s in (rec.stages, rec.stages + 1)
+                if replace(rec, stages=s).x_tma_verified]
     tiles = []
     if 128 < m <= 256:  # one program's rows cover M
         tiles = [(128, 64, 4, 128, 2), (128, 64, 4, 64, 2)]

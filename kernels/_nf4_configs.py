@@ -54,13 +54,14 @@ class Nf4Config:
         if self.x_tma and not self.tma:
             raise ValueError("x_tma needs tma (x's tiles by TMA beside the weight bytes)")
         if self.x_tma and not self.x_tma_verified:
-            raise ValueError("x_tma serves row tiles of at most 128 over at most 4 warps (one warpgroup), the tiles "
-                             "verified on the GPU: the 256-row tile over 8 warps raced with it")
+            raise ValueError("x_tma serves the tiles verified on the GPU: at most 3 stages, and at most 2 for 256-row "
+                             "tiles (the 256x128 tile over 8 warps at 3 stages raced with it)")
 
     @property
     def x_tma_verified(self) -> bool:
-        """Whether this tile may take x by TMA: those verified on the H200, twenty-seventh session (see _CONFIGS)."""
-        return self.block_m <= 128 and self.warps <= 4
+        """Whether this tile may take x by TMA: those verified on the H200 (twenty-seventh and twenty-eighth sessions,
+        see _CONFIGS): up to 128 rows at 1-3 stages over 4 warps and 2-3 over 8, 256 rows at 2 stages over 8."""
+        return self.stages <= 3 and (self.block_m <= 128 or self.stages <= 2)
 
     @property
     def rows(self) -> int:
@@ -115,8 +116,12 @@ class Nf4Config:
 # 28.6 -> 25.2. One more stage lost everywhere. 16-bit x only (nf4._launch). The 256x128 tile (8 warps, 3 stages)
 # raced with x by TMA: a few output columns of every row came out non-finite, different ones each run (so the
 # twenty-sixth session's gate/up and down timings at 200-512 rows timed wrong results). The 64- and 128-row tiles
-# over 4 warps (tails, 1-3 stages) matched the pointer loads bit for bit; Nf4Config refuses x_tma on any other
-# tile (more rows, or two warpgroups as the 256-row tile had: which of the two races is not known).
+# over 4 warps (tails, 1-3 stages) matched the pointer loads bit for bit. Twenty-eighth session (H200, gate/up and
+# down at M = 208, 256 and 512, three runs each against the pointer loads): the race is the 256x128 tile's at 3
+# stages only; at 2 stages it, 256x64 over 8 warps and 128x128 over 8 warps at 2-3 stages were bit-equal every
+# time. Nf4Config refuses x_tma outside what was verified (Nf4Config.x_tma_verified). None of those tiles is served:
+# at 2 stages the 256x128 tile with x by TMA ran slower than at 3 with pointer loads (gate/up M = 208: 148.1 against
+# 139.4 us), and the 128-row tiles over 8 warps lose to the recorded ones.
 # GEMV bucket (block_m = its max M; move both to change MAX_GEMV_M): defaults chosen by reasoning, not swept
 # yet. 64 rows x 2 groups per step over 8 warps is 32 weight bytes per thread and compiles (ptxas, sm_90) to
 # 77 registers at M=1, 128 at M=4, with no shared-memory layout round trip in the loop. split_k is the most K

@@ -25,9 +25,11 @@ def test_x_tma_is_served_only_when_switched_on(monkeypatch):
 def test_x_tma_needs_tma():
     with pytest.raises(ValueError, match="x_tma"):
         Nf4Config(16, 32, x_tma=True)
-    for rows, warps in ((256, 4), (128, 8)):  # only the tiles verified on the GPU (one warpgroup, <= 128 rows)
-        with pytest.raises(ValueError, match="warpgroup"):
-            Nf4Config(rows, 64, warps=warps, tma=True, x_tma=True)
+    for rows, warps, stages in ((256, 8, 3), (128, 4, 4), (64, 4, 5)):  # only the tiles verified on the GPU
+        with pytest.raises(ValueError, match="raced"):
+            Nf4Config(rows, 128, warps=warps, stages=stages, tma=True, x_tma=True)
+    for rows, warps, stages in ((256, 8, 2), (128, 8, 3), (128, 4, 1)):
+        assert Nf4Config(rows, 128, warps=warps, stages=stages, tma=True, x_tma=True).x_tma
 
 
 def test_tail_configs_need_scaled_weights_and_no_prefetch():

@@ -154,13 +154,15 @@ def test_gpu_tail_tiles(shape):
 def test_gpu_x_by_tma(shape):
     """x's tiles by TMA beside the weight bytes (Nf4Config.x_tma), in bf16 at real sizes, with and without a tail,
     bias, eagerly and replayed from a CUDA graph; M past, inside and below the tiles. A view of x whose rows are not
-    16-byte aligned takes the pointer loads, and is right too. The 256-row tile over 8 warps, which raced with x by
-    TMA (a few non-finite columns, different each run), is refused by Nf4Config (tests/test_nf4_configs.py)."""
+    16-byte aligned takes the pointer loads, and is right too. The 256x128 tile over 8 warps at 3 stages, which raced
+    with x by TMA (a few non-finite columns, different each run), is refused by Nf4Config (tests/test_nf4_configs.py);
+    at 2 stages it is here, with the 128-row tile over 8 warps."""
     k, widths = LLAMA[shape]
     members = quantize(widths, k, torch.bfloat16, "cuda")
     w = packed_group(members)
     bias = torch.randn(sum(widths), dtype=torch.bfloat16, device="cuda")
-    tiles = [(128, 64, 4, 64, 2), (128, 64, 4, 128, 2), (128, 64, 4, 0, 3), (64, 64, 4, 32, 3)]
+    tiles = [(128, 64, 4, 64, 2), (128, 64, 4, 128, 2), (128, 64, 4, 0, 3), (64, 64, 4, 32, 3), (256, 128, 8, 0, 2),
+             (128, 128, 8, 0, 3)]
     for (bm, bn, warps, tail, stages), m in itertools.product(tiles, (24, 176, 200, 300)):
         cfg = Nf4Config(bm, bn, 1, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True,
                         tail_m=tail, x_tma=True)
