@@ -109,11 +109,18 @@ def warp_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
                     if 1 <= split <= k // 128]
 
 
+def _at_stages(cfg: Nf4Config, stages: int) -> Nf4Config:
+    """cfg at `stages` pipeline stages, x by pointer loads where x by TMA is not verified at that depth
+    (Nf4Config.x_tma_verified)."""
+    plain = replace(cfg, x_tma=False, stages=stages)
+    return replace(plain, x_tma=cfg.x_tma and plain.x_tma_verified)
+
+
 def tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """The recorded config against the same tile with its weight bytes read by TMA into shared memory (Nf4Config.tma)
     at 3 and 5 pipeline stages: the copy engine keeps groups in flight without holding registers, where the plain
     loads hold ~4 KB per program (one group) in registers until its math starts."""
-    out = [rec] + ([replace(rec, tma=True, stages=s) for s in (3, 5)] if _fused(rec) else [])
+    out = [rec] + ([_at_stages(replace(rec, tma=True), s) for s in (3, 5)] if _fused(rec) else [])
     if m > 64:  # the mid-M tiles again, now that the weights need no registers in flight
         tiles = [(128, 64, 4), (128, 128, 8), (256, 64, 8), (256, 128, 8), (64, 128, 4)]
         for (bm, bn, warps), stages in itertools.product(tiles, (2, 3, 4)):
@@ -144,7 +151,7 @@ def x_tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     out = [replace(rec, x_tma=False)]  # the baseline, whether or not the served config takes x by TMA
     if rec.tma:
         out += [replace(rec, x_tma=True, stages=s) for s in (rec.stages, rec.stages + 1)
-                if replace(rec, stages=s).x_tma_verified]
+                if replace(rec, x_tma=False, stages=s).x_tma_verified]
     tiles = []
     if 128 < m <= 256:  # one program's rows cover M
         tiles = [(128, 64, 4, 128, 2), (128, 64, 4, 64, 2)]

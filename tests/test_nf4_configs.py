@@ -4,6 +4,8 @@ runs the configs)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from nf4_cases import LLAMA
 
@@ -107,3 +109,22 @@ def test_one_row_alone_takes_two_warp_tiles():
         assert (beside.block_n, beside.warps, beside.swap_ab) == (64, 4, False)
         assert pick_config(2, n, k, alone=True) == pick_config(2, n, k)
     assert pick_config(1, 4096, 14336, alone=True).split_k == 8  # down: 128 tiles, 8 slices
+
+
+def test_every_sweep_variant_builds_its_configs():
+    """bench/nf4_sweep_configs.py's variants of the recorded configs are valid Nf4Configs at every bucket, including
+    the served x-by-TMA ones at other stage counts (Nf4Config refuses unverified x-by-TMA tiles on construction)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "nf4_sweep_configs.py"
+    spec = importlib.util.spec_from_file_location("bench_nf4_sweep_configs", path)
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sweep
+    spec.loader.exec_module(sweep)
+    for variant, m, (k, widths) in itertools.product(sweep.VARIANTS, (1, 16, 32, 64, 96, 176, 208, 256, 384, 512),
+                                                    LLAMA.values()):
+        configs = sweep.variant_configs(variant, m, sum(widths), k)
+        assert configs and all(isinstance(c, Nf4Config) for c in configs), (variant, m)
+        assert all(c.x_tma_verified for c in configs if c.x_tma), (variant, m)
