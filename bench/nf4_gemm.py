@@ -67,6 +67,8 @@ class Case:
                 members.append(bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
             self.bnb.append(members)
             self.packed.append(pack_nf4_group([pack_nf4(p, s) for p, s in members]))
+        # fp32 x @ dequantize_4bit(W).T's W, for check(): made once, not per checked config
+        self.reference = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in self.bnb[0]]).float()
         self.dense_count = copies_for(self.n * k * 2)
         self.dense = [torch.randn(self.n, k, device="cuda", dtype=DT) * 0.02 for _ in range(self.dense_count)]
 
@@ -85,11 +87,10 @@ def check(case: Case, m: int, config: Nf4Config | None = None) -> float:
     """Relative error of nf4_matmul (config: the recorded one) against x @ dequantize_4bit(W).T in fp32; inf where
     the output has a non-finite value."""
     x = torch.randn(m, case.k, device="cuda", dtype=DT)
-    ref = torch.cat([bnbF.dequantize_4bit(p, s) for p, s in case.bnb[0]]).float()
     y = nf4_matmul(x, case.packed[0], config=config).float()
     if not torch.isfinite(y).all():
         return float("inf")
-    r = x.float() @ ref.T
+    r = x.float() @ case.reference.T
     return ((y - r).norm() / r.norm()).item()
 
 

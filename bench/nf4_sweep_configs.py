@@ -18,6 +18,11 @@ from hotlora.kernels.nf4 import (
 GEMV_SWEEP_MAX_M = 8  # sweep M up to here over GEMV configs (the bucket may grow to 8 if it wins)
 
 
+def _filling_split(m: int, rows: int, n: int, block_n: int, k: int) -> int:
+    """split_for_sms for a tile of `rows` x rows (a program's, tail included) by `block_n` weight rows."""
+    return split_for_sms(-(-m // rows) * -(-n // block_n), k)
+
+
 def gemv_configs(m: int, n: int, k: int) -> list[Nf4Config]:
     """GEMV configs worth timing: 16-32 weight bytes per thread per step (more spills or limits occupancy:
     ptxas gives ~120 registers at 64 bytes, M=1) and 256-2048 programs (2-16 per H200 SM)."""
@@ -76,7 +81,7 @@ def scale_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
         tiles += [(128, 64, 4, True), (128, 128, 8, True), (256, 128, 8, True)]
     out = [rec] + ([Nf4Config(128, 128, dense=True)] if m > 64 and not rec.dense else [])
     for (bm, bn, warps, swap), lookup in itertools.product(tiles, (LOOKUP_PRMT, LOOKUP_PRMT_IMM)):
-        splits = {split_for_sms(-(-m // bm) * -(-n // bn), k)} | ({rec.split_k} if m <= 64 else set())
+        splits = {_filling_split(m, bm, n, bn, k)} | ({rec.split_k} if m <= 64 else set())
         out += [Nf4Config(bm, bn, split, warps, swap_ab=swap, lookup=lookup, scale=SCALE_VALUES,
                           table_regs=lookup == LOOKUP_PRMT) for split in sorted(splits)]
     return out
@@ -124,7 +129,7 @@ def tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     if m > 64:  # the mid-M tiles again, now that the weights need no registers in flight
         tiles = [(128, 64, 4), (128, 128, 8), (256, 64, 8), (256, 128, 8), (64, 128, 4)]
         for (bm, bn, warps), stages in itertools.product(tiles, (2, 3, 4)):
-            split = split_for_sms(-(-m // bm) * -(-n // bn), k)
+            split = _filling_split(m, bm, n, bn, k)
             out.append(Nf4Config(bm, bn, split, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES,
                                  tma=True))
     return list(dict.fromkeys(out))
@@ -137,7 +142,7 @@ def tail_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     heads = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)]
     for (bm, bn, warps), tail, stages in itertools.product(heads, (16, 32, 64, 128), (2, 3)):
         if tail <= bm and m <= bm + tail < 2 * m:
-            split = split_for_sms(-(-m // (bm + tail)) * -(-n // bn), k)
+            split = _filling_split(m, bm + tail, n, bn, k)
             out.append(Nf4Config(bm, bn, split, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES,
                                  tma=True, tail_m=tail))
     return list(dict.fromkeys(out))
@@ -159,24 +164,25 @@ def x_tma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
         tiles = [(128, 64, 4, 0, 3), (128, 64, 4, 0, 2)]
     for bm, bn, warps, tail, stages in tiles:
         if m > 256 or m <= bm + tail:
-            split = split_for_sms(-(-m // (bm + tail)) * -(-n // bn), k)
+            split = _filling_split(m, bm + tail, n, bn, k)
             out.append(Nf4Config(bm, bn, split, warps, stages, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES,
                                  tma=True, tail_m=tail, x_tma=True))
     return list(dict.fromkeys(out))
 
 
 def mid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """Mid M (65-256 rows: a prefix-cache hit's step), the tiles that may take x by TMA (Nf4Config.x_tma_verified:
-    at most 128 rows, 4 warps), each weight tile 64 or 128 wide, with a tail of 0-128 rows, at 2 stages (3 lost
-    with x by TMA at every M, twenty-seventh session), at the fewest K slices that give every SM a program and
-    twice that: against the recorded config. Row covers that compute more than a third over M are left out."""
+    """Mid M (65-256 rows: a prefix-cache hit's step), 64- and 128-row tiles over 4 warps with x by TMA (all
+    verified with it: Nf4Config.x_tma_verified), each weight tile 64 or 128 wide, with a tail of 0-128 rows, at 2
+    stages (3 lost with x by TMA at every M, twenty-seventh session), at the fewest K slices that give every SM a
+    program and twice that: against the recorded config. Row covers that compute more than a third over M are
+    left out."""
     out = [rec]
     for (bm, bn), tail, more in itertools.product(((64, 64), (128, 64), (64, 128), (128, 128)), (0, 32, 64, 128),
                                                   (1, 2)):
         rows = bm + tail
         if tail > bm or -(-m // rows) * rows - m > m // 3:
             continue
-        split = min(more * split_for_sms(-(-m // rows) * -(-n // bn), k), k // 128)
+        split = min(more * _filling_split(m, rows, n, bn, k), k // 128)
         out.append(Nf4Config(bm, bn, split, 4, 2, swap_ab=True, lookup=LOOKUP_PRMT, scale=SCALE_VALUES, tma=True,
                              tail_m=tail, x_tma=True))
     return list(dict.fromkeys(out))
