@@ -26,7 +26,8 @@ the torch reference), unless HOTLORA_TRITON_CPU=1 (used with TRITON_INTERPRET=1 
 on the CPU). ``lora_apply_triton``, ``lora_shrink`` and
 ``lora_expand`` always take the Triton path. ``lora_project`` computes a projection's base output and its
 LoRA delta together, with the shrink beside the base matmul while a CUDA graph is captured, and, for a
-single-token step whose base matmul splits K, its split-K sums and the expand in one launch (``lora_finish``).
+step whose base matmul splits K, its split-K sums and the expand in one launch (``lora_finish`` per token for a
+few tokens, ``lora_tile_finish`` per adapter tile beyond).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ __all__ = [
     "lora_finish",
     "lora_project",
     "lora_shrink",
+    "lora_tile_finish",
     "rank_class_of",
     "rank_classes",
     "refresh_lora_meta",
@@ -251,4 +253,4 @@ def lora_apply(ys: Sequence[torch.Tensor], x: torch.Tensor, slices: Sequence[Lor
         lora_apply_cpu(ys, x, slices, meta)  # checks the slices whenever it (re)reads a layer's pools
 
 
-from .lora_project import lora_finish, lora_project, shrink_in_producer  # noqa: E402 (uses this module)
+from .lora_project import lora_finish, lora_project, lora_tile_finish, shrink_in_producer  # noqa: E402 (uses this module)

@@ -40,13 +40,17 @@ class _Finish:
         self.joined = self.finished = False
 
     def __call__(self, part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
-        if not _fuse_finish(part, y, self.slices):
+        if _fuse_finish(part, y, self.slices):
+            launch = _launch_finish
+        elif _fuse_tile_finish(part, y, self.slices):
+            launch = _launch_tile_finish
+        else:
             return False
         if self.join is not None:
             main, side = self.join
             main.wait_stream(side)  # the shrink's workspace is complete
             self.joined = True
-        _launch_finish(part, bias, y, self.slices, self.meta, self.parts)
+        launch(part, bias, y, self.slices, self.meta, self.parts)
         self.finished = True
         return True
 
@@ -160,9 +164,25 @@ def _finish_limit() -> int:
     return _token_limit("HOTLORA_LORA_FINISH", FINISH_MAX_TOKENS)
 
 
+# Steps of more tokens than the finish takes, up to this many, sum the base matmul's splits in the expand
+# (lora_tile_finish): one launch fewer per projection. HOTLORA_LORA_TILE_FINISH=K: up to K tokens; 0: off.
+TILE_FINISH_MAX_TOKENS = 1 << 30
+# Column blocks per program of the tile finish (HOTLORA_LORA_TILE_COLS overrides it).
+TILE_FINISH_COL_BLOCKS = 1
+
+
+def _fits(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
+    """The matmul's output is exactly the slices' columns, unit-strided, as are its split sums."""
+    return y.shape[1] == sum(sl.b.shape[1] for sl in slices) and y.stride(1) == 1 and part.stride(2) == 1
+
+
 def _fuse_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
-    return (part.shape[1] <= _finish_limit() and y.shape[1] == sum(sl.b.shape[1] for sl in slices)
-            and y.stride(1) == 1)
+    return part.shape[1] <= _finish_limit() and _fits(part, y, slices)
+
+
+def _fuse_tile_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
+    limit = _token_limit("HOTLORA_LORA_TILE_FINISH", TILE_FINISH_MAX_TOKENS)
+    return part.shape[1] <= limit and _fits(part, y, slices)
 
 
 def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
@@ -175,6 +195,21 @@ def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, 
             y[t, cols] += scale[s] * meta.workspace[0, i, p, :r] @ slices[i].b[rows].float()
         y[t] rounded to y's dtype once
     """
+    _check_finish(part, bias, y, slices, meta)
+    _launch_finish(part, bias, y, slices, meta)
+
+
+def lora_tile_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
+                     meta: LoraMeta) -> None:
+    """``lora_finish``'s result (same arguments and semantics) from programs over the tiles of ``LoraMeta`` (each
+    slot's tokens, up to block_m at a time) rather than over tokens: an adapter's B rows are read once per tile,
+    as the expand reads them, so it serves steps of many tokens; tokens without an adapter get the plain sums."""
+    _check_finish(part, bias, y, slices, meta)
+    _launch_tile_finish(part, bias, y, slices, meta)
+
+
+def _check_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
+                  meta: LoraMeta) -> None:
     check_slices(slices, meta)
     widths = [sl.b.shape[1] for sl in slices]
     if part.dim() != 3 or part.dtype != torch.float32 or part.shape[1:] != (meta.num_tokens, sum(widths)):
@@ -184,7 +219,6 @@ def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, 
         raise ValueError(f"y [{meta.num_tokens}, {sum(widths)}] with unit column stride and bias [N] expected")
     if part.stride(2) != 1:
         raise ValueError("part needs unit column stride")
-    _launch_finish(part, bias, y, slices, meta)
 
 
 def _launch_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],
@@ -205,4 +239,31 @@ def _launch_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tenso
             meta.token_slots, meta.token_pos, meta.row_start, meta.scale, meta.num_slots,
             HAS_BIAS=bias is not None, SPLIT_K=part.shape[0], BLOCK_N=block_n, BLOCK_R=meta.rank_class,
             PARTS=parts, **_launch.pdl_args(y),
+        )  # fmt: skip
+
+
+def _launch_tile_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                        slices: Sequence[LoraSlice], meta: LoraMeta, parts: int = 1) -> None:  # fmt: skip
+    from triton import cdiv
+
+    from ._lora_triton import lora_tile_finish_kernel
+
+    widths = [sl.b.shape[1] for sl in slices]
+    cfg = _lora.kernel_config(meta, widths)
+    nb_end = _lora._column_blocks(widths, cfg.expand_block_n)
+    ws, b, ranks = meta.workspace, _lora._pad3([sl.b for sl in slices]), _lora._pad3([sl.rank for sl in slices])
+    tokens = y.shape[0]
+    col_blocks = _token_limit("HOTLORA_LORA_TILE_COLS", TILE_FINISH_COL_BLOCKS)
+    if tokens:
+        lora_tile_finish_kernel[(meta.max_tiles + cdiv(tokens, meta.block_m), cdiv(nb_end[-1], col_blocks))](
+            part, part.stride(0), part.stride(1), bias if bias is not None else y, y, y.stride(0),
+            ws, ws.stride(0), ws.stride(1), ws.stride(2),
+            *b, *(t.stride(0) for t in b),
+            *ranks,
+            *_lora._pad3(widths, 0), *_lora._pad3(nb_end, nb_end[-1])[:2],
+            meta.sorted_tokens, meta.tile_info, meta.slot_bounds, meta.scale, meta.num_slots, tokens, meta.max_tiles,
+            HAS_BIAS=bias is not None, SPLIT_K=part.shape[0], BLOCK_M=meta.block_m, BLOCK_N=cfg.expand_block_n,
+            BLOCK_R=meta.rank_class, COL_BLOCKS=col_blocks, IEEE=slices[0].b.dtype == torch.float32, PARTS=parts,
+            **_launch.pdl_args(y),
+            num_warps=cfg.expand_warps, num_stages=cfg.expand_stages,
         )  # fmt: skip

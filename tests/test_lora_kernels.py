@@ -234,23 +234,26 @@ def _finish_expected(case, part: torch.Tensor, bias: torch.Tensor | None) -> tor
 
 
 @interpret
+@pytest.mark.parametrize("fn", ["lora_finish", "lora_tile_finish"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("size", "ranks", "num_tokens", "split", "bias"),
                          [("qkv", "mixed", 7, 4, True), ("gate_up", 16, 32, 2, False), ("down", 64, 1, 3, True),
-                          ("qkv", 100, 5, 2, False)])  # fmt: skip
-def test_finish_sums_splits_and_adds_the_delta(dtype, size, ranks, num_tokens, split, bias):
-    """lora_finish: a base matmul's split-K sums (+ bias) and the expand in one pass, rounded once; tokens
-    without an adapter get exactly the fp32 sum of their splits; rank 0 slices add nothing."""
+                          ("qkv", 100, 5, 2, False), ("qkv", "mixed", 45, 3, True)])  # fmt: skip
+def test_finish_sums_splits_and_adds_the_delta(fn, dtype, size, ranks, num_tokens, split, bias):
+    """lora_finish (per token) and lora_tile_finish (per adapter tile; tiles of 8 tokens here, so slots span
+    several, and tail programs cover the tokens without an adapter): a base matmul's split-K sums (+ bias) and
+    the expand in one pass, rounded once; tokens without an adapter get exactly the fp32 sum of their splits;
+    rank 0 slices add nothing."""
     in_features, outs = SIZES[size]
     case = make_case(dtype, in_features, outs, ranks, num_tokens, "some_none", seed=split, num_slots=4)
-    meta = case.meta(split_k=2)
+    meta = case.meta(split_k=2, block_m=8) if fn == "lora_tile_finish" else case.meta(split_k=2)
     n = sum(outs)
     gen = torch.Generator().manual_seed(7)
     part = torch.randn(split, num_tokens, n, generator=gen)
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     lora_mod.lora_shrink(case.x, case.slices, meta, SMALL_BLOCKS)
     y = torch.full((num_tokens, n), float("nan"), dtype=dtype)
-    lora_mod.lora_finish(part, b, y, case.slices, meta)
+    getattr(lora_mod, fn)(part, b, y, case.slices, meta)
     want = _finish_expected(case, part, b)
     assert torch.isfinite(y).all()
     err = ((y.double() - want).norm() / want.norm()).item()
@@ -293,3 +296,20 @@ def test_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
     monkeypatch.setenv("HOTLORA_LORA_FINISH", "on")
     with pytest.raises(ValueError, match="HOTLORA_LORA_FINISH must be a token count"):
         project_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 32), case.slices)
+
+
+@pytest.mark.parametrize(("env", "taken"), [(None, [1, 4, 32, 4096]), ("0", []), ("32", [1, 4, 32])])
+def test_tile_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
+    """The tile finish (tried after the per-token finish) serves steps of up to TILE_FINISH_MAX_TOKENS tokens, or
+    HOTLORA_LORA_TILE_FINISH's number (0: none), with the same output conditions as the finish."""
+    if env is None:
+        monkeypatch.delenv("HOTLORA_LORA_TILE_FINISH", raising=False)
+    else:
+        monkeypatch.setenv("HOTLORA_LORA_TILE_FINISH", env)
+    case = make_case(torch.float32, 40, (24, 8), 8, 6, "uniform")
+    fits = [t for t in (1, 4, 32, 4096)
+            if project_mod._fuse_tile_finish(torch.zeros(2, t, 32), torch.zeros(t, 32), case.slices)]
+    assert fits == taken
+    assert not project_mod._fuse_tile_finish(torch.zeros(2, 8, 40), torch.zeros(8, 40), case.slices)
+    assert not project_mod._fuse_tile_finish(torch.zeros(2, 8, 32), torch.zeros(8, 64)[:, ::2], case.slices)
+    assert not project_mod._fuse_tile_finish(torch.zeros(2, 8, 64)[:, :, ::2], torch.zeros(8, 32), case.slices)

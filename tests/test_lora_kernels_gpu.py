@@ -185,18 +185,20 @@ def _spy(monkeypatch, module, name: str, calls: list[str]) -> None:
     monkeypatch.setattr(module, name, spy)
 
 
+@pytest.mark.parametrize("tile", ["0", "4096"])
 @pytest.mark.parametrize("finish", ["4", "0", "32"])
-@pytest.mark.parametrize("num_tokens", [1, 4, 32])
-def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatch):
+@pytest.mark.parametrize("num_tokens", [1, 4, 32, 96])
+def test_lora_project_on_nf4_finishes_in_one_pass(finish, tile, num_tokens, monkeypatch):
     """On an NF4 base that splits K, with at most FINISH_MAX_TOKENS tokens, lora_project hands the split sums to
-    lora_finish: no reduce and no expand launch, in a graph and eagerly (HOTLORA_LORA_FINISH=0, or more tokens
-    than its limit: the reduce, then the expand); all equal the base matmul plus lora_apply_ref, over replays with
-    new inputs."""
+    lora_finish, and with more (up to HOTLORA_LORA_TILE_FINISH) to lora_tile_finish: no reduce and no expand
+    launch, in a graph and eagerly (both off, or more tokens than their limits: the reduce, then the expand); all
+    equal the base matmul plus lora_apply_ref, over replays with new inputs."""
     import bitsandbytes.functional as bnbF
 
     from hotlora.kernels.nf4 import nf4_matmul, pack_nf4
 
     monkeypatch.setenv("HOTLORA_LORA_FINISH", finish)
+    monkeypatch.setenv("HOTLORA_LORA_TILE_FINISH", tile)
     in_features, outs = SIZES["qkv"]
     case = make_case(torch.bfloat16, in_features, outs, "mixed", num_tokens, "distinct", num_slots=32,
                      device="cuda")
@@ -205,6 +207,7 @@ def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatc
     w = pack_nf4(*bnbF.quantize_4bit(dense, blocksize=64, compress_statistics=True, quant_type="nf4"))
     launches, result = [], {}
     _spy(monkeypatch, lora_project_mod, "_launch_finish", launches)
+    _spy(monkeypatch, lora_project_mod, "_launch_tile_finish", launches)
     _spy(monkeypatch, lora_mod, "_launch_expand", launches)
 
     def step() -> None:
@@ -212,8 +215,9 @@ def test_lora_project_on_nf4_finishes_in_one_pass(finish, num_tokens, monkeypatc
         result["ys"] = lora_project(base, case.x, case.slices, meta)
 
     graph, _, _ = _warm_up_and_capture(step)
-    fused = num_tokens <= int(finish)
-    assert launches == ["_launch_finish" if fused else "_launch_expand"] * 2
+    launch = ("_launch_finish" if num_tokens <= int(finish) else
+              "_launch_tile_finish" if num_tokens <= int(tile) else "_launch_expand")
+    assert launches == [launch] * 2
     _assert_replays(case, meta, graph, result, lambda: nf4_matmul(case.x, w))
 
 
