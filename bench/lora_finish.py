@@ -7,6 +7,7 @@ bytes pass 4x L2, so they come from HBM), with programmatic dependent launch as 
 - reduce+expand: the NF4 split-K reduce writing y, then the LoRA expand adding the delta (the path served past
   the finish's token limit before the tile finish);
 - tile cN: lora_tile_finish (split sums and expand in one launch, per adapter tile), N column blocks a program;
+  tile bnX[wY]: one block of X columns a program (Y warps; default: the expand's kernel_config);
 - token: lora_finish (the same, one program per token), served up to 4 tokens;
 - copy: a plain device copy of the minimal bytes (the split sums read once, each distinct adapter's B rows once,
   y written once), timed the same way.
@@ -29,7 +30,7 @@ from lora_kernels import same_bytes_copy_us
 from hotlora.kernels import lora as lora_mod
 from hotlora.kernels import lora_project as project_mod
 from hotlora.kernels import nf4 as nf4_mod
-from hotlora.kernels.lora import LoraSlice, build_lora_meta
+from hotlora.kernels.lora import KernelConfig, LoraSlice, build_lora_meta
 from hotlora.kernels.nf4 import pick_config
 
 DT = torch.bfloat16
@@ -59,6 +60,10 @@ def _case(shape: str, tokens: int, adapters: int):
     return meta, sets, count, bytes_, split
 
 
+TILE_CONFIGS = {"bn256": KernelConfig(expand_block_n=256), "bn256w8": KernelConfig(expand_block_n=256, expand_warps=8),
+                "bn64w2": KernelConfig(expand_block_n=64, expand_warps=2)}  # fmt: skip
+
+
 def _variants(meta, sets, cols: list[int]) -> dict:
     def reduce_expand(i: int) -> None:
         slices, part, y = sets[i]
@@ -81,6 +86,10 @@ def _variants(meta, sets, cols: list[int]) -> dict:
         os.environ["HOTLORA_LORA_TILE_COLS"] = str(c)
         out[f"tile c{c}"] = graph_time_us(tile, count)
     os.environ.pop("HOTLORA_LORA_TILE_COLS", None)
+    for name, cfg in TILE_CONFIGS.items():
+        out[f"tile {name}"] = graph_time_us(
+            lambda i, c=cfg: project_mod._launch_tile_finish(sets[i][1], None, sets[i][2], sets[i][0], meta, config=c),
+            count)
     if meta.num_tokens <= 64:
         out["token"] = graph_time_us(token, count)
     return out

@@ -243,13 +243,15 @@ def _launch_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tenso
 
 
 def _launch_tile_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-                        slices: Sequence[LoraSlice], meta: LoraMeta, parts: int = 1) -> None:  # fmt: skip
+                        slices: Sequence[LoraSlice], meta: LoraMeta, parts: int = 1,
+                        config: _lora.KernelConfig | None = None) -> None:  # fmt: skip
+    """config: the expand's fields (block_n, warps, stages) override kernel_config's (bench/lora_finish.py)."""
     from triton import cdiv
 
     from ._lora_triton import lora_tile_finish_kernel
 
     widths = [sl.b.shape[1] for sl in slices]
-    cfg = _lora.kernel_config(meta, widths)
+    cfg = _lora.kernel_config(meta, widths, config)
     nb_end = _lora._column_blocks(widths, cfg.expand_block_n)
     ws, b, ranks = meta.workspace, _lora._pad3([sl.b for sl in slices]), _lora._pad3([sl.rank for sl in slices])
     tokens = y.shape[0]
