@@ -93,7 +93,8 @@ def lora_project(base: Callable[..., list[torch.Tensor]], x: torch.Tensor, slice
     `finish`: base() passes it to the NF4 matmul (kernels.nf4.nf4_matmul), which calls it in place of its
     split-K reduce; if the whole output is one with the slices, the join (if any) moves before it and
     ``lora_finish`` sums the splits and adds the delta in one launch, and no expand follows
-    (HOTLORA_LORA_FINISH: see there).
+    (HOTLORA_LORA_FINISH: see there); past its limit ``lora_tile_finish`` does, where HOTLORA_LORA_TILE_FINISH
+    turns it on (TILE_FINISH_MAX_TOKENS says why it is off by default).
 
     shrunk: x was written by kernels.lora_fused, which left the shrink in meta.workspace as meta.split_k parts
     (``shrink_in_producer`` says when the layer does that): no shrink launch and no side stream, and the finish
@@ -164,9 +165,14 @@ def _finish_limit() -> int:
     return _token_limit("HOTLORA_LORA_FINISH", FINISH_MAX_TOKENS)
 
 
-# Steps of more tokens than the finish takes, up to this many, sum the base matmul's splits in the expand
-# (lora_tile_finish): one launch fewer per projection. HOTLORA_LORA_TILE_FINISH=K: up to K tokens; 0: off.
-TILE_FINISH_MAX_TOKENS = 1 << 30
+# Steps of more tokens than the finish takes, up to this many, may sum the base matmul's splits in the expand
+# (lora_tile_finish): one launch fewer per projection. Off by default: on the H200 (bench/engine_gpu.py, decode
+# tok/s, on against off in one call, twenty-ninth session) one adapter gains (batch 32 6,035-6,042 against 5,963,
+# batch 16 3,697 against 3,593) but distinct adapters lose (batch 32 with 32: 4,833-4,835 against 5,161; batch 16
+# with 16: 3,115 against 3,200): the split sums then wait for the shrink on the side stream, which with many
+# adapters ends after the matmul, where the reduce ran beside it (bench/lora_finish.py times the kernels alone).
+# HOTLORA_LORA_TILE_FINISH=K: steps of up to K tokens take it; 0: off.
+TILE_FINISH_MAX_TOKENS = 0
 # Column blocks per program of the tile finish (HOTLORA_LORA_TILE_COLS overrides it).
 TILE_FINISH_COL_BLOCKS = 1
 

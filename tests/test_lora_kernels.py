@@ -298,10 +298,10 @@ def test_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
         project_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 32), case.slices)
 
 
-@pytest.mark.parametrize(("env", "taken"), [(None, [1, 4, 32, 4096]), ("0", []), ("32", [1, 4, 32])])
+@pytest.mark.parametrize(("env", "taken"), [(None, []), ("0", []), ("32", [1, 4, 32]), ("4096", [1, 4, 32, 4096])])
 def test_tile_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
-    """The tile finish (tried after the per-token finish) serves steps of up to TILE_FINISH_MAX_TOKENS tokens, or
-    HOTLORA_LORA_TILE_FINISH's number (0: none), with the same output conditions as the finish."""
+    """The tile finish (tried after the per-token finish) serves steps of up to TILE_FINISH_MAX_TOKENS tokens (none
+    by default), or HOTLORA_LORA_TILE_FINISH's number (0: none), with the same output conditions as the finish."""
     if env is None:
         monkeypatch.delenv("HOTLORA_LORA_TILE_FINISH", raising=False)
     else:
