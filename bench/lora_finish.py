@@ -1,13 +1,14 @@
 """What follows an NF4 matmul that splits K in a LoRA projection, per Llama-3-8B shape, on one CUDA device.
 
-    python bench/lora_finish.py [--tokens 8 16 32 64] [--cols 1 2 4] [--json out.json]
+    python bench/lora_finish.py [--tokens 8 16 32 64] [--json out.json]
 
 Variants, each timed as CUDA-graph replays over rotating input sets (graph_timing.graph_time_us; P sets whose
 bytes pass 4x L2, so they come from HBM), with programmatic dependent launch as served:
 - reduce+expand: the NF4 split-K reduce writing y, then the LoRA expand adding the delta (the path served past
   the finish's token limit before the tile finish);
-- tile cN: lora_tile_finish (split sums and expand in one launch, per adapter tile), N column blocks a program;
-  tile bnX[wY]: one block of X columns a program (Y warps; default: the expand's kernel_config);
+- tile: lora_tile_finish (split sums and expand in one launch, per adapter tile) on the expand's kernel_config;
+  tile bnX[wY]: blocks of X columns (and Y warps). A loop over 2 or 4 column blocks a program was slower at every
+  size (twenty-ninth session) and was removed;
 - token: lora_finish (the same, one program per token), served up to 4 tokens;
 - copy: a plain device copy of the minimal bytes (the split sums read once, each distinct adapter's B rows once,
   y written once), timed the same way.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 
 import torch
 from graph_timing import graph_time_us
@@ -64,7 +64,7 @@ TILE_CONFIGS = {"bn256": KernelConfig(expand_block_n=256), "bn256w8": KernelConf
                 "bn64w2": KernelConfig(expand_block_n=64, expand_warps=2)}  # fmt: skip
 
 
-def _variants(meta, sets, cols: list[int]) -> dict:
+def _variants(meta, sets) -> dict:
     def reduce_expand(i: int) -> None:
         slices, part, y = sets[i]
         nf4_mod._reduce(part, None, y)
@@ -82,10 +82,7 @@ def _variants(meta, sets, cols: list[int]) -> dict:
 
     count = len(sets)
     out = {"reduce+expand": graph_time_us(reduce_expand, count)}
-    for c in cols:
-        os.environ["HOTLORA_LORA_TILE_COLS"] = str(c)
-        out[f"tile c{c}"] = graph_time_us(tile, count)
-    os.environ.pop("HOTLORA_LORA_TILE_COLS", None)
+    out["tile"] = graph_time_us(tile, count)
     for name, cfg in TILE_CONFIGS.items():
         out[f"tile {name}"] = graph_time_us(
             lambda i, c=cfg: project_mod._launch_tile_finish(sets[i][1], None, sets[i][2], sets[i][0], meta, config=c),
@@ -109,7 +106,6 @@ def _check(meta, sets) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, nargs="*", default=[8, 16, 32, 64])
-    ap.add_argument("--cols", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--json", help="write all numbers here")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; us a launch (graph replays)", flush=True)
@@ -118,7 +114,7 @@ def main() -> None:
         for mix, adapters in (("distinct", tokens), ("one", 1)):
             for shape in SHAPES:
                 meta, sets, count, bytes_, split = _case(shape, tokens, adapters)
-                res = _variants(meta, sets, args.cols)
+                res = _variants(meta, sets)
                 res["copy"] = same_bytes_copy_us(bytes_, count)
                 err = _check(meta, sets)
                 assert err < 1e-2, (shape, tokens, mix, err)

@@ -267,15 +267,15 @@ def lora_tile_finish_kernel(
     n0, n1, n2, nb_end0, nb_end1,
     sorted_ptr, tile_info_ptr, bounds_ptr, scale_ptr, num_slots, num_tokens, max_tiles,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, COL_BLOCKS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK_R: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, PARTS: tl.constexpr,
 ):  # fmt: skip
     """lora_finish_kernel's sums per tile: y[tok, cols_i] = sum_s part[s, tok, cols_i] (+ bias) + scale *
-    ws[:PARTS, i, pos, :r].sum(0) @ b_i[rows, :], rounded once; program = (tile, COL_BLOCKS column blocks, numbered
-    as in lora_expand_kernel), so a slot's B rows are read once per tile rather than once per token. Programs past
+    ws[:PARTS, i, pos, :r].sum(0) @ b_i[rows, :], rounded once; program = (tile, column block) as in
+    lora_expand_kernel, so a slot's B rows are read once per tile rather than once per token. Programs past
     max_tiles cover the tokens without an adapter (sorted last, from slot_bounds[num_slots]), BLOCK_M each:
     they and slices of rank 0 write the plain sums."""
     tile = tl.program_id(0)
-    nb0 = tl.program_id(1) * COL_BLOCKS
+    nb = tl.program_id(1)
     is_tile = tile < max_tiles
     info = tile_info_ptr + tl.minimum(tile, max_tiles - 1) * 4
     slot = tl.where(is_tile, tl.load(info), -1)
@@ -287,52 +287,6 @@ def lora_tile_finish_kernel(
     pos = start + tl.arange(0, BLOCK_M)
     m_mask = pos < end
     tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0).to(tl.int64)
-    busy = slot >= 0
-    slot = tl.maximum(slot, 0)
-    scale = tl.load(scale_ptr + slot, mask=busy, other=0.0)
-    # the first block's B rows and bias: nothing the matmul before writes, so loaded ahead of the PDL wait
-    bt, bias = _tile_finish_pre(nb0, slot, busy, row0, bias_ptr, b0_ptr, b1_ptr, b2_ptr, stride_b0, stride_b1,
-                                stride_b2, rank0_ptr, rank1_ptr, rank2_ptr, n0, n1, n2, nb_end0, nb_end1,
-                                HAS_BIAS, BLOCK_N, BLOCK_R)
-    pdl_enter(PDL)
-    for j in tl.static_range(COL_BLOCKS):
-        if j > 0:
-            bt, bias = _tile_finish_pre(nb0 + j, slot, busy, row0, bias_ptr, b0_ptr, b1_ptr, b2_ptr, stride_b0,
-                                        stride_b1, stride_b2, rank0_ptr, rank1_ptr, rank2_ptr, n0, n1, n2, nb_end0,
-                                        nb_end1, HAS_BIAS, BLOCK_N, BLOCK_R)
-        sl, rank_ptr, b_ptr, stride_b, offs_n, n_mask, cols = _block_slice(
-            nb0 + j, b0_ptr, b1_ptr, b2_ptr, stride_b0, stride_b1, stride_b2, rank0_ptr, rank1_ptr, rank2_ptr,
-            n0, n1, n2, nb_end0, nb_end1, BLOCK_N)
-        rank = tl.load(rank_ptr + slot, mask=busy, other=0)
-        ym = m_mask[:, None] & n_mask[None, :]
-        p_ptrs = part_ptr + tok[:, None] * stride_part_t + cols[None, :]
-        acc = tl.load(p_ptrs, mask=ym, other=0.0)
-        for s in tl.static_range(1, SPLIT_K):
-            acc += tl.load(p_ptrs + s * stride_part_split, mask=ym, other=0.0)
-        if HAS_BIAS:
-            acc += bias[None, :]
-        if rank > 0:
-            ws_rows = ws_ptr + sl * stride_ws_slice + pos[:, None] * stride_ws_pos
-            offs_r = tl.arange(0, BLOCK_R)
-            r_mask = offs_r < rank
-            h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
-            delta = _expand_dot(h, bt, None, IEEE)
-            b_rows = b_ptr + row0 * stride_b + offs_n[None, :]
-            for r0 in range(BLOCK_R, rank, BLOCK_R):  # ranks above the step's class
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_mask = offs_r < rank
-                bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
-                delta = _expand_dot(h, bt, delta, IEEE)
-            acc += delta * scale
-        tl.store(y_ptr + tok[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
-
-
-@triton.jit
-def _block_slice(nb, b0_ptr, b1_ptr, b2_ptr, stride_b0, stride_b1, stride_b2, rank0_ptr, rank1_ptr, rank2_ptr,
-                 n0, n1, n2, nb_end0, nb_end1, BLOCK_N: tl.constexpr):
-    """Column block nb of a fused output: (slice, its rank and B pointers, B's row stride, the block's columns
-    within the slice, their mask, and within the fused output). Blocks past the last are wholly masked."""
     sl, first_nb, n_out, col0 = _slice_of(nb, n0, n1, n2, nb_end0, nb_end1)
     if sl == 0:
         rank_ptr, b_ptr, stride_b = rank0_ptr, b0_ptr, stride_b0
@@ -342,23 +296,32 @@ def _block_slice(nb, b0_ptr, b1_ptr, b2_ptr, stride_b0, stride_b1, stride_b2, ra
         rank_ptr, b_ptr, stride_b = rank2_ptr, b2_ptr, stride_b2
     offs_n = (nb - first_nb) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_out
-    return sl, rank_ptr, b_ptr, stride_b, offs_n, n_mask, col0 + offs_n
-
-
-@triton.jit
-def _tile_finish_pre(nb, slot, busy, row0, bias_ptr, b0_ptr, b1_ptr, b2_ptr, stride_b0, stride_b1, stride_b2,
-                     rank0_ptr, rank1_ptr, rank2_ptr, n0, n1, n2, nb_end0, nb_end1, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Column block nb's first BLOCK_R B rows of the slot (zeros past its rank) and its bias (fp32; zeros without)."""
-    _, rank_ptr, b_ptr, stride_b, offs_n, n_mask, cols = _block_slice(
-        nb, b0_ptr, b1_ptr, b2_ptr, stride_b0, stride_b1, stride_b2, rank0_ptr, rank1_ptr, rank2_ptr,
-        n0, n1, n2, nb_end0, nb_end1, BLOCK_N)
+    cols = col0 + offs_n
+    busy = slot >= 0
+    slot = tl.maximum(slot, 0)
     rank = tl.load(rank_ptr + slot, mask=busy, other=0)
+    scale = tl.load(scale_ptr + slot, mask=busy, other=0.0)
+    # the B rows and the bias: nothing the matmul before writes, so loaded ahead of the PDL wait
+    b_rows = b_ptr + row0 * stride_b + offs_n[None, :]
     offs_r = tl.arange(0, BLOCK_R)
-    bt = tl.load(b_ptr + (row0 + offs_r)[:, None] * stride_b + offs_n[None, :],
-                 mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
+    r_mask = offs_r < rank
+    bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    return bt, bias
+    pdl_enter(PDL)
+    ym = m_mask[:, None] & n_mask[None, :]
+    acc = _parts(part_ptr + tok[:, None] * stride_part_t + cols[None, :], stride_part_split, ym, SPLIT_K)
+    if HAS_BIAS:
+        acc += bias[None, :]
+    if rank > 0:
+        ws_rows = ws_ptr + sl * stride_ws_slice + pos[:, None] * stride_ws_pos
+        h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
+        delta = _expand_dot(h, bt, None, IEEE)
+        for r0 in range(BLOCK_R, rank, BLOCK_R):  # ranks above the step's class
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
+            delta = _expand_dot(h, bt, delta, IEEE)
+        acc += delta * scale
+    tl.store(y_ptr + tok[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)

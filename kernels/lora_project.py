@@ -173,8 +173,6 @@ def _finish_limit() -> int:
 # adapters ends after the matmul, where the reduce ran beside it (bench/lora_finish.py times the kernels alone).
 # HOTLORA_LORA_TILE_FINISH=K: steps of up to K tokens take it; 0: off.
 TILE_FINISH_MAX_TOKENS = 0
-# Column blocks per program of the tile finish (HOTLORA_LORA_TILE_COLS overrides it).
-TILE_FINISH_COL_BLOCKS = 1
 
 
 def _fits(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
@@ -261,9 +259,8 @@ def _launch_tile_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.
     nb_end = _lora._column_blocks(widths, cfg.expand_block_n)
     ws, b, ranks = meta.workspace, _lora._pad3([sl.b for sl in slices]), _lora._pad3([sl.rank for sl in slices])
     tokens = y.shape[0]
-    col_blocks = _token_limit("HOTLORA_LORA_TILE_COLS", TILE_FINISH_COL_BLOCKS)
     if tokens:
-        lora_tile_finish_kernel[(meta.max_tiles + cdiv(tokens, meta.block_m), cdiv(nb_end[-1], col_blocks))](
+        lora_tile_finish_kernel[(meta.max_tiles + cdiv(tokens, meta.block_m), nb_end[-1])](
             part, part.stride(0), part.stride(1), bias if bias is not None else y, y, y.stride(0),
             ws, ws.stride(0), ws.stride(1), ws.stride(2),
             *b, *(t.stride(0) for t in b),
@@ -271,7 +268,6 @@ def _launch_tile_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.
             *_lora._pad3(widths, 0), *_lora._pad3(nb_end, nb_end[-1])[:2],
             meta.sorted_tokens, meta.tile_info, meta.slot_bounds, meta.scale, meta.num_slots, tokens, meta.max_tiles,
             HAS_BIAS=bias is not None, SPLIT_K=part.shape[0], BLOCK_M=meta.block_m, BLOCK_N=cfg.expand_block_n,
-            BLOCK_R=meta.rank_class, COL_BLOCKS=col_blocks, IEEE=slices[0].b.dtype == torch.float32, PARTS=parts,
-            **_launch.pdl_args(y),
+            BLOCK_R=meta.rank_class, IEEE=slices[0].b.dtype == torch.float32, PARTS=parts, **_launch.pdl_args(y),
             num_warps=cfg.expand_warps, num_stages=cfg.expand_stages,
         )  # fmt: skip
