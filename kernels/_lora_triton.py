@@ -168,14 +168,22 @@ def lora_expand_kernel(
     if WAIT_Y:
         y = tl.load(y_ptrs, mask=ym, other=0.0)
     h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
-    acc = _expand_dot(h, bt, None, IEEE)
-    for r0 in range(BLOCK_R, rank, BLOCK_R):  # ranks above the step's class
+    acc = _higher_ranks(_expand_dot(h, bt, None, IEEE), b_rows, stride_b, ws_rows, stride_ws_split, m_mask, n_mask,
+                        rank, BLOCK_R, PARTS, IEEE)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y.dtype), mask=ym)
+
+
+@triton.jit
+def _higher_ranks(acc, b_rows, stride_b, ws_rows, stride_ws_split, m_mask, n_mask, rank, BLOCK_R: tl.constexpr,
+                  PARTS: tl.constexpr, IEEE: tl.constexpr):
+    """acc + the delta of rank rows BLOCK_R .. rank - 1 (ranks above the step's class), BLOCK_R at a time."""
+    for r0 in range(BLOCK_R, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
         bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
         acc = _expand_dot(h, bt, acc, IEEE)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y.dtype), mask=ym)
+    return acc
 
 
 @triton.jit
@@ -316,12 +324,7 @@ def lora_tile_finish_kernel(
     if rank > 0:
         ws_rows = ws_ptr + sl * stride_ws_slice + pos[:, None] * stride_ws_pos
         h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
-        delta = _expand_dot(h, bt, None, IEEE)
-        for r0 in range(BLOCK_R, rank, BLOCK_R):  # ranks above the step's class
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < rank
-            bt = tl.load(b_rows + offs_r[:, None] * stride_b, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            h = _parts(ws_rows + offs_r[None, :], stride_ws_split, m_mask[:, None] & r_mask[None, :], PARTS)
-            delta = _expand_dot(h, bt, delta, IEEE)
+        delta = _higher_ranks(_expand_dot(h, bt, None, IEEE), b_rows, stride_b, ws_rows, stride_ws_split, m_mask,
+                              n_mask, rank, BLOCK_R, PARTS, IEEE)
         acc += delta * scale
     tl.store(y_ptr + tok[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
