@@ -31,8 +31,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 
+# pytest-xdist workers, each running whole test files (module-scoped servers and the Ray cluster start once);
+# tests/conftest.py gives each worker its share of the cores and starts the heaviest files first
+TEST_WORKERS ?= 2
+
 test: install lint
-	TRITON_INTERPRET=1 $(BIN)/pytest -q --durations=20
+	TRITON_INTERPRET=1 $(BIN)/pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # schemathesis against /openapi.json of a fresh server, admin routes included: no 5xx, nothing off-schema
 fuzz: install

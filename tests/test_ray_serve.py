@@ -34,7 +34,9 @@ def cluster(s3, tmp_path_factory, hotlora_cache):
                  cpus_per_replica=0.5, replica_host="127.0.0.1", replica_port=free_port(), host="127.0.0.1", port=port)
     argv = [sys.executable, "-m", "hotlora.server.cli", "serve-ray", "--no-ray-dashboard"]
     argv += [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    env = os.environ | {"HOTLORA_ADMIN_TOKEN": TOKEN, "RAY_ADDRESS": ""}
+    # Ray Serve kills a proxy that misses 3 ready checks of 5 s each; on 2 cores shared with another xdist worker
+    # (make test) it can take longer than that to start, and serve.start then fails; 30 s a check is patience only
+    env = os.environ | {"HOTLORA_ADMIN_TOKEN": TOKEN, "RAY_ADDRESS": "", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
