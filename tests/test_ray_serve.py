@@ -24,8 +24,9 @@ TTL = 1.0
 
 
 @pytest.fixture(scope="module")
-def cluster(s3, tmp_path_factory, hotlora_cache):
-    """`hotlora serve-ray` itself, in a subprocess that starts its local Ray cluster (stopped with it)."""
+def cluster(s3, tmp_path_factory, hotlora_cache, default_checkpoint):
+    """`hotlora serve-ray` itself, in a subprocess that starts its local Ray cluster (stopped with it). The model
+    is converted first (default_checkpoint, once under conftest's lock), not by both replicas at once."""
     port, log = free_port(), tmp_path_factory.mktemp("serve-ray") / "serve-ray.log"
     # 2 device slots per replica: 4 adapters fit on 2 replicas only if routing keeps each on one replica
     flags = dict(model="default", quant="none", cache_dir=hotlora_cache, adapter_dir=tmp_path_factory.mktemp("cache"),
