@@ -33,7 +33,7 @@ FAMILIES = (
     ("NF4 matmul", r"nf4_matmul|nf4_gemv"),
     ("NF4 dequantize (dense path)", r"dequant|nf4_to"),
     ("LoRA shrink (beside the matmul)", r"lora_shrink"),
-    ("LoRA expand / finish", r"lora_expand|lora_finish"),
+    ("LoRA expand / finish", r"lora_expand|lora_finish|lora_tile_finish"),
     ("norm (+ shrink)", r"norm"),
     ("SiLU*mul (+ shrink)", r"silu"),
     ("attention", r"attn|attention"),
