@@ -95,10 +95,14 @@ def test_rope_kv_into_fp8_caches(device, dtype):
     rope_kv_(q, k, v, positions, rot.cos, rot.sin, *got, slots)
     assert close(q, q_ref, dtype) and close(k, k_ref, dtype)
     # value equality (the interpreter writes -0 as +0); the reference is to_cache of the rotated k and of v
-    kc, vc = (c.view(16, kv_heads, dim).float() for c in got)
+    vc = got[1].view(16, kv_heads, dim).float()
     assert torch.equal(vc[slots], to_cache(v_ref, FP8_KV).float())
     assert torch.equal(vc, want[1].view(16, kv_heads, dim).float())
-    assert close(kc[slots], to_cache(k_ref, FP8_KV).float(), torch.float16)  # k: rotated by each side
+    # k is rotated by each side in its own rounding (fp16: off by up to ~2^-10 of the largest input), and each
+    # rounds that to fp8 (3 mantissa bits): per element at most one fp8 step (1/8 of the value) apart, plus the
+    # rotation's difference, which near zero spans many of fp8's small steps
+    kc, kw = got[0].view(16, kv_heads, dim)[slots].float(), to_cache(k_ref, FP8_KV).float()
+    assert ((kc - kw).abs() <= kw.abs() / 8 + 2**-9 * k_ref.abs().max().float()).all()
     assert vc.abs().max() == 448 and torch.equal(vc[slots].flatten()[:4].cpu(), torch.tensor([5.0, -5.0, 6.0, 128.0]))
 
 
