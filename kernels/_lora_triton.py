@@ -198,6 +198,18 @@ def _slice_of(nb, n0, n1, n2, nb_end0, nb_end1):
 
 
 @triton.jit
+def _slice_b(sl, rank0_ptr, rank1_ptr, rank2_ptr, b0_ptr, b1_ptr, b2_ptr, stride_b0, stride_b1, stride_b2):
+    """Slice sl's rank table, B pool and B row stride (an if-chain: Triton has no pointer arrays)."""
+    if sl == 0:
+        rank_ptr, b_ptr, stride_b = rank0_ptr, b0_ptr, stride_b0
+    elif sl == 1:
+        rank_ptr, b_ptr, stride_b = rank1_ptr, b1_ptr, stride_b1
+    else:
+        rank_ptr, b_ptr, stride_b = rank2_ptr, b2_ptr, stride_b2
+    return rank_ptr, b_ptr, stride_b
+
+
+@triton.jit
 def _expand_dot(h, bt, acc, IEEE: tl.constexpr):
     """acc (+)= h [BLOCK_M, BLOCK_R] fp32 @ bt [BLOCK_R, BLOCK_N]: in fp32 for fp32 pools, else in B's dtype."""
     if IEEE:
@@ -222,14 +234,10 @@ def lora_finish_kernel(
     pass (column blocks per slice as in lora_expand_kernel; slice i's columns start at n0 + ... + n_{i-1})."""
     t = tl.program_id(0)
     nb = tl.program_id(1)
-    sl = (nb >= nb_end0).to(tl.int32) + (nb >= nb_end1).to(tl.int32)
-    if sl == 0:
-        rank_ptr, b_ptr, stride_b, col0, n_out, first = rank0_ptr, b0_ptr, stride_b0, 0, n0, 0
-    elif sl == 1:
-        rank_ptr, b_ptr, stride_b, col0, n_out, first = rank1_ptr, b1_ptr, stride_b1, n0, n1, nb_end0
-    else:
-        rank_ptr, b_ptr, stride_b, col0, n_out, first = rank2_ptr, b2_ptr, stride_b2, n0 + n1, n2, nb_end1
-    offs_n = (nb - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+    sl, first_nb, n_out, col0 = _slice_of(nb, n0, n1, n2, nb_end0, nb_end1)
+    rank_ptr, b_ptr, stride_b = _slice_b(sl, rank0_ptr, rank1_ptr, rank2_ptr, b0_ptr, b1_ptr, b2_ptr, stride_b0,
+                                         stride_b1, stride_b2)
+    offs_n = (nb - first_nb) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_out
     cols = col0 + offs_n
     # the token's adapter, its first B rows and the bias: nothing the matmul before writes, so loaded ahead of
@@ -296,12 +304,8 @@ def lora_tile_finish_kernel(
     m_mask = pos < end
     tok = tl.load(sorted_ptr + pos, mask=m_mask, other=0).to(tl.int64)
     sl, first_nb, n_out, col0 = _slice_of(nb, n0, n1, n2, nb_end0, nb_end1)
-    if sl == 0:
-        rank_ptr, b_ptr, stride_b = rank0_ptr, b0_ptr, stride_b0
-    elif sl == 1:
-        rank_ptr, b_ptr, stride_b = rank1_ptr, b1_ptr, stride_b1
-    else:
-        rank_ptr, b_ptr, stride_b = rank2_ptr, b2_ptr, stride_b2
+    rank_ptr, b_ptr, stride_b = _slice_b(sl, rank0_ptr, rank1_ptr, rank2_ptr, b0_ptr, b1_ptr, b2_ptr, stride_b0,
+                                         stride_b1, stride_b2)
     offs_n = (nb - first_nb) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_out
     cols = col0 + offs_n
