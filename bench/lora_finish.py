@@ -60,35 +60,30 @@ def _case(shape: str, tokens: int, adapters: int):
     return meta, sets, count, bytes_, split
 
 
-TILE_CONFIGS = {"bn256": KernelConfig(expand_block_n=256), "bn256w8": KernelConfig(expand_block_n=256, expand_warps=8),
-                "bn64w2": KernelConfig(expand_block_n=64, expand_warps=2)}  # fmt: skip
+# the tile finish's variants: None is the expand's kernel_config, as served
+TILE_CONFIGS = {"tile": None, "tile bn256": KernelConfig(expand_block_n=256),
+                "tile bn256w8": KernelConfig(expand_block_n=256, expand_warps=8),
+                "tile bn64w2": KernelConfig(expand_block_n=64, expand_warps=2)}  # fmt: skip
+
+
+def _reduce_expand(meta, slices, part, y, pdl: bool) -> None:
+    """The reduce writing y, then the expand adding the delta into it (the path without a finish)."""
+    widths = [sl.b.shape[1] for sl in slices]
+    nf4_mod._reduce(part, None, y)
+    lora_mod._launch_expand(list(y.split(widths, dim=1)), slices, meta, lora_mod.kernel_config(meta, widths), pdl=pdl,
+                            after_base=True)
 
 
 def _variants(meta, sets) -> dict:
-    def reduce_expand(i: int) -> None:
-        slices, part, y = sets[i]
-        nf4_mod._reduce(part, None, y)
-        cfg = lora_mod.kernel_config(meta, [sl.b.shape[1] for sl in slices])
-        ys = list(y.split([sl.b.shape[1] for sl in slices], dim=1))
-        lora_mod._launch_expand(ys, slices, meta, cfg, pdl=True, after_base=True)
-
-    def tile(i: int) -> None:
-        slices, part, y = sets[i]
-        project_mod._launch_tile_finish(part, None, y, slices, meta)
-
-    def token(i: int) -> None:
-        slices, part, y = sets[i]
-        project_mod._launch_finish(part, None, y, slices, meta)
-
     count = len(sets)
-    out = {"reduce+expand": graph_time_us(reduce_expand, count)}
-    out["tile"] = graph_time_us(tile, count)
+    out = {"reduce+expand": graph_time_us(lambda i: _reduce_expand(meta, *sets[i], pdl=True), count)}
     for name, cfg in TILE_CONFIGS.items():
-        out[f"tile {name}"] = graph_time_us(
+        out[name] = graph_time_us(
             lambda i, c=cfg: project_mod._launch_tile_finish(sets[i][1], None, sets[i][2], sets[i][0], meta, config=c),
             count)
     if meta.num_tokens <= 64:
-        out["token"] = graph_time_us(token, count)
+        out["token"] = graph_time_us(lambda i: project_mod._launch_finish(sets[i][1], None, sets[i][2], sets[i][0],
+                                                                          meta), count)
     return out
 
 
@@ -97,9 +92,7 @@ def _check(meta, sets) -> float:
     slices, part, y = sets[0]
     project_mod._launch_tile_finish(part, None, y, slices, meta)
     got = y.float().clone()
-    nf4_mod._reduce(part, None, y)
-    lora_mod._launch_expand(list(y.split([sl.b.shape[1] for sl in slices], dim=1)), slices, meta,
-                            lora_mod.kernel_config(meta, [sl.b.shape[1] for sl in slices]), after_base=True)
+    _reduce_expand(meta, slices, part, y, pdl=False)
     return ((got - y.float()).norm() / y.float().norm()).item()
 
 
