@@ -31,7 +31,7 @@ from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, pick_config
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = {"x_ptr": "*bf16", "xt_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32",
-            "bias_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32"}
+            "bias_ptr": "*bf16", "y_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"}
 SCALARS = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
 
 

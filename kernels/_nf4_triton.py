@@ -290,14 +290,42 @@ def _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k
 
 
 @triton.jit
-def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr,
+def _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """y[rows, cols] = the K slices' sums in part, in order, (+ bias): nf4_reduce_kernel's arithmetic for one tile.
+    The loads bypass L1 (.cg): other programs wrote those sums during this kernel."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _last_split(count_ptr, SPLIT_K: tl.constexpr):
+    """Whether this program is the last of its tile's K slices to have stored its sums: each counts itself in
+    (after a barrier, so every thread's stores precede the release), and the last one resets the count to zero
+    for the next launch."""
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+    last = done == SPLIT_K - 1
+    if last:
+        tl.atomic_xchg(count_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
                       M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
                       HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                       SCALE: tl.constexpr, SWAP_AB: tl.constexpr, LOOKUP: tl.constexpr,
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
                       EVEN: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False, TAIL_M: tl.constexpr = 0,
-                      X_TMA: tl.constexpr = False):
+                      X_TMA: tl.constexpr = False, FIXUP: tl.constexpr = False):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
@@ -310,7 +338,9 @@ def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr
     TAIL_M in a second accumulator fed by the same dequantized weights (_accumulate_tail): 192 rows as 128 + 64
     instead of a 256-row tile, whose MMA work past M is wasted. X_TMA (with TMA): x_ptr and xt_ptr are tensor
     descriptors of x with [BLOCK_M, 64] and [TAIL_M, 64] blocks (xt_ptr: the tail's; unused without a tail), and
-    x's tiles come by TMA as the weight bytes do; otherwise xt_ptr is unused.
+    x's tiles come by TMA as the weight bytes do; otherwise xt_ptr is unused. FIXUP (SPLIT_K > 1): the program that
+    stores its tile's last K slice sums the slices into y itself (_last_split, count_ptr: int32 zeros, one per
+    program along axis 0), so no nf4_reduce_kernel launch follows; the sum is the reduce's, in the same order.
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -367,6 +397,12 @@ def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr
                SWAP_AB, SPLIT_K)
     _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
            SWAP_AB, SPLIT_K)
+    if FIXUP:  # noqa: SIM102 (a static branch: no count at all without FIXUP)
+        if _last_split(count_ptr, SPLIT_K):
+            _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, SPLIT_K)
+            if TAIL_M > 0:
+                _sum_splits(part_ptr, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
+                            SPLIT_K)
 
 
 @triton.jit

@@ -39,10 +39,16 @@ class _Finish:
         self.slices, self.meta, self.join, self.parts, self.alone = slices, meta, join, parts, alone
         self.joined = self.finished = False
 
+    def takes(self, tokens: int, y: torch.Tensor) -> bool:
+        """Whether it sums the splits of a step of `tokens` tokens writing y (else nf4_matmul sums them)."""
+        return _fuse_finish(tokens, y, self.slices) or _fuse_tile_finish(tokens, y, self.slices)
+
     def __call__(self, part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
-        if _fuse_finish(part, y, self.slices):
+        if part.stride(2) != 1:
+            return False
+        if _fuse_finish(part.shape[1], y, self.slices):
             launch = _launch_finish
-        elif _fuse_tile_finish(part, y, self.slices):
+        elif _fuse_tile_finish(part.shape[1], y, self.slices):
             launch = _launch_tile_finish
         else:
             return False
@@ -175,18 +181,18 @@ def _finish_limit() -> int:
 TILE_FINISH_MAX_TOKENS = 0
 
 
-def _fits(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
-    """The matmul's output is exactly the slices' columns, unit-strided, as are its split sums."""
-    return y.shape[1] == sum(sl.b.shape[1] for sl in slices) and y.stride(1) == 1 and part.stride(2) == 1
+def _fits(y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
+    """The matmul's output is exactly the slices' columns, unit-strided."""
+    return y.shape[1] == sum(sl.b.shape[1] for sl in slices) and y.stride(1) == 1
 
 
-def _fuse_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
-    return part.shape[1] <= _finish_limit() and _fits(part, y, slices)
+def _fuse_finish(tokens: int, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
+    return tokens <= _finish_limit() and _fits(y, slices)
 
 
-def _fuse_tile_finish(part: torch.Tensor, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
+def _fuse_tile_finish(tokens: int, y: torch.Tensor, slices: Sequence[LoraSlice]) -> bool:
     limit = _token_limit("HOTLORA_LORA_TILE_FINISH", TILE_FINISH_MAX_TOKENS)
-    return part.shape[1] <= limit and _fits(part, y, slices)
+    return tokens <= limit and _fits(y, slices)
 
 
 def lora_finish(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, slices: Sequence[LoraSlice],

@@ -49,6 +49,7 @@ pool under capture).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -246,10 +247,56 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.dense:
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
-    part = _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg)
-    if part is not None and not (finish is not None and finish(part, bias, y)):
+    takes = _hook_takes(finish, m, y)
+    fixup = not takes and _fixup(declined=finish is not None)
+    part = _launch_gemv(x, w, bias, y, cfg) if cfg.gemv else _launch(x, w, bias, y, cfg, fixup=fixup)
+    if part is not None and not (takes and finish(part, bias, y)):
         _reduce(part, bias, y)
     return y
+
+
+def _hook_takes(finish: Finish | None, m: int, y: torch.Tensor) -> bool:
+    """Whether the finish hook would sum the splits itself: its `takes(m, y)` if it has one; a hook without it
+    may, so it gets the sums."""
+    if finish is None:
+        return False
+    takes = getattr(finish, "takes", None)
+    return True if takes is None else takes(m, y)
+
+
+# A split-K launch of nf4_matmul_kernel can sum its K slices itself (FIXUP: the last program of each tile adds them
+# up; no nf4_reduce_kernel launch). On the H200 (bench/engine_gpu.py, Llama-3-8B shape, NF4, decode tok/s, on
+# against off in one call, two rounds each, thirtieth session) it pays where a LoRA finish hook declines the sums
+# (steps past the finish's limit, whose expand follows the matmul): batch 8 with one adapter 1,900-1,903 against
+# 1,881-1,884, batch 16 3,723-3,727 against 3,645-3,652, batch 32 with 32 distinct adapters 5,181 against 5,163-5,165,
+# with one 5,925-5,940 against 5,941-5,965. Base-model steps lost: batch 32 6,494-6,508 against 6,778-6,801, batch
+# 1 285-286 against 299-300 (each of their programs waits out the count's round trip before it exits; not
+# profiled). So it serves launches whose hook declines. HOTLORA_NF4_FIXUP=0: never; 1: every split launch.
+# The counts are one int32 buffer per device, created outside graph capture (a graph's eager warm-up creates it) and
+# left all zero by every launch: nf4_matmul calls on one device must not run concurrently on two streams (hotlora
+# runs them on the model's stream).
+_FIXUP_TILES = 1 << 16
+_split_counts: dict[torch.device, torch.Tensor] = {}
+
+
+def _fixup(declined: bool) -> bool:
+    """Whether a split launch whose sums no hook takes sums them itself: where a finish hook declined them
+    (`declined`; not with no hook at all), unless HOTLORA_NF4_FIXUP says otherwise."""
+    flag = os.environ.get("HOTLORA_NF4_FIXUP")
+    return declined if flag is None else flag == "1"
+
+
+def _counts(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's split counts for a launch of `tiles` programs along axis 0, or None: too many tiles, or no
+    buffer yet while a graph is captured."""
+    if tiles > _FIXUP_TILES:
+        return None
+    counts = _split_counts.get(device)
+    if counts is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counts = _split_counts[device] = torch.zeros(_FIXUP_TILES, dtype=torch.int32, device=device)
+    return counts
 
 
 def stages(cfg: Nf4Config, x_dtype: torch.dtype, by_tma: bool) -> int:
@@ -265,8 +312,9 @@ def x_by_tma(cfg: Nf4Config, x_dtype: torch.dtype) -> bool:
 
 
 def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
-            cfg: Nf4Config) -> torch.Tensor | None:
-    """The matmul kernel writing y, or (split K) its fp32 sums, returned for the reduce."""
+            cfg: Nf4Config, fixup: bool = False) -> torch.Tensor | None:
+    """The matmul kernel writing y, or (split K) its fp32 sums, returned for the reduce; with `fixup` (where
+    _counts allows it) the kernel sums the splits into y itself and None is returned."""
     m, k = x.shape
     n = w.shape[0]
     split = cfg.split_k
@@ -283,18 +331,19 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
              and x.stride(0) * x.element_size() % 16 == 0)  # a descriptor needs 16-byte aligned rows
     xs = TensorDescriptor.from_tensor(x, [cfg.block_m, 64]) if x_tma else x
     xt = TensorDescriptor.from_tensor(x, [cfg.tail_m, 64]) if x_tma and cfg.tail_m else x
+    counts = _counts(x.device, grid[0]) if fixup and split > 1 else None
     nf4_matmul_kernel[grid](
-        xs, xt, codes, w.absmax, lut, bias if bias is not None else y, y, part,
+        xs, xt, codes, w.absmax, lut, bias if bias is not None else y, y, part, part if counts is None else counts,
         m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, W_DTYPE=_TL[w.dtype], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        TMA=by_tma, TAIL_M=cfg.tail_m, X_TMA=x_tma, num_warps=cfg.warps, num_stages=stages(cfg, x.dtype, by_tma),
-        **pdl_args(x),
+        TMA=by_tma, TAIL_M=cfg.tail_m, X_TMA=x_tma, FIXUP=counts is not None, num_warps=cfg.warps,
+        num_stages=stages(cfg, x.dtype, by_tma), **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
-    return part if split > 1 else None
+    return part if split > 1 and counts is None else None
 
 
 def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,

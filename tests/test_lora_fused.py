@@ -93,10 +93,11 @@ def test_silu_mul_shrink_on_views(device, dtype, num_tokens, split_k, popularity
 
 
 @pytest.mark.parametrize("finish", [True, False])
-@pytest.mark.parametrize("num_tokens", [1, 4])
+@pytest.mark.parametrize("num_tokens", [1, 4, 8])
 def test_project_reads_the_parts(device, finish, num_tokens, monkeypatch):
-    """lora_project(shrunk=True) after norm_shrink: no shrink launch; the finish (an NF4 base that splits K) or
-    the expand (a base without split sums) adds the parts; the result is the base plus lora_apply_ref's delta."""
+    """lora_project(shrunk=True) after norm_shrink: no shrink launch; the finish (an NF4 base that splits K, up to
+    its 4 tokens) or the expand (past them, after the matmul summed its own splits; or a base without split sums)
+    adds the parts; the result is the base plus lora_apply_ref's delta."""
     from bitsandbytes.functional import quantize_4bit
 
     from hotlora.kernels.nf4 import nf4_matmul, pack_nf4
@@ -116,6 +117,10 @@ def test_project_reads_the_parts(device, finish, num_tokens, monkeypatch):
         monkeypatch.setattr(project_mod._lora, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k)))
     real_finish = project_mod._launch_finish
     monkeypatch.setattr(project_mod, "_launch_finish", lambda *a: (calls.append("_launch_finish"), real_finish(*a)))
+    import hotlora.kernels.nf4 as nf4_mod
+
+    real_reduce = nf4_mod._reduce
+    monkeypatch.setattr(nf4_mod, "_reduce", lambda *a: (calls.append("_reduce"), real_reduce(*a)))
 
     _, x = norm_shrink(h, None, norm_w, 1e-5, case.slices, meta)
     if finish:
@@ -128,7 +133,7 @@ def test_project_reads_the_parts(device, finish, num_tokens, monkeypatch):
         def base(fin):
             return list((x @ dq.T).split(list(outs), dim=1))
     ys = lora_project(base, x, case.slices, meta, shrunk=True)
-    assert calls == (["_launch_finish"] if finish else ["_launch_expand"])
+    assert calls == (["_launch_finish"] if finish and num_tokens <= 4 else ["_launch_expand"])
     want = base(None)
     plain = torch.cat(want, dim=1).clone()
     lora_apply_ref(want, x, case.slices, meta)

@@ -289,13 +289,13 @@ def test_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
         monkeypatch.setenv("HOTLORA_LORA_FINISH", env)
     case = make_case(torch.float32, 40, (24, 8), 8, 6, "uniform")
     assert project_mod.FINISH_MAX_TOKENS == 4
-    got = [t for t in (1, 4, 32) if project_mod._fuse_finish(torch.zeros(2, t, 32), torch.zeros(t, 32), case.slices)]
+    got = [t for t in (1, 4, 32) if project_mod._fuse_finish(t, torch.zeros(t, 32), case.slices)]
     assert got == taken
-    assert not project_mod._fuse_finish(torch.zeros(2, 1, 40), torch.zeros(1, 40), case.slices)  # wider than slices
-    assert not project_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 64)[:, ::2], case.slices)  # strided
+    assert not project_mod._fuse_finish(1, torch.zeros(1, 40), case.slices)  # wider than slices
+    assert not project_mod._fuse_finish(1, torch.zeros(1, 64)[:, ::2], case.slices)  # strided
     monkeypatch.setenv("HOTLORA_LORA_FINISH", "on")
     with pytest.raises(ValueError, match="HOTLORA_LORA_FINISH must be a token count"):
-        project_mod._fuse_finish(torch.zeros(2, 1, 32), torch.zeros(1, 32), case.slices)
+        project_mod._fuse_finish(1, torch.zeros(1, 32), case.slices)
 
 
 @pytest.mark.parametrize(("env", "taken"), [(None, []), ("0", []), ("32", [1, 4, 32]), ("4096", [1, 4, 32, 4096])])
@@ -307,9 +307,20 @@ def test_tile_finish_takes_steps_up_to_its_limit(monkeypatch, env, taken):
     else:
         monkeypatch.setenv("HOTLORA_LORA_TILE_FINISH", env)
     case = make_case(torch.float32, 40, (24, 8), 8, 6, "uniform")
-    fits = [t for t in (1, 4, 32, 4096)
-            if project_mod._fuse_tile_finish(torch.zeros(2, t, 32), torch.zeros(t, 32), case.slices)]
+    fits = [t for t in (1, 4, 32, 4096) if project_mod._fuse_tile_finish(t, torch.zeros(t, 32), case.slices)]
     assert fits == taken
-    assert not project_mod._fuse_tile_finish(torch.zeros(2, 8, 40), torch.zeros(8, 40), case.slices)
-    assert not project_mod._fuse_tile_finish(torch.zeros(2, 8, 32), torch.zeros(8, 64)[:, ::2], case.slices)
-    assert not project_mod._fuse_tile_finish(torch.zeros(2, 8, 64)[:, :, ::2], torch.zeros(8, 32), case.slices)
+    assert not project_mod._fuse_tile_finish(8, torch.zeros(8, 40), case.slices)
+    assert not project_mod._fuse_tile_finish(8, torch.zeros(8, 64)[:, ::2], case.slices)
+
+
+def test_finish_hook_says_which_steps_it_sums(monkeypatch):
+    """The hook nf4_matmul asks before it launches (takes: it then keeps the split sums for the hook; else the matmul
+    sums them itself) answers as the finishes' limits do, and refuses split sums without unit column stride."""
+    monkeypatch.delenv("HOTLORA_LORA_FINISH", raising=False)
+    monkeypatch.setenv("HOTLORA_LORA_TILE_FINISH", "16")
+    case = make_case(torch.float32, 40, (24, 8), 8, 6, "uniform")
+    hook = project_mod._Finish(case.slices, None, None)
+    assert [t for t in (1, 4, 8, 16, 17, 64) if hook.takes(t, torch.zeros(t, 32))] == [1, 4, 8, 16]
+    assert not hook.takes(1, torch.zeros(1, 40))
+    assert not hook(torch.zeros(2, 8, 64)[:, :, ::2], None, torch.zeros(8, 32))
+    assert not hook.finished

@@ -48,7 +48,7 @@ def compile_sm90(cfg: Nf4Config, x_dtype: torch.dtype) -> None:
     xt = f"tensordesc<{x}[{cfg.tail_m}, 64]>" if x_tma and cfg.tail_m else f"*{x}"
     pointers = {"x_ptr": xs, "xt_ptr": xt, "w_ptr": f"tensordesc<u8[{cfg.block_n}, 64]>", "absmax_ptr": "*fp32",
                 "lut_ptr": "*fp32" if lookup == LOOKUP_TABLE else "*i32", "bias_ptr": f"*{x}", "y_ptr": f"*{x}",
-                "part_ptr": "*fp32"}
+                "part_ptr": "*fp32", "count_ptr": "*i32"}
     scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
     signature = {**pointers, **dict.fromkeys(scalars, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)

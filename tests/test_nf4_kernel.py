@@ -263,6 +263,69 @@ def test_triton_matmul_alone_only_without_a_finish_hook(triton_cpu, monkeypatch)
     assert asked == [True, False]
 
 
+SPLIT_CONFIGS = [name for name, cfg in CONFIGS.items() if cfg.split_k > 1 and not cfg.prefetch]
+
+
+@interpret
+@pytest.mark.parametrize("name", SPLIT_CONFIGS)
+def test_triton_matmul_sums_its_own_splits(triton_cpu, monkeypatch, name):
+    """A split-K launch with no finish hook that takes its sums adds them up in the matmul (the last program of a
+    tile): bit-identical to the reduce kernel, no reduce launch, the counts left at zero for the next launch. A
+    hook that takes the sums still gets them."""
+    import hotlora.kernels.nf4 as nf4_mod
+
+    members = quantize((48,), 640, torch.float16)
+    w, x, bias = packed_group(members), torch.randn(37, 640, dtype=torch.float16), torch.randn(48, dtype=torch.float16)
+    reduced = []
+    real_reduce = nf4_mod._reduce
+    monkeypatch.setattr(nf4_mod, "_reduce", lambda *a: reduced.append(1) or real_reduce(*a))
+    monkeypatch.setenv("HOTLORA_NF4_FIXUP", "0")
+    before = nf4_matmul(x, w, bias, config=CONFIGS[name])
+    assert reduced == [1]
+    monkeypatch.setenv("HOTLORA_NF4_FIXUP", "1")
+    for _ in range(2):  # the second launch reuses the counts the first left behind
+        assert torch.equal(nf4_matmul(x, w, bias, config=CONFIGS[name]), before)
+    assert reduced == [1]
+    assert not nf4_mod._split_counts[x.device].any()
+    got = []
+    nf4_matmul(x, w, bias, config=CONFIGS[name], finish=lambda part, b, y: got.append(part.shape) or False)
+    assert got == [(CONFIGS[name].split_k, 37, 48)] and reduced == [1, 1]
+
+
+class _Declines:
+    """A finish hook that declines every step's sums before the launch (as kernels.lora_project's past its limits)."""
+
+    alone = False
+
+    def takes(self, tokens, y):
+        return False
+
+    def __call__(self, part, bias, y):
+        raise AssertionError("a declining hook is never called")
+
+
+@interpret
+def test_triton_matmul_sums_its_splits_where_a_hook_declines(triton_cpu, monkeypatch):
+    """By default only launches whose finish hook declines the sums add them up themselves; a launch with no hook
+    (a base-model step: slower so on the H200) keeps the reduce kernel."""
+    import hotlora.kernels.nf4 as nf4_mod
+
+    monkeypatch.delenv("HOTLORA_NF4_FIXUP", raising=False)
+    members = quantize((48,), 640, torch.float16)
+    w, x = packed_group(members), torch.randn(5, 640, dtype=torch.float16)
+    cfg = CONFIGS["split2"]
+    reduced = []
+    real_reduce = nf4_mod._reduce
+    monkeypatch.setattr(nf4_mod, "_reduce", lambda *a: reduced.append(1) or real_reduce(*a))
+    plain = nf4_matmul(x, w, config=cfg)
+    assert reduced == [1]
+    assert torch.equal(nf4_matmul(x, w, config=cfg, finish=_Declines()), plain)
+    assert reduced == [1]
+    monkeypatch.setenv("HOTLORA_NF4_FIXUP", "0")
+    assert torch.equal(nf4_matmul(x, w, config=cfg, finish=_Declines()), plain)
+    assert reduced == [1, 1]
+
+
 @interpret
 def test_triton_doubled_split_matches_reference(triton_cpu):
     """SmolLM2's down projection (1536 -> 576) at decode size: nf4_matmul's own pick doubles the K slices past

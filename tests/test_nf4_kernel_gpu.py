@@ -185,3 +185,36 @@ def test_gpu_register_cap_configs():
         free = nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT))
         for regs in (96, 72):
             assert torch.equal(nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT, maxnreg=regs)), free)
+
+
+@pytest.mark.parametrize("shape", ["qkv", "gate_up", "down"])
+def test_gpu_matmul_sums_its_own_splits(shape, monkeypatch):
+    """The split-K sums added up by the matmul's last program per tile (nf4.SERVE_FIXUP) at real sizes, bf16, every
+    split bucket of the recorded configs (tails and x by TMA among them), with bias: bit for bit the reduce kernel's
+    result, eagerly several times over (a lost or doubled count would show) and replayed from a CUDA graph after
+    other launches used the counts; the counts end at zero."""
+    import hotlora.kernels.nf4 as nf4_mod
+
+    k, widths = LLAMA[shape]
+    members = quantize(widths, k, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    bias = torch.randn(sum(widths), dtype=torch.bfloat16, device="cuda")
+    ms = (1, 4, 16, 32, 64, 96, 128, 176, 256)
+    assert sum(pick_config(m, *w.shape).split_k > 1 for m in ms) >= 5
+    for m in ms:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        monkeypatch.setenv("HOTLORA_NF4_FIXUP", "0")
+        want = nf4_matmul(x, w, bias)
+        monkeypatch.setenv("HOTLORA_NF4_FIXUP", "1")
+        for _ in range(3):
+            assert torch.equal(nf4_matmul(x, w, bias), want), m
+        out = torch.empty_like(want)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            nf4_matmul(x, w, bias, out=out)
+        for _ in range(3):
+            out.zero_()
+            graph.replay()
+            assert torch.equal(out, want), m
+    torch.cuda.synchronize()
+    assert not nf4_mod._split_counts[torch.device("cuda", torch.cuda.current_device())].any()
