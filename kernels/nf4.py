@@ -71,6 +71,7 @@ from ._nf4_configs import (
     split_for_sms,
 )
 from ._nf4_gemv_triton import nf4_gemv_kernel
+from ._nf4_sums_triton import nf4_reduce_kernel
 from ._nf4_triton import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
@@ -78,7 +79,6 @@ from ._nf4_triton import (
     LOOKUP_TABLE,
     nf4_dequant_kernel,
     nf4_matmul_kernel,
-    nf4_reduce_kernel,
     prmt_table_words,
 )
 from .reference import NF4_NIBBLE, NF4_NIBBLE_ORDER, nf4_dequantize_ref, nf4_matmul_ref
