@@ -138,6 +138,22 @@ def test_bitsandbytes_import_survives_repo_root_on_sys_path():
     assert "kernels-community" not in done.stderr
 
 
+def test_checkout_root_never_shadows_the_kernels_package():
+    """Run from the checkout's root (`python -c` / `python -m` put the working directory first on sys.path; a Ray
+    worker gets the driver's), importing hotlora.server drops that root, so a later `import kernels` (transformers
+    5.25+ imports the PyPI package) cannot find the checkout's kernels/ folder."""
+    code = (
+        "import importlib.util, sys\n"
+        "assert sys.path[0] == ''\n"
+        "import hotlora.server\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(spec.origin if spec else None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() != str(REPO_ROOT / "kernels" / "__init__.py")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_group_matches_bitsandbytes():
