@@ -1,6 +1,6 @@
-"""The NF4 matmul's split-K sums: nf4_reduce_kernel (a launch of its own) and the helpers with which
-nf4_matmul_kernel's last program of a tile sums them itself (FIXUP; hotlora.kernels.nf4 says where each runs).
-Both add the slices in the same order, so their results are bit-identical."""
+"""The NF4 matmul's output: its programs' stores (_epilogue) and the split-K sums, by nf4_reduce_kernel (a launch of
+its own) or by nf4_matmul_kernel's own programs (FIXUP; hotlora.kernels.nf4 says where each runs). Both add the
+slices in the same order, so their results are bit-identical."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ from ._launch import pdl_enter
 
 @triton.jit
 def _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr,
-                SPLIT_K: tl.constexpr):
+                SPLIT_K: tl.constexpr, own=None):
     """y[rows, cols] = the K slices' sums in part, in order, (+ bias): nf4_reduce_kernel's arithmetic for one tile.
+    With `own` ([rows, cols] fp32: the next slice's sums, in registers) it is added after the SPLIT_K stored ones.
     The loads bypass L1 (.cg): other programs wrote those sums during this kernel."""
     mask = mask_m[:, None] & mask_n[None, :]
     ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
     acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+    if own is not None:
+        acc += own
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -39,6 +42,24 @@ def _last_split(count_ptr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def _count_in(count_ptr):
+    """This program's sums are stored: count it in for its tile (after a barrier, so every thread's stores precede
+    the release), without waiting for the count (its result is unused)."""
+    tl.debug_barrier()
+    tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _await_slices(count_ptr, SLICES: tl.constexpr):
+    """Wait until SLICES programs of this tile counted in (_count_in), then reset the count; the acquire makes their
+    sums visible. The waiting program must be dispatched after those it waits for (the grid's last row)."""
+    done = tl.atomic_add(count_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+    while done < SLICES:
+        done = tl.atomic_add(count_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
+    tl.atomic_xchg(count_ptr + tl.program_id(0), 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
 def nf4_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """y[m, n] = sum_k part[k, m, n] (+ bias[n]), in a fixed order (deterministic)."""
@@ -52,3 +73,68 @@ def nf4_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym,
+           HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr):
+    """A program's tile of y (or with SPLIT_K > 1 of its K slice's fp32 sums in part), bias added."""
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K > 1:
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _plain(acc, SWAP_AB: tl.constexpr):
+    """An accumulator as [rows of x, columns of y]."""
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    return acc
+
+
+@triton.jit
+def _store_both(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N,
+                stride_ym, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr,
+                TAIL_M: tl.constexpr):
+    """_store of the row tile and, with TAIL_M, of the tail tile."""
+    if TAIL_M > 0:
+        _store(acc_t, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
+               SWAP_AB, SPLIT_K)
+    _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
+           SWAP_AB, SPLIT_K)
+
+
+@triton.jit
+def _epilogue(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, count_ptr,
+              pid_k, M, N, stride_ym, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr,
+              TAIL_M: tl.constexpr, FIXUP: tl.constexpr):
+    """nf4_matmul_kernel's output of a program (its docstring: FIXUP): the row tile's accumulator and, with TAIL_M,
+    the tail's (acc_t, offs_t, mask_t; stand-ins otherwise)."""
+    if FIXUP == 2:
+        if pid_k == SPLIT_K - 1:  # the grid's last row of programs: every other slice's program has started
+            _await_slices(count_ptr, SPLIT_K - 1)
+            _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
+                        SPLIT_K - 1, _plain(acc, SWAP_AB))
+            if TAIL_M > 0:
+                _sum_splits(part_ptr, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
+                            SPLIT_K - 1, _plain(acc_t, SWAP_AB))
+        else:
+            _store_both(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k,
+                        M, N, stride_ym, HAS_BIAS, SWAP_AB, SPLIT_K, TAIL_M)
+            _count_in(count_ptr)
+    else:
+        _store_both(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M,
+                    N, stride_ym, HAS_BIAS, SWAP_AB, SPLIT_K, TAIL_M)
+        if FIXUP == 1:  # noqa: SIM102 (a static branch: no count at all without FIXUP)
+            if _last_split(count_ptr, SPLIT_K):
+                _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
+                            SPLIT_K)
+                if TAIL_M > 0:
+                    _sum_splits(part_ptr, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
+                                SPLIT_K)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._launch import pdl_enter
-from ._nf4_sums_triton import _last_split, _sum_splits
+from ._nf4_sums_triton import _epilogue
 from .reference import NF4_NIBBLE
 
 # PRMT: the register lookup, table words from lut; PRMT_IMM: the same lookup with the table as immediates and the
@@ -276,21 +276,6 @@ def _accumulate_tail(acc, acc_t, x_hi, x_lo, t_hi, t_lo, raw, a_hi, a_lo, lut_pt
 
 
 @triton.jit
-def _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym,
-           HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr):
-    """A program's tile of y (or with SPLIT_K > 1 of its K slice's fp32 sums in part), bias added."""
-    if SWAP_AB:
-        acc = tl.trans(acc)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K > 1:
-        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
                       M, N, K, NUM_G, stride_xm, stride_wn, stride_an, stride_ym,
                       HAS_BIAS: tl.constexpr, W_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -298,7 +283,7 @@ def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr
                       V_DTYPE: tl.constexpr, TABLE_REGS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr, GROUP_M: tl.constexpr,
                       EVEN: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False, TAIL_M: tl.constexpr = 0,
-                      X_TMA: tl.constexpr = False, FIXUP: tl.constexpr = False):
+                      X_TMA: tl.constexpr = False, FIXUP: tl.constexpr = 0):
     """y[M, N] = x @ dequant(w).T (+ bias), fp32 accumulation, ITERS 128-column groups per program.
 
     SCALE 0 (small M): dot the code values (lut, already in x's dtype) and scale each 64-block's
@@ -311,9 +296,12 @@ def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr
     TAIL_M in a second accumulator fed by the same dequantized weights (_accumulate_tail): 192 rows as 128 + 64
     instead of a 256-row tile, whose MMA work past M is wasted. X_TMA (with TMA): x_ptr and xt_ptr are tensor
     descriptors of x with [BLOCK_M, 64] and [TAIL_M, 64] blocks (xt_ptr: the tail's; unused without a tail), and
-    x's tiles come by TMA as the weight bytes do; otherwise xt_ptr is unused. FIXUP (SPLIT_K > 1): the program that
-    stores its tile's last K slice sums the slices into y itself (_last_split, count_ptr: int32 zeros, one per
-    program along axis 0), so no nf4_reduce_kernel launch follows; the sum is the reduce's, in the same order.
+    x's tiles come by TMA as the weight bytes do; otherwise xt_ptr is unused. FIXUP (SPLIT_K > 1; count_ptr: int32
+    zeros, one per program along axis 0, left zero): the tile's K slices end in y here, so no nf4_reduce_kernel launch
+    follows; the sum is the reduce's, in the same order. 1: every program stores its sums and counts itself in, and
+    the last to count sums them (_last_split); 2: the programs of slices 0 .. SPLIT_K - 2 store and count in without
+    waiting (_count_in), and the program of the last slice waits for them (_await_slices) and adds its own sums from
+    registers.
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -365,14 +353,7 @@ def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr
             else:
                 acc = _accumulate(acc, xh, xl, raw, ah, al, lut_ptr, tab, W_DTYPE, PRECISION, SCALE, SWAP_AB,
                                   LOOKUP, V_DTYPE)
-    if TAIL_M > 0:
-        _store(acc_t, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
-               SWAP_AB, SPLIT_K)
-    _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym, HAS_BIAS,
-           SWAP_AB, SPLIT_K)
-    if FIXUP:  # noqa: SIM102 (a static branch: no count at all without FIXUP)
-        if _last_split(count_ptr, SPLIT_K):
-            _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, SPLIT_K)
-            if TAIL_M > 0:
-                _sum_splits(part_ptr, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
-                            SPLIT_K)
+    if TAIL_M == 0:  # one epilogue for both: the tail's arguments stand in, unused
+        acc_t, offs_t, mask_t = acc, offs_m, mask_m
+    _epilogue(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, count_ptr,
+              pid_k, M, N, stride_ym, HAS_BIAS, SWAP_AB, SPLIT_K, TAIL_M, FIXUP)

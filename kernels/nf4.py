@@ -286,6 +286,14 @@ def _fixup(declined: bool) -> bool:
     return declined if flag is None else flag == "1"
 
 
+def _fixup_mode() -> int:
+    """nf4_matmul_kernel's FIXUP: 1, each program counts in and the last sums (measured above); 2 with
+    HOTLORA_NF4_FIXUP_WAIT=1, the last slice's programs wait for the others' counts, which then need not wait for
+    theirs (sm_90 SASS of mode 1: every program waits out a fence, the atomic's round trip and an L1 invalidation
+    before it exits). Mode 2 is not timed yet."""
+    return 2 if os.environ.get("HOTLORA_NF4_FIXUP_WAIT") == "1" else 1
+
+
 def _counts(device: torch.device, tiles: int) -> torch.Tensor | None:
     """The device's split counts for a launch of `tiles` programs along axis 0, or None: too many tiles, or no
     buffer yet while a graph is captured."""
@@ -339,7 +347,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        TMA=by_tma, TAIL_M=cfg.tail_m, X_TMA=x_tma, FIXUP=counts is not None, num_warps=cfg.warps,
+        TMA=by_tma, TAIL_M=cfg.tail_m, X_TMA=x_tma, FIXUP=0 if counts is None else _fixup_mode(), num_warps=cfg.warps,
         num_stages=stages(cfg, x.dtype, by_tma), **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )
