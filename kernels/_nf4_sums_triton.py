@@ -79,8 +79,7 @@ def nf4_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
 def _store(acc, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N, stride_ym,
            HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr):
     """A program's tile of y (or with SPLIT_K > 1 of its K slice's fp32 sums in part), bias added."""
-    if SWAP_AB:
-        acc = tl.trans(acc)
+    acc = _plain(acc, SWAP_AB)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K > 1:
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
@@ -111,6 +110,22 @@ def _store_both(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias
 
 
 @triton.jit
+def _sum_both(part_ptr, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym,
+              HAS_BIAS: tl.constexpr, SLICES: tl.constexpr, TAIL_M: tl.constexpr, SWAP_AB: tl.constexpr = False,
+              own=None, own_t=None):
+    """_sum_splits of the row tile and, with TAIL_M, of the tail tile (own, own_t: their accumulators, the next
+    slice's sums in registers, laid out as SWAP_AB says)."""
+    if own is not None:
+        own = _plain(own, SWAP_AB)
+    _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, SLICES, own)
+    if TAIL_M > 0:
+        if own_t is not None:
+            own_t = _plain(own_t, SWAP_AB)
+        _sum_splits(part_ptr, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, SLICES,
+                    own_t)
+
+
+@triton.jit
 def _epilogue(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, count_ptr,
               pid_k, M, N, stride_ym, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT_K: tl.constexpr,
               TAIL_M: tl.constexpr, FIXUP: tl.constexpr):
@@ -119,11 +134,8 @@ def _epilogue(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_p
     if FIXUP == 2:
         if pid_k == SPLIT_K - 1:  # the grid's last row of programs: every other slice's program has started
             _await_slices(count_ptr, SPLIT_K - 1)
-            _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
-                        SPLIT_K - 1, _plain(acc, SWAP_AB))
-            if TAIL_M > 0:
-                _sum_splits(part_ptr, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
-                            SPLIT_K - 1, _plain(acc_t, SWAP_AB))
+            _sum_both(part_ptr, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym,
+                      HAS_BIAS, SPLIT_K - 1, TAIL_M, SWAP_AB, acc, acc_t)
         else:
             _store_both(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k,
                         M, N, stride_ym, HAS_BIAS, SWAP_AB, SPLIT_K, TAIL_M)
@@ -133,8 +145,5 @@ def _epilogue(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_p
                     N, stride_ym, HAS_BIAS, SWAP_AB, SPLIT_K, TAIL_M)
         if FIXUP == 1:  # noqa: SIM102 (a static branch: no count at all without FIXUP)
             if _last_split(count_ptr, SPLIT_K):
-                _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
-                            SPLIT_K)
-                if TAIL_M > 0:
-                    _sum_splits(part_ptr, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS,
-                                SPLIT_K)
+                _sum_both(part_ptr, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym,
+                          HAS_BIAS, SPLIT_K, TAIL_M)
