@@ -12,33 +12,17 @@ from ._launch import pdl_enter
 
 @triton.jit
 def _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS: tl.constexpr,
-                SPLIT_K: tl.constexpr, own=None):
+                SPLIT_K: tl.constexpr):
     """y[rows, cols] = the K slices' sums in part, in order, (+ bias): nf4_reduce_kernel's arithmetic for one tile.
-    With `own` ([rows, cols] fp32: the next slice's sums, in registers) it is added after the SPLIT_K stored ones.
     The loads bypass L1 (.cg): other programs wrote those sums during this kernel."""
     mask = mask_m[:, None] & mask_n[None, :]
     ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
     acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-    if own is not None:
-        acc += own
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _last_split(count_ptr, SPLIT_K: tl.constexpr):
-    """Whether this program is the last of its tile's K slices to have stored its sums: each counts itself in
-    (after a barrier, so every thread's stores precede the release), and the last one resets the count to zero
-    for the next launch."""
-    tl.debug_barrier()
-    done = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-    last = done == SPLIT_K - 1
-    if last:
-        tl.atomic_xchg(count_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
-    return last
 
 
 @triton.jit
@@ -111,18 +95,11 @@ def _store_both(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias
 
 @triton.jit
 def _sum_both(part_ptr, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym,
-              HAS_BIAS: tl.constexpr, SLICES: tl.constexpr, TAIL_M: tl.constexpr, SWAP_AB: tl.constexpr = False,
-              own=None, own_t=None):
-    """_sum_splits of the row tile and, with TAIL_M, of the tail tile (own, own_t: their accumulators, the next
-    slice's sums in registers, laid out as SWAP_AB says)."""
-    if own is not None:
-        own = _plain(own, SWAP_AB)
-    _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, SLICES, own)
+              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, TAIL_M: tl.constexpr):
+    """_sum_splits of the row tile and, with TAIL_M, of the tail tile."""
+    _sum_splits(part_ptr, offs_m, mask_m, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, SPLIT_K)
     if TAIL_M > 0:
-        if own_t is not None:
-            own_t = _plain(own_t, SWAP_AB)
-        _sum_splits(part_ptr, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, SLICES,
-                    own_t)
+        _sum_splits(part_ptr, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -131,19 +108,13 @@ def _epilogue(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_p
               TAIL_M: tl.constexpr, FIXUP: tl.constexpr):
     """nf4_matmul_kernel's output of a program (its docstring: FIXUP): the row tile's accumulator and, with TAIL_M,
     the tail's (acc_t, offs_t, mask_t; stand-ins otherwise)."""
-    if FIXUP == 2:
+    _store_both(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M, N,
+                stride_ym, HAS_BIAS, SWAP_AB, SPLIT_K, TAIL_M)
+    if FIXUP:
         if pid_k == SPLIT_K - 1:  # the grid's last row of programs: every other slice's program has started
+            tl.debug_barrier()  # this program's own sums are stored before any of its threads reads them back
             _await_slices(count_ptr, SPLIT_K - 1)
             _sum_both(part_ptr, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym,
-                      HAS_BIAS, SPLIT_K - 1, TAIL_M, SWAP_AB, acc, acc_t)
+                      HAS_BIAS, SPLIT_K, TAIL_M)
         else:
-            _store_both(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k,
-                        M, N, stride_ym, HAS_BIAS, SWAP_AB, SPLIT_K, TAIL_M)
             _count_in(count_ptr)
-    else:
-        _store_both(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, part_ptr, pid_k, M,
-                    N, stride_ym, HAS_BIAS, SWAP_AB, SPLIT_K, TAIL_M)
-        if FIXUP == 1:  # noqa: SIM102 (a static branch: no count at all without FIXUP)
-            if _last_split(count_ptr, SPLIT_K):
-                _sum_both(part_ptr, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_ptr, y_ptr, M, N, stride_ym,
-                          HAS_BIAS, SPLIT_K, TAIL_M)

@@ -298,10 +298,9 @@ def nf4_matmul_kernel(x_ptr, xt_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr
     descriptors of x with [BLOCK_M, 64] and [TAIL_M, 64] blocks (xt_ptr: the tail's; unused without a tail), and
     x's tiles come by TMA as the weight bytes do; otherwise xt_ptr is unused. FIXUP (SPLIT_K > 1; count_ptr: int32
     zeros, one per program along axis 0, left zero): the tile's K slices end in y here, so no nf4_reduce_kernel launch
-    follows; the sum is the reduce's, in the same order. 1: every program stores its sums and counts itself in, and
-    the last to count sums them (_last_split); 2: the programs of slices 0 .. SPLIT_K - 2 store and count in without
-    waiting (_count_in), and the program of the last slice waits for them (_await_slices) and adds its own sums from
-    registers.
+    follows; the sum is the reduce's, in the same order. Every program stores its sums; those of slices 0 ..
+    SPLIT_K - 2 count in without waiting (_count_in), and the program of the last slice waits for them
+    (_await_slices) and sums the tile.
     """
     pdl_enter(PDL)
     pid = tl.program_id(0)

@@ -264,14 +264,17 @@ def _hook_takes(finish: Finish | None, m: int, y: torch.Tensor) -> bool:
     return True if takes is None else takes(m, y)
 
 
-# A split-K launch of nf4_matmul_kernel can sum its K slices itself (FIXUP: the last program of each tile adds them
-# up; no nf4_reduce_kernel launch). On the H200 (bench/engine_gpu.py, Llama-3-8B shape, NF4, decode tok/s, on
-# against off in one call, two rounds each, thirtieth session) it pays where a LoRA finish hook declines the sums
-# (steps past the finish's limit, whose expand follows the matmul): batch 8 with one adapter 1,900-1,903 against
-# 1,881-1,884, batch 16 3,723-3,727 against 3,645-3,652, batch 32 with 32 distinct adapters 5,181 against 5,163-5,165,
-# with one 5,925-5,940 against 5,941-5,965. Base-model steps lost: batch 32 6,494-6,508 against 6,778-6,801, batch
-# 1 285-286 against 299-300 (each of their programs waits out the count's round trip before it exits; not
-# profiled). So it serves launches whose hook declines. HOTLORA_NF4_FIXUP=0: never; 1: every split launch.
+# A split-K launch of nf4_matmul_kernel can sum its K slices itself (FIXUP: the program of each tile's last slice
+# waits for the others' counts, then adds them up; no nf4_reduce_kernel launch). It pays where a LoRA finish hook
+# declines the sums (steps past the finish's limit, whose expand follows the matmul). On the H200
+# (bench/engine_gpu.py, Llama-3-8B shape, NF4, decode tok/s, against the reduce launch, thirty-first session, two
+# rounds interleaved): batch 32 with 32 distinct adapters 5,215-5,235 against 5,164-5,198, with one 5,967-5,977
+# against 5,944-5,955, batch 16 with one 3,744-3,748 against 3,717-3,728, batch 8 1,914 against 1,899-1,903. An
+# earlier form, where every program waited for the count's result and the last to arrive summed (thirtieth
+# session), gained about half of that and cost base-model steps 4-5% (batch 32 6,494-6,508 against 6,778-6,801); a
+# form of this one that added the last slice's sums from registers, unstored, gave wrong sums at 64 rows on the
+# GPU (a few columns, every run) and base steps still lost 3.5% with it. So base-model steps keep the reduce
+# launch. HOTLORA_NF4_FIXUP=0: never; 1: every split launch.
 # The counts are one int32 buffer per device, created outside graph capture (a graph's eager warm-up creates it) and
 # left all zero by every launch: nf4_matmul calls on one device must not run concurrently on two streams (hotlora
 # runs them on the model's stream).
@@ -284,14 +287,6 @@ def _fixup(declined: bool) -> bool:
     (`declined`; not with no hook at all), unless HOTLORA_NF4_FIXUP says otherwise."""
     flag = os.environ.get("HOTLORA_NF4_FIXUP")
     return declined if flag is None else flag == "1"
-
-
-def _fixup_mode() -> int:
-    """nf4_matmul_kernel's FIXUP: 1, each program counts in and the last sums (measured above); 2 with
-    HOTLORA_NF4_FIXUP_WAIT=1, the last slice's programs wait for the others' counts, which then need not wait for
-    theirs (sm_90 SASS of mode 1: every program waits out a fence, the atomic's round trip and an L1 invalidation
-    before it exits). Mode 2 is not timed yet."""
-    return 2 if os.environ.get("HOTLORA_NF4_FIXUP_WAIT") == "1" else 1
 
 
 def _counts(device: torch.device, tiles: int) -> torch.Tensor | None:
@@ -347,7 +342,7 @@ def _launch(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.T
         SCALE=cfg.scale, SWAP_AB=cfg.swap_ab, LOOKUP=lookup,
         V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, SPLIT_K=split, ITERS=triton.cdiv(groups, split), GROUP_M=cfg.group_m, EVEN=even,
-        TMA=by_tma, TAIL_M=cfg.tail_m, X_TMA=x_tma, FIXUP=0 if counts is None else _fixup_mode(), num_warps=cfg.warps,
+        TMA=by_tma, TAIL_M=cfg.tail_m, X_TMA=x_tma, FIXUP=counts is not None, num_warps=cfg.warps,
         num_stages=stages(cfg, x.dtype, by_tma), **pdl_args(x),
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )

@@ -267,16 +267,13 @@ SPLIT_CONFIGS = [name for name, cfg in CONFIGS.items() if cfg.split_k > 1 and no
 
 
 @interpret
-@pytest.mark.parametrize("wait", ["0", "1"])
 @pytest.mark.parametrize("name", SPLIT_CONFIGS)
-def test_triton_matmul_sums_its_own_splits(triton_cpu, monkeypatch, name, wait):
-    """A split-K launch with no finish hook that takes its sums adds them up in the matmul (the last program of a
-    tile to count in, or with HOTLORA_NF4_FIXUP_WAIT=1 the last slice's program after the others counted in):
-    bit-identical to the reduce kernel, no reduce launch, the counts left at zero for the next launch. A hook that
-    takes the sums still gets them."""
+def test_triton_matmul_sums_its_own_splits(triton_cpu, monkeypatch, name):
+    """A split-K launch with no finish hook that takes its sums adds them up in the matmul (the last slice's program,
+    after the others counted in): bit-identical to the reduce kernel, no reduce launch, the counts left at zero for
+    the next launch. A hook that takes the sums still gets them."""
     import hotlora.kernels.nf4 as nf4_mod
 
-    monkeypatch.setenv("HOTLORA_NF4_FIXUP_WAIT", wait)
     members = quantize((48,), 640, torch.float16)
     w, x, bias = packed_group(members), torch.randn(37, 640, dtype=torch.float16), torch.randn(48, dtype=torch.float16)
     reduced = []

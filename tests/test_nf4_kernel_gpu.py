@@ -187,17 +187,14 @@ def test_gpu_register_cap_configs():
             assert torch.equal(nf4_matmul(x, w, config=Nf4Config(bm, 64, 2, lookup=LOOKUP_PRMT, maxnreg=regs)), free)
 
 
-@pytest.mark.parametrize("wait", ["0", "1"])
 @pytest.mark.parametrize("shape", ["qkv", "gate_up", "down"])
-def test_gpu_matmul_sums_its_own_splits(shape, wait, monkeypatch):
-    """The split-K sums added up by the matmul itself (nf4._fixup: the last program per tile to count in, or with
-    HOTLORA_NF4_FIXUP_WAIT=1 the last slice's program once the others counted in) at real sizes, bf16, every split
-    bucket of the recorded configs (tails and x by TMA among them), with bias: bit for bit the reduce kernel's
-    result, eagerly several times over (a lost or doubled count would show) and replayed from a CUDA graph after
-    other launches used the counts; the counts end at zero."""
+def test_gpu_matmul_sums_its_own_splits(shape, monkeypatch):
+    """The split-K sums added up by the matmul itself (nf4._fixup: the last slice's program once the others counted
+    in) at real sizes, bf16, every split bucket of the recorded configs (tails and x by TMA among them), with bias: bit
+    for bit the reduce kernel's result, eagerly several times over (a lost or doubled count would show) and replayed
+    from a CUDA graph after other launches used the counts; the counts end at zero."""
     import hotlora.kernels.nf4 as nf4_mod
 
-    monkeypatch.setenv("HOTLORA_NF4_FIXUP_WAIT", wait)
     k, widths = LLAMA[shape]
     members = quantize(widths, k, torch.bfloat16, "cuda")
     w = packed_group(members)
