@@ -272,9 +272,9 @@ def _hook_takes(finish: Finish | None, m: int, y: torch.Tensor) -> bool:
 # against 5,944-5,955, batch 16 with one 3,744-3,748 against 3,717-3,728, batch 8 1,914 against 1,899-1,903. An
 # earlier form, where every program waited for the count's result and the last to arrive summed (thirtieth
 # session), gained about half of that and cost base-model steps 4-5% (batch 32 6,494-6,508 against 6,778-6,801); a
-# form of this one that added the last slice's sums from registers, unstored, gave wrong sums at 64 rows on the
-# GPU (a few columns, every run) and base steps still lost 3.5% with it. So base-model steps keep the reduce
-# launch. HOTLORA_NF4_FIXUP=0: never; 1: every split launch.
+# form of this one that added the last slice's sums from registers, unstored, was not bit-equal to the reduce at 64
+# rows on the GPU (a few outputs one bf16 step apart, the same ones every run), and base steps lost 3.5% with it.
+# So base-model steps keep the reduce launch. HOTLORA_NF4_FIXUP=0: never; 1: every split launch.
 # The counts are one int32 buffer per device, created outside graph capture (a graph's eager warm-up creates it) and
 # left all zero by every launch: nf4_matmul calls on one device must not run concurrently on two streams (hotlora
 # runs them on the model's stream).
