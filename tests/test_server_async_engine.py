@@ -208,17 +208,22 @@ def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(engine, 
 
 def test_a_request_queued_behind_a_failing_step_is_not_added_after_it(engine, ids, monkeypatch):
     """The failing step ends every open stream, the one whose add still waits in the queue too: that add must not
-    then run, or its sequence would decode to the end with no stream to read it."""
+    then run, or its sequence would decode to the end with no stream to read it. The second add is made only once
+    the failing launch has begun: made earlier, the engine thread could take it before that step, in the same pass
+    over its queue as the first add (it then rightly runs and fails with the step; a CI run saw that race)."""
 
     async def main():
         ae = await started(engine)
+        in_launch = threading.Event()
 
         def second_queued() -> None:  # the second request's stream is open, its add queued behind the failure
+            in_launch.set()
             while len(ae._streams) < 2:
                 time.sleep(0.001)
 
         fail_first_launch(engine, monkeypatch, second_queued)
         first = await ae.add(req("doomed", ids["a"], LONG))
+        assert await asyncio.to_thread(in_launch.wait, 60)
         with pytest.raises(EngineDeadError, match="queued"):
             await ae.add(req("queued", ids["b"], LONG))
         outs = [o async for o in first]
