@@ -35,12 +35,14 @@ def _count_in(count_ptr):
 
 @triton.jit
 def _await_slices(count_ptr, SLICES: tl.constexpr):
-    """Wait until SLICES programs of this tile counted in (_count_in), then reset the count; the acquire makes their
-    sums visible. The waiting program must be dispatched after those it waits for (the grid's last row)."""
+    """Wait until SLICES programs of this tile counted in (_count_in), then reset the count; the acquire (one
+    thread's, as every scalar atomic) and the barrier after it make their sums visible to all of this program's
+    threads. The waiting program must be dispatched after those it waits for (the grid's last row)."""
     done = tl.atomic_add(count_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
     while done < SLICES:
         done = tl.atomic_add(count_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")
     tl.atomic_xchg(count_ptr + tl.program_id(0), 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
 
 
 @triton.jit
