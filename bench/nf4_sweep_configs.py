@@ -12,6 +12,7 @@ from hotlora.kernels.nf4 import (
     SCALE_VALUES,
     Nf4Config,
     pick_config,
+    regs_config,
     split_for_sms,
 )
 
@@ -188,6 +189,31 @@ def mid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return list(dict.fromkeys(out))
 
 
+def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """M <= 32: nf4_regs_kernel (the looked-up weights as mma.sync's register operand) over 4 warps, 1 or 2 16-row
+    tiles a warp, 3-group cp.async rings, 1-8x the fewest K slices that give 2 programs per SM (at least 4 groups a
+    slice), with and without a 64-register cap; against the recorded config (at M = 1 also the one with no LoRA
+    shrink beside it) and nf4_matmul's served config (regs_config, where M is in its bucket)."""
+    served = regs_config(m, n, k)
+    out = [rec, *([pick_config(m, n, k, gemv=False, alone=True)] if m == 1 else []), *([served] if served else [])]
+    if m > 32:
+        return out
+    bm = max(8, 1 << (m - 1).bit_length())
+    for bn, more, cap in itertools.product((64, 128), (1, 2, 4, 8), (None, 64)):
+        split = more * _fewest(-(-n // bn), 2 * 132, k // 128)
+        if split > k // 512:  # at least four groups a slice
+            continue
+        out.append(Nf4Config(bm, bn, split, 4, 3, regs=True, lookup=LOOKUP_PRMT, maxnreg=cap))
+    return list(dict.fromkeys(out))
+
+
+def _fewest(tiles: int, programs: int, most: int) -> int:
+    split = 1
+    while tiles * split < programs and 2 * split <= most:
+        split *= 2
+    return split
+
+
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
 # fields that tell them apart
 VARIANTS = {
@@ -199,6 +225,7 @@ VARIANTS = {
     "tails": (tail_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "split_k", "dense")),
     "mid": (mid_configs, ("block_m", "tail_m", "block_n", "stages", "split_k", "x_tma", "dense")),
     "x-tma": (x_tma_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "x_tma", "split_k", "dense")),
+    "regs": (regs_configs, ("regs", "block_m", "block_n", "maxnreg", "split_k")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 

@@ -43,6 +43,8 @@ class Nf4Config:
     tma: bool = False  # weight bytes by TMA into shared memory, `stages` groups in flight (CUDA, not prefetch)
     tail_m: int = 0  # a second row tile of x per program on the same dequantized weights (SCALE_VALUES/EXACT)
     x_tma: bool = False  # with tma: x's tiles by TMA too (where x's base and row stride are 16-byte aligned)
+    regs: bool = False  # nf4_regs_kernel (Gluon, CUDA, 16-bit x): M <= block_m (8, 16 or 32), block_n = 16 * warps *
+    # tiles a warp; `stages` groups in its cp.async rings
 
     def __post_init__(self) -> None:
         if self.tail_m < 0 or self.tail_m & (self.tail_m - 1):
@@ -51,6 +53,12 @@ class Nf4Config:
             raise ValueError("a config with tail_m scales the weights before the dot (SCALE_VALUES or SCALE_EXACT) "
                              "in nf4_matmul_kernel, without prefetch")
 
+        if self.regs and (self.block_m not in (8, 16, 32) or self.block_n % (16 * self.warps) or self.dense
+                          or self.block_m < 2 * self.warps or self.stages < 2
+                          or self.gemv or self.swap_ab or self.tma or self.tail_m or self.scale != SCALE_PARTIALS):
+            raise ValueError("a regs config has block_m 8, 16 or 32 (at least 2 * warps), block_n a multiple of 16 * "
+                             "warps, at least 2 stages, and scales the partial sums (no dense, gemv, swap_ab, tma, "
+                             "tail)")
         if self.x_tma and not self.tma:
             raise ValueError("x_tma needs tma (x's tiles by TMA beside the weight bytes)")
         if self.x_tma and not self.x_tma_verified:
@@ -214,6 +222,34 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
         tiles = triton.cdiv(m, cfg.rows) * triton.cdiv(n, cfg.block_n)
         cfg = replace(cfg, split_k=_fewest_splits(tiles, _MIN_PROGRAMS, k // 128, least=cfg.split_k))
     return cfg
+
+
+# nf4_regs_kernel (the looked-up weights as mma.sync's register operand, Gluon) for M <= MAX_REGS_M: 64 weight rows
+# over 4 warps, 3-group cp.async rings, the fewest K slices (of at least 4 groups) that make 512 programs, twice that
+# for wide outputs. Swept on the H200 (bench/nf4_gemm.py --regs, thirty-second session, us, recorded tl.dot config ->
+# this): M = 4 and 8 q/k/v 13.0-13.2 -> 12.1-12.2, gate/up 43.4-43.5 -> 39.8-40.1, down 23.9-24.2 -> 22.6-22.8, o
+# 9.3-9.5 -> 9.4-9.6; M = 1 (the matmul beside a LoRA shrink) q/k/v 12.3 -> 11.5, gate/up 43.1 -> 40.2, down 23.7 ->
+# 22.9, o 9.3 -> 8.9. At M = 16 it lost (q/k/v 13.1 -> 13.9, down 24.4 -> 26.2). Its loop has a third fewer sm_90
+# instructions than the tl.dot kernel's (bench/nf4_sass.py), yet both stay near 2.3x their read pattern's time
+# (bench/nf4_read.py: gate/up's codes stream in ~18 us read alone). HOTLORA_NF4_REGS=0 / 1 overrides SERVE_REGS.
+MAX_REGS_M = 8
+SERVE_REGS = True
+_REGS_PROGRAMS = 512
+
+
+def regs_served() -> bool:
+    flag = os.environ.get("HOTLORA_NF4_REGS")
+    return SERVE_REGS if flag is None else flag == "1"
+
+
+def regs_config(m: int, n: int, k: int) -> Nf4Config | None:
+    """nf4_regs_kernel's config for x [m, k] @ W[n, k].T where it is served (m <= MAX_REGS_M), else None."""
+    if m > MAX_REGS_M or not regs_served():
+        return None
+    split = _fewest_splits(triton.cdiv(n, 64), _REGS_PROGRAMS, k // 512)
+    if n >= 16384 and 2 * split <= k // 512:
+        split *= 2
+    return Nf4Config(8, 64, split, warps=4, stages=3, regs=True, lookup=LOOKUP_PRMT)
 
 
 def split_for_sms(tiles: int, k: int) -> int:

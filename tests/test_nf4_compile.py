@@ -1,5 +1,7 @@
 """The NF4 kernel's recorded TMA configs compile for an H200 (sm_90) with the options nf4_matmul launches them with,
-for every x dtype the engine runs: no GPU needed (Triton's passes and the ptxas its wheel ships run here).
+for every x dtype the engine runs: no GPU needed (Triton's passes and the ptxas its wheel ships run here). So does
+nf4_regs_kernel (Gluon, which the interpreter cannot run): its served configs, with the shared memory of its
+cp.async rings and nothing more (no operand passes through shared memory).
 
 A GPU engine in fp32 once met a pipeliner abort (2-stage TMA loops over fp32 x) that the bf16 kernel tests could
 not see; this catches that kind of failure in CI. The compiles run in one child process without TRITON_INTERPRET
@@ -18,8 +20,9 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
-from hotlora.kernels import _nf4_configs, _nf4_triton, nf4
+from hotlora.kernels import _nf4_configs, _nf4_regs_gluon, _nf4_triton, nf4
 from hotlora.kernels.nf4 import LOOKUP_TABLE, SCALE_EXACT, Nf4Config
 
 pytestmark = pytest.mark.skipif(
@@ -58,6 +61,33 @@ def compile_sm90(cfg: Nf4Config, x_dtype: torch.dtype) -> None:
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+_LLAMA = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+_REGS_CASES = [(m, dtype) for m in (1, 8) for dtype in ("bf16", "fp16")]
+
+
+def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool) -> int:
+    """Compile nf4_regs_kernel as nf4._launch_regs launches regs_config(m, n, k); its shared memory in bytes."""
+    cfg = _nf4_configs.regs_config(m, n, k)
+    consts = dict(HAS_BIAS=bias, V_DTYPE=tl.bfloat16 if x == "bf16" else tl.float16, BLOCK_M=cfg.block_m,
+                  TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
+                  PDL=True, STAGES=cfg.stages)
+    pointers = {"x_ptr": f"*{x}", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": f"*{x}",
+                "y_ptr": f"*{x}", "part_ptr": "*fp32"}
+    scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
+    signature = {**pointers, **dict.fromkeys(scalars, "i32"), **dict.fromkeys(consts, "constexpr")}
+    names = list(signature)
+    aligned = [*pointers, "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym"]  # as the JIT specializes
+    src = GluonASTSource(fn=_nf4_regs_gluon.nf4_regs_kernel, signature=signature,
+                         constexprs={(names.index(c),): v for c, v in consts.items()},
+                         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.warps})
+    return kernel.metadata.shared
+
+
+def _regs_label(m: int, x: str) -> str:
+    return f"regs-m{m}-{x}"
+
+
 def _label(cfg: Nf4Config) -> str:
     return f"{cfg.block_m}+{cfg.tail_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}" + ("-xtma" if cfg.x_tma else "")
 
@@ -74,6 +104,13 @@ def _compile_all() -> dict[str, str]:
                 out[f"{_label(cfg)}-{_NAME[dtype]}"] = "ok"
             except Exception as exc:  # the report names it; the test fails on it
                 out[f"{_label(cfg)}-{_NAME[dtype]}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    for m, x in _REGS_CASES:
+        try:  # every Llama shape (their K slices differ; split 1 takes the bias)
+            sizes = {compile_regs_sm90(m, n, k, x, bias=_nf4_configs.regs_config(m, n, k).split_k == 1)
+                     for n, k in _LLAMA}
+            out[_regs_label(m, x)] = sorted(sizes)
+        except Exception as exc:
+            out[_regs_label(m, x)] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
 
 
@@ -89,6 +126,13 @@ def compiled() -> dict[str, str]:
 @pytest.mark.parametrize("cfg", _recorded_tma_configs(), ids=_label)
 def test_recorded_tma_configs_compile_for_sm90(compiled, cfg, x_dtype):
     assert compiled[f"{_label(cfg)}-{x_dtype}"] == "ok"
+
+
+@pytest.mark.parametrize(("m", "x_dtype"), _REGS_CASES)
+def test_regs_kernel_compiles_for_sm90_with_only_its_rings_in_shared_memory(compiled, m, x_dtype):
+    cfg = _nf4_configs.regs_config(m, 4096, 4096)
+    rings = cfg.stages * (cfg.block_n * 64 + 128 * cfg.block_m * 2)  # code bytes + x's 128 columns, per group
+    assert compiled[_regs_label(m, x_dtype)] == [rings]
 
 
 if __name__ == "__main__":

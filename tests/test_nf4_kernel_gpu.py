@@ -218,3 +218,44 @@ def test_gpu_matmul_sums_its_own_splits(shape, monkeypatch):
             assert torch.equal(out, want), m
     torch.cuda.synchronize()
     assert not nf4_mod._split_counts[torch.device("cuda", torch.cuda.current_device())].any()
+
+
+def _regs_configs(m: int, n: int) -> list[Nf4Config]:
+    """nf4_regs_kernel configs for M = m: 1 and 2 tiles a warp over 4 warps (and 8 warps from 16 rows), 1-4 K
+    slices (3: some slices end past the last group), cp.async rings of 2-5 groups."""
+    bm = max(8, 1 << (m - 1).bit_length())
+    eight = [Nf4Config(bm, 128, 2, warps=8, stages=3, regs=True, lookup=LOOKUP_PRMT)] if bm >= 16 else []
+    return eight + [Nf4Config(bm, 64 * t, s, stages=st, regs=True, lookup=LOOKUP_PRMT)
+                    for t, s, st in ((1, 1, 2), (2, 2, 3), (1, 4, 5), (1, 3, 3))]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ["qkv", "gate_up", "down", "ragged"])
+def test_gpu_regs_kernel(shape, dtype):
+    """nf4_regs_kernel (the looked-up weights as the MMA's register operand) at M = 1-32, every tile shape and K
+    slices (odd counts leave some slices a partial step), with bias: within the tolerance of the fp32 reference,
+    and equal to the tl.dot kernel's SCALE_PARTIALS result but for fp32 summation order (a wrong k or row in an
+    operand would be off by ~100%)."""
+    k, widths = (576, (1536, 192)) if shape == "ragged" else LLAMA[shape]  # K = 4.5 groups, N not a tile multiple
+    n = sum(widths)
+    members = quantize(widths, k, dtype, "cuda")
+    w = packed_group(members)
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    for m in (1, 3, 8, 13, 16, 32):
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        ref = reference(x, members, bias)
+        dot = nf4_matmul(x, w, bias, config=Nf4Config(16 if m <= 16 else 32, 64, lookup=LOOKUP_PRMT)).float()
+        for cfg in _regs_configs(m, n):
+            y = nf4_matmul(x, w, bias, config=cfg)
+            assert rel_err(y, ref) < TOLERANCE[dtype], (m, cfg)
+            assert rel_err(y, dot) < 1e-3, (m, cfg)
+
+
+def test_gpu_regs_kernel_graph_capture_and_replay():
+    """nf4_regs_kernel with and without K slices (the reduce launch after it) captured and replayed."""
+    members = quantize((1024, 256, 256), 2048, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    bias = torch.randn(1536, dtype=torch.bfloat16, device="cuda")
+    for m, split, stages in ((1, 1, 2), (5, 4, 3), (16, 2, 4), (32, 8, 3)):
+        cfg = Nf4Config(max(8, 1 << (m - 1).bit_length()), 64, split, stages=stages, regs=True, lookup=LOOKUP_PRMT)
+        assert _replayed_error(members, w, m, bias, cfg) < TOLERANCE[torch.bfloat16], (m, split)

@@ -1,0 +1,164 @@
+"""The NF4 matmul at decode sizes with the looked-up weights as the MMA's register operand (Gluon; CUDA only).
+
+nf4_matmul_kernel (Triton) leaves the dequantized tile's layout to the compiler, which moves it into the layout
+tl.dot wants: in sm_90 SASS that is ~40 register moves and shared-memory reads per 64 weight values a thread, on
+top of the lookup. Here the layouts are explicit: each thread reads the code bytes that its part of an mma.sync
+A operand needs (two 8-byte runs of two rows per 64-column half), the prmt lookup (_nf4_triton._prmt_asm) turns
+them into the operand's registers in place, and x's [64, BLOCK_M] halves are read in the B operand's layout. With
+k_width 8 a thread's run of 8 bytes is 8 consecutive k of the operand, so neither side is shuffled: the loop is
+~4.4 sm_90 instructions per weight value against the tl.dot kernel's ~5.3 (bench/nf4_sass.py), with no shared
+memory between the lookup and the MMA.
+
+Computes y^T = W @ x^T: weight rows are the MMA's M (16 per warp and tile), x's rows its N (8 per instruction).
+Each 128-column group's two 64-blocks (high and low nibbles) go to separate MMAs, whose fp32 sums are scaled by
+their absmax and added up (SCALE_PARTIALS, the rounding of nf4_matmul_kernel at decode sizes). The code bytes and
+x travel by cp.async through STAGES-group shared-memory rings (one CTA barrier a group), the scales by plain loads
+one group ahead. K splits into SPLIT_K slices of ITERS groups; with more than one, each program stores its fp32 sums
+into part [SPLIT_K, M, N] for the reduce (or a LoRA finish hook).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+from ._nf4_triton import _PRMT_BF16, _PRMT_CONSTRAINTS, _PRMT_FP16, _TABLE_COPY
+
+
+@gluon.jit
+def _table_words(lut_ptr, tid):
+    """The prmt lookup's nine table words (lut: prmt_table_words, two copies _TABLE_COPY apart): odd and even
+    threads read different copies, so ptxas keeps them in ordinary registers (_nf4_triton._prmt_table)."""
+    base = lut_ptr + (tid & 1) * _TABLE_COPY
+    return (gl.sum(gl.load(base), axis=0), gl.sum(gl.load(base + 1), axis=0), gl.sum(gl.load(base + 2), axis=0),
+            gl.sum(gl.load(base + 3), axis=0), gl.sum(gl.load(base + 4), axis=0), gl.sum(gl.load(base + 5), axis=0),
+            gl.sum(gl.load(base + 6), axis=0), gl.sum(gl.load(base + 7), axis=0), gl.sum(gl.load(base + 8), axis=0))
+
+
+@gluon.jit
+def _lookup(raw, tab, V_DTYPE: gl.constexpr):
+    """The values of the high and low nibbles of raw's bytes, in x's dtype (_nf4_triton._prmt_asm)."""
+    args = [raw, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7], tab[8]]
+    if gl.bfloat16 == V_DTYPE:
+        hi, lo = gl.inline_asm_elementwise(_PRMT_BF16, _PRMT_CONSTRAINTS, args, dtype=(gl.bfloat16, gl.bfloat16),
+                                           is_pure=True, pack=4)
+    else:
+        hi, lo = gl.inline_asm_elementwise(_PRMT_FP16, _PRMT_CONSTRAINTS, args, dtype=(gl.float16, gl.float16),
+                                           is_pure=True, pack=4)
+    return hi, lo
+
+
+@gluon.jit
+def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr):
+    """acc + the group's two 64-blocks' MMAs, each scaled by its absmax."""
+    raw, x_hi, x_lo, s_hi, s_lo = group
+    v_hi, v_lo = _lookup(raw, tab, V_DTYPE)
+    p_hi = mma_v2(gl.convert_layout(v_hi, a_op), gl.convert_layout(x_hi, b_op), zero)
+    p_lo = mma_v2(gl.convert_layout(v_lo, a_op), gl.convert_layout(x_lo, b_op), zero)
+    return acc + p_hi * s_hi[:, None] + p_lo * s_lo[:, None]
+
+
+@gluon.jit
+def _issue(w_s, x_s, st, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g, g_end, K):
+    """cp.async group g's code bytes and x's [128, BLOCK_M] into stage st of the rings (zeros past N, M, K and
+    g_end)."""
+    async_copy.async_copy_global_to_shared(w_s.index(st), cw_ptrs + g * 64, mask=cw_rows & (g < g_end))
+    async_copy.async_copy_global_to_shared(x_s.index(st), cx_ptrs + g * 128,
+                                           mask=cx_rows & (cxk < K - g * 128) & (g < g_end))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _scales(s_ptrs, s_mask, g, g_end):
+    """Group g's two 64-blocks' absmax [BLOCK_N] (zeros past N and g_end)."""
+    ok = s_mask & (g < g_end)
+    return gl.load(s_ptrs + 2 * g, mask=ok, other=0.0), gl.load(s_ptrs + (2 * g + 1), mask=ok, other=0.0)
+
+
+@gluon.jit
+def _pipelined(acc, zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
+               w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
+               BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ITERS: gl.constexpr, STAGES: gl.constexpr):
+    """The K loop with the code bytes and x copied STAGES - 1 groups ahead (cp.async into shared-memory rings, one
+    commit group per group), each group read back into the operand layouts after a CTA barrier; the scales
+    come by plain loads one group ahead."""
+    WARPS: gl.constexpr = gl.num_warps()
+    cw_l: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
+    cx_l: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, WARPS], [0, 1])
+    w_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, 64], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    x_s = gl.allocate_shared_memory(V_DTYPE, [STAGES, 128, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]))
+    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, cw_l))
+    cw_ptrs = w_ptr + rows[:, None] * stride_wn + gl.arange(0, 64, layout=gl.SliceLayout(0, cw_l))[None, :]
+    cw_rows = rows[:, None] < N
+    cxk = gl.arange(0, 128, layout=gl.SliceLayout(1, cx_l))[:, None]
+    xm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, cx_l))[None, :]
+    cx_ptrs = x_ptr + xm * stride_xm + cxk
+    cx_rows = xm < M
+    for j in gl.static_range(STAGES - 1):
+        _issue(w_s, x_s, j, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K)
+    s_hi, s_lo = _scales(s_ptrs, s_mask, g0, g_end)
+    for i in range(ITERS):
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()  # every thread's copies of group i landed; every thread done with group i - 1's stage
+        st = i % STAGES
+        raw = w_s.index(st).load(w_l)
+        x_hi = x_s.index(st).slice(0, 64, dim=0).load(x_l)
+        x_lo = x_s.index(st).slice(64, 64, dim=0).load(x_l)
+        group = (raw, x_hi, x_lo, s_hi, s_lo)
+        s_hi, s_lo = _scales(s_ptrs, s_mask, g0 + i + 1, g_end)
+        _issue(w_s, x_s, (i + STAGES - 1) % STAGES, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + i + STAGES - 1,
+               g_end, K)
+        acc = _accumulate(acc, group, zero, tab, a_op, b_op, V_DTYPE)
+    async_copy.wait_group(0)
+    return acc
+
+
+@gluon.jit
+def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, M, N, K, NUM_G, stride_xm,
+                    stride_wn, stride_an, stride_ym, HAS_BIAS: gl.constexpr, V_DTYPE: gl.constexpr,
+                    BLOCK_M: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr, ITERS: gl.constexpr,
+                    PDL: gl.constexpr, STAGES: gl.constexpr):
+    """y [M, N] (or its K slices' fp32 sums in part) = x [M, K] @ dequant(W).T for M <= BLOCK_M (module docstring).
+    A program covers BLOCK_N = 16 * TILES * num_warps weight rows and one K slice; x's rows and the codes' rows
+    are 16-byte aligned (nf4._regs_fit)."""
+    WARPS: gl.constexpr = gl.num_warps()
+    BLOCK_N: gl.constexpr = 16 * TILES * WARPS
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
+    a_op: gl.constexpr = gl.DotOperandLayout(0, mma, 8)
+    b_op: gl.constexpr = gl.DotOperandLayout(1, mma, 8)
+    w_l: gl.constexpr = gl.to_linear_layout(a_op, [BLOCK_N, 64])
+    x_l: gl.constexpr = gl.to_linear_layout(b_op, [64, BLOCK_M])
+    row_l: gl.constexpr = gl.SliceLayout(1, mma)
+    col_l: gl.constexpr = gl.SliceLayout(0, mma)
+
+    tid = gl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [gl.zeros([1], gl.int32, gl.BlockedLayout(
+        [1], [32], [WARPS], [0]))], dtype=gl.int32, is_pure=True, pack=1)
+    if PDL:  # wait for the kernel before this one (hotlora.kernels._launch), then let the next be scheduled
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0 $1", "=r,r", [tid], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [tid], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    tab = _table_words(lut_ptr, tid)
+
+    srows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_l)
+    s_ptrs = absmax_ptr + srows * stride_an
+    s_mask = srows < N
+
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
+    acc = zero
+    g0 = pid_k * ITERS
+    acc = _pipelined(acc, zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
+                     stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES)
+
+    on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_l)
+    om = gl.arange(0, BLOCK_M, layout=col_l)
+    mask = (on[:, None] < N) & (om[None, :] < M)
+    if SPLIT_K > 1:
+        gl.store(part_ptr + (pid_k * M + om[None, :]) * N + on[:, None], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc = acc + gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
+        gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
