@@ -19,10 +19,14 @@ into part [SPLIT_K, M, N] for the reduce (or a LoRA finish hook).
 
 from __future__ import annotations
 
+import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from ._launch import pdl_args
+from ._nf4_configs import Nf4Config
 from ._nf4_triton import _PRMT_BF16, _PRMT_CONSTRAINTS, _PRMT_FP16, _TABLE_COPY
 
 
@@ -121,7 +125,7 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
                     PDL: gl.constexpr, STAGES: gl.constexpr):
     """y [M, N] (or its K slices' fp32 sums in part) = x [M, K] @ dequant(W).T for M <= BLOCK_M (module docstring).
     A program covers BLOCK_N = 16 * TILES * num_warps weight rows and one K slice; x's rows and the codes' rows
-    are 16-byte aligned (nf4._regs_fit)."""
+    are 16-byte aligned (regs_fit)."""
     WARPS: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = 16 * TILES * WARPS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
@@ -162,3 +166,28 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
         if HAS_BIAS:
             acc = acc + gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
         gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def regs_fit(x: torch.Tensor, codes: torch.Tensor, cfg: Nf4Config) -> bool:
+    """Whether nf4_regs_kernel takes x @ the weight of `codes` under `cfg`: CUDA, 16-bit x, M <= block_m, and (for
+    its cp.async copies) 16-byte aligned rows of x and of the codes."""
+    return (x.is_cuda and x.dtype != torch.float32 and x.shape[0] <= cfg.block_m and x.data_ptr() % 16 == 0
+            and x.stride(0) % 8 == 0 and codes.data_ptr() % 16 == 0 and codes.stride(0) % 16 == 0)
+
+
+def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor,
+                bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor | None:
+    """nf4_regs_kernel writing y, or (split K) its fp32 sums [split, M, N], returned for the reduce or a finish
+    hook (hotlora.kernels.nf4: the layout of codes and absmax; lut: prmt_table_words of x's dtype)."""
+    m, k = x.shape
+    n, split = codes.shape[0], cfg.split_k
+    groups = codes.shape[1] // 64
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    nf4_regs_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        x, codes, absmax, lut, bias if bias is not None else y, y, part, m, n, k, groups, x.stride(0),
+        codes.stride(0), absmax.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+        V_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, BLOCK_M=cfg.block_m,
+        TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=split, ITERS=triton.cdiv(groups, split), STAGES=cfg.stages,
+        num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}), **pdl_args(x),
+    )
+    return part if split > 1 else None

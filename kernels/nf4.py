@@ -76,7 +76,7 @@ from ._nf4_configs import (
     split_for_sms,
 )
 from ._nf4_gemv_triton import nf4_gemv_kernel
-from ._nf4_regs_gluon import nf4_regs_kernel
+from ._nf4_regs_gluon import launch_regs, regs_fit
 from ._nf4_sums_triton import nf4_reduce_kernel
 from ._nf4_triton import (
     LOOKUP_CAST,
@@ -258,8 +258,8 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     fixup = not takes and _fixup(declined=finish is not None)
     if cfg.gemv:
         part = _launch_gemv(x, w, bias, y, cfg)
-    elif cfg.regs and _regs_fit(x, w, m, cfg):
-        part = _launch_regs(x, w, bias, y, cfg)
+    elif cfg.regs and regs_fit(x, w.codes, cfg):
+        part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     else:
         part = _launch(x, w, bias, y, pick_config(m, n, k, gemv=False) if cfg.regs else cfg, fixup=fixup)
     if part is not None and not (takes and finish(part, bias, y)):
@@ -272,7 +272,7 @@ def _served_config(x: torch.Tensor, w: NF4Weight, finish: Finish | None) -> Nf4C
     recorded one (pick_config; `alone` where no LoRA shrink runs beside the matmul)."""
     m, k = x.shape
     regs = regs_config(m, w.shape[0], k)
-    if regs is not None and _regs_fit(x, w, m, regs):
+    if regs is not None and regs_fit(x, w.codes, regs):
         return regs
     return pick_config(m, w.shape[0], k, alone=finish is None or getattr(finish, "alone", False))
 
@@ -390,33 +390,6 @@ def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: to
         HAS_BIAS=bias is not None, LOOKUP=lookup, V_DTYPE=_TL[x.dtype], TABLE_REGS=cfg.table_regs,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, G=cfg.k_groups, SPLIT_K=split,
         ITERS=triton.cdiv(triton.cdiv(groups, cfg.k_groups), split), num_warps=cfg.warps, num_stages=cfg.stages,
-    )
-    return part if split > 1 else None
-
-
-def _regs_fit(x: torch.Tensor, w: NF4Weight, m: int, cfg: Nf4Config) -> bool:
-    """Whether nf4_regs_kernel takes this call: CUDA, 16-bit x, M <= block_m, and (for its cp.async copies) 16-byte
-    aligned rows of x and of the codes."""
-    return (x.is_cuda and x.dtype != torch.float32 and m <= cfg.block_m and x.data_ptr() % 16 == 0
-            and x.stride(0) % 8 == 0 and w.codes.data_ptr() % 16 == 0 and w.codes.stride(0) % 16 == 0)
-
-
-def _launch_regs(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: torch.Tensor,
-                 cfg: Nf4Config) -> torch.Tensor | None:
-    """nf4_regs_kernel writing y, or (split K) its fp32 sums, returned for the reduce or a finish hook."""
-    m, k = x.shape
-    n = w.shape[0]
-    split = cfg.split_k
-    groups = w.codes.shape[1] // 64
-    iters = triton.cdiv(groups, split)
-    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    nf4_regs_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias if bias is not None else y, y, part,
-        m, n, k, groups, x.stride(0), w.codes.stride(0), w.absmax.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, V_DTYPE=_TL[x.dtype], BLOCK_M=cfg.block_m,
-        TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=split, ITERS=iters, STAGES=cfg.stages,
-        num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
-        **pdl_args(x),
     )
     return part if split > 1 else None
 
