@@ -4,6 +4,7 @@ spills, and the opcodes that dominate (hotlora.kernels._nf4_triton.nf4_matmul_ke
     python bench/nf4_sass.py                      # the recorded config of each M bucket (kernels._nf4_configs._CONFIGS)
     python bench/nf4_sass.py --m 16 --lookup 3 --no-even --dump /tmp/loop.sass
     python bench/nf4_sass.py --m 128 --scale 1 --lookup 1 --tile 128 128 8
+    python bench/nf4_sass.py --regs --m 1 8 16     # nf4_regs_kernel (Gluon) at regs_config, or 16-row x tiles
 
 Triton compiles the kernel as its JIT would for an H200 (the divisibility hints of 16-aligned pointers and sizes),
 with the ptxas, cuobjdump and nvdisasm its wheel ships. The loop is the longest backward branch of the SASS.
@@ -25,9 +26,10 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
-from hotlora.kernels import _nf4_triton
-from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, pick_config
+from hotlora.kernels import _nf4_regs_gluon, _nf4_triton
+from hotlora.kernels.nf4 import LOOKUP_PRMT, Nf4Config, pick_config, regs_config
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTERS = {"x_ptr": "*bf16", "xt_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32",
@@ -53,6 +55,22 @@ def compile_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     options = dict(num_warps=cfg.warps, num_stages=cfg.stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
+def compile_regs_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
+    """The cubin of nf4_regs_kernel for `cfg` (bf16 x, split K, no bias), as the JIT builds it for an H200."""
+    consts = dict(HAS_BIAS=False, V_DTYPE=tl.bfloat16, BLOCK_M=cfg.block_m, TILES=cfg.block_n // (16 * cfg.warps),
+                  SPLIT_K=cfg.split_k, ITERS=iters, PDL=True, STAGES=cfg.stages)
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": "*bf16",
+                "y_ptr": "*bf16", "part_ptr": "*fp32"}
+    signature = {**pointers, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}
+    names = list(signature)
+    aligned = [*pointers, *(s for s in SCALARS if s not in ("M", "N"))]
+    src = GluonASTSource(fn=_nf4_regs_gluon.nf4_regs_kernel, signature=signature,
+                         constexprs={(names.index(k),): v for k, v in consts.items()},
+                         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    options = dict(num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
@@ -93,8 +111,17 @@ def main() -> None:
     ap.add_argument("--tail", type=int, help="override: tail_m (a second row tile per program)")
     ap.add_argument("--x-tma", action=argparse.BooleanOptionalAction, default=None, help="override (x by TMA)")
     ap.add_argument("--dump", help="write the last config's loop SASS here")
+    ap.add_argument("--regs", action="store_true", help="nf4_regs_kernel: regs_config(M), else 16-row x tiles")
     a = ap.parse_args()
-    for m in a.m:
+    for m in a.m if a.regs else ():
+        cfg = regs_config(m, a.n, a.k) or Nf4Config(max(8, 1 << (m - 1).bit_length()), 64, 4, stages=3, regs=True,
+                                                    lookup=LOOKUP_PRMT)
+        rep = loop_report(compile_regs_sm90(cfg))
+        values = cfg.block_n * 128 // (32 * cfg.warps)  # one group a loop step
+        print(f"M={m} regs: {cfg.block_m} x-rows, {cfg.block_n} weight rows over {cfg.warps} warps, {cfg.stages} "
+              f"stages: {rep['registers']} registers, {rep['stack']} B stack; loop {rep['loop']} instructions, "
+              f"{rep['loop'] / values:.2f} per weight value; {rep['opcodes']}", flush=True)
+    for m in () if a.regs else a.m:
         cfg = pick_config(m, a.n, a.k, gemv=False)
         if cfg.dense:
             print(f"M={m}: dequantize + cuBLAS (no fused loop)")

@@ -229,9 +229,11 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
 # for wide outputs. Swept on the H200 (bench/nf4_gemm.py --regs, thirty-second session, us, recorded tl.dot config ->
 # this): M = 4 and 8 q/k/v 13.0-13.2 -> 12.1-12.2, gate/up 43.4-43.5 -> 39.8-40.1, down 23.9-24.2 -> 22.6-22.8, o
 # 9.3-9.5 -> 9.4-9.6; M = 1 (the matmul beside a LoRA shrink) q/k/v 12.3 -> 11.5, gate/up 43.1 -> 40.2, down 23.7 ->
-# 22.9, o 9.3 -> 8.9. At M = 16 it lost (q/k/v 13.1 -> 13.9, down 24.4 -> 26.2). Its loop has a third fewer sm_90
-# instructions than the tl.dot kernel's (bench/nf4_sass.py), yet both stay near 2.3x their read pattern's time
-# (bench/nf4_read.py: gate/up's codes stream in ~18 us read alone). HOTLORA_NF4_REGS=0 / 1 overrides SERVE_REGS.
+# 22.9, o 9.3 -> 8.9. At M = 16 it lost (q/k/v 13.1 -> 13.9, down 24.4 -> 26.2). Its loop has 12% fewer sm_90
+# instructions than the tl.dot kernel's (4.69 against 5.33 per weight value, bench/nf4_sass.py), and both stay near
+# 2.2x their read pattern's time (bench/nf4_read.py: gate/up's codes stream in ~18.8 us read alone). Engine (Llama-3-8B
+# shape, decode tok/s): batch 4 986 -> 1,014-1,018, batch 8 1,909 -> 1,961-1,973, batch 1 259 -> 259-261.
+# HOTLORA_NF4_REGS=0 / 1 overrides SERVE_REGS.
 MAX_REGS_M = 8
 SERVE_REGS = True
 _REGS_PROGRAMS = 512

@@ -6,7 +6,7 @@ top of the lookup. Here the layouts are explicit: each thread reads the code byt
 A operand needs (two 8-byte runs of two rows per 64-column half), the prmt lookup (_nf4_triton._prmt_asm) turns
 them into the operand's registers in place, and x's [64, BLOCK_M] halves are read in the B operand's layout. With
 k_width 8 a thread's run of 8 bytes is 8 consecutive k of the operand, so neither side is shuffled: the loop is
-~4.4 sm_90 instructions per weight value against the tl.dot kernel's ~5.3 (bench/nf4_sass.py), with no shared
+~4.7 sm_90 instructions per weight value at M <= 8 against the tl.dot kernel's ~5.3 (bench/nf4_sass.py), with no shared
 memory between the lookup and the MMA.
 
 Computes y^T = W @ x^T: weight rows are the MMA's M (16 per warp and tile), x's rows its N (8 per instruction).

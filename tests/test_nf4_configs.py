@@ -128,3 +128,29 @@ def test_every_sweep_variant_builds_its_configs():
         configs = sweep.variant_configs(variant, m, sum(widths), k)
         assert configs and all(isinstance(c, Nf4Config) for c in configs), (variant, m)
         assert all(c.x_tma_verified for c in configs if c.x_tma), (variant, m)
+
+
+def test_regs_kernel_serves_decode_sizes_with_the_swept_slices(monkeypatch):
+    """regs_config: served up to MAX_REGS_M rows (8), with the K slices swept on the H200 (q/k/v, o, down 8; gate/up 4)
+    and never more slices than K has 4-group runs; HOTLORA_NF4_REGS=0 turns it off, and the recorded configs stay
+    pick_config's."""
+    monkeypatch.delenv("HOTLORA_NF4_REGS", raising=False)
+    splits = {name: configs_mod.regs_config(8, sum(w), k).split_k for name, (k, w) in LLAMA.items()}
+    assert splits == {"qkv": 8, "o": 8, "gate_up": 4, "down": 8}
+    for m in range(1, configs_mod.MAX_REGS_M + 1):
+        cfg = configs_mod.regs_config(m, 4096, 4096)
+        assert cfg.regs and cfg.block_m >= m and cfg.block_n == 64 and cfg.stages >= 2
+        assert not pick_config(m, 4096, 4096).regs
+    assert configs_mod.regs_config(configs_mod.MAX_REGS_M + 1, 4096, 4096) is None
+    assert configs_mod.regs_config(1, 1728, 576).split_k == 1  # SmolLM2: 5 groups, one slice
+    monkeypatch.setenv("HOTLORA_NF4_REGS", "0")
+    assert configs_mod.regs_config(1, 4096, 4096) is None
+
+
+def test_regs_configs_refuse_what_the_kernel_cannot_run():
+    for bad in (dict(block_m=4), dict(block_m=64), dict(block_n=48), dict(stages=1), dict(swap_ab=True),
+                dict(tma=True), dict(scale=SCALE_VALUES), dict(warps=8)):  # 8 warps need 16 x-rows (the x copies)
+        with pytest.raises(ValueError):
+            Nf4Config(**{"block_m": 8, "block_n": 64, "split_k": 2, "stages": 3, "regs": True, **bad})
+    Nf4Config(16, 128, 2, warps=8, stages=3, regs=True)  # valid
+
