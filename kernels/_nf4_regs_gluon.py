@@ -81,12 +81,12 @@ def _scales(s_ptrs, s_mask, g, g_end):
 
 
 @gluon.jit
-def _pipelined(acc, zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
+def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
                w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ITERS: gl.constexpr, STAGES: gl.constexpr):
-    """The K loop with the code bytes and x copied STAGES - 1 groups ahead (cp.async into shared-memory rings, one
-    commit group per group), each group read back into the operand layouts after a CTA barrier; the scales
-    come by plain loads one group ahead."""
+    """The K loop's fp32 sums [BLOCK_N, BLOCK_M], with the code bytes and x copied STAGES - 1 groups ahead
+    (cp.async into shared-memory rings, one commit group per group), each group read back into the operand layouts
+    after a CTA barrier; the scales come by plain loads one group ahead."""
     WARPS: gl.constexpr = gl.num_warps()
     cw_l: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
     cx_l: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, WARPS], [0, 1])
@@ -102,6 +102,7 @@ def _pipelined(acc, zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M
     for j in gl.static_range(STAGES - 1):
         _issue(w_s, x_s, j, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K)
     s_hi, s_lo = _scales(s_ptrs, s_mask, g0, g_end)
+    acc = zero
     for i in range(ITERS):
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # every thread's copies of group i landed; every thread done with group i - 1's stage
@@ -152,20 +153,18 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     s_mask = srows < N
 
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-    acc = zero
     g0 = pid_k * ITERS
-    acc = _pipelined(acc, zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
+    acc = _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
                      stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES)
 
-    on = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_l)
     om = gl.arange(0, BLOCK_M, layout=col_l)
-    mask = (on[:, None] < N) & (om[None, :] < M)
+    mask = s_mask[:, None] & (om[None, :] < M)
     if SPLIT_K > 1:
-        gl.store(part_ptr + (pid_k * M + om[None, :]) * N + on[:, None], acc, mask=mask)
+        gl.store(part_ptr + (pid_k * M + om[None, :]) * N + srows[:, None], acc, mask=mask)
     else:
         if HAS_BIAS:
-            acc = acc + gl.load(bias_ptr + on, mask=on < N, other=0.0).to(gl.float32)[:, None]
-        gl.store(y_ptr + om[None, :] * stride_ym + on[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+            acc = acc + gl.load(bias_ptr + srows, mask=s_mask, other=0.0).to(gl.float32)[:, None]
+        gl.store(y_ptr + om[None, :] * stride_ym + srows[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def regs_fit(x: torch.Tensor, codes: torch.Tensor, cfg: Nf4Config) -> bool:
