@@ -66,7 +66,8 @@ _REGS_CASES = [(m, dtype) for m in (1, 8) for dtype in ("bf16", "fp16")]
 
 
 def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool) -> int:
-    """Compile nf4_regs_kernel as nf4._launch_regs launches regs_config(m, n, k); its shared memory in bytes."""
+    """Compile nf4_regs_kernel as _nf4_regs_gluon.launch_regs launches regs_config(m, n, k); its shared memory in
+    bytes."""
     cfg = _nf4_configs.regs_config(m, n, k)
     consts = dict(HAS_BIAS=bias, V_DTYPE=tl.bfloat16 if x == "bf16" else tl.float16, BLOCK_M=cfg.block_m,
                   TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
