@@ -1,13 +1,16 @@
 """The NF4 matmul's output: its programs' stores (_epilogue) and the split-K sums, by nf4_reduce_kernel (a launch of
-its own) or by nf4_matmul_kernel's own programs (FIXUP; hotlora.kernels.nf4 says where each runs). Both add the
+its own, reduce_splits) or by nf4_matmul_kernel's own programs (FIXUP: fixup_wanted, split_counts). Both add the
 slices in the same order, so their results are bit-identical."""
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
-from ._launch import pdl_enter
+from ._launch import pdl_args, pdl_enter
 
 
 @triton.jit
@@ -120,3 +123,52 @@ def _epilogue(acc, acc_t, offs_m, mask_m, offs_t, mask_t, offs_n, mask_n, bias_p
                       HAS_BIAS, SPLIT_K, TAIL_M)
         else:
             _count_in(count_ptr)
+
+
+# A split-K launch of nf4_matmul_kernel can sum its K slices itself (FIXUP: the program of each tile's last slice
+# waits for the others' counts, then adds them up; no nf4_reduce_kernel launch). It pays where a LoRA finish hook
+# declines the sums (steps past the finish's limit, whose expand follows the matmul). On the H200
+# (bench/engine_gpu.py, Llama-3-8B shape, NF4, decode tok/s, against the reduce launch, thirty-first session, two
+# rounds interleaved): batch 32 with 32 distinct adapters 5,215-5,235 against 5,164-5,198, with one 5,967-5,977
+# against 5,944-5,955, batch 16 with one 3,744-3,748 against 3,717-3,728, batch 8 1,914 against 1,899-1,903. An
+# earlier form, where every program waited for the count's result and the last to arrive summed (thirtieth
+# session), gained about half of that and cost base-model steps 4-5% (batch 32 6,494-6,508 against 6,778-6,801); a
+# form of this one that added the last slice's sums from registers, unstored, was not bit-equal to the reduce at 64
+# rows on the GPU (a few outputs one bf16 step apart, the same ones every run), and base steps lost 3.5% with it.
+# So base-model steps keep the reduce launch. HOTLORA_NF4_FIXUP=0: never; 1: every split launch.
+# The counts are one int32 buffer per device, created outside graph capture (a graph's eager warm-up creates it) and
+# left all zero by every launch: nf4_matmul calls on one device must not run concurrently on two streams (hotlora
+# runs them on the model's stream).
+FIXUP_TILES = 1 << 16
+SPLIT_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def fixup_wanted(declined: bool) -> bool:
+    """Whether a split launch whose sums no hook takes sums them itself: where a finish hook declined them
+    (`declined`; not with no hook at all), unless HOTLORA_NF4_FIXUP says otherwise."""
+    flag = os.environ.get("HOTLORA_NF4_FIXUP")
+    return declined if flag is None else flag == "1"
+
+
+def split_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's split counts for a launch of `tiles` programs along axis 0, or None: too many tiles, or no
+    buffer yet while a graph is captured."""
+    if tiles > FIXUP_TILES:
+        return None
+    counts = SPLIT_COUNTS.get(device)
+    if counts is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counts = SPLIT_COUNTS[device] = torch.zeros(FIXUP_TILES, dtype=torch.int32, device=device)
+    return counts
+
+
+def reduce_splits(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """y = part.sum(0) (+ bias), part fp32 [split, M, N]."""
+    split, m, n = part.shape
+    block = 1024
+    nf4_reduce_kernel[(triton.cdiv(m * n, block),)](
+        part, bias if bias is not None else y, y, m, n, y.stride(0),
+        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, **pdl_args(part),
+    )
+    return y

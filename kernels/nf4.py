@@ -53,7 +53,6 @@ pool under capture).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -77,7 +76,9 @@ from ._nf4_configs import (
 )
 from ._nf4_gemv_triton import nf4_gemv_kernel
 from ._nf4_regs_gluon import launch_regs, regs_fit
-from ._nf4_sums_triton import nf4_reduce_kernel
+from ._nf4_sums_triton import fixup_wanted as _fixup
+from ._nf4_sums_triton import reduce_splits as _reduce
+from ._nf4_sums_triton import split_counts as _counts
 from ._nf4_triton import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
@@ -286,44 +287,6 @@ def _hook_takes(finish: Finish | None, m: int, y: torch.Tensor) -> bool:
     return True if takes is None else takes(m, y)
 
 
-# A split-K launch of nf4_matmul_kernel can sum its K slices itself (FIXUP: the program of each tile's last slice
-# waits for the others' counts, then adds them up; no nf4_reduce_kernel launch). It pays where a LoRA finish hook
-# declines the sums (steps past the finish's limit, whose expand follows the matmul). On the H200
-# (bench/engine_gpu.py, Llama-3-8B shape, NF4, decode tok/s, against the reduce launch, thirty-first session, two
-# rounds interleaved): batch 32 with 32 distinct adapters 5,215-5,235 against 5,164-5,198, with one 5,967-5,977
-# against 5,944-5,955, batch 16 with one 3,744-3,748 against 3,717-3,728, batch 8 1,914 against 1,899-1,903. An
-# earlier form, where every program waited for the count's result and the last to arrive summed (thirtieth
-# session), gained about half of that and cost base-model steps 4-5% (batch 32 6,494-6,508 against 6,778-6,801); a
-# form of this one that added the last slice's sums from registers, unstored, was not bit-equal to the reduce at 64
-# rows on the GPU (a few outputs one bf16 step apart, the same ones every run), and base steps lost 3.5% with it.
-# So base-model steps keep the reduce launch. HOTLORA_NF4_FIXUP=0: never; 1: every split launch.
-# The counts are one int32 buffer per device, created outside graph capture (a graph's eager warm-up creates it) and
-# left all zero by every launch: nf4_matmul calls on one device must not run concurrently on two streams (hotlora
-# runs them on the model's stream).
-_FIXUP_TILES = 1 << 16
-_split_counts: dict[torch.device, torch.Tensor] = {}
-
-
-def _fixup(declined: bool) -> bool:
-    """Whether a split launch whose sums no hook takes sums them itself: where a finish hook declined them
-    (`declined`; not with no hook at all), unless HOTLORA_NF4_FIXUP says otherwise."""
-    flag = os.environ.get("HOTLORA_NF4_FIXUP")
-    return declined if flag is None else flag == "1"
-
-
-def _counts(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """The device's split counts for a launch of `tiles` programs along axis 0, or None: too many tiles, or no
-    buffer yet while a graph is captured."""
-    if tiles > _FIXUP_TILES:
-        return None
-    counts = _split_counts.get(device)
-    if counts is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counts = _split_counts[device] = torch.zeros(_FIXUP_TILES, dtype=torch.int32, device=device)
-    return counts
-
-
 def stages(cfg: Nf4Config, x_dtype: torch.dtype, by_tma: bool) -> int:
     """The pipeline stages of a launch: the config's, but Triton 3.6's pipeliner aborts on 2-stage TMA loops over fp32
     x (compiled for sm_90 without a GPU: tests/test_nf4_compile.py), so fp32 x takes at least 3 there."""
@@ -392,14 +355,3 @@ def _launch_gemv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, y: to
         ITERS=triton.cdiv(triton.cdiv(groups, cfg.k_groups), split), num_warps=cfg.warps, num_stages=cfg.stages,
     )
     return part if split > 1 else None
-
-
-def _reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-    """y = part.sum(0) (+ bias), part fp32 [split, M, N]."""
-    split, m, n = part.shape
-    block = 1024
-    nf4_reduce_kernel[(triton.cdiv(m * n, block),)](
-        part, bias if bias is not None else y, y, m, n, y.stride(0),
-        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, **pdl_args(part),
-    )
-    return y

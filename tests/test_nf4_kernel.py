@@ -16,6 +16,7 @@ import torch
 from nf4_cases import TOLERANCE, packed_group, quantize, reference, rel_err
 
 from hotlora.kernels import _nf4_configs as configs_mod
+from hotlora.kernels._nf4_sums_triton import SPLIT_COUNTS
 from hotlora.kernels.nf4 import (
     MAX_GEMV_M,
     SCALE_EXACT,
@@ -286,7 +287,7 @@ def test_triton_matmul_sums_its_own_splits(triton_cpu, monkeypatch, name):
     for _ in range(2):  # the second launch reuses the counts the first left behind
         assert torch.equal(nf4_matmul(x, w, bias, config=CONFIGS[name]), before)
     assert reduced == [1]
-    assert not nf4_mod._split_counts[x.device].any()
+    assert not SPLIT_COUNTS[x.device].any()
     got = []
     nf4_matmul(x, w, bias, config=CONFIGS[name], finish=lambda part, b, y: got.append(part.shape) or False)
     assert got == [(CONFIGS[name].split_k, 37, 48)] and reduced == [1, 1]

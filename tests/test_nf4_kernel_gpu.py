@@ -12,6 +12,7 @@ import pytest
 import torch
 from nf4_cases import LLAMA, TOLERANCE, packed_group, quantize, reference, rel_err
 
+from hotlora.kernels._nf4_sums_triton import SPLIT_COUNTS
 from hotlora.kernels.nf4 import (
     LOOKUP_PRMT,
     LOOKUP_PRMT_IMM,
@@ -189,12 +190,10 @@ def test_gpu_register_cap_configs():
 
 @pytest.mark.parametrize("shape", ["qkv", "gate_up", "down"])
 def test_gpu_matmul_sums_its_own_splits(shape, monkeypatch):
-    """The split-K sums added up by the matmul itself (nf4._fixup: the last slice's program once the others counted
-    in) at real sizes, bf16, every split bucket of the recorded configs (tails and x by TMA among them), with bias: bit
-    for bit the reduce kernel's result, eagerly several times over (a lost or doubled count would show) and replayed
-    from a CUDA graph after other launches used the counts; the counts end at zero."""
-    import hotlora.kernels.nf4 as nf4_mod
-
+    """The split-K sums added up by the matmul itself (_nf4_sums_triton.fixup_wanted: the last slice's program once the
+    others counted in) at real sizes, bf16, every split bucket of the recorded configs (tails and x by TMA among them),
+    with bias: bit for bit the reduce kernel's result, eagerly several times over (a lost or doubled count would show)
+    and replayed from a CUDA graph after other launches used the counts; the counts end at zero."""
     k, widths = LLAMA[shape]
     members = quantize(widths, k, torch.bfloat16, "cuda")
     w = packed_group(members)
@@ -217,7 +216,7 @@ def test_gpu_matmul_sums_its_own_splits(shape, monkeypatch):
             graph.replay()
             assert torch.equal(out, want), m
     torch.cuda.synchronize()
-    assert not nf4_mod._split_counts[torch.device("cuda", torch.cuda.current_device())].any()
+    assert not SPLIT_COUNTS[torch.device("cuda", torch.cuda.current_device())].any()
 
 
 def _regs_configs(m: int, n: int) -> list[Nf4Config]:
