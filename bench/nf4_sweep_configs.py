@@ -193,20 +193,37 @@ def mid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """M <= 32: nf4_regs_kernel (the looked-up weights as mma.sync's register operand) over 4 warps, 1 or 2 16-row
     tiles a warp, 3-group cp.async rings, 1-8x the fewest K slices that give 2 programs per SM (at least 4 groups a
-    slice), with and without a 64-register cap; against the recorded config (at M = 1 also the one with no LoRA
-    shrink beside it) and nf4_matmul's served config (regs_config, where M is in its bucket)."""
+    slice), with and without a 72-register cap (7 programs per SM; a 64 cap spilled and lost); against the recorded
+    config (at M = 1 also the one with no LoRA shrink beside it) and nf4_matmul's served config (regs_config, where
+    M is in its bucket)."""
     served = regs_config(m, n, k)
     out = [rec, *([pick_config(m, n, k, gemv=False, alone=True)] if m == 1 else []), *([served] if served else [])]
     if m > 32:
         return out
     bm = max(8, 1 << (m - 1).bit_length())
-    for bn, more, cap in itertools.product((64, 128), (1, 2, 4, 8), (None, 64)):
+    for bn, more, cap in itertools.product((64, 128), (1, 2, 4, 8), (None, 72)):
         split = more * _fewest_splits(-(-n // bn), 2 * 132, k // 128)
         if split > k // 512:  # at least four groups a slice
             continue
         out.append(Nf4Config(bm, bn, split, 4, 3, regs=True, lookup=LOOKUP_PRMT, maxnreg=cap))
     return list(dict.fromkeys(out))
 
+
+
+def wgmma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """M >= 33: nf4_wgmma_kernel (the looked-up weights as wgmma's register operand): 64-256 rows of x by 64 or 128
+    weight rows at the stages its shared memory allows, 1 and 2x the fewest K slices that give every SM a program;
+    against the recorded config."""
+    out = [rec]
+    for bm, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (256, 4, 2),
+                              (256, 8, 2)):
+        if bm > 2 * max(m, 32):
+            continue  # a tile past twice M
+        for more in (1, 2):
+            split = min(more * split_for_sms(-(-m // bm) * -(-n // (16 * warps)), k), max(k // 512, 1))
+            out.append(Nf4Config(bm, 16 * warps, split, warps, stages, scale=SCALE_VALUES, lookup=LOOKUP_PRMT,
+                                 wgmma=True))
+    return list(dict.fromkeys(out))
 
 
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
@@ -221,6 +238,7 @@ VARIANTS = {
     "mid": (mid_configs, ("block_m", "tail_m", "block_n", "stages", "split_k", "x_tma", "dense")),
     "x-tma": (x_tma_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "x_tma", "split_k", "dense")),
     "regs": (regs_configs, ("regs", "block_m", "block_n", "maxnreg", "split_k")),
+    "wgmma": (wgmma_configs, ("wgmma", "block_m", "block_n", "stages", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 
