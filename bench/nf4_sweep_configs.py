@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import replace
 
 from hotlora.kernels._nf4_configs import _fewest_splits
@@ -217,8 +218,8 @@ def wgmma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     out = [rec]
     for bm, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (256, 4, 2),
                               (256, 8, 2)):
-        if bm > 2 * max(m, 32):
-            continue  # a tile past twice M
+        if bm > 2 * max(m, 32) or (os.environ.get("HOTLORA_NF4_WGMMA_WS", "0") != "0" and warps == 4):
+            continue  # a tile past twice M; warp-specialized, 4 warps take the whole register file
         for more in (1, 2):
             split = min(more * split_for_sms(-(-m // bm) * -(-n // (16 * warps)), k), max(k // 512, 1))
             out.append(Nf4Config(bm, 16 * warps, split, warps, stages, scale=SCALE_VALUES, lookup=LOOKUP_PRMT,
