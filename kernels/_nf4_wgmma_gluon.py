@@ -182,37 +182,49 @@ def _load_x(x_desc, x_s, ready, empty, m0, g0, pairs, XS: gl.constexpr):
 
 
 @gluon.jit
-def _looked_up(w_s, ready, i, ok, s_ptrs, s_mask, g, tab, w_l: gl.constexpr, a_op: gl.constexpr,
-               V_DTYPE: gl.constexpr, WS: gl.constexpr):
-    """Group g's (the slice's i-th) scaled weight halves in the A operand's layout, read from its ring stage once
-    landed (no wait where not ok); the caller releases the stage."""
-    s_hi = gl.load(s_ptrs + 2 * g, mask=s_mask, other=0.0).to(V_DTYPE)
-    s_lo = gl.load(s_ptrs + (2 * g + 1), mask=s_mask, other=0.0).to(V_DTYPE)
+def _scales(s_ptrs, s_mask, g):
+    """Group g's two 64-blocks' absmax per weight row (zero where not s_mask)."""
+    return gl.load(s_ptrs + 2 * g, mask=s_mask, other=0.0), gl.load(s_ptrs + (2 * g + 1), mask=s_mask, other=0.0)
+
+
+@gluon.jit
+def _looked_up(w_s, ready, i, ok, s_hi, s_lo, tab, w_l: gl.constexpr, a_op: gl.constexpr, V_DTYPE: gl.constexpr,
+               WS: gl.constexpr, CAST: gl.constexpr = False):
+    """The slice's i-th group's weight halves scaled by s_hi / s_lo in the A operand's layout, read from its ring
+    stage once landed (no wait where not ok); the caller releases the stage."""
+    s_hi = s_hi.to(V_DTYPE)
+    s_lo = s_lo.to(V_DTYPE)
     mbarrier.wait(ready.index(i % WS), (i // WS) & 1, pred=ok)
-    v_hi, v_lo = _lookup(w_s.index(i % WS).load(w_l), tab, V_DTYPE)
+    if CAST:  # bench only: the bytes as values (wrong on purpose), what everything but the lookup costs
+        v_hi = w_s.index(i % WS).load(w_l).to(V_DTYPE)
+        v_lo = v_hi
+    else:
+        v_hi, v_lo = _lookup(w_s.index(i % WS).load(w_l), tab, V_DTYPE)
     return (gl.convert_layout(v_hi * s_hi[:, None], a_op), gl.convert_layout(v_lo * s_lo[:, None], a_op))
 
 
 @gluon.jit
-def _step(acc, w_hi, w_lo, w_s, x_s, w_ready, w_empty, x_ready, x_empty, i, iters, pairs, s_ptrs, s_mask, g0, tab,
-          w_l: gl.constexpr, a_op: gl.constexpr, V_DTYPE: gl.constexpr, WS: gl.constexpr, XS: gl.constexpr):
+def _step(acc, w_hi, w_lo, sc, w_s, x_s, w_ready, w_empty, x_ready, x_empty, i, iters, pairs, s_ptrs, s_mask, g0,
+          tab, w_l: gl.constexpr, a_op: gl.constexpr, V_DTYPE: gl.constexpr, WS: gl.constexpr, XS: gl.constexpr,
+          CAST: gl.constexpr):
     """Group i's MMAs (weights w_hi/w_lo) issued; once group i - 1's have retired, group i + 1's weights looked up
-    while these run; then group i - 1's x stage and group i + 1's code stage go back to the producers."""
+    (scales sc, loaded a step earlier) while these run; then group i - 1's x stage and group i + 1's code stage go
+    back to the producers. Returns group i + 2's scales too."""
+    sc_next = _scales(s_ptrs, s_mask & (i + 2 < iters), g0 + i + 2)
     mbarrier.wait(x_ready.index(i % XS), (i // XS) & 1)
     acc = _mma(acc, w_hi, w_lo, x_s, i % XS)
     acc = warpgroup_mma_wait(2, deps=[acc])
     nxt = i + 1 < pairs
-    n_hi, n_lo = _looked_up(w_s, w_ready, i + 1, nxt, s_ptrs, s_mask & (i + 1 < iters), g0 + i + 1, tab, w_l,
-                            a_op, V_DTYPE, WS)
+    n_hi, n_lo = _looked_up(w_s, w_ready, i + 1, nxt, sc[0], sc[1], tab, w_l, a_op, V_DTYPE, WS, CAST)
     gl.thread_barrier()  # every warp is past group i - 1's MMAs and group i + 1's bytes
     mbarrier.arrive(x_empty.index((i + XS - 1) % XS), count=1, pred=i > 0)
     mbarrier.arrive(w_empty.index((i + 1) % WS), count=1, pred=nxt)
-    return acc, n_hi, n_lo
+    return acc, n_hi, n_lo, sc_next
 
 
 @gluon.jit
 def _consume(w_s, x_s, w_ready, w_empty, x_ready, x_empty, absmax_ptr, lut_ptr, N, n0, g0, iters, pairs, stride_an,
-             BLOCK_M: gl.constexpr, V_DTYPE: gl.constexpr, WS: gl.constexpr, XS: gl.constexpr):
+             BLOCK_M: gl.constexpr, V_DTYPE: gl.constexpr, WS: gl.constexpr, XS: gl.constexpr, CAST: gl.constexpr):
     """The default partition: the slice's fp32 sums [BLOCK_N, BLOCK_M] (groups in pairs, as nf4_wgmma_kernel)."""
     WARPS: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = 16 * WARPS
@@ -228,22 +240,24 @@ def _consume(w_s, x_s, w_ready, w_empty, x_ready, x_empty, absmax_ptr, lut_ptr, 
     s_mask = srows < N
 
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-    wa_hi, wa_lo = _looked_up(w_s, w_ready, 0, pairs > 0, s_ptrs, s_mask & (iters > 0), g0, tab, w_l, a_op, V_DTYPE,
-                              WS)
+    s_hi, s_lo = _scales(s_ptrs, s_mask & (iters > 0), g0)
+    sc = _scales(s_ptrs, s_mask & (iters > 1), g0 + 1)
+    wa_hi, wa_lo = _looked_up(w_s, w_ready, 0, pairs > 0, s_hi, s_lo, tab, w_l, a_op, V_DTYPE, WS)
     gl.thread_barrier()
     mbarrier.arrive(w_empty.index(0), count=1, pred=pairs > 0)
     for i in range(0, pairs, 2):
-        acc, wb_hi, wb_lo = _step(acc, wa_hi, wa_lo, w_s, x_s, w_ready, w_empty, x_ready, x_empty, i, iters, pairs,
-                                  s_ptrs, s_mask, g0, tab, w_l, a_op, V_DTYPE, WS, XS)
-        acc, wa_hi, wa_lo = _step(acc, wb_hi, wb_lo, w_s, x_s, w_ready, w_empty, x_ready, x_empty, i + 1, iters,
-                                  pairs, s_ptrs, s_mask, g0, tab, w_l, a_op, V_DTYPE, WS, XS)
+        acc, wb_hi, wb_lo, sc = _step(acc, wa_hi, wa_lo, sc, w_s, x_s, w_ready, w_empty, x_ready, x_empty, i, iters,
+                                      pairs, s_ptrs, s_mask, g0, tab, w_l, a_op, V_DTYPE, WS, XS, CAST)
+        acc, wa_hi, wa_lo, sc = _step(acc, wb_hi, wb_lo, sc, w_s, x_s, w_ready, w_empty, x_ready, x_empty, i + 1,
+                                      iters, pairs, s_ptrs, s_mask, g0, tab, w_l, a_op, V_DTYPE, WS, XS, CAST)
     return (warpgroup_mma_wait(0, deps=[acc]),)  # warp_specialize's default partition returns a tuple
 
 
 @gluon.jit
 def nf4_wgmma_ws_kernel(x_desc, w_desc, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, M, N, NUM_G, stride_an,
                         stride_ym, HAS_BIAS: gl.constexpr, V_DTYPE: gl.constexpr, SPLIT_K: gl.constexpr,
-                        ITERS: gl.constexpr, PDL: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+                        ITERS: gl.constexpr, PDL: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr,
+                        CAST: gl.constexpr):
     """nf4_wgmma_kernel with its copies in producer warps (warp specialization): one warp keeps a WS-deep ring of
     code bytes filled, another a STAGES-deep ring of x; the kernel's own warps look up and multiply, releasing the
     code stage of a group once looked up and its x stage once its MMAs retired."""
@@ -276,7 +290,7 @@ def nf4_wgmma_ws_kernel(x_desc, w_desc, absmax_ptr, lut_ptr, bias_ptr, y_ptr, pa
     pairs = (iters + 1) // 2 * 2
     (acc,) = gl.warp_specialize([
         (_consume, (w_s, x_s, w_ready, w_empty, x_ready, x_empty, absmax_ptr, lut_ptr, N, n0, g0, iters, pairs,
-                    stride_an, BLOCK_M, V_DTYPE, WS, STAGES)),
+                    stride_an, BLOCK_M, V_DTYPE, WS, STAGES, CAST)),
         (_load_codes, (w_desc, w_s, w_ready, w_empty, n0, g0, pairs, WS)),
         (_load_x, (x_desc, x_s, x_ready, x_empty, m0, g0, pairs, STAGES)),
     ], [1, 1], [24, 24])
@@ -306,7 +320,8 @@ def launch_wgmma(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut
         [block_n, 64], gl.uint8))
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     ws = int(os.environ.get("HOTLORA_NF4_WGMMA_WS", "0"))
-    kernel, extra = (nf4_wgmma_ws_kernel, {"WS": ws}) if ws else (nf4_wgmma_kernel, {})
+    cast = os.environ.get("HOTLORA_NF4_WGMMA_CAST") == "1"
+    kernel, extra = (nf4_wgmma_ws_kernel, {"WS": ws, "CAST": cast}) if ws else (nf4_wgmma_kernel, {})
     kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, block_n), split)](
         x_desc, w_desc, absmax, lut, bias if bias is not None else y, y, part, m, n, groups, absmax.stride(0),
         y.stride(0), HAS_BIAS=bias is not None, V_DTYPE=el, SPLIT_K=split, ITERS=triton.cdiv(groups, split),
