@@ -239,8 +239,6 @@ def main() -> None:
                     help="sweep: 65-256 rows, the recorded config against the tiles that may take x by TMA")
     ap.add_argument("--small-warps", dest="variants", action="store_const", const="small-warps",
                     help="sweep: the recorded config against weights-first tiles over 2 warps (mma.sync)")
-    ap.add_argument("--wgmma", dest="variants", action="store_const", const="wgmma",
-                    help="sweep nf4_wgmma_kernel's tiles beside the recorded config (M >= 33)")
     ap.add_argument("--regs", dest="variants", action="store_const", const="regs",
                     help="sweep: M <= 32, the recorded config against nf4_regs_kernel's configs")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))

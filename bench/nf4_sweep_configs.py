@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import replace
 
 from hotlora.kernels._nf4_configs import _fewest_splits
@@ -211,22 +210,6 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 
 
 
-def wgmma_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """M >= 33: nf4_wgmma_kernel (the looked-up weights as wgmma's register operand): 64-256 rows of x by 64 or 128
-    weight rows at the stages its shared memory allows, 1 and 2x the fewest K slices that give every SM a program;
-    against the recorded config."""
-    out = [rec]
-    for bm, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (256, 4, 2),
-                              (256, 8, 2)):
-        if bm > 2 * max(m, 32) or (os.environ.get("HOTLORA_NF4_WGMMA_WS", "0") != "0" and warps == 4):
-            continue  # a tile past twice M; warp-specialized, 4 warps take the whole register file
-        for more in (1, 2):
-            split = min(more * split_for_sms(-(-m // bm) * -(-n // (16 * warps)), k), max(k // 512, 1))
-            out.append(Nf4Config(bm, 16 * warps, split, warps, stages, scale=SCALE_VALUES, lookup=LOOKUP_PRMT,
-                                 wgmma=True))
-    return list(dict.fromkeys(out))
-
-
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
 # fields that tell them apart
 VARIANTS = {
@@ -239,7 +222,6 @@ VARIANTS = {
     "mid": (mid_configs, ("block_m", "tail_m", "block_n", "stages", "split_k", "x_tma", "dense")),
     "x-tma": (x_tma_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "x_tma", "split_k", "dense")),
     "regs": (regs_configs, ("regs", "block_m", "block_n", "maxnreg", "split_k")),
-    "wgmma": (wgmma_configs, ("wgmma", "block_m", "block_n", "stages", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 

@@ -88,7 +88,6 @@ from ._nf4_triton import (
     nf4_matmul_kernel,
     prmt_table_words,
 )
-from ._nf4_wgmma_gluon import launch_wgmma, wgmma_fit
 from .reference import NF4_NIBBLE, NF4_NIBBLE_ORDER, nf4_dequantize_ref, nf4_matmul_ref
 
 __all__ = [
@@ -262,10 +261,8 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
         part = _launch_gemv(x, w, bias, y, cfg)
     elif cfg.regs and regs_fit(x, w.codes, cfg):
         part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
-    elif cfg.wgmma and wgmma_fit(x, w.codes):
-        part = launch_wgmma(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     else:
-        part = _launch(x, w, bias, y, pick_config(m, n, k, gemv=False) if cfg.regs or cfg.wgmma else cfg, fixup=fixup)
+        part = _launch(x, w, bias, y, pick_config(m, n, k, gemv=False) if cfg.regs else cfg, fixup=fixup)
     if part is not None and not (takes and finish(part, bias, y)):
         _reduce(part, bias, y)
     return y
