@@ -3,6 +3,8 @@
 #   bash bench/gpu_suite.sh 1|2|3|4      # or: all (the parts one after another)
 # Files with GPU tests: those that mark them, and those using the kernel_device fixture (tests/conftest.py).
 # The whole suite took ~11 minutes on the H200 in the twenty-third session; one call cut at 540 s lost the end.
+# Each part stops itself after GPU_SUITE_LIMIT seconds (default 540) by SIGINT, on which pytest still prints its
+# summary (counts, failures): a device call's own limit kills it silently, so what had passed is lost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 parts=(
@@ -19,5 +21,6 @@ which=${1:-all}
 for p in $which; do
   echo "== part $p: ${parts[$p]}"
   # shellcheck disable=SC2086
-  python3 -m pytest -q -p no:cacheprovider -m gpu --durations=10 ${parts[$p]}
+  timeout -s INT "${GPU_SUITE_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider -m gpu -rfE --durations=10 \
+    ${parts[$p]}
 done
