@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
-from hotlora.kernels._nf4_configs import _fewest_splits
+from hotlora.kernels._nf4_configs import _SMS, _fewest_splits
 from hotlora.kernels.nf4 import (
     LOOKUP_PRMT,
     LOOKUP_PRMT_IMM,
@@ -202,12 +202,11 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
         return out
     bm = max(8, 1 << (m - 1).bit_length())
     for bn, more, cap in itertools.product((64, 128), (1, 2, 4, 8), (None, 72)):
-        split = more * _fewest_splits(-(-n // bn), 2 * 132, k // 128)
+        split = more * _fewest_splits(-(-n // bn), 2 * _SMS, k // 128)
         if split > k // 512:  # at least four groups a slice
             continue
         out.append(Nf4Config(bm, bn, split, 4, 3, regs=True, lookup=LOOKUP_PRMT, maxnreg=cap))
     return list(dict.fromkeys(out))
-
 
 
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
