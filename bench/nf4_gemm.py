@@ -241,6 +241,8 @@ def main() -> None:
                     help="sweep: the recorded config against weights-first tiles over 2 warps (mma.sync)")
     ap.add_argument("--regs", dest="variants", action="store_const", const="regs",
                     help="sweep: M <= 32, the recorded config against nf4_regs_kernel's configs")
+    ap.add_argument("--ss", dest="variants", action="store_const", const="ss",
+                    help="sweep: M >= 65, the recorded config against nf4_ss_kernel's tiles (Hopper)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")

@@ -209,6 +209,19 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     return list(dict.fromkeys(out))
 
 
+def ss_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """M >= 65: nf4_ss_kernel (both wgmma operands in shared memory, a lookup warpgroup beside the MMA ones): 128 or
+    256 rows of x by 64 or 128 weight rows, 1, 2 and 4x the fewest K slices that give every SM a program (one
+    program per SM: its rings take ~170-210 KB); against the recorded config."""
+    out = [rec]
+    for bm, warps, more in itertools.product((128, 256), (4, 8), (1, 2, 4)):
+        if bm > 2 * max(m, 64):
+            continue
+        split = min(more * split_for_sms(-(-m // bm) * -(-n // (16 * warps)), k), max(k // 512, 1))
+        out.append(Nf4Config(bm, 16 * warps, split, warps, scale=SCALE_VALUES, lookup=LOOKUP_PRMT, ss=True))
+    return list(dict.fromkeys(out))
+
+
 # --lookups / --even / --scales / --splits / --small-warps: variants of each M's recorded tl.dot config, and the
 # fields that tell them apart
 VARIANTS = {
@@ -221,6 +234,7 @@ VARIANTS = {
     "mid": (mid_configs, ("block_m", "tail_m", "block_n", "stages", "split_k", "x_tma", "dense")),
     "x-tma": (x_tma_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "x_tma", "split_k", "dense")),
     "regs": (regs_configs, ("regs", "block_m", "block_n", "maxnreg", "split_k")),
+    "ss": (ss_configs, ("ss", "block_m", "block_n", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }
 

@@ -30,7 +30,7 @@ from hotlora.server.engine.types import Request, SamplingParams
 
 # kernel families, first match wins (device kernel names of this build: Triton kernels keep their function names)
 FAMILIES = (
-    ("NF4 matmul", r"nf4_matmul|nf4_gemv|nf4_regs"),
+    ("NF4 matmul", r"nf4_matmul|nf4_gemv|nf4_regs|nf4_ss"),
     ("NF4 dequantize (dense path)", r"dequant|nf4_to"),
     ("LoRA shrink (beside the matmul)", r"lora_shrink"),
     ("LoRA expand / finish", r"lora_expand|lora_finish|lora_tile_finish"),

@@ -45,6 +45,8 @@ class Nf4Config:
     x_tma: bool = False  # with tma: x's tiles by TMA too (where x's base and row stride are 16-byte aligned)
     regs: bool = False  # nf4_regs_kernel (Gluon, CUDA, 16-bit x): M <= block_m (8, 16 or 32), block_n = 16 * warps *
     # tiles a warp; `stages` groups in its cp.async rings
+    ss: bool = False  # nf4_ss_kernel (Gluon, Hopper, 16-bit x; both wgmma operands in shared memory, a lookup
+    # warpgroup beside the MMA ones): block_m rows of x (64-256) by block_n = 16 * warps weight rows (4 or 8 warps)
 
     def __post_init__(self) -> None:
         if self.tail_m < 0 or self.tail_m & (self.tail_m - 1):
@@ -59,6 +61,11 @@ class Nf4Config:
             raise ValueError("a regs config has block_m 8, 16 or 32 (at least 2 * warps), block_n a multiple of 16 * "
                              "warps, at least 2 stages, and scales the partial sums (no dense, gemv, swap_ab, tma, "
                              "tail)")
+        if self.ss and (self.block_m not in (64, 128, 256) or self.warps not in (4, 8)
+                        or self.block_n != 16 * self.warps or self.scale != SCALE_VALUES or self.dense or self.gemv
+                        or self.regs or self.swap_ab or self.tma or self.tail_m):
+            raise ValueError("an ss config has block_m 64, 128 or 256, 4 or 8 warps with block_n = 16 * warps, and "
+                             "scales the code values (no dense, gemv, regs, swap_ab, tma, tail)")
         if self.x_tma and not self.tma:
             raise ValueError("x_tma needs tma (x's tiles by TMA beside the weight bytes)")
         if self.x_tma and not self.x_tma_verified:

@@ -76,6 +76,7 @@ from ._nf4_configs import (
 )
 from ._nf4_gemv_triton import nf4_gemv_kernel
 from ._nf4_regs_gluon import launch_regs, regs_fit
+from ._nf4_ss_gluon import launch_ss, ss_fit
 from ._nf4_sums_triton import fixup_wanted as _fixup
 from ._nf4_sums_triton import reduce_splits as _reduce
 from ._nf4_sums_triton import split_counts as _counts
@@ -261,8 +262,10 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
         part = _launch_gemv(x, w, bias, y, cfg)
     elif cfg.regs and regs_fit(x, w.codes, cfg):
         part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
+    elif cfg.ss and ss_fit(x, w.codes):
+        part = launch_ss(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     else:
-        part = _launch(x, w, bias, y, pick_config(m, n, k, gemv=False) if cfg.regs else cfg, fixup=fixup)
+        part = _launch(x, w, bias, y, pick_config(m, n, k, gemv=False) if cfg.regs or cfg.ss else cfg, fixup=fixup)
     if part is not None and not (takes and finish(part, bias, y)):
         _reduce(part, bias, y)
     return y

@@ -258,3 +258,39 @@ def test_gpu_regs_kernel_graph_capture_and_replay():
     for m, split, stages in ((1, 1, 2), (5, 4, 3), (16, 2, 4), (32, 8, 3)):
         cfg = Nf4Config(max(8, 1 << (m - 1).bit_length()), 64, split, stages=stages, regs=True, lookup=LOOKUP_PRMT)
         assert _replayed_error(members, w, m, bias, cfg) < TOLERANCE[torch.bfloat16], (m, split)
+
+
+_SS_CONFIGS = [Nf4Config(bm, 16 * warps, split, warps, scale=SCALE_VALUES, lookup=LOOKUP_PRMT, ss=True)
+               for bm, warps, split in ((128, 8, 1), (256, 8, 1), (256, 8, 3), (128, 4, 2), (64, 4, 1), (256, 4, 4))]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ["qkv", "down", "ragged"])
+def test_gpu_ss_kernel(shape, dtype):
+    """nf4_ss_kernel (both wgmma operands in shared memory, the weights looked up by a warpgroup of their own) at
+    M = 33-600 (tiles past M, x's rows past the last tile), 64-256-row tiles by 64 and 128 weight rows, 1-4 K slices
+    (3: uneven, the last slice shorter), with bias: within the tolerance of the fp32 reference, and equal to the
+    tl.dot kernel with the same rounding (SCALE_VALUES) but for fp32 summation order (a wrong k or row would be off
+    by ~100%)."""
+    k, widths = (576, (1536, 192)) if shape == "ragged" else LLAMA[shape]  # K = 4.5 groups, N not a tile multiple
+    n = sum(widths)
+    members = quantize(widths, k, dtype, "cuda")
+    w = packed_group(members)
+    bias = torch.randn(n, dtype=dtype, device="cuda")
+    for m in (33, 100, 256, 600):
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        ref = reference(x, members, bias)
+        dot = nf4_matmul(x, w, bias, config=Nf4Config(64, 64, scale=SCALE_VALUES, lookup=LOOKUP_PRMT)).float()
+        for cfg in _SS_CONFIGS:
+            y = nf4_matmul(x, w, bias, config=cfg)
+            assert rel_err(y, ref) < TOLERANCE[dtype], (m, cfg)
+            assert rel_err(y, dot) < 1e-3, (m, cfg)
+
+
+def test_gpu_ss_kernel_graph_capture_and_replay():
+    """nf4_ss_kernel with and without K slices (the reduce launch after it) captured and replayed."""
+    members = quantize((1024, 256, 256), 2048, torch.bfloat16, "cuda")
+    w = packed_group(members)
+    bias = torch.randn(1536, dtype=torch.bfloat16, device="cuda")
+    for m, cfg in ((70, _SS_CONFIGS[0]), (300, _SS_CONFIGS[2]), (512, _SS_CONFIGS[1])):
+        assert _replayed_error(members, w, m, bias, cfg) < TOLERANCE[torch.bfloat16], (m, cfg)
