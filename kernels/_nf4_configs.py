@@ -261,6 +261,32 @@ def regs_config(m: int, n: int, k: int) -> Nf4Config | None:
     return Nf4Config(8, 64, split, warps=4, stages=3, regs=True, lookup=LOOKUP_PRMT)
 
 
+# nf4_ss_kernel (both wgmma operands in shared memory; a lookup warpgroup fills a bf16 weight ring beside two MMA
+# warpgroups, Hopper) for large weights at SS_MIN_M-SS_MAX_M rows, in place of the 256x128 tl.dot tile: 256 rows of x
+# by 128 weight rows, the fewest K slices that give every SM a program. Swept on the H200 (bench/nf4_ss.py,
+# thirty-fourth session, us, two calls; tl.dot tile -> this; cuBLAS bf16 in brackets): M = 512 gate/up 260.0-262.1
+# -> 236.4-238.1 (176-180), down 130.5-134.7 -> 126.5-127.4 (88-92). Its skeleton alone (the lookup replaced by a
+# cast) ran gate/up in 220.8: 1.23x cuBLAS. q/k/v and o lost to dense + cuBLAS (65.1 against 59.6, 46.1 against
+# 42.4), and at M = 2048 every shape did (gate/up 871 against 768, down 427 against 389, q/k/v 194 against 172).
+# HOTLORA_NF4_SS=0 / 1 overrides SERVE_SS.
+SS_MIN_M, SS_MAX_M = 385, 512
+SERVE_SS = True
+
+
+def ss_served() -> bool:
+    flag = os.environ.get("HOTLORA_NF4_SS")
+    return SERVE_SS if flag is None else flag == "1"
+
+
+def ss_config(m: int, n: int, k: int) -> Nf4Config | None:
+    """nf4_ss_kernel's config for x [m, k] @ W[n, k].T where it is served (large weights at SS_MIN_M-SS_MAX_M rows),
+    else None."""
+    if not SS_MIN_M <= m <= SS_MAX_M or n * k < LARGE_WEIGHT or not ss_served():
+        return None
+    return Nf4Config(256, 128, split_for_sms(triton.cdiv(m, 256) * triton.cdiv(n, 128), k), warps=8,
+                     scale=SCALE_VALUES, lookup=LOOKUP_PRMT, ss=True)
+
+
 def split_for_sms(tiles: int, k: int) -> int:
     """The fewest K slices (a power of two, at most K's 128-column groups) that give every SM a program."""
     return _fewest_splits(tiles, _SMS, k // 128)

@@ -1,18 +1,18 @@
 """The NF4 matmul at prefill sizes with both wgmma operands in shared memory (Gluon; Hopper only).
 
 y^T = W @ x^T per program: BLOCK_N = 16 * num_warps weight rows (64 per MMA warpgroup) by BLOCK_M rows of x
-(the MMA's N, up to 256). Three warp-specialized partitions share each program's shared memory:
-- a loader warp keeps two TMA rings filled: code bytes ([BLOCK_N, 64] a 128-column group, CS deep) and x
-  ([BLOCK_M, 64] a 64-column step, XS deep);
-- a lookup warpgroup turns each group's bytes into its two 64-column weight halves (the prmt lookup,
-  _nf4_triton._prmt_asm, scaled by their absmax in x's dtype: the SCALE_VALUES rounding) and stores them into a
-  WS-deep ring of [BLOCK_N, 64] tiles in wgmma's swizzled layout;
-- the MMA warpgroups (the kernel's num_warps) run one shared-shared wgmma a 64-column step and hand its stages back
-  once it retires.
-Stages pass by mbarriers: ready (TMA bytes landed / weights stored) and empty (read and released). The MMA holds only
-its accumulator in registers, so it runs cuBLAS's tile shapes; the lookup overlaps it in other warps. K splits into
-SPLIT_K slices of ITERS groups; with more than one, each program stores its fp32 sums into part [SPLIT_K, M, N]
-for the reduce (or a LoRA finish hook).
+(the MMA's N, up to 256). Two warp-specialized partitions share each program's shared memory:
+- a lookup warpgroup keeps a CS-deep TMA ring of code bytes ([BLOCK_N, 64] a 128-column group) filled and turns
+  each group into its two 64-column weight halves (the prmt lookup, _nf4_triton._prmt_asm, scaled by their absmax
+  in x's dtype: the SCALE_VALUES rounding), stored into a WS-deep ring of [BLOCK_N, 64] tiles in wgmma's swizzled
+  layout;
+- the MMA warpgroups (the kernel's num_warps) keep an XS-deep TMA ring of x ([BLOCK_M, 64] a 64-column step),
+  run one shared-shared wgmma a step and, once the previous step's has retired, hand its weight stage back and
+  reload its x stage.
+Weight stages pass by mbarriers (ready: stored and fenced; empty: read by the MMA), the TMA stages by their
+transaction counts. The MMA warpgroups hold only their accumulator in registers, so they run cuBLAS's tile shapes
+while the lookup runs in other warps. K splits into SPLIT_K slices of ITERS groups; with more than one, each
+program stores its fp32 sums into part [SPLIT_K, M, N] for the reduce (or a LoRA finish hook).
 """
 
 from __future__ import annotations
@@ -210,8 +210,14 @@ def ss_fit(x: torch.Tensor, codes: torch.Tensor) -> bool:
             and codes.stride(0) % 16 == 0)
 
 
-SS_RINGS = (2, 4, 4)  # code, weight and x ring stages (CS, WS, XS)
-SS_REGS = (120, 168)  # lookup warpgroup's registers, the kernel's cap (12 warps: 168 a thread at launch)
+# Code, weight and x ring stages (CS, WS, XS; HOTLORA_NF4_SS_RINGS="cs,ws,xs" for bench/nf4_ss.py): 2, 4, 4 take 208 KB
+# at 256x128 (one program per SM). On the H200 (thirty-fourth session) 2, 8, 4 and 4, 8, 4 at 256x64 were within the
+# run-to-run spread of it (gate/up 231-252 us at M = 512); 256x128 cannot hold 8 weight stages.
+SS_RINGS = (2, 4, 4)
+# The lookup warpgroup's registers, and the kernel's cap: with 8 MMA warps the program has 12 (384 threads, at most
+# 168 registers a thread at launch); the MMA warpgroups' 64x256 fp32 accumulator needs ~154 (ptxas: a 16-warp program
+# capped at 128 cannot compile its wgmma).
+SS_REGS = (120, 168)
 
 
 def launch_ss(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor,

@@ -41,6 +41,9 @@ Paths by M (``_nf4_configs._CONFIGS``, swept on the H200 with bench/nf4_gemm.py;
   memory, the pipeliner keeping ``stages`` groups in flight), and large weights take it again at 385-512. At 65-96
   and 129-192 rows a program covers a row tile plus a smaller tail tile (``Nf4Config.tail_m``: 128 + 64 rows
   dotted with one dequantized weight tile) rather than a power-of-two tile up to twice M.
+- SS_MIN_M-SS_MAX_M rows (385-512) for large weights (Hopper, 16-bit x; SERVE_SS, HOTLORA_NF4_SS): ``nf4_ss_kernel``
+  (Gluon, _nf4_ss_gluon), both wgmma operands in shared memory: a lookup warpgroup stores each group's looked-up,
+  absmax-scaled weights (SCALE_VALUES) into a ring that two MMA warpgroups read beside x's TMA ring.
 - larger M: dequantize the whole weight (``nf4_dequant_kernel``, bit-identical) and call cuBLAS.
 SCALE_PARTIALS rounds differently from W by one rounding of the code value (to x's dtype on CUDA with 16-bit
 x; exact fp32 values in the GEMV path's table lookup); SCALE_VALUES by that and the rounding of absmax and of
@@ -73,6 +76,7 @@ from ._nf4_configs import (
     pick_config,
     regs_config,
     split_for_sms,
+    ss_config,
 )
 from ._nf4_gemv_triton import nf4_gemv_kernel
 from ._nf4_regs_gluon import launch_regs, regs_fit
@@ -111,6 +115,7 @@ __all__ = [
     "pick_config",
     "regs_config",
     "split_for_sms",
+    "ss_config",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -272,12 +277,15 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
 
 
 def _served_config(x: torch.Tensor, w: NF4Weight, finish: Finish | None) -> Nf4Config:
-    """The config nf4_matmul runs without one given: nf4_regs_kernel's where it is served and fits, else the
-    recorded one (pick_config; `alone` where no LoRA shrink runs beside the matmul)."""
+    """The config nf4_matmul runs without one given: nf4_regs_kernel's or nf4_ss_kernel's where served and fitting,
+    else the recorded one (pick_config; `alone` where no LoRA shrink runs beside the matmul)."""
     m, k = x.shape
     regs = regs_config(m, w.shape[0], k)
     if regs is not None and regs_fit(x, w.codes, regs):
         return regs
+    ss = ss_config(m, w.shape[0], k)
+    if ss is not None and ss_fit(x, w.codes):
+        return ss
     return pick_config(m, w.shape[0], k, alone=finish is None or getattr(finish, "alone", False))
 
 

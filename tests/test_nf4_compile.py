@@ -1,7 +1,8 @@
 """The NF4 kernel's recorded TMA configs compile for an H200 (sm_90) with the options nf4_matmul launches them with,
 for every x dtype the engine runs: no GPU needed (Triton's passes and the ptxas its wheel ships run here). So does
 nf4_regs_kernel (Gluon, which the interpreter cannot run): its served configs, with the shared memory of its
-cp.async rings and nothing more (no operand passes through shared memory).
+cp.async rings and nothing more (no operand passes through shared memory); and nf4_ss_kernel's served configs within
+one SM's shared memory and registers.
 
 A GPU engine in fp32 once met a pipeliner abort (2-stage TMA loops over fp32 x) that the bf16 kernel tests could
 not see; this catches that kind of failure in CI. The compiles run in one child process without TRITON_INTERPRET
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -22,12 +25,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from hotlora.kernels import _nf4_configs, _nf4_regs_gluon, _nf4_triton, nf4
+from hotlora.kernels import _nf4_configs, _nf4_regs_gluon, _nf4_ss_gluon, _nf4_triton, nf4
 from hotlora.kernels.nf4 import LOOKUP_TABLE, SCALE_EXACT, Nf4Config
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")),
-    reason="this Triton wheel ships no ptxas")
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(_BIN, "ptxas")),
+                                reason="this Triton wheel ships no ptxas")
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -85,6 +88,42 @@ def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool) -> int:
     return kernel.metadata.shared
 
 
+_SS_CASES = [(n, k, x) for n, k in _LLAMA if n * k >= _nf4_configs.LARGE_WEIGHT for x in ("bf16", "fp16")]
+
+
+def compile_ss_sm90(n: int, k: int, x: str) -> list[int]:
+    """Compile nf4_ss_kernel as _nf4_ss_gluon.launch_ss launches ss_config(512, n, k) (split 1 takes the bias): its
+    shared memory in bytes and its registers, spilled bytes (local memory) and threads."""
+    from triton.experimental.gluon import language as gl
+
+    cfg = _nf4_configs.ss_config(512, n, k)
+    el = gl.bfloat16 if x == "bf16" else gl.float16
+    x_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_m, 64], el)
+    c_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 64], gl.uint8)
+    cs, ws, xs = _nf4_ss_gluon.SS_RINGS
+    consts = dict(HAS_BIAS=cfg.split_k == 1, SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k), PDL=True, CS=cs,
+                  WS=ws, XS=xs, LOOKUP_REGS=_nf4_ss_gluon.SS_REGS[0], CAST=False)
+    pointers = {"x_desc": f"tensordesc<{x}[{cfg.block_m}, 64],{x_layout!r}>",
+                "c_desc": f"tensordesc<u8[{cfg.block_n}, 64],{c_layout!r}>", "absmax_ptr": "*fp32", "lut_ptr": "*i32",
+                "bias_ptr": f"*{x}", "y_ptr": f"*{x}", "part_ptr": "*fp32"}
+    scalars = ("M", "N", "NUM_G", "stride_an", "stride_ym")
+    signature = {**pointers, **dict.fromkeys(scalars, "i32"), **dict.fromkeys(consts, "constexpr")}
+    names = list(signature)
+    aligned = [*(p for p in pointers if not p.endswith("desc")), "N", "NUM_G", "stride_an", "stride_ym"]
+    src = GluonASTSource(fn=_nf4_ss_gluon.nf4_ss_kernel, signature=signature,
+                         constexprs={(names.index(c),): v for c, v in consts.items()},
+                         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": cfg.warps, "maxnreg": _nf4_ss_gluon.SS_REGS[1]})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    regs, stack, local = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL"))
+    return [kernel.metadata.shared, regs, stack + local, 32 * kernel.metadata.num_warps]
+
+
 def _regs_label(m: int, x: str) -> str:
     return f"regs-m{m}-{x}"
 
@@ -112,6 +151,11 @@ def _compile_all() -> dict[str, str]:
             out[_regs_label(m, x)] = sorted(sizes)
         except Exception as exc:
             out[_regs_label(m, x)] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    for n, k, x in _SS_CASES:
+        try:
+            out[f"ss-{n}x{k}-{x}"] = compile_ss_sm90(n, k, x)
+        except Exception as exc:
+            out[f"ss-{n}x{k}-{x}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
 
 
@@ -134,6 +178,14 @@ def test_regs_kernel_compiles_for_sm90_with_only_its_rings_in_shared_memory(comp
     cfg = _nf4_configs.regs_config(m, 4096, 4096)
     rings = cfg.stages * (cfg.block_n * 64 + 128 * cfg.block_m * 2)  # code bytes + x's 128 columns, per group
     assert compiled[_regs_label(m, x_dtype)] == [rings]
+
+
+@pytest.mark.parametrize(("n", "k", "x_dtype"), _SS_CASES)
+def test_ss_kernel_compiles_for_sm90_within_one_sms_resources(compiled, n, k, x_dtype):
+    """The served nf4_ss_kernel (gate/up, down): its rings fit an H200 SM's shared memory (227 KB a program), and its
+    12 warps' registers its register file (64K) with no spill."""
+    shared, regs, spills, threads = compiled[f"ss-{n}x{k}-{x_dtype}"]
+    assert shared <= 227 * 1024 and regs * threads <= 65536 and spills == 0
 
 
 if __name__ == "__main__":
