@@ -212,13 +212,13 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 def ss_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """M >= 65: nf4_ss_kernel (both wgmma operands in shared memory, a lookup warpgroup beside the MMA ones): 128 or
     256 rows of x (128 below 512 rows only: at M = 512 it lost 1.5x to 256 on every shape, H200, thirty-fourth
-    session) by 64 or 128 weight rows, 1 and 2x the fewest K slices that give every SM a program (one program per
-    SM: its rings take ~170-210 KB); against the recorded config."""
+    session) by 64 or 128 weight rows, 0.5, 1 and 2x the fewest K slices that give every SM a program (one program
+    per SM: its rings take ~170-210 KB); against the recorded config."""
     out = [rec]
-    for bm, warps, more in itertools.product((128, 256), (4, 8), (1, 2)):
+    for bm, warps, more in itertools.product((128, 256), (4, 8), (0.5, 1, 2)):
         if bm > 2 * max(m, 64) or (bm == 128 and m >= 512):
             continue
-        split = min(more * split_for_sms(-(-m // bm) * -(-n // (16 * warps)), k), max(k // 512, 1))
+        split = min(max(int(more * split_for_sms(-(-m // bm) * -(-n // (16 * warps)), k)), 1), max(k // 512, 1))
         out.append(Nf4Config(bm, 16 * warps, split, warps, scale=SCALE_VALUES, lookup=LOOKUP_PRMT, ss=True))
     return list(dict.fromkeys(out))
 

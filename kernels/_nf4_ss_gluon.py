@@ -158,12 +158,12 @@ def _store(acc, bias_ptr, y_ptr, part_ptr, M, N, m0, n0, pid_k, stride_ym, HAS_B
 
 
 @gluon.jit
-def nf4_ss_kernel(x_desc, c_desc, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, M, N, NUM_G, stride_an,
+def nf4_ss_kernel(x_desc, c_desc, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, M, N, N_BASE, NUM_G, stride_an,
                   stride_ym, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, ITERS: gl.constexpr, PDL: gl.constexpr,
                   CS: gl.constexpr, WS: gl.constexpr, XS: gl.constexpr, LOOKUP_REGS: gl.constexpr,
                   CAST: gl.constexpr):
     """y [M, N] (or its K slices' fp32 sums in part) = x [M, K] @ dequant(W).T (module docstring). A program
-    covers BLOCK_N = 16 * num_warps weight rows, BLOCK_M rows of x (x_desc's block) and one K slice."""
+    covers BLOCK_N = 16 * num_warps weight rows from N_BASE on, BLOCK_M rows of x (x_desc's block) and one K slice."""
     WARPS: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = 16 * WARPS
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -175,7 +175,7 @@ def nf4_ss_kernel(x_desc, c_desc, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [gl.zeros([1], gl.int32, one)],
                                   dtype=gl.int32, is_pure=False, pack=1)
     m0 = gl.program_id(0) * BLOCK_M  # x's row tiles vary fastest: programs on the same weight rows run together
-    n0 = gl.program_id(1) * BLOCK_N
+    n0 = N_BASE + gl.program_id(1) * BLOCK_N
     pid_k = gl.program_id(2)
     c_s = gl.allocate_shared_memory(gl.uint8, [CS, BLOCK_N, 64], c_desc.layout)
     x_s = gl.allocate_shared_memory(V_DTYPE, [XS, BLOCK_M, 64], x_desc.layout)
@@ -214,31 +214,47 @@ def ss_fit(x: torch.Tensor, codes: torch.Tensor) -> bool:
 # at 256x128 (one program per SM). On the H200 (thirty-fourth session) 2, 8, 4 and 4, 8, 4 at 256x64 were within the
 # run-to-run spread of it (gate/up 231-252 us at M = 512); 256x128 cannot hold 8 weight stages.
 SS_RINGS = (2, 4, 4)
-# The lookup warpgroup's registers, and the kernel's cap: with 8 MMA warps the program has 12 (384 threads, at most
-# 168 registers a thread at launch); the MMA warpgroups' 64x256 fp32 accumulator needs ~154 (ptxas: a 16-warp program
-# capped at 128 cannot compile its wgmma).
-SS_REGS = (120, 168)
+# The lookup warpgroup's registers, and the kernel's cap by MMA warps: with 8 the program has 12 (384 threads, at most
+# 168 registers a thread at launch), with 4 it has 8 (240); the MMA warpgroups' 64x256 fp32 accumulator needs ~154
+# (ptxas: a 16-warp program capped at 128 cannot compile its wgmma). At 120 the lookup's loop spilled 4 registers
+# (sm_90 SASS); at 128 none. The 4-warp program capped at 168 spilled 16-80 bytes.
+SS_REGS = (128, {8: 168, 4: 240})
 
 
 def launch_ss(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor,
               bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor | None:
     """nf4_ss_kernel writing y, or (split K) its fp32 sums [split, M, N], returned for the reduce or a finish
-    hook (hotlora.kernels.nf4: the layout of codes and absmax; lut: prmt_table_words of x's dtype)."""
-    m, _ = x.shape
-    n, split = codes.shape[0], cfg.split_k
-    groups = codes.shape[1] // 64
-    block_n = 16 * cfg.warps
+    hook (hotlora.kernels.nf4: the layout of codes and absmax; lut: prmt_table_words of x's dtype).
+
+    One program per SM at a time: a grid of 1.4 waves takes two waves' time. With 128 weight rows a program and one
+    slice, a last wave at most half full goes to a second launch of 64-row programs (one MMA warpgroup each, ~0.6
+    of the time) over the output columns the full waves leave (HOTLORA_NF4_SS_TAIL=0: one launch)."""
+    m, n, split = x.shape[0], codes.shape[0], cfg.split_k
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    rows, cols = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    full = rows * cols // sms * sms // rows  # the column tiles the full waves cover
+    tail = (split == 1 and cfg.warps == 8 and full and 0 < rows * (cols - full) <= sms // 2
+            and os.environ.get("HOTLORA_NF4_SS_TAIL") != "0")
+    _launch_part(x, codes, absmax, lut, bias, y, part, cfg.block_m, cfg.warps, 0, full if tail else cols, split)
+    if tail:
+        n0 = full * cfg.block_n
+        _launch_part(x, codes, absmax, lut, bias, y, part, cfg.block_m, 4, n0, triton.cdiv(n - n0, 64), 1)
+    return part if split > 1 else None
+
+
+def _launch_part(x, codes, absmax, lut, bias, y, part, block_m: int, warps: int, n_base: int, cols: int,
+                 split: int) -> None:
+    """nf4_ss_kernel over `cols` tiles of 16 * warps weight rows from n_base on."""
+    m, groups, block_n = x.shape[0], codes.shape[1] // 64, 16 * warps
     el = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, 64], gl.NVMMASharedLayout.get_default_for(
-        [cfg.block_m, 64], el))
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, 64], gl.NVMMASharedLayout.get_default_for([block_m, 64], el))
     c_desc = TensorDescriptor.from_tensor(codes, [block_n, 64], gl.NVMMASharedLayout.get_default_for(
         [block_n, 64], gl.uint8))
-    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     cs, ws, xs = (int(v) for v in os.environ.get("HOTLORA_NF4_SS_RINGS", ",".join(map(str, SS_RINGS))).split(","))
-    nf4_ss_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, block_n), split)](
-        x_desc, c_desc, absmax, lut, bias if bias is not None else y, y, part, m, n, groups, absmax.stride(0),
-        y.stride(0), HAS_BIAS=bias is not None, SPLIT_K=split, ITERS=triton.cdiv(groups, split), CS=cs, WS=ws,
-        XS=xs, LOOKUP_REGS=SS_REGS[0], CAST=os.environ.get("HOTLORA_NF4_SS_CAST") == "1", num_warps=cfg.warps,
-        maxnreg=SS_REGS[1], **pdl_args(x),
+    nf4_ss_kernel[(triton.cdiv(m, block_m), cols, split)](
+        x_desc, c_desc, absmax, lut, bias if bias is not None else y, y, part, m, codes.shape[0], n_base, groups,
+        absmax.stride(0), y.stride(0), HAS_BIAS=bias is not None, SPLIT_K=split, ITERS=triton.cdiv(groups, split),
+        CS=cs, WS=ws, XS=xs, LOOKUP_REGS=SS_REGS[0], CAST=os.environ.get("HOTLORA_NF4_SS_CAST") == "1",
+        num_warps=warps, maxnreg=SS_REGS[1][warps], **pdl_args(x),
     )
-    return part if split > 1 else None
