@@ -262,14 +262,16 @@ def regs_config(m: int, n: int, k: int) -> Nf4Config | None:
 
 
 # nf4_ss_kernel (both wgmma operands in shared memory; a lookup warpgroup fills a bf16 weight ring beside two MMA
-# warpgroups, Hopper) for large weights at SS_MIN_M-SS_MAX_M rows, in place of the 256x128 tl.dot tile: 256 rows of x
-# by 128 weight rows, the fewest K slices that give every SM a program. Swept on the H200 (bench/nf4_ss.py,
-# thirty-fourth session, us, two calls; tl.dot tile -> this; cuBLAS bf16 in brackets): M = 512 gate/up 260.0-262.1
-# -> 236.4-238.1 (176-180), down 130.5-134.7 -> 126.5-127.4 (88-92). Its skeleton alone (the lookup replaced by a
-# cast) ran gate/up in 220.8: 1.23x cuBLAS. q/k/v and o lost to dense + cuBLAS (65.1 against 59.6, 46.1 against
-# 42.4), and at M = 2048 every shape did (gate/up 871 against 768, down 427 against 389, q/k/v 194 against 172).
+# warpgroups, Hopper) for large weights at SS_MIN_M-SS_MAX_M rows, in place of the 256x128 tl.dot tile (385-512) and
+# of dense + cuBLAS (384): 256 rows of x by 128 weight rows, the fewest K slices that make 90% of a wave (a grid of
+# 1.4 waves takes 2 waves' time: launch_ss sends a last wave at most half full to 64-row programs). Swept on the H200
+# (bench/nf4_ss.py and nf4_gemm.py, thirty-fourth session, us; before -> this, cuBLAS bf16 in brackets): M = 512
+# gate/up 262-263 -> 203-224 (175-182), down 130-133 -> 110-112 (89-90, 2 slices; 4 took 124-127); M = 384 gate/up
+# 244 -> 218 (140), down 130 -> 105 (73). At 288-320 rows gate/up lost to dense + cuBLAS (273 and 256 against 219 and
+# 224; down still won, 106-114 against 117), so it starts at 384. q/k/v and o lost to dense + cuBLAS at 512 (65.1
+# against 59.6, 46.1 against 42.4), and at M = 2048 every shape did (gate/up 871 against 768, down 427 against 389).
 # HOTLORA_NF4_SS=0 / 1 overrides SERVE_SS.
-SS_MIN_M, SS_MAX_M = 385, 512
+SS_MIN_M, SS_MAX_M = 384, 512
 SERVE_SS = True
 
 
@@ -283,8 +285,8 @@ def ss_config(m: int, n: int, k: int) -> Nf4Config | None:
     else None."""
     if not SS_MIN_M <= m <= SS_MAX_M or n * k < LARGE_WEIGHT or not ss_served():
         return None
-    return Nf4Config(256, 128, split_for_sms(triton.cdiv(m, 256) * triton.cdiv(n, 128), k), warps=8,
-                     scale=SCALE_VALUES, lookup=LOOKUP_PRMT, ss=True)
+    split = _fewest_splits(triton.cdiv(m, 256) * triton.cdiv(n, 128), _SMS * 9 // 10, k // 128)
+    return Nf4Config(256, 128, split, warps=8, scale=SCALE_VALUES, lookup=LOOKUP_PRMT, ss=True)
 
 
 def split_for_sms(tiles: int, k: int) -> int:

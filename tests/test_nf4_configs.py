@@ -156,21 +156,21 @@ def test_regs_configs_refuse_what_the_kernel_cannot_run():
 
 
 
-def test_ss_kernel_serves_large_weights_at_385_to_512_rows(monkeypatch):
+def test_ss_kernel_serves_large_weights_at_384_to_512_rows(monkeypatch):
     """ss_config: nf4_ss_kernel for gate/up and down (N * K >= LARGE_WEIGHT) at SS_MIN_M-SS_MAX_M rows, 256x128 tiles
-    over 8 warps with the fewest K slices that give every SM a program (gate/up 1, down 4, as swept); not for q/k/v or
-    o, nor outside the rows; HOTLORA_NF4_SS=0 turns it off, and pick_config never returns it (the fallback where the
+    over 8 warps with the fewest K slices that make 90% of a wave (gate/up 1, down 2, as swept); not for q/k/v or o,
+    nor outside the rows; HOTLORA_NF4_SS=0 turns it off, and pick_config never returns it (the fallback where the
     kernel cannot run: not Hopper, fp32 x)."""
     monkeypatch.delenv("HOTLORA_NF4_SS", raising=False)
     splits = {name: configs_mod.ss_config(512, sum(w), k) for name, (k, w) in LLAMA.items()}
     assert splits["qkv"] is None and splits["o"] is None
-    assert (splits["gate_up"].split_k, splits["down"].split_k) == (1, 4)
+    assert (splits["gate_up"].split_k, splits["down"].split_k) == (1, 2)
     assert all(c.ss and (c.block_m, c.block_n, c.warps) == (256, 128, 8) for c in (splits["gate_up"], splits["down"]))
     k, widths = LLAMA["gate_up"]
     for m in (configs_mod.SS_MIN_M - 1, configs_mod.SS_MAX_M + 1, 64):
         assert configs_mod.ss_config(m, sum(widths), k) is None
     assert configs_mod.ss_config(configs_mod.SS_MIN_M, sum(widths), k).ss
-    assert not any(pick_config(m, sum(widths), k).ss for m in (385, 512))
+    assert not any(pick_config(m, sum(widths), k).ss for m in (384, 512))
     monkeypatch.setenv("HOTLORA_NF4_SS", "0")
     assert configs_mod.ss_config(512, sum(widths), k) is None
 
