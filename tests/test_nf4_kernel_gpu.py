@@ -269,9 +269,10 @@ _SS_CONFIGS = [Nf4Config(bm, 16 * warps, split, warps, scale=SCALE_VALUES, looku
 def test_gpu_ss_kernel(shape, dtype):
     """nf4_ss_kernel (both wgmma operands in shared memory, the weights looked up by a warpgroup of their own) at
     M = 33-600 (tiles past M, x's rows past the last tile), 64-256-row tiles by 64 and 128 weight rows, 1-4 K slices
-    (3: uneven, the last slice shorter), with bias: within the tolerance of the fp32 reference, and equal to the
-    tl.dot kernel with the same rounding (SCALE_VALUES) but for fp32 summation order (a wrong k or row would be off
-    by ~100%)."""
+    (3: uneven, the last slice shorter), with bias (q/k/v at M = 600 over 256x128 tiles: 144 programs, whose last 12
+    go to launch_ss's second launch of 64-row programs): within the tolerance of the fp32 reference, and equal to
+    the tl.dot kernel with the same rounding (SCALE_VALUES) but for fp32 summation order (a wrong k or row would be
+    off by ~100%)."""
     k, widths = (576, (1536, 192)) if shape == "ragged" else LLAMA[shape]  # K = 4.5 groups, N not a tile multiple
     n = sum(widths)
     members = quantize(widths, k, dtype, "cuda")
