@@ -235,19 +235,27 @@ def test_gpu_regs_kernel(shape, dtype):
     slices (odd counts leave some slices a partial step), with bias: within the tolerance of the fp32 reference,
     and equal to the tl.dot kernel's SCALE_PARTIALS result but for fp32 summation order (a wrong k or row in an
     operand would be off by ~100%)."""
-    k, widths = (576, (1536, 192)) if shape == "ragged" else LLAMA[shape]  # K = 4.5 groups, N not a tile multiple
+    _matches_reference_and_dot(shape, dtype, (1, 3, 8, 13, 16, 32), _regs_configs,
+                               lambda m: Nf4Config(16 if m <= 16 else 32, 64, lookup=LOOKUP_PRMT))
+
+
+def _matches_reference_and_dot(shape: str, dtype: torch.dtype, ms: tuple[int, ...], configs, dot) -> None:
+    """For each M in ms, nf4_matmul with bias under every config in configs(m, n): within the tolerance of the fp32
+    reference, and within 1e-3 of the tl.dot kernel under dot(m) (same rounding, another fp32 summation order). The
+    "ragged" shape has K = 4.5 groups and N not a tile multiple."""
+    k, widths = (576, (1536, 192)) if shape == "ragged" else LLAMA[shape]
     n = sum(widths)
     members = quantize(widths, k, dtype, "cuda")
     w = packed_group(members)
     bias = torch.randn(n, dtype=dtype, device="cuda")
-    for m in (1, 3, 8, 13, 16, 32):
+    for m in ms:
         x = torch.randn(m, k, dtype=dtype, device="cuda")
         ref = reference(x, members, bias)
-        dot = nf4_matmul(x, w, bias, config=Nf4Config(16 if m <= 16 else 32, 64, lookup=LOOKUP_PRMT)).float()
-        for cfg in _regs_configs(m, n):
+        want = nf4_matmul(x, w, bias, config=dot(m)).float()
+        for cfg in configs(m, n):
             y = nf4_matmul(x, w, bias, config=cfg)
             assert rel_err(y, ref) < TOLERANCE[dtype], (m, cfg)
-            assert rel_err(y, dot) < 1e-3, (m, cfg)
+            assert rel_err(y, want) < 1e-3, (m, cfg)
 
 
 def test_gpu_regs_kernel_graph_capture_and_replay():
@@ -273,19 +281,8 @@ def test_gpu_ss_kernel(shape, dtype):
     go to launch_ss's second launch of 64-row programs): within the tolerance of the fp32 reference, and equal to
     the tl.dot kernel with the same rounding (SCALE_VALUES) but for fp32 summation order (a wrong k or row would be
     off by ~100%)."""
-    k, widths = (576, (1536, 192)) if shape == "ragged" else LLAMA[shape]  # K = 4.5 groups, N not a tile multiple
-    n = sum(widths)
-    members = quantize(widths, k, dtype, "cuda")
-    w = packed_group(members)
-    bias = torch.randn(n, dtype=dtype, device="cuda")
-    for m in (33, 100, 256, 600):
-        x = torch.randn(m, k, dtype=dtype, device="cuda")
-        ref = reference(x, members, bias)
-        dot = nf4_matmul(x, w, bias, config=Nf4Config(64, 64, scale=SCALE_VALUES, lookup=LOOKUP_PRMT)).float()
-        for cfg in _SS_CONFIGS:
-            y = nf4_matmul(x, w, bias, config=cfg)
-            assert rel_err(y, ref) < TOLERANCE[dtype], (m, cfg)
-            assert rel_err(y, dot) < 1e-3, (m, cfg)
+    _matches_reference_and_dot(shape, dtype, (33, 100, 256, 600), lambda m, n: _SS_CONFIGS,
+                               lambda m: Nf4Config(64, 64, scale=SCALE_VALUES, lookup=LOOKUP_PRMT))
 
 
 def test_gpu_ss_kernel_graph_capture_and_replay():
