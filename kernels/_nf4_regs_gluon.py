@@ -54,6 +54,36 @@ def _lookup(raw, tab, V_DTYPE: gl.constexpr):
 
 
 @gluon.jit
+def _thread_ids(WARPS: gl.constexpr):
+    """Each thread's %tid.x, as a [1] tensor held by all 32 * WARPS threads."""
+    return gl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [gl.zeros([1], gl.int32, gl.BlockedLayout(
+        [1], [32], [WARPS], [0]))], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _pdl_chain(tid):
+    """Wait for the kernel before this one (hotlora.kernels._launch), then let the next be scheduled (tid: any
+    per-thread value, _thread_ids')."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0 $1", "=r,r", [tid], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [tid], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _store_tile(acc, rn, rmask, om, M, N, pid_k, stride_ym, bias_ptr, y_ptr, part_ptr, HAS_BIAS: gl.constexpr,
+                SPLIT_K: gl.constexpr):
+    """A program's sums acc [BLOCK_N, BLOCK_M] (weight rows rn, valid where rmask; x rows om) as y[om, rn] (+ bias),
+    or as K slice pid_k of part [SPLIT_K, M, N] (fp32)."""
+    mask = rmask[:, None] & (om[None, :] < M)
+    if SPLIT_K > 1:
+        gl.store(part_ptr + (pid_k * M + om[None, :]) * N + rn[:, None], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc = acc + gl.load(bias_ptr + rn, mask=rmask, other=0.0).to(gl.float32)[:, None]
+        gl.store(y_ptr + om[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
 def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr):
     """acc + the group's two 64-blocks' MMAs, each scaled by its absmax."""
     raw, x_hi, x_lo, s_hi, s_lo = group
@@ -137,13 +167,9 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     row_l: gl.constexpr = gl.SliceLayout(1, mma)
     col_l: gl.constexpr = gl.SliceLayout(0, mma)
 
-    tid = gl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [gl.zeros([1], gl.int32, gl.BlockedLayout(
-        [1], [32], [WARPS], [0]))], dtype=gl.int32, is_pure=True, pack=1)
-    if PDL:  # wait for the kernel before this one (hotlora.kernels._launch), then let the next be scheduled
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0 $1", "=r,r", [tid], dtype=gl.int32, is_pure=False,
-                                  pack=1)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [tid], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+    tid = _thread_ids(WARPS)
+    if PDL:
+        _pdl_chain(tid)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     tab = _table_words(lut_ptr, tid)
@@ -157,21 +183,20 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     acc = _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
                      stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES)
 
-    om = gl.arange(0, BLOCK_M, layout=col_l)
-    mask = s_mask[:, None] & (om[None, :] < M)
-    if SPLIT_K > 1:
-        gl.store(part_ptr + (pid_k * M + om[None, :]) * N + srows[:, None], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc = acc + gl.load(bias_ptr + srows, mask=s_mask, other=0.0).to(gl.float32)[:, None]
-        gl.store(y_ptr + om[None, :] * stride_ym + srows[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(acc, srows, s_mask, gl.arange(0, BLOCK_M, layout=col_l), M, N, pid_k, stride_ym, bias_ptr, y_ptr,
+                part_ptr, HAS_BIAS, SPLIT_K)
+
+
+def rows_aligned(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    """CUDA, 16-bit x, and 16-byte aligned rows of x and of the codes (what the Gluon kernels' cp.async and TMA
+    copies need)."""
+    return (x.is_cuda and x.dtype != torch.float32 and x.data_ptr() % 16 == 0 and x.stride(0) % 8 == 0
+            and codes.data_ptr() % 16 == 0 and codes.stride(0) % 16 == 0)
 
 
 def regs_fit(x: torch.Tensor, codes: torch.Tensor, cfg: Nf4Config) -> bool:
-    """Whether nf4_regs_kernel takes x @ the weight of `codes` under `cfg`: CUDA, 16-bit x, M <= block_m, and (for
-    its cp.async copies) 16-byte aligned rows of x and of the codes."""
-    return (x.is_cuda and x.dtype != torch.float32 and x.shape[0] <= cfg.block_m and x.data_ptr() % 16 == 0
-            and x.stride(0) % 8 == 0 and codes.data_ptr() % 16 == 0 and codes.stride(0) % 16 == 0)
+    """Whether nf4_regs_kernel takes x @ the weight of `codes` under `cfg`: M <= block_m, rows_aligned."""
+    return x.shape[0] <= cfg.block_m and rows_aligned(x, codes)
 
 
 def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor,

@@ -34,7 +34,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._launch import pdl_args
 from ._nf4_configs import Nf4Config
-from ._nf4_regs_gluon import _lookup, _table_words
+from ._nf4_regs_gluon import _lookup, _pdl_chain, _store_tile, _table_words, _thread_ids, rows_aligned
 
 
 @gluon.jit
@@ -55,9 +55,7 @@ def _lookup_ws(c_desc, c_s, w_s, c_ready, w_ready, w_empty, absmax_ptr, lut_ptr,
     V_DTYPE: gl.constexpr = w_s.dtype
     LW: gl.constexpr = gl.num_warps()
     raw_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [LW, 1], [1, 0])
-    tid = gl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [gl.zeros([1], gl.int32, gl.BlockedLayout(
-        [1], [32], [LW], [0]))], dtype=gl.int32, is_pure=True, pack=1)
-    tab = _table_words(lut_ptr, tid)
+    tab = _table_words(lut_ptr, _thread_ids(LW))
     rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, raw_l))
     s_ptrs = absmax_ptr + rows * stride_an
     s_mask = rows < N
@@ -145,16 +143,10 @@ def _store(acc, bias_ptr, y_ptr, part_ptr, M, N, m0, n0, pid_k, stride_ym, HAS_B
     BLOCK_N: gl.constexpr = acc.shape[0]
     BLOCK_M: gl.constexpr = acc.shape[1]
     out_l: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, gl.num_warps()], [0, 1])
-    out = gl.convert_layout(acc, out_l)
     rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
     om = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, out_l))
-    mask = (rn[:, None] < N) & (om[None, :] < M)
-    if SPLIT_K > 1:
-        gl.store(part_ptr + (pid_k * M + om[None, :]) * N + rn[:, None], out, mask=mask)
-    else:
-        if HAS_BIAS:
-            out = out + gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[:, None]
-        gl.store(y_ptr + om[None, :] * stride_ym + rn[:, None], out.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(gl.convert_layout(acc, out_l), rn, rn < N, om, M, N, pid_k, stride_ym, bias_ptr, y_ptr, part_ptr,
+                HAS_BIAS, SPLIT_K)
 
 
 @gluon.jit
@@ -168,12 +160,8 @@ def nf4_ss_kernel(x_desc, c_desc, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     BLOCK_N: gl.constexpr = 16 * WARPS
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     V_DTYPE: gl.constexpr = x_desc.dtype
-    one: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    if PDL:  # wait for the kernel before this one (hotlora.kernels._launch), then let the next be scheduled
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0 $1", "=r,r", [gl.zeros([1], gl.int32, one)],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [gl.zeros([1], gl.int32, one)],
-                                  dtype=gl.int32, is_pure=False, pack=1)
+    if PDL:
+        _pdl_chain(gl.zeros([1], gl.int32, gl.BlockedLayout([1], [32], [WARPS], [0])))
     m0 = gl.program_id(0) * BLOCK_M  # x's row tiles vary fastest: programs on the same weight rows run together
     n0 = N_BASE + gl.program_id(1) * BLOCK_N
     pid_k = gl.program_id(2)
@@ -203,11 +191,9 @@ def nf4_ss_kernel(x_desc, c_desc, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
 
 
 def ss_fit(x: torch.Tensor, codes: torch.Tensor) -> bool:
-    """Whether nf4_ss_kernel takes x @ the weight of `codes`: Hopper (sm_90), 16-bit x, and 16-byte aligned rows
-    of x and of the codes (TMA descriptors)."""
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and x.dtype != torch.float32
-            and x.data_ptr() % 16 == 0 and x.stride(0) * 2 % 16 == 0 and codes.data_ptr() % 16 == 0
-            and codes.stride(0) % 16 == 0)
+    """Whether nf4_ss_kernel takes x @ the weight of `codes`: rows_aligned (for its TMA descriptors), on Hopper
+    (sm_90)."""
+    return rows_aligned(x, codes) and torch.cuda.get_device_capability(x.device)[0] == 9
 
 
 # Code, weight and x ring stages (CS, WS, XS; HOTLORA_NF4_SS_RINGS="cs,ws,xs" for bench/nf4_ss.py): 2, 4, 4 take 208 KB
