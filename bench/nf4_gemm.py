@@ -107,11 +107,16 @@ def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool
                 bnb.matmul_4bit(xs[i], p, quant_state=s)
 
         row["bnb_us"] = graph_time_us(bnb_call, case.count)
-        xd = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.dense_count)]
-        row["cublas_us"] = graph_time_us(lambda i: torch.matmul(xd[i], case.dense[i].T), case.dense_count)
+        row["cublas_us"] = cublas_us(case, m)
         row["floor_us"] = same_bytes_copy_us(case.floor_bytes(m))
         row["rel_err"] = check(case, m)
     return row
+
+
+def cublas_us(case: Case, m: int) -> float:
+    """bf16 cuBLAS x [m, K] @ W.T over the case's rotating dense weights of the same shape."""
+    xd = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.dense_count)]
+    return graph_time_us(lambda i: torch.matmul(xd[i], case.dense[i].T), case.dense_count)
 
 
 def label(cfg: Nf4Config) -> str:

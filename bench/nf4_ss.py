@@ -16,21 +16,14 @@ import argparse
 import os
 
 import torch
-from graph_timing import graph_time_us
-from nf4_gemm import DT, SHAPES, Case, check
+from nf4_gemm import SHAPES, Case, bench_m, check, cublas_us
 from nf4_sweep_configs import ss_configs
 
-from hotlora.kernels.nf4 import nf4_matmul, pick_config
-
-
-def cublas_us(case: Case, m: int) -> float:
-    xd = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.dense_count)]
-    return graph_time_us(lambda i: torch.matmul(xd[i], case.dense[i].T), case.dense_count)
+from hotlora.kernels.nf4 import pick_config
 
 
 def timed(case: Case, m: int, cfg) -> float:
-    xs = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.count)]
-    return graph_time_us(lambda i: nf4_matmul(xs[i], case.packed[i], config=cfg), case.count, rep=50)
+    return bench_m(case, m, cfg, baselines=False, rep=50)["nf4_us"]
 
 
 def main() -> None:
