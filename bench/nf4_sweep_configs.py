@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
-from hotlora.kernels._nf4_configs import _SMS, _fewest_splits
 from hotlora.kernels.nf4 import (
     LOOKUP_PRMT,
     LOOKUP_PRMT_IMM,
@@ -191,21 +190,19 @@ def mid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 
 
 def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """M <= 32: nf4_regs_kernel (the looked-up weights as mma.sync's register operand) over 4 warps, 1 or 2 16-row
-    tiles a warp, 3-group cp.async rings, 1-8x the fewest K slices that give 2 programs per SM (at least 4 groups a
-    slice), with and without a 72-register cap (7 programs per SM; a 64 cap spilled and lost); against the recorded
-    config (at M = 1 also the one with no LoRA shrink beside it) and nf4_matmul's served config (regs_config, where
-    M is in its bucket)."""
+    """M <= 32: nf4_regs_kernel (the looked-up weights as mma.sync's register operand) over 4 warps at its served
+    tile and K slices: 2-4-group cp.async rings, with no register cap and with a cap of 72 (7 programs per SM);
+    against the recorded config (at M = 1 also the one with no LoRA shrink beside it) and nf4_matmul's
+    served config (regs_config, where M is in its bucket). (The thirty-second session's sweep of 128-row tiles and
+    more K slices lost everywhere.)"""
     served = regs_config(m, n, k)
     out = [rec, *([pick_config(m, n, k, gemv=False, alone=True)] if m == 1 else []), *([served] if served else [])]
     if m > 32:
         return out
     bm = max(8, 1 << (m - 1).bit_length())
-    for bn, more, cap in itertools.product((64, 128), (1, 2, 4, 8), (None, 72)):
-        split = more * _fewest_splits(-(-n // bn), 2 * _SMS, k // 128)
-        if split > k // 512:  # at least four groups a slice
-            continue
-        out.append(Nf4Config(bm, bn, split, 4, 3, regs=True, lookup=LOOKUP_PRMT, maxnreg=cap))
+    split = (served or regs_config(1, n, k) or rec).split_k
+    for stages, cap in itertools.product((2, 3, 4), (None, 72)):
+        out.append(Nf4Config(bm, 64, split, 4, stages, regs=True, lookup=LOOKUP_PRMT, maxnreg=cap))
     return list(dict.fromkeys(out))
 
 
@@ -234,7 +231,7 @@ VARIANTS = {
     "tails": (tail_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "split_k", "dense")),
     "mid": (mid_configs, ("block_m", "tail_m", "block_n", "stages", "split_k", "x_tma", "dense")),
     "x-tma": (x_tma_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "x_tma", "split_k", "dense")),
-    "regs": (regs_configs, ("regs", "block_m", "block_n", "maxnreg", "split_k")),
+    "regs": (regs_configs, ("regs", "block_m", "stages", "maxnreg", "split_k")),
     "ss": (ss_configs, ("ss", "block_m", "block_n", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }

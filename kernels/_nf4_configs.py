@@ -56,10 +56,10 @@ class Nf4Config:
                              "in nf4_matmul_kernel, without prefetch")
 
         if self.regs and (self.block_m not in (8, 16, 32) or self.block_n % (16 * self.warps) or self.dense
-                          or self.block_m < 2 * self.warps or self.stages < 2
+                          or self.block_m < 2 * self.warps or not 2 <= self.stages <= 4
                           or self.gemv or self.swap_ab or self.tma or self.tail_m or self.scale != SCALE_PARTIALS):
             raise ValueError("a regs config has block_m 8, 16 or 32 (at least 2 * warps), block_n a multiple of 16 * "
-                             "warps, at least 2 stages, and scales the partial sums (no dense, gemv, swap_ab, tma, "
+                             "warps, 2-4 stages, and scales the partial sums (no dense, gemv, swap_ab, tma, "
                              "tail)")
         if self.ss and (self.block_m not in (64, 128, 256) or self.warps not in (4, 8)
                         or self.block_n != 16 * self.warps or self.scale != SCALE_VALUES or self.dense or self.gemv
@@ -240,6 +240,10 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
 # instructions than the tl.dot kernel's (4.69 against 5.33 per weight value, bench/nf4_sass.py), and both stay near
 # 2.2x their read pattern's time (bench/nf4_read.py: gate/up's codes stream in ~18.8 us read alone). Engine (Llama-3-8B
 # shape, decode tok/s): batch 4 986 -> 1,014-1,018, batch 8 1,909 -> 1,961-1,973, batch 1 259 -> 259-261.
+# Thirty-fifth session, the group steps unrolled (one CTA barrier a group, no masks on even shapes, 80 registers;
+# _nf4_regs_gluon): M = 1 / 4 / 8 q/k/v 11.7 / 12.1 / 12.1 -> 10.9 / 11.5 / 11.5, o 8.9 / 9.4 / 9.5 -> 8.4 / 9.0 / 9.0,
+# gate/up 39.8 / 39.4 / 39.6 -> 36.2 / 35.6 / 36.0, down 22.8 / 22.5 / 22.4 -> 20.3 / 21.0 / 21.2; 2- and 4-group
+# rings and register caps of 72-96 lost against the 3 served.
 # HOTLORA_NF4_REGS=0 / 1 overrides SERVE_REGS.
 MAX_REGS_M = 8
 SERVE_REGS = True

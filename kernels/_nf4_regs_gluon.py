@@ -6,18 +6,27 @@ top of the lookup. Here the layouts are explicit: each thread reads the code byt
 A operand needs (two 8-byte runs of two rows per 64-column half), the prmt lookup (_nf4_triton._prmt_asm) turns
 them into the operand's registers in place, and x's [64, BLOCK_M] halves are read in the B operand's layout. With
 k_width 8 a thread's run of 8 bytes is 8 consecutive k of the operand, so neither side is shuffled: the loop is
-~4.7 sm_90 instructions per weight value at M <= 8 against the tl.dot kernel's ~5.3 (bench/nf4_sass.py), with no shared
+~3.7 sm_90 instructions per weight value at M <= 8 against the tl.dot kernel's ~5.3 (bench/nf4_sass.py), with no shared
 memory between the lookup and the MMA.
 
 Computes y^T = W @ x^T: weight rows are the MMA's M (16 per warp and tile), x's rows its N (8 per instruction).
 Each 128-column group's two 64-blocks (high and low nibbles) go to separate MMAs, whose fp32 sums are scaled by
 their absmax and added up (SCALE_PARTIALS, the rounding of nf4_matmul_kernel at decode sizes). The code bytes and
-x travel by cp.async through STAGES-group shared-memory rings (one CTA barrier a group), the scales by plain loads
-one group ahead. K splits into SPLIT_K slices of ITERS groups; with more than one, each program stores its fp32 sums
-into part [SPLIT_K, M, N] for the reduce (or a LoRA finish hook).
+x travel by cp.async through STAGES-group shared-memory rings, the scales by plain loads one group ahead. K splits
+into SPLIT_K slices of ITERS groups; with more than one, each program stores its fp32 sums into part [SPLIT_K, M, N]
+for the reduce (or a LoRA finish hook).
+
+The group steps are unrolled (_pipelined): every stage index is static and every stage its own allocation, so one CTA
+barrier a group suffices (with one ring allocation indexed at run time, the barrier pass added a second before each
+copy); slices of at most UNROLL_ITERS groups (the served ones) are straight-line code, which ptxas fits in 80
+registers (6 programs per SM), against 104 for the same steps in a loop. Where the shape tiles evenly (EVEN) no
+copy or scale load carries a row or K mask: x's rows past M repeat its last row, whose products no store keeps.
+HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -94,57 +103,103 @@ def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V
 
 
 @gluon.jit
-def _issue(w_s, x_s, st, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g, g_end, K):
-    """cp.async group g's code bytes and x's [128, BLOCK_M] into stage st of the rings (zeros past N, M, K and
-    g_end)."""
-    async_copy.async_copy_global_to_shared(w_s.index(st), cw_ptrs + g * 64, mask=cw_rows & (g < g_end))
-    async_copy.async_copy_global_to_shared(x_s.index(st), cx_ptrs + g * 128,
-                                           mask=cx_rows & (cxk < K - g * 128) & (g < g_end))
+def _issue(w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g, g_end, K, EVEN: gl.constexpr):
+    """cp.async group g's code bytes and x's [128, BLOCK_M] into a stage of the rings (w_s, x_s) (zeros past N, M, K and
+    g_end; where EVEN, past g_end only: no row is past N and x's rows past M repeat its last)."""
+    async_copy.async_copy_global_to_shared(w_s, cw_ptrs + g * 64, mask=cw_rows & (g < g_end))
+    x_mask = cx_rows & (g < g_end) if EVEN else cx_rows & (cxk < K - g * 128) & (g < g_end)
+    async_copy.async_copy_global_to_shared(x_s, cx_ptrs + g * 128, mask=x_mask)
     async_copy.commit_group()
 
 
+UNROLL_ITERS = gl.constexpr(int(os.environ.get("HOTLORA_NF4_REGS_UNROLL", "16")))  # groups (module docstring)
+
+
 @gluon.jit
-def _scales(s_ptrs, s_mask, g, g_end):
+def _ring(dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr, STAGES: gl.constexpr):
+    """STAGES shared-memory buffers of `shape`, one allocation each, so that the barrier pass tells the stages
+    apart (it guards whole allocations)."""
+    gl.static_assert(STAGES >= 2 and STAGES <= 4, "the regs kernel's rings have 2-4 stages")
+    a = gl.allocate_shared_memory(dtype, shape, layout)
+    b = gl.allocate_shared_memory(dtype, shape, layout)
+    if STAGES == 2:  # constexpr branches: only the taken one allocates
+        ring = (a, b)
+    elif STAGES == 3:
+        ring = (a, b, gl.allocate_shared_memory(dtype, shape, layout))
+    else:
+        ring = (a, b, gl.allocate_shared_memory(dtype, shape, layout), gl.allocate_shared_memory(dtype, shape, layout))
+    return ring
+
+
+@gluon.jit
+def _scales(s_ptrs, s_mask, g, g_end, EVEN: gl.constexpr):
     """Group g's two 64-blocks' absmax [BLOCK_N] (zeros past N and g_end)."""
-    ok = s_mask & (g < g_end)
+    ok = (g < g_end) if EVEN else s_mask & (g < g_end)
     return gl.load(s_ptrs + 2 * g, mask=ok, other=0.0), gl.load(s_ptrs + (2 * g + 1), mask=ok, other=0.0)
+
+
+@gluon.jit
+def _step(acc, scales, rings, j: gl.constexpr, g, g_end, K, zero, tab, s_ptrs, s_mask, w_l: gl.constexpr,
+          x_l: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr, STAGES: gl.constexpr,
+          EVEN: gl.constexpr):
+    """One group g from ring stage j: wait for it, read it into the operand layouts, copy group g + STAGES - 1
+    into the stage read last step, load the next group's scales, and add this group's MMAs to acc."""
+    w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk = rings
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()  # every thread's copies of group g landed; every thread done with group g - 1's stage
+    raw = w_s[j].load(w_l)
+    x_hi = x_s[j].slice(0, 64, dim=0).load(x_l)
+    x_lo = x_s[j].slice(64, 64, dim=0).load(x_l)
+    s_hi, s_lo = scales
+    scales = _scales(s_ptrs, s_mask, g + 1, g_end, EVEN)
+    last: gl.constexpr = (j + STAGES - 1) % STAGES
+    _issue(w_s[last], x_s[last], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g + STAGES - 1, g_end, K, EVEN)
+    return _accumulate(acc, (raw, x_hi, x_lo, s_hi, s_lo), zero, tab, a_op, b_op, V_DTYPE), scales
 
 
 @gluon.jit
 def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
                w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
-               BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ITERS: gl.constexpr, STAGES: gl.constexpr):
+               BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ITERS: gl.constexpr, STAGES: gl.constexpr,
+               EVEN: gl.constexpr):
     """The K loop's fp32 sums [BLOCK_N, BLOCK_M], with the code bytes and x copied STAGES - 1 groups ahead
     (cp.async into shared-memory rings, one commit group per group), each group read back into the operand layouts
-    after a CTA barrier; the scales come by plain loads one group ahead."""
+    after a CTA barrier; the scales come by plain loads one group ahead. ITERS <= UNROLL_ITERS groups run as
+    straight-line steps, more as a loop unrolled by STAGES and the remainder after it (module docstring)."""
     WARPS: gl.constexpr = gl.num_warps()
     cw_l: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
     cx_l: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, WARPS], [0, 1])
-    w_s = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, 64], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    x_s = gl.allocate_shared_memory(V_DTYPE, [STAGES, 128, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]))
+    w_s = _ring(gl.uint8, [BLOCK_N, 64], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), STAGES)
+    x_s = _ring(V_DTYPE, [128, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), STAGES)
     rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, cw_l))
     cw_ptrs = w_ptr + rows[:, None] * stride_wn + gl.arange(0, 64, layout=gl.SliceLayout(0, cw_l))[None, :]
-    cw_rows = rows[:, None] < N
     cxk = gl.arange(0, 128, layout=gl.SliceLayout(1, cx_l))[:, None]
     xm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, cx_l))[None, :]
-    cx_ptrs = x_ptr + xm * stride_xm + cxk
-    cx_rows = xm < M
+    if EVEN:  # no mask but g_end's
+        cw_rows = gl.full([BLOCK_N, 64], True, gl.int1, cw_l)
+        cx_rows = gl.full([128, BLOCK_M], True, gl.int1, cx_l)
+        cx_ptrs = x_ptr + gl.minimum(xm, M - 1) * stride_xm + cxk
+    else:
+        cw_rows = rows[:, None] < N
+        cx_rows = xm < M
+        cx_ptrs = x_ptr + xm * stride_xm + cxk
     for j in gl.static_range(STAGES - 1):
-        _issue(w_s, x_s, j, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K)
-    s_hi, s_lo = _scales(s_ptrs, s_mask, g0, g_end)
+        _issue(w_s[j], x_s[j], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K, EVEN)
+    scales = _scales(s_ptrs, s_mask, g0, g_end, EVEN)
     acc = zero
-    for i in range(ITERS):
-        async_copy.wait_group(STAGES - 2)
-        gl.thread_barrier()  # every thread's copies of group i landed; every thread done with group i - 1's stage
-        st = i % STAGES
-        raw = w_s.index(st).load(w_l)
-        x_hi = x_s.index(st).slice(0, 64, dim=0).load(x_l)
-        x_lo = x_s.index(st).slice(64, 64, dim=0).load(x_l)
-        group = (raw, x_hi, x_lo, s_hi, s_lo)
-        s_hi, s_lo = _scales(s_ptrs, s_mask, g0 + i + 1, g_end)
-        _issue(w_s, x_s, (i + STAGES - 1) % STAGES, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + i + STAGES - 1,
-               g_end, K)
-        acc = _accumulate(acc, group, zero, tab, a_op, b_op, V_DTYPE)
+    rings = (w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk)
+    if ITERS <= UNROLL_ITERS:  # straight-line code: no loop for ptxas to pipeline across, fewer registers
+        for i in gl.static_range(ITERS):
+            acc, scales = _step(acc, scales, rings, i % STAGES, g0 + i, g_end, K, zero, tab, s_ptrs, s_mask, w_l,
+                                x_l, a_op, b_op, V_DTYPE, STAGES, EVEN)
+    else:
+        for i0 in range(0, ITERS - ITERS % STAGES, STAGES):
+            for j in gl.static_range(STAGES):
+                acc, scales = _step(acc, scales, rings, j, g0 + i0 + j, g_end, K, zero, tab, s_ptrs, s_mask, w_l,
+                                    x_l, a_op, b_op, V_DTYPE, STAGES, EVEN)
+        for j in gl.static_range(ITERS % STAGES):  # the last groups: ITERS is no multiple of STAGES
+            acc, scales = _step(acc, scales, rings, j, g0 + ITERS - ITERS % STAGES + j, g_end, K, zero, tab, s_ptrs,
+                                s_mask, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN)
     async_copy.wait_group(0)
     return acc
 
@@ -153,7 +208,7 @@ def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, 
 def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, M, N, K, NUM_G, stride_xm,
                     stride_wn, stride_an, stride_ym, HAS_BIAS: gl.constexpr, V_DTYPE: gl.constexpr,
                     BLOCK_M: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr, ITERS: gl.constexpr,
-                    PDL: gl.constexpr, STAGES: gl.constexpr):
+                    PDL: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr):
     """y [M, N] (or its K slices' fp32 sums in part) = x [M, K] @ dequant(W).T for M <= BLOCK_M (module docstring).
     A program covers BLOCK_N = 16 * TILES * num_warps weight rows and one K slice; x's rows and the codes' rows
     are 16-byte aligned (regs_fit)."""
@@ -181,7 +236,7 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     g0 = pid_k * ITERS
     acc = _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
-                     stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES)
+                     stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES, EVEN)
 
     _store_tile(acc, srows, s_mask, gl.arange(0, BLOCK_M, layout=col_l), M, N, pid_k, stride_ym, bias_ptr, y_ptr,
                 part_ptr, HAS_BIAS, SPLIT_K)
@@ -212,6 +267,7 @@ def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut:
         codes.stride(0), absmax.stride(0), y.stride(0), HAS_BIAS=bias is not None,
         V_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, BLOCK_M=cfg.block_m,
         TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=split, ITERS=triton.cdiv(groups, split), STAGES=cfg.stages,
+        EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128,
         num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}), **pdl_args(x),
     )
     return part if split > 1 else None

@@ -68,13 +68,13 @@ _LLAMA = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 _REGS_CASES = [(m, dtype) for m in (1, 8) for dtype in ("bf16", "fp16")]
 
 
-def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool) -> int:
-    """Compile nf4_regs_kernel as _nf4_regs_gluon.launch_regs launches regs_config(m, n, k); its shared memory in
-    bytes."""
+def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool) -> tuple[int, int]:
+    """Compile nf4_regs_kernel as _nf4_regs_gluon.launch_regs launches regs_config(m, n, k) (the Llama shapes tile
+    evenly); its shared memory in bytes and its registers a thread."""
     cfg = _nf4_configs.regs_config(m, n, k)
     consts = dict(HAS_BIAS=bias, V_DTYPE=tl.bfloat16 if x == "bf16" else tl.float16, BLOCK_M=cfg.block_m,
                   TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
-                  PDL=True, STAGES=cfg.stages)
+                  PDL=True, STAGES=cfg.stages, EVEN=True)
     pointers = {"x_ptr": f"*{x}", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": f"*{x}",
                 "y_ptr": f"*{x}", "part_ptr": "*fp32"}
     scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
@@ -85,7 +85,17 @@ def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool) -> int:
                          constexprs={(names.index(c),): v for c, v in consts.items()},
                          attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.warps})
-    return kernel.metadata.shared
+    return kernel.metadata.shared, _registers(kernel.asm["cubin"])
+
+
+def _registers(cubin: bytes) -> int:
+    """Registers a thread of the cubin's kernel (cuobjdump's resource usage)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 _SS_CASES = [(n, k, x, warps) for n, k in _LLAMA if n * k >= _nf4_configs.LARGE_WEIGHT for x in ("bf16", "fp16")
@@ -122,11 +132,9 @@ def compile_ss_sm90(n: int, k: int, x: str, warps: int) -> list[int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
                               check=True).stdout.splitlines()
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    regs = _registers(kernel.asm["cubin"])
     # spills in loops: local loads and stores between a label and a branch back to it (a span holding an EXIT is an
     # mbarrier wait's retry branch from past the end, no loop)
     labels = {m.group(1): i for i, line in enumerate(sass) if (m := re.match(r"(\.L_x_\d+):", line))}
@@ -159,9 +167,10 @@ def _compile_all() -> dict[str, str]:
                 out[f"{_label(cfg)}-{_NAME[dtype]}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for m, x in _REGS_CASES:
         try:  # every Llama shape (their K slices differ; split 1 takes the bias)
-            sizes = {compile_regs_sm90(m, n, k, x, bias=_nf4_configs.regs_config(m, n, k).split_k == 1)
-                     for n, k in _LLAMA}
-            out[_regs_label(m, x)] = sorted(sizes)
+            sizes = [compile_regs_sm90(m, n, k, x, bias=_nf4_configs.regs_config(m, n, k).split_k == 1)
+                     for n, k in _LLAMA]
+            out[_regs_label(m, x)] = sorted({shared for shared, _ in sizes})
+            out[_regs_label(m, x) + "-registers"] = max(regs for _, regs in sizes)
         except Exception as exc:
             out[_regs_label(m, x)] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for n, k, x, warps in _SS_CASES:
@@ -191,6 +200,8 @@ def test_regs_kernel_compiles_for_sm90_with_only_its_rings_in_shared_memory(comp
     cfg = _nf4_configs.regs_config(m, 4096, 4096)
     rings = cfg.stages * (cfg.block_n * 64 + 128 * cfg.block_m * 2)  # code bytes + x's 128 columns, per group
     assert compiled[_regs_label(m, x_dtype)] == [rings]
+    # six 4-warp programs an SM: the served slices are straight-line steps (unrolled; as a loop it took 104)
+    assert 6 * 32 * cfg.warps * compiled[_regs_label(m, x_dtype) + "-registers"] <= 65536
 
 
 @pytest.mark.parametrize(("n", "k", "x_dtype", "warps"), _SS_CASES)

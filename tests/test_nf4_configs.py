@@ -148,7 +148,7 @@ def test_regs_kernel_serves_decode_sizes_with_the_swept_slices(monkeypatch):
 
 
 def test_regs_configs_refuse_what_the_kernel_cannot_run():
-    for bad in (dict(block_m=4), dict(block_m=64), dict(block_n=48), dict(stages=1), dict(swap_ab=True),
+    for bad in (dict(block_m=4), dict(block_m=64), dict(block_n=48), dict(stages=1), dict(stages=5), dict(swap_ab=True),
                 dict(tma=True), dict(scale=SCALE_VALUES), dict(warps=8)):  # 8 warps need 16 x-rows (the x copies)
         with pytest.raises(ValueError):
             Nf4Config(**{"block_m": 8, "block_n": 64, "split_k": 2, "stages": 3, "regs": True, **bad})
