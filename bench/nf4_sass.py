@@ -7,7 +7,8 @@ spills, and the opcodes that dominate (hotlora.kernels._nf4_triton.nf4_matmul_ke
     python bench/nf4_sass.py --regs --m 1 8 16     # nf4_regs_kernel (Gluon) at regs_config, or 16-row x tiles
 
 Triton compiles the kernel as its JIT would for an H200 (the divisibility hints of 16-aligned pointers and sizes),
-with the ptxas, cuobjdump and nvdisasm its wheel ships. The loop is the longest backward branch of the SASS.
+with the ptxas, cuobjdump and nvdisasm its wheel ships. The loop is the longest backward branch of the SASS; the
+regs kernel's served slices have none (straight-line steps), so its cost a group is a difference (regs_report).
 Counts are a proxy: on the H200 the small-M kernel is bounded by instruction issue (ncu, BENCHMARKS.md), but
 fewer instructions have also measured slower (the unmasked path at M 17-64), so timings decide.
 """
@@ -97,6 +98,29 @@ def loop_report(cubin: bytes) -> dict:
             "loop": len(body), "opcodes": dict(opcodes.most_common(10)), "sass": "\n".join(body)}
 
 
+def regs_report(cfg: Nf4Config) -> dict:
+    """nf4_regs_kernel's cost a group step: its slices of up to _nf4_regs_gluon.UNROLL_ITERS groups are
+    straight-line code (no loop to measure), so the whole kernel at 16 groups less the same at 8, over 8; registers,
+    stack and the SASS are the 16-group kernel's."""
+    counts = []
+    for iters in (8, 16):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compile_regs_sm90(cfg, iters))
+            f.flush()
+            sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+            usage = subprocess.run([f"{BIN}/cuobjdump", "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+        body = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+        counts.append(collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line).group(1)
+                                          for line in body))
+    step = {op: (counts[1][op] - counts[0][op]) / 8 for op in counts[1]}
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "step": sum(step.values()),
+            "opcodes": dict(sorted(((op, n) for op, n in step.items() if n), key=lambda t: -t[1])[:10]),
+            "sass": "\n".join(body)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 32, 64, 128], help="M: picks the recorded config")
@@ -117,11 +141,14 @@ def main() -> None:
     for m in a.m if a.regs else ():
         cfg = regs_config(m, a.n, a.k) or Nf4Config(max(8, 1 << (m - 1).bit_length()), 64, 4, stages=3, regs=True,
                                                     lookup=LOOKUP_PRMT)
-        rep = loop_report(compile_regs_sm90(cfg))
-        values = cfg.block_n * 128 // (32 * cfg.warps)  # one group a loop step
+        rep = regs_report(cfg)
+        values = cfg.block_n * 128 // (32 * cfg.warps)  # one group a step
         print(f"M={m} regs: {cfg.block_m} x-rows, {cfg.block_n} weight rows over {cfg.warps} warps, {cfg.stages} "
-              f"stages: {rep['registers']} registers, {rep['stack']} B stack; loop {rep['loop']} instructions, "
-              f"{rep['loop'] / values:.2f} per weight value; {rep['opcodes']}", flush=True)
+              f"stages: {rep['registers']} registers, {rep['stack']} B stack; {rep['step']:.0f} instructions a group "
+              f"step, {rep['step'] / values:.2f} per weight value; {rep['opcodes']}", flush=True)
+        if a.dump:
+            with open(a.dump, "w") as fh:
+                fh.write(rep["sass"] + "\n")
     for m in () if a.regs else a.m:
         cfg = pick_config(m, a.n, a.k, gemv=False)
         if cfg.dense:
