@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import triton
 
-from ._nf4_triton import LOOKUP_PRMT, LOOKUP_PRMT_IMM, LOOKUP_TABLE
+from ._nf4_triton import LOOKUP_PRMT, LOOKUP_PRMT_IMM, LOOKUP_SMEM, LOOKUP_TABLE
 
 # Where nf4_matmul_kernel applies each 64-block's absmax: to the dot's partial sums (one fp32 multiply per output
 # element and group), to the looked-up code values in x's dtype (one multiply per weight value; the dot then
@@ -61,6 +61,8 @@ class Nf4Config:
             raise ValueError("a regs config has block_m 8, 16 or 32 (at least 2 * warps), block_n a multiple of 16 * "
                              "warps, 2-4 stages, and scales the partial sums (no dense, gemv, swap_ab, tma, "
                              "tail)")
+        if self.lookup == LOOKUP_SMEM and not self.regs:
+            raise ValueError("LOOKUP_SMEM (the pair table in shared memory) is nf4_regs_kernel's only")
         if self.ss and (self.block_m not in (64, 128, 256) or self.warps not in (4, 8)
                         or self.block_n != 16 * self.warps or self.scale != SCALE_VALUES or self.dense or self.gemv
                         or self.regs or self.swap_ab or self.tma or self.tail_m):

@@ -89,9 +89,11 @@ from ._nf4_triton import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
     LOOKUP_PRMT_IMM,
+    LOOKUP_SMEM,
     LOOKUP_TABLE,
     nf4_dequant_kernel,
     nf4_matmul_kernel,
+    pair_table_words,
     prmt_table_words,
 )
 from .reference import NF4_NIBBLE, NF4_NIBBLE_ORDER, nf4_dequantize_ref, nf4_matmul_ref
@@ -102,6 +104,7 @@ __all__ = [
     "LOOKUP_CAST",
     "LOOKUP_PRMT",
     "LOOKUP_PRMT_IMM",
+    "LOOKUP_SMEM",
     "LOOKUP_TABLE",
     "MAX_GEMV_M",
     "SCALE_EXACT",
@@ -148,9 +151,11 @@ def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 @functools.cache
 def _lookup_table(device: torch.device, dtype: torch.dtype, lookup: int) -> torch.Tensor:
-    """What the kernels' lut argument holds: the nibble values in `dtype`, or LOOKUP_PRMT's table words."""
-    if lookup == LOOKUP_PRMT:
-        return torch.tensor(prmt_table_words(dtype), dtype=torch.int32, device=device)
+    """What the kernels' lut argument holds: the nibble values in `dtype`, or LOOKUP_PRMT's or LOOKUP_SMEM's table
+    words."""
+    if lookup in (LOOKUP_PRMT, LOOKUP_SMEM):
+        words = prmt_table_words(dtype) if lookup == LOOKUP_PRMT else pair_table_words(dtype)
+        return torch.tensor(words, dtype=torch.int32, device=device)
     return _lut(device, dtype)
 
 
@@ -267,7 +272,8 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.gemv:
         part = _launch_gemv(x, w, bias, y, cfg)
     elif cfg.regs and regs_fit(x, w.codes, cfg):
-        part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
+        table = _lookup_table(x.device, x.dtype, LOOKUP_SMEM if cfg.lookup == LOOKUP_SMEM else LOOKUP_PRMT)
+        part = launch_regs(x, w.codes, w.absmax, table, bias, y, cfg)
     elif cfg.ss and ss_fit(x, w.codes):
         part = launch_ss(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     else:
