@@ -22,6 +22,12 @@ copy); slices of at most UNROLL_ITERS groups (the served ones) are straight-line
 registers (6 programs per SM), against 104 for the same steps in a loop. Where the shape tiles evenly (EVEN) no
 copy or scale load carries a row or K mask: x's rows past M repeat its last row, whose products no store keeps.
 HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only).
+
+The prmt lookup is ~2.5 ALU instructions a weight value, and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md,
+thirty-fifth session). LOOKUP_SMEM (bench and tests; not served until timed) reads each code byte's two values
+instead from a 256-word table in shared memory (_smem_table, _SMEM_ASM): one byte extract, one address IMAD (the
+FMA pipe) and one conflict-free LDS a byte, then two PRMT a pair of bytes, ~1 ALU instruction a value, for 32 KB of
+shared memory a program.
 """
 
 from __future__ import annotations
