@@ -245,7 +245,7 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
 # Thirty-fifth session, the group steps unrolled (one CTA barrier a group, no masks on even shapes, 80 registers;
 # _nf4_regs_gluon): M = 1 / 4 / 8 q/k/v 11.7 / 12.1 / 12.1 -> 10.9 / 11.5 / 11.5, o 8.9 / 9.4 / 9.5 -> 8.4 / 9.0 / 9.0,
 # gate/up 39.8 / 39.4 / 39.6 -> 36.2 / 35.6 / 36.0, down 22.8 / 22.5 / 22.4 -> 20.3 / 21.0 / 21.2; 2- and 4-group
-# rings and register caps of 72-96 lost against the 3 served.
+# rings and a 72-register cap lost against the served 3 groups and no cap.
 # HOTLORA_NF4_REGS=0 / 1 overrides SERVE_REGS.
 MAX_REGS_M = 8
 SERVE_REGS = True
