@@ -311,13 +311,18 @@ def regs_fit(x: torch.Tensor, codes: torch.Tensor, cfg: Nf4Config) -> bool:
     return x.shape[0] <= cfg.block_m and rows_aligned(x, codes)
 
 
+def regs_lookup(cfg: Nf4Config) -> int:
+    """The lookup nf4_regs_kernel runs under cfg: LOOKUP_SMEM where asked for, else the prmt one (whatever other
+    lookup the config names)."""
+    return _LOOKUP_SMEM if cfg.lookup == _LOOKUP_SMEM else _LOOKUP_PRMT
+
+
 def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor,
                 bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor | None:
     """nf4_regs_kernel writing y, or (split K) its fp32 sums [split, M, N], returned for the reduce or a finish
-    hook (hotlora.kernels.nf4: the layout of codes and absmax; lut: prmt_table_words of x's dtype, or
-    pair_table_words where cfg.lookup is LOOKUP_SMEM; any other lookup runs the prmt one)."""
+    hook (hotlora.kernels.nf4: the layout of codes and absmax; lut: the table words of regs_lookup(cfg) in x's
+    dtype)."""
     m, k = x.shape
-    lookup = _LOOKUP_SMEM if cfg.lookup == _LOOKUP_SMEM else _LOOKUP_PRMT
     n, split = codes.shape[0], cfg.split_k
     groups = codes.shape[1] // 64
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
@@ -326,7 +331,7 @@ def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut:
         codes.stride(0), absmax.stride(0), y.stride(0), HAS_BIAS=bias is not None,
         V_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, BLOCK_M=cfg.block_m,
         TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=split, ITERS=triton.cdiv(groups, split), STAGES=cfg.stages,
-        EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128, LOOKUP=lookup,
+        EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128, LOOKUP=regs_lookup(cfg),
         num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}), **pdl_args(x),
     )
     return part if split > 1 else None

@@ -80,7 +80,7 @@ from ._nf4_configs import (
     ss_config,
 )
 from ._nf4_gemv_triton import nf4_gemv_kernel
-from ._nf4_regs_gluon import launch_regs, regs_fit
+from ._nf4_regs_gluon import launch_regs, regs_fit, regs_lookup
 from ._nf4_ss_gluon import launch_ss, ss_fit
 from ._nf4_sums_triton import fixup_wanted as _fixup
 from ._nf4_sums_triton import reduce_splits as _reduce
@@ -153,10 +153,8 @@ def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 def _lookup_table(device: torch.device, dtype: torch.dtype, lookup: int) -> torch.Tensor:
     """What the kernels' lut argument holds: the nibble values in `dtype`, or LOOKUP_PRMT's or LOOKUP_SMEM's table
     words."""
-    if lookup in (LOOKUP_PRMT, LOOKUP_SMEM):
-        words = prmt_table_words(dtype) if lookup == LOOKUP_PRMT else pair_table_words(dtype)
-        return torch.tensor(words, dtype=torch.int32, device=device)
-    return _lut(device, dtype)
+    words = {LOOKUP_PRMT: prmt_table_words, LOOKUP_SMEM: pair_table_words}.get(lookup)
+    return _lut(device, dtype) if words is None else torch.tensor(words(dtype), dtype=torch.int32, device=device)
 
 
 @functools.cache
@@ -272,8 +270,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.gemv:
         part = _launch_gemv(x, w, bias, y, cfg)
     elif cfg.regs and regs_fit(x, w.codes, cfg):
-        table = _lookup_table(x.device, x.dtype, LOOKUP_SMEM if cfg.lookup == LOOKUP_SMEM else LOOKUP_PRMT)
-        part = launch_regs(x, w.codes, w.absmax, table, bias, y, cfg)
+        part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, regs_lookup(cfg)), bias, y, cfg)
     elif cfg.ss and ss_fit(x, w.codes):
         part = launch_ss(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     else:

@@ -77,7 +77,7 @@ def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, smem: bool = F
     cfg = replace(cfg, lookup=nf4.LOOKUP_SMEM) if smem else cfg
     consts = dict(HAS_BIAS=bias, V_DTYPE=tl.bfloat16 if x == "bf16" else tl.float16, BLOCK_M=cfg.block_m,
                   TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
-                  PDL=True, STAGES=cfg.stages, EVEN=True, LOOKUP=cfg.lookup)
+                  PDL=True, STAGES=cfg.stages, EVEN=True, LOOKUP=_nf4_regs_gluon.regs_lookup(cfg))
     pointers = {"x_ptr": f"*{x}", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": f"*{x}",
                 "y_ptr": f"*{x}", "part_ptr": "*fp32"}
     scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
