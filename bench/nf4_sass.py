@@ -76,14 +76,28 @@ def compile_regs_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
-def loop_report(cubin: bytes) -> dict:
+def disassemble(cubin: bytes) -> tuple[list[str], dict]:
+    """The cubin's SASS lines (nvdisasm) and its registers and stack bytes a thread (cuobjdump)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([f"{BIN}/cuobjdump", "--dump-resource-usage", f.name], capture_output=True,
                                text=True, check=True).stdout
-    lines = sass.splitlines()
+    return sass.splitlines(), {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+                               "stack": int(re.search(r"STACK:(\d+)", usage).group(1))}
+
+
+def _instructions(lines: list[str]) -> list[str]:
+    return [line for line in lines if re.search(r"/\*[0-9a-f]{4}\*/", line)]
+
+
+def _opcodes(body: list[str]) -> collections.Counter:
+    return collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line).group(1) for line in body)
+
+
+def loop_report(cubin: bytes) -> dict:
+    lines, usage = disassemble(cubin)
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line))}
     loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
              if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
@@ -91,11 +105,8 @@ def loop_report(cubin: bytes) -> dict:
     # into the loop (TMA configs)
     loops = [(a, b) for a, b in loops if not any(re.search(r"\bEXIT\b", line) for line in lines[a:b])]
     start, end = max(loops, key=lambda span: span[1] - span[0])
-    body = [line for line in lines[start:end + 1] if re.search(r"/\*[0-9a-f]{4}\*/", line)]
-    opcodes = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line).group(1) for line in body)
-    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-            "loop": len(body), "opcodes": dict(opcodes.most_common(10)), "sass": "\n".join(body)}
+    body = _instructions(lines[start:end + 1])
+    return {**usage, "loop": len(body), "opcodes": dict(_opcodes(body).most_common(10)), "sass": "\n".join(body)}
 
 
 def regs_report(cfg: Nf4Config) -> dict:
@@ -104,19 +115,11 @@ def regs_report(cfg: Nf4Config) -> dict:
     stack and the SASS are the 16-group kernel's."""
     counts = []
     for iters in (8, 16):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compile_regs_sm90(cfg, iters))
-            f.flush()
-            sass = subprocess.run([f"{BIN}/nvdisasm", "-c", f.name], capture_output=True, text=True,
-                                  check=True).stdout
-            usage = subprocess.run([f"{BIN}/cuobjdump", "--dump-resource-usage", f.name], capture_output=True,
-                                   text=True, check=True).stdout
-        body = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", line)]
-        counts.append(collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line).group(1)
-                                          for line in body))
+        lines, usage = disassemble(compile_regs_sm90(cfg, iters))
+        body = _instructions(lines)
+        counts.append(_opcodes(body))
     step = {op: (counts[1][op] - counts[0][op]) / 8 for op in counts[1]}
-    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)), "step": sum(step.values()),
+    return {**usage, "step": sum(step.values()),
             "opcodes": dict(sorted(((op, n) for op, n in step.items() if n), key=lambda t: -t[1])[:10]),
             "sass": "\n".join(body)}
 

@@ -92,14 +92,18 @@ def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, smem: bool = F
     return kernel.metadata.shared, _registers(kernel.asm["cubin"]), min(offsets, default=0)
 
 
-def _registers(cubin: bytes) -> int:
-    """Registers a thread of the cubin's kernel (cuobjdump's resource usage)."""
+def _tool(cubin: bytes, tool: str, *args: str) -> str:
+    """What one of the wheel's CUDA tools (nvdisasm, cuobjdump) prints for the cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1))
+        return subprocess.run([os.path.join(_BIN, tool), *args, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _registers(cubin: bytes) -> int:
+    """Registers a thread of the cubin's kernel (cuobjdump's resource usage)."""
+    return int(re.search(r"REG:(\d+)", _tool(cubin, "cuobjdump", "--dump-resource-usage")).group(1))
 
 
 _SS_CASES = [(n, k, x, warps) for n, k in _LLAMA if n * k >= _nf4_configs.LARGE_WEIGHT for x in ("bf16", "fp16")
@@ -131,11 +135,7 @@ def compile_ss_sm90(n: int, k: int, x: str, warps: int) -> list[int]:
                          attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": cfg.warps, "maxnreg": _nf4_ss_gluon.SS_REGS[1][cfg.warps]})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout.splitlines()
+    sass = _tool(kernel.asm["cubin"], "nvdisasm", "-c").splitlines()
     regs = _registers(kernel.asm["cubin"])
     # spills in loops: local loads and stores between a label and a branch back to it (a span holding an EXIT is an
     # mbarrier wait's retry branch from past the end, no loop)
