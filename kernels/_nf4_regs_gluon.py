@@ -191,12 +191,12 @@ def _scales(s_ptrs, s_mask, g, g_end, EVEN: gl.constexpr):
 
 
 @gluon.jit
-def _step(acc, scales, rings, j: gl.constexpr, g, g_end, K, zero, tab, s_ptrs, s_mask, w_l: gl.constexpr,
-          x_l: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr, STAGES: gl.constexpr,
-          EVEN: gl.constexpr, LOOKUP: gl.constexpr):
+def _step(acc, scales, ctx, j: gl.constexpr, g, w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr,
+          b_op: gl.constexpr, V_DTYPE: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr, LOOKUP: gl.constexpr):
     """One group g from ring stage j: wait for it, read it into the operand layouts, copy group g + STAGES - 1
-    into the stage read last step, load the next group's scales, and add this group's MMAs to acc."""
-    w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk = rings
+    into the stage read last step, load the next group's scales, and add this group's MMAs to acc (ctx: what every
+    step of _pipelined shares)."""
+    w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g_end, K, zero, tab, s_ptrs, s_mask = ctx
     async_copy.wait_group(STAGES - 2)
     gl.thread_barrier()  # every thread's copies of group g landed; every thread done with group g - 1's stage
     raw = w_s[j].load(w_l)
@@ -239,19 +239,19 @@ def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, 
         _issue(w_s[j], x_s[j], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K, EVEN)
     scales = _scales(s_ptrs, s_mask, g0, g_end, EVEN)
     acc = zero
-    rings = (w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk)
+    ctx = (w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g_end, K, zero, tab, s_ptrs, s_mask)
     if ITERS <= UNROLL_ITERS:  # straight-line code: no loop for ptxas to pipeline across, fewer registers
         for i in gl.static_range(ITERS):
-            acc, scales = _step(acc, scales, rings, i % STAGES, g0 + i, g_end, K, zero, tab, s_ptrs, s_mask, w_l,
-                                x_l, a_op, b_op, V_DTYPE, STAGES, EVEN, LOOKUP)
+            acc, scales = _step(acc, scales, ctx, i % STAGES, g0 + i, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN,
+                                LOOKUP)
     else:
         for i0 in range(0, ITERS - ITERS % STAGES, STAGES):
             for j in gl.static_range(STAGES):
-                acc, scales = _step(acc, scales, rings, j, g0 + i0 + j, g_end, K, zero, tab, s_ptrs, s_mask, w_l,
-                                    x_l, a_op, b_op, V_DTYPE, STAGES, EVEN, LOOKUP)
+                acc, scales = _step(acc, scales, ctx, j, g0 + i0 + j, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN,
+                                    LOOKUP)
         for j in gl.static_range(ITERS % STAGES):  # the last groups: ITERS is no multiple of STAGES
-            acc, scales = _step(acc, scales, rings, j, g0 + ITERS - ITERS % STAGES + j, g_end, K, zero, tab, s_ptrs,
-                                s_mask, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN, LOOKUP)
+            acc, scales = _step(acc, scales, ctx, j, g0 + ITERS - ITERS % STAGES + j, w_l, x_l, a_op, b_op, V_DTYPE,
+                                STAGES, EVEN, LOOKUP)
     async_copy.wait_group(0)
     return acc
 
