@@ -9,7 +9,6 @@ from dataclasses import replace
 from hotlora.kernels.nf4 import (
     LOOKUP_PRMT,
     LOOKUP_PRMT_IMM,
-    LOOKUP_SMEM,
     SCALE_VALUES,
     Nf4Config,
     pick_config,
@@ -192,10 +191,10 @@ def mid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 
 def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """M <= 32: nf4_regs_kernel (the looked-up weights as mma.sync's register operand) over 4 warps at its served
-    tile and K slices: 2-4-group cp.async rings, with no register cap and with a cap of 72 (7 programs per SM), and
-    with the shared-memory pair table's lookup (LOOKUP_SMEM); against the recorded config (at M = 1 also the one
-    with no LoRA shrink beside it) and nf4_matmul's served config (regs_config, where M is in its bucket). (The
-    thirty-second session's sweep of 128-row tiles and more K slices lost everywhere.)"""
+    tile and K slices: 2-4-group cp.async rings, with no register cap and with a cap of 72 (7 programs per SM);
+    against the recorded config (at M = 1 also the one with no LoRA shrink beside it) and nf4_matmul's served config
+    (regs_config, where M is in its bucket). (The thirty-second session's sweep of 128-row tiles and more K slices
+    lost everywhere.)"""
     served = regs_config(m, n, k)
     out = [rec, *([pick_config(m, n, k, gemv=False, alone=True)] if m == 1 else []), *([served] if served else [])]
     if m > 32:
@@ -204,8 +203,6 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     split = (served or regs_config(1, n, k) or rec).split_k
     for stages, cap in itertools.product((2, 3, 4), (None, 72)):
         out.append(Nf4Config(bm, 64, split, 4, stages, regs=True, lookup=LOOKUP_PRMT, maxnreg=cap))
-    for stages in (2, 3, 4):  # the pair table in shared memory: 32 KB a program beside the rings
-        out.append(Nf4Config(bm, 64, split, 4, stages, regs=True, lookup=LOOKUP_SMEM))
     return list(dict.fromkeys(out))
 
 

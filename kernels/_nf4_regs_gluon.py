@@ -24,10 +24,9 @@ copy or scale load carries a row or K mask: x's rows past M repeat its last row,
 HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only).
 
 The prmt lookup is ~2.5 ALU instructions a weight value, and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md,
-thirty-fifth session). LOOKUP_SMEM (bench and tests; not served until timed) reads each code byte's two values
-instead from a 256-word table in shared memory (_smem_table, _SMEM_ASM): one byte extract, one address IMAD (the
-FMA pipe) and one conflict-free LDS a byte, then two PRMT a pair of bytes, ~1 ALU instruction a value, for 32 KB of
-shared memory a program.
+thirty-fifth session). Reading each code byte's two values from a 256-word table in shared memory instead (one
+byte extract, one address IMAD and one conflict-free LDS a byte; 32 KB a program, 4 programs per SM) lost 1.2-1.5x
+on the H200 (thirty-sixth session) and was taken out.
 """
 
 from __future__ import annotations
@@ -43,11 +42,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from ._launch import pdl_args
 from ._nf4_configs import Nf4Config
 from ._nf4_triton import _PRMT_BF16, _PRMT_CONSTRAINTS, _PRMT_FP16, _TABLE_COPY
-from ._nf4_triton import LOOKUP_PRMT as _LOOKUP_PRMT
-from ._nf4_triton import LOOKUP_SMEM as _LOOKUP_SMEM
-
-LOOKUP_PRMT = gl.constexpr(_LOOKUP_PRMT)  # the lookups as the Gluon kernels take them (_lookup)
-LOOKUP_SMEM = gl.constexpr(_LOOKUP_SMEM)
 
 
 @gluon.jit
@@ -60,57 +54,18 @@ def _table_words(lut_ptr, tid):
             gl.sum(gl.load(base + 6), axis=0), gl.sum(gl.load(base + 7), axis=0), gl.sum(gl.load(base + 8), axis=0))
 
 
-# LOOKUP_SMEM: each of 4 code bytes -> its word of the shared-memory pair table (_smem_table: word b * 32 + lane,
-# so a warp's 32 reads fall in 32 banks), then two words -> the two registers of the high and the low nibbles'
-# values. $4: the 4 bytes; $5: this lane's table address (the same in $6-$8, one argument at pack=4).
-_SMEM_ASM = gl.constexpr("\n".join([
-    "{", ".reg .b32 %z, %e, %a, %r<4>;", "mov.b32 %z, 0;",
-    *[line for i in range(4) for line in (f"prmt.b32 %e, $4, %z, 0x444{i};", "mad.lo.u32 %a, %e, 128, $5;",
-                                           f"ld.shared.b32 %r{i}, [%a];")],
-    "prmt.b32 $0, %r0, %r1, 0x7632;", "prmt.b32 $2, %r0, %r1, 0x5410;",
-    "prmt.b32 $1, %r2, %r3, 0x7632;", "prmt.b32 $3, %r2, %r3, 0x5410;", "}"]))
-
-
 @gluon.jit
-def _lookup(raw, tab, V_DTYPE: gl.constexpr, LOOKUP: gl.constexpr):
-    """The values of the high and low nibbles of raw's bytes, in x's dtype: by prmt against table words in registers
-    (_nf4_triton._prmt_asm; tab: _table_words), or LOOKUP_SMEM from the pair table (tab: (_smem_table's address,))."""
-    if LOOKUP == LOOKUP_SMEM:
-        types: gl.constexpr = (gl.bfloat16, gl.bfloat16) if gl.bfloat16 == V_DTYPE else (gl.float16, gl.float16)
-        hi, lo = gl.inline_asm_elementwise(_SMEM_ASM, "=r,=r,=r,=r,r,r,r,r,r", [raw, tab[0]], dtype=types,
+def _lookup(raw, tab, V_DTYPE: gl.constexpr):
+    """The values of the high and low nibbles of raw's bytes, in x's dtype, by prmt against the table words in
+    registers (_nf4_triton._prmt_asm; tab: _table_words)."""
+    args = [raw, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7], tab[8]]
+    if gl.bfloat16 == V_DTYPE:
+        hi, lo = gl.inline_asm_elementwise(_PRMT_BF16, _PRMT_CONSTRAINTS, args, dtype=(gl.bfloat16, gl.bfloat16),
                                            is_pure=True, pack=4)
     else:
-        args = [raw, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7], tab[8]]
-        if gl.bfloat16 == V_DTYPE:
-            hi, lo = gl.inline_asm_elementwise(_PRMT_BF16, _PRMT_CONSTRAINTS, args, dtype=(gl.bfloat16, gl.bfloat16),
-                                               is_pure=True, pack=4)
-        else:
-            hi, lo = gl.inline_asm_elementwise(_PRMT_FP16, _PRMT_CONSTRAINTS, args, dtype=(gl.float16, gl.float16),
-                                               is_pure=True, pack=4)
+        hi, lo = gl.inline_asm_elementwise(_PRMT_FP16, _PRMT_CONSTRAINTS, args, dtype=(gl.float16, gl.float16),
+                                           is_pure=True, pack=4)
     return hi, lo
-
-
-@gluon.jit
-def _smem_table(lut_ptr, tid, WARPS: gl.constexpr):
-    """LOOKUP_SMEM's table: lut's 256 words (pair_table_words) into shared memory 32 times over (word b * 32 + c),
-    read back by lane c. Allocated before anything else, so it starts at the kernel's shared memory base
-    (global_smem; the sm_90 compile test checks the offset). Returns this lane's address of word 0's copy, as the
-    1-tuple _lookup takes."""
-    fill_l: gl.constexpr = gl.BlockedLayout([1, 32], [32, 1], [WARPS, 1], [1, 0])
-    table = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    words = gl.load(lut_ptr + gl.arange(0, 256, layout=gl.SliceLayout(1, fill_l)))
-    table.store(words[:, None] + gl.zeros([256, 32], gl.int32, fill_l))
-    base = gl.inline_asm_elementwise("mov.u32 $0, global_smem; // $1", "=r,r", [tid], dtype=gl.int32, is_pure=True,
-                                     pack=1)
-    return (gl.sum(base + (tid & 31) * 4, axis=0),), table
-
-
-@gluon.jit
-def _keep(table, WARPS: gl.constexpr):
-    """A read of the table at the kernel's end that the compiler cannot drop: the allocator sees the table live
-    until then (it cannot see _lookup's reads) and gives the rings other memory."""
-    row = table.slice(0, 1).load(gl.BlockedLayout([1, 1], [1, 32], [1, WARPS], [1, 0]))
-    gl.inline_asm_elementwise("// keep $1", "=r,r", [row], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -144,11 +99,10 @@ def _store_tile(acc, rn, rmask, om, M, N, pid_k, stride_ym, bias_ptr, y_ptr, par
 
 
 @gluon.jit
-def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
-                LOOKUP: gl.constexpr):
+def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr):
     """acc + the group's two 64-blocks' MMAs, each scaled by its absmax."""
     raw, x_hi, x_lo, s_hi, s_lo = group
-    v_hi, v_lo = _lookup(raw, tab, V_DTYPE, LOOKUP)
+    v_hi, v_lo = _lookup(raw, tab, V_DTYPE)
     p_hi = mma_v2(gl.convert_layout(v_hi, a_op), gl.convert_layout(x_hi, b_op), zero)
     p_lo = mma_v2(gl.convert_layout(v_lo, a_op), gl.convert_layout(x_lo, b_op), zero)
     return acc + p_hi * s_hi[:, None] + p_lo * s_lo[:, None]
@@ -192,7 +146,7 @@ def _scales(s_ptrs, s_mask, g, g_end, EVEN: gl.constexpr):
 
 @gluon.jit
 def _step(acc, scales, ctx, j: gl.constexpr, g, w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr,
-          b_op: gl.constexpr, V_DTYPE: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr, LOOKUP: gl.constexpr):
+          b_op: gl.constexpr, V_DTYPE: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr):
     """One group g from ring stage j: wait for it, read it into the operand layouts, copy group g + STAGES - 1
     into the stage read last step, load the next group's scales, and add this group's MMAs to acc (ctx: what every
     step of _pipelined shares)."""
@@ -206,14 +160,14 @@ def _step(acc, scales, ctx, j: gl.constexpr, g, w_l: gl.constexpr, x_l: gl.const
     scales = _scales(s_ptrs, s_mask, g + 1, g_end, EVEN)
     last: gl.constexpr = (j + STAGES - 1) % STAGES
     _issue(w_s[last], x_s[last], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g + STAGES - 1, g_end, K, EVEN)
-    return _accumulate(acc, (raw, x_hi, x_lo, s_hi, s_lo), zero, tab, a_op, b_op, V_DTYPE, LOOKUP), scales
+    return _accumulate(acc, (raw, x_hi, x_lo, s_hi, s_lo), zero, tab, a_op, b_op, V_DTYPE), scales
 
 
 @gluon.jit
 def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
                w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ITERS: gl.constexpr, STAGES: gl.constexpr,
-               EVEN: gl.constexpr, LOOKUP: gl.constexpr):
+               EVEN: gl.constexpr):
     """The K loop's fp32 sums [BLOCK_N, BLOCK_M], with the code bytes and x copied STAGES - 1 groups ahead
     (cp.async into shared-memory rings, one commit group per group), each group read back into the operand layouts
     after a CTA barrier; the scales come by plain loads one group ahead. ITERS <= UNROLL_ITERS groups run as
@@ -242,16 +196,14 @@ def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, 
     ctx = (w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g_end, K, zero, tab, s_ptrs, s_mask)
     if ITERS <= UNROLL_ITERS:  # straight-line code: no loop for ptxas to pipeline across, fewer registers
         for i in gl.static_range(ITERS):
-            acc, scales = _step(acc, scales, ctx, i % STAGES, g0 + i, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN,
-                                LOOKUP)
+            acc, scales = _step(acc, scales, ctx, i % STAGES, g0 + i, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN)
     else:
         for i0 in range(0, ITERS - ITERS % STAGES, STAGES):
             for j in gl.static_range(STAGES):
-                acc, scales = _step(acc, scales, ctx, j, g0 + i0 + j, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN,
-                                    LOOKUP)
+                acc, scales = _step(acc, scales, ctx, j, g0 + i0 + j, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN)
         for j in gl.static_range(ITERS % STAGES):  # the last groups: ITERS is no multiple of STAGES
             acc, scales = _step(acc, scales, ctx, j, g0 + ITERS - ITERS % STAGES + j, w_l, x_l, a_op, b_op, V_DTYPE,
-                                STAGES, EVEN, LOOKUP)
+                                STAGES, EVEN)
     async_copy.wait_group(0)
     return acc
 
@@ -260,7 +212,7 @@ def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, 
 def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, M, N, K, NUM_G, stride_xm,
                     stride_wn, stride_an, stride_ym, HAS_BIAS: gl.constexpr, V_DTYPE: gl.constexpr,
                     BLOCK_M: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr, ITERS: gl.constexpr,
-                    PDL: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr, LOOKUP: gl.constexpr):
+                    PDL: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr):
     """y [M, N] (or its K slices' fp32 sums in part) = x [M, K] @ dequant(W).T for M <= BLOCK_M (module docstring).
     A program covers BLOCK_N = 16 * TILES * num_warps weight rows and one K slice; x's rows and the codes' rows
     are 16-byte aligned (regs_fit)."""
@@ -279,10 +231,7 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
         _pdl_chain(tid)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
-    if LOOKUP == LOOKUP_SMEM:  # a constexpr branch: only the taken one allocates
-        tab, table = _smem_table(lut_ptr, tid, WARPS)
-    else:
-        tab = _table_words(lut_ptr, tid)
+    tab = _table_words(lut_ptr, tid)
 
     srows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_l)
     s_ptrs = absmax_ptr + srows * stride_an
@@ -291,12 +240,10 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     g0 = pid_k * ITERS
     acc = _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
-                     stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES, EVEN, LOOKUP)
+                     stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES, EVEN)
 
     _store_tile(acc, srows, s_mask, gl.arange(0, BLOCK_M, layout=col_l), M, N, pid_k, stride_ym, bias_ptr, y_ptr,
                 part_ptr, HAS_BIAS, SPLIT_K)
-    if LOOKUP == LOOKUP_SMEM:
-        _keep(table, WARPS)
 
 
 def rows_aligned(x: torch.Tensor, codes: torch.Tensor) -> bool:
@@ -311,17 +258,11 @@ def regs_fit(x: torch.Tensor, codes: torch.Tensor, cfg: Nf4Config) -> bool:
     return x.shape[0] <= cfg.block_m and rows_aligned(x, codes)
 
 
-def regs_lookup(cfg: Nf4Config) -> int:
-    """The lookup nf4_regs_kernel runs under cfg: LOOKUP_SMEM where asked for, else the prmt one (whatever other
-    lookup the config names)."""
-    return _LOOKUP_SMEM if cfg.lookup == _LOOKUP_SMEM else _LOOKUP_PRMT
-
-
 def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor,
                 bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor | None:
     """nf4_regs_kernel writing y, or (split K) its fp32 sums [split, M, N], returned for the reduce or a finish
-    hook (hotlora.kernels.nf4: the layout of codes and absmax; lut: the table words of regs_lookup(cfg) in x's
-    dtype)."""
+    hook (hotlora.kernels.nf4: the layout of codes and absmax; lut: prmt_table_words in x's dtype, whatever
+    lookup cfg names: this kernel has only the prmt one)."""
     m, k = x.shape
     n, split = codes.shape[0], cfg.split_k
     groups = codes.shape[1] // 64
@@ -331,7 +272,7 @@ def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut:
         codes.stride(0), absmax.stride(0), y.stride(0), HAS_BIAS=bias is not None,
         V_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, BLOCK_M=cfg.block_m,
         TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=split, ITERS=triton.cdiv(groups, split), STAGES=cfg.stages,
-        EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128, LOOKUP=regs_lookup(cfg),
+        EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128,
         num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}), **pdl_args(x),
     )
     return part if split > 1 else None

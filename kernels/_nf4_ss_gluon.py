@@ -34,7 +34,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._launch import pdl_args
 from ._nf4_configs import Nf4Config
-from ._nf4_regs_gluon import LOOKUP_PRMT, _lookup, _pdl_chain, _store_tile, _table_words, _thread_ids, rows_aligned
+from ._nf4_regs_gluon import _lookup, _pdl_chain, _store_tile, _table_words, _thread_ids, rows_aligned
 
 
 @gluon.jit
@@ -74,7 +74,7 @@ def _lookup_ws(c_desc, c_s, w_s, c_ready, w_ready, w_empty, absmax_ptr, lut_ptr,
             v_hi = raw.to(V_DTYPE)
             v_lo = v_hi
         else:
-            v_hi, v_lo = _lookup(raw, tab, V_DTYPE, LOOKUP_PRMT)
+            v_hi, v_lo = _lookup(raw, tab, V_DTYPE)
         v_hi = v_hi * s_hi[:, None]
         v_lo = v_lo * s_lo[:, None]
         bar, ph = _ring(w_empty, 2 * g, WS)

@@ -17,9 +17,8 @@ from .reference import NF4_NIBBLE
 
 # PRMT: the register lookup, table words from lut; PRMT_IMM: the same lookup with the table as immediates and the
 # mask built from bit 3 (session 3's kernel, kept where the swept configs prefer it); CAST: nibble as value,
-# wrong on purpose (bench only); SMEM: nf4_regs_kernel only, a byte's two values from a table in shared memory
-# (_nf4_regs_gluon, lut: pair_table_words)
-LOOKUP_TABLE, LOOKUP_PRMT, LOOKUP_CAST, LOOKUP_PRMT_IMM, LOOKUP_SMEM = 0, 1, 2, 3, 4
+# wrong on purpose (bench only)
+LOOKUP_TABLE, LOOKUP_PRMT, LOOKUP_CAST, LOOKUP_PRMT_IMM = 0, 1, 2, 3
 
 
 def _prmt_asm(dtype: torch.dtype, immediates: bool = False) -> tuple[str, list[int]]:
@@ -76,15 +75,6 @@ def prmt_table_words(dtype: torch.dtype) -> list[int]:
     words = [w - (1 << 32) if w >= 1 << 31 else w for w in _prmt_asm(dtype)[1]]  # as int32
     padded = [*words, *[0] * (_TABLE_COPY - len(words))]
     return [*padded, *padded]
-
-
-def pair_table_words(dtype: torch.dtype) -> list[int]:
-    """lut for LOOKUP_SMEM with x in `dtype` (fp16/bf16): for each code byte b (high nibble: the group's first 64
-    columns, low nibble: its last 64), one int32 word holding the low nibble's value in its low half and the high
-    nibble's in its high half."""
-    bits = torch.tensor(NF4_NIBBLE, dtype=torch.float32).to(dtype).view(torch.int16).int() & 0xFFFF
-    words = [int(bits[b & 15]) | int(bits[b >> 4]) << 16 for b in range(256)]
-    return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
 
 
 @triton.jit

@@ -80,7 +80,7 @@ from ._nf4_configs import (
     ss_config,
 )
 from ._nf4_gemv_triton import nf4_gemv_kernel
-from ._nf4_regs_gluon import launch_regs, regs_fit, regs_lookup
+from ._nf4_regs_gluon import launch_regs, regs_fit
 from ._nf4_ss_gluon import launch_ss, ss_fit
 from ._nf4_sums_triton import fixup_wanted as _fixup
 from ._nf4_sums_triton import reduce_splits as _reduce
@@ -89,11 +89,9 @@ from ._nf4_triton import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
     LOOKUP_PRMT_IMM,
-    LOOKUP_SMEM,
     LOOKUP_TABLE,
     nf4_dequant_kernel,
     nf4_matmul_kernel,
-    pair_table_words,
     prmt_table_words,
 )
 from .reference import NF4_NIBBLE, NF4_NIBBLE_ORDER, nf4_dequantize_ref, nf4_matmul_ref
@@ -104,7 +102,6 @@ __all__ = [
     "LOOKUP_CAST",
     "LOOKUP_PRMT",
     "LOOKUP_PRMT_IMM",
-    "LOOKUP_SMEM",
     "LOOKUP_TABLE",
     "MAX_GEMV_M",
     "SCALE_EXACT",
@@ -151,10 +148,10 @@ def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 @functools.cache
 def _lookup_table(device: torch.device, dtype: torch.dtype, lookup: int) -> torch.Tensor:
-    """What the kernels' lut argument holds: the nibble values in `dtype`, or LOOKUP_PRMT's or LOOKUP_SMEM's table
-    words."""
-    words = {LOOKUP_PRMT: prmt_table_words, LOOKUP_SMEM: pair_table_words}.get(lookup)
-    return _lut(device, dtype) if words is None else torch.tensor(words(dtype), dtype=torch.int32, device=device)
+    """What the kernels' lut argument holds: the nibble values in `dtype`, or LOOKUP_PRMT's table words."""
+    if lookup == LOOKUP_PRMT:
+        return torch.tensor(prmt_table_words(dtype), dtype=torch.int32, device=device)
+    return _lut(device, dtype)
 
 
 @functools.cache
@@ -270,7 +267,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.gemv:
         part = _launch_gemv(x, w, bias, y, cfg)
     elif cfg.regs and regs_fit(x, w.codes, cfg):
-        part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, regs_lookup(cfg)), bias, y, cfg)
+        part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     elif cfg.ss and ss_fit(x, w.codes):
         part = launch_ss(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     else:

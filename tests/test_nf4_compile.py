@@ -69,15 +69,13 @@ _LLAMA = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 _REGS_CASES = [(m, dtype) for m in (1, 8) for dtype in ("bf16", "fp16")]
 
 
-def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, smem: bool = False) -> tuple[int, int, int]:
+def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool) -> tuple[int, int]:
     """Compile nf4_regs_kernel as _nf4_regs_gluon.launch_regs launches regs_config(m, n, k) (the Llama shapes tile
-    evenly; smem: with LOOKUP_SMEM); its shared memory in bytes, its registers a thread, and the lowest constant
-    offset from the kernel's shared memory base that its LLVM IR addresses (a ring's)."""
+    evenly); its shared memory in bytes and its registers a thread."""
     cfg = _nf4_configs.regs_config(m, n, k)
-    cfg = replace(cfg, lookup=nf4.LOOKUP_SMEM) if smem else cfg
     consts = dict(HAS_BIAS=bias, V_DTYPE=tl.bfloat16 if x == "bf16" else tl.float16, BLOCK_M=cfg.block_m,
                   TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
-                  PDL=True, STAGES=cfg.stages, EVEN=True, LOOKUP=_nf4_regs_gluon.regs_lookup(cfg))
+                  PDL=True, STAGES=cfg.stages, EVEN=True)
     pointers = {"x_ptr": f"*{x}", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": f"*{x}",
                 "y_ptr": f"*{x}", "part_ptr": "*fp32"}
     scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
@@ -88,8 +86,7 @@ def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, smem: bool = F
                          constexprs={(names.index(c),): v for c, v in consts.items()},
                          attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.warps})
-    offsets = [int(o) for o in re.findall(r"@global_smem, i32 (\d+)\)", kernel.asm["llir"])]
-    return kernel.metadata.shared, _registers(kernel.asm["cubin"]), min(offsets, default=0)
+    return kernel.metadata.shared, _registers(kernel.asm["cubin"])
 
 
 def _tool(cubin: bytes, tool: str, *args: str) -> str:
@@ -171,15 +168,10 @@ def _compile_all() -> dict[str, str]:
         try:  # every Llama shape (their K slices differ; split 1 takes the bias)
             sizes = [compile_regs_sm90(m, n, k, x, bias=_nf4_configs.regs_config(m, n, k).split_k == 1)
                      for n, k in _LLAMA]
-            out[_regs_label(m, x)] = sorted({shared for shared, _, _ in sizes})
-            out[_regs_label(m, x) + "-registers"] = max(regs for _, regs, _ in sizes)
+            out[_regs_label(m, x)] = sorted({shared for shared, _ in sizes})
+            out[_regs_label(m, x) + "-registers"] = max(regs for _, regs in sizes)
         except Exception as exc:
             out[_regs_label(m, x)] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    for m in (1, 8):
-        try:  # LOOKUP_SMEM (bench and tests only), gate/up's slices
-            out[f"regs-smem-m{m}"] = list(compile_regs_sm90(m, 28672, 4096, "bf16", bias=False, smem=True))
-        except Exception as exc:
-            out[f"regs-smem-m{m}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for n, k, x, warps in _SS_CASES:
         try:
             out[f"ss-{n}x{k}-{x}-w{warps}"] = compile_ss_sm90(n, k, x, warps)
@@ -209,18 +201,6 @@ def test_regs_kernel_compiles_for_sm90_with_only_its_rings_in_shared_memory(comp
     assert compiled[_regs_label(m, x_dtype)] == [rings]
     # six 4-warp programs an SM: the served slices are straight-line steps (unrolled; as a loop it took 104)
     assert 6 * 32 * cfg.warps * compiled[_regs_label(m, x_dtype) + "-registers"] <= 65536
-
-
-@pytest.mark.parametrize("m", [1, 8])
-def test_regs_kernel_smem_table_sits_at_the_shared_memory_base(compiled, m):
-    """LOOKUP_SMEM's inline loads address the pair table from global_smem itself: the table's 32 KB must be the
-    first of the kernel's shared memory and kept apart from the rings (the allocator cannot see those loads;
-    _keep holds the table live), so every ring lies past it."""
-    cfg = _nf4_configs.regs_config(m, 28672, 4096)
-    rings = cfg.stages * (cfg.block_n * 64 + 128 * cfg.block_m * 2)
-    shared, regs, lowest = compiled[f"regs-smem-m{m}"]
-    assert shared == 32768 + rings and lowest >= 32768
-    assert regs * 32 * cfg.warps * 4 <= 65536  # four programs an SM, as its shared memory allows
 
 
 @pytest.mark.parametrize(("n", "k", "x_dtype", "warps"), _SS_CASES)

@@ -10,7 +10,7 @@ import pytest
 from nf4_cases import LLAMA
 
 from hotlora.kernels import _nf4_configs as configs_mod
-from hotlora.kernels.nf4 import LOOKUP_SMEM, MAX_GEMV_M, SCALE_VALUES, Nf4Config, pick_config
+from hotlora.kernels.nf4 import MAX_GEMV_M, SCALE_VALUES, Nf4Config, pick_config
 
 
 def test_x_tma_is_served_only_when_switched_on(monkeypatch):
@@ -153,9 +153,6 @@ def test_regs_configs_refuse_what_the_kernel_cannot_run():
         with pytest.raises(ValueError):
             Nf4Config(**{"block_m": 8, "block_n": 64, "split_k": 2, "stages": 3, "regs": True, **bad})
     Nf4Config(16, 128, 2, warps=8, stages=3, regs=True)  # valid
-    Nf4Config(8, 64, 2, stages=3, regs=True, lookup=LOOKUP_SMEM)  # valid: the pair table in shared memory
-    with pytest.raises(ValueError):  # ... which only the regs kernel has
-        Nf4Config(16, 64, 2, lookup=LOOKUP_SMEM)
 
 
 

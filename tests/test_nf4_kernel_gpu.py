@@ -16,7 +16,6 @@ from hotlora.kernels._nf4_sums_triton import SPLIT_COUNTS
 from hotlora.kernels.nf4 import (
     LOOKUP_PRMT,
     LOOKUP_PRMT_IMM,
-    LOOKUP_SMEM,
     MAX_GEMV_M,
     SCALE_VALUES,
     Nf4Config,
@@ -223,13 +222,11 @@ def test_gpu_matmul_sums_its_own_splits(shape, monkeypatch):
 def _regs_configs(m: int, n: int) -> list[Nf4Config]:
     """nf4_regs_kernel configs for M = m: 1 and 2 tiles a warp over 4 warps (and 8 warps from 16 rows), 1-4 K
     slices (3: some slices end past the last group), cp.async rings of 2-4 groups (group counts that are and are
-    not multiples of the ring's: the loop's unrolled steps and the remainder after them), and the shared-memory
-    pair table's lookup (LOOKUP_SMEM) beside the prmt one."""
+    not multiples of the ring's: the loop's unrolled steps and the remainder after them)."""
     bm = max(8, 1 << (m - 1).bit_length())
     eight = [Nf4Config(bm, 128, 2, warps=8, stages=3, regs=True, lookup=LOOKUP_PRMT)] if bm >= 16 else []
-    return eight + [Nf4Config(bm, 64 * t, s, stages=st, regs=True, lookup=lookup)
-                    for t, s, st, lookup in ((1, 1, 2, LOOKUP_PRMT), (2, 2, 3, LOOKUP_PRMT), (1, 4, 4, LOOKUP_PRMT),
-                                             (1, 3, 3, LOOKUP_PRMT), (1, 2, 3, LOOKUP_SMEM), (2, 3, 2, LOOKUP_SMEM))]
+    return eight + [Nf4Config(bm, 64 * t, s, stages=st, regs=True, lookup=LOOKUP_PRMT)
+                    for t, s, st in ((1, 1, 2), (2, 2, 3), (1, 4, 4), (1, 3, 3))]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -267,9 +264,8 @@ def test_gpu_regs_kernel_graph_capture_and_replay():
     members = quantize((1024, 256, 256), 2048, torch.bfloat16, "cuda")
     w = packed_group(members)
     bias = torch.randn(1536, dtype=torch.bfloat16, device="cuda")
-    for m, split, stages, lookup in ((1, 1, 2, LOOKUP_PRMT), (5, 4, 3, LOOKUP_PRMT), (16, 2, 4, LOOKUP_PRMT),
-                                     (32, 8, 3, LOOKUP_PRMT), (1, 4, 3, LOOKUP_SMEM)):
-        cfg = Nf4Config(max(8, 1 << (m - 1).bit_length()), 64, split, stages=stages, regs=True, lookup=lookup)
+    for m, split, stages in ((1, 1, 2), (5, 4, 3), (16, 2, 4), (32, 8, 3)):
+        cfg = Nf4Config(max(8, 1 << (m - 1).bit_length()), 64, split, stages=stages, regs=True, lookup=LOOKUP_PRMT)
         assert _replayed_error(members, w, m, bias, cfg) < TOLERANCE[torch.bfloat16], (m, split)
 
 

@@ -1,14 +1,13 @@
-"""The NF4 kernel's in-register lookup (hotlora.kernels._nf4_triton._prmt_asm) and nf4_regs_kernel's shared-memory
-one (_nf4_regs_gluon._SMEM_ASM), run through a small PTX interpreter: the GPU tests run them for real; this checks
-the tables, the permuted nibble order and every asm variant on every byte value in CI, where there is no GPU."""
+"""The NF4 kernels' in-register lookup (hotlora.kernels._nf4_triton._prmt_asm), run through a small PTX
+interpreter: the GPU tests run it for real; this checks the tables, the permuted nibble order and every asm variant
+on every byte value in CI, where there is no GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hotlora.kernels._nf4_regs_gluon import _SMEM_ASM
-from hotlora.kernels._nf4_triton import _prmt_asm, pair_table_words, prmt_table_words
+from hotlora.kernels._nf4_triton import _prmt_asm, prmt_table_words
 from hotlora.kernels.reference import NF4_CODE, NF4_NIBBLE, NF4_NIBBLE_ORDER
 
 
@@ -29,9 +28,8 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
     return sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
 
 
-def _run(asm: str, word: int, operands: list[int], shared: dict[int, int] | None = None) -> list[int]:
-    """Execute the asm's instructions on input $4 = word and $5.. = operands (shared: byte address -> word, for
-    ld.shared); return $0..$3."""
+def _run(asm: str, word: int, operands: list[int]) -> list[int]:
+    """Execute the asm's instructions on input $4 = word and $5.. = operands; return $0..$3."""
     regs = {"$4": word, **{f"${5 + i}": v & 0xFFFFFFFF for i, v in enumerate(operands)}}
 
     def val(tok: str) -> int:
@@ -41,8 +39,6 @@ def _run(asm: str, word: int, operands: list[int], shared: dict[int, int] | None
         "mov.b32": lambda a: val(a[0]), "and.b32": lambda a: val(a[0]) & val(a[1]),
         "or.b32": lambda a: val(a[0]) | val(a[1]), "shr.b32": lambda a: val(a[0]) >> val(a[1]),
         "prmt.b32": lambda a: _prmt(*map(val, a)), "lop3.b32": lambda a: _lop3(*map(val, a)),
-        "mad.lo.u32": lambda a: (val(a[0]) * val(a[1]) + val(a[2])) & 0xFFFFFFFF,
-        "ld.shared.b32": lambda a: shared[val(a[0].strip("[]"))],
     }
     for line in asm.splitlines():
         line = line.strip().rstrip(";")
@@ -54,13 +50,13 @@ def _run(asm: str, word: int, operands: list[int], shared: dict[int, int] | None
     return [regs[f"${i}"] for i in range(4)]
 
 
-def _check_every_byte(asm: str, operands: list[int], dtype: torch.dtype, shared: dict[int, int] | None = None) -> None:
+def _check_every_byte(asm: str, operands: list[int], dtype: torch.dtype) -> None:
     """Every byte value in each of the four byte positions of $4 gives its high nibble's value in $0/$1 and its low
     nibble's in $2/$3 (element k of 4: half k % 2 of register k // 2)."""
     want = torch.tensor(NF4_NIBBLE).to(dtype).tolist()
     for first in range(0, 256, 4):
         word = sum(((first + k) % 256) << (8 * k) for k in range(4))
-        out = _run(asm, word, operands, shared)
+        out = _run(asm, word, operands)
         for k in range(4):
             byte = (first + k) % 256
             hi = (out[k // 2] >> (16 * (k % 2))) & 0xFFFF
@@ -95,14 +91,3 @@ def test_lookup_gives_every_nibble_value(dtype, immediates):
     _check_every_byte(asm, operands, dtype)
     if not immediates and dtype == torch.bfloat16:  # the paired mask: one prmt per four values
         assert asm.count("and.b32 %t") == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lane", [0, 5, 31])
-def test_shared_memory_lookup_gives_every_nibble_value(dtype, lane):
-    """LOOKUP_SMEM: the pair table as _smem_table lays it out (word b * 32 + c, read by lane c; the table at the
-    kernel's shared memory base) and the address _smem_table hands the asm (global_smem + 4 * lane)."""
-    words = pair_table_words(dtype)
-    assert len(words) == 256
-    shared = {4 * (b * 32 + c): w & 0xFFFFFFFF for b, w in enumerate(words) for c in range(32)}
-    _check_every_byte(_SMEM_ASM.value, [4 * lane] * 4, dtype, shared)
