@@ -83,6 +83,32 @@ def same_bytes_copy_us(nbytes: int) -> float:
     return graph_time_us(lambda i: bufs[i][1].copy_(bufs[i][0]), count)
 
 
+def placed_copy_us(nbytes: int, shift: int) -> float:
+    """same_bytes_copy_us with the rotating sources and destinations cut from two blocks, each destination `shift`
+    bf16 elements further into its block than its source is into its own: the copy at a chosen relative placement."""
+    n = max(1, nbytes // 4)
+    count = copies_for(nbytes)
+    src = torch.randn(count * n, device="cuda", dtype=DT)
+    dst = torch.empty(count * n + shift, device="cuda", dtype=DT)
+    return graph_time_us(lambda i: dst[shift + i * n:shift + (i + 1) * n].copy_(src[i * n:(i + 1) * n]), count)
+
+
+def floors(cases: dict[str, Case], ms: tuple[int, ...] = (1, 4, 8), rounds: int = 3) -> None:
+    """The floor of each shape at each M, `rounds` times in alternating M order, then copies of M = 1's bytes at
+    three relative placements of source and destination. In the thirty-fifth and thirty-sixth sessions down's and
+    q/k/v's floor at M = 1 came out 27-38% above the same shape's at M = 4-8 (whose bytes differ by under 1%), in
+    three calls, which a copy of nearly the same bytes should not do: the order, or where the buffers fall?"""
+    for name, case in cases.items():
+        times: dict[int, list[float]] = {m: [] for m in ms}
+        for r in range(rounds):
+            for m in ms if r % 2 == 0 else ms[::-1]:
+                times[m].append(same_bytes_copy_us(case.floor_bytes(m)))
+        cells = [f"M={m} {case.floor_bytes(m) / 1e6:.2f} MB " + "/".join(f"{t:.1f}" for t in ts) + " us"
+                 for m, ts in times.items()]
+        placed = [f"{shift}: {placed_copy_us(case.floor_bytes(1), shift):.1f}" for shift in (0, 2112, 524352)]
+        print(f"## floors {name}: " + "; ".join(cells) + "; M=1 placed (shift: us) " + ", ".join(placed), flush=True)
+
+
 def check(case: Case, m: int, config: Nf4Config | None = None) -> float:
     """Relative error of nf4_matmul (config: the recorded one) against x @ dequantize_4bit(W).T in fp32; inf where
     the output has a non-finite value."""
@@ -246,11 +272,14 @@ def main() -> None:
                     help="sweep: the recorded config against weights-first tiles over 2 warps (mma.sync)")
     ap.add_argument("--regs", dest="variants", action="store_const", const="regs",
                     help="sweep: M <= 32, the recorded config against nf4_regs_kernel's configs")
+    ap.add_argument("--regs-grid", dest="variants", action="store_const", const="regs-grid",
+                    help="sweep: M <= 8, nf4_regs_kernel's served config over 2-8 warps and K slices of 2-16 groups")
     ap.add_argument("--ss", dest="variants", action="store_const", const="ss",
                     help="sweep: M >= 65, the recorded config against nf4_ss_kernel's tiles (Hopper)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
+    ap.add_argument("--floors", action="store_true", help="time each shape's floor at M = 1, 4, 8, three rounds, first")
     ap.add_argument("--no-table", action="store_true", help="skip the final table")
     ap.add_argument("--ms", type=int, nargs="+", help="the table's M values (default: all of MS)")
     ap.add_argument("--markdown")
@@ -263,6 +292,8 @@ def main() -> None:
     if args.dequant:
         for case in cases.values():
             bench_dequant(case)
+    if args.floors:
+        floors(cases)
     swept = sweep(cases, tuple(args.sweep_m), args.occupancy, args.variants) if args.sweep else []
     rows = []
     for name, case in cases.items():

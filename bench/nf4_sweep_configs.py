@@ -194,7 +194,7 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     tile and K slices: 2-4-group cp.async rings, with no register cap and with a cap of 72 (7 programs per SM);
     against the recorded config (at M = 1 also the one with no LoRA shrink beside it) and nf4_matmul's served config
     (regs_config, where M is in its bucket). (The thirty-second session's sweep of 128-row tiles and more K slices
-    lost everywhere.)"""
+    lost everywhere; --regs-grid sweeps tiles and slices at M <= 8.)"""
     served = regs_config(m, n, k)
     out = [rec, *([pick_config(m, n, k, gemv=False, alone=True)] if m == 1 else []), *([served] if served else [])]
     if m > 32:
@@ -203,6 +203,22 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     split = (served or regs_config(1, n, k) or rec).split_k
     for stages, cap in itertools.product((2, 3, 4), (None, 72)):
         out.append(Nf4Config(bm, 64, split, 4, stages, regs=True, lookup=LOOKUP_PRMT, maxnreg=cap))
+    return list(dict.fromkeys(out))
+
+
+def regs_grid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
+    """M <= 8: nf4_regs_kernel's served config against its tile over 2 and 4 warps (32-128 weight rows a
+    program) and K slices of 2-16 groups (as many slices as that takes, powers of two or not): how many programs,
+    and how long each, fill the H200's 132 SMs at 6 programs each (served: 512-1,792 programs of 4-14 groups)."""
+    served = regs_config(m, n, k)
+    if served is None:
+        return [rec]
+    groups = -(-k // 128)
+    out = [served]
+    tiles = ((4, 64), (2, 32), (2, 64), (4, 128))  # (warps, block_n); 8 warps need block_m 16 (Nf4Config)
+    for (warps, bn), iters in itertools.product(tiles, (2, 3, 4, 5, 6, 8, 10, 12, 16)):
+        if iters <= groups:
+            out.append(replace(served, block_n=bn, warps=warps, split_k=-(-groups // iters)))
     return list(dict.fromkeys(out))
 
 
@@ -232,6 +248,7 @@ VARIANTS = {
     "mid": (mid_configs, ("block_m", "tail_m", "block_n", "stages", "split_k", "x_tma", "dense")),
     "x-tma": (x_tma_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "x_tma", "split_k", "dense")),
     "regs": (regs_configs, ("regs", "block_m", "stages", "maxnreg", "lookup", "split_k")),
+    "regs-grid": (regs_grid_configs, ("regs", "block_n", "warps", "split_k")),
     "ss": (ss_configs, ("ss", "block_m", "block_n", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }

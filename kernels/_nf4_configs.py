@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import triton
 
-from ._nf4_triton import LOOKUP_PRMT, LOOKUP_PRMT_IMM, LOOKUP_SMEM, LOOKUP_TABLE
+from ._nf4_triton import LOOKUP_PRMT, LOOKUP_PRMT_IMM, LOOKUP_TABLE
 
 # Where nf4_matmul_kernel applies each 64-block's absmax: to the dot's partial sums (one fp32 multiply per output
 # element and group), to the looked-up code values in x's dtype (one multiply per weight value; the dot then
@@ -61,8 +61,6 @@ class Nf4Config:
             raise ValueError("a regs config has block_m 8, 16 or 32 (at least 2 * warps), block_n a multiple of 16 * "
                              "warps, 2-4 stages, and scales the partial sums (no dense, gemv, swap_ab, tma, "
                              "tail)")
-        if self.lookup == LOOKUP_SMEM and not self.regs:
-            raise ValueError("LOOKUP_SMEM (the pair table in shared memory) is nf4_regs_kernel's only")
         if self.ss and (self.block_m not in (64, 128, 256) or self.warps not in (4, 8)
                         or self.block_n != 16 * self.warps or self.scale != SCALE_VALUES or self.dense or self.gemv
                         or self.regs or self.swap_ab or self.tma or self.tail_m):
@@ -246,6 +244,11 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
 # _nf4_regs_gluon): M = 1 / 4 / 8 q/k/v 11.7 / 12.1 / 12.1 -> 10.9 / 11.5 / 11.5, o 8.9 / 9.4 / 9.5 -> 8.4 / 9.0 / 9.0,
 # gate/up 39.8 / 39.4 / 39.6 -> 36.2 / 35.6 / 36.0, down 22.8 / 22.5 / 22.4 -> 20.3 / 21.0 / 21.2; 2- and 4-group
 # rings and a 72-register cap lost against the served 3 groups and no cap.
+# Thirty-sixth session (--regs-grid, M = 1 and 8): 2 warps by 32 or 64 rows, 4 warps by 128, and slices of 2-16 groups
+# (any count, not only powers of two) lost or tied everywhere; e.g. q/k/v at M = 1, 4-group slices (served) 10.9,
+# 5-group 13.0, 2-group 15.1, 8-group 11.3; gate/up 8-group (served) 36.3, 4-group 37.6, 16-group 39.9. 16 x-rows
+# (--regs, M = 16) against the tl.dot tile: q/k/v 13.5 against 12.6, o 9.6 / 9.6, gate/up 44.1 / 44.4, down 23.5 / 24.3,
+# so MAX_REGS_M stays 8.
 # HOTLORA_NF4_REGS=0 / 1 overrides SERVE_REGS.
 MAX_REGS_M = 8
 SERVE_REGS = True
