@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from dataclasses import replace
 
@@ -107,6 +108,24 @@ def floors(cases: dict[str, Case], ms: tuple[int, ...] = (1, 4, 8), rounds: int 
                  for m, ts in times.items()]
         placed = [f"{shift}: {placed_copy_us(case.floor_bytes(1), shift):.1f}" for shift in (0, 2112, 524352)]
         print(f"## floors {name}: " + "; ".join(cells) + "; M=1 placed (shift: us) " + ", ".join(placed), flush=True)
+
+
+def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
+    """The served decode kernel (nf4_regs_kernel) at each shape and M as served, then under each
+    HOTLORA_NF4_REGS_PROBE: "cast" (no lookup: the bytes and the skeleton), "no-stream" (no copies after the rings'
+    first fill: the lookup and the skeleton), and both (the skeleton alone). Wrong results on purpose: untimed by
+    check. sm_90 registers (offline, gate/up's slices): 80 served, 64 cast, 74 no-stream, 56 both, so cast may fit
+    8 programs an SM where the served kernel fits 6."""
+    for (name, case), m in itertools.product(cases.items(), ms):
+        cells = []
+        for probe in ("", "cast", "no-stream", "cast,no-stream"):
+            os.environ["HOTLORA_NF4_REGS_PROBE"] = probe
+            try:
+                cells.append(f"{probe or 'served'} {bench_m(case, m, baselines=False)['nf4_us']:.1f}")
+            finally:
+                del os.environ["HOTLORA_NF4_REGS_PROBE"]
+        floor = same_bytes_copy_us(case.floor_bytes(m))
+        print(f"## probes {name} M={m}: " + ", ".join(cells) + f" us; floor {floor:.1f} us", flush=True)
 
 
 def check(case: Case, m: int, config: Nf4Config | None = None) -> float:
@@ -280,6 +299,8 @@ def main() -> None:
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
     ap.add_argument("--floors", action="store_true", help="time each shape's floor at M = 1, 4, 8, three rounds, first")
+    ap.add_argument("--probes", action="store_true",
+                    help="time the decode kernel without its lookup / its streaming at --sweep-m's M (<= 8), first")
     ap.add_argument("--no-table", action="store_true", help="skip the final table")
     ap.add_argument("--ms", type=int, nargs="+", help="the table's M values (default: all of MS)")
     ap.add_argument("--markdown")
@@ -294,6 +315,8 @@ def main() -> None:
             bench_dequant(case)
     if args.floors:
         floors(cases)
+    if args.probes:
+        probes(cases, tuple(args.sweep_m))
     swept = sweep(cases, tuple(args.sweep_m), args.occupancy, args.variants) if args.sweep else []
     rows = []
     for name, case in cases.items():

@@ -63,7 +63,7 @@ def compile_regs_sm90(cfg: Nf4Config, iters: int = 16) -> bytes:
     """The cubin of nf4_regs_kernel for `cfg` (bf16 x, split K, no bias), as the JIT builds it for an H200."""
     consts = dict(HAS_BIAS=False, V_DTYPE=tl.bfloat16, BLOCK_M=cfg.block_m, TILES=cfg.block_n // (16 * cfg.warps),
                   SPLIT_K=cfg.split_k, ITERS=iters, PDL=True, STAGES=cfg.stages,
-                  EVEN=cfg.even)
+                  EVEN=cfg.even, PROBE=0)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": "*bf16",
                 "y_ptr": "*bf16", "part_ptr": "*fp32"}
     signature = {**pointers, **dict.fromkeys(SCALARS, "i32"), **dict.fromkeys(consts, "constexpr")}

@@ -21,7 +21,9 @@ barrier a group suffices (with one ring allocation indexed at run time, the barr
 copy); slices of at most UNROLL_ITERS groups (the served ones) are straight-line code, which ptxas fits in 80
 registers (6 programs per SM), against 104 for the same steps in a loop. Where the shape tiles evenly (EVEN) no
 copy or scale load carries a row or K mask: x's rows past M repeat its last row, whose products no store keeps.
-HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only).
+HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only). HOTLORA_NF4_REGS_PROBE (bench only,
+bench/nf4_gemm.py --probes) times the kernel without its lookup ("cast"), without streaming after the rings' first
+fill ("no-stream"), or both: what the bytes alone, and the work alone, cost at the same grid and occupancy.
 
 The prmt lookup is ~2.5 ALU instructions a weight value, and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md,
 thirty-fifth session). Reading each code byte's two values from a 256-word table in shared memory instead (one
@@ -52,6 +54,13 @@ def _table_words(lut_ptr, tid):
     return (gl.sum(gl.load(base), axis=0), gl.sum(gl.load(base + 1), axis=0), gl.sum(gl.load(base + 2), axis=0),
             gl.sum(gl.load(base + 3), axis=0), gl.sum(gl.load(base + 4), axis=0), gl.sum(gl.load(base + 5), axis=0),
             gl.sum(gl.load(base + 6), axis=0), gl.sum(gl.load(base + 7), axis=0), gl.sum(gl.load(base + 8), axis=0))
+
+
+# PROBE bits (bench only, HOTLORA_NF4_REGS_PROBE): the lookup replaced by the code bytes' bits as values (CAST: no
+# ALU work, wrong on purpose), and no copies after the rings' first fill (NO_STREAM: the steps reread stale stages)
+PROBE_CAST = gl.constexpr(1)
+PROBE_NO_STREAM = gl.constexpr(2)
+_CAST_ASM = gl.constexpr("mov.b32 $0, $4; mov.b32 $1, $4; mov.b32 $2, $4; mov.b32 $3, $4;")
 
 
 @gluon.jit
@@ -99,10 +108,15 @@ def _store_tile(acc, rn, rmask, om, M, N, pid_k, stride_ym, bias_ptr, y_ptr, par
 
 
 @gluon.jit
-def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr):
+def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
+                PROBE: gl.constexpr):
     """acc + the group's two 64-blocks' MMAs, each scaled by its absmax."""
     raw, x_hi, x_lo, s_hi, s_lo = group
-    v_hi, v_lo = _lookup(raw, tab, V_DTYPE)
+    if PROBE & PROBE_CAST:
+        types: gl.constexpr = (gl.bfloat16, gl.bfloat16) if gl.bfloat16 == V_DTYPE else (gl.float16, gl.float16)
+        v_hi, v_lo = gl.inline_asm_elementwise(_CAST_ASM, "=r,=r,=r,=r,r", [raw], dtype=types, is_pure=True, pack=4)
+    else:
+        v_hi, v_lo = _lookup(raw, tab, V_DTYPE)
     p_hi = mma_v2(gl.convert_layout(v_hi, a_op), gl.convert_layout(x_hi, b_op), zero)
     p_lo = mma_v2(gl.convert_layout(v_lo, a_op), gl.convert_layout(x_lo, b_op), zero)
     return acc + p_hi * s_hi[:, None] + p_lo * s_lo[:, None]
@@ -146,7 +160,7 @@ def _scales(s_ptrs, s_mask, g, g_end, EVEN: gl.constexpr):
 
 @gluon.jit
 def _step(acc, scales, ctx, j: gl.constexpr, g, w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr,
-          b_op: gl.constexpr, V_DTYPE: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr):
+          b_op: gl.constexpr, V_DTYPE: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr, PROBE: gl.constexpr):
     """One group g from ring stage j: wait for it, read it into the operand layouts, copy group g + STAGES - 1
     into the stage read last step, load the next group's scales, and add this group's MMAs to acc (ctx: what every
     step of _pipelined shares)."""
@@ -159,15 +173,16 @@ def _step(acc, scales, ctx, j: gl.constexpr, g, w_l: gl.constexpr, x_l: gl.const
     s_hi, s_lo = scales
     scales = _scales(s_ptrs, s_mask, g + 1, g_end, EVEN)
     last: gl.constexpr = (j + STAGES - 1) % STAGES
-    _issue(w_s[last], x_s[last], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g + STAGES - 1, g_end, K, EVEN)
-    return _accumulate(acc, (raw, x_hi, x_lo, s_hi, s_lo), zero, tab, a_op, b_op, V_DTYPE), scales
+    if not PROBE & PROBE_NO_STREAM:
+        _issue(w_s[last], x_s[last], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g + STAGES - 1, g_end, K, EVEN)
+    return _accumulate(acc, (raw, x_hi, x_lo, s_hi, s_lo), zero, tab, a_op, b_op, V_DTYPE, PROBE), scales
 
 
 @gluon.jit
 def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
                w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ITERS: gl.constexpr, STAGES: gl.constexpr,
-               EVEN: gl.constexpr):
+               EVEN: gl.constexpr, PROBE: gl.constexpr):
     """The K loop's fp32 sums [BLOCK_N, BLOCK_M], with the code bytes and x copied STAGES - 1 groups ahead
     (cp.async into shared-memory rings, one commit group per group), each group read back into the operand layouts
     after a CTA barrier; the scales come by plain loads one group ahead. ITERS <= UNROLL_ITERS groups run as
@@ -196,14 +211,16 @@ def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, 
     ctx = (w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g_end, K, zero, tab, s_ptrs, s_mask)
     if ITERS <= UNROLL_ITERS:  # straight-line code: no loop for ptxas to pipeline across, fewer registers
         for i in gl.static_range(ITERS):
-            acc, scales = _step(acc, scales, ctx, i % STAGES, g0 + i, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN)
+            acc, scales = _step(acc, scales, ctx, i % STAGES, g0 + i, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN,
+                                PROBE)
     else:
         for i0 in range(0, ITERS - ITERS % STAGES, STAGES):
             for j in gl.static_range(STAGES):
-                acc, scales = _step(acc, scales, ctx, j, g0 + i0 + j, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN)
+                acc, scales = _step(acc, scales, ctx, j, g0 + i0 + j, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN,
+                                    PROBE)
         for j in gl.static_range(ITERS % STAGES):  # the last groups: ITERS is no multiple of STAGES
             acc, scales = _step(acc, scales, ctx, j, g0 + ITERS - ITERS % STAGES + j, w_l, x_l, a_op, b_op, V_DTYPE,
-                                STAGES, EVEN)
+                                STAGES, EVEN, PROBE)
     async_copy.wait_group(0)
     return acc
 
@@ -212,7 +229,7 @@ def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, 
 def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, M, N, K, NUM_G, stride_xm,
                     stride_wn, stride_an, stride_ym, HAS_BIAS: gl.constexpr, V_DTYPE: gl.constexpr,
                     BLOCK_M: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr, ITERS: gl.constexpr,
-                    PDL: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr):
+                    PDL: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr, PROBE: gl.constexpr):
     """y [M, N] (or its K slices' fp32 sums in part) = x [M, K] @ dequant(W).T for M <= BLOCK_M (module docstring).
     A program covers BLOCK_N = 16 * TILES * num_warps weight rows and one K slice; x's rows and the codes' rows
     are 16-byte aligned (regs_fit)."""
@@ -240,7 +257,7 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     g0 = pid_k * ITERS
     acc = _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
-                     stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES, EVEN)
+                     stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES, EVEN, PROBE)
 
     _store_tile(acc, srows, s_mask, gl.arange(0, BLOCK_M, layout=col_l), M, N, pid_k, stride_ym, bias_ptr, y_ptr,
                 part_ptr, HAS_BIAS, SPLIT_K)
@@ -258,6 +275,15 @@ def regs_fit(x: torch.Tensor, codes: torch.Tensor, cfg: Nf4Config) -> bool:
     return x.shape[0] <= cfg.block_m and rows_aligned(x, codes)
 
 
+def probe() -> int:
+    """The PROBE bits HOTLORA_NF4_REGS_PROBE asks for (bench only; comma-separated "cast", "no-stream"), else 0."""
+    names = os.environ.get("HOTLORA_NF4_REGS_PROBE")
+    if not names:
+        return 0
+    bits = {"cast": PROBE_CAST.value, "no-stream": PROBE_NO_STREAM.value}
+    return sum(bits[name] for name in names.split(","))
+
+
 def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor,
                 bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor | None:
     """nf4_regs_kernel writing y, or (split K) its fp32 sums [split, M, N], returned for the reduce or a finish
@@ -272,7 +298,7 @@ def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut:
         codes.stride(0), absmax.stride(0), y.stride(0), HAS_BIAS=bias is not None,
         V_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, BLOCK_M=cfg.block_m,
         TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=split, ITERS=triton.cdiv(groups, split), STAGES=cfg.stages,
-        EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128,
+        EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128, PROBE=probe(),
         num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}), **pdl_args(x),
     )
     return part if split > 1 else None

@@ -69,13 +69,13 @@ _LLAMA = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 _REGS_CASES = [(m, dtype) for m in (1, 8) for dtype in ("bf16", "fp16")]
 
 
-def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool) -> tuple[int, int]:
-    """Compile nf4_regs_kernel as _nf4_regs_gluon.launch_regs launches regs_config(m, n, k) (the Llama shapes tile
-    evenly); its shared memory in bytes and its registers a thread."""
+def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, probe: int = 0):
+    """nf4_regs_kernel compiled as _nf4_regs_gluon.launch_regs launches regs_config(m, n, k) (the Llama shapes tile
+    evenly), with HOTLORA_NF4_REGS_PROBE's bits `probe`."""
     cfg = _nf4_configs.regs_config(m, n, k)
     consts = dict(HAS_BIAS=bias, V_DTYPE=tl.bfloat16 if x == "bf16" else tl.float16, BLOCK_M=cfg.block_m,
                   TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
-                  PDL=True, STAGES=cfg.stages, EVEN=True)
+                  PDL=True, STAGES=cfg.stages, EVEN=True, PROBE=probe)
     pointers = {"x_ptr": f"*{x}", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": f"*{x}",
                 "y_ptr": f"*{x}", "part_ptr": "*fp32"}
     scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
@@ -85,8 +85,7 @@ def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool) -> tuple[int, 
     src = GluonASTSource(fn=_nf4_regs_gluon.nf4_regs_kernel, signature=signature,
                          constexprs={(names.index(c),): v for c, v in consts.items()},
                          attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.warps})
-    return kernel.metadata.shared, _registers(kernel.asm["cubin"])
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.warps})
 
 
 def _tool(cubin: bytes, tool: str, *args: str) -> str:
@@ -166,12 +165,19 @@ def _compile_all() -> dict[str, str]:
                 out[f"{_label(cfg)}-{_NAME[dtype]}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for m, x in _REGS_CASES:
         try:  # every Llama shape (their K slices differ; split 1 takes the bias)
-            sizes = [compile_regs_sm90(m, n, k, x, bias=_nf4_configs.regs_config(m, n, k).split_k == 1)
-                     for n, k in _LLAMA]
+            kernels = [compile_regs_sm90(m, n, k, x, bias=_nf4_configs.regs_config(m, n, k).split_k == 1)
+                       for n, k in _LLAMA]
+            sizes = [(kernel.metadata.shared, _registers(kernel.asm["cubin"])) for kernel in kernels]
             out[_regs_label(m, x)] = sorted({shared for shared, _ in sizes})
             out[_regs_label(m, x) + "-registers"] = max(regs for _, regs in sizes)
         except Exception as exc:
             out[_regs_label(m, x)] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    for probe in (0, 1, 2):  # gate/up's slices at M = 1
+        try:
+            sass = _tool(compile_regs_sm90(1, 28672, 4096, "bf16", False, probe).asm["cubin"], "nvdisasm", "-c")
+            out[f"regs-probe{probe}"] = [len(re.findall(rf"\b{op}\b", sass)) for op in ("PRMT", "LDGSTS")]
+        except Exception as exc:
+            out[f"regs-probe{probe}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for n, k, x, warps in _SS_CASES:
         try:
             out[f"ss-{n}x{k}-{x}-w{warps}"] = compile_ss_sm90(n, k, x, warps)
@@ -201,6 +207,16 @@ def test_regs_kernel_compiles_for_sm90_with_only_its_rings_in_shared_memory(comp
     assert compiled[_regs_label(m, x_dtype)] == [rings]
     # six 4-warp programs an SM: the served slices are straight-line steps (unrolled; as a loop it took 104)
     assert 6 * 32 * cfg.warps * compiled[_regs_label(m, x_dtype) + "-registers"] <= 65536
+
+
+def test_regs_kernel_probes_drop_what_they_name(compiled):
+    """HOTLORA_NF4_REGS_PROBE (bench only): "cast" leaves no lookup (no PRMT) and every copy; "no-stream" every
+    lookup and only the first fill's copies (3 cp.async a group: the code bytes' two and x's one)."""
+    prmt, copies = compiled["regs-probe0"]
+    stages = _nf4_configs.regs_config(1, 28672, 4096).stages
+    assert prmt > 0 and copies > 3 * stages
+    assert compiled["regs-probe1"] == [0, copies]
+    assert compiled["regs-probe2"] == [prmt, 3 * (stages - 1)]
 
 
 @pytest.mark.parametrize(("n", "k", "x_dtype", "warps"), _SS_CASES)
