@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from dataclasses import replace
 
@@ -26,6 +25,7 @@ import torch
 from graph_timing import graph_time_us
 from nf4_sweep_configs import GEMV_SWEEP_MAX_M, VARIANTS, sweep_configs
 
+from hotlora.kernels import _nf4_regs_gluon
 from hotlora.kernels.nf4 import (
     LOOKUP_CAST,
     LOOKUP_PRMT,
@@ -111,19 +111,20 @@ def floors(cases: dict[str, Case], ms: tuple[int, ...] = (1, 4, 8), rounds: int 
 
 
 def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
-    """The served decode kernel (nf4_regs_kernel) at each shape and M as served, then under each
-    HOTLORA_NF4_REGS_PROBE: "cast" (no lookup: the bytes and the skeleton), "no-stream" (no copies after the rings'
-    first fill: the lookup and the skeleton), and both (the skeleton alone). Wrong results on purpose: untimed by
-    check. sm_90 registers (offline, gate/up's slices): 80 served, 64 cast, 74 no-stream, 56 both, so cast may fit
-    8 programs an SM where the served kernel fits 6."""
+    """The served decode kernel (nf4_regs_kernel) at each shape and M as served, then under each of its PROBE_BITS:
+    cast (no lookup: the bytes and the skeleton), no-stream (no copies after the rings' first fill: the lookup and
+    the skeleton), and both (the skeleton alone). Wrong results on purpose: untimed by check. sm_90 registers
+    (offline, gate/up's slices): 80 served, 64 cast, 74 no-stream, 56 both, so cast may fit 8 programs an SM where
+    the served kernel fits 6."""
+    cast, no_stream = _nf4_regs_gluon.PROBE_CAST.value, _nf4_regs_gluon.PROBE_NO_STREAM.value
     for (name, case), m in itertools.product(cases.items(), ms):
         cells = []
-        for probe in ("", "cast", "no-stream", "cast,no-stream"):
-            os.environ["HOTLORA_NF4_REGS_PROBE"] = probe
+        for label, bits in (("served", 0), ("cast", cast), ("no-stream", no_stream), ("both", cast | no_stream)):
+            _nf4_regs_gluon.PROBE_BITS = bits
             try:
-                cells.append(f"{probe or 'served'} {bench_m(case, m, baselines=False)['nf4_us']:.1f}")
+                cells.append(f"{label} {bench_m(case, m, baselines=False)['nf4_us']:.1f}")
             finally:
-                del os.environ["HOTLORA_NF4_REGS_PROBE"]
+                _nf4_regs_gluon.PROBE_BITS = 0
         floor = same_bytes_copy_us(case.floor_bytes(m))
         print(f"## probes {name} M={m}: " + ", ".join(cells) + f" us; floor {floor:.1f} us", flush=True)
 

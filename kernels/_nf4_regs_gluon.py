@@ -21,9 +21,9 @@ barrier a group suffices (with one ring allocation indexed at run time, the barr
 copy); slices of at most UNROLL_ITERS groups (the served ones) are straight-line code, which ptxas fits in 80
 registers (6 programs per SM), against 104 for the same steps in a loop. Where the shape tiles evenly (EVEN) no
 copy or scale load carries a row or K mask: x's rows past M repeat its last row, whose products no store keeps.
-HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only). HOTLORA_NF4_REGS_PROBE (bench only,
-bench/nf4_gemm.py --probes) times the kernel without its lookup ("cast"), without streaming after the rings' first
-fill ("no-stream"), or both: what the bytes alone, and the work alone, cost at the same grid and occupancy.
+HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only). PROBE_BITS (bench only,
+bench/nf4_gemm.py --probes) runs the kernel without its lookup (PROBE_CAST), without streaming after the rings'
+first fill (PROBE_NO_STREAM), or both: what the bytes alone, and the work alone, cost at the same grid.
 
 The prmt lookup is ~2.5 ALU instructions a weight value, and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md,
 thirty-fifth session). Reading each code byte's two values from a 256-word table in shared memory instead (one
@@ -56,10 +56,12 @@ def _table_words(lut_ptr, tid):
             gl.sum(gl.load(base + 6), axis=0), gl.sum(gl.load(base + 7), axis=0), gl.sum(gl.load(base + 8), axis=0))
 
 
-# PROBE bits (bench only, HOTLORA_NF4_REGS_PROBE): the lookup replaced by the code bytes' bits as values (CAST: no
-# ALU work, wrong on purpose), and no copies after the rings' first fill (NO_STREAM: the steps reread stale stages)
+# PROBE bits (bench only: bench/nf4_gemm.py --probes sets PROBE_BITS, which launch_regs passes): the lookup replaced
+# by the code bytes' bits as values (CAST: no ALU work, wrong on purpose), and no copies after the rings' first fill
+# (NO_STREAM: the steps reread stale stages)
 PROBE_CAST = gl.constexpr(1)
 PROBE_NO_STREAM = gl.constexpr(2)
+PROBE_BITS = 0
 _CAST_ASM = gl.constexpr("mov.b32 $0, $4; mov.b32 $1, $4; mov.b32 $2, $4; mov.b32 $3, $4;")
 
 
@@ -275,15 +277,6 @@ def regs_fit(x: torch.Tensor, codes: torch.Tensor, cfg: Nf4Config) -> bool:
     return x.shape[0] <= cfg.block_m and rows_aligned(x, codes)
 
 
-def probe() -> int:
-    """The PROBE bits HOTLORA_NF4_REGS_PROBE asks for (bench only; comma-separated "cast", "no-stream"), else 0."""
-    names = os.environ.get("HOTLORA_NF4_REGS_PROBE")
-    if not names:
-        return 0
-    bits = {"cast": PROBE_CAST.value, "no-stream": PROBE_NO_STREAM.value}
-    return sum(bits[name] for name in names.split(","))
-
-
 def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor,
                 bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor | None:
     """nf4_regs_kernel writing y, or (split K) its fp32 sums [split, M, N], returned for the reduce or a finish
@@ -298,7 +291,7 @@ def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut:
         codes.stride(0), absmax.stride(0), y.stride(0), HAS_BIAS=bias is not None,
         V_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, BLOCK_M=cfg.block_m,
         TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=split, ITERS=triton.cdiv(groups, split), STAGES=cfg.stages,
-        EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128, PROBE=probe(),
+        EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128, PROBE=PROBE_BITS,
         num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}), **pdl_args(x),
     )
     return part if split > 1 else None

@@ -71,7 +71,7 @@ _REGS_CASES = [(m, dtype) for m in (1, 8) for dtype in ("bf16", "fp16")]
 
 def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, probe: int = 0):
     """nf4_regs_kernel compiled as _nf4_regs_gluon.launch_regs launches regs_config(m, n, k) (the Llama shapes tile
-    evenly), with HOTLORA_NF4_REGS_PROBE's bits `probe`."""
+    evenly), with the PROBE bits `probe` (_nf4_regs_gluon.PROBE_BITS)."""
     cfg = _nf4_configs.regs_config(m, n, k)
     consts = dict(HAS_BIAS=bias, V_DTYPE=tl.bfloat16 if x == "bf16" else tl.float16, BLOCK_M=cfg.block_m,
                   TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
@@ -210,8 +210,8 @@ def test_regs_kernel_compiles_for_sm90_with_only_its_rings_in_shared_memory(comp
 
 
 def test_regs_kernel_probes_drop_what_they_name(compiled):
-    """HOTLORA_NF4_REGS_PROBE (bench only): "cast" leaves no lookup (no PRMT) and every copy; "no-stream" every
-    lookup and only the first fill's copies (3 cp.async a group: the code bytes' two and x's one)."""
+    """The bench's probes (_nf4_regs_gluon.PROBE_BITS): PROBE_CAST leaves no lookup (no PRMT) and every copy;
+    PROBE_NO_STREAM every lookup and only the first fill's copies (3 cp.async a group: the code bytes' two, x's one)."""
     prmt, copies = compiled["regs-probe0"]
     stages = _nf4_configs.regs_config(1, 28672, 4096).stages
     assert prmt > 0 and copies > 3 * stages

@@ -181,19 +181,3 @@ def test_ss_configs_refuse_what_the_kernel_cannot_run():
         with pytest.raises(ValueError):
             Nf4Config(**{"block_m": 256, "block_n": 128, "warps": 8, "scale": SCALE_VALUES, "ss": True, **bad})
     Nf4Config(256, 64, 2, warps=4, scale=SCALE_VALUES, ss=True)  # valid
-
-
-def test_regs_probe_reads_its_bench_switch(monkeypatch):
-    """HOTLORA_NF4_REGS_PROBE (bench/nf4_gemm.py --probes): unset is the served kernel; names add their bits; an
-    unknown name is refused rather than timed as the served kernel."""
-    from hotlora.kernels._nf4_regs_gluon import PROBE_CAST, PROBE_NO_STREAM, probe
-
-    monkeypatch.delenv("HOTLORA_NF4_REGS_PROBE", raising=False)
-    assert probe() == 0
-    for names, bits in (("cast", PROBE_CAST.value), ("no-stream", PROBE_NO_STREAM.value),
-                        ("cast,no-stream", PROBE_CAST.value | PROBE_NO_STREAM.value)):
-        monkeypatch.setenv("HOTLORA_NF4_REGS_PROBE", names)
-        assert probe() == bits
-    monkeypatch.setenv("HOTLORA_NF4_REGS_PROBE", "lookup")
-    with pytest.raises(KeyError):
-        probe()
