@@ -24,8 +24,7 @@ import json
 import math
 
 import torch
-from graph_timing import graph_time_us
-from lora_kernels import same_bytes_copy_us
+from graph_timing import graph_time_us, same_bytes_copy_us
 
 from hotlora.kernels import lora as lora_mod
 from hotlora.kernels import lora_project as project_mod

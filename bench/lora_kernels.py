@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
-from graph_timing import graph_time_us
+from graph_timing import graph_time_us, same_bytes_copy_us
 from triton.testing import do_bench
 
 from hotlora.kernels.lora import (
@@ -85,17 +85,6 @@ def make_sets(spec: Spec, meta_rows: torch.Tensor, count: int) -> list[Set]:
         fused = torch.randn(spec.tokens, sum(spec.outs), device="cuda", dtype=DT)
         sets.append(Set(x, slices, fused, list(fused.split(list(spec.outs), dim=1))))
     return sets
-
-
-def same_bytes_copy_us(set_bytes: int, count: int) -> float:
-    """graph_time_us of a plain device copy that reads and writes set_bytes in all (rotating buffers): what
-    moving the op's minimal bytes costs at this size, launch and DRAM latency included."""
-    n = set_bytes // 4  # bf16 elements: n * 2 bytes read + n * 2 bytes written
-    bufs = [
-        (torch.empty(n, device="cuda", dtype=DT).normal_(), torch.empty(n, device="cuda", dtype=DT))
-        for _ in range(count)
-    ]
-    return graph_time_us(lambda i: bufs[i][1].copy_(bufs[i][0]), count)
 
 
 def eager_time_us(fn_per_set, count: int) -> float:

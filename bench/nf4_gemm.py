@@ -7,7 +7,8 @@ Llama-3-8B projections as the engine runs them: q/k/v fused 4096->6144, o 4096->
 of one CUDA graph holding one call per rotating weight copy (copies * bytes >= 4x L2, so weights come from
 HBM), divided by the number of copies. bitsandbytes runs a fused group as its separate projections (as the
 engine did), and its time is their sum. "floor" is a plain device copy of the op's minimal bytes (packed
-nibbles + 8-bit absmax + x + y), timed the same way in the same run. --sweep times launch configs per shape and
+nibbles + 8-bit absmax + x + y, rounded up to 64 KB: graph_timing.same_bytes_copy_us), timed the same way in the
+same run. --sweep times launch configs per shape and
 M; for M <= 8 it sweeps the GEMV kernel (nf4_gemv_kernel) and prints the tl.dot path's config beside it.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import replace
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
-from graph_timing import graph_time_us
+from graph_timing import COPY_ALIGN, graph_time_us, same_bytes_copy_us
 from nf4_sweep_configs import GEMV_SWEEP_MAX_M, VARIANTS, sweep_configs
 
 from hotlora.kernels import _nf4_regs_gluon
@@ -77,37 +78,23 @@ class Case:
         return self.n * self.k // 2 + self.n * self.k // 64 + 2 * m * (self.k + self.n)
 
 
-def same_bytes_copy_us(nbytes: int) -> float:
-    n = max(1, nbytes // 4)  # bf16: read n*2 + write n*2 bytes
-    count = copies_for(nbytes)
-    bufs = [(torch.randn(n, device="cuda", dtype=DT), torch.empty(n, device="cuda", dtype=DT)) for _ in range(count)]
-    return graph_time_us(lambda i: bufs[i][1].copy_(bufs[i][0]), count)
+def floor_us(nbytes: int, align: int = COPY_ALIGN) -> float:
+    """The floor: graph_timing.same_bytes_copy_us over enough rotating buffers to miss L2."""
+    return same_bytes_copy_us(nbytes, copies_for(nbytes), align)
 
 
-def placed_copy_us(nbytes: int, shift: int) -> float:
-    """same_bytes_copy_us with the rotating sources and destinations cut from two blocks, each destination `shift`
-    bf16 elements further into its block than its source is into its own: the copy at a chosen relative placement."""
-    n = max(1, nbytes // 4)
-    count = copies_for(nbytes)
-    src = torch.randn(count * n, device="cuda", dtype=DT)
-    dst = torch.empty(count * n + shift, device="cuda", dtype=DT)
-    return graph_time_us(lambda i: dst[shift + i * n:shift + (i + 1) * n].copy_(src[i * n:(i + 1) * n]), count)
-
-
-def floors(cases: dict[str, Case], ms: tuple[int, ...] = (1, 4, 8), rounds: int = 3) -> None:
-    """The floor of each shape at each M, `rounds` times in alternating M order, then copies of M = 1's bytes at
-    three relative placements of source and destination. In the thirty-fifth and thirty-sixth sessions down's and
-    q/k/v's floor at M = 1 came out 27-38% above the same shape's at M = 4-8 (whose bytes differ by under 1%), in
-    three calls, which a copy of nearly the same bytes should not do: the order, or where the buffers fall?"""
+def floors(cases: dict[str, Case], ms: tuple[int, ...] = (1, 4, 8), rounds: int = 2) -> None:
+    """Each shape's floor at each M as timed (bytes rounded up to COPY_ALIGN) and unrounded, `rounds` times in
+    alternating M order. Unrounded, down's and q/k/v's floor at M = 1 (the two whose copy halves are no multiple of
+    4 KB) came out 27-38% above M = 4-8's in three calls."""
     for name, case in cases.items():
-        times: dict[int, list[float]] = {m: [] for m in ms}
+        times: dict[tuple[int, int], list[float]] = {}
         for r in range(rounds):
-            for m in ms if r % 2 == 0 else ms[::-1]:
-                times[m].append(same_bytes_copy_us(case.floor_bytes(m)))
-        cells = [f"M={m} {case.floor_bytes(m) / 1e6:.2f} MB " + "/".join(f"{t:.1f}" for t in ts) + " us"
-                 for m, ts in times.items()]
-        placed = [f"{shift}: {placed_copy_us(case.floor_bytes(1), shift):.1f}" for shift in (0, 2112, 524352)]
-        print(f"## floors {name}: " + "; ".join(cells) + "; M=1 placed (shift: us) " + ", ".join(placed), flush=True)
+            for m, align in itertools.product(ms if r % 2 == 0 else ms[::-1], (COPY_ALIGN, 4)):
+                times.setdefault((m, align), []).append(floor_us(case.floor_bytes(m), align))
+        cells = [f"M={m} {'rounded' if align > 4 else 'unrounded'} " + "/".join(f"{t:.1f}" for t in ts)
+                 for (m, align), ts in times.items()]
+        print(f"## floors {name} (us): " + "; ".join(cells), flush=True)
 
 
 def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
@@ -125,7 +112,7 @@ def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
                 cells.append(f"{label} {bench_m(case, m, baselines=False)['nf4_us']:.1f}")
             finally:
                 _nf4_regs_gluon.PROBE_BITS = 0
-        floor = same_bytes_copy_us(case.floor_bytes(m))
+        floor = floor_us(case.floor_bytes(m))
         print(f"## probes {name} M={m}: " + ", ".join(cells) + f" us; floor {floor:.1f} us", flush=True)
 
 
@@ -154,7 +141,7 @@ def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool
 
         row["bnb_us"] = graph_time_us(bnb_call, case.count)
         row["cublas_us"] = cublas_us(case, m)
-        row["floor_us"] = same_bytes_copy_us(case.floor_bytes(m))
+        row["floor_us"] = floor_us(case.floor_bytes(m))
         row["rel_err"] = check(case, m)
     return row
 
@@ -224,7 +211,7 @@ def gemv_baselines(case: Case, m: int, best: Nf4Config) -> dict:
     dot = pick_config(m, case.n, case.k, gemv=False)
     row = {"dot_us": bench_m(case, m, dot, baselines=False)["nf4_us"],
            "best_cast_lookup_us": bench_m(case, m, replace(best, lookup=LOOKUP_CAST), baselines=False)["nf4_us"],
-           "floor_us": same_bytes_copy_us(case.floor_bytes(m))}
+           "floor_us": floor_us(case.floor_bytes(m))}
     if m <= MAX_GEMV_M:
         row["gemv_default_us"] = bench_m(case, m, pick_config(m, case.n, case.k, gemv=True),
                                          baselines=False)["nf4_us"]
@@ -299,7 +286,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
     ap.add_argument("--ab-prefetch", action="store_true", help="time prefetch on/off at M = 16, 32 first")
     ap.add_argument("--dequant", action="store_true", help="time whole-weight dequantization first")
-    ap.add_argument("--floors", action="store_true", help="time each shape's floor at M = 1, 4, 8, three rounds, first")
+    ap.add_argument("--floors", action="store_true",
+                    help="time each shape's floor at M = 1, 4, 8, rounded and not, first")
     ap.add_argument("--probes", action="store_true",
                     help="time the decode kernel without its lookup / its streaming at --sweep-m's M (<= 8), first")
     ap.add_argument("--no-table", action="store_true", help="skip the final table")

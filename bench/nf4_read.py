@@ -18,7 +18,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
-from graph_timing import graph_time_us
+from graph_timing import graph_time_us, same_bytes_copy_us
 
 SHAPES = {"gate/up": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096)}  # N, K
 L2_BYTES = 60 * 2**20
@@ -51,9 +51,7 @@ def bench_shape(name: str) -> None:
     nbytes = n * words * 4
     count = max(2, -(-4 * L2_BYTES // nbytes))
     ws = [torch.randint(-2**31, 2**31 - 1, (n, words), dtype=torch.int32, device="cuda") for _ in range(count)]
-    copies = [(torch.randn(nbytes // 4, device="cuda", dtype=torch.bfloat16),
-               torch.empty(nbytes // 4, device="cuda", dtype=torch.bfloat16)) for _ in range(count)]
-    floor = graph_time_us(lambda i: copies[i][1].copy_(copies[i][0]), count)
+    floor = same_bytes_copy_us(nbytes, count)
     print(f"## {name} {n}x{k}: {nbytes / 1e6:.1f} MB of codes; same-bytes copy {floor:.1f} us", flush=True)
     for block_n, width_b, split, stages, tiled in itertools.product((64, 128), (64, 128, 256), (1, 2, 4), (1, 3),
                                                                       (False, True)):
