@@ -207,7 +207,7 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 
 
 def regs_grid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
-    """M <= 8: nf4_regs_kernel's served config against its tile over 2 and 4 warps (32-128 weight rows a
+    """M <= 8: nf4_regs_kernel's served config against its tile over 1, 2 and 4 warps (16-128 weight rows a
     program) and K slices of 2-16 groups (as many slices as that takes, powers of two or not): how many programs,
     and how long each, fill the H200's 132 SMs at 6 programs each (served: 512-1,792 programs of 4-14 groups)."""
     served = regs_config(m, n, k)
@@ -215,7 +215,9 @@ def regs_grid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]
         return [rec]
     groups = -(-k // 128)
     out = [served]
-    tiles = ((4, 64), (2, 32), (2, 64), (4, 128))  # (warps, block_n); 8 warps need block_m 16 (Nf4Config)
+    # (warps, block_n); 8 warps need block_m 16 (Nf4Config). One warp a program: its CTA barrier a group holds no
+    # other warp back (sm_90: 90 registers at 16 rows, ~22 programs an SM; 145 at 32)
+    tiles = ((4, 64), (2, 32), (2, 64), (4, 128), (1, 16), (1, 32))
     for (warps, bn), iters in itertools.product(tiles, (2, 3, 4, 5, 6, 8, 10, 12, 16)):
         if iters <= groups:
             out.append(replace(served, block_n=bn, warps=warps, split_k=-(-groups // iters)))
