@@ -280,7 +280,8 @@ def main() -> None:
     ap.add_argument("--regs", dest="variants", action="store_const", const="regs",
                     help="sweep: M <= 32, the recorded config against nf4_regs_kernel's configs")
     ap.add_argument("--regs-grid", dest="variants", action="store_const", const="regs-grid",
-                    help="sweep: M <= 8, nf4_regs_kernel's served config over 2-8 warps and K slices of 2-16 groups")
+                    help="sweep: M <= 8, nf4_regs_kernel's served config over 1-4 warps and K slices of 2-16 "
+                         "groups, and own_rows")
     ap.add_argument("--ss", dest="variants", action="store_const", const="ss",
                     help="sweep: M >= 65, the recorded config against nf4_ss_kernel's tiles (Hopper)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))
