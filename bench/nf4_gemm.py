@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from dataclasses import replace
 
@@ -97,23 +98,42 @@ def floors(cases: dict[str, Case], ms: tuple[int, ...] = (1, 4, 8), rounds: int 
         print(f"## floors {name} (us): " + "; ".join(cells), flush=True)
 
 
+def _skip_reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> bool:
+    """A finish hook that claims the split sums and writes nothing: the matmul kernel without its reduce launch."""
+    return True
+
+
 def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
-    """The served decode kernel (nf4_regs_kernel) at each shape and M as served, then under each of its PROBE_BITS:
-    cast (no lookup: the bytes and the skeleton), no-stream (no copies after the rings' first fill: the lookup and
-    the skeleton), and both (the skeleton alone). Wrong results on purpose: untimed by check. sm_90 registers
-    (offline, gate/up's slices): 80 served, 64 cast, 74 no-stream, 56 both, so cast may fit 8 programs an SM where
-    the served kernel fits 6."""
+    """The served decode kernel (nf4_regs_kernel) at each shape and M as served, and without the split-K reduce
+    launch after it (no-reduce), each with PDL as served (the next kernel scheduled at the start), late (scheduled
+    after the store: PROBE_LATE_PDL) and off (HOTLORA_NO_PDL=1); then under its other PROBE_BITS: cast (no lookup:
+    the bytes and the skeleton), no-stream (no copies after the rings' first fill: the lookup and the skeleton), and
+    both (the skeleton alone). Wrong results on purpose: untimed by check. sm_90 registers (offline, gate/up's
+    slices): 80 served, 64 cast, 74 no-stream, 56 both, so cast may fit 8 programs an SM where the served kernel
+    fits 6."""
     cast, no_stream = _nf4_regs_gluon.PROBE_CAST.value, _nf4_regs_gluon.PROBE_NO_STREAM.value
+    late = _nf4_regs_gluon.PROBE_LATE_PDL.value
+    cells = [(name + pdl, late if pdl == " late-pdl" else 0, finish, pdl == " no-pdl")
+             for pdl in ("", " late-pdl", " no-pdl")
+             for name, finish in (("served", None), ("no-reduce", _skip_reduce))]
+    cells += [(name, bits, None, False) for name, bits in (("cast", cast), ("no-stream", no_stream),
+                                                           ("both", cast | no_stream))]
     for (name, case), m in itertools.product(cases.items(), ms):
-        cells = []
-        for label, bits in (("served", 0), ("cast", cast), ("no-stream", no_stream), ("both", cast | no_stream)):
+        out = []
+        for label, bits, finish, no_pdl in cells:
             _nf4_regs_gluon.PROBE_BITS = bits
+            saved = os.environ.pop("HOTLORA_NO_PDL", None)
+            if no_pdl:
+                os.environ["HOTLORA_NO_PDL"] = "1"
             try:
-                cells.append(f"{label} {bench_m(case, m, baselines=False)['nf4_us']:.1f}")
+                out.append(f"{label} {bench_m(case, m, baselines=False, finish=finish)['nf4_us']:.1f}")
             finally:
                 _nf4_regs_gluon.PROBE_BITS = 0
+                os.environ.pop("HOTLORA_NO_PDL", None)
+                if saved is not None:
+                    os.environ["HOTLORA_NO_PDL"] = saved
         floor = floor_us(case.floor_bytes(m))
-        print(f"## probes {name} M={m}: " + ", ".join(cells) + f" us; floor {floor:.1f} us", flush=True)
+        print(f"## probes {name} M={m}: " + ", ".join(out) + f" us; floor {floor:.1f} us", flush=True)
 
 
 def check(case: Case, m: int, config: Nf4Config | None = None) -> float:
@@ -130,10 +150,11 @@ def check(case: Case, m: int, config: Nf4Config | None = None) -> float:
 SWEEP_MAX_REL_ERR = 2e-2  # a swept config past this (or non-finite) computed wrong results: its time is not kept
 
 
-def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool = True, rep: int = 200) -> dict:
+def bench_m(case: Case, m: int, config: Nf4Config | None = None, baselines: bool = True, rep: int = 200,
+            finish=None) -> dict:
     xs = [torch.randn(m, case.k, device="cuda", dtype=DT) for _ in range(case.count)]
-    row = {"M": m, "nf4_us": graph_time_us(lambda i: nf4_matmul(xs[i], case.packed[i], config=config), case.count,
-                                           rep=rep)}
+    row = {"M": m, "nf4_us": graph_time_us(
+        lambda i: nf4_matmul(xs[i], case.packed[i], config=config, finish=finish), case.count, rep=rep)}
     if baselines:
         def bnb_call(i: int) -> None:
             for p, s in case.bnb[i]:
@@ -281,7 +302,7 @@ def main() -> None:
                     help="sweep: M <= 32, the recorded config against nf4_regs_kernel's configs")
     ap.add_argument("--regs-grid", dest="variants", action="store_const", const="regs-grid",
                     help="sweep: M <= 8, nf4_regs_kernel's served config over 1-4 warps and K slices of 2-16 "
-                         "groups, and own_rows")
+                         "groups")
     ap.add_argument("--ss", dest="variants", action="store_const", const="ss",
                     help="sweep: M >= 65, the recorded config against nf4_ss_kernel's tiles (Hopper)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of: " + ", ".join(SHAPES))

@@ -209,8 +209,7 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
 def regs_grid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
     """M <= 8: nf4_regs_kernel's served config against its tile over 1, 2 and 4 warps (16-128 weight rows a
     program) and K slices of 2-16 groups (as many slices as that takes, powers of two or not): how many programs,
-    and how long each, fill the H200's 132 SMs at 6 programs each (served: 512-1,792 programs of 4-14 groups); and
-    own_rows (nf4_regs_own_kernel: no CTA barrier a group) at slices of 4-16 groups."""
+    and how long each, fill the H200's 132 SMs at 6 programs each (served: 512-1,792 programs of 4-14 groups)."""
     served = regs_config(m, n, k)
     if served is None:
         return [rec]
@@ -222,9 +221,6 @@ def regs_grid_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]
     for (warps, bn), iters in itertools.product(tiles, (2, 3, 4, 5, 6, 8, 10, 12, 16)):
         if iters <= groups:
             out.append(replace(served, block_n=bn, warps=warps, split_k=-(-groups // iters)))
-    for iters in (4, 8, 14, 16):  # each warp streaming its own rows, x's slice resident (nf4_regs_own_kernel)
-        if iters <= groups:
-            out.append(replace(served, split_k=-(-groups // iters), own_rows=True))
     return list(dict.fromkeys(out))
 
 
@@ -254,7 +250,7 @@ VARIANTS = {
     "mid": (mid_configs, ("block_m", "tail_m", "block_n", "stages", "split_k", "x_tma", "dense")),
     "x-tma": (x_tma_configs, ("block_m", "tail_m", "block_n", "warps", "stages", "x_tma", "split_k", "dense")),
     "regs": (regs_configs, ("regs", "block_m", "stages", "maxnreg", "lookup", "split_k")),
-    "regs-grid": (regs_grid_configs, ("regs", "own_rows", "block_n", "warps", "split_k")),
+    "regs-grid": (regs_grid_configs, ("regs", "block_n", "warps", "split_k")),
     "ss": (ss_configs, ("ss", "block_m", "block_n", "split_k", "dense")),
     "scales": (scale_configs, ("scale", "block_m", "block_n", "split_k", "warps", "lookup", "dense")),
 }

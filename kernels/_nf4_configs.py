@@ -47,8 +47,6 @@ class Nf4Config:
     # tiles a warp; `stages` groups in its cp.async rings
     ss: bool = False  # nf4_ss_kernel (Gluon, Hopper, 16-bit x; both wgmma operands in shared memory, a lookup
     # warpgroup beside the MMA ones): block_m rows of x (64-256) by block_n = 16 * warps weight rows (4 or 8 warps)
-    own_rows: bool = False  # with regs: nf4_regs_own_kernel, each warp streaming its own 16 code rows (no CTA
-    # barrier a group; _nf4_regs_own_gluon), block_n = 16 * warps; bench and tests until timed
 
     def __post_init__(self) -> None:
         if self.tail_m < 0 or self.tail_m & (self.tail_m - 1):
@@ -63,8 +61,6 @@ class Nf4Config:
             raise ValueError("a regs config has block_m 8, 16 or 32 (at least 2 * warps), block_n a multiple of 16 * "
                              "warps, 2-4 stages, and scales the partial sums (no dense, gemv, swap_ab, tma, "
                              "tail)")
-        if self.own_rows and (not self.regs or self.block_n != 16 * self.warps):
-            raise ValueError("own_rows is a regs config with one 16-row MMA tile a warp (block_n = 16 * warps)")
         if self.ss and (self.block_m not in (64, 128, 256) or self.warps not in (4, 8)
                         or self.block_n != 16 * self.warps or self.scale != SCALE_VALUES or self.dense or self.gemv
                         or self.regs or self.swap_ab or self.tma or self.tail_m):

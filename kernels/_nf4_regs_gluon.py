@@ -61,6 +61,7 @@ def _table_words(lut_ptr, tid):
 # (NO_STREAM: the steps reread stale stages)
 PROBE_CAST = gl.constexpr(1)
 PROBE_NO_STREAM = gl.constexpr(2)
+PROBE_LATE_PDL = gl.constexpr(4)  # let the next kernel be scheduled only after the store, not at the start
 PROBE_BITS = 0
 _CAST_ASM = gl.constexpr("mov.b32 $0, $4; mov.b32 $1, $4; mov.b32 $2, $4; mov.b32 $3, $4;")
 
@@ -87,12 +88,23 @@ def _thread_ids(WARPS: gl.constexpr):
 
 
 @gluon.jit
-def _pdl_chain(tid):
-    """Wait for the kernel before this one (hotlora.kernels._launch), then let the next be scheduled (tid: any
-    per-thread value, _thread_ids')."""
+def _pdl_wait(tid):
+    """Wait for the kernel before this one (hotlora.kernels._launch; tid: any per-thread value, _thread_ids')."""
     gl.inline_asm_elementwise("griddepcontrol.wait; // $0 $1", "=r,r", [tid], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _pdl_trigger(tid):
+    """Let the next kernel be scheduled (tid: any per-thread value, _thread_ids')."""
     gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1", "=r,r", [tid], dtype=gl.int32,
                               is_pure=False, pack=1)
+
+
+@gluon.jit
+def _pdl_chain(tid):
+    """_pdl_wait, then _pdl_trigger."""
+    _pdl_wait(tid)
+    _pdl_trigger(tid)
 
 
 @gluon.jit
@@ -247,7 +259,9 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
 
     tid = _thread_ids(WARPS)
     if PDL:
-        _pdl_chain(tid)
+        _pdl_wait(tid)
+        if not PROBE & PROBE_LATE_PDL:
+            _pdl_trigger(tid)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     tab = _table_words(lut_ptr, tid)
@@ -263,6 +277,8 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
 
     _store_tile(acc, srows, s_mask, gl.arange(0, BLOCK_M, layout=col_l), M, N, pid_k, stride_ym, bias_ptr, y_ptr,
                 part_ptr, HAS_BIAS, SPLIT_K)
+    if PDL and PROBE & PROBE_LATE_PDL:
+        _pdl_trigger(tid)
 
 
 def rows_aligned(x: torch.Tensor, codes: torch.Tensor) -> bool:

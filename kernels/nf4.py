@@ -81,7 +81,6 @@ from ._nf4_configs import (
 )
 from ._nf4_gemv_triton import nf4_gemv_kernel
 from ._nf4_regs_gluon import launch_regs, regs_fit
-from ._nf4_regs_own_gluon import launch_regs_own
 from ._nf4_ss_gluon import launch_ss, ss_fit
 from ._nf4_sums_triton import fixup_wanted as _fixup
 from ._nf4_sums_triton import reduce_splits as _reduce
@@ -268,8 +267,7 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
     if cfg.gemv:
         part = _launch_gemv(x, w, bias, y, cfg)
     elif cfg.regs and regs_fit(x, w.codes, cfg):
-        launch = launch_regs_own if cfg.own_rows else launch_regs
-        part = launch(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
+        part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     elif cfg.ss and ss_fit(x, w.codes):
         part = launch_ss(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     else:

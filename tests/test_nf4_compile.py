@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from hotlora.kernels import _nf4_configs, _nf4_regs_gluon, _nf4_regs_own_gluon, _nf4_ss_gluon, _nf4_triton, nf4
+from hotlora.kernels import _nf4_configs, _nf4_regs_gluon, _nf4_ss_gluon, _nf4_triton, nf4
 from hotlora.kernels.nf4 import LOOKUP_TABLE, SCALE_EXACT, Nf4Config
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -91,17 +91,6 @@ def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, probe: int = 0
                   TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
                   PDL=True, STAGES=cfg.stages, EVEN=True, PROBE=probe)
     return _regs_sm90(_nf4_regs_gluon.nf4_regs_kernel, consts, x, cfg.warps)
-
-
-def compile_regs_own_sm90(m: int, n: int, k: int) -> tuple[object, Nf4Config, int, int]:
-    """nf4_regs_own_kernel (bf16 x, no bias) compiled as _nf4_regs_own_gluon.launch_regs_own launches regs_config(m,
-    n, k) with own_rows: (the kernel, the config, X_GROUPS, W_OFF)."""
-    cfg = replace(_nf4_configs.regs_config(m, n, k), own_rows=True)
-    iters = -(-k // 128 // cfg.split_k)
-    x_groups, w_off = _nf4_regs_own_gluon.ring_offset(cfg, iters)
-    consts = dict(HAS_BIAS=False, V_DTYPE=tl.bfloat16, BLOCK_M=cfg.block_m, SPLIT_K=cfg.split_k, ITERS=iters, PDL=True,
-                  STAGES=cfg.stages, EVEN=True, X_GROUPS=x_groups, W_OFF=w_off)
-    return _regs_sm90(_nf4_regs_own_gluon.nf4_regs_own_kernel, consts, "bf16", cfg.warps), cfg, x_groups, w_off
 
 
 def _tool(cubin: bytes, tool: str, *args: str) -> str:
@@ -194,14 +183,6 @@ def _compile_all() -> dict[str, str]:
             out[f"regs-probe{probe}"] = [len(re.findall(rf"\b{op}\b", sass)) for op in ("PRMT", "LDGSTS")]
         except Exception as exc:
             out[f"regs-probe{probe}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    for n, k in _LLAMA:  # own_rows at M = 1: its buffers' offsets and CTA barriers
-        try:
-            kernel, cfg, x_groups, w_off = compile_regs_own_sm90(1, n, k)
-            offsets = sorted({int(o) for o in re.findall(r"@global_smem, i32 (\d+)\)", kernel.asm["llir"])})
-            bars = len(re.findall(r"\bBAR\.SYNC", _tool(kernel.asm["cubin"], "nvdisasm", "-c")))
-            out[f"own-{n}x{k}"] = [x_groups, w_off, offsets, bars, kernel.metadata.shared]
-        except Exception as exc:
-            out[f"own-{n}x{k}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for n, k, x, warps in _SS_CASES:
         try:
             out[f"ss-{n}x{k}-{x}-w{warps}"] = compile_ss_sm90(n, k, x, warps)
@@ -242,21 +223,6 @@ def test_regs_kernel_probes_drop_what_they_name(compiled):
     assert compiled["regs-probe1"] == [0, copies]
     assert compiled["regs-probe2"] == [prmt, 3 * (stages - 1)]
 
-
-@pytest.mark.parametrize(("n", "k"), _LLAMA)
-def test_regs_own_kernel_finds_its_code_ring_and_has_no_barrier_a_group(compiled, n, k):
-    """nf4_regs_own_kernel's inline copies address the code ring at W_OFF from the shared memory base: x's buffer
-    and the ring must sit where ring_offset says (the larger at 0, the other right after it), which the constant
-    offsets of the ring's stages and x's base in the LLVM IR show; and its CTA barriers are the prologue's alone,
-    as many for down's 14-group slices as for q/k/v's 4 (none a group step)."""
-    x_groups, w_off, offsets, bars, shared = compiled[f"own-{n}x{k}"]
-    cfg = _nf4_configs.regs_config(1, n, k)
-    ring, x_bytes = cfg.stages * cfg.block_n * 64, x_groups * 128 * cfg.block_m * 2
-    x_off = 0 if w_off else ring
-    assert {w_off + j * cfg.block_n * 64 for j in range(1, cfg.stages)} <= set(offsets) | {0}
-    assert x_off in set(offsets) | {0}
-    assert shared >= ring + x_bytes
-    assert bars == compiled["own-6144x4096"][3] == compiled["own-4096x14336"][3]
 
 
 @pytest.mark.parametrize(("n", "k", "x_dtype", "warps"), _SS_CASES)

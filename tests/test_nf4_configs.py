@@ -153,10 +153,6 @@ def test_regs_configs_refuse_what_the_kernel_cannot_run():
         with pytest.raises(ValueError):
             Nf4Config(**{"block_m": 8, "block_n": 64, "split_k": 2, "stages": 3, "regs": True, **bad})
     Nf4Config(16, 128, 2, warps=8, stages=3, regs=True)  # valid
-    Nf4Config(8, 64, 2, stages=3, regs=True, own_rows=True)  # valid: each warp streams its own 16 rows
-    for bad in (dict(regs=False), dict(block_n=128)):  # own_rows: a regs config, one 16-row tile a warp
-        with pytest.raises(ValueError):
-            Nf4Config(**{"block_m": 8, "block_n": 64, "split_k": 2, "stages": 3, "regs": True, "own_rows": True, **bad})
 
 
 
@@ -185,16 +181,3 @@ def test_ss_configs_refuse_what_the_kernel_cannot_run():
         with pytest.raises(ValueError):
             Nf4Config(**{"block_m": 256, "block_n": 128, "warps": 8, "scale": SCALE_VALUES, "ss": True, **bad})
     Nf4Config(256, 64, 2, warps=4, scale=SCALE_VALUES, ss=True)  # valid
-
-
-def test_own_rows_ring_offset_follows_the_larger_buffer():
-    """nf4_regs_own_kernel's code ring sits after x's slice where that is the larger buffer, else at the shared
-    memory base; equal sizes (the allocator's choice) are refused. The sm_90 compile test checks the real offsets."""
-    from hotlora.kernels._nf4_regs_own_gluon import ring_offset
-
-    cfg = Nf4Config(8, 64, 4, stages=3, regs=True, own_rows=True)  # a 12 KB ring; x 2 KB a group at 8 rows
-    assert ring_offset(cfg, 8) == (8, 16384)  # gate/up's slices: x 16 KB first
-    assert ring_offset(cfg, 4) == (4, 0)  # q/k/v's: x 8 KB after the ring
-    assert ring_offset(cfg, 14) == (16, 32768)  # down's: x rounded up to 16 groups
-    with pytest.raises(ValueError):
-        ring_offset(Nf4Config(8, 64, 8, stages=2, regs=True, own_rows=True), 4)  # 8 KB each

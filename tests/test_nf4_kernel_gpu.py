@@ -222,13 +222,10 @@ def test_gpu_matmul_sums_its_own_splits(shape, monkeypatch):
 def _regs_configs(m: int, n: int) -> list[Nf4Config]:
     """nf4_regs_kernel configs for M = m: 1 and 2 tiles a warp over 4 warps (and 8 warps from 16 rows), 1-4 K
     slices (3: some slices end past the last group), cp.async rings of 2-4 groups (group counts that are and are
-    not multiples of the ring's: the loop's unrolled steps and the remainder after them), and own_rows
-    (nf4_regs_own_kernel: each warp streams its own rows; x's whole slice sits in shared memory, so 8 and 16
-    slices: at most 14 groups of down's, and the ragged shape's empty slices)."""
+    not multiples of the ring's: the loop's unrolled steps and the remainder after them)."""
     bm = max(8, 1 << (m - 1).bit_length())
     eight = [Nf4Config(bm, 128, 2, warps=8, stages=3, regs=True, lookup=LOOKUP_PRMT)] if bm >= 16 else []
-    own = [Nf4Config(bm, 64, s, stages=3, regs=True, lookup=LOOKUP_PRMT, own_rows=True) for s in (8, 16)]
-    return eight + own + [Nf4Config(bm, 64 * t, s, stages=st, regs=True, lookup=LOOKUP_PRMT)
+    return eight + [Nf4Config(bm, 64 * t, s, stages=st, regs=True, lookup=LOOKUP_PRMT)
                           for t, s, st in ((1, 1, 2), (2, 2, 3), (1, 4, 4), (1, 3, 3))]
 
 
@@ -263,15 +260,12 @@ def _matches_reference_and_dot(shape: str, dtype: torch.dtype, ms: tuple[int, ..
 
 
 def test_gpu_regs_kernel_graph_capture_and_replay():
-    """nf4_regs_kernel (and with own_rows) with and without K slices (the reduce launch after it) captured and
-    replayed."""
+    """nf4_regs_kernel with and without K slices (the reduce launch after it) captured and replayed."""
     members = quantize((1024, 256, 256), 2048, torch.bfloat16, "cuda")
     w = packed_group(members)
     bias = torch.randn(1536, dtype=torch.bfloat16, device="cuda")
-    for m, split, stages, own in ((1, 1, 2, False), (5, 4, 3, False), (16, 2, 4, False), (32, 8, 3, False),
-                                  (1, 4, 3, True), (8, 1, 3, True)):
-        cfg = Nf4Config(max(8, 1 << (m - 1).bit_length()), 64, split, stages=stages, regs=True, lookup=LOOKUP_PRMT,
-                        own_rows=own)
+    for m, split, stages in ((1, 1, 2), (5, 4, 3), (16, 2, 4), (32, 8, 3)):
+        cfg = Nf4Config(max(8, 1 << (m - 1).bit_length()), 64, split, stages=stages, regs=True, lookup=LOOKUP_PRMT)
         assert _replayed_error(members, w, m, bias, cfg) < TOLERANCE[torch.bfloat16], (m, split)
 
 
