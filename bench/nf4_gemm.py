@@ -104,38 +104,34 @@ def _skip_reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor)
 
 
 def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
-    """The served decode kernel (nf4_regs_kernel) at each shape and M: with the split-K reduce launch after it
-    (reduce), summing its own splits (fixup: its register cap, FIXUP_MAXNREG; uncapped), and without the sums at all
-    (no-reduce), each with PDL as served (the next kernel scheduled at the start), late (scheduled after the store:
-    PROBE_LATE_PDL) and off (HOTLORA_NO_PDL=1); then under its other PROBE_BITS: cast (no lookup: the bytes and the
-    skeleton), no-stream (no copies after the rings' first fill: the lookup and the skeleton), and both (the skeleton
-    alone). Wrong results on purpose: untimed by check. sm_90 registers (offline, gate/up's slices): 80 served, 64
-    cast, 74 no-stream, 56 both, so cast may fit 8 programs an SM where the served kernel fits 6."""
+    """The served decode kernel (nf4_regs_kernel) at each shape and M as served, and without the split-K reduce
+    launch after it (no-reduce), each with PDL as served (the next kernel scheduled at the start), late (scheduled
+    after the store: PROBE_LATE_PDL) and off (HOTLORA_NO_PDL=1); then under its other PROBE_BITS: cast (no lookup:
+    the bytes and the skeleton), no-stream (no copies after the rings' first fill: the lookup and the skeleton), and
+    both (the skeleton alone). Wrong results on purpose: untimed by check. sm_90 registers (offline, gate/up's
+    slices): 80 served, 64 cast, 74 no-stream, 56 both, so cast may fit 8 programs an SM where the served kernel
+    fits 6."""
     cast, no_stream = _nf4_regs_gluon.PROBE_CAST.value, _nf4_regs_gluon.PROBE_NO_STREAM.value
     late = _nf4_regs_gluon.PROBE_LATE_PDL.value
-    sums = (("reduce", {"HOTLORA_NF4_FIXUP": "0"}, None, 80), ("fixup", {"HOTLORA_NF4_FIXUP": "1"}, None, 80),
-            ("fixup uncapped", {"HOTLORA_NF4_FIXUP": "1"}, None, None), ("no-reduce", {}, _skip_reduce, 80))
-    cells = [(name + pdl, late if pdl == " late-pdl" else 0, finish, {**env, **({"HOTLORA_NO_PDL": "1"} if
-              pdl == " no-pdl" else {})}, cap)
-             for pdl in ("", " late-pdl", " no-pdl") for name, env, finish, cap in sums]
-    cells += [(name, bits, None, {"HOTLORA_NF4_FIXUP": "0"}, 80)
-              for name, bits in (("cast", cast), ("no-stream", no_stream), ("both", cast | no_stream))]
+    cells = [(name + pdl, late if pdl == " late-pdl" else 0, finish, pdl == " no-pdl")
+             for pdl in ("", " late-pdl", " no-pdl")
+             for name, finish in (("served", None), ("no-reduce", _skip_reduce))]
+    cells += [(name, bits, None, False) for name, bits in (("cast", cast), ("no-stream", no_stream),
+                                                           ("both", cast | no_stream))]
     for (name, case), m in itertools.product(cases.items(), ms):
         out = []
-        for label, bits, finish, env, cap in cells:
-            _nf4_regs_gluon.PROBE_BITS, _nf4_regs_gluon.FIXUP_MAXNREG = bits, cap
-            saved = {key: os.environ.get(key) for key in ("HOTLORA_NF4_FIXUP", "HOTLORA_NO_PDL")}
-            for key in saved:
-                os.environ.pop(key, None)
-            os.environ.update(env)
+        for label, bits, finish, no_pdl in cells:
+            _nf4_regs_gluon.PROBE_BITS = bits
+            saved = os.environ.pop("HOTLORA_NO_PDL", None)
+            if no_pdl:
+                os.environ["HOTLORA_NO_PDL"] = "1"
             try:
                 out.append(f"{label} {bench_m(case, m, baselines=False, finish=finish)['nf4_us']:.1f}")
             finally:
-                _nf4_regs_gluon.PROBE_BITS, _nf4_regs_gluon.FIXUP_MAXNREG = 0, 80
-                for key, value in saved.items():
-                    os.environ.pop(key, None)
-                    if value is not None:
-                        os.environ[key] = value
+                _nf4_regs_gluon.PROBE_BITS = 0
+                os.environ.pop("HOTLORA_NO_PDL", None)
+                if saved is not None:
+                    os.environ["HOTLORA_NO_PDL"] = saved
         floor = floor_us(case.floor_bytes(m))
         print(f"## probes {name} M={m}: " + ", ".join(out) + f" us; floor {floor:.1f} us", flush=True)
 

@@ -122,32 +122,6 @@ def _store_tile(acc, rn, rmask, om, M, N, pid_k, stride_ym, bias_ptr, y_ptr, par
 
 
 @gluon.jit
-def _sum_own_splits(acc, rn, rmask, om, M, N, pid_n, pid_k, stride_ym, bias_ptr, y_ptr, part_ptr, count_ptr,
-                    HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr):
-    """After _store_tile stored this program's K slice: the programs of slices 0..SPLIT_K-2 count themselves in for
-    their tile (count_ptr[pid_n], release, no wait); the program of the last slice (the grid's last row: dispatched
-    after every other, none of which waits) waits for those counts, resets the count, and writes y[om, rn] = the
-    slices' sums in order (+ bias), bit for bit nf4_reduce_kernel's (_nf4_sums_triton, whose FIXUP this is)."""
-    gl.thread_barrier()  # every thread's stores precede the release, or this program's own reads
-    if pid_k == SPLIT_K - 1:
-        done = gl.atomic_add(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-        while done < SPLIT_K - 1:
-            done = gl.atomic_add(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
-        gl.atomic_xchg(count_ptr + pid_n, 0, sem="acquire", scope="gpu")
-        gl.thread_barrier()
-        mask = rmask[:, None] & (om[None, :] < M)
-        ptrs = part_ptr + om[None, :] * N + rn[:, None]
-        total = gl.zeros_like(acc)
-        for s in gl.static_range(SPLIT_K):  # .cg: other programs wrote these during this kernel
-            total += gl.load(ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            total = total + gl.load(bias_ptr + rn, mask=rmask, other=0.0).to(gl.float32)[:, None]
-        gl.store(y_ptr + om[None, :] * stride_ym + rn[:, None], total.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        gl.atomic_add(count_ptr + pid_n, 1, sem="release", scope="gpu")
-
-
-@gluon.jit
 def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
                 PROBE: gl.constexpr):
     """acc + the group's two 64-blocks' MMAs, each scaled by its absmax."""
@@ -266,14 +240,13 @@ def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, 
 
 
 @gluon.jit
-def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, NUM_G,
-                    stride_xm, stride_wn, stride_an, stride_ym, HAS_BIAS: gl.constexpr, V_DTYPE: gl.constexpr,
+def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr, M, N, K, NUM_G, stride_xm,
+                    stride_wn, stride_an, stride_ym, HAS_BIAS: gl.constexpr, V_DTYPE: gl.constexpr,
                     BLOCK_M: gl.constexpr, TILES: gl.constexpr, SPLIT_K: gl.constexpr, ITERS: gl.constexpr,
-                    PDL: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr, PROBE: gl.constexpr,
-                    FIXUP: gl.constexpr):
-    """y [M, N] (or its K slices' fp32 sums in part; with FIXUP those and then y, _sum_own_splits) = x [M, K] @
-    dequant(W).T for M <= BLOCK_M (module docstring). A program covers BLOCK_N = 16 * TILES * num_warps weight rows
-    and one K slice; x's rows and the codes' rows are 16-byte aligned (regs_fit)."""
+                    PDL: gl.constexpr, STAGES: gl.constexpr, EVEN: gl.constexpr, PROBE: gl.constexpr):
+    """y [M, N] (or its K slices' fp32 sums in part) = x [M, K] @ dequant(W).T for M <= BLOCK_M (module docstring).
+    A program covers BLOCK_N = 16 * TILES * num_warps weight rows and one K slice; x's rows and the codes' rows
+    are 16-byte aligned (regs_fit)."""
     WARPS: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = 16 * TILES * WARPS
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
@@ -302,18 +275,10 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     acc = _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
                      stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES, EVEN, PROBE)
 
-    om = gl.arange(0, BLOCK_M, layout=col_l)
-    _store_tile(acc, srows, s_mask, om, M, N, pid_k, stride_ym, bias_ptr, y_ptr, part_ptr, HAS_BIAS, SPLIT_K)
-    if FIXUP and SPLIT_K > 1:
-        _sum_own_splits(acc, srows, s_mask, om, M, N, pid_n, pid_k, stride_ym, bias_ptr, y_ptr, part_ptr, count_ptr,
-                        HAS_BIAS, SPLIT_K)
+    _store_tile(acc, srows, s_mask, gl.arange(0, BLOCK_M, layout=col_l), M, N, pid_k, stride_ym, bias_ptr, y_ptr,
+                part_ptr, HAS_BIAS, SPLIT_K)
     if PDL and PROBE & PROBE_LATE_PDL:
         _pdl_trigger(tid)
-
-
-# With FIXUP ptxas took 83-88 registers (the epilogue's pointers live across the slice), 5 programs an SM against 6:
-# capped, it saves a few of them to local memory (bench/nf4_gemm.py --probes times it uncapped: None)
-FIXUP_MAXNREG: int | None = 80
 
 
 def rows_aligned(x: torch.Tensor, codes: torch.Tensor) -> bool:
@@ -329,25 +294,20 @@ def regs_fit(x: torch.Tensor, codes: torch.Tensor, cfg: Nf4Config) -> bool:
 
 
 def launch_regs(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: torch.Tensor,
-                bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config,
-                counts: torch.Tensor | None = None) -> torch.Tensor | None:
+                bias: torch.Tensor | None, y: torch.Tensor, cfg: Nf4Config) -> torch.Tensor | None:
     """nf4_regs_kernel writing y, or (split K) its fp32 sums [split, M, N], returned for the reduce or a finish
-    hook; with `counts` (_nf4_sums_triton.split_counts, for cdiv(N, block_n) tiles) the kernel sums the splits into
-    y itself and None is returned (hotlora.kernels.nf4: the layout of codes and absmax; lut: prmt_table_words in
-    x's dtype, whatever lookup cfg names: this kernel has only the prmt one)."""
+    hook (hotlora.kernels.nf4: the layout of codes and absmax; lut: prmt_table_words in x's dtype, whatever
+    lookup cfg names: this kernel has only the prmt one)."""
     m, k = x.shape
     n, split = codes.shape[0], cfg.split_k
     groups = codes.shape[1] // 64
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    cap = cfg.maxnreg or (FIXUP_MAXNREG if counts is not None else None)
     nf4_regs_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x, codes, absmax, lut, bias if bias is not None else y, y, part, part if counts is None else counts, m, n, k,
-        groups, x.stride(0),
+        x, codes, absmax, lut, bias if bias is not None else y, y, part, m, n, k, groups, x.stride(0),
         codes.stride(0), absmax.stride(0), y.stride(0), HAS_BIAS=bias is not None,
         V_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, BLOCK_M=cfg.block_m,
         TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=split, ITERS=triton.cdiv(groups, split), STAGES=cfg.stages,
         EVEN=cfg.even and n % cfg.block_n == 0 and k == groups * 128, PROBE=PROBE_BITS,
-        FIXUP=counts is not None,
-        num_warps=cfg.warps, **({"maxnreg": cap} if cap else {}), **pdl_args(x),
+        num_warps=cfg.warps, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}), **pdl_args(x),
     )
-    return part if split > 1 and counts is None else None
+    return part if split > 1 else None

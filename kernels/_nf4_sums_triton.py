@@ -143,12 +143,11 @@ FIXUP_TILES = 1 << 16
 SPLIT_COUNTS: dict[torch.device, torch.Tensor] = {}
 
 
-def fixup_wanted(default: bool) -> bool:
-    """Whether a split launch whose sums no hook takes sums them itself: `default` (nf4_matmul_kernel: where a finish
-    hook declined them, not with no hook at all; nf4_regs_kernel: always), unless HOTLORA_NF4_FIXUP says
-    otherwise."""
+def fixup_wanted(declined: bool) -> bool:
+    """Whether a split launch whose sums no hook takes sums them itself: where a finish hook declined them
+    (`declined`; not with no hook at all), unless HOTLORA_NF4_FIXUP says otherwise."""
     flag = os.environ.get("HOTLORA_NF4_FIXUP")
-    return default if flag is None else flag == "1"
+    return declined if flag is None else flag == "1"
 
 
 def split_counts(device: torch.device, tiles: int) -> torch.Tensor | None:

@@ -263,16 +263,14 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None,
         dense = nf4_dequantize(w).to(x.dtype)
         return torch.addmm(bias, x, dense.T, out=y) if bias is not None else torch.mm(x, dense.T, out=y)
     takes = _hook_takes(finish, m, y)
+    fixup = not takes and _fixup(declined=finish is not None)
     if cfg.gemv:
         part = _launch_gemv(x, w, bias, y, cfg)
     elif cfg.regs and regs_fit(x, w.codes, cfg):
-        fixup = cfg.split_k > 1 and not takes and _fixup(default=True)
-        part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg,
-                           _counts(x.device, triton.cdiv(n, cfg.block_n)) if fixup else None)
+        part = launch_regs(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     elif cfg.ss and ss_fit(x, w.codes):
         part = launch_ss(x, w.codes, w.absmax, _lookup_table(x.device, x.dtype, LOOKUP_PRMT), bias, y, cfg)
     else:
-        fixup = not takes and _fixup(default=finish is not None)
         part = _launch(x, w, bias, y, pick_config(m, n, k, gemv=False) if cfg.regs or cfg.ss else cfg, fixup=fixup)
     if part is not None and not (takes and finish(part, bias, y)):
         _reduce(part, bias, y)

@@ -69,31 +69,28 @@ _LLAMA = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 _REGS_CASES = [(m, dtype) for m in (1, 8) for dtype in ("bf16", "fp16")]
 
 
-def _regs_sm90(fn, consts: dict, x: str, warps: int, maxnreg: int | None = None):
+def _regs_sm90(fn, consts: dict, x: str, warps: int):
     """A regs-family Gluon kernel (nf4_regs_kernel's arguments, `consts` its constexprs) compiled for sm_90 with the
     divisibility the JIT sees for aligned pointers, sizes and strides."""
     pointers = {"x_ptr": f"*{x}", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": f"*{x}",
-                "y_ptr": f"*{x}", "part_ptr": "*fp32", "count_ptr": "*i32"}
+                "y_ptr": f"*{x}", "part_ptr": "*fp32"}
     scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
     signature = {**pointers, **dict.fromkeys(scalars, "i32"), **dict.fromkeys(consts, "constexpr")}
     names = list(signature)
     aligned = [*pointers, "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym"]  # as the JIT specializes
     src = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in consts.items()},
                          attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, probe: int = 0, fixup: bool = False):
+def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, probe: int = 0):
     """nf4_regs_kernel compiled as _nf4_regs_gluon.launch_regs launches regs_config(m, n, k) (the Llama shapes tile
-    evenly), with the PROBE bits `probe` (_nf4_regs_gluon.PROBE_BITS), summing its own splits with `fixup` (under
-    its register cap, FIXUP_MAXNREG)."""
+    evenly), with the PROBE bits `probe` (_nf4_regs_gluon.PROBE_BITS)."""
     cfg = _nf4_configs.regs_config(m, n, k)
     consts = dict(HAS_BIAS=bias, V_DTYPE=tl.bfloat16 if x == "bf16" else tl.float16, BLOCK_M=cfg.block_m,
                   TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
-                  PDL=True, STAGES=cfg.stages, EVEN=True, PROBE=probe, FIXUP=fixup)
-    return _regs_sm90(_nf4_regs_gluon.nf4_regs_kernel, consts, x, cfg.warps,
-                      _nf4_regs_gluon.FIXUP_MAXNREG if fixup else None)
+                  PDL=True, STAGES=cfg.stages, EVEN=True, PROBE=probe)
+    return _regs_sm90(_nf4_regs_gluon.nf4_regs_kernel, consts, x, cfg.warps)
 
 
 def _tool(cubin: bytes, tool: str, *args: str) -> str:
@@ -139,19 +136,16 @@ def compile_ss_sm90(n: int, k: int, x: str, warps: int) -> list[int]:
                          attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": cfg.warps, "maxnreg": _nf4_ss_gluon.SS_REGS[1][cfg.warps]})
+    sass = _tool(kernel.asm["cubin"], "nvdisasm", "-c").splitlines()
     regs = _registers(kernel.asm["cubin"])
-    return [kernel.metadata.shared, regs, _spills_in_loops(kernel.asm["cubin"]), 32 * kernel.metadata.num_warps]
-
-
-def _spills_in_loops(cubin: bytes) -> int:
-    """Local loads and stores between a label and a branch back to it in the cubin's sm_90 SASS (a span holding an
-    EXIT is an mbarrier wait's retry branch from past the end, no loop)."""
-    sass = _tool(cubin, "nvdisasm", "-c").splitlines()
+    # spills in loops: local loads and stores between a label and a branch back to it (a span holding an EXIT is an
+    # mbarrier wait's retry branch from past the end, no loop)
     labels = {m.group(1): i for i, line in enumerate(sass) if (m := re.match(r"(\.L_x_\d+):", line))}
     loops = [sass[labels[m.group(1)]:i] for i, line in enumerate(sass)
              if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
-    return sum(bool(re.search(r"\b(STL|LDL)", line)) for body in loops if not any("EXIT" in x for x in body)
-               for line in body)
+    spills = sum(bool(re.search(r"\b(STL|LDL)", line)) for body in loops if not any("EXIT" in x for x in body)
+                 for line in body)
+    return [kernel.metadata.shared, regs, spills, 32 * kernel.metadata.num_warps]
 
 
 def _regs_label(m: int, x: str) -> str:

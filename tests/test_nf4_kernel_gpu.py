@@ -198,7 +198,7 @@ def test_gpu_matmul_sums_its_own_splits(shape, monkeypatch):
     members = quantize(widths, k, torch.bfloat16, "cuda")
     w = packed_group(members)
     bias = torch.randn(sum(widths), dtype=torch.bfloat16, device="cuda")
-    ms = (1, 4, 8, 16, 32, 64, 96, 128, 176, 256)
+    ms = (1, 4, 16, 32, 64, 96, 128, 176, 256)
     assert sum(pick_config(m, *w.shape).split_k > 1 for m in ms) >= 5
     for m in ms:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
@@ -238,37 +238,6 @@ def test_gpu_regs_kernel(shape, dtype):
     operand would be off by ~100%)."""
     _matches_reference_and_dot(shape, dtype, (1, 3, 8, 13, 16, 32), _regs_configs,
                                lambda m: Nf4Config(16 if m <= 16 else 32, 64, lookup=LOOKUP_PRMT))
-
-
-@pytest.mark.parametrize("shape", ["qkv", "down", "ragged"])
-def test_gpu_regs_kernel_sums_its_own_splits(shape, monkeypatch):
-    """nf4_regs_kernel's FIXUP (the last slice's program sums the others', _sum_own_splits) under every split config
-    of _regs_configs (3 slices: uneven; the ragged shape: N not a tile multiple, empty slices), bf16 with bias at
-    M = 1, 3 and 8: bit for bit the reduce kernel's result, eagerly three times and replayed from a CUDA graph three
-    times; the counts end at zero."""
-    k, widths = (576, (1536, 192)) if shape == "ragged" else LLAMA[shape]
-    n = sum(widths)
-    members = quantize(widths, k, torch.bfloat16, "cuda")
-    w = packed_group(members)
-    bias = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-    for m in (1, 3, 8):
-        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        for cfg in (c for c in _regs_configs(m, n) if c.split_k > 1):
-            monkeypatch.setenv("HOTLORA_NF4_FIXUP", "0")
-            want = nf4_matmul(x, w, bias, config=cfg)
-            monkeypatch.setenv("HOTLORA_NF4_FIXUP", "1")
-            for _ in range(3):
-                assert torch.equal(nf4_matmul(x, w, bias, config=cfg), want), (m, cfg)
-            out = torch.empty_like(want)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                nf4_matmul(x, w, bias, out=out, config=cfg)
-            for _ in range(3):
-                out.zero_()
-                graph.replay()
-                assert torch.equal(out, want), (m, cfg)
-    torch.cuda.synchronize()
-    assert not SPLIT_COUNTS[torch.device("cuda", torch.cuda.current_device())].any()
 
 
 def _matches_reference_and_dot(shape: str, dtype: torch.dtype, ms: tuple[int, ...], configs, dot) -> None:
