@@ -1,0 +1,72 @@
+"""Prefill step time on the GPU: Llama-3-8B shape (random weights), NF4 base, one request whose whole prompt is one
+engine step, with nf4_ss_kernel served (HOTLORA_NF4_SS=1) against not (=0), in one engine and one run.
+
+    python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6]
+
+At 384-512 rows gate/up and down take nf4_ss_kernel where it is served (kernels/_nf4_configs.ss_config); with it off
+they take the tl.dot tile or dense + cuBLAS. ss_config reads the variable at each call, so both settings run on the
+same engine, alternating round by round. Each timed request has a fresh random prompt (no prefix-cache hit) and
+max_tokens=1, so it ends with its prefill step; the time is add_request to its output, device synchronized, the
+median over rounds. The engine runs eagerly (prefill steps are eager either way; no decode graphs to capture).
+On a machine without CUDA it runs (--preset tiny) as a smoke test of the script only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.engine import LLMEngine
+from hotlora.server.engine.types import Request, SamplingParams
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prefill_ms(engine: LLMEngine, tokens: int, g: torch.Generator) -> float:
+    """Wall time of one request of `tokens` random prompt tokens and one output token, in ms."""
+    ids = torch.randint(3, 49152, (tokens,), generator=g).tolist()
+    _sync()
+    t = time.perf_counter()
+    engine.add_request(Request(f"p{time.monotonic_ns()}", ids, SamplingParams(max_tokens=1, temperature=0.0)))
+    while engine.has_unfinished():
+        engine.step()
+    _sync()
+    return 1e3 * (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[288, 320, 384, 448, 512])
+    ap.add_argument("--rounds", type=int, default=6)
+    args = ap.parse_args()
+    engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_num_seqs=8,
+                                    max_num_batched_tokens=max(args.tokens), kv_cache_memory=0.3, cuda_graphs=False))
+    g = torch.Generator().manual_seed(0)
+    times: dict[tuple[int, str], list[float]] = {}
+    for r in range(args.rounds + 1):  # round 0 warms up (Triton compiles every config once)
+        for tokens in args.tokens:
+            for flag in ("1", "0") if r % 2 else ("0", "1"):
+                os.environ["HOTLORA_NF4_SS"] = flag
+                ms = prefill_ms(engine, tokens, g)
+                if r:
+                    times.setdefault((tokens, flag), []).append(ms)
+    os.environ.pop("HOTLORA_NF4_SS")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke test only)"
+    print(f"Device: {device}. One prefill step of T tokens, median ms over {args.rounds} rounds")
+    print("\n| T | ss served (=1) | ss off (=0) | =1 / =0 |\n|---|---|---|---|")
+    for tokens in args.tokens:
+        on, off = (statistics.median(times[tokens, f]) for f in ("1", "0"))
+        print(f"| {tokens} | {on:.2f} | {off:.2f} | {on / off:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
