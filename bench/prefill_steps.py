@@ -1,7 +1,7 @@
 """Prefill step time on the GPU: Llama-3-8B shape (random weights), NF4 base, one request whose whole prompt is one
 engine step, with nf4_ss_kernel served (HOTLORA_NF4_SS=1) against not (=0), in one engine and one run.
 
-    python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6]
+    python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6] [--ops]
 
 At 384-512 rows gate/up and down take nf4_ss_kernel where it is served (kernels/_nf4_configs.ss_config); with it off
 they take the tl.dot tile or dense + cuBLAS. ss_config reads the variable at each call, so both settings run on the
@@ -42,12 +42,46 @@ def prefill_ms(engine: LLMEngine, tokens: int, g: torch.Generator) -> float:
     return 1e3 * (time.perf_counter() - t)
 
 
+def op_times(tokens: list[int], calls: int = 50) -> None:
+    """gate/up (4096 -> 28672) and down (14336 -> 4096) alone at each T, ss served and not: the wall time of `calls`
+    eager calls back to back (host launch cost included: the GPU idles if the host is slower) and the device time
+    of one call replayed from a CUDA graph (bench/graph_timing), in us per call."""
+    import bitsandbytes.functional as bnbF
+    from graph_timing import graph_time_us
+
+    from hotlora.kernels.nf4 import nf4_matmul, pack_nf4, pack_nf4_group
+
+    print("\n| op | T | ss eager | ss graph | off eager | off graph |\n|---|---|---|---|---|---|")
+    for name, k, widths in (("gate/up", 4096, (14336, 14336)), ("down", 14336, (4096,))):
+        w = pack_nf4_group([pack_nf4(*bnbF.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16),
+                                                          blocksize=64, compress_statistics=True, quant_type="nf4"))
+                            for n in widths])
+        for t in tokens:
+            x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+            cells = []
+            for flag in ("1", "0"):
+                os.environ["HOTLORA_NF4_SS"] = flag
+                nf4_matmul(x, w)
+                _sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    nf4_matmul(x, w)
+                _sync()
+                eager = 1e6 * (time.perf_counter() - start) / calls
+                cells += [eager, graph_time_us(lambda i, x=x, w=w: nf4_matmul(x, w), 1)]
+            os.environ.pop("HOTLORA_NF4_SS")
+            print(f"| {name} | {t} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--tokens", type=int, nargs="+", default=[288, 320, 384, 448, 512])
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--ops", action="store_true", help="first time gate/up and down alone (op_times)")
     args = ap.parse_args()
+    if args.ops:
+        op_times(args.tokens)
     engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_num_seqs=8,
                                     max_num_batched_tokens=max(args.tokens), kv_cache_memory=0.3, cuda_graphs=False))
     g = torch.Generator().manual_seed(0)
