@@ -1,7 +1,7 @@
 """Prefill step time on the GPU: Llama-3-8B shape (random weights), NF4 base, one request whose whole prompt is one
 engine step, with nf4_ss_kernel served (HOTLORA_NF4_SS=1) against not (=0), in one engine and one run.
 
-    python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6] [--ops]
+    python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6] [--ops] [--host-profile] [--no-engine]
 
 At 384-512 rows gate/up and down take nf4_ss_kernel where it is served (kernels/_nf4_configs.ss_config); with it off
 they take the tl.dot tile or dense + cuBLAS. ss_config reads the variable at each call, so both settings run on the
@@ -42,20 +42,52 @@ def prefill_ms(engine: LLMEngine, tokens: int, g: torch.Generator) -> float:
     return 1e3 * (time.perf_counter() - t)
 
 
+def _packed(k: int, widths: tuple[int, ...]):
+    import bitsandbytes.functional as bnbF
+
+    from hotlora.kernels.nf4 import pack_nf4, pack_nf4_group
+
+    return pack_nf4_group([pack_nf4(*bnbF.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16),
+                                                        blocksize=64, compress_statistics=True, quant_type="nf4"))
+                           for n in widths])
+
+
+def host_profile(tokens: int = 384, calls: int = 30) -> None:
+    """cProfile of `calls` eager gate/up calls at `tokens` rows, ss served and not: where the host time goes (the
+    twelve functions with the most time of their own)."""
+    import cProfile
+    import pstats
+
+    from hotlora.kernels.nf4 import nf4_matmul
+
+    w = _packed(4096, (14336, 14336))
+    x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
+    for flag in ("1", "0"):
+        os.environ["HOTLORA_NF4_SS"] = flag
+        nf4_matmul(x, w)
+        _sync()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            nf4_matmul(x, w)
+        prof.disable()
+        _sync()
+        print(f"## host profile, gate/up, {tokens} rows, HOTLORA_NF4_SS={flag}, {calls} calls", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    os.environ.pop("HOTLORA_NF4_SS")
+
+
 def op_times(tokens: list[int], calls: int = 50) -> None:
     """gate/up (4096 -> 28672) and down (14336 -> 4096) alone at each T, ss served and not: the wall time of `calls`
     eager calls back to back (host launch cost included: the GPU idles if the host is slower) and the device time
     of one call replayed from a CUDA graph (bench/graph_timing), in us per call."""
-    import bitsandbytes.functional as bnbF
     from graph_timing import graph_time_us
 
-    from hotlora.kernels.nf4 import nf4_matmul, pack_nf4, pack_nf4_group
+    from hotlora.kernels.nf4 import nf4_matmul
 
     print("\n| op | T | ss eager | ss graph | off eager | off graph |\n|---|---|---|---|---|---|")
     for name, k, widths in (("gate/up", 4096, (14336, 14336)), ("down", 14336, (4096,))):
-        w = pack_nf4_group([pack_nf4(*bnbF.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16),
-                                                          blocksize=64, compress_statistics=True, quant_type="nf4"))
-                            for n in widths])
+        w = _packed(k, widths)
         for t in tokens:
             x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
             cells = []
@@ -79,9 +111,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[288, 320, 384, 448, 512])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--ops", action="store_true", help="first time gate/up and down alone (op_times)")
+    ap.add_argument("--host-profile", action="store_true", help="first profile the host side (host_profile)")
+    ap.add_argument("--no-engine", action="store_true", help="skip the engine's prefill steps")
     args = ap.parse_args()
+    if args.host_profile:
+        host_profile()
     if args.ops:
         op_times(args.tokens)
+    if args.no_engine:
+        return
     engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_num_seqs=8,
                                     max_num_batched_tokens=max(args.tokens), kv_cache_memory=0.3, cuda_graphs=False))
     g = torch.Generator().manual_seed(0)
