@@ -1,7 +1,8 @@
 """Prefill step time on the GPU: Llama-3-8B shape (random weights), NF4 base, one request whose whole prompt is one
 engine step, with nf4_ss_kernel served (HOTLORA_NF4_SS=1) against not (=0), in one engine and one run.
 
-    python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6] [--ops] [--host-profile] [--no-engine]
+    python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6] [--ops] [--host-profile]
+                                  [--no-engine] [--profile T]
 
 At 384-512 rows gate/up and down take nf4_ss_kernel where it is served (kernels/_nf4_configs.ss_config); with it off
 they take the tl.dot tile or dense + cuBLAS. ss_config reads the variable at each call, so both settings run on the
@@ -105,6 +106,22 @@ def op_times(tokens: list[int], calls: int = 50) -> None:
             print(f"| {name} | {t} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
 
 
+def profile_step(engine: LLMEngine, tokens: int, g: torch.Generator) -> None:
+    """torch.profiler over two prefill steps of `tokens` tokens, ss served and not: the ten kernels with the most
+    device time (a kernel's total / 2 is its time a step), and the step's device and host totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for flag in ("1", "0"):
+        os.environ["HOTLORA_NF4_SS"] = flag
+        prefill_ms(engine, tokens, g)  # warm
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                prefill_ms(engine, tokens, g)
+        print(f"## profile, two prefill steps of {tokens} tokens, HOTLORA_NF4_SS={flag}", flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=50))
+    os.environ.pop("HOTLORA_NF4_SS")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3-8b")
@@ -113,6 +130,7 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true", help="first time gate/up and down alone (op_times)")
     ap.add_argument("--host-profile", action="store_true", help="first profile the host side (host_profile)")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine's prefill steps")
+    ap.add_argument("--profile", type=int, default=0, help="also profile prefill steps of this many tokens")
     args = ap.parse_args()
     if args.host_profile:
         host_profile()
@@ -123,6 +141,8 @@ def main() -> None:
     engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_num_seqs=8,
                                     max_num_batched_tokens=max(args.tokens), kv_cache_memory=0.3, cuda_graphs=False))
     g = torch.Generator().manual_seed(0)
+    if args.profile:
+        profile_step(engine, args.profile, g)
     times: dict[tuple[int, str], list[float]] = {}
     for r in range(args.rounds + 1):  # round 0 warms up (Triton compiles every config once)
         for tokens in args.tokens:
