@@ -113,7 +113,8 @@ _SS_CASES = [(n, k, x, warps) for n, k in _LLAMA if n * k >= _nf4_configs.LARGE_
 
 def compile_ss_sm90(n: int, k: int, x: str, warps: int) -> list[int]:
     """Compile nf4_ss_kernel as _nf4_ss_gluon.launch_ss launches ss_config(512, n, k) over `warps` MMA warps (split 1
-    takes the bias): its shared memory in bytes, registers, local loads and stores in loops (spills), and threads."""
+    takes the bias; with HOTLORA_NF4_SS=1, as the fixture runs this): its shared memory in bytes, registers, local
+    loads and stores in loops (spills), and threads."""
     from triton.experimental.gluon import language as gl
 
     cfg = _nf4_configs.ss_config(512, n, k)
@@ -194,6 +195,7 @@ def _compile_all() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["HOTLORA_NF4_SS"] = "1"  # nf4_ss_kernel's configs (ss_config) whether it is served or not (SERVE_SS)
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.splitlines()[-1])
