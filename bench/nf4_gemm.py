@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from dataclasses import replace
+from unittest.mock import patch
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -121,17 +122,11 @@ def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
     for (name, case), m in itertools.product(cases.items(), ms):
         out = []
         for label, bits, finish, no_pdl in cells:
-            _nf4_regs_gluon.PROBE_BITS = bits
-            saved = os.environ.pop("HOTLORA_NO_PDL", None)
-            if no_pdl:
-                os.environ["HOTLORA_NO_PDL"] = "1"
-            try:
-                out.append(f"{label} {bench_m(case, m, baselines=False, finish=finish)['nf4_us']:.1f}")
-            finally:
-                _nf4_regs_gluon.PROBE_BITS = 0
+            with patch.object(_nf4_regs_gluon, "PROBE_BITS", bits), patch.dict(os.environ):
                 os.environ.pop("HOTLORA_NO_PDL", None)
-                if saved is not None:
-                    os.environ["HOTLORA_NO_PDL"] = saved
+                if no_pdl:
+                    os.environ["HOTLORA_NO_PDL"] = "1"
+                out.append(f"{label} {bench_m(case, m, baselines=False, finish=finish)['nf4_us']:.1f}")
         floor = floor_us(case.floor_bytes(m))
         print(f"## probes {name} M={m}: " + ", ".join(out) + f" us; floor {floor:.1f} us", flush=True)
 

@@ -18,6 +18,7 @@ import argparse
 import os
 import statistics
 import time
+from unittest.mock import patch
 
 import torch
 
@@ -64,24 +65,24 @@ def host_profile(tokens: int = 384, calls: int = 30) -> None:
     w = _packed(4096, (14336, 14336))
     x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
     for flag in ("1", "0"):
-        os.environ["HOTLORA_NF4_SS"] = flag
-        nf4_matmul(x, w)
-        _sync()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(calls):
+        with patch.dict(os.environ, {"HOTLORA_NF4_SS": flag}):
             nf4_matmul(x, w)
-        prof.disable()
-        _sync()
+            _sync()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                nf4_matmul(x, w)
+            prof.disable()
+            _sync()
         print(f"## host profile, gate/up, {tokens} rows, HOTLORA_NF4_SS={flag}, {calls} calls", flush=True)
         pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-    os.environ.pop("HOTLORA_NF4_SS")
 
 
 def op_times(tokens: list[int], calls: int = 50) -> None:
     """gate/up (4096 -> 28672) and down (14336 -> 4096) alone at each T, ss served and not: the wall time of `calls`
     eager calls back to back (host launch cost included: the GPU idles if the host is slower) and the device time
-    of one call replayed from a CUDA graph (bench/graph_timing), in us per call."""
+    of one call replayed from a CUDA graph (bench/graph_timing; one weight copy, so down's 29 MB may sit in L2), in
+    us per call."""
     from graph_timing import graph_time_us
 
     from hotlora.kernels.nf4 import nf4_matmul
@@ -93,16 +94,15 @@ def op_times(tokens: list[int], calls: int = 50) -> None:
             x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
             cells = []
             for flag in ("1", "0"):
-                os.environ["HOTLORA_NF4_SS"] = flag
-                nf4_matmul(x, w)
-                _sync()
-                start = time.perf_counter()
-                for _ in range(calls):
+                with patch.dict(os.environ, {"HOTLORA_NF4_SS": flag}):
                     nf4_matmul(x, w)
-                _sync()
-                eager = 1e6 * (time.perf_counter() - start) / calls
-                cells += [eager, graph_time_us(lambda i, x=x, w=w: nf4_matmul(x, w), 1)]
-            os.environ.pop("HOTLORA_NF4_SS")
+                    _sync()
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        nf4_matmul(x, w)
+                    _sync()
+                    eager = 1e6 * (time.perf_counter() - start) / calls
+                    cells += [eager, graph_time_us(lambda i, x=x, w=w: nf4_matmul(x, w), 1)]
             print(f"| {name} | {t} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
 
 
@@ -112,14 +112,13 @@ def profile_step(engine: LLMEngine, tokens: int, g: torch.Generator) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     for flag in ("1", "0"):
-        os.environ["HOTLORA_NF4_SS"] = flag
-        prefill_ms(engine, tokens, g)  # warm
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                prefill_ms(engine, tokens, g)
+        with patch.dict(os.environ, {"HOTLORA_NF4_SS": flag}):
+            prefill_ms(engine, tokens, g)  # warm
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    prefill_ms(engine, tokens, g)
         print(f"## profile, two prefill steps of {tokens} tokens, HOTLORA_NF4_SS={flag}", flush=True)
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=50))
-    os.environ.pop("HOTLORA_NF4_SS")
 
 
 def main() -> None:
@@ -147,11 +146,10 @@ def main() -> None:
     for r in range(args.rounds + 1):  # round 0 warms up (Triton compiles every config once)
         for tokens in args.tokens:
             for flag in ("1", "0") if r % 2 else ("0", "1"):
-                os.environ["HOTLORA_NF4_SS"] = flag
-                ms = prefill_ms(engine, tokens, g)
+                with patch.dict(os.environ, {"HOTLORA_NF4_SS": flag}):
+                    ms = prefill_ms(engine, tokens, g)
                 if r:
                     times.setdefault((tokens, flag), []).append(ms)
-    os.environ.pop("HOTLORA_NF4_SS")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke test only)"
     print(f"Device: {device}. One prefill step of T tokens, ms over {args.rounds} rounds: median / min (the min is the "
           "step least disturbed by the host; rows below 384 tokens, which ss never reaches, show the run's noise)")

@@ -23,7 +23,8 @@ registers (6 programs per SM), against 104 for the same steps in a loop. Where t
 copy or scale load carries a row or K mask: x's rows past M repeat its last row, whose products no store keeps.
 HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only). PROBE_BITS (bench only,
 bench/nf4_gemm.py --probes) runs the kernel without its lookup (PROBE_CAST), without streaming after the rings'
-first fill (PROBE_NO_STREAM), or both: what the bytes alone, and the work alone, cost at the same grid.
+first fill (PROBE_NO_STREAM), or both: what the bytes alone, and the work alone, cost at the same grid; and with
+PROBE_LATE_PDL it lets the next kernel be scheduled after its store instead of at its start.
 
 The prmt lookup is ~2.5 ALU instructions a weight value, and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md,
 thirty-fifth session). Reading each code byte's two values from a 256-word table in shared memory instead (one

@@ -155,7 +155,6 @@ def test_regs_configs_refuse_what_the_kernel_cannot_run():
     Nf4Config(16, 128, 2, warps=8, stages=3, regs=True)  # valid
 
 
-
 def test_ss_kernel_serves_large_weights_at_384_to_512_rows(monkeypatch):
     """ss_config, with HOTLORA_NF4_SS=1 (not served by default: SERVE_SS): nf4_ss_kernel for gate/up and down (N * K
     >= LARGE_WEIGHT) at SS_MIN_M-SS_MAX_M rows, 256x128 tiles over 8 warps with the fewest K slices that make 90% of

@@ -226,7 +226,7 @@ def _regs_configs(m: int, n: int) -> list[Nf4Config]:
     bm = max(8, 1 << (m - 1).bit_length())
     eight = [Nf4Config(bm, 128, 2, warps=8, stages=3, regs=True, lookup=LOOKUP_PRMT)] if bm >= 16 else []
     return eight + [Nf4Config(bm, 64 * t, s, stages=st, regs=True, lookup=LOOKUP_PRMT)
-                          for t, s, st in ((1, 1, 2), (2, 2, 3), (1, 4, 4), (1, 3, 3))]
+                    for t, s, st in ((1, 1, 2), (2, 2, 3), (1, 4, 4), (1, 3, 3))]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
