@@ -56,7 +56,7 @@ def _packed(k: int, widths: tuple[int, ...]):
 
 def host_profile(tokens: int = 384, calls: int = 30) -> None:
     """cProfile of `calls` eager gate/up calls at `tokens` rows, ss served and not: where the host time goes (the
-    twelve functions with the most time of their own)."""
+    twelve functions with the most time of their own, and the eighteen with the most in all)."""
     import cProfile
     import pstats
 
@@ -76,18 +76,21 @@ def host_profile(tokens: int = 384, calls: int = 30) -> None:
             _sync()
         print(f"## host profile, gate/up, {tokens} rows, HOTLORA_NF4_SS={flag}, {calls} calls", flush=True)
         pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
 
 
 def op_times(tokens: list[int], calls: int = 50) -> None:
-    """gate/up (4096 -> 28672) and down (14336 -> 4096) alone at each T, ss served and not: the wall time of `calls`
-    eager calls back to back (host launch cost included: the GPU idles if the host is slower) and the device time
+    """gate/up (4096 -> 28672) and down (14336 -> 4096) alone at each T, ss served and not: the host time of `calls`
+    eager calls back to back (until the last returns, not synchronized: what launching costs the host), their wall
+    time (synchronized; the GPU idles if the host is slower) and the device time
     of one call replayed from a CUDA graph (bench/graph_timing; one weight copy, so down's 29 MB may sit in L2), in
     us per call."""
     from graph_timing import graph_time_us
 
     from hotlora.kernels.nf4 import nf4_matmul
 
-    print("\n| op | T | ss eager | ss graph | off eager | off graph |\n|---|---|---|---|---|---|")
+    print("\n| op | T | ss host | ss eager | ss graph | off host | off eager | off graph |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name, k, widths in (("gate/up", 4096, (14336, 14336)), ("down", 14336, (4096,))):
         w = _packed(k, widths)
         for t in tokens:
@@ -100,9 +103,10 @@ def op_times(tokens: list[int], calls: int = 50) -> None:
                     start = time.perf_counter()
                     for _ in range(calls):
                         nf4_matmul(x, w)
+                    host = 1e6 * (time.perf_counter() - start) / calls
                     _sync()
                     eager = 1e6 * (time.perf_counter() - start) / calls
-                    cells += [eager, graph_time_us(lambda i, x=x, w=w: nf4_matmul(x, w), 1)]
+                    cells += [host, eager, graph_time_us(lambda i, x=x, w=w: nf4_matmul(x, w), 1)]
             print(f"| {name} | {t} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
 
 
