@@ -1,15 +1,18 @@
 """Prefill step time on the GPU: Llama-3-8B shape (random weights), NF4 base, one request whose whole prompt is one
-engine step, with nf4_ss_kernel served (HOTLORA_NF4_SS=1) against not (=0), in one engine and one run.
+engine step, with nf4_ss_kernel served (HOTLORA_NF4_SS=1) against not (=0), in one run.
 
-    python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6] [--ops] [--host-profile]
+    python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6] [--graphs] [--ops] [--host-profile]
                                   [--no-engine] [--profile T]
 
 At 384-512 rows gate/up and down take nf4_ss_kernel where it is served (kernels/_nf4_configs.ss_config); with it off
-they take the tl.dot tile or dense + cuBLAS. ss_config reads the variable at each call, so both settings run on the
-same engine, alternating round by round. Each timed request has a fresh random prompt (no prefix-cache hit) and
+they take the tl.dot tile or dense + cuBLAS. There is one engine per setting, built (and with --graphs, its CUDA
+graphs captured) under that setting, and each request runs under its engine's setting, alternating round by round.
+--graphs is how the engine serves on CUDA (server/model/graphs.py: prefill steps too are replayed from graphs, padded
+to a token bucket: 288-320 tokens take the 384-token graph, 448 the 512-token one); without it every step runs
+eagerly, where the host's launch cost shows. Each timed request has a fresh random prompt (no prefix-cache hit) and
 max_tokens=1, so it ends with its prefill step; the time is add_request to its output, device synchronized, the
-median and the minimum over rounds. The engine runs eagerly (prefill steps are eager either way; no decode graphs
-to capture). On a machine without CUDA it runs (--preset tiny) as a smoke test of the script only.
+median and the minimum over rounds. On a machine without CUDA it runs (--preset tiny) as a smoke test of the script
+only.
 """
 
 from __future__ import annotations
@@ -110,17 +113,17 @@ def op_times(tokens: list[int], calls: int = 50) -> None:
             print(f"| {name} | {t} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
 
 
-def profile_step(engine: LLMEngine, tokens: int, g: torch.Generator) -> None:
+def profile_step(engines: dict[str, LLMEngine], tokens: int, g: torch.Generator) -> None:
     """torch.profiler over two prefill steps of `tokens` tokens, ss served and not: the ten kernels with the most
     device time (a kernel's total / 2 is its time a step), and the step's device and host totals."""
     from torch.profiler import ProfilerActivity, profile
 
     for flag in ("1", "0"):
         with patch.dict(os.environ, {"HOTLORA_NF4_SS": flag}):
-            prefill_ms(engine, tokens, g)  # warm
+            prefill_ms(engines[flag], tokens, g)  # warm
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(2):
-                    prefill_ms(engine, tokens, g)
+                    prefill_ms(engines[flag], tokens, g)
         print(f"## profile, two prefill steps of {tokens} tokens, HOTLORA_NF4_SS={flag}", flush=True)
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=50))
 
@@ -130,6 +133,7 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--tokens", type=int, nargs="+", default=[288, 320, 384, 448, 512])
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--graphs", action="store_true", help="replay steps from CUDA graphs, as the engine serves")
     ap.add_argument("--ops", action="store_true", help="first time gate/up and down alone (op_times)")
     ap.add_argument("--host-profile", action="store_true", help="first profile the host side (host_profile)")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine's prefill steps")
@@ -141,22 +145,28 @@ def main() -> None:
         op_times(args.tokens)
     if args.no_engine:
         return
-    engine = LLMEngine(EngineConfig(model=f"random:{args.preset}", quant="nf4", max_num_seqs=8,
-                                    max_num_batched_tokens=max(args.tokens), kv_cache_memory=0.3, cuda_graphs=False))
+    engines = {}
+    for flag in ("1", "0"):
+        with patch.dict(os.environ, {"HOTLORA_NF4_SS": flag}):
+            engines[flag] = LLMEngine(EngineConfig(
+                model=f"random:{args.preset}", quant="nf4", max_num_seqs=8, max_num_batched_tokens=max(args.tokens),
+                kv_cache_memory=0.1, cuda_graphs=args.graphs, lora_rank_classes=False))
     g = torch.Generator().manual_seed(0)
     if args.profile:
-        profile_step(engine, args.profile, g)
+        profile_step(engines, args.profile, g)
     times: dict[tuple[int, str], list[float]] = {}
     for r in range(args.rounds + 1):  # round 0 warms up (Triton compiles every config once)
         for tokens in args.tokens:
             for flag in ("1", "0") if r % 2 else ("0", "1"):
                 with patch.dict(os.environ, {"HOTLORA_NF4_SS": flag}):
-                    ms = prefill_ms(engine, tokens, g)
+                    ms = prefill_ms(engines[flag], tokens, g)
                 if r:
                     times.setdefault((tokens, flag), []).append(ms)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke test only)"
-    print(f"Device: {device}. One prefill step of T tokens, ms over {args.rounds} rounds: median / min (the min is the "
-          "step least disturbed by the host; rows below 384 tokens, which ss never reaches, show the run's noise)")
+    mode = "CUDA graphs" if args.graphs else "eager"
+    print(f"Device: {device}; {mode}. One prefill step of T tokens, ms over {args.rounds} rounds: median / min (the "
+          "min is the step least disturbed by the host). Eagerly, rows below 384 tokens (ss never reached) show the "
+          "run's noise; from graphs they are padded to the 384-token bucket.")
     print("\n| T | ss served (=1) | ss off (=0) | =1 / =0 (medians) |\n|---|---|---|---|")
     for tokens in args.tokens:
         on, off = (times[tokens, f] for f in ("1", "0"))

@@ -279,15 +279,14 @@ def regs_config(m: int, n: int, k: int) -> Nf4Config | None:
 # 244 -> 218 (140), down 130 -> 105 (73). At 288-320 rows gate/up lost to dense + cuBLAS (273 and 256 against 219 and
 # 224; down still won, 106-114 against 117), so it starts at 384. q/k/v and o lost to dense + cuBLAS at 512 (65.1
 # against 59.6, 46.1 against 42.4), and at M = 2048 every shape did (gate/up 871 against 768, down 427 against 389).
-# Not served (thirty-seventh session): in the engine, which runs prefill steps eagerly, it made them slower
-# (bench/prefill_steps.py, H200): one step of 384 tokens took 34.2-37.2 ms with it against 21.8-22.4 without, 512
-# tokens 33.3-38.6 against 26.7-30.4 (two runs whose 288-320-token steps, which it does not reach, agreed within 6%).
-# The likely cause is host time: per call, eager back to back against replayed from a graph, gate/up at 384 rows
-# took 234-388 us against 220-223 (off: 234-237 against 241-248), and cProfile counts 733 Python calls a matmul (two
-# Gluon launches, their tensor descriptors and layouts built each time) against 118. HOTLORA_NF4_SS=0 / 1 overrides
-# SERVE_SS.
+# Served again (thirty-eighth session) after one session off: the engine replays prefill steps from CUDA graphs
+# (server/model/graphs.py), and from graphs it made them faster (bench/prefill_steps.py --graphs, H200): steps of
+# 384 tokens 16.7 ms against 17.9, 448-512 (the 512-token graph) 17.0-17.3 against 19.8-20.0, 256 (not reached)
+# 11.5 against 11.6. Run eagerly, as the thirty-seventh session measured, it made them 1.2-1.7x slower: each call
+# builds two tensor descriptors and their layouts and makes two Gluon launches, ~180 us of host time for gate/up
+# against ~57 (dense + cuBLAS), and an eager step is bound by the host. HOTLORA_NF4_SS=0 / 1 overrides SERVE_SS.
 SS_MIN_M, SS_MAX_M = 384, 512
-SERVE_SS = False
+SERVE_SS = True
 
 
 def ss_served() -> bool:

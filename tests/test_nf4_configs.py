@@ -156,12 +156,14 @@ def test_regs_configs_refuse_what_the_kernel_cannot_run():
 
 
 def test_ss_kernel_serves_large_weights_at_384_to_512_rows(monkeypatch):
-    """ss_config, with HOTLORA_NF4_SS=1 (not served by default: SERVE_SS): nf4_ss_kernel for gate/up and down (N * K
-    >= LARGE_WEIGHT) at SS_MIN_M-SS_MAX_M rows, 256x128 tiles over 8 warps with the fewest K slices that make 90% of
-    a wave (gate/up 1, down 2, as swept); not for q/k/v or o, nor outside the rows; HOTLORA_NF4_SS=0 turns it off,
-    and pick_config never returns it (the fallback where the kernel cannot run: not Hopper, fp32 x)."""
+    """ss_config (served by default, SERVE_SS): nf4_ss_kernel for gate/up and down (N * K >= LARGE_WEIGHT) at
+    SS_MIN_M-SS_MAX_M rows, 256x128 tiles over 8 warps with the fewest K slices that make 90% of a wave (gate/up 1,
+    down 2, as swept); not for q/k/v or o, nor outside the rows; HOTLORA_NF4_SS=0 turns it off (=1 on), and
+    pick_config never returns it (the fallback where the kernel cannot run: not Hopper, fp32 x)."""
     monkeypatch.delenv("HOTLORA_NF4_SS", raising=False)
-    assert configs_mod.ss_config(512, 28672, 4096) is None  # the default
+    assert configs_mod.ss_config(512, 28672, 4096).ss  # the default
+    monkeypatch.setattr(configs_mod, "SERVE_SS", False)
+    assert configs_mod.ss_config(512, 28672, 4096) is None
     monkeypatch.setenv("HOTLORA_NF4_SS", "1")
     splits = {name: configs_mod.ss_config(512, sum(w), k) for name, (k, w) in LLAMA.items()}
     assert splits["qkv"] is None and splits["o"] is None
