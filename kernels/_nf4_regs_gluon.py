@@ -138,22 +138,16 @@ def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V
 
 
 @gluon.jit
-def _issue(w_s, x_s, s_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, cs_ptrs, cs_rows, g, g_end, K, EVEN: gl.constexpr):
-    """cp.async group g's code bytes, x's [128, BLOCK_M] and (SCALE_RING) its two 64-blocks' absmax [2, BLOCK_N] into a
-    stage of the rings (w_s, x_s, s_s) (zeros past N, M, K and g_end; where EVEN, past g_end only: no row is past N
-    and x's rows past M repeat its last)."""
+def _issue(w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g, g_end, K, EVEN: gl.constexpr):
+    """cp.async group g's code bytes and x's [128, BLOCK_M] into a stage of the rings (w_s, x_s) (zeros past N, M, K and
+    g_end; where EVEN, past g_end only: no row is past N and x's rows past M repeat its last)."""
     async_copy.async_copy_global_to_shared(w_s, cw_ptrs + g * 64, mask=cw_rows & (g < g_end))
     x_mask = cx_rows & (g < g_end) if EVEN else cx_rows & (cxk < K - g * 128) & (g < g_end)
     async_copy.async_copy_global_to_shared(x_s, cx_ptrs + g * 128, mask=x_mask)
-    if SCALE_RING:
-        async_copy.async_copy_global_to_shared(s_s, cs_ptrs + 2 * g, mask=cs_rows & (g < g_end))
     async_copy.commit_group()
 
 
 UNROLL_ITERS = gl.constexpr(int(os.environ.get("HOTLORA_NF4_REGS_UNROLL", "16")))  # groups (module docstring)
-# The scales by the cp.async rings, STAGES - 1 groups ahead like the code bytes (module docstring); "0": by plain loads
-# one group ahead (bench A/B only)
-SCALE_RING = gl.constexpr(os.environ.get("HOTLORA_NF4_REGS_SCALE_RING", "1") == "1")
 
 
 @gluon.jit
@@ -185,30 +179,22 @@ def _step(acc, scales, ctx, j: gl.constexpr, g, w_l: gl.constexpr, x_l: gl.const
     """One group g from ring stage j: wait for it, read it into the operand layouts, copy group g + STAGES - 1
     into the stage read last step, load the next group's scales, and add this group's MMAs to acc (ctx: what every
     step of _pipelined shares)."""
-    w_s, x_s, s_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, cs_ptrs, cs_rows, g_end, K, zero, tab, s_ptrs, s_mask = ctx
+    w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g_end, K, zero, tab, s_ptrs, s_mask = ctx
     async_copy.wait_group(STAGES - 2)
     gl.thread_barrier()  # every thread's copies of group g landed; every thread done with group g - 1's stage
     raw = w_s[j].load(w_l)
     x_hi = x_s[j].slice(0, 64, dim=0).load(x_l)
     x_lo = x_s[j].slice(64, 64, dim=0).load(x_l)
-    if SCALE_RING:
-        s_l: gl.constexpr = s_mask.type.layout
-        BLOCK_N: gl.constexpr = s_mask.shape[0]
-        s_hi = s_s[j].slice(0, BLOCK_N).load(s_l)
-        s_lo = s_s[j].slice(BLOCK_N, BLOCK_N).load(s_l)
-    else:
-        s_hi, s_lo = scales
-        scales = _scales(s_ptrs, s_mask, g + 1, g_end, EVEN)
+    s_hi, s_lo = scales
+    scales = _scales(s_ptrs, s_mask, g + 1, g_end, EVEN)
     last: gl.constexpr = (j + STAGES - 1) % STAGES
     if not PROBE & PROBE_NO_STREAM:
-        _issue(w_s[last], x_s[last], s_s[last], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, cs_ptrs, cs_rows,
-               g + STAGES - 1, g_end, K, EVEN)
+        _issue(w_s[last], x_s[last], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g + STAGES - 1, g_end, K, EVEN)
     return _accumulate(acc, (raw, x_hi, x_lo, s_hi, s_lo), zero, tab, a_op, b_op, V_DTYPE, PROBE), scales
 
 
 @gluon.jit
-def _pipelined(zero, tab, w_ptr, x_ptr, absmax_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
-               stride_an,
+def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
                w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ITERS: gl.constexpr, STAGES: gl.constexpr,
                EVEN: gl.constexpr, PROBE: gl.constexpr):
@@ -219,13 +205,8 @@ def _pipelined(zero, tab, w_ptr, x_ptr, absmax_ptr, s_ptrs, s_mask, pid_n, g0, g
     WARPS: gl.constexpr = gl.num_warps()
     cw_l: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [WARPS, 1], [1, 0])
     cx_l: gl.constexpr = gl.BlockedLayout([8, 1], [16, 2], [1, WARPS], [0, 1])
-    cs_l: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     w_s = _ring(gl.uint8, [BLOCK_N, 64], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]), STAGES)
     x_s = _ring(V_DTYPE, [128, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0, 1]), STAGES)
-    s_s = _ring(gl.float32, [2 * BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]), STAGES)  # hi's scales, then lo's
-    cs = gl.arange(0, 2 * BLOCK_N, layout=cs_l)
-    srows = pid_n * BLOCK_N + cs % BLOCK_N
-    cs_ptrs = absmax_ptr + srows * stride_an + cs // BLOCK_N
     rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, cw_l))
     cw_ptrs = w_ptr + rows[:, None] * stride_wn + gl.arange(0, 64, layout=gl.SliceLayout(0, cw_l))[None, :]
     cxk = gl.arange(0, 128, layout=gl.SliceLayout(1, cx_l))[:, None]
@@ -233,22 +214,16 @@ def _pipelined(zero, tab, w_ptr, x_ptr, absmax_ptr, s_ptrs, s_mask, pid_n, g0, g
     if EVEN:  # no mask but g_end's
         cw_rows = gl.full([BLOCK_N, 64], True, gl.int1, cw_l)
         cx_rows = gl.full([128, BLOCK_M], True, gl.int1, cx_l)
-        cs_rows = gl.full([2 * BLOCK_N], True, gl.int1, cs_l)
         cx_ptrs = x_ptr + gl.minimum(xm, M - 1) * stride_xm + cxk
     else:
         cw_rows = rows[:, None] < N
         cx_rows = xm < M
-        cs_rows = srows < N
         cx_ptrs = x_ptr + xm * stride_xm + cxk
     for j in gl.static_range(STAGES - 1):
-        _issue(w_s[j], x_s[j], s_s[j], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, cs_ptrs, cs_rows, g0 + j, g_end, K,
-               EVEN)
-    scales = s_ptrs  # unused where SCALE_RING
-    if not SCALE_RING:
-        scales = _scales(s_ptrs, s_mask, g0, g_end, EVEN)
+        _issue(w_s[j], x_s[j], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K, EVEN)
+    scales = _scales(s_ptrs, s_mask, g0, g_end, EVEN)
     acc = zero
-    ctx = (w_s, x_s, s_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, cs_ptrs, cs_rows, g_end, K, zero, tab, s_ptrs,
-           s_mask)
+    ctx = (w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g_end, K, zero, tab, s_ptrs, s_mask)
     if ITERS <= UNROLL_ITERS:  # straight-line code: no loop for ptxas to pipeline across, fewer registers
         for i in gl.static_range(ITERS):
             acc, scales = _step(acc, scales, ctx, i % STAGES, g0 + i, w_l, x_l, a_op, b_op, V_DTYPE, STAGES, EVEN,
@@ -298,9 +273,8 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
 
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     g0 = pid_k * ITERS
-    acc = _pipelined(zero, tab, w_ptr, x_ptr, absmax_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M,
-                     N, K, stride_xm, stride_wn, stride_an, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS,
-                     STAGES, EVEN, PROBE)
+    acc = _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
+                     stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES, EVEN, PROBE)
 
     _store_tile(acc, srows, s_mask, gl.arange(0, BLOCK_M, layout=col_l), M, N, pid_k, stride_ym, bias_ptr, y_ptr,
                 part_ptr, HAS_BIAS, SPLIT_K)

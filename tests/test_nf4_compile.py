@@ -210,9 +210,7 @@ def test_recorded_tma_configs_compile_for_sm90(compiled, cfg, x_dtype):
 @pytest.mark.parametrize(("m", "x_dtype"), _REGS_CASES)
 def test_regs_kernel_compiles_for_sm90_with_only_its_rings_in_shared_memory(compiled, m, x_dtype):
     cfg = _nf4_configs.regs_config(m, 4096, 4096)
-    # code bytes + x's 128 columns (+ the two 64-blocks' fp32 absmax: SCALE_RING), per group
-    scales = 2 * cfg.block_n * 4 if _nf4_regs_gluon.SCALE_RING.value else 0
-    rings = cfg.stages * (cfg.block_n * 64 + 128 * cfg.block_m * 2 + scales)
+    rings = cfg.stages * (cfg.block_n * 64 + 128 * cfg.block_m * 2)  # code bytes + x's 128 columns, per group
     assert compiled[_regs_label(m, x_dtype)] == [rings]
     # six 4-warp programs an SM: the served slices are straight-line steps (unrolled; as a loop it took 104)
     assert 6 * 32 * cfg.warps * compiled[_regs_label(m, x_dtype) + "-registers"] <= 65536
@@ -220,14 +218,12 @@ def test_regs_kernel_compiles_for_sm90_with_only_its_rings_in_shared_memory(comp
 
 def test_regs_kernel_probes_drop_what_they_name(compiled):
     """The bench's probes (_nf4_regs_gluon.PROBE_BITS): PROBE_CAST leaves no lookup (no PRMT) and every copy;
-    PROBE_NO_STREAM every lookup and only the first fill's copies (3 cp.async a group: the code bytes' two, x's one;
-    and the scales' one with SCALE_RING)."""
+    PROBE_NO_STREAM every lookup and only the first fill's copies (3 cp.async a group: the code bytes' two, x's one)."""
     prmt, copies = compiled["regs-probe0"]
     stages = _nf4_configs.regs_config(1, 28672, 4096).stages
-    per_group = 3 + _nf4_regs_gluon.SCALE_RING.value
-    assert prmt > 0 and copies > per_group * stages
+    assert prmt > 0 and copies > 3 * stages
     assert compiled["regs-probe1"] == [0, copies]
-    assert compiled["regs-probe2"] == [prmt, per_group * (stages - 1)]
+    assert compiled["regs-probe2"] == [prmt, 3 * (stages - 1)]
 
 
 
