@@ -272,20 +272,25 @@ def regs_config(m: int, n: int, k: int) -> Nf4Config | None:
 
 # nf4_ss_kernel (both wgmma operands in shared memory; a lookup warpgroup fills a bf16 weight ring beside two MMA
 # warpgroups, Hopper) for large weights at SS_MIN_M-SS_MAX_M rows, in place of the 256x128 tl.dot tile (385-512) and
-# of dense + cuBLAS (384): 256 rows of x by 128 weight rows, the fewest K slices that make 90% of a wave (a grid of
-# 1.4 waves takes 2 waves' time: launch_ss sends a last wave at most half full to 64-row programs). Swept on the H200
-# (bench/nf4_ss.py and nf4_gemm.py, thirty-fourth session, us; before -> this, cuBLAS bf16 in brackets): M = 512
-# gate/up 262-263 -> 203-224 (175-182), down 130-133 -> 110-112 (89-90, 2 slices; 4 took 124-127); M = 384 gate/up
-# 244 -> 218 (140), down 130 -> 105 (73). At 288-320 rows gate/up lost to dense + cuBLAS (273 and 256 against 219 and
-# 224; down still won, 106-114 against 117), so it starts at 384. q/k/v and o lost to dense + cuBLAS at 512 (65.1
-# against 59.6, 46.1 against 42.4), and at M = 2048 every shape did (gate/up 871 against 768, down 427 against 389).
+# of dense + cuBLAS (384, 513-1024): 256 rows of x by 128 weight rows, the fewest K slices whose waves are 90% full
+# (a grid of 1.4 waves takes 2 waves' time: launch_ss sends a last wave at most half full to 64-row programs). Swept
+# on the H200 (bench/nf4_ss.py and nf4_gemm.py, thirty-fourth session, us; before -> this, cuBLAS bf16 in
+# brackets): M = 512 gate/up 262-263 -> 203-224 (175-182), down 130-133 -> 110-112 (89-90, 2 slices; 4 took
+# 124-127); M = 384 gate/up 244 -> 218 (140), down 130 -> 105 (73). At 288-320 rows gate/up lost to dense + cuBLAS
+# (273 and 256 against 219 and 224; down still won, 106-114 against 117), so it starts at 384. q/k/v and o lost to
+# dense + cuBLAS at 512 (65.1 against 59.6, 46.1 against 42.4), and at M = 2048 every shape did (gate/up 871 against
+# 768, down 427 against 389).
 # Served again (thirty-eighth session) after one session off: the engine replays prefill steps from CUDA graphs
 # (server/model/graphs.py), and from graphs it made them faster (bench/prefill_steps.py --graphs, H200): steps of
 # 384 tokens 16.7 ms against 17.9, 448-512 (the 512-token graph) 17.0-17.3 against 19.8-20.0, 256 (not reached)
 # 11.5 against 11.6. Run eagerly, as the thirty-seventh session measured, it made them 1.2-1.7x slower: each call
 # builds two tensor descriptors and their layouts and makes two Gluon launches, ~180 us of host time for gate/up
 # against ~57 (dense + cuBLAS), and an eager step is bound by the host. HOTLORA_NF4_SS=0 / 1 overrides SERVE_SS.
-SS_MIN_M, SS_MAX_M = 384, 512
+# At 768 and 1024 rows (thirty-eighth session, bench/nf4_ss.py, us, against dense + cuBLAS; cuBLAS bf16 in brackets):
+# gate/up 320 against 372 (280) and 414 against 462 (363), down 175 (4 slices) against 188 (144) and 213 (1 slice)
+# against 226 (175). Down at 768 rows took 203 us with the 2 slices of "the fewest that make 90% of a wave" (1.45
+# waves): the slices are now the fewest whose waves are 90% full (or whose last wave the tail launch takes).
+SS_MIN_M, SS_MAX_M = 384, 1024
 SERVE_SS = True
 
 
@@ -299,8 +304,20 @@ def ss_config(m: int, n: int, k: int) -> Nf4Config | None:
     else None."""
     if not SS_MIN_M <= m <= SS_MAX_M or n * k < LARGE_WEIGHT or not ss_served():
         return None
-    split = _fewest_splits(triton.cdiv(m, 256) * triton.cdiv(n, 128), _SMS * 9 // 10, k // 128)
+    rows, cols, split = triton.cdiv(m, 256), triton.cdiv(n, 128), 1
+    while 2 * split <= k // 128:  # one program an SM: a grid of 1.4 waves takes 2 waves' time
+        programs = rows * cols * split
+        if 10 * programs >= 9 * triton.cdiv(programs, _SMS) * _SMS or (split == 1 and ss_tail_cols(rows, cols, _SMS)):
+            break
+        split *= 2
     return Nf4Config(256, 128, split, warps=8, scale=SCALE_VALUES, lookup=LOOKUP_PRMT, ss=True)
+
+
+def ss_tail_cols(rows: int, cols: int, sms: int) -> int:
+    """Where one launch of rows x cols nf4_ss_kernel programs (one K slice) would leave a last wave at most half full,
+    the column tiles its full waves cover (launch_ss sends the rest to a second launch of 64-row programs); else 0."""
+    full = rows * cols // sms * sms // rows
+    return full if full and 0 < rows * (cols - full) <= sms // 2 else 0
 
 
 def split_for_sms(tiles: int, k: int) -> int:

@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._launch import pdl_args
-from ._nf4_configs import Nf4Config
+from ._nf4_configs import Nf4Config, ss_tail_cols
 from ._nf4_regs_gluon import _lookup, _pdl_chain, _store_tile, _table_words, _thread_ids, rows_aligned
 
 
@@ -218,10 +218,8 @@ def launch_ss(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, lut: t
     m, n, split = x.shape[0], codes.shape[0], cfg.split_k
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     rows, cols = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    full = rows * cols // sms * sms // rows  # the column tiles the full waves cover
-    tail = (split == 1 and cfg.warps == 8 and full and 0 < rows * (cols - full) <= sms // 2
-            and os.environ.get("HOTLORA_NF4_SS_TAIL") != "0")
+    full = ss_tail_cols(rows, cols, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    tail = split == 1 and cfg.warps == 8 and full and os.environ.get("HOTLORA_NF4_SS_TAIL") != "0"
     _launch_part(x, codes, absmax, lut, bias, y, part, cfg.block_m, cfg.warps, 0, full if tail else cols, split)
     if tail:
         n0 = full * cfg.block_n
