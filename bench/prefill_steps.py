@@ -4,7 +4,7 @@ engine step, with nf4_ss_kernel served (HOTLORA_NF4_SS=1) against not (=0), in o
     python bench/prefill_steps.py [--tokens 288 320 384 448 512] [--rounds 6] [--graphs] [--ops] [--host-profile]
                                   [--no-engine] [--profile T]
 
-At 384-1024 rows gate/up and down take nf4_ss_kernel where it is served (kernels/_nf4_configs.ss_config); with it off
+At 384-768 rows gate/up and down take nf4_ss_kernel where it is served (kernels/_nf4_configs.ss_config); with it off
 they take the tl.dot tile or dense + cuBLAS. There is one engine per setting, built (and with --graphs, its CUDA
 graphs captured) under that setting, and each request runs under its engine's setting, alternating round by round.
 --graphs is how the engine serves on CUDA (server/model/graphs.py: prefill steps too are replayed from graphs, padded

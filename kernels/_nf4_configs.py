@@ -272,7 +272,7 @@ def regs_config(m: int, n: int, k: int) -> Nf4Config | None:
 
 # nf4_ss_kernel (both wgmma operands in shared memory; a lookup warpgroup fills a bf16 weight ring beside two MMA
 # warpgroups, Hopper) for large weights at SS_MIN_M-SS_MAX_M rows, in place of the 256x128 tl.dot tile (385-512) and
-# of dense + cuBLAS (384, 513-1024): 256 rows of x by 128 weight rows, the fewest K slices whose waves are 90% full
+# of dense + cuBLAS (384, 513-768): 256 rows of x by 128 weight rows, the fewest K slices whose waves are 90% full
 # (a grid of 1.4 waves takes 2 waves' time: launch_ss sends a last wave at most half full to 64-row programs). Swept
 # on the H200 (bench/nf4_ss.py and nf4_gemm.py, thirty-fourth session, us; before -> this, cuBLAS bf16 in
 # brackets): M = 512 gate/up 262-263 -> 203-224 (175-182), down 130-133 -> 110-112 (89-90, 2 slices; 4 took
@@ -286,11 +286,15 @@ def regs_config(m: int, n: int, k: int) -> Nf4Config | None:
 # 11.5 against 11.6. Run eagerly, as the thirty-seventh session measured, it made them 1.2-1.7x slower: each call
 # builds two tensor descriptors and their layouts and makes two Gluon launches, ~180 us of host time for gate/up
 # against ~57 (dense + cuBLAS), and an eager step is bound by the host. HOTLORA_NF4_SS=0 / 1 overrides SERVE_SS.
-# At 768 and 1024 rows (thirty-eighth session, bench/nf4_ss.py, us, against dense + cuBLAS; cuBLAS bf16 in brackets):
-# gate/up 320 against 372 (280) and 414 against 462 (363), down 175 (4 slices) against 188 (144) and 213 (1 slice)
-# against 226 (175). Down at 768 rows took 203 us with the 2 slices of "the fewest that make 90% of a wave" (1.45
-# waves): the slices are now the fewest whose waves are 90% full (or whose last wave the tail launch takes).
-SS_MIN_M, SS_MAX_M = 384, 1024
+# At 768 and 1024 rows (thirty-eighth session, H200, us, against dense + cuBLAS; cuBLAS bf16 in brackets):
+# bench/nf4_ss.py timed gate/up 320 against 372 (280) and 414 against 462 (363), down 175 (4 slices) against 188 (144)
+# and 213 (1 slice) against 226 (175); bench/nf4_gemm.py, served, gate/up 350 and 450, down 192 and 219 (its usual
+# 5-10% above nf4_ss.py's). In the engine (bench/prefill_steps.py --graphs) steps of 768 tokens took 26.0 ms against
+# 26.5 (min 25.5 against 26.2), of 1024 33.1 against 32.9 (512: 17.9 against 20.6, same run): served to 768. Down at
+# 768 rows took 203 us with the 2 slices of "the fewest that make 90% of a wave" (1.45 waves): the slices are now the
+# fewest whose waves are 90% full (or whose last wave the tail launch takes). At 1536-2048 only down at 1536 won (314
+# against 334, 2 slices).
+SS_MIN_M, SS_MAX_M = 384, 768
 SERVE_SS = True
 
 

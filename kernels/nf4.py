@@ -42,7 +42,7 @@ Paths by M (``_nf4_configs._CONFIGS``, swept on the H200 with bench/nf4_gemm.py;
   nf4_ss_kernel cannot run (not Hopper, fp32 x). At 65-96
   and 129-192 rows a program covers a row tile plus a smaller tail tile (``Nf4Config.tail_m``: 128 + 64 rows
   dotted with one dequantized weight tile) rather than a power-of-two tile up to twice M.
-- SS_MIN_M-SS_MAX_M rows (384-1024) for large weights (Hopper, 16-bit x; SERVE_SS, HOTLORA_NF4_SS=0 turns it
+- SS_MIN_M-SS_MAX_M rows (384-768) for large weights (Hopper, 16-bit x; SERVE_SS, HOTLORA_NF4_SS=0 turns it
   off): ``nf4_ss_kernel`` (Gluon, _nf4_ss_gluon), both wgmma operands in shared memory: a lookup warpgroup
   stores each group's looked-up, absmax-scaled weights (SCALE_VALUES) into a ring that two MMA warpgroups read beside
   x's TMA ring.
