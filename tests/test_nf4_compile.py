@@ -69,20 +69,6 @@ _LLAMA = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
 _REGS_CASES = [(m, dtype) for m in (1, 8) for dtype in ("bf16", "fp16")]
 
 
-def _regs_sm90(fn, consts: dict, x: str, warps: int):
-    """A regs-family Gluon kernel (nf4_regs_kernel's arguments, `consts` its constexprs) compiled for sm_90 with the
-    divisibility the JIT sees for aligned pointers, sizes and strides."""
-    pointers = {"x_ptr": f"*{x}", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": f"*{x}",
-                "y_ptr": f"*{x}", "part_ptr": "*fp32"}
-    scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
-    signature = {**pointers, **dict.fromkeys(scalars, "i32"), **dict.fromkeys(consts, "constexpr")}
-    names = list(signature)
-    aligned = [*pointers, "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym"]  # as the JIT specializes
-    src = GluonASTSource(fn=fn, signature=signature, constexprs={(names.index(c),): v for c, v in consts.items()},
-                         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-
-
 def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, probe: int = 0):
     """nf4_regs_kernel compiled as _nf4_regs_gluon.launch_regs launches regs_config(m, n, k) (the Llama shapes tile
     evenly), with the PROBE bits `probe` (_nf4_regs_gluon.PROBE_BITS)."""
@@ -90,7 +76,16 @@ def compile_regs_sm90(m: int, n: int, k: int, x: str, bias: bool, probe: int = 0
     consts = dict(HAS_BIAS=bias, V_DTYPE=tl.bfloat16 if x == "bf16" else tl.float16, BLOCK_M=cfg.block_m,
                   TILES=cfg.block_n // (16 * cfg.warps), SPLIT_K=cfg.split_k, ITERS=-(-k // 128 // cfg.split_k),
                   PDL=True, STAGES=cfg.stages, EVEN=True, PROBE=probe)
-    return _regs_sm90(_nf4_regs_gluon.nf4_regs_kernel, consts, x, cfg.warps)
+    pointers = {"x_ptr": f"*{x}", "w_ptr": "*u8", "absmax_ptr": "*fp32", "lut_ptr": "*i32", "bias_ptr": f"*{x}",
+                "y_ptr": f"*{x}", "part_ptr": "*fp32"}
+    scalars = ("M", "N", "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym")
+    signature = {**pointers, **dict.fromkeys(scalars, "i32"), **dict.fromkeys(consts, "constexpr")}
+    names = list(signature)
+    aligned = [*pointers, "K", "NUM_G", "stride_xm", "stride_wn", "stride_an", "stride_ym"]  # as the JIT specializes
+    src = GluonASTSource(fn=_nf4_regs_gluon.nf4_regs_kernel, signature=signature,
+                         constexprs={(names.index(c),): v for c, v in consts.items()},
+                         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.warps})
 
 
 def _tool(cubin: bytes, tool: str, *args: str) -> str:
@@ -224,7 +219,6 @@ def test_regs_kernel_probes_drop_what_they_name(compiled):
     assert prmt > 0 and copies > 3 * stages
     assert compiled["regs-probe1"] == [0, copies]
     assert compiled["regs-probe2"] == [prmt, 3 * (stages - 1)]
-
 
 
 @pytest.mark.parametrize(("n", "k", "x_dtype", "warps"), _SS_CASES)
