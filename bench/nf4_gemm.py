@@ -57,6 +57,12 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(64, -(-4 * L2_BYTES // nbytes)))
 
 
+def nf4_members(k: int, widths: tuple[int, ...]) -> list:
+    """bitsandbytes' NF4 storage (packed, quant_state) of a random [n, k] weight for each output width n."""
+    return [bnbF.quantize_4bit(torch.randn(n, k, device="cuda", dtype=DT) * 0.02, blocksize=64,
+                               compress_statistics=True, quant_type="nf4") for n in widths]
+
+
 class Case:
     """Rotating copies of one shape's weights: bnb members, the packed group, bf16 dense."""
 
@@ -65,10 +71,7 @@ class Case:
         self.count = copies_for(self.n * k // 2)
         self.bnb, self.packed = [], []
         for _ in range(self.count):
-            members = []
-            for n in widths:
-                w = torch.randn(n, k, device="cuda", dtype=DT) * 0.02
-                members.append(bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
+            members = nf4_members(k, widths)
             self.bnb.append(members)
             self.packed.append(pack_nf4_group([pack_nf4(p, s) for p, s in members]))
         # fp32 x @ dequantize_4bit(W).T's W, for check(): made once, not per checked config

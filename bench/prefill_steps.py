@@ -48,13 +48,11 @@ def prefill_ms(engine: LLMEngine, tokens: int, g: torch.Generator) -> float:
 
 
 def _packed(k: int, widths: tuple[int, ...]):
-    import bitsandbytes.functional as bnbF
+    from nf4_gemm import nf4_members
 
     from hotlora.kernels.nf4 import pack_nf4, pack_nf4_group
 
-    return pack_nf4_group([pack_nf4(*bnbF.quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16),
-                                                        blocksize=64, compress_statistics=True, quant_type="nf4"))
-                           for n in widths])
+    return pack_nf4_group([pack_nf4(p, s) for p, s in nf4_members(k, widths)])
 
 
 def host_profile(tokens: int = 384, calls: int = 30) -> None:
@@ -85,9 +83,8 @@ def host_profile(tokens: int = 384, calls: int = 30) -> None:
 def op_times(tokens: list[int], calls: int = 50) -> None:
     """gate/up (4096 -> 28672) and down (14336 -> 4096) alone at each T, ss served and not: the host time of `calls`
     eager calls back to back (until the last returns, not synchronized: what launching costs the host), their wall
-    time (synchronized; the GPU idles if the host is slower) and the device time
-    of one call replayed from a CUDA graph (bench/graph_timing; one weight copy, so down's 29 MB may sit in L2), in
-    us per call."""
+    time (synchronized; the GPU idles if the host is slower) and the device time of one call replayed from a CUDA
+    graph (bench/graph_timing; one weight copy, so down's 29 MB may sit in L2), in us per call."""
     from graph_timing import graph_time_us
 
     from hotlora.kernels.nf4 import nf4_matmul
