@@ -170,6 +170,13 @@ _CONFIGS: tuple[tuple[int, Nf4Config, Nf4Config | None], ...] = (
 )
 
 
+# Deep K (down, 14336) at 17-32 rows where M is a multiple of 16 (Triton compiles such an M apart): the weights-first
+# 2-warp tile with the xor lookup (thirty-ninth session) took 34.9 us at M = 32 against 26.0 at 24, with the same
+# registers and fewer instructions (a ptxas schedule); x first took 28.6 (H200, nf4_gemm.py --sweep --lookups).
+# gate/up keeps weights first at 32 (51.1 against 55.9).
+_X_FIRST_K = 8192
+
+
 _ALONE_M1 = (Nf4Config(16, 32, 4, warps=2, swap_ab=True, lookup=LOOKUP_PRMT),
              Nf4Config(16, 32, 8, warps=2, swap_ab=True, lookup=LOOKUP_PRMT))  # (config, for large weights)
 
@@ -216,6 +223,8 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
         cfg, large = _ALONE_M1
     if large is not None and n * k >= LARGE_WEIGHT:
         cfg = large
+        if m % 16 == 0 and k >= _X_FIRST_K and cfg.swap_ab and cfg.warps == 2:
+            cfg = replace(cfg, swap_ab=False)
     if cfg.gemv:
         chunks = triton.cdiv(triton.cdiv(k, 128), cfg.k_groups)
         return replace(cfg, split_k=_fewest_splits(triton.cdiv(n, cfg.block_n), _GEMV_PROGRAMS, chunks, cfg.split_k))

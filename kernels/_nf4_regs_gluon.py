@@ -26,10 +26,11 @@ bench/nf4_gemm.py --probes) runs the kernel without its lookup (PROBE_CAST), wit
 first fill (PROBE_NO_STREAM), or both: what the bytes alone, and the work alone, cost at the same grid; and with
 PROBE_LATE_PDL it lets the next kernel be scheduled after its store instead of at its start.
 
-The prmt lookup is ~2.5 ALU instructions a weight value, and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md,
-thirty-fifth session). Reading each code byte's two values from a 256-word table in shared memory instead (one
-byte extract, one address IMAD and one conflict-free LDS a byte; 32 KB a program, 4 programs per SM) lost 1.2-1.5x
-on the H200 (thirty-sixth session) and was taken out.
+The prmt lookup is ~2.4 ALU instructions a weight value (152 a group and thread in sm_90 SASS since the thirty-ninth
+session's xor merge, 168 before), and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md, thirty-fifth session).
+Reading each code byte's two values from a 256-word table in shared memory instead (one byte extract, one address IMAD
+and one conflict-free LDS a byte; 32 KB a program, 4 programs per SM) lost 1.2-1.5x on the H200 (thirty-sixth session)
+and was taken out.
 """
 
 from __future__ import annotations

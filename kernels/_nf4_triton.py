@@ -24,15 +24,18 @@ LOOKUP_TABLE, LOOKUP_PRMT, LOOKUP_CAST, LOOKUP_PRMT_IMM = 0, 1, 2, 3
 def _prmt_asm(dtype: torch.dtype, immediates: bool = False) -> tuple[str, list[int]]:
     """PTX for 4 packed bytes -> the values of their high and low nibbles (2 x 4 16-bit values, `dtype`).
 
-    The 16 values' low bytes and high bytes are tables of four registers each; prmt picks 4 bytes at once
-    from 8 by 3-bit selectors, so nibbles 0-7 and 8-15 are looked up separately and merged by lop3 under a
-    mask made of each nibble's bit 3. Where the table is paired (NF4_NIBBLE_ORDER: the values of nibbles j
-    and j + 8 share the top bit of each byte, true for bf16), the mask is one prmt of the raw nibbles
-    (selector 0-7 picks 0x80, 8-15 its sign replicate 0xFF) and the merge takes the top bit from either
-    half: 10 instructions per 4 values. Else (fp16) the mask is 0x00 / 0xFF, built in four. Nibbles of
-    byte k: low = element k of output 2, high = element k of output 1. The table words are operands $5,
-    $9, ... $37 (the nine words returned, each a 32-bit argument filling four operands at pack=4), or with
-    `immediates` constants in the text, with the four-instruction mask (LOOKUP_PRMT_IMM).
+    The 16 values' low bytes and high bytes are tables of four registers each; prmt picks 4 bytes at once from 8
+    by 3-bit selectors, so nibbles 0-7 and 8-15 are looked up in separate table halves. Where the table is paired
+    (NF4_NIBBLE_ORDER: the values of nibbles j and j + 8 share the top bit of each byte, true for bf16), no mask
+    is built: the first half is read with the raw nibbles, the second with bit 3 of every nibble flipped (one xor
+    a word), and the two are xor-ed. A selector nibble with bit 3 set makes prmt replicate the picked byte's top
+    bit (0x00 or 0xFF), so each half's lookup is its table byte where the nibble is its own and 0x00 / 0xFF
+    where not; the second half's table holds its bytes xor-ed with 0xFF where the first half's byte j has its
+    top bit set, which the pairing makes consistent: 19 instructions per 8 values. Else (fp16, or `immediates`)
+    the halves are merged by lop3 under a mask of 0x00 / 0xFF bytes made from each nibble's bit 3 in four
+    instructions. Nibbles of byte k: low = element k of output 2, high = element k of output 1. The table words
+    are operands $5, $9, ... $37 (the nine words returned, each a 32-bit argument filling four operands at
+    pack=4; the paired table's ninth is unused), or with `immediates` constants in the text (LOOKUP_PRMT_IMM).
     """
     bits = torch.tensor(NF4_NIBBLE, dtype=torch.float32).to(dtype).view(torch.int16).int() & 0xFFFF
     bits = torch.where(bits == 0, 0x8000, bits)  # zero as -0.0: a negative's top bit, for the pairing
@@ -42,21 +45,32 @@ def _prmt_asm(dtype: torch.dtype, immediates: bool = False) -> tuple[str, list[i
     def words(b: list[int]) -> list[str]:
         return [hex(b[i] | b[i + 1] << 8 | b[i + 2] << 16 | b[i + 3] << 24) for i in range(0, 16, 4)]
 
-    table = [*words(lo), *words(hi), hex(0x80808080 if paired else 0x8000)]
-    lines = ["{", ".reg .b32 %s, %i3, %t, %m, %a, %b, %lw, %hw, %L<4>, %H<4>, %K;"]
+    def flipped(t: list[int]) -> list[int]:  # the second half's bytes, as the xor of both halves' lookups wants
+        return [*t[:8], *(t[j + 8] ^ (0xFF if t[j] & 0x80 else 0) for j in range(8))]
+
+    table = [*words(flipped(lo)), *words(flipped(hi)), "0x0"] if paired else [
+        *words(lo), *words(hi), "0x8000"]
+    lines = ["{", ".reg .b32 %s, %f, %i3, %t, %m, %a, %b, %lw, %hw, %L<4>, %H<4>, %K;"]
     operands = table if immediates else [f"${5 + 4 * i}" for i in range(9)]
     lines += [f"mov.b32 %L{i}, {operands[i]};" for i in range(4)]
     lines += [f"mov.b32 %H{i}, {operands[4 + i]};" for i in range(4)]
-    lines.append(f"mov.b32 %K, {operands[8]};")
-    mask = (["prmt.b32 %m, %K, %K, %s;"] if paired else
-            ["and.b32 %t, %s, 0x8888;", "shr.b32 %m, %t, 3;", "or.b32 %m, %m, %t;", "prmt.b32 %m, %K, %K, %m;"])
+    if paired:
+        lines.append("xor.b32 %f, $4, 0x88888888;")
+    else:
+        lines.append(f"mov.b32 %K, {operands[8]};")
     for half, (out_hi, out_lo) in enumerate((("$0", "$2"), ("$1", "$3"))):
-        lines += [
-            "mov.b32 %s, $4;" if half == 0 else "shr.b32 %s, $4, 16;", *mask, "and.b32 %i3, %s, 0x7777;",
-            "prmt.b32 %a, %L0, %L1, %i3;", "prmt.b32 %b, %L2, %L3, %i3;", "lop3.b32 %lw, %b, %a, %m, 0xE4;",
-            "prmt.b32 %a, %H0, %H1, %i3;", "prmt.b32 %b, %H2, %H3, %i3;", "lop3.b32 %hw, %b, %a, %m, 0xE4;",
-            f"prmt.b32 {out_lo}, %lw, %hw, 0x6240;", f"prmt.b32 {out_hi}, %lw, %hw, 0x7351;",
-        ]
+        lines.append("mov.b32 %s, $4;" if half == 0 else "shr.b32 %s, $4, 16;")
+        if paired:  # flip (%f) holds the second table half's selectors
+            lines += ([] if half == 0 else ["shr.b32 %f, %f, 16;"]) + [
+                "prmt.b32 %a, %L0, %L1, %s;", "prmt.b32 %b, %L2, %L3, %f;", "xor.b32 %lw, %a, %b;",
+                "prmt.b32 %a, %H0, %H1, %s;", "prmt.b32 %b, %H2, %H3, %f;", "xor.b32 %hw, %a, %b;"]
+        else:
+            lines += [
+                "and.b32 %t, %s, 0x8888;", "shr.b32 %m, %t, 3;", "or.b32 %m, %m, %t;", "prmt.b32 %m, %K, %K, %m;",
+                "and.b32 %i3, %s, 0x7777;",
+                "prmt.b32 %a, %L0, %L1, %i3;", "prmt.b32 %b, %L2, %L3, %i3;", "lop3.b32 %lw, %b, %a, %m, 0xE4;",
+                "prmt.b32 %a, %H0, %H1, %i3;", "prmt.b32 %b, %H2, %H3, %i3;", "lop3.b32 %hw, %b, %a, %m, 0xE4;"]
+        lines += [f"prmt.b32 {out_lo}, %lw, %hw, 0x6240;", f"prmt.b32 {out_hi}, %lw, %hw, 0x7351;"]
     return "\n".join([*lines, "}"]), [int(w, 16) for w in table]
 
 

@@ -145,7 +145,7 @@ NF4_CODE = (
 # The code each stored nibble stands for (hotlora.kernels.nf4's layout). Nibbles j and j + 8 hold codes of
 # equal sign and equal bf16 exponent parity (the top bits of both bytes of their bf16 patterns agree, zero
 # taken as -0.0): the in-register lookup (_nf4_triton._prmt_asm) needs that to merge its two table halves
-# with one mask made from the nibble's top bit alone.
+# by one xor, with no mask.
 NF4_NIBBLE_ORDER = (0, 4, 1, 5, 8, 12, 9, 13, 3, 6, 2, 7, 11, 15, 10, 14)
 NF4_NIBBLE = tuple(NF4_CODE[c] for c in NF4_NIBBLE_ORDER)  # the value of each stored nibble
 
