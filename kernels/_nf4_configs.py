@@ -258,6 +258,9 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
 # 5-group 13.0, 2-group 15.1, 8-group 11.3; gate/up 8-group (served) 36.3, 4-group 37.6, 16-group 39.9. 16 x-rows
 # (--regs, M = 16) against the tl.dot tile: q/k/v 13.5 against 12.6, o 9.6 / 9.6, gate/up 44.1 / 44.4, down 23.5 / 24.3,
 # so MAX_REGS_M stays 8.
+# Thirty-ninth session, the lookup's halves merged by xor (_nf4_triton._prmt_asm; 152 ALU instructions a group against
+# 168): M = 1 / 4 / 8 q/k/v 10.9 / 11.6 / 11.6 -> 10.6 / 11.2 / 11.1, o 8.5 / 8.9 / 9.1 -> 8.3 / 8.6 / 8.7, gate/up
+# 36.3 / 35.2 / 35.6 -> 35.6 / 35.0 / 35.4, down 20.5 / 21.2 / 21.6 -> 20.0 / 20.2 / 20.7.
 # HOTLORA_NF4_REGS=0 / 1 overrides SERVE_REGS.
 MAX_REGS_M = 8
 SERVE_REGS = True
