@@ -50,7 +50,8 @@ def _prmt_asm(dtype: torch.dtype, immediates: bool = False) -> tuple[str, list[i
 
     table = [*words(flipped(lo)), *words(flipped(hi)), "0x0"] if paired else [
         *words(lo), *words(hi), "0x8000"]
-    lines = ["{", ".reg .b32 %s, %f, %i3, %t, %m, %a, %b, %lw, %hw, %L<4>, %H<4>, %K;"]
+    regs = "%f" if paired else "%i3, %t, %m, %K"  # the flipped selectors, or the mask's
+    lines = ["{", f".reg .b32 %s, %a, %b, %lw, %hw, %L<4>, %H<4>, {regs};"]
     operands = table if immediates else [f"${5 + 4 * i}" for i in range(9)]
     lines += [f"mov.b32 %L{i}, {operands[i]};" for i in range(4)]
     lines += [f"mov.b32 %H{i}, {operands[4 + i]};" for i in range(4)]
