@@ -108,20 +108,21 @@ def _skip_reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor)
 
 
 def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
-    """The served decode kernel (nf4_regs_kernel) at each shape and M as served, and without the split-K reduce
-    launch after it (no-reduce), each with PDL as served (the next kernel scheduled at the start), late (scheduled
-    after the store: PROBE_LATE_PDL) and off (HOTLORA_NO_PDL=1); then under its other PROBE_BITS: cast (no lookup:
-    the bytes and the skeleton), no-stream (no copies after the rings' first fill: the lookup and the skeleton), and
-    both (the skeleton alone). Wrong results on purpose: untimed by check. sm_90 registers (offline, gate/up's
-    slices): 80 served, 64 cast, 74 no-stream, 56 both, so cast may fit 8 programs an SM where the served kernel
-    fits 6."""
-    cast, no_stream = _nf4_regs_gluon.PROBE_CAST.value, _nf4_regs_gluon.PROBE_NO_STREAM.value
+    """The served decode kernel (nf4_regs_kernel) at each shape and M as served, and without the split-K reduce launch
+    after it (no-reduce), each with PDL as served (the next kernel scheduled at the start), late (scheduled after
+    the store: PROBE_LATE_PDL) and off (HOTLORA_NO_PDL=1); then under its other PROBE_BITS: cast (no lookup: the
+    bytes and the skeleton), no-stream (no copies after the rings' first fill: the lookup and the skeleton), both
+    (the skeleton alone), and no-x (x copied in the first fill only: what its copies cost beside the codes'). Wrong
+    results on purpose: untimed by check. sm_90 registers (offline, gate/up's slices): 80 served, 64 cast, 74
+    no-stream, 56 both, 80 no-x, so cast may fit 8 programs an SM where the served kernel fits 6."""
+    cast, no_stream, no_x = (_nf4_regs_gluon.PROBE_CAST.value, _nf4_regs_gluon.PROBE_NO_STREAM.value,
+                             _nf4_regs_gluon.PROBE_NO_X.value)
     late = _nf4_regs_gluon.PROBE_LATE_PDL.value
     cells = [(name + pdl, late if pdl == " late-pdl" else 0, finish, pdl == " no-pdl")
              for pdl in ("", " late-pdl", " no-pdl")
              for name, finish in (("served", None), ("no-reduce", _skip_reduce))]
     cells += [(name, bits, None, False) for name, bits in (("cast", cast), ("no-stream", no_stream),
-                                                           ("both", cast | no_stream))]
+                                                           ("both", cast | no_stream), ("no-x", no_x))]
     for (name, case), m in itertools.product(cases.items(), ms):
         out = []
         for label, bits, finish, no_pdl in cells:

@@ -23,8 +23,9 @@ registers (6 programs per SM), against 104 for the same steps in a loop. Where t
 copy or scale load carries a row or K mask: x's rows past M repeat its last row, whose products no store keeps.
 HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only). PROBE_BITS (bench only,
 bench/nf4_gemm.py --probes) runs the kernel without its lookup (PROBE_CAST), without streaming after the rings'
-first fill (PROBE_NO_STREAM), or both: what the bytes alone, and the work alone, cost at the same grid; and with
-PROBE_LATE_PDL it lets the next kernel be scheduled after its store instead of at its start.
+first fill (PROBE_NO_STREAM), or both: what the bytes alone, and the work alone, cost at the same grid; with
+PROBE_NO_X only the code bytes stream after the first fill (what x's copies cost); and with PROBE_LATE_PDL it lets
+the next kernel be scheduled after its store instead of at its start.
 
 The prmt lookup is ~2.4 ALU instructions a weight value (152 a group and thread in sm_90 SASS since the thirty-ninth
 session's xor merge, 168 before), and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md, thirty-fifth session).
@@ -64,6 +65,7 @@ def _table_words(lut_ptr, tid):
 PROBE_CAST = gl.constexpr(1)
 PROBE_NO_STREAM = gl.constexpr(2)
 PROBE_LATE_PDL = gl.constexpr(4)  # let the next kernel be scheduled only after the store, not at the start
+PROBE_NO_X = gl.constexpr(8)  # x copied in the rings' first fill only (the steps reread stale x; the codes stream)
 PROBE_BITS = 0
 _CAST_ASM = gl.constexpr("mov.b32 $0, $4; mov.b32 $1, $4; mov.b32 $2, $4; mov.b32 $3, $4;")
 
@@ -139,12 +141,13 @@ def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V
 
 
 @gluon.jit
-def _issue(w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g, g_end, K, EVEN: gl.constexpr):
-    """cp.async group g's code bytes and x's [128, BLOCK_M] into a stage of the rings (w_s, x_s) (zeros past N, M, K and
-    g_end; where EVEN, past g_end only: no row is past N and x's rows past M repeat its last)."""
+def _issue(w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g, g_end, K, EVEN: gl.constexpr, X: gl.constexpr = True):
+    """cp.async group g's code bytes and (X) x's [128, BLOCK_M] into a stage of the rings (w_s, x_s) (zeros past N, M,
+    K and g_end; where EVEN, past g_end only: no row is past N and x's rows past M repeat its last)."""
     async_copy.async_copy_global_to_shared(w_s, cw_ptrs + g * 64, mask=cw_rows & (g < g_end))
-    x_mask = cx_rows & (g < g_end) if EVEN else cx_rows & (cxk < K - g * 128) & (g < g_end)
-    async_copy.async_copy_global_to_shared(x_s, cx_ptrs + g * 128, mask=x_mask)
+    if X:
+        x_mask = cx_rows & (g < g_end) if EVEN else cx_rows & (cxk < K - g * 128) & (g < g_end)
+        async_copy.async_copy_global_to_shared(x_s, cx_ptrs + g * 128, mask=x_mask)
     async_copy.commit_group()
 
 
@@ -190,7 +193,8 @@ def _step(acc, scales, ctx, j: gl.constexpr, g, w_l: gl.constexpr, x_l: gl.const
     scales = _scales(s_ptrs, s_mask, g + 1, g_end, EVEN)
     last: gl.constexpr = (j + STAGES - 1) % STAGES
     if not PROBE & PROBE_NO_STREAM:
-        _issue(w_s[last], x_s[last], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g + STAGES - 1, g_end, K, EVEN)
+        _issue(w_s[last], x_s[last], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g + STAGES - 1, g_end, K, EVEN,
+               not PROBE & PROBE_NO_X)
     return _accumulate(acc, (raw, x_hi, x_lo, s_hi, s_lo), zero, tab, a_op, b_op, V_DTYPE, PROBE), scales
 
 
