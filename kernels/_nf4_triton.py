@@ -48,29 +48,31 @@ def _prmt_asm(dtype: torch.dtype, immediates: bool = False) -> tuple[str, list[i
     def flipped(t: list[int]) -> list[int]:  # the second half's bytes, as the xor of both halves' lookups wants
         return [*t[:8], *(t[j + 8] ^ (0xFF if t[j] & 0x80 else 0) for j in range(8))]
 
-    table = [*words(flipped(lo)), *words(flipped(hi)), "0x0"] if paired else [
-        *words(lo), *words(hi), "0x8000"]
-    regs = "%f" if paired else "%i3, %t, %m, %K"  # the flipped selectors, or the mask's
+    if paired:  # with the flipped selectors' register
+        table, regs = [*words(flipped(lo)), *words(flipped(hi)), "0x0"], "%f"
+    else:  # with the mask's
+        table, regs = [*words(lo), *words(hi), "0x8000"], "%i3, %t, %m, %K"
     lines = ["{", f".reg .b32 %s, %a, %b, %lw, %hw, %L<4>, %H<4>, {regs};"]
     operands = table if immediates else [f"${5 + 4 * i}" for i in range(9)]
     lines += [f"mov.b32 %L{i}, {operands[i]};" for i in range(4)]
     lines += [f"mov.b32 %H{i}, {operands[4 + i]};" for i in range(4)]
-    if paired:
+    if paired:  # the second table half read with bit 3 of every selector flipped (%f); the halves' bytes xor-ed
         lines.append("xor.b32 %f, $4, 0x88888888;")
-    else:
+        first, second, merge = "%s", "%f", "xor.b32 {}, %a, %b;"
+    else:  # both halves read with bit 3 cleared (%i3), merged under the mask
         lines.append(f"mov.b32 %K, {operands[8]};")
+        first = second = "%i3"
+        merge = "lop3.b32 {}, %b, %a, %m, 0xE4;"
     for half, (out_hi, out_lo) in enumerate((("$0", "$2"), ("$1", "$3"))):
         lines.append("mov.b32 %s, $4;" if half == 0 else "shr.b32 %s, $4, 16;")
-        if paired:  # flip (%f) holds the second table half's selectors
-            lines += ([] if half == 0 else ["shr.b32 %f, %f, 16;"]) + [
-                "prmt.b32 %a, %L0, %L1, %s;", "prmt.b32 %b, %L2, %L3, %f;", "xor.b32 %lw, %a, %b;",
-                "prmt.b32 %a, %H0, %H1, %s;", "prmt.b32 %b, %H2, %H3, %f;", "xor.b32 %hw, %a, %b;"]
+        if paired:
+            lines += [] if half == 0 else ["shr.b32 %f, %f, 16;"]
         else:
-            lines += [
-                "and.b32 %t, %s, 0x8888;", "shr.b32 %m, %t, 3;", "or.b32 %m, %m, %t;", "prmt.b32 %m, %K, %K, %m;",
-                "and.b32 %i3, %s, 0x7777;",
-                "prmt.b32 %a, %L0, %L1, %i3;", "prmt.b32 %b, %L2, %L3, %i3;", "lop3.b32 %lw, %b, %a, %m, 0xE4;",
-                "prmt.b32 %a, %H0, %H1, %i3;", "prmt.b32 %b, %H2, %H3, %i3;", "lop3.b32 %hw, %b, %a, %m, 0xE4;"]
+            lines += ["and.b32 %t, %s, 0x8888;", "shr.b32 %m, %t, 3;", "or.b32 %m, %m, %t;",
+                      "prmt.b32 %m, %K, %K, %m;", "and.b32 %i3, %s, 0x7777;"]
+        for t, out in (("L", "%lw"), ("H", "%hw")):  # the low bytes' table, then the high bytes'
+            lines += [f"prmt.b32 %a, %{t}0, %{t}1, {first};", f"prmt.b32 %b, %{t}2, %{t}3, {second};",
+                      merge.format(out)]
         lines += [f"prmt.b32 {out_lo}, %lw, %hw, 0x6240;", f"prmt.b32 {out_hi}, %lw, %hw, 0x7351;"]
     return "\n".join([*lines, "}"]), [int(w, 16) for w in table]
 
