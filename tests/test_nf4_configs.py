@@ -5,6 +5,7 @@ runs the configs)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 from nf4_cases import LLAMA
@@ -110,6 +111,15 @@ def test_one_row_alone_takes_two_warp_tiles():
         assert pick_config(2, n, k, alone=True) == pick_config(2, n, k)
     assert pick_config(1, 4096, 14336, alone=True).split_k == 8  # down: 128 tiles, 8 slices
 
+
+def test_down_at_32_rows_takes_x_first():
+    """Large weights at 17-32 rows take weights-first tiles over 2 warps, except deep K (down) where M is a multiple
+    of 16 (Triton's separate build for it ran slower weights first): the same tile, x first."""
+    (k_down, (n_down,)), (k_gu, w_gu) = LLAMA["down"], LLAMA["gate_up"]
+    at32, at24 = pick_config(32, n_down, k_down), pick_config(24, n_down, k_down)
+    assert at24.swap_ab and not at32.swap_ab
+    assert at32 == replace(at24, swap_ab=False)
+    assert pick_config(32, sum(w_gu), k_gu).swap_ab and pick_config(24, sum(w_gu), k_gu).swap_ab
 
 def test_every_sweep_variant_builds_its_configs():
     """bench/nf4_sweep_configs.py's variants of the recorded configs are valid Nf4Configs at every bucket, including
