@@ -5,7 +5,10 @@ while the kernel before it on the stream is still running (once all of that kern
 finished), so the launch latency and the ramp-up of one kernel hide behind the tail of the one before. Such a
 kernel must start with ``pdl_enter(PDL)``: every program waits there until the kernel before it has completed
 and its writes are visible, before it reads or writes anything, so a kernel's completion still implies its
-predecessor's. Under CUDA-graph capture the launch attribute becomes a programmatic edge of the graph.
+predecessor's. The one exception is data that the kernel right before does not write (NF4 codes and scales, lookup
+tables, adapter weights): a kernel may read that before its wait (nf4_regs_kernel's first fill, the LoRA expand's B
+rows). Every kernel lets its dependents start only after its own wait, so what was written further back is complete
+and visible by then. Under CUDA-graph capture the launch attribute becomes a programmatic edge of the graph.
 HOTLORA_NO_PDL=1 turns it off (launches as before, the waits compile away).
 """
 

@@ -84,21 +84,20 @@ class Nf4Config:
         return self.block_m + self.tail_m
 
 
-# (max M, config, config for large weights) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep,
-# --lookups and --scales (bf16, Llama-3-8B shapes; BENCHMARKS.md): x-first small tiles up to 32 rows
-# (weights-first over 2 warps for large weights at 17-32), weights-first (swap_ab) up to 256, then dequantize +
-# cuBLAS. The large-weight config serves N * K >=
-# LARGE_WEIGHT (gate/up and down, not q/k/v or o). Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K
+# (max M, config, config for large weights) by M bucket, swept on the H200 with bench/nf4_gemm.py --sweep, --lookups and
+# --scales (bf16, Llama-3-8B shapes; BENCHMARKS.md): x-first small tiles up to 32 rows (weights-first over 2 warps for
+# large weights at 17-32), weights-first (swap_ab) up to 256, then dequantize + cuBLAS. The large-weight config serves
+# N * K >= LARGE_WEIGHT (gate/up and down, not q/k/v or o). Wide outputs (gate/up, N >= 16384) fill the GPU with fewer K
 # slices; BY_SMS picks the fewest slices that give every SM a program (split_for_sms). The lookup per bucket
-# (--lookups): table words in registers at M <= 16 (4-8% faster than the immediates), loaded uniform at 33-64.
-# At 17-32 weights-first over 4 warps with uniform words ran gate/up 10% faster alone, but the engine's batch-32
-# decode with adapters (LoRA shrink beside the matmul) lost 11%: q/k/v and o keep session 3's tile and lookup
-# there. Large weights scale the code values before the dot there (SCALE_VALUES: gate/up 61.6 -> 57.8 us at
-# M=32; q/k/v, o and down 1-3% slower). From 65 rows on SCALE_VALUES wins with the split by SMs (M=128: gate/up
-# 108 -> 102 us, down 63 -> 53, o 22 -> 20; M=256 with 256x128 tiles for large weights: gate/up 192 -> 147, down
-# 98 -> 87); at 33-64 it lost 5-15%. The unmasked loads (even, --even) measured 1-2% faster at M <= 16, 5-12%
-# at 65-256 and 4-12% slower at 17-64, with fewer SASS instructions everywhere (bench/nf4_sass.py): on only
-# where they won.
+# (--lookups): table words in registers at M <= 16 (4-8% faster than the immediates), loaded uniform at 33-64. At 17-32
+# weights-first over 4 warps with uniform words ran gate/up 10% faster alone, but the engine's batch-32 decode with
+# adapters (LoRA shrink beside the matmul) lost 11%: q/k/v and o keep session 3's tile and lookup there (with the xor
+# merge since the fortieth session: q/k/v 15.3 -> 14.6 us at M = 24, 15.6 -> 15.4 at 32; o 12.1 -> 11.8 and 12.2 ->
+# 11.9). Large weights scale the code values before the dot there (SCALE_VALUES: gate/up 61.6 -> 57.8 us at M=32; q/k/v,
+# o and down 1-3% slower). From 65 rows on SCALE_VALUES wins with the split by SMs (M=128: gate/up 108 -> 102 us, down
+# 63 -> 53, o 22 -> 20; M=256 with 256x128 tiles for large weights: gate/up 192 -> 147, down 98 -> 87); at 33-64 it lost
+# 5-15%. The unmasked loads (even, --even) measured 1-2% faster at M <= 16, 5-12% at 65-256 and 4-12% slower at 17-64,
+# with fewer SASS instructions everywhere (bench/nf4_sass.py): on only where they won.
 # Large weights at 17-32: weights-first tiles over 2 warps (--small-warps, eleventh session), which Triton
 # compiles to mma.sync (wgmma needs 4 warps): down 32.6 -> 28.6 us, gate/up 57.1 -> 56.7 at M = 32 (q/k/v and o
 # lost 25-35%). At M <= 16 such tiles loop at fewer sm_90 instructions per weight value than the recorded x-first
@@ -261,6 +260,9 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
 # Thirty-ninth session, the lookup's halves merged by xor (_nf4_triton._prmt_asm; 152 ALU instructions a group against
 # 168): M = 1 / 4 / 8 q/k/v 10.9 / 11.6 / 11.6 -> 10.6 / 11.2 / 11.1, o 8.5 / 8.9 / 9.1 -> 8.3 / 8.6 / 8.7, gate/up
 # 36.3 / 35.2 / 35.6 -> 35.6 / 35.0 / 35.4, down 20.5 / 21.2 / 21.6 -> 20.0 / 20.2 / 20.7.
+# Fortieth session, the first fill's code bytes copied before the PDL wait (_nf4_regs_gluon): M = 1 / 4 / 8 q/k/v
+# 10.7 / 11.1 / 11.1 -> 10.5 / 10.7 / 10.7, o 8.3 / 8.6 / 8.7 -> 8.1 / 8.3 / 8.3-8.4, gate/up 35.8 / 35.3 / 35.8 ->
+# 34.9 / 34.4 / 34.9, down 19.9 / 20.1 / 20.3 -> 19.5 / 19.7 / 19.8.
 # HOTLORA_NF4_REGS=0 / 1 overrides SERVE_REGS.
 MAX_REGS_M = 8
 SERVE_REGS = True

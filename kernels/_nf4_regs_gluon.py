@@ -12,7 +12,9 @@ memory between the lookup and the MMA.
 Computes y^T = W @ x^T: weight rows are the MMA's M (16 per warp and tile), x's rows its N (8 per instruction).
 Each 128-column group's two 64-blocks (high and low nibbles) go to separate MMAs, whose fp32 sums are scaled by
 their absmax and added up (SCALE_PARTIALS, the rounding of nf4_matmul_kernel at decode sizes). The code bytes and
-x travel by cp.async through STAGES-group shared-memory rings, the scales by plain loads one group ahead. K splits
+x travel by cp.async through STAGES-group shared-memory rings, the scales by plain loads one group ahead. Under PDL
+the first fill's code bytes, the table and the first scales are asked for before the wait (no kernel writes them),
+so their latency hides behind the kernel before; x's copies follow the wait. K splits
 into SPLIT_K slices of ITERS groups; with more than one, each program stores its fp32 sums into part [SPLIT_K, M, N]
 for the reduce (or a LoRA finish hook).
 
@@ -141,14 +143,18 @@ def _accumulate(acc, group, zero, tab, a_op: gl.constexpr, b_op: gl.constexpr, V
 
 
 @gluon.jit
-def _issue(w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g, g_end, K, EVEN: gl.constexpr, X: gl.constexpr = True):
-    """cp.async group g's code bytes and (X) x's [128, BLOCK_M] into a stage of the rings (w_s, x_s) (zeros past N, M,
-    K and g_end; where EVEN, past g_end only: no row is past N and x's rows past M repeat its last)."""
-    async_copy.async_copy_global_to_shared(w_s, cw_ptrs + g * 64, mask=cw_rows & (g < g_end))
+def _issue(w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g, g_end, K, EVEN: gl.constexpr, X: gl.constexpr = True,
+           W: gl.constexpr = True, COMMIT: gl.constexpr = True):
+    """cp.async group g's code bytes (W) and x's [128, BLOCK_M] (X) into a stage of the rings (w_s, x_s), then commit
+    (zeros past N, M, K and g_end; where EVEN, past g_end only: no row is past N and x's rows past M repeat its
+    last). Without COMMIT the next _issue's commit takes the copies along."""
+    if W:
+        async_copy.async_copy_global_to_shared(w_s, cw_ptrs + g * 64, mask=cw_rows & (g < g_end))
     if X:
         x_mask = cx_rows & (g < g_end) if EVEN else cx_rows & (cxk < K - g * 128) & (g < g_end)
         async_copy.async_copy_global_to_shared(x_s, cx_ptrs + g * 128, mask=x_mask)
-    async_copy.commit_group()
+    if COMMIT:
+        async_copy.commit_group()
 
 
 UNROLL_ITERS = gl.constexpr(int(os.environ.get("HOTLORA_NF4_REGS_UNROLL", "16")))  # groups (module docstring)
@@ -199,10 +205,10 @@ def _step(acc, scales, ctx, j: gl.constexpr, g, w_l: gl.constexpr, x_l: gl.const
 
 
 @gluon.jit
-def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
+def _pipelined(zero, tab, tid, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, K, stride_xm, stride_wn,
                w_l: gl.constexpr, x_l: gl.constexpr, a_op: gl.constexpr, b_op: gl.constexpr, V_DTYPE: gl.constexpr,
                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ITERS: gl.constexpr, STAGES: gl.constexpr,
-               EVEN: gl.constexpr, PROBE: gl.constexpr):
+               EVEN: gl.constexpr, PDL: gl.constexpr, PROBE: gl.constexpr):
     """The K loop's fp32 sums [BLOCK_N, BLOCK_M], with the code bytes and x copied STAGES - 1 groups ahead
     (cp.async into shared-memory rings, one commit group per group), each group read back into the operand layouts
     after a CTA barrier; the scales come by plain loads one group ahead. ITERS <= UNROLL_ITERS groups run as
@@ -224,9 +230,15 @@ def _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M, N, 
         cw_rows = rows[:, None] < N
         cx_rows = xm < M
         cx_ptrs = x_ptr + xm * stride_xm + cxk
-    for j in gl.static_range(STAGES - 1):
-        _issue(w_s[j], x_s[j], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K, EVEN)
     scales = _scales(s_ptrs, s_mask, g0, g_end, EVEN)
+    for j in gl.static_range(STAGES - 1):  # the first fill's code bytes: no kernel before this one writes them
+        _issue(w_s[j], x_s[j], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K, EVEN, X=False, COMMIT=False)
+    if PDL:  # x may be the kernel before's output
+        _pdl_wait(tid)
+        if not PROBE & PROBE_LATE_PDL:
+            _pdl_trigger(tid)
+    for j in gl.static_range(STAGES - 1):  # x's, each committed with its group's codes
+        _issue(w_s[j], x_s[j], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K, EVEN, W=False)
     acc = zero
     ctx = (w_s, x_s, cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g_end, K, zero, tab, s_ptrs, s_mask)
     if ITERS <= UNROLL_ITERS:  # straight-line code: no loop for ptxas to pipeline across, fewer registers
@@ -264,10 +276,6 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     col_l: gl.constexpr = gl.SliceLayout(0, mma)
 
     tid = _thread_ids(WARPS)
-    if PDL:
-        _pdl_wait(tid)
-        if not PROBE & PROBE_LATE_PDL:
-            _pdl_trigger(tid)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     tab = _table_words(lut_ptr, tid)
@@ -278,8 +286,9 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
 
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
     g0 = pid_k * ITERS
-    acc = _pipelined(zero, tab, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N, K,
-                     stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES, EVEN, PROBE)
+    acc = _pipelined(zero, tab, tid, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, gl.minimum(g0 + ITERS, NUM_G), M, N,
+                     K, stride_xm, stride_wn, w_l, x_l, a_op, b_op, V_DTYPE, BLOCK_N, BLOCK_M, ITERS, STAGES, EVEN,
+                     PDL, PROBE)
 
     _store_tile(acc, srows, s_mask, gl.arange(0, BLOCK_M, layout=col_l), M, N, pid_k, stride_ym, bias_ptr, y_ptr,
                 part_ptr, HAS_BIAS, SPLIT_K)

@@ -15,32 +15,31 @@ from ._launch import pdl_enter
 from ._nf4_sums_triton import _epilogue
 from .reference import NF4_NIBBLE
 
-# PRMT: the register lookup, table words from lut; PRMT_IMM: the same lookup with the table as immediates and the
-# mask built from bit 3 (session 3's kernel, kept where the swept configs prefer it); CAST: nibble as value,
-# wrong on purpose (bench only)
+# PRMT: the register lookup, table words from lut; PRMT_IMM: the same lookup with the table as immediates (kept
+# where the swept configs prefer it); CAST: nibble as value, wrong on purpose (bench only)
 LOOKUP_TABLE, LOOKUP_PRMT, LOOKUP_CAST, LOOKUP_PRMT_IMM = 0, 1, 2, 3
 
 
 def _prmt_asm(dtype: torch.dtype, immediates: bool = False) -> tuple[str, list[int]]:
     """PTX for 4 packed bytes -> the values of their high and low nibbles (2 x 4 16-bit values, `dtype`).
 
-    The 16 values' low bytes and high bytes are tables of four registers each; prmt picks 4 bytes at once from 8
-    by 3-bit selectors, so nibbles 0-7 and 8-15 are looked up in separate table halves. Where the table is paired
-    (NF4_NIBBLE_ORDER: the values of nibbles j and j + 8 share the top bit of each byte, true for bf16), no mask
-    is built: the first half is read with the raw nibbles, the second with bit 3 of every nibble flipped (one xor
-    a word), and the two are xor-ed. A selector nibble with bit 3 set makes prmt replicate the picked byte's top
-    bit (0x00 or 0xFF), so each half's lookup is its table byte where the nibble is its own and 0x00 / 0xFF
-    where not; the second half's table holds its bytes xor-ed with 0xFF where the first half's byte j has its
-    top bit set, which the pairing makes consistent: 19 instructions per 8 values. Else (fp16, or `immediates`)
-    the halves are merged by lop3 under a mask of 0x00 / 0xFF bytes made from each nibble's bit 3 in four
-    instructions. Nibbles of byte k: low = element k of output 2, high = element k of output 1. The table words
-    are operands $5, $9, ... $37 (the nine words returned, each a 32-bit argument filling four operands at
-    pack=4; the paired table's ninth is unused), or with `immediates` constants in the text (LOOKUP_PRMT_IMM).
+    The 16 values' low bytes and high bytes are tables of four registers each; prmt picks 4 bytes at once from 8 by
+    3-bit selectors, so nibbles 0-7 and 8-15 are looked up in separate table halves. Where the table is paired
+    (NF4_NIBBLE_ORDER: the values of nibbles j and j + 8 share the top bit of each byte, true for bf16), no mask is
+    built: the first half is read with the raw nibbles, the second with bit 3 of every nibble flipped (one xor a
+    word), and the two are xor-ed. A selector nibble with bit 3 set makes prmt replicate the picked byte's top bit
+    (0x00 or 0xFF), so each half's lookup is its table byte where the nibble is its own and 0x00 / 0xFF where not;
+    the second half's table holds its bytes xor-ed with 0xFF where the first half's byte j has its top bit set,
+    which the pairing makes consistent: 19 instructions per 8 values. Else (fp16) the halves are merged by lop3
+    under a mask of 0x00 / 0xFF bytes made from each nibble's bit 3 in four instructions. Nibbles of byte k: low =
+    element k of output 2, high = element k of output 1. The table words are operands $5, $9, ... $37 (the nine
+    words returned, each a 32-bit argument filling four operands at pack=4; the paired table's ninth is unused), or
+    with `immediates` constants in the text (LOOKUP_PRMT_IMM).
     """
     bits = torch.tensor(NF4_NIBBLE, dtype=torch.float32).to(dtype).view(torch.int16).int() & 0xFFFF
     bits = torch.where(bits == 0, 0x8000, bits)  # zero as -0.0: a negative's top bit, for the pairing
     lo, hi = (bits & 0xFF).tolist(), (bits >> 8).tolist()
-    paired = not immediates and all((t[j] ^ t[j + 8]) & 0x80 == 0 for t in (lo, hi) for j in range(8))
+    paired = all((t[j] ^ t[j + 8]) & 0x80 == 0 for t in (lo, hi) for j in range(8))
 
     def words(b: list[int]) -> list[str]:
         return [hex(b[i] | b[i + 1] << 8 | b[i + 2] << 16 | b[i + 3] << 24) for i in range(0, 16, 4)]

@@ -177,6 +177,9 @@ def _compile_all() -> dict[str, str]:
         try:
             sass = _tool(compile_regs_sm90(1, 28672, 4096, "bf16", False, probe).asm["cubin"], "nvdisasm", "-c")
             out[f"regs-probe{probe}"] = [len(re.findall(rf"\b{op}\b", sass)) for op in ("PRMT", "LDGSTS")]
+            if probe == 0:  # the copies before the PDL wait (ACQBULK), and from it to the first CTA barrier
+                before, _, after = sass.partition("ACQBULK")
+                out["regs-pdl-copies"] = [before.count("LDGSTS"), after.split("BAR.SYNC")[0].count("LDGSTS")]
         except Exception as exc:
             out[f"regs-probe{probe}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for n, k, x, warps in _SS_CASES:
@@ -221,6 +224,13 @@ def test_regs_kernel_probes_drop_what_they_name(compiled):
     assert compiled["regs-probe1"] == [0, copies]
     assert compiled["regs-probe2"] == [prmt, 3 * (stages - 1)]
     assert compiled["regs-probe8"] == [prmt, 3 * (stages - 1) + 2 * (copies - 3 * (stages - 1)) // 3]
+
+
+def test_regs_kernel_copies_the_first_code_bytes_before_the_pdl_wait(compiled):
+    """The first fill's code bytes (two cp.async a group and thread) are issued before the PDL wait, since no kernel
+    before writes them; x's (one a group), which the kernel before may write, only after it."""
+    stages = _nf4_configs.regs_config(1, 28672, 4096).stages
+    assert compiled["regs-pdl-copies"] == [2 * (stages - 1), stages - 1]
 
 
 @pytest.mark.parametrize(("n", "k", "x_dtype", "warps"), _SS_CASES)
