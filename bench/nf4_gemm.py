@@ -112,17 +112,20 @@ def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
     after it (no-reduce), each with PDL as served (the next kernel scheduled at the start), late (scheduled after
     the store: PROBE_LATE_PDL) and off (HOTLORA_NO_PDL=1); then under its other PROBE_BITS: cast (no lookup: the
     bytes and the skeleton), no-stream (no copies after the rings' first fill: the lookup and the skeleton), both
-    (the skeleton alone), and no-x (x copied in the first fill only: what its copies cost beside the codes'). Wrong
+    (the skeleton alone), no-x (x copied in the first fill only: what its copies cost beside the codes') and
+    hot-scales (every scale load kept, all programs reading the same 16 rows' scales: what their bytes cost). Wrong
     results on purpose: untimed by check. sm_90 registers (offline, gate/up's slices): 80 served, 64 cast, 74
     no-stream, 56 both, 80 no-x, so cast may fit 8 programs an SM where the served kernel fits 6."""
     cast, no_stream, no_x = (_nf4_regs_gluon.PROBE_CAST.value, _nf4_regs_gluon.PROBE_NO_STREAM.value,
                              _nf4_regs_gluon.PROBE_NO_X.value)
+    hot_scales = _nf4_regs_gluon.PROBE_HOT_SCALES.value
     late = _nf4_regs_gluon.PROBE_LATE_PDL.value
     cells = [(name + pdl, late if pdl == " late-pdl" else 0, finish, pdl == " no-pdl")
              for pdl in ("", " late-pdl", " no-pdl")
              for name, finish in (("served", None), ("no-reduce", _skip_reduce))]
     cells += [(name, bits, None, False) for name, bits in (("cast", cast), ("no-stream", no_stream),
-                                                           ("both", cast | no_stream), ("no-x", no_x))]
+                                                           ("both", cast | no_stream), ("no-x", no_x),
+                                                           ("hot-scales", hot_scales))]
     for (name, case), m in itertools.product(cases.items(), ms):
         out = []
         for label, bits, finish, no_pdl in cells:

@@ -9,25 +9,26 @@ k_width 8 a thread's run of 8 bytes is 8 consecutive k of the operand, so neithe
 ~3.7 sm_90 instructions per weight value at M <= 8 against the tl.dot kernel's ~5.3 (bench/nf4_sass.py), with no shared
 memory between the lookup and the MMA.
 
-Computes y^T = W @ x^T: weight rows are the MMA's M (16 per warp and tile), x's rows its N (8 per instruction).
-Each 128-column group's two 64-blocks (high and low nibbles) go to separate MMAs, whose fp32 sums are scaled by
-their absmax and added up (SCALE_PARTIALS, the rounding of nf4_matmul_kernel at decode sizes). The code bytes and
-x travel by cp.async through STAGES-group shared-memory rings, the scales by plain loads one group ahead. Under PDL
-the first fill's code bytes, the table and the first scales are asked for before the wait (no kernel writes them),
-so their latency hides behind the kernel before; x's copies follow the wait. K splits
-into SPLIT_K slices of ITERS groups; with more than one, each program stores its fp32 sums into part [SPLIT_K, M, N]
-for the reduce (or a LoRA finish hook).
+Computes y^T = W @ x^T: weight rows are the MMA's M (16 per warp and tile), x's rows its N (8 per instruction). Each
+128-column group's two 64-blocks (high and low nibbles) go to separate MMAs, whose fp32 sums are scaled by their
+absmax and added up (SCALE_PARTIALS, the rounding of nf4_matmul_kernel at decode sizes). The code bytes and x travel
+by cp.async through STAGES-group shared-memory rings, the scales by plain loads one group ahead. Under PDL the first
+fill's code bytes, the table and the first scales are asked for before the wait (the kernel before does not write
+them), so their latency hides behind the kernel before; x's copies follow the wait. K splits into SPLIT_K slices of
+ITERS groups; with more than one, each program stores its fp32 sums into part [SPLIT_K, M, N] for the reduce (or a
+LoRA finish hook).
 
-The group steps are unrolled (_pipelined): every stage index is static and every stage its own allocation, so one CTA
-barrier a group suffices (with one ring allocation indexed at run time, the barrier pass added a second before each
-copy); slices of at most UNROLL_ITERS groups (the served ones) are straight-line code, which ptxas fits in 80
-registers (6 programs per SM), against 104 for the same steps in a loop. Where the shape tiles evenly (EVEN) no
-copy or scale load carries a row or K mask: x's rows past M repeat its last row, whose products no store keeps.
+The group steps are unrolled (_pipelined): every stage index is static and every stage its own allocation, so one
+CTA barrier a group suffices (with one ring allocation indexed at run time, the barrier pass added a second before
+each copy); slices of at most UNROLL_ITERS groups (the served ones) are straight-line code, which ptxas fits in 80
+registers (6 programs per SM), against 104 for the same steps in a loop. Where the shape tiles evenly (EVEN) no copy
+or scale load carries a row or K mask: x's rows past M repeat its last row, whose products no store keeps.
 HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only). PROBE_BITS (bench only,
 bench/nf4_gemm.py --probes) runs the kernel without its lookup (PROBE_CAST), without streaming after the rings'
 first fill (PROBE_NO_STREAM), or both: what the bytes alone, and the work alone, cost at the same grid; with
-PROBE_NO_X only the code bytes stream after the first fill (what x's copies cost); and with PROBE_LATE_PDL it lets
-the next kernel be scheduled after its store instead of at its start.
+PROBE_NO_X only the code bytes stream after the first fill (what x's copies cost); PROBE_HOT_SCALES keeps every
+scale load but reads the same 16 rows' scales in every program (what the scales' bytes cost); and with
+PROBE_LATE_PDL it lets the next kernel be scheduled after its store instead of at its start.
 
 The prmt lookup is ~2.4 ALU instructions a weight value (152 a group and thread in sm_90 SASS since the thirty-ninth
 session's xor merge, 168 before), and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md, thirty-fifth session).
@@ -68,6 +69,7 @@ PROBE_CAST = gl.constexpr(1)
 PROBE_NO_STREAM = gl.constexpr(2)
 PROBE_LATE_PDL = gl.constexpr(4)  # let the next kernel be scheduled only after the store, not at the start
 PROBE_NO_X = gl.constexpr(8)  # x copied in the rings' first fill only (the steps reread stale x; the codes stream)
+PROBE_HOT_SCALES = gl.constexpr(16)  # every program reads the scales of rows 0-15 (cache-resident: loads, no bytes)
 PROBE_BITS = 0
 _CAST_ASM = gl.constexpr("mov.b32 $0, $4; mov.b32 $1, $4; mov.b32 $2, $4; mov.b32 $3, $4;")
 
@@ -281,7 +283,10 @@ def nf4_regs_kernel(x_ptr, w_ptr, absmax_ptr, lut_ptr, bias_ptr, y_ptr, part_ptr
     tab = _table_words(lut_ptr, tid)
 
     srows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_l)
-    s_ptrs = absmax_ptr + srows * stride_an
+    if PROBE & PROBE_HOT_SCALES:  # noqa: SIM108 (a static branch: Triton's ternary would build both sides)
+        s_ptrs = absmax_ptr + (srows % 16) * stride_an
+    else:
+        s_ptrs = absmax_ptr + srows * stride_an
     s_mask = srows < N
 
     zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)

@@ -173,10 +173,10 @@ def _compile_all() -> dict[str, str]:
             out[_regs_label(m, x) + "-registers"] = max(regs for _, regs in sizes)
         except Exception as exc:
             out[_regs_label(m, x)] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    for probe in (0, 1, 2, 8):  # gate/up's slices at M = 1
+    for probe in (0, 1, 2, 8, 16):  # gate/up's slices at M = 1
         try:
             sass = _tool(compile_regs_sm90(1, 28672, 4096, "bf16", False, probe).asm["cubin"], "nvdisasm", "-c")
-            out[f"regs-probe{probe}"] = [len(re.findall(rf"\b{op}\b", sass)) for op in ("PRMT", "LDGSTS")]
+            out[f"regs-probe{probe}"] = [len(re.findall(rf"\b{op}\b", sass)) for op in ("PRMT", "LDGSTS", "LDG")]
             if probe == 0:  # the copies before the PDL wait (ACQBULK), and from it to the first CTA barrier
                 before, _, after = sass.partition("ACQBULK")
                 out["regs-pdl-copies"] = [before.count("LDGSTS"), after.split("BAR.SYNC")[0].count("LDGSTS")]
@@ -217,13 +217,15 @@ def test_regs_kernel_compiles_for_sm90_with_only_its_rings_in_shared_memory(comp
 def test_regs_kernel_probes_drop_what_they_name(compiled):
     """The bench's probes (_nf4_regs_gluon.PROBE_BITS): PROBE_CAST leaves no lookup (no PRMT) and every copy;
     PROBE_NO_STREAM every lookup and only the first fill's copies (3 cp.async a group: the code bytes' two, x's one);
-    PROBE_NO_X every lookup and, after the first fill, the code bytes' copies only."""
-    prmt, copies = compiled["regs-probe0"]
+    PROBE_NO_X every lookup and, after the first fill, the code bytes' copies only; PROBE_HOT_SCALES every lookup,
+    copy and scale load (from other addresses)."""
+    prmt, copies, loads = compiled["regs-probe0"]
     stages = _nf4_configs.regs_config(1, 28672, 4096).stages
-    assert prmt > 0 and copies > 3 * stages
-    assert compiled["regs-probe1"] == [0, copies]
-    assert compiled["regs-probe2"] == [prmt, 3 * (stages - 1)]
-    assert compiled["regs-probe8"] == [prmt, 3 * (stages - 1) + 2 * (copies - 3 * (stages - 1)) // 3]
+    assert prmt > 0 and copies > 3 * stages and loads > 0
+    assert compiled["regs-probe1"][:2] == [0, copies]
+    assert compiled["regs-probe2"][:2] == [prmt, 3 * (stages - 1)]
+    assert compiled["regs-probe8"][:2] == [prmt, 3 * (stages - 1) + 2 * (copies - 3 * (stages - 1)) // 3]
+    assert compiled["regs-probe16"] == [prmt, copies, loads]
 
 
 def test_regs_kernel_copies_the_first_code_bytes_before_the_pdl_wait(compiled):
