@@ -233,7 +233,7 @@ def _pipelined(zero, tab, tid, w_ptr, x_ptr, s_ptrs, s_mask, pid_n, g0, g_end, M
         cx_rows = xm < M
         cx_ptrs = x_ptr + xm * stride_xm + cxk
     scales = _scales(s_ptrs, s_mask, g0, g_end, EVEN)
-    for j in gl.static_range(STAGES - 1):  # the first fill's code bytes: no kernel before this one writes them
+    for j in gl.static_range(STAGES - 1):  # the first fill's code bytes: the kernel before does not write them
         _issue(w_s[j], x_s[j], cw_ptrs, cw_rows, cx_ptrs, cx_rows, cxk, g0 + j, g_end, K, EVEN, X=False, COMMIT=False)
     if PDL:  # x may be the kernel before's output
         _pdl_wait(tid)
