@@ -115,7 +115,7 @@ def probes(cases: dict[str, Case], ms: tuple[int, ...]) -> None:
     (the skeleton alone), no-x (x copied in the first fill only: what its copies cost beside the codes') and
     hot-scales (every scale load kept, all programs reading the same 16 rows' scales: what their bytes cost). Wrong
     results on purpose: untimed by check. sm_90 registers (offline, gate/up's slices): 80 served, 64 cast, 74
-    no-stream, 56 both, 80 no-x, so cast may fit 8 programs an SM where the served kernel fits 6."""
+    no-stream, 56 both, 80 no-x, 80 hot-scales, so cast may fit 8 programs an SM where the served kernel fits 6."""
     cast, no_stream, no_x = (_nf4_regs_gluon.PROBE_CAST.value, _nf4_regs_gluon.PROBE_NO_STREAM.value,
                              _nf4_regs_gluon.PROBE_NO_X.value)
     hot_scales = _nf4_regs_gluon.PROBE_HOT_SCALES.value

@@ -65,7 +65,8 @@ def _prmt_asm(dtype: torch.dtype, immediates: bool = False) -> tuple[str, list[i
     for half, (out_hi, out_lo) in enumerate((("$0", "$2"), ("$1", "$3"))):
         lines.append("mov.b32 %s, $4;" if half == 0 else "shr.b32 %s, $4, 16;")
         if paired:
-            lines += [] if half == 0 else ["shr.b32 %f, %f, 16;"]
+            if half:
+                lines.append("shr.b32 %f, %f, 16;")
         else:
             lines += ["and.b32 %t, %s, 0x8888;", "shr.b32 %m, %t, 3;", "or.b32 %m, %m, %t;",
                       "prmt.b32 %m, %K, %K, %m;", "and.b32 %i3, %s, 0x7777;"]

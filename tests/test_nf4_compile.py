@@ -229,8 +229,8 @@ def test_regs_kernel_probes_drop_what_they_name(compiled):
 
 
 def test_regs_kernel_copies_the_first_code_bytes_before_the_pdl_wait(compiled):
-    """The first fill's code bytes (two cp.async a group and thread) are issued before the PDL wait, since no kernel
-    before writes them; x's (one a group), which the kernel before may write, only after it."""
+    """The first fill's code bytes (two cp.async a group and thread) are issued before the PDL wait, since the kernel
+    before does not write them (kernels._launch); x's (one a group), which it may write, only after it."""
     stages = _nf4_configs.regs_config(1, 28672, 4096).stages
     assert compiled["regs-pdl-copies"] == [2 * (stages - 1), stages - 1]
 

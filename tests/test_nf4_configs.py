@@ -121,6 +121,7 @@ def test_down_at_32_rows_takes_x_first():
     assert at32 == replace(at24, swap_ab=False)
     assert pick_config(32, sum(w_gu), k_gu).swap_ab and pick_config(24, sum(w_gu), k_gu).swap_ab
 
+
 def test_every_sweep_variant_builds_its_configs():
     """bench/nf4_sweep_configs.py's variants of the recorded configs are valid Nf4Configs at every bucket, including
     the served x-by-TMA ones at other stage counts (Nf4Config refuses unverified x-by-TMA tiles on construction)."""
