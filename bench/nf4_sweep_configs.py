@@ -201,6 +201,10 @@ def regs_configs(rec: Nf4Config, m: int, n: int, k: int) -> list[Nf4Config]:
         return out
     bm = max(8, 1 << (m - 1).bit_length())
     split = (served or regs_config(1, n, k) or rec).split_k
+    if bm == 16:  # 114 registers uncapped (4 programs an SM): K slices and caps that change the waves
+        for more, cap in itertools.product((0.5, 1, 2), (None, 80, 96)):
+            out.append(Nf4Config(bm, 64, max(int(split * more), 1), 4, 3, regs=True, lookup=LOOKUP_PRMT, maxnreg=cap))
+        return list(dict.fromkeys(out))
     for stages, cap in itertools.product((2, 3, 4), (None, 72)):
         out.append(Nf4Config(bm, 64, split, 4, stages, regs=True, lookup=LOOKUP_PRMT, maxnreg=cap))
     return list(dict.fromkeys(out))

@@ -239,15 +239,16 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
     return cfg
 
 
-# nf4_regs_kernel (the looked-up weights as mma.sync's register operand, Gluon) for M <= MAX_REGS_M: 64 weight rows
-# over 4 warps, 3-group cp.async rings, the fewest K slices (of at least 4 groups) that make 512 programs, twice that
-# for wide outputs. Swept on the H200 (bench/nf4_gemm.py --regs, thirty-second session, us, recorded tl.dot config ->
-# this): M = 4 and 8 q/k/v 13.0-13.2 -> 12.1-12.2, gate/up 43.4-43.5 -> 39.8-40.1, down 23.9-24.2 -> 22.6-22.8, o
-# 9.3-9.5 -> 9.4-9.6; M = 1 (the matmul beside a LoRA shrink) q/k/v 12.3 -> 11.5, gate/up 43.1 -> 40.2, down 23.7 ->
-# 22.9, o 9.3 -> 8.9. At M = 16 it lost (q/k/v 13.1 -> 13.9, down 24.4 -> 26.2). Its loop has 12% fewer sm_90
-# instructions than the tl.dot kernel's (4.69 against 5.33 per weight value, bench/nf4_sass.py), and both stay near
-# 2.2x their read pattern's time (bench/nf4_read.py: gate/up's codes stream in ~18.8 us read alone). Engine (Llama-3-8B
-# shape, decode tok/s): batch 4 986 -> 1,014-1,018, batch 8 1,909 -> 1,961-1,973, batch 1 259 -> 259-261.
+# nf4_regs_kernel (the looked-up weights as mma.sync's register operand, Gluon) for M <= MAX_REGS_M. Up to 8 rows: 8
+# x-rows and 64 weight rows over 4 warps, 3-group cp.async rings, the fewest K slices (of at least 4 groups) that make
+# 512 programs, twice that for wide outputs (9-16 rows: the forty-first session's note below). Swept on the H200
+# (bench/nf4_gemm.py --regs, thirty-second session, us, recorded tl.dot config -> this): M = 4 and 8 q/k/v 13.0-13.2 ->
+# 12.1-12.2, gate/up 43.4-43.5 -> 39.8-40.1, down 23.9-24.2 -> 22.6-22.8, o 9.3-9.5 -> 9.4-9.6; M = 1 (the matmul beside
+# a LoRA shrink) q/k/v 12.3 -> 11.5, gate/up 43.1 -> 40.2, down 23.7 -> 22.9, o 9.3 -> 8.9. At M = 16 it lost (q/k/v
+# 13.1 -> 13.9, down 24.4 -> 26.2). Its loop has 12% fewer sm_90 instructions than the tl.dot kernel's (4.69 against
+# 5.33 per weight value, bench/nf4_sass.py), and both stay near 2.2x their read pattern's time (bench/nf4_read.py:
+# gate/up's codes stream in ~18.8 us read alone). Engine (Llama-3-8B shape, decode tok/s): batch 4 986 -> 1,014-1,018,
+# batch 8 1,909 -> 1,961-1,973, batch 1 259 -> 259-261.
 # Thirty-fifth session, the group steps unrolled (one CTA barrier a group, no masks on even shapes, 80 registers;
 # _nf4_regs_gluon): M = 1 / 4 / 8 q/k/v 11.7 / 12.1 / 12.1 -> 10.9 / 11.5 / 11.5, o 8.9 / 9.4 / 9.5 -> 8.4 / 9.0 / 9.0,
 # gate/up 39.8 / 39.4 / 39.6 -> 36.2 / 35.6 / 36.0, down 22.8 / 22.5 / 22.4 -> 20.3 / 21.0 / 21.2; 2- and 4-group
@@ -263,10 +264,20 @@ def pick_config(m: int, n: int, k: int, gemv: bool | None = None, alone: bool = 
 # Fortieth session, the first fill's code bytes copied before the PDL wait (_nf4_regs_gluon): M = 1 / 4 / 8 q/k/v
 # 10.7 / 11.1 / 11.1 -> 10.5 / 10.7 / 10.7, o 8.3 / 8.6 / 8.7 -> 8.1 / 8.3 / 8.3-8.4, gate/up 35.8 / 35.3 / 35.8 ->
 # 34.9 / 34.4 / 34.9, down 19.9 / 20.1 / 20.3 -> 19.5 / 19.7 / 19.8.
+# Forty-first session, 9-16 rows (--regs at M = 12 and 16, then the table at 9 / 12 / 16, us, tl.dot tile -> 16
+# x-rows): q/k/v 12.3 / 12.4 / 12.4 -> 11.7 / 12.0 / 11.9, o 9.5 / 9.5 / 9.6 -> 9.5 / 9.5 / 9.4, gate/up 43.0 / 43.2 /
+# 43.5 -> 42.3 / 41.1 / 41.1, down 24.0 / 24.2 / 24.2 -> 22.0 / 22.1 / 22.0. 16 x-rows take 114 registers (4 programs
+# an SM, 528 on the H200), so the K slices are the fewest that make _REGS16_PROGRAMS programs (q/k/v 4: 8 took
+# 13.3-13.8, 768 programs in 1.5 waves) of at most _REGS_STRAIGHT_GROUPS groups (gate/up 2: 41.0 against 41.9 at 4; one
+# slice would run as a loop); caps of 80 and 96 registers lost 5-60%. Engine at batch 16 (decode tok/s, two runs
+# against one): base 4,340-4,372 against 4,230, one adapter 3,791-3,802 against 3,736, 16 distinct 3,353-3,365 against
+# 3,196.
 # HOTLORA_NF4_REGS=0 / 1 overrides SERVE_REGS.
-MAX_REGS_M = 8
+MAX_REGS_M = 16
 SERVE_REGS = True
 _REGS_PROGRAMS = 512
+_REGS16_PROGRAMS = 384
+_REGS_STRAIGHT_GROUPS = 16  # _nf4_regs_gluon.UNROLL_ITERS: slices up to this many groups are straight-line code
 
 
 def regs_served() -> bool:
@@ -275,9 +286,15 @@ def regs_served() -> bool:
 
 
 def regs_config(m: int, n: int, k: int) -> Nf4Config | None:
-    """nf4_regs_kernel's config for x [m, k] @ W[n, k].T where it is served (m <= MAX_REGS_M), else None."""
+    """nf4_regs_kernel's config for x [m, k] @ W[n, k].T where it is served (m <= MAX_REGS_M), else None: 8 x-rows
+    up to 8, 16 above."""
     if m > MAX_REGS_M or not regs_served():
         return None
+    if m > 8:
+        split = _fewest_splits(triton.cdiv(n, 64), _REGS16_PROGRAMS, k // 512)
+        while triton.cdiv(triton.cdiv(k, 128), split) > _REGS_STRAIGHT_GROUPS and 2 * split <= k // 512:
+            split *= 2
+        return Nf4Config(16, 64, split, warps=4, stages=3, regs=True, lookup=LOOKUP_PRMT)
     split = _fewest_splits(triton.cdiv(n, 64), _REGS_PROGRAMS, k // 512)
     if n >= 16384 and 2 * split <= k // 512:
         split *= 2

@@ -18,17 +18,17 @@ them), so their latency hides behind the kernel before; x's copies follow the wa
 ITERS groups; with more than one, each program stores its fp32 sums into part [SPLIT_K, M, N] for the reduce (or a
 LoRA finish hook).
 
-The group steps are unrolled (_pipelined): every stage index is static and every stage its own allocation, so one
-CTA barrier a group suffices (with one ring allocation indexed at run time, the barrier pass added a second before
-each copy); slices of at most UNROLL_ITERS groups (the served ones) are straight-line code, which ptxas fits in 80
-registers (6 programs per SM), against 104 for the same steps in a loop. Where the shape tiles evenly (EVEN) no copy
-or scale load carries a row or K mask: x's rows past M repeat its last row, whose products no store keeps.
-HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only). PROBE_BITS (bench only,
-bench/nf4_gemm.py --probes) runs the kernel without its lookup (PROBE_CAST), without streaming after the rings'
-first fill (PROBE_NO_STREAM), or both: what the bytes alone, and the work alone, cost at the same grid; with
-PROBE_NO_X only the code bytes stream after the first fill (what x's copies cost); PROBE_HOT_SCALES keeps every
-scale load but reads the same 16 rows' scales in every program (what the scales' bytes cost); and with
-PROBE_LATE_PDL it lets the next kernel be scheduled after its store instead of at its start.
+The group steps are unrolled (_pipelined): every stage index is static and every stage its own allocation, so one CTA
+barrier a group suffices (with one ring allocation indexed at run time, the barrier pass added a second before each
+copy); slices of at most UNROLL_ITERS groups (the served ones) are straight-line code, which ptxas fits in 80 registers
+at 8 x-rows (6 programs per SM; 114 at 16, 4 per SM), against 104 for the same 8-row steps in a loop. Where the shape
+tiles evenly (EVEN) no copy or scale load carries a row or K mask: x's rows past M repeat its last row, whose products
+no store keeps. HOTLORA_NF4_REGS_UNROLL sets UNROLL_ITERS (0: always a loop; bench A/B only). PROBE_BITS (bench only,
+bench/nf4_gemm.py --probes) runs the kernel without its lookup (PROBE_CAST), without streaming after the rings' first
+fill (PROBE_NO_STREAM), or both: what the bytes alone, and the work alone, cost at the same grid; with PROBE_NO_X only
+the code bytes stream after the first fill (what x's copies cost); PROBE_HOT_SCALES keeps every scale load but reads the
+same 16 rows' scales in every program (what the scales' bytes cost); and with PROBE_LATE_PDL it lets the next kernel be
+scheduled after its store instead of at its start.
 
 The prmt lookup is ~2.4 ALU instructions a weight value (152 a group and thread in sm_90 SASS since the thirty-ninth
 session's xor merge, 168 before), and the ALU pipe bounds this kernel (ncu, BENCHMARKS.md, thirty-fifth session).

@@ -30,7 +30,8 @@ Paths by M (``_nf4_configs._CONFIGS``, swept on the H200 with bench/nf4_gemm.py;
   rows over a K slice, multiplies the code values (fp32) by every x row (the bytes are read once for all
   rows), sums each 64-block and scales it by absmax afterwards; K is split into slices (fp32 partials plus
   ``nf4_reduce_kernel``) when N alone gives too few programs to keep the GPU's memory system busy.
-- M <= MAX_REGS_M (decode at batch 1-8, CUDA, 16-bit x; SERVE_REGS, HOTLORA_NF4_REGS): ``nf4_regs_kernel``
+- M <= MAX_REGS_M (decode at batch 1-16: 8 or 16 x-rows a program; CUDA, 16-bit x; SERVE_REGS, HOTLORA_NF4_REGS):
+  ``nf4_regs_kernel``
   (Gluon, _nf4_regs_gluon), the looked-up code values as mma.sync's register operand in layouts chosen so that
   nothing is shuffled between the lookup and the MMA; code bytes and x by cp.async rings; SCALE_PARTIALS; split-K
   as below, with the reduce launch. The interpreter cannot run Gluon: the CPU and fp32 x take the next path.

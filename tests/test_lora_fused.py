@@ -103,7 +103,7 @@ def test_project_reads_the_parts(device, finish, num_tokens, monkeypatch):
     from hotlora.kernels.nf4 import nf4_matmul, pack_nf4
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    # NF4: K in whole 64-column blocks, enough of them to split (on CUDA nf4_regs_kernel serves up to 8 tokens and
+    # NF4: K in whole 64-column blocks, enough of them to split (on CUDA nf4_regs_kernel serves up to 16 tokens and
     # splits K only in slices of at least 512 columns: regs_config)
     in_features, outs = (2048 if device == "cuda" else 512), SIZES["qkv"][1]
     case = make_case(dtype, in_features, outs, "mixed", num_tokens, "uniform" if num_tokens == 1 else "some_none",

@@ -142,18 +142,21 @@ def test_every_sweep_variant_builds_its_configs():
 
 
 def test_regs_kernel_serves_decode_sizes_with_the_swept_slices(monkeypatch):
-    """regs_config: served up to MAX_REGS_M rows (8), with the K slices swept on the H200 (q/k/v, o, down 8; gate/up 4)
-    and never more slices than K has 4-group runs; HOTLORA_NF4_REGS=0 turns it off, and the recorded configs stay
-    pick_config's."""
+    """regs_config: served up to MAX_REGS_M rows (16: 8 x-rows a program up to 8, 16 above), with the K slices swept
+    on the H200 (8 rows: q/k/v, o, down 8, gate/up 4; 16 rows: q/k/v 4, o and down 8, gate/up 2) and never more slices
+    than K has 4-group runs; HOTLORA_NF4_REGS=0 turns it off, and the recorded configs stay pick_config's."""
     monkeypatch.delenv("HOTLORA_NF4_REGS", raising=False)
-    splits = {name: configs_mod.regs_config(8, sum(w), k).split_k for name, (k, w) in LLAMA.items()}
-    assert splits == {"qkv": 8, "o": 8, "gate_up": 4, "down": 8}
+    swept = {8: {"qkv": 8, "o": 8, "gate_up": 4, "down": 8}, 16: {"qkv": 4, "o": 8, "gate_up": 2, "down": 8}}
+    for m, want in swept.items():
+        assert {name: configs_mod.regs_config(m, sum(w), k).split_k for name, (k, w) in LLAMA.items()} == want, m
+    assert configs_mod.MAX_REGS_M == 16
     for m in range(1, configs_mod.MAX_REGS_M + 1):
         cfg = configs_mod.regs_config(m, 4096, 4096)
-        assert cfg.regs and cfg.block_m >= m and cfg.block_n == 64 and cfg.stages >= 2
+        assert cfg.regs and cfg.block_m == (8 if m <= 8 else 16) and cfg.block_n == 64 and cfg.stages >= 2
         assert not pick_config(m, 4096, 4096).regs
     assert configs_mod.regs_config(configs_mod.MAX_REGS_M + 1, 4096, 4096) is None
-    assert configs_mod.regs_config(1, 1728, 576).split_k == 1  # SmolLM2: 5 groups, one slice
+    for m in (1, 16):  # SmolLM2: 5 groups, one slice
+        assert configs_mod.regs_config(m, 1728, 576).split_k == 1
     monkeypatch.setenv("HOTLORA_NF4_REGS", "0")
     assert configs_mod.regs_config(1, 4096, 4096) is None
 
