@@ -163,10 +163,28 @@ def split_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
     return counts
 
 
+# nf4_reduce_kernel's blocks: the largest power of two that still gives REDUCE_PROGRAMS programs (one an SM of the
+# H200), within 128-1,024 outputs (4 warps, 1-8 a thread). Until the forty-first session every block was 1,024, so at
+# decode sizes the sums of 4-8 slices were read by 4-6 programs (M = 1: o, down, q/k/v) or 96-112 (q/k/v at 8-16 rows,
+# gate/up at 4); on the H200 (bench/nf4_gemm.py, whole nf4_matmul, us, two rounds alike) M = 1 q/k/v 10.4 -> 9.9, o
+# 8.1 -> 7.9, down 19.6 -> 19.5, gate/up 34.7 -> 34.5; M = 4 q/k/v 10.7 -> 10.0-10.1, o 8.4 -> 8.0-8.1, gate/up 34.0 ->
+# 33.6; M = 8 q/k/v 10.7 -> 10.1, o 8.4 -> 8.0-8.1, down 19.8 -> 19.6; M = 16 q/k/v 12.0 -> 11.7, o 9.4 -> 9.1, down
+# 22.0 -> 21.7. (Blocks of 32-64 outputs over 1-2 warps, 128-256 programs at M = 1-4, were no faster at M = 1 and lost
+# 0.1 us on o and down at M = 4.)
+REDUCE_PROGRAMS = 132
+REDUCE_MIN_BLOCK = 128
+REDUCE_MAX_BLOCK = 1024
+
+
+def reduce_block(outputs: int) -> int:
+    """nf4_reduce_kernel's block for `outputs` sums (REDUCE_PROGRAMS)."""
+    return max(REDUCE_MIN_BLOCK, min(REDUCE_MAX_BLOCK, triton.next_power_of_2(outputs // REDUCE_PROGRAMS + 1) // 2))
+
+
 def reduce_splits(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     """y = part.sum(0) (+ bias), part fp32 [split, M, N]."""
     split, m, n = part.shape
-    block = 1024
+    block = reduce_block(m * n)
     nf4_reduce_kernel[(triton.cdiv(m * n, block),)](
         part, bias if bias is not None else y, y, m, n, y.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, **pdl_args(part),

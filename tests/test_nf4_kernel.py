@@ -7,6 +7,7 @@ interpreter rounds bf16 wrongly (triton-lang/triton#11584), so bf16 and real siz
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ import torch
 from nf4_cases import TOLERANCE, packed_group, quantize, reference, rel_err
 
 from hotlora.kernels import _nf4_configs as configs_mod
+from hotlora.kernels import _nf4_sums_triton as sums_mod
 from hotlora.kernels._nf4_sums_triton import SPLIT_COUNTS
 from hotlora.kernels.nf4 import (
     MAX_GEMV_M,
@@ -396,3 +398,32 @@ def test_gemv_bucket_edge_agrees_with_the_dot_path(triton_cpu):
 
 
 # --- GPU: bf16, real sizes, graph capture ---------------------------------------------------------------
+
+
+@interpret
+@pytest.mark.parametrize(("split", "m", "n"), [(3, 1, 200), (8, 3, 1000), (2, 5, 4096)])
+def test_reduce_sums_the_slices_in_order(triton_cpu, split, m, n):
+    """nf4_reduce_kernel (reduce_splits): y = the K slices' fp32 sums added in slice order, + bias, rounded to y's
+    dtype: bit for bit the same additions in torch, over blocks that end inside a row and a last one past M * N."""
+    g = torch.Generator().manual_seed(split * 100 + m)
+    part = torch.randn(split, m, n, generator=g)
+    bias = torch.randn(n, generator=g).half()
+    want = part[0].clone()
+    for s in range(1, split):
+        want += part[s]
+    want = (want + bias.float()).half()
+    y = torch.full((m, n), float("nan"), dtype=torch.float16)
+    assert torch.equal(sums_mod.reduce_splits(part, bias, y), want)
+    assert sums_mod.reduce_block(m * n) < m * n or m * n <= sums_mod.REDUCE_MIN_BLOCK  # several blocks
+
+
+def test_reduce_blocks_give_the_sms_a_program_each():
+    """The reduce's blocks at the Llama-3-8B decode sizes (M = 1-16 rows of 4,096-28,672 outputs): powers of two
+    within 128-1,024 outputs, and as many programs as SMs (REDUCE_PROGRAMS) where 128-output blocks allow it (at
+    most twice that below 1,024-output blocks), not the 4-6 programs of 1,024-output blocks at M = 1."""
+    for m, n in itertools.product((1, 4, 8, 16), (4096, 6144, 28672)):
+        block = sums_mod.reduce_block(m * n)
+        programs = -(-m * n // block)
+        assert block & (block - 1) == 0 and 128 <= block <= 1024, (m, n)
+        assert min(sums_mod.REDUCE_PROGRAMS, m * n // 128) <= programs, (m, n)
+        assert programs <= 2 * sums_mod.REDUCE_PROGRAMS or block == 1024, (m, n)
